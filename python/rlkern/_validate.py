@@ -1,0 +1,82 @@
+"""Argument checks shared by the public functions. Each error names the argument."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+FLOATING = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def tensor(name: str, t, *, ndim: Optional[Iterable[int]] = None, floating: bool = False,
+           dtypes: Optional[Sequence[torch.dtype]] = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in allowed:
+            want = " or ".join(f"{d}-D" for d in allowed)
+            raise ValueError(f"{name} must be {want}, got shape {tuple(t.shape)}")
+    if floating and t.dtype not in FLOATING:
+        raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {t.dtype}")
+    return t
+
+
+def mask(name: str, t, shape: Sequence[int]) -> torch.Tensor:
+    """A 0/1 mask: bool, integer or floating, of exactly ``shape``."""
+    tensor(name, t)
+    if t.is_complex():
+        raise TypeError(f"{name} must be bool, integer or floating, got {t.dtype}")
+    same_shape(name, t, shape)
+    return t
+
+
+def same_shape(name: str, t: torch.Tensor, shape: Sequence[int], other: str = "") -> None:
+    if tuple(t.shape) != tuple(shape):
+        against = f" (the shape of {other})" if other else ""
+        raise ValueError(f"{name} must have shape {tuple(shape)}{against}, got {tuple(t.shape)}")
+
+
+def same_device(**tensors) -> torch.device:
+    device = None
+    first = None
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if device is None:
+            device, first = t.device, name
+        elif t.device != device:
+            raise ValueError(f"{name} is on {t.device} but {first} is on {device}: all tensors must share a device")
+    return device
+
+
+def unit_interval(name: str, value) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number in [0, 1], got {value!r}") from None
+    if not (0.0 <= v <= 1.0):
+        raise ValueError(f"{name} must be in [0, 1], got {v}")
+    return v
+
+
+def positive(name: str, value, *, allow_zero: bool = False) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {value!r}") from None
+    if math.isnan(v) or (v < 0 or (v == 0 and not allow_zero)):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be {bound}, got {v}")
+    return v
+
+
+def choice(name: str, value, options: Sequence[str]) -> str:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")
+    return value

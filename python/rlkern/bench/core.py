@@ -1,0 +1,126 @@
+"""Timing and memory measurement shared by every benchmark suite."""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+Impl = Callable[[], object]
+
+
+@dataclass
+class Case:
+    """One benchmark: an op at one shape.
+
+    ``make(device)`` allocates the inputs and returns ``{name: zero-argument callable}``
+    with ``"rlkern"`` first; the other entries are competitors. A competitor that cannot
+    run here (a missing package) is simply left out. ``items`` and ``unit`` turn times
+    into a throughput (for example simulations per second).
+    """
+
+    suite: str
+    op: str
+    shape: str
+    make: Callable[[torch.device], Dict[str, Impl]]
+    items: Optional[float] = None
+    unit: str = ""
+    note: str = ""
+
+
+@dataclass
+class Result:
+    suite: str
+    op: str
+    shape: str
+    impl: str
+    median_ms: float
+    times_ms: List[float] = field(default_factory=list)
+    peak_mb: Optional[float] = None
+    speedup: Optional[float] = None  # competitor time / rlkern time
+    throughput: Optional[float] = None
+    unit: str = ""
+    error: Optional[str] = None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory_mb(fn: Impl, device: torch.device) -> Optional[float]:
+    """Extra memory the call needs beyond what was allocated before it."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        del out
+        return (peak - base) / 2**20
+    try:
+        from .. import _ext
+
+        core = _ext.load()
+    except ImportError:
+        return None
+    sampler = core.bench.RssSampler()
+    base = core.bench.current_rss()
+    sampler.start(100.0)
+    out = fn()
+    peak = sampler.stop()
+    del out
+    if base < 0 or peak < 0:
+        return None
+    return max(peak - base, 0) / 2**20
+
+
+def measure(fn: Impl, device: torch.device, *, warmup: int = 2, min_repeats: int = 5,
+            max_repeats: int = 50, budget_s: float = 1.5) -> List[float]:
+    """Times in milliseconds: ``warmup`` untimed calls, then repeats until the time
+    budget is spent (at least ``min_repeats``, at most ``max_repeats``)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times: List[float] = []
+    start = time.perf_counter()
+    while len(times) < max_repeats and (len(times) < min_repeats or time.perf_counter() - start < budget_s):
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def run_case(case: Case, device: torch.device, *, budget_s: float = 1.5, memory: bool = True) -> List[Result]:
+    impls = case.make(device)
+    results: List[Result] = []
+    for name, fn in impls.items():
+        try:
+            times = measure(fn, device, budget_s=budget_s)
+            peak = _peak_memory_mb(fn, device) if memory else None
+            med = statistics.median(times)
+            results.append(Result(case.suite, case.op, case.shape, name, med, times, peak,
+                                  throughput=(case.items / (med / 1e3)) if case.items else None, unit=case.unit))
+        except Exception as e:  # a competitor failing must not hide the others
+            results.append(Result(case.suite, case.op, case.shape, name, float("nan"), error=f"{type(e).__name__}: {e}"))
+    del impls
+    gc.collect()
+    ours = next((r for r in results if r.impl == "rlkern" and r.error is None), None)
+    for r in results:
+        if ours is not None and r.error is None:
+            r.speedup = r.median_ms / ours.median_ms
+    return results

@@ -1,0 +1,42 @@
+"""Comparison helpers shared by the test modules (DESIGN.md section 4)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+VALUE_TOL = 1e-5
+GRAD_TOL = 1e-4
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Backends that can run on CPU tensors here: the C++ core always, Triton when the
+# interpreter is on. Tests parametrise over these and compare against the reference.
+CPU_BACKENDS = ["cpu"] + (["triton"] if HAS_TRITON and TRITON_INTERPRET else [])
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float = VALUE_TOL, name: str = "value") -> None:
+    """Max-norm relative error: max|a - e| <= tol * max(max|e|, tiny).
+
+    NaN and infinite entries must sit at the same positions with the same values.
+    """
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    a_bad, e_bad = ~torch.isfinite(a), ~torch.isfinite(e)
+    assert torch.equal(a_bad, e_bad), f"{name}: non-finite entries differ ({int(a_bad.sum())} vs {int(e_bad.sum())})"
+    if a_bad.any():
+        assert torch.equal(a[a_bad].nan_to_num(posinf=1.0, neginf=-1.0, nan=0.0),
+                           e[e_bad].nan_to_num(posinf=1.0, neginf=-1.0, nan=0.0)), f"{name}: inf/nan values differ"
+    fin = ~e_bad
+    if not fin.any():
+        return
+    diff = (a[fin] - e[fin]).abs().max().item()
+    scale = max(e[fin].abs().max().item(), 1e-30)
+    assert diff <= tol * scale, f"{name}: max abs diff {diff:.3e} exceeds {tol:.0e} x reference max {scale:.3e}"

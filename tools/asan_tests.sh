@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Builds the C++ core with ASan and UBSan (CPU only) and runs the CPU-backend tests
+# against it. The sanitizer runtimes are preloaded because python itself is not
+# instrumented; leak detection is off because the interpreter never frees everything.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+SANITIZE=1 RLKERN_CUDA=OFF BUILD_TYPE=RelWithDebInfo tools/dev_build.sh >/dev/null
+cp -r python/rlkern "$work/rlkern"
+rm -f "$work"/rlkern/_C*.so
+cp build/dev-asan/_C*.so "$work/rlkern/"
+asan=$(gcc -print-file-name=libasan.so)
+ubsan=$(gcc -print-file-name=libubsan.so)
+cd "$work"
+LD_PRELOAD="$asan:$ubsan" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 RLKERN_ASAN=1 PYTHONPATH="$work" \
+  python -m pytest -q -p no:cacheprovider -m "not slow and not gpu" -k "not triton and not aot and not Triton" \
+  "$root/tests" --rootdir="$root"
