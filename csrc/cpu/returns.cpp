@@ -1,0 +1,246 @@
+// CPU kernels for discounted returns, GAE, TD(lambda) and token-level GAE: one reverse
+// pass per row, rows spread over the pool. Interleaving a few rows per pass gives the
+// core independent dependency chains to overlap (each row alone is a serial chain).
+#include <pybind11/pybind11.h>
+
+#include <cmath>
+#include <stdexcept>
+
+#include "rlkern/dtype.h"
+#include "rlkern/parallel.h"
+#include "rlkern/registry.h"
+#include "rlkern/returns.h"
+#include "rlkern/returns_api.h"
+
+namespace py = pybind11;
+
+namespace rlk::returns {
+namespace {
+
+constexpr int64_t kRowGrain = 16;
+constexpr int kLanes = 4;
+
+// Runs row_fn(first_row, lanes) over groups of up to kLanes rows, in parallel.
+template <class RowFn>
+void for_row_groups(int64_t B, int64_t T, RowFn row_fn) {
+  const int64_t groups = (B + kLanes - 1) / kLanes;
+  const int64_t grain = std::max<int64_t>(1, kRowGrain * 256 / std::max<int64_t>(T, 1) / kLanes);
+  parallel_for(groups, grain, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t b0 = g * kLanes;
+      row_fn(b0, int(std::min<int64_t>(kLanes, B - b0)));
+    }
+  });
+}
+
+template <class T>
+void discounted_impl(const ScanArgs& a) {
+  using A = acc_t<T>;
+  const T* r = as_ptr<const T>(a.rewards);
+  const T* boot = as_ptr<const T>(a.bootstrap);
+  const uint8_t* done = as_ptr<const uint8_t>(a.terminated);
+  A* out = as_ptr<A>(a.out0);
+  const A gamma = A(a.gamma);
+  const int64_t T_ = a.T;
+  for_row_groups(a.B, T_, [&](int64_t b0, int lanes) {
+    A carry[kLanes];
+    for (int l = 0; l < lanes; ++l) carry[l] = boot ? load(boot, b0 + l) : A(0);
+    for (int64_t t = T_ - 1; t >= 0; --t) {
+      for (int l = 0; l < lanes; ++l) {
+        const int64_t i = (b0 + l) * T_ + t;
+        carry[l] = discounted_step(carry[l], load(r, i), done[i] != 0, gamma);
+        out[i] = carry[l];
+      }
+    }
+  });
+}
+
+template <class T>
+void gae_impl(const ScanArgs& a) {
+  using A = acc_t<T>;
+  const T* r = as_ptr<const T>(a.rewards);
+  const T* v = as_ptr<const T>(a.values);
+  const T* nv = as_ptr<const T>(a.next_values);
+  const T* boot = as_ptr<const T>(a.bootstrap);
+  const uint8_t* term = as_ptr<const uint8_t>(a.terminated);
+  const uint8_t* trunc = as_ptr<const uint8_t>(a.truncated);
+  A* adv = as_ptr<A>(a.out0);
+  A* ret = as_ptr<A>(a.out1);
+  const A gamma = A(a.gamma), gamma_lam = A(a.gamma * a.lam);
+  const int64_t T_ = a.T;
+  for_row_groups(a.B, T_, [&](int64_t b0, int lanes) {
+    A carry[kLanes], next_v[kLanes];
+    for (int l = 0; l < lanes; ++l) {
+      carry[l] = A(0);
+      next_v[l] = boot ? load(boot, b0 + l) : A(0);
+    }
+    for (int64_t t = T_ - 1; t >= 0; --t) {
+      for (int l = 0; l < lanes; ++l) {
+        const int64_t i = (b0 + l) * T_ + t;
+        const A value = load(v, i);
+        const A next_value = nv ? load(nv, i) : next_v[l];
+        carry[l] = gae_step(carry[l], load(r, i), value, next_value, term[i] != 0, trunc && trunc[i] != 0, gamma,
+                            gamma_lam);
+        next_v[l] = value;
+        adv[i] = carry[l];
+        ret[i] = carry[l] + value;
+      }
+    }
+  });
+}
+
+template <class T>
+void lambda_impl(const ScanArgs& a) {
+  using A = acc_t<T>;
+  const T* r = as_ptr<const T>(a.rewards);
+  const T* nv = as_ptr<const T>(a.next_values);
+  const uint8_t* term = as_ptr<const uint8_t>(a.terminated);
+  const uint8_t* trunc = as_ptr<const uint8_t>(a.truncated);
+  A* out = as_ptr<A>(a.out0);
+  const A gamma = A(a.gamma), lam = A(a.lam);
+  const int64_t T_ = a.T;
+  for_row_groups(a.B, T_, [&](int64_t b0, int lanes) {
+    A carry[kLanes];
+    for (int l = 0; l < lanes; ++l) carry[l] = A(0);
+    for (int64_t t = T_ - 1; t >= 0; --t) {
+      const bool row_end = t == T_ - 1;
+      for (int l = 0; l < lanes; ++l) {
+        const int64_t i = (b0 + l) * T_ + t;
+        carry[l] = lambda_step(carry[l], load(r, i), load(nv, i), term[i] != 0, row_end || (trunc && trunc[i] != 0),
+                               gamma, lam);
+        out[i] = carry[l];
+      }
+    }
+  });
+}
+
+template <class T>
+void masked_gae_impl(const ScanArgs& a) {
+  using A = acc_t<T>;
+  const T* r = as_ptr<const T>(a.rewards);
+  const T* v = as_ptr<const T>(a.values);
+  const uint8_t* mask = as_ptr<const uint8_t>(a.terminated);
+  A* adv = as_ptr<A>(a.out0);
+  A* ret = as_ptr<A>(a.out1);
+  const A gamma = A(a.gamma), gamma_lam = A(a.gamma * a.lam);
+  const int64_t T_ = a.T;
+  for_row_groups(a.B, T_, [&](int64_t b0, int lanes) {
+    MaskedGaeCarry<A> carry[kLanes];
+    for (int l = 0; l < lanes; ++l) carry[l] = {A(0), A(0)};
+    for (int64_t t = T_ - 1; t >= 0; --t) {
+      for (int l = 0; l < lanes; ++l) {
+        const int64_t i = (b0 + l) * T_ + t;
+        if (mask[i]) {
+          masked_gae_step(carry[l], load(r, i), load(v, i), gamma, gamma_lam);
+          adv[i] = carry[l].advantage;
+          ret[i] = carry[l].advantage + carry[l].next_value;
+        } else {
+          adv[i] = A(0);
+          ret[i] = A(0);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void discounted_returns_cpu(const ScanArgs& a) { RLK_DISPATCH_FLOATING(a.dtype, T, discounted_impl<T>(a)); }
+void gae_cpu(const ScanArgs& a) { RLK_DISPATCH_FLOATING(a.dtype, T, gae_impl<T>(a)); }
+void lambda_returns_cpu(const ScanArgs& a) { RLK_DISPATCH_FLOATING(a.dtype, T, lambda_impl<T>(a)); }
+void masked_gae_cpu(const ScanArgs& a) { RLK_DISPATCH_FLOATING(a.dtype, T, masked_gae_impl<T>(a)); }
+
+namespace {
+
+// Group-relative advantages over contiguous groups of `size` rewards.
+// estimator 0 = grpo (r - group mean), 1 = rloo (r - mean of the others);
+// scale 0 = none, 1 = group std, 2 = the given batch std (unbiased std throughout).
+// A zero spread gives zero advantages; a group of one has no spread (std taken as 1).
+template <class T>
+void group_advantages_impl(int64_t groups, int64_t size, ptr_t rewards, int estimator, int scale, double eps,
+                           double batch_std, ptr_t out_ptr) {
+  using A = acc_t<T>;
+  const T* r = as_ptr<const T>(rewards);
+  A* out = as_ptr<A>(out_ptr);
+  parallel_for(groups, std::max<int64_t>(1, 4096 / std::max<int64_t>(size, 1)), [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t base = g * size;
+      A sum = 0;
+      bool all_equal = true;
+      const A first = load(r, base);
+      for (int64_t j = 0; j < size; ++j) {
+        const A x = load(r, base + j);
+        sum += x;
+        all_equal = all_equal && x == first;
+      }
+      if (all_equal) {  // exactly zero, whatever the rounding of the mean
+        for (int64_t j = 0; j < size; ++j) out[base + j] = A(0);
+        continue;
+      }
+      const A mean = sum / A(size);
+      A sq = 0;
+      for (int64_t j = 0; j < size; ++j) {
+        const A d = load(r, base + j) - mean;
+        sq += d * d;
+      }
+      A denom = 1;
+      if (scale == 1) denom = (size > 1 ? std::sqrt(sq / A(size - 1)) : A(1)) + A(eps);
+      if (scale == 2) denom = A(batch_std) + A(eps);
+      const A centre_scale = estimator == 1 ? A(size) / A(size - 1) : A(1);
+      for (int64_t j = 0; j < size; ++j) {
+        const A centred = (load(r, base + j) - mean) * centre_scale;
+        out[base + j] = centred == A(0) ? A(0) : centred / denom;
+      }
+    }
+  });
+}
+
+ScanArgs scan_args(int dtype, int64_t B, int64_t T, ptr_t rewards, ptr_t values, ptr_t next_values, ptr_t bootstrap,
+                   ptr_t terminated, ptr_t truncated, double gamma, double lam, ptr_t out0, ptr_t out1) {
+  to_dtype(dtype);
+  if (B < 0 || T < 0) throw std::invalid_argument("rlkern: negative sizes");
+  return ScanArgs{dtype, B, T, rewards, values, next_values, bootstrap, terminated, truncated, gamma, lam, out0, out1};
+}
+
+void bind(py::module_& m) {
+  using py::arg;
+#define RLK_SCAN_BINDING(name, fn)                                                                               \
+  m.def(                                                                                                         \
+      name,                                                                                                      \
+      [](int dtype, int64_t B, int64_t T, ptr_t rewards, ptr_t values, ptr_t next_values, ptr_t bootstrap,      \
+         ptr_t terminated, ptr_t truncated, double gamma, double lam, ptr_t out0, ptr_t out1, ptr_t stream) {   \
+        const ScanArgs a = scan_args(dtype, B, T, rewards, values, next_values, bootstrap, terminated, truncated, \
+                                     gamma, lam, out0, out1);                                                    \
+        py::gil_scoped_release nogil;                                                                            \
+        fn;                                                                                                      \
+      },                                                                                                         \
+      arg("dtype"), arg("B"), arg("T"), arg("rewards"), arg("values"), arg("next_values"), arg("bootstrap"),     \
+      arg("terminated"), arg("truncated"), arg("gamma"), arg("lam"), arg("out0"), arg("out1"), arg("stream") = 0)
+  RLK_SCAN_BINDING("discounted_returns", discounted_returns_cpu(a));
+  RLK_SCAN_BINDING("gae", gae_cpu(a));
+  RLK_SCAN_BINDING("lambda_returns", lambda_returns_cpu(a));
+  RLK_SCAN_BINDING("masked_gae", masked_gae_cpu(a));
+#ifdef RLKERN_WITH_CUDA
+  RLK_SCAN_BINDING("discounted_returns_cuda", discounted_returns_cuda(a, stream));
+  RLK_SCAN_BINDING("gae_cuda", gae_cuda(a, stream));
+  RLK_SCAN_BINDING("lambda_returns_cuda", lambda_returns_cuda(a, stream));
+  RLK_SCAN_BINDING("masked_gae_cuda", masked_gae_cuda(a, stream));
+#endif
+#undef RLK_SCAN_BINDING
+  m.def(
+      "group_advantages",
+      [](int dtype, int64_t groups, int64_t size, ptr_t rewards, int estimator, int scale, double eps,
+         double batch_std, ptr_t out) {
+        to_dtype(dtype);
+        py::gil_scoped_release nogil;
+        RLK_DISPATCH_FLOATING(dtype, T,
+                              group_advantages_impl<T>(groups, size, rewards, estimator, scale, eps, batch_std, out));
+      },
+      arg("dtype"), arg("groups"), arg("size"), arg("rewards"), arg("estimator"), arg("scale"), arg("eps"),
+      arg("batch_std"), arg("out"));
+}
+
+}  // namespace
+}  // namespace rlk::returns
+
+RLK_REGISTER_BINDINGS(returns, rlk::returns::bind);
