@@ -157,14 +157,16 @@ void masked_gae_impl(const ScanArgs& a) {
       prefetch_ahead(t, b0, lanes, T_, r, v, mask, adv, ret);
       for (int l = 0; l < lanes; ++l) {
         const int64_t i = (b0 + l) * T_ + t;
-        if (mask[i]) {
-          masked_gae_step(carry[l], load(r, i), load(v, i), gamma, gamma_lam);
-          adv[i] = carry[l].advantage;
-          ret[i] = carry[l].advantage + carry[l].next_value;
-        } else {
-          adv[i] = A(0);
-          ret[i] = A(0);
-        }
+        // Computed on every token and kept where unmasked: masks are irregular, and a
+        // branch on them mispredicts; masked inputs (NaN included) still never reach
+        // the carry.
+        MaskedGaeCarry<A> next = carry[l];
+        masked_gae_step(next, load(r, i), load(v, i), gamma, gamma_lam);
+        const bool m = mask[i] != 0;
+        carry[l].advantage = m ? next.advantage : carry[l].advantage;
+        carry[l].next_value = m ? next.next_value : carry[l].next_value;
+        adv[i] = m ? next.advantage : A(0);
+        ret[i] = m ? next.advantage + next.next_value : A(0);
       }
     }
   });
