@@ -66,7 +66,7 @@ void discounted_impl(const ScanArgs& a) {
       prefetch_ahead(t, b0, lanes, T_, r, done, out);
       for (int l = 0; l < lanes; ++l) {
         const int64_t i = (b0 + l) * T_ + t;
-        carry[l] = discounted_step(carry[l], load(r, i), done[i] != 0, gamma);
+        carry[l] = apply(discounted_coef(load(r, i), done[i] != 0, gamma), carry[l]);
         out[i] = carry[l];
       }
     }
@@ -101,8 +101,9 @@ void gae_impl(const ScanArgs& a) {
         const int64_t i = (b0 + l) * T_ + t;
         const A value = load(v, i);
         const A next_value = kNextValues ? load(nv, i) : next_v[l];
-        carry[l] = gae_step(carry[l], load(r, i), value, next_value, term[i] != 0, kTruncated && trunc[i] != 0,
-                            gamma, gamma_lam);
+        carry[l] = apply(gae_coef(load(r, i), value, next_value, term[i] != 0, kTruncated && trunc[i] != 0, gamma,
+                                  gamma_lam),
+                         carry[l]);
         next_v[l] = value;
         adv[i] = carry[l];
         ret[i] = carry[l] + value;
@@ -130,8 +131,9 @@ void lambda_impl(const ScanArgs& a) {
       const bool row_end = t == T_ - 1;
       for (int l = 0; l < lanes; ++l) {
         const int64_t i = (b0 + l) * T_ + t;
-        carry[l] = lambda_step(carry[l], load(r, i), load(nv, i), term[i] != 0, row_end || (trunc && trunc[i] != 0),
-                               gamma, lam);
+        carry[l] = apply(lambda_coef(load(r, i), load(nv, i), term[i] != 0, row_end || (trunc && trunc[i] != 0),
+                                     gamma, lam),
+                         carry[l]);
         out[i] = carry[l];
       }
     }
@@ -151,22 +153,20 @@ void masked_gae_impl(const ScanArgs& a) {
   advise_huge_pages(adv, size_t(a.B * T_) * sizeof(A));
   advise_huge_pages(ret, size_t(a.B * T_) * sizeof(A));
   for_row_groups(a.B, T_, [&](int64_t b0, int lanes) {
-    MaskedGaeCarry<A> carry[kLanes];
-    for (int l = 0; l < lanes; ++l) carry[l] = {A(0), A(0)};
+    A advantage[kLanes], next_value[kLanes];
+    for (int l = 0; l < lanes; ++l) advantage[l] = next_value[l] = A(0);
     for (int64_t t = T_ - 1; t >= 0; --t) {
       prefetch_ahead(t, b0, lanes, T_, r, v, mask, adv, ret);
       for (int l = 0; l < lanes; ++l) {
         const int64_t i = (b0 + l) * T_ + t;
         // Computed on every token and kept where unmasked: masks are irregular, and a
-        // branch on them mispredicts; masked inputs (NaN included) still never reach
-        // the carry.
-        MaskedGaeCarry<A> next = carry[l];
-        masked_gae_step(next, load(r, i), load(v, i), gamma, gamma_lam);
+        // branch on them mispredicts. Masked inputs (NaN included) never reach a carry.
         const bool m = mask[i] != 0;
-        carry[l].advantage = m ? next.advantage : carry[l].advantage;
-        carry[l].next_value = m ? next.next_value : carry[l].next_value;
-        adv[i] = m ? next.advantage : A(0);
-        ret[i] = m ? next.advantage + next.next_value : A(0);
+        const A value = load(v, i);
+        advantage[l] = apply(masked_gae_coef(load(r, i), value, next_value[l], m, gamma, gamma_lam), advantage[l]);
+        next_value[l] = m ? value : next_value[l];
+        adv[i] = m ? advantage[l] : A(0);
+        ret[i] = m ? advantage[l] + value : A(0);
       }
     }
   });
