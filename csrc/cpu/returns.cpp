@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
+#include <vector>
 
 #include "rlkern/dtype.h"
 #include "rlkern/memory.h"
@@ -172,18 +173,140 @@ void masked_gae_impl(const ScanArgs& a) {
   });
 }
 
+// Few long rows leave threads idle in the row-parallel kernels. Then each row is cut
+// into chunks scanned in three passes: (1) each chunk's steps composed into one affine
+// map, in parallel; (2) per row, the carries entering each chunk, chunk by chunk from
+// the right; (3) each chunk rescanned from its carry, in parallel, writing the outputs.
+// coef(b, t) gives step t's map of row b, init(b) the carry after the row's last step,
+// and emit(b, t, y) stores the result. Neither the choice of this path nor the chunk
+// length depends on the thread count, so results are bit-identical for any count.
+constexpr int64_t kChunk = 4096;
+
+inline bool use_chunks(int64_t B, int64_t T) { return B < 16 && T >= 4 * kChunk; }
+
+template <class A, class Init, class Coef, class Emit>
+void chunked_scan(int64_t B, int64_t T, Init init, Coef coef, Emit emit) {
+  const int64_t len = kChunk;
+  const int64_t C = (T + len - 1) / len;
+  std::vector<Affine<A>> summary(size_t(B * C));
+  std::vector<A> carry_in(size_t(B * C));
+  parallel_for(B * C, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t b = k / C, c = k % C;
+      Affine<A> f = identity<A>();
+      for (int64_t t = std::min(T, (c + 1) * len) - 1; t >= c * len; --t) f = compose(coef(b, t), f);
+      summary[size_t(k)] = f;
+    }
+  });
+  for (int64_t b = 0; b < B; ++b) {
+    A carry = init(b);
+    for (int64_t c = C - 1; c >= 0; --c) {
+      carry_in[size_t(b * C + c)] = carry;
+      carry = apply(summary[size_t(b * C + c)], carry);
+    }
+  }
+  parallel_for(B * C, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t b = k / C, c = k % C;
+      A y = carry_in[size_t(k)];
+      for (int64_t t = std::min(T, (c + 1) * len) - 1; t >= c * len; --t) {
+        y = apply(coef(b, t), y);
+        emit(b, t, y);
+      }
+    }
+  });
+}
+
+template <class T>
+void discounted_chunked(const ScanArgs& a) {
+  using A = acc_t<T>;
+  const T* r = as_ptr<const T>(a.rewards);
+  const T* boot = as_ptr<const T>(a.bootstrap);
+  const uint8_t* done = as_ptr<const uint8_t>(a.terminated);
+  A* out = as_ptr<A>(a.out0);
+  const A gamma = A(a.gamma);
+  const int64_t T_ = a.T;
+  chunked_scan<A>(
+      a.B, T_, [&](int64_t b) { return boot ? load(boot, b) : A(0); },
+      [&](int64_t b, int64_t t) { return discounted_coef(load(r, b * T_ + t), done[b * T_ + t] != 0, gamma); },
+      [&](int64_t b, int64_t t, A y) { out[b * T_ + t] = y; });
+}
+
+template <class T>
+void gae_chunked(const ScanArgs& a) {
+  using A = acc_t<T>;
+  const T* r = as_ptr<const T>(a.rewards);
+  const T* v = as_ptr<const T>(a.values);
+  const T* nv = as_ptr<const T>(a.next_values);
+  const T* boot = as_ptr<const T>(a.bootstrap);
+  const uint8_t* term = as_ptr<const uint8_t>(a.terminated);
+  const uint8_t* trunc = as_ptr<const uint8_t>(a.truncated);
+  A* adv = as_ptr<A>(a.out0);
+  A* ret = as_ptr<A>(a.out1);
+  const A gamma = A(a.gamma), gamma_lam = A(a.gamma * a.lam);
+  const int64_t T_ = a.T;
+  auto next_value = [&](int64_t b, int64_t t) -> A {
+    if (nv) return load(nv, b * T_ + t);
+    if (t + 1 < T_) return load(v, b * T_ + t + 1);
+    return boot ? load(boot, b) : A(0);
+  };
+  chunked_scan<A>(
+      a.B, T_, [](int64_t) { return A(0); },
+      [&](int64_t b, int64_t t) {
+        const int64_t i = b * T_ + t;
+        return gae_coef(load(r, i), load(v, i), next_value(b, t), term[i] != 0, trunc && trunc[i] != 0, gamma,
+                        gamma_lam);
+      },
+      [&](int64_t b, int64_t t, A y) {
+        const int64_t i = b * T_ + t;
+        adv[i] = y;
+        ret[i] = y + load(v, i);
+      });
+}
+
+template <class T>
+void lambda_chunked(const ScanArgs& a) {
+  using A = acc_t<T>;
+  const T* r = as_ptr<const T>(a.rewards);
+  const T* nv = as_ptr<const T>(a.next_values);
+  const uint8_t* term = as_ptr<const uint8_t>(a.terminated);
+  const uint8_t* trunc = as_ptr<const uint8_t>(a.truncated);
+  A* out = as_ptr<A>(a.out0);
+  const A gamma = A(a.gamma), lam = A(a.lam);
+  const int64_t T_ = a.T;
+  chunked_scan<A>(
+      a.B, T_, [](int64_t) { return A(0); },
+      [&](int64_t b, int64_t t) {
+        const int64_t i = b * T_ + t;
+        return lambda_coef(load(r, i), load(nv, i), term[i] != 0, t == T_ - 1 || (trunc && trunc[i] != 0), gamma,
+                           lam);
+      },
+      [&](int64_t b, int64_t t, A y) { out[b * T_ + t] = y; });
+}
+
 }  // namespace
 
-void discounted_returns_cpu(const ScanArgs& a) { RLK_DISPATCH_FLOATING(a.dtype, T, discounted_impl<T>(a)); }
+void discounted_returns_cpu(const ScanArgs& a) {
+  RLK_DISPATCH_FLOATING(a.dtype, T, {
+    if (use_chunks(a.B, a.T)) discounted_chunked<T>(a);
+    else discounted_impl<T>(a);
+  });
+}
 void gae_cpu(const ScanArgs& a) {
   RLK_DISPATCH_FLOATING(a.dtype, T, {
-    if (a.next_values && a.truncated) gae_impl<T, true, true>(a);
+    if (use_chunks(a.B, a.T)) gae_chunked<T>(a);
+    else if (a.next_values && a.truncated) gae_impl<T, true, true>(a);
     else if (a.next_values) gae_impl<T, true, false>(a);
     else if (a.truncated) gae_impl<T, false, true>(a);
     else gae_impl<T, false, false>(a);
   });
 }
-void lambda_returns_cpu(const ScanArgs& a) { RLK_DISPATCH_FLOATING(a.dtype, T, lambda_impl<T>(a)); }
+void lambda_returns_cpu(const ScanArgs& a) {
+  RLK_DISPATCH_FLOATING(a.dtype, T, {
+    if (use_chunks(a.B, a.T)) lambda_chunked<T>(a);
+    else lambda_impl<T>(a);
+  });
+}
 void masked_gae_cpu(const ScanArgs& a) { RLK_DISPATCH_FLOATING(a.dtype, T, masked_gae_impl<T>(a)); }
 
 namespace {
