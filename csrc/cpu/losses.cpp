@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <stdexcept>
 #include <vector>
 
@@ -24,6 +25,12 @@
 
 namespace py = pybind11;
 using namespace rlk::losses;
+
+// Floating-point exceptions are never inspected here; without this GCC will not turn the
+// selects of the token loops into vector blends (it must assume a comparison may trap).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
 
 namespace rlk {
 namespace {
@@ -80,193 +87,338 @@ enum Stat : int {
   kNumStats
 };
 
+// Constants of one sequence for the per-token body. Absent bounds are infinite so that the
+// body needs no branch on whether an option is set.
+template <class A>
+struct RowConst {
+  A clip_lo, clip_hi, cap, dual, lr_lo, lr_hi, kl_lo, kl_hi, kl_coef, ent_coef, tis_cap, ent_threshold;
+  A seq_ratio, seq_dx, seq_tis, row_w;
+  int objective, kl_kind;
+  bool has_dual, use_kl, kl_corr, tis_token, tis_mask_mode, has_select, drop_negative;
+};
+
+template <class A>
+struct TokenTerms {
+  A loss, grad, dseq, ratio, kl, dual_hit;
+};
+
+#if defined(__GNUC__)
+#define RLK_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define RLK_ALWAYS_INLINE inline
+#endif
+
+// The per-token loss and its derivative, written without data-dependent branches so that
+// the token loop vectorises. KL: 0 none, 1 k1/k2 (by kl_kind), 2 k3. SEQ: the ratio is the
+// row's shared sequence-level ratio; the derivative through it is returned in `dseq` and
+// applied to the whole row afterwards. EXTRA: entropy and rollout log-probs are read.
+template <class A, int KL, bool SEQ, bool EXTRA>
+RLK_ALWAYS_INLINE TokenTerms<A> token_terms(const RowConst<A>& c, A lp, A o, A a, A refv, A rolv, A h) {
+  const A zero(0), one(1), half(0.5);
+  A r, dx;
+  if (SEQ) {
+    r = c.seq_ratio;
+    dx = c.seq_dx;
+  } else {
+    const A x = lp - o;
+    const A xc = x < c.lr_lo ? c.lr_lo : (x > c.lr_hi ? c.lr_hi : x);
+    dx = ((x < c.lr_lo) | (x > c.lr_hi)) ? zero : one;
+    r = exp_(xc);
+  }
+  // PPO clip (with ratio cap and dual clip), CISPO, REINFORCE.
+  const A r1 = r > c.cap ? c.cap : r;
+  const A dr1 = r > c.cap ? zero : one;
+  const A rc = r < c.clip_lo ? c.clip_lo : (r > c.clip_hi ? c.clip_hi : r);
+  const A drc = ((r < c.clip_lo) | (r > c.clip_hi)) ? zero : one;
+  const A u = -a * r1, v = -a * rc, du = -a * dr1, dv = -a * drc;
+  A s = u > v ? u : v;
+  A ds = u > v ? du : (u < v ? dv : half * (du + dv));
+  const bool dual_on = c.has_dual & (a < zero);
+  const A bound = -a * c.dual;
+  const A s_d = s < bound ? s : bound;
+  const A ds_d = s < bound ? ds : (s > bound ? zero : half * ds);
+  const A dual_hit = (dual_on & (s > bound)) ? one : zero;
+  s = dual_on ? s_d : s;
+  ds = dual_on ? ds_d : ds;
+  // Selects rather than branches on the objective keep the loop free of control flow.
+  const bool is_clip = c.objective == kClip, is_cispo = c.objective == kCispo;
+  const A w_direct = is_cispo ? -rc * a : -a;
+  A pg = is_clip ? s : w_direct * lp;
+  A dr = is_clip ? ds : zero;
+  A direct = is_clip ? zero : w_direct;
+  // Detached weights: off-policy sequence mask, entropy selection, truncated IS.
+  A weight = (c.drop_negative & !(a >= zero)) ? zero : one;
+  if (EXTRA) {
+    weight = (c.has_select & !(h >= c.ent_threshold)) ? zero : weight;
+    A wt = exp_(o - rolv);
+    wt = c.tis_mask_mode ? (wt > c.tis_cap ? zero : wt) : (wt > c.tis_cap ? c.tis_cap : wt);
+    weight = c.tis_token ? weight * wt : weight;
+  }
+  weight *= c.seq_tis;
+  A l = weight * pg;
+  dr *= weight;
+  direct *= weight;
+  A kl = zero;
+  if (KL != 0) {
+    const A d = refv - lp;
+    A dkl;
+    if (KL == 2) {
+      const A e = exp_(d);
+      kl = e - one - d;
+      dkl = one - e;
+    } else {
+      kl = c.kl_kind == kK1 ? -d : half * d * d;
+      dkl = c.kl_kind == kK1 ? one : -d;
+    }
+    dkl = ((kl < c.kl_lo) | (kl > c.kl_hi)) ? zero : dkl;
+    kl = kl < c.kl_lo ? c.kl_lo : (kl > c.kl_hi ? c.kl_hi : kl);
+    // Selected rather than multiplied by a zero coefficient: an infinite estimate must not
+    // turn the loss into NaN when the KL only feeds the metric.
+    l += c.use_kl ? c.kl_coef * (c.kl_corr ? kl * r : kl) : zero;
+    direct += c.use_kl ? c.kl_coef * (c.kl_corr ? dkl * r : dkl) : zero;
+    dr += (c.use_kl & c.kl_corr) ? c.kl_coef * kl : zero;
+  }
+  if (EXTRA) l -= c.ent_coef * h;
+  TokenTerms<A> out;
+  out.loss = l;
+  out.grad = SEQ ? direct : direct + dr * r * dx;
+  out.dseq = SEQ ? dr : zero;
+  out.ratio = r;
+  out.kl = kl;
+  out.dual_hit = dual_hit;
+  return out;
+}
+
 template <class T>
-void policy_rows(const PolicyParams& p, int64_t row_begin, int64_t row_end, double* stats) {
+struct PolicyInputs {
+  const T *logp, *old, *ref, *rollout, *ent;
+  const acc_t<T>* adv;
+  const uint8_t* mask;
+  acc_t<T>* grad;
+};
+
+// Tokens per lane group and per float flush: lanes keep W independent partial sums (so the
+// loop vectorises without reassociating a reduction), flushed into double every block.
+constexpr int kLanes = 16;
+constexpr int kBlock = 256;
+
+template <class A>
+struct Lanes {
+  A n[kLanes], loss[kLanes], ratio[kLanes], approx[kLanes], kl[kLanes], ent[kLanes], low[kLanes], high[kLanes],
+      dual[kLanes], dseq[kLanes];
+  void clear() {
+    for (int j = 0; j < kLanes; ++j)
+      n[j] = loss[j] = ratio[j] = approx[j] = kl[j] = ent[j] = low[j] = high[j] = dual[j] = dseq[j] = A(0);
+  }
+};
+
+template <class T, int KL, bool SEQ, bool EXTRA>
+RLK_ALWAYS_INLINE void token_step(const PolicyInputs<T>& in, const RowConst<acc_t<T>>& c, int64_t i, int64_t ai,
+                                  int j, Lanes<acc_t<T>>& L) {
   using A = acc_t<T>;
-  const T* logp = as_ptr<const T>(p.logp);
-  const T* old = as_ptr<const T>(p.old_logp);
-  const A* adv = as_ptr<const A>(p.advantages);  // advantages arrive in the arithmetic type
-  const uint8_t* mask = as_ptr<const uint8_t>(p.mask);
-  const T* ref = as_ptr<const T>(p.ref_logp);
-  const T* rollout = as_ptr<const T>(p.rollout_logp);
-  const T* ent = as_ptr<const T>(p.entropy);
-  A* grad = as_ptr<A>(p.grad_logp);
+  const A zero(0);
+  const bool m = in.mask[i] != 0;
+  // Loads are unconditional and then masked, so masked NaNs never reach the arithmetic.
+  A lp = load(in.logp, i), o = load(in.old, i), a = in.adv[ai];
+  lp = m ? lp : zero;
+  o = m ? o : zero;
+  a = m ? a : zero;
+  A refv = zero, rolv = zero, h = zero;
+  if (KL != 0) {
+    refv = load(in.ref, i);
+    refv = m ? refv : zero;
+  }
+  if (EXTRA) {
+    rolv = load(in.rollout, i);
+    h = load(in.ent, i);
+    rolv = m ? rolv : zero;
+    h = m ? h : zero;
+  }
+  const TokenTerms<A> tt = token_terms<A, KL, SEQ, EXTRA>(c, lp, o, a, refv, rolv, h);
+  in.grad[i] = m ? c.row_w * tt.grad : zero;
+  L.n[j] += m ? A(1) : zero;
+  L.loss[j] += m ? c.row_w * tt.loss : zero;
+  L.dseq[j] += m ? c.row_w * tt.dseq : zero;
+  L.ratio[j] += m ? tt.ratio : zero;
+  L.approx[j] += o - lp;
+  L.kl[j] += m ? tt.kl : zero;
+  L.ent[j] += h;
+  L.low[j] += (m & (tt.ratio < c.clip_lo) & (a < zero)) ? A(1) : zero;
+  L.high[j] += (m & (tt.ratio > c.clip_hi) & (a > zero)) ? A(1) : zero;
+  L.dual[j] += m ? tt.dual_hit : zero;
+}
+
+template <class T, int KL, bool SEQ, bool EXTRA>
+RLK_ALWAYS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, int64_t row_end, double* stats) {
+  using A = acc_t<T>;
+  const A inf = std::numeric_limits<A>::infinity();
+  PolicyInputs<T> in;
+  in.logp = as_ptr<const T>(p.logp);
+  in.old = as_ptr<const T>(p.old_logp);
+  in.ref = as_ptr<const T>(p.ref_logp);
+  // Without rollout log-probs the behaviour policy (for the off-policy mask) is the old one.
+  in.rollout = p.rollout_logp ? as_ptr<const T>(p.rollout_logp) : in.old;
+  in.ent = p.entropy ? as_ptr<const T>(p.entropy) : in.old;
+  in.adv = as_ptr<const A>(p.advantages);
+  in.mask = as_ptr<const uint8_t>(p.mask);
+  in.grad = as_ptr<A>(p.grad_logp);
   A* grad_ent = as_ptr<A>(p.grad_entropy);
 
-  const A clip_lo = A(p.clip_lo), clip_hi = A(p.clip_hi), dual = A(p.dual_clip), cap = A(p.ratio_cap);
-  Bounds<A> lr_clamp;
-  lr_clamp.has_lo = p.has_lr_lo;
-  lr_clamp.has_hi = p.has_lr_hi;
-  lr_clamp.lo = A(p.lr_lo);
-  lr_clamp.hi = A(p.lr_hi);
-  Bounds<A> kl_clamp;
-  kl_clamp.has_lo = p.has_kl_lo;
-  kl_clamp.has_hi = p.has_kl_hi;
-  kl_clamp.lo = A(p.kl_lo);
-  kl_clamp.hi = A(p.kl_hi);
-  const A kl_coef = A(p.kl_coef), ent_coef = A(p.entropy_coef), tis_cap = A(p.tis_cap);
-  const A ent_threshold = A(p.entropy_threshold), off_threshold = A(p.off_threshold);
-  const bool use_kl = ref != nullptr && p.kl_coef != 0.0;
-  const bool need_prepass = p.seq_level || p.has_off || (p.has_tis && p.tis_seq) || p.agg == kSeqMeanTokenMean;
+  RowConst<A> c;
+  c.clip_lo = A(p.clip_lo);
+  c.clip_hi = A(p.clip_hi);
+  c.cap = p.has_ratio_cap ? A(p.ratio_cap) : inf;
+  c.has_dual = p.has_dual;
+  c.dual = p.has_dual ? A(p.dual_clip) : A(0);
+  c.lr_lo = p.has_lr_lo ? A(p.lr_lo) : -inf;
+  c.lr_hi = p.has_lr_hi ? A(p.lr_hi) : inf;
+  c.kl_lo = p.has_kl_lo ? A(p.kl_lo) : -inf;
+  c.kl_hi = p.has_kl_hi ? A(p.kl_hi) : inf;
+  c.kl_coef = A(p.kl_coef);
+  c.kl_kind = p.kl_kind;
+  c.kl_corr = p.kl_correction;
+  c.use_kl = p.kl_coef != 0.0;
+  c.ent_coef = p.entropy ? A(p.entropy_coef) : A(0);
+  c.has_select = p.has_entropy_select;
+  c.ent_threshold = A(p.entropy_threshold);
+  c.tis_cap = A(p.tis_cap);
+  c.tis_token = p.has_tis && !p.tis_seq;
+  c.tis_mask_mode = p.tis_mask_mode;
+  c.objective = p.objective;
+  const A off_threshold = A(p.off_threshold);
+  const Bounds<A> lr_clamp{p.has_lr_lo, p.has_lr_hi, A(p.lr_lo), A(p.lr_hi)};
+  const bool tis_seq = p.has_tis && p.tis_seq;
+  const bool need_prepass = SEQ || p.has_off || tis_seq || p.agg == kSeqMeanTokenMean;
   const int64_t T_ = p.T;
 
+  Lanes<A> L;
   for (int64_t b = row_begin; b < row_end; ++b) {
     const int64_t base = b * T_;
-    const uint8_t* m = mask + base;
-    double* st = stats + b * kNumStats;
+    const uint8_t* m = in.mask + base;
+    const int64_t adv_base = p.adv_per_token ? base : b;
+    const int64_t adv_step = p.adv_per_token ? 1 : 0;
 
-    // Per-sequence quantities: token count, mean log-ratio, off-policy divergence and
-    // the sequence-level importance weight.
-    int64_t n = 0;
-    A seq_log_ratio = 0, seq_divergence = 0, seq_log_tis = 0;
+    // Per-sequence quantities: token count, mean log-ratio, off-policy divergence and the
+    // sequence-level log importance weight.
+    A n_row = 0, s_lr = 0, s_div = 0, s_tis = 0;
     if (need_prepass) {
-      A s_lr = 0, s_div = 0, s_tis = 0;
-      for (int64_t t = 0; t < T_; ++t) {
-        if (!m[t]) continue;
-        ++n;
-        const A lp = load(logp, base + t), o = load(old, base + t);
-        if (p.seq_level) s_lr += lp - o;
-        if (p.has_off) s_div += (rollout ? A(load(rollout, base + t)) : o) - lp;
-        if (p.has_tis && p.tis_seq) s_tis += o - A(load(rollout, base + t));
-      }
-      const A n1 = A(std::max<int64_t>(n, 1));
-      seq_log_ratio = s_lr / n1;
-      seq_divergence = s_div / n1;
-      seq_log_tis = s_tis;
-    }
-    const A row_w = p.agg == kSeqMeanTokenMean ? A(1) / A(std::max<int64_t>(n, 1)) : A(1);
-    const bool drop_negative = p.has_off && seq_divergence > off_threshold;
-
-    // Sequence-level ratio: every token shares r = exp(clamp(mean log-ratio)).
-    A seq_ratio = 1, seq_dx = 1;
-    if (p.seq_level) {
-      const ValueGrad<A> x = lr_clamp.apply(seq_log_ratio);
-      seq_ratio = exp_(x.value);
-      seq_dx = x.grad;
-    }
-    A seq_tis = 1;
-    if (p.has_tis && p.tis_seq) {
-      const A w = exp_(seq_log_tis);
-      seq_tis = p.tis_mask_mode ? (w > tis_cap ? A(0) : w) : std::min(w, tis_cap);
-    }
-
-    // d(row loss)/d(shared ratio), accumulated over the row for the sequence level.
-    A d_seq_ratio = 0;
-    double loss_sum = 0, ratio_sum = 0, approx_kl = 0, kl_sum = 0, ent_sum = 0;
-    int64_t clip_low = 0, clip_high = 0, dual_hits = 0, n_main = 0;
-    for (int64_t t = 0; t < T_; ++t) {
-      if (!m[t]) {
-        grad[base + t] = A(0);
-        if (grad_ent) grad_ent[base + t] = A(0);
-        continue;
-      }
-      ++n_main;
-      const A lp = load(logp, base + t), o = load(old, base + t);
-      const A a = adv[p.adv_per_token ? base + t : b];
-      A ratio, dx;
-      if (p.seq_level) {
-        ratio = seq_ratio;
-        dx = seq_dx;
-      } else {
-        const ValueGrad<A> x = lr_clamp.apply(lp - o);
-        ratio = exp_(x.value);
-        dx = x.grad;
-      }
-
-      // Policy term: value, derivative through the ratio, derivative through logp directly.
-      A pg, dpg_dr = 0, dpg_direct = 0;
-      if (p.objective == kClip) {
-        const ValueGrad<A> s = clipped_surrogate(ratio, a, clip_lo, clip_hi, p.has_ratio_cap, cap, p.has_dual, dual);
-        pg = s.value;
-        dpg_dr = s.grad;
-        if (p.has_dual && a < A(0)) {
-          A r1 = (p.has_ratio_cap && ratio > cap) ? cap : ratio;
-          A rc = ratio < clip_lo ? clip_lo : (ratio > clip_hi ? clip_hi : ratio);
-          const A surrogate = std::max(-a * r1, -a * rc);
-          dual_hits += surrogate > -a * dual;
+      A ln[kLanes] = {}, llr[kLanes] = {}, ldiv[kLanes] = {}, ltis[kLanes] = {};
+      double dn = 0, dlr = 0, ddiv = 0, dtis = 0;
+      for (int64_t t0 = 0; t0 < T_; t0 += kBlock) {
+        const int64_t t1 = std::min<int64_t>(T_, t0 + kBlock);
+        for (int64_t t = t0; t < t1; ++t) {
+          const int j = int(t % kLanes);
+          const bool mm = m[t] != 0;
+          A lp = load(in.logp, base + t), o = load(in.old, base + t), ro = load(in.rollout, base + t);
+          lp = mm ? lp : A(0);
+          o = mm ? o : A(0);
+          ro = mm ? ro : A(0);
+          ln[j] += mm ? A(1) : A(0);
+          llr[j] += lp - o;
+          ldiv[j] += ro - lp;
+          ltis[j] += o - ro;
         }
-      } else if (p.objective == kCispo) {
-        const A w = ratio < clip_lo ? clip_lo : (ratio > clip_hi ? clip_hi : ratio);
-        pg = -w * a * lp;
-        dpg_direct = -w * a;
-      } else {
-        pg = -a * lp;
-        dpg_direct = -a;
-      }
-      A weight = 1;
-      if (drop_negative && !(a >= A(0))) weight = 0;
-      if (p.has_entropy_select && !(A(load(ent, base + t)) >= ent_threshold)) weight = 0;
-      if (p.has_tis) {
-        if (p.tis_seq) {
-          weight *= seq_tis;
-        } else {
-          const A w = exp_(o - A(load(rollout, base + t)));
-          weight *= p.tis_mask_mode ? (w > tis_cap ? A(0) : w) : std::min(w, tis_cap);
+        for (int j = 0; j < kLanes; ++j) {
+          dn += ln[j];
+          dlr += llr[j];
+          ddiv += ldiv[j];
+          dtis += ltis[j];
+          ln[j] = llr[j] = ldiv[j] = ltis[j] = A(0);
         }
       }
-      A l = weight * pg;
-      dpg_dr *= weight;
-      dpg_direct *= weight;
-
-      if (ref) {
-        const ValueGrad<A> kl = kl_estimate(p.kl_kind, lp, A(load(ref, base + t)), kl_clamp);
-        kl_sum += kl.value;
-        if (use_kl) {
-          if (p.kl_correction) {
-            l += kl_coef * kl.value * ratio;
-            dpg_direct += kl_coef * kl.grad * ratio;
-            dpg_dr += kl_coef * kl.value;
-          } else {
-            l += kl_coef * kl.value;
-            dpg_direct += kl_coef * kl.grad;
-          }
-        }
-      }
-      if (ent) {
-        const A h = load(ent, base + t);
-        ent_sum += h;
-        l -= ent_coef * h;
-        if (grad_ent) grad_ent[base + t] = -ent_coef * row_w;
-      }
-
-      loss_sum += double(row_w * l);
-      if (p.seq_level) {
-        grad[base + t] = row_w * dpg_direct;
-        d_seq_ratio += row_w * dpg_dr;
-      } else {
-        grad[base + t] = row_w * (dpg_direct + dpg_dr * ratio * dx);
-      }
-      ratio_sum += ratio;
-      approx_kl += o - lp;
-      clip_low += (ratio < clip_lo) && (a < A(0));
-      clip_high += (ratio > clip_hi) && (a > A(0));
+      n_row = A(dn);
+      const double n1 = std::max(dn, 1.0);
+      s_lr = A(dlr / n1);
+      s_div = A(ddiv / n1);
+      s_tis = A(dtis);
     }
-    if (p.seq_level && n_main > 0) {
+    c.row_w = p.agg == kSeqMeanTokenMean ? A(1) / std::max(n_row, A(1)) : A(1);
+    c.drop_negative = p.has_off && s_div > off_threshold;
+    c.seq_ratio = A(1);
+    c.seq_dx = A(1);
+    if (SEQ) {
+      const ValueGrad<A> x = lr_clamp.apply(s_lr);
+      c.seq_ratio = exp_(x.value);
+      c.seq_dx = x.grad;
+    }
+    c.seq_tis = A(1);
+    if (tis_seq) {
+      const A w = exp_(s_tis);
+      c.seq_tis = p.tis_mask_mode ? (w > c.tis_cap ? A(0) : w) : (w > c.tis_cap ? c.tis_cap : w);
+    }
+
+    double acc[kNumStats] = {};
+    double dseq = 0;
+    for (int64_t t0 = 0; t0 < T_; t0 += kBlock) {
+      const int64_t t1 = std::min<int64_t>(T_, t0 + kBlock);
+      L.clear();
+      int64_t t = t0;
+      for (; t + kLanes <= t1; t += kLanes) {
+        for (int j = 0; j < kLanes; ++j)
+          token_step<T, KL, SEQ, EXTRA>(in, c, base + t + j, adv_base + (t + j) * adv_step, j, L);
+      }
+      for (; t < t1; ++t) token_step<T, KL, SEQ, EXTRA>(in, c, base + t, adv_base + t * adv_step, 0, L);
+      for (int j = 0; j < kLanes; ++j) {
+        acc[kActive] += L.n[j];
+        acc[kLossSum] += L.loss[j];
+        acc[kClipLow] += L.low[j];
+        acc[kClipHigh] += L.high[j];
+        acc[kRatioSum] += L.ratio[j];
+        acc[kApproxKlSum] += L.approx[j];
+        acc[kKlSum] += L.kl[j];
+        acc[kEntropySum] += L.ent[j];
+        acc[kDualClip] += L.dual[j];
+        dseq += L.dseq[j];
+      }
+    }
+    if (SEQ && acc[kActive] > 0) {
       // r = exp(mean_t (lp_t - old_t)): dr/dlp_t = r / n for every active token.
-      const A add = d_seq_ratio * seq_ratio * seq_dx / A(n_main);
-      if (add != A(0)) {
-        for (int64_t t = 0; t < T_; ++t)
-          if (m[t]) grad[base + t] += add;
-      }
+      const A add = A(dseq) * c.seq_ratio * c.seq_dx / A(acc[kActive]);
+      A* g = in.grad + base;
+      for (int64_t t = 0; t < T_; ++t) g[t] += m[t] ? add : A(0);
     }
-    st[kActive] = double(n_main);
-    st[kLossSum] = loss_sum;
-    st[kClipLow] = double(clip_low);
-    st[kClipHigh] = double(clip_high);
-    st[kRatioSum] = ratio_sum;
-    st[kApproxKlSum] = approx_kl;
-    st[kKlSum] = kl_sum;
-    st[kEntropySum] = ent_sum;
-    st[kDualClip] = double(dual_hits);
+    if (grad_ent) {
+      const A ge = -A(p.entropy_coef) * c.row_w;
+      for (int64_t t = 0; t < T_; ++t) grad_ent[base + t] = m[t] ? ge : A(0);
+    }
+    for (int k = 0; k < kNumStats; ++k) stats[b * kNumStats + k] = acc[k];
+  }
+}
+
+template <class T, int KL, bool SEQ, bool EXTRA>
+void policy_rows_generic(const PolicyParams& p, int64_t b0, int64_t b1, double* stats) {
+  policy_rows_impl<T, KL, SEQ, EXTRA>(p, b0, b1, stats);
+}
+
+template <class T, int KL, bool SEQ, bool EXTRA>
+void run_policy_rows(const PolicyParams& p, double* rows) {
+  auto fn = &policy_rows_generic<T, KL, SEQ, EXTRA>;
+  parallel_for(p.B, row_grain(p.T), [&](int64_t b0, int64_t b1) { fn(p, b0, b1, rows); });
+}
+
+template <class T, int KL>
+void run_policy_kl(const PolicyParams& p, double* rows) {
+  const bool extra = p.entropy != 0 || p.rollout_logp != 0;
+  if (p.seq_level) {
+    extra ? run_policy_rows<T, KL, true, true>(p, rows) : run_policy_rows<T, KL, true, false>(p, rows);
+  } else {
+    extra ? run_policy_rows<T, KL, false, true>(p, rows) : run_policy_rows<T, KL, false, false>(p, rows);
   }
 }
 
 std::vector<double> policy_loss_fused(const PolicyParams& p) {
   if (p.B <= 0 || p.T <= 0) throw std::invalid_argument("policy_loss: empty batch");
   std::vector<double> rows(size_t(p.B) * kNumStats, 0.0);
-  RLK_DISPATCH_FLOATING(p.dtype, T, parallel_for(p.B, row_grain(p.T), [&](int64_t b0, int64_t b1) {
-                          policy_rows<T>(p, b0, b1, rows.data());
-                        }));
+  // KL terms are computed only when they enter the loss or a metric (ref_logp given).
+  const int kl = p.ref_logp == 0 ? 0 : (p.kl_kind == kK3 ? 2 : 1);
+  RLK_DISPATCH_FLOATING(p.dtype, T, {
+    if (kl == 0)
+      run_policy_kl<T, 0>(p, rows.data());
+    else if (kl == 1)
+      run_policy_kl<T, 1>(p, rows.data());
+    else
+      run_policy_kl<T, 2>(p, rows.data());
+  });
   std::vector<double> total(kNumStats, 0.0);
   for (int64_t b = 0; b < p.B; ++b)
     for (int k = 0; k < kNumStats; ++k) total[k] += rows[size_t(b) * kNumStats + k];
