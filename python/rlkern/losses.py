@@ -204,7 +204,7 @@ def _policy_cpu(logp, old_logp, advantages, mask, cfg: PolicyLossConfig, tensors
         p.adv_per_token = adv.dim() == 2
         if cfg.entropy_top_fraction is not None:
             p.has_entropy_select = True
-            p.entropy_threshold = float(entropy_threshold(ent.to(acc), mask != 0, cfg.entropy_top_fraction))
+            p.entropy_threshold = float(entropy_threshold(ent, mask != 0, cfg.entropy_top_fraction))
         grad_logp = torch.empty((B, T), dtype=acc, device=device)
         grad_entropy = torch.empty((B, T), dtype=acc, device=device) if want_entropy_grad else None
         p.grad_logp = ptr(grad_logp)

@@ -67,8 +67,8 @@ class PolicyLossConfig:
         (rollout_logp, or old_logp without it) - logp exceeds this get no policy term.
     entropy_coef: subtracts entropy_coef * agg(entropy).
     entropy_top_fraction: keep the policy term only on the top fraction of active tokens by
-        entropy (threshold = the (1 - fraction) quantile of the active entropies, linear
-        interpolation; tokens with entropy >= threshold are kept).
+        entropy (threshold = the (1 - fraction) quantile of the active entropies in float32,
+        linear interpolation, as TRL computes it; tokens with entropy >= threshold are kept).
     agg, normalizer: the aggregation (see :func:`aggregate`).
     """
 
@@ -184,13 +184,18 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, agg: str, normalizer:
 
 
 def entropy_threshold(entropy: torch.Tensor, mask: torch.Tensor, top_fraction: float) -> torch.Tensor:
-    """The (1 - top_fraction) quantile of the active entropies (linear interpolation, as
-    torch.quantile); +inf when no token is active."""
-    values = entropy.detach()[mask]
+    """The (1 - top_fraction) quantile of the active entropies, taken in float32 with linear
+    interpolation exactly as TRL's ``get_high_entropy_mask`` does (``torch.quantile`` of the
+    float32 values), so that ties at the threshold resolve the same way; +inf when no token
+    is active. Returns a float32 0-d tensor."""
+    values = entropy.detach()[mask].float()
     if values.numel() == 0:
-        return torch.full((), float("inf"), dtype=entropy.dtype, device=entropy.device)
+        return torch.full((), float("inf"), dtype=torch.float32, device=entropy.device)
+    q = 1.0 - top_fraction
+    if values.numel() <= 2**24:  # torch.quantile's input limit
+        return torch.quantile(values, q)
     values, _ = torch.sort(values)
-    pos = (1.0 - top_fraction) * (values.numel() - 1)
+    pos = q * (values.numel() - 1)
     lo = int(pos)
     hi = min(lo + 1, values.numel() - 1)
     return torch.lerp(values[lo], values[hi], torch.tensor(pos - lo, dtype=values.dtype, device=values.device))

@@ -364,7 +364,7 @@ def policy_loss(logp, old_logp, advantages, mask, cfg, tensors: Dict[str, Option
     grad_ent = torch.empty((B, T), dtype=acc, device=lp.device) if want_entropy_grad else grad
     stats = torch.empty((B, NUM_STATS), dtype=acc, device=lp.device)
     if ent is not None and cfg.entropy_top_fraction is not None:
-        thr = entropy_threshold(ent.to(acc), mask != 0, cfg.entropy_top_fraction).reshape(1)
+        thr = entropy_threshold(ent, mask != 0, cfg.entropy_top_fraction).reshape(1)
     else:
         thr = stats  # never read
     lr_lo, lr_hi = clamp_bounds("log_ratio_clamp", cfg.log_ratio_clamp)
