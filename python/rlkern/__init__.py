@@ -10,6 +10,11 @@ from __future__ import annotations
 from ._backend import use_backend
 from ._info import get_num_threads, info, set_num_threads
 
+# --- policy, value and preference losses; KL estimators (rlkern.losses, rlkern.kl) ---
+from .kl import kl_penalty
+from .losses import LossOutput, bradley_terry_loss, dpo_loss, policy_loss, value_loss
+
 __version__ = "0.1.0"
 
 __all__ = ["info", "get_num_threads", "set_num_threads", "use_backend", "__version__"]
+__all__ += ["kl_penalty", "policy_loss", "value_loss", "dpo_loss", "bradley_terry_loss", "LossOutput"]
