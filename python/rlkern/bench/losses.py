@@ -169,6 +169,6 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
     for config in ("grpo", "gspo"):
         for dtype in dtypes:
             for B, T in shapes:
-                out.append(Case("losses", f"policy_loss[{config}] fwd+bwd {str(dtype).replace('torch.', '')}",
+                out.append(Case("losses", f"policy_loss {config} fwd+bwd {str(dtype).replace('torch.', '')}",
                                 f"{B}x{T}", _make(config, B, T, dtype), items=B * T, unit="tokens/s"))
     return out
