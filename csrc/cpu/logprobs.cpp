@@ -2,8 +2,8 @@
 //
 // Forward: one streaming pass per row (online max, sum of exp and the entropy term,
 // see rlkern/logprobs.h) over blocks of the row converted to float in a small stack
-// buffer; no [rows, V] float buffer exists. Backward recomputes p_j = exp(z_j - lse)
-// per row from the logits and the saved per-row logsumexp and entropy and writes the
+// buffer; no [rows, V] float buffer exists. Backward recomputes p_j = exp(z_j - m - log s)
+// per row from the logits and the saved per-row logsumexp (as m and log s) and entropy, writing the
 // gradient in the logits' own dtype. Rows are split over the thread pool.
 //
 // Rows are addressed as row(r) = base + (r / inner) * stride0 + (r % inner) * stride1
@@ -67,12 +67,12 @@ bool use_avx2() {
 
 // float64 logits compute in float64: plain scalar loops (the tests' precision path).
 void forward_rows_f64(const Rows<double>& rows, int64_t begin, int64_t end, const int64_t* targets,
-                      const double* thresholds, double inv_t, int64_t ignore_index, double* logp, double* lse,
-                      double* entropy) {
+                      const double* thresholds, double inv_t, int64_t ignore_index, double* logp, double* row_max,
+                      double* log_sum, double* entropy) {
   for (int64_t r = begin; r < end; ++r) {
     const int64_t t = targets[r];
     if (t == ignore_index) {
-      logp[r] = lse[r] = 0.0;
+      logp[r] = row_max[r] = log_sum[r] = 0.0;
       if (entropy) entropy[r] = 0.0;
       continue;
     }
@@ -88,15 +88,22 @@ void forward_rows_f64(const Rows<double>& rows, int64_t begin, int64_t end, cons
       st.s += e;
       if (e > 0.0 || std::isnan(e)) st.a += e * d;
     }
-    lse[r] = softmax_stats_logsumexp(st);
-    if (entropy) entropy[r] = softmax_stats_entropy(st);
-    logp[r] = (t >= 0 && t < rows.V && !(x[t] < thr)) ? x[t] * inv_t - lse[r] : -INFINITY;
+    const double log_s = std::log(st.s);
+    row_max[r] = st.m;
+    log_sum[r] = log_s;
+    if (entropy) entropy[r] = log_s - st.a / st.s;
+    double lp = -INFINITY;
+    if (t >= 0 && t < rows.V && !(x[t] < thr)) {
+      volatile double zt = x[t] * inv_t;  // rounded as in the pass above (no fused multiply-subtract)
+      lp = (zt - st.m) - log_s;
+    }
+    logp[r] = lp;
   }
 }
 
 void backward_rows_f64(const Rows<double>& rows, int64_t begin, int64_t end, const int64_t* targets,
-                       const double* thresholds, double inv_t, int64_t ignore_index, const double* lse,
-                       const double* entropy, const double* grad_logp, const double* grad_entropy, double* grad) {
+                       const double* thresholds, double inv_t, int64_t ignore_index, const double* row_max,
+                       const double* log_sum, const double* entropy, const double* grad_logp, const double* grad_entropy, double* grad) {
   const int64_t V = rows.V;
   for (int64_t r = begin; r < end; ++r) {
     double* out = grad + r * V;
@@ -114,7 +121,7 @@ void backward_rows_f64(const Rows<double>& rows, int64_t begin, int64_t end, con
     const double H = (grad_entropy && entropy) ? entropy[r] : 0.0;
     for (int64_t j = 0; j < V; ++j) {
       const double z = x[j] < thr ? -INFINITY : x[j] * inv_t;
-      const double d = z - lse[r];
+      const double d = (z - row_max[r]) - log_sum[r];
       const double p = std::exp(d);
       double g = -glp * p;
       if (gent != 0.0 && p != 0.0) g -= gent * p * (d + H);
@@ -139,76 +146,78 @@ Rows<T> rows_of(const RowArgs& a) {
 
 template <class T>
 void forward_f32(const RowArgs& a, const int64_t* tg, ptr_t thresholds, float inv_t, int64_t ignore_index, ptr_t logp,
-                 ptr_t lse, ptr_t entropy) {
+                 ptr_t row_max, ptr_t log_sum, ptr_t entropy) {
   const Rows<T> rows = rows_of<T>(a);
   const bool avx2 = use_avx2();
   parallel_for(a.n_rows, grain_for(a.V), [&](int64_t b, int64_t e) {
 #ifdef RLK_HAVE_AVX2_CLONE
     if (avx2) {
       avx2::forward_rows<T>(rows, b, e, tg, as_ptr<const float>(thresholds), inv_t, ignore_index, as_ptr<float>(logp),
-                            as_ptr<float>(lse), as_ptr<float>(entropy));
+                            as_ptr<float>(row_max), as_ptr<float>(log_sum), as_ptr<float>(entropy));
       return;
     }
 #endif
     generic::forward_rows<T>(rows, b, e, tg, as_ptr<const float>(thresholds), inv_t, ignore_index, as_ptr<float>(logp),
-                             as_ptr<float>(lse), as_ptr<float>(entropy));
+                             as_ptr<float>(row_max), as_ptr<float>(log_sum), as_ptr<float>(entropy));
   });
 }
 
 template <class T>
-void backward_f32(const RowArgs& a, const int64_t* tg, ptr_t thresholds, float inv_t, int64_t ignore_index, ptr_t lse,
-                  ptr_t entropy, ptr_t grad_logp, ptr_t grad_entropy, ptr_t grad) {
+void backward_f32(const RowArgs& a, const int64_t* tg, ptr_t thresholds, float inv_t, int64_t ignore_index, ptr_t row_max,
+                  ptr_t log_sum, ptr_t entropy, ptr_t grad_logp, ptr_t grad_entropy, ptr_t grad) {
   const Rows<T> rows = rows_of<T>(a);
   const bool avx2 = use_avx2();
   parallel_for(a.n_rows, grain_for(a.V), [&](int64_t b, int64_t e) {
 #ifdef RLK_HAVE_AVX2_CLONE
     if (avx2) {
       avx2::backward_rows<T>(rows, b, e, tg, as_ptr<const float>(thresholds), inv_t, ignore_index,
-                             as_ptr<const float>(lse), as_ptr<const float>(entropy), as_ptr<const float>(grad_logp),
+                             as_ptr<const float>(row_max), as_ptr<const float>(log_sum), as_ptr<const float>(entropy), as_ptr<const float>(grad_logp),
                              as_ptr<const float>(grad_entropy), as_ptr<T>(grad));
       return;
     }
 #endif
     generic::backward_rows<T>(rows, b, e, tg, as_ptr<const float>(thresholds), inv_t, ignore_index,
-                              as_ptr<const float>(lse), as_ptr<const float>(entropy), as_ptr<const float>(grad_logp),
+                              as_ptr<const float>(row_max), as_ptr<const float>(log_sum), as_ptr<const float>(entropy), as_ptr<const float>(grad_logp),
                               as_ptr<const float>(grad_entropy), as_ptr<T>(grad));
   });
 }
 
 void forward(const RowArgs& a, ptr_t targets, ptr_t thresholds, double inv_t, int64_t ignore_index, ptr_t logp,
-             ptr_t lse, ptr_t entropy) {
+             ptr_t row_max, ptr_t log_sum, ptr_t entropy) {
   const int64_t* tg = as_ptr<const int64_t>(targets);
   switch (to_dtype(a.dtype)) {
     case DType::F64: {
       const Rows<double> rows = rows_of<double>(a);
       parallel_for(a.n_rows, grain_for(a.V), [&](int64_t b, int64_t e) {
         forward_rows_f64(rows, b, e, tg, as_ptr<const double>(thresholds), inv_t, ignore_index, as_ptr<double>(logp),
-                         as_ptr<double>(lse), as_ptr<double>(entropy));
+                         as_ptr<double>(row_max), as_ptr<double>(log_sum), as_ptr<double>(entropy));
       });
       break;
     }
-    case DType::F32: forward_f32<float>(a, tg, thresholds, float(inv_t), ignore_index, logp, lse, entropy); break;
-    case DType::BF16: forward_f32<bf16>(a, tg, thresholds, float(inv_t), ignore_index, logp, lse, entropy); break;
-    case DType::F16: forward_f32<f16>(a, tg, thresholds, float(inv_t), ignore_index, logp, lse, entropy); break;
+    case DType::F32: forward_f32<float>(a, tg, thresholds, float(inv_t), ignore_index, logp, row_max, log_sum, entropy); break;
+    case DType::BF16: forward_f32<bf16>(a, tg, thresholds, float(inv_t), ignore_index, logp, row_max, log_sum, entropy); break;
+    case DType::F16: forward_f32<f16>(a, tg, thresholds, float(inv_t), ignore_index, logp, row_max, log_sum, entropy); break;
   }
 }
 
-void backward(const RowArgs& a, ptr_t targets, ptr_t thresholds, double inv_t, int64_t ignore_index, ptr_t lse,
-              ptr_t entropy, ptr_t grad_logp, ptr_t grad_entropy, ptr_t grad) {
+void backward(const RowArgs& a, ptr_t targets, ptr_t thresholds, double inv_t, int64_t ignore_index,
+              ptr_t row_max, ptr_t log_sum, ptr_t entropy, ptr_t grad_logp, ptr_t grad_entropy, ptr_t grad) {
   const int64_t* tg = as_ptr<const int64_t>(targets);
   switch (to_dtype(a.dtype)) {
     case DType::F64: {
       const Rows<double> rows = rows_of<double>(a);
       parallel_for(a.n_rows, grain_for(a.V), [&](int64_t b, int64_t e) {
         backward_rows_f64(rows, b, e, tg, as_ptr<const double>(thresholds), inv_t, ignore_index,
-                          as_ptr<const double>(lse), as_ptr<const double>(entropy), as_ptr<const double>(grad_logp),
+                          as_ptr<const double>(row_max), as_ptr<const double>(log_sum),
+                          as_ptr<const double>(entropy), as_ptr<const double>(grad_logp),
                           as_ptr<const double>(grad_entropy), as_ptr<double>(grad));
       });
       break;
     }
 #define RLK_BACKWARD_CASE(code, T) \
     case DType::code:              \
-      backward_f32<T>(a, tg, thresholds, float(inv_t), ignore_index, lse, entropy, grad_logp, grad_entropy, grad); \
+      backward_f32<T>(a, tg, thresholds, float(inv_t), ignore_index, row_max, log_sum, entropy, grad_logp, grad_entropy, \
+                      grad);                                                                               \
       break;
     RLK_BACKWARD_CASE(F32, float)
     RLK_BACKWARD_CASE(BF16, bf16)
@@ -280,19 +289,21 @@ void bind(py::module_& m) {
   m.def(
       "forward",
       [](ptr_t logits, int dtype, int64_t stride0, int64_t stride1, int64_t inner, int64_t n_rows, int64_t V,
-         ptr_t targets, ptr_t thresholds, double inv_t, int64_t ignore_index, ptr_t logp, ptr_t lse, ptr_t entropy) {
+         ptr_t targets, ptr_t thresholds, double inv_t, int64_t ignore_index, ptr_t logp, ptr_t row_max,
+         ptr_t log_sum, ptr_t entropy) {
         forward({logits, dtype, stride0, stride1, inner, n_rows, V}, targets, thresholds, inv_t, ignore_index, logp,
-                lse, entropy);
+                row_max, log_sum, entropy);
       },
       py::call_guard<py::gil_scoped_release>(),
-      "Per-row log-prob of the target, logsumexp and (entropy != 0) entropy of softmax(logits * inv_t)");
+      "Per-row log-prob of the target, max and log-sum-exp-relative-to-max of z = logits * inv_t, and "
+      "(entropy != 0) the entropy of softmax(z)");
   m.def(
       "backward",
       [](ptr_t logits, int dtype, int64_t stride0, int64_t stride1, int64_t inner, int64_t n_rows, int64_t V,
-         ptr_t targets, ptr_t thresholds, double inv_t, int64_t ignore_index, ptr_t lse, ptr_t entropy,
-         ptr_t grad_logp, ptr_t grad_entropy, ptr_t grad) {
-        backward({logits, dtype, stride0, stride1, inner, n_rows, V}, targets, thresholds, inv_t, ignore_index, lse,
-                 entropy, grad_logp, grad_entropy, grad);
+         ptr_t targets, ptr_t thresholds, double inv_t, int64_t ignore_index, ptr_t row_max, ptr_t log_sum,
+         ptr_t entropy, ptr_t grad_logp, ptr_t grad_entropy, ptr_t grad) {
+        backward({logits, dtype, stride0, stride1, inner, n_rows, V}, targets, thresholds, inv_t, ignore_index,
+                 row_max, log_sum, entropy, grad_logp, grad_entropy, grad);
       },
       py::call_guard<py::gil_scoped_release>(),
       "Gradient of the logits (contiguous [n_rows, V], logits' dtype) from the log-prob and entropy gradients");

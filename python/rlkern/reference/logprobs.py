@@ -62,6 +62,8 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
     t = targets.reshape(-1)
     ignored = t == ignore_index
     safe_t = torch.where(ignored, 0, t)
+    # Ignored rows may hold anything (NaN included); they must not reach the outputs or gradients.
+    x = torch.where(ignored[:, None], 0.0, x)
     threshold = truncation_threshold(x.detach(), temperature, top_k, top_p)
     kept = x >= threshold[:, None]
     z = torch.where(kept, x / temperature, float("-inf"))

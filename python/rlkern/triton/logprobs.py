@@ -3,7 +3,7 @@
 Forward: one program per row streams the vocabulary in blocks, keeping per-lane online
 statistics (max, sum of exp, entropy term; see ``csrc/include/rlkern/logprobs.h``) that
 are combined once at the end, so no block pays a cross-lane reduction. Backward: a 2-D
-grid (row, vocabulary block) recomputes p = exp(z - lse) from the logits and the saved
+grid (row, vocabulary block) recomputes p = exp(z - m - log s) from the logits and the saved
 per-row statistics and writes the gradient in the logits' dtype.
 
 Rows are addressed as ``(r // inner) * stride0 + (r % inner) * stride1`` with unit stride
@@ -27,7 +27,8 @@ BWD_WARPS = 8
 
 
 @triton.jit
-def _logprobs_fwd_kernel(logits_ptr, targets_ptr, thr_ptr, logp_ptr, lse_ptr, ent_ptr, stride0, stride1, inner, V,
+def _logprobs_fwd_kernel(logits_ptr, targets_ptr, thr_ptr, logp_ptr, max_ptr, logsum_ptr, ent_ptr, stride0, stride1,
+                         inner, V,
                          inv_t, ignore_index, HAS_THRESHOLD: tl.constexpr, WANT_ENTROPY: tl.constexpr,
                          BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -70,21 +71,21 @@ def _logprobs_fwd_kernel(logits_ptr, targets_ptr, thr_ptr, logp_ptr, lse_ptr, en
     f = tl.exp(shift)
     s = tl.sum(s_vec * f, 0)
     log_s = tl.log(s)
-    lse = m + log_s
     has_target = (target >= 0) & (target < V)
     x_t = tl.load(base + tl.where(has_target, target, 0)).to(tl.float32)
     kept = has_target & (~(x_t < thr))
-    logp = tl.where(kept, x_t * inv_t - lse, float("-inf"))
+    logp = tl.where(kept, (x_t * inv_t - m) - log_s, float("-inf"))
     tl.store(logp_ptr + row, tl.where(ignored, 0.0, logp))
-    tl.store(lse_ptr + row, tl.where(ignored, 0.0, lse))
+    tl.store(max_ptr + row, tl.where(ignored, 0.0, m))
+    tl.store(logsum_ptr + row, tl.where(ignored, 0.0, log_s))
     if WANT_ENTROPY:
         a = tl.sum(tl.where(s_vec > 0, f * (a_vec + shift * s_vec), 0.0), 0)
         tl.store(ent_ptr + row, tl.where(ignored, 0.0, log_s - a / s))
 
 
 @triton.jit
-def _logprobs_bwd_kernel(logits_ptr, targets_ptr, thr_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, grad_ptr, stride0,
-                         stride1, inner, V, inv_t, ignore_index, HAS_THRESHOLD: tl.constexpr,
+def _logprobs_bwd_kernel(logits_ptr, targets_ptr, thr_ptr, max_ptr, logsum_ptr, ent_ptr, glp_ptr, gent_ptr, grad_ptr,
+                         stride0, stride1, inner, V, inv_t, ignore_index, HAS_THRESHOLD: tl.constexpr,
                          HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -106,7 +107,7 @@ def _logprobs_bwd_kernel(logits_ptr, targets_ptr, thr_ptr, lse_ptr, ent_ptr, glp
         x_t = tl.load(base + tl.where(has_target, target, 0)).to(tl.float32)
         # A target outside the kept set has log-prob -inf and, by definition, no gradient.
         glp = tl.where(has_target & (x_t < thr), 0.0, glp)
-    d = x * inv_t - tl.load(lse_ptr + row)
+    d = (x * inv_t - tl.load(max_ptr + row)) - tl.load(logsum_ptr + row)
     p = tl.exp(d)
     g = -glp * p
     if HAS_GRAD_ENTROPY:
@@ -119,25 +120,28 @@ def _logprobs_bwd_kernel(logits_ptr, targets_ptr, thr_ptr, lse_ptr, ent_ptr, glp
 
 
 def forward(layout, targets: torch.Tensor, threshold: Optional[torch.Tensor], inv_t: float, ignore_index: int,
-            logp: torch.Tensor, lse: torch.Tensor, entropy: Optional[torch.Tensor]) -> None:
+            logp: torch.Tensor, row_max: torch.Tensor, log_sum: torch.Tensor, entropy: Optional[torch.Tensor]) -> None:
     x, stride0, stride1, inner, n_rows, V = layout
     if n_rows == 0:
         return
     _logprobs_fwd_kernel[(n_rows,)](
-        x, targets, threshold if threshold is not None else lse, logp, lse, entropy if entropy is not None else lse,
+        x, targets, threshold if threshold is not None else logp, logp, row_max, log_sum,
+        entropy if entropy is not None else logp,
         stride0, stride1, inner, V, inv_t, ignore_index, HAS_THRESHOLD=threshold is not None,
         WANT_ENTROPY=entropy is not None, BLOCK=FWD_BLOCK, num_warps=FWD_WARPS)
 
 
 def backward(layout, targets: torch.Tensor, threshold: Optional[torch.Tensor], inv_t: float, ignore_index: int,
-             lse: torch.Tensor, entropy: Optional[torch.Tensor], grad_logp: Optional[torch.Tensor],
+             row_max: torch.Tensor, log_sum: torch.Tensor, entropy: Optional[torch.Tensor],
+             grad_logp: Optional[torch.Tensor],
              grad_entropy: Optional[torch.Tensor], grad: torch.Tensor) -> None:
     x, stride0, stride1, inner, n_rows, V = layout
     if n_rows == 0:
         return
     _logprobs_bwd_kernel[(n_rows, triton.cdiv(V, BWD_BLOCK))](
-        x, targets, threshold if threshold is not None else lse, lse, entropy if entropy is not None else lse,
-        grad_logp if grad_logp is not None else lse, grad_entropy if grad_entropy is not None else lse, grad,
+        x, targets, threshold if threshold is not None else row_max, row_max, log_sum,
+        entropy if entropy is not None else row_max, grad_logp if grad_logp is not None else row_max,
+        grad_entropy if grad_entropy is not None else row_max, grad,
         stride0, stride1, inner, V, inv_t, ignore_index, HAS_THRESHOLD=threshold is not None,
         HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None, BLOCK=BWD_BLOCK,
         num_warps=BWD_WARPS)
@@ -145,7 +149,7 @@ def backward(layout, targets: torch.Tensor, threshold: Optional[torch.Tensor], i
 
 def _fwd_spec(dtype: str, has_threshold: bool, want_entropy: bool) -> AotSpec:
     sig = {"logits_ptr": f"*{dtype}", "targets_ptr": "*i64", "thr_ptr": "*fp32", "logp_ptr": "*fp32",
-           "lse_ptr": "*fp32", "ent_ptr": "*fp32", "stride0": "i64", "stride1": "i64", "inner": "i64", "V": "i32",
+           "max_ptr": "*fp32", "logsum_ptr": "*fp32", "ent_ptr": "*fp32", "stride0": "i64", "stride1": "i64", "inner": "i64", "V": "i32",
            "inv_t": "fp32", "ignore_index": "i64", "HAS_THRESHOLD": "constexpr", "WANT_ENTROPY": "constexpr",
            "BLOCK": "constexpr"}
     return AotSpec(f"logprobs_fwd[{dtype},thr={has_threshold},ent={want_entropy}]", _logprobs_fwd_kernel, sig,
@@ -154,8 +158,8 @@ def _fwd_spec(dtype: str, has_threshold: bool, want_entropy: bool) -> AotSpec:
 
 
 def _bwd_spec(dtype: str, has_threshold: bool, has_grad_entropy: bool) -> AotSpec:
-    sig = {"logits_ptr": f"*{dtype}", "targets_ptr": "*i64", "thr_ptr": "*fp32", "lse_ptr": "*fp32",
-           "ent_ptr": "*fp32", "glp_ptr": "*fp32", "gent_ptr": "*fp32", "grad_ptr": f"*{dtype}", "stride0": "i64",
+    sig = {"logits_ptr": f"*{dtype}", "targets_ptr": "*i64", "thr_ptr": "*fp32", "max_ptr": "*fp32",
+           "logsum_ptr": "*fp32", "ent_ptr": "*fp32", "glp_ptr": "*fp32", "gent_ptr": "*fp32", "grad_ptr": f"*{dtype}", "stride0": "i64",
            "stride1": "i64", "inner": "i64", "V": "i32", "inv_t": "fp32", "ignore_index": "i64",
            "HAS_THRESHOLD": "constexpr", "HAS_GRAD_LOGP": "constexpr", "HAS_GRAD_ENTROPY": "constexpr",
            "BLOCK": "constexpr"}
