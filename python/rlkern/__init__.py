@@ -13,3 +13,9 @@ from ._info import get_num_threads, info, set_num_threads
 __version__ = "0.1.0"
 
 __all__ = ["info", "get_num_threads", "set_num_threads", "use_backend", "__version__"]
+
+# --- log-probabilities (rlkern.logprobs) ---
+from .logprobs import linear_token_logprobs, token_logprobs, vocab_parallel_token_logprobs  # noqa: E402
+
+__all__ += ["token_logprobs", "linear_token_logprobs", "vocab_parallel_token_logprobs"]
+# --- end log-probabilities ---
