@@ -24,3 +24,8 @@ from .kl import kl_penalty  # noqa: E402
 from .losses import LossOutput, bradley_terry_loss, dpo_loss, policy_loss, value_loss  # noqa: E402
 
 __all__ += ["kl_penalty", "policy_loss", "value_loss", "dpo_loss", "bradley_terry_loss", "LossOutput"]
+
+# --- log-probabilities (rlkern.logprobs) ---
+from .logprobs import linear_token_logprobs, token_logprobs, vocab_parallel_token_logprobs  # noqa: E402
+
+__all__ += ["token_logprobs", "linear_token_logprobs", "vocab_parallel_token_logprobs"]
