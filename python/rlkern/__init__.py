@@ -10,6 +10,10 @@ from __future__ import annotations
 from ._backend import use_backend
 from ._info import get_num_threads, info, set_num_threads
 
+# Batched MCTS
+from . import mcts
+
 __version__ = "0.1.0"
 
 __all__ = ["info", "get_num_threads", "set_num_threads", "use_backend", "__version__"]
+__all__ += ["mcts"]
