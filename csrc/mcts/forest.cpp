@@ -27,14 +27,43 @@ inline uint64_t mix64(uint64_t z) {
   return z ^ (z >> 31);
 }
 
+// exp for float32 within about 2 ulp (Cephes' expf polynomial after reduction by ln 2),
+// written so the compiler can vectorise loops over it; below -87.3 it returns 0.
+inline float fast_exp(float x) {
+  const float lo = -87.3f, hi = 88.0f;
+  const bool underflow = x < lo;
+  x = std::min(std::max(x, lo), hi);
+  const float fx = x * 1.44269504088896341f + 0.5f;
+  int32_t n = int32_t(fx);
+  n -= (fx < float(n)) ? 1 : 0;
+  const float nf = float(n);
+  float r = x - nf * 0.693359375f;
+  r = r + nf * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  union {
+    int32_t i;
+    float f;
+  } scale;
+  scale.i = (n + 127) << 23;
+  return underflow ? 0.f : y * scale.f;
+}
+
 std::string row_msg(const char* name, int64_t row, const char* what) {
   return std::string(name) + ": row " + std::to_string(row) + " " + what;
 }
 
-// Softmax of the legal logits into `out` (one entry per legal action, in action order).
+// Softmax of the legal logits into `out` (one entry per legal action, in action order);
+// `best` gets the offset of the first largest prior and `total` the sum of the priors.
 // Legal logits that are all -inf give a uniform distribution (mctx's finfo.min masking
 // has the same effect).
-int32_t legal_softmax(const float* logits, const uint8_t* legal, int64_t A, int32_t* actions, float* out) {
+int32_t legal_softmax(const float* logits, const uint8_t* legal, int64_t A, int32_t* actions, float* out,
+                      int32_t* best, float* total) {
   float mx = kNegInf;
   int32_t k = 0;
   for (int64_t a = 0; a < A; ++a) {
@@ -42,19 +71,34 @@ int32_t legal_softmax(const float* logits, const uint8_t* legal, int64_t A, int3
     actions[k++] = int32_t(a);
     mx = std::max(mx, logits[a]);
   }
+  *best = -1;
+  *total = 0.f;
   if (k == 0) return 0;
   if (mx == kNegInf) {
     for (int32_t i = 0; i < k; ++i) out[i] = 1.0f / float(k);
+    *best = 0;
+    *total = float(k) * (1.0f / float(k));
     return k;
   }
   float sum = 0.f;
+  for (int32_t i = 0; i < k; ++i) out[i] = logits[actions[i]];
   for (int32_t i = 0; i < k; ++i) {
-    const float p = std::exp(logits[actions[i]] - mx);
+    const float p = fast_exp(out[i] - mx);
     out[i] = p;
     sum += p;
   }
   const float inv = 1.0f / sum;
-  for (int32_t i = 0; i < k; ++i) out[i] *= inv;
+  float top = kNegInf, t = 0.f;
+  for (int32_t i = 0; i < k; ++i) {
+    const float p = out[i] * inv;
+    out[i] = p;
+    t += p;
+    if (p > top) {
+      top = p;
+      *best = i;
+    }
+  }
+  *total = t;
   return k;
 }
 
@@ -159,6 +203,11 @@ Forest::Forest(int64_t batch_size, int64_t num_actions, int64_t max_nodes, int64
   first_edge_.assign(nodes, 0);
   num_edges_.assign(nodes, 0);
   visits_.assign(nodes, 0);
+  slot_.assign(nodes, -1);
+  first_child_.assign(nodes, -1);
+  next_sibling_.assign(nodes, -1);
+  best_unexp_.assign(nodes, -1);
+  unexp_prior_.assign(nodes, 0.f);
   value_.assign(nodes, 0.f);
   raw_value_.assign(nodes, 0.f);
   reward_.assign(nodes, 0.f);
@@ -171,7 +220,9 @@ Forest::Forest(int64_t batch_size, int64_t num_actions, int64_t max_nodes, int64
   used_edges_.assign(size_t(B_), 0);
   has_root_.assign(size_t(B_), 0);
   root_score_.assign(size_t(B_ * A_), 0.f);
-  root_base_visits_.assign(size_t(B_ * A_), 0);
+  root_visits_.assign(size_t(B_ * A_), 0);
+  root_sims_.assign(size_t(B_), 0);
+  root_best_.assign(size_t(B_), -1);
   pend_parent_.assign(size_t(B_), -1);
   pend_edge_.assign(size_t(B_), -1);
   pend_tree_.assign(size_t(B_), -1);
@@ -196,6 +247,43 @@ void Forest::plan(int num_simulations) {
     std::copy(seq.begin(), seq.end(), table_.begin() + size_t(i) * size_t(num_simulations));
   }
   table_sims_ = num_simulations;
+  std::fill(root_visits_.begin(), root_visits_.end(), 0);
+  std::fill(root_sims_.begin(), root_sims_.end(), 0);
+}
+
+void Forest::recompute_best_unexpanded(int64_t b, int32_t x) {
+  const size_t xi = size_t(b * N_ + x);
+  const int64_t eb = b * E_ + first_edge_[xi];
+  const int32_t ne = num_edges_[xi];
+  int32_t best = -1;
+  float top = kNegInf, mass = 0.f;
+  for (int32_t k = 0; k < ne; ++k) {
+    if (edge_child_[size_t(eb + k)] >= 0) continue;
+    const float p = edge_prior_[size_t(eb + k)];
+    mass += p;
+    if (p > top) {
+      top = p;
+      best = k;
+    }
+  }
+  best_unexp_[xi] = best;
+  unexp_prior_[xi] = mass;
+}
+
+void Forest::recompute_root_best(int64_t b) {
+  const int64_t eb = b * E_ + first_edge_[size_t(b * N_)];
+  const int32_t ne = num_edges_[size_t(b * N_)];
+  const float* score = &root_score_[size_t(b * A_)];
+  int32_t best = -1;
+  float top = kNegInf;
+  for (int32_t k = 0; k < ne; ++k) {
+    if (edge_child_[size_t(eb + k)] >= 0) continue;
+    if (best < 0 || score[k] > top) {
+      top = score[k];
+      best = k;
+    }
+  }
+  root_best_[size_t(b)] = best;
 }
 
 void Forest::prepare_root_noise(int64_t b, CounterRng& rng) {
@@ -216,21 +304,29 @@ void Forest::prepare_root_noise(int64_t b, CounterRng& rng) {
     }
   }
   float* score = &root_score_[size_t(b * A_)];
-  int32_t* base = &root_base_visits_[size_t(b * A_)];
   for (int32_t k = 0; k < ne; ++k) {
     float g = 0.f;
     if (cfg_.algorithm == Algorithm::kGumbel && cfg_.gumbel_scale != 0.f) g = cfg_.gumbel_scale * float(rng.gumbel());
     score[k] = g + std::log(std::max(prior[k], FLT_MIN));
-    base[k] = child[k] >= 0 ? visits_[size_t(nb + child[k])] : 0;
   }
+  (void)child;
+  std::fill(root_visits_.begin() + b * A_, root_visits_.begin() + (b + 1) * A_, 0);
+  root_sims_[size_t(b)] = 0;
+  recompute_best_unexpanded(b, 0);
+  recompute_root_best(b);
 }
 
 void Forest::init_root(int64_t b, const float* logits, float value, const uint8_t* legal, CounterRng& rng) {
   const int64_t nb = b * N_, eb = b * E_;
-  const int32_t k = legal_softmax(logits, legal, A_, &edge_action_[size_t(eb)], &edge_prior_[size_t(eb)]);
+  int32_t best;
+  float total;
+  const int32_t k =
+      legal_softmax(logits, legal, A_, &edge_action_[size_t(eb)], &edge_prior_[size_t(eb)], &best, &total);
   std::fill(edge_child_.begin() + eb, edge_child_.begin() + eb + k, -1);
   parent_[nb] = -1;
   action_[nb] = -1;
+  slot_[nb] = -1;
+  first_child_[nb] = next_sibling_[nb] = -1;
   first_edge_[nb] = 0;
   num_edges_[nb] = k;
   visits_[nb] = 1;
@@ -263,42 +359,30 @@ void Forest::set_roots(const float* logits, const float* value, const uint8_t* l
   });
 }
 
-int32_t Forest::root_search_visits(int64_t b, int32_t k) const {
-  const int64_t nb = b * N_, eb = b * E_;
-  const int32_t c = edge_child_[size_t(eb + first_edge_[nb] + k)];
-  return (c >= 0 ? visits_[size_t(nb + c)] : 0) - root_base_visits_[size_t(b * A_ + k)];
-}
-
 void Forest::completed(int64_t b, int32_t x, std::vector<Child>& buf, Completed& out) const {
-  const int64_t nb = b * N_, eb = b * E_;
-  const int32_t fe = first_edge_[nb + x], ne = num_edges_[nb + x];
-  const int32_t* child = &edge_child_[size_t(eb + fe)];
-  const float* prior = &edge_prior_[size_t(eb + fe)];
+  const int64_t nb = b * N_;
+  const size_t xi = size_t(nb + x);
+  const int32_t ne = num_edges_[xi];
+  const float* prior = &edge_prior_[size_t(b * E_ + first_edge_[xi])];
   buf.clear();
   int32_t sum_n = 0, max_n = 0;
   float sum_p = 0.f, sum_pq = 0.f;
-  for (int32_t k = 0; k < ne; ++k) {
-    const int32_t c = child[k];
-    const float p = prior[k];
-    if (c < 0) {
-      out.unvisited_prior_sum += p;
-      if (p > out.best_unvisited_prior) {
-        out.best_unvisited_prior = p;
-        out.best_unvisited_edge = k;
-      }
-      continue;
-    }
-    const int64_t ci = nb + c;
-    const int32_t n = visits_[size_t(ci)];
-    const float q = reward_[size_t(ci)] + discount_[size_t(ci)] * value_[size_t(ci)];
-    buf.push_back({k, n, q, p});
+  for (int32_t c = first_child_[xi]; c >= 0; c = next_sibling_[size_t(nb + c)]) {
+    const size_t ci = size_t(nb + c);
+    const int32_t n = visits_[ci];
+    const float q = reward_[ci] + discount_[ci] * value_[ci];
+    const float p = prior[slot_[ci]];
+    buf.push_back({slot_[ci], n, q, p});
     sum_n += n;
     max_n = std::max(max_n, n);
     const float pf = std::max(p, FLT_MIN);
     sum_p += pf;
     sum_pq += pf * q;
   }
-  const float raw = raw_value_[size_t(nb + x)];
+  out.best_unvisited_edge = best_unexp_[xi];
+  out.best_unvisited_prior = out.best_unvisited_edge >= 0 ? prior[out.best_unvisited_edge] : kNegInf;
+  out.unvisited_prior_sum = unexp_prior_[xi];
+  const float raw = raw_value_[xi];
   float v = raw;
   if (cfg_.use_mixed_value && !buf.empty()) v = (raw + float(sum_n) * (sum_pq / sum_p)) / float(sum_n + 1);
   const bool missing = int32_t(buf.size()) < ne || ne < A_;
@@ -317,37 +401,27 @@ void Forest::completed(int64_t b, int32_t x, std::vector<Child>& buf, Completed&
 }
 
 int32_t Forest::puct_edge(int64_t b, int32_t x, std::vector<Child>& buf) const {
-  const int64_t nb = b * N_, eb = b * E_;
-  const int32_t fe = first_edge_[nb + x], ne = num_edges_[nb + x];
-  const int32_t* child = &edge_child_[size_t(eb + fe)];
-  const float* prior = &edge_prior_[size_t(eb + fe)];
-  const float n_node = float(visits_[size_t(nb + x)]);
+  const int64_t nb = b * N_;
+  const size_t xi = size_t(nb + x);
+  const int32_t fe = first_edge_[xi];
+  const float* prior = &edge_prior_[size_t(b * E_ + fe)];
+  const float n_node = float(visits_[xi]);
   const float pb_c = cfg_.c1 + std::log((n_node + cfg_.c2 + 1.f) / cfg_.c2);
   const float coef = std::sqrt(n_node) * pb_c;
-  float lo = value_[size_t(nb + x)], hi = lo;
-  int32_t best_unvisited = -1;
-  float best_unvisited_prior = kNegInf;
+  float lo = value_[xi], hi = lo;
   buf.clear();
-  for (int32_t k = 0; k < ne; ++k) {
-    const int32_t c = child[k];
-    if (c < 0) {
-      if (prior[k] > best_unvisited_prior) {
-        best_unvisited_prior = prior[k];
-        best_unvisited = k;
-      }
-      continue;
-    }
-    const int64_t ci = nb + c;
-    const float q = reward_[size_t(ci)] + discount_[size_t(ci)] * value_[size_t(ci)];
+  for (int32_t c = first_child_[xi]; c >= 0; c = next_sibling_[size_t(nb + c)]) {
+    const size_t ci = size_t(nb + c);
+    const float q = reward_[ci] + discount_[ci] * value_[ci];
     lo = std::min(lo, q);
     hi = std::max(hi, q);
-    buf.push_back({k, visits_[size_t(ci)], q, prior[k]});
+    buf.push_back({slot_[ci], visits_[ci], q, prior[slot_[ci]]});
   }
-  // Unvisited children are completed by the minimum, i.e. 0 after normalisation; among
-  // them only the largest prior can win.
+  // Unvisited children are completed by the minimum, i.e. 0 after normalisation, so only
+  // the one with the largest prior can win.
   const float denom = std::max(hi - lo, kEps);
-  int32_t best = best_unvisited;
-  float best_score = best_unvisited >= 0 ? coef * best_unvisited_prior : kNegInf;
+  int32_t best = best_unexp_[xi];
+  float best_score = best >= 0 ? coef * prior[best] : kNegInf;
   for (const Child& ch : buf) {
     const float s = (ch.q - lo) / denom + coef * ch.prior / float(ch.visits + 1);
     if (s > best_score || (s == best_score && ch.edge < best)) {
@@ -359,8 +433,7 @@ int32_t Forest::puct_edge(int64_t b, int32_t x, std::vector<Child>& buf) const {
 }
 
 int32_t Forest::gumbel_interior_edge(int64_t b, int32_t x, std::vector<Child>& buf) const {
-  const int64_t nb = b * N_;
-  const int32_t fe = first_edge_[nb + x];
+  const int32_t fe = first_edge_[size_t(b * N_ + x)];
   Completed cq;
   completed(b, x, buf, cq);
   // argmax softmax(logits + sigma(completedQ)) - n / (1 + sum n), evaluated without
@@ -368,15 +441,16 @@ int32_t Forest::gumbel_interior_edge(int64_t b, int32_t x, std::vector<Child>& b
   // the largest prior among them can win.
   float m = cq.best_unvisited_edge >= 0 ? cq.sigma_missing : kNegInf;
   for (const Child& ch : buf) m = std::max(m, cq.sigma(ch.q));
-  float z = cq.best_unvisited_edge >= 0 ? cq.unvisited_prior_sum * std::exp(cq.sigma_missing - m) : 0.f;
+  const float w_missing = cq.best_unvisited_edge >= 0 ? fast_exp(cq.sigma_missing - m) : 0.f;
+  float z = cq.unvisited_prior_sum * w_missing;
   for (Child& ch : buf) {
-    ch.q = ch.prior * std::exp(cq.sigma(ch.q) - m);  // reuse q for the unnormalised weight
+    ch.q = ch.prior * fast_exp(cq.sigma(ch.q) - m);  // reuse q for the unnormalised weight
     z += ch.q;
   }
   if (!(z > 0.f)) z = 1.f;  // every prior underflowed to 0
   const float inv_z = 1.0f / z, inv_n = 1.0f / float(1 + cq.sum_visits);
   int32_t best = cq.best_unvisited_edge;
-  float best_score = best >= 0 ? cq.best_unvisited_prior * std::exp(cq.sigma_missing - m) * inv_z : kNegInf;
+  float best_score = best >= 0 ? cq.best_unvisited_prior * w_missing * inv_z : kNegInf;
   for (const Child& ch : buf) {
     const float s = ch.q * inv_z - float(ch.visits) * inv_n;
     if (s > best_score || (s == best_score && ch.edge < best)) {
@@ -388,29 +462,30 @@ int32_t Forest::gumbel_interior_edge(int64_t b, int32_t x, std::vector<Child>& b
 }
 
 int32_t Forest::gumbel_root_edge(int64_t b, std::vector<Child>& buf) const {
-  const int64_t nb = b * N_, eb = b * E_;
-  const int32_t fe = first_edge_[nb], ne = num_edges_[nb];
-  int32_t sim = 0;
-  for (int32_t k = 0; k < ne; ++k) sim += root_search_visits(b, k);
+  const int32_t fe = first_edge_[size_t(b * N_)], ne = num_edges_[size_t(b * N_)];
+  const int32_t sim = root_sims_[size_t(b)];
   // Past the planned number of simulations the root falls back to the interior rule.
   if (sim >= table_sims_) return gumbel_interior_edge(b, 0, buf);
   Completed cq;
   completed(b, 0, buf, cq);
   const int32_t considered = std::min<int32_t>(cfg_.max_considered_actions, ne);
   const int32_t target = table_[size_t(considered) * size_t(table_sims_) + size_t(sim)];
-  const int32_t* child = &edge_child_[size_t(eb + fe)];
   const float* score = &root_score_[size_t(b * A_)];
-  size_t next_visited = 0;  // buf is in edge order
+  const int32_t* search_visits = &root_visits_[size_t(b * A_)];
+  // Unexpanded edges have no visits in this search and share sigma(completed value).
   int32_t best = -1;
   float best_score = kNegInf;
-  for (int32_t k = 0; k < ne; ++k) {
-    float q_sigma = cq.sigma_missing;
-    if (child[k] >= 0) q_sigma = cq.sigma(buf[next_visited++].q);
-    if (root_search_visits(b, k) != target) continue;
-    const float s = std::max(kLowLogit, score[k] + q_sigma);
-    if (s > best_score) {
+  const int32_t unexp = root_best_[size_t(b)];
+  if (target == 0 && unexp >= 0) {
+    best = unexp;
+    best_score = std::max(kLowLogit, score[unexp] + cq.sigma_missing);
+  }
+  for (const Child& ch : buf) {
+    if (search_visits[ch.edge] != target) continue;
+    const float s = std::max(kLowLogit, score[ch.edge] + cq.sigma(ch.q));
+    if (best < 0 || s > best_score || (s == best_score && ch.edge < best)) {
       best_score = s;
-      best = k;
+      best = ch.edge;
     }
   }
   if (best < 0) return gumbel_interior_edge(b, 0, buf);  // cannot happen with a consistent table
@@ -431,6 +506,10 @@ void Forest::backup(int64_t b, int32_t x, float leaf_value) {
     const float n = float(visits_[pi]);
     value_[pi] = (value_[pi] * n + v) / (n + 1.f);
     visits_[pi] += 1;
+    if (p == 0) {
+      root_visits_[size_t(b * A_ + slot_[size_t(nb + x)])] += 1;
+      root_sims_[size_t(b)] += 1;
+    }
   }
 }
 
@@ -523,6 +602,15 @@ void Forest::expand_backup(int64_t L, const float* logits, const float* value, c
       const int32_t id = used_nodes_[b]++;
       const size_t ni = size_t(nb + id);
       edge_child_[size_t(eb + e)] = id;
+      const size_t xi = size_t(nb + x);
+      const int32_t slot = e - first_edge_[xi];
+      slot_[ni] = slot;
+      next_sibling_[ni] = first_child_[xi];
+      first_child_[xi] = id;
+      first_child_[ni] = -1;
+      unexp_prior_[xi] -= edge_prior_[size_t(eb + e)];
+      if (best_unexp_[xi] == slot) recompute_best_unexpanded(b, x);
+      if (x == 0 && root_best_[size_t(b)] == slot) recompute_root_best(b);
       parent_[ni] = x;
       action_[ni] = edge_action_[size_t(eb + e)];
       reward_[ni] = reward[i];
@@ -533,11 +621,14 @@ void Forest::expand_backup(int64_t L, const float* logits, const float* value, c
       first_edge_[ni] = used_edges_[b];
       if (term) {
         num_edges_[ni] = 0;
+        best_unexp_[ni] = -1;
+        unexp_prior_[ni] = 0.f;
         value_[ni] = raw_value_[ni] = 0.f;
       } else {
         const int32_t fe = used_edges_[b];
         const int32_t k = legal_softmax(logits + i * A_, legal ? legal + i * A_ : nullptr, A_,
-                                        &edge_action_[size_t(eb + fe)], &edge_prior_[size_t(eb + fe)]);
+                                        &edge_action_[size_t(eb + fe)], &edge_prior_[size_t(eb + fe)],
+                                        &best_unexp_[ni], &unexp_prior_[ni]);
         std::fill(edge_child_.begin() + eb + fe, edge_child_.begin() + eb + fe + k, -1);
         num_edges_[ni] = k;
         used_edges_[b] = fe + k;
@@ -616,19 +707,20 @@ void Forest::result(float temperature, int64_t* action, float* weights, int32_t*
         completed(b, 0, buf, cq);
         const float* score = &root_score_[size_t(b * A_)];
         int32_t considered = 0;
-        for (int32_t k = 0; k < ne; ++k) considered = std::max(considered, root_search_visits(b, k));
+        const int32_t* search_visits = &root_visits_[size_t(b * A_)];
+        for (int32_t k = 0; k < ne; ++k) considered = std::max(considered, search_visits[k]);
+        std::vector<float> sig(static_cast<size_t>(ne), cq.sigma_missing);
+        for (const Child& ch : buf) sig[size_t(ch.edge)] = cq.sigma(ch.q);
         // improved policy softmax(logits + sigma(completedQ)) over the legal actions
         std::vector<float> improved(static_cast<size_t>(ne));
         float mx = kNegInf;
-        size_t vi = 0;
         int32_t best = -1;
         float best_score = kNegInf;
         for (int32_t k = 0; k < ne; ++k) {
-          float s = cq.sigma_missing;
-          if (child[k] >= 0) s = cq.sigma(buf[vi++].q);
+          const float s = sig[size_t(k)];
           improved[size_t(k)] = std::log(std::max(prior[k], FLT_MIN)) + s;
           mx = std::max(mx, improved[size_t(k)]);
-          if (root_search_visits(b, k) == considered) {
+          if (search_visits[k] == considered) {
             const float sc = std::max(kLowLogit, score[k] + s);
             if (sc > best_score) {
               best_score = sc;
@@ -704,6 +796,10 @@ void Forest::advance(const int64_t* actions, int64_t* old_to_new) {
         terminal_[dst] = terminal_[src];
         num_edges_[dst] = ne;
         first_edge_[dst] = next_edge;
+        slot_[dst] = i == c ? -1 : slot_[src];
+        best_unexp_[dst] = best_unexp_[src];
+        unexp_prior_[dst] = unexp_prior_[src];
+        first_child_[dst] = next_sibling_[dst] = -1;
         for (int32_t k = 0; k < ne; ++k) {
           const size_t es = size_t(eb + fe + k), ed = size_t(eb + next_edge + k);
           edge_action_[ed] = edge_action_[es];
@@ -715,6 +811,11 @@ void Forest::advance(const int64_t* actions, int64_t* old_to_new) {
       }
       used_nodes_[b] = kept;
       used_edges_[b] = next_edge;
+      for (int32_t j = 1; j < kept; ++j) {  // children lists, newest first as expansion builds them
+        const size_t ji = size_t(nb + j), pi = size_t(nb + parent_[ji]);
+        next_sibling_[ji] = first_child_[pi];
+        first_child_[pi] = j;
+      }
       CounterRng rng(cfg_.seed, uint64_t(b), epoch);
       prepare_root_noise(b, rng);
     }

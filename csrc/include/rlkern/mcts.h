@@ -115,14 +115,19 @@ class Forest {
   void backup(int64_t b, int32_t x, float leaf_value);
   void revisit(int64_t b, int32_t x);
   void for_trees(int64_t grain, const std::function<void(int64_t, int64_t)>& fn) const;
-  int32_t root_search_visits(int64_t b, int32_t k) const;
+  void recompute_best_unexpanded(int64_t b, int32_t x);
+  void recompute_root_best(int64_t b);
 
   int64_t B_, A_, N_, E_;
   Config cfg_;
 
-  // Node pools [B*N].
+  // Node pools [B*N]. slot_ is the node's edge offset in its parent's slice; children
+  // form a list (first_child_, next_sibling_) so selection visits only expanded children.
+  // best_unexp_ caches the offset of the highest-prior unexpanded edge (-1: none) and
+  // unexp_prior_ the prior mass of the unexpanded edges.
   std::vector<int32_t> parent_, action_, first_edge_, num_edges_, visits_;
-  std::vector<float> value_, raw_value_, reward_, discount_;
+  std::vector<int32_t> slot_, first_child_, next_sibling_, best_unexp_;
+  std::vector<float> value_, raw_value_, reward_, discount_, unexp_prior_;
   std::vector<uint8_t> terminal_;
   // Edge pools [B*E].
   std::vector<int32_t> edge_action_, edge_child_;
@@ -131,7 +136,9 @@ class Forest {
   std::vector<int32_t> used_nodes_, used_edges_;
   std::vector<uint8_t> has_root_;
   std::vector<float> root_score_;           // [B*A] gumbel + log prior, aligned with the root's edges
-  std::vector<int32_t> root_base_visits_;   // [B*A], root child visits when this search began
+  std::vector<int32_t> root_visits_;        // [B*A], root child visits in the current search
+  std::vector<int32_t> root_sims_;          // [B], simulations through a root child in this search
+  std::vector<int32_t> root_best_;          // [B], unexpanded root edge with the highest score
   // Pending expansions from the last select().
   std::vector<int32_t> pend_parent_, pend_edge_, pend_tree_;
   int64_t num_pending_ = 0;
