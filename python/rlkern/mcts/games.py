@@ -58,6 +58,12 @@ class BoardGame:
         s = np.asarray(states).reshape(-1, self.rows, self.cols)
         return np.stack([(s == 1), (s == -1)], axis=1).astype(np.float32)
 
+    def symmetries(self):
+        """(cell_perms [k, cells], action_perms [k, A]): board symmetries as permutations,
+        the identity first; ``state[:, cell_perms[i]]`` and ``pi[:, action_perms[i]]`` are
+        a symmetric position and its policy."""
+        return np.arange(self.num_cells)[None], np.arange(self.num_actions)[None]
+
     def render(self, state: np.ndarray) -> str:
         sym = {1: "x", -1: "o", 0: "."}
         b = np.asarray(state).reshape(self.rows, self.cols)
@@ -75,6 +81,15 @@ class TicTacToe(BoardGame):
 
     def cell_of(self, states: np.ndarray, actions: np.ndarray) -> np.ndarray:
         return actions
+
+    def symmetries(self):
+        grid = np.arange(9).reshape(3, 3)
+        perms = []
+        for k in range(4):
+            r = np.rot90(grid, k)
+            perms += [r.reshape(-1), r[:, ::-1].reshape(-1)]
+        perms = np.stack(perms)
+        return perms, perms
 
 
 def _connect_four_lines(rows: int, cols: int) -> np.ndarray:
@@ -97,6 +112,12 @@ class ConnectFour(BoardGame):
 
     def legal(self, states: np.ndarray) -> np.ndarray:
         return np.asarray(states)[:, : self.cols] == 0
+
+    def symmetries(self):
+        grid = np.arange(self.num_cells).reshape(self.rows, self.cols)
+        cells = np.stack([grid.reshape(-1), grid[:, ::-1].reshape(-1)])
+        actions = np.stack([np.arange(self.cols), np.arange(self.cols)[::-1]])
+        return cells, actions
 
     def cell_of(self, states: np.ndarray, actions: np.ndarray) -> np.ndarray:
         s = np.asarray(states).reshape(-1, self.rows, self.cols)
@@ -160,3 +181,48 @@ def _is_terminal_ttt(s: np.ndarray) -> bool:
     # the previous mover's stones are -1 in the mover's view
     lines = s[TicTacToe.lines]
     return bool((lines.sum(axis=1) == -3).any() or (s != 0).all())
+
+
+def tictactoe_losses_vs_minimax(act, opponent: str = "optimal") -> Dict[str, int]:
+    """Plays a deterministic agent against every reply of a minimax opponent.
+
+    ``act(states [n, 9]) -> actions [n]`` is the agent. The opponent tries every optimal
+    move (``opponent="optimal"``) or every legal move (``"all"``) at each of its turns,
+    so the agent faces the whole tree of such opponents, moving first and second.
+    Returns the number of distinct final positions the agent lost, won and drew.
+    """
+    out = {"lost": 0, "won": 0, "drawn": 0}
+    for agent_first in (True, False):
+        start = _TTT.initial(1)
+        agent_positions = {start[0].tobytes(): start[0]} if agent_first else {}
+        opponent_positions = {} if agent_first else {start[0].tobytes(): start[0]}
+        finals = {"lost": set(), "won": set(), "drawn": set()}
+        while agent_positions or opponent_positions:
+            nxt_opp: Dict[bytes, np.ndarray] = {}
+            if agent_positions:
+                states = np.stack(list(agent_positions.values()))
+                actions = np.asarray(act(states))
+                after, r, t = _TTT.step(states, actions)
+                for i in range(len(states)):
+                    key = after[i].tobytes()
+                    if t[i]:
+                        finals["won" if r[i] > 0 else "drawn"].add(key)
+                    else:
+                        nxt_opp[key] = after[i]
+            opponent_positions.update(nxt_opp)
+            nxt_agent: Dict[bytes, np.ndarray] = {}
+            for s in opponent_positions.values():
+                values = tictactoe_action_values(s)
+                legal = np.flatnonzero(~np.isnan(values))
+                moves = legal if opponent == "all" else legal[values[legal] == np.nanmax(values)]
+                for a in moves:
+                    after, r, t = _TTT.step(s[None], np.array([a]))
+                    key = after[0].tobytes()
+                    if t[0]:
+                        finals["lost" if r[0] > 0 else "drawn"].add(key)
+                    else:
+                        nxt_agent[key] = after[0]
+            agent_positions, opponent_positions = nxt_agent, {}
+        for k in out:
+            out[k] += len(finals[k])
+    return out
