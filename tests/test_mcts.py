@@ -646,3 +646,24 @@ def test_bad_input_raises():
     with pytest.raises(RuntimeError, match="plan"):
         gumbel.select()
     assert np.isfinite(check_invariants(forest, None, revisits_possible=True)["node_values"]).all()
+
+
+# -- the benchmark's plain-Python competitor computes the same search ---------------------
+
+@pytest.mark.parametrize("algorithm", ["puct", "gumbel"])
+def test_python_competitor_matches_forest(algorithm):
+    from rlkern.bench.mcts import TABLE, PythonForest, _table, cases
+
+    B, A, S = 6, 9, 30
+    logits, values = _table(A)
+    py = PythonForest(algorithm).search(np.broadcast_to(logits[0], (B, A)), np.zeros(B),
+                                        lambda ids: (logits[ids % TABLE], values[ids % TABLE]), S)
+    forest = mcts.Forest(B, A, S + 1, mcts.Config(algorithm=algorithm, dirichlet_fraction=0.0, gumbel_scale=0.0))
+    forest.set_roots(np.broadcast_to(logits[0], (B, A)), np.zeros(B))
+    res = forest.search(lambda lv: (logits[lv.node % TABLE], values[lv.node % TABLE], 0.0, -1.0), S)
+    np.testing.assert_array_equal(py, res.visit_counts)
+    quick = cases(torch.device("cpu"), quick=True)
+    assert {c.op for c in quick} == {"puct_search", "gumbel_search"}
+    impls = quick[0].make(torch.device("cpu"))
+    assert list(impls)[:2] == ["rlkern", "python"]
+    impls["rlkern"]()
