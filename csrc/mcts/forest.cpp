@@ -64,34 +64,50 @@ std::string row_msg(const char* name, int64_t row, const char* what) {
 // has the same effect).
 int32_t legal_softmax(const float* logits, const uint8_t* legal, int64_t A, int32_t* actions, float* out,
                       int32_t* best, float* total) {
-  float mx = kNegInf;
   int32_t k = 0;
-  for (int64_t a = 0; a < A; ++a) {
-    if (legal && !legal[a]) continue;
-    actions[k++] = int32_t(a);
-    mx = std::max(mx, logits[a]);
+  if (legal) {
+    for (int64_t a = 0; a < A; ++a) {
+      if (!legal[a]) continue;
+      actions[k] = int32_t(a);
+      out[k++] = logits[a];
+    }
+  } else {
+    for (int64_t a = 0; a < A; ++a) {
+      actions[a] = int32_t(a);
+      out[a] = logits[a];
+    }
+    k = int32_t(A);
   }
   *best = -1;
   *total = 0.f;
   if (k == 0) return 0;
+  // Eight independent accumulators let the compiler vectorise the reductions.
+  float lane[8];
+  std::fill(lane, lane + 8, kNegInf);
+  int32_t i = 0;
+  for (; i + 8 <= k; i += 8)
+    for (int j = 0; j < 8; ++j) lane[j] = lane[j] < out[i + j] ? out[i + j] : lane[j];
+  float mx = kNegInf;
+  for (; i < k; ++i) mx = std::max(mx, out[i]);
+  for (int j = 0; j < 8; ++j) mx = std::max(mx, lane[j]);
   if (mx == kNegInf) {
-    for (int32_t i = 0; i < k; ++i) out[i] = 1.0f / float(k);
+    for (i = 0; i < k; ++i) out[i] = 1.0f / float(k);
     *best = 0;
     *total = float(k) * (1.0f / float(k));
     return k;
   }
+  for (i = 0; i < k; ++i) out[i] = fast_exp(out[i] - mx);
+  std::fill(lane, lane + 8, 0.f);
+  for (i = 0; i + 8 <= k; i += 8)
+    for (int j = 0; j < 8; ++j) lane[j] += out[i + j];
   float sum = 0.f;
-  for (int32_t i = 0; i < k; ++i) out[i] = logits[actions[i]];
-  for (int32_t i = 0; i < k; ++i) {
-    const float p = fast_exp(out[i] - mx);
-    out[i] = p;
-    sum += p;
-  }
+  for (; i < k; ++i) sum += out[i];
+  for (int j = 0; j < 8; ++j) sum += lane[j];
   const float inv = 1.0f / sum;
+  for (i = 0; i < k; ++i) out[i] *= inv;
   float top = kNegInf, t = 0.f;
-  for (int32_t i = 0; i < k; ++i) {
-    const float p = out[i] * inv;
-    out[i] = p;
+  for (i = 0; i < k; ++i) {
+    const float p = out[i];
     t += p;
     if (p > top) {
       top = p;
@@ -175,17 +191,24 @@ double CounterRng::gamma(double alpha) {
 
 double CounterRng::gumbel() { return -std::log(-std::log(uniform_open())); }
 
+// The first n entries of a buffer, for range-for.
+struct Span {
+  Forest::Child* p;
+  int32_t n;
+  Forest::Child* begin() const { return p; }
+  Forest::Child* end() const { return p + n; }
+};
+
 struct Forest::Completed {
   float lo = 0.f, hi = 0.f, scale = 0.f;
+  float mul = 0.f, add = 0.f;  // sigma(q) = mul * q + add
   float sigma_missing = 0.f;  // sigma of the completed value of unvisited or illegal actions
   int32_t sum_visits = 0;
+  int32_t count = 0;  // expanded children, written to the front of the caller's buffer
   int32_t best_unvisited_edge = -1;  // highest prior among unvisited legal children
   float best_unvisited_prior = kNegInf;
   float unvisited_prior_sum = 0.f;
-  float sigma(float q) const {
-    return cfg_rescale ? scale * (q - lo) / std::max(hi - lo, kEps) : scale * q;
-  }
-  bool cfg_rescale = true;
+  float sigma(float q) const { return mul * q + add; }
 };
 
 Forest::Forest(int64_t batch_size, int64_t num_actions, int64_t max_nodes, int64_t max_edges, const Config& config)
@@ -359,43 +382,71 @@ void Forest::set_roots(const float* logits, const float* value, const uint8_t* l
   });
 }
 
+// Calls fn(child, slot) for every expanded child of node x. Small nodes scan their edge
+// slice, whose child loads are independent; large ones follow the children list, which
+// touches only expanded children.
+template <typename Fn>
+inline void for_each_child(const int32_t* edge_child, const int32_t* first_child, const int32_t* next_sibling,
+                           const int32_t* slot, int32_t x, int32_t ne, Fn&& fn) {
+  constexpr int32_t kScanEdges = 48;
+  if (ne <= kScanEdges) {
+    for (int32_t k = 0; k < ne; ++k) {
+      const int32_t c = edge_child[k];
+      if (c >= 0) fn(c, k);
+    }
+  } else {
+    for (int32_t c = first_child[x]; c >= 0; c = next_sibling[c]) fn(c, slot[c]);
+  }
+}
+
 void Forest::completed(int64_t b, int32_t x, std::vector<Child>& buf, Completed& out) const {
   const int64_t nb = b * N_;
   const size_t xi = size_t(nb + x);
   const int32_t ne = num_edges_[xi];
-  const float* prior = &edge_prior_[size_t(b * E_ + first_edge_[xi])];
-  buf.clear();
+  const int64_t eb = b * E_ + first_edge_[xi];
+  const float* prior = edge_prior_.data() + eb;
+  const int32_t* visits = visits_.data() + nb;
+  const float *reward = reward_.data() + nb, *discount = discount_.data() + nb, *value = value_.data() + nb;
   int32_t sum_n = 0, max_n = 0;
   float sum_p = 0.f, sum_pq = 0.f;
-  for (int32_t c = first_child_[xi]; c >= 0; c = next_sibling_[size_t(nb + c)]) {
-    const size_t ci = size_t(nb + c);
-    const int32_t n = visits_[ci];
-    const float q = reward_[ci] + discount_[ci] * value_[ci];
-    const float p = prior[slot_[ci]];
-    buf.push_back({slot_[ci], n, q, p});
-    sum_n += n;
-    max_n = std::max(max_n, n);
-    const float pf = std::max(p, FLT_MIN);
-    sum_p += pf;
-    sum_pq += pf * q;
-  }
+  Child* out_child = buf.data();
+  int32_t count = 0;
+  for_each_child(edge_child_.data() + eb, first_child_.data() + nb, next_sibling_.data() + nb, slot_.data() + nb, x,
+                 ne, [&](int32_t c, int32_t k) {
+                   const int32_t n = visits[c];
+                   const float q = reward[c] + discount[c] * value[c];
+                   const float p = prior[k];
+                   out_child[count++] = {k, n, q, p};
+                   sum_n += n;
+                   max_n = std::max(max_n, n);
+                   const float pf = std::max(p, FLT_MIN);
+                   sum_p += pf;
+                   sum_pq += pf * q;
+                 });
+  out.count = count;
   out.best_unvisited_edge = best_unexp_[xi];
   out.best_unvisited_prior = out.best_unvisited_edge >= 0 ? prior[out.best_unvisited_edge] : kNegInf;
   out.unvisited_prior_sum = unexp_prior_[xi];
   const float raw = raw_value_[xi];
   float v = raw;
-  if (cfg_.use_mixed_value && !buf.empty()) v = (raw + float(sum_n) * (sum_pq / sum_p)) / float(sum_n + 1);
-  const bool missing = int32_t(buf.size()) < ne || ne < A_;
+  if (cfg_.use_mixed_value && count > 0) v = (raw + float(sum_n) * (sum_pq / sum_p)) / float(sum_n + 1);
+  const bool missing = count < ne || ne < A_;
   float lo = std::numeric_limits<float>::infinity(), hi = -lo;
   if (missing) lo = hi = v;
-  for (const Child& ch : buf) {
-    lo = std::min(lo, ch.q);
-    hi = std::max(hi, ch.q);
+  for (int32_t i = 0; i < count; ++i) {
+    lo = std::min(lo, out_child[i].q);
+    hi = std::max(hi, out_child[i].q);
   }
   out.lo = lo;
   out.hi = hi;
-  out.cfg_rescale = cfg_.rescale_values;
   out.scale = (cfg_.maxvisit_init + float(max_n)) * cfg_.value_scale;
+  if (cfg_.rescale_values) {
+    out.mul = out.scale / std::max(hi - lo, kEps);
+    out.add = -lo * out.mul;
+  } else {
+    out.mul = out.scale;
+    out.add = 0.f;
+  }
   out.sum_visits = sum_n;
   out.sigma_missing = out.sigma(v);
 }
@@ -403,27 +454,32 @@ void Forest::completed(int64_t b, int32_t x, std::vector<Child>& buf, Completed&
 int32_t Forest::puct_edge(int64_t b, int32_t x, std::vector<Child>& buf) const {
   const int64_t nb = b * N_;
   const size_t xi = size_t(nb + x);
-  const int32_t fe = first_edge_[xi];
-  const float* prior = &edge_prior_[size_t(b * E_ + fe)];
-  const float n_node = float(visits_[xi]);
+  const int32_t fe = first_edge_[xi], ne = num_edges_[xi];
+  const int64_t eb = b * E_ + fe;
+  const float* prior = edge_prior_.data() + eb;
+  const int32_t* visits = visits_.data() + nb;
+  const float *reward = reward_.data() + nb, *discount = discount_.data() + nb, *value = value_.data() + nb;
+  const float n_node = float(visits[x]);
   const float pb_c = cfg_.c1 + std::log((n_node + cfg_.c2 + 1.f) / cfg_.c2);
   const float coef = std::sqrt(n_node) * pb_c;
-  float lo = value_[xi], hi = lo;
-  buf.clear();
-  for (int32_t c = first_child_[xi]; c >= 0; c = next_sibling_[size_t(nb + c)]) {
-    const size_t ci = size_t(nb + c);
-    const float q = reward_[ci] + discount_[ci] * value_[ci];
-    lo = std::min(lo, q);
-    hi = std::max(hi, q);
-    buf.push_back({slot_[ci], visits_[ci], q, prior[slot_[ci]]});
-  }
+  float lo = value[x], hi = lo;
+  Child* out_child = buf.data();
+  int32_t count = 0;
+  for_each_child(edge_child_.data() + eb, first_child_.data() + nb, next_sibling_.data() + nb, slot_.data() + nb, x,
+                 ne, [&](int32_t c, int32_t k) {
+                   const float q = reward[c] + discount[c] * value[c];
+                   lo = std::min(lo, q);
+                   hi = std::max(hi, q);
+                   out_child[count++] = {k, visits[c], q, prior[k]};
+                 });
   // Unvisited children are completed by the minimum, i.e. 0 after normalisation, so only
   // the one with the largest prior can win.
-  const float denom = std::max(hi - lo, kEps);
+  const float inv_denom = 1.0f / std::max(hi - lo, kEps);
   int32_t best = best_unexp_[xi];
   float best_score = best >= 0 ? coef * prior[best] : kNegInf;
-  for (const Child& ch : buf) {
-    const float s = (ch.q - lo) / denom + coef * ch.prior / float(ch.visits + 1);
+  for (int32_t i = 0; i < count; ++i) {
+    const Child& ch = out_child[i];
+    const float s = (ch.q - lo) * inv_denom + coef * ch.prior / float(ch.visits + 1);
     if (s > best_score || (s == best_score && ch.edge < best)) {
       best_score = s;
       best = ch.edge;
@@ -440,18 +496,21 @@ int32_t Forest::gumbel_interior_edge(int64_t b, int32_t x, std::vector<Child>& b
   // exponentiating every action: unvisited children share one completed value, so only
   // the largest prior among them can win.
   float m = cq.best_unvisited_edge >= 0 ? cq.sigma_missing : kNegInf;
-  for (const Child& ch : buf) m = std::max(m, cq.sigma(ch.q));
+  for (Child& ch : Span{buf.data(), cq.count}) {
+    ch.q = cq.sigma(ch.q);  // q is reused for sigma, then for the unnormalised weight
+    m = std::max(m, ch.q);
+  }
   const float w_missing = cq.best_unvisited_edge >= 0 ? fast_exp(cq.sigma_missing - m) : 0.f;
   float z = cq.unvisited_prior_sum * w_missing;
-  for (Child& ch : buf) {
-    ch.q = ch.prior * fast_exp(cq.sigma(ch.q) - m);  // reuse q for the unnormalised weight
+  for (Child& ch : Span{buf.data(), cq.count}) {
+    ch.q = ch.prior * fast_exp(ch.q - m);
     z += ch.q;
   }
   if (!(z > 0.f)) z = 1.f;  // every prior underflowed to 0
   const float inv_z = 1.0f / z, inv_n = 1.0f / float(1 + cq.sum_visits);
   int32_t best = cq.best_unvisited_edge;
   float best_score = best >= 0 ? cq.best_unvisited_prior * w_missing * inv_z : kNegInf;
-  for (const Child& ch : buf) {
+  for (const Child& ch : Span{buf.data(), cq.count}) {
     const float s = ch.q * inv_z - float(ch.visits) * inv_n;
     if (s > best_score || (s == best_score && ch.edge < best)) {
       best_score = s;
@@ -480,7 +539,7 @@ int32_t Forest::gumbel_root_edge(int64_t b, std::vector<Child>& buf) const {
     best = unexp;
     best_score = std::max(kLowLogit, score[unexp] + cq.sigma_missing);
   }
-  for (const Child& ch : buf) {
+  for (const Child& ch : Span{buf.data(), cq.count}) {
     if (search_visits[ch.edge] != target) continue;
     const float s = std::max(kLowLogit, score[ch.edge] + cq.sigma(ch.q));
     if (best < 0 || s > best_score || (s == best_score && ch.edge < best)) {
@@ -529,8 +588,7 @@ int64_t Forest::select(int64_t* tree, int64_t* parent, int64_t* action, int64_t*
     throw std::runtime_error("Gumbel search needs a simulation budget: call plan(num_simulations) first");
   const int64_t grain = std::max<int64_t>(4, 2048 / A_);
   for_trees(grain, [&](int64_t begin, int64_t end) {
-    std::vector<Child> buf;
-    buf.reserve(size_t(A_));
+    std::vector<Child> buf(static_cast<size_t>(A_));
     for (int64_t b = begin; b < end; ++b) {
       pend_parent_[b] = -1;
       if (!has_root_[b]) continue;
@@ -645,8 +703,7 @@ void Forest::result(float temperature, int64_t* action, float* weights, int32_t*
                     float* root_value) {
   const uint64_t epoch = ++epoch_;
   for_trees(16, [&](int64_t begin, int64_t end) {
-    std::vector<Child> buf;
-    buf.reserve(size_t(A_));
+    std::vector<Child> buf(static_cast<size_t>(A_));
     for (int64_t b = begin; b < end; ++b) {
       float* w = weights + b * A_;
       int32_t* n_out = visits + b * A_;
@@ -710,7 +767,7 @@ void Forest::result(float temperature, int64_t* action, float* weights, int32_t*
         const int32_t* search_visits = &root_visits_[size_t(b * A_)];
         for (int32_t k = 0; k < ne; ++k) considered = std::max(considered, search_visits[k]);
         std::vector<float> sig(static_cast<size_t>(ne), cq.sigma_missing);
-        for (const Child& ch : buf) sig[size_t(ch.edge)] = cq.sigma(ch.q);
+        for (const Child& ch : Span{buf.data(), cq.count}) sig[size_t(ch.edge)] = cq.sigma(ch.q);
         // improved policy softmax(logits + sigma(completedQ)) over the legal actions
         std::vector<float> improved(static_cast<size_t>(ne));
         float mx = kNegInf;

@@ -96,13 +96,15 @@ class Forest {
   void num_nodes(int32_t* out) const;
   void has_root(uint8_t* out) const;
 
- private:
+ public:
   struct Child {
     int32_t edge;
     int32_t visits;
     float q;
     float prior;
   };
+
+ private:
   struct Completed;  // completed-Q summary of one node (Gumbel)
 
   void init_root(int64_t b, const float* logits, float value, const uint8_t* legal, CounterRng& rng);
