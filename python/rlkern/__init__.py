@@ -29,3 +29,8 @@ __all__ += ["kl_penalty", "policy_loss", "value_loss", "dpo_loss", "bradley_terr
 from .logprobs import linear_token_logprobs, token_logprobs, vocab_parallel_token_logprobs  # noqa: E402
 
 __all__ += ["token_logprobs", "linear_token_logprobs", "vocab_parallel_token_logprobs"]
+
+# --- batched MCTS (rlkern.mcts) ---
+from . import mcts  # noqa: E402
+
+__all__ += ["mcts"]

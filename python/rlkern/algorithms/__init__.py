@@ -1,0 +1,3 @@
+"""Thin training classes built on rlkern's kernels."""
+
+from .alphazero import AlphaZero
