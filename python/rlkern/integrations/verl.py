@@ -47,8 +47,9 @@ def _cfg(config: Any, name: str, default: Any = None) -> Any:
     if config is None:
         return default
     if isinstance(config, dict):
-        return config.get(name, default)
-    value = getattr(config, name, default)
+        value = config.get(name, default)
+    else:
+        value = getattr(config, name, default)
     return default if value is None else value
 
 
@@ -133,7 +134,8 @@ def compute_policy_loss_gspo(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
                              config: Optional[Any] = None):
     """verl's ``compute_policy_loss_gspo``: the sequence-level ratio of GSPO.
 
-    s_i = exp(min(sum_t m (lp - old) / sum_t m, 10)), each token's loss max(-A s, -A clip(s)),
+    s_i = exp(min(sum_t m (lp - old) / sum_t m, 10)), each token's loss max(-A s, -A clip(s)) with
+    the gradient of token t flowing through lp_t alone (verl's stop-gradient construction),
     aggregated as seq-mean-token-mean whatever ``loss_agg_mode`` says (as verl does).
     Returns ``(pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower)`` with ``pg_clipfrac_lower`` 0.
     """
@@ -146,11 +148,13 @@ def compute_policy_loss_gspo(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
     log_ratio = log_prob - old_log_prob
     n = m.sum(-1).clamp(min=1)
     seq_log_ratio = torch.where(m, log_ratio, torch.zeros_like(log_ratio)).sum(-1) / n
-    # verl clamps the sequence log-ratio at 10 (no gradient beyond); pin such sequences' log-probs
-    # to old + 10 so rlkern computes the same ratio with the same zero gradient.
-    over = (seq_log_ratio.detach() > 10.0).unsqueeze(-1)
-    logp = torch.where(over, (old_log_prob + 10.0).detach(), log_prob)
-    out = _policy_loss(logp, old_log_prob, advantages, response_mask, objective="clip", level="sequence",
+    # verl's per-token ratio s_t = exp(lp_t - sg(lp_t) + sg(seq_log_ratio)), clamped at 10 in log space:
+    # the sequence's value, but each token's gradient flows through its own log-prob only. Fed as a
+    # token-level log-prob, rlkern's fused clip op reproduces it exactly, whatever the advantages
+    # (with one advantage per sequence this equals the sequence-level ratio of TRL and rlkern).
+    log_s = torch.clamp(log_prob - log_prob.detach() + seq_log_ratio.detach().unsqueeze(-1), max=10.0)
+    logp = old_log_prob.detach() + log_s
+    out = _policy_loss(logp, old_log_prob, advantages, response_mask, objective="clip", level="token",
                        clip_low=low, clip_high=high, agg="seq-mean-token-mean")
     with torch.no_grad():
         s = torch.exp(torch.clamp(seq_log_ratio, max=10.0)).unsqueeze(-1)
