@@ -13,3 +13,8 @@ from ._info import get_num_threads, info, set_num_threads
 __version__ = "0.1.0"
 
 __all__ = ["info", "get_num_threads", "set_num_threads", "use_backend", "__version__"]
+
+# --- returns and advantages ---
+from .returns import discounted_returns, gae, group_advantages, lambda_returns, masked_gae  # noqa: E402
+
+__all__ += ["discounted_returns", "gae", "lambda_returns", "masked_gae", "group_advantages"]

@@ -16,7 +16,7 @@ namespace rlk {
 using ptr_t = std::uintptr_t;
 
 template <class T>
-inline T* as_ptr(ptr_t p) {
+RLK_HOST_DEVICE T* as_ptr(ptr_t p) {
   return reinterpret_cast<T*>(p);
 }
 

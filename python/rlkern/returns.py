@@ -1,0 +1,311 @@
+"""Returns and advantages: discounted returns, GAE, TD(lambda), token-level GAE and
+group-relative advantages.
+
+Conventions (DESIGN.md): inputs are batch-first ``[B, T]`` (a 1-D ``[T]`` input is one
+row); flags (``dones``, ``terminated``, ``truncated``, ``mask``) are bool or 0/1 of the
+same shape; float32, bfloat16 and float16 inputs compute in float32 and return float32,
+float64 computes in float64. Episode boundaries may fall anywhere inside a row.
+
+The scans run in C++ on CPU tensors and in CUDA on GPU tensors; both execute the step
+functions of ``csrc/include/rlkern/returns.h``. The results are constants for autograd
+(as in every trainer, which computes advantages under ``no_grad``); when an input does
+require grad, the differentiable reference computes the result instead, so gradients
+are right, only slower.
+
+NaN and inf: a value behind an episode boundary (after a done, or at a masked token)
+never reaches the result; any other non-finite input propagates as IEEE arithmetic does.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import _backend, _validate
+from ._kernel import DTYPE_CODES, core, cuda_stream, ptr
+from .reference import returns as _ref
+
+__all__ = ["discounted_returns", "gae", "lambda_returns", "masked_gae", "group_advantages"]
+
+
+def _as_rows(name: str, t: torch.Tensor) -> torch.Tensor:
+    _validate.tensor(name, t, ndim=(1, 2))
+    return t.unsqueeze(0) if t.dim() == 1 else t
+
+
+def _floats(name: str, t: torch.Tensor, shape) -> torch.Tensor:
+    _validate.tensor(name, t, floating=True)
+    _validate.same_shape(name, t, shape, "rewards")
+    return t
+
+
+def _flags(name: str, t, shape) -> torch.Tensor:
+    _validate.mask(name, t, shape)
+    return t if t.dtype == torch.bool else t != 0
+
+
+def _common_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+    dtype = None
+    for t in tensors:
+        if t is not None:
+            dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _needs_reference(backend: str, *tensors: Optional[torch.Tensor]) -> bool:
+    if backend == "reference":
+        return True
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _scan_backend(device: torch.device) -> str:
+    backend = _backend.select(device, gpu="cuda")
+    # The scans have no Triton kernel: a forced "triton" runs the native kernel of the device.
+    if backend == "triton":
+        backend = "cuda" if device.type == "cuda" else "cpu"
+    return backend
+
+
+def _run_scan(name: str, backend: str, inputs: dict, flags: dict, gamma: float, lam: float, B: int, T: int,
+              outputs: int) -> Tuple[torch.Tensor, ...]:
+    """Casts the floating inputs to one storage dtype, makes everything contiguous and
+    launches the kernel; returns the output tensors (float32, or float64)."""
+    dtype = _common_dtype(*inputs.values())
+    device = next(t for t in inputs.values() if t is not None).device
+    floats = {k: (v.to(dtype).contiguous() if v is not None else None) for k, v in inputs.items()}
+    bits = {k: (v.contiguous().view(torch.uint8) if v is not None else None) for k, v in flags.items()}
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    outs = [torch.empty((B, T), dtype=out_dtype, device=device) for _ in range(outputs)]
+    cuda = backend == "cuda"
+    fn = getattr(core().returns, name + ("_cuda" if cuda else ""))
+
+    def p(t):
+        return ptr(t) if t is not None else 0
+
+    fn(DTYPE_CODES[dtype], B, T, p(floats.get("rewards")), p(floats.get("values")), p(floats.get("next_values")),
+       p(floats.get("bootstrap")), p(bits.get("terminated")), p(bits.get("truncated")), float(gamma), float(lam),
+       p(outs[0]), p(outs[1]) if outputs > 1 else 0, cuda_stream(device) if cuda else 0)
+    return tuple(outs)
+
+
+def _bootstrap(name: str, t: Optional[torch.Tensor], B: int) -> Optional[torch.Tensor]:
+    if t is None:
+        return None
+    _validate.tensor(name, t, floating=True)
+    if t.dim() == 0:
+        t = t.expand(B)
+    _validate.same_shape(name, t, (B,))
+    return t
+
+
+def _unrow(t: torch.Tensor, one_d: bool) -> torch.Tensor:
+    return t.squeeze(0) if one_d else t
+
+
+def discounted_returns(rewards: torch.Tensor, dones: torch.Tensor, gamma: float,
+                       bootstrap: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Discounted returns, reset at episode ends.
+
+    G_t = r_t + gamma * (1 - done_t) * G_{t+1}, with G after the last step equal to
+    ``bootstrap`` (``[B]``, default 0).
+
+    Args:
+        rewards: ``[B, T]`` floating.
+        dones: ``[B, T]`` bool or 0/1: the episode ends after step t.
+        gamma: discount in [0, 1].
+        bootstrap: optional ``[B]`` value of the state after each row's last step.
+    """
+    one_d = isinstance(rewards, torch.Tensor) and rewards.dim() == 1
+    r = _as_rows("rewards", rewards)
+    _validate.tensor("rewards", r, floating=True)
+    B, T = r.shape
+    d = _flags("dones", dones.unsqueeze(0) if one_d and isinstance(dones, torch.Tensor) else dones, r.shape)
+    boot = _bootstrap("bootstrap", bootstrap, B)
+    gamma = _validate.unit_interval("gamma", gamma)
+    _validate.same_device(rewards=r, dones=d, bootstrap=boot)
+    backend = _scan_backend(r.device)
+    if _needs_reference(backend, r, boot):
+        dt = _common_dtype(r, boot)
+        dt = torch.float64 if dt == torch.float64 else torch.float32
+        out = _ref.discounted_returns(r.to(dt), d, gamma, boot.to(dt) if boot is not None else None)
+    else:
+        (out,) = _run_scan("discounted_returns", backend, {"rewards": r, "bootstrap": boot}, {"terminated": d},
+                           gamma, 0.0, B, T, 1)
+    return _unrow(out, one_d)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, terminated: torch.Tensor, gamma: float, lam: float, *,
+        next_values: Optional[torch.Tensor] = None, truncated: Optional[torch.Tensor] = None,
+        bootstrap_value: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation that tells termination from truncation.
+
+    delta_t = r_t + gamma * (1 - terminated_t) * V'_t - V_t
+    A_t = delta_t + gamma * lam * (1 - done_t) * A_{t+1},  done = terminated | truncated
+    returns_t = A_t + V_t
+
+    V'_t is ``next_values[t]`` when given; otherwise ``values[t + 1]``, and
+    ``bootstrap_value`` (``[B]``, default 0) at each row's last step. Termination stops
+    bootstrapping; truncation stops the carry but still bootstraps from V'_t, the value
+    of the state that was cut off, so truncation needs ``next_values``.
+
+    Returns:
+        ``(advantages, returns)``, each ``[B, T]``.
+    """
+    one_d = isinstance(rewards, torch.Tensor) and rewards.dim() == 1
+
+    def rows(x):
+        return x.unsqueeze(0) if one_d and isinstance(x, torch.Tensor) else x
+
+    r = _as_rows("rewards", rewards)
+    _validate.tensor("rewards", r, floating=True)
+    B, T = r.shape
+    v = _floats("values", rows(values), r.shape)
+    term = _flags("terminated", rows(terminated), r.shape)
+    trunc = _flags("truncated", rows(truncated), r.shape) if truncated is not None else None
+    nv = _floats("next_values", rows(next_values), r.shape) if next_values is not None else None
+    if trunc is not None and nv is None:
+        raise ValueError("truncated needs next_values: the value of the state that was cut off is needed "
+                         "to bootstrap a truncated episode")
+    if nv is not None and bootstrap_value is not None:
+        raise ValueError("pass either next_values or bootstrap_value, not both")
+    boot = _bootstrap("bootstrap_value", bootstrap_value, B)
+    gamma = _validate.unit_interval("gamma", gamma)
+    lam = _validate.unit_interval("lam", lam)
+    _validate.same_device(rewards=r, values=v, terminated=term, truncated=trunc, next_values=nv, bootstrap_value=boot)
+    backend = _scan_backend(r.device)
+    if _needs_reference(backend, r, v, nv, boot):
+        dt = torch.float64 if _common_dtype(r, v, nv, boot) == torch.float64 else torch.float32
+        cast = (lambda x: x.to(dt) if x is not None else None)
+        adv, ret = _ref.gae(cast(r), cast(v), term, gamma, lam, next_values=cast(nv), truncated=trunc,
+                            bootstrap_value=cast(boot))
+    else:
+        adv, ret = _run_scan("gae", backend, {"rewards": r, "values": v, "next_values": nv, "bootstrap": boot},
+                             {"terminated": term, "truncated": trunc}, gamma, lam, B, T, 2)
+    return _unrow(adv, one_d), _unrow(ret, one_d)
+
+
+def lambda_returns(rewards: torch.Tensor, next_values: torch.Tensor, terminated: torch.Tensor, gamma: float,
+                   lam: float, *, truncated: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """TD(lambda) targets.
+
+    G_t = r_t + gamma * (1 - terminated_t) * ((1 - c_t) V'_t + c_t G_{t+1})
+
+    with V'_t = ``next_values[t]`` (the value of the state after step t) and c_t = lam,
+    except c_t = 0 where the episode is truncated after step t or t is the row's last
+    step (the target then bootstraps from V'_t alone). lam = 0 gives one-step TD
+    targets, lam = 1 Monte Carlo returns bootstrapped at cuts. Equals
+    ``gae(...)[1]`` when ``next_values`` are the values of the following states.
+    """
+    one_d = isinstance(rewards, torch.Tensor) and rewards.dim() == 1
+
+    def rows(x):
+        return x.unsqueeze(0) if one_d and isinstance(x, torch.Tensor) else x
+
+    r = _as_rows("rewards", rewards)
+    _validate.tensor("rewards", r, floating=True)
+    B, T = r.shape
+    nv = _floats("next_values", rows(next_values), r.shape)
+    term = _flags("terminated", rows(terminated), r.shape)
+    trunc = _flags("truncated", rows(truncated), r.shape) if truncated is not None else None
+    gamma = _validate.unit_interval("gamma", gamma)
+    lam = _validate.unit_interval("lam", lam)
+    _validate.same_device(rewards=r, next_values=nv, terminated=term, truncated=trunc)
+    backend = _scan_backend(r.device)
+    if _needs_reference(backend, r, nv):
+        dt = torch.float64 if _common_dtype(r, nv) == torch.float64 else torch.float32
+        out = _ref.lambda_returns(r.to(dt), nv.to(dt), term, gamma, lam, truncated=trunc)
+    else:
+        (out,) = _run_scan("lambda_returns", backend, {"rewards": r, "next_values": nv},
+                           {"terminated": term, "truncated": trunc}, gamma, lam, B, T, 1)
+    return _unrow(out, one_d)
+
+
+def masked_gae(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+               lam: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Token-level GAE over a response mask, as LLM PPO trainers (verl, OpenRLHF) use it.
+
+    Masked tokens are skipped: the recurrence links each unmasked token to the next
+    unmasked one, and the value after a row's last unmasked token is 0:
+
+    delta_t = r_t + gamma * V_next(t) - V_t,  A_t = delta_t + gamma * lam * A_next(t)
+
+    where next(t) is the next unmasked position. Masked positions get 0 in both outputs
+    and their inputs (NaN included) are never read into the result. No whitening is
+    applied (verl whitens afterwards over the mask).
+
+    Returns:
+        ``(advantages, returns)``, returns = advantages + values on unmasked tokens.
+    """
+    one_d = isinstance(token_rewards, torch.Tensor) and token_rewards.dim() == 1
+
+    def rows(x):
+        return x.unsqueeze(0) if one_d and isinstance(x, torch.Tensor) else x
+
+    r = _as_rows("token_rewards", token_rewards)
+    _validate.tensor("token_rewards", r, floating=True)
+    B, T = r.shape
+    v = rows(values)
+    _validate.tensor("values", v, floating=True)
+    _validate.same_shape("values", v, r.shape, "token_rewards")
+    m = _flags("mask", rows(mask), r.shape)
+    gamma = _validate.unit_interval("gamma", gamma)
+    lam = _validate.unit_interval("lam", lam)
+    _validate.same_device(token_rewards=r, values=v, mask=m)
+    backend = _scan_backend(r.device)
+    if _needs_reference(backend, r, v):
+        dt = torch.float64 if _common_dtype(r, v) == torch.float64 else torch.float32
+        adv, ret = _ref.masked_gae(r.to(dt), v.to(dt), m, gamma, lam)
+    else:
+        adv, ret = _run_scan("masked_gae", backend, {"rewards": r, "values": v}, {"terminated": m}, gamma, lam,
+                             B, T, 2)
+    return _unrow(adv, one_d), _unrow(ret, one_d)
+
+
+_ESTIMATORS = {"grpo": 0, "rloo": 1}
+_SCALES = {"none": 0, "group": 1, "batch": 2}
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, *, estimator: str = "grpo",
+                     scale: Optional[str] = None, eps: float = 1e-6) -> torch.Tensor:
+    """Group-relative advantages for GRPO, Dr.GRPO and RLOO.
+
+    ``rewards`` is ``[N]`` with N = groups * group_size, each group contiguous (the
+    completions of one prompt).
+
+    - ``estimator="grpo"``: A_i = (r_i - mean_g) / (std + eps)
+    - ``estimator="rloo"``: A_i = r_i - mean_{j != i} r_j = G / (G - 1) * (r_i - mean_g)
+    - ``scale``: "group" divides by the group's unbiased std (TRL's and verl's GRPO),
+      "batch" by the unbiased std of all N rewards (TRL's ``scale_rewards="batch"``),
+      "none" only centres (Dr.GRPO). Default: "group" for grpo, "none" for rloo.
+
+    A group whose rewards are all equal gets zero advantages (never NaN, whatever eps);
+    a group of one has no spread: its std is taken as 1 (verl's convention), so GRPO
+    gives 0. RLOO needs group_size >= 2.
+    """
+    _validate.tensor("rewards", rewards, floating=True)
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D [groups * group_size], got shape {tuple(rewards.shape)}")
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    N = rewards.shape[0]
+    if N % group_size != 0:
+        raise ValueError(f"group_size {group_size} does not divide the number of rewards {N}")
+    _validate.choice("estimator", estimator, tuple(_ESTIMATORS))
+    scale = scale if scale is not None else ("group" if estimator == "grpo" else "none")
+    _validate.choice("scale", scale, tuple(_SCALES))
+    if estimator == "rloo" and group_size < 2:
+        raise ValueError("group_size must be at least 2 for estimator='rloo' (the mean of the others)")
+    eps = _validate.positive("eps", eps, allow_zero=True)
+    backend = _backend.select(rewards.device, gpu="cuda")
+    compute = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    if backend == "reference" or rewards.device.type != "cpu" or _needs_reference(backend, rewards):
+        # On the GPU this is a handful of fused reductions over [groups, group_size]:
+        # torch's own kernels are already bandwidth-bound there.
+        return _ref.group_advantages(rewards.to(compute), group_size, estimator=estimator, scale=scale, eps=eps)
+    r = rewards.contiguous()
+    batch_std = float(r.to(compute).std()) if scale == "batch" and N > 1 else (1.0 if scale == "batch" else 0.0)
+    out = torch.empty(N, dtype=compute)
+    core().returns.group_advantages(DTYPE_CODES[r.dtype], N // group_size, group_size, ptr(r),
+                                    _ESTIMATORS[estimator], _SCALES[scale], eps, batch_std, ptr(out))
+    return out

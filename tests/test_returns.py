@@ -1,0 +1,287 @@
+"""rlkern.returns against the float64 reference (every backend that runs here)."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import rlkern
+from rlkern.reference import returns as ref
+from helpers import VALUE_TOL, assert_close
+
+SHAPES = [(1, 1), (1, 7), (5, 1), (3, 64), (17, 129), (64, 1000), (2, 3000), (3000, 2)]
+LOW_PRECISION = [torch.bfloat16, torch.float16]
+
+
+def _flags(shape, p, gen, first=False, last=False):
+    f = torch.rand(shape, generator=gen) < p
+    if first:
+        f[:, 0] = True
+    if last:
+        f[:, -1] = True
+    return f
+
+
+def _f64(*ts):
+    return [t.double() if t is not None and t.is_floating_point() else t for t in ts]
+
+
+@pytest.fixture(params=["cpu", "reference"])
+def backend(request):
+    with rlkern.use_backend(request.param):
+        yield request.param
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("gamma", [0.0, 0.9, 1.0])
+def test_discounted_returns(backend, shape, gamma):
+    g = torch.Generator().manual_seed(hash((shape, gamma)) % 2**31)
+    r = torch.randn(shape, generator=g)
+    d = _flags(shape, 0.1, g, first=True, last=shape[1] > 3)
+    boot = torch.randn(shape[0], generator=g)
+    out = rlkern.discounted_returns(r, d, gamma, bootstrap=boot)
+    assert out.dtype == torch.float32
+    assert_close(out, ref.discounted_returns(r.double(), d, gamma, boot.double()))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("gamma,lam", [(0.99, 0.95), (1.0, 1.0), (0.9, 0.0), (0.0, 0.5), (1.0, 0.0)])
+def test_gae_bootstrapping_from_values(backend, shape, gamma, lam):
+    g = torch.Generator().manual_seed(hash((shape, gamma, lam)) % 2**31)
+    r, v = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    term = _flags(shape, 0.05, g, first=True, last=shape[1] > 2)
+    boot = torch.randn(shape[0], generator=g)
+    adv, ret = rlkern.gae(r, v, term, gamma, lam, bootstrap_value=boot)
+    eadv, eret = ref.gae(*_f64(r, v), term, gamma, lam, bootstrap_value=boot.double())
+    assert_close(adv, eadv)
+    assert_close(ret, eret)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gae_truncation_with_next_values(backend, shape):
+    g = torch.Generator().manual_seed(shape[0] * 7919 + shape[1])
+    r, v, nv = (torch.randn(shape, generator=g) for _ in range(3))
+    term = _flags(shape, 0.05, g)
+    trunc = _flags(shape, 0.05, g, last=True) & ~term
+    adv, ret = rlkern.gae(r, v, term, 0.99, 0.95, next_values=nv, truncated=trunc)
+    eadv, eret = ref.gae(*_f64(r, v), term, 0.99, 0.95, next_values=nv.double(), truncated=trunc)
+    assert_close(adv, eadv)
+    assert_close(ret, eret)
+
+
+def test_gae_termination_and_truncation_differ():
+    r = torch.tensor([[1.0, 1.0]])
+    v = torch.tensor([[0.5, 0.5]])
+    nv = torch.tensor([[0.5, 10.0]])
+    end = torch.tensor([[False, True]])
+    term_adv, _ = rlkern.gae(r, v, end, 1.0, 1.0, next_values=nv)
+    trunc_adv, _ = rlkern.gae(r, v, torch.zeros_like(end), 1.0, 1.0, next_values=nv, truncated=end)
+    assert term_adv[0, 1].item() == pytest.approx(0.5)  # 1 - 0.5, no bootstrap
+    assert trunc_adv[0, 1].item() == pytest.approx(10.5)  # 1 + 10 - 0.5
+    assert trunc_adv[0, 0].item() == pytest.approx(1 + 0.5 - 0.5 + 10.5)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("lam", [0.0, 0.8, 1.0])
+def test_lambda_returns(backend, shape, lam):
+    g = torch.Generator().manual_seed(shape[0] * 31 + shape[1] + int(lam * 10))
+    r, nv = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    term = _flags(shape, 0.05, g, first=True)
+    trunc = _flags(shape, 0.05, g) & ~term
+    out = rlkern.lambda_returns(r, nv, term, 0.97, lam, truncated=trunc)
+    assert_close(out, ref.lambda_returns(*_f64(r, nv), term, 0.97, lam, truncated=trunc))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.99, 0.95), (1.0, 0.0)])
+def test_masked_gae(backend, shape, gamma, lam):
+    g = torch.Generator().manual_seed(shape[0] * 131 + shape[1])
+    r, v = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    mask = torch.rand(shape, generator=g) < 0.7
+    r = r.masked_fill(~mask, float("nan"))  # masked inputs never reach the result
+    v = v.masked_fill(~mask, float("inf"))
+    adv, ret = rlkern.masked_gae(r, v, mask, gamma, lam)
+    eadv, eret = ref.masked_gae(*_f64(r, v), mask, gamma, lam)
+    assert torch.isfinite(adv).all() and torch.isfinite(ret).all()
+    assert_close(adv, eadv)
+    assert_close(ret, eret)
+
+
+def test_masked_gae_equals_gae_on_the_compressed_row():
+    g = torch.Generator().manual_seed(3)
+    mask = torch.tensor([[0, 1, 1, 0, 0, 1, 1, 0]], dtype=torch.bool)
+    r, v = torch.randn(1, 8, generator=g, dtype=torch.float64), torch.randn(1, 8, generator=g, dtype=torch.float64)
+    adv, ret = rlkern.masked_gae(r, v, mask, 0.9, 0.8)
+    sub_adv, sub_ret = ref.gae(r[mask][None], v[mask][None], torch.zeros(1, 4, dtype=torch.bool), 0.9, 0.8)
+    assert_close(adv[mask], sub_adv[0], 1e-12)
+    assert_close(ret[mask], sub_ret[0], 1e-12)
+    assert (adv[~mask] == 0).all() and (ret[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_low_precision_inputs_compute_in_float32(backend, dtype):
+    g = torch.Generator().manual_seed(11)
+    shape = (9, 300)
+    r, v = torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype)
+    term = _flags(shape, 0.02, g)
+    adv, ret = rlkern.gae(r, v, term, 0.99, 0.95)
+    assert adv.dtype == torch.float32 and ret.dtype == torch.float32
+    eadv, eret = ref.gae(*_f64(r, v), term, 0.99, 0.95)
+    assert_close(adv, eadv)
+    assert_close(ret, eret)
+    out = rlkern.discounted_returns(r, term, 0.99)
+    assert_close(out, ref.discounted_returns(r.double(), term, 0.99))
+    madv, _ = rlkern.masked_gae(r, v, ~term)
+    assert_close(madv, ref.masked_gae(*_f64(r, v), ~term, 1.0, 1.0)[0])
+
+
+def test_float64_computes_in_float64():
+    g = torch.Generator().manual_seed(5)
+    r = torch.randn(4, 200, generator=g, dtype=torch.float64)
+    v = torch.randn(4, 200, generator=g, dtype=torch.float64)
+    term = torch.zeros(4, 200, dtype=torch.bool)
+    adv, _ = rlkern.gae(r, v, term, 0.999, 0.99)
+    assert adv.dtype == torch.float64
+    assert_close(adv, ref.gae(r, v, term, 0.999, 0.99)[0], 1e-13)
+
+
+def test_non_contiguous_and_numeric_flags(backend):
+    g = torch.Generator().manual_seed(8)
+    big_r, big_v = torch.randn(40, 30, generator=g), torch.randn(40, 30, generator=g)
+    r, v = big_r.t()[:, ::2], big_v.t()[:, ::2]  # [30, 20], strided both ways
+    assert not r.is_contiguous()
+    term = (torch.rand(30, 20, generator=g) < 0.1).float()
+    adv, ret = rlkern.gae(r, v, term, 0.95, 0.9)
+    eadv, eret = ref.gae(*_f64(r, v), term.bool(), 0.95, 0.9)
+    assert_close(adv, eadv)
+    assert_close(ret, eret)
+
+
+def test_one_dimensional_inputs_are_one_row():
+    r = torch.tensor([1.0, 2.0, 3.0])
+    d = torch.tensor([False, True, False])
+    assert torch.allclose(rlkern.discounted_returns(r, d, 0.5), torch.tensor([2.0, 2.0, 3.0]))
+    adv, ret = rlkern.gae(r, torch.zeros(3), d, 1.0, 1.0)
+    assert adv.shape == (3,) and torch.allclose(ret, torch.tensor([3.0, 2.0, 3.0]))
+
+
+def test_result_is_independent_of_thread_count():
+    g = torch.Generator().manual_seed(9)
+    r, v = torch.randn(257, 100, generator=g), torch.randn(257, 100, generator=g)
+    term = torch.rand(257, 100, generator=g) < 0.03
+    before = rlkern.get_num_threads()
+    try:
+        rlkern.set_num_threads(1)
+        one = rlkern.gae(r, v, term, 0.99, 0.95)
+        rlkern.set_num_threads(4)
+        four = rlkern.gae(r, v, term, 0.99, 0.95)
+    finally:
+        rlkern.set_num_threads(before)
+    assert torch.equal(one[0], four[0]) and torch.equal(one[1], four[1])
+
+
+def test_grad_requiring_inputs_get_correct_gradients():
+    g = torch.Generator().manual_seed(4)
+    r = torch.randn(3, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(3, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    term = torch.rand(3, 6, generator=g) < 0.2
+    assert torch.autograd.gradcheck(lambda a, b: rlkern.gae(a, b, term, 0.9, 0.8), (r, v))
+
+
+# --- hypothesis: the recurrences' defining properties --------------------------------
+
+@settings(max_examples=40, deadline=None)
+@given(T=st.integers(1, 40), gamma=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
+def test_no_dones_and_gamma_one_is_reverse_cumsum(T, gamma, seed):
+    r = torch.randn(2, T, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    out = rlkern.discounted_returns(r, torch.zeros(2, T, dtype=torch.bool), 1.0)
+    assert_close(out, r.flip(1).cumsum(1).flip(1), 1e-12)
+    # and, for any gamma, G_t - gamma G_{t+1} recovers the rewards
+    out = rlkern.discounted_returns(r, torch.zeros(2, T, dtype=torch.bool), gamma)
+    shifted = torch.cat([out[:, 1:], torch.zeros(2, 1, dtype=torch.float64)], 1)
+    assert_close(out - gamma * shifted, r, 1e-10)
+
+
+@settings(max_examples=40, deadline=None)
+@given(T=st.integers(1, 30), gamma=st.floats(0.0, 1.0), lam=st.floats(0.0, 1.0), p=st.floats(0.0, 0.5),
+       seed=st.integers(0, 2**16))
+def test_gae_returns_equal_lambda_returns(T, gamma, lam, p, seed):
+    g = torch.Generator().manual_seed(seed)
+    r, v = torch.randn(3, T, generator=g, dtype=torch.float64), torch.randn(3, T, generator=g, dtype=torch.float64)
+    boot = torch.randn(3, generator=g, dtype=torch.float64)
+    term = torch.rand(3, T, generator=g) < p
+    _, ret = rlkern.gae(r, v, term, gamma, lam, bootstrap_value=boot)
+    nv = torch.cat([v[:, 1:], boot[:, None]], 1)
+    assert_close(rlkern.lambda_returns(r, nv, term, gamma, lam), ret, 1e-10)
+
+
+@settings(max_examples=40, deadline=None)
+@given(T=st.integers(1, 30), gamma=st.floats(0.0, 1.0), p=st.floats(0.0, 0.5), seed=st.integers(0, 2**16))
+def test_gae_with_lambda_one_is_monte_carlo_minus_value(T, gamma, p, seed):
+    g = torch.Generator().manual_seed(seed)
+    r, v = torch.randn(2, T, generator=g, dtype=torch.float64), torch.randn(2, T, generator=g, dtype=torch.float64)
+    term = torch.rand(2, T, generator=g) < p
+    adv, _ = rlkern.gae(r, v, term, gamma, 1.0)
+    assert_close(adv, rlkern.discounted_returns(r, term, gamma) - v, 1e-10)
+
+
+# --- group advantages ----------------------------------------------------------------
+
+@pytest.mark.parametrize("estimator,scale", [("grpo", "group"), ("grpo", "batch"), ("grpo", "none"),
+                                             ("rloo", "none"), ("rloo", "group")])
+@pytest.mark.parametrize("group_size", [1, 2, 8, 64])
+def test_group_advantages(backend, estimator, scale, group_size):
+    if estimator == "rloo" and group_size == 1:
+        pytest.skip("rloo needs two members")
+    g = torch.Generator().manual_seed(group_size)
+    r = torch.randn(32 * group_size, generator=g)
+    r[:group_size] = 0.5  # a group of equal rewards
+    out = rlkern.group_advantages(r, group_size, estimator=estimator, scale=scale)
+    expected = ref.group_advantages(r.double(), group_size, estimator=estimator, scale=scale)
+    assert out.dtype == torch.float32
+    assert_close(out, expected)
+    assert (out[:group_size] == 0).all()
+
+
+def test_group_advantages_formulas():
+    r = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    grpo = rlkern.group_advantages(r, 3, eps=0.0)
+    assert_close(grpo[:3], (r[:3] - 3.0) / r[:3].std(), 1e-12)
+    rloo = rlkern.group_advantages(r, 3, estimator="rloo")
+    assert_close(rloo[:3], torch.tensor([1 - 4.0, 2 - 3.5, 6 - 1.5], dtype=torch.float64), 1e-12)
+    assert (rlkern.group_advantages(r, 3, eps=0.0)[3:] == 0).all()  # equal rewards, no NaN even with eps = 0
+
+
+# --- bad input -----------------------------------------------------------------------
+
+def test_bad_input_raises_clear_errors():
+    r, v = torch.randn(2, 5), torch.randn(2, 5)
+    d = torch.zeros(2, 5, dtype=torch.bool)
+    with pytest.raises(ValueError, match="values must have shape"):
+        rlkern.gae(r, torch.randn(2, 4), d, 0.9, 0.9)
+    with pytest.raises(TypeError, match="rewards must be float"):
+        rlkern.gae(torch.ones(2, 5, dtype=torch.int64), v, d, 0.9, 0.9)
+    with pytest.raises(TypeError, match="rewards must be float"):
+        rlkern.discounted_returns(torch.ones(2, 5, dtype=torch.bool), d, 0.9)
+    with pytest.raises(ValueError, match="gamma must be in"):
+        rlkern.gae(r, v, d, 1.5, 0.9)
+    with pytest.raises(ValueError, match="lam must be in"):
+        rlkern.gae(r, v, d, 0.9, -0.1)
+    with pytest.raises(ValueError, match="truncated needs next_values"):
+        rlkern.gae(r, v, d, 0.9, 0.9, truncated=d)
+    with pytest.raises(ValueError, match="terminated must have shape"):
+        rlkern.gae(r, v, torch.zeros(2, 6, dtype=torch.bool), 0.9, 0.9)
+    with pytest.raises(ValueError, match="bootstrap_value must have shape"):
+        rlkern.gae(r, v, d, 0.9, 0.9, bootstrap_value=torch.zeros(3))
+    with pytest.raises(ValueError, match="rewards must be 1-D or 2-D"):
+        rlkern.discounted_returns(torch.zeros(2, 2, 2), d, 0.9)
+    with pytest.raises(ValueError, match="does not divide"):
+        rlkern.group_advantages(torch.zeros(10), 3)
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        rlkern.group_advantages(torch.zeros(10), 5, estimator="ppo")
+    with pytest.raises(ValueError, match="at least 2"):
+        rlkern.group_advantages(torch.zeros(10), 1, estimator="rloo")
+    with pytest.raises(ValueError, match="same device|share a device|is on"):
+        rlkern.gae(r, v.to("meta"), d, 0.9, 0.9)
+    with pytest.raises(TypeError, match="values must be a torch.Tensor"):
+        rlkern.gae(r, [1.0] * 10, d, 0.9, 0.9)
