@@ -26,6 +26,15 @@ from helpers import assert_close  # noqa: E402
 VOCAB = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(40)]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # a 2-layer, 32-wide model: extra threads only contend with each other
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_llama")
