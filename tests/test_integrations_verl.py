@@ -254,3 +254,19 @@ def test_adaptive_kl_controller():
     fixed = V.FixedKLController(0.1)
     fixed.update(3.0, 10)
     assert fixed.value == 0.1
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_compute_value_loss(mode):
+    g = torch.Generator().manual_seed(6)
+    _, _, _, m = make_batch()
+    old = torch.randn(m.shape, generator=g, dtype=torch.float64)
+    v = (old + 0.5 * torch.randn(m.shape, generator=g, dtype=torch.float64)).requires_grad_(True)
+    ret = torch.randn(m.shape, generator=g, dtype=torch.float64)
+    loss, clipfrac = V.compute_value_loss(v, ret, old, m, cliprange_value=0.2, loss_agg_mode=mode)
+    clipped = torch.max(torch.min(v, old + 0.2), old - 0.2)
+    l1, l2 = (v - ret) ** 2, (clipped - ret) ** 2
+    expected = 0.5 * anchor_agg(torch.max(l1, l2), m, mode)
+    assert_close(loss, expected)
+    assert_close(clipfrac, masked_mean(torch.gt(l2, l1).double(), m))
+    assert_close(grads(loss, v), grads(expected, v), tol=1e-4, name="grad")

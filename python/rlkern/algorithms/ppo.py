@@ -174,7 +174,7 @@ class PPO:
             values = as_batch(values)
             old = as_batch(old_values) if old_values is not None else values.detach()
             v_loss = value_loss(values, old, as_batch(returns).detach(), m,
-                                clip=c.value_clip if old_values is not None else None)
+                                clip=c.value_clip if old_values is not None else None).loss
             total = out.loss + c.vf_coef * v_loss
         metrics["kl_coef"] = torch.tensor(self.kl_coef)
         return PPOLoss(total, out.loss.detach(), v_loss.detach(), metrics)
@@ -264,7 +264,7 @@ class RLHFPPO:
         out = policy_loss(logp, old_logp, advantages.detach(), mask, clip_low=c.clip, clip_high=c.clip_high,
                           entropy=entropy, entropy_coef=c.entropy_coef if entropy is not None else 0.0,
                           agg="token-mean", normalizer=normalizer)
-        v_loss = value_loss(values, old_values.detach(), returns.detach(), mask, clip=c.value_clip)
+        v_loss = value_loss(values, old_values.detach(), returns.detach(), mask, clip=c.value_clip).loss
         metrics = dict(out.metrics)
         metrics["kl_coef"] = torch.tensor(self.kl_coef)
         return PPOLoss(out.loss + c.vf_coef * v_loss, out.loss.detach(), v_loss.detach(), metrics)

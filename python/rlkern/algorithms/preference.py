@@ -61,7 +61,7 @@ class DPO:
              ref_rejected_logp: torch.Tensor) -> PreferenceOutput:
         c = self.config
         loss = dpo_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, beta=c.beta,
-                        loss_type=c.loss_type, label_smoothing=c.label_smoothing)
+                        loss_type=c.loss_type, label_smoothing=c.label_smoothing).loss
         with torch.no_grad():
             chosen = c.beta * (chosen_logp.float() - ref_chosen_logp.float())
             rejected = c.beta * (rejected_logp.float() - ref_rejected_logp.float())
@@ -103,7 +103,7 @@ class RewardModel:
 
     def loss(self, chosen_reward: torch.Tensor, rejected_reward: torch.Tensor,
              margin: Optional[torch.Tensor] = None) -> PreferenceOutput:
-        loss = bradley_terry_loss(chosen_reward, rejected_reward, margin=margin)
+        loss = bradley_terry_loss(chosen_reward, rejected_reward, margin=margin).loss
         coef = self.config.center_rewards_coefficient
         if coef:
             loss = loss + coef * ((chosen_reward.float() + rejected_reward.float()) ** 2).mean()

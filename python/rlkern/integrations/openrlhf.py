@@ -92,7 +92,7 @@ class ValueLoss(nn.Module):
                 action_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         m = _mask_or_ones(action_mask, values)
         return value_loss(values, old_values, returns, m, clip=self.clip_eps,
-                          agg="token-mean" if self.token_level_loss else "seq-mean-token-mean")
+                          agg="token-mean" if self.token_level_loss else "seq-mean-token-mean").loss
 
 
 def compute_approx_kl(log_probs: torch.Tensor, log_probs_base: torch.Tensor, kl_estimator: str = "k1", *,

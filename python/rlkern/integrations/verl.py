@@ -202,7 +202,8 @@ def compute_value_loss(vpreds: torch.Tensor, returns: torch.Tensor, values: torc
     """verl's ``compute_value_loss``: 0.5 agg(max((v - R)^2, (clip(v, v_old +- c) - R)^2)) and the clip fraction."""
     from ..losses import value_loss
 
-    loss = value_loss(vpreds, values, returns, response_mask, clip=cliprange_value, agg=_check_mode(loss_agg_mode))
+    loss = value_loss(vpreds, values, returns, response_mask, clip=cliprange_value,
+                      agg=_check_mode(loss_agg_mode)).loss
     with torch.no_grad():
         clipped = torch.max(torch.min(vpreds, values + cliprange_value), values - cliprange_value)
         vf_clipfrac = _masked_mean(((clipped - returns) ** 2 > (vpreds - returns) ** 2).float(), response_mask)
