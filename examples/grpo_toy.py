@@ -1,12 +1,12 @@
 """GRPO on a toy task with a verifiable reward, with a tiny transformer built here (no download).
 
-    python examples/grpo_toy.py --steps 150 --out grpo_toy_out
+    python examples/grpo_toy.py --steps 300 --out grpo_toy_out
 
 Task: the prompt is 3 random digits; the completion should count upward from the last one
 (prompt 3 7 2 -> completion 3 4 5 6 7 8, wrapping 9 -> 0). The reward is the fraction of completion
 tokens that are right, checked by a program: a verifiable reward. A randomly initialised policy
 scores about 0.1; GRPO (rlkern.algorithms.GRPO: group advantages, clipped ratio, k3 KL to the
-initial model) raises it towards 1 in a few minutes on two CPU cores. Log-probabilities and
+initial model) raises it to about 0.7 in 300 steps (about a minute on one CPU core). Log-probabilities and
 entropies come from rlkern.token_logprobs. Saves reward.png and kl.png (and metrics.json) in --out.
 """
 
@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from rlkern.algorithms import GRPO, GRPOConfig
+from rlkern.kl import kl_penalty
 from rlkern.logprobs import token_logprobs
 
 DIGITS = 10
@@ -79,7 +80,7 @@ def completion_logprobs(model: TinyLM, seq: torch.Tensor):
     return token_logprobs(logits, seq[:, PROMPT_LEN + 1:], return_entropy=True)
 
 
-def train(steps: int = 150, prompts_per_step: int = 16, group_size: int = 8, lr: float = 3e-3,
+def train(steps: int = 300, prompts_per_step: int = 16, group_size: int = 8, lr: float = 3e-3,
           beta: float = 0.02, seed: int = 0, out: str | None = None, verbose: bool = True) -> dict:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -108,7 +109,7 @@ def train(steps: int = 150, prompts_per_step: int = 16, group_size: int = 8, lr:
         optimizer.step()
         history["step"].append(step)
         history["reward"].append(rewards.mean().item())
-        history["kl"].append(out_.metrics["kl"].item())
+        history["kl"].append(kl_penalty(logp.detach(), ref_logp, kind="k3").mean().item())
         history["entropy"].append(entropy.mean().item())
         if verbose and (step % 10 == 0 or step == steps - 1):
             print(f"step {step:4d}  reward {history['reward'][-1]:.3f}  kl {history['kl'][-1]:.4f}  "
@@ -140,7 +141,7 @@ def save_plots(history: dict, out: str) -> None:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="grpo_toy_out")
     args = parser.parse_args(argv)
