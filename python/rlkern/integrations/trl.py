@@ -13,11 +13,13 @@ The constructor is TRL's. Two things change:
   dapo and cispo at ``importance_sampling_level`` token and sequence, with or without the KL term
   (``beta``, ``use_bias_correction_kl``) and the entropy bonus. It logs the metrics TRL logs.
 
-Configurations rlkern does not cover fall back to TRL's own code, unchanged: the loss types sapo,
-luspo and vespo, two-sided clipping (``delta``), the off-policy sequence mask, the high-entropy
-token mask (``top_entropy_quantile < 1``), adaptive entropy control, vLLM importance-sampling
-correction, a CISPO cap ``epsilon_high < 1``, and models with final-logit softcapping or MoE router
-losses (for the LM head). Checked against trl 1.16.0 and transformers 5.24.
+Two-sided clipping (``delta``) and the off-policy sequence mask (``off_policy_mask_threshold``)
+are rlkern options too. Configurations rlkern does not cover fall back to TRL's own code,
+unchanged: the loss types sapo, luspo and vespo, the high-entropy token mask
+(``top_entropy_quantile < 1``, whose quantile TRL gathers across processes), adaptive entropy
+control, vLLM importance-sampling correction, a CISPO cap ``epsilon_high < 1``, and models with
+final-logit softcapping or MoE router losses (for the LM head). Checked against trl 1.16.0 and
+transformers 5.24.
 """
 
 from __future__ import annotations
@@ -159,9 +161,7 @@ class GRPOTrainer(_TRLGRPOTrainer):
             return False
         if self.loss_type == "cispo" and self.epsilon_high < 1.0:
             return False
-        return (getattr(args, "delta", None) is None
-                and self.off_policy_mask_threshold is None
-                and self.top_entropy_quantile >= 1.0
+        return (self.top_entropy_quantile >= 1.0
                 and not self.use_adaptive_entropy
                 and not (self.use_vllm and self.vllm_importance_sampling_correction))
 
@@ -209,10 +209,18 @@ class GRPOTrainer(_TRLGRPOTrainer):
             clip_options = dict(objective="cispo", clip_low=1.0, clip_high=self.epsilon_high - 1.0)
         else:
             clip_options = dict(objective="clip", clip_low=self.epsilon_low, clip_high=self.epsilon_high)
+        off_policy = {}
+        if self.off_policy_mask_threshold is not None:
+            # TRL measures the drift from the sampling engine's log-probs (or the old ones); tokens it
+            # could not score (NaN) count as no drift
+            sampling = inputs.get("sampling_per_token_logps", old_per_token_logps)
+            sampling = torch.where(torch.isnan(sampling), per_token_logps.detach(), sampling)
+            off_policy = dict(off_policy_threshold=float(self.off_policy_mask_threshold), rollout_logp=sampling)
         use_kl = self.beta != 0.0
         out = policy_loss(
             per_token_logps, old_per_token_logps, advantages, mask,
-            level=self.importance_sampling_level, **clip_options,
+            level=self.importance_sampling_level, **clip_options, **off_policy,
+            ratio_cap=getattr(self.args, "delta", None) if self.loss_type != "cispo" else None,
             ref_logp=inputs["ref_per_token_logps"] if use_kl else None, kl_coef=self.beta, kl_kind="k3",
             kl_is_correction=bool(self.args.use_bias_correction_kl),
             agg=agg, normalizer=float(normalizer),
@@ -273,6 +281,9 @@ class GRPOTrainer(_TRLGRPOTrainer):
             clipped = (w > self.epsilon_high) & (adv > 0)
             self._metrics[mode]["cispo_clip_ratio"].append(global_masked_mean(clipped.float()))
             return
+        delta = getattr(self.args, "delta", None)
+        if delta is not None:
+            w = w.clamp(max=delta)  # TRL reports the clip fractions of the capped ratio
         low = (w < 1 - self.epsilon_low) & (adv < 0)
         high = (w > 1 + self.epsilon_high) & (adv > 0)
         self._metrics[mode]["clip_ratio/low_mean"].append(global_masked_mean(low.float()))
