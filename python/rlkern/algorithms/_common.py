@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
@@ -16,12 +16,6 @@ def as_batch(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 def ones_mask(like: torch.Tensor) -> torch.Tensor:
     return torch.ones(like.shape, dtype=torch.bool, device=like.device)
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.to(x.dtype)
-    # where() rather than x * m keeps NaN held at masked positions out of the sum
-    return torch.where(mask.bool(), x, torch.zeros_like(x)).sum() / m.sum().clamp(min=1)
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, unbiased: bool = True, eps: float = 1e-8,
@@ -57,6 +51,3 @@ def split_groups(n: int, group_size: int, name: str = "rewards") -> int:
         raise ValueError(f"{name} has {n} entries, not a whole number of groups of group_size={group_size}")
     return n // group_size
 
-
-def flat_pair(*xs: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-    return tuple(x.reshape(-1) for x in xs)
