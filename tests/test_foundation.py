@@ -57,3 +57,27 @@ def test_rss_sampler_sees_a_large_allocation():
     peak = sampler.stop()
     del x
     assert peak - base >= 48 * 2**20
+
+
+def test_cuda_kernels_are_built_for_sm80_and_sm90():
+    """Where nvcc was found at build time, the module carries cubins for both targets."""
+    import os
+    import shutil
+
+    from rlkern import _ext
+
+    core = _ext.load()
+    if not core.with_cuda:
+        pytest.skip("built without nvcc")
+    tool = shutil.which("cuobjdump")
+    try:
+        import triton
+
+        bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        tool = bundled if os.path.exists(bundled) else tool
+    except ImportError:
+        pass
+    if tool is None:
+        pytest.skip("cuobjdump not found")
+    listing = subprocess.run([tool, "--list-elf", core.__file__], capture_output=True, text=True, check=True).stdout
+    assert "returns.sm_80.cubin" in listing and "returns.sm_90.cubin" in listing, listing
