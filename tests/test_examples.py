@@ -75,7 +75,6 @@ def test_grpo_toy_reward_rises_clearly(tmp_path):
 
 
 def test_e2e_bench_quick_impls_agree():
-    pytest.importorskip("transformers", reason="the end-to-end benchmark builds a transformers Llama")
     from rlkern.bench import e2e
 
     (case,) = e2e.cases(torch.device("cpu"), quick=True)

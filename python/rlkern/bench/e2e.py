@@ -12,7 +12,8 @@ the backward pass through the whole model. Implementations:
 - ``eager``: the full logits, ``log_softmax`` and gather, then the same loss (TRL before its fused
   head, verl without fused kernels).
 
-Needs ``transformers`` (the model); without it the suite has no cases.
+The model is a ``transformers`` Llama; without ``transformers`` it is a plain-PyTorch causal
+transformer of the same size (and the ``trl`` row is left out).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import copy
 from typing import Dict, List
 
 import torch
+import torch.nn as nn
 
 from .core import Case
 
@@ -29,14 +31,52 @@ BETA = 0.04
 EPS = 0.2
 
 
-def _model(vocab: int, hidden: int, layers: int, device: torch.device):
-    from transformers import LlamaConfig, LlamaForCausalLM
+class _TorchLM(nn.Module):
+    """A small causal transformer for machines without ``transformers`` (same interface as the Llama here)."""
 
+    def __init__(self, vocab: int, hidden: int, layers: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        layer = nn.TransformerEncoderLayer(hidden, 4, 2 * hidden, dropout=0.0, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(hidden)
+        self.lm_head = nn.Linear(hidden, vocab, bias=False)
+
+    def hidden_states(self, input_ids, attention_mask):
+        T = input_ids.shape[1]
+        causal = torch.triu(torch.full((T, T), float("-inf"), device=input_ids.device), diagonal=1)
+        return self.norm(self.blocks(self.embed(input_ids), mask=causal, is_causal=True))
+
+    def logits(self, input_ids, attention_mask):
+        return self.lm_head(self.hidden_states(input_ids, attention_mask))
+
+
+class _Llama(nn.Module):
+    def __init__(self, vocab: int, hidden: int, layers: int):
+        super().__init__()
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                             num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=1024, tie_word_embeddings=False, pad_token_id=0,
+                             eos_token_id=1, bos_token_id=None)
+        self.hf = LlamaForCausalLM(config)
+        self.lm_head = self.hf.lm_head
+
+    def hidden_states(self, input_ids, attention_mask):
+        return self.hf.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+    def logits(self, input_ids, attention_mask):
+        return self.hf(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def _model(vocab: int, hidden: int, layers: int, device: torch.device) -> nn.Module:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None)
-    return LlamaForCausalLM(config).to(device)
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return _TorchLM(vocab, hidden, layers).to(device)
+    return _Llama(vocab, hidden, layers).to(device)
 
 
 def _batch(B: int, prompt: int, completion: int, vocab: int, device: torch.device) -> Dict[str, torch.Tensor]:
@@ -82,8 +122,7 @@ def _make(B, prompt, completion, vocab, hidden, layers):
 
         def rlkern_step():
             model.zero_grad(set_to_none=True)
-            hidden_states = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                        use_cache=False).last_hidden_state[:, -completion - 1:-1]
+            hidden_states = model.hidden_states(batch["input_ids"], batch["attention_mask"])[:, -completion - 1:-1]
             mask = batch["completion_mask"].bool()
             targets = batch["input_ids"][:, -completion:]
             logp, entropy = linear_token_logprobs(hidden_states[mask], model.lm_head.weight, targets[mask],
@@ -96,8 +135,7 @@ def _make(B, prompt, completion, vocab, hidden, layers):
 
         def eager_step():
             model.zero_grad(set_to_none=True)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           use_cache=False).logits[:, -completion - 1:-1]
+            logits = model.logits(batch["input_ids"], batch["attention_mask"])[:, -completion - 1:-1]
             logp_all = torch.log_softmax(logits.float(), -1)
             per_token = logp_all.gather(-1, batch["input_ids"][:, -completion:, None]).squeeze(-1)
             entropy = -(logp_all.exp() * logp_all).sum(-1)  # TRL and verl compute it for logging
@@ -110,7 +148,9 @@ def _make(B, prompt, completion, vocab, hidden, layers):
         try:
             from trl.trainer.utils import add_fused_lm_head
 
-            trl_model = copy.deepcopy(model)
+            if not isinstance(model, _Llama):
+                raise ImportError("TRL's fused head patches a transformers model")
+            trl_model = copy.deepcopy(model.hf)
             add_fused_lm_head(trl_model, outputs=("log_probs", "entropy"))
 
             def trl_step():
@@ -131,10 +171,6 @@ def _make(B, prompt, completion, vocab, hidden, layers):
 
 
 def cases(device: torch.device, quick: bool) -> List[Case]:
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        return []
     vocab = 32000
     if quick:
         B, prompt, completion, hidden, layers = 2, 8, 32, 64, 1
