@@ -23,7 +23,7 @@ def prefix_mask(lengths, T):
 
 
 def grad(loss, x):
-    (g,) = torch.autograd.grad(loss, x)
+    (g,) = torch.autograd.grad(loss, x, retain_graph=True)
     return g
 
 
