@@ -100,6 +100,7 @@ CASES = [
     ("bnpo", "token", {"beta": 0.04, "use_bias_correction_kl": True, "temperature": 0.7}),
     ("grpo", "token", {"beta": 0.04, "delta": 1.01}),  # below 1 + epsilon_high, so it binds
     ("dapo", "token", {"beta": 0.0, "off_policy_mask_threshold": 0.002}),
+    ("grpo", "token", {"beta": 0.04, "top_entropy_quantile": 0.5, "entropy_coef": 0.01}),
 ]
 
 

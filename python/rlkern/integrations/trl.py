@@ -13,10 +13,11 @@ The constructor is TRL's. Two things change:
   dapo and cispo at ``importance_sampling_level`` token and sequence, with or without the KL term
   (``beta``, ``use_bias_correction_kl``) and the entropy bonus. It logs the metrics TRL logs.
 
-Two-sided clipping (``delta``) and the off-policy sequence mask (``off_policy_mask_threshold``)
-are rlkern options too. Configurations rlkern does not cover fall back to TRL's own code,
-unchanged: the loss types sapo, luspo and vespo, the high-entropy token mask
-(``top_entropy_quantile < 1``, whose quantile TRL gathers across processes), adaptive entropy
+Two-sided clipping (``delta``), the off-policy sequence mask (``off_policy_mask_threshold``) and,
+in a single process, the high-entropy token selection (``top_entropy_quantile``) are rlkern options
+too. Configurations rlkern does not cover fall back to TRL's own code, unchanged: the loss types
+sapo, luspo and vespo, the high-entropy selection across several processes (TRL gathers the
+quantile over all of them), adaptive entropy
 control, vLLM importance-sampling correction, a CISPO cap ``epsilon_high < 1``, and models with
 final-logit softcapping or MoE router losses (for the LM head). Checked against trl 1.16.0 and
 transformers 5.24.
@@ -161,7 +162,8 @@ class GRPOTrainer(_TRLGRPOTrainer):
             return False
         if self.loss_type == "cispo" and self.epsilon_high < 1.0:
             return False
-        return (self.top_entropy_quantile >= 1.0
+        # TRL takes the entropy quantile over all processes; rlkern's selection is local
+        return ((self.top_entropy_quantile >= 1.0 or self.accelerator.num_processes == 1)
                 and not self.use_adaptive_entropy
                 and not (self.use_vllm and self.vllm_importance_sampling_correction))
 
@@ -216,10 +218,14 @@ class GRPOTrainer(_TRLGRPOTrainer):
             sampling = inputs.get("sampling_per_token_logps", old_per_token_logps)
             sampling = torch.where(torch.isnan(sampling), per_token_logps.detach(), sampling)
             off_policy = dict(off_policy_threshold=float(self.off_policy_mask_threshold), rollout_logp=sampling)
+        entropy_selection, entropy_mask = {}, None
+        if self.top_entropy_quantile < 1.0:
+            entropy_selection = dict(entropy=entropies.detach(), entropy_top_fraction=float(self.top_entropy_quantile))
+            entropy_mask = self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
         use_kl = self.beta != 0.0
         out = policy_loss(
             per_token_logps, old_per_token_logps, advantages, mask,
-            level=self.importance_sampling_level, **clip_options, **off_policy,
+            level=self.importance_sampling_level, **clip_options, **off_policy, **entropy_selection,
             ratio_cap=getattr(self.args, "delta", None) if self.loss_type != "cispo" else None,
             ref_logp=inputs["ref_per_token_logps"] if use_kl else None, kl_coef=self.beta, kl_kind="k3",
             kl_is_correction=bool(self.args.use_bias_correction_kl),
@@ -230,7 +236,7 @@ class GRPOTrainer(_TRLGRPOTrainer):
         policy_term = loss.detach() * (accumulation if self.loss_type in ("grpo", "bnpo", "dr_grpo") else 1.0)
 
         if self._entropy_bonus_enabled:
-            m = mask.to(entropies.dtype)
+            m = (mask if entropy_mask is None else mask * entropy_mask).to(entropies.dtype)
             entropy_loss = (entropies * m).sum() / m.sum().clamp(min=1.0) / accumulation
             loss = loss - self.entropy_coef * entropy_loss
             self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_term).nanmean().item())
