@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import types
-from contextlib import nullcontext
 from typing import Any, Optional
 
 import torch
@@ -110,13 +109,20 @@ def add_rlkern_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bo
             weight = weight.full_tensor()
             if bias is not None:
                 bias = bias.full_tensor()
-        ctx = nullcontext()
         selected = hidden[mask]
+        device_type = hidden.device.type
         if cast_lm_head_to_fp32:
-            selected = selected.float()
-            ctx = torch.autocast(hidden.device.type, enabled=False)
+            compute_dtype = torch.float32
+        elif torch.is_autocast_enabled(device_type):
+            # as TRL's head (and autocast's matmul): the projection in the autocast dtype
+            compute_dtype = torch.get_autocast_dtype(device_type)
+        else:
+            compute_dtype = weight.dtype
+        selected = selected.to(compute_dtype)
+        weight = weight.to(compute_dtype)
+        bias = None if bias is None else bias.to(compute_dtype)
         # logits * scale / T == logits / (T / scale)
-        with ctx:
+        with torch.autocast(device_type, enabled=False):
             result = linear_token_logprobs(selected, weight, labels[mask], bias=bias,
                                            temperature=temperature / logit_scale, return_entropy=want_entropy)
         logp, entropy = result if want_entropy else (result, None)
