@@ -285,3 +285,34 @@ def test_bad_input_raises_clear_errors():
         rlkern.gae(r, v.to("meta"), d, 0.9, 0.9)
     with pytest.raises(TypeError, match="values must be a torch.Tensor"):
         rlkern.gae(r, [1.0] * 10, d, 0.9, 0.9)
+
+
+@pytest.mark.parametrize("B,T", [(1, 40000), (3, 17000)])
+def test_few_long_rows_use_the_chunked_scan(B, T):
+    """Few long rows are cut into chunks composed as affine maps (the CUDA kernels use the
+    same composition); results match the reference and do not depend on the thread count."""
+    g = torch.Generator().manual_seed(T)
+    r, v, nv = (torch.randn(B, T, generator=g) for _ in range(3))
+    term = torch.rand(B, T, generator=g) < 0.001
+    trunc = (torch.rand(B, T, generator=g) < 0.001) & ~term
+    boot = torch.randn(B, generator=g)
+    before = rlkern.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2):
+            rlkern.set_num_threads(threads)
+            runs.append((rlkern.gae(r, v, term, 0.999, 0.97, bootstrap_value=boot),
+                         rlkern.gae(r, v, term, 0.99, 0.95, next_values=nv, truncated=trunc),
+                         rlkern.discounted_returns(r, term, 0.999, bootstrap=boot),
+                         rlkern.lambda_returns(r, nv, term, 0.99, 0.9, truncated=trunc)))
+    finally:
+        rlkern.set_num_threads(before)
+    flat = [[t for item in run for t in (item if isinstance(item, tuple) else (item,))] for run in runs]
+    assert all(torch.equal(x, y) for x, y in zip(*flat))
+    (adv, ret), (adv2, _), disc, lam = runs[1]
+    eadv, eret = ref.gae(r.double(), v.double(), term, 0.999, 0.97, bootstrap_value=boot.double())
+    assert_close(adv, eadv)
+    assert_close(ret, eret)
+    assert_close(adv2, ref.gae(r.double(), v.double(), term, 0.99, 0.95, next_values=nv.double(), truncated=trunc)[0])
+    assert_close(disc, ref.discounted_returns(r.double(), term, 0.999, boot.double()))
+    assert_close(lam, ref.lambda_returns(r.double(), nv.double(), term, 0.99, 0.9, truncated=trunc))

@@ -1,56 +1,76 @@
-// The return and advantage recurrences, one reverse step at a time. Both the CPU
-// kernels (csrc/cpu/returns.cpp) and the CUDA kernels (csrc/cuda/returns.cu) run exactly
-// these functions, so the CPU tests check the CUDA arithmetic too.
+// The return and advantage recurrences, shared by the CPU kernels (csrc/cpu/returns.cpp)
+// and the CUDA kernels (csrc/cuda/returns.cu), so the CPU tests check the CUDA
+// arithmetic too.
 //
-// Episode flags are applied with selects, not multiplications: a value behind a
-// boundary (NaN included) never reaches the result.
+// Every scan here is a first-order linear recurrence run backwards in time,
+//   y_t = b_t + a_t * y_{t+1},
+// whose step is the affine map (a_t, b_t) built from the inputs at t. Applying maps one
+// after the other is the sequential scan; composing them first (the composition is
+// associative) lets a chunk of steps be summarised by one map, which is how the CUDA
+// kernels scan 32 steps at once across a warp and the CPU splits long rows over threads.
 //
-// A is the arithmetic type, S the scalar parameter type and F the flag type. The GPU and
-// the scalar reference use (float or double, same, bool); the CPU kernels pass GCC/Clang
-// vector types (one lane per row) with integer-vector masks, for which `?:`, `|` and
-// scalar-times-vector are defined element-wise.
+// a_t == 0 marks a cut (an episode boundary, or a zero discount): the value behind it
+// is then never read, not multiplied by zero, so a NaN beyond an episode boundary never
+// reaches the result.
 #pragma once
 
 #include "rlkern/common.h"
 
 namespace rlk::returns {
 
+template <class A>
+struct Affine {
+  A a, b;
+};
+
+template <class A>
+RLK_HOST_DEVICE Affine<A> identity() {
+  return Affine<A>{A(1), A(0)};
+}
+
+// y_t = f(y_{t+1})
+template <class A>
+RLK_HOST_DEVICE A apply(Affine<A> f, A next) {
+  return f.a == A(0) ? f.b : f.b + f.a * next;
+}
+
+// The map of two consecutive steps: first (in time) f, then g, i.e. y_t = f(g(y_{t+2})).
+template <class A>
+RLK_HOST_DEVICE Affine<A> compose(Affine<A> f, Affine<A> g) {
+  return f.a == A(0) ? f : Affine<A>{f.a * g.a, f.b + f.a * g.b};
+}
+
 // G_t = r_t + gamma * (1 - done_t) * G_{t+1}
-template <class A, class S, class F>
-RLK_HOST_DEVICE A discounted_step(A next_return, A reward, F done, S gamma) {
-  return done ? reward : reward + gamma * next_return;
+template <class A>
+RLK_HOST_DEVICE Affine<A> discounted_coef(A reward, bool done, A gamma) {
+  return Affine<A>{done ? A(0) : gamma, reward};
 }
 
 // delta_t = r_t + gamma * (1 - terminated_t) * V'_t - V_t
 // A_t = delta_t + gamma * lambda * (1 - done_t) * A_{t+1}, done = terminated | truncated
-template <class A, class S, class F>
-RLK_HOST_DEVICE A gae_step(A next_advantage, A reward, A value, A next_value, F terminated, F truncated, S gamma,
-                           S gamma_lam) {
+template <class A>
+RLK_HOST_DEVICE Affine<A> gae_coef(A reward, A value, A next_value, bool terminated, bool truncated, A gamma,
+                                   A gamma_lam) {
   const A delta = terminated ? reward - value : reward + gamma * next_value - value;
-  return (terminated | truncated) ? delta : delta + gamma_lam * next_advantage;
+  return Affine<A>{(terminated || truncated) ? A(0) : gamma_lam, delta};
 }
 
 // TD(lambda): G_t = r_t + gamma * (1 - terminated_t) * ((1 - c_t) V'_t + c_t G_{t+1}),
 // c_t = lambda unless the episode (or the row) stops after step t, where c_t = 0.
-template <class A, class S, class F>
-RLK_HOST_DEVICE A lambda_step(A next_return, A reward, A next_value, F terminated, F cut, S gamma, S lam) {
-  const A blended = cut ? next_value : (S(1) - lam) * next_value + lam * next_return;
-  return terminated ? reward : reward + gamma * blended;
+template <class A>
+RLK_HOST_DEVICE Affine<A> lambda_coef(A reward, A next_value, bool terminated, bool cut, A gamma, A lam) {
+  if (terminated) return Affine<A>{A(0), reward};
+  if (cut) return Affine<A>{A(0), reward + gamma * next_value};
+  return Affine<A>{gamma * lam, reward + gamma * (A(1) - lam) * next_value};
 }
 
-// Token-level GAE over a response mask: masked tokens are skipped, so the recurrence
-// links each unmasked token to the next unmasked one; after the last one V' = 0.
+// Token-level GAE over a response mask: masked tokens are skipped (identity maps), and
+// each unmasked token bootstraps from the value of the next unmasked one (0 after the
+// last): delta_t = r_t + gamma * V_next(t) - V_t, A_t = delta_t + gamma * lam * A_next(t).
 template <class A>
-struct MaskedGaeCarry {
-  A next_value;
-  A advantage;
-};
-
-template <class A, class S>
-RLK_HOST_DEVICE void masked_gae_step(MaskedGaeCarry<A>& carry, A reward, A value, S gamma, S gamma_lam) {
-  const A delta = reward + gamma * carry.next_value - value;
-  carry.advantage = delta + gamma_lam * carry.advantage;
-  carry.next_value = value;
+RLK_HOST_DEVICE Affine<A> masked_gae_coef(A reward, A value, A next_unmasked_value, bool unmasked, A gamma,
+                                          A gamma_lam) {
+  return unmasked ? Affine<A>{gamma_lam, reward + gamma * next_unmasked_value - value} : identity<A>();
 }
 
 }  // namespace rlk::returns

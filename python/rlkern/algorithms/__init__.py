@@ -1,6 +1,7 @@
 """Thin algorithm classes over rlkern's kernels: a dataclass config with the reference
 implementation's defaults and a few methods that compose returns, advantages and losses.
-No training loops: they plug into whatever loop, trainer or framework you already run."""
+No training loops: they plug into whatever loop, trainer or framework you already run
+(AlphaZero, built on the batched MCTS, is the exception)."""
 
 # --- algorithms from the kernels (returns, losses, KL) ---
 from .dqn import DQN, DQNConfig, TDLoss
@@ -20,3 +21,8 @@ __all__ = [
     "process_rewards", "steps_to_tokens", "overlong_penalty", "kimi_length_penalty",
 ]
 # --- end of the algorithms from the kernels ---
+
+# --- search ---
+from .alphazero import AlphaZero  # noqa: E402
+
+__all__ += ["AlphaZero"]

@@ -30,6 +30,9 @@ class Case:
     items: Optional[float] = None
     unit: str = ""
     note: str = ""
+    # Fewer calls for cases where one call takes many seconds (defaults as in measure).
+    warmup: int = 2
+    min_repeats: int = 5
 
 
 @dataclass
@@ -110,7 +113,7 @@ def run_case(case: Case, device: torch.device, *, budget_s: float = 1.5, memory:
     results: List[Result] = []
     for name, fn in impls.items():
         try:
-            times = measure(fn, device, budget_s=budget_s)
+            times = measure(fn, device, warmup=case.warmup, min_repeats=case.min_repeats, budget_s=budget_s)
             peak = _peak_memory_mb(fn, device) if memory else None
             med = statistics.median(times)
             results.append(Result(case.suite, case.op, case.shape, name, med, times, peak,

@@ -1,0 +1,829 @@
+// Fused policy, value and preference losses on the CPU.
+//
+// Each kernel makes one pass over the tokens and writes the loss terms and the gradient
+// of the loss with respect to the current-policy inputs at once; the Python
+// autograd.Function keeps only those gradient buffers for backward. Threads split the
+// batch by sequence; every per-sequence quantity (token count, sequence-level ratio,
+// off-policy divergence) is computed inside the same row task. Sums are accumulated in
+// double per row and reduced serially in row order, so results do not depend on the
+// number of threads.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <stdexcept>
+#include <type_traits>
+#include <vector>
+
+#include "rlkern/common.h"
+#include "rlkern/dtype.h"
+#include "rlkern/losses.h"
+#include "rlkern/parallel.h"
+#include "rlkern/registry.h"
+
+namespace py = pybind11;
+using namespace rlk::losses;
+
+// Floating-point exceptions are never inspected here; without this GCC will not turn the
+// selects of the token loops into vector blends (it must assume a comparison may trap).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
+namespace rlk {
+namespace {
+
+// Rows per task: enough tokens that a task outweighs the pool's dispatch cost.
+int64_t row_grain(int64_t T) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(T, 1)); }
+
+// ---------------------------------------------------------------------------------------
+// policy_loss
+
+struct PolicyParams {
+  int64_t B = 0, T = 0;
+  int dtype = 0;  // storage type of the floating [B, T] inputs; advantages are in the arithmetic type
+  ptr_t logp = 0, old_logp = 0, advantages = 0, mask = 0;
+  ptr_t ref_logp = 0, rollout_logp = 0, entropy = 0;  // 0 when not given
+  bool adv_per_token = false;
+  int objective = kClip;
+  bool seq_level = false;
+  double clip_lo = 0.8, clip_hi = 1.2;
+  bool has_dual = false;
+  double dual_clip = 3.0;
+  bool has_ratio_cap = false;
+  double ratio_cap = 0.0;
+  bool has_lr_lo = false, has_lr_hi = false;
+  double lr_lo = 0.0, lr_hi = 0.0;
+  double kl_coef = 0.0;
+  int kl_kind = kK3;
+  bool has_kl_lo = false, has_kl_hi = false;
+  double kl_lo = 0.0, kl_hi = 0.0;
+  bool kl_correction = false;
+  bool has_tis = false, tis_seq = false, tis_mask_mode = false;
+  double tis_cap = 0.0;
+  bool has_off = false;
+  double off_threshold = 0.0;
+  double entropy_coef = 0.0;
+  bool has_entropy_select = false;
+  double entropy_threshold = 0.0;
+  int agg = kTokenMean;
+  ptr_t grad_logp = 0;     // [B, T] in the arithmetic type (float, or double for float64)
+  ptr_t grad_entropy = 0;  // same, or 0 when not wanted
+};
+
+// Totals returned to Python, in this order.
+enum Stat : int {
+  kActive = 0,   // active tokens
+  kLossSum,      // sum over tokens of row weight * per-token loss (before the global scale)
+  kClipLow,      // active tokens with A < 0 and r < 1 - clip_low
+  kClipHigh,     // active tokens with A > 0 and r > 1 + clip_high
+  kRatioSum,
+  kApproxKlSum,  // sum of old_logp - logp
+  kKlSum,        // sum of the KL estimate (before coefficient and correction)
+  kEntropySum,
+  kDualClip,     // active tokens with A < 0 where the dual clip bound is active
+  kNumStats
+};
+
+// Constants of one sequence for the per-token body. Absent bounds are infinite so that the
+// body needs no branch on whether an option is set.
+template <class A>
+struct RowConst {
+  A clip_lo, clip_hi, cap, dual, lr_lo, lr_hi, kl_lo, kl_hi, kl_coef, ent_coef, tis_cap, ent_threshold;
+  A seq_ratio, seq_dx, seq_tis, row_w;
+  int objective, kl_kind;
+  bool has_dual, use_kl, kl_corr, tis_token, tis_mask_mode, has_select, drop_negative;
+};
+
+template <class A>
+struct TokenTerms {
+  A loss, grad, dseq, ratio, kl, dual_hit;
+};
+
+#if defined(__GNUC__)
+#define RLK_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define RLK_ALWAYS_INLINE inline
+#endif
+
+// The per-token loss and its derivative, written without data-dependent branches so that
+// the token loop vectorises. KL: 0 none, 1 k1/k2 (by kl_kind), 2 k3. SEQ: the ratio is the
+// row's shared sequence-level ratio; the derivative through it is returned in `dseq` and
+// applied to the whole row afterwards. EXTRA: entropy and rollout log-probs are read.
+template <class A, int KL, bool SEQ, bool EXTRA>
+RLK_ALWAYS_INLINE TokenTerms<A> token_terms(const RowConst<A>& c, A lp, A o, A a, A refv, A rolv, A h) {
+  const A zero(0), one(1), half(0.5);
+  A r, dx;
+  if (SEQ) {
+    r = c.seq_ratio;
+    dx = c.seq_dx;
+  } else {
+    const A x = lp - o;
+    const A xc = x < c.lr_lo ? c.lr_lo : (x > c.lr_hi ? c.lr_hi : x);
+    dx = ((x < c.lr_lo) | (x > c.lr_hi)) ? zero : one;
+    r = exp_(xc);
+  }
+  // PPO clip (with ratio cap and dual clip), CISPO, REINFORCE.
+  const A r1 = r > c.cap ? c.cap : r;
+  const A dr1 = r > c.cap ? zero : one;
+  const A rc = r < c.clip_lo ? c.clip_lo : (r > c.clip_hi ? c.clip_hi : r);
+  const A drc = ((r < c.clip_lo) | (r > c.clip_hi)) ? zero : one;
+  const A u = -a * r1, v = -a * rc, du = -a * dr1, dv = -a * drc;
+  A s = u > v ? u : v;
+  A ds = u > v ? du : (u < v ? dv : half * (du + dv));
+  const bool dual_on = c.has_dual & (a < zero);
+  const A bound = -a * c.dual;
+  const A s_d = s < bound ? s : bound;
+  const A ds_d = s < bound ? ds : (s > bound ? zero : half * ds);
+  const A dual_hit = (dual_on & (s > bound)) ? one : zero;
+  s = dual_on ? s_d : s;
+  ds = dual_on ? ds_d : ds;
+  // Selects rather than branches on the objective keep the loop free of control flow.
+  const bool is_clip = c.objective == kClip, is_cispo = c.objective == kCispo;
+  const A w_direct = is_cispo ? -rc * a : -a;
+  A pg = is_clip ? s : w_direct * lp;
+  A dr = is_clip ? ds : zero;
+  A direct = is_clip ? zero : w_direct;
+  // Detached weights: off-policy sequence mask, entropy selection, truncated IS.
+  A weight = (c.drop_negative & !(a >= zero)) ? zero : one;
+  if (EXTRA) {
+    weight = (c.has_select & !(h >= c.ent_threshold)) ? zero : weight;
+    A wt = exp_(o - rolv);
+    wt = c.tis_mask_mode ? (wt > c.tis_cap ? zero : wt) : (wt > c.tis_cap ? c.tis_cap : wt);
+    weight = c.tis_token ? weight * wt : weight;
+  }
+  weight *= c.seq_tis;
+  A l = weight * pg;
+  dr *= weight;
+  direct *= weight;
+  A kl = zero;
+  if (KL != 0) {
+    const A d = refv - lp;
+    A dkl;
+    if (KL == 2) {
+      const A e = exp_(d);
+      kl = e - one - d;
+      dkl = one - e;
+    } else {
+      kl = c.kl_kind == kK1 ? -d : half * d * d;
+      dkl = c.kl_kind == kK1 ? one : -d;
+    }
+    dkl = ((kl < c.kl_lo) | (kl > c.kl_hi)) ? zero : dkl;
+    kl = kl < c.kl_lo ? c.kl_lo : (kl > c.kl_hi ? c.kl_hi : kl);
+    // Selected rather than multiplied by a zero coefficient: an infinite estimate must not
+    // turn the loss into NaN when the KL only feeds the metric.
+    l += c.use_kl ? c.kl_coef * (c.kl_corr ? kl * r : kl) : zero;
+    direct += c.use_kl ? c.kl_coef * (c.kl_corr ? dkl * r : dkl) : zero;
+    dr += (c.use_kl & c.kl_corr) ? c.kl_coef * kl : zero;
+  }
+  if (EXTRA) l -= c.ent_coef * h;
+  TokenTerms<A> out;
+  out.loss = l;
+  out.grad = SEQ ? direct : direct + dr * r * dx;
+  out.dseq = SEQ ? dr : zero;
+  out.ratio = r;
+  out.kl = kl;
+  out.dual_hit = dual_hit;
+  return out;
+}
+
+template <class T>
+struct PolicyInputs {
+  const T *logp, *old, *ref, *rollout, *ent;
+  const acc_t<T>* adv;
+  const uint8_t* mask;
+  acc_t<T>* grad;
+};
+
+// Tokens per lane group and per float flush: lanes keep W independent partial sums (so the
+// loop vectorises without reassociating a reduction), flushed into double every block.
+constexpr int kLanes = 16;
+constexpr int kBlock = 256;
+
+template <class A>
+struct Lanes {
+  A n[kLanes], loss[kLanes], ratio[kLanes], approx[kLanes], kl[kLanes], ent[kLanes], low[kLanes], high[kLanes],
+      dual[kLanes], dseq[kLanes];
+  void clear() {
+    for (int j = 0; j < kLanes; ++j)
+      n[j] = loss[j] = ratio[j] = approx[j] = kl[j] = ent[j] = low[j] = high[j] = dual[j] = dseq[j] = A(0);
+  }
+};
+
+template <class T, int KL, bool SEQ, bool EXTRA>
+RLK_ALWAYS_INLINE void token_step(const PolicyInputs<T>& in, const RowConst<acc_t<T>>& c, int64_t i, int64_t ai,
+                                  int j, Lanes<acc_t<T>>& L) {
+  using A = acc_t<T>;
+  const A zero(0);
+  const bool m = in.mask[i] != 0;
+  // Loads are unconditional and then masked, so masked NaNs never reach the arithmetic.
+  A lp = load(in.logp, i), o = load(in.old, i), a = in.adv[ai];
+  lp = m ? lp : zero;
+  o = m ? o : zero;
+  a = m ? a : zero;
+  A refv = zero, rolv = zero, h = zero;
+  if (KL != 0) {
+    refv = load(in.ref, i);
+    refv = m ? refv : zero;
+  }
+  if (EXTRA) {
+    rolv = load(in.rollout, i);
+    h = load(in.ent, i);
+    rolv = m ? rolv : zero;
+    h = m ? h : zero;
+  }
+  const TokenTerms<A> tt = token_terms<A, KL, SEQ, EXTRA>(c, lp, o, a, refv, rolv, h);
+  in.grad[i] = m ? c.row_w * tt.grad : zero;
+  L.n[j] += m ? A(1) : zero;
+  L.loss[j] += m ? c.row_w * tt.loss : zero;
+  L.dseq[j] += m ? c.row_w * tt.dseq : zero;
+  L.ratio[j] += m ? tt.ratio : zero;
+  L.approx[j] += o - lp;
+  L.kl[j] += m ? tt.kl : zero;
+  L.ent[j] += h;
+  L.low[j] += (m & (tt.ratio < c.clip_lo) & (a < zero)) ? A(1) : zero;
+  L.high[j] += (m & (tt.ratio > c.clip_hi) & (a > zero)) ? A(1) : zero;
+  L.dual[j] += m ? tt.dual_hit : zero;
+}
+
+// ---------------------------------------------------------------------------------------
+// Explicit SIMD for float arithmetic (float32 and bfloat16 storage). GCC and Clang vector
+// extensions: 4 floats per operation on the baseline x86-64 instruction set, no intrinsics.
+// The body mirrors token_terms line by line; the scalar version handles row tails and the
+// other storage types.
+#if defined(__GNUC__)
+#define RLK_POLICY_SIMD 1
+typedef float vf __attribute__((vector_size(16)));
+typedef int32_t vi __attribute__((vector_size(16)));
+constexpr int kVec = 4;
+
+RLK_ALWAYS_INLINE vf splat(float x) { return vf{x, x, x, x}; }
+RLK_ALWAYS_INLINE vi mask_of(bool b) { return b ? vi{-1, -1, -1, -1} : vi{0, 0, 0, 0}; }
+
+RLK_ALWAYS_INLINE vf vexp(vf x) {
+  const vf upper = splat(88.7228317f), lower = splat(-87.0f), zero = splat(0.0f);
+  vf xc = x > upper ? upper : (x < lower ? lower : x);
+  xc = x == x ? xc : zero;
+  const vf shifted = xc * 1.44269504088896341f + 12582912.0f;
+  const vf fk = shifted - 12582912.0f;
+  const vi k = (vi)shifted - 0x4B400000;
+  const vf r = (xc - fk * 0.693359375f) - fk * -2.12194440e-4f;
+  const vf z = r * r;
+  vf y = (((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r +
+           1.6666665459e-1f) * r + 5.0000001201e-1f) * z + r + 1.0f;
+  const vi k1 = k >> 1, k2 = k - k1;
+  y = y * (vf)((k1 + 127) << 23) * (vf)((k2 + 127) << 23);
+  y = x > upper ? splat(std::numeric_limits<float>::infinity()) : y;
+  y = x < lower ? zero : y;
+  return x == x ? y : x;
+}
+
+// Row constants broadcast once per row.
+struct RowConstV {
+  vf clip_lo, clip_hi, cap, dual, lr_lo, lr_hi, kl_lo, kl_hi, kl_coef, ent_coef, tis_cap, ent_threshold;
+  vf seq_ratio, seq_dx, seq_tis, row_w;
+  vi has_dual, use_kl, kl_corr, tis_token, tis_mask_mode, has_select, drop_negative, is_clip, is_cispo, kl_k1;
+  explicit RowConstV(const RowConst<float>& c)
+      : clip_lo(splat(c.clip_lo)), clip_hi(splat(c.clip_hi)), cap(splat(c.cap)), dual(splat(c.dual)),
+        lr_lo(splat(c.lr_lo)), lr_hi(splat(c.lr_hi)), kl_lo(splat(c.kl_lo)), kl_hi(splat(c.kl_hi)),
+        kl_coef(splat(c.kl_coef)), ent_coef(splat(c.ent_coef)), tis_cap(splat(c.tis_cap)),
+        ent_threshold(splat(c.ent_threshold)), seq_ratio(splat(c.seq_ratio)), seq_dx(splat(c.seq_dx)),
+        seq_tis(splat(c.seq_tis)), row_w(splat(c.row_w)), has_dual(mask_of(c.has_dual)), use_kl(mask_of(c.use_kl)),
+        kl_corr(mask_of(c.kl_corr)), tis_token(mask_of(c.tis_token)), tis_mask_mode(mask_of(c.tis_mask_mode)),
+        has_select(mask_of(c.has_select)), drop_negative(mask_of(c.drop_negative)),
+        is_clip(mask_of(c.objective == kClip)), is_cispo(mask_of(c.objective == kCispo)),
+        kl_k1(mask_of(c.kl_kind == kK1)) {}
+};
+
+struct LanesV {
+  vf n, loss, ratio, approx, kl, ent, low, high, dual, dseq;
+  void clear() { n = loss = ratio = approx = kl = ent = low = high = dual = dseq = splat(0.0f); }
+  float sum(vf v) const { return v[0] + v[1] + v[2] + v[3]; }
+};
+
+RLK_ALWAYS_INLINE vf vload(const float* p, int64_t i) {
+  vf v;
+  __builtin_memcpy(&v, p + i, sizeof v);
+  return v;
+}
+RLK_ALWAYS_INLINE vf vload(const bf16* p, int64_t i) {
+  uint16_t h[kVec];
+  __builtin_memcpy(h, p + i, sizeof h);
+  const vi u = vi{h[0], h[1], h[2], h[3]} << 16;
+  return (vf)u;
+}
+RLK_ALWAYS_INLINE void vstore(float* p, int64_t i, vf v) { __builtin_memcpy(p + i, &v, sizeof v); }
+
+template <class T, int KL, bool SEQ, bool EXTRA>
+RLK_ALWAYS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& c, int64_t i, int64_t ai,
+                                    bool adv_per_token, LanesV& L) {
+  const vf zero = splat(0.0f), one = splat(1.0f), half = splat(0.5f);
+  const uint8_t* mp = in.mask + i;
+  const vi m = vi{mp[0], mp[1], mp[2], mp[3]} != 0;
+  vf lp = vload(in.logp, i), o = vload(in.old, i);
+  vf a = adv_per_token ? vload(in.adv, ai) : splat(in.adv[ai]);
+  lp = m ? lp : zero;
+  o = m ? o : zero;
+  a = m ? a : zero;
+  vf refv = zero, rolv = zero, h = zero;
+  if (KL != 0) refv = m ? vload(in.ref, i) : zero;
+  if (EXTRA) {
+    rolv = m ? vload(in.rollout, i) : zero;
+    h = m ? vload(in.ent, i) : zero;
+  }
+  vf r, dx;
+  if (SEQ) {
+    r = c.seq_ratio;
+    dx = c.seq_dx;
+  } else {
+    const vf x = lp - o;
+    const vf xc = x < c.lr_lo ? c.lr_lo : (x > c.lr_hi ? c.lr_hi : x);
+    dx = ((x < c.lr_lo) | (x > c.lr_hi)) ? zero : one;
+    r = vexp(xc);
+  }
+  const vf r1 = r > c.cap ? c.cap : r;
+  const vf dr1 = r > c.cap ? zero : one;
+  const vf rc = r < c.clip_lo ? c.clip_lo : (r > c.clip_hi ? c.clip_hi : r);
+  const vf drc = ((r < c.clip_lo) | (r > c.clip_hi)) ? zero : one;
+  const vf u = -a * r1, v = -a * rc, du = -a * dr1, dv = -a * drc;
+  vf s = u > v ? u : v;
+  vf ds = u > v ? du : (u < v ? dv : half * (du + dv));
+  const vi dual_on = c.has_dual & (a < zero);
+  const vf bound = -a * c.dual;
+  const vf s_d = s < bound ? s : bound;
+  const vf ds_d = s < bound ? ds : (s > bound ? zero : half * ds);
+  const vf dual_hit = (dual_on & (s > bound)) ? one : zero;
+  s = dual_on ? s_d : s;
+  ds = dual_on ? ds_d : ds;
+  const vf w_direct = c.is_cispo ? -rc * a : -a;
+  const vf pg = c.is_clip ? s : w_direct * lp;
+  vf dr = c.is_clip ? ds : zero;
+  vf direct = c.is_clip ? zero : w_direct;
+  vf weight = (c.drop_negative & ~(a >= zero)) ? zero : one;
+  if (EXTRA) {
+    weight = (c.has_select & ~(h >= c.ent_threshold)) ? zero : weight;
+    vf wt = vexp(o - rolv);
+    wt = c.tis_mask_mode ? (wt > c.tis_cap ? zero : wt) : (wt > c.tis_cap ? c.tis_cap : wt);
+    weight = c.tis_token ? weight * wt : weight;
+  }
+  weight *= c.seq_tis;
+  vf l = weight * pg;
+  dr *= weight;
+  direct *= weight;
+  vf kl = zero;
+  if (KL != 0) {
+    const vf d = refv - lp;
+    vf dkl;
+    if (KL == 2) {
+      const vf e = vexp(d);
+      kl = e - one - d;
+      dkl = one - e;
+    } else {
+      kl = c.kl_k1 ? -d : half * d * d;
+      dkl = c.kl_k1 ? one : -d;
+    }
+    dkl = ((kl < c.kl_lo) | (kl > c.kl_hi)) ? zero : dkl;
+    kl = kl < c.kl_lo ? c.kl_lo : (kl > c.kl_hi ? c.kl_hi : kl);
+    l += c.use_kl ? c.kl_coef * (c.kl_corr ? kl * r : kl) : zero;
+    direct += c.use_kl ? c.kl_coef * (c.kl_corr ? dkl * r : dkl) : zero;
+    dr += (c.use_kl & c.kl_corr) ? c.kl_coef * kl : zero;
+  }
+  if (EXTRA) l -= c.ent_coef * h;
+  const vf g = SEQ ? direct : direct + dr * r * dx;
+  vstore(in.grad, i, m ? c.row_w * g : zero);
+  L.n += m ? one : zero;
+  L.loss += m ? c.row_w * l : zero;
+  if (SEQ) L.dseq += m ? c.row_w * dr : zero;
+  L.ratio += m ? r : zero;
+  L.approx += o - lp;
+  L.kl += m ? kl : zero;
+  L.ent += h;
+  L.low += (m & (r < c.clip_lo) & (a < zero)) ? one : zero;
+  L.high += (m & (r > c.clip_hi) & (a > zero)) ? one : zero;
+  L.dual += m ? dual_hit : zero;
+}
+#endif
+
+template <class T, int KL, bool SEQ, bool EXTRA>
+RLK_ALWAYS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, int64_t row_end, double* stats) {
+  using A = acc_t<T>;
+  const A inf = std::numeric_limits<A>::infinity();
+  PolicyInputs<T> in;
+  in.logp = as_ptr<const T>(p.logp);
+  in.old = as_ptr<const T>(p.old_logp);
+  in.ref = as_ptr<const T>(p.ref_logp);
+  // Without rollout log-probs the behaviour policy (for the off-policy mask) is the old one.
+  in.rollout = p.rollout_logp ? as_ptr<const T>(p.rollout_logp) : in.old;
+  in.ent = p.entropy ? as_ptr<const T>(p.entropy) : in.old;
+  in.adv = as_ptr<const A>(p.advantages);
+  in.mask = as_ptr<const uint8_t>(p.mask);
+  in.grad = as_ptr<A>(p.grad_logp);
+  A* grad_ent = as_ptr<A>(p.grad_entropy);
+
+  RowConst<A> c;
+  c.clip_lo = A(p.clip_lo);
+  c.clip_hi = A(p.clip_hi);
+  c.cap = p.has_ratio_cap ? A(p.ratio_cap) : inf;
+  c.has_dual = p.has_dual;
+  c.dual = p.has_dual ? A(p.dual_clip) : A(0);
+  c.lr_lo = p.has_lr_lo ? A(p.lr_lo) : -inf;
+  c.lr_hi = p.has_lr_hi ? A(p.lr_hi) : inf;
+  c.kl_lo = p.has_kl_lo ? A(p.kl_lo) : -inf;
+  c.kl_hi = p.has_kl_hi ? A(p.kl_hi) : inf;
+  c.kl_coef = A(p.kl_coef);
+  c.kl_kind = p.kl_kind;
+  c.kl_corr = p.kl_correction;
+  c.use_kl = p.kl_coef != 0.0;
+  c.ent_coef = p.entropy ? A(p.entropy_coef) : A(0);
+  c.has_select = p.has_entropy_select;
+  c.ent_threshold = A(p.entropy_threshold);
+  c.tis_cap = A(p.tis_cap);
+  c.tis_token = p.has_tis && !p.tis_seq;
+  c.tis_mask_mode = p.tis_mask_mode;
+  c.objective = p.objective;
+  const A off_threshold = A(p.off_threshold);
+  const Bounds<A> lr_clamp{p.has_lr_lo, p.has_lr_hi, A(p.lr_lo), A(p.lr_hi)};
+  const bool tis_seq = p.has_tis && p.tis_seq;
+  const bool need_prepass = SEQ || p.has_off || tis_seq || p.agg == kSeqMeanTokenMean;
+  const int64_t T_ = p.T;
+
+  Lanes<A> L;
+  for (int64_t b = row_begin; b < row_end; ++b) {
+    const int64_t base = b * T_;
+    const uint8_t* m = in.mask + base;
+    const int64_t adv_base = p.adv_per_token ? base : b;
+    const int64_t adv_step = p.adv_per_token ? 1 : 0;
+
+    // Per-sequence quantities: token count, mean log-ratio, off-policy divergence and the
+    // sequence-level log importance weight.
+    A n_row = 0, s_lr = 0, s_div = 0, s_tis = 0;
+    if (need_prepass) {
+      A ln[kLanes] = {}, llr[kLanes] = {}, ldiv[kLanes] = {}, ltis[kLanes] = {};
+      double dn = 0, dlr = 0, ddiv = 0, dtis = 0;
+      for (int64_t t0 = 0; t0 < T_; t0 += kBlock) {
+        const int64_t t1 = std::min<int64_t>(T_, t0 + kBlock);
+        for (int64_t t = t0; t < t1; ++t) {
+          const int j = int(t % kLanes);
+          const bool mm = m[t] != 0;
+          A lp = load(in.logp, base + t), o = load(in.old, base + t), ro = load(in.rollout, base + t);
+          lp = mm ? lp : A(0);
+          o = mm ? o : A(0);
+          ro = mm ? ro : A(0);
+          ln[j] += mm ? A(1) : A(0);
+          llr[j] += lp - o;
+          ldiv[j] += ro - lp;
+          ltis[j] += o - ro;
+        }
+        for (int j = 0; j < kLanes; ++j) {
+          dn += ln[j];
+          dlr += llr[j];
+          ddiv += ldiv[j];
+          dtis += ltis[j];
+          ln[j] = llr[j] = ldiv[j] = ltis[j] = A(0);
+        }
+      }
+      n_row = A(dn);
+      const double n1 = std::max(dn, 1.0);
+      s_lr = A(dlr / n1);
+      s_div = A(ddiv / n1);
+      s_tis = A(dtis);
+    }
+    c.row_w = p.agg == kSeqMeanTokenMean ? A(1) / std::max(n_row, A(1)) : A(1);
+    c.drop_negative = p.has_off && s_div > off_threshold;
+    c.seq_ratio = A(1);
+    c.seq_dx = A(1);
+    if (SEQ) {
+      const ValueGrad<A> x = lr_clamp.apply(s_lr);
+      c.seq_ratio = exp_(x.value);
+      c.seq_dx = x.grad;
+    }
+    c.seq_tis = A(1);
+    if (tis_seq) {
+      const A w = exp_(s_tis);
+      c.seq_tis = p.tis_mask_mode ? (w > c.tis_cap ? A(0) : w) : (w > c.tis_cap ? c.tis_cap : w);
+    }
+
+    double acc[kNumStats] = {};
+    double dseq = 0;
+    for (int64_t t0 = 0; t0 < T_; t0 += kBlock) {
+      const int64_t t1 = std::min<int64_t>(T_, t0 + kBlock);
+      L.clear();
+      int64_t t = t0;
+#ifdef RLK_POLICY_SIMD
+      if constexpr (std::is_same<A, float>::value && (std::is_same<T, float>::value || std::is_same<T, bf16>::value)) {
+        const RowConstV cv(c);
+        LanesV V;
+        V.clear();
+        for (; t + kVec <= t1; t += kVec)
+          token_step_v<T, KL, SEQ, EXTRA>(in, cv, base + t, adv_base + t * adv_step, p.adv_per_token, V);
+        acc[kActive] += V.sum(V.n);
+        acc[kLossSum] += V.sum(V.loss);
+        acc[kClipLow] += V.sum(V.low);
+        acc[kClipHigh] += V.sum(V.high);
+        acc[kRatioSum] += V.sum(V.ratio);
+        acc[kApproxKlSum] += V.sum(V.approx);
+        acc[kKlSum] += V.sum(V.kl);
+        acc[kEntropySum] += V.sum(V.ent);
+        acc[kDualClip] += V.sum(V.dual);
+        dseq += V.sum(V.dseq);
+      }
+#endif
+      for (; t + kLanes <= t1; t += kLanes) {
+        for (int j = 0; j < kLanes; ++j)
+          token_step<T, KL, SEQ, EXTRA>(in, c, base + t + j, adv_base + (t + j) * adv_step, j, L);
+      }
+      for (; t < t1; ++t) token_step<T, KL, SEQ, EXTRA>(in, c, base + t, adv_base + t * adv_step, 0, L);
+      for (int j = 0; j < kLanes; ++j) {
+        acc[kActive] += L.n[j];
+        acc[kLossSum] += L.loss[j];
+        acc[kClipLow] += L.low[j];
+        acc[kClipHigh] += L.high[j];
+        acc[kRatioSum] += L.ratio[j];
+        acc[kApproxKlSum] += L.approx[j];
+        acc[kKlSum] += L.kl[j];
+        acc[kEntropySum] += L.ent[j];
+        acc[kDualClip] += L.dual[j];
+        dseq += L.dseq[j];
+      }
+    }
+    if (SEQ && acc[kActive] > 0) {
+      // r = exp(mean_t (lp_t - old_t)): dr/dlp_t = r / n for every active token.
+      const A add = A(dseq) * c.seq_ratio * c.seq_dx / A(acc[kActive]);
+      A* g = in.grad + base;
+      for (int64_t t = 0; t < T_; ++t) g[t] += m[t] ? add : A(0);
+    }
+    if (grad_ent) {
+      const A ge = -A(p.entropy_coef) * c.row_w;
+      for (int64_t t = 0; t < T_; ++t) grad_ent[base + t] = m[t] ? ge : A(0);
+    }
+    for (int k = 0; k < kNumStats; ++k) stats[b * kNumStats + k] = acc[k];
+  }
+}
+
+template <class T, int KL, bool SEQ, bool EXTRA>
+void policy_rows_generic(const PolicyParams& p, int64_t b0, int64_t b1, double* stats) {
+  policy_rows_impl<T, KL, SEQ, EXTRA>(p, b0, b1, stats);
+}
+
+template <class T, int KL, bool SEQ, bool EXTRA>
+void run_policy_rows(const PolicyParams& p, double* rows) {
+  auto fn = &policy_rows_generic<T, KL, SEQ, EXTRA>;
+  parallel_for(p.B, row_grain(p.T), [&](int64_t b0, int64_t b1) { fn(p, b0, b1, rows); });
+}
+
+template <class T, int KL>
+void run_policy_kl(const PolicyParams& p, double* rows) {
+  const bool extra = p.entropy != 0 || p.rollout_logp != 0;
+  if (p.seq_level) {
+    extra ? run_policy_rows<T, KL, true, true>(p, rows) : run_policy_rows<T, KL, true, false>(p, rows);
+  } else {
+    extra ? run_policy_rows<T, KL, false, true>(p, rows) : run_policy_rows<T, KL, false, false>(p, rows);
+  }
+}
+
+std::vector<double> policy_loss_fused(const PolicyParams& p) {
+  if (p.B <= 0 || p.T <= 0) throw std::invalid_argument("policy_loss: empty batch");
+  std::vector<double> rows(size_t(p.B) * kNumStats, 0.0);
+  // KL terms are computed only when they enter the loss or a metric (ref_logp given).
+  const int kl = p.ref_logp == 0 ? 0 : (p.kl_kind == kK3 ? 2 : 1);
+  RLK_DISPATCH_FLOATING(p.dtype, T, {
+    if (kl == 0)
+      run_policy_kl<T, 0>(p, rows.data());
+    else if (kl == 1)
+      run_policy_kl<T, 1>(p, rows.data());
+    else
+      run_policy_kl<T, 2>(p, rows.data());
+  });
+  std::vector<double> total(kNumStats, 0.0);
+  for (int64_t b = 0; b < p.B; ++b)
+    for (int k = 0; k < kNumStats; ++k) total[k] += rows[size_t(b) * kNumStats + k];
+  return total;
+}
+
+// ---------------------------------------------------------------------------------------
+// kl_penalty: elementwise estimate and d/d logp.
+
+template <class T>
+void kl_range(int kind, const Bounds<acc_t<T>>& clamp, const T* logp, const T* ref, acc_t<T>* out,
+              acc_t<T>* grad, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const auto kl = kl_estimate(kind, acc_t<T>(load(logp, i)), acc_t<T>(load(ref, i)), clamp);
+    out[i] = kl.value;
+    if (grad) grad[i] = kl.grad;
+  }
+}
+
+void kl_penalty_fused(int64_t n, int dtype, ptr_t logp, ptr_t ref, int kind, bool has_lo, double lo, bool has_hi,
+                      double hi, ptr_t out, ptr_t grad) {
+  RLK_DISPATCH_FLOATING(dtype, T, {
+    using A = acc_t<T>;
+    Bounds<A> clamp;
+    clamp.has_lo = has_lo;
+    clamp.has_hi = has_hi;
+    clamp.lo = A(lo);
+    clamp.hi = A(hi);
+    parallel_for(n, 16384, [&](int64_t i0, int64_t i1) {
+      kl_range<T>(kind, clamp, as_ptr<const T>(logp), as_ptr<const T>(ref), as_ptr<A>(out),
+                  grad ? as_ptr<A>(grad) : nullptr, i0, i1);
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// value_loss: per token 0.5 * max((v - R)^2, (clip(v, v_old - c, v_old + c) - R)^2).
+// Returns {active tokens, row-weighted loss sum, clipped tokens, sum of v}.
+
+std::vector<double> value_loss_fused(int64_t B, int64_t T, int dtype, ptr_t values, ptr_t old_values, ptr_t returns,
+                                     ptr_t mask, bool has_clip, double clip, int agg, ptr_t grad_values) {
+  if (B <= 0 || T <= 0) throw std::invalid_argument("value_loss: empty batch");
+  constexpr int K = 4;
+  std::vector<double> rows(size_t(B) * K, 0.0);
+  RLK_DISPATCH_FLOATING(dtype, S, {
+    using A = acc_t<S>;
+    const S* v = as_ptr<const S>(values);
+    const S* vo = as_ptr<const S>(old_values);
+    const S* R = as_ptr<const S>(returns);
+    const uint8_t* m = as_ptr<const uint8_t>(mask);
+    A* g = as_ptr<A>(grad_values);
+    const A c = A(clip);
+    parallel_for(B, row_grain(T), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t base = b * T;
+        int64_t n = 0;
+        if (agg == kSeqMeanTokenMean)
+          for (int64_t t = 0; t < T; ++t) n += m[base + t] != 0;
+        const A row_w = agg == kSeqMeanTokenMean ? A(1) / A(std::max<int64_t>(n, 1)) : A(1);
+        double loss = 0, vsum = 0;
+        int64_t active = 0, clipped = 0;
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t i = base + t;
+          if (!m[i]) {
+            g[i] = A(0);
+            continue;
+          }
+          ++active;
+          const A vi = load(v, i), Ri = load(R, i);
+          const A e1 = (vi - Ri) * (vi - Ri), de1 = A(2) * (vi - Ri);
+          ValueGrad<A> e{e1, de1};
+          if (has_clip) {
+            const A vold = load(vo, i);
+            Bounds<A> range;
+            range.has_lo = range.has_hi = true;
+            range.lo = vold - c;
+            range.hi = vold + c;
+            const ValueGrad<A> vc = range.apply(vi);
+            const A e2 = (vc.value - Ri) * (vc.value - Ri), de2 = A(2) * (vc.value - Ri) * vc.grad;
+            clipped += e2 > e1;
+            e = max_branch(e1, de1, e2, de2);
+          }
+          loss += double(A(0.5) * row_w * e.value);
+          g[i] = A(0.5) * row_w * e.grad;
+          vsum += vi;
+        }
+        double* st = rows.data() + b * K;
+        st[0] = double(active);
+        st[1] = loss;
+        st[2] = double(clipped);
+        st[3] = vsum;
+      }
+    });
+  });
+  std::vector<double> total(K, 0.0);
+  for (int64_t b = 0; b < B; ++b)
+    for (int k = 0; k < K; ++k) total[k] += rows[size_t(b) * K + k];
+  return total;
+}
+
+// ---------------------------------------------------------------------------------------
+// dpo_loss: per pair z = (c - rc) - (r - rr); loss_i by type; writes d loss_i / d z and the
+// implicit rewards. Returns {sum of loss_i, sum of reward margins, pairs with chosen reward >
+// rejected reward}.
+
+std::vector<double> dpo_loss_fused(int64_t B, int dtype, ptr_t chosen, ptr_t rejected, ptr_t ref_chosen,
+                                   ptr_t ref_rejected, double beta, int loss_type, double label_smoothing,
+                                   ptr_t grad_z, ptr_t chosen_rewards, ptr_t rejected_rewards) {
+  double loss = 0, margin = 0, correct = 0;
+  RLK_DISPATCH_FLOATING(dtype, S, {
+    using A = acc_t<S>;
+    const S* c = as_ptr<const S>(chosen);
+    const S* r = as_ptr<const S>(rejected);
+    const S* rc = as_ptr<const S>(ref_chosen);
+    const S* rr = as_ptr<const S>(ref_rejected);
+    A* g = as_ptr<A>(grad_z);
+    A* cr = as_ptr<A>(chosen_rewards);
+    A* rjr = as_ptr<A>(rejected_rewards);
+    const A b_ = A(beta), ls = A(label_smoothing);
+    for (int64_t i = 0; i < B; ++i) {
+      const A dc = A(load(c, i)) - A(load(rc, i));
+      const A dr = A(load(r, i)) - A(load(rr, i));
+      const A z = dc - dr;
+      A li, gi;
+      if (loss_type == 0) {
+        const A x = b_ * z;
+        li = -(A(1) - ls) * log_sigmoid(x) - ls * log_sigmoid(-x);
+        gi = -(A(1) - ls) * b_ * sigmoid(-x) + ls * b_ * sigmoid(x);
+      } else if (loss_type == 1) {
+        const A u = z - A(1) / (A(2) * b_);
+        li = u * u;
+        gi = A(2) * u;
+      } else {
+        const A u = A(1) - b_ * z;
+        li = u > A(0) ? u : A(0);
+        gi = u > A(0) ? -b_ : A(0);
+      }
+      g[i] = gi;
+      cr[i] = b_ * dc;
+      rjr[i] = b_ * dr;
+      loss += li;
+      margin += cr[i] - rjr[i];
+      correct += cr[i] > rjr[i];
+    }
+  });
+  return {loss, margin, correct};
+}
+
+// bradley_terry_loss: loss_i = -log sigmoid(c - r - margin); writes d loss_i / d c.
+// Returns {sum of loss_i, sum of c - r, pairs with c > r}.
+std::vector<double> bradley_terry_fused(int64_t B, int dtype, ptr_t chosen, ptr_t rejected, ptr_t margin,
+                                        double margin_scalar, ptr_t grad_chosen) {
+  double loss = 0, diff_sum = 0, correct = 0;
+  RLK_DISPATCH_FLOATING(dtype, S, {
+    using A = acc_t<S>;
+    const S* c = as_ptr<const S>(chosen);
+    const S* r = as_ptr<const S>(rejected);
+    const S* mg = as_ptr<const S>(margin);
+    A* g = as_ptr<A>(grad_chosen);
+    for (int64_t i = 0; i < B; ++i) {
+      const A d = A(load(c, i)) - A(load(r, i));
+      const A x = d - (mg ? A(load(mg, i)) : A(margin_scalar));
+      loss += -log_sigmoid(x);
+      g[i] = -sigmoid(-x);
+      diff_sum += d;
+      correct += d > A(0);
+    }
+  });
+  return {loss, diff_sum, correct};
+}
+
+void bind(py::module_& m) {
+  py::class_<PolicyParams>(m, "PolicyParams")
+      .def(py::init<>())
+      .def_readwrite("B", &PolicyParams::B)
+      .def_readwrite("T", &PolicyParams::T)
+      .def_readwrite("dtype", &PolicyParams::dtype)
+      .def_readwrite("logp", &PolicyParams::logp)
+      .def_readwrite("old_logp", &PolicyParams::old_logp)
+      .def_readwrite("advantages", &PolicyParams::advantages)
+      .def_readwrite("mask", &PolicyParams::mask)
+      .def_readwrite("ref_logp", &PolicyParams::ref_logp)
+      .def_readwrite("rollout_logp", &PolicyParams::rollout_logp)
+      .def_readwrite("entropy", &PolicyParams::entropy)
+      .def_readwrite("adv_per_token", &PolicyParams::adv_per_token)
+      .def_readwrite("objective", &PolicyParams::objective)
+      .def_readwrite("seq_level", &PolicyParams::seq_level)
+      .def_readwrite("clip_lo", &PolicyParams::clip_lo)
+      .def_readwrite("clip_hi", &PolicyParams::clip_hi)
+      .def_readwrite("has_dual", &PolicyParams::has_dual)
+      .def_readwrite("dual_clip", &PolicyParams::dual_clip)
+      .def_readwrite("has_ratio_cap", &PolicyParams::has_ratio_cap)
+      .def_readwrite("ratio_cap", &PolicyParams::ratio_cap)
+      .def_readwrite("has_lr_lo", &PolicyParams::has_lr_lo)
+      .def_readwrite("has_lr_hi", &PolicyParams::has_lr_hi)
+      .def_readwrite("lr_lo", &PolicyParams::lr_lo)
+      .def_readwrite("lr_hi", &PolicyParams::lr_hi)
+      .def_readwrite("kl_coef", &PolicyParams::kl_coef)
+      .def_readwrite("kl_kind", &PolicyParams::kl_kind)
+      .def_readwrite("has_kl_lo", &PolicyParams::has_kl_lo)
+      .def_readwrite("has_kl_hi", &PolicyParams::has_kl_hi)
+      .def_readwrite("kl_lo", &PolicyParams::kl_lo)
+      .def_readwrite("kl_hi", &PolicyParams::kl_hi)
+      .def_readwrite("kl_correction", &PolicyParams::kl_correction)
+      .def_readwrite("has_tis", &PolicyParams::has_tis)
+      .def_readwrite("tis_seq", &PolicyParams::tis_seq)
+      .def_readwrite("tis_mask_mode", &PolicyParams::tis_mask_mode)
+      .def_readwrite("tis_cap", &PolicyParams::tis_cap)
+      .def_readwrite("has_off", &PolicyParams::has_off)
+      .def_readwrite("off_threshold", &PolicyParams::off_threshold)
+      .def_readwrite("entropy_coef", &PolicyParams::entropy_coef)
+      .def_readwrite("has_entropy_select", &PolicyParams::has_entropy_select)
+      .def_readwrite("entropy_threshold", &PolicyParams::entropy_threshold)
+      .def_readwrite("agg", &PolicyParams::agg)
+      .def_readwrite("grad_logp", &PolicyParams::grad_logp)
+      .def_readwrite("grad_entropy", &PolicyParams::grad_entropy);
+  m.attr("NUM_POLICY_STATS") = int(kNumStats);
+  m.def("policy_loss", &policy_loss_fused, py::arg("params"), py::call_guard<py::gil_scoped_release>(),
+        "Fused policy loss: writes d(row-weighted loss sum)/d logp (and entropy) and returns the totals "
+        "[active, loss_sum, clip_low, clip_high, ratio_sum, approx_kl_sum, kl_sum, entropy_sum, dual_clip]");
+  m.def("kl_penalty", &kl_penalty_fused, py::call_guard<py::gil_scoped_release>());
+  m.def("value_loss", &value_loss_fused, py::call_guard<py::gil_scoped_release>());
+  m.def("dpo_loss", &dpo_loss_fused, py::call_guard<py::gil_scoped_release>());
+  m.def("bradley_terry_loss", &bradley_terry_fused, py::call_guard<py::gil_scoped_release>());
+}
+
+}  // namespace
+}  // namespace rlk
+
+RLK_REGISTER_BINDINGS(losses, rlk::bind);

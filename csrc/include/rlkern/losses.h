@@ -1,0 +1,179 @@
+// Per-token math of the policy, value and preference losses, shared by the CPU kernels
+// (and usable from CUDA). Each function returns a value together with its derivative so
+// that one pass over the tokens yields the loss and the gradient at once.
+//
+// Derivatives follow torch's autograd conventions exactly, so that the fused kernels and
+// the plain-PyTorch reference agree bit for bit in the choice of branch:
+//  - max(a, b) / min(a, b): the gradient goes to the larger (smaller) one; on a tie it is
+//    split in half between both.
+//  - clamp(x, lo, hi): the gradient passes where lo <= x <= hi (bounds included).
+#pragma once
+
+#include <cmath>
+
+#include "rlkern/common.h"
+#include "rlkern/dtype.h"
+
+// Hot per-token helpers are forced inline: the token loops are compiled once more for
+// AVX2, and an out-of-line call would drop back to the baseline instruction set.
+#if defined(__CUDACC__)
+#define RLK_LOSS_INLINE __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define RLK_LOSS_INLINE inline __attribute__((always_inline))
+#else
+#define RLK_LOSS_INLINE inline
+#endif
+
+namespace rlk {
+namespace losses {
+
+enum Objective : int { kClip = 0, kCispo = 1, kReinforce = 2 };
+enum KlKind : int { kK1 = 0, kK2 = 1, kK3 = 2 };
+enum Agg : int { kTokenMean = 0, kTokenSum = 1, kSeqMeanTokenMean = 2, kSeqMeanTokenSum = 3, kSeqMeanTokenSumNorm = 4 };
+
+template <class A>
+struct ValueGrad {
+  A value;
+  A grad;
+};
+
+// An optional closed interval; `has_lo`/`has_hi` false means unbounded on that side.
+template <class A>
+struct Bounds {
+  bool has_lo = false, has_hi = false;
+  A lo = 0, hi = 0;
+  RLK_HOST_DEVICE bool active() const { return has_lo || has_hi; }
+  // clamp(x) with d clamp / dx.
+  RLK_HOST_DEVICE ValueGrad<A> apply(A x) const {
+    if (has_lo && x < lo) return {lo, A(0)};
+    if (has_hi && x > hi) return {hi, A(0)};
+    return {x, A(1)};
+  }
+};
+
+RLK_LOSS_INLINE float f32_from_bits(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  __builtin_memcpy(&f, &u, sizeof f);
+  return f;
+#endif
+}
+
+RLK_LOSS_INLINE uint32_t f32_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  __builtin_memcpy(&u, &f, sizeof u);
+  return u;
+#endif
+}
+
+// exp in float without a library call or a float-to-int conversion, so that loops using
+// it vectorise. Cody-Waite reduction x = k ln2 + r with |r| <= ln2 / 2 (k rounded by the
+// 1.5 * 2^23 trick) and Cephes' degree-6 polynomial for exp(r): about 1 ulp. Results
+// below exp(-87) (< 1.7e-38) flush to zero; above float's range, inf; NaN stays NaN.
+RLK_LOSS_INLINE float fast_exp(float x) {
+  const float upper = 88.7228317f, lower = -87.0f;
+  float xc = x > upper ? upper : (x < lower ? lower : x);
+  xc = x == x ? xc : 0.0f;
+  const float shifted = xc * 1.44269504088896341f + 12582912.0f;
+  const float fk = shifted - 12582912.0f;
+  const int32_t k = int32_t(f32_to_bits(shifted) - 0x4B400000u);
+  const float r = (xc - fk * 0.693359375f) - fk * -2.12194440e-4f;
+  const float z = r * r;
+  float y = (((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r +
+              1.6666665459e-1f) * r + 5.0000001201e-1f) * z + r + 1.0f;
+  // 2^k as two normal factors: k reaches 128 near the top of the range.
+  const int32_t k1 = k >> 1, k2 = k - k1;
+  y = y * f32_from_bits(uint32_t(k1 + 127) << 23) * f32_from_bits(uint32_t(k2 + 127) << 23);
+  y = x > upper ? f32_from_bits(0x7f800000u) : y;
+  y = x < lower ? 0.0f : y;
+  return x == x ? y : x;
+}
+
+template <class A>
+RLK_LOSS_INLINE A exp_(A x) {
+  return std::exp(x);
+}
+template <>
+RLK_LOSS_INLINE float exp_<float>(float x) {
+  return fast_exp(x);
+}
+
+// KL estimate of the reference to the current policy at one token and d/d logp.
+template <class A>
+RLK_HOST_DEVICE ValueGrad<A> kl_estimate(int kind, A logp, A ref_logp, const Bounds<A>& clamp) {
+  const A d = ref_logp - logp;
+  ValueGrad<A> kl;
+  if (kind == kK1) {
+    kl = {-d, A(1)};
+  } else if (kind == kK2) {
+    kl = {A(0.5) * d * d, -d};
+  } else {
+    const A e = exp_(d);
+    kl = {e - A(1) - d, A(1) - e};
+  }
+  if (clamp.active()) {
+    const ValueGrad<A> c = clamp.apply(kl.value);
+    kl = {c.value, kl.grad * c.grad};
+  }
+  return kl;
+}
+
+// max(a, b) with da, db: the derivative of the result.
+template <class A>
+RLK_HOST_DEVICE ValueGrad<A> max_branch(A a, A da, A b, A db) {
+  if (a > b) return {a, da};
+  if (a < b) return {b, db};
+  return {a, A(0.5) * (da + db)};
+}
+
+template <class A>
+RLK_HOST_DEVICE ValueGrad<A> min_branch(A a, A da, A b, A db) {
+  if (a < b) return {a, da};
+  if (a > b) return {b, db};
+  return {a, A(0.5) * (da + db)};
+}
+
+// PPO's clipped surrogate as a loss, max(-A r', -A clip(r, lo, hi)) with r' = min(r, cap)
+// when a cap is given, and for A < 0 with dual clip c: min(that, -A c). Returns the
+// value and d/dr.
+template <class A>
+RLK_HOST_DEVICE ValueGrad<A> clipped_surrogate(A ratio, A adv, A clip_lo, A clip_hi, bool has_cap, A cap,
+                                               bool has_dual, A dual) {
+  A r1 = ratio, dr1 = A(1);
+  if (has_cap && ratio > cap) {
+    r1 = cap;
+    dr1 = A(0);
+  }
+  A rc = ratio, drc = A(1);
+  if (ratio < clip_lo) {
+    rc = clip_lo;
+    drc = A(0);
+  } else if (ratio > clip_hi) {
+    rc = clip_hi;
+    drc = A(0);
+  }
+  ValueGrad<A> s = max_branch(-adv * r1, -adv * dr1, -adv * rc, -adv * drc);
+  if (has_dual && adv < A(0)) s = min_branch(s.value, s.grad, -adv * dual, A(0));
+  return s;
+}
+
+// log(sigmoid(x)), stable for large |x|.
+template <class A>
+RLK_HOST_DEVICE A log_sigmoid(A x) {
+  return (x < A(0) ? x : A(0)) - std::log1p(std::exp(-std::fabs(x)));
+}
+
+template <class A>
+RLK_HOST_DEVICE A sigmoid(A x) {
+  if (x >= A(0)) return A(1) / (A(1) + std::exp(-x));
+  const A e = std::exp(x);
+  return e / (A(1) + e);
+}
+
+}  // namespace losses
+}  // namespace rlk

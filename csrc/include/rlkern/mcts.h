@@ -1,0 +1,154 @@
+// Batched Monte-Carlo tree search: a Forest of B independent trees searched in lockstep.
+//
+// Every tree lives in preallocated struct-of-arrays pools addressed by int32 indices.
+// A node is created when its edge is first expanded (node id = expansion order, root 0);
+// it owns one contiguous slice of edges, one per legal action, in increasing action
+// order. Per-child statistics (visits, value, the reward and discount of the incoming
+// edge) live on the child node; an edge only holds its action, prior and child id.
+//
+// Semantics follow mctx (google-deepmind/mctx) muzero_policy and gumbel_muzero_policy;
+// the deliberate differences are listed in python/rlkern/mcts/forest.py.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace rlk {
+namespace mcts {
+
+enum class Algorithm : int { kPuct = 0, kGumbel = 1 };
+
+struct Config {
+  Algorithm algorithm = Algorithm::kPuct;
+  float c1 = 1.25f;
+  float c2 = 19652.0f;
+  float dirichlet_alpha = 0.3f;
+  float dirichlet_fraction = 0.25f;
+  int max_considered_actions = 16;
+  float gumbel_scale = 1.0f;
+  float maxvisit_init = 50.0f;
+  float value_scale = 0.1f;
+  bool rescale_values = true;
+  bool use_mixed_value = true;
+  float temperature = 1.0f;
+  int max_depth = 0;  // <= 0: unlimited
+  uint64_t seed = 0;
+  int num_threads = 0;  // <= 0: the global pool size
+};
+
+// mctx seq_halving.get_sequence_of_considered_visits(m, n).
+std::vector<int32_t> considered_visit_sequence(int max_considered, int num_simulations);
+
+// A counter-based generator: the stream of draws is a pure function of
+// (seed, tree, epoch, draw index), so results never depend on thread scheduling.
+struct CounterRng {
+  uint64_t key;
+  uint64_t counter = 0;
+  CounterRng(uint64_t seed, uint64_t tree, uint64_t epoch);
+  uint64_t next_u64();
+  double uniform_open();  // in (0, 1)
+  double normal();
+  double gamma(double alpha);  // Gamma(alpha, 1)
+  double gumbel();
+};
+
+class Forest {
+ public:
+  Forest(int64_t batch_size, int64_t num_actions, int64_t max_nodes, int64_t max_edges, const Config& config);
+
+  int64_t batch_size() const { return B_; }
+  int64_t num_actions() const { return A_; }
+  int64_t max_nodes() const { return N_; }
+  int64_t max_edges() const { return E_; }
+  const Config& config() const { return cfg_; }
+
+  // Sets the number of simulations the Gumbel root schedule (sequential halving) plans for.
+  void plan(int num_simulations);
+  int planned_simulations() const { return table_sims_; }
+
+  // logits [B,A] f32, value [B] f32, legal [B,A] u8 or null, rows [B] u8 or null (which trees to reset).
+  void set_roots(const float* logits, const float* value, const uint8_t* legal, const uint8_t* rows);
+
+  // One simulation per tree with a root. Writes leaves (tree, parent, action, node) into the
+  // four [B] int64 outputs and returns their number L; trees whose simulation ended at an
+  // existing node (terminal, max_depth, full pool) were backed up already and have no leaf.
+  int64_t select(int64_t* tree, int64_t* parent, int64_t* action, int64_t* node);
+
+  // Rows follow the order of the last select(). legal [L,A] u8 or null, terminal [L] u8 or null.
+  void expand_backup(int64_t num_leaves, const float* logits, const float* value, const float* reward,
+                     const float* discount, const uint8_t* legal, const uint8_t* terminal);
+
+  // action [B] i64, weights [B,A] f32, visits [B,A] i32, q [B,A] f32, root_value [B] f32.
+  void result(float temperature, int64_t* action, float* weights, int32_t* visits, float* q, float* root_value);
+
+  // actions [B] i64 (negative: leave that tree untouched); old_to_new [B,N] i64 out.
+  void advance(const int64_t* actions, int64_t* old_to_new);
+
+  // mctx Tree layout. node arrays [B,N], child arrays [B,N,A].
+  void export_tree(int32_t* node_visits, float* node_values, float* raw_values, int32_t* parents,
+                   int32_t* action_from_parent, uint8_t* terminal, int32_t* children_index,
+                   int32_t* children_visits, float* children_values, float* children_rewards,
+                   float* children_discounts, float* children_prior_logits) const;
+
+  int64_t num_pending() const { return num_pending_; }
+  void num_nodes(int32_t* out) const;
+  void has_root(uint8_t* out) const;
+
+ public:
+  struct Child {
+    int32_t edge;
+    int32_t visits;
+    float q;
+    float prior;
+  };
+
+ private:
+  struct Completed;  // completed-Q summary of one node (Gumbel)
+
+  void init_root(int64_t b, const float* logits, float value, const uint8_t* legal, CounterRng& rng);
+  void prepare_root_noise(int64_t b, CounterRng& rng);
+  int32_t select_edge(int64_t b, int32_t x, int depth, std::vector<Child>& buf) const;
+  int32_t puct_edge(int64_t b, int32_t x, std::vector<Child>& buf) const;
+  int32_t gumbel_root_edge(int64_t b, std::vector<Child>& buf) const;
+  int32_t gumbel_interior_edge(int64_t b, int32_t x, std::vector<Child>& buf) const;
+  void completed(int64_t b, int32_t x, std::vector<Child>& buf, Completed& out) const;
+  void backup(int64_t b, int32_t x, float leaf_value);
+  void revisit(int64_t b, int32_t x);
+  void for_trees(int64_t grain, const std::function<void(int64_t, int64_t)>& fn) const;
+  void recompute_best_unexpanded(int64_t b, int32_t x);
+  void recompute_root_best(int64_t b);
+
+  int64_t B_, A_, N_, E_;
+  Config cfg_;
+
+  // Node pools [B*N]. slot_ is the node's edge offset in its parent's slice; children
+  // form a list (first_child_, next_sibling_) so selection visits only expanded children.
+  // best_unexp_ caches the offset of the highest-prior unexpanded edge (-1: none) and
+  // unexp_prior_ the prior mass of the unexpanded edges.
+  std::vector<int32_t> parent_, action_, first_edge_, num_edges_, visits_;
+  std::vector<int32_t> slot_, first_child_, next_sibling_, best_unexp_;
+  std::vector<float> value_, raw_value_, reward_, discount_, unexp_prior_;
+  std::vector<uint8_t> terminal_;
+  // Edge pools [B*E].
+  std::vector<int32_t> edge_action_, edge_child_;
+  std::vector<float> edge_prior_;
+  // Per tree.
+  std::vector<int32_t> used_nodes_, used_edges_;
+  std::vector<uint8_t> has_root_;
+  std::vector<float> root_score_;           // [B*A] gumbel + log prior, aligned with the root's edges
+  std::vector<int32_t> root_visits_;        // [B*A], root child visits in the current search
+  std::vector<int32_t> root_sims_;          // [B], simulations through a root child in this search
+  std::vector<int32_t> root_best_;          // [B], unexpanded root edge with the highest score
+  // Pending expansions from the last select().
+  std::vector<int32_t> pend_parent_, pend_edge_, pend_tree_;
+  int64_t num_pending_ = 0;
+  // Sequential halving table [(m+1) * table_sims_].
+  std::vector<int32_t> table_;
+  int table_sims_ = 0;
+  uint64_t epoch_ = 0;
+};
+
+}  // namespace mcts
+}  // namespace rlk

@@ -1,0 +1,205 @@
+// Python bindings of the batched MCTS Forest (rlkern._C.mcts). The Python wrapper
+// (python/rlkern/mcts/forest.py) converts inputs to contiguous arrays of the expected
+// dtype without copying when they already are; shapes are checked here.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "rlkern/mcts.h"
+#include "rlkern/registry.h"
+
+namespace py = pybind11;
+using rlk::mcts::Forest;
+
+namespace {
+
+template <typename T>
+using Arr = py::array_t<T, py::array::c_style>;
+
+std::string shape_str(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+void expect_shape(const char* name, const py::array& a, std::initializer_list<int64_t> shape) {
+  bool ok = a.ndim() == py::ssize_t(shape.size());
+  size_t i = 0;
+  for (int64_t d : shape) ok = ok && a.shape(py::ssize_t(i++)) == d;
+  if (!ok) {
+    std::string want = "(";
+    i = 0;
+    for (int64_t d : shape) want += (i++ ? ", " : "") + std::to_string(d);
+    want += shape.size() == 1 ? ",)" : ")";
+    throw py::value_error(std::string(name) + " must have shape " + want + ", got " + shape_str(a));
+  }
+}
+
+template <typename T>
+const T* opt_ptr(const char* name, const py::object& o, std::initializer_list<int64_t> shape) {
+  if (o.is_none()) return nullptr;
+  auto a = py::cast<Arr<T>>(o);
+  expect_shape(name, a, shape);
+  return a.data();
+}
+
+rlk::mcts::Config make_config(int algorithm, float c1, float c2, float dirichlet_alpha, float dirichlet_fraction,
+                              int max_considered_actions, float gumbel_scale, float maxvisit_init,
+                              float value_scale, bool rescale_values, bool use_mixed_value, float temperature,
+                              int max_depth, uint64_t seed, int num_threads) {
+  rlk::mcts::Config c;
+  c.algorithm = rlk::mcts::Algorithm(algorithm);
+  c.c1 = c1;
+  c.c2 = c2;
+  c.dirichlet_alpha = dirichlet_alpha;
+  c.dirichlet_fraction = dirichlet_fraction;
+  c.max_considered_actions = max_considered_actions;
+  c.gumbel_scale = gumbel_scale;
+  c.maxvisit_init = maxvisit_init;
+  c.value_scale = value_scale;
+  c.rescale_values = rescale_values;
+  c.use_mixed_value = use_mixed_value;
+  c.temperature = temperature;
+  c.max_depth = max_depth;
+  c.seed = seed;
+  c.num_threads = num_threads;
+  return c;
+}
+
+void bind(py::module_& m) {
+  m.def("considered_visit_sequence", &rlk::mcts::considered_visit_sequence, py::arg("max_considered"),
+        py::arg("num_simulations"), "mctx's sequential-halving sequence of considered visits");
+
+  py::class_<Forest>(m, "Forest")
+      .def(py::init([](int64_t B, int64_t A, int64_t N, int64_t E, int algorithm, float c1, float c2, float alpha,
+                       float frac, int m_considered, float gumbel_scale, float maxvisit_init, float value_scale,
+                       bool rescale, bool mixed, float temperature, int max_depth, uint64_t seed, int threads) {
+             return new Forest(B, A, N, E,
+                               make_config(algorithm, c1, c2, alpha, frac, m_considered, gumbel_scale, maxvisit_init,
+                                           value_scale, rescale, mixed, temperature, max_depth, seed, threads));
+           }))
+      .def("plan", &Forest::plan, py::arg("num_simulations"))
+      .def_property_readonly("planned_simulations", &Forest::planned_simulations)
+      .def_property_readonly("num_pending", &Forest::num_pending)
+      .def("set_roots",
+           [](Forest& f, Arr<float> logits, Arr<float> value, py::object legal, py::object rows) {
+             const int64_t B = f.batch_size(), A = f.num_actions();
+             expect_shape("prior_logits", logits, {B, A});
+             expect_shape("value", value, {B});
+             const uint8_t* lp = opt_ptr<uint8_t>("legal_mask", legal, {B, A});
+             const uint8_t* rp = opt_ptr<uint8_t>("rows", rows, {B});
+             py::gil_scoped_release release;
+             f.set_roots(logits.data(), value.data(), lp, rp);
+           })
+      .def("select",
+           [](Forest& f, Arr<int64_t> tree, Arr<int64_t> parent, Arr<int64_t> action, Arr<int64_t> node) {
+             const int64_t B = f.batch_size();
+             for (auto* a : {&tree, &parent, &action, &node}) expect_shape("leaf buffer", *a, {B});
+             int64_t* t = tree.mutable_data();
+             int64_t* p = parent.mutable_data();
+             int64_t* ac = action.mutable_data();
+             int64_t* n = node.mutable_data();
+             py::gil_scoped_release release;
+             return f.select(t, p, ac, n);
+           })
+      .def("expand_backup",
+           [](Forest& f, Arr<float> logits, Arr<float> value, Arr<float> reward, Arr<float> discount,
+              py::object legal, py::object terminal) {
+             const int64_t L = f.num_pending(), A = f.num_actions();
+             if (logits.ndim() != 2 || logits.shape(0) != L)
+               throw py::value_error("prior_logits must have shape (" + std::to_string(L) + ", " + std::to_string(A) +
+                                     ") (one row per leaf of the last select()), got " + shape_str(logits));
+             expect_shape("prior_logits", logits, {L, A});
+             expect_shape("value", value, {L});
+             expect_shape("reward", reward, {L});
+             expect_shape("discount", discount, {L});
+             const uint8_t* lp = opt_ptr<uint8_t>("legal_mask", legal, {L, A});
+             const uint8_t* tp = opt_ptr<uint8_t>("terminal", terminal, {L});
+             py::gil_scoped_release release;
+             f.expand_backup(L, logits.data(), value.data(), reward.data(), discount.data(), lp, tp);
+           })
+      .def("result",
+           [](Forest& f, float temperature) {
+             const int64_t B = f.batch_size(), A = f.num_actions();
+             Arr<int64_t> action({B});
+             Arr<float> weights({B, A});
+             Arr<int32_t> visits({B, A});
+             Arr<float> q({B, A});
+             Arr<float> root_value({B});
+             int64_t* ap = action.mutable_data();
+             float* wp = weights.mutable_data();
+             int32_t* vp = visits.mutable_data();
+             float* qp = q.mutable_data();
+             float* rp = root_value.mutable_data();
+             {
+               py::gil_scoped_release release;
+               f.result(temperature, ap, wp, vp, qp, rp);
+             }
+             return py::make_tuple(action, weights, visits, q, root_value);
+           })
+      .def("advance",
+           [](Forest& f, Arr<int64_t> actions) {
+             const int64_t B = f.batch_size(), N = f.max_nodes();
+             expect_shape("actions", actions, {B});
+             Arr<int64_t> o2n({B, N});
+             int64_t* op = o2n.mutable_data();
+             {
+               py::gil_scoped_release release;
+               f.advance(actions.data(), op);
+             }
+             return o2n;
+           })
+      .def("export",
+           [](const Forest& f) {
+             const int64_t B = f.batch_size(), A = f.num_actions(), N = f.max_nodes();
+             Arr<int32_t> node_visits({B, N}), parents({B, N}), action_from_parent({B, N});
+             Arr<float> node_values({B, N}), raw_values({B, N});
+             Arr<uint8_t> terminal({B, N});
+             Arr<int32_t> children_index({B, N, A}), children_visits({B, N, A});
+             Arr<float> children_values({B, N, A}), children_rewards({B, N, A}), children_discounts({B, N, A}),
+                 children_prior_logits({B, N, A});
+             int32_t *nv = node_visits.mutable_data(), *pa = parents.mutable_data(),
+                     *afp = action_from_parent.mutable_data(), *ci = children_index.mutable_data(),
+                     *cv = children_visits.mutable_data();
+             float *nval = node_values.mutable_data(), *rv = raw_values.mutable_data(),
+                   *cval = children_values.mutable_data(), *cr = children_rewards.mutable_data(),
+                   *cd = children_discounts.mutable_data(), *cp = children_prior_logits.mutable_data();
+             uint8_t* term = terminal.mutable_data();
+             {
+               py::gil_scoped_release release;
+               f.export_tree(nv, nval, rv, pa, afp, term, ci, cv, cval, cr, cd, cp);
+             }
+             py::dict d;
+             d["node_visits"] = node_visits;
+             d["node_values"] = node_values;
+             d["raw_values"] = raw_values;
+             d["parents"] = parents;
+             d["action_from_parent"] = action_from_parent;
+             d["terminal"] = terminal;
+             d["children_index"] = children_index;
+             d["children_visits"] = children_visits;
+             d["children_values"] = children_values;
+             d["children_rewards"] = children_rewards;
+             d["children_discounts"] = children_discounts;
+             d["children_prior_logits"] = children_prior_logits;
+             return d;
+           })
+      .def("num_nodes",
+           [](const Forest& f) {
+             Arr<int32_t> out({f.batch_size()});
+             f.num_nodes(out.mutable_data());
+             return out;
+           })
+      .def("has_root", [](const Forest& f) {
+        Arr<uint8_t> out({f.batch_size()});
+        f.has_root(out.mutable_data());
+        return out;
+      });
+}
+
+}  // namespace
+
+RLK_REGISTER_BINDINGS(mcts, bind);

@@ -1,0 +1,936 @@
+// Batched MCTS: see rlkern/mcts.h for the layout and python/rlkern/mcts/forest.py for
+// the documented semantics.
+#include "rlkern/mcts.h"
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <string>
+
+#include "rlkern/parallel.h"
+
+namespace rlk {
+namespace mcts {
+
+namespace {
+
+constexpr float kEps = 1e-8f;         // mctx qtransforms epsilon
+constexpr float kLowLogit = -1e9f;    // mctx seq_halving.score_considered floor
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline uint64_t mix64(uint64_t z) {
+  z += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// exp for float32 within about 2 ulp (Cephes' expf polynomial after reduction by ln 2),
+// written so the compiler can vectorise loops over it; below -87.3 it returns 0.
+inline float fast_exp(float x) {
+  const float lo = -87.3f, hi = 88.0f;
+  const bool underflow = x < lo;
+  x = std::min(std::max(x, lo), hi);
+  const float fx = x * 1.44269504088896341f + 0.5f;
+  int32_t n = int32_t(fx);
+  n -= (fx < float(n)) ? 1 : 0;
+  const float nf = float(n);
+  float r = x - nf * 0.693359375f;
+  r = r + nf * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  union {
+    int32_t i;
+    float f;
+  } scale;
+  scale.i = (n + 127) << 23;
+  return underflow ? 0.f : y * scale.f;
+}
+
+std::string row_msg(const char* name, int64_t row, const char* what) {
+  return std::string(name) + ": row " + std::to_string(row) + " " + what;
+}
+
+// Softmax of the legal logits into `out` (one entry per legal action, in action order);
+// `best` gets the offset of the first largest prior and `total` the sum of the priors.
+// Legal logits that are all -inf give a uniform distribution (mctx's finfo.min masking
+// has the same effect).
+int32_t legal_softmax(const float* logits, const uint8_t* legal, int64_t A, int32_t* actions, float* out,
+                      int32_t* best, float* total) {
+  int32_t k = 0;
+  if (legal) {
+    for (int64_t a = 0; a < A; ++a) {
+      if (!legal[a]) continue;
+      actions[k] = int32_t(a);
+      out[k++] = logits[a];
+    }
+  } else {
+    for (int64_t a = 0; a < A; ++a) {
+      actions[a] = int32_t(a);
+      out[a] = logits[a];
+    }
+    k = int32_t(A);
+  }
+  *best = -1;
+  *total = 0.f;
+  if (k == 0) return 0;
+  // Eight independent accumulators let the compiler vectorise the reductions.
+  float lane[8];
+  std::fill(lane, lane + 8, kNegInf);
+  int32_t i = 0;
+  for (; i + 8 <= k; i += 8)
+    for (int j = 0; j < 8; ++j) lane[j] = lane[j] < out[i + j] ? out[i + j] : lane[j];
+  float mx = kNegInf;
+  for (; i < k; ++i) mx = std::max(mx, out[i]);
+  for (int j = 0; j < 8; ++j) mx = std::max(mx, lane[j]);
+  if (mx == kNegInf) {
+    for (i = 0; i < k; ++i) out[i] = 1.0f / float(k);
+    *best = 0;
+    *total = float(k) * (1.0f / float(k));
+    return k;
+  }
+  for (i = 0; i < k; ++i) out[i] = fast_exp(out[i] - mx);
+  std::fill(lane, lane + 8, 0.f);
+  for (i = 0; i + 8 <= k; i += 8)
+    for (int j = 0; j < 8; ++j) lane[j] += out[i + j];
+  float sum = 0.f;
+  for (; i < k; ++i) sum += out[i];
+  for (int j = 0; j < 8; ++j) sum += lane[j];
+  const float inv = 1.0f / sum;
+  for (i = 0; i < k; ++i) out[i] *= inv;
+  float top = kNegInf, t = 0.f;
+  for (i = 0; i < k; ++i) {
+    const float p = out[i];
+    t += p;
+    if (p > top) {
+      top = p;
+      *best = i;
+    }
+  }
+  *total = t;
+  return k;
+}
+
+// 0 when the row is usable, else a message fragment.
+const char* check_logits_row(const float* logits, const uint8_t* legal, int64_t A, bool need_legal) {
+  int64_t n = 0;
+  for (int64_t a = 0; a < A; ++a) {
+    if (legal && !legal[a]) continue;
+    ++n;
+    const float x = logits[a];
+    if (std::isnan(x)) return "has a NaN prior logit on a legal action";
+    if (x == std::numeric_limits<float>::infinity()) return "has a +inf prior logit on a legal action";
+  }
+  if (need_legal && n == 0) return "has no legal action";
+  return nullptr;
+}
+
+}  // namespace
+
+std::vector<int32_t> considered_visit_sequence(int max_considered, int num_simulations) {
+  std::vector<int32_t> seq;
+  if (num_simulations <= 0) return seq;
+  seq.reserve(size_t(num_simulations));
+  if (max_considered <= 1) {
+    for (int i = 0; i < num_simulations; ++i) seq.push_back(i);
+    return seq;
+  }
+  int log2max = 0;
+  while ((1 << log2max) < max_considered) ++log2max;
+  std::vector<int32_t> visits(size_t(max_considered), 0);
+  int considered = max_considered;
+  while (int(seq.size()) < num_simulations) {
+    const int extra = std::max(1, num_simulations / (log2max * considered));
+    for (int r = 0; r < extra; ++r) {
+      seq.insert(seq.end(), visits.begin(), visits.begin() + considered);
+      for (int i = 0; i < considered; ++i) ++visits[size_t(i)];
+    }
+    considered = std::max(2, considered / 2);
+  }
+  seq.resize(size_t(num_simulations));
+  return seq;
+}
+
+CounterRng::CounterRng(uint64_t seed, uint64_t tree, uint64_t epoch)
+    : key(mix64(mix64(seed ^ 0x5851F42D4C957F2Dull) ^ mix64(tree + 0x14057B7EF767814Full) ^
+                (epoch * 0xD1342543DE82EF95ull))) {}
+
+uint64_t CounterRng::next_u64() { return mix64(key + 0x9E3779B97F4A7C15ull * ++counter); }
+
+double CounterRng::uniform_open() { return (double(next_u64() >> 11) + 0.5) * (1.0 / 9007199254740992.0); }
+
+double CounterRng::normal() {
+  const double u1 = uniform_open(), u2 = uniform_open();
+  return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
+}
+
+double CounterRng::gamma(double alpha) {
+  if (alpha < 1.0) {
+    const double u = uniform_open();
+    return gamma(alpha + 1.0) * std::pow(u, 1.0 / alpha);
+  }
+  // Marsaglia and Tsang (2000).
+  const double d = alpha - 1.0 / 3.0, c = 1.0 / std::sqrt(9.0 * d);
+  for (int tries = 0; tries < 1000; ++tries) {
+    const double x = normal();
+    double v = 1.0 + c * x;
+    if (v <= 0.0) continue;
+    v = v * v * v;
+    const double u = uniform_open();
+    if (std::log(u) < 0.5 * x * x + d - d * v + d * std::log(v)) return d * v;
+  }
+  return d;
+}
+
+double CounterRng::gumbel() { return -std::log(-std::log(uniform_open())); }
+
+// The first n entries of a buffer, for range-for.
+struct Span {
+  Forest::Child* p;
+  int32_t n;
+  Forest::Child* begin() const { return p; }
+  Forest::Child* end() const { return p + n; }
+};
+
+struct Forest::Completed {
+  float lo = 0.f, hi = 0.f, scale = 0.f;
+  float mul = 0.f, add = 0.f;  // sigma(q) = mul * q + add
+  float sigma_missing = 0.f;  // sigma of the completed value of unvisited or illegal actions
+  int32_t sum_visits = 0;
+  int32_t count = 0;  // expanded children, written to the front of the caller's buffer
+  int32_t best_unvisited_edge = -1;  // highest prior among unvisited legal children
+  float best_unvisited_prior = kNegInf;
+  float unvisited_prior_sum = 0.f;
+  float sigma(float q) const { return mul * q + add; }
+};
+
+Forest::Forest(int64_t batch_size, int64_t num_actions, int64_t max_nodes, int64_t max_edges, const Config& config)
+    : B_(batch_size), A_(num_actions), N_(max_nodes), E_(max_edges), cfg_(config) {
+  if (B_ <= 0) throw std::invalid_argument("batch_size must be > 0, got " + std::to_string(B_));
+  if (A_ <= 0 || A_ > (1 << 30)) throw std::invalid_argument("num_actions must be > 0, got " + std::to_string(A_));
+  if (N_ < 1 || N_ > (int64_t(1) << 30))
+    throw std::invalid_argument("max_nodes must be >= 1, got " + std::to_string(N_));
+  if (E_ <= 0) E_ = N_ * A_;
+  if (E_ < A_ || E_ > (int64_t(1) << 31) - 1)
+    throw std::invalid_argument("max_edges must be in [num_actions, 2^31), got " + std::to_string(E_));
+  const size_t nodes = size_t(B_ * N_), edges = size_t(B_ * E_);
+  parent_.assign(nodes, -1);
+  action_.assign(nodes, -1);
+  first_edge_.assign(nodes, 0);
+  num_edges_.assign(nodes, 0);
+  visits_.assign(nodes, 0);
+  slot_.assign(nodes, -1);
+  first_child_.assign(nodes, -1);
+  next_sibling_.assign(nodes, -1);
+  best_unexp_.assign(nodes, -1);
+  unexp_prior_.assign(nodes, 0.f);
+  value_.assign(nodes, 0.f);
+  raw_value_.assign(nodes, 0.f);
+  reward_.assign(nodes, 0.f);
+  discount_.assign(nodes, 1.f);
+  terminal_.assign(nodes, 0);
+  edge_action_.assign(edges, -1);
+  edge_child_.assign(edges, -1);
+  edge_prior_.assign(edges, 0.f);
+  used_nodes_.assign(size_t(B_), 0);
+  used_edges_.assign(size_t(B_), 0);
+  has_root_.assign(size_t(B_), 0);
+  root_score_.assign(size_t(B_ * A_), 0.f);
+  root_visits_.assign(size_t(B_ * A_), 0);
+  root_sims_.assign(size_t(B_), 0);
+  root_best_.assign(size_t(B_), -1);
+  pend_parent_.assign(size_t(B_), -1);
+  pend_edge_.assign(size_t(B_), -1);
+  pend_tree_.assign(size_t(B_), -1);
+}
+
+void Forest::for_trees(int64_t grain, const std::function<void(int64_t, int64_t)>& fn) const {
+  const int threads = cfg_.num_threads;
+  if (threads == 1) {
+    fn(0, B_);
+    return;
+  }
+  if (threads > 1) grain = std::max<int64_t>(grain, (B_ + threads - 1) / threads);
+  rlk::parallel_for(B_, grain, fn);
+}
+
+void Forest::plan(int num_simulations) {
+  if (num_simulations < 0) throw std::invalid_argument("num_simulations must be >= 0");
+  const int m = std::max(0, cfg_.max_considered_actions);
+  table_.assign(size_t(m + 1) * size_t(num_simulations), 0);
+  for (int i = 0; i <= m; ++i) {
+    const auto seq = considered_visit_sequence(i, num_simulations);
+    std::copy(seq.begin(), seq.end(), table_.begin() + size_t(i) * size_t(num_simulations));
+  }
+  table_sims_ = num_simulations;
+  std::fill(root_visits_.begin(), root_visits_.end(), 0);
+  std::fill(root_sims_.begin(), root_sims_.end(), 0);
+}
+
+void Forest::recompute_best_unexpanded(int64_t b, int32_t x) {
+  const size_t xi = size_t(b * N_ + x);
+  const int64_t eb = b * E_ + first_edge_[xi];
+  const int32_t ne = num_edges_[xi];
+  int32_t best = -1;
+  float top = kNegInf, mass = 0.f;
+  for (int32_t k = 0; k < ne; ++k) {
+    if (edge_child_[size_t(eb + k)] >= 0) continue;
+    const float p = edge_prior_[size_t(eb + k)];
+    mass += p;
+    if (p > top) {
+      top = p;
+      best = k;
+    }
+  }
+  best_unexp_[xi] = best;
+  unexp_prior_[xi] = mass;
+}
+
+void Forest::recompute_root_best(int64_t b) {
+  const int64_t eb = b * E_ + first_edge_[size_t(b * N_)];
+  const int32_t ne = num_edges_[size_t(b * N_)];
+  const float* score = &root_score_[size_t(b * A_)];
+  int32_t best = -1;
+  float top = kNegInf;
+  for (int32_t k = 0; k < ne; ++k) {
+    if (edge_child_[size_t(eb + k)] >= 0) continue;
+    if (best < 0 || score[k] > top) {
+      top = score[k];
+      best = k;
+    }
+  }
+  root_best_[size_t(b)] = best;
+}
+
+void Forest::prepare_root_noise(int64_t b, CounterRng& rng) {
+  const int64_t nb = b * N_, eb = b * E_;
+  const int32_t fe = first_edge_[nb], ne = num_edges_[nb];
+  float* prior = &edge_prior_[size_t(eb + fe)];
+  const int32_t* child = &edge_child_[size_t(eb + fe)];
+  if (cfg_.algorithm == Algorithm::kPuct && cfg_.dirichlet_fraction > 0.f) {
+    // Noise over the legal actions only: mctx draws it over all actions and then masks,
+    // which wastes part of the noise mass on illegal moves.
+    std::vector<double> g(static_cast<size_t>(ne));
+    double total = 0.0;
+    for (int32_t k = 0; k < ne; ++k) total += (g[size_t(k)] = rng.gamma(cfg_.dirichlet_alpha));
+    const float f = cfg_.dirichlet_fraction;
+    for (int32_t k = 0; k < ne; ++k) {
+      const double noise = total > 0.0 ? g[size_t(k)] / total : 1.0 / ne;
+      prior[k] = float((1.0 - f) * prior[k] + f * noise);
+    }
+  }
+  float* score = &root_score_[size_t(b * A_)];
+  for (int32_t k = 0; k < ne; ++k) {
+    float g = 0.f;
+    if (cfg_.algorithm == Algorithm::kGumbel && cfg_.gumbel_scale != 0.f) g = cfg_.gumbel_scale * float(rng.gumbel());
+    score[k] = g + std::log(std::max(prior[k], FLT_MIN));
+  }
+  (void)child;
+  std::fill(root_visits_.begin() + b * A_, root_visits_.begin() + (b + 1) * A_, 0);
+  root_sims_[size_t(b)] = 0;
+  recompute_best_unexpanded(b, 0);
+  recompute_root_best(b);
+}
+
+void Forest::init_root(int64_t b, const float* logits, float value, const uint8_t* legal, CounterRng& rng) {
+  const int64_t nb = b * N_, eb = b * E_;
+  int32_t best;
+  float total;
+  const int32_t k =
+      legal_softmax(logits, legal, A_, &edge_action_[size_t(eb)], &edge_prior_[size_t(eb)], &best, &total);
+  std::fill(edge_child_.begin() + eb, edge_child_.begin() + eb + k, -1);
+  parent_[nb] = -1;
+  action_[nb] = -1;
+  slot_[nb] = -1;
+  first_child_[nb] = next_sibling_[nb] = -1;
+  first_edge_[nb] = 0;
+  num_edges_[nb] = k;
+  visits_[nb] = 1;
+  value_[nb] = raw_value_[nb] = value;
+  reward_[nb] = 0.f;
+  discount_[nb] = 1.f;
+  terminal_[nb] = 0;
+  used_nodes_[b] = 1;
+  used_edges_[b] = k;
+  has_root_[b] = 1;
+  pend_parent_[b] = -1;
+  prepare_root_noise(b, rng);
+}
+
+void Forest::set_roots(const float* logits, const float* value, const uint8_t* legal, const uint8_t* rows) {
+  for (int64_t b = 0; b < B_; ++b) {
+    if (rows && !rows[b]) continue;
+    if (!std::isfinite(value[b])) throw std::invalid_argument(row_msg("value", b, "is not finite"));
+    const char* bad = check_logits_row(logits + b * A_, legal ? legal + b * A_ : nullptr, A_, true);
+    if (bad) throw std::invalid_argument(row_msg(legal ? "prior_logits/legal_mask" : "prior_logits", b, bad));
+  }
+  const uint64_t epoch = ++epoch_;
+  num_pending_ = 0;
+  for_trees(16, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      if (rows && !rows[b]) continue;
+      CounterRng rng(cfg_.seed, uint64_t(b), epoch);
+      init_root(b, logits + b * A_, value[b], legal ? legal + b * A_ : nullptr, rng);
+    }
+  });
+}
+
+// Calls fn(child, slot) for every expanded child of node x. Small nodes scan their edge
+// slice, whose child loads are independent; large ones follow the children list, which
+// touches only expanded children.
+template <typename Fn>
+inline void for_each_child(const int32_t* edge_child, const int32_t* first_child, const int32_t* next_sibling,
+                           const int32_t* slot, int32_t x, int32_t ne, Fn&& fn) {
+  constexpr int32_t kScanEdges = 48;
+  if (ne <= kScanEdges) {
+    for (int32_t k = 0; k < ne; ++k) {
+      const int32_t c = edge_child[k];
+      if (c >= 0) fn(c, k);
+    }
+  } else {
+    for (int32_t c = first_child[x]; c >= 0; c = next_sibling[c]) fn(c, slot[c]);
+  }
+}
+
+void Forest::completed(int64_t b, int32_t x, std::vector<Child>& buf, Completed& out) const {
+  const int64_t nb = b * N_;
+  const size_t xi = size_t(nb + x);
+  const int32_t ne = num_edges_[xi];
+  const int64_t eb = b * E_ + first_edge_[xi];
+  const float* prior = edge_prior_.data() + eb;
+  const int32_t* visits = visits_.data() + nb;
+  const float *reward = reward_.data() + nb, *discount = discount_.data() + nb, *value = value_.data() + nb;
+  int32_t sum_n = 0, max_n = 0;
+  float sum_p = 0.f, sum_pq = 0.f;
+  Child* out_child = buf.data();
+  int32_t count = 0;
+  for_each_child(edge_child_.data() + eb, first_child_.data() + nb, next_sibling_.data() + nb, slot_.data() + nb, x,
+                 ne, [&](int32_t c, int32_t k) {
+                   const int32_t n = visits[c];
+                   const float q = reward[c] + discount[c] * value[c];
+                   const float p = prior[k];
+                   out_child[count++] = {k, n, q, p};
+                   sum_n += n;
+                   max_n = std::max(max_n, n);
+                   const float pf = std::max(p, FLT_MIN);
+                   sum_p += pf;
+                   sum_pq += pf * q;
+                 });
+  out.count = count;
+  out.best_unvisited_edge = best_unexp_[xi];
+  out.best_unvisited_prior = out.best_unvisited_edge >= 0 ? prior[out.best_unvisited_edge] : kNegInf;
+  out.unvisited_prior_sum = unexp_prior_[xi];
+  const float raw = raw_value_[xi];
+  float v = raw;
+  if (cfg_.use_mixed_value && count > 0) v = (raw + float(sum_n) * (sum_pq / sum_p)) / float(sum_n + 1);
+  const bool missing = count < ne || ne < A_;
+  float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+  if (missing) lo = hi = v;
+  for (int32_t i = 0; i < count; ++i) {
+    lo = std::min(lo, out_child[i].q);
+    hi = std::max(hi, out_child[i].q);
+  }
+  out.lo = lo;
+  out.hi = hi;
+  out.scale = (cfg_.maxvisit_init + float(max_n)) * cfg_.value_scale;
+  if (cfg_.rescale_values) {
+    out.mul = out.scale / std::max(hi - lo, kEps);
+    out.add = -lo * out.mul;
+  } else {
+    out.mul = out.scale;
+    out.add = 0.f;
+  }
+  out.sum_visits = sum_n;
+  out.sigma_missing = out.sigma(v);
+}
+
+int32_t Forest::puct_edge(int64_t b, int32_t x, std::vector<Child>& buf) const {
+  const int64_t nb = b * N_;
+  const size_t xi = size_t(nb + x);
+  const int32_t fe = first_edge_[xi], ne = num_edges_[xi];
+  const int64_t eb = b * E_ + fe;
+  const float* prior = edge_prior_.data() + eb;
+  const int32_t* visits = visits_.data() + nb;
+  const float *reward = reward_.data() + nb, *discount = discount_.data() + nb, *value = value_.data() + nb;
+  const float n_node = float(visits[x]);
+  const float pb_c = cfg_.c1 + std::log((n_node + cfg_.c2 + 1.f) / cfg_.c2);
+  const float coef = std::sqrt(n_node) * pb_c;
+  float lo = value[x], hi = lo;
+  Child* out_child = buf.data();
+  int32_t count = 0;
+  for_each_child(edge_child_.data() + eb, first_child_.data() + nb, next_sibling_.data() + nb, slot_.data() + nb, x,
+                 ne, [&](int32_t c, int32_t k) {
+                   const float q = reward[c] + discount[c] * value[c];
+                   lo = std::min(lo, q);
+                   hi = std::max(hi, q);
+                   out_child[count++] = {k, visits[c], q, prior[k]};
+                 });
+  // Unvisited children are completed by the minimum, i.e. 0 after normalisation, so only
+  // the one with the largest prior can win.
+  const float inv_denom = 1.0f / std::max(hi - lo, kEps);
+  int32_t best = best_unexp_[xi];
+  float best_score = best >= 0 ? coef * prior[best] : kNegInf;
+  for (int32_t i = 0; i < count; ++i) {
+    const Child& ch = out_child[i];
+    const float s = (ch.q - lo) * inv_denom + coef * ch.prior / float(ch.visits + 1);
+    if (s > best_score || (s == best_score && ch.edge < best)) {
+      best_score = s;
+      best = ch.edge;
+    }
+  }
+  return fe + best;
+}
+
+int32_t Forest::gumbel_interior_edge(int64_t b, int32_t x, std::vector<Child>& buf) const {
+  const int32_t fe = first_edge_[size_t(b * N_ + x)];
+  Completed cq;
+  completed(b, x, buf, cq);
+  // argmax softmax(logits + sigma(completedQ)) - n / (1 + sum n), evaluated without
+  // exponentiating every action: unvisited children share one completed value, so only
+  // the largest prior among them can win.
+  float m = cq.best_unvisited_edge >= 0 ? cq.sigma_missing : kNegInf;
+  for (Child& ch : Span{buf.data(), cq.count}) {
+    ch.q = cq.sigma(ch.q);  // q is reused for sigma, then for the unnormalised weight
+    m = std::max(m, ch.q);
+  }
+  const float w_missing = cq.best_unvisited_edge >= 0 ? fast_exp(cq.sigma_missing - m) : 0.f;
+  float z = cq.unvisited_prior_sum * w_missing;
+  for (Child& ch : Span{buf.data(), cq.count}) {
+    ch.q = ch.prior * fast_exp(ch.q - m);
+    z += ch.q;
+  }
+  if (!(z > 0.f)) z = 1.f;  // every prior underflowed to 0
+  const float inv_z = 1.0f / z, inv_n = 1.0f / float(1 + cq.sum_visits);
+  int32_t best = cq.best_unvisited_edge;
+  float best_score = best >= 0 ? cq.best_unvisited_prior * w_missing * inv_z : kNegInf;
+  for (const Child& ch : Span{buf.data(), cq.count}) {
+    const float s = ch.q * inv_z - float(ch.visits) * inv_n;
+    if (s > best_score || (s == best_score && ch.edge < best)) {
+      best_score = s;
+      best = ch.edge;
+    }
+  }
+  return fe + best;
+}
+
+int32_t Forest::gumbel_root_edge(int64_t b, std::vector<Child>& buf) const {
+  const int32_t fe = first_edge_[size_t(b * N_)], ne = num_edges_[size_t(b * N_)];
+  const int32_t sim = root_sims_[size_t(b)];
+  // Past the planned number of simulations the root falls back to the interior rule.
+  if (sim >= table_sims_) return gumbel_interior_edge(b, 0, buf);
+  Completed cq;
+  completed(b, 0, buf, cq);
+  const int32_t considered = std::min<int32_t>(cfg_.max_considered_actions, ne);
+  const int32_t target = table_[size_t(considered) * size_t(table_sims_) + size_t(sim)];
+  const float* score = &root_score_[size_t(b * A_)];
+  const int32_t* search_visits = &root_visits_[size_t(b * A_)];
+  // Unexpanded edges have no visits in this search and share sigma(completed value).
+  int32_t best = -1;
+  float best_score = kNegInf;
+  const int32_t unexp = root_best_[size_t(b)];
+  if (target == 0 && unexp >= 0) {
+    best = unexp;
+    best_score = std::max(kLowLogit, score[unexp] + cq.sigma_missing);
+  }
+  for (const Child& ch : Span{buf.data(), cq.count}) {
+    if (search_visits[ch.edge] != target) continue;
+    const float s = std::max(kLowLogit, score[ch.edge] + cq.sigma(ch.q));
+    if (best < 0 || s > best_score || (s == best_score && ch.edge < best)) {
+      best_score = s;
+      best = ch.edge;
+    }
+  }
+  if (best < 0) return gumbel_interior_edge(b, 0, buf);  // cannot happen with a consistent table
+  return fe + best;
+}
+
+int32_t Forest::select_edge(int64_t b, int32_t x, int depth, std::vector<Child>& buf) const {
+  if (cfg_.algorithm == Algorithm::kPuct) return puct_edge(b, x, buf);
+  return depth == 0 ? gumbel_root_edge(b, buf) : gumbel_interior_edge(b, x, buf);
+}
+
+void Forest::backup(int64_t b, int32_t x, float leaf_value) {
+  const int64_t nb = b * N_;
+  float v = leaf_value;
+  for (int32_t p = parent_[size_t(nb + x)]; p >= 0; x = p, p = parent_[size_t(nb + x)]) {
+    v = reward_[size_t(nb + x)] + discount_[size_t(nb + x)] * v;
+    const size_t pi = size_t(nb + p);
+    const float n = float(visits_[pi]);
+    value_[pi] = (value_[pi] * n + v) / (n + 1.f);
+    visits_[pi] += 1;
+    if (p == 0) {
+      root_visits_[size_t(b * A_ + slot_[size_t(nb + x)])] += 1;
+      root_sims_[size_t(b)] += 1;
+    }
+  }
+}
+
+void Forest::revisit(int64_t b, int32_t x) {
+  const size_t xi = size_t(b * N_ + x);
+  const float v = terminal_[xi] ? 0.f : raw_value_[xi];
+  const float n = float(visits_[xi]);
+  value_[xi] = (value_[xi] * n + v) / (n + 1.f);
+  visits_[xi] += 1;
+  backup(b, x, v);
+}
+
+int64_t Forest::select(int64_t* tree, int64_t* parent, int64_t* action, int64_t* node) {
+  if (num_pending_ > 0)
+    throw std::runtime_error("select() called twice without expand_backup() for the pending leaves");
+  if (cfg_.algorithm == Algorithm::kGumbel && table_sims_ == 0)
+    throw std::runtime_error("Gumbel search needs a simulation budget: call plan(num_simulations) first");
+  const int64_t grain = std::max<int64_t>(4, 2048 / A_);
+  for_trees(grain, [&](int64_t begin, int64_t end) {
+    std::vector<Child> buf(static_cast<size_t>(A_));
+    for (int64_t b = begin; b < end; ++b) {
+      pend_parent_[b] = -1;
+      if (!has_root_[b]) continue;
+      const int64_t nb = b * N_, eb = b * E_;
+      int32_t x = 0;
+      int depth = 0;
+      for (;;) {
+        const int32_t e = select_edge(b, x, depth, buf);
+        const int32_t c = edge_child_[size_t(eb + e)];
+        ++depth;
+        if (c < 0) {
+          if (used_nodes_[b] >= N_ || used_edges_[b] + A_ > E_) {
+            revisit(b, x);  // pool full: the simulation ends at x
+          } else {
+            pend_parent_[b] = x;
+            pend_edge_[b] = e;
+          }
+          break;
+        }
+        if (terminal_[size_t(nb + c)] || (cfg_.max_depth > 0 && depth >= cfg_.max_depth)) {
+          revisit(b, c);
+          break;
+        }
+        x = c;
+      }
+    }
+  });
+  int64_t L = 0;
+  for (int64_t b = 0; b < B_; ++b) {
+    if (pend_parent_[b] < 0) continue;
+    pend_tree_[L] = int32_t(b);
+    tree[L] = b;
+    parent[L] = pend_parent_[b];
+    action[L] = edge_action_[size_t(b * E_ + pend_edge_[b])];
+    node[L] = used_nodes_[b];
+    ++L;
+  }
+  num_pending_ = L;
+  return L;
+}
+
+void Forest::expand_backup(int64_t L, const float* logits, const float* value, const float* reward,
+                           const float* discount, const uint8_t* legal, const uint8_t* terminal) {
+  if (L != num_pending_)
+    throw std::invalid_argument("expand_backup got " + std::to_string(L) + " rows but the last select() returned " +
+                                std::to_string(num_pending_) + " leaves");
+  for (int64_t i = 0; i < L; ++i) {
+    if (!std::isfinite(value[i])) throw std::invalid_argument(row_msg("value", i, "is not finite"));
+    if (!std::isfinite(reward[i])) throw std::invalid_argument(row_msg("reward", i, "is not finite"));
+    if (!std::isfinite(discount[i])) throw std::invalid_argument(row_msg("discount", i, "is not finite"));
+    const bool term = terminal && terminal[i];
+    if (term) continue;
+    const char* bad = check_logits_row(logits + i * A_, legal ? legal + i * A_ : nullptr, A_, true);
+    if (bad) {
+      std::string what = bad;
+      if (legal && what == "has no legal action") what += " and is not marked terminal";
+      throw std::invalid_argument(row_msg(legal ? "prior_logits/legal_mask" : "prior_logits", i, what.c_str()));
+    }
+  }
+  const int64_t grain = std::max<int64_t>(4, 2048 / A_);
+  const int64_t row_grain = cfg_.num_threads == 1 ? std::max<int64_t>(L, 1)
+                            : cfg_.num_threads > 1 ? std::max<int64_t>(grain, (L + cfg_.num_threads - 1) / cfg_.num_threads)
+                                                   : grain;
+  rlk::parallel_for(L, row_grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = pend_tree_[i];
+      const int64_t nb = b * N_, eb = b * E_;
+      const int32_t x = pend_parent_[b], e = pend_edge_[b];
+      const int32_t id = used_nodes_[b]++;
+      const size_t ni = size_t(nb + id);
+      edge_child_[size_t(eb + e)] = id;
+      const size_t xi = size_t(nb + x);
+      const int32_t slot = e - first_edge_[xi];
+      slot_[ni] = slot;
+      next_sibling_[ni] = first_child_[xi];
+      first_child_[xi] = id;
+      first_child_[ni] = -1;
+      unexp_prior_[xi] -= edge_prior_[size_t(eb + e)];
+      if (best_unexp_[xi] == slot) recompute_best_unexpanded(b, x);
+      if (x == 0 && root_best_[size_t(b)] == slot) recompute_root_best(b);
+      parent_[ni] = x;
+      action_[ni] = edge_action_[size_t(eb + e)];
+      reward_[ni] = reward[i];
+      discount_[ni] = discount[i];
+      visits_[ni] = 1;
+      const bool term = terminal && terminal[i];
+      terminal_[ni] = term ? 1 : 0;
+      first_edge_[ni] = used_edges_[b];
+      if (term) {
+        num_edges_[ni] = 0;
+        best_unexp_[ni] = -1;
+        unexp_prior_[ni] = 0.f;
+        value_[ni] = raw_value_[ni] = 0.f;
+      } else {
+        const int32_t fe = used_edges_[b];
+        const int32_t k = legal_softmax(logits + i * A_, legal ? legal + i * A_ : nullptr, A_,
+                                        &edge_action_[size_t(eb + fe)], &edge_prior_[size_t(eb + fe)],
+                                        &best_unexp_[ni], &unexp_prior_[ni]);
+        std::fill(edge_child_.begin() + eb + fe, edge_child_.begin() + eb + fe + k, -1);
+        num_edges_[ni] = k;
+        used_edges_[b] = fe + k;
+        value_[ni] = raw_value_[ni] = value[i];
+      }
+      pend_parent_[b] = -1;
+      backup(b, id, value_[ni]);
+    }
+  });
+  num_pending_ = 0;
+}
+
+void Forest::result(float temperature, int64_t* action, float* weights, int32_t* visits, float* q,
+                    float* root_value) {
+  const uint64_t epoch = ++epoch_;
+  for_trees(16, [&](int64_t begin, int64_t end) {
+    std::vector<Child> buf(static_cast<size_t>(A_));
+    for (int64_t b = begin; b < end; ++b) {
+      float* w = weights + b * A_;
+      int32_t* n_out = visits + b * A_;
+      float* q_out = q + b * A_;
+      std::fill(w, w + A_, 0.f);
+      std::fill(n_out, n_out + A_, 0);
+      std::fill(q_out, q_out + A_, 0.f);
+      action[b] = -1;
+      root_value[b] = 0.f;
+      if (!has_root_[b]) continue;
+      const int64_t nb = b * N_, eb = b * E_;
+      const int32_t fe = first_edge_[nb], ne = num_edges_[nb];
+      const int32_t* child = &edge_child_[size_t(eb + fe)];
+      const int32_t* acts = &edge_action_[size_t(eb + fe)];
+      const float* prior = &edge_prior_[size_t(eb + fe)];
+      root_value[b] = value_[size_t(nb)];
+      int64_t total = 0;
+      for (int32_t k = 0; k < ne; ++k) {
+        const int32_t c = child[k];
+        if (c < 0) continue;
+        const size_t ci = size_t(nb + c);
+        n_out[acts[k]] = visits_[ci];
+        q_out[acts[k]] = reward_[ci] + discount_[ci] * value_[ci];
+        total += visits_[ci];
+      }
+      CounterRng rng(cfg_.seed, uint64_t(b), epoch);
+      if (cfg_.algorithm == Algorithm::kPuct) {
+        for (int32_t k = 0; k < ne; ++k)
+          w[acts[k]] = total > 0 ? float(double(n_out[acts[k]]) / double(total)) : prior[k];
+        if (temperature <= 0.f) {
+          int32_t best = 0;
+          for (int32_t k = 1; k < ne; ++k)
+            if (w[acts[k]] > w[acts[best]]) best = k;
+          action[b] = acts[best];
+        } else {
+          // softmax(log(w) / T), restricted to actions with positive weight.
+          double wmax = 0.0;
+          for (int32_t k = 0; k < ne; ++k) wmax = std::max(wmax, double(w[acts[k]]));
+          double sum = 0.0;
+          std::vector<double> p(static_cast<size_t>(ne));
+          for (int32_t k = 0; k < ne; ++k) {
+            const double wk = w[acts[k]];
+            p[size_t(k)] = wk > 0.0 ? std::exp((std::log(wk) - std::log(wmax)) / double(temperature)) : 0.0;
+            sum += p[size_t(k)];
+          }
+          double u = rng.uniform_open() * sum;
+          int32_t pick = -1;
+          for (int32_t k = 0; k < ne; ++k) {
+            if (p[size_t(k)] <= 0.0) continue;
+            pick = k;
+            u -= p[size_t(k)];
+            if (u <= 0.0) break;
+          }
+          action[b] = acts[pick < 0 ? 0 : pick];
+        }
+      } else {
+        Completed cq;
+        completed(b, 0, buf, cq);
+        const float* score = &root_score_[size_t(b * A_)];
+        int32_t considered = 0;
+        const int32_t* search_visits = &root_visits_[size_t(b * A_)];
+        for (int32_t k = 0; k < ne; ++k) considered = std::max(considered, search_visits[k]);
+        std::vector<float> sig(static_cast<size_t>(ne), cq.sigma_missing);
+        for (const Child& ch : Span{buf.data(), cq.count}) sig[size_t(ch.edge)] = cq.sigma(ch.q);
+        // improved policy softmax(logits + sigma(completedQ)) over the legal actions
+        std::vector<float> improved(static_cast<size_t>(ne));
+        float mx = kNegInf;
+        int32_t best = -1;
+        float best_score = kNegInf;
+        for (int32_t k = 0; k < ne; ++k) {
+          const float s = sig[size_t(k)];
+          improved[size_t(k)] = std::log(std::max(prior[k], FLT_MIN)) + s;
+          mx = std::max(mx, improved[size_t(k)]);
+          if (search_visits[k] == considered) {
+            const float sc = std::max(kLowLogit, score[k] + s);
+            if (sc > best_score) {
+              best_score = sc;
+              best = k;
+            }
+          }
+        }
+        double sum = 0.0;
+        for (int32_t k = 0; k < ne; ++k) sum += std::exp(double(improved[size_t(k)] - mx));
+        for (int32_t k = 0; k < ne; ++k) w[acts[k]] = float(std::exp(double(improved[size_t(k)] - mx)) / sum);
+        action[b] = acts[best < 0 ? 0 : best];
+      }
+    }
+  });
+}
+
+void Forest::advance(const int64_t* actions, int64_t* old_to_new) {
+  if (num_pending_ > 0) throw std::runtime_error("advance() called between select() and expand_backup()");
+  std::vector<int32_t> chosen(size_t(B_), -1);  // root edge offset per tree
+  for (int64_t b = 0; b < B_; ++b) {
+    const int64_t a = actions[b];
+    if (a < 0) continue;
+    if (a >= A_)
+      throw std::invalid_argument("actions: row " + std::to_string(b) + " has action " + std::to_string(a) +
+                                  " outside [0, num_actions)");
+    if (!has_root_[b])
+      throw std::invalid_argument("actions: row " + std::to_string(b) + " names a tree without a root");
+    const int64_t nb = b * N_, eb = b * E_;
+    const int32_t fe = first_edge_[nb], ne = num_edges_[nb];
+    for (int32_t k = 0; k < ne; ++k)
+      if (edge_action_[size_t(eb + fe + k)] == a) chosen[size_t(b)] = k;
+    if (chosen[size_t(b)] < 0)
+      throw std::invalid_argument("actions: row " + std::to_string(b) + " has action " + std::to_string(a) +
+                                  ", which is not legal at the root");
+  }
+  const uint64_t epoch = ++epoch_;
+  for_trees(4, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      int64_t* o2n = old_to_new + b * N_;
+      const int64_t nb = b * N_, eb = b * E_;
+      const int32_t used = used_nodes_[b];
+      if (actions[b] < 0) {
+        for (int64_t i = 0; i < N_; ++i) o2n[i] = i < used ? i : -1;
+        continue;
+      }
+      std::fill(o2n, o2n + N_, -1);
+      const int32_t c = edge_child_[size_t(eb + first_edge_[nb] + chosen[size_t(b)])];
+      if (c < 0 || terminal_[size_t(nb + c)]) {
+        // Nothing to keep: the tree waits for set_roots() on this row.
+        has_root_[b] = 0;
+        used_nodes_[b] = used_edges_[b] = 0;
+        continue;
+      }
+      // Children always have larger ids than their parent, so one pass in id order marks
+      // the subtree, and moving kept nodes (and their edge slices, allocated in the same
+      // order) to smaller positions in increasing order never overwrites unread data.
+      int32_t kept = 0;
+      o2n[c] = kept++;
+      for (int32_t i = c + 1; i < used; ++i)
+        if (o2n[parent_[size_t(nb + i)]] >= 0) o2n[i] = kept++;
+      int32_t next_edge = 0;
+      for (int32_t i = c; i < used; ++i) {
+        if (o2n[i] < 0) continue;
+        const size_t src = size_t(nb + i), dst = size_t(nb + o2n[i]);
+        const int32_t fe = first_edge_[src], ne = num_edges_[src];
+        parent_[dst] = i == c ? -1 : int32_t(o2n[parent_[src]]);
+        action_[dst] = i == c ? -1 : action_[src];
+        visits_[dst] = visits_[src];
+        value_[dst] = value_[src];
+        raw_value_[dst] = raw_value_[src];
+        reward_[dst] = i == c ? 0.f : reward_[src];
+        discount_[dst] = i == c ? 1.f : discount_[src];
+        terminal_[dst] = terminal_[src];
+        num_edges_[dst] = ne;
+        first_edge_[dst] = next_edge;
+        slot_[dst] = i == c ? -1 : slot_[src];
+        best_unexp_[dst] = best_unexp_[src];
+        unexp_prior_[dst] = unexp_prior_[src];
+        first_child_[dst] = next_sibling_[dst] = -1;
+        for (int32_t k = 0; k < ne; ++k) {
+          const size_t es = size_t(eb + fe + k), ed = size_t(eb + next_edge + k);
+          edge_action_[ed] = edge_action_[es];
+          edge_prior_[ed] = edge_prior_[es];
+          const int32_t ch = edge_child_[es];
+          edge_child_[ed] = ch >= 0 ? int32_t(o2n[ch]) : -1;
+        }
+        next_edge += ne;
+      }
+      used_nodes_[b] = kept;
+      used_edges_[b] = next_edge;
+      for (int32_t j = 1; j < kept; ++j) {  // children lists, newest first as expansion builds them
+        const size_t ji = size_t(nb + j), pi = size_t(nb + parent_[ji]);
+        next_sibling_[ji] = first_child_[pi];
+        first_child_[pi] = j;
+      }
+      CounterRng rng(cfg_.seed, uint64_t(b), epoch);
+      prepare_root_noise(b, rng);
+    }
+  });
+}
+
+void Forest::export_tree(int32_t* node_visits, float* node_values, float* raw_values, int32_t* parents,
+                         int32_t* action_from_parent, uint8_t* terminal, int32_t* children_index,
+                         int32_t* children_visits, float* children_values, float* children_rewards,
+                         float* children_discounts, float* children_prior_logits) const {
+  const float lowest = std::numeric_limits<float>::lowest();
+  for_trees(4, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t nb = b * N_, eb = b * E_;
+      for (int64_t x = 0; x < N_; ++x) {
+        const int64_t o = nb + x;
+        const int64_t oa = o * A_;
+        std::fill(children_index + oa, children_index + oa + A_, -1);
+        std::fill(children_visits + oa, children_visits + oa + A_, 0);
+        std::fill(children_values + oa, children_values + oa + A_, 0.f);
+        std::fill(children_rewards + oa, children_rewards + oa + A_, 0.f);
+        std::fill(children_discounts + oa, children_discounts + oa + A_, 0.f);
+        std::fill(children_prior_logits + oa, children_prior_logits + oa + A_, 0.f);
+        if (x >= used_nodes_[b]) {
+          node_visits[o] = 0;
+          node_values[o] = raw_values[o] = 0.f;
+          parents[o] = action_from_parent[o] = -1;
+          terminal[o] = 0;
+          continue;
+        }
+        node_visits[o] = visits_[size_t(o)];
+        node_values[o] = value_[size_t(o)];
+        raw_values[o] = raw_value_[size_t(o)];
+        parents[o] = parent_[size_t(o)];
+        action_from_parent[o] = action_[size_t(o)];
+        terminal[o] = terminal_[size_t(o)];
+        const int32_t fe = first_edge_[size_t(o)], ne = num_edges_[size_t(o)];
+        if (ne > 0) std::fill(children_prior_logits + oa, children_prior_logits + oa + A_, lowest);
+        for (int32_t k = 0; k < ne; ++k) {
+          const size_t e = size_t(eb + fe + k);
+          const int64_t a = edge_action_[e];
+          children_prior_logits[oa + a] = std::log(std::max(edge_prior_[e], FLT_MIN));
+          const int32_t c = edge_child_[e];
+          if (c < 0) continue;
+          const size_t ci = size_t(nb + c);
+          children_index[oa + a] = c;
+          children_visits[oa + a] = visits_[ci];
+          children_values[oa + a] = value_[ci];
+          children_rewards[oa + a] = reward_[ci];
+          children_discounts[oa + a] = discount_[ci];
+        }
+      }
+    }
+  });
+}
+
+void Forest::num_nodes(int32_t* out) const { std::copy(used_nodes_.begin(), used_nodes_.end(), out); }
+void Forest::has_root(uint8_t* out) const { std::copy(has_root_.begin(), has_root_.end(), out); }
+
+}  // namespace mcts
+}  // namespace rlk

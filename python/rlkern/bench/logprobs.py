@@ -1,0 +1,132 @@
+"""Benchmarks of rlkern.logprobs: log-prob + entropy, forward and backward.
+
+Competitors are the formulations LLM RL trainers use in eager PyTorch:
+
+- ``eager``: ``log_softmax(logits.float()).gather(...)`` with the entropy from the
+  softmax (``logsumexp - sum softmax * logits``), as verl's ``logprobs_from_logits`` /
+  ``entropy_from_logits`` and TRL/OpenRLHF's plain path do it.
+- ``trl_restated``: TRL's ``selective_log_softmax`` (float32: gather minus a per-row
+  loop of ``logsumexp``; bf16/fp16: a per-row loop of ``log_softmax`` + gather) and
+  ``entropy_from_logits`` (``log_softmax`` over chunks of 128 rows, ``-(exp(lp) * lp).sum``),
+  restated here because trl is not a dependency (its row-loop formulation, not its code).
+- ``torch.compile``: the eager formulation compiled (left out if compiling fails).
+
+Every callable runs forward and backward and drops the gradient before returning, so
+"peak extra MB" counts the gradient of the logits (one logits-sized tensor in their
+dtype) plus whatever else the method allocates.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+
+from .. import logprobs as lp_mod
+from .core import Case
+
+SUITE = "logprobs"
+
+
+def _eager(logits: torch.Tensor, targets: torch.Tensor):
+    x = logits.float()
+    logp = torch.log_softmax(x, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+    probs = torch.softmax(x, dim=-1)
+    entropy = torch.logsumexp(x, dim=-1) - (probs * x).sum(-1)
+    return logp, entropy
+
+
+def _trl_restated(logits: torch.Tensor, targets: torch.Tensor):
+    if logits.dtype in (torch.float32, torch.float64):
+        selected = torch.gather(logits, -1, targets[:, None]).squeeze(-1)
+        lse = torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
+        logp = selected - lse
+    else:
+        logp = torch.stack([F.log_softmax(row, dim=-1).gather(-1, t[None]).squeeze(-1)
+                            for row, t in zip(logits, targets)])
+    entropies = []
+    for chunk in logits.split(128, dim=0):
+        chunk_logp = F.log_softmax(chunk, dim=-1)
+        entropies.append(-(torch.exp(chunk_logp) * chunk_logp).sum(-1))
+    return logp, torch.cat(entropies)
+
+
+def _fwd_bwd(fn: Callable, leaf: torch.Tensor, targets: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        logp, entropy = fn(leaf, targets)
+        (logp.sum() + entropy.sum()).backward()
+        leaf.grad = None
+
+    return run
+
+
+def _token_case(N: int, V: int, dtype: torch.dtype, heavy: bool) -> Case:
+    name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+
+    def make(device: torch.device) -> Dict[str, Callable[[], None]]:
+        gc.collect()
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        logits = (torch.randn(N, V, generator=gen) * 2).to(device=device, dtype=dtype).requires_grad_()
+        targets = torch.randint(0, V, (N,), generator=gen).to(device)
+
+        def ours(x, t):
+            return lp_mod.token_logprobs(x, t, return_entropy=True)
+
+        impls = {"rlkern": _fwd_bwd(ours, logits, targets),
+                 "eager": _fwd_bwd(_eager, logits, targets),
+                 "trl_restated": _fwd_bwd(_trl_restated, logits, targets)}
+        try:
+            compiled = _fwd_bwd(torch.compile(_eager), logits, targets)
+            compiled()  # compiles here; a failure leaves the competitor out
+            impls["torch.compile"] = compiled
+        except Exception:
+            pass
+        return impls
+
+    note = (f"logits {N}x{V} {name} = {N * V * dtype.itemsize / 2**20:.0f} MB; peak extra includes the "
+            "gradient of the logits (the same size)")
+    return Case(SUITE, "token_logprobs+entropy fwd+bwd", f"{N}x{V} {name}", make, items=N, unit="tok/s",
+                note=note, warmup=1 if heavy else 2, min_repeats=2 if heavy else 5)
+
+
+def _linear_case(N: int, H: int, V: int, dtype: torch.dtype, heavy: bool) -> Case:
+    name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+
+    def make(device: torch.device) -> Dict[str, Callable[[], None]]:
+        gc.collect()
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        hidden = torch.randn(N, H, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+        weight = (torch.randn(V, H, generator=gen) / H**0.5).to(device=device, dtype=dtype).requires_grad_()
+        targets = torch.randint(0, V, (N,), generator=gen).to(device)
+
+        def run(fn):
+            def call() -> None:
+                logp, entropy = fn()
+                (logp.sum() + entropy.sum()).backward()
+                hidden.grad = None
+                weight.grad = None
+
+            return call
+
+        def ours():
+            return lp_mod.linear_token_logprobs(hidden, weight, targets, return_entropy=True)
+
+        def matmul_eager():
+            return _eager(hidden @ weight.t(), targets)
+
+        return {"rlkern": run(ours), "matmul+eager": run(matmul_eager)}
+
+    note = f"logits would be {N}x{V} {name} = {N * V * dtype.itemsize / 2**20:.0f} MB"
+    return Case(SUITE, "linear_token_logprobs+entropy fwd+bwd", f"{N}x{H}->{V} {name}", make, items=N,
+                unit="tok/s", note=note, warmup=1 if heavy else 2, min_repeats=2 if heavy else 5)
+
+
+def cases(device: torch.device, quick: bool) -> List[Case]:
+    if quick:
+        return [_token_case(64, 4096, torch.bfloat16, False), _token_case(64, 4096, torch.float32, False),
+                _linear_case(128, 64, 4096, torch.bfloat16, False)]
+    return [_token_case(4096, 151936, torch.bfloat16, True), _token_case(4096, 151936, torch.float32, True),
+            _linear_case(2048, 1024, 65536, torch.bfloat16, True),
+            _linear_case(2048, 1024, 65536, torch.float32, True)]

@@ -1,0 +1,598 @@
+"""Log-probabilities and entropy of target tokens over large vocabularies.
+
+Trainers turn logits ``[..., V]`` into one log-prob per token with
+``log_softmax(logits.float()).gather(...)``, which writes (and keeps for backward) a
+float32 copy of the logits, and another for the entropy. Here each row is streamed once
+with an online logsumexp; backward recomputes the softmax per row from the logits and
+two saved numbers per row (logsumexp, entropy) and writes the gradient of the logits
+directly. Extra memory is O(rows), not O(rows x V).
+
+Kernels: C++ on CPU (threaded over rows, GIL released), Triton on CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Tuple, Union
+
+import torch
+
+from . import _backend, _validate
+from ._kernel import core, dtype_code, ptr
+from .reference import logprobs as _ref
+
+__all__ = ["token_logprobs", "linear_token_logprobs", "vocab_parallel_token_logprobs"]
+
+# Internal target code for "ignored row" when targets are rewritten into a vocabulary
+# chunk or shard (where -1 means "the target lives elsewhere").
+_IGNORED = -(2**63)
+
+
+class _Layout(NamedTuple):
+    """Rows of the logits as (tensor, stride0, stride1, inner, n_rows, V): row r starts at
+    (r // inner) * stride0 + (r % inner) * stride1 and is contiguous."""
+
+    tensor: torch.Tensor
+    stride0: int
+    stride1: int
+    inner: int
+    n_rows: int
+    V: int
+
+
+def _row_layout(logits: torch.Tensor) -> _Layout:
+    """Address rows without copying when the last dim is contiguous and the leading dims
+    collapse into at most two strides (``logits[:, :-1]`` of a ``[B, T, V]`` tensor does)."""
+    V = logits.shape[-1]
+    n_rows = logits.numel() // V if V else 0
+    x = logits if (logits.stride(-1) == 1 or V == 1) else logits.contiguous()
+    lead = x.shape[:-1]
+    try:
+        flat = x.view(-1, V)
+        return _Layout(x, 0, flat.stride(0), max(n_rows, 1), n_rows, V)
+    except RuntimeError:
+        pass
+    try:
+        three = x.view(-1, lead[-1], V)
+        return _Layout(x, three.stride(0), three.stride(1), lead[-1], n_rows, V)
+    except RuntimeError:
+        x = x.contiguous()
+        return _Layout(x, 0, V, max(n_rows, 1), n_rows, V)
+
+
+def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _kernel_backend(device: torch.device, logits: torch.Tensor) -> str:
+    backend = _backend.select(device, gpu="triton")
+    if backend == "cuda":  # log-probs have Triton kernels only
+        backend = "triton"
+    if backend == "triton" and logits.dtype == torch.float64:
+        backend = "reference"  # the Triton kernels accumulate in float32
+    return backend
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _threshold(backend: str, layout: _Layout, temperature: float, top_k: Optional[int],
+               top_p: Optional[float]) -> torch.Tensor:
+    x = layout.tensor
+    out = torch.empty(layout.n_rows, dtype=_compute_dtype(x), device=x.device)
+    if backend == "cpu":
+        core().logprobs.threshold(ptr(x), dtype_code(x), layout.stride0, layout.stride1, layout.inner, layout.n_rows,
+                                  layout.V, 1.0 / temperature, top_k or 0, 1.0 if top_p is None else top_p, ptr(out))
+        return out
+    # GPU: a sort per row, in row chunks so the sort buffers stay near 256 MB.
+    rows = x.reshape(-1, layout.V)
+    chunk = max(1, (1 << 26) // max(layout.V, 1))
+    for i in range(0, layout.n_rows, chunk):
+        out[i:i + chunk] = _ref.truncation_threshold(rows[i:i + chunk].to(out.dtype), temperature, top_k, top_p)
+    return out
+
+
+def _stats_forward(backend: str, layout: _Layout, targets: torch.Tensor, threshold: Optional[torch.Tensor],
+                   inv_t: float, ignore_index: int, want_entropy: bool):
+    """Per row: logp, m = max z, log s = log sum exp(z - m) (logsumexp = m + log s, kept in
+    two terms for accuracy far from 0) and the entropy (or None)."""
+    x = layout.tensor
+    dt = _compute_dtype(x)
+    logp = torch.empty(layout.n_rows, dtype=dt, device=x.device)
+    row_max = torch.empty_like(logp)
+    log_sum = torch.empty_like(logp)
+    entropy = torch.empty_like(logp) if want_entropy else None
+    if backend == "cpu":
+        core().logprobs.forward(ptr(x), dtype_code(x), layout.stride0, layout.stride1, layout.inner, layout.n_rows,
+                                layout.V, ptr(targets), ptr(threshold) if threshold is not None else 0, inv_t,
+                                ignore_index, ptr(logp), ptr(row_max), ptr(log_sum),
+                                ptr(entropy) if entropy is not None else 0)
+    else:
+        from .triton import logprobs as tk
+
+        tk.forward(tuple(layout), targets, threshold, inv_t, ignore_index, logp, row_max, log_sum, entropy)
+    return logp, row_max, log_sum, entropy
+
+
+def _grad_logits(backend: str, layout: _Layout, targets: torch.Tensor, threshold: Optional[torch.Tensor],
+                 inv_t: float, ignore_index: int, row_max: torch.Tensor, log_sum: torch.Tensor,
+                 entropy: Optional[torch.Tensor],
+                 grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor]) -> torch.Tensor:
+    """Gradient of the logits, contiguous ``[n_rows, V]`` in the logits' dtype."""
+    x = layout.tensor
+    grad = torch.empty((layout.n_rows, layout.V), dtype=x.dtype, device=x.device)
+    if backend == "cpu":
+        core().logprobs.backward(ptr(x), dtype_code(x), layout.stride0, layout.stride1, layout.inner, layout.n_rows,
+                                 layout.V, ptr(targets), ptr(threshold) if threshold is not None else 0, inv_t,
+                                 ignore_index, ptr(row_max), ptr(log_sum), ptr(entropy) if entropy is not None else 0,
+                                 ptr(grad_logp) if grad_logp is not None else 0,
+                                 ptr(grad_entropy) if grad_entropy is not None else 0, ptr(grad))
+    else:
+        from .triton import logprobs as tk
+
+        tk.backward(tuple(layout), targets, threshold, inv_t, ignore_index, row_max, log_sum, entropy, grad_logp,
+                    grad_entropy, grad)
+    return grad
+
+
+def _grad_arg(g: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return None if g is None else g.reshape(-1).to(dtype).contiguous()
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, want_entropy, ignore_index, top_k, top_p, backend):
+        layout = _row_layout(logits)
+        flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
+        truncating = (top_k is not None and top_k < layout.V) or (top_p is not None and top_p < 1.0)
+        threshold = _threshold(backend, layout, temperature, top_k, top_p) if truncating else None
+        logp, row_max, log_sum, entropy = _stats_forward(backend, layout, flat_targets, threshold, 1.0 / temperature,
+                                                         ignore_index, want_entropy)
+        ctx.save_for_backward(layout.tensor, flat_targets, threshold, row_max, log_sum, entropy)
+        ctx.layout = layout._replace(tensor=None)
+        ctx.meta = (temperature, ignore_index, backend, tuple(logits.shape))
+        shape = targets.shape
+        if want_entropy:
+            return logp.view(shape), entropy.view(shape)
+        return logp.view(shape)
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy=None):
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 8
+        x, targets, threshold, row_max, log_sum, entropy = ctx.saved_tensors
+        temperature, ignore_index, backend, shape = ctx.meta
+        layout = ctx.layout._replace(tensor=x)
+        dt = row_max.dtype
+        grad = _grad_logits(backend, layout, targets, threshold, 1.0 / temperature, ignore_index, row_max, log_sum,
+                            entropy, _grad_arg(grad_logp, dt), _grad_arg(grad_entropy, dt))
+        return (grad.view(shape),) + (None,) * 7
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_temperature(temperature) -> float:
+    t = _validate.positive("temperature", temperature)
+    if not math.isfinite(t):
+        raise ValueError(f"temperature must be finite, got {t}")
+    return t
+
+
+def _check_top(top_k, top_p) -> Tuple[Optional[int], Optional[float]]:
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int):
+            raise TypeError(f"top_k must be a positive int or None, got {top_k!r}")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1 (or None to disable), got {top_k}")
+    if top_p is not None:
+        try:
+            p = float(top_p)
+        except (TypeError, ValueError):
+            raise TypeError(f"top_p must be a number in (0, 1] or None, got {top_p!r}") from None
+        if not (0.0 < p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {p}")
+        top_p = p
+    return top_k, top_p
+
+
+def _check_targets(targets, lead_shape, V: int, ignore_index: int, *, low: int = 0, name: str = "targets") -> None:
+    _validate.tensor(name, targets)
+    if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
+        raise TypeError(f"{name} must be an integer tensor, got {targets.dtype}")
+    _validate.same_shape(name, targets, lead_shape, "logits without its last dim")
+    if targets.numel():
+        bad = ((targets < low) | (targets >= low + V)) & (targets != ignore_index)
+        if bool(bad.any()):
+            first = targets[bad].reshape(-1)[0].item()
+            raise ValueError(f"{name} must be in [{low}, {low + V}) or equal ignore_index ({ignore_index}); "
+                             f"got {first}")
+
+
+def _check_logits(name: str, logits) -> None:
+    _validate.tensor(name, logits, floating=True)
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"{name} must have a non-empty last (vocabulary) dimension, got shape {tuple(logits.shape)}")
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
+                   return_entropy: bool = False, ignore_index: int = -100, top_k: Optional[int] = None,
+                   top_p: Optional[float] = None) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    r"""Log-probability of each target token, and optionally the entropy, in one pass.
+
+    With z = logits / temperature over the last dimension (size V):
+
+        logp[i]    = z[i, targets[i]] - logsumexp_j z[i, j]
+        entropy[i] = -sum_j p[i, j] log p[i, j],   p = softmax(z)
+
+    Args:
+        logits: ``[..., V]``, float32, bfloat16, float16 or float64; any strides (rows
+            are read in place when the vocabulary dim is contiguous and the leading dims
+            collapse into two strides, e.g. ``logits[:, :-1]``; otherwise copied once).
+        targets: integer ``[...]`` (the leading shape of ``logits``), values in [0, V) or
+            ``ignore_index``.
+        temperature: > 0; the distribution is softmax(logits / temperature).
+        return_entropy: also return the entropy of the same (tempered, truncated)
+            distribution.
+        ignore_index: targets equal to it give logp = 0 and entropy = 0, and no gradient.
+        top_k: keep the tokens whose logit is >= the k-th largest of the row (all tokens
+            tied with the k-th are kept, as HF's ``TopKLogitsWarper`` and vLLM's
+            threshold-based top-k do).
+        top_p: in (0, 1]; after top-k, keep a token when the probability mass (under
+            softmax(z) renormalised over the top-k set) of the tokens with a strictly
+            larger logit is < top_p. This is the sampler's nucleus rule (HF
+            ``TopPLogitsWarper``, vLLM ``apply_top_k_top_p``: drop the tail whose
+            ascending cumulative mass is <= 1 - top_p, always keeping the top token)
+            with ties at the boundary resolved by keeping the whole tie group, where a
+            sort-based sampler would cut inside it in an arbitrary order. top_p = 1
+            keeps everything.
+
+    With top-k/top-p, logp and entropy are those of the renormalised distribution over
+    the kept set; the kept set is a constant for differentiation (it is piecewise
+    constant in the logits). A target outside the kept set gets logp = -inf and zero
+    gradient from its log-prob (the entropy's gradient is unaffected).
+
+    Returns:
+        ``logp`` of shape ``targets.shape``, or ``(logp, entropy)`` with
+        ``return_entropy=True``; float32 (float64 for float64 logits).
+
+    Gradient: d logp / d z_j = [j = target] - p_j and d entropy / d z_j = -p_j (log p_j
+    + entropy), divided by the temperature; written directly in the logits' dtype.
+    Arithmetic is float32 for float32/bf16/fp16 logits; no ``[..., V]`` float32 buffer is
+    created (the kernels keep two float32 numbers per row for backward, plus a
+    threshold with top-k/top-p).
+
+    NaN/inf: -inf logits are tokens of probability 0 (fine, also in gradients); a row
+    that is entirely -inf, or holds +inf or NaN, gives NaN outputs, as ``log_softmax``
+    does. Ignored rows are never read.
+    """
+    _check_logits("logits", logits)
+    _validate.same_device(logits=logits, targets=targets)
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    V = logits.shape[-1]
+    _check_targets(targets, logits.shape[:-1], V, ignore_index)
+    temperature = _check_temperature(temperature)
+    top_k, top_p = _check_top(top_k, top_p)
+    backend = _kernel_backend(logits.device, logits)
+    if backend == "reference":
+        return _ref.token_logprobs(logits, targets, temperature=temperature, return_entropy=return_entropy,
+                                   ignore_index=ignore_index, top_k=top_k, top_p=top_p)
+    return _TokenLogprobs.apply(logits, targets, temperature, bool(return_entropy), ignore_index, top_k, top_p,
+                                backend)
+
+
+# ----------------------------------------------------------------------------- linear head
+
+# Elements of one [tokens, vocabulary] chunk of logits (16 MB in float32).
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _local_targets(targets: torch.Tensor, ignore_index: int, start: int, size: int) -> torch.Tensor:
+    """Targets relative to a vocabulary slice [start, start + size): -1 when the target
+    lies outside it, _IGNORED for ignored rows."""
+    local = targets - start
+    owned = (local >= 0) & (local < size)
+    return torch.where(targets == ignore_index, _IGNORED, torch.where(owned, local, -1)).contiguous()
+
+
+def _chunk_logits(hidden, weight, bias, n0, n1, v0, v1):
+    logits = hidden[n0:n1] @ weight[v0:v1].t()
+    if bias is not None:
+        logits += bias[v0:v1]
+    return logits
+
+
+def _combine_chunks(max_chunks: torch.Tensor, logsum_chunks: torch.Tensor, ent_chunks: Optional[torch.Tensor]):
+    """Max, log-sum and entropy of whole rows from those of their vocabulary chunks
+    (``[chunks, rows]`` each); see :func:`_chunk_weights`."""
+    M = max_chunks.max(0).values
+    M = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
+    w, rel = _chunk_weights(max_chunks, logsum_chunks, ent_chunks, M)
+    S = w.sum(0)
+    log_s = torch.log(S)
+    entropy = None if rel is None else log_s - rel.sum(0) / S
+    return M, log_s, entropy
+
+
+def _chunk_weights(m_c, logsum_c, ent_c, M):
+    """For a slice c of a row with max m_c, log s_c and entropy H_c, and a common
+    reference M: w_c = exp(lse_c - M) and w_c (mean_c(z) - M), where lse_c - M =
+    (m_c - M) + log s_c and mean_c(z) = lse_c - H_c is z averaged under the slice's
+    softmax. Summed over slices: S = sum w_c gives lse = M + log S, and
+    H = log S - sum_c w_c (mean_c(z) - M) / S. All terms stay relative to M."""
+    lse_rel = (m_c - M) + logsum_c
+    w = torch.exp(lse_rel)
+    if ent_c is None:
+        return w, None
+    return w, torch.where(w > 0, w * (lse_rel - ent_c), torch.zeros_like(w))
+
+
+class _LinearTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, want_entropy, ignore_index, chunk_tokens,
+                chunk_vocab):
+        N, V = hidden.shape[0], weight.shape[0]
+        inv_t = 1.0 / temperature
+        dt = _compute_dtype(hidden)
+        need_entropy = want_entropy or any(ctx.needs_input_grad[:3])
+        n_vchunks = -(-V // chunk_vocab)
+        max_chunks = torch.empty((n_vchunks, N), dtype=dt, device=hidden.device)
+        logsum_chunks = torch.empty_like(max_chunks)
+        ent_chunks = torch.empty_like(max_chunks) if need_entropy else None
+        # Target logit minus its chunk's max, and that max (combined after the loop).
+        target_rel = torch.zeros(N, dtype=dt, device=hidden.device)
+        target_max = torch.zeros(N, dtype=dt, device=hidden.device)
+        for c, v0 in enumerate(range(0, V, chunk_vocab)):
+            v1 = min(V, v0 + chunk_vocab)
+            local_all = _local_targets(targets, ignore_index, v0, v1 - v0)
+            for n0 in range(0, N, chunk_tokens):
+                n1 = min(N, n0 + chunk_tokens)
+                logits = _chunk_logits(hidden, weight, bias, n0, n1, v0, v1)
+                layout = _row_layout(logits)
+                backend = _kernel_backend(logits.device, logits)
+                if backend == "reference":
+                    backend = "cpu" if logits.device.type == "cpu" else "triton"
+                local = local_all[n0:n1]
+                logp, m, log_s, ent = _stats_forward(backend, layout, local, None, inv_t, _IGNORED, need_entropy)
+                max_chunks[c, n0:n1] = m
+                logsum_chunks[c, n0:n1] = log_s
+                if need_entropy:
+                    ent_chunks[c, n0:n1] = ent
+                owned = local >= 0
+                target_rel[n0:n1] = torch.where(owned, logp + log_s, target_rel[n0:n1])
+                target_max[n0:n1] = torch.where(owned, m, target_max[n0:n1])
+        row_max, log_sum, entropy = _combine_chunks(max_chunks, logsum_chunks, ent_chunks)
+        ignored = targets == ignore_index
+        logp = torch.where(ignored, torch.zeros_like(log_sum), (target_rel + (target_max - row_max)) - log_sum)
+        ctx.save_for_backward(hidden, weight, bias, targets, row_max, log_sum, entropy)
+        ctx.meta = (temperature, ignore_index, chunk_tokens, chunk_vocab)
+        if want_entropy:
+            return logp, torch.where(ignored, torch.zeros_like(entropy), entropy)
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy=None):
+        hidden, weight, bias, targets, row_max, log_sum, entropy = ctx.saved_tensors
+        temperature, ignore_index, chunk_tokens, chunk_vocab = ctx.meta
+        N, H = hidden.shape
+        V = weight.shape[0]
+        inv_t = 1.0 / temperature
+        g_lp = _grad_arg(grad_logp, log_sum.dtype)
+        g_ent = _grad_arg(grad_entropy, log_sum.dtype)
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        acc = _compute_dtype(hidden)
+        grad_hidden = torch.zeros((N, H), dtype=acc, device=hidden.device) if want_h else None
+        grad_weight = torch.empty_like(weight) if want_w else None
+        grad_bias = torch.empty_like(bias) if (want_b and bias is not None) else None
+        single_token_chunk = N <= chunk_tokens
+        for v0 in range(0, V, chunk_vocab):
+            v1 = min(V, v0 + chunk_vocab)
+            local_all = _local_targets(targets, ignore_index, v0, v1 - v0)
+            gw = None if (single_token_chunk or not want_w) else torch.zeros((v1 - v0, H), dtype=acc,
+                                                                                device=weight.device)
+            gb = None if grad_bias is None else torch.zeros(v1 - v0, dtype=acc, device=weight.device)
+            for n0 in range(0, N, chunk_tokens):
+                n1 = min(N, n0 + chunk_tokens)
+                logits = _chunk_logits(hidden, weight, bias, n0, n1, v0, v1)
+                backend = _kernel_backend(logits.device, logits)
+                if backend == "reference":
+                    backend = "cpu" if logits.device.type == "cpu" else "triton"
+                grad = _grad_logits(backend, _row_layout(logits), local_all[n0:n1], None, inv_t, _IGNORED,
+                                    row_max[n0:n1], log_sum[n0:n1], entropy[n0:n1] if entropy is not None else None,
+                                    None if g_lp is None else g_lp[n0:n1], None if g_ent is None else g_ent[n0:n1])
+                del logits
+                if want_h:
+                    grad_hidden[n0:n1] += grad @ weight[v0:v1]
+                if want_w:
+                    if gw is None:
+                        torch.matmul(grad.t(), hidden[n0:n1], out=grad_weight[v0:v1])
+                    else:
+                        gw += grad.t() @ hidden[n0:n1]
+                if gb is not None:
+                    gb += grad.sum(0, dtype=acc)
+            if gw is not None:
+                grad_weight[v0:v1] = gw
+            if gb is not None:
+                grad_bias[v0:v1] = gb
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.to(hidden.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def _default_chunks(N: int, V: int) -> Tuple[int, int]:
+    chunk_tokens = max(1, min(N, 2048))
+    chunk_vocab = max(256, (_CHUNK_ELEMENTS // chunk_tokens) // 128 * 128)
+    return chunk_tokens, min(chunk_vocab, V)
+
+
+def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                          bias: Optional[torch.Tensor] = None, temperature: float = 1.0,
+                          return_entropy: bool = False, ignore_index: int = -100,
+                          chunk_tokens: Optional[int] = None, chunk_vocab: Optional[int] = None
+                          ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    r""":func:`token_logprobs` of ``logits = hidden @ weight.T + bias`` without the logits.
+
+    logp[i] = z[i, targets[i]] - logsumexp_j z[i, j] and entropy[i] = -sum_j p log p
+    with z = (hidden @ weight.T + bias) / temperature, computed over chunks of
+    ``chunk_tokens`` tokens by ``chunk_vocab`` vocabulary entries: torch does each
+    chunk's matrix product, the log-prob kernels reduce it to per-row statistics that
+    are merged across chunks (logsumexp and entropy merge exactly). Backward recomputes
+    each chunk's logits, turns them into their gradient in place of a saved softmax, and
+    accumulates ``grad_hidden`` (float32) and ``grad_weight``/``grad_bias`` per
+    vocabulary chunk. Peak extra memory is a few chunks plus ``[N, H]`` float32, never
+    ``N x V``; the cost is one extra chunk matmul (the recomputation).
+
+    Args:
+        hidden: ``[..., H]`` float32/bf16/fp16/float64.
+        weight: the LM head ``[V, H]``, same dtype as ``hidden``.
+        targets: integer ``hidden.shape[:-1]``, values in [0, V) or ``ignore_index``.
+        bias: optional ``[V]``, same dtype.
+        temperature, return_entropy, ignore_index: as in :func:`token_logprobs`.
+        chunk_tokens, chunk_vocab: chunk sizes (default: up to 2048 tokens by
+            ~2^22 / tokens vocabulary entries).
+
+    Returns ``logp`` (and ``entropy``), float32 (float64 for float64 inputs). The
+    chunk products round to the inputs' dtype as ``hidden @ weight.T`` does. No top-k /
+    top-p here (a sampler's kept set needs the whole row).
+    """
+    _validate.tensor("hidden", hidden, floating=True)
+    if hidden.dim() < 1:
+        raise ValueError(f"hidden must be [..., H], got shape {tuple(hidden.shape)}")
+    _validate.tensor("weight", weight, ndim=2, floating=True)
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
+    H = hidden.shape[-1]
+    if weight.shape[1] != H:
+        raise ValueError(f"weight must be [V, {H}] (H from hidden), got shape {tuple(weight.shape)}")
+    V = weight.shape[0]
+    if V == 0:
+        raise ValueError("weight must have at least one row (vocabulary entry)")
+    if bias is not None:
+        _validate.tensor("bias", bias, floating=True)
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
+        _validate.same_shape("bias", bias, (V,), "weight's first dim")
+    _validate.same_device(hidden=hidden, weight=weight, bias=bias, targets=targets)
+    _check_targets(targets, hidden.shape[:-1], V, ignore_index)
+    temperature = _check_temperature(temperature)
+    if _kernel_backend(hidden.device, hidden) == "reference":
+        return _ref.linear_token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
+                                          return_entropy=return_entropy, ignore_index=ignore_index)
+    lead = targets.shape
+    h2 = hidden.reshape(-1, H)
+    t2 = targets.reshape(-1).to(torch.int64)
+    default_t, default_v = _default_chunks(h2.shape[0], V)
+    chunk_tokens = int(chunk_tokens or default_t)
+    chunk_vocab = int(chunk_vocab or default_v)
+    if chunk_tokens < 1 or chunk_vocab < 1:
+        raise ValueError(f"chunk_tokens and chunk_vocab must be >= 1, got {chunk_tokens}, {chunk_vocab}")
+    out = _LinearTokenLogprobs.apply(h2, weight, bias, t2, temperature, bool(return_entropy), ignore_index,
+                                     chunk_tokens, chunk_vocab)
+    if return_entropy:
+        return out[0].view(lead), out[1].view(lead)
+    return out.view(lead)
+
+
+# ----------------------------------------------------------------------------- vocab parallel
+
+
+class _VocabParallelTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, shard, targets, vocab_start, group, temperature, want_entropy, ignore_index, backend):
+        import torch.distributed as dist
+
+        layout = _row_layout(shard)
+        flat = targets.reshape(-1).to(torch.int64)
+        local = _local_targets(flat, ignore_index, vocab_start, layout.V)
+        need_entropy = want_entropy or ctx.needs_input_grad[0]
+        logp_l, m_l, logsum_l, ent_l = _stats_forward(backend, layout, local, None, 1.0 / temperature, _IGNORED,
+                                                      need_entropy)
+        ignored = flat == ignore_index
+        owned = local >= 0
+        # Megatron's scheme: all-reduce MAX of the local maxima, then one SUM of
+        # [sum exp, entropy term, target logit, owner count] relative to that maximum.
+        M = m_l.clone()
+        dist.all_reduce(M, op=dist.ReduceOp.MAX, group=group)
+        M = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
+        w, rel = _chunk_weights(m_l, logsum_l, ent_l if need_entropy else None, M)
+        zero = torch.zeros_like(w)
+        rel = zero if rel is None else rel
+        target_rel = torch.where(owned, logp_l + ((m_l - M) + logsum_l), zero)
+        sums = torch.stack([w, rel, target_rel, owned.to(w.dtype)])
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+        S, rel_sum, target_sum, owners = sums
+        bad = (~ignored) & (owners != 1)
+        if bool(bad.any()):
+            raise ValueError("targets: every non-ignored target must lie in exactly one rank's vocabulary slice "
+                             f"[vocab_start, vocab_start + shard size); row {int(bad.nonzero()[0, 0])} has "
+                             f"{int(owners[bad][0].item())} owners")
+        log_s = torch.log(S)
+        logp = torch.where(ignored, zero, target_sum - log_s)
+        entropy = (log_s - rel_sum / S) if need_entropy else None
+        ctx.save_for_backward(layout.tensor, local, M, log_s, entropy)
+        ctx.layout = layout._replace(tensor=None)
+        ctx.meta = (temperature, backend, tuple(shard.shape))
+        if want_entropy:
+            return logp.view(targets.shape), torch.where(ignored, zero, entropy).view(targets.shape)
+        return logp.view(targets.shape)
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy=None):
+        x, local, row_max, log_sum, entropy = ctx.saved_tensors
+        temperature, backend, shape = ctx.meta
+        dt = log_sum.dtype
+        grad = _grad_logits(backend, ctx.layout._replace(tensor=x), local, None, 1.0 / temperature, _IGNORED,
+                            row_max, log_sum, entropy, _grad_arg(grad_logp, dt), _grad_arg(grad_entropy, dt))
+        return (grad.view(shape),) + (None,) * 7
+
+
+def vocab_parallel_token_logprobs(logits_shard: torch.Tensor, targets: torch.Tensor, vocab_start: int,
+                                  group=None, *, temperature: float = 1.0, return_entropy: bool = False,
+                                  ignore_index: int = -100
+                                  ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    r""":func:`token_logprobs` with the vocabulary split over a torch.distributed group.
+
+    Each rank holds ``logits_shard = logits[..., vocab_start : vocab_start + V_r]`` and
+    the same full ``targets``. Each computes its slice's logsumexp and entropy with the
+    streaming kernels; one all-reduce MAX of the local logsumexps and one all-reduce
+    SUM of (sum of exp, entropy term, target logit, owner count) relative to that
+    maximum give, on every rank,
+
+        logp = z[target] - logsumexp over the whole vocabulary,
+        entropy = -sum p log p over the whole vocabulary,
+
+    where only the rank owning the target contributes its logit. Backward is local (no
+    communication): d/dz_j on this rank's slice = ([j = target] - p_j) g_logp
+    - p_j (log p_j + H) g_entropy, over the temperature, with the global logsumexp and
+    entropy. Every rank must compute the same downstream loss from the (replicated)
+    outputs, as with Megatron's vocab-parallel cross-entropy.
+
+    Args:
+        logits_shard: ``[..., V_r]`` floating; the slice sizes may differ across ranks.
+        targets: integer ``logits_shard.shape[:-1]``, global vocabulary ids or
+            ``ignore_index``; each non-ignored target must be owned by exactly one rank
+            (checked, ValueError on every rank otherwise).
+        vocab_start: global id of this shard's first column.
+        group: the process group (None: the default group).
+        temperature, return_entropy, ignore_index: as in :func:`token_logprobs`.
+    """
+    _check_logits("logits_shard", logits_shard)
+    _validate.same_device(logits_shard=logits_shard, targets=targets)
+    if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
+        raise ValueError(f"vocab_start must be an int >= 0, got {vocab_start!r}")
+    _validate.tensor("targets", targets)
+    if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
+        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+    _validate.same_shape("targets", targets, logits_shard.shape[:-1], "logits_shard without its last dim")
+    if targets.numel() and bool(((targets < 0) & (targets != ignore_index)).any()):
+        raise ValueError(f"targets must be >= 0 or equal ignore_index ({ignore_index})")
+    temperature = _check_temperature(temperature)
+    backend = _kernel_backend(logits_shard.device, logits_shard)
+    if backend == "reference":
+        backend = "cpu" if logits_shard.device.type == "cpu" else "triton"
+    return _VocabParallelTokenLogprobs.apply(logits_shard, targets, vocab_start, group, temperature,
+                                             bool(return_entropy), ignore_index, backend)

@@ -1,0 +1,278 @@
+"""A Forest of B search trees stepped in lockstep by the C++ core.
+
+The tree never sees embeddings. Node ids are assigned in expansion order (root 0, then
+1, 2, ... in each tree), so the caller keeps its embeddings in a tensor
+``[B, max_nodes, ...]``: ``select()`` says which ``(tree, parent)`` embedding to expand
+with which ``action`` and which slot ``node`` the result goes to.
+
+Semantics follow mctx (``muzero_policy`` and ``gumbel_muzero_policy``) and reproduce its
+golden search trees. Where this Forest differs, on purpose:
+
+* Legal-action masks apply at every node, not only the root: a node holds one edge per
+  legal action. Completed Q-values of illegal actions still enter the Gumbel rescaling,
+  as mctx's root does.
+* Dirichlet noise is drawn over the legal actions only.
+* Ties in an argmax go to the lowest action (mctx adds 1e-7 uniform noise in PUCT).
+* ``terminal`` leaves are never expanded. Their value is 0; a later simulation reaching
+  one backs up its edge reward again (``reward + discount * 0``).
+* ``max_depth``: a simulation that reaches an existing node at that depth revisits it
+  (its visit count grows and its network value is averaged in again) instead of calling
+  the network, which mctx does.
+* Pool full (``max_nodes`` nodes, or no room for ``num_actions`` more edges): the
+  simulation stops at the node whose child it wanted to create and backs up that node's
+  network value. Such a node then has more visits than 1 + its children's.
+* Two-player zero-sum games use ``discount = -1`` on every edge (mctx's convention):
+  every node's value is from the point of view of the player to move there.
+
+NaN policy: a NaN or +inf prior logit on a legal action, a non-finite value, reward or
+discount, or a non-terminal node without any legal action raises ``ValueError`` before
+the forest changes. Legal logits that are all -inf give a uniform prior.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional, Union
+
+import numpy as np
+import torch
+
+from .._kernel import core
+from .config import Config
+
+ArrayLike = Union[np.ndarray, torch.Tensor]
+
+
+class Leaves(NamedTuple):
+    """Leaves chosen by one ``select()``: row i asks to expand ``action[i]`` below node
+    ``parent[i]`` of tree ``tree[i]``; the new node gets id ``node[i]``. int64 arrays of
+    length L (one per tree whose simulation needs the network)."""
+
+    tree: np.ndarray
+    parent: np.ndarray
+    action: np.ndarray
+    node: np.ndarray
+
+    def __len__(self) -> int:  # the number of leaves, not of fields
+        return int(self.tree.shape[0])
+
+
+class Expansion(NamedTuple):
+    """What a ``recurrent_fn`` returns for L leaves: ``prior_logits [L,A]``, ``value [L]``,
+    ``reward [L]`` and ``discount [L]`` (scalars broadcast), optional ``legal_mask [L,A]``
+    and ``terminal [L]``."""
+
+    prior_logits: ArrayLike
+    value: ArrayLike
+    reward: ArrayLike
+    discount: ArrayLike
+    legal_mask: Optional[ArrayLike] = None
+    terminal: Optional[ArrayLike] = None
+
+
+@dataclass
+class SearchResult:
+    """Root statistics after a search (numpy arrays).
+
+    ``action [B]`` the action to play (-1 for a tree without root); ``action_weights [B,A]``
+    the training target (visit distribution for PUCT, softmax(logits + sigma(completedQ))
+    for Gumbel); ``visit_counts [B,A]`` root child visits; ``q_values [B,A]`` reward +
+    discount * value of each visited root child (0 otherwise); ``root_value [B]``."""
+
+    action: np.ndarray
+    action_weights: np.ndarray
+    visit_counts: np.ndarray
+    q_values: np.ndarray
+    root_value: np.ndarray
+
+
+def _numpy(name: str, x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach()
+        if x.device.type != "cpu":
+            x = x.cpu()
+        if x.dtype in (torch.bfloat16, torch.float16):
+            x = x.float()
+        return x.numpy()
+    if isinstance(x, np.ndarray):
+        return x
+    try:
+        return np.asarray(x)
+    except Exception:
+        raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}") from None
+
+
+def _floats(name: str, x, length: Optional[int] = None) -> np.ndarray:
+    """float32 C-contiguous view (a copy only when the input is not one already).
+    A scalar is broadcast to ``[length]``."""
+    a = _numpy(name, x)
+    if a.dtype.kind not in "fiub":
+        raise TypeError(f"{name} must hold real numbers, got dtype {a.dtype}")
+    if a.ndim == 0 and length is not None:
+        return np.full(length, float(a), dtype=np.float32)
+    if a.dtype == np.float32 and a.flags.c_contiguous:
+        return a
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _mask(name: str, x) -> Optional[np.ndarray]:
+    """uint8 0/1 view of a bool, integer or floating mask."""
+    if x is None:
+        return None
+    a = _numpy(name, x)
+    if a.dtype == np.bool_:
+        return np.ascontiguousarray(a).view(np.uint8)
+    if a.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must be bool, integer or floating, got dtype {a.dtype}")
+    return np.ascontiguousarray(a != 0).view(np.uint8)
+
+
+def _int(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    v = int(value)
+    if v < low:
+        raise ValueError(f"{name} must be >= {low}, got {v}")
+    return v
+
+
+class Forest:
+    """B independent search trees in preallocated struct-of-arrays pools.
+
+    ``Forest(batch_size, num_actions, max_nodes, config)``; ``max_nodes`` bounds each tree
+    (``num_simulations + 1`` suffices for one search from a fresh root) and ``max_edges``
+    its edges (default ``max_nodes * num_actions``). Inputs are numpy arrays or CPU tensors
+    (float32 and C-contiguous ones cross without a copy); outputs are numpy arrays. The
+    trees run on the ``rlkern`` thread pool with the GIL released.
+    """
+
+    def __init__(self, batch_size: int, num_actions: int, max_nodes: int, config: Optional[Config] = None, *,
+                 max_edges: Optional[int] = None):
+        self.batch_size = _int("batch_size", batch_size, 1)
+        self.num_actions = _int("num_actions", num_actions, 1)
+        self.max_nodes = _int("max_nodes", max_nodes, 1)
+        edges = 0 if max_edges is None else _int("max_edges", max_edges, self.num_actions)
+        if config is None:
+            config = Config()
+        if not isinstance(config, Config):
+            raise TypeError(f"config must be a rlkern.mcts.Config, got {type(config).__name__}")
+        self.config = config
+        c = config
+        self._core = core().mcts.Forest(
+            self.batch_size, self.num_actions, self.max_nodes, edges, 0 if c.algorithm == "puct" else 1,
+            c.c1, c.c2, c.dirichlet_alpha, c.dirichlet_fraction, c.max_considered_actions, c.gumbel_scale,
+            c.maxvisit_init, c.value_scale, c.rescale_values, c.use_mixed_value, c.temperature,
+            0 if c.max_depth is None else c.max_depth, c.seed & 0xFFFFFFFFFFFFFFFF, c.num_threads)
+        self._pending: Optional[Leaves] = None
+
+    # -- roots ---------------------------------------------------------------------------
+    def plan(self, num_simulations: int) -> None:
+        """Sets the simulation budget the Gumbel root schedule is built for (``search`` and
+        ``set_roots(num_simulations=...)`` call this)."""
+        self._core.plan(_int("num_simulations", num_simulations, 0))
+
+    def set_roots(self, prior_logits: ArrayLike, value: ArrayLike, legal_mask: Optional[ArrayLike] = None, *,
+                  rows: Optional[ArrayLike] = None, num_simulations: Optional[int] = None) -> None:
+        """Starts a fresh tree per row: ``prior_logits [B,A]``, ``value [B]``, ``legal_mask
+        [B,A]`` (default: all legal; every root needs at least one legal action).
+        ``rows [B]`` (bool) resets only those trees and leaves the others as they are."""
+        B, A = self.batch_size, self.num_actions
+        logits = _floats("prior_logits", prior_logits)
+        values = _floats("value", value)
+        legal = _mask("legal_mask", legal_mask)
+        sel = _mask("rows", rows)
+        if num_simulations is not None:
+            self.plan(num_simulations)
+        self._pending = None
+        self._core.set_roots(logits, values, legal, sel)
+
+    # -- one simulation step -------------------------------------------------------------
+    def select(self) -> Leaves:
+        """Runs one simulation in every tree down to a leaf. Simulations that end at an
+        existing node (terminal, ``max_depth``, full pool) are backed up here; the others
+        are returned and wait for ``expand_backup``."""
+        if self._pending is not None:
+            raise RuntimeError("select() called again before expand_backup() for the pending leaves")
+        buf = np.empty((4, self.batch_size), dtype=np.int64)
+        L = self._core.select(buf[0], buf[1], buf[2], buf[3])
+        leaves = Leaves(buf[0, :L], buf[1, :L], buf[2, :L], buf[3, :L])
+        self._pending = leaves if L else None
+        return leaves
+
+    def expand_backup(self, leaves: Leaves, prior_logits: ArrayLike, value: ArrayLike, reward: ArrayLike,
+                      discount: ArrayLike, legal_mask: Optional[ArrayLike] = None,
+                      terminal: Optional[ArrayLike] = None) -> None:
+        """Creates the nodes of ``leaves`` (row i of every input belongs to leaf i) and backs
+        their values up to the roots: ``leaf_value = reward + discount * leaf_value``."""
+        if leaves is not self._pending:
+            if len(leaves) == 0 and self._pending is None:
+                return
+            raise ValueError("leaves must be the object returned by the last select()")
+        L = len(leaves)
+        self._core.expand_backup(_floats("prior_logits", prior_logits), _floats("value", value, L),
+                                 _floats("reward", reward, L), _floats("discount", discount, L),
+                                 _mask("legal_mask", legal_mask), _mask("terminal", terminal))
+        self._pending = None
+
+    # -- whole searches ------------------------------------------------------------------
+    def search(self, recurrent_fn: Callable[[Leaves], Union[Expansion, tuple]], num_simulations: int) -> SearchResult:
+        """Runs ``num_simulations`` steps of select, ``recurrent_fn(leaves)``, expand_backup.
+
+        ``recurrent_fn`` returns ``(prior_logits, value, reward, discount)`` or an
+        ``Expansion``; it is not called for a step without leaves."""
+        n = _int("num_simulations", num_simulations, 0)
+        self._core.plan(n)
+        for _ in range(n):
+            leaves = self.select()
+            if len(leaves) == 0:
+                continue
+            out = recurrent_fn(leaves)
+            if isinstance(out, Expansion):
+                self.expand_backup(leaves, *out)
+            else:
+                if not isinstance(out, (tuple, list)) or len(out) not in (4, 5, 6):
+                    self._pending = None
+                    raise TypeError("recurrent_fn must return an Expansion or (prior_logits, value, reward, discount)")
+                self.expand_backup(leaves, *out)
+        return self.result()
+
+    def result(self, temperature: Optional[float] = None) -> SearchResult:
+        """Root statistics and the action to play (``temperature`` overrides the config's)."""
+        t = self.config.temperature if temperature is None else float(temperature)
+        if not t >= 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        return SearchResult(*self._core.result(t))
+
+    # -- tree reuse and inspection -------------------------------------------------------
+    def advance(self, actions: ArrayLike) -> np.ndarray:
+        """Keeps the subtree below ``actions [B]`` as each tree's new root and returns
+        ``old_to_new [B, max_nodes]`` (-1 for dropped nodes), for re-indexing embeddings.
+        Node ids stay in expansion order. A negative action leaves that tree unchanged; a
+        tree whose chosen child was never expanded (or is terminal) is emptied and needs
+        ``set_roots(..., rows=...)``. Root noise is drawn again for the new roots."""
+        a = _numpy("actions", actions)
+        if a.dtype.kind not in "iu":
+            raise TypeError(f"actions must be integers, got dtype {a.dtype}")
+        self._pending = None
+        return self._core.advance(np.ascontiguousarray(a, dtype=np.int64))
+
+    def export(self) -> dict:
+        """The trees in mctx's ``Tree`` layout: ``node_visits``, ``node_values``,
+        ``raw_values``, ``parents``, ``action_from_parent``, ``terminal`` ``[B,N]`` and
+        ``children_index`` (-1 where unexpanded), ``children_visits``, ``children_values``,
+        ``children_rewards``, ``children_discounts``, ``children_prior_logits`` ``[B,N,A]``
+        (log prior; the lowest float for illegal actions)."""
+        return self._core.export()
+
+    def num_nodes(self) -> np.ndarray:
+        return self._core.num_nodes()
+
+    def has_root(self) -> np.ndarray:
+        return self._core.has_root().astype(bool)
+
+
+def considered_visit_sequence(max_num_considered_actions: int, num_simulations: int) -> tuple:
+    """mctx's sequential-halving schedule: the visit count an action must have to be
+    considered at each simulation of the Gumbel root."""
+    return tuple(core().mcts.considered_visit_sequence(_int("max_num_considered_actions", max_num_considered_actions, 0),
+                                                      _int("num_simulations", num_simulations, 0)))

@@ -1,0 +1,359 @@
+"""Reference policy, value and preference losses: the readable specification.
+
+Plain PyTorch, differentiable by autograd, run in float64 by the tests. The fused
+kernels (``rlkern.losses``) must reproduce these values and gradients.
+
+Conventions shared with the kernels:
+
+- ``mask`` marks active tokens. Inactive positions are replaced by zero before any
+  arithmetic (``torch.where``), so they may hold NaN or inf, contribute nothing and get
+  zero gradient.
+- Sequences with no active token count as length 1 in every denominator (their
+  contribution is zero).
+- Every "detached" quantity (clipped CISPO weight, truncated importance weights, masks)
+  carries no gradient; every other term is differentiated exactly as autograd would,
+  including torch's convention for ties in max/min (the gradient is split in half) and
+  for clamp (the gradient passes at the bounds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Dict, NamedTuple, Optional, Tuple
+
+import torch
+
+from .kl import KL_KINDS, Clamp, clamp_bounds, kl_penalty
+
+OBJECTIVES = ("clip", "cispo", "reinforce")
+LEVELS = ("token", "sequence")
+AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+TIS_MODES = ("truncate", "mask")
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+# Options of policy_loss that are tensors (the rest are in PolicyLossConfig).
+TENSOR_OPTIONS = ("ref_logp", "rollout_logp", "entropy")
+
+
+class LossOutput(NamedTuple):
+    """``loss`` (a 0-d tensor, differentiable) and ``metrics`` (detached tensors)."""
+
+    loss: torch.Tensor
+    metrics: Dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class PolicyLossConfig:
+    """Scalar options of :func:`policy_loss`; each default is written here once.
+
+    objective: "clip" (PPO), "cispo" or "reinforce".
+    level: "token", or "sequence" (GSPO: one ratio per sequence from the masked mean log-ratio).
+    clip_low, clip_high: the clip range is [1 - clip_low, 1 + clip_high]; clip_high defaults to clip_low.
+    dual_clip: c > 1 bounding the loss of negative-advantage tokens by -c A (verl's clip_ratio_c).
+    ratio_cap: caps the unclipped ratio from above before the PPO min (TRL's ``delta``,
+        two-sided clipping); above the cap the unclipped branch has zero gradient.
+    log_ratio_clamp: clamps the (token or sequence) log-ratio before exp; a number c means
+        [-c, c], a pair gives (low, high) with None for no bound. verl's vanilla loss uses 20,
+        its GSPO loss (None, 10). Where it clamps the gradient is zero.
+    kl_coef, kl_kind, kl_clamp, kl_is_correction: KL to the reference policy as a loss term
+        (see ``rlkern.kl.kl_penalty``); with kl_is_correction the per-token KL is multiplied by
+        the (non-detached) ratio.
+    tis_cap, tis_level, tis_mode: truncated importance sampling against ``rollout_logp``:
+        the policy term is multiplied by the detached weight w = exp(old - rollout) per token
+        ("token") or exp(sum over the sequence of old - rollout) ("sequence"); "truncate" uses
+        min(w, tis_cap), "mask" uses w where w <= tis_cap and 0 elsewhere. Off when tis_cap is None.
+    off_policy_threshold: tokens with negative advantage in sequences whose masked mean of
+        (rollout_logp, or old_logp without it) - logp exceeds this get no policy term.
+    entropy_coef: subtracts entropy_coef * agg(entropy).
+    entropy_top_fraction: keep the policy term only on the top fraction of active tokens by
+        entropy (threshold = the (1 - fraction) quantile of the active entropies in float32,
+        linear interpolation, as TRL computes it; tokens with entropy >= threshold are kept).
+    agg, normalizer: the aggregation (see :func:`aggregate`).
+    """
+
+    objective: str = "clip"
+    level: str = "token"
+    clip_low: float = 0.2
+    clip_high: Optional[float] = None
+    dual_clip: Optional[float] = None
+    ratio_cap: Optional[float] = None
+    log_ratio_clamp: Clamp = None
+    kl_coef: float = 0.0
+    kl_kind: str = "k3"
+    kl_clamp: Clamp = None
+    kl_is_correction: bool = False
+    tis_cap: Optional[float] = None
+    tis_level: str = "token"
+    tis_mode: str = "truncate"
+    off_policy_threshold: Optional[float] = None
+    entropy_coef: float = 0.0
+    entropy_top_fraction: Optional[float] = None
+    agg: str = "token-mean"
+    normalizer: Optional[float] = None
+
+    @property
+    def clip_range(self) -> Tuple[float, float]:
+        high = self.clip_low if self.clip_high is None else self.clip_high
+        return 1.0 - self.clip_low, 1.0 + high
+
+    def validate(self) -> "PolicyLossConfig":
+        def choice(name, options):
+            if getattr(self, name) not in options:
+                raise ValueError(f"{name} must be one of {options}, got {getattr(self, name)!r}")
+
+        def number(name, *, low=None, low_open=False, optional=True):
+            v = getattr(self, name)
+            if v is None:
+                if optional:
+                    return
+                raise TypeError(f"{name} must be a number, got None")
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(f"{name} must be a number, got {v!r}")
+            if v != v:
+                raise ValueError(f"{name} must not be NaN")
+            if low is not None and (v < low or (low_open and v == low)):
+                raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {v}")
+
+        choice("objective", OBJECTIVES)
+        choice("level", LEVELS)
+        choice("kl_kind", KL_KINDS)
+        choice("tis_level", LEVELS)
+        choice("tis_mode", TIS_MODES)
+        choice("agg", AGG_MODES)
+        number("clip_low", low=0.0, optional=False)
+        number("clip_high", low=0.0)
+        number("dual_clip", low=1.0, low_open=True)
+        number("ratio_cap", low=0.0, low_open=True)
+        number("kl_coef", optional=False)
+        number("tis_cap", low=0.0, low_open=True)
+        number("off_policy_threshold")
+        number("entropy_coef", optional=False)
+        number("entropy_top_fraction", low=0.0, low_open=True)
+        if self.entropy_top_fraction is not None and self.entropy_top_fraction > 1:
+            raise ValueError(f"entropy_top_fraction must be in (0, 1], got {self.entropy_top_fraction}")
+        number("normalizer", low=0.0, low_open=True)
+        if not isinstance(self.kl_is_correction, bool):
+            raise TypeError(f"kl_is_correction must be a bool, got {self.kl_is_correction!r}")
+        clamp_bounds("log_ratio_clamp", self.log_ratio_clamp)
+        clamp_bounds("kl_clamp", self.kl_clamp)
+        return self
+
+
+POLICY_OPTIONS = tuple(f.name for f in dataclasses.fields(PolicyLossConfig)) + TENSOR_OPTIONS
+
+
+def parse_policy_options(options: dict) -> Tuple[PolicyLossConfig, Dict[str, Optional[torch.Tensor]]]:
+    """Split ``**options`` into the scalar config and the optional tensors; unknown names raise."""
+    for name in options:
+        if name not in POLICY_OPTIONS:
+            raise TypeError(f"policy_loss got an unknown option {name!r}; options are {', '.join(POLICY_OPTIONS)}")
+    tensors = {name: options.get(name) for name in TENSOR_OPTIONS}
+    scalars = {k: v for k, v in options.items() if k not in TENSOR_OPTIONS}
+    return PolicyLossConfig(**scalars).validate(), tensors
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, agg: str, normalizer: Optional[float] = None) -> torch.Tensor:
+    """Reduce a [B, T] per-token loss over the active tokens to a scalar.
+
+    token-mean: sum(l m) / sum(m); token-sum: sum(l m); seq-mean-token-mean: mean over
+    sequences of sum_t(l m) / n_i; seq-mean-token-sum: mean over sequences of sum_t(l m);
+    seq-mean-token-sum-norm: sum(l m) / T (T the padded length). A given ``normalizer``
+    replaces the final denominator (sum(m), 1, the number of sequences B, or T).
+    Token counts n_i and sum(m) are clamped at 1.
+    """
+    m = mask.to(per_token.dtype)
+    seq_sums = (per_token * m).sum(-1)
+    count = m.sum(-1)
+    B, T = per_token.shape
+    if agg == "seq-mean-token-mean":
+        seq_sums = seq_sums / count.clamp(min=1)
+    if normalizer is not None:
+        denom = normalizer
+    elif agg == "token-mean":
+        denom = count.sum().clamp(min=1)
+    elif agg == "token-sum":
+        denom = 1.0
+    elif agg in ("seq-mean-token-mean", "seq-mean-token-sum"):
+        denom = float(B)
+    elif agg == "seq-mean-token-sum-norm":
+        denom = float(T)
+    else:
+        raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
+    return seq_sums.sum() / denom
+
+
+def entropy_threshold(entropy: torch.Tensor, mask: torch.Tensor, top_fraction: float) -> torch.Tensor:
+    """The (1 - top_fraction) quantile of the active entropies, taken in float32 with linear
+    interpolation exactly as TRL's ``get_high_entropy_mask`` does (``torch.quantile`` of the
+    float32 values), so that ties at the threshold resolve the same way; +inf when no token
+    is active. Returns a float32 0-d tensor."""
+    values = entropy.detach()[mask].float()
+    if values.numel() == 0:
+        return torch.full((), float("inf"), dtype=torch.float32, device=entropy.device)
+    q = 1.0 - top_fraction
+    if values.numel() <= 2**24:  # torch.quantile's input limit
+        return torch.quantile(values, q)
+    values, _ = torch.sort(values)
+    pos = q * (values.numel() - 1)
+    lo = int(pos)
+    hi = min(lo + 1, values.numel() - 1)
+    return torch.lerp(values[lo], values[hi], torch.tensor(pos - lo, dtype=values.dtype, device=values.device))
+
+
+def _masked_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    mf = m.to(x.dtype)
+    return ((x * mf).sum() / mf.sum().clamp(min=1)).detach()
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                **options) -> LossOutput:
+    """Reference of :func:`rlkern.losses.policy_loss` (same options)."""
+    cfg, tensors = parse_policy_options(options)
+    ref_logp, rollout_logp, entropy = tensors["ref_logp"], tensors["rollout_logp"], tensors["entropy"]
+    m = mask != 0
+    dtype = torch.promote_types(logp.dtype, old_logp.dtype)
+
+    def active(x: torch.Tensor) -> torch.Tensor:
+        return torch.where(m, x.to(dtype), torch.zeros((), dtype=dtype, device=x.device))
+
+    lp = active(logp)
+    old = active(old_logp)
+    adv = active(advantages[:, None].expand_as(logp) if advantages.dim() == 1 else advantages)
+    count = m.sum(-1, keepdim=True).clamp(min=1).to(dtype)
+
+    log_ratio = lp - old
+    if cfg.level == "sequence":
+        log_ratio = ((log_ratio.sum(-1, keepdim=True)) / count).expand_as(lp)
+    low, high = clamp_bounds("log_ratio_clamp", cfg.log_ratio_clamp)
+    if low is not None or high is not None:
+        log_ratio = torch.clamp(log_ratio, min=low, max=high)
+    ratio = torch.exp(log_ratio)
+
+    clip_lo, clip_hi = cfg.clip_range
+    if cfg.objective == "clip":
+        unclipped = ratio if cfg.ratio_cap is None else torch.clamp(ratio, max=cfg.ratio_cap)
+        pg = torch.maximum(-adv * unclipped, -adv * torch.clamp(ratio, clip_lo, clip_hi))
+        if cfg.dual_clip is not None:
+            pg = torch.where(adv < 0, torch.minimum(pg, -adv * cfg.dual_clip), pg)
+    elif cfg.objective == "cispo":
+        pg = -torch.clamp(ratio, clip_lo, clip_hi).detach() * adv * lp
+    else:
+        pg = -adv * lp
+
+    if cfg.off_policy_threshold is not None:
+        behaviour = old if rollout_logp is None else active(rollout_logp)
+        divergence = (behaviour - lp.detach()).sum(-1, keepdim=True) / count
+        pg = pg * ((adv >= 0) | (divergence <= cfg.off_policy_threshold)).to(dtype)
+    if cfg.entropy_top_fraction is not None:
+        ent = active(entropy)
+        pg = pg * (ent.detach() >= entropy_threshold(ent, m, cfg.entropy_top_fraction)).to(dtype)
+    if cfg.tis_cap is not None:
+        log_w = old - active(rollout_logp)
+        if cfg.tis_level == "sequence":
+            log_w = log_w.sum(-1, keepdim=True)
+        w = torch.exp(log_w)
+        if cfg.tis_mode == "truncate":
+            w = torch.clamp(w, max=cfg.tis_cap)
+        else:
+            w = torch.where(w > cfg.tis_cap, torch.zeros_like(w), w)
+        pg = pg * w.detach()
+
+    per_token = pg
+    metrics: Dict[str, torch.Tensor] = {}
+    if ref_logp is not None:
+        kl = kl_penalty(lp, active(ref_logp), cfg.kl_kind, cfg.kl_clamp)
+        metrics["kl"] = _masked_mean(kl, m)
+        if cfg.kl_coef != 0:
+            per_token = per_token + cfg.kl_coef * (kl * ratio if cfg.kl_is_correction else kl)
+    if entropy is not None:
+        ent = active(entropy)
+        metrics["entropy"] = _masked_mean(ent, m)
+        if cfg.entropy_coef != 0:
+            per_token = per_token - cfg.entropy_coef * ent
+
+    loss = aggregate(per_token, m, cfg.agg, cfg.normalizer)
+
+    r = ratio.detach()
+    metrics["clip_frac_low"] = _masked_mean(((r < clip_lo) & (adv < 0)).to(dtype), m)
+    metrics["clip_frac_high"] = _masked_mean(((r > clip_hi) & (adv > 0)).to(dtype), m)
+    metrics["ratio_mean"] = _masked_mean(r, m)
+    metrics["approx_kl"] = _masked_mean(old - lp.detach(), m)
+    if cfg.objective == "clip" and cfg.dual_clip is not None:
+        unclipped = r if cfg.ratio_cap is None else torch.clamp(r, max=cfg.ratio_cap)
+        surrogate = torch.maximum(-adv * unclipped, -adv * torch.clamp(r, clip_lo, clip_hi))
+        metrics["dual_clip_frac"] = _masked_mean(((adv < 0) & (surrogate > -adv * cfg.dual_clip)).to(dtype), m)
+    return LossOutput(loss, metrics)
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: Optional[float] = None, agg: str = "token-mean", normalizer: Optional[float] = None) -> LossOutput:
+    """0.5 * agg(max((v - R)^2, (clip(v, v_old - clip, v_old + clip) - R)^2)); without clip 0.5 * agg((v - R)^2).
+
+    metrics: ``clip_frac`` (active tokens where the clipped error is the larger),
+    ``value_mean`` (masked mean of v).
+    """
+    m = mask != 0
+    dtype = torch.promote_types(values.dtype, returns.dtype)
+
+    def active(x):
+        return torch.where(m, x.to(dtype), torch.zeros((), dtype=dtype, device=x.device))
+
+    v, R = active(values), active(returns)
+    err = (v - R) ** 2
+    metrics: Dict[str, torch.Tensor] = {}
+    if clip is not None:
+        v_old = active(old_values)
+        err_clipped = (torch.clamp(v, v_old - clip, v_old + clip) - R) ** 2
+        metrics["clip_frac"] = _masked_mean((err_clipped > err).to(dtype), m)
+        err = torch.maximum(err, err_clipped)
+    else:
+        metrics["clip_frac"] = torch.zeros((), dtype=dtype, device=values.device)
+    metrics["value_mean"] = _masked_mean(v, m)
+    return LossOutput(0.5 * aggregate(err, m, agg, normalizer), metrics)
+
+
+def dpo_loss(chosen_logp: torch.Tensor, rejected_logp: torch.Tensor, ref_chosen_logp: torch.Tensor,
+             ref_rejected_logp: torch.Tensor, beta: float = 0.1, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0) -> LossOutput:
+    """DPO family over sequence log-probs [B]; the loss is the batch mean.
+
+    z = (chosen - ref_chosen) - (rejected - ref_rejected);
+    sigmoid: -(1 - ls) log sigmoid(beta z) - ls log sigmoid(-beta z);
+    ipo: (z - 1 / (2 beta))^2; hinge: relu(1 - beta z).
+    metrics: ``chosen_rewards`` = beta (chosen - ref_chosen), ``rejected_rewards`` likewise
+    ([B], detached), ``reward_margin`` and ``reward_accuracy`` (batch means).
+    """
+    z = (chosen_logp - ref_chosen_logp) - (rejected_logp - ref_rejected_logp)
+    if loss_type == "sigmoid":
+        losses = (-torch.nn.functional.logsigmoid(beta * z) * (1 - label_smoothing)
+                  - torch.nn.functional.logsigmoid(-beta * z) * label_smoothing)
+    elif loss_type == "ipo":
+        losses = (z - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * z)
+    else:
+        raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
+    chosen_rewards = (beta * (chosen_logp - ref_chosen_logp)).detach()
+    rejected_rewards = (beta * (rejected_logp - ref_rejected_logp)).detach()
+    metrics = {
+        "chosen_rewards": chosen_rewards,
+        "rejected_rewards": rejected_rewards,
+        "reward_margin": (chosen_rewards - rejected_rewards).mean(),
+        "reward_accuracy": (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype).mean(),
+    }
+    return LossOutput(losses.mean(), metrics)
+
+
+def bradley_terry_loss(chosen_reward: torch.Tensor, rejected_reward: torch.Tensor,
+                       margin: Optional[torch.Tensor] = None) -> LossOutput:
+    """mean(-log sigmoid(chosen - rejected - margin)) over the batch (TRL's RewardTrainer).
+
+    metrics: ``accuracy`` (fraction with chosen > rejected), ``reward_margin`` (mean of chosen - rejected).
+    """
+    diff = chosen_reward - rejected_reward
+    if margin is not None:
+        diff = diff - margin
+    loss = -torch.nn.functional.logsigmoid(diff).mean()
+    d = (chosen_reward - rejected_reward).detach()
+    return LossOutput(loss, {"accuracy": (d > 0).to(d.dtype).mean(), "reward_margin": d.mean()})

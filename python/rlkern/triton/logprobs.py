@@ -1,0 +1,176 @@
+"""Triton kernels for token log-probabilities and entropy over large vocabularies.
+
+Forward: one program per row streams the vocabulary in blocks, keeping per-lane online
+statistics (max, sum of exp, entropy term; see ``csrc/include/rlkern/logprobs.h``) that
+are combined once at the end, so no block pays a cross-lane reduction. Backward: a 2-D
+grid (row, vocabulary block) recomputes p = exp(z - m - log s) from the logits and the saved
+per-row statistics and writes the gradient in the logits' dtype.
+
+Rows are addressed as ``(r // inner) * stride0 + (r % inner) * stride1`` with unit stride
+along the vocabulary (see :func:`rlkern.logprobs._row_layout`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .aot import AotSpec
+
+FWD_BLOCK = 2048
+FWD_WARPS = 8
+BWD_BLOCK = 4096
+BWD_WARPS = 8
+
+
+@triton.jit
+def _logprobs_fwd_kernel(logits_ptr, targets_ptr, thr_ptr, logp_ptr, max_ptr, logsum_ptr, ent_ptr, stride0, stride1,
+                         inner, V,
+                         inv_t, ignore_index, HAS_THRESHOLD: tl.constexpr, WANT_ENTROPY: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + (row // inner) * stride0 + (row % inner) * stride1
+    target = tl.load(targets_ptr + row)
+    ignored = target == ignore_index
+    if HAS_THRESHOLD:
+        thr = tl.load(thr_ptr + row)
+    else:
+        thr = float("-inf")
+    offs = tl.arange(0, BLOCK)
+    m_vec = tl.full([BLOCK], float("-inf"), tl.float32)
+    s_vec = tl.zeros([BLOCK], tl.float32)
+    a_vec = tl.zeros([BLOCK], tl.float32)
+    # Ignored rows (padding) read nothing.
+    stop = tl.where(ignored, 0, V)
+    for start in range(0, stop, BLOCK):
+        cols = start + offs
+        x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        if HAS_THRESHOLD:
+            x = tl.where(x < thr, float("-inf"), x)
+        z = x * inv_t
+        m_new = tl.maximum(m_vec, z)
+        # While a lane has seen only -inf, any finite reference gives exp(...) = 0.
+        ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        shift = m_vec - ref
+        f = tl.exp(shift)
+        if WANT_ENTROPY:
+            a_vec = tl.where(s_vec > 0, f * (a_vec + shift * s_vec), 0.0)
+        s_vec = s_vec * f
+        d = z - ref
+        e = tl.exp(d)
+        s_vec += e
+        if WANT_ENTROPY:
+            a_vec += tl.where(e > 0, e * d, 0.0)
+        m_vec = m_new
+    m = tl.max(m_vec, 0)
+    ref = tl.where(m == float("-inf"), 0.0, m)
+    shift = m_vec - ref
+    f = tl.exp(shift)
+    s = tl.sum(s_vec * f, 0)
+    log_s = tl.log(s)
+    has_target = (target >= 0) & (target < V)
+    x_t = tl.load(base + tl.where(has_target, target, 0)).to(tl.float32)
+    kept = has_target & (~(x_t < thr))
+    logp = tl.where(kept, (x_t * inv_t - m) - log_s, float("-inf"))
+    tl.store(logp_ptr + row, tl.where(ignored, 0.0, logp))
+    tl.store(max_ptr + row, tl.where(ignored, 0.0, m))
+    tl.store(logsum_ptr + row, tl.where(ignored, 0.0, log_s))
+    if WANT_ENTROPY:
+        a = tl.sum(tl.where(s_vec > 0, f * (a_vec + shift * s_vec), 0.0), 0)
+        tl.store(ent_ptr + row, tl.where(ignored, 0.0, log_s - a / s))
+
+
+@triton.jit
+def _logprobs_bwd_kernel(logits_ptr, targets_ptr, thr_ptr, max_ptr, logsum_ptr, ent_ptr, glp_ptr, gent_ptr, grad_ptr,
+                         stride0, stride1, inner, V, inv_t, ignore_index, HAS_THRESHOLD: tl.constexpr,
+                         HAS_GRAD_LOGP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    in_row = cols < V
+    base = logits_ptr + (row // inner) * stride0 + (row % inner) * stride1
+    target = tl.load(targets_ptr + row)
+    ignored = target == ignore_index
+    # (The interpreter cannot AND a scalar bool into a block mask; broadcast it first.)
+    live = in_row & ((tl.zeros([BLOCK], tl.int64) + target) != ignore_index)
+    x = tl.load(base + cols, mask=live, other=float("-inf")).to(tl.float32)
+    has_target = (target >= 0) & (target < V)
+    if HAS_GRAD_LOGP:
+        glp = tl.load(glp_ptr + row)
+    else:
+        glp = 0.0
+    if HAS_THRESHOLD:
+        thr = tl.load(thr_ptr + row)
+        x = tl.where(x < thr, float("-inf"), x)
+        x_t = tl.load(base + tl.where(has_target, target, 0)).to(tl.float32)
+        # A target outside the kept set has log-prob -inf and, by definition, no gradient.
+        glp = tl.where(has_target & (x_t < thr), 0.0, glp)
+    d = (x * inv_t - tl.load(max_ptr + row)) - tl.load(logsum_ptr + row)
+    p = tl.exp(d)
+    g = -glp * p
+    if HAS_GRAD_ENTROPY:
+        gent = tl.load(gent_ptr + row)
+        H = tl.load(ent_ptr + row)
+        g -= gent * tl.where(p > 0, p * (d + H), 0.0)
+    g = tl.where(cols == target, g + glp, g) * inv_t
+    g = tl.where(ignored, 0.0, g)
+    tl.store(grad_ptr + row * V + cols, g.to(grad_ptr.dtype.element_ty), mask=in_row)
+
+
+def forward(layout, targets: torch.Tensor, threshold: Optional[torch.Tensor], inv_t: float, ignore_index: int,
+            logp: torch.Tensor, row_max: torch.Tensor, log_sum: torch.Tensor, entropy: Optional[torch.Tensor]) -> None:
+    x, stride0, stride1, inner, n_rows, V = layout
+    if n_rows == 0:
+        return
+    _logprobs_fwd_kernel[(n_rows,)](
+        x, targets, threshold if threshold is not None else logp, logp, row_max, log_sum,
+        entropy if entropy is not None else logp,
+        stride0, stride1, inner, V, inv_t, ignore_index, HAS_THRESHOLD=threshold is not None,
+        WANT_ENTROPY=entropy is not None, BLOCK=FWD_BLOCK, num_warps=FWD_WARPS)
+
+
+def backward(layout, targets: torch.Tensor, threshold: Optional[torch.Tensor], inv_t: float, ignore_index: int,
+             row_max: torch.Tensor, log_sum: torch.Tensor, entropy: Optional[torch.Tensor],
+             grad_logp: Optional[torch.Tensor],
+             grad_entropy: Optional[torch.Tensor], grad: torch.Tensor) -> None:
+    x, stride0, stride1, inner, n_rows, V = layout
+    if n_rows == 0:
+        return
+    _logprobs_bwd_kernel[(n_rows, triton.cdiv(V, BWD_BLOCK))](
+        x, targets, threshold if threshold is not None else row_max, row_max, log_sum,
+        entropy if entropy is not None else row_max, grad_logp if grad_logp is not None else row_max,
+        grad_entropy if grad_entropy is not None else row_max, grad,
+        stride0, stride1, inner, V, inv_t, ignore_index, HAS_THRESHOLD=threshold is not None,
+        HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None, BLOCK=BWD_BLOCK,
+        num_warps=BWD_WARPS)
+
+
+def _fwd_spec(dtype: str, has_threshold: bool, want_entropy: bool) -> AotSpec:
+    sig = {"logits_ptr": f"*{dtype}", "targets_ptr": "*i64", "thr_ptr": "*fp32", "logp_ptr": "*fp32",
+           "max_ptr": "*fp32", "logsum_ptr": "*fp32", "ent_ptr": "*fp32", "stride0": "i64", "stride1": "i64", "inner": "i64", "V": "i32",
+           "inv_t": "fp32", "ignore_index": "i64", "HAS_THRESHOLD": "constexpr", "WANT_ENTROPY": "constexpr",
+           "BLOCK": "constexpr"}
+    return AotSpec(f"logprobs_fwd[{dtype},thr={has_threshold},ent={want_entropy}]", _logprobs_fwd_kernel, sig,
+                   {"HAS_THRESHOLD": has_threshold, "WANT_ENTROPY": want_entropy, "BLOCK": FWD_BLOCK},
+                   num_warps=FWD_WARPS)
+
+
+def _bwd_spec(dtype: str, has_threshold: bool, has_grad_entropy: bool) -> AotSpec:
+    sig = {"logits_ptr": f"*{dtype}", "targets_ptr": "*i64", "thr_ptr": "*fp32", "max_ptr": "*fp32",
+           "logsum_ptr": "*fp32", "ent_ptr": "*fp32", "glp_ptr": "*fp32", "gent_ptr": "*fp32", "grad_ptr": f"*{dtype}", "stride0": "i64",
+           "stride1": "i64", "inner": "i64", "V": "i32", "inv_t": "fp32", "ignore_index": "i64",
+           "HAS_THRESHOLD": "constexpr", "HAS_GRAD_LOGP": "constexpr", "HAS_GRAD_ENTROPY": "constexpr",
+           "BLOCK": "constexpr"}
+    return AotSpec(f"logprobs_bwd[{dtype},thr={has_threshold},gent={has_grad_entropy}]", _logprobs_bwd_kernel, sig,
+                   {"HAS_THRESHOLD": has_threshold, "HAS_GRAD_LOGP": True, "HAS_GRAD_ENTROPY": has_grad_entropy,
+                    "BLOCK": BWD_BLOCK}, num_warps=BWD_WARPS)
+
+
+# The vocabulary size is a runtime argument and every load is masked by `cols < V`, so
+# one compile serves vocabularies that are not a multiple of the block (151936, 32001).
+AOT_SPECS = [
+    *(_fwd_spec(dt, thr, ent) for dt in ("fp32", "bf16") for thr in (False, True) for ent in (False, True)),
+    *(_bwd_spec(dt, thr, gent) for dt in ("fp32", "bf16") for thr in (False, True) for gent in (False, True)),
+]

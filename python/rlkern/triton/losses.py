@@ -1,0 +1,491 @@
+"""Triton kernels of the fused losses: one program per sequence (or per block of pairs)
+computes the loss terms and the gradient with respect to the current-policy inputs in the
+same pass, as the C++ kernels do on the CPU (csrc/cpu/losses.cpp holds the same math,
+commented). Per-row totals go to a small [rows, K] buffer that torch reduces, so the
+result is deterministic and needs no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .aot import AotSpec
+
+# Totals per row, in this order (as the C++ kernel's Stat enum).
+NUM_STATS = 9
+_BLOCK = 1024
+_PAIR_BLOCK = 1024
+INF = float("inf")
+
+
+@triton.jit
+def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD, GRAD_ENT, STATS, T,
+                        clip_lo, clip_hi, cap, dual, lr_lo, lr_hi, kl_lo, kl_hi, kl_coef, ent_coef, tis_cap,
+                        off_thr, has_dual, tis_token, tis_seq, tis_mask_mode, has_off, has_select, row_mean,
+                        OBJECTIVE: tl.constexpr, SEQ: tl.constexpr, KL: tl.constexpr, USE_KL: tl.constexpr,
+                        KL_CORR: tl.constexpr, HAS_ROLL: tl.constexpr, HAS_ENT: tl.constexpr,
+                        ADV_PER_TOKEN: tl.constexpr, WRITE_ENT_GRAD: tl.constexpr, COMPUTE: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    base = row.to(tl.int64) * T
+    offs = tl.arange(0, BLOCK)
+    zero = tl.zeros([BLOCK], COMPUTE)
+
+    # Per-sequence quantities: token count, mean log-ratio, off-policy divergence and the
+    # sequence-level log importance weight (masked positions are never loaded).
+    n = tl.sum(zero, 0)
+    s_lr = tl.sum(zero, 0)
+    s_div = tl.sum(zero, 0)
+    s_tis = tl.sum(zero, 0)
+    for start in range(0, T, BLOCK):
+        idx = start + offs
+        m = tl.load(MASK + base + idx, mask=idx < T, other=0) != 0
+        lp = tl.load(LOGP + base + idx, mask=m, other=0.0).to(COMPUTE)
+        o = tl.load(OLD + base + idx, mask=m, other=0.0).to(COMPUTE)
+        n += tl.sum(m.to(COMPUTE), 0)
+        s_lr += tl.sum(lp - o, 0)
+        if HAS_ROLL:
+            ro = tl.load(ROLL + base + idx, mask=m, other=0.0).to(COMPUTE)
+            s_div += tl.sum(ro - lp, 0)
+            s_tis += tl.sum(o - ro, 0)
+        else:
+            s_div += tl.sum(o - lp, 0)
+    n1 = tl.maximum(n, 1.0)
+    row_w = tl.where(row_mean != 0, 1.0 / n1, 1.0)
+    drop_negative = (has_off != 0) & (s_div / n1 > off_thr)
+    seq_x = s_lr / n1
+    seq_xc = tl.minimum(tl.maximum(seq_x, lr_lo), lr_hi)
+    seq_dx = tl.where((seq_x < lr_lo) | (seq_x > lr_hi), 0.0, 1.0)
+    seq_r = tl.exp(seq_xc)
+    w_seq = tl.exp(s_tis)
+    w_seq = tl.where(tis_mask_mode != 0, tl.where(w_seq > tis_cap, 0.0, w_seq), tl.minimum(w_seq, tis_cap))
+    seq_tis = tl.where(tis_seq != 0, w_seq, 1.0)
+    if HAS_ENT:
+        ent_thr = tl.load(ENT_THR).to(COMPUTE)
+
+    acc_loss = tl.sum(zero, 0)
+    acc_low = tl.sum(zero, 0)
+    acc_high = tl.sum(zero, 0)
+    acc_ratio = tl.sum(zero, 0)
+    acc_approx = tl.sum(zero, 0)
+    acc_kl = tl.sum(zero, 0)
+    acc_ent = tl.sum(zero, 0)
+    acc_dual = tl.sum(zero, 0)
+    acc_dseq = tl.sum(zero, 0)
+    for start in range(0, T, BLOCK):
+        idx = start + offs
+        inb = idx < T
+        m = tl.load(MASK + base + idx, mask=inb, other=0) != 0
+        lp = tl.load(LOGP + base + idx, mask=m, other=0.0).to(COMPUTE)
+        o = tl.load(OLD + base + idx, mask=m, other=0.0).to(COMPUTE)
+        if ADV_PER_TOKEN:
+            a = tl.load(ADV + base + idx, mask=m, other=0.0).to(COMPUTE)
+        else:
+            a = tl.where(m, tl.load(ADV + row).to(COMPUTE), 0.0)
+        if SEQ:
+            r = zero + seq_r
+            dx = zero + seq_dx
+        else:
+            x = lp - o
+            xc = tl.minimum(tl.maximum(x, lr_lo), lr_hi)
+            dx = tl.where((x < lr_lo) | (x > lr_hi), 0.0, 1.0)
+            r = tl.exp(xc)
+        # PPO clip with ratio cap and dual clip; ties split the gradient as torch does.
+        r1 = tl.where(r > cap, cap, r)
+        dr1 = tl.where(r > cap, 0.0, 1.0)
+        rc = tl.where(r < clip_lo, clip_lo, tl.where(r > clip_hi, clip_hi, r))
+        drc = tl.where((r < clip_lo) | (r > clip_hi), 0.0, 1.0)
+        u = -a * r1
+        v = -a * rc
+        du = -a * dr1
+        dv = -a * drc
+        s = tl.where(u > v, u, v)
+        ds = tl.where(u > v, du, tl.where(u < v, dv, 0.5 * (du + dv)))
+        dual_on = (has_dual != 0) & (a < 0.0)
+        bound = -a * dual
+        dual_hit = dual_on & (s > bound)
+        ds = tl.where(dual_on, tl.where(s < bound, ds, tl.where(s > bound, 0.0, 0.5 * ds)), ds)
+        s = tl.where(dual_on, tl.where(s < bound, s, bound), s)
+        if OBJECTIVE == 0:
+            pg = s
+            dr = ds
+            direct = zero
+        elif OBJECTIVE == 1:
+            pg = -rc * a * lp
+            dr = zero
+            direct = -rc * a
+        else:
+            pg = -a * lp
+            dr = zero
+            direct = -a
+        weight = tl.where(drop_negative & (~(a >= 0.0)), 0.0, 1.0)
+        if HAS_ENT:
+            h = tl.load(ENT + base + idx, mask=m, other=0.0).to(COMPUTE)
+            weight = tl.where((has_select != 0) & (~(h >= ent_thr)), 0.0, weight)
+        if HAS_ROLL:
+            ro = tl.load(ROLL + base + idx, mask=m, other=0.0).to(COMPUTE)
+            wt = tl.exp(o - ro)
+            wt = tl.where(tis_mask_mode != 0, tl.where(wt > tis_cap, 0.0, wt), tl.minimum(wt, tis_cap))
+            weight = tl.where(tis_token != 0, weight * wt, weight)
+        weight = weight * seq_tis
+        l_tok = weight * pg
+        dr = weight * dr
+        direct = weight * direct
+        kl = zero
+        if KL != 0:
+            ref = tl.load(REF + base + idx, mask=m, other=0.0).to(COMPUTE)
+            d = ref - lp
+            if KL == 1:
+                kl = -d
+                dkl = zero + 1.0
+            elif KL == 2:
+                kl = 0.5 * d * d
+                dkl = -d
+            else:
+                e = tl.exp(d)
+                kl = e - 1.0 - d
+                dkl = 1.0 - e
+            dkl = tl.where((kl < kl_lo) | (kl > kl_hi), 0.0, dkl)
+            kl = tl.minimum(tl.maximum(kl, kl_lo), kl_hi)
+            if USE_KL:
+                if KL_CORR:
+                    l_tok += kl_coef * kl * r
+                    direct += kl_coef * dkl * r
+                    dr += kl_coef * kl
+                else:
+                    l_tok += kl_coef * kl
+                    direct += kl_coef * dkl
+        if HAS_ENT:
+            l_tok -= ent_coef * h
+            acc_ent += tl.sum(h, 0)
+            if WRITE_ENT_GRAD:
+                tl.store(GRAD_ENT + base + idx, tl.where(m, -ent_coef * row_w, 0.0), mask=inb)
+        if SEQ:
+            g = row_w * direct
+            acc_dseq += tl.sum(tl.where(m, row_w * dr, 0.0), 0)
+        else:
+            g = row_w * (direct + dr * r * dx)
+        tl.store(GRAD + base + idx, tl.where(m, g, 0.0), mask=inb)
+        acc_loss += tl.sum(tl.where(m, row_w * l_tok, 0.0), 0)
+        acc_ratio += tl.sum(tl.where(m, r, 0.0), 0)
+        acc_approx += tl.sum(o - lp, 0)
+        acc_kl += tl.sum(tl.where(m, kl, 0.0), 0)
+        acc_low += tl.sum((m & (r < clip_lo) & (a < 0.0)).to(COMPUTE), 0)
+        acc_high += tl.sum((m & (r > clip_hi) & (a > 0.0)).to(COMPUTE), 0)
+        acc_dual += tl.sum((m & dual_hit).to(COMPUTE), 0)
+    if SEQ:
+        # r = exp(mean_t (lp_t - old_t)): dr/dlp_t = r / n for every active token.
+        add = acc_dseq * seq_r * seq_dx / n1
+        tl.debug_barrier()
+        for start in range(0, T, BLOCK):
+            idx = start + offs
+            m = tl.load(MASK + base + idx, mask=idx < T, other=0) != 0
+            g = tl.load(GRAD + base + idx, mask=m, other=0.0)
+            tl.store(GRAD + base + idx, g + add, mask=m)
+    out = STATS + row * 9
+    tl.store(out + 0, n)
+    tl.store(out + 1, acc_loss)
+    tl.store(out + 2, acc_low)
+    tl.store(out + 3, acc_high)
+    tl.store(out + 4, acc_ratio)
+    tl.store(out + 5, acc_approx)
+    tl.store(out + 6, acc_kl)
+    tl.store(out + 7, acc_ent)
+    tl.store(out + 8, acc_dual)
+
+
+@triton.jit
+def _kl_kernel(LOGP, REF, OUT, GRAD, N, kl_lo, kl_hi, KL: tl.constexpr, WRITE_GRAD: tl.constexpr,
+               COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inb = idx < N
+    lp = tl.load(LOGP + idx, mask=inb, other=0.0).to(COMPUTE)
+    d = tl.load(REF + idx, mask=inb, other=0.0).to(COMPUTE) - lp
+    if KL == 1:
+        kl = -d
+        dkl = tl.zeros([BLOCK], COMPUTE) + 1.0
+    elif KL == 2:
+        kl = 0.5 * d * d
+        dkl = -d
+    else:
+        e = tl.exp(d)
+        kl = e - 1.0 - d
+        dkl = 1.0 - e
+    dkl = tl.where((kl < kl_lo) | (kl > kl_hi), 0.0, dkl)
+    kl = tl.minimum(tl.maximum(kl, kl_lo), kl_hi)
+    tl.store(OUT + idx, kl, mask=inb)
+    if WRITE_GRAD:
+        tl.store(GRAD + idx, dkl, mask=inb)
+
+
+@triton.jit
+def _value_loss_kernel(V, VOLD, RET, MASK, GRAD, STATS, T, clip, HAS_CLIP: tl.constexpr, ROW_MEAN: tl.constexpr,
+                       COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    base = row.to(tl.int64) * T
+    offs = tl.arange(0, BLOCK)
+    zero = tl.zeros([BLOCK], COMPUTE)
+    n = tl.sum(zero, 0)
+    if ROW_MEAN:
+        for start in range(0, T, BLOCK):
+            idx = start + offs
+            n += tl.sum((tl.load(MASK + base + idx, mask=idx < T, other=0) != 0).to(COMPUTE), 0)
+        row_w = 1.0 / tl.maximum(n, 1.0)
+    else:
+        row_w = 1.0
+    acc_n = tl.sum(zero, 0)
+    acc_loss = tl.sum(zero, 0)
+    acc_clip = tl.sum(zero, 0)
+    acc_v = tl.sum(zero, 0)
+    for start in range(0, T, BLOCK):
+        idx = start + offs
+        inb = idx < T
+        m = tl.load(MASK + base + idx, mask=inb, other=0) != 0
+        v = tl.load(V + base + idx, mask=m, other=0.0).to(COMPUTE)
+        R = tl.load(RET + base + idx, mask=m, other=0.0).to(COMPUTE)
+        e = (v - R) * (v - R)
+        de = 2.0 * (v - R)
+        if HAS_CLIP:
+            vo = tl.load(VOLD + base + idx, mask=m, other=0.0).to(COMPUTE)
+            lo = vo - clip
+            hi = vo + clip
+            vc = tl.where(v < lo, lo, tl.where(v > hi, hi, v))
+            dvc = tl.where((v < lo) | (v > hi), 0.0, 1.0)
+            e2 = (vc - R) * (vc - R)
+            de2 = 2.0 * (vc - R) * dvc
+            acc_clip += tl.sum((m & (e2 > e)).to(COMPUTE), 0)
+            de = tl.where(e > e2, de, tl.where(e < e2, de2, 0.5 * (de + de2)))
+            e = tl.maximum(e, e2)
+        tl.store(GRAD + base + idx, tl.where(m, 0.5 * row_w * de, 0.0), mask=inb)
+        acc_n += tl.sum(m.to(COMPUTE), 0)
+        acc_loss += tl.sum(tl.where(m, 0.5 * row_w * e, 0.0), 0)
+        acc_v += tl.sum(v, 0)
+    out = STATS + row * 4
+    tl.store(out + 0, acc_n)
+    tl.store(out + 1, acc_loss)
+    tl.store(out + 2, acc_clip)
+    tl.store(out + 3, acc_v)
+
+
+@triton.jit
+def _log_sigmoid(x):
+    return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _sigmoid(x):
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def _dpo_kernel(C, R, RC, RR, GRAD, CREW, RREW, STATS, B, beta, label_smoothing, LOSS_TYPE: tl.constexpr,
+                COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    idx = pid * BLOCK + tl.arange(0, BLOCK)
+    inb = idx < B
+    dc = tl.load(C + idx, mask=inb, other=0.0).to(COMPUTE) - tl.load(RC + idx, mask=inb, other=0.0).to(COMPUTE)
+    dr = tl.load(R + idx, mask=inb, other=0.0).to(COMPUTE) - tl.load(RR + idx, mask=inb, other=0.0).to(COMPUTE)
+    z = dc - dr
+    if LOSS_TYPE == 0:
+        x = beta * z
+        loss = -(1.0 - label_smoothing) * _log_sigmoid(x) - label_smoothing * _log_sigmoid(-x)
+        g = -(1.0 - label_smoothing) * beta * _sigmoid(-x) + label_smoothing * beta * _sigmoid(x)
+    elif LOSS_TYPE == 1:
+        u = z - 1.0 / (2.0 * beta)
+        loss = u * u
+        g = 2.0 * u
+    else:
+        u = 1.0 - beta * z
+        loss = tl.maximum(u, 0.0)
+        g = tl.where(u > 0.0, -beta, 0.0)
+    crew = beta * dc
+    rrew = beta * dr
+    tl.store(GRAD + idx, g, mask=inb)
+    tl.store(CREW + idx, crew, mask=inb)
+    tl.store(RREW + idx, rrew, mask=inb)
+    tl.store(STATS + pid * 3 + 0, tl.sum(tl.where(inb, loss, 0.0), 0))
+    tl.store(STATS + pid * 3 + 1, tl.sum(tl.where(inb, crew - rrew, 0.0), 0))
+    tl.store(STATS + pid * 3 + 2, tl.sum((inb & (crew > rrew)).to(COMPUTE), 0))
+
+
+@triton.jit
+def _bt_kernel(C, R, MARGIN, GRAD, STATS, B, margin_scalar, HAS_MARGIN: tl.constexpr, COMPUTE: tl.constexpr,
+               BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    idx = pid * BLOCK + tl.arange(0, BLOCK)
+    inb = idx < B
+    d = tl.load(C + idx, mask=inb, other=0.0).to(COMPUTE) - tl.load(R + idx, mask=inb, other=0.0).to(COMPUTE)
+    if HAS_MARGIN:
+        x = d - tl.load(MARGIN + idx, mask=inb, other=0.0).to(COMPUTE)
+    else:
+        x = d - margin_scalar
+    tl.store(GRAD + idx, -_sigmoid(-x), mask=inb)
+    tl.store(STATS + pid * 3 + 0, tl.sum(tl.where(inb, -_log_sigmoid(x), 0.0), 0))
+    tl.store(STATS + pid * 3 + 1, tl.sum(tl.where(inb, d, 0.0), 0))
+    tl.store(STATS + pid * 3 + 2, tl.sum((inb & (d > 0.0)).to(COMPUTE), 0))
+
+
+# ---------------------------------------------------------------------------------------
+# launchers
+
+
+def _compute(t: torch.Tensor):
+    return tl.float64 if t.dtype == torch.float64 else tl.float32
+
+
+def _bound(value: Optional[float], default: float) -> float:
+    return default if value is None else float(value)
+
+
+def policy_loss(logp, old_logp, advantages, mask, cfg, tensors: Dict[str, Optional[torch.Tensor]],
+                want_entropy_grad: bool):
+    """Runs the fused kernel; returns (loss, metrics, grad_logp, grad_entropy, scale) with the
+    gradients before the global scale (as the C++ path)."""
+    from .._kernel import compute_dtype
+    from ..losses import _agg_denominator, _as, _mask_bytes, _metrics_from_totals, _storage
+    from ..reference.kl import clamp_bounds
+    from ..reference.losses import entropy_threshold
+
+    B, T = logp.shape
+    ref_logp, rollout_logp, entropy = tensors["ref_logp"], tensors["rollout_logp"], tensors["entropy"]
+    storage = _storage(logp, old_logp, ref_logp, rollout_logp, entropy)
+    acc = compute_dtype(logp, old_logp, advantages, ref_logp, rollout_logp, entropy)
+    lp, old = _as(logp, storage), _as(old_logp, storage)
+    ref, roll, ent = _as(ref_logp, storage), _as(rollout_logp, storage), _as(entropy, storage)
+    adv = _as(advantages, acc)
+    m = _mask_bytes(mask)
+    grad = torch.empty((B, T), dtype=acc, device=lp.device)
+    grad_ent = torch.empty((B, T), dtype=acc, device=lp.device) if want_entropy_grad else grad
+    stats = torch.empty((B, NUM_STATS), dtype=acc, device=lp.device)
+    if ent is not None and cfg.entropy_top_fraction is not None:
+        thr = entropy_threshold(ent, mask != 0, cfg.entropy_top_fraction).reshape(1)
+    else:
+        thr = stats  # never read
+    lr_lo, lr_hi = clamp_bounds("log_ratio_clamp", cfg.log_ratio_clamp)
+    kl_lo, kl_hi = clamp_bounds("kl_clamp", cfg.kl_clamp)
+    clip_lo, clip_hi = cfg.clip_range
+    kl = 0 if ref is None else {"k1": 1, "k2": 2, "k3": 3}[cfg.kl_kind]
+    _policy_loss_kernel[(B,)](
+        lp, old, adv, m, ref if ref is not None else lp, roll if roll is not None else lp,
+        ent if ent is not None else lp, thr, grad, grad_ent, stats, T,
+        clip_lo, clip_hi, _bound(cfg.ratio_cap, INF), float(cfg.dual_clip or 0.0), _bound(lr_lo, -INF),
+        _bound(lr_hi, INF), _bound(kl_lo, -INF), _bound(kl_hi, INF), float(cfg.kl_coef), float(cfg.entropy_coef),
+        float(cfg.tis_cap or 0.0), float(cfg.off_policy_threshold or 0.0),
+        int(cfg.dual_clip is not None), int(cfg.tis_cap is not None and cfg.tis_level == "token"),
+        int(cfg.tis_cap is not None and cfg.tis_level == "sequence"), int(cfg.tis_mode == "mask"),
+        int(cfg.off_policy_threshold is not None), int(cfg.entropy_top_fraction is not None),
+        int(cfg.agg == "seq-mean-token-mean"),
+        OBJECTIVE={"clip": 0, "cispo": 1, "reinforce": 2}[cfg.objective], SEQ=cfg.level == "sequence", KL=kl,
+        USE_KL=cfg.kl_coef != 0, KL_CORR=bool(cfg.kl_is_correction), HAS_ROLL=roll is not None,
+        HAS_ENT=ent is not None, ADV_PER_TOKEN=adv.dim() == 2, WRITE_ENT_GRAD=want_entropy_grad,
+        COMPUTE=_compute(grad), BLOCK=min(_BLOCK, triton.next_power_of_2(T)))
+    totals = stats.sum(0)
+    denom = _agg_denominator(cfg.agg, cfg.normalizer, totals[0], B, T)
+    loss = totals[1] / denom
+    metrics = {k: v.detach() for k, v in
+               _metrics_from_totals(totals, cfg, ref is not None, ent is not None).items()}
+    scale = (1.0 / denom) if isinstance(denom, torch.Tensor) else torch.tensor(1.0 / denom, dtype=acc,
+                                                                                  device=lp.device)
+    return loss, metrics, grad, (grad_ent if want_entropy_grad else None), scale
+
+
+def kl_penalty(logp, ref_logp, kind_code: int, low, high, out, grad) -> None:
+    N = logp.numel()
+    if N == 0:
+        return
+    _kl_kernel[(triton.cdiv(N, _BLOCK),)](logp, ref_logp, out, grad if grad is not None else out, N,
+                                         _bound(low, -INF), _bound(high, INF), KL=kind_code + 1,
+                                         WRITE_GRAD=grad is not None, COMPUTE=_compute(out), BLOCK=_BLOCK)
+
+
+def value_loss(values, old_values, returns, mask, clip, agg_code: int, grad) -> torch.Tensor:
+    B, T = values.shape
+    stats = torch.empty((B, 4), dtype=grad.dtype, device=values.device)
+    _value_loss_kernel[(B,)](values, old_values, returns, mask, grad, stats, T, float(clip or 0.0),
+                             HAS_CLIP=clip is not None, ROW_MEAN=agg_code == 2, COMPUTE=_compute(grad),
+                             BLOCK=min(_BLOCK, triton.next_power_of_2(T)))
+    return stats.sum(0)
+
+
+def dpo_loss(c, r, rc, rr, beta, loss_type_code, label_smoothing, grad_z, chosen_rewards,
+             rejected_rewards) -> torch.Tensor:
+    B = c.shape[0]
+    blocks = triton.cdiv(B, _PAIR_BLOCK)
+    stats = torch.empty((blocks, 3), dtype=grad_z.dtype, device=c.device)
+    _dpo_kernel[(blocks,)](c, r, rc, rr, grad_z, chosen_rewards, rejected_rewards, stats, B, float(beta),
+                           float(label_smoothing), LOSS_TYPE=loss_type_code, COMPUTE=_compute(grad_z),
+                           BLOCK=min(_PAIR_BLOCK, triton.next_power_of_2(B)))
+    return stats.sum(0)
+
+
+def bradley_terry_loss(c, r, margin, margin_scalar, grad) -> torch.Tensor:
+    B = c.shape[0]
+    blocks = triton.cdiv(B, _PAIR_BLOCK)
+    stats = torch.empty((blocks, 3), dtype=grad.dtype, device=c.device)
+    _bt_kernel[(blocks,)](c, r, margin if margin is not None else c, grad, stats, B, float(margin_scalar),
+                          HAS_MARGIN=margin is not None, COMPUTE=_compute(grad),
+                          BLOCK=min(_PAIR_BLOCK, triton.next_power_of_2(B)))
+    return stats.sum(0)
+
+
+# ---------------------------------------------------------------------------------------
+# ahead-of-time compile specs: the configurations the launchers use, fp32 and bf16 inputs.
+
+
+def _policy_spec(name: str, dt: str, **constexprs) -> AotSpec:
+    ptr = f"*{dt}"
+    signature = {"LOGP": ptr, "OLD": ptr, "ADV": "*fp32", "MASK": "*u8", "REF": ptr, "ROLL": ptr, "ENT": ptr,
+                 "ENT_THR": "*fp32", "GRAD": "*fp32", "GRAD_ENT": "*fp32", "STATS": "*fp32", "T": "i32"}
+    for arg in ("clip_lo", "clip_hi", "cap", "dual", "lr_lo", "lr_hi", "kl_lo", "kl_hi", "kl_coef", "ent_coef",
+                "tis_cap", "off_thr"):
+        signature[arg] = "fp32"
+    for arg in ("has_dual", "tis_token", "tis_seq", "tis_mask_mode", "has_off", "has_select", "row_mean"):
+        signature[arg] = "i32"
+    full = dict(OBJECTIVE=0, SEQ=False, KL=0, USE_KL=False, KL_CORR=False, HAS_ROLL=False, HAS_ENT=False,
+                ADV_PER_TOKEN=False, WRITE_ENT_GRAD=False, COMPUTE=tl.float32, BLOCK=_BLOCK)
+    full.update(constexprs)
+    for k in full:
+        signature[k] = "constexpr"
+    return AotSpec(f"{name}_{dt}", _policy_loss_kernel, signature, full)
+
+
+def _specs():
+    specs = []
+    for dt in ("fp32", "bf16"):
+        ptr = f"*{dt}"
+        specs += [
+            _policy_spec("policy_grpo", dt, KL=3, USE_KL=True),
+            _policy_spec("policy_gspo", dt, SEQ=True),
+            _policy_spec("policy_cispo_tis_entropy", dt, OBJECTIVE=1, HAS_ROLL=True, HAS_ENT=True,
+                         WRITE_ENT_GRAD=True, KL=1, USE_KL=True, KL_CORR=True),
+            AotSpec(f"kl_k3_{dt}", _kl_kernel,
+                    {"LOGP": ptr, "REF": ptr, "OUT": "*fp32", "GRAD": "*fp32", "N": "i32", "kl_lo": "fp32",
+                     "kl_hi": "fp32", "KL": "constexpr", "WRITE_GRAD": "constexpr", "COMPUTE": "constexpr",
+                     "BLOCK": "constexpr"},
+                    dict(KL=3, WRITE_GRAD=True, COMPUTE=tl.float32, BLOCK=_BLOCK)),
+            AotSpec(f"value_clip_{dt}", _value_loss_kernel,
+                    {"V": ptr, "VOLD": ptr, "RET": ptr, "MASK": "*u8", "GRAD": "*fp32", "STATS": "*fp32", "T": "i32",
+                     "clip": "fp32", "HAS_CLIP": "constexpr", "ROW_MEAN": "constexpr", "COMPUTE": "constexpr",
+                     "BLOCK": "constexpr"},
+                    dict(HAS_CLIP=True, ROW_MEAN=False, COMPUTE=tl.float32, BLOCK=_BLOCK)),
+            AotSpec(f"dpo_sigmoid_{dt}", _dpo_kernel,
+                    {"C": ptr, "R": ptr, "RC": ptr, "RR": ptr, "GRAD": "*fp32", "CREW": "*fp32", "RREW": "*fp32",
+                     "STATS": "*fp32", "B": "i32", "beta": "fp32", "label_smoothing": "fp32",
+                     "LOSS_TYPE": "constexpr", "COMPUTE": "constexpr", "BLOCK": "constexpr"},
+                    dict(LOSS_TYPE=0, COMPUTE=tl.float32, BLOCK=_PAIR_BLOCK)),
+            AotSpec(f"bradley_terry_{dt}", _bt_kernel,
+                    {"C": ptr, "R": ptr, "MARGIN": ptr, "GRAD": "*fp32", "STATS": "*fp32", "B": "i32",
+                     "margin_scalar": "fp32", "HAS_MARGIN": "constexpr", "COMPUTE": "constexpr",
+                     "BLOCK": "constexpr"},
+                    dict(HAS_MARGIN=True, COMPUTE=tl.float32, BLOCK=_PAIR_BLOCK)),
+        ]
+    return specs
+
+
+AOT_SPECS = _specs()

@@ -1,0 +1,105 @@
+"""rlkern.kl.kl_penalty against the float64 reference and the estimators' definitions."""
+
+import pytest
+import torch
+
+import rlkern
+from rlkern import kl
+from rlkern.reference import kl as ref
+
+from helpers import CPU_BACKENDS, GRAD_TOL, VALUE_TOL, assert_close
+
+CLAMPS = [None, 0.05, (None, 0.1), (-0.02, None)]
+
+
+def _inputs(shape=(5, 13), seed=0, dtype=torch.float64, spread=0.5):
+    g = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(shape, generator=g, dtype=torch.float64) * 3
+    refp = logp + spread * torch.randn(shape, generator=g, dtype=torch.float64)
+    return logp.to(dtype), refp.to(dtype)
+
+
+def _run(backend, logp, refp, kind, clamp):
+    logp = logp.clone().requires_grad_()
+    with rlkern.use_backend(backend):
+        out = kl.kl_penalty(logp, refp, kind, clamp)
+    weights = torch.linspace(-1, 2, out.numel(), dtype=out.dtype).reshape(out.shape)
+    (g,) = torch.autograd.grad((out * weights).sum(), logp)
+    return out, g
+
+
+def test_definitions():
+    logp, refp = _inputs()
+    d = refp - logp
+    assert_close(ref.kl_penalty(logp, refp, "k1"), -d, 1e-15)
+    assert_close(ref.kl_penalty(logp, refp, "k2"), 0.5 * d * d, 1e-15)
+    assert_close(ref.kl_penalty(logp, refp, "k3"), torch.exp(d) - 1 - d, 1e-15)
+    assert (ref.kl_penalty(logp, refp, "k3") >= 0).all()
+    assert ref.kl_penalty(logp, refp, "k3", 0.01).max() <= 0.01
+
+
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("clamp", CLAMPS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_backends_match_reference(backend, kind, clamp):
+    logp, refp = _inputs(dtype=torch.float32)
+    out, g = _run(backend, logp, refp, kind, clamp)
+    assert out.dtype == torch.float32
+    expected, expected_g = _run("reference", logp.double(), refp.double(), kind, clamp)
+    assert_close(out, expected, VALUE_TOL)
+    assert_close(g, expected_g, GRAD_TOL)
+
+
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
+def test_cpu_float64_and_gradcheck(kind):
+    logp, refp = _inputs((3, 4), seed=1)
+    out, g = _run("cpu", logp, refp, kind, 0.3)
+    expected, expected_g = _run("reference", logp, refp, kind, 0.3)
+    assert_close(out, expected, 1e-14)
+    assert_close(g, expected_g, 1e-14)
+    x = logp.clone().requires_grad_()
+    with rlkern.use_backend("cpu"):
+        assert torch.autograd.gradcheck(lambda t: kl.kl_penalty(t, refp, kind, (None, 2.0)), (x,), eps=1e-6,
+                                        atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_bf16_inputs_and_extremes(backend):
+    logp, refp = _inputs((4, 6), seed=2)
+    refp[0] = logp[0] + 50.0
+    refp[1] = logp[1] - 50.0
+    lb, rb = logp.to(torch.bfloat16), refp.to(torch.bfloat16)
+    out, g = _run(backend, lb, rb, "k3", None)
+    expected, _ = _run("reference", lb.double(), rb.double(), "k3", None)
+    assert out.dtype == torch.float32 and g.dtype == torch.bfloat16
+    assert_close(out, expected, VALUE_TOL)
+    clamped, _ = _run(backend, lb, rb, "k3", 10.0)
+    assert clamped.max().item() == 10.0
+
+
+def test_verl_low_var_kl_is_k3_clamped_at_10():
+    """verl's "low_var_kl": d = clamp(ref - logp, -20, 20), exp(d) - d - 1 clamped to [-10, 10]."""
+    logp, refp = _inputs((6, 40), seed=3, spread=8.0)
+    logp = logp.clone().requires_grad_()
+    d = torch.clamp(refp - logp, min=-20, max=20)
+    verl = torch.clamp(torch.exp(d) - d - 1, min=-10, max=10)
+    (verl_g,) = torch.autograd.grad(verl.sum(), logp)
+    with rlkern.use_backend("cpu"):
+        ours = kl.kl_penalty(logp, refp, "k3", clamp=10.0)
+    (ours_g,) = torch.autograd.grad(ours.sum(), logp)
+    assert_close(ours, verl, 1e-12)
+    assert_close(ours_g, verl_g, 1e-12)
+
+
+def test_bad_input():
+    logp, refp = _inputs()
+    with pytest.raises(ValueError, match="kind"):
+        kl.kl_penalty(logp, refp, "k4")
+    with pytest.raises(ValueError, match="ref_logp"):
+        kl.kl_penalty(logp, refp[:, :3])
+    with pytest.raises(TypeError, match="logp"):
+        kl.kl_penalty(logp.long(), refp)
+    with pytest.raises(ValueError, match="clamp"):
+        kl.kl_penalty(logp, refp, clamp=-1.0)
+    with pytest.raises(ValueError, match="clamp"):
+        kl.kl_penalty(logp, refp, clamp=(1.0, 0.0))

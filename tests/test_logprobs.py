@@ -1,0 +1,377 @@
+"""token_logprobs and linear_token_logprobs against the float64 log_softmax + gather reference."""
+
+import math
+
+import pytest
+import torch
+
+import rlkern
+from rlkern.logprobs import linear_token_logprobs, token_logprobs
+from rlkern.reference import logprobs as ref
+
+from helpers import CPU_BACKENDS, GRAD_TOL, VALUE_TOL, assert_close
+
+# The Triton interpreter evaluates masked-out lanes too (numpy warns about their -inf/NaN).
+pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")]
+
+BACKENDS = ["reference"] + CPU_BACKENDS
+# The gradient of bf16/fp16 logits is written in that dtype: one ulp of it (the Triton
+# interpreter truncates where a GPU rounds to nearest).
+GRAD_TOL_BY_DTYPE = {torch.float32: GRAD_TOL, torch.float64: GRAD_TOL, torch.bfloat16: 2**-7, torch.float16: 2**-10}
+
+
+def _run(backend, logits, targets, seed=0, **kw):
+    """(logp, entropy, grad of the logits) under random upstream gradients."""
+    x = logits.detach().clone().requires_grad_()
+    gen = torch.Generator().manual_seed(seed)
+    g_lp = torch.randn(targets.shape, generator=gen, dtype=torch.float64)
+    g_ent = torch.randn(targets.shape, generator=gen, dtype=torch.float64)
+    with rlkern.use_backend(backend):
+        lp, ent = token_logprobs(x, targets, return_entropy=True, **kw)
+    # -inf log-probs (targets outside a top-k/top-p set) have zero gradient by definition.
+    loss = torch.where(torch.isfinite(lp), lp * g_lp.to(lp.dtype), 0.0).sum() + (ent * g_ent.to(ent.dtype)).sum()
+    loss.backward()
+    return lp, ent, x.grad
+
+
+def _check(backend, logits, targets, **kw):
+    lp, ent, grad = _run(backend, logits, targets, **kw)
+    lp_r, ent_r, grad_r = _run("reference", logits.detach().double(), targets, **kw)
+    expected_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    assert lp.dtype == expected_dtype and ent.dtype == expected_dtype
+    assert grad.dtype == logits.dtype and grad.shape == logits.shape
+    assert_close(lp, lp_r, VALUE_TOL, "logp")
+    assert_close(ent, ent_r, VALUE_TOL, "entropy")
+    _assert_grad_close(grad, grad_r, GRAD_TOL_BY_DTYPE[logits.dtype])
+    return lp, ent, grad
+
+
+def _assert_grad_close(grad, grad_r, tol):
+    # Upstream gradients are O(1), so gradient entries are O(1) unless they cancel
+    # exactly (a uniform distribution's entropy gradient is 0): the relative scale has a
+    # floor of 1e-3 so that such cases compare float32 noise against something sensible.
+    assert grad.shape == grad_r.shape
+    if grad_r.numel() == 0:
+        return
+    if grad_r.abs().max() < 1e-3:
+        assert (grad.double() - grad_r).abs().max() <= tol * 1e-3, "grad"
+    else:
+        assert_close(grad, grad_r, tol, "grad")
+
+
+def _logits(shape, dtype=torch.float32, scale=3.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+
+def _targets(shape, V, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, V, shape, generator=gen)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("V", [1, 7, 1000, 32000])
+def test_values_and_grads(backend, dtype, V):
+    rows = 3 if V >= 32000 else 6
+    _check(backend, _logits((rows, V), dtype), _targets((rows,), V), temperature=0.7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qwen_vocabulary_cpu(dtype):
+    V = 151936
+    logits = _logits((2, V), dtype, scale=4.0)
+    _check("cpu", logits, torch.tensor([5, V - 1]))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_float16_and_float64(backend):
+    _check(backend, _logits((4, 300), torch.float16), _targets((4,), 300))
+    lp, _, grad = _check(backend, _logits((4, 300), torch.float64), _targets((4,), 300), temperature=1.3)
+    lp_r = torch.log_softmax(_logits((4, 300), torch.float64) / 1.3, -1).gather(1, _targets((4,), 300)[:, None])[:, 0]
+    assert_close(lp, lp_r, 1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 2.5])
+def test_temperature(backend, temperature):
+    _check(backend, _logits((5, 777)), _targets((5,), 777), temperature=temperature)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_logits(backend):
+    V = 3000
+    x = _logits((6, V), scale=1.0)
+    x[0] *= 1e4  # huge spread: a near one-hot distribution
+    x[1] += 1e4  # huge offset
+    x[2, ::3] = float("-inf")  # -inf entries
+    x[3] = 0.25  # all equal: uniform
+    x[4, 1:] = float("-inf")  # a single finite entry
+    x[5, :V // 2] = -1e30
+    targets = torch.tensor([int(x[0].argmax()), 17, 1, 123, 0, V - 1])
+    lp, ent, grad = _check(backend, x, targets)
+    assert torch.isfinite(lp).all() and torch.isfinite(ent).all() and torch.isfinite(grad).all()
+    assert_close(lp[3], torch.tensor(-math.log(V)), 1e-6)
+    assert_close(ent[3], torch.tensor(math.log(V)), 1e-6)
+    assert lp[4] == 0 and ent[4] == 0
+    assert (grad[2, ::3] == 0).all() and (grad[4] == 0).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nonfinite_rows_give_nan(backend):
+    x = _logits((3, 50))
+    x[0] = float("-inf")
+    x[1, 3] = float("nan")
+    x[2, 7] = float("inf")
+    with rlkern.use_backend(backend):
+        lp, ent = token_logprobs(x, torch.tensor([1, 2, 3]), return_entropy=True)
+    assert torch.isnan(lp).all() and torch.isnan(ent).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ignore_index(backend, dtype):
+    x = _logits((2, 4, 500), dtype)
+    targets = _targets((2, 4), 500)
+    targets[0, 1] = -100
+    targets[1, 3] = -100
+    x[0, 1] = float("nan")  # ignored rows may hold anything
+    lp, ent, grad = _check(backend, x, targets)
+    assert lp[0, 1] == 0 and lp[1, 3] == 0 and ent[0, 1] == 0 and ent[1, 3] == 0
+    assert (grad[0, 1] == 0).all() and (grad[1, 3] == 0).all()
+    _check(backend, x, torch.where(targets == -100, 499, targets), ignore_index=499)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leading_shapes(backend):
+    V = 97
+    _check(backend, _logits((V,)), torch.tensor(3))  # 1-D logits, 0-D target
+    _check(backend, _logits((2, 3, V)), _targets((2, 3), V))
+    _check(backend, _logits((2, 2, 2, V)), _targets((2, 2, 2), V))
+    _check(backend, _logits((0, V)), torch.zeros(0, dtype=torch.long))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_non_contiguous(backend, dtype):
+    V = 300
+    base = _logits((3, 6, V), dtype)
+    _check(backend, base[:, :-1], _targets((3, 5), V))  # the LM shift: rows read in place
+    _check(backend, base[:, ::2], _targets((3, 3), V))
+    _check(backend, base[::2, 1:4], _targets((2, 3), V))
+    _check(backend, base.transpose(0, 1), _targets((6, 3), V))
+    wide = _logits((4, 2 * V), dtype)
+    _check(backend, wide[:, ::2], _targets((4,), V))  # strided vocabulary: copied once
+    _check(backend, _logits((V, 4), dtype).t(), _targets((4,), V))
+    _check(backend, base[:, :-1], _targets((3, 5), V).t().contiguous().t())
+
+
+def _hf_kept(z, top_k=None, top_p=None):
+    """The kept set of HF's TopK/TopPLogitsWarper (and vLLM's apply_top_k_top_p), written
+    out here as the sampler does it: ascending sort, drop cumulative mass <= 1 - p."""
+    z = z.double()
+    kept = torch.ones_like(z, dtype=torch.bool)
+    if top_k is not None:
+        kept &= z >= torch.topk(z, min(top_k, z.shape[-1]), dim=-1).values[..., -1:]
+    if top_p is not None:
+        masked = torch.where(kept, z, float("-inf"))
+        values, order = torch.sort(masked, dim=-1)
+        cum = torch.softmax(values, -1).cumsum(-1)
+        remove = cum <= 1 - top_p
+        remove[..., -1] = False
+        kept &= ~remove.scatter(-1, order, remove)
+    return kept
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("top_k,top_p", [(1, None), (5, None), (40, 0.8), (None, 0.3), (None, 0.95), (10_000, 1.0)])
+def test_top_k_top_p(backend, dtype, top_k, top_p):
+    V, rows, temperature = 200, 8, 0.8
+    # Distinct logits, exact in bf16 (k / 16 for integers k < 256): without ties the
+    # sampler's kept set is unambiguous and must be ours exactly.
+    gen = torch.Generator().manual_seed(2)
+    x = torch.stack([torch.randperm(V, generator=gen) for _ in range(rows)]).double().div(16).sub(6).to(dtype)
+    z = x.double() / temperature
+    kept = _hf_kept(z, top_k, top_p)
+    # Half the targets inside the kept set, half outside (where one exists).
+    gen = torch.Generator().manual_seed(3)
+    targets = torch.empty(rows, dtype=torch.long)
+    for i in range(rows):
+        pool = kept[i] if i % 2 == 0 or kept[i].all() else ~kept[i]
+        idx = pool.nonzero()[:, 0]
+        targets[i] = idx[torch.randint(len(idx), (1,), generator=gen)]
+    lp, ent, grad = _check(backend, x, targets, temperature=temperature, top_k=top_k, top_p=top_p)
+    inside = kept.gather(1, targets[:, None])[:, 0]
+    assert torch.isfinite(lp[inside]).all() and (lp[~inside] == float("-inf")).all()
+    # The renormalised distribution over the sampler's set, written directly.
+    lp_direct = torch.log_softmax(torch.where(kept, z, float("-inf")), -1).gather(1, targets[:, None])[:, 0]
+    assert_close(torch.where(inside, lp.double(), 0.0), torch.where(inside, lp_direct, 0.0), VALUE_TOL)
+    assert (grad.double()[~kept] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_top_k_top_p_ties_at_the_boundary(backend):
+    # Row 0: k = 2 cuts inside the tie group {3, 3, 3}: all three are kept.
+    # Row 1: probabilities of the group {2, 2} are 0.35 each; top_p = 0.2 ends inside it,
+    # where a sort-based sampler would keep one of the two arbitrarily: both are kept.
+    # Row 2: top_p = 0.8 needs the second group {1, 1}: both kept, the rest dropped.
+    x = torch.tensor([[3.0, 1.0, 3.0, 0.0, 3.0, -1.0],
+                      [2.0, 1.0, 1.0, 2.0, 0.0, -5.0],
+                      [2.0, 1.0, 1.0, 2.0, 0.0, -5.0]])
+    cases = [(0, dict(top_k=2), [0, 2, 4]), (1, dict(top_p=0.2), [0, 3]), (2, dict(top_p=0.8), [0, 1, 2, 3])]
+    for row, kw, kept in cases:
+        for t in range(6):
+            lp, ent, grad = _check(backend, x[row:row + 1], torch.tensor([t]), **kw)
+            zk = x[row, kept].double()
+            if t in kept:
+                assert_close(lp[0], (x[row, t] - torch.logsumexp(zk, 0)).float(), 1e-6)
+            else:
+                assert lp[0] == float("-inf")
+            p = torch.softmax(zk, 0)
+            assert_close(ent[0], -(p * p.log()).sum().float(), 1e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_top_k_larger_than_finite_entries(backend):
+    x = _logits((2, 20))
+    x[:, 5:] = float("-inf")
+    _check(backend, x, torch.tensor([1, 2]), top_k=10)
+    _check(backend, x, torch.tensor([1, 2]), top_p=0.999)
+
+
+def test_returns_only_logp_without_entropy():
+    x = _logits((3, 40)).requires_grad_()
+    lp = token_logprobs(x, _targets((3,), 40))
+    assert isinstance(lp, torch.Tensor) and lp.shape == (3,)
+    lp.sum().backward()
+    expected = torch.log_softmax(x.detach().double(), -1)
+    onehot = torch.nn.functional.one_hot(_targets((3,), 40), 40).double()
+    assert_close(x.grad, onehot - expected.exp(), GRAD_TOL)
+
+
+def test_entropy_only_gradient():
+    x = _logits((3, 40)).requires_grad_()
+    _, ent = token_logprobs(x, _targets((3,), 40), return_entropy=True)
+    ent.sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    p = torch.softmax(x64, -1)
+    (-(p * p.log()).sum()).backward()
+    assert_close(x.grad, x64.grad, GRAD_TOL)
+
+
+def test_bad_inputs():
+    x = _logits((2, 5))
+    t = torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="targets"):
+        token_logprobs(x, torch.tensor([1, 5]))
+    with pytest.raises(ValueError, match="targets"):
+        token_logprobs(x, torch.tensor([-1, 0]))
+    with pytest.raises(TypeError, match="logits"):
+        token_logprobs(torch.ones(2, 5, dtype=torch.long), t)
+    with pytest.raises(TypeError, match="targets"):
+        token_logprobs(x, t.float())
+    with pytest.raises(ValueError, match="targets"):
+        token_logprobs(x, torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="targets"):
+        token_logprobs(x, t[:, None])
+    for p in (0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="top_p"):
+            token_logprobs(x, t, top_p=p)
+    with pytest.raises(ValueError, match="top_k"):
+        token_logprobs(x, t, top_k=0)
+    with pytest.raises(TypeError, match="top_k"):
+        token_logprobs(x, t, top_k=2.5)
+    for temp in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            token_logprobs(x, t, temperature=temp)
+    with pytest.raises(ValueError, match="logits"):
+        token_logprobs(torch.zeros(2, 0), t)
+    with pytest.raises(TypeError, match="logits"):
+        token_logprobs([[1.0, 2.0]], t)
+
+
+def test_no_full_size_float32_buffer():
+    """The C++ path allocates nothing of the logits' size but the gradient."""
+    from torch.profiler import ProfilerActivity, profile
+
+    N, V = 64, 4096
+    x = _logits((N, V), torch.bfloat16).requires_grad_()
+    t = _targets((N,), V)
+    with rlkern.use_backend("cpu"), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        lp, ent = token_logprobs(x, t, return_entropy=True)
+        (lp.sum() + ent.sum()).backward()
+    sizes = [e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0]
+    grad_bytes = N * V * 2
+    assert max(sizes) <= grad_bytes
+    assert sum(s for s in sizes if s != grad_bytes) < 0.05 * grad_bytes
+
+
+# ----------------------------------------------------------------------------- linear
+
+
+def _linear_case(N, H, V, dtype, bias, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(N, H, generator=gen, dtype=torch.float64)).to(dtype)
+    weight = (torch.randn(V, H, generator=gen, dtype=torch.float64) / math.sqrt(H) * 3).to(dtype)
+    b = (torch.randn(V, generator=gen, dtype=torch.float64)).to(dtype) if bias else None
+    targets = torch.randint(0, V, (N,), generator=gen)
+    targets[1] = -100
+    return hidden, weight, b, targets
+
+
+def _linear_grads(fn, hidden, weight, bias, targets, **kw):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
+    gen = torch.Generator().manual_seed(7)
+    lp, ent = fn(leaves[0], leaves[1], targets, bias=leaves[2], return_entropy=True, **kw)
+    g1 = torch.randn(lp.shape, generator=gen, dtype=torch.float64).to(lp.dtype)
+    g2 = torch.randn(lp.shape, generator=gen, dtype=torch.float64).to(lp.dtype)
+    ((lp * g1).sum() + (ent * g2).sum()).backward()
+    return lp, ent, [leaf.grad if leaf is not None else None for leaf in leaves]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_token_logprobs(backend, bias):
+    hidden, weight, b, targets = _linear_case(37, 16, 1000, torch.float32, bias)
+    with rlkern.use_backend(backend):
+        lp, ent, grads = _linear_grads(linear_token_logprobs, hidden, weight, b, targets, temperature=0.9,
+                                       chunk_tokens=16, chunk_vocab=300)
+    lp_r, ent_r, grads_r = _linear_grads(ref.linear_token_logprobs, hidden.double(), weight.double(),
+                                         b.double() if b is not None else None, targets, temperature=0.9)
+    assert_close(lp, lp_r, VALUE_TOL, "logp")
+    assert_close(ent, ent_r, VALUE_TOL, "entropy")
+    for name, g, gr in zip(("hidden", "weight", "bias"), grads, grads_r):
+        if gr is not None:
+            assert g.dtype == torch.float32
+            assert_close(g, gr, GRAD_TOL, name)
+    assert lp[1] == 0 and ent[1] == 0 and (grads[0][1] == 0).all()
+
+
+def test_linear_token_logprobs_bf16_and_default_chunks():
+    hidden, weight, b, targets = _linear_case(20, 32, 3000, torch.bfloat16, True)
+    lp, ent, grads = _linear_grads(linear_token_logprobs, hidden, weight, b, targets)
+    lp_r, ent_r, grads_r = _linear_grads(ref.linear_token_logprobs, hidden.double(), weight.double(), b.double(),
+                                         targets)
+    # bf16 matmul products round to bf16 in torch before the float32 log-softmax.
+    assert_close(lp, lp_r, 2e-2, "logp")
+    assert_close(ent, ent_r, 2e-2, "entropy")
+    for name, g, gr in zip(("hidden", "weight", "bias"), grads, grads_r):
+        assert g.dtype == torch.bfloat16
+        assert_close(g, gr, 2e-2, name)
+
+
+def test_linear_bad_inputs():
+    hidden, weight, b, targets = _linear_case(4, 8, 50, torch.float32, True)
+    with pytest.raises(ValueError, match="weight"):
+        linear_token_logprobs(hidden, weight[:, :7], targets)
+    with pytest.raises(ValueError, match="bias"):
+        linear_token_logprobs(hidden, weight, targets, bias=b[:10])
+    with pytest.raises(ValueError, match="targets"):
+        linear_token_logprobs(hidden, weight, targets[:3])
+    with pytest.raises(ValueError, match="targets"):
+        linear_token_logprobs(hidden, weight, torch.full((4,), 50))
+    with pytest.raises(TypeError, match="weight"):
+        linear_token_logprobs(hidden, weight.double(), targets)

@@ -1,0 +1,569 @@
+"""rlkern.losses: every backend against the float64 reference, values and gradients.
+
+The reference (rlkern.reference.losses) runs on the same inputs upcast to float64; the C++
+path also runs in float64 (exact to rounding) and float32, Triton (under the interpreter
+on CPU) in float32 on small shapes.
+"""
+
+import math
+
+import pytest
+import torch
+
+import rlkern
+from rlkern import losses
+from rlkern.reference import losses as ref
+
+from helpers import CPU_BACKENDS, GRAD_TOL, VALUE_TOL, assert_close
+
+# ---------------------------------------------------------------------------------------
+# inputs
+
+
+def make_batch(B=4, T=9, *, seed=0, dtype=torch.float64, spread=0.3, adv_per_token=False, nan_masked=True):
+    """Random log-probs with a mask that has an all-masked row (when B >= 3), a length-1
+    row, right padding and interior holes; masked positions hold NaN."""
+    g = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(B, T, generator=g, dtype=torch.float64) * 2 - 0.1
+    old = logp + spread * torch.randn(B, T, generator=g, dtype=torch.float64)
+    refp = logp + spread * torch.randn(B, T, generator=g, dtype=torch.float64)
+    rollout = old + 0.5 * spread * torch.randn(B, T, generator=g, dtype=torch.float64)
+    entropy = torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    adv = torch.randn((B, T) if adv_per_token else (B,), generator=g, dtype=torch.float64)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    mask &= torch.rand(B, T, generator=g) > 0.15
+    if B >= 3:
+        mask[1] = False
+        mask[2] = False
+        mask[2, 0] = True
+    if nan_masked:
+        for t in (logp, old, refp, rollout, entropy):
+            t[~mask] = float("nan")
+        if adv_per_token:
+            adv[~mask] = float("nan")
+    return dict(logp=logp.to(dtype), old=old.to(dtype), ref=refp.to(dtype), rollout=rollout.to(dtype),
+                entropy=entropy.to(dtype), adv=adv.to(dtype), mask=mask)
+
+
+# Option sets: each names the tensors it needs ("ref", "rollout", "entropy") and the options.
+OPTION_CASES = {
+    "default": ((), {}),
+    "clip_higher": ((), dict(clip_low=0.2, clip_high=0.28)),
+    "dual_clip": ((), dict(dual_clip=3.0)),
+    "ratio_cap": ((), dict(clip_low=0.1, ratio_cap=1.2)),
+    "log_ratio_clamp": ((), dict(log_ratio_clamp=0.25)),
+    "log_ratio_clamp_high": ((), dict(log_ratio_clamp=(None, 0.1))),
+    "cispo": ((), dict(objective="cispo", clip_low=1.0, clip_high=0.3)),
+    "reinforce": ((), dict(objective="reinforce")),
+    "sequence": ((), dict(level="sequence", clip_low=0.05, clip_high=0.1)),
+    "sequence_clamp": ((), dict(level="sequence", log_ratio_clamp=(None, 0.05))),
+    "sequence_cispo": ((), dict(level="sequence", objective="cispo", clip_low=0.05)),
+    "kl_k1": (("ref",), dict(kl_coef=0.1, kl_kind="k1")),
+    "kl_k2": (("ref",), dict(kl_coef=0.1, kl_kind="k2")),
+    "kl_k3": (("ref",), dict(kl_coef=0.1, kl_kind="k3")),
+    "kl_k3_clamp": (("ref",), dict(kl_coef=0.1, kl_kind="k3", kl_clamp=0.02)),
+    "kl_k1_clamp_pair": (("ref",), dict(kl_coef=0.1, kl_kind="k1", kl_clamp=(-0.1, 0.2))),
+    "kl_correction": (("ref",), dict(kl_coef=0.2, kl_is_correction=True)),
+    "kl_metric_only": (("ref",), dict()),
+    "sequence_kl_correction": (("ref",), dict(level="sequence", kl_coef=0.2, kl_is_correction=True)),
+    "tis_token": (("rollout",), dict(tis_cap=1.1)),
+    "tis_sequence": (("rollout",), dict(tis_cap=1.5, tis_level="sequence")),
+    "tis_mask": (("rollout",), dict(tis_cap=1.1, tis_mode="mask")),
+    "off_policy_old": ((), dict(off_policy_threshold=0.0)),
+    "off_policy_rollout": (("rollout",), dict(off_policy_threshold=0.02)),
+    "entropy_bonus": (("entropy",), dict(entropy_coef=0.01)),
+    "entropy_top": (("entropy",), dict(entropy_top_fraction=0.3)),
+    "entropy_metric_only": (("entropy",), dict()),
+    "token_sum": ((), dict(agg="token-sum")),
+    "seq_mean_token_mean": ((), dict(agg="seq-mean-token-mean")),
+    "seq_mean_token_sum": ((), dict(agg="seq-mean-token-sum")),
+    "seq_mean_token_sum_norm": ((), dict(agg="seq-mean-token-sum-norm")),
+    "normalizer_token": ((), dict(normalizer=17.0)),
+    "normalizer_seq": ((), dict(agg="seq-mean-token-mean", normalizer=3.0)),
+    "everything_token": (("ref", "rollout", "entropy"),
+                         dict(clip_high=0.28, dual_clip=2.5, ratio_cap=3.0, log_ratio_clamp=5.0, kl_coef=0.05,
+                              kl_kind="k3", kl_clamp=10.0, kl_is_correction=True, tis_cap=1.3,
+                              off_policy_threshold=0.01, entropy_coef=0.02, entropy_top_fraction=0.6,
+                              agg="seq-mean-token-mean")),
+    "everything_sequence": (("ref", "rollout", "entropy"),
+                            dict(level="sequence", clip_low=0.1, clip_high=0.15, dual_clip=3.0, kl_coef=0.05,
+                                 kl_kind="k2", tis_cap=2.0, tis_level="sequence", off_policy_threshold=0.01,
+                                 entropy_coef=0.02, agg="seq-mean-token-sum-norm", normalizer=5.0)),
+}
+
+
+def build(batch, needs, options, dtype=None, grad=True):
+    """(positional inputs, options) with tensors converted to dtype and logp/entropy leaves."""
+    conv = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t.clone())
+    logp = conv(batch["logp"]).requires_grad_(grad)
+    opts = dict(options)
+    if "ref" in needs:
+        opts["ref_logp"] = conv(batch["ref"])
+    if "rollout" in needs:
+        opts["rollout_logp"] = conv(batch["rollout"])
+    if "entropy" in needs:
+        opts["entropy"] = conv(batch["entropy"]).requires_grad_(grad)
+    return (logp, conv(batch["old"]), conv(batch["adv"]), batch["mask"]), opts
+
+
+def run(backend, args, opts):
+    with rlkern.use_backend(backend):
+        out = losses.policy_loss(*args, **opts)
+    leaves = [args[0]] + ([opts["entropy"]] if "entropy" in opts else [])
+    grads = torch.autograd.grad(out.loss, leaves, allow_unused=True)
+    return out, [torch.zeros_like(l) if g is None else g for l, g in zip(leaves, grads)]
+
+
+def reference_of(args, opts):
+    """The float64 reference on the same (possibly rounded) values."""
+    up = lambda t: t.detach().to(torch.float64).requires_grad_(t.requires_grad)  # noqa: E731
+    args64 = (up(args[0]), args[1].double(), args[2].double(), args[3])
+    opts64 = {k: (up(v) if isinstance(v, torch.Tensor) else v) for k, v in opts.items()}
+    return run("reference", args64, opts64)
+
+
+def check_against_reference(out, grads, expected, expected_grads, value_tol=VALUE_TOL, grad_tol=GRAD_TOL):
+    assert_close(out.loss, expected.loss, value_tol, "loss")
+    assert set(out.metrics) == set(expected.metrics), (sorted(out.metrics), sorted(expected.metrics))
+    for k in expected.metrics:
+        assert_close(out.metrics[k], expected.metrics[k], value_tol, f"metric {k}")
+        assert not out.metrics[k].requires_grad
+    for i, (g, e) in enumerate(zip(grads, expected_grads)):
+        assert torch.isfinite(g).all(), f"non-finite gradient {i}"
+        assert_close(g, e, grad_tol, f"grad {i}")
+
+
+# ---------------------------------------------------------------------------------------
+# every option against the reference
+
+
+@pytest.mark.parametrize("name", list(OPTION_CASES))
+def test_cpu_float64_matches_reference(name):
+    needs, options = OPTION_CASES[name]
+    for adv_per_token in (False, True):
+        batch = make_batch(6, 11, seed=1, adv_per_token=adv_per_token)
+        args, opts = build(batch, needs, options)
+        out, grads = run("cpu", args, opts)
+        expected, expected_grads = reference_of(args, opts)
+        check_against_reference(out, grads, expected, expected_grads, 1e-10, 1e-10)
+
+
+@pytest.mark.parametrize("name", list(OPTION_CASES))
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_float32_backends_match_reference(backend, name):
+    needs, options = OPTION_CASES[name]
+    batch = make_batch(5, 13, seed=2, adv_per_token=name.startswith("everything"))
+    args, opts = build(batch, needs, options, dtype=torch.float32)
+    out, grads = run(backend, args, opts)
+    assert out.loss.dtype == torch.float32
+    expected, expected_grads = reference_of(args, opts)
+    check_against_reference(out, grads, expected, expected_grads)
+
+
+def test_long_rows_cross_several_blocks():
+    """Rows longer than the kernels' internal blocks (C++ 256-token flushes, lanes of 16)."""
+    batch = make_batch(3, 700, seed=3)
+    needs, options = OPTION_CASES["everything_sequence"]
+    args, opts = build(batch, needs, options, dtype=torch.float32)
+    out, grads = run("cpu", args, opts)
+    check_against_reference(out, grads, *reference_of(args, opts))
+
+
+# ---------------------------------------------------------------------------------------
+# gradcheck
+
+
+@pytest.mark.parametrize("name", ["default", "dual_clip", "sequence", "kl_correction", "reinforce",
+                                  "everything_token", "everything_sequence"])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_gradcheck(backend, name):
+    # CISPO is left out: its clipped weight is detached by definition, so finite differences
+    # of the loss value do not give its gradient.
+    needs, options = OPTION_CASES[name]
+    batch = make_batch(4, 6, seed=4, spread=0.1)
+    args, opts = build(batch, needs, options)
+    ent = opts.pop("entropy", None)
+
+    def f(lp, *maybe_ent):
+        extra = {"entropy": maybe_ent[0]} if maybe_ent else {}
+        with rlkern.use_backend(backend):
+            return losses.policy_loss(lp, *args[1:], **opts, **extra).loss
+
+    inputs = (args[0],) + ((ent,) if ent is not None else ())
+    # gradcheck perturbs every entry; masked NaNs must stay out of the way of finite differences.
+    clean = tuple(torch.where(args[3], x.detach(), torch.zeros_like(x)).requires_grad_() for x in inputs)
+    assert torch.autograd.gradcheck(f, clean, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# edge cases
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_all_masked_and_length_one_rows(backend):
+    batch = make_batch(3, 5, seed=5)
+    assert not batch["mask"][1].any() and batch["mask"][2].sum() == 1
+    for agg in ref.AGG_MODES:
+        args, opts = build(batch, ("ref",), dict(kl_coef=0.1, agg=agg, level="sequence"), dtype=torch.float32)
+        out, grads = run(backend, args, opts)
+        assert torch.isfinite(out.loss)
+        assert (grads[0][1] == 0).all()
+        check_against_reference(out, grads, *reference_of(args, opts))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_everything_masked(backend):
+    batch = make_batch(2, 4, seed=6)
+    batch["mask"][:] = False
+    args, opts = build(batch, ("ref", "entropy"), dict(kl_coef=0.1, entropy_coef=0.1), dtype=torch.float32)
+    out, grads = run(backend, args, opts)
+    assert out.loss.item() == 0.0
+    assert all((g == 0).all() for g in grads)
+    assert all(torch.isfinite(v) for v in out.metrics.values())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_zero_advantages_give_zero_policy_term(backend):
+    batch = make_batch(4, 6, seed=7)
+    batch["adv"].zero_()
+    for level in ("token", "sequence"):
+        args, opts = build(batch, (), dict(level=level), dtype=torch.float32)
+        out, grads = run(backend, args, opts)
+        assert out.loss.item() == 0.0
+        assert (grads[0] == 0).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_extreme_log_ratios(backend, sign):
+    batch = make_batch(3, 6, seed=8)
+    batch["old"] = batch["logp"] - sign * 50.0
+    batch["ref"] = batch["logp"] + sign * 50.0
+    for options in (dict(kl_coef=0.01, kl_is_correction=False), dict(dual_clip=3.0, kl_coef=0.01, kl_clamp=10.0),
+                    dict(level="sequence", kl_coef=0.01), dict(log_ratio_clamp=20.0, kl_coef=0.01)):
+        args, opts = build(batch, ("ref",), options, dtype=torch.float32)
+        out, grads = run(backend, args, opts)
+        assert torch.isfinite(out.loss) and torch.isfinite(grads[0]).all()
+        check_against_reference(out, grads, *reference_of(args, opts))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nan_in_masked_positions_is_ignored(backend):
+    batch = make_batch(4, 7, seed=9, adv_per_token=True)
+    clean = {k: (torch.where(batch["mask"], v, torch.zeros_like(v)) if k != "mask" else v) for k, v in batch.items()}
+    needs, options = OPTION_CASES["everything_token"]
+    results = []
+    for b in (batch, clean):
+        args, opts = build(b, needs, options, dtype=torch.float32)
+        results.append(run(backend, args, opts))
+    (o1, g1), (o2, g2) = results
+    assert torch.isfinite(o1.loss)
+    assert o1.loss.item() == o2.loss.item()
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs(backend, dtype):
+    batch = make_batch(4, 10, seed=10, nan_masked=False)
+    needs, options = OPTION_CASES["everything_token"]
+    args, opts = build(batch, needs, options, dtype=dtype)
+    out, grads = run(backend, args, opts)
+    assert out.loss.dtype == torch.float32
+    assert grads[0].dtype == dtype
+    expected, expected_grads = reference_of(args, opts)
+    assert_close(out.loss, expected.loss, VALUE_TOL, "loss")
+    for k in expected.metrics:
+        assert_close(out.metrics[k], expected.metrics[k], VALUE_TOL, k)
+    # The gradient of a half-precision leaf is rounded to that precision.
+    assert_close(grads[0], expected_grads[0], 1e-2, "grad")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_batch_of_one(backend):
+    batch = make_batch(1, 8, seed=11)
+    batch["mask"][0, :3] = True
+    for name in ("default", "sequence", "everything_token"):
+        needs, options = OPTION_CASES[name]
+        args, opts = build(batch, needs, options, dtype=torch.float32)
+        check_against_reference(*run(backend, args, opts), *reference_of(args, opts))
+
+
+def test_mixed_dtypes_and_non_contiguous_inputs():
+    batch = make_batch(5, 8, seed=12)
+    logp = batch["logp"].float().t().contiguous().t().requires_grad_()  # column-major storage
+    old = batch["old"].t().contiguous().t()  # float64, non-contiguous
+    ref_logp = batch["ref"].to(torch.bfloat16)
+    mask = batch["mask"].to(torch.int64)
+    args, opts = (logp, old, batch["adv"].float(), mask), dict(ref_logp=ref_logp, kl_coef=0.1)
+    out, grads = run("cpu", args, opts)
+    expected, expected_grads = reference_of(args, opts)
+    assert_close(out.loss, expected.loss)
+    assert_close(grads[0], expected_grads[0], GRAD_TOL)
+
+
+def test_gradients_reach_only_the_current_policy():
+    batch = make_batch(3, 5, seed=13)
+    old = batch["old"].clone().requires_grad_()
+    refp = batch["ref"].clone().requires_grad_()
+    adv = batch["adv"].clone().requires_grad_()
+    logp = batch["logp"].clone().requires_grad_()
+    with rlkern.use_backend("cpu"):
+        out = losses.policy_loss(logp, old, adv, batch["mask"], ref_logp=refp, kl_coef=0.1)
+    out.loss.backward()
+    assert logp.grad is not None
+    assert old.grad is None and refp.grad is None and adv.grad is None
+
+
+def test_normalizer_reproduces_one_big_batch():
+    """Two data-parallel shards with the global token count sum to the full-batch loss and gradient."""
+    batch = make_batch(6, 9, seed=14)
+    full_args, opts = build(batch, ("ref",), dict(kl_coef=0.1))
+    full, full_grads = run("cpu", full_args, opts)
+    total_tokens = float(batch["mask"].sum())
+    parts, part_grads = [], []
+    for rows in (slice(0, 3), slice(3, 6)):
+        shard = {k: v[rows] for k, v in batch.items()}
+        args, o = build(shard, ("ref",), dict(kl_coef=0.1, normalizer=total_tokens))
+        out, grads = run("cpu", args, o)
+        parts.append(out.loss)
+        part_grads.append(grads[0])
+    assert_close(parts[0] + parts[1], full.loss, 1e-12)
+    assert_close(torch.cat(part_grads), full_grads[0], 1e-12)
+
+
+def test_thread_count_does_not_change_results():
+    batch = make_batch(37, 300, seed=15)
+    needs, options = OPTION_CASES["everything_sequence"]
+    args, opts = build(batch, needs, options, dtype=torch.float32)
+    before = rlkern.get_num_threads()
+    try:
+        rlkern.set_num_threads(1)
+        o1, g1 = run("cpu", args, opts)
+        rlkern.set_num_threads(2)
+        o2, g2 = run("cpu", args, opts)
+    finally:
+        rlkern.set_num_threads(before)
+    assert o1.loss.item() == o2.loss.item()
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def test_backward_twice_with_retained_graph_and_grad_output_scaling():
+    batch = make_batch(3, 6, seed=16)
+    args, opts = build(batch, ("ref",), dict(kl_coef=0.1))
+    with rlkern.use_backend("cpu"):
+        out = losses.policy_loss(*args, **opts)
+    (g1,) = torch.autograd.grad(out.loss, args[0], retain_graph=True)
+    (g3,) = torch.autograd.grad(3.0 * out.loss, args[0])
+    assert_close(g3, 3.0 * g1, 1e-12)
+
+
+# ---------------------------------------------------------------------------------------
+# bad input
+
+
+def _good():
+    b = make_batch(3, 4, seed=17, dtype=torch.float32)
+    return b["logp"], b["old"], b["adv"], b["mask"]
+
+
+@pytest.mark.parametrize("options,exc,word", [
+    (dict(clip_lo=0.2), TypeError, "clip_lo"),
+    (dict(clip_low=-0.1), ValueError, "clip_low"),
+    (dict(clip_high=-1.0), ValueError, "clip_high"),
+    (dict(dual_clip=1.0), ValueError, "dual_clip"),
+    (dict(objective="ppo"), ValueError, "objective"),
+    (dict(level="seq"), ValueError, "level"),
+    (dict(agg="mean"), ValueError, "agg"),
+    (dict(kl_kind="k4"), ValueError, "kl_kind"),
+    (dict(kl_coef=0.1), ValueError, "ref_logp"),
+    (dict(tis_cap=2.0), ValueError, "rollout_logp"),
+    (dict(entropy_top_fraction=0.5), ValueError, "entropy"),
+    (dict(normalizer=0.0), ValueError, "normalizer"),
+    (dict(log_ratio_clamp=(1.0, -1.0)), ValueError, "log_ratio_clamp"),
+    (dict(kl_clamp="big"), TypeError, "kl_clamp"),
+    (dict(ref_logp=torch.zeros(3, 5)), ValueError, "ref_logp"),
+])
+def test_bad_options_raise_naming_the_argument(options, exc, word):
+    with pytest.raises(exc, match=word):
+        losses.policy_loss(*_good(), **options)
+
+
+def test_bad_tensors_raise_naming_the_argument():
+    logp, old, adv, mask = _good()
+    with pytest.raises(ValueError, match="advantages"):
+        losses.policy_loss(logp, old, torch.zeros(4), mask)
+    with pytest.raises(ValueError, match="old_logp"):
+        losses.policy_loss(logp, old[:, :3], adv, mask)
+    with pytest.raises(ValueError, match="mask"):
+        losses.policy_loss(logp, old, adv, mask[:2])
+    with pytest.raises(TypeError, match="logp"):
+        losses.policy_loss(logp.long(), old, adv, mask)
+    with pytest.raises(ValueError, match="logp"):
+        losses.policy_loss(logp[0], old[0], adv[:1], mask[0])
+    with pytest.raises(TypeError, match="advantages"):
+        losses.policy_loss(logp, old, [1.0, 2.0, 3.0], mask)
+
+
+# ---------------------------------------------------------------------------------------
+# value loss
+
+
+def _values(B=4, T=7, seed=20, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(B, T, generator=g, dtype=torch.float64)
+    vo = v + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    R = v + torch.randn(B, T, generator=g, dtype=torch.float64)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    mask[0] = False
+    for t in (v, vo, R):
+        t[~mask] = float("nan")
+    return v.to(dtype), vo.to(dtype), R.to(dtype), mask
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("clip", [None, 0.2])
+@pytest.mark.parametrize("agg", ref.AGG_MODES)
+def test_value_loss_matches_reference(backend, clip, agg):
+    v, vo, R, mask = _values(dtype=torch.float32)
+    v.requires_grad_()
+    with rlkern.use_backend(backend):
+        out = losses.value_loss(v, vo, R, mask, clip=clip, agg=agg)
+    (g,) = torch.autograd.grad(out.loss, v)
+    v64 = v.detach().double().requires_grad_()
+    expected = ref.value_loss(v64, vo.double(), R.double(), mask, clip, agg)
+    (ge,) = torch.autograd.grad(expected.loss, v64)
+    assert_close(out.loss, expected.loss)
+    assert_close(g, ge, GRAD_TOL)
+    for k in expected.metrics:
+        assert_close(out.metrics[k], expected.metrics[k], VALUE_TOL, k)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_value_loss_gradcheck(backend):
+    v, vo, R, mask = _values()
+    clean = lambda t: torch.where(mask, t, torch.zeros_like(t))  # noqa: E731
+    v, vo, R = clean(v).requires_grad_(), clean(vo), clean(R)
+    with rlkern.use_backend(backend):
+        assert torch.autograd.gradcheck(lambda x: losses.value_loss(x, vo, R, mask, clip=0.2, normalizer=7.0).loss,
+                                        (v,), eps=1e-6, atol=1e-7)
+
+
+def test_value_loss_one_dimensional_and_defaults():
+    v, vo, R, _ = _values(1, 12, seed=21)
+    v = v[0].clone().requires_grad_()
+    out = losses.value_loss(v, None, R[0], None)
+    expected = 0.5 * ((v.detach() - R[0]) ** 2).mean()
+    assert_close(out.loss, expected, 1e-12)
+    out.loss.backward()
+    assert_close(v.grad, (v.detach() - R[0]) / 12, 1e-12)
+
+
+def test_value_loss_bad_input():
+    v, vo, R, mask = _values()
+    with pytest.raises(ValueError, match="old_values"):
+        losses.value_loss(v, None, R, mask, clip=0.2)
+    with pytest.raises(ValueError, match="clip"):
+        losses.value_loss(v, vo, R, mask, clip=-0.2)
+    with pytest.raises(ValueError, match="returns"):
+        losses.value_loss(v, vo, R[:, :3], mask)
+    with pytest.raises(ValueError, match="agg"):
+        losses.value_loss(v, vo, R, mask, agg="sum")
+
+
+# ---------------------------------------------------------------------------------------
+# DPO and Bradley-Terry
+
+
+def _pairs(B=7, seed=30, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = [-(torch.rand(B, generator=g, dtype=torch.float64) * 20 + 1) for _ in range(4)]
+    return [t.to(dtype) for t in x]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("loss_type,label_smoothing", [("sigmoid", 0.0), ("sigmoid", 0.1), ("ipo", 0.0),
+                                                       ("hinge", 0.0)])
+def test_dpo_matches_reference(backend, loss_type, label_smoothing):
+    c, r, rc, rr = _pairs(dtype=torch.float32)
+    c.requires_grad_()
+    r.requires_grad_()
+    with rlkern.use_backend(backend):
+        out = losses.dpo_loss(c, r, rc, rr, beta=0.3, loss_type=loss_type, label_smoothing=label_smoothing)
+    grads = torch.autograd.grad(out.loss, [c, r])
+    c64, r64 = c.detach().double().requires_grad_(), r.detach().double().requires_grad_()
+    expected = ref.dpo_loss(c64, r64, rc.double(), rr.double(), 0.3, loss_type, label_smoothing)
+    expected_grads = torch.autograd.grad(expected.loss, [c64, r64])
+    assert_close(out.loss, expected.loss)
+    for g, e in zip(grads, expected_grads):
+        assert_close(g, e, GRAD_TOL)
+    for k in expected.metrics:
+        assert_close(out.metrics[k], expected.metrics[k], VALUE_TOL, k)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+def test_dpo_gradcheck(loss_type):
+    c, r, rc, rr = _pairs()
+    c.requires_grad_()
+    r.requires_grad_()
+    with rlkern.use_backend("cpu"):
+        assert torch.autograd.gradcheck(
+            lambda a, b: losses.dpo_loss(a, b, rc, rr, beta=0.2, loss_type=loss_type, label_smoothing=0.05).loss,
+            (c, r), eps=1e-6, atol=1e-7)
+
+
+def test_dpo_bad_input():
+    c, r, rc, rr = _pairs()
+    with pytest.raises(ValueError, match="beta"):
+        losses.dpo_loss(c, r, rc, rr, beta=0.0)
+    with pytest.raises(ValueError, match="loss_type"):
+        losses.dpo_loss(c, r, rc, rr, loss_type="kto")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        losses.dpo_loss(c, r, rc, rr, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="rejected_logp"):
+        losses.dpo_loss(c, r[:3], rc, rr)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("margin_kind", ["none", "scalar", "tensor"])
+def test_bradley_terry_matches_reference(backend, margin_kind):
+    c, r, m, _ = _pairs(9, seed=31, dtype=torch.float32)
+    c, r = (c / 5).requires_grad_(), (r / 5).requires_grad_()
+    margin = {"none": None, "scalar": 0.3, "tensor": m.abs() / 20}[margin_kind]
+    with rlkern.use_backend(backend):
+        out = losses.bradley_terry_loss(c, r, margin)
+    grads = torch.autograd.grad(out.loss, [c, r])
+    c64, r64 = c.detach().double().requires_grad_(), r.detach().double().requires_grad_()
+    m64 = margin.double() if isinstance(margin, torch.Tensor) else margin
+    expected = ref.bradley_terry_loss(c64, r64, m64)
+    expected_grads = torch.autograd.grad(expected.loss, [c64, r64])
+    assert_close(out.loss, expected.loss)
+    for g, e in zip(grads, expected_grads):
+        assert_close(g, e, GRAD_TOL)
+    for k in expected.metrics:
+        assert_close(out.metrics[k], expected.metrics[k], VALUE_TOL, k)
+
+
+def test_bradley_terry_gradcheck_and_bad_input():
+    c, r, m, _ = _pairs(5, seed=32)
+    c, r = (c / 5).requires_grad_(), (r / 5).requires_grad_()
+    with rlkern.use_backend("cpu"):
+        assert torch.autograd.gradcheck(lambda a, b: losses.bradley_terry_loss(a, b, m.abs() / 10).loss, (c, r),
+                                        eps=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="margin"):
+        losses.bradley_terry_loss(c, r, torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="margin"):
+        losses.bradley_terry_loss(c, r, "wide")
+
+
+def test_bench_suite_quick_cases_run():
+    from rlkern.bench import losses as bench
+
+    for case in bench.cases(torch.device("cpu"), quick=True):
+        impls = case.make(torch.device("cpu"))
+        values = {name: float(fn()) for name, fn in impls.items() if "compile" not in name}
+        base = values["rlkern"]
+        for name, v in values.items():
+            assert math.isclose(v, base, rel_tol=1e-4, abs_tol=1e-6), (case.op, name, v, base)
