@@ -62,7 +62,7 @@ def test_grpo_toy_short_run(tmp_path):
     assert (tmp_path / "reward.png").stat().st_size > 0 and (tmp_path / "kl.png").stat().st_size > 0
     first, last = sum(history["reward"][:10]) / 10, sum(history["reward"][-10:]) / 10
     assert last > first, (first, last)
-    assert history["kl"][0] == 0.0 and history["kl"][-1] > 0
+    assert abs(history["kl"][0]) < 1e-6 and history["kl"][-1] > 1e-3  # starts at the reference
 
 
 @pytest.mark.slow
