@@ -1,0 +1,307 @@
+"""TRL's ``GRPOTrainer`` with rlkern's log-prob and policy-loss kernels: change one import.
+
+    # from trl import GRPOTrainer
+    from rlkern.integrations.trl import GRPOTrainer
+
+The constructor is TRL's. Two things change:
+
+- The fused LM head TRL patches onto the policy and reference models computes log-probabilities
+  and entropies with :func:`rlkern.linear_token_logprobs` (chunked over the vocabulary, no
+  ``[tokens, vocab]`` logits kept for backward) from the backbone's hidden states.
+- ``_compute_loss`` evaluates the policy loss with :func:`rlkern.policy_loss` (ratio, clipping,
+  the k3 KL term, masking and aggregation in one fused op) for ``loss_type`` grpo, bnpo, dr_grpo,
+  dapo and cispo at ``importance_sampling_level`` token and sequence, with or without the KL term
+  (``beta``, ``use_bias_correction_kl``) and the entropy bonus. It logs the metrics TRL logs.
+
+Two-sided clipping (``delta``), the off-policy sequence mask (``off_policy_mask_threshold``) and,
+in a single process, the high-entropy token selection (``top_entropy_quantile``) are rlkern options
+too. Configurations rlkern does not cover fall back to TRL's own code, unchanged: the loss types
+sapo, luspo and vespo, the high-entropy selection across several processes (TRL gathers the
+quantile over all of them), adaptive entropy
+control, vLLM importance-sampling correction, a CISPO cap ``epsilon_high < 1``, and models with
+final-logit softcapping or MoE router losses (for the LM head). Checked against trl 1.16.0 and
+transformers 5.24.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from typing import Any, Optional
+
+import torch
+
+try:
+    import transformers
+    from packaging.version import Version
+    from trl import GRPOTrainer as _TRLGRPOTrainer
+    from trl.trainer.utils import FusedCausalLMOutput, nanmax, nanmin
+except ImportError as exc:  # pragma: no cover - exercised only without trl
+    raise ImportError("rlkern.integrations.trl needs the `trl` package (pip install trl)") from exc
+
+from ..logprobs import linear_token_logprobs
+from ..losses import policy_loss
+
+__all__ = ["GRPOTrainer", "add_rlkern_lm_head"]
+
+_RLKERN_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
+
+
+def _logit_scale(text_config) -> float:
+    # the same attributes TRL's fused head reads, in the same order
+    scale = getattr(text_config, "logit_scale", None)
+    if scale is None:
+        scale = getattr(text_config, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(text_config, "lm_head_multiplier", None)
+    if scale is None and getattr(text_config, "logits_scaling", None) is not None:
+        s = text_config.logits_scaling
+        scale = s if text_config.model_type == "hyperclovax" else 1 / s
+    return 1.0 if scale is None else float(scale)
+
+
+def add_rlkern_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
+                       outputs: tuple = ("log_probs",)) -> bool:
+    """Route ``model(..., labels=..., fused_lm_head=True)`` through rlkern's fused log-prob kernel.
+
+    Call after TRL's ``add_fused_lm_head`` (the GRPOTrainer constructor does): calls without
+    ``fused_lm_head`` and models rlkern does not handle (final-logit softcapping, MoE router
+    losses) keep TRL's head. Returns whether the rlkern head was installed.
+    """
+    text_config = model.config.get_text_config()
+    if getattr(text_config, "final_logit_softcapping", None) is not None:
+        return False
+    if getattr(text_config, "output_router_logits", False):
+        return False
+    previous_forward = model.forward
+    logit_scale = _logit_scale(text_config)
+    if logit_scale == 0.0:
+        return False
+    want_entropy = "entropy" in outputs
+    backbone_attr = "base_model"
+    if text_config is not model.config and Version(transformers.__version__) < Version("5.0.0"):
+        backbone_attr = "model"
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        DTensor = ()
+
+    @functools.wraps(type(model).forward)
+    def _rlkern_forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
+                        **kwargs):
+        if not fused_lm_head:
+            return previous_forward(*args, fused_lm_head=False, labels=labels, shift_labels=shift_labels,
+                                    num_items_in_batch=num_items_in_batch, **kwargs)
+        kwargs["use_cache"] = False
+        backbone_outputs = getattr(self, backbone_attr)(*args, **kwargs)
+        if shift_labels is None:
+            hidden = backbone_outputs.last_hidden_state[:, :-1]
+            labels = labels[:, 1:]
+        else:
+            hidden = backbone_outputs.last_hidden_state
+            labels = shift_labels
+        lm_head = self.get_output_embeddings()
+        hidden = hidden.to(lm_head.weight.device)
+        labels = labels.to(lm_head.weight.device)
+        mask = labels != -100
+        weight, bias = lm_head.weight, lm_head.bias
+        if isinstance(weight, DTensor):
+            weight = weight.full_tensor()
+            if bias is not None:
+                bias = bias.full_tensor()
+        selected = hidden[mask]
+        device_type = hidden.device.type
+        if cast_lm_head_to_fp32:
+            compute_dtype = torch.float32
+        elif torch.is_autocast_enabled(device_type):
+            # as TRL's head (and autocast's matmul): the projection in the autocast dtype
+            compute_dtype = torch.get_autocast_dtype(device_type)
+        else:
+            compute_dtype = weight.dtype
+        selected = selected.to(compute_dtype)
+        weight = weight.to(compute_dtype)
+        bias = None if bias is None else bias.to(compute_dtype)
+        # logits * scale / T == logits / (T / scale)
+        with torch.autocast(device_type, enabled=False):
+            result = linear_token_logprobs(selected, weight, labels[mask], bias=bias,
+                                           temperature=temperature / logit_scale, return_entropy=want_entropy)
+        logp, entropy = result if want_entropy else (result, None)
+        # masked_scatter keeps an all-masked micro-batch connected to the graph (a zero loss, not an error)
+        log_probs = logp.new_zeros(mask.shape).masked_scatter(mask, logp)
+        entropy = None if entropy is None else entropy.new_zeros(mask.shape).masked_scatter(mask, entropy)
+        denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return FusedCausalLMOutput(loss=-log_probs.sum() / denom, log_probs=log_probs, entropy=entropy,
+                                   label_mask=mask)
+
+    model.forward = types.MethodType(_rlkern_forward, model)
+    return True
+
+
+class GRPOTrainer(_TRLGRPOTrainer):
+    """TRL's ``GRPOTrainer`` whose log-probabilities and policy loss run on rlkern kernels.
+
+    Same constructor and behaviour as ``trl.GRPOTrainer``; see the module docstring for what is
+    computed by rlkern and what falls back to TRL. For loss_type ``grpo`` the loss is::
+
+        w_i,t = exp(lp - old)  (token)  or  exp(sum_t m (lp - old) / sum_t m)  (sequence)
+        l_i,t = -min(w A_i, clip(w, 1 - epsilon, 1 + epsilon_high) A_i) + beta k3(lp, ref)
+        L     = mean_i sum_t m l / sum_t m  - entropy_coef mean_t H_t
+
+    and the other types change only the aggregation (bnpo: over all tokens; dr_grpo: divided by
+    B * max_completion_length; dapo, cispo: by the tokens of the whole generation batch) or, for
+    cispo, the objective -sg(min(w, epsilon_high)) A lp.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self._rlkern_policy_head = add_rlkern_lm_head(
+            base, temperature=self.temperature, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32,
+            outputs=("log_probs", "entropy"))
+        if self.ref_model is not None:
+            add_rlkern_lm_head(self.ref_model, temperature=self.temperature,
+                               cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
+
+    def _rlkern_handles(self, inputs) -> bool:
+        args = self.args
+        if self.loss_type not in _RLKERN_LOSS_TYPES:
+            return False
+        if self.loss_type == "cispo" and self.epsilon_high < 1.0:
+            return False
+        # TRL takes the entropy quantile over all processes; rlkern's selection is local
+        return ((self.top_entropy_quantile >= 1.0 or self.accelerator.num_processes == 1)
+                and not self.use_adaptive_entropy
+                and not (self.use_vllm and self.vllm_importance_sampling_correction))
+
+    def _compute_loss(self, model, inputs):
+        if not self._rlkern_handles(inputs):
+            return super()._compute_loss(model, inputs)
+
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        logits_to_keep = completion_ids.size(1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+
+        per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, logits_to_keep, compute_entropy=True,
+            compute_aux_loss=self.aux_loss_enabled,
+            **{k: inputs.get(k) for k in ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask",
+                                          "spatial_shapes", "num_tiles", "image_sizes", "token_type_ids",
+                                          "mm_token_type_ids", "image_position_ids")},
+        )
+
+        advantages = inputs["advantages"]
+        old_per_token_logps = inputs.get("old_per_token_logps")
+        if old_per_token_logps is None:
+            old_per_token_logps = per_token_logps.detach()
+
+        mode = "train" if self.model.training else "eval"
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        B = per_token_logps.size(0)
+        if self.loss_type == "grpo":
+            agg, normalizer = "seq-mean-token-mean", B * accumulation
+        elif self.loss_type == "bnpo":
+            agg, normalizer = "token-mean", mask.sum().clamp(min=1.0).item() * accumulation
+        elif self.loss_type == "dr_grpo":
+            agg, normalizer = "token-sum", B * self.max_completion_length * accumulation
+        else:  # dapo, cispo: the token count of the generation batch, rescaled to one accumulation window
+            normalizer = inputs["num_items_in_batch"].clamp(min=1.0).item() / self.accelerator.num_processes
+            if mode == "train":
+                normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+            agg = "token-sum"
+
+        if self.loss_type == "cispo":
+            # TRL caps the weight at epsilon_high with no lower bound: clip(w, 1 - 1, 1 + (epsilon_high - 1))
+            clip_options = dict(objective="cispo", clip_low=1.0, clip_high=self.epsilon_high - 1.0)
+        else:
+            clip_options = dict(objective="clip", clip_low=self.epsilon_low, clip_high=self.epsilon_high)
+        off_policy = {}
+        if self.off_policy_mask_threshold is not None:
+            # TRL measures the drift from the sampling engine's log-probs (or the old ones); tokens it
+            # could not score (NaN) count as no drift
+            sampling = inputs.get("sampling_per_token_logps", old_per_token_logps)
+            sampling = torch.where(torch.isnan(sampling), per_token_logps.detach(), sampling)
+            off_policy = dict(off_policy_threshold=float(self.off_policy_mask_threshold), rollout_logp=sampling)
+        entropy_selection, entropy_mask = {}, None
+        if self.top_entropy_quantile < 1.0:
+            entropy_selection = dict(entropy=entropies.detach(), entropy_top_fraction=float(self.top_entropy_quantile))
+            entropy_mask = self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
+        use_kl = self.beta != 0.0
+        out = policy_loss(
+            per_token_logps, old_per_token_logps, advantages, mask,
+            level=self.importance_sampling_level, **clip_options, **off_policy, **entropy_selection,
+            ratio_cap=getattr(self.args, "delta", None) if self.loss_type != "cispo" else None,
+            ref_logp=inputs["ref_per_token_logps"] if use_kl else None, kl_coef=self.beta, kl_kind="k3",
+            kl_is_correction=bool(self.args.use_bias_correction_kl),
+            agg=agg, normalizer=float(normalizer),
+        )
+        loss = out.loss
+        # TRL logs the policy term before the accumulation scaling of grpo, bnpo and dr_grpo
+        policy_term = loss.detach() * (accumulation if self.loss_type in ("grpo", "bnpo", "dr_grpo") else 1.0)
+
+        if self._entropy_bonus_enabled:
+            m = (mask if entropy_mask is None else mask * entropy_mask).to(entropies.dtype)
+            entropy_loss = (entropies * m).sum() / m.sum().clamp(min=1.0) / accumulation
+            loss = loss - self.entropy_coef * entropy_loss
+            self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_term).nanmean().item())
+            if mode == "train" and self.accelerator.sync_gradients:
+                self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+
+        self._log_rlkern_metrics(mode, per_token_logps, old_per_token_logps, advantages, mask, entropies,
+                                 inputs.get("ref_per_token_logps") if use_kl else None)
+        return loss
+
+    @torch.no_grad()
+    def _log_rlkern_metrics(self, mode, logps, old_logps, advantages, mask, entropies, ref_logps):
+        """The metrics TRL's ``_compute_loss`` logs, with its definitions."""
+        m = mask.to(logps.dtype)
+        adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+        log_ratio = logps - old_logps
+        if self.importance_sampling_level == "sequence":
+            log_w = ((log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+        else:
+            log_w = log_ratio
+        w = torch.exp(log_w)
+
+        def masked_seq_mean(x):
+            if x.shape[1] == 1:
+                return x.squeeze(1)
+            return (x * m).sum(-1) / m.sum(-1)
+
+        def global_masked_mean(x):
+            if x.shape[1] == 1:
+                local_sum, local_count = x.sum(), torch.tensor(float(x.shape[0]), device=x.device)
+            else:
+                local_sum, local_count = (x * m).sum(), m.sum().float()
+            totals = self.accelerator.reduce(torch.stack([local_sum, local_count]), reduction="sum")
+            return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+        if ref_logps is not None:
+            d = ref_logps - logps
+            kl = torch.exp(d) - d - 1
+            if self.args.use_bias_correction_kl:
+                kl = kl * w
+            self._metrics[mode]["kl"].append(global_masked_mean(kl))
+        self._metrics[mode]["entropy"].append(global_masked_mean(entropies))
+        if self.loss_type == "cispo":
+            clipped = (w > self.epsilon_high) & (adv > 0)
+            self._metrics[mode]["cispo_clip_ratio"].append(global_masked_mean(clipped.float()))
+            return
+        delta = getattr(self.args, "delta", None)
+        if delta is not None:
+            w = w.clamp(max=delta)  # TRL reports the clip fractions of the capped ratio
+        low = (w < 1 - self.epsilon_low) & (adv < 0)
+        high = (w > 1 + self.epsilon_high) & (adv > 0)
+        self._metrics[mode]["clip_ratio/low_mean"].append(global_masked_mean(low.float()))
+        self._metrics[mode]["clip_ratio/high_mean"].append(global_masked_mean(high.float()))
+        self._metrics[mode]["clip_ratio/region_mean"].append(global_masked_mean((low | high).float()))
+        self._metrics[mode]["clip_ratio/low_min"].append(
+            nanmin(self.accelerator.gather(masked_seq_mean(low.float()))).item())
+        self._metrics[mode]["clip_ratio/high_max"].append(
+            nanmax(self.accelerator.gather(masked_seq_mean(high.float()))).item())
