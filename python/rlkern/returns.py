@@ -279,9 +279,11 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, estimator: str =
       "batch" by the unbiased std of all N rewards (TRL's ``scale_rewards="batch"``),
       "none" only centres (Dr.GRPO). Default: "group" for grpo, "none" for rloo.
 
-    A group whose rewards are all equal gets zero advantages (never NaN, whatever eps);
-    a group of one has no spread: its std is taken as 1 (verl's convention), so GRPO
-    gives 0. RLOO needs group_size >= 2.
+    A group whose rewards are all equal gets zero advantages (never NaN, whatever eps).
+    A group of one is centred on itself (its std taken as 1), so GRPO gives 0; verl
+    instead passes the raw score through for such groups, which
+    ``rlkern.integrations.verl.compute_grpo_outcome_advantage`` reproduces. RLOO needs
+    group_size >= 2.
     """
     _validate.tensor("rewards", rewards, floating=True)
     if rewards.dim() != 1:

@@ -91,7 +91,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, estimator: str =
     """grpo: (r - mean_g) / (std + eps); rloo: r - mean of the other members (= G/(G-1) (r - mean_g)),
     divided by (std + eps) when a scale is asked for. std is unbiased: the group's for
     scale="group", the whole batch's for scale="batch"; scale="none" only centres.
-    A group whose rewards are all equal gets zeros; a group of one has std 1."""
+    A group whose rewards are all equal gets zeros; a group of one is centred on itself."""
     scale = scale if scale is not None else ("group" if estimator == "grpo" else "none")
     groups = rewards.reshape(-1, group_size)
     mean = groups.mean(dim=1, keepdim=True)
