@@ -51,24 +51,18 @@ inline void prefetch_ahead(int64_t t, int64_t b0, int lanes, int64_t T_, Ptrs...
 }
 
 template <class T>
-void discounted_impl(const ScanArgs& a) {
+void discounted_impl(const ScanArgs& args) {
   using A = acc_t<T>;
-  const T* r = as_ptr<const T>(a.rewards);
-  const T* boot = as_ptr<const T>(a.bootstrap);
-  const uint8_t* done = as_ptr<const uint8_t>(a.terminated);
-  A* out = as_ptr<A>(a.out0);
-  const A gamma = A(a.gamma);
-  const int64_t T_ = a.T;
-  advise_huge_pages(out, size_t(a.B * T_) * sizeof(A));
-  for_row_groups(a.B, T_, [&](int64_t b0, int lanes) {
+  const Scan<T> s(args);
+  advise_huge_pages(s.out0, size_t(s.B * s.T_) * sizeof(A));
+  for_row_groups(s.B, s.T_, [&](int64_t b0, int lanes) {
     A carry[kLanes];
-    for (int l = 0; l < lanes; ++l) carry[l] = boot ? load(boot, b0 + l) : A(0);
-    for (int64_t t = T_ - 1; t >= 0; --t) {
-      prefetch_ahead(t, b0, lanes, T_, r, done, out);
+    for (int l = 0; l < lanes; ++l) carry[l] = s.bootstrap_of(b0 + l);
+    for (int64_t t = s.T_ - 1; t >= 0; --t) {
+      prefetch_ahead(t, b0, lanes, s.T_, s.rewards, s.terminated, s.out0);
       for (int l = 0; l < lanes; ++l) {
-        const int64_t i = (b0 + l) * T_ + t;
-        carry[l] = apply(discounted_coef(load(r, i), done[i] != 0, gamma), carry[l]);
-        out[i] = carry[l];
+        const int64_t i = s.at(b0 + l, t);
+        s.out0[i] = carry[l] = apply(discounted_coef(s.reward(i), s.is_terminated(i), s.gamma), carry[l]);
       }
     }
   });
@@ -76,98 +70,77 @@ void discounted_impl(const ScanArgs& a) {
 
 // The optional inputs are template flags so that the inner loop carries no test for them.
 template <class T, bool kNextValues, bool kTruncated>
-void gae_impl(const ScanArgs& a) {
+void gae_impl(const ScanArgs& args) {
   using A = acc_t<T>;
-  const T* r = as_ptr<const T>(a.rewards);
-  const T* v = as_ptr<const T>(a.values);
-  const T* nv = as_ptr<const T>(a.next_values);
-  const T* boot = as_ptr<const T>(a.bootstrap);
-  const uint8_t* term = as_ptr<const uint8_t>(a.terminated);
-  const uint8_t* trunc = as_ptr<const uint8_t>(a.truncated);
-  A* adv = as_ptr<A>(a.out0);
-  A* ret = as_ptr<A>(a.out1);
-  const A gamma = A(a.gamma), gamma_lam = A(a.gamma * a.lam);
-  const int64_t T_ = a.T;
-  advise_huge_pages(adv, size_t(a.B * T_) * sizeof(A));
-  advise_huge_pages(ret, size_t(a.B * T_) * sizeof(A));
-  for_row_groups(a.B, T_, [&](int64_t b0, int lanes) {
+  const Scan<T> s(args);
+  advise_huge_pages(s.out0, size_t(s.B * s.T_) * sizeof(A));
+  advise_huge_pages(s.out1, size_t(s.B * s.T_) * sizeof(A));
+  for_row_groups(s.B, s.T_, [&](int64_t b0, int lanes) {
     A carry[kLanes], next_v[kLanes];
     for (int l = 0; l < lanes; ++l) {
       carry[l] = A(0);
-      next_v[l] = boot ? load(boot, b0 + l) : A(0);
+      next_v[l] = s.bootstrap_of(b0 + l);
     }
-    for (int64_t t = T_ - 1; t >= 0; --t) {
-      prefetch_ahead(t, b0, lanes, T_, r, v, nv, term, trunc, adv, ret);
+    for (int64_t t = s.T_ - 1; t >= 0; --t) {
+      prefetch_ahead(t, b0, lanes, s.T_, s.rewards, s.values, s.next_values, s.terminated, s.truncated, s.out0,
+                     s.out1);
       for (int l = 0; l < lanes; ++l) {
-        const int64_t i = (b0 + l) * T_ + t;
-        const A value = load(v, i);
-        const A next_value = kNextValues ? load(nv, i) : next_v[l];
-        carry[l] = apply(gae_coef(load(r, i), value, next_value, term[i] != 0, kTruncated && trunc[i] != 0, gamma,
-                                  gamma_lam),
+        const int64_t i = s.at(b0 + l, t);
+        const A value = s.value(i);
+        const A next_value = kNextValues ? s.next_value(i) : next_v[l];
+        carry[l] = apply(gae_coef(s.reward(i), value, next_value, s.is_terminated(i), kTruncated && s.is_truncated(i),
+                                  s.gamma, s.gamma_lam),
                          carry[l]);
         next_v[l] = value;
-        adv[i] = carry[l];
-        ret[i] = carry[l] + value;
+        s.out0[i] = carry[l];
+        s.out1[i] = carry[l] + value;
       }
     }
   });
 }
 
 template <class T>
-void lambda_impl(const ScanArgs& a) {
+void lambda_impl(const ScanArgs& args) {
   using A = acc_t<T>;
-  const T* r = as_ptr<const T>(a.rewards);
-  const T* nv = as_ptr<const T>(a.next_values);
-  const uint8_t* term = as_ptr<const uint8_t>(a.terminated);
-  const uint8_t* trunc = as_ptr<const uint8_t>(a.truncated);
-  A* out = as_ptr<A>(a.out0);
-  const A gamma = A(a.gamma), lam = A(a.lam);
-  const int64_t T_ = a.T;
-  advise_huge_pages(out, size_t(a.B * T_) * sizeof(A));
-  for_row_groups(a.B, T_, [&](int64_t b0, int lanes) {
+  const Scan<T> s(args);
+  advise_huge_pages(s.out0, size_t(s.B * s.T_) * sizeof(A));
+  for_row_groups(s.B, s.T_, [&](int64_t b0, int lanes) {
     A carry[kLanes];
     for (int l = 0; l < lanes; ++l) carry[l] = A(0);
-    for (int64_t t = T_ - 1; t >= 0; --t) {
-      prefetch_ahead(t, b0, lanes, T_, r, nv, term, trunc, out);
-      const bool row_end = t == T_ - 1;
+    for (int64_t t = s.T_ - 1; t >= 0; --t) {
+      prefetch_ahead(t, b0, lanes, s.T_, s.rewards, s.next_values, s.terminated, s.truncated, s.out0);
       for (int l = 0; l < lanes; ++l) {
-        const int64_t i = (b0 + l) * T_ + t;
-        carry[l] = apply(lambda_coef(load(r, i), load(nv, i), term[i] != 0, row_end || (trunc && trunc[i] != 0),
-                                     gamma, lam),
-                         carry[l]);
-        out[i] = carry[l];
+        const int64_t i = s.at(b0 + l, t);
+        const bool cut = t == s.T_ - 1 || s.is_truncated(i);
+        s.out0[i] = carry[l] =
+            apply(lambda_coef(s.reward(i), s.next_value(i), s.is_terminated(i), cut, s.gamma, s.lam), carry[l]);
       }
     }
   });
 }
 
 template <class T>
-void masked_gae_impl(const ScanArgs& a) {
+void masked_gae_impl(const ScanArgs& args) {
   using A = acc_t<T>;
-  const T* r = as_ptr<const T>(a.rewards);
-  const T* v = as_ptr<const T>(a.values);
-  const uint8_t* mask = as_ptr<const uint8_t>(a.terminated);
-  A* adv = as_ptr<A>(a.out0);
-  A* ret = as_ptr<A>(a.out1);
-  const A gamma = A(a.gamma), gamma_lam = A(a.gamma * a.lam);
-  const int64_t T_ = a.T;
-  advise_huge_pages(adv, size_t(a.B * T_) * sizeof(A));
-  advise_huge_pages(ret, size_t(a.B * T_) * sizeof(A));
-  for_row_groups(a.B, T_, [&](int64_t b0, int lanes) {
+  const Scan<T> s(args);
+  advise_huge_pages(s.out0, size_t(s.B * s.T_) * sizeof(A));
+  advise_huge_pages(s.out1, size_t(s.B * s.T_) * sizeof(A));
+  for_row_groups(s.B, s.T_, [&](int64_t b0, int lanes) {
     A advantage[kLanes], next_value[kLanes];
     for (int l = 0; l < lanes; ++l) advantage[l] = next_value[l] = A(0);
-    for (int64_t t = T_ - 1; t >= 0; --t) {
-      prefetch_ahead(t, b0, lanes, T_, r, v, mask, adv, ret);
+    for (int64_t t = s.T_ - 1; t >= 0; --t) {
+      prefetch_ahead(t, b0, lanes, s.T_, s.rewards, s.values, s.terminated, s.out0, s.out1);
       for (int l = 0; l < lanes; ++l) {
-        const int64_t i = (b0 + l) * T_ + t;
+        const int64_t i = s.at(b0 + l, t);
         // Computed on every token and kept where unmasked: masks are irregular, and a
         // branch on them mispredicts. Masked inputs (NaN included) never reach a carry.
-        const bool m = mask[i] != 0;
-        const A value = load(v, i);
-        advantage[l] = apply(masked_gae_coef(load(r, i), value, next_value[l], m, gamma, gamma_lam), advantage[l]);
-        next_value[l] = m ? value : next_value[l];
-        adv[i] = m ? advantage[l] : A(0);
-        ret[i] = m ? advantage[l] + value : A(0);
+        const bool unmasked = s.is_unmasked(i);
+        const A value = s.value(i);
+        advantage[l] =
+            apply(masked_gae_coef(s.reward(i), value, next_value[l], unmasked, s.gamma, s.gamma_lam), advantage[l]);
+        next_value[l] = unmasked ? value : next_value[l];
+        s.out0[i] = unmasked ? advantage[l] : A(0);
+        s.out1[i] = unmasked ? advantage[l] + value : A(0);
       }
     }
   });
@@ -218,70 +191,52 @@ void chunked_scan(int64_t B, int64_t T, Init init, Coef coef, Emit emit) {
 }
 
 template <class T>
-void discounted_chunked(const ScanArgs& a) {
+void discounted_chunked(const ScanArgs& args) {
   using A = acc_t<T>;
-  const T* r = as_ptr<const T>(a.rewards);
-  const T* boot = as_ptr<const T>(a.bootstrap);
-  const uint8_t* done = as_ptr<const uint8_t>(a.terminated);
-  A* out = as_ptr<A>(a.out0);
-  const A gamma = A(a.gamma);
-  const int64_t T_ = a.T;
+  const Scan<T> s(args);
   chunked_scan<A>(
-      a.B, T_, [&](int64_t b) { return boot ? load(boot, b) : A(0); },
-      [&](int64_t b, int64_t t) { return discounted_coef(load(r, b * T_ + t), done[b * T_ + t] != 0, gamma); },
-      [&](int64_t b, int64_t t, A y) { out[b * T_ + t] = y; });
+      s.B, s.T_, [&](int64_t b) { return s.bootstrap_of(b); },
+      [&](int64_t b, int64_t t) {
+        const int64_t i = s.at(b, t);
+        return discounted_coef(s.reward(i), s.is_terminated(i), s.gamma);
+      },
+      [&](int64_t b, int64_t t, A y) { s.out0[s.at(b, t)] = y; });
 }
 
 template <class T>
-void gae_chunked(const ScanArgs& a) {
+void gae_chunked(const ScanArgs& args) {
   using A = acc_t<T>;
-  const T* r = as_ptr<const T>(a.rewards);
-  const T* v = as_ptr<const T>(a.values);
-  const T* nv = as_ptr<const T>(a.next_values);
-  const T* boot = as_ptr<const T>(a.bootstrap);
-  const uint8_t* term = as_ptr<const uint8_t>(a.terminated);
-  const uint8_t* trunc = as_ptr<const uint8_t>(a.truncated);
-  A* adv = as_ptr<A>(a.out0);
-  A* ret = as_ptr<A>(a.out1);
-  const A gamma = A(a.gamma), gamma_lam = A(a.gamma * a.lam);
-  const int64_t T_ = a.T;
+  const Scan<T> s(args);
   auto next_value = [&](int64_t b, int64_t t) -> A {
-    if (nv) return load(nv, b * T_ + t);
-    if (t + 1 < T_) return load(v, b * T_ + t + 1);
-    return boot ? load(boot, b) : A(0);
+    if (s.next_values) return s.next_value(s.at(b, t));
+    return t + 1 < s.T_ ? s.value(s.at(b, t + 1)) : s.bootstrap_of(b);
   };
   chunked_scan<A>(
-      a.B, T_, [](int64_t) { return A(0); },
+      s.B, s.T_, [](int64_t) { return A(0); },
       [&](int64_t b, int64_t t) {
-        const int64_t i = b * T_ + t;
-        return gae_coef(load(r, i), load(v, i), next_value(b, t), term[i] != 0, trunc && trunc[i] != 0, gamma,
-                        gamma_lam);
+        const int64_t i = s.at(b, t);
+        return gae_coef(s.reward(i), s.value(i), next_value(b, t), s.is_terminated(i), s.is_truncated(i), s.gamma,
+                        s.gamma_lam);
       },
       [&](int64_t b, int64_t t, A y) {
-        const int64_t i = b * T_ + t;
-        adv[i] = y;
-        ret[i] = y + load(v, i);
+        const int64_t i = s.at(b, t);
+        s.out0[i] = y;
+        s.out1[i] = y + s.value(i);
       });
 }
 
 template <class T>
-void lambda_chunked(const ScanArgs& a) {
+void lambda_chunked(const ScanArgs& args) {
   using A = acc_t<T>;
-  const T* r = as_ptr<const T>(a.rewards);
-  const T* nv = as_ptr<const T>(a.next_values);
-  const uint8_t* term = as_ptr<const uint8_t>(a.terminated);
-  const uint8_t* trunc = as_ptr<const uint8_t>(a.truncated);
-  A* out = as_ptr<A>(a.out0);
-  const A gamma = A(a.gamma), lam = A(a.lam);
-  const int64_t T_ = a.T;
+  const Scan<T> s(args);
   chunked_scan<A>(
-      a.B, T_, [](int64_t) { return A(0); },
+      s.B, s.T_, [](int64_t) { return A(0); },
       [&](int64_t b, int64_t t) {
-        const int64_t i = b * T_ + t;
-        return lambda_coef(load(r, i), load(nv, i), term[i] != 0, t == T_ - 1 || (trunc && trunc[i] != 0), gamma,
-                           lam);
+        const int64_t i = s.at(b, t);
+        return lambda_coef(s.reward(i), s.next_value(i), s.is_terminated(i), t == s.T_ - 1 || s.is_truncated(i),
+                           s.gamma, s.lam);
       },
-      [&](int64_t b, int64_t t, A y) { out[b * T_ + t] = y; });
+      [&](int64_t b, int64_t t, A y) { s.out0[s.at(b, t)] = y; });
 }
 
 }  // namespace

@@ -52,62 +52,50 @@ __device__ __forceinline__ bool warp_row(int64_t B, RowTile& rt) {
 #define RLK_FOR_TILES(T_, t0) for (int64_t t0 = (T_) - kWarp; t0 > -kWarp; t0 -= kWarp)
 
 template <class T>
-__global__ void discounted_kernel(ScanArgs a) {
+__global__ void discounted_kernel(ScanArgs args) {
   using A = acc_t<T>;
+  const Scan<T> s(args);
   RowTile rt;
-  if (!warp_row(a.B, rt)) return;
-  const T* r = as_ptr<const T>(a.rewards);
-  const T* boot = as_ptr<const T>(a.bootstrap);
-  const uint8_t* done = as_ptr<const uint8_t>(a.terminated);
-  A* out = as_ptr<A>(a.out0);
-  const A gamma = A(a.gamma);
-  A carry = boot ? load(boot, rt.row) : A(0);
-  RLK_FOR_TILES(a.T, t0) {
+  if (!warp_row(s.B, rt)) return;
+  A carry = s.bootstrap_of(rt.row);
+  RLK_FOR_TILES(s.T_, t0) {
     const int64_t t = t0 + rt.lane;
     const bool valid = t >= 0;
-    const int64_t i = rt.row * a.T + t;
-    Affine<A> f = valid ? discounted_coef(load(r, i), done[i] != 0, gamma) : identity<A>();
+    const int64_t i = s.at(rt.row, t);
+    const Affine<A> f = valid ? discounted_coef(s.reward(i), s.is_terminated(i), s.gamma) : identity<A>();
     const A y = apply(suffix_compose(f, rt.lane), carry);
-    if (valid) out[i] = y;
+    if (valid) s.out0[i] = y;
     carry = __shfl_sync(kFull, y, 0);
   }
 }
 
 template <class T, bool kNextValues>
-__global__ void gae_kernel(ScanArgs a) {
+__global__ void gae_kernel(ScanArgs args) {
   using A = acc_t<T>;
+  const Scan<T> s(args);
   RowTile rt;
-  if (!warp_row(a.B, rt)) return;
-  const T* r = as_ptr<const T>(a.rewards);
-  const T* v = as_ptr<const T>(a.values);
-  const T* nv = as_ptr<const T>(a.next_values);
-  const T* boot = as_ptr<const T>(a.bootstrap);
-  const uint8_t* term = as_ptr<const uint8_t>(a.terminated);
-  const uint8_t* trunc = as_ptr<const uint8_t>(a.truncated);
-  A* adv = as_ptr<A>(a.out0);
-  A* ret = as_ptr<A>(a.out1);
-  const A gamma = A(a.gamma), gamma_lam = A(a.gamma * a.lam);
+  if (!warp_row(s.B, rt)) return;
   A carry = A(0);
-  A value_after_tile = boot ? load(boot, rt.row) : A(0);  // V_{t0 + 32}
-  RLK_FOR_TILES(a.T, t0) {
+  A value_after_tile = s.bootstrap_of(rt.row);  // V_{t0 + 32}
+  RLK_FOR_TILES(s.T_, t0) {
     const int64_t t = t0 + rt.lane;
     const bool valid = t >= 0;
-    const int64_t i = rt.row * a.T + t;
-    const A value = valid ? load(v, i) : A(0);
+    const int64_t i = s.at(rt.row, t);
+    const A value = valid ? s.value(i) : A(0);
     A next_value;
     if (kNextValues) {
-      next_value = valid ? load(nv, i) : A(0);
+      next_value = valid ? s.next_value(i) : A(0);
     } else {
       next_value = __shfl_down_sync(kFull, value, 1);
       if (rt.lane == kWarp - 1) next_value = value_after_tile;
     }
-    const Affine<A> f = valid ? gae_coef(load(r, i), value, next_value, term[i] != 0, trunc && trunc[i] != 0, gamma,
-                                         gamma_lam)
+    const Affine<A> f = valid ? gae_coef(s.reward(i), value, next_value, s.is_terminated(i), s.is_truncated(i),
+                                         s.gamma, s.gamma_lam)
                               : identity<A>();
     const A y = apply(suffix_compose(f, rt.lane), carry);
     if (valid) {
-      adv[i] = y;
-      ret[i] = y + value;
+      s.out0[i] = y;
+      s.out1[i] = y + value;
     }
     carry = __shfl_sync(kFull, y, 0);
     value_after_tile = __shfl_sync(kFull, value, 0);
@@ -115,48 +103,39 @@ __global__ void gae_kernel(ScanArgs a) {
 }
 
 template <class T>
-__global__ void lambda_kernel(ScanArgs a) {
+__global__ void lambda_kernel(ScanArgs args) {
   using A = acc_t<T>;
+  const Scan<T> s(args);
   RowTile rt;
-  if (!warp_row(a.B, rt)) return;
-  const T* r = as_ptr<const T>(a.rewards);
-  const T* nv = as_ptr<const T>(a.next_values);
-  const uint8_t* term = as_ptr<const uint8_t>(a.terminated);
-  const uint8_t* trunc = as_ptr<const uint8_t>(a.truncated);
-  A* out = as_ptr<A>(a.out0);
-  const A gamma = A(a.gamma), lam = A(a.lam);
+  if (!warp_row(s.B, rt)) return;
   A carry = A(0);
-  RLK_FOR_TILES(a.T, t0) {
+  RLK_FOR_TILES(s.T_, t0) {
     const int64_t t = t0 + rt.lane;
     const bool valid = t >= 0;
-    const int64_t i = rt.row * a.T + t;
-    const bool cut = valid && (t == a.T - 1 || (trunc && trunc[i] != 0));
-    const Affine<A> f = valid ? lambda_coef(load(r, i), load(nv, i), term[i] != 0, cut, gamma, lam) : identity<A>();
+    const int64_t i = s.at(rt.row, t);
+    const bool cut = valid && (t == s.T_ - 1 || s.is_truncated(i));
+    const Affine<A> f =
+        valid ? lambda_coef(s.reward(i), s.next_value(i), s.is_terminated(i), cut, s.gamma, s.lam) : identity<A>();
     const A y = apply(suffix_compose(f, rt.lane), carry);
-    if (valid) out[i] = y;
+    if (valid) s.out0[i] = y;
     carry = __shfl_sync(kFull, y, 0);
   }
 }
 
 template <class T>
-__global__ void masked_gae_kernel(ScanArgs a) {
+__global__ void masked_gae_kernel(ScanArgs args) {
   using A = acc_t<T>;
+  const Scan<T> s(args);
   RowTile rt;
-  if (!warp_row(a.B, rt)) return;
-  const T* r = as_ptr<const T>(a.rewards);
-  const T* v = as_ptr<const T>(a.values);
-  const uint8_t* mask = as_ptr<const uint8_t>(a.terminated);
-  A* adv = as_ptr<A>(a.out0);
-  A* ret = as_ptr<A>(a.out1);
-  const A gamma = A(a.gamma), gamma_lam = A(a.gamma * a.lam);
+  if (!warp_row(s.B, rt)) return;
   A carry = A(0);
   A next_value_after_tile = A(0);  // value of the first unmasked token right of the tile
-  RLK_FOR_TILES(a.T, t0) {
+  RLK_FOR_TILES(s.T_, t0) {
     const int64_t t = t0 + rt.lane;
     const bool valid = t >= 0;
-    const int64_t i = rt.row * a.T + t;
-    const bool unmasked = valid && mask[i] != 0;
-    const A value = valid ? load(v, i) : A(0);
+    const int64_t i = s.at(rt.row, t);
+    const bool unmasked = valid && s.is_unmasked(i);
+    const A value = valid ? s.value(i) : A(0);
     // The value of the first unmasked token at or after each lane: a suffix scan that
     // keeps the leftmost unmasked entry.
     bool has = unmasked;
@@ -172,15 +151,15 @@ __global__ void masked_gae_kernel(ScanArgs a) {
     }
     // Strictly after this lane: the next lane's result, or what lies right of the tile.
     bool after_has = __shfl_down_sync(kFull, has, 1);
-    A after_first = __shfl_down_sync(kFull, first, 1);
+    const A after_first = __shfl_down_sync(kFull, first, 1);
     if (rt.lane == kWarp - 1) after_has = false;
     const A next_value = after_has ? after_first : next_value_after_tile;
-    const Affine<A> f = valid ? masked_gae_coef(load(r, i), value, next_value, unmasked, gamma, gamma_lam)
-                              : identity<A>();
+    const Affine<A> f =
+        valid ? masked_gae_coef(s.reward(i), value, next_value, unmasked, s.gamma, s.gamma_lam) : identity<A>();
     const A y = apply(suffix_compose(f, rt.lane), carry);
     if (valid) {
-      adv[i] = unmasked ? y : A(0);
-      ret[i] = unmasked ? y + value : A(0);
+      s.out0[i] = unmasked ? y : A(0);
+      s.out1[i] = unmasked ? y + value : A(0);
     }
     carry = __shfl_sync(kFull, y, 0);
     const bool tile_has = __shfl_sync(kFull, has, 0);

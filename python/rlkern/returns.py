@@ -30,8 +30,17 @@ __all__ = ["discounted_returns", "gae", "lambda_returns", "masked_gae", "group_a
 
 
 def _as_rows(name: str, t: torch.Tensor) -> torch.Tensor:
-    _validate.tensor(name, t, ndim=(1, 2))
+    _validate.tensor(name, t, ndim=(1, 2), floating=True)
     return t.unsqueeze(0) if t.dim() == 1 else t
+
+
+def _is_row(t) -> bool:
+    """A 1-D leading input: every input of the call is then one row."""
+    return isinstance(t, torch.Tensor) and t.dim() == 1
+
+
+def _row_of(t, one_d: bool):
+    return t.unsqueeze(0) if one_d and isinstance(t, torch.Tensor) else t
 
 
 def _floats(name: str, t: torch.Tensor, shape) -> torch.Tensor:
@@ -116,11 +125,10 @@ def discounted_returns(rewards: torch.Tensor, dones: torch.Tensor, gamma: float,
         gamma: discount in [0, 1].
         bootstrap: optional ``[B]`` value of the state after each row's last step.
     """
-    one_d = isinstance(rewards, torch.Tensor) and rewards.dim() == 1
+    one_d = _is_row(rewards)
     r = _as_rows("rewards", rewards)
-    _validate.tensor("rewards", r, floating=True)
     B, T = r.shape
-    d = _flags("dones", dones.unsqueeze(0) if one_d and isinstance(dones, torch.Tensor) else dones, r.shape)
+    d = _flags("dones", _row_of(dones, one_d), r.shape)
     boot = _bootstrap("bootstrap", bootstrap, B)
     gamma = _validate.unit_interval("gamma", gamma)
     _validate.same_device(rewards=r, dones=d, bootstrap=boot)
@@ -152,18 +160,13 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, terminated: torch.Tensor, g
     Returns:
         ``(advantages, returns)``, each ``[B, T]``.
     """
-    one_d = isinstance(rewards, torch.Tensor) and rewards.dim() == 1
-
-    def rows(x):
-        return x.unsqueeze(0) if one_d and isinstance(x, torch.Tensor) else x
-
+    one_d = _is_row(rewards)
     r = _as_rows("rewards", rewards)
-    _validate.tensor("rewards", r, floating=True)
     B, T = r.shape
-    v = _floats("values", rows(values), r.shape)
-    term = _flags("terminated", rows(terminated), r.shape)
-    trunc = _flags("truncated", rows(truncated), r.shape) if truncated is not None else None
-    nv = _floats("next_values", rows(next_values), r.shape) if next_values is not None else None
+    v = _floats("values", _row_of(values, one_d), r.shape)
+    term = _flags("terminated", _row_of(terminated, one_d), r.shape)
+    trunc = _flags("truncated", _row_of(truncated, one_d), r.shape) if truncated is not None else None
+    nv = _floats("next_values", _row_of(next_values, one_d), r.shape) if next_values is not None else None
     if trunc is not None and nv is None:
         raise ValueError("truncated needs next_values: the value of the state that was cut off is needed "
                          "to bootstrap a truncated episode")
@@ -197,17 +200,12 @@ def lambda_returns(rewards: torch.Tensor, next_values: torch.Tensor, terminated:
     targets, lam = 1 Monte Carlo returns bootstrapped at cuts. Equals
     ``gae(...)[1]`` when ``next_values`` are the values of the following states.
     """
-    one_d = isinstance(rewards, torch.Tensor) and rewards.dim() == 1
-
-    def rows(x):
-        return x.unsqueeze(0) if one_d and isinstance(x, torch.Tensor) else x
-
+    one_d = _is_row(rewards)
     r = _as_rows("rewards", rewards)
-    _validate.tensor("rewards", r, floating=True)
     B, T = r.shape
-    nv = _floats("next_values", rows(next_values), r.shape)
-    term = _flags("terminated", rows(terminated), r.shape)
-    trunc = _flags("truncated", rows(truncated), r.shape) if truncated is not None else None
+    nv = _floats("next_values", _row_of(next_values, one_d), r.shape)
+    term = _flags("terminated", _row_of(terminated, one_d), r.shape)
+    trunc = _flags("truncated", _row_of(truncated, one_d), r.shape) if truncated is not None else None
     gamma = _validate.unit_interval("gamma", gamma)
     lam = _validate.unit_interval("lam", lam)
     _validate.same_device(rewards=r, next_values=nv, terminated=term, truncated=trunc)
@@ -237,18 +235,13 @@ def masked_gae(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Te
     Returns:
         ``(advantages, returns)``, returns = advantages + values on unmasked tokens.
     """
-    one_d = isinstance(token_rewards, torch.Tensor) and token_rewards.dim() == 1
-
-    def rows(x):
-        return x.unsqueeze(0) if one_d and isinstance(x, torch.Tensor) else x
-
+    one_d = _is_row(token_rewards)
     r = _as_rows("token_rewards", token_rewards)
-    _validate.tensor("token_rewards", r, floating=True)
     B, T = r.shape
-    v = rows(values)
+    v = _row_of(values, one_d)
     _validate.tensor("values", v, floating=True)
     _validate.same_shape("values", v, r.shape, "token_rewards")
-    m = _flags("mask", rows(mask), r.shape)
+    m = _flags("mask", _row_of(mask, one_d), r.shape)
     gamma = _validate.unit_interval("gamma", gamma)
     lam = _validate.unit_interval("lam", lam)
     _validate.same_device(token_rewards=r, values=v, mask=m)
