@@ -70,8 +70,9 @@ struct PolicyParams {
   bool has_entropy_select = false;
   double entropy_threshold = 0.0;
   int agg = kTokenMean;
-  ptr_t grad_logp = 0;     // [B, T] in the arithmetic type (float, or double for float64)
-  ptr_t grad_entropy = 0;  // same, or 0 when not wanted
+  ptr_t grad_logp = 0;     // [B, T] in the storage type: d loss / d logp, finished
+  ptr_t grad_entropy = 0;  // same for the entropies, or 0 when not wanted
+  double grad_scale = 1.0;  // 1 / the aggregation's final denominator
 };
 
 // Totals returned to Python, in this order.
@@ -93,7 +94,7 @@ enum Stat : int {
 template <class A>
 struct RowConst {
   A clip_lo, clip_hi, cap, dual, lr_lo, lr_hi, kl_lo, kl_hi, kl_coef, ent_coef, tis_cap, ent_threshold;
-  A seq_ratio, seq_dx, seq_tis, row_w;
+  A seq_ratio, seq_dx, seq_tis, row_w, grad_w;
   int objective, kl_kind;
   bool has_dual, use_kl, kl_corr, tis_token, tis_mask_mode, has_select, drop_negative;
 };
@@ -195,7 +196,7 @@ struct PolicyInputs {
   const T *logp, *old, *ref, *rollout, *ent;
   const acc_t<T>* adv;
   const uint8_t* mask;
-  acc_t<T>* grad;
+  T* grad;  // storage type of logp: the gradient is written finished (scale folded in)
 };
 
 // Tokens per lane group and per float flush: lanes keep W independent partial sums (so the
@@ -236,10 +237,10 @@ RLK_ALWAYS_INLINE void token_step(const PolicyInputs<T>& in, const RowConst<acc_
     h = m ? h : zero;
   }
   const TokenTerms<A> tt = token_terms<A, KL, SEQ, EXTRA>(c, lp, o, a, refv, rolv, h);
-  in.grad[i] = m ? c.row_w * tt.grad : zero;
+  store(in.grad, i, m ? c.grad_w * tt.grad : zero);
   L.n[j] += m ? A(1) : zero;
   L.loss[j] += m ? c.row_w * tt.loss : zero;
-  L.dseq[j] += m ? c.row_w * tt.dseq : zero;
+  L.dseq[j] += m ? c.grad_w * tt.dseq : zero;
   L.ratio[j] += m ? tt.ratio : zero;
   L.approx[j] += o - lp;
   L.kl[j] += m ? tt.kl : zero;
@@ -285,14 +286,14 @@ RLK_ALWAYS_INLINE vf vexp(vf x) {
 // Row constants broadcast once per row.
 struct RowConstV {
   vf clip_lo, clip_hi, cap, dual, lr_lo, lr_hi, kl_lo, kl_hi, kl_coef, ent_coef, tis_cap, ent_threshold;
-  vf seq_ratio, seq_dx, seq_tis, row_w;
+  vf seq_ratio, seq_dx, seq_tis, row_w, grad_w;
   vi has_dual, use_kl, kl_corr, tis_token, tis_mask_mode, has_select, drop_negative, is_clip, is_cispo, kl_k1;
   explicit RowConstV(const RowConst<float>& c)
       : clip_lo(splat(c.clip_lo)), clip_hi(splat(c.clip_hi)), cap(splat(c.cap)), dual(splat(c.dual)),
         lr_lo(splat(c.lr_lo)), lr_hi(splat(c.lr_hi)), kl_lo(splat(c.kl_lo)), kl_hi(splat(c.kl_hi)),
         kl_coef(splat(c.kl_coef)), ent_coef(splat(c.ent_coef)), tis_cap(splat(c.tis_cap)),
         ent_threshold(splat(c.ent_threshold)), seq_ratio(splat(c.seq_ratio)), seq_dx(splat(c.seq_dx)),
-        seq_tis(splat(c.seq_tis)), row_w(splat(c.row_w)), has_dual(mask_of(c.has_dual)), use_kl(mask_of(c.use_kl)),
+        seq_tis(splat(c.seq_tis)), row_w(splat(c.row_w)), grad_w(splat(c.grad_w)), has_dual(mask_of(c.has_dual)), use_kl(mask_of(c.use_kl)),
         kl_corr(mask_of(c.kl_corr)), tis_token(mask_of(c.tis_token)), tis_mask_mode(mask_of(c.tis_mask_mode)),
         has_select(mask_of(c.has_select)), drop_negative(mask_of(c.drop_negative)),
         is_clip(mask_of(c.objective == kClip)), is_cispo(mask_of(c.objective == kCispo)),
@@ -317,6 +318,17 @@ RLK_ALWAYS_INLINE vf vload(const bf16* p, int64_t i) {
   return (vf)u;
 }
 RLK_ALWAYS_INLINE void vstore(float* p, int64_t i, vf v) { __builtin_memcpy(p + i, &v, sizeof v); }
+// float -> bfloat16, round to nearest even (as dtype.h's float_to_bf16); NaN stays quiet NaN.
+typedef uint16_t vh __attribute__((vector_size(16)));
+typedef uint32_t vu __attribute__((vector_size(32)));
+RLK_ALWAYS_INLINE void vstore(bf16* p, int64_t i, vf v) {
+  const vu u = (vu)v;
+  const vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const vu quiet = (u >> 16) | 0x40u;
+  const vu bits = (v == v) ? rounded : quiet;
+  const vh h = __builtin_convertvector(bits, vh);
+  __builtin_memcpy(p + i, &h, sizeof h);
+}
 
 template <class T, int KL, bool SEQ, bool EXTRA>
 RLK_ALWAYS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& c, int64_t i, int64_t ai,
@@ -394,10 +406,10 @@ RLK_ALWAYS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& 
   }
   if (EXTRA) l -= c.ent_coef * h;
   const vf g = SEQ ? direct : direct + dr * r * dx;
-  vstore(in.grad, i, m ? c.row_w * g : zero);
+  vstore(in.grad, i, m ? c.grad_w * g : zero);
   L.n += m ? one : zero;
   L.loss += m ? c.row_w * l : zero;
-  if (SEQ) L.dseq += m ? c.row_w * dr : zero;
+  if (SEQ) L.dseq += m ? c.grad_w * dr : zero;
   L.ratio += m ? r : zero;
   L.approx += o - lp;
   L.kl += m ? kl : zero;
@@ -421,8 +433,8 @@ RLK_ALWAYS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin
   in.ent = p.entropy ? as_ptr<const T>(p.entropy) : in.old;
   in.adv = as_ptr<const A>(p.advantages);
   in.mask = as_ptr<const uint8_t>(p.mask);
-  in.grad = as_ptr<A>(p.grad_logp);
-  A* grad_ent = as_ptr<A>(p.grad_entropy);
+  in.grad = as_ptr<T>(p.grad_logp);
+  T* grad_ent = as_ptr<T>(p.grad_entropy);
 
   RowConst<A> c;
   c.clip_lo = A(p.clip_lo);
@@ -493,6 +505,7 @@ RLK_ALWAYS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin
       s_tis = A(dtis);
     }
     c.row_w = p.agg == kSeqMeanTokenMean ? A(1) / std::max(n_row, A(1)) : A(1);
+    c.grad_w = c.row_w * A(p.grad_scale);
     c.drop_negative = p.has_off && s_div > off_threshold;
     c.seq_ratio = A(1);
     c.seq_dx = A(1);
@@ -553,12 +566,13 @@ RLK_ALWAYS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin
     if (SEQ && acc[kActive] > 0) {
       // r = exp(mean_t (lp_t - old_t)): dr/dlp_t = r / n for every active token.
       const A add = A(dseq) * c.seq_ratio * c.seq_dx / A(acc[kActive]);
-      A* g = in.grad + base;
-      for (int64_t t = 0; t < T_; ++t) g[t] += m[t] ? add : A(0);
+      T* g = in.grad + base;
+      for (int64_t t = 0; t < T_; ++t)
+        if (m[t]) store(g, t, A(load(g, t)) + add);
     }
     if (grad_ent) {
-      const A ge = -A(p.entropy_coef) * c.row_w;
-      for (int64_t t = 0; t < T_; ++t) grad_ent[base + t] = m[t] ? ge : A(0);
+      const A ge = -A(p.entropy_coef) * c.grad_w;
+      for (int64_t t = 0; t < T_; ++t) store(grad_ent, base + t, m[t] ? ge : A(0));
     }
     for (int k = 0; k < kNumStats; ++k) stats[b * kNumStats + k] = acc[k];
   }
@@ -831,7 +845,8 @@ void bind(py::module_& m) {
       .def_readwrite("entropy_threshold", &PolicyParams::entropy_threshold)
       .def_readwrite("agg", &PolicyParams::agg)
       .def_readwrite("grad_logp", &PolicyParams::grad_logp)
-      .def_readwrite("grad_entropy", &PolicyParams::grad_entropy);
+      .def_readwrite("grad_entropy", &PolicyParams::grad_entropy)
+      .def_readwrite("grad_scale", &PolicyParams::grad_scale);
   m.attr("NUM_POLICY_STATS") = int(kNumStats);
   m.def("policy_loss", &policy_loss_fused, py::arg("params"), py::call_guard<py::gil_scoped_release>(),
         "Fused policy loss: writes d(row-weighted loss sum)/d logp (and entropy) and returns the totals "
