@@ -73,6 +73,7 @@ struct PolicyParams {
   ptr_t grad_logp = 0;     // [B, T] in the storage type: d loss / d logp, finished
   ptr_t grad_entropy = 0;  // same for the entropies, or 0 when not wanted
   double grad_scale = 1.0;  // 1 / the aggregation's final denominator
+  bool scale_by_active = false;  // token-mean: grad_scale = 1 / max(active tokens, 1), counted here
 };
 
 // Totals returned to Python, in this order.
@@ -288,6 +289,8 @@ struct RowConstV {
   vf clip_lo, clip_hi, cap, dual, lr_lo, lr_hi, kl_lo, kl_hi, kl_coef, ent_coef, tis_cap, ent_threshold;
   vf seq_ratio, seq_dx, seq_tis, row_w, grad_w;
   vi has_dual, use_kl, kl_corr, tis_token, tis_mask_mode, has_select, drop_negative, is_clip, is_cispo, kl_k1;
+  bool has_lr_clamp, clip_objective, cispo_objective, has_cap, has_dual_clip, drop_negative_row, has_seq_tis, k1,
+      has_kl_clamp, use_kl_term, kl_correction;
   explicit RowConstV(const RowConst<float>& c)
       : clip_lo(splat(c.clip_lo)), clip_hi(splat(c.clip_hi)), cap(splat(c.cap)), dual(splat(c.dual)),
         lr_lo(splat(c.lr_lo)), lr_hi(splat(c.lr_hi)), kl_lo(splat(c.kl_lo)), kl_hi(splat(c.kl_hi)),
@@ -297,7 +300,20 @@ struct RowConstV {
         kl_corr(mask_of(c.kl_corr)), tis_token(mask_of(c.tis_token)), tis_mask_mode(mask_of(c.tis_mask_mode)),
         has_select(mask_of(c.has_select)), drop_negative(mask_of(c.drop_negative)),
         is_clip(mask_of(c.objective == kClip)), is_cispo(mask_of(c.objective == kCispo)),
-        kl_k1(mask_of(c.kl_kind == kK1)) {}
+        kl_k1(mask_of(c.kl_kind == kK1)) {
+    const float inf = std::numeric_limits<float>::infinity();
+    has_lr_clamp = c.lr_lo != -inf || c.lr_hi != inf;
+    clip_objective = c.objective == kClip;
+    cispo_objective = c.objective == kCispo;
+    has_cap = c.cap != inf;
+    has_dual_clip = c.has_dual;
+    drop_negative_row = c.drop_negative;
+    has_seq_tis = c.seq_tis != 1.0f;
+    k1 = c.kl_kind == kK1;
+    has_kl_clamp = c.kl_lo != -inf || c.kl_hi != inf;
+    use_kl_term = c.use_kl;
+    kl_correction = c.kl_corr;
+  }
 };
 
 struct LanesV {
@@ -311,31 +327,42 @@ RLK_ALWAYS_INLINE vf vload(const float* p, int64_t i) {
   __builtin_memcpy(&v, p + i, sizeof v);
   return v;
 }
+typedef uint16_t vh8 __attribute__((vector_size(16)));
 RLK_ALWAYS_INLINE vf vload(const bf16* p, int64_t i) {
-  uint16_t h[kVec];
-  __builtin_memcpy(h, p + i, sizeof h);
-  const vi u = vi{h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]} << 16;
-  return (vf)u;
+  vh8 h;
+  __builtin_memcpy(&h, p + i, sizeof h);
+  return (vf)(__builtin_convertvector(h, vi) << 16);
 }
 RLK_ALWAYS_INLINE void vstore(float* p, int64_t i, vf v) { __builtin_memcpy(p + i, &v, sizeof v); }
 // float -> bfloat16, round to nearest even (as dtype.h's float_to_bf16); NaN stays quiet NaN.
-typedef uint16_t vh __attribute__((vector_size(16)));
 typedef uint32_t vu __attribute__((vector_size(32)));
 RLK_ALWAYS_INLINE void vstore(bf16* p, int64_t i, vf v) {
   const vu u = (vu)v;
   const vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   const vu quiet = (u >> 16) | 0x40u;
   const vu bits = (v == v) ? rounded : quiet;
-  const vh h = __builtin_convertvector(bits, vh);
+  const vh8 h = __builtin_convertvector(bits, vh8);
   __builtin_memcpy(p + i, &h, sizeof h);
 }
+
+typedef uint8_t vb __attribute__((vector_size(8)));
+RLK_ALWAYS_INLINE vi load_mask(const uint8_t* mp) {
+  vb b;
+  __builtin_memcpy(&b, mp, sizeof b);
+  return __builtin_convertvector(b, vi) != 0;
+}
+RLK_ALWAYS_INLINE float lane_sum(vf v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
+// Storage types with a vector path (the arithmetic type must be float).
+template <class T>
+constexpr bool kSimd = std::is_same<T, float>::value || std::is_same<T, bf16>::value;
 
 template <class T, int KL, bool SEQ, bool EXTRA>
 RLK_ALWAYS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& c, int64_t i, int64_t ai,
                                     bool adv_per_token, LanesV& L) {
+  // Options are constant over the row: plain branches on them are perfectly predicted and
+  // skip the vector work of options that are off.
   const vf zero = splat(0.0f), one = splat(1.0f), half = splat(0.5f);
-  const uint8_t* mp = in.mask + i;
-  const vi m = vi{mp[0], mp[1], mp[2], mp[3], mp[4], mp[5], mp[6], mp[7]} != 0;
+  const vi m = load_mask(in.mask + i);
   vf lp = vload(in.logp, i), o = vload(in.old, i);
   vf a = adv_per_token ? vload(in.adv, ai) : splat(in.adv[ai]);
   lp = m ? lp : zero;
@@ -353,39 +380,66 @@ RLK_ALWAYS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& 
     dx = c.seq_dx;
   } else {
     const vf x = lp - o;
-    const vf xc = x < c.lr_lo ? c.lr_lo : (x > c.lr_hi ? c.lr_hi : x);
-    dx = ((x < c.lr_lo) | (x > c.lr_hi)) ? zero : one;
-    r = vexp(xc);
+    if (c.has_lr_clamp) {
+      const vf xc = x < c.lr_lo ? c.lr_lo : (x > c.lr_hi ? c.lr_hi : x);
+      dx = ((x < c.lr_lo) | (x > c.lr_hi)) ? zero : one;
+      r = vexp(xc);
+    } else {
+      dx = one;
+      r = vexp(x);
+    }
   }
-  const vf r1 = r > c.cap ? c.cap : r;
-  const vf dr1 = r > c.cap ? zero : one;
   const vf rc = r < c.clip_lo ? c.clip_lo : (r > c.clip_hi ? c.clip_hi : r);
-  const vf drc = ((r < c.clip_lo) | (r > c.clip_hi)) ? zero : one;
-  const vf u = -a * r1, v = -a * rc, du = -a * dr1, dv = -a * drc;
-  vf s = u > v ? u : v;
-  vf ds = u > v ? du : (u < v ? dv : half * (du + dv));
-  const vi dual_on = c.has_dual & (a < zero);
-  const vf bound = -a * c.dual;
-  const vf s_d = s < bound ? s : bound;
-  const vf ds_d = s < bound ? ds : (s > bound ? zero : half * ds);
-  const vf dual_hit = (dual_on & (s > bound)) ? one : zero;
-  s = dual_on ? s_d : s;
-  ds = dual_on ? ds_d : ds;
-  const vf w_direct = c.is_cispo ? -rc * a : -a;
-  const vf pg = c.is_clip ? s : w_direct * lp;
-  vf dr = c.is_clip ? ds : zero;
-  vf direct = c.is_clip ? zero : w_direct;
-  vf weight = (c.drop_negative & ~(a >= zero)) ? zero : one;
+  vf pg, dr, direct;
+  vf dual_hit = zero;
+  if (c.clip_objective) {
+    const vf drc = ((r < c.clip_lo) | (r > c.clip_hi)) ? zero : one;
+    vf u = -a * r, du = -a;
+    if (c.has_cap) {
+      u = r > c.cap ? -a * c.cap : u;
+      du = r > c.cap ? zero : du;
+    }
+    const vf v = -a * rc, dv = -a * drc;
+    vf s = u > v ? u : v;
+    vf ds = u > v ? du : (u < v ? dv : half * (du + dv));
+    if (c.has_dual_clip) {
+      const vi dual_on = a < zero;
+      const vf bound = -a * c.dual;
+      const vf s_d = s < bound ? s : bound;
+      const vf ds_d = s < bound ? ds : (s > bound ? zero : half * ds);
+      dual_hit = (dual_on & (s > bound)) ? one : zero;
+      s = dual_on ? s_d : s;
+      ds = dual_on ? ds_d : ds;
+    }
+    pg = s;
+    dr = ds;
+    direct = zero;
+  } else {
+    direct = c.cispo_objective ? -rc * a : -a;
+    pg = direct * lp;
+    dr = zero;
+  }
+  if (c.drop_negative_row) {
+    const vf keep = (a >= zero) ? one : zero;
+    pg *= keep;
+    dr *= keep;
+    direct *= keep;
+  }
   if (EXTRA) {
-    weight = (c.has_select & ~(h >= c.ent_threshold)) ? zero : weight;
+    vf weight = (c.has_select & ~(h >= c.ent_threshold)) ? zero : one;
     vf wt = vexp(o - rolv);
     wt = c.tis_mask_mode ? (wt > c.tis_cap ? zero : wt) : (wt > c.tis_cap ? c.tis_cap : wt);
     weight = c.tis_token ? weight * wt : weight;
+    pg *= weight;
+    dr *= weight;
+    direct *= weight;
   }
-  weight *= c.seq_tis;
-  vf l = weight * pg;
-  dr *= weight;
-  direct *= weight;
+  if (c.has_seq_tis) {
+    pg *= c.seq_tis;
+    dr *= c.seq_tis;
+    direct *= c.seq_tis;
+  }
+  vf l = pg;
   vf kl = zero;
   if (KL != 0) {
     const vf d = refv - lp;
@@ -394,15 +448,27 @@ RLK_ALWAYS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& 
       const vf e = vexp(d);
       kl = e - one - d;
       dkl = one - e;
+    } else if (c.k1) {
+      kl = -d;
+      dkl = one;
     } else {
-      kl = c.kl_k1 ? -d : half * d * d;
-      dkl = c.kl_k1 ? one : -d;
+      kl = half * d * d;
+      dkl = -d;
     }
-    dkl = ((kl < c.kl_lo) | (kl > c.kl_hi)) ? zero : dkl;
-    kl = kl < c.kl_lo ? c.kl_lo : (kl > c.kl_hi ? c.kl_hi : kl);
-    l += c.use_kl ? c.kl_coef * (c.kl_corr ? kl * r : kl) : zero;
-    direct += c.use_kl ? c.kl_coef * (c.kl_corr ? dkl * r : dkl) : zero;
-    dr += (c.use_kl & c.kl_corr) ? c.kl_coef * kl : zero;
+    if (c.has_kl_clamp) {
+      dkl = ((kl < c.kl_lo) | (kl > c.kl_hi)) ? zero : dkl;
+      kl = kl < c.kl_lo ? c.kl_lo : (kl > c.kl_hi ? c.kl_hi : kl);
+    }
+    if (c.use_kl_term) {
+      if (c.kl_correction) {
+        l += c.kl_coef * kl * r;
+        direct += c.kl_coef * dkl * r;
+        dr += c.kl_coef * kl;
+      } else {
+        l += c.kl_coef * kl;
+        direct += c.kl_coef * dkl;
+      }
+    }
   }
   if (EXTRA) l -= c.ent_coef * h;
   const vf g = SEQ ? direct : direct + dr * r * dx;
@@ -412,11 +478,11 @@ RLK_ALWAYS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& 
   if (SEQ) L.dseq += m ? c.grad_w * dr : zero;
   L.ratio += m ? r : zero;
   L.approx += o - lp;
-  L.kl += m ? kl : zero;
-  L.ent += h;
+  if (KL != 0) L.kl += m ? kl : zero;
+  if (EXTRA) L.ent += h;
   L.low += (m & (r < c.clip_lo) & (a < zero)) ? one : zero;
   L.high += (m & (r > c.clip_hi) & (a > zero)) ? one : zero;
-  L.dual += m ? dual_hit : zero;
+  if (c.has_dual_clip) L.dual += m ? dual_hit : zero;
 }
 #endif
 
@@ -478,7 +544,28 @@ RLK_ALWAYS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin
       double dn = 0, dlr = 0, ddiv = 0, dtis = 0;
       for (int64_t t0 = 0; t0 < T_; t0 += kBlock) {
         const int64_t t1 = std::min<int64_t>(T_, t0 + kBlock);
-        for (int64_t t = t0; t < t1; ++t) {
+        int64_t t = t0;
+#ifdef RLK_POLICY_SIMD
+        if constexpr (kSimd<T>) {
+          const vf zero = splat(0.0f), one = splat(1.0f);
+          vf vn = zero, vlr = zero, vdiv = zero, vtis = zero;
+          for (; t + kVec <= t1; t += kVec) {
+            const vi mm = load_mask(m + t);
+            const vf lp = mm ? vload(in.logp, base + t) : zero;
+            const vf o = mm ? vload(in.old, base + t) : zero;
+            const vf ro = mm ? vload(in.rollout, base + t) : zero;
+            vn += mm ? one : zero;
+            vlr += lp - o;
+            vdiv += ro - lp;
+            vtis += o - ro;
+          }
+          dn += lane_sum(vn);
+          dlr += lane_sum(vlr);
+          ddiv += lane_sum(vdiv);
+          dtis += lane_sum(vtis);
+        }
+#endif
+        for (; t < t1; ++t) {
           const int j = int(t % kLanes);
           const bool mm = m[t] != 0;
           A lp = load(in.logp, base + t), o = load(in.old, base + t), ro = load(in.rollout, base + t);
@@ -527,7 +614,7 @@ RLK_ALWAYS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin
       L.clear();
       int64_t t = t0;
 #ifdef RLK_POLICY_SIMD
-      if constexpr (std::is_same<A, float>::value && (std::is_same<T, float>::value || std::is_same<T, bf16>::value)) {
+      if constexpr (kSimd<T>) {
         const RowConstV cv(c);
         LanesV V;
         V.clear();
@@ -567,7 +654,17 @@ RLK_ALWAYS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin
       // r = exp(mean_t (lp_t - old_t)): dr/dlp_t = r / n for every active token.
       const A add = A(dseq) * c.seq_ratio * c.seq_dx / A(acc[kActive]);
       T* g = in.grad + base;
-      for (int64_t t = 0; t < T_; ++t)
+      int64_t t = 0;
+#ifdef RLK_POLICY_SIMD
+      if constexpr (kSimd<T>) {
+        for (; t + kVec <= T_; t += kVec) {
+          const vi mm = load_mask(m + t);
+          const vf cur = vload(g, t);
+          vstore(g, t, mm ? cur + add : cur);
+        }
+      }
+#endif
+      for (; t < T_; ++t)
         if (m[t]) store(g, t, A(load(g, t)) + add);
     }
     if (grad_ent) {
@@ -617,8 +714,28 @@ void run_policy_kl(const PolicyParams& p, double* rows) {
   }
 }
 
-std::vector<double> policy_loss_fused(const PolicyParams& p) {
-  if (p.B <= 0 || p.T <= 0) throw std::invalid_argument("policy_loss: empty batch");
+// Active tokens of a 0/1 byte mask (a byte sum the compiler vectorises).
+int64_t count_active(const uint8_t* m, int64_t n) {
+  std::vector<int64_t> parts(size_t((n + 65535) / 65536), 0);
+  parallel_for(int64_t(parts.size()), 4, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const uint8_t* q = m + c * 65536;
+      const int64_t len = std::min<int64_t>(65536, n - c * 65536);
+      uint32_t acc = 0;
+      for (int64_t i = 0; i < len; ++i) acc += q[i] != 0;
+      parts[size_t(c)] = acc;
+    }
+  });
+  int64_t total = 0;
+  for (int64_t v : parts) total += v;
+  return total;
+}
+
+std::vector<double> policy_loss_fused(const PolicyParams& params) {
+  if (params.B <= 0 || params.T <= 0) throw std::invalid_argument("policy_loss: empty batch");
+  PolicyParams p = params;
+  if (p.scale_by_active)
+    p.grad_scale = 1.0 / double(std::max<int64_t>(count_active(as_ptr<const uint8_t>(p.mask), p.B * p.T), 1));
   std::vector<double> rows(size_t(p.B) * kNumStats, 0.0);
   // KL terms are computed only when they enter the loss or a metric (ref_logp given).
   const int kl = p.ref_logp == 0 ? 0 : (p.kl_kind == kK3 ? 2 : 1);
@@ -846,7 +963,8 @@ void bind(py::module_& m) {
       .def_readwrite("agg", &PolicyParams::agg)
       .def_readwrite("grad_logp", &PolicyParams::grad_logp)
       .def_readwrite("grad_entropy", &PolicyParams::grad_entropy)
-      .def_readwrite("grad_scale", &PolicyParams::grad_scale);
+      .def_readwrite("grad_scale", &PolicyParams::grad_scale)
+      .def_readwrite("scale_by_active", &PolicyParams::scale_by_active);
   m.attr("NUM_POLICY_STATS") = int(kNumStats);
   m.def("policy_loss", &policy_loss_fused, py::arg("params"), py::call_guard<py::gil_scoped_release>(),
         "Fused policy loss: writes d(row-weighted loss sum)/d logp (and entropy) and returns the totals "

@@ -227,15 +227,17 @@ def _policy_cpu(logp, old_logp, advantages, mask, cfg: PolicyLossConfig, tensors
         if cfg.entropy_top_fraction is not None:
             p.has_entropy_select = True
             p.entropy_threshold = float(entropy_threshold(ent, mask != 0, cfg.entropy_top_fraction))
-        # The final denominator is known before the pass except for token-mean's token count.
-        active = int(m.sum()) if cfg.agg == "token-mean" and cfg.normalizer is None else 0
-        denom = _agg_denominator(cfg.agg, cfg.normalizer, active, B, T)
-        p.grad_scale = 1.0 / denom
+        # The final denominator is known before the pass, except token-mean's token count,
+        # which the kernel counts first.
+        p.scale_by_active = cfg.agg == "token-mean" and cfg.normalizer is None
+        if not p.scale_by_active:
+            p.grad_scale = 1.0 / _agg_denominator(cfg.agg, cfg.normalizer, 0, B, T)
         grad_logp = torch.empty((B, T), dtype=storage, device=device)
         grad_entropy = torch.empty((B, T), dtype=storage, device=device) if want_entropy_grad else None
         p.grad_logp = ptr(grad_logp)
         p.grad_entropy = ptr(grad_entropy) if grad_entropy is not None else 0
         totals = core().losses.policy_loss(p)
+        denom = _agg_denominator(cfg.agg, cfg.normalizer, totals[0], B, T)
         loss = torch.tensor(totals[1] / denom, dtype=acc, device=device)
         metrics = {k: torch.tensor(v, dtype=acc, device=device)
                    for k, v in _metrics_from_totals(totals, cfg, ref is not None, ent is not None).items()}
