@@ -539,30 +539,33 @@ RLK_ALWAYS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin
     // Per-sequence quantities: token count, mean log-ratio, off-policy divergence and the
     // sequence-level log importance weight.
     A n_row = 0, s_lr = 0, s_div = 0, s_tis = 0;
+    double sum_lp = 0, sum_lr = 0;
     if (need_prepass) {
       A ln[kLanes] = {}, llr[kLanes] = {}, ldiv[kLanes] = {}, ltis[kLanes] = {};
-      double dn = 0, dlr = 0, ddiv = 0, dtis = 0;
+      double dn = 0, dlr = 0, ddiv = 0, dtis = 0, dlp = 0;
       for (int64_t t0 = 0; t0 < T_; t0 += kBlock) {
         const int64_t t1 = std::min<int64_t>(T_, t0 + kBlock);
         int64_t t = t0;
 #ifdef RLK_POLICY_SIMD
         if constexpr (kSimd<T>) {
           const vf zero = splat(0.0f), one = splat(1.0f);
-          vf vn = zero, vlr = zero, vdiv = zero, vtis = zero;
+          vf vn = zero, vlr = zero, vdiv = zero, vtis = zero, vlp = zero;
           for (; t + kVec <= t1; t += kVec) {
             const vi mm = load_mask(m + t);
             const vf lp = mm ? vload(in.logp, base + t) : zero;
             const vf o = mm ? vload(in.old, base + t) : zero;
-            const vf ro = mm ? vload(in.rollout, base + t) : zero;
+            const vf ro = EXTRA ? (mm ? vload(in.rollout, base + t) : zero) : o;
             vn += mm ? one : zero;
             vlr += lp - o;
             vdiv += ro - lp;
             vtis += o - ro;
+            vlp += lp;
           }
           dn += lane_sum(vn);
           dlr += lane_sum(vlr);
           ddiv += lane_sum(vdiv);
           dtis += lane_sum(vtis);
+          dlp += lane_sum(vlp);
         }
 #endif
         for (; t < t1; ++t) {
@@ -576,6 +579,7 @@ RLK_ALWAYS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin
           llr[j] += lp - o;
           ldiv[j] += ro - lp;
           ltis[j] += o - ro;
+          dlp += lp;
         }
         for (int j = 0; j < kLanes; ++j) {
           dn += ln[j];
@@ -590,6 +594,8 @@ RLK_ALWAYS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin
       s_lr = A(dlr / n1);
       s_div = A(ddiv / n1);
       s_tis = A(dtis);
+      sum_lp = dlp;
+      sum_lr = dlr;
     }
     c.row_w = p.agg == kSeqMeanTokenMean ? A(1) / std::max(n_row, A(1)) : A(1);
     c.grad_w = c.row_w * A(p.grad_scale);
@@ -609,6 +615,35 @@ RLK_ALWAYS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin
 
     double acc[kNumStats] = {};
     double dseq = 0;
+
+    // Sequence level with one advantage per sequence and nothing per token (no KL, entropy
+    // or rollout terms): every active token of the row shares the same loss slope and
+    // gradient, so one scalar evaluation and a single write pass replace the token loop.
+    if (SEQ && KL == 0 && !EXTRA && !p.adv_per_token) {
+      const A a = n_row > A(0) ? in.adv[b] : A(0);
+      const TokenTerms<A> tt = token_terms<A, 0, true, false>(c, A(0), A(0), a, A(0), A(0), A(0));
+      const double n = double(n_row);
+      acc[kActive] = n;
+      // Per-token loss = tt.loss + slope * logp, the slope being the direct gradient.
+      acc[kLossSum] = double(c.row_w) * (n * double(tt.loss) + double(tt.grad) * sum_lp);
+      acc[kClipLow] = (tt.ratio < c.clip_lo && a < A(0)) ? n : 0.0;
+      acc[kClipHigh] = (tt.ratio > c.clip_hi && a > A(0)) ? n : 0.0;
+      acc[kRatioSum] = n * double(tt.ratio);
+      acc[kApproxKlSum] = -sum_lr;
+      acc[kDualClip] = n * double(tt.dual_hit);
+      const A gval = c.grad_w * (tt.grad + tt.dseq * c.seq_ratio * c.seq_dx);
+      T* g = in.grad + base;
+      int64_t t = 0;
+#ifdef RLK_POLICY_SIMD
+      if constexpr (kSimd<T>) {
+        const vf gv = splat(float(gval)), zero = splat(0.0f);
+        for (; t + kVec <= T_; t += kVec) vstore(g, t, load_mask(m + t) ? gv : zero);
+      }
+#endif
+      for (; t < T_; ++t) store(g, t, m[t] ? gval : A(0));
+      for (int k = 0; k < kNumStats; ++k) stats[b * kNumStats + k] = acc[k];
+      continue;
+    }
     for (int64_t t0 = 0; t0 < T_; t0 += kBlock) {
       const int64_t t1 = std::min<int64_t>(T_, t0 + kBlock);
       L.clear();
