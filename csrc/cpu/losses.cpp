@@ -5,8 +5,13 @@
 // autograd.Function keeps only those gradient buffers for backward. Threads split the
 // batch by sequence; every per-sequence quantity (token count, sequence-level ratio,
 // off-policy divergence) is computed inside the same row task. Sums are accumulated in
-// double per row and reduced serially in row order, so results do not depend on the
-// number of threads.
+// float lanes flushed to double every block, per row, and reduced serially in row order,
+// so results do not depend on the number of threads.
+//
+// The policy loss has a scalar token body (token_terms: float64, float16 and row tails)
+// and an 8-wide vector body written with GCC/Clang vector extensions (token_step_v:
+// float32 and bfloat16 storage), compiled twice and chosen at run time (AVX2+FMA or the
+// baseline instruction set). Both mirror the reference in rlkern/reference/losses.py.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -105,18 +110,13 @@ struct TokenTerms {
   A loss, grad, dseq, ratio, kl, dual_hit;
 };
 
-#if defined(__GNUC__)
-#define RLK_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define RLK_ALWAYS_INLINE inline
-#endif
 
 // The per-token loss and its derivative, written without data-dependent branches so that
 // the token loop vectorises. KL: 0 none, 1 k1/k2 (by kl_kind), 2 k3. SEQ: the ratio is the
 // row's shared sequence-level ratio; the derivative through it is returned in `dseq` and
 // applied to the whole row afterwards. EXTRA: entropy and rollout log-probs are read.
 template <class A, int KL, bool SEQ, bool EXTRA>
-RLK_ALWAYS_INLINE TokenTerms<A> token_terms(const RowConst<A>& c, A lp, A o, A a, A refv, A rolv, A h) {
+RLK_LOSS_INLINE TokenTerms<A> token_terms(const RowConst<A>& c, A lp, A o, A a, A refv, A rolv, A h) {
   const A zero(0), one(1), half(0.5);
   A r, dx;
   if (SEQ) {
@@ -216,7 +216,7 @@ struct Lanes {
 };
 
 template <class T, int KL, bool SEQ, bool EXTRA>
-RLK_ALWAYS_INLINE void token_step(const PolicyInputs<T>& in, const RowConst<acc_t<T>>& c, int64_t i, int64_t ai,
+RLK_LOSS_INLINE void token_step(const PolicyInputs<T>& in, const RowConst<acc_t<T>>& c, int64_t i, int64_t ai,
                                   int j, Lanes<acc_t<T>>& L) {
   using A = acc_t<T>;
   const A zero(0);
@@ -263,10 +263,10 @@ typedef float vf __attribute__((vector_size(32)));
 typedef int32_t vi __attribute__((vector_size(32)));
 constexpr int kVec = 8;
 
-RLK_ALWAYS_INLINE vf splat(float x) { return vf{} + x; }
-RLK_ALWAYS_INLINE vi mask_of(bool b) { return vi{} + (b ? -1 : 0); }
+RLK_LOSS_INLINE vf splat(float x) { return vf{} + x; }
+RLK_LOSS_INLINE vi mask_of(bool b) { return vi{} + (b ? -1 : 0); }
 
-RLK_ALWAYS_INLINE vf vexp(vf x) {
+RLK_LOSS_INLINE vf vexp(vf x) {
   const vf upper = splat(88.7228317f), lower = splat(-87.0f), zero = splat(0.0f);
   vf xc = x > upper ? upper : (x < lower ? lower : x);
   xc = x == x ? xc : zero;
@@ -322,21 +322,21 @@ struct LanesV {
   float sum(vf v) const { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
 };
 
-RLK_ALWAYS_INLINE vf vload(const float* p, int64_t i) {
+RLK_LOSS_INLINE vf vload(const float* p, int64_t i) {
   vf v;
   __builtin_memcpy(&v, p + i, sizeof v);
   return v;
 }
 typedef uint16_t vh8 __attribute__((vector_size(16)));
-RLK_ALWAYS_INLINE vf vload(const bf16* p, int64_t i) {
+RLK_LOSS_INLINE vf vload(const bf16* p, int64_t i) {
   vh8 h;
   __builtin_memcpy(&h, p + i, sizeof h);
   return (vf)(__builtin_convertvector(h, vi) << 16);
 }
-RLK_ALWAYS_INLINE void vstore(float* p, int64_t i, vf v) { __builtin_memcpy(p + i, &v, sizeof v); }
+RLK_LOSS_INLINE void vstore(float* p, int64_t i, vf v) { __builtin_memcpy(p + i, &v, sizeof v); }
 // float -> bfloat16, round to nearest even (as dtype.h's float_to_bf16); NaN stays quiet NaN.
 typedef uint32_t vu __attribute__((vector_size(32)));
-RLK_ALWAYS_INLINE void vstore(bf16* p, int64_t i, vf v) {
+RLK_LOSS_INLINE void vstore(bf16* p, int64_t i, vf v) {
   const vu u = (vu)v;
   const vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   const vu quiet = (u >> 16) | 0x40u;
@@ -346,18 +346,18 @@ RLK_ALWAYS_INLINE void vstore(bf16* p, int64_t i, vf v) {
 }
 
 typedef uint8_t vb __attribute__((vector_size(8)));
-RLK_ALWAYS_INLINE vi load_mask(const uint8_t* mp) {
+RLK_LOSS_INLINE vi load_mask(const uint8_t* mp) {
   vb b;
   __builtin_memcpy(&b, mp, sizeof b);
   return __builtin_convertvector(b, vi) != 0;
 }
-RLK_ALWAYS_INLINE float lane_sum(vf v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
+RLK_LOSS_INLINE float lane_sum(vf v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
 // Storage types with a vector path (the arithmetic type must be float).
 template <class T>
 constexpr bool kSimd = std::is_same<T, float>::value || std::is_same<T, bf16>::value;
 
 template <class T, int KL, bool SEQ, bool EXTRA>
-RLK_ALWAYS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& c, int64_t i, int64_t ai,
+RLK_LOSS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& c, int64_t i, int64_t ai,
                                     bool adv_per_token, LanesV& L) {
   // Options are constant over the row: plain branches on them are perfectly predicted and
   // skip the vector work of options that are off.
@@ -487,7 +487,7 @@ RLK_ALWAYS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& 
 #endif
 
 template <class T, int KL, bool SEQ, bool EXTRA>
-RLK_ALWAYS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, int64_t row_end, double* stats) {
+RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, int64_t row_end, double* stats) {
   using A = acc_t<T>;
   const A inf = std::numeric_limits<A>::infinity();
   PolicyInputs<T> in;
