@@ -259,6 +259,9 @@ RLK_LOSS_INLINE void token_step(const PolicyInputs<T>& in, const RowConst<acc_t<
 // other storage types.
 #if defined(__GNUC__)
 #define RLK_POLICY_SIMD 1
+// Vector values only cross always-inline helpers, never a real call boundary, so the ABI
+// note about 32-byte vectors without AVX does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
 typedef float vf __attribute__((vector_size(32)));
 typedef int32_t vi __attribute__((vector_size(32)));
 constexpr int kVec = 8;
