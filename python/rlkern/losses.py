@@ -305,6 +305,10 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     and get zero gradient. Sequences without active tokens contribute zero and count as
     length 1. Non-finite values at active positions propagate into the loss.
 
+    Memory: the forward pass writes the finished gradient (in the inputs' dtype) and keeps
+    nothing else; backward hands that buffer to autograd (scaled in place by the incoming
+    gradient) unless ``retain_graph=True``, in which case it returns a scaled copy.
+
     Returns ``LossOutput(loss, metrics)``; ``metrics`` (detached, masked means over the
     active tokens, computed in the same pass): ``clip_frac_low`` (A < 0 and r < 1 -
     clip_low), ``clip_frac_high`` (A > 0 and r > 1 + clip_high), ``ratio_mean``,

@@ -7,7 +7,6 @@ result is deterministic and needs no host synchronisation.
 
 from __future__ import annotations
 
-import math
 from typing import Dict, Optional
 
 import torch
