@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Dict, Optional, Union
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _backend, _validate
 from ._kernel import compute_dtype, core, dtype_code, ptr
@@ -103,6 +104,7 @@ class _PolicyLossFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         if ctx.buffers is None:
             raise RuntimeError("policy_loss: backward through this graph has already run; "
@@ -350,6 +352,7 @@ class _SavedGradFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         grads = ctx.saved_tensors
         out = [None, None]
