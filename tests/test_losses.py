@@ -161,12 +161,15 @@ def test_float32_backends_match_reference(backend, name):
     check_against_reference(out, grads, expected, expected_grads)
 
 
-def test_long_rows_cross_several_blocks():
-    """Rows longer than the kernels' internal blocks (C++ 256-token flushes, lanes of 16)."""
-    batch = make_batch(3, 700, seed=3)
-    needs, options = OPTION_CASES["everything_sequence"]
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name", ["everything_token", "everything_sequence", "sequence"])
+def test_long_rows_cross_several_blocks(backend, name):
+    """Rows longer than the kernels' internal blocks (C++ 256-token flushes and 8-wide
+    vectors with a tail; Triton's 1024-token blocks)."""
+    batch = make_batch(3, 1100 if backend == "triton" else 701, seed=3)
+    needs, options = OPTION_CASES[name]
     args, opts = build(batch, needs, options, dtype=torch.float32)
-    out, grads = run("cpu", args, opts)
+    out, grads = run(backend, args, opts)
     check_against_reference(out, grads, *reference_of(args, opts))
 
 
@@ -266,9 +269,10 @@ def test_nan_in_masked_positions_is_ignored(backend):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_inputs(backend, dtype):
-    batch = make_batch(4, 10, seed=10, nan_masked=False)
-    needs, options = OPTION_CASES["everything_token"]
+@pytest.mark.parametrize("name", ["everything_token", "everything_sequence", "sequence", "kl_k3"])
+def test_half_inputs(backend, dtype, name):
+    batch = make_batch(4, 21, seed=10, nan_masked=False)
+    needs, options = OPTION_CASES[name]
     args, opts = build(batch, needs, options, dtype=dtype)
     out, grads = run(backend, args, opts)
     assert out.loss.dtype == torch.float32

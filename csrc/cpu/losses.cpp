@@ -5,8 +5,13 @@
 // autograd.Function keeps only those gradient buffers for backward. Threads split the
 // batch by sequence; every per-sequence quantity (token count, sequence-level ratio,
 // off-policy divergence) is computed inside the same row task. Sums are accumulated in
-// double per row and reduced serially in row order, so results do not depend on the
-// number of threads.
+// float lanes flushed to double every block, per row, and reduced serially in row order,
+// so results do not depend on the number of threads.
+//
+// The policy loss has a scalar token body (token_terms: float64, float16 and row tails)
+// and an 8-wide vector body written with GCC/Clang vector extensions (token_step_v:
+// float32 and bfloat16 storage), compiled twice and chosen at run time (AVX2+FMA or the
+// baseline instruction set). Both mirror the reference in rlkern/reference/losses.py.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -70,8 +75,10 @@ struct PolicyParams {
   bool has_entropy_select = false;
   double entropy_threshold = 0.0;
   int agg = kTokenMean;
-  ptr_t grad_logp = 0;     // [B, T] in the arithmetic type (float, or double for float64)
-  ptr_t grad_entropy = 0;  // same, or 0 when not wanted
+  ptr_t grad_logp = 0;     // [B, T] in the storage type: d loss / d logp, finished
+  ptr_t grad_entropy = 0;  // same for the entropies, or 0 when not wanted
+  double grad_scale = 1.0;  // 1 / the aggregation's final denominator
+  bool scale_by_active = false;  // token-mean: grad_scale = 1 / max(active tokens, 1), counted here
 };
 
 // Totals returned to Python, in this order.
@@ -93,7 +100,7 @@ enum Stat : int {
 template <class A>
 struct RowConst {
   A clip_lo, clip_hi, cap, dual, lr_lo, lr_hi, kl_lo, kl_hi, kl_coef, ent_coef, tis_cap, ent_threshold;
-  A seq_ratio, seq_dx, seq_tis, row_w;
+  A seq_ratio, seq_dx, seq_tis, row_w, grad_w;
   int objective, kl_kind;
   bool has_dual, use_kl, kl_corr, tis_token, tis_mask_mode, has_select, drop_negative;
 };
@@ -103,18 +110,13 @@ struct TokenTerms {
   A loss, grad, dseq, ratio, kl, dual_hit;
 };
 
-#if defined(__GNUC__)
-#define RLK_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define RLK_ALWAYS_INLINE inline
-#endif
 
 // The per-token loss and its derivative, written without data-dependent branches so that
 // the token loop vectorises. KL: 0 none, 1 k1/k2 (by kl_kind), 2 k3. SEQ: the ratio is the
 // row's shared sequence-level ratio; the derivative through it is returned in `dseq` and
 // applied to the whole row afterwards. EXTRA: entropy and rollout log-probs are read.
 template <class A, int KL, bool SEQ, bool EXTRA>
-RLK_ALWAYS_INLINE TokenTerms<A> token_terms(const RowConst<A>& c, A lp, A o, A a, A refv, A rolv, A h) {
+RLK_LOSS_INLINE TokenTerms<A> token_terms(const RowConst<A>& c, A lp, A o, A a, A refv, A rolv, A h) {
   const A zero(0), one(1), half(0.5);
   A r, dx;
   if (SEQ) {
@@ -195,7 +197,7 @@ struct PolicyInputs {
   const T *logp, *old, *ref, *rollout, *ent;
   const acc_t<T>* adv;
   const uint8_t* mask;
-  acc_t<T>* grad;
+  T* grad;  // storage type of logp: the gradient is written finished (scale folded in)
 };
 
 // Tokens per lane group and per float flush: lanes keep W independent partial sums (so the
@@ -214,7 +216,7 @@ struct Lanes {
 };
 
 template <class T, int KL, bool SEQ, bool EXTRA>
-RLK_ALWAYS_INLINE void token_step(const PolicyInputs<T>& in, const RowConst<acc_t<T>>& c, int64_t i, int64_t ai,
+RLK_LOSS_INLINE void token_step(const PolicyInputs<T>& in, const RowConst<acc_t<T>>& c, int64_t i, int64_t ai,
                                   int j, Lanes<acc_t<T>>& L) {
   using A = acc_t<T>;
   const A zero(0);
@@ -236,10 +238,10 @@ RLK_ALWAYS_INLINE void token_step(const PolicyInputs<T>& in, const RowConst<acc_
     h = m ? h : zero;
   }
   const TokenTerms<A> tt = token_terms<A, KL, SEQ, EXTRA>(c, lp, o, a, refv, rolv, h);
-  in.grad[i] = m ? c.row_w * tt.grad : zero;
+  store(in.grad, i, m ? c.grad_w * tt.grad : zero);
   L.n[j] += m ? A(1) : zero;
   L.loss[j] += m ? c.row_w * tt.loss : zero;
-  L.dseq[j] += m ? c.row_w * tt.dseq : zero;
+  L.dseq[j] += m ? c.grad_w * tt.dseq : zero;
   L.ratio[j] += m ? tt.ratio : zero;
   L.approx[j] += o - lp;
   L.kl[j] += m ? tt.kl : zero;
@@ -251,19 +253,23 @@ RLK_ALWAYS_INLINE void token_step(const PolicyInputs<T>& in, const RowConst<acc_
 
 // ---------------------------------------------------------------------------------------
 // Explicit SIMD for float arithmetic (float32 and bfloat16 storage). GCC and Clang vector
-// extensions: 4 floats per operation on the baseline x86-64 instruction set, no intrinsics.
+// extensions, 8 floats per vector: one AVX2 register where the CPU has it (the row function
+// is compiled twice and chosen at run time), two SSE registers otherwise; no intrinsics.
 // The body mirrors token_terms line by line; the scalar version handles row tails and the
 // other storage types.
 #if defined(__GNUC__)
 #define RLK_POLICY_SIMD 1
-typedef float vf __attribute__((vector_size(16)));
-typedef int32_t vi __attribute__((vector_size(16)));
-constexpr int kVec = 4;
+// Vector values only cross always-inline helpers, never a real call boundary, so the ABI
+// note about 32-byte vectors without AVX does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float vf __attribute__((vector_size(32)));
+typedef int32_t vi __attribute__((vector_size(32)));
+constexpr int kVec = 8;
 
-RLK_ALWAYS_INLINE vf splat(float x) { return vf{x, x, x, x}; }
-RLK_ALWAYS_INLINE vi mask_of(bool b) { return b ? vi{-1, -1, -1, -1} : vi{0, 0, 0, 0}; }
+RLK_LOSS_INLINE vf splat(float x) { return vf{} + x; }
+RLK_LOSS_INLINE vi mask_of(bool b) { return vi{} + (b ? -1 : 0); }
 
-RLK_ALWAYS_INLINE vf vexp(vf x) {
+RLK_LOSS_INLINE vf vexp(vf x) {
   const vf upper = splat(88.7228317f), lower = splat(-87.0f), zero = splat(0.0f);
   vf xc = x > upper ? upper : (x < lower ? lower : x);
   xc = x == x ? xc : zero;
@@ -284,45 +290,82 @@ RLK_ALWAYS_INLINE vf vexp(vf x) {
 // Row constants broadcast once per row.
 struct RowConstV {
   vf clip_lo, clip_hi, cap, dual, lr_lo, lr_hi, kl_lo, kl_hi, kl_coef, ent_coef, tis_cap, ent_threshold;
-  vf seq_ratio, seq_dx, seq_tis, row_w;
+  vf seq_ratio, seq_dx, seq_tis, row_w, grad_w;
   vi has_dual, use_kl, kl_corr, tis_token, tis_mask_mode, has_select, drop_negative, is_clip, is_cispo, kl_k1;
+  bool has_lr_clamp, clip_objective, cispo_objective, has_cap, has_dual_clip, drop_negative_row, has_seq_tis, k1,
+      has_kl_clamp, use_kl_term, kl_correction;
   explicit RowConstV(const RowConst<float>& c)
       : clip_lo(splat(c.clip_lo)), clip_hi(splat(c.clip_hi)), cap(splat(c.cap)), dual(splat(c.dual)),
         lr_lo(splat(c.lr_lo)), lr_hi(splat(c.lr_hi)), kl_lo(splat(c.kl_lo)), kl_hi(splat(c.kl_hi)),
         kl_coef(splat(c.kl_coef)), ent_coef(splat(c.ent_coef)), tis_cap(splat(c.tis_cap)),
         ent_threshold(splat(c.ent_threshold)), seq_ratio(splat(c.seq_ratio)), seq_dx(splat(c.seq_dx)),
-        seq_tis(splat(c.seq_tis)), row_w(splat(c.row_w)), has_dual(mask_of(c.has_dual)), use_kl(mask_of(c.use_kl)),
+        seq_tis(splat(c.seq_tis)), row_w(splat(c.row_w)), grad_w(splat(c.grad_w)), has_dual(mask_of(c.has_dual)), use_kl(mask_of(c.use_kl)),
         kl_corr(mask_of(c.kl_corr)), tis_token(mask_of(c.tis_token)), tis_mask_mode(mask_of(c.tis_mask_mode)),
         has_select(mask_of(c.has_select)), drop_negative(mask_of(c.drop_negative)),
         is_clip(mask_of(c.objective == kClip)), is_cispo(mask_of(c.objective == kCispo)),
-        kl_k1(mask_of(c.kl_kind == kK1)) {}
+        kl_k1(mask_of(c.kl_kind == kK1)) {
+    const float inf = std::numeric_limits<float>::infinity();
+    has_lr_clamp = c.lr_lo != -inf || c.lr_hi != inf;
+    clip_objective = c.objective == kClip;
+    cispo_objective = c.objective == kCispo;
+    has_cap = c.cap != inf;
+    has_dual_clip = c.has_dual;
+    drop_negative_row = c.drop_negative;
+    has_seq_tis = c.seq_tis != 1.0f;
+    k1 = c.kl_kind == kK1;
+    has_kl_clamp = c.kl_lo != -inf || c.kl_hi != inf;
+    use_kl_term = c.use_kl;
+    kl_correction = c.kl_corr;
+  }
 };
 
 struct LanesV {
   vf n, loss, ratio, approx, kl, ent, low, high, dual, dseq;
   void clear() { n = loss = ratio = approx = kl = ent = low = high = dual = dseq = splat(0.0f); }
-  float sum(vf v) const { return v[0] + v[1] + v[2] + v[3]; }
+  float sum(vf v) const { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
 };
 
-RLK_ALWAYS_INLINE vf vload(const float* p, int64_t i) {
+RLK_LOSS_INLINE vf vload(const float* p, int64_t i) {
   vf v;
   __builtin_memcpy(&v, p + i, sizeof v);
   return v;
 }
-RLK_ALWAYS_INLINE vf vload(const bf16* p, int64_t i) {
-  uint16_t h[kVec];
-  __builtin_memcpy(h, p + i, sizeof h);
-  const vi u = vi{h[0], h[1], h[2], h[3]} << 16;
-  return (vf)u;
+typedef uint16_t vh8 __attribute__((vector_size(16)));
+RLK_LOSS_INLINE vf vload(const bf16* p, int64_t i) {
+  vh8 h;
+  __builtin_memcpy(&h, p + i, sizeof h);
+  return (vf)(__builtin_convertvector(h, vi) << 16);
 }
-RLK_ALWAYS_INLINE void vstore(float* p, int64_t i, vf v) { __builtin_memcpy(p + i, &v, sizeof v); }
+RLK_LOSS_INLINE void vstore(float* p, int64_t i, vf v) { __builtin_memcpy(p + i, &v, sizeof v); }
+// float -> bfloat16, round to nearest even (as dtype.h's float_to_bf16); NaN stays quiet NaN.
+typedef uint32_t vu __attribute__((vector_size(32)));
+RLK_LOSS_INLINE void vstore(bf16* p, int64_t i, vf v) {
+  const vu u = (vu)v;
+  const vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const vu quiet = (u >> 16) | 0x40u;
+  const vu bits = (v == v) ? rounded : quiet;
+  const vh8 h = __builtin_convertvector(bits, vh8);
+  __builtin_memcpy(p + i, &h, sizeof h);
+}
+
+typedef uint8_t vb __attribute__((vector_size(8)));
+RLK_LOSS_INLINE vi load_mask(const uint8_t* mp) {
+  vb b;
+  __builtin_memcpy(&b, mp, sizeof b);
+  return __builtin_convertvector(b, vi) != 0;
+}
+RLK_LOSS_INLINE float lane_sum(vf v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
+// Storage types with a vector path (the arithmetic type must be float).
+template <class T>
+constexpr bool kSimd = std::is_same<T, float>::value || std::is_same<T, bf16>::value;
 
 template <class T, int KL, bool SEQ, bool EXTRA>
-RLK_ALWAYS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& c, int64_t i, int64_t ai,
+RLK_LOSS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& c, int64_t i, int64_t ai,
                                     bool adv_per_token, LanesV& L) {
+  // Options are constant over the row: plain branches on them are perfectly predicted and
+  // skip the vector work of options that are off.
   const vf zero = splat(0.0f), one = splat(1.0f), half = splat(0.5f);
-  const uint8_t* mp = in.mask + i;
-  const vi m = vi{mp[0], mp[1], mp[2], mp[3]} != 0;
+  const vi m = load_mask(in.mask + i);
   vf lp = vload(in.logp, i), o = vload(in.old, i);
   vf a = adv_per_token ? vload(in.adv, ai) : splat(in.adv[ai]);
   lp = m ? lp : zero;
@@ -340,39 +383,66 @@ RLK_ALWAYS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& 
     dx = c.seq_dx;
   } else {
     const vf x = lp - o;
-    const vf xc = x < c.lr_lo ? c.lr_lo : (x > c.lr_hi ? c.lr_hi : x);
-    dx = ((x < c.lr_lo) | (x > c.lr_hi)) ? zero : one;
-    r = vexp(xc);
+    if (c.has_lr_clamp) {
+      const vf xc = x < c.lr_lo ? c.lr_lo : (x > c.lr_hi ? c.lr_hi : x);
+      dx = ((x < c.lr_lo) | (x > c.lr_hi)) ? zero : one;
+      r = vexp(xc);
+    } else {
+      dx = one;
+      r = vexp(x);
+    }
   }
-  const vf r1 = r > c.cap ? c.cap : r;
-  const vf dr1 = r > c.cap ? zero : one;
   const vf rc = r < c.clip_lo ? c.clip_lo : (r > c.clip_hi ? c.clip_hi : r);
-  const vf drc = ((r < c.clip_lo) | (r > c.clip_hi)) ? zero : one;
-  const vf u = -a * r1, v = -a * rc, du = -a * dr1, dv = -a * drc;
-  vf s = u > v ? u : v;
-  vf ds = u > v ? du : (u < v ? dv : half * (du + dv));
-  const vi dual_on = c.has_dual & (a < zero);
-  const vf bound = -a * c.dual;
-  const vf s_d = s < bound ? s : bound;
-  const vf ds_d = s < bound ? ds : (s > bound ? zero : half * ds);
-  const vf dual_hit = (dual_on & (s > bound)) ? one : zero;
-  s = dual_on ? s_d : s;
-  ds = dual_on ? ds_d : ds;
-  const vf w_direct = c.is_cispo ? -rc * a : -a;
-  const vf pg = c.is_clip ? s : w_direct * lp;
-  vf dr = c.is_clip ? ds : zero;
-  vf direct = c.is_clip ? zero : w_direct;
-  vf weight = (c.drop_negative & ~(a >= zero)) ? zero : one;
+  vf pg, dr, direct;
+  vf dual_hit = zero;
+  if (c.clip_objective) {
+    const vf drc = ((r < c.clip_lo) | (r > c.clip_hi)) ? zero : one;
+    vf u = -a * r, du = -a;
+    if (c.has_cap) {
+      u = r > c.cap ? -a * c.cap : u;
+      du = r > c.cap ? zero : du;
+    }
+    const vf v = -a * rc, dv = -a * drc;
+    vf s = u > v ? u : v;
+    vf ds = u > v ? du : (u < v ? dv : half * (du + dv));
+    if (c.has_dual_clip) {
+      const vi dual_on = a < zero;
+      const vf bound = -a * c.dual;
+      const vf s_d = s < bound ? s : bound;
+      const vf ds_d = s < bound ? ds : (s > bound ? zero : half * ds);
+      dual_hit = (dual_on & (s > bound)) ? one : zero;
+      s = dual_on ? s_d : s;
+      ds = dual_on ? ds_d : ds;
+    }
+    pg = s;
+    dr = ds;
+    direct = zero;
+  } else {
+    direct = c.cispo_objective ? -rc * a : -a;
+    pg = direct * lp;
+    dr = zero;
+  }
+  if (c.drop_negative_row) {
+    const vf keep = (a >= zero) ? one : zero;
+    pg *= keep;
+    dr *= keep;
+    direct *= keep;
+  }
   if (EXTRA) {
-    weight = (c.has_select & ~(h >= c.ent_threshold)) ? zero : weight;
+    vf weight = (c.has_select & ~(h >= c.ent_threshold)) ? zero : one;
     vf wt = vexp(o - rolv);
     wt = c.tis_mask_mode ? (wt > c.tis_cap ? zero : wt) : (wt > c.tis_cap ? c.tis_cap : wt);
     weight = c.tis_token ? weight * wt : weight;
+    pg *= weight;
+    dr *= weight;
+    direct *= weight;
   }
-  weight *= c.seq_tis;
-  vf l = weight * pg;
-  dr *= weight;
-  direct *= weight;
+  if (c.has_seq_tis) {
+    pg *= c.seq_tis;
+    dr *= c.seq_tis;
+    direct *= c.seq_tis;
+  }
+  vf l = pg;
   vf kl = zero;
   if (KL != 0) {
     const vf d = refv - lp;
@@ -381,34 +451,46 @@ RLK_ALWAYS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& 
       const vf e = vexp(d);
       kl = e - one - d;
       dkl = one - e;
+    } else if (c.k1) {
+      kl = -d;
+      dkl = one;
     } else {
-      kl = c.kl_k1 ? -d : half * d * d;
-      dkl = c.kl_k1 ? one : -d;
+      kl = half * d * d;
+      dkl = -d;
     }
-    dkl = ((kl < c.kl_lo) | (kl > c.kl_hi)) ? zero : dkl;
-    kl = kl < c.kl_lo ? c.kl_lo : (kl > c.kl_hi ? c.kl_hi : kl);
-    l += c.use_kl ? c.kl_coef * (c.kl_corr ? kl * r : kl) : zero;
-    direct += c.use_kl ? c.kl_coef * (c.kl_corr ? dkl * r : dkl) : zero;
-    dr += (c.use_kl & c.kl_corr) ? c.kl_coef * kl : zero;
+    if (c.has_kl_clamp) {
+      dkl = ((kl < c.kl_lo) | (kl > c.kl_hi)) ? zero : dkl;
+      kl = kl < c.kl_lo ? c.kl_lo : (kl > c.kl_hi ? c.kl_hi : kl);
+    }
+    if (c.use_kl_term) {
+      if (c.kl_correction) {
+        l += c.kl_coef * kl * r;
+        direct += c.kl_coef * dkl * r;
+        dr += c.kl_coef * kl;
+      } else {
+        l += c.kl_coef * kl;
+        direct += c.kl_coef * dkl;
+      }
+    }
   }
   if (EXTRA) l -= c.ent_coef * h;
   const vf g = SEQ ? direct : direct + dr * r * dx;
-  vstore(in.grad, i, m ? c.row_w * g : zero);
+  vstore(in.grad, i, m ? c.grad_w * g : zero);
   L.n += m ? one : zero;
   L.loss += m ? c.row_w * l : zero;
-  if (SEQ) L.dseq += m ? c.row_w * dr : zero;
+  if (SEQ) L.dseq += m ? c.grad_w * dr : zero;
   L.ratio += m ? r : zero;
   L.approx += o - lp;
-  L.kl += m ? kl : zero;
-  L.ent += h;
+  if (KL != 0) L.kl += m ? kl : zero;
+  if (EXTRA) L.ent += h;
   L.low += (m & (r < c.clip_lo) & (a < zero)) ? one : zero;
   L.high += (m & (r > c.clip_hi) & (a > zero)) ? one : zero;
-  L.dual += m ? dual_hit : zero;
+  if (c.has_dual_clip) L.dual += m ? dual_hit : zero;
 }
 #endif
 
 template <class T, int KL, bool SEQ, bool EXTRA>
-RLK_ALWAYS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, int64_t row_end, double* stats) {
+RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, int64_t row_end, double* stats) {
   using A = acc_t<T>;
   const A inf = std::numeric_limits<A>::infinity();
   PolicyInputs<T> in;
@@ -420,8 +502,8 @@ RLK_ALWAYS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin
   in.ent = p.entropy ? as_ptr<const T>(p.entropy) : in.old;
   in.adv = as_ptr<const A>(p.advantages);
   in.mask = as_ptr<const uint8_t>(p.mask);
-  in.grad = as_ptr<A>(p.grad_logp);
-  A* grad_ent = as_ptr<A>(p.grad_entropy);
+  in.grad = as_ptr<T>(p.grad_logp);
+  T* grad_ent = as_ptr<T>(p.grad_entropy);
 
   RowConst<A> c;
   c.clip_lo = A(p.clip_lo);
@@ -460,12 +542,36 @@ RLK_ALWAYS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin
     // Per-sequence quantities: token count, mean log-ratio, off-policy divergence and the
     // sequence-level log importance weight.
     A n_row = 0, s_lr = 0, s_div = 0, s_tis = 0;
+    double sum_lp = 0, sum_lr = 0;
     if (need_prepass) {
       A ln[kLanes] = {}, llr[kLanes] = {}, ldiv[kLanes] = {}, ltis[kLanes] = {};
-      double dn = 0, dlr = 0, ddiv = 0, dtis = 0;
+      double dn = 0, dlr = 0, ddiv = 0, dtis = 0, dlp = 0;
       for (int64_t t0 = 0; t0 < T_; t0 += kBlock) {
         const int64_t t1 = std::min<int64_t>(T_, t0 + kBlock);
-        for (int64_t t = t0; t < t1; ++t) {
+        int64_t t = t0;
+#ifdef RLK_POLICY_SIMD
+        if constexpr (kSimd<T>) {
+          const vf zero = splat(0.0f), one = splat(1.0f);
+          vf vn = zero, vlr = zero, vdiv = zero, vtis = zero, vlp = zero;
+          for (; t + kVec <= t1; t += kVec) {
+            const vi mm = load_mask(m + t);
+            const vf lp = mm ? vload(in.logp, base + t) : zero;
+            const vf o = mm ? vload(in.old, base + t) : zero;
+            const vf ro = EXTRA ? (mm ? vload(in.rollout, base + t) : zero) : o;
+            vn += mm ? one : zero;
+            vlr += lp - o;
+            vdiv += ro - lp;
+            vtis += o - ro;
+            vlp += lp;
+          }
+          dn += lane_sum(vn);
+          dlr += lane_sum(vlr);
+          ddiv += lane_sum(vdiv);
+          dtis += lane_sum(vtis);
+          dlp += lane_sum(vlp);
+        }
+#endif
+        for (; t < t1; ++t) {
           const int j = int(t % kLanes);
           const bool mm = m[t] != 0;
           A lp = load(in.logp, base + t), o = load(in.old, base + t), ro = load(in.rollout, base + t);
@@ -476,6 +582,7 @@ RLK_ALWAYS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin
           llr[j] += lp - o;
           ldiv[j] += ro - lp;
           ltis[j] += o - ro;
+          dlp += lp;
         }
         for (int j = 0; j < kLanes; ++j) {
           dn += ln[j];
@@ -490,8 +597,11 @@ RLK_ALWAYS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin
       s_lr = A(dlr / n1);
       s_div = A(ddiv / n1);
       s_tis = A(dtis);
+      sum_lp = dlp;
+      sum_lr = dlr;
     }
     c.row_w = p.agg == kSeqMeanTokenMean ? A(1) / std::max(n_row, A(1)) : A(1);
+    c.grad_w = c.row_w * A(p.grad_scale);
     c.drop_negative = p.has_off && s_div > off_threshold;
     c.seq_ratio = A(1);
     c.seq_dx = A(1);
@@ -508,12 +618,41 @@ RLK_ALWAYS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin
 
     double acc[kNumStats] = {};
     double dseq = 0;
+
+    // Sequence level with one advantage per sequence and nothing per token (no KL, entropy
+    // or rollout terms): every active token of the row shares the same loss slope and
+    // gradient, so one scalar evaluation and a single write pass replace the token loop.
+    if (SEQ && KL == 0 && !EXTRA && !p.adv_per_token) {
+      const A a = n_row > A(0) ? in.adv[b] : A(0);
+      const TokenTerms<A> tt = token_terms<A, 0, true, false>(c, A(0), A(0), a, A(0), A(0), A(0));
+      const double n = double(n_row);
+      acc[kActive] = n;
+      // Per-token loss = tt.loss + slope * logp, the slope being the direct gradient.
+      acc[kLossSum] = double(c.row_w) * (n * double(tt.loss) + double(tt.grad) * sum_lp);
+      acc[kClipLow] = (tt.ratio < c.clip_lo && a < A(0)) ? n : 0.0;
+      acc[kClipHigh] = (tt.ratio > c.clip_hi && a > A(0)) ? n : 0.0;
+      acc[kRatioSum] = n * double(tt.ratio);
+      acc[kApproxKlSum] = -sum_lr;
+      acc[kDualClip] = n * double(tt.dual_hit);
+      const A gval = c.grad_w * (tt.grad + tt.dseq * c.seq_ratio * c.seq_dx);
+      T* g = in.grad + base;
+      int64_t t = 0;
+#ifdef RLK_POLICY_SIMD
+      if constexpr (kSimd<T>) {
+        const vf gv = splat(float(gval)), zero = splat(0.0f);
+        for (; t + kVec <= T_; t += kVec) vstore(g, t, load_mask(m + t) ? gv : zero);
+      }
+#endif
+      for (; t < T_; ++t) store(g, t, m[t] ? gval : A(0));
+      for (int k = 0; k < kNumStats; ++k) stats[b * kNumStats + k] = acc[k];
+      continue;
+    }
     for (int64_t t0 = 0; t0 < T_; t0 += kBlock) {
       const int64_t t1 = std::min<int64_t>(T_, t0 + kBlock);
       L.clear();
       int64_t t = t0;
 #ifdef RLK_POLICY_SIMD
-      if constexpr (std::is_same<A, float>::value && (std::is_same<T, float>::value || std::is_same<T, bf16>::value)) {
+      if constexpr (kSimd<T>) {
         const RowConstV cv(c);
         LanesV V;
         V.clear();
@@ -552,16 +691,40 @@ RLK_ALWAYS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin
     if (SEQ && acc[kActive] > 0) {
       // r = exp(mean_t (lp_t - old_t)): dr/dlp_t = r / n for every active token.
       const A add = A(dseq) * c.seq_ratio * c.seq_dx / A(acc[kActive]);
-      A* g = in.grad + base;
-      for (int64_t t = 0; t < T_; ++t) g[t] += m[t] ? add : A(0);
+      T* g = in.grad + base;
+      int64_t t = 0;
+#ifdef RLK_POLICY_SIMD
+      if constexpr (kSimd<T>) {
+        for (; t + kVec <= T_; t += kVec) {
+          const vi mm = load_mask(m + t);
+          const vf cur = vload(g, t);
+          vstore(g, t, mm ? cur + add : cur);
+        }
+      }
+#endif
+      for (; t < T_; ++t)
+        if (m[t]) store(g, t, A(load(g, t)) + add);
     }
     if (grad_ent) {
-      const A ge = -A(p.entropy_coef) * c.row_w;
-      for (int64_t t = 0; t < T_; ++t) grad_ent[base + t] = m[t] ? ge : A(0);
+      const A ge = -A(p.entropy_coef) * c.grad_w;
+      for (int64_t t = 0; t < T_; ++t) store(grad_ent, base + t, m[t] ? ge : A(0));
     }
     for (int k = 0; k < kNumStats; ++k) stats[b * kNumStats + k] = acc[k];
   }
 }
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define RLK_POLICY_AVX2 1
+template <class T, int KL, bool SEQ, bool EXTRA>
+__attribute__((target("avx2,fma"))) void policy_rows_avx2(const PolicyParams& p, int64_t b0, int64_t b1,
+                                                          double* stats) {
+  policy_rows_impl<T, KL, SEQ, EXTRA>(p, b0, b1, stats);
+}
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+#endif
 
 template <class T, int KL, bool SEQ, bool EXTRA>
 void policy_rows_generic(const PolicyParams& p, int64_t b0, int64_t b1, double* stats) {
@@ -571,6 +734,11 @@ void policy_rows_generic(const PolicyParams& p, int64_t b0, int64_t b1, double* 
 template <class T, int KL, bool SEQ, bool EXTRA>
 void run_policy_rows(const PolicyParams& p, double* rows) {
   auto fn = &policy_rows_generic<T, KL, SEQ, EXTRA>;
+#ifdef RLK_POLICY_AVX2
+  if (std::is_same<T, float>::value || std::is_same<T, bf16>::value) {
+    if (cpu_has_avx2()) fn = &policy_rows_avx2<T, KL, SEQ, EXTRA>;
+  }
+#endif
   parallel_for(p.B, row_grain(p.T), [&](int64_t b0, int64_t b1) { fn(p, b0, b1, rows); });
 }
 
@@ -584,8 +752,28 @@ void run_policy_kl(const PolicyParams& p, double* rows) {
   }
 }
 
-std::vector<double> policy_loss_fused(const PolicyParams& p) {
-  if (p.B <= 0 || p.T <= 0) throw std::invalid_argument("policy_loss: empty batch");
+// Active tokens of a 0/1 byte mask (a byte sum the compiler vectorises).
+int64_t count_active(const uint8_t* m, int64_t n) {
+  std::vector<int64_t> parts(size_t((n + 65535) / 65536), 0);
+  parallel_for(int64_t(parts.size()), 4, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const uint8_t* q = m + c * 65536;
+      const int64_t len = std::min<int64_t>(65536, n - c * 65536);
+      uint32_t acc = 0;
+      for (int64_t i = 0; i < len; ++i) acc += q[i] != 0;
+      parts[size_t(c)] = acc;
+    }
+  });
+  int64_t total = 0;
+  for (int64_t v : parts) total += v;
+  return total;
+}
+
+std::vector<double> policy_loss_fused(const PolicyParams& params) {
+  if (params.B <= 0 || params.T <= 0) throw std::invalid_argument("policy_loss: empty batch");
+  PolicyParams p = params;
+  if (p.scale_by_active)
+    p.grad_scale = 1.0 / double(std::max<int64_t>(count_active(as_ptr<const uint8_t>(p.mask), p.B * p.T), 1));
   std::vector<double> rows(size_t(p.B) * kNumStats, 0.0);
   // KL terms are computed only when they enter the loss or a metric (ref_logp given).
   const int kl = p.ref_logp == 0 ? 0 : (p.kl_kind == kK3 ? 2 : 1);
@@ -812,7 +1000,9 @@ void bind(py::module_& m) {
       .def_readwrite("entropy_threshold", &PolicyParams::entropy_threshold)
       .def_readwrite("agg", &PolicyParams::agg)
       .def_readwrite("grad_logp", &PolicyParams::grad_logp)
-      .def_readwrite("grad_entropy", &PolicyParams::grad_entropy);
+      .def_readwrite("grad_entropy", &PolicyParams::grad_entropy)
+      .def_readwrite("grad_scale", &PolicyParams::grad_scale)
+      .def_readwrite("scale_by_active", &PolicyParams::scale_by_active);
   m.attr("NUM_POLICY_STATS") = int(kNumStats);
   m.def("policy_loss", &policy_loss_fused, py::arg("params"), py::call_guard<py::gil_scoped_release>(),
         "Fused policy loss: writes d(row-weighted loss sum)/d logp (and entropy) and returns the totals "

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Optional, Tuple, Union
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _backend, _validate
 from ._kernel import compute_dtype, core, dtype_code, ptr
@@ -45,6 +46,7 @@ class _KlPenaltyFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
         g = None if grad is None else (grad_out * grad).to(ctx.logp_dtype)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Dict, Optional, Union
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _backend, _validate
 from ._kernel import compute_dtype, core, dtype_code, ptr
@@ -80,26 +81,49 @@ def _check_normalizer(normalizer) -> Optional[float]:
 # policy_loss
 
 
+def _keep_graph() -> bool:
+    """Whether the running backward retains the graph (retain_graph=True)."""
+    try:
+        return bool(torch._C._autograd._get_current_graph_task_keep_graph())
+    except (AttributeError, RuntimeError):
+        return True  # unknown: keep the buffers, as retaining would need
+
+
 class _PolicyLossFunction(torch.autograd.Function):
-    """Forward runs the fused kernel (``run``) and keeps only the gradient buffers."""
+    """Forward runs the fused kernel (``run``), which writes the finished gradients in the
+    inputs' storage dtype; they are the only state kept for backward. Backward hands them
+    to autograd scaled by the incoming gradient, in place unless the graph is retained, so
+    no second gradient-sized buffer is allocated."""
 
     @staticmethod
     def forward(ctx, logp, entropy, run, metrics_out):
-        loss, metrics, grad_logp, grad_entropy, scale = run()
+        loss, metrics, grad_logp, grad_entropy = run()
         metrics_out.update(metrics)
-        ctx.save_for_backward(grad_logp, grad_entropy, scale)
+        ctx.buffers = [grad_logp, grad_entropy]
         ctx.dtypes = (logp.dtype, None if entropy is None else entropy.dtype)
         return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
-        grad_logp, grad_entropy, scale = ctx.saved_tensors
-        s = grad_out * scale
-        g_lp = (grad_logp * s).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
-        g_ent = None
-        if grad_entropy is not None and ctx.needs_input_grad[1]:
-            g_ent = (grad_entropy * s).to(ctx.dtypes[1])
-        return g_lp, g_ent, None, None
+        if ctx.buffers is None:
+            raise RuntimeError("policy_loss: backward through this graph has already run; "
+                               "pass retain_graph=True to the first backward to run it again")
+        keep = _keep_graph()
+        unit = grad_out.device.type == "cpu" and grad_out.item() == 1.0
+        grads = []
+        for i, buf in enumerate(ctx.buffers):
+            if buf is None or not ctx.needs_input_grad[i]:
+                grads.append(None)
+                continue
+            if keep:
+                g = buf.clone() if unit else buf * grad_out
+            else:
+                g = buf if unit else buf.mul_(grad_out)
+            grads.append(g.to(ctx.dtypes[i]))
+        if not keep:
+            ctx.buffers = None
+        return grads[0], grads[1], None, None
 
 
 def _check_policy_inputs(logp, old_logp, advantages, mask, cfg: PolicyLossConfig, tensors) -> None:
@@ -205,8 +229,13 @@ def _policy_cpu(logp, old_logp, advantages, mask, cfg: PolicyLossConfig, tensors
         if cfg.entropy_top_fraction is not None:
             p.has_entropy_select = True
             p.entropy_threshold = float(entropy_threshold(ent, mask != 0, cfg.entropy_top_fraction))
-        grad_logp = torch.empty((B, T), dtype=acc, device=device)
-        grad_entropy = torch.empty((B, T), dtype=acc, device=device) if want_entropy_grad else None
+        # The final denominator is known before the pass, except token-mean's token count,
+        # which the kernel counts first.
+        p.scale_by_active = cfg.agg == "token-mean" and cfg.normalizer is None
+        if not p.scale_by_active:
+            p.grad_scale = 1.0 / _agg_denominator(cfg.agg, cfg.normalizer, 0, B, T)
+        grad_logp = torch.empty((B, T), dtype=storage, device=device)
+        grad_entropy = torch.empty((B, T), dtype=storage, device=device) if want_entropy_grad else None
         p.grad_logp = ptr(grad_logp)
         p.grad_entropy = ptr(grad_entropy) if grad_entropy is not None else 0
         totals = core().losses.policy_loss(p)
@@ -214,8 +243,7 @@ def _policy_cpu(logp, old_logp, advantages, mask, cfg: PolicyLossConfig, tensors
         loss = torch.tensor(totals[1] / denom, dtype=acc, device=device)
         metrics = {k: torch.tensor(v, dtype=acc, device=device)
                    for k, v in _metrics_from_totals(totals, cfg, ref is not None, ent is not None).items()}
-        scale = torch.tensor(1.0 / denom, dtype=acc, device=device)
-        return loss, metrics, grad_logp, grad_entropy, scale
+        return loss, metrics, grad_logp, grad_entropy
 
     return run
 
@@ -279,6 +307,10 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     and get zero gradient. Sequences without active tokens contribute zero and count as
     length 1. Non-finite values at active positions propagate into the loss.
 
+    Memory: the forward pass writes the finished gradient (in the inputs' dtype) and keeps
+    nothing else; backward hands that buffer to autograd (scaled in place by the incoming
+    gradient) unless ``retain_graph=True``, in which case it returns a scaled copy.
+
     Returns ``LossOutput(loss, metrics)``; ``metrics`` (detached, masked means over the
     active tokens, computed in the same pass): ``clip_frac_low`` (A < 0 and r < 1 -
     clip_low), ``clip_frac_high`` (A > 0 and r > 1 + clip_high), ``ratio_mean``,
@@ -320,6 +352,7 @@ class _SavedGradFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         grads = ctx.saved_tensors
         out = [None, None]

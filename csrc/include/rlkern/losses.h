@@ -131,37 +131,6 @@ RLK_HOST_DEVICE ValueGrad<A> max_branch(A a, A da, A b, A db) {
   return {a, A(0.5) * (da + db)};
 }
 
-template <class A>
-RLK_HOST_DEVICE ValueGrad<A> min_branch(A a, A da, A b, A db) {
-  if (a < b) return {a, da};
-  if (a > b) return {b, db};
-  return {a, A(0.5) * (da + db)};
-}
-
-// PPO's clipped surrogate as a loss, max(-A r', -A clip(r, lo, hi)) with r' = min(r, cap)
-// when a cap is given, and for A < 0 with dual clip c: min(that, -A c). Returns the
-// value and d/dr.
-template <class A>
-RLK_HOST_DEVICE ValueGrad<A> clipped_surrogate(A ratio, A adv, A clip_lo, A clip_hi, bool has_cap, A cap,
-                                               bool has_dual, A dual) {
-  A r1 = ratio, dr1 = A(1);
-  if (has_cap && ratio > cap) {
-    r1 = cap;
-    dr1 = A(0);
-  }
-  A rc = ratio, drc = A(1);
-  if (ratio < clip_lo) {
-    rc = clip_lo;
-    drc = A(0);
-  } else if (ratio > clip_hi) {
-    rc = clip_hi;
-    drc = A(0);
-  }
-  ValueGrad<A> s = max_branch(-adv * r1, -adv * dr1, -adv * rc, -adv * drc);
-  if (has_dual && adv < A(0)) s = min_branch(s.value, s.grad, -adv * dual, A(0));
-  return s;
-}
-
 // log(sigmoid(x)), stable for large |x|.
 template <class A>
 RLK_HOST_DEVICE A log_sigmoid(A x) {

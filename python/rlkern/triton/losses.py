@@ -7,7 +7,6 @@ result is deterministic and needs no host synchronisation.
 
 from __future__ import annotations
 
-import math
 from typing import Dict, Optional
 
 import torch
@@ -24,7 +23,7 @@ INF = float("inf")
 
 
 @triton.jit
-def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD, GRAD_ENT, STATS, T,
+def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD_SCALE, GRAD, GRAD_ENT, STATS, T,
                         clip_lo, clip_hi, cap, dual, lr_lo, lr_hi, kl_lo, kl_hi, kl_coef, ent_coef, tis_cap,
                         off_thr, has_dual, tis_token, tis_seq, tis_mask_mode, has_off, has_select, row_mean,
                         OBJECTIVE: tl.constexpr, SEQ: tl.constexpr, KL: tl.constexpr, USE_KL: tl.constexpr,
@@ -57,6 +56,8 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD, GRA
             s_div += tl.sum(o - lp, 0)
     n1 = tl.maximum(n, 1.0)
     row_w = tl.where(row_mean != 0, 1.0 / n1, 1.0)
+    # Gradients are written finished: row weight times 1 / the aggregation's denominator.
+    grad_w = row_w * tl.load(GRAD_SCALE).to(COMPUTE)
     drop_negative = (has_off != 0) & (s_div / n1 > off_thr)
     seq_x = s_lr / n1
     seq_xc = tl.minimum(tl.maximum(seq_x, lr_lo), lr_hi)
@@ -164,13 +165,14 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD, GRA
             l_tok -= ent_coef * h
             acc_ent += tl.sum(h, 0)
             if WRITE_ENT_GRAD:
-                tl.store(GRAD_ENT + base + idx, tl.where(m, -ent_coef * row_w, 0.0), mask=inb)
+                tl.store(GRAD_ENT + base + idx, tl.where(m, -ent_coef * grad_w, 0.0).to(GRAD_ENT.dtype.element_ty),
+                         mask=inb)
         if SEQ:
-            g = row_w * direct
-            acc_dseq += tl.sum(tl.where(m, row_w * dr, 0.0), 0)
+            g = grad_w * direct
+            acc_dseq += tl.sum(tl.where(m, grad_w * dr, 0.0), 0)
         else:
-            g = row_w * (direct + dr * r * dx)
-        tl.store(GRAD + base + idx, tl.where(m, g, 0.0), mask=inb)
+            g = grad_w * (direct + dr * r * dx)
+        tl.store(GRAD + base + idx, tl.where(m, g, 0.0).to(GRAD.dtype.element_ty), mask=inb)
         acc_loss += tl.sum(tl.where(m, row_w * l_tok, 0.0), 0)
         acc_ratio += tl.sum(tl.where(m, r, 0.0), 0)
         acc_approx += tl.sum(o - lp, 0)
@@ -185,8 +187,8 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD, GRA
         for start in range(0, T, BLOCK):
             idx = start + offs
             m = tl.load(MASK + base + idx, mask=idx < T, other=0) != 0
-            g = tl.load(GRAD + base + idx, mask=m, other=0.0)
-            tl.store(GRAD + base + idx, g + add, mask=m)
+            g = tl.load(GRAD + base + idx, mask=m, other=0.0).to(COMPUTE)
+            tl.store(GRAD + base + idx, (g + add).to(GRAD.dtype.element_ty), mask=m)
     out = STATS + row * 9
     tl.store(out + 0, n)
     tl.store(out + 1, acc_loss)
@@ -345,8 +347,8 @@ def _bound(value: Optional[float], default: float) -> float:
 
 def policy_loss(logp, old_logp, advantages, mask, cfg, tensors: Dict[str, Optional[torch.Tensor]],
                 want_entropy_grad: bool):
-    """Runs the fused kernel; returns (loss, metrics, grad_logp, grad_entropy, scale) with the
-    gradients before the global scale (as the C++ path)."""
+    """Runs the fused kernel; returns (loss, metrics, grad_logp, grad_entropy), the gradients
+    finished and in the inputs' storage dtype (as the C++ path)."""
     from .._kernel import compute_dtype
     from ..losses import _agg_denominator, _as, _mask_bytes, _metrics_from_totals, _storage
     from ..reference.kl import clamp_bounds
@@ -360,20 +362,26 @@ def policy_loss(logp, old_logp, advantages, mask, cfg, tensors: Dict[str, Option
     ref, roll, ent = _as(ref_logp, storage), _as(rollout_logp, storage), _as(entropy, storage)
     adv = _as(advantages, acc)
     m = _mask_bytes(mask)
-    grad = torch.empty((B, T), dtype=acc, device=lp.device)
-    grad_ent = torch.empty((B, T), dtype=acc, device=lp.device) if want_entropy_grad else grad
+    grad = torch.empty((B, T), dtype=storage, device=lp.device)
+    grad_ent = torch.empty((B, T), dtype=storage, device=lp.device) if want_entropy_grad else grad
     stats = torch.empty((B, NUM_STATS), dtype=acc, device=lp.device)
     if ent is not None and cfg.entropy_top_fraction is not None:
         thr = entropy_threshold(ent, mask != 0, cfg.entropy_top_fraction).reshape(1)
     else:
         thr = stats  # never read
+    # The final denominator is known before the pass except for token-mean's token count,
+    # which stays on the device (no host synchronisation).
+    active = m.sum() if cfg.agg == "token-mean" and cfg.normalizer is None else 0
+    denom = _agg_denominator(cfg.agg, cfg.normalizer, active, B, T)
+    grad_scale = (1.0 / denom).to(torch.float32).reshape(1) if isinstance(denom, torch.Tensor) else \
+        torch.full((1,), 1.0 / denom, dtype=torch.float32, device=lp.device)
     lr_lo, lr_hi = clamp_bounds("log_ratio_clamp", cfg.log_ratio_clamp)
     kl_lo, kl_hi = clamp_bounds("kl_clamp", cfg.kl_clamp)
     clip_lo, clip_hi = cfg.clip_range
     kl = 0 if ref is None else {"k1": 1, "k2": 2, "k3": 3}[cfg.kl_kind]
     _policy_loss_kernel[(B,)](
         lp, old, adv, m, ref if ref is not None else lp, roll if roll is not None else lp,
-        ent if ent is not None else lp, thr, grad, grad_ent, stats, T,
+        ent if ent is not None else lp, thr, grad_scale, grad, grad_ent, stats, T,
         clip_lo, clip_hi, _bound(cfg.ratio_cap, INF), float(cfg.dual_clip or 0.0), _bound(lr_lo, -INF),
         _bound(lr_hi, INF), _bound(kl_lo, -INF), _bound(kl_hi, INF), float(cfg.kl_coef), float(cfg.entropy_coef),
         float(cfg.tis_cap or 0.0), float(cfg.off_policy_threshold or 0.0),
@@ -386,13 +394,10 @@ def policy_loss(logp, old_logp, advantages, mask, cfg, tensors: Dict[str, Option
         HAS_ENT=ent is not None, ADV_PER_TOKEN=adv.dim() == 2, WRITE_ENT_GRAD=want_entropy_grad,
         COMPUTE=_compute(grad), BLOCK=min(_BLOCK, triton.next_power_of_2(T)))
     totals = stats.sum(0)
-    denom = _agg_denominator(cfg.agg, cfg.normalizer, totals[0], B, T)
     loss = totals[1] / denom
     metrics = {k: v.detach() for k, v in
                _metrics_from_totals(totals, cfg, ref is not None, ent is not None).items()}
-    scale = (1.0 / denom) if isinstance(denom, torch.Tensor) else torch.tensor(1.0 / denom, dtype=acc,
-                                                                                  device=lp.device)
-    return loss, metrics, grad, (grad_ent if want_entropy_grad else None), scale
+    return loss, metrics, grad, (grad_ent if want_entropy_grad else None)
 
 
 def kl_penalty(logp, ref_logp, kind_code: int, low, high, out, grad) -> None:
@@ -441,7 +446,7 @@ def bradley_terry_loss(c, r, margin, margin_scalar, grad) -> torch.Tensor:
 def _policy_spec(name: str, dt: str, **constexprs) -> AotSpec:
     ptr = f"*{dt}"
     signature = {"LOGP": ptr, "OLD": ptr, "ADV": "*fp32", "MASK": "*u8", "REF": ptr, "ROLL": ptr, "ENT": ptr,
-                 "ENT_THR": "*fp32", "GRAD": "*fp32", "GRAD_ENT": "*fp32", "STATS": "*fp32", "T": "i32"}
+                 "ENT_THR": "*fp32", "GRAD_SCALE": "*fp32", "GRAD": ptr, "GRAD_ENT": ptr, "STATS": "*fp32", "T": "i32"}
     for arg in ("clip_lo", "clip_hi", "cap", "dual", "lr_lo", "lr_hi", "kl_lo", "kl_hi", "kl_coef", "ent_coef",
                 "tis_cap", "off_thr"):
         signature[arg] = "fp32"
