@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -27,16 +28,24 @@ inline uint64_t mix64(uint64_t z) {
   return z ^ (z >> 31);
 }
 
+// The softmax loops below vectorise only when comparisons may be assumed not to trap;
+// that changes no result (floating-point exceptions are never inspected here).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+#endif
+
 // exp for float32 within about 2 ulp (Cephes' expf polynomial after reduction by ln 2),
-// written so the compiler can vectorise loops over it; below -87.3 it returns 0.
+// written without branches so loops over it vectorise; below -87.3 it returns 0.
 inline float fast_exp(float x) {
   const float lo = -87.3f, hi = 88.0f;
-  const bool underflow = x < lo;
-  x = std::min(std::max(x, lo), hi);
+  const float keep = x < lo ? 0.f : 1.f;
+  x = x < lo ? lo : x;  // not std::min/max: they would not inline under the pragma
+  x = x > hi ? hi : x;
   const float fx = x * 1.44269504088896341f + 0.5f;
-  int32_t n = int32_t(fx);
-  n -= (fx < float(n)) ? 1 : 0;
-  const float nf = float(n);
+  float nf = float(int32_t(fx));
+  nf -= fx < nf ? 1.f : 0.f;  // floor
+  const int32_t n = int32_t(nf);
   float r = x - nf * 0.693359375f;
   r = r + nf * 2.12194440e-4f;
   float y = 1.9875691500e-4f;
@@ -46,12 +55,10 @@ inline float fast_exp(float x) {
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * r * r + r + 1.0f;
-  union {
-    int32_t i;
-    float f;
-  } scale;
-  scale.i = (n + 127) << 23;
-  return underflow ? 0.f : y * scale.f;
+  const int32_t bits = (n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale * keep;
 }
 
 std::string row_msg(const char* name, int64_t row, const char* what) {
@@ -88,8 +95,8 @@ int32_t legal_softmax(const float* logits, const uint8_t* legal, int64_t A, int3
   for (; i + 8 <= k; i += 8)
     for (int j = 0; j < 8; ++j) lane[j] = lane[j] < out[i + j] ? out[i + j] : lane[j];
   float mx = kNegInf;
-  for (; i < k; ++i) mx = std::max(mx, out[i]);
-  for (int j = 0; j < 8; ++j) mx = std::max(mx, lane[j]);
+  for (; i < k; ++i) mx = mx < out[i] ? out[i] : mx;
+  for (int j = 0; j < 8; ++j) mx = mx < lane[j] ? lane[j] : mx;
   if (mx == kNegInf) {
     for (i = 0; i < k; ++i) out[i] = 1.0f / float(k);
     *best = 0;
@@ -105,18 +112,33 @@ int32_t legal_softmax(const float* logits, const uint8_t* legal, int64_t A, int3
   for (int j = 0; j < 8; ++j) sum += lane[j];
   const float inv = 1.0f / sum;
   for (i = 0; i < k; ++i) out[i] *= inv;
-  float top = kNegInf, t = 0.f;
-  for (i = 0; i < k; ++i) {
-    const float p = out[i];
-    t += p;
-    if (p > top) {
-      top = p;
-      *best = i;
+  float top_lane[8], t_lane[8];
+  std::fill(top_lane, top_lane + 8, kNegInf);
+  std::fill(t_lane, t_lane + 8, 0.f);
+  for (i = 0; i + 8 <= k; i += 8)
+    for (int j = 0; j < 8; ++j) {
+      top_lane[j] = top_lane[j] < out[i + j] ? out[i + j] : top_lane[j];
+      t_lane[j] += out[i + j];
     }
+  float top = kNegInf, t = 0.f;
+  for (; i < k; ++i) {
+    top = top < out[i] ? out[i] : top;
+    t += out[i];
   }
+  for (int j = 0; j < 8; ++j) {
+    top = top < top_lane[j] ? top_lane[j] : top;
+    t += t_lane[j];
+  }
+  for (i = 0; i < k && out[i] != top; ++i) {
+  }
+  *best = i;  // the first largest prior
   *total = t;
   return k;
 }
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
 
 // 0 when the row is usable, else a message fragment.
 const char* check_logits_row(const float* logits, const uint8_t* legal, int64_t A, bool need_legal) {
