@@ -338,8 +338,9 @@ def test_batch_independence(algorithm):
 
 
 @pytest.mark.parametrize("algorithm", ["puct", "gumbel"])
-def test_deterministic_across_thread_counts(algorithm):
-    B, A, S = 48, 9, 30
+@pytest.mark.parametrize("B,A", [(600, 9), (40, 200)])  # large enough to be split over threads
+def test_deterministic_across_thread_counts(algorithm, B, A):
+    S = 20
     fn, _, _ = random_net(A, seed=7, two_player=True)
     rng = np.random.default_rng(3)
     logits, value = rng.normal(size=(B, A)), rng.normal(size=B)

@@ -28,20 +28,12 @@ inline uint64_t mix64(uint64_t z) {
   return z ^ (z >> 31);
 }
 
-// The softmax loops below vectorise only when comparisons may be assumed not to trap;
-// that changes no result (floating-point exceptions are never inspected here).
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC push_options
-#pragma GCC optimize("no-trapping-math")
-#endif
-
-// exp for float32 within about 2 ulp (Cephes' expf polynomial after reduction by ln 2),
-// written without branches so loops over it vectorise; below -87.3 it returns 0.
+// exp for float32 within about 2 ulp (Cephes' expf polynomial after reduction by ln 2);
+// below -87.3 it returns 0.
 inline float fast_exp(float x) {
   const float lo = -87.3f, hi = 88.0f;
   const float keep = x < lo ? 0.f : 1.f;
-  x = x < lo ? lo : x;  // not std::min/max: they would not inline under the pragma
-  x = x > hi ? hi : x;
+  x = std::min(std::max(x, lo), hi);
   const float fx = x * 1.44269504088896341f + 0.5f;
   float nf = float(int32_t(fx));
   nf -= fx < nf ? 1.f : 0.f;  // floor
@@ -61,8 +53,58 @@ inline float fast_exp(float x) {
   return y * scale * keep;
 }
 
-std::string row_msg(const char* name, int64_t row, const char* what) {
-  return std::string(name) + ": row " + std::to_string(row) + " " + what;
+#if defined(__GNUC__)
+// The same on four lanes with GCC/Clang vector extensions (SSE2 on x86-64, NEON on ARM):
+// compilers do not vectorise the scalar version because its comparisons may trap.
+typedef float v4f __attribute__((vector_size(16)));
+typedef int32_t v4i __attribute__((vector_size(16)));
+
+inline v4f splat(float x) { return v4f{x, x, x, x}; }
+inline v4f select(v4i mask, v4f a, v4f b) { return (v4f)((mask & (v4i)a) | (~mask & (v4i)b)); }
+
+inline v4f fast_exp4(v4f x) {
+  const v4f lo = splat(-87.3f), hi = splat(88.0f);
+  const v4i keep = x >= lo;
+  x = select(x < lo, lo, x);
+  x = select(x > hi, hi, x);
+  const v4f fx = x * splat(1.44269504088896341f) + splat(0.5f);
+  v4f nf = __builtin_convertvector(__builtin_convertvector(fx, v4i), v4f);
+  nf = select(fx < nf, nf - splat(1.f), nf);
+  const v4i n = __builtin_convertvector(nf, v4i);
+  v4f r = x - nf * splat(0.693359375f);
+  r = r + nf * splat(2.12194440e-4f);
+  v4f y = splat(1.9875691500e-4f);
+  y = y * r + splat(1.3981999507e-3f);
+  y = y * r + splat(8.3334519073e-3f);
+  y = y * r + splat(4.1665795894e-2f);
+  y = y * r + splat(1.6666665459e-1f);
+  y = y * r + splat(5.0000001201e-1f);
+  y = y * r * r + r + splat(1.0f);
+  const v4f scale = (v4f)((n + 127) << 23);
+  return (v4f)((v4i)(y * scale) & keep);
+}
+#endif
+
+// out[i] = exp(in[i] - shift) for i < k (in may be out); returns the sum.
+inline float exp_shifted_sum(const float* in, float* out, int32_t k, float shift) {
+  int32_t i = 0;
+  float sum = 0.f;
+#if defined(__GNUC__)
+  v4f acc = splat(0.f);
+  for (; i + 4 <= k; i += 4) {
+    v4f v;
+    std::memcpy(&v, in + i, sizeof(v));
+    v = fast_exp4(v - splat(shift));
+    std::memcpy(out + i, &v, sizeof(v));
+    acc += v;
+  }
+  sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+#endif
+  for (; i < k; ++i) {
+    out[i] = fast_exp(in[i] - shift);
+    sum += out[i];
+  }
+  return sum;
 }
 
 // Softmax of the legal logits into `out` (one entry per legal action, in action order);
@@ -72,73 +114,50 @@ std::string row_msg(const char* name, int64_t row, const char* what) {
 int32_t legal_softmax(const float* logits, const uint8_t* legal, int64_t A, int32_t* actions, float* out,
                       int32_t* best, float* total) {
   int32_t k = 0;
+  float mx = kNegInf;
   if (legal) {
     for (int64_t a = 0; a < A; ++a) {
       if (!legal[a]) continue;
       actions[k] = int32_t(a);
       out[k++] = logits[a];
+      mx = std::max(mx, logits[a]);
     }
   } else {
     for (int64_t a = 0; a < A; ++a) {
       actions[a] = int32_t(a);
-      out[a] = logits[a];
+      mx = std::max(mx, logits[a]);
     }
     k = int32_t(A);
   }
+  // Without a mask, exponentiate straight from the input: reading back the scalar
+  // copies with vector loads would stall on store forwarding.
+  const float* src = legal ? out : logits;
   *best = -1;
   *total = 0.f;
   if (k == 0) return 0;
-  // Eight independent accumulators let the compiler vectorise the reductions.
-  float lane[8];
-  std::fill(lane, lane + 8, kNegInf);
-  int32_t i = 0;
-  for (; i + 8 <= k; i += 8)
-    for (int j = 0; j < 8; ++j) lane[j] = lane[j] < out[i + j] ? out[i + j] : lane[j];
-  float mx = kNegInf;
-  for (; i < k; ++i) mx = mx < out[i] ? out[i] : mx;
-  for (int j = 0; j < 8; ++j) mx = mx < lane[j] ? lane[j] : mx;
   if (mx == kNegInf) {
-    for (i = 0; i < k; ++i) out[i] = 1.0f / float(k);
+    for (int32_t i = 0; i < k; ++i) out[i] = 1.0f / float(k);
     *best = 0;
     *total = float(k) * (1.0f / float(k));
     return k;
   }
-  for (i = 0; i < k; ++i) out[i] = fast_exp(out[i] - mx);
-  std::fill(lane, lane + 8, 0.f);
-  for (i = 0; i + 8 <= k; i += 8)
-    for (int j = 0; j < 8; ++j) lane[j] += out[i + j];
-  float sum = 0.f;
-  for (; i < k; ++i) sum += out[i];
-  for (int j = 0; j < 8; ++j) sum += lane[j];
-  const float inv = 1.0f / sum;
-  for (i = 0; i < k; ++i) out[i] *= inv;
-  float top_lane[8], t_lane[8];
-  std::fill(top_lane, top_lane + 8, kNegInf);
-  std::fill(t_lane, t_lane + 8, 0.f);
-  for (i = 0; i + 8 <= k; i += 8)
-    for (int j = 0; j < 8; ++j) {
-      top_lane[j] = top_lane[j] < out[i + j] ? out[i + j] : top_lane[j];
-      t_lane[j] += out[i + j];
-    }
+  const float inv = 1.0f / exp_shifted_sum(src, out, k, mx);
   float top = kNegInf, t = 0.f;
-  for (; i < k; ++i) {
-    top = top < out[i] ? out[i] : top;
+  for (int32_t i = 0; i < k; ++i) {
+    out[i] *= inv;
     t += out[i];
+    top = std::max(top, out[i]);
   }
-  for (int j = 0; j < 8; ++j) {
-    top = top < top_lane[j] ? top_lane[j] : top;
-    t += t_lane[j];
-  }
-  for (i = 0; i < k && out[i] != top; ++i) {
-  }
+  int32_t i = 0;
+  while (i < k && out[i] != top) ++i;
   *best = i;  // the first largest prior
   *total = t;
   return k;
 }
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC pop_options
-#endif
+std::string row_msg(const char* name, int64_t row, const char* what) {
+  return std::string(name) + ": row " + std::to_string(row) + " " + what;
+}
 
 // 0 when the row is usable, else a message fragment.
 const char* check_logits_row(const float* logits, const uint8_t* legal, int64_t A, bool need_legal) {

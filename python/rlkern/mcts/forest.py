@@ -22,7 +22,11 @@ golden search trees. Where this Forest differs, on purpose:
   simulation stops at the node whose child it wanted to create and backs up that node's
   network value. Such a node then has more visits than 1 + its children's.
 * Two-player zero-sum games use ``discount = -1`` on every edge (mctx's convention):
-  every node's value is from the point of view of the player to move there.
+  every node's value is from the point of view of the player to move there. With an
+  explicit player to move, pass ``discount = -1`` where the mover changes and ``+1``
+  where the same player moves again.
+* A Forest is not thread-safe: call it from one Python thread at a time (it runs its
+  trees on the rlkern pool itself).
 
 NaN policy: a NaN or +inf prior logit on a legal action, a non-finite value, reward or
 discount, or a non-terminal node without any legal action raises ``ValueError`` before
@@ -253,8 +257,9 @@ class Forest:
         a = _numpy("actions", actions)
         if a.dtype.kind not in "iu":
             raise TypeError(f"actions must be integers, got dtype {a.dtype}")
+        old_to_new = self._core.advance(np.ascontiguousarray(a, dtype=np.int64))
         self._pending = None
-        return self._core.advance(np.ascontiguousarray(a, dtype=np.int64))
+        return old_to_new
 
     def export(self) -> dict:
         """The trees in mctx's ``Tree`` layout: ``node_visits``, ``node_values``,
