@@ -668,3 +668,48 @@ def test_python_competitor_matches_forest(algorithm):
     impls = quick[0].make(torch.device("cpu"))
     assert list(impls)[:2] == ["rlkern", "python"]
     impls["rlkern"]()
+
+
+def test_gumbel_policy_improvement_on_bandits():
+    # Gumbel MuZero's guarantee: the expected value of the chosen action is at least the
+    # prior's expected value (Danihelka et al. 2022), here with 4 simulations on 8 arms.
+    B, A = 4000, 8
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(B, A)).astype(np.float32)
+    q = rng.normal(size=(B, A)).astype(np.float32)
+    forest = mcts.Forest(B, A, 5, mcts.Config(algorithm="gumbel", seed=9))
+    forest.set_roots(logits, np.zeros(B))
+    res = forest.search(bandit_fn(q), 4)
+    prior = np.exp(logits - logits.max(axis=1, keepdims=True))
+    prior /= prior.sum(axis=1, keepdims=True)
+    chosen = q[np.arange(B), res.action].mean()
+    baseline = (prior * q).sum(axis=1).mean()
+    assert chosen > baseline + 0.3
+    improved = (res.action_weights * q).sum(axis=1).mean()
+    assert improved > baseline
+
+
+def test_repeated_search_and_advance_keeps_memory_flat():
+    from rlkern import _ext
+
+    bench = _ext.load().bench
+    B, A, S = 64, 9, 16
+    fn, _, _ = random_net(A, seed=1, two_player=True)
+    forest = mcts.Forest(B, A, 4 * S, mcts.Config(algorithm="puct", seed=3))
+    logits, value = np.zeros((B, A), np.float32), np.zeros(B, np.float32)
+
+    def cycle():
+        forest.set_roots(logits, value)
+        for _ in range(3):
+            res = forest.search(fn, S)
+            forest.advance(res.action)
+            empty = ~forest.has_root()
+            if empty.any():
+                forest.set_roots(logits, value, rows=empty)
+
+    for _ in range(50):
+        cycle()
+    before = bench.current_rss()
+    for _ in range(400):
+        cycle()
+    assert bench.current_rss() - before < 8 * 2**20
