@@ -627,6 +627,10 @@ def test_bad_input_raises():
         forest.expand_backup(leaves, np.zeros((len(leaves) + 1, 3)), np.zeros(len(leaves)), 0.0, 1.0)
     with pytest.raises(ValueError, match="NaN"):
         forest.expand_backup(leaves, np.full((len(leaves), 3), np.nan), np.zeros(len(leaves)), 0.0, 1.0)
+    with pytest.raises(ValueError, match=r"\+inf"):
+        forest.expand_backup(leaves, np.full((len(leaves), 3), np.inf), np.zeros(len(leaves)), 0.0, 1.0)
+    with pytest.raises(ValueError, match="reward: row 0"):
+        forest.expand_backup(leaves, np.zeros((len(leaves), 3)), np.zeros(len(leaves)), np.nan, 1.0)
     with pytest.raises(ValueError, match="terminal"):
         forest.expand_backup(leaves, np.zeros((len(leaves), 3)), np.zeros(len(leaves)), 0.0, 1.0,
                              legal_mask=np.zeros((len(leaves), 3), bool))

@@ -160,14 +160,33 @@ std::string row_msg(const char* name, int64_t row, const char* what) {
 }
 
 // 0 when the row is usable, else a message fragment.
+// Integer tests on the bits (NaN: exponent all ones and a mantissa; +inf: 0x7f800000)
+// vectorise, unlike float comparisons.
 const char* check_logits_row(const float* logits, const uint8_t* legal, int64_t A, bool need_legal) {
-  int64_t n = 0;
-  for (int64_t a = 0; a < A; ++a) {
-    if (legal && !legal[a]) continue;
-    ++n;
-    const float x = logits[a];
-    if (std::isnan(x)) return "has a NaN prior logit on a legal action";
-    if (x == std::numeric_limits<float>::infinity()) return "has a +inf prior logit on a legal action";
+  uint32_t bad = 0;
+  int64_t n = A;
+  if (legal) {
+    n = 0;
+    for (int64_t a = 0; a < A; ++a) {
+      uint32_t u;
+      std::memcpy(&u, logits + a, sizeof(u));
+      const uint32_t on = legal[a] != 0;
+      n += on;
+      bad |= on & (((u & 0x7fffffffu) > 0x7f800000u) | (u == 0x7f800000u));
+    }
+  } else {
+    for (int64_t a = 0; a < A; ++a) {
+      uint32_t u;
+      std::memcpy(&u, logits + a, sizeof(u));
+      bad |= ((u & 0x7fffffffu) > 0x7f800000u) | (u == 0x7f800000u);
+    }
+  }
+  if (bad) {
+    for (int64_t a = 0; a < A; ++a) {
+      if (legal && !legal[a]) continue;
+      if (std::isnan(logits[a])) return "has a NaN prior logit on a legal action";
+    }
+    return "has a +inf prior logit on a legal action";
   }
   if (need_legal && n == 0) return "has no legal action";
   return nullptr;
@@ -676,20 +695,28 @@ void Forest::expand_backup(int64_t L, const float* logits, const float* value, c
   if (L != num_pending_)
     throw std::invalid_argument("expand_backup got " + std::to_string(L) + " rows but the last select() returned " +
                                 std::to_string(num_pending_) + " leaves");
+  // Every row is checked before any tree changes, so a bad row leaves the forest as it was.
+  const int64_t grain = std::max<int64_t>(4, 2048 / A_);
+  std::vector<const char*> problem(static_cast<size_t>(L), nullptr);
+  rlk::parallel_for(L, cfg_.num_threads == 1 ? std::max<int64_t>(L, 1) : grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      if (!std::isfinite(value[i]) || !std::isfinite(reward[i]) || !std::isfinite(discount[i])) {
+        problem[size_t(i)] = "";
+      } else if (!(terminal && terminal[i])) {
+        problem[size_t(i)] = check_logits_row(logits + i * A_, legal ? legal + i * A_ : nullptr, A_, true);
+      }
+    }
+  });
   for (int64_t i = 0; i < L; ++i) {
+    const char* bad = problem[size_t(i)];
+    if (!bad) continue;
     if (!std::isfinite(value[i])) throw std::invalid_argument(row_msg("value", i, "is not finite"));
     if (!std::isfinite(reward[i])) throw std::invalid_argument(row_msg("reward", i, "is not finite"));
     if (!std::isfinite(discount[i])) throw std::invalid_argument(row_msg("discount", i, "is not finite"));
-    const bool term = terminal && terminal[i];
-    if (term) continue;
-    const char* bad = check_logits_row(logits + i * A_, legal ? legal + i * A_ : nullptr, A_, true);
-    if (bad) {
-      std::string what = bad;
-      if (legal && what == "has no legal action") what += " and is not marked terminal";
-      throw std::invalid_argument(row_msg(legal ? "prior_logits/legal_mask" : "prior_logits", i, what.c_str()));
-    }
+    std::string what = bad;
+    if (legal && what == "has no legal action") what += " and is not marked terminal";
+    throw std::invalid_argument(row_msg(legal ? "prior_logits/legal_mask" : "prior_logits", i, what.c_str()));
   }
-  const int64_t grain = std::max<int64_t>(4, 2048 / A_);
   const int64_t row_grain = cfg_.num_threads == 1 ? std::max<int64_t>(L, 1)
                             : cfg_.num_threads > 1 ? std::max<int64_t>(grain, (L + cfg_.num_threads - 1) / cfg_.num_threads)
                                                    : grain;
