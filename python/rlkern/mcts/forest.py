@@ -109,6 +109,10 @@ def _numpy(name: str, x) -> np.ndarray:
 def _floats(name: str, x, length: Optional[int] = None) -> np.ndarray:
     """float32 C-contiguous view (a copy only when the input is not one already).
     A scalar is broadcast to ``[length]``."""
+    if type(x) is np.ndarray and x.dtype == np.float32 and x.flags.c_contiguous and x.ndim:
+        return x  # the common case, kept cheap: this runs for every input of every step
+    if isinstance(x, (int, float)) and length is not None:
+        return np.full(length, x, dtype=np.float32)
     a = _numpy(name, x)
     if a.dtype.kind not in "fiub":
         raise TypeError(f"{name} must hold real numbers, got dtype {a.dtype}")
@@ -225,19 +229,25 @@ class Forest:
         ``recurrent_fn`` returns ``(prior_logits, value, reward, discount)`` or an
         ``Expansion``; it is not called for a step without leaves."""
         n = _int("num_simulations", num_simulations, 0)
-        self._core.plan(n)
+        if self._pending is not None:
+            raise RuntimeError("search() called with leaves of an earlier select() still pending")
+        core, B = self._core, self.batch_size
+        core.plan(n)
         for _ in range(n):
-            leaves = self.select()
-            if len(leaves) == 0:
+            buf = np.empty((4, B), dtype=np.int64)
+            L = core.select(buf[0], buf[1], buf[2], buf[3])
+            if L == 0:
                 continue
+            leaves = self._pending = Leaves(buf[0, :L], buf[1, :L], buf[2, :L], buf[3, :L])
             out = recurrent_fn(leaves)
-            if isinstance(out, Expansion):
-                self.expand_backup(leaves, *out)
-            else:
-                if not isinstance(out, (tuple, list)) or len(out) not in (4, 5, 6):
-                    self._pending = None
-                    raise TypeError("recurrent_fn must return an Expansion or (prior_logits, value, reward, discount)")
-                self.expand_backup(leaves, *out)
+            if not isinstance(out, tuple) or len(out) not in (4, 5, 6):
+                raise TypeError("recurrent_fn must return an Expansion or (prior_logits, value, reward, discount)")
+            legal = out[4] if len(out) > 4 else None
+            terminal = out[5] if len(out) > 5 else None
+            core.expand_backup(_floats("prior_logits", out[0]), _floats("value", out[1], L),
+                               _floats("reward", out[2], L), _floats("discount", out[3], L),
+                               _mask("legal_mask", legal), _mask("terminal", terminal))
+            self._pending = None
         return self.result()
 
     def result(self, temperature: Optional[float] = None) -> SearchResult:
