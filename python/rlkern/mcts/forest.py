@@ -47,18 +47,25 @@ from .config import Config
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
 
-class Leaves(NamedTuple):
+class Leaves:
     """Leaves chosen by one ``select()``: row i asks to expand ``action[i]`` below node
     ``parent[i]`` of tree ``tree[i]``; the new node gets id ``node[i]``. int64 arrays of
-    length L (one per tree whose simulation needs the network)."""
+    length L (one per tree whose simulation needs the network); ``len(leaves)`` is L and
+    ``tree, parent, action, node = leaves`` unpacks the four arrays."""
 
-    tree: np.ndarray
-    parent: np.ndarray
-    action: np.ndarray
-    node: np.ndarray
+    __slots__ = ("tree", "parent", "action", "node")
 
-    def __len__(self) -> int:  # the number of leaves, not of fields
+    def __init__(self, tree: np.ndarray, parent: np.ndarray, action: np.ndarray, node: np.ndarray):
+        self.tree, self.parent, self.action, self.node = tree, parent, action, node
+
+    def __len__(self) -> int:
         return int(self.tree.shape[0])
+
+    def __iter__(self):
+        return iter((self.tree, self.parent, self.action, self.node))
+
+    def __repr__(self) -> str:
+        return f"Leaves(L={len(self)}, tree={self.tree}, parent={self.parent}, action={self.action}, node={self.node})"
 
 
 class Expansion(NamedTuple):
