@@ -285,16 +285,13 @@ Forest::Forest(int64_t batch_size, int64_t num_actions, int64_t max_nodes, int64
   action_.assign(nodes, -1);
   first_edge_.assign(nodes, 0);
   num_edges_.assign(nodes, 0);
-  visits_.assign(nodes, 0);
+  stats_.assign(nodes, NodeStats{0, 0.f, 0.f, 1.f});
   slot_.assign(nodes, -1);
   first_child_.assign(nodes, -1);
   next_sibling_.assign(nodes, -1);
   best_unexp_.assign(nodes, -1);
   unexp_prior_.assign(nodes, 0.f);
-  value_.assign(nodes, 0.f);
   raw_value_.assign(nodes, 0.f);
-  reward_.assign(nodes, 0.f);
-  discount_.assign(nodes, 1.f);
   terminal_.assign(nodes, 0);
   edge_action_.assign(edges, -1);
   edge_child_.assign(edges, -1);
@@ -412,10 +409,10 @@ void Forest::init_root(int64_t b, const float* logits, float value, const uint8_
   first_child_[nb] = next_sibling_[nb] = -1;
   first_edge_[nb] = 0;
   num_edges_[nb] = k;
-  visits_[nb] = 1;
-  value_[nb] = raw_value_[nb] = value;
-  reward_[nb] = 0.f;
-  discount_[nb] = 1.f;
+  stats_[nb].visits = 1;
+  stats_[nb].value = raw_value_[nb] = value;
+  stats_[nb].reward = 0.f;
+  stats_[nb].discount = 1.f;
   terminal_[nb] = 0;
   used_nodes_[b] = 1;
   used_edges_[b] = k;
@@ -465,16 +462,15 @@ void Forest::completed(int64_t b, int32_t x, std::vector<Child>& buf, Completed&
   const int32_t ne = num_edges_[xi];
   const int64_t eb = b * E_ + first_edge_[xi];
   const float* prior = edge_prior_.data() + eb;
-  const int32_t* visits = visits_.data() + nb;
-  const float *reward = reward_.data() + nb, *discount = discount_.data() + nb, *value = value_.data() + nb;
+  const NodeStats* st = stats_.data() + nb;
   int32_t sum_n = 0, max_n = 0;
   float sum_p = 0.f, sum_pq = 0.f;
   Child* out_child = buf.data();
   int32_t count = 0;
   for_each_child(edge_child_.data() + eb, first_child_.data() + nb, next_sibling_.data() + nb, slot_.data() + nb, x,
                  ne, [&](int32_t c, int32_t k) {
-                   const int32_t n = visits[c];
-                   const float q = reward[c] + discount[c] * value[c];
+                   const int32_t n = st[c].visits;
+                   const float q = st[c].reward + st[c].discount * st[c].value;
                    const float p = prior[k];
                    out_child[count++] = {k, n, q, p};
                    sum_n += n;
@@ -517,20 +513,19 @@ int32_t Forest::puct_edge(int64_t b, int32_t x, std::vector<Child>& buf) const {
   const int32_t fe = first_edge_[xi], ne = num_edges_[xi];
   const int64_t eb = b * E_ + fe;
   const float* prior = edge_prior_.data() + eb;
-  const int32_t* visits = visits_.data() + nb;
-  const float *reward = reward_.data() + nb, *discount = discount_.data() + nb, *value = value_.data() + nb;
-  const float n_node = float(visits[x]);
+  const NodeStats* st = stats_.data() + nb;
+  const float n_node = float(st[x].visits);
   const float pb_c = cfg_.c1 + std::log((n_node + cfg_.c2 + 1.f) / cfg_.c2);
   const float coef = std::sqrt(n_node) * pb_c;
-  float lo = value[x], hi = lo;
+  float lo = st[x].value, hi = lo;
   Child* out_child = buf.data();
   int32_t count = 0;
   for_each_child(edge_child_.data() + eb, first_child_.data() + nb, next_sibling_.data() + nb, slot_.data() + nb, x,
                  ne, [&](int32_t c, int32_t k) {
-                   const float q = reward[c] + discount[c] * value[c];
+                   const float q = st[c].reward + st[c].discount * st[c].value;
                    lo = std::min(lo, q);
                    hi = std::max(hi, q);
-                   out_child[count++] = {k, visits[c], q, prior[k]};
+                   out_child[count++] = {k, st[c].visits, q, prior[k]};
                  });
   // Unvisited children are completed by the minimum, i.e. 0 after normalisation, so only
   // the one with the largest prior can win.
@@ -620,11 +615,11 @@ void Forest::backup(int64_t b, int32_t x, float leaf_value) {
   const int64_t nb = b * N_;
   float v = leaf_value;
   for (int32_t p = parent_[size_t(nb + x)]; p >= 0; x = p, p = parent_[size_t(nb + x)]) {
-    v = reward_[size_t(nb + x)] + discount_[size_t(nb + x)] * v;
+    v = stats_[size_t(nb + x)].reward + stats_[size_t(nb + x)].discount * v;
     const size_t pi = size_t(nb + p);
-    const float n = float(visits_[pi]);
-    value_[pi] = (value_[pi] * n + v) / (n + 1.f);
-    visits_[pi] += 1;
+    const float n = float(stats_[pi].visits);
+    stats_[pi].value = (stats_[pi].value * n + v) / (n + 1.f);
+    stats_[pi].visits += 1;
     if (p == 0) {
       root_visits_[size_t(b * A_ + slot_[size_t(nb + x)])] += 1;
       root_sims_[size_t(b)] += 1;
@@ -635,9 +630,9 @@ void Forest::backup(int64_t b, int32_t x, float leaf_value) {
 void Forest::revisit(int64_t b, int32_t x) {
   const size_t xi = size_t(b * N_ + x);
   const float v = terminal_[xi] ? 0.f : raw_value_[xi];
-  const float n = float(visits_[xi]);
-  value_[xi] = (value_[xi] * n + v) / (n + 1.f);
-  visits_[xi] += 1;
+  const float n = float(stats_[xi].visits);
+  stats_[xi].value = (stats_[xi].value * n + v) / (n + 1.f);
+  stats_[xi].visits += 1;
   backup(b, x, v);
 }
 
@@ -739,9 +734,9 @@ void Forest::expand_backup(int64_t L, const float* logits, const float* value, c
       if (x == 0 && root_best_[size_t(b)] == slot) recompute_root_best(b);
       parent_[ni] = x;
       action_[ni] = edge_action_[size_t(eb + e)];
-      reward_[ni] = reward[i];
-      discount_[ni] = discount[i];
-      visits_[ni] = 1;
+      stats_[ni].reward = reward[i];
+      stats_[ni].discount = discount[i];
+      stats_[ni].visits = 1;
       const bool term = terminal && terminal[i];
       terminal_[ni] = term ? 1 : 0;
       first_edge_[ni] = used_edges_[b];
@@ -749,7 +744,7 @@ void Forest::expand_backup(int64_t L, const float* logits, const float* value, c
         num_edges_[ni] = 0;
         best_unexp_[ni] = -1;
         unexp_prior_[ni] = 0.f;
-        value_[ni] = raw_value_[ni] = 0.f;
+        stats_[ni].value = raw_value_[ni] = 0.f;
       } else {
         const int32_t fe = used_edges_[b];
         const int32_t k = legal_softmax(logits + i * A_, legal ? legal + i * A_ : nullptr, A_,
@@ -758,10 +753,10 @@ void Forest::expand_backup(int64_t L, const float* logits, const float* value, c
         std::fill(edge_child_.begin() + eb + fe, edge_child_.begin() + eb + fe + k, -1);
         num_edges_[ni] = k;
         used_edges_[b] = fe + k;
-        value_[ni] = raw_value_[ni] = value[i];
+        stats_[ni].value = raw_value_[ni] = value[i];
       }
       pend_parent_[b] = -1;
-      backup(b, id, value_[ni]);
+      backup(b, id, stats_[ni].value);
     }
   });
   num_pending_ = 0;
@@ -787,15 +782,15 @@ void Forest::result(float temperature, int64_t* action, float* weights, int32_t*
       const int32_t* child = &edge_child_[size_t(eb + fe)];
       const int32_t* acts = &edge_action_[size_t(eb + fe)];
       const float* prior = &edge_prior_[size_t(eb + fe)];
-      root_value[b] = value_[size_t(nb)];
+      root_value[b] = stats_[size_t(nb)].value;
       int64_t total = 0;
       for (int32_t k = 0; k < ne; ++k) {
         const int32_t c = child[k];
         if (c < 0) continue;
         const size_t ci = size_t(nb + c);
-        n_out[acts[k]] = visits_[ci];
-        q_out[acts[k]] = reward_[ci] + discount_[ci] * value_[ci];
-        total += visits_[ci];
+        n_out[acts[k]] = stats_[ci].visits;
+        q_out[acts[k]] = stats_[ci].reward + stats_[ci].discount * stats_[ci].value;
+        total += stats_[ci].visits;
       }
       CounterRng rng(cfg_.seed, uint64_t(b), epoch);
       if (cfg_.algorithm == Algorithm::kPuct) {
@@ -913,11 +908,11 @@ void Forest::advance(const int64_t* actions, int64_t* old_to_new) {
         const int32_t fe = first_edge_[src], ne = num_edges_[src];
         parent_[dst] = i == c ? -1 : int32_t(o2n[parent_[src]]);
         action_[dst] = i == c ? -1 : action_[src];
-        visits_[dst] = visits_[src];
-        value_[dst] = value_[src];
+        stats_[dst].visits = stats_[src].visits;
+        stats_[dst].value = stats_[src].value;
         raw_value_[dst] = raw_value_[src];
-        reward_[dst] = i == c ? 0.f : reward_[src];
-        discount_[dst] = i == c ? 1.f : discount_[src];
+        stats_[dst].reward = i == c ? 0.f : stats_[src].reward;
+        stats_[dst].discount = i == c ? 1.f : stats_[src].discount;
         terminal_[dst] = terminal_[src];
         num_edges_[dst] = ne;
         first_edge_[dst] = next_edge;
@@ -971,8 +966,8 @@ void Forest::export_tree(int32_t* node_visits, float* node_values, float* raw_va
           terminal[o] = 0;
           continue;
         }
-        node_visits[o] = visits_[size_t(o)];
-        node_values[o] = value_[size_t(o)];
+        node_visits[o] = stats_[size_t(o)].visits;
+        node_values[o] = stats_[size_t(o)].value;
         raw_values[o] = raw_value_[size_t(o)];
         parents[o] = parent_[size_t(o)];
         action_from_parent[o] = action_[size_t(o)];
@@ -987,10 +982,10 @@ void Forest::export_tree(int32_t* node_visits, float* node_values, float* raw_va
           if (c < 0) continue;
           const size_t ci = size_t(nb + c);
           children_index[oa + a] = c;
-          children_visits[oa + a] = visits_[ci];
-          children_values[oa + a] = value_[ci];
-          children_rewards[oa + a] = reward_[ci];
-          children_discounts[oa + a] = discount_[ci];
+          children_visits[oa + a] = stats_[ci].visits;
+          children_values[oa + a] = stats_[ci].value;
+          children_rewards[oa + a] = stats_[ci].reward;
+          children_discounts[oa + a] = stats_[ci].discount;
         }
       }
     }
