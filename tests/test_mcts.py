@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -693,6 +694,7 @@ def test_gumbel_policy_improvement_on_bandits():
     assert improved > baseline
 
 
+@pytest.mark.skipif(os.environ.get("RLKERN_ASAN") == "1", reason="ASan's quarantine holds freed memory")
 def test_repeated_search_and_advance_keeps_memory_flat():
     from rlkern import _ext
 

@@ -370,7 +370,6 @@ void Forest::prepare_root_noise(int64_t b, CounterRng& rng) {
   const int64_t nb = b * N_, eb = b * E_;
   const int32_t fe = first_edge_[nb], ne = num_edges_[nb];
   float* prior = &edge_prior_[size_t(eb + fe)];
-  const int32_t* child = &edge_child_[size_t(eb + fe)];
   if (cfg_.algorithm == Algorithm::kPuct && cfg_.dirichlet_fraction > 0.f) {
     // Noise over the legal actions only: mctx draws it over all actions and then masks,
     // which wastes part of the noise mass on illegal moves.
@@ -389,7 +388,6 @@ void Forest::prepare_root_noise(int64_t b, CounterRng& rng) {
     if (cfg_.algorithm == Algorithm::kGumbel && cfg_.gumbel_scale != 0.f) g = cfg_.gumbel_scale * float(rng.gumbel());
     score[k] = g + std::log(std::max(prior[k], FLT_MIN));
   }
-  (void)child;
   std::fill(root_visits_.begin() + b * A_, root_visits_.begin() + (b + 1) * A_, 0);
   root_sims_[size_t(b)] = 0;
   recompute_best_unexpanded(b, 0);
