@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -338,8 +339,9 @@ def test_batch_independence(algorithm):
 
 
 @pytest.mark.parametrize("algorithm", ["puct", "gumbel"])
-def test_deterministic_across_thread_counts(algorithm):
-    B, A, S = 48, 9, 30
+@pytest.mark.parametrize("B,A", [(600, 9), (40, 200)])  # large enough to be split over threads
+def test_deterministic_across_thread_counts(algorithm, B, A):
+    S = 20
     fn, _, _ = random_net(A, seed=7, two_player=True)
     rng = np.random.default_rng(3)
     logits, value = rng.normal(size=(B, A)), rng.normal(size=B)
@@ -626,6 +628,10 @@ def test_bad_input_raises():
         forest.expand_backup(leaves, np.zeros((len(leaves) + 1, 3)), np.zeros(len(leaves)), 0.0, 1.0)
     with pytest.raises(ValueError, match="NaN"):
         forest.expand_backup(leaves, np.full((len(leaves), 3), np.nan), np.zeros(len(leaves)), 0.0, 1.0)
+    with pytest.raises(ValueError, match=r"\+inf"):
+        forest.expand_backup(leaves, np.full((len(leaves), 3), np.inf), np.zeros(len(leaves)), 0.0, 1.0)
+    with pytest.raises(ValueError, match="reward: row 0"):
+        forest.expand_backup(leaves, np.zeros((len(leaves), 3)), np.zeros(len(leaves)), np.nan, 1.0)
     with pytest.raises(ValueError, match="terminal"):
         forest.expand_backup(leaves, np.zeros((len(leaves), 3)), np.zeros(len(leaves)), 0.0, 1.0,
                              legal_mask=np.zeros((len(leaves), 3), bool))
@@ -667,3 +673,49 @@ def test_python_competitor_matches_forest(algorithm):
     impls = quick[0].make(torch.device("cpu"))
     assert list(impls)[:2] == ["rlkern", "python"]
     impls["rlkern"]()
+
+
+def test_gumbel_policy_improvement_on_bandits():
+    # Gumbel MuZero's guarantee: the expected value of the chosen action is at least the
+    # prior's expected value (Danihelka et al. 2022), here with 4 simulations on 8 arms.
+    B, A = 4000, 8
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(B, A)).astype(np.float32)
+    q = rng.normal(size=(B, A)).astype(np.float32)
+    forest = mcts.Forest(B, A, 5, mcts.Config(algorithm="gumbel", seed=9))
+    forest.set_roots(logits, np.zeros(B))
+    res = forest.search(bandit_fn(q), 4)
+    prior = np.exp(logits - logits.max(axis=1, keepdims=True))
+    prior /= prior.sum(axis=1, keepdims=True)
+    chosen = q[np.arange(B), res.action].mean()
+    baseline = (prior * q).sum(axis=1).mean()
+    assert chosen > baseline + 0.3
+    improved = (res.action_weights * q).sum(axis=1).mean()
+    assert improved > baseline
+
+
+@pytest.mark.skipif(os.environ.get("RLKERN_ASAN") == "1", reason="ASan's quarantine holds freed memory")
+def test_repeated_search_and_advance_keeps_memory_flat():
+    from rlkern import _ext
+
+    bench = _ext.load().bench
+    B, A, S = 64, 9, 16
+    fn, _, _ = random_net(A, seed=1, two_player=True)
+    forest = mcts.Forest(B, A, 4 * S, mcts.Config(algorithm="puct", seed=3))
+    logits, value = np.zeros((B, A), np.float32), np.zeros(B, np.float32)
+
+    def cycle():
+        forest.set_roots(logits, value)
+        for _ in range(3):
+            res = forest.search(fn, S)
+            forest.advance(res.action)
+            empty = ~forest.has_root()
+            if empty.any():
+                forest.set_roots(logits, value, rows=empty)
+
+    for _ in range(50):
+        cycle()
+    before = bench.current_rss()
+    for _ in range(400):
+        cycle()
+    assert bench.current_rss() - before < 8 * 2**20

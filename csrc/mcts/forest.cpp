@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -27,16 +28,16 @@ inline uint64_t mix64(uint64_t z) {
   return z ^ (z >> 31);
 }
 
-// exp for float32 within about 2 ulp (Cephes' expf polynomial after reduction by ln 2),
-// written so the compiler can vectorise loops over it; below -87.3 it returns 0.
+// exp for float32 within about 2 ulp (Cephes' expf polynomial after reduction by ln 2);
+// below -87.3 it returns 0.
 inline float fast_exp(float x) {
   const float lo = -87.3f, hi = 88.0f;
-  const bool underflow = x < lo;
+  const float keep = x < lo ? 0.f : 1.f;
   x = std::min(std::max(x, lo), hi);
   const float fx = x * 1.44269504088896341f + 0.5f;
-  int32_t n = int32_t(fx);
-  n -= (fx < float(n)) ? 1 : 0;
-  const float nf = float(n);
+  float nf = float(int32_t(fx));
+  nf -= fx < nf ? 1.f : 0.f;  // floor
+  const int32_t n = int32_t(nf);
   float r = x - nf * 0.693359375f;
   r = r + nf * 2.12194440e-4f;
   float y = 1.9875691500e-4f;
@@ -46,16 +47,64 @@ inline float fast_exp(float x) {
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * r * r + r + 1.0f;
-  union {
-    int32_t i;
-    float f;
-  } scale;
-  scale.i = (n + 127) << 23;
-  return underflow ? 0.f : y * scale.f;
+  const int32_t bits = (n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale * keep;
 }
 
-std::string row_msg(const char* name, int64_t row, const char* what) {
-  return std::string(name) + ": row " + std::to_string(row) + " " + what;
+#if defined(__GNUC__)
+// The same on four lanes with GCC/Clang vector extensions (SSE2 on x86-64, NEON on ARM):
+// compilers do not vectorise the scalar version because its comparisons may trap.
+typedef float v4f __attribute__((vector_size(16)));
+typedef int32_t v4i __attribute__((vector_size(16)));
+
+inline v4f splat(float x) { return v4f{x, x, x, x}; }
+inline v4f select(v4i mask, v4f a, v4f b) { return (v4f)((mask & (v4i)a) | (~mask & (v4i)b)); }
+
+inline v4f fast_exp4(v4f x) {
+  const v4f lo = splat(-87.3f), hi = splat(88.0f);
+  const v4i keep = x >= lo;
+  x = select(x < lo, lo, x);
+  x = select(x > hi, hi, x);
+  const v4f fx = x * splat(1.44269504088896341f) + splat(0.5f);
+  v4f nf = __builtin_convertvector(__builtin_convertvector(fx, v4i), v4f);
+  nf = select(fx < nf, nf - splat(1.f), nf);
+  const v4i n = __builtin_convertvector(nf, v4i);
+  v4f r = x - nf * splat(0.693359375f);
+  r = r + nf * splat(2.12194440e-4f);
+  v4f y = splat(1.9875691500e-4f);
+  y = y * r + splat(1.3981999507e-3f);
+  y = y * r + splat(8.3334519073e-3f);
+  y = y * r + splat(4.1665795894e-2f);
+  y = y * r + splat(1.6666665459e-1f);
+  y = y * r + splat(5.0000001201e-1f);
+  y = y * r * r + r + splat(1.0f);
+  const v4f scale = (v4f)((n + 127) << 23);
+  return (v4f)((v4i)(y * scale) & keep);
+}
+#endif
+
+// out[i] = exp(in[i] - shift) for i < k (in may be out); returns the sum.
+inline float exp_shifted_sum(const float* in, float* out, int32_t k, float shift) {
+  int32_t i = 0;
+  float sum = 0.f;
+#if defined(__GNUC__)
+  v4f acc = splat(0.f);
+  for (; i + 4 <= k; i += 4) {
+    v4f v;
+    std::memcpy(&v, in + i, sizeof(v));
+    v = fast_exp4(v - splat(shift));
+    std::memcpy(out + i, &v, sizeof(v));
+    acc += v;
+  }
+  sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+#endif
+  for (; i < k; ++i) {
+    out[i] = fast_exp(in[i] - shift);
+    sum += out[i];
+  }
+  return sum;
 }
 
 // Softmax of the legal logits into `out` (one entry per legal action, in action order);
@@ -65,68 +114,79 @@ std::string row_msg(const char* name, int64_t row, const char* what) {
 int32_t legal_softmax(const float* logits, const uint8_t* legal, int64_t A, int32_t* actions, float* out,
                       int32_t* best, float* total) {
   int32_t k = 0;
+  float mx = kNegInf;
   if (legal) {
     for (int64_t a = 0; a < A; ++a) {
       if (!legal[a]) continue;
       actions[k] = int32_t(a);
       out[k++] = logits[a];
+      mx = std::max(mx, logits[a]);
     }
   } else {
     for (int64_t a = 0; a < A; ++a) {
       actions[a] = int32_t(a);
-      out[a] = logits[a];
+      mx = std::max(mx, logits[a]);
     }
     k = int32_t(A);
   }
+  // Without a mask, exponentiate straight from the input: reading back the scalar
+  // copies with vector loads would stall on store forwarding.
+  const float* src = legal ? out : logits;
   *best = -1;
   *total = 0.f;
   if (k == 0) return 0;
-  // Eight independent accumulators let the compiler vectorise the reductions.
-  float lane[8];
-  std::fill(lane, lane + 8, kNegInf);
-  int32_t i = 0;
-  for (; i + 8 <= k; i += 8)
-    for (int j = 0; j < 8; ++j) lane[j] = lane[j] < out[i + j] ? out[i + j] : lane[j];
-  float mx = kNegInf;
-  for (; i < k; ++i) mx = std::max(mx, out[i]);
-  for (int j = 0; j < 8; ++j) mx = std::max(mx, lane[j]);
   if (mx == kNegInf) {
-    for (i = 0; i < k; ++i) out[i] = 1.0f / float(k);
+    for (int32_t i = 0; i < k; ++i) out[i] = 1.0f / float(k);
     *best = 0;
     *total = float(k) * (1.0f / float(k));
     return k;
   }
-  for (i = 0; i < k; ++i) out[i] = fast_exp(out[i] - mx);
-  std::fill(lane, lane + 8, 0.f);
-  for (i = 0; i + 8 <= k; i += 8)
-    for (int j = 0; j < 8; ++j) lane[j] += out[i + j];
-  float sum = 0.f;
-  for (; i < k; ++i) sum += out[i];
-  for (int j = 0; j < 8; ++j) sum += lane[j];
-  const float inv = 1.0f / sum;
-  for (i = 0; i < k; ++i) out[i] *= inv;
+  const float inv = 1.0f / exp_shifted_sum(src, out, k, mx);
   float top = kNegInf, t = 0.f;
-  for (i = 0; i < k; ++i) {
-    const float p = out[i];
-    t += p;
-    if (p > top) {
-      top = p;
-      *best = i;
-    }
+  for (int32_t i = 0; i < k; ++i) {
+    out[i] *= inv;
+    t += out[i];
+    top = std::max(top, out[i]);
   }
+  int32_t i = 0;
+  while (i < k && out[i] != top) ++i;
+  *best = i;  // the first largest prior
   *total = t;
   return k;
 }
 
+std::string row_msg(const char* name, int64_t row, const char* what) {
+  return std::string(name) + ": row " + std::to_string(row) + " " + what;
+}
+
 // 0 when the row is usable, else a message fragment.
+// Integer tests on the bits (NaN: exponent all ones and a mantissa; +inf: 0x7f800000)
+// vectorise, unlike float comparisons.
 const char* check_logits_row(const float* logits, const uint8_t* legal, int64_t A, bool need_legal) {
-  int64_t n = 0;
-  for (int64_t a = 0; a < A; ++a) {
-    if (legal && !legal[a]) continue;
-    ++n;
-    const float x = logits[a];
-    if (std::isnan(x)) return "has a NaN prior logit on a legal action";
-    if (x == std::numeric_limits<float>::infinity()) return "has a +inf prior logit on a legal action";
+  uint32_t bad = 0;
+  int64_t n = A;
+  if (legal) {
+    n = 0;
+    for (int64_t a = 0; a < A; ++a) {
+      uint32_t u;
+      std::memcpy(&u, logits + a, sizeof(u));
+      const uint32_t on = legal[a] != 0;
+      n += on;
+      bad |= on & (((u & 0x7fffffffu) > 0x7f800000u) | (u == 0x7f800000u));
+    }
+  } else {
+    for (int64_t a = 0; a < A; ++a) {
+      uint32_t u;
+      std::memcpy(&u, logits + a, sizeof(u));
+      bad |= ((u & 0x7fffffffu) > 0x7f800000u) | (u == 0x7f800000u);
+    }
+  }
+  if (bad) {
+    for (int64_t a = 0; a < A; ++a) {
+      if (legal && !legal[a]) continue;
+      if (std::isnan(logits[a])) return "has a NaN prior logit on a legal action";
+    }
+    return "has a +inf prior logit on a legal action";
   }
   if (need_legal && n == 0) return "has no legal action";
   return nullptr;
@@ -225,16 +285,13 @@ Forest::Forest(int64_t batch_size, int64_t num_actions, int64_t max_nodes, int64
   action_.assign(nodes, -1);
   first_edge_.assign(nodes, 0);
   num_edges_.assign(nodes, 0);
-  visits_.assign(nodes, 0);
+  stats_.assign(nodes, NodeStats{0, 0.f, 0.f, 1.f});
   slot_.assign(nodes, -1);
   first_child_.assign(nodes, -1);
   next_sibling_.assign(nodes, -1);
   best_unexp_.assign(nodes, -1);
   unexp_prior_.assign(nodes, 0.f);
-  value_.assign(nodes, 0.f);
   raw_value_.assign(nodes, 0.f);
-  reward_.assign(nodes, 0.f);
-  discount_.assign(nodes, 1.f);
   terminal_.assign(nodes, 0);
   edge_action_.assign(edges, -1);
   edge_child_.assign(edges, -1);
@@ -313,7 +370,6 @@ void Forest::prepare_root_noise(int64_t b, CounterRng& rng) {
   const int64_t nb = b * N_, eb = b * E_;
   const int32_t fe = first_edge_[nb], ne = num_edges_[nb];
   float* prior = &edge_prior_[size_t(eb + fe)];
-  const int32_t* child = &edge_child_[size_t(eb + fe)];
   if (cfg_.algorithm == Algorithm::kPuct && cfg_.dirichlet_fraction > 0.f) {
     // Noise over the legal actions only: mctx draws it over all actions and then masks,
     // which wastes part of the noise mass on illegal moves.
@@ -332,7 +388,6 @@ void Forest::prepare_root_noise(int64_t b, CounterRng& rng) {
     if (cfg_.algorithm == Algorithm::kGumbel && cfg_.gumbel_scale != 0.f) g = cfg_.gumbel_scale * float(rng.gumbel());
     score[k] = g + std::log(std::max(prior[k], FLT_MIN));
   }
-  (void)child;
   std::fill(root_visits_.begin() + b * A_, root_visits_.begin() + (b + 1) * A_, 0);
   root_sims_[size_t(b)] = 0;
   recompute_best_unexpanded(b, 0);
@@ -352,10 +407,10 @@ void Forest::init_root(int64_t b, const float* logits, float value, const uint8_
   first_child_[nb] = next_sibling_[nb] = -1;
   first_edge_[nb] = 0;
   num_edges_[nb] = k;
-  visits_[nb] = 1;
-  value_[nb] = raw_value_[nb] = value;
-  reward_[nb] = 0.f;
-  discount_[nb] = 1.f;
+  stats_[nb].visits = 1;
+  stats_[nb].value = raw_value_[nb] = value;
+  stats_[nb].reward = 0.f;
+  stats_[nb].discount = 1.f;
   terminal_[nb] = 0;
   used_nodes_[b] = 1;
   used_edges_[b] = k;
@@ -405,16 +460,15 @@ void Forest::completed(int64_t b, int32_t x, std::vector<Child>& buf, Completed&
   const int32_t ne = num_edges_[xi];
   const int64_t eb = b * E_ + first_edge_[xi];
   const float* prior = edge_prior_.data() + eb;
-  const int32_t* visits = visits_.data() + nb;
-  const float *reward = reward_.data() + nb, *discount = discount_.data() + nb, *value = value_.data() + nb;
+  const NodeStats* st = stats_.data() + nb;
   int32_t sum_n = 0, max_n = 0;
   float sum_p = 0.f, sum_pq = 0.f;
   Child* out_child = buf.data();
   int32_t count = 0;
   for_each_child(edge_child_.data() + eb, first_child_.data() + nb, next_sibling_.data() + nb, slot_.data() + nb, x,
                  ne, [&](int32_t c, int32_t k) {
-                   const int32_t n = visits[c];
-                   const float q = reward[c] + discount[c] * value[c];
+                   const int32_t n = st[c].visits;
+                   const float q = st[c].reward + st[c].discount * st[c].value;
                    const float p = prior[k];
                    out_child[count++] = {k, n, q, p};
                    sum_n += n;
@@ -457,20 +511,19 @@ int32_t Forest::puct_edge(int64_t b, int32_t x, std::vector<Child>& buf) const {
   const int32_t fe = first_edge_[xi], ne = num_edges_[xi];
   const int64_t eb = b * E_ + fe;
   const float* prior = edge_prior_.data() + eb;
-  const int32_t* visits = visits_.data() + nb;
-  const float *reward = reward_.data() + nb, *discount = discount_.data() + nb, *value = value_.data() + nb;
-  const float n_node = float(visits[x]);
+  const NodeStats* st = stats_.data() + nb;
+  const float n_node = float(st[x].visits);
   const float pb_c = cfg_.c1 + std::log((n_node + cfg_.c2 + 1.f) / cfg_.c2);
   const float coef = std::sqrt(n_node) * pb_c;
-  float lo = value[x], hi = lo;
+  float lo = st[x].value, hi = lo;
   Child* out_child = buf.data();
   int32_t count = 0;
   for_each_child(edge_child_.data() + eb, first_child_.data() + nb, next_sibling_.data() + nb, slot_.data() + nb, x,
                  ne, [&](int32_t c, int32_t k) {
-                   const float q = reward[c] + discount[c] * value[c];
+                   const float q = st[c].reward + st[c].discount * st[c].value;
                    lo = std::min(lo, q);
                    hi = std::max(hi, q);
-                   out_child[count++] = {k, visits[c], q, prior[k]};
+                   out_child[count++] = {k, st[c].visits, q, prior[k]};
                  });
   // Unvisited children are completed by the minimum, i.e. 0 after normalisation, so only
   // the one with the largest prior can win.
@@ -560,11 +613,11 @@ void Forest::backup(int64_t b, int32_t x, float leaf_value) {
   const int64_t nb = b * N_;
   float v = leaf_value;
   for (int32_t p = parent_[size_t(nb + x)]; p >= 0; x = p, p = parent_[size_t(nb + x)]) {
-    v = reward_[size_t(nb + x)] + discount_[size_t(nb + x)] * v;
+    v = stats_[size_t(nb + x)].reward + stats_[size_t(nb + x)].discount * v;
     const size_t pi = size_t(nb + p);
-    const float n = float(visits_[pi]);
-    value_[pi] = (value_[pi] * n + v) / (n + 1.f);
-    visits_[pi] += 1;
+    const float n = float(stats_[pi].visits);
+    stats_[pi].value = (stats_[pi].value * n + v) / (n + 1.f);
+    stats_[pi].visits += 1;
     if (p == 0) {
       root_visits_[size_t(b * A_ + slot_[size_t(nb + x)])] += 1;
       root_sims_[size_t(b)] += 1;
@@ -575,9 +628,9 @@ void Forest::backup(int64_t b, int32_t x, float leaf_value) {
 void Forest::revisit(int64_t b, int32_t x) {
   const size_t xi = size_t(b * N_ + x);
   const float v = terminal_[xi] ? 0.f : raw_value_[xi];
-  const float n = float(visits_[xi]);
-  value_[xi] = (value_[xi] * n + v) / (n + 1.f);
-  visits_[xi] += 1;
+  const float n = float(stats_[xi].visits);
+  stats_[xi].value = (stats_[xi].value * n + v) / (n + 1.f);
+  stats_[xi].visits += 1;
   backup(b, x, v);
 }
 
@@ -635,20 +688,28 @@ void Forest::expand_backup(int64_t L, const float* logits, const float* value, c
   if (L != num_pending_)
     throw std::invalid_argument("expand_backup got " + std::to_string(L) + " rows but the last select() returned " +
                                 std::to_string(num_pending_) + " leaves");
+  // Every row is checked before any tree changes, so a bad row leaves the forest as it was.
+  const int64_t grain = std::max<int64_t>(4, 2048 / A_);
+  std::vector<const char*> problem(static_cast<size_t>(L), nullptr);
+  rlk::parallel_for(L, cfg_.num_threads == 1 ? std::max<int64_t>(L, 1) : grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      if (!std::isfinite(value[i]) || !std::isfinite(reward[i]) || !std::isfinite(discount[i])) {
+        problem[size_t(i)] = "";
+      } else if (!(terminal && terminal[i])) {
+        problem[size_t(i)] = check_logits_row(logits + i * A_, legal ? legal + i * A_ : nullptr, A_, true);
+      }
+    }
+  });
   for (int64_t i = 0; i < L; ++i) {
+    const char* bad = problem[size_t(i)];
+    if (!bad) continue;
     if (!std::isfinite(value[i])) throw std::invalid_argument(row_msg("value", i, "is not finite"));
     if (!std::isfinite(reward[i])) throw std::invalid_argument(row_msg("reward", i, "is not finite"));
     if (!std::isfinite(discount[i])) throw std::invalid_argument(row_msg("discount", i, "is not finite"));
-    const bool term = terminal && terminal[i];
-    if (term) continue;
-    const char* bad = check_logits_row(logits + i * A_, legal ? legal + i * A_ : nullptr, A_, true);
-    if (bad) {
-      std::string what = bad;
-      if (legal && what == "has no legal action") what += " and is not marked terminal";
-      throw std::invalid_argument(row_msg(legal ? "prior_logits/legal_mask" : "prior_logits", i, what.c_str()));
-    }
+    std::string what = bad;
+    if (legal && what == "has no legal action") what += " and is not marked terminal";
+    throw std::invalid_argument(row_msg(legal ? "prior_logits/legal_mask" : "prior_logits", i, what.c_str()));
   }
-  const int64_t grain = std::max<int64_t>(4, 2048 / A_);
   const int64_t row_grain = cfg_.num_threads == 1 ? std::max<int64_t>(L, 1)
                             : cfg_.num_threads > 1 ? std::max<int64_t>(grain, (L + cfg_.num_threads - 1) / cfg_.num_threads)
                                                    : grain;
@@ -671,9 +732,9 @@ void Forest::expand_backup(int64_t L, const float* logits, const float* value, c
       if (x == 0 && root_best_[size_t(b)] == slot) recompute_root_best(b);
       parent_[ni] = x;
       action_[ni] = edge_action_[size_t(eb + e)];
-      reward_[ni] = reward[i];
-      discount_[ni] = discount[i];
-      visits_[ni] = 1;
+      stats_[ni].reward = reward[i];
+      stats_[ni].discount = discount[i];
+      stats_[ni].visits = 1;
       const bool term = terminal && terminal[i];
       terminal_[ni] = term ? 1 : 0;
       first_edge_[ni] = used_edges_[b];
@@ -681,7 +742,7 @@ void Forest::expand_backup(int64_t L, const float* logits, const float* value, c
         num_edges_[ni] = 0;
         best_unexp_[ni] = -1;
         unexp_prior_[ni] = 0.f;
-        value_[ni] = raw_value_[ni] = 0.f;
+        stats_[ni].value = raw_value_[ni] = 0.f;
       } else {
         const int32_t fe = used_edges_[b];
         const int32_t k = legal_softmax(logits + i * A_, legal ? legal + i * A_ : nullptr, A_,
@@ -690,10 +751,10 @@ void Forest::expand_backup(int64_t L, const float* logits, const float* value, c
         std::fill(edge_child_.begin() + eb + fe, edge_child_.begin() + eb + fe + k, -1);
         num_edges_[ni] = k;
         used_edges_[b] = fe + k;
-        value_[ni] = raw_value_[ni] = value[i];
+        stats_[ni].value = raw_value_[ni] = value[i];
       }
       pend_parent_[b] = -1;
-      backup(b, id, value_[ni]);
+      backup(b, id, stats_[ni].value);
     }
   });
   num_pending_ = 0;
@@ -719,15 +780,15 @@ void Forest::result(float temperature, int64_t* action, float* weights, int32_t*
       const int32_t* child = &edge_child_[size_t(eb + fe)];
       const int32_t* acts = &edge_action_[size_t(eb + fe)];
       const float* prior = &edge_prior_[size_t(eb + fe)];
-      root_value[b] = value_[size_t(nb)];
+      root_value[b] = stats_[size_t(nb)].value;
       int64_t total = 0;
       for (int32_t k = 0; k < ne; ++k) {
         const int32_t c = child[k];
         if (c < 0) continue;
         const size_t ci = size_t(nb + c);
-        n_out[acts[k]] = visits_[ci];
-        q_out[acts[k]] = reward_[ci] + discount_[ci] * value_[ci];
-        total += visits_[ci];
+        n_out[acts[k]] = stats_[ci].visits;
+        q_out[acts[k]] = stats_[ci].reward + stats_[ci].discount * stats_[ci].value;
+        total += stats_[ci].visits;
       }
       CounterRng rng(cfg_.seed, uint64_t(b), epoch);
       if (cfg_.algorithm == Algorithm::kPuct) {
@@ -845,11 +906,11 @@ void Forest::advance(const int64_t* actions, int64_t* old_to_new) {
         const int32_t fe = first_edge_[src], ne = num_edges_[src];
         parent_[dst] = i == c ? -1 : int32_t(o2n[parent_[src]]);
         action_[dst] = i == c ? -1 : action_[src];
-        visits_[dst] = visits_[src];
-        value_[dst] = value_[src];
+        stats_[dst].visits = stats_[src].visits;
+        stats_[dst].value = stats_[src].value;
         raw_value_[dst] = raw_value_[src];
-        reward_[dst] = i == c ? 0.f : reward_[src];
-        discount_[dst] = i == c ? 1.f : discount_[src];
+        stats_[dst].reward = i == c ? 0.f : stats_[src].reward;
+        stats_[dst].discount = i == c ? 1.f : stats_[src].discount;
         terminal_[dst] = terminal_[src];
         num_edges_[dst] = ne;
         first_edge_[dst] = next_edge;
@@ -903,8 +964,8 @@ void Forest::export_tree(int32_t* node_visits, float* node_values, float* raw_va
           terminal[o] = 0;
           continue;
         }
-        node_visits[o] = visits_[size_t(o)];
-        node_values[o] = value_[size_t(o)];
+        node_visits[o] = stats_[size_t(o)].visits;
+        node_values[o] = stats_[size_t(o)].value;
         raw_values[o] = raw_value_[size_t(o)];
         parents[o] = parent_[size_t(o)];
         action_from_parent[o] = action_[size_t(o)];
@@ -919,10 +980,10 @@ void Forest::export_tree(int32_t* node_visits, float* node_values, float* raw_va
           if (c < 0) continue;
           const size_t ci = size_t(nb + c);
           children_index[oa + a] = c;
-          children_visits[oa + a] = visits_[ci];
-          children_values[oa + a] = value_[ci];
-          children_rewards[oa + a] = reward_[ci];
-          children_discounts[oa + a] = discount_[ci];
+          children_visits[oa + a] = stats_[ci].visits;
+          children_values[oa + a] = stats_[ci].value;
+          children_rewards[oa + a] = stats_[ci].reward;
+          children_discounts[oa + a] = stats_[ci].discount;
         }
       }
     }

@@ -127,9 +127,18 @@ class Forest {
   // form a list (first_child_, next_sibling_) so selection visits only expanded children.
   // best_unexp_ caches the offset of the highest-prior unexpanded edge (-1: none) and
   // unexp_prior_ the prior mass of the unexpanded edges.
-  std::vector<int32_t> parent_, action_, first_edge_, num_edges_, visits_;
+  // The statistics a selection reads for every child sit in one 16-byte record, so a
+  // child costs one cache line instead of four.
+  struct NodeStats {
+    int32_t visits;
+    float value;     // mean of the backed-up returns, from this node's mover's view
+    float reward;    // of the edge into this node
+    float discount;  // of the edge into this node
+  };
+  std::vector<NodeStats> stats_;
+  std::vector<int32_t> parent_, action_, first_edge_, num_edges_;
   std::vector<int32_t> slot_, first_child_, next_sibling_, best_unexp_;
-  std::vector<float> value_, raw_value_, reward_, discount_, unexp_prior_;
+  std::vector<float> raw_value_, unexp_prior_;
   std::vector<uint8_t> terminal_;
   // Edge pools [B*E].
   std::vector<int32_t> edge_action_, edge_child_;

@@ -22,7 +22,11 @@ golden search trees. Where this Forest differs, on purpose:
   simulation stops at the node whose child it wanted to create and backs up that node's
   network value. Such a node then has more visits than 1 + its children's.
 * Two-player zero-sum games use ``discount = -1`` on every edge (mctx's convention):
-  every node's value is from the point of view of the player to move there.
+  every node's value is from the point of view of the player to move there. With an
+  explicit player to move, pass ``discount = -1`` where the mover changes and ``+1``
+  where the same player moves again.
+* A Forest is not thread-safe: call it from one Python thread at a time (it runs its
+  trees on the rlkern pool itself).
 
 NaN policy: a NaN or +inf prior logit on a legal action, a non-finite value, reward or
 discount, or a non-terminal node without any legal action raises ``ValueError`` before
@@ -43,18 +47,25 @@ from .config import Config
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
 
-class Leaves(NamedTuple):
+class Leaves:
     """Leaves chosen by one ``select()``: row i asks to expand ``action[i]`` below node
     ``parent[i]`` of tree ``tree[i]``; the new node gets id ``node[i]``. int64 arrays of
-    length L (one per tree whose simulation needs the network)."""
+    length L (one per tree whose simulation needs the network); ``len(leaves)`` is L and
+    ``tree, parent, action, node = leaves`` unpacks the four arrays."""
 
-    tree: np.ndarray
-    parent: np.ndarray
-    action: np.ndarray
-    node: np.ndarray
+    __slots__ = ("tree", "parent", "action", "node")
 
-    def __len__(self) -> int:  # the number of leaves, not of fields
+    def __init__(self, tree: np.ndarray, parent: np.ndarray, action: np.ndarray, node: np.ndarray):
+        self.tree, self.parent, self.action, self.node = tree, parent, action, node
+
+    def __len__(self) -> int:
         return int(self.tree.shape[0])
+
+    def __iter__(self):
+        return iter((self.tree, self.parent, self.action, self.node))
+
+    def __repr__(self) -> str:
+        return f"Leaves(L={len(self)}, tree={self.tree}, parent={self.parent}, action={self.action}, node={self.node})"
 
 
 class Expansion(NamedTuple):
@@ -105,6 +116,10 @@ def _numpy(name: str, x) -> np.ndarray:
 def _floats(name: str, x, length: Optional[int] = None) -> np.ndarray:
     """float32 C-contiguous view (a copy only when the input is not one already).
     A scalar is broadcast to ``[length]``."""
+    if type(x) is np.ndarray and x.dtype == np.float32 and x.flags.c_contiguous and x.ndim:
+        return x  # the common case, kept cheap: this runs for every input of every step
+    if isinstance(x, (int, float)) and length is not None:
+        return np.full(length, x, dtype=np.float32)
     a = _numpy(name, x)
     if a.dtype.kind not in "fiub":
         raise TypeError(f"{name} must hold real numbers, got dtype {a.dtype}")
@@ -221,19 +236,25 @@ class Forest:
         ``recurrent_fn`` returns ``(prior_logits, value, reward, discount)`` or an
         ``Expansion``; it is not called for a step without leaves."""
         n = _int("num_simulations", num_simulations, 0)
-        self._core.plan(n)
+        if self._pending is not None:
+            raise RuntimeError("search() called with leaves of an earlier select() still pending")
+        core, B = self._core, self.batch_size
+        core.plan(n)
         for _ in range(n):
-            leaves = self.select()
-            if len(leaves) == 0:
+            buf = np.empty((4, B), dtype=np.int64)
+            L = core.select(buf[0], buf[1], buf[2], buf[3])
+            if L == 0:
                 continue
+            leaves = self._pending = Leaves(buf[0, :L], buf[1, :L], buf[2, :L], buf[3, :L])
             out = recurrent_fn(leaves)
-            if isinstance(out, Expansion):
-                self.expand_backup(leaves, *out)
-            else:
-                if not isinstance(out, (tuple, list)) or len(out) not in (4, 5, 6):
-                    self._pending = None
-                    raise TypeError("recurrent_fn must return an Expansion or (prior_logits, value, reward, discount)")
-                self.expand_backup(leaves, *out)
+            if not isinstance(out, tuple) or len(out) not in (4, 5, 6):
+                raise TypeError("recurrent_fn must return an Expansion or (prior_logits, value, reward, discount)")
+            legal = out[4] if len(out) > 4 else None
+            terminal = out[5] if len(out) > 5 else None
+            core.expand_backup(_floats("prior_logits", out[0]), _floats("value", out[1], L),
+                               _floats("reward", out[2], L), _floats("discount", out[3], L),
+                               _mask("legal_mask", legal), _mask("terminal", terminal))
+            self._pending = None
         return self.result()
 
     def result(self, temperature: Optional[float] = None) -> SearchResult:
@@ -253,8 +274,9 @@ class Forest:
         a = _numpy("actions", actions)
         if a.dtype.kind not in "iu":
             raise TypeError(f"actions must be integers, got dtype {a.dtype}")
+        old_to_new = self._core.advance(np.ascontiguousarray(a, dtype=np.int64))
         self._pending = None
-        return self._core.advance(np.ascontiguousarray(a, dtype=np.int64))
+        return old_to_new
 
     def export(self) -> dict:
         """The trees in mctx's ``Tree`` layout: ``node_visits``, ``node_values``,
