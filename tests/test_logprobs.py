@@ -9,7 +9,7 @@ import rlkern
 from rlkern.logprobs import linear_token_logprobs, token_logprobs
 from rlkern.reference import logprobs as ref
 
-from helpers import CPU_BACKENDS, GRAD_TOL, VALUE_TOL, assert_close
+from helpers import CPU_BACKENDS, GRAD_TOL, VALUE_TOL, assert_close, needs_cuda
 
 # The Triton interpreter evaluates masked-out lanes too (numpy warns about their -inf/NaN).
 pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
@@ -31,7 +31,8 @@ def _run(backend, logits, targets, seed=0, **kw):
     with rlkern.use_backend(backend):
         lp, ent = token_logprobs(x, targets, return_entropy=True, **kw)
     # -inf log-probs (targets outside a top-k/top-p set) have zero gradient by definition.
-    loss = torch.where(torch.isfinite(lp), lp * g_lp.to(lp.dtype), 0.0).sum() + (ent * g_ent.to(ent.dtype)).sum()
+    g_lp, g_ent = g_lp.to(lp.device, lp.dtype), g_ent.to(ent.device, ent.dtype)
+    loss = torch.where(torch.isfinite(lp), lp * g_lp, 0.0).sum() + (ent * g_ent).sum()
     loss.backward()
     return lp, ent, x.grad
 
@@ -375,3 +376,26 @@ def test_linear_bad_inputs():
         linear_token_logprobs(hidden, weight, torch.full((4,), 50))
     with pytest.raises(TypeError, match="weight"):
         linear_token_logprobs(hidden, weight.double(), targets)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_on_cuda(dtype):
+    V = 151936  # not a multiple of either block size
+    logits = _logits((4, 3, V), dtype, scale=4.0)
+    targets = _targets((4, 3), V)
+    targets[1, 2] = -100
+    x = logits.cuda()[:, :2]  # non-contiguous rows, read in place
+    t = targets[:, :2].cuda()
+    lp, ent, grad = _run("auto", x, t, temperature=0.9)
+    lp_r, ent_r, grad_r = _run("reference", logits[:, :2].double(), targets[:, :2], temperature=0.9)
+    assert_close(lp, lp_r, VALUE_TOL, "logp")
+    assert_close(ent, ent_r, VALUE_TOL, "entropy")
+    _assert_grad_close(grad.cpu(), grad_r, GRAD_TOL_BY_DTYPE[dtype])
+    lp_k, _, _ = _run("auto", x, t, top_k=50, top_p=0.9)
+    lp_kr, _, _ = _run("reference", logits[:, :2].double(), targets[:, :2], top_k=50, top_p=0.9)
+    assert_close(lp_k, lp_kr, VALUE_TOL, "logp top-k/top-p")

@@ -16,6 +16,7 @@ import math
 from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _backend, _validate
 from ._kernel import core, dtype_code, ptr
@@ -157,6 +158,7 @@ class _TokenLogprobs(torch.autograd.Function):
         return logp.view(shape)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_logp, grad_entropy=None):
         if not ctx.needs_input_grad[0]:
             return (None,) * 8
@@ -338,7 +340,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         N, V = hidden.shape[0], weight.shape[0]
         inv_t = 1.0 / temperature
         dt = _compute_dtype(hidden)
-        need_entropy = want_entropy or any(ctx.needs_input_grad[:3])
+        need_entropy = want_entropy  # backward uses the entropy only for its own gradient
         n_vchunks = -(-V // chunk_vocab)
         max_chunks = torch.empty((n_vchunks, N), dtype=dt, device=hidden.device)
         logsum_chunks = torch.empty_like(max_chunks)
@@ -375,6 +377,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         return logp
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_logp, grad_entropy=None):
         hidden, weight, bias, targets, row_max, log_sum, entropy = ctx.saved_tensors
         temperature, ignore_index, chunk_tokens, chunk_vocab = ctx.meta
@@ -508,7 +511,7 @@ class _VocabParallelTokenLogprobs(torch.autograd.Function):
         layout = _row_layout(shard)
         flat = targets.reshape(-1).to(torch.int64)
         local = _local_targets(flat, ignore_index, vocab_start, layout.V)
-        need_entropy = want_entropy or ctx.needs_input_grad[0]
+        need_entropy = want_entropy
         logp_l, m_l, logsum_l, ent_l = _stats_forward(backend, layout, local, None, 1.0 / temperature, _IGNORED,
                                                       need_entropy)
         ignored = flat == ignore_index
@@ -541,6 +544,7 @@ class _VocabParallelTokenLogprobs(torch.autograd.Function):
         return logp.view(targets.shape)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_logp, grad_entropy=None):
         x, local, row_max, log_sum, entropy = ctx.saved_tensors
         temperature, backend, shape = ctx.meta
