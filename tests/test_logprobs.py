@@ -167,6 +167,7 @@ def test_non_contiguous(backend, dtype):
     _check(backend, wide[:, ::2], _targets((4,), V))  # strided vocabulary: copied once
     _check(backend, _logits((V, 4), dtype).t(), _targets((4,), V))
     _check(backend, base[:, :-1], _targets((3, 5), V).t().contiguous().t())
+    _check(backend, base[:, :-1], _targets((3, 5), V), top_k=20, top_p=0.9)  # the kept set row by row
 
 
 def _hf_kept(z, top_k=None, top_p=None):
