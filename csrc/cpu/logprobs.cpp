@@ -12,9 +12,13 @@
 // gradient); a target outside [0, V) marks a row whose target lives in another shard or
 // vocabulary chunk (no one-hot term, log-prob -inf).
 #include <pybind11/pybind11.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <stdexcept>
@@ -58,7 +62,9 @@ namespace avx2 {
 
 bool use_avx2() {
 #ifdef RLK_HAVE_AVX2_CLONE
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  // RLKERN_DISABLE_AVX2 (any value) forces the baseline build, which tests use to check it.
+  static const bool ok =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && !std::getenv("RLKERN_DISABLE_AVX2");
   return ok;
 #else
   return false;
@@ -103,7 +109,8 @@ void forward_rows_f64(const Rows<double>& rows, int64_t begin, int64_t end, cons
 
 void backward_rows_f64(const Rows<double>& rows, int64_t begin, int64_t end, const int64_t* targets,
                        const double* thresholds, double inv_t, int64_t ignore_index, const double* row_max,
-                       const double* log_sum, const double* entropy, const double* grad_logp, const double* grad_entropy, double* grad) {
+                       const double* log_sum, const double* entropy, const double* grad_logp,
+                       const double* grad_entropy, double* grad) {
   const int64_t V = rows.V;
   for (int64_t r = begin; r < end; ++r) {
     double* out = grad + r * V;
@@ -163,21 +170,23 @@ void forward_f32(const RowArgs& a, const int64_t* tg, ptr_t thresholds, float in
 }
 
 template <class T>
-void backward_f32(const RowArgs& a, const int64_t* tg, ptr_t thresholds, float inv_t, int64_t ignore_index, ptr_t row_max,
-                  ptr_t log_sum, ptr_t entropy, ptr_t grad_logp, ptr_t grad_entropy, ptr_t grad) {
+void backward_f32(const RowArgs& a, const int64_t* tg, ptr_t thresholds, float inv_t, int64_t ignore_index,
+                  ptr_t row_max, ptr_t log_sum, ptr_t entropy, ptr_t grad_logp, ptr_t grad_entropy, ptr_t grad) {
   const Rows<T> rows = rows_of<T>(a);
   const bool avx2 = use_avx2();
   parallel_for(a.n_rows, grain_for(a.V), [&](int64_t b, int64_t e) {
 #ifdef RLK_HAVE_AVX2_CLONE
     if (avx2) {
       avx2::backward_rows<T>(rows, b, e, tg, as_ptr<const float>(thresholds), inv_t, ignore_index,
-                             as_ptr<const float>(row_max), as_ptr<const float>(log_sum), as_ptr<const float>(entropy), as_ptr<const float>(grad_logp),
+                             as_ptr<const float>(row_max), as_ptr<const float>(log_sum),
+                             as_ptr<const float>(entropy), as_ptr<const float>(grad_logp),
                              as_ptr<const float>(grad_entropy), as_ptr<T>(grad));
       return;
     }
 #endif
     generic::backward_rows<T>(rows, b, e, tg, as_ptr<const float>(thresholds), inv_t, ignore_index,
-                              as_ptr<const float>(row_max), as_ptr<const float>(log_sum), as_ptr<const float>(entropy), as_ptr<const float>(grad_logp),
+                              as_ptr<const float>(row_max), as_ptr<const float>(log_sum),
+                              as_ptr<const float>(entropy), as_ptr<const float>(grad_logp),
                               as_ptr<const float>(grad_entropy), as_ptr<T>(grad));
   });
 }
@@ -194,14 +203,42 @@ void forward(const RowArgs& a, ptr_t targets, ptr_t thresholds, double inv_t, in
       });
       break;
     }
-    case DType::F32: forward_f32<float>(a, tg, thresholds, float(inv_t), ignore_index, logp, row_max, log_sum, entropy); break;
-    case DType::BF16: forward_f32<bf16>(a, tg, thresholds, float(inv_t), ignore_index, logp, row_max, log_sum, entropy); break;
-    case DType::F16: forward_f32<f16>(a, tg, thresholds, float(inv_t), ignore_index, logp, row_max, log_sum, entropy); break;
+    case DType::F32:
+      forward_f32<float>(a, tg, thresholds, float(inv_t), ignore_index, logp, row_max, log_sum, entropy);
+      break;
+    case DType::BF16:
+      forward_f32<bf16>(a, tg, thresholds, float(inv_t), ignore_index, logp, row_max, log_sum, entropy);
+      break;
+    case DType::F16:
+      forward_f32<f16>(a, tg, thresholds, float(inv_t), ignore_index, logp, row_max, log_sum, entropy);
+      break;
+  }
+}
+
+// The gradient is a fresh logits-sized buffer: first-touch faults on 4 KiB pages cost
+// more than computing it. Asking for transparent huge pages on its (page-aligned)
+// interior before writing cuts the faults 512-fold; the advice is only a hint.
+void advise_huge_pages(ptr_t p, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (bytes < int64_t(4 * kHuge)) return;
+  const uintptr_t begin = (uintptr_t(p) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (uintptr_t(p) + uintptr_t(bytes)) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+}
+
+int64_t dtype_size(int dtype) {
+  switch (to_dtype(dtype)) {
+    case DType::F64: return 8;
+    case DType::F32: return 4;
+    default: return 2;
   }
 }
 
 void backward(const RowArgs& a, ptr_t targets, ptr_t thresholds, double inv_t, int64_t ignore_index,
               ptr_t row_max, ptr_t log_sum, ptr_t entropy, ptr_t grad_logp, ptr_t grad_entropy, ptr_t grad) {
+  advise_huge_pages(grad, a.n_rows * a.V * dtype_size(a.dtype));
   const int64_t* tg = as_ptr<const int64_t>(targets);
   switch (to_dtype(a.dtype)) {
     case DType::F64: {
@@ -214,15 +251,18 @@ void backward(const RowArgs& a, ptr_t targets, ptr_t thresholds, double inv_t, i
       });
       break;
     }
-#define RLK_BACKWARD_CASE(code, T) \
-    case DType::code:              \
-      backward_f32<T>(a, tg, thresholds, float(inv_t), ignore_index, row_max, log_sum, entropy, grad_logp, grad_entropy, \
-                      grad);                                                                               \
+    case DType::F32:
+      backward_f32<float>(a, tg, thresholds, float(inv_t), ignore_index, row_max, log_sum, entropy, grad_logp,
+                          grad_entropy, grad);
       break;
-    RLK_BACKWARD_CASE(F32, float)
-    RLK_BACKWARD_CASE(BF16, bf16)
-    RLK_BACKWARD_CASE(F16, f16)
-#undef RLK_BACKWARD_CASE
+    case DType::BF16:
+      backward_f32<bf16>(a, tg, thresholds, float(inv_t), ignore_index, row_max, log_sum, entropy, grad_logp,
+                         grad_entropy, grad);
+      break;
+    case DType::F16:
+      backward_f32<f16>(a, tg, thresholds, float(inv_t), ignore_index, row_max, log_sum, entropy, grad_logp,
+                        grad_entropy, grad);
+      break;
   }
 }
 

@@ -4,10 +4,11 @@ Trainers turn logits ``[..., V]`` into one log-prob per token with
 ``log_softmax(logits.float()).gather(...)``, which writes (and keeps for backward) a
 float32 copy of the logits, and another for the entropy. Here each row is streamed once
 with an online logsumexp; backward recomputes the softmax per row from the logits and
-two saved numbers per row (logsumexp, entropy) and writes the gradient of the logits
-directly. Extra memory is O(rows), not O(rows x V).
+a few saved numbers per row (the logsumexp as max + log-sum, the entropy) and writes the
+gradient of the logits directly. Extra memory is O(rows), not O(rows x V).
 
-Kernels: C++ on CPU (threaded over rows, GIL released), Triton on CUDA.
+Kernels: C++ on CPU (threaded over rows, GIL released), Triton on CUDA (float64 logits
+on CUDA take the PyTorch reference path: the Triton kernels accumulate in float32).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import math
 from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _backend, _validate
 from ._kernel import core, dtype_code, ptr
@@ -84,12 +86,22 @@ def _threshold(backend: str, layout: _Layout, temperature: float, top_k: Optiona
         core().logprobs.threshold(ptr(x), dtype_code(x), layout.stride0, layout.stride1, layout.inner, layout.n_rows,
                                   layout.V, 1.0 / temperature, top_k or 0, 1.0 if top_p is None else top_p, ptr(out))
         return out
-    # GPU: a sort per row, in row chunks so the sort buffers stay near 256 MB.
-    rows = x.reshape(-1, layout.V)
-    chunk = max(1, (1 << 26) // max(layout.V, 1))
-    for i in range(0, layout.n_rows, chunk):
-        out[i:i + chunk] = _ref.truncation_threshold(rows[i:i + chunk].to(out.dtype), temperature, top_k, top_p)
+    # GPU: torch's sort per row, over blocks of about 2^24 logits so the sort's buffers
+    # stay a few hundred MB.
+    for start, rows in _row_blocks(layout, max(1, (1 << 24) // layout.V)):
+        out[start:start + rows.shape[0]] = _ref.truncation_threshold(rows.to(out.dtype), temperature, top_k, top_p)
     return out
+
+
+def _row_blocks(layout: _Layout, max_rows: int):
+    """(first row, [rows, V] view) over the rows of ``layout`` without copying them all."""
+    if layout.n_rows == 0:
+        return
+    outer = layout.n_rows // layout.inner
+    rows3 = torch.as_strided(layout.tensor, (outer, layout.inner, layout.V), (layout.stride0, layout.stride1, 1))
+    for a in range(outer):
+        for b in range(0, layout.inner, max_rows):
+            yield a * layout.inner + b, rows3[a, b:b + max_rows]
 
 
 def _stats_forward(backend: str, layout: _Layout, targets: torch.Tensor, threshold: Optional[torch.Tensor],
@@ -157,6 +169,7 @@ class _TokenLogprobs(torch.autograd.Function):
         return logp.view(shape)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_logp, grad_entropy=None):
         if not ctx.needs_input_grad[0]:
             return (None,) * 8
@@ -338,7 +351,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         N, V = hidden.shape[0], weight.shape[0]
         inv_t = 1.0 / temperature
         dt = _compute_dtype(hidden)
-        need_entropy = want_entropy or any(ctx.needs_input_grad[:3])
+        need_entropy = want_entropy  # backward uses the entropy only for its own gradient
         n_vchunks = -(-V // chunk_vocab)
         max_chunks = torch.empty((n_vchunks, N), dtype=dt, device=hidden.device)
         logsum_chunks = torch.empty_like(max_chunks)
@@ -375,6 +388,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         return logp
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_logp, grad_entropy=None):
         hidden, weight, bias, targets, row_max, log_sum, entropy = ctx.saved_tensors
         temperature, ignore_index, chunk_tokens, chunk_vocab = ctx.meta
@@ -457,7 +471,8 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
 
     Returns ``logp`` (and ``entropy``), float32 (float64 for float64 inputs). The
     chunk products round to the inputs' dtype as ``hidden @ weight.T`` does. No top-k /
-    top-p here (a sampler's kept set needs the whole row).
+    top-p here (a sampler's kept set needs the whole row). NaN/inf follow
+    :func:`token_logprobs`: a row whose logits hold NaN or +inf gives NaN.
     """
     _validate.tensor("hidden", hidden, floating=True)
     if hidden.dim() < 1:
@@ -508,7 +523,7 @@ class _VocabParallelTokenLogprobs(torch.autograd.Function):
         layout = _row_layout(shard)
         flat = targets.reshape(-1).to(torch.int64)
         local = _local_targets(flat, ignore_index, vocab_start, layout.V)
-        need_entropy = want_entropy or ctx.needs_input_grad[0]
+        need_entropy = want_entropy
         logp_l, m_l, logsum_l, ent_l = _stats_forward(backend, layout, local, None, 1.0 / temperature, _IGNORED,
                                                       need_entropy)
         ignored = flat == ignore_index
@@ -541,6 +556,7 @@ class _VocabParallelTokenLogprobs(torch.autograd.Function):
         return logp.view(targets.shape)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_logp, grad_entropy=None):
         x, local, row_max, log_sum, entropy = ctx.saved_tensors
         temperature, backend, shape = ctx.meta
@@ -578,7 +594,8 @@ def vocab_parallel_token_logprobs(logits_shard: torch.Tensor, targets: torch.Ten
             (checked, ValueError on every rank otherwise).
         vocab_start: global id of this shard's first column.
         group: the process group (None: the default group).
-        temperature, return_entropy, ignore_index: as in :func:`token_logprobs`.
+        temperature, return_entropy, ignore_index: as in :func:`token_logprobs`
+            (-inf logits are fine, NaN or +inf anywhere in a row make it NaN).
     """
     _check_logits("logits_shard", logits_shard)
     _validate.same_device(logits_shard=logits_shard, targets=targets)

@@ -55,6 +55,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _release_freed_heap() -> None:
+    """Hand freed malloc pages back to the OS (glibc), so that a call reusing memory an
+    earlier competitor freed shows up in the RSS instead of looking free."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _peak_memory_mb(fn: Impl, device: torch.device) -> Optional[float]:
     """Extra memory the call needs beyond what was allocated before it."""
     gc.collect()
@@ -73,6 +84,7 @@ def _peak_memory_mb(fn: Impl, device: torch.device) -> Optional[float]:
         core = _ext.load()
     except ImportError:
         return None
+    _release_freed_heap()
     sampler = core.bench.RssSampler()
     base = core.bench.current_rss()
     sampler.start(100.0)

@@ -149,7 +149,8 @@ def backward(layout, targets: torch.Tensor, threshold: Optional[torch.Tensor], i
 
 def _fwd_spec(dtype: str, has_threshold: bool, want_entropy: bool) -> AotSpec:
     sig = {"logits_ptr": f"*{dtype}", "targets_ptr": "*i64", "thr_ptr": "*fp32", "logp_ptr": "*fp32",
-           "max_ptr": "*fp32", "logsum_ptr": "*fp32", "ent_ptr": "*fp32", "stride0": "i64", "stride1": "i64", "inner": "i64", "V": "i32",
+           "max_ptr": "*fp32", "logsum_ptr": "*fp32", "ent_ptr": "*fp32", "stride0": "i64", "stride1": "i64",
+           "inner": "i64", "V": "i32",
            "inv_t": "fp32", "ignore_index": "i64", "HAS_THRESHOLD": "constexpr", "WANT_ENTROPY": "constexpr",
            "BLOCK": "constexpr"}
     return AotSpec(f"logprobs_fwd[{dtype},thr={has_threshold},ent={want_entropy}]", _logprobs_fwd_kernel, sig,
@@ -159,7 +160,8 @@ def _fwd_spec(dtype: str, has_threshold: bool, want_entropy: bool) -> AotSpec:
 
 def _bwd_spec(dtype: str, has_threshold: bool, has_grad_entropy: bool) -> AotSpec:
     sig = {"logits_ptr": f"*{dtype}", "targets_ptr": "*i64", "thr_ptr": "*fp32", "max_ptr": "*fp32",
-           "logsum_ptr": "*fp32", "ent_ptr": "*fp32", "glp_ptr": "*fp32", "gent_ptr": "*fp32", "grad_ptr": f"*{dtype}", "stride0": "i64",
+           "logsum_ptr": "*fp32", "ent_ptr": "*fp32", "glp_ptr": "*fp32", "gent_ptr": "*fp32", "grad_ptr": f"*{dtype}",
+           "stride0": "i64",
            "stride1": "i64", "inner": "i64", "V": "i32", "inv_t": "fp32", "ignore_index": "i64",
            "HAS_THRESHOLD": "constexpr", "HAS_GRAD_LOGP": "constexpr", "HAS_GRAD_ENTROPY": "constexpr",
            "BLOCK": "constexpr"}
