@@ -51,26 +51,6 @@ struct Bounds {
   }
 };
 
-RLK_LOSS_INLINE float f32_from_bits(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float f;
-  __builtin_memcpy(&f, &u, sizeof f);
-  return f;
-#endif
-}
-
-RLK_LOSS_INLINE uint32_t f32_to_bits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#else
-  uint32_t u;
-  __builtin_memcpy(&u, &f, sizeof u);
-  return u;
-#endif
-}
-
 // exp in float without a library call or a float-to-int conversion, so that loops using
 // it vectorise. Cody-Waite reduction x = k ln2 + r with |r| <= ln2 / 2 (k rounded by the
 // 1.5 * 2^23 trick) and Cephes' degree-6 polynomial for exp(r): about 1 ulp. Results
@@ -81,15 +61,15 @@ RLK_LOSS_INLINE float fast_exp(float x) {
   xc = x == x ? xc : 0.0f;
   const float shifted = xc * 1.44269504088896341f + 12582912.0f;
   const float fk = shifted - 12582912.0f;
-  const int32_t k = int32_t(f32_to_bits(shifted) - 0x4B400000u);
+  const int32_t k = int32_t(float_to_bits(shifted) - 0x4B400000u);
   const float r = (xc - fk * 0.693359375f) - fk * -2.12194440e-4f;
   const float z = r * r;
   float y = (((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r +
               1.6666665459e-1f) * r + 5.0000001201e-1f) * z + r + 1.0f;
   // 2^k as two normal factors: k reaches 128 near the top of the range.
   const int32_t k1 = k >> 1, k2 = k - k1;
-  y = y * f32_from_bits(uint32_t(k1 + 127) << 23) * f32_from_bits(uint32_t(k2 + 127) << 23);
-  y = x > upper ? f32_from_bits(0x7f800000u) : y;
+  y = y * bits_to_float(uint32_t(k1 + 127) << 23) * bits_to_float(uint32_t(k2 + 127) << 23);
+  y = x > upper ? bits_to_float(0x7f800000u) : y;
   y = x < lower ? 0.0f : y;
   return x == x ? y : x;
 }

@@ -51,6 +51,28 @@ def _kl_controller(kl_coef: float, target_kl: Optional[float], horizon: float):
     return AdaptiveKLController(kl_coef, target_kl, horizon)
 
 
+
+
+class _KLCoefficient:
+    """The KL coefficient of a config (``kl_coef``, ``target_kl``, ``kl_horizon``): fixed,
+    or adapted toward ``target_kl`` by :class:`AdaptiveKLController`."""
+
+    def _init_config(self, config, config_type, overrides):
+        if config is not None and overrides:
+            raise TypeError("pass either a config or keyword overrides, not both")
+        self.config = config if config is not None else config_type(**overrides)
+        c = self.config
+        self.kl_controller = _kl_controller(c.kl_coef, c.target_kl, c.kl_horizon)
+
+    @property
+    def kl_coef(self) -> float:
+        return self.kl_controller.value
+
+    def update_kl(self, current_kl: float, n_steps: int) -> float:
+        """Adapt the KL coefficient after a batch of ``n_steps`` samples whose measured KL was ``current_kl``."""
+        return self.kl_controller.update(current_kl, n_steps)
+
+
 @dataclass
 class PPOLoss:
     """The terms of a PPO loss. ``loss`` is what to backpropagate; the rest are detached diagnostics."""
@@ -87,7 +109,7 @@ class PPOConfig:
     kl_kind: str = "k3"
 
 
-class PPO:
+class PPO(_KLCoefficient):
     """Proximal Policy Optimisation (Schulman et al., 2017) with GAE.
 
     Objective (minimised), over the valid steps of a minibatch::
@@ -112,19 +134,7 @@ class PPO:
     """
 
     def __init__(self, config: Optional[PPOConfig] = None, **overrides):
-        self.config = config if config is not None else PPOConfig(**overrides)
-        if config is not None and overrides:
-            raise TypeError("pass either a config or keyword overrides, not both")
-        c = self.config
-        self.kl_controller = _kl_controller(c.kl_coef, c.target_kl, c.kl_horizon)
-
-    @property
-    def kl_coef(self) -> float:
-        return self.kl_controller.value
-
-    def update_kl(self, current_kl: float, n_steps: int) -> float:
-        """Adapt the KL coefficient after a batch of ``n_steps`` samples whose measured KL was ``current_kl``."""
-        return self.kl_controller.update(current_kl, n_steps)
+        self._init_config(config, PPOConfig, overrides)
 
     def advantages(self, rewards: torch.Tensor, values: torch.Tensor, terminated: torch.Tensor, *,
                    truncated: Optional[torch.Tensor] = None, next_values: Optional[torch.Tensor] = None,
@@ -200,7 +210,7 @@ class RLHFPPOConfig:
     entropy_coef: float = 0.0
 
 
-class RLHFPPO:
+class RLHFPPO(_KLCoefficient):
     """PPO for language models with a scalar reward model and a KL penalty in the reward.
 
     Per-token reward over the response mask m (the k1 penalty, as TRL, verl and OpenRLHF)::
@@ -222,18 +232,7 @@ class RLHFPPO:
     """
 
     def __init__(self, config: Optional[RLHFPPOConfig] = None, **overrides):
-        if config is not None and overrides:
-            raise TypeError("pass either a config or keyword overrides, not both")
-        self.config = config if config is not None else RLHFPPOConfig(**overrides)
-        c = self.config
-        self.kl_controller = _kl_controller(c.kl_coef, c.target_kl, c.kl_horizon)
-
-    @property
-    def kl_coef(self) -> float:
-        return self.kl_controller.value
-
-    def update_kl(self, current_kl: float, n_steps: int) -> float:
-        return self.kl_controller.update(current_kl, n_steps)
+        self._init_config(config, RLHFPPOConfig, overrides)
 
     def token_rewards(self, scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor,
                       mask: torch.Tensor) -> torch.Tensor:
