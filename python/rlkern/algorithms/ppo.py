@@ -51,8 +51,6 @@ def _kl_controller(kl_coef: float, target_kl: Optional[float], horizon: float):
     return AdaptiveKLController(kl_coef, target_kl, horizon)
 
 
-
-
 class _KLCoefficient:
     """The KL coefficient of a config (``kl_coef``, ``target_kl``, ``kl_horizon``): fixed,
     or adapted toward ``target_kl`` by :class:`AdaptiveKLController`."""
