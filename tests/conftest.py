@@ -23,3 +23,14 @@ def shared_dir() -> pathlib.Path:
     if not path.exists():
         pytest.skip(f"shared data folder not found at {path}")
     return path
+
+
+@pytest.fixture
+def torch_one_thread():
+    """Single-process loops over tiny networks: extra torch threads only contend."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -17,17 +17,13 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # the full runs take minutes: opt in with RLKERN_RUN_SLOW=1 (they are also marked `slow`)
+# Single-process loops over tiny networks: one torch thread each (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 full_run = pytest.mark.skipif(os.environ.get("RLKERN_RUN_SLOW") != "1",
                               reason="full example run: set RLKERN_RUN_SLOW=1 to run it")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the examples are single-process loops over tiny networks: extra threads only contend
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _load(name):

@@ -23,16 +23,12 @@ import rlkern.integrations.trl as rlk_trl  # noqa: E402
 
 from helpers import assert_close  # noqa: E402
 
+# Single-process loops over tiny networks: one torch thread each (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 VOCAB = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(40)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # a 2-layer, 32-wide model: extra threads only contend with each other
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
