@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <exception>
@@ -26,15 +27,56 @@ int default_threads() {
   return hw == 0 ? 1 : int(hw);
 }
 
+// Spins for a while before sleeping. Batched MCTS and the loss kernels call the pool
+// every few tens of microseconds; waking a thread sleeping on a condition variable costs
+// about as much as that whole step on a small VM, so a worker that has just finished keeps
+// polling for the next task for spin_ns before it blocks.
+int64_t default_spin_ns() {
+  if (const char* env = std::getenv("RLKERN_SPIN_US")) {
+    const long us = std::atol(env);
+    if (us >= 0) return int64_t(us) * 1000;
+  }
+  return 200 * 1000;
+}
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// Polls `ready` until it returns true or spin_ns pass; true when it became ready.
+template <class Ready>
+bool spin_until(Ready ready, int64_t spin_ns) {
+  if (spin_ns <= 0) return ready();
+  const int64_t deadline = now_ns() + spin_ns;
+  for (int i = 1;; ++i) {
+    if (ready()) return true;
+    cpu_relax();
+    if ((i & 255) == 0) {
+      if (now_ns() > deadline) return ready();
+      // Hands the core over when another thread (torch's, or the caller's) wants it.
+      std::this_thread::yield();
+    }
+  }
+}
+
 class Pool {
  public:
-  explicit Pool(int threads) : size_(threads) {
+  explicit Pool(int threads) : size_(threads), spin_ns_(default_spin_ns()) {
     for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { worker_loop(); });
   }
   ~Pool() {
     {
       std::lock_guard<std::mutex> lock(m_);
-      stop_ = true;
+      stop_.store(true);
     }
     cv_.notify_all();
     for (auto& t : workers_) t.join();
@@ -45,20 +87,24 @@ class Pool {
   bool try_run(int64_t n, int64_t chunk, const std::function<void(int64_t, int64_t)>& fn) {
     std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
     if (!busy.owns_lock()) return false;
-    {
+    fn_ = &fn;
+    n_ = n;
+    chunk_ = chunk;
+    next_.store(0, std::memory_order_relaxed);
+    error_ = nullptr;
+    active_.store(int(workers_.size()), std::memory_order_relaxed);
+    // seq_cst pairs with the sleepers_ increment in worker_loop: either the worker sees
+    // the new generation before it sleeps, or this thread sees it asleep and wakes it.
+    generation_.fetch_add(1);
+    if (sleepers_.load() > 0) {
       std::lock_guard<std::mutex> lock(m_);
-      fn_ = &fn;
-      n_ = n;
-      chunk_ = chunk;
-      next_.store(0);
-      error_ = nullptr;
-      active_ = int(workers_.size());
-      ++generation_;
+      cv_.notify_all();
     }
-    cv_.notify_all();
     drain();
-    std::unique_lock<std::mutex> lock(m_);
-    done_cv_.wait(lock, [this] { return active_ == 0; });
+    if (!spin_until([this] { return active_.load(std::memory_order_acquire) == 0; }, spin_ns_)) {
+      std::unique_lock<std::mutex> lock(m_);
+      done_cv_.wait(lock, [this] { return active_.load(std::memory_order_acquire) == 0; });
+    }
     fn_ = nullptr;
     if (error_) std::rethrow_exception(error_);
     return true;
@@ -83,19 +129,25 @@ class Pool {
   void worker_loop() {
     uint64_t seen = 0;
     for (;;) {
-      {
+      auto ready = [&] { return stop_.load() || generation_.load() != seen; };
+      if (!spin_until(ready, spin_ns_)) {
         std::unique_lock<std::mutex> lock(m_);
-        cv_.wait(lock, [&] { return stop_ || generation_ != seen; });
-        if (stop_) return;
-        seen = generation_;
+        sleepers_.fetch_add(1);
+        cv_.wait(lock, ready);
+        sleepers_.fetch_sub(1);
       }
+      if (stop_.load()) return;
+      seen = generation_.load();
       drain();
-      std::lock_guard<std::mutex> lock(m_);
-      if (--active_ == 0) done_cv_.notify_one();
+      if (active_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        std::lock_guard<std::mutex> lock(m_);
+        done_cv_.notify_one();
+      }
     }
   }
 
   const int size_;
+  const int64_t spin_ns_;
   std::vector<std::thread> workers_;
   std::mutex m_, busy_;
   std::condition_variable cv_, done_cv_;
@@ -103,9 +155,9 @@ class Pool {
   int64_t n_ = 0, chunk_ = 1;
   std::atomic<int64_t> next_{0};
   std::exception_ptr error_;
-  int active_ = 0;
-  uint64_t generation_ = 0;
-  bool stop_ = false;
+  std::atomic<int> active_{0}, sleepers_{0};
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<bool> stop_{false};
 };
 
 std::mutex pool_mutex;
