@@ -286,6 +286,21 @@ def test_half_inputs(backend, dtype, name):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name", ["sequence", "sequence_cispo", "default"])
+def test_half_long_rows_with_masked_nan(backend, name):
+    """bfloat16 rows long enough for the 16-token vector loops (prepass and gradient
+    fill), with NaN behind the mask and a ragged tail."""
+    batch = make_batch(4, 533, seed=13)
+    needs, options = OPTION_CASES[name]
+    args, opts = build(batch, needs, options, dtype=torch.bfloat16)
+    out, grads = run(backend, args, opts)
+    expected, expected_grads = reference_of(args, opts)
+    assert_close(out.loss, expected.loss, VALUE_TOL, "loss")
+    assert torch.isfinite(grads[0]).all()
+    assert_close(grads[0], expected_grads[0], 1e-2, "grad")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_batch_of_one(backend):
     batch = make_batch(1, 8, seed=11)
     batch["mask"][0, :3] = True

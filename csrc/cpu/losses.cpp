@@ -348,16 +348,75 @@ RLK_LOSS_INLINE void vstore(bf16* p, int64_t i, vf v) {
   __builtin_memcpy(p + i, &h, sizeof h);
 }
 
-typedef uint8_t vb __attribute__((vector_size(8)));
+// Eight mask bytes to lane masks. Written as two broadcast words and per-lane shifts
+// because GCC lowers a byte -> int32 convertvector to eight scalar inserts here.
 RLK_LOSS_INLINE vi load_mask(const uint8_t* mp) {
-  vb b;
-  __builtin_memcpy(&b, mp, sizeof b);
-  return __builtin_convertvector(b, vi) != 0;
+  int32_t lo, hi;
+  __builtin_memcpy(&lo, mp, 4);
+  __builtin_memcpy(&hi, mp + 4, 4);
+  const vi w = vi{lo, lo, lo, lo, hi, hi, hi, hi};
+  return ((w << vi{24, 16, 8, 0, 24, 16, 8, 0}) & int32_t(0xff000000u)) != 0;
 }
 RLK_LOSS_INLINE float lane_sum(vf v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
 // Storage types with a vector path (the arithmetic type must be float).
 template <class T>
 constexpr bool kSimd = std::is_same<T, float>::value || std::is_same<T, bf16>::value;
+
+// Sums of one row for the sequence-level prepass when only the token count, the log-ratio
+// and the log-probs are needed (no rollout, off-policy or sequence-TIS terms): 16 tokens
+// per step in two independent accumulator sets, flushed to double every 512 tokens.
+struct RowSums {
+  double n = 0, lr = 0, lp = 0;
+  int64_t done = 0;  // tokens covered; the caller finishes the tail
+};
+template <class T>
+RLK_LOSS_INLINE RowSums row_sums_v(const T* logp, const T* old, const uint8_t* m, int64_t T_) {
+  RowSums out;
+  const vf zero = splat(0.0f), one = splat(1.0f);
+  int64_t t = 0;
+  while (t + 16 <= T_) {
+    const int64_t stop = std::min<int64_t>(T_, t + 512);
+    vf n0 = zero, n1 = zero, lr0 = zero, lr1 = zero, lp0 = zero, lp1 = zero;
+    for (; t + 16 <= stop; t += 16) {
+      const vi m0 = load_mask(m + t), m1 = load_mask(m + t + 8);
+      const vf a0 = m0 ? vload(logp, t) : zero, a1 = m1 ? vload(logp, t + 8) : zero;
+      const vf o0 = m0 ? vload(old, t) : zero, o1 = m1 ? vload(old, t + 8) : zero;
+      n0 += m0 ? one : zero;
+      n1 += m1 ? one : zero;
+      lr0 += a0 - o0;
+      lr1 += a1 - o1;
+      lp0 += a0;
+      lp1 += a1;
+    }
+    out.n += double(lane_sum(n0 + n1));
+    out.lr += double(lane_sum(lr0)) + double(lane_sum(lr1));
+    out.lp += double(lane_sum(lp0)) + double(lane_sum(lp1));
+  }
+  out.done = t;
+  return out;
+}
+
+// grad[t] = mask[t] ? g : 0 for a whole row.
+RLK_LOSS_INLINE int64_t fill_masked_v(float* out, const uint8_t* m, int64_t T_, float g) {
+  const vf gv = splat(g), zero = splat(0.0f);
+  int64_t t = 0;
+  for (; t + kVec <= T_; t += kVec) vstore(out, t, load_mask(m + t) ? gv : zero);
+  return t;
+}
+RLK_LOSS_INLINE int64_t fill_masked_v(bf16* out, const uint8_t* m, int64_t T_, float g) {
+  // One rounding of g, then 16 tokens per step as 16-bit lanes: 0 or the bits of g.
+  typedef int8_t vc16 __attribute__((vector_size(16)));
+  typedef int16_t vs16 __attribute__((vector_size(32)));
+  const int16_t bits = int16_t(float_to_bf16(g));
+  int64_t t = 0;
+  for (; t + 16 <= T_; t += 16) {
+    vc16 mb;
+    __builtin_memcpy(&mb, m + t, sizeof mb);
+    const vs16 w = __builtin_convertvector(mb != 0, vs16) & bits;
+    __builtin_memcpy(out + t, &w, sizeof w);
+  }
+  return t;
+}
 
 template <class T, int KL, bool SEQ, bool EXTRA>
 RLK_LOSS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& c, int64_t i, int64_t ai,
@@ -546,7 +605,20 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
     if (need_prepass) {
       A ln[kLanes] = {}, llr[kLanes] = {}, ldiv[kLanes] = {}, ltis[kLanes] = {};
       double dn = 0, dlr = 0, ddiv = 0, dtis = 0, dlp = 0;
-      for (int64_t t0 = 0; t0 < T_; t0 += kBlock) {
+      int64_t start = 0;
+#ifdef RLK_POLICY_SIMD
+      if constexpr (kSimd<T>) {
+        if (!EXTRA && !p.has_off && !tis_seq) {
+          const RowSums rs = row_sums_v(in.logp + base, in.old + base, m, T_);
+          dn = rs.n;
+          dlr = rs.lr;
+          dlp = rs.lp;
+          ddiv = -rs.lr;  // the behaviour policy is the old one here
+          start = rs.done;
+        }
+      }
+#endif
+      for (int64_t t0 = start; t0 < T_; t0 += kBlock) {
         const int64_t t1 = std::min<int64_t>(T_, t0 + kBlock);
         int64_t t = t0;
 #ifdef RLK_POLICY_SIMD
@@ -638,10 +710,7 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
       T* g = in.grad + base;
       int64_t t = 0;
 #ifdef RLK_POLICY_SIMD
-      if constexpr (kSimd<T>) {
-        const vf gv = splat(float(gval)), zero = splat(0.0f);
-        for (; t + kVec <= T_; t += kVec) vstore(g, t, load_mask(m + t) ? gv : zero);
-      }
+      if constexpr (kSimd<T>) t = fill_masked_v(g, m, T_, float(gval));
 #endif
       for (; t < T_; ++t) store(g, t, m[t] ? gval : A(0));
       for (int k = 0; k < kNumStats; ++k) stats[b * kNumStats + k] = acc[k];
