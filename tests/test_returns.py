@@ -107,6 +107,40 @@ def test_masked_gae(backend, shape, gamma, lam):
     assert_close(ret, eret)
 
 
+@pytest.mark.parametrize("T,k", [(64, 21), (61, 8), (200, 127), (17, 0)])
+@pytest.mark.parametrize("cut", ["terminated", "truncated"])
+def test_nan_after_an_episode_end_stays_there(backend, T, k, cut):
+    """Steps after an episode boundary at k hold NaN; the earlier episode is untouched
+    (every scan reads nothing across a cut: 8-step vector tiles included)."""
+    g = torch.Generator().manual_seed(T * 7 + k)
+    r, v, nv = (torch.randn(3, T, generator=g) for _ in range(3))
+    flags = torch.zeros(3, T, dtype=torch.bool)
+    flags[:, k] = True
+    term = flags if cut == "terminated" else torch.zeros_like(flags)
+    trunc = flags if cut == "truncated" else None
+    dirty = [x.clone() for x in (r, v, nv)]
+    for x in dirty:
+        x[:, k + 1:] = float("nan")
+    head = slice(0, k + 1)
+    clean = [x[:, head].contiguous() for x in (r, v, nv)]
+    last = torch.zeros(3, k + 1, dtype=torch.bool)
+    last[:, k] = True
+    if cut == "terminated":
+        ret = rlkern.discounted_returns(dirty[0], term, 0.9)[:, head]
+        assert_close(ret, ref.discounted_returns(clean[0].double(), last, 0.9))
+    adv, _ = rlkern.gae(dirty[0], dirty[1], term, 0.99, 0.95, next_values=dirty[2], truncated=trunc)
+    head_term = last if cut == "terminated" else torch.zeros_like(last)
+    head_trunc = None if cut == "terminated" else last
+    eadv, _ = ref.gae(clean[0].double(), clean[1].double(), head_term, 0.99, 0.95, next_values=clean[2].double(),
+                      truncated=head_trunc)
+    assert torch.isfinite(adv[:, head]).all()
+    assert_close(adv[:, head], eadv)
+    lam_ret = rlkern.lambda_returns(dirty[0], dirty[2], term, 0.97, 0.8, truncated=trunc)[:, head]
+    assert torch.isfinite(lam_ret).all()
+    assert_close(lam_ret, ref.lambda_returns(clean[0].double(), clean[2].double(), head_term, 0.97, 0.8,
+                                             truncated=head_trunc))
+
+
 def test_masked_gae_equals_gae_on_the_compressed_row():
     g = torch.Generator().manual_seed(3)
     mask = torch.tensor([[0, 1, 1, 0, 0, 1, 1, 0]], dtype=torch.bool)
@@ -316,3 +350,58 @@ def test_few_long_rows_use_the_chunked_scan(B, T):
     assert_close(adv2, ref.gae(r.double(), v.double(), term, 0.99, 0.95, next_values=nv.double(), truncated=trunc)[0])
     assert_close(disc, ref.discounted_returns(r.double(), term, 0.999, boot.double()))
     assert_close(lam, ref.lambda_returns(r.double(), nv.double(), term, 0.99, 0.9, truncated=trunc))
+
+
+def test_out_buffers_receive_the_results(backend):
+    g = torch.Generator().manual_seed(21)
+    r, v, nv = (torch.randn(5, 67, generator=g) for _ in range(3))
+    term = torch.rand(5, 67, generator=g) < 0.05
+    trunc = (torch.rand(5, 67, generator=g) < 0.05) & ~term
+    mask = torch.rand(5, 67, generator=g) < 0.8
+    a, b = torch.full_like(r, 7.0), torch.full_like(r, 7.0)
+    got = rlkern.gae(r, v, term, 0.99, 0.95, next_values=nv, truncated=trunc, out=(a, b))
+    assert got[0] is a and got[1] is b
+    want = rlkern.gae(r, v, term, 0.99, 0.95, next_values=nv, truncated=trunc)
+    assert torch.equal(a, want[0]) and torch.equal(b, want[1])
+    got = rlkern.masked_gae(r, v, mask, 1.0, 0.9, out=(a, b))
+    want = rlkern.masked_gae(r, v, mask, 1.0, 0.9)
+    assert got[0] is a and torch.equal(a, want[0]) and torch.equal(b, want[1])
+    assert rlkern.discounted_returns(r, term, 0.9, out=a) is a
+    assert torch.equal(a, rlkern.discounted_returns(r, term, 0.9))
+    assert rlkern.lambda_returns(r, nv, term, 0.9, 0.7, out=b) is b
+    assert torch.equal(b, rlkern.lambda_returns(r, nv, term, 0.9, 0.7))
+    row = torch.empty(67)
+    assert torch.equal(rlkern.discounted_returns(r[0], term[0], 0.9, out=row), rlkern.discounted_returns(r[0], term[0], 0.9))
+    f64 = torch.empty(5, 67, dtype=torch.float64)
+    rlkern.discounted_returns(r.double(), term, 0.9, out=f64)
+    assert_close(f64, ref.discounted_returns(r.double(), term, 0.9))
+
+
+def test_out_buffers_on_the_differentiable_path():
+    r = torch.randn(3, 20, requires_grad=True)
+    term = torch.zeros(3, 20, dtype=torch.bool)
+    buf = torch.empty(3, 20)
+    assert rlkern.discounted_returns(r, term, 0.9, out=buf) is buf
+    assert_close(buf, ref.discounted_returns(r.detach().double(), term, 0.9))
+
+
+def test_bad_out_buffers_raise_clear_errors():
+    r, v = torch.randn(4, 9), torch.randn(4, 9)
+    term = torch.zeros(4, 9, dtype=torch.bool)
+    good = torch.empty(4, 9)
+    with pytest.raises(ValueError, match=r"out must have shape \(4, 9\)"):
+        rlkern.discounted_returns(r, term, 0.9, out=torch.empty(4, 8))
+    with pytest.raises(TypeError, match="out must have dtype torch.float32"):
+        rlkern.discounted_returns(r, term, 0.9, out=torch.empty(4, 9, dtype=torch.float64))
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        rlkern.discounted_returns(r, term, 0.9, out=torch.empty(9, 4).t())
+    with pytest.raises(ValueError, match="share memory"):
+        rlkern.discounted_returns(r, term, 0.9, out=r)
+    with pytest.raises(ValueError, match="share memory"):
+        rlkern.gae(r, v, term, 0.9, 0.9, out=(good, good))
+    with pytest.raises(TypeError, match="tuple of two tensors"):
+        rlkern.gae(r, v, term, 0.9, 0.9, out=good)
+    with pytest.raises(ValueError, match=r"out\[1\] must have shape"):
+        rlkern.masked_gae(r, v, term, out=(good, torch.empty(3)))
+    with pytest.raises(ValueError, match="must not require grad"):
+        rlkern.lambda_returns(r, v, term, 0.9, 0.9, out=torch.empty(4, 9, requires_grad=True))

@@ -27,6 +27,7 @@
 #include "rlkern/dtype.h"
 #include "rlkern/losses.h"
 #include "rlkern/parallel.h"
+#include "rlkern/simd.h"
 #include "rlkern/registry.h"
 
 namespace py = pybind11;
@@ -348,15 +349,7 @@ RLK_LOSS_INLINE void vstore(bf16* p, int64_t i, vf v) {
   __builtin_memcpy(p + i, &h, sizeof h);
 }
 
-// Eight mask bytes to lane masks. Written as two broadcast words and per-lane shifts
-// because GCC lowers a byte -> int32 convertvector to eight scalar inserts here.
-RLK_LOSS_INLINE vi load_mask(const uint8_t* mp) {
-  int32_t lo, hi;
-  __builtin_memcpy(&lo, mp, 4);
-  __builtin_memcpy(&hi, mp + 4, 4);
-  const vi w = vi{lo, lo, lo, lo, hi, hi, hi, hi};
-  return ((w << vi{24, 16, 8, 0, 24, 16, 8, 0}) & int32_t(0xff000000u)) != 0;
-}
+RLK_LOSS_INLINE vi load_mask(const uint8_t* mp) { return rlk::simd::mask_bytes(mp); }
 RLK_LOSS_INLINE float lane_sum(vf v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
 // Storage types with a vector path (the arithmetic type must be float).
 template <class T>

@@ -77,15 +77,17 @@ def _scan_backend(device: torch.device) -> str:
 
 
 def _run_scan(name: str, backend: str, inputs: dict, flags: dict, gamma: float, lam: float, B: int, T: int,
-              outputs: int) -> Tuple[torch.Tensor, ...]:
+              outputs: int, out: Optional[Tuple[torch.Tensor, ...]] = None) -> Tuple[torch.Tensor, ...]:
     """Casts the floating inputs to one storage dtype, makes everything contiguous and
-    launches the kernel; returns the output tensors (float32, or float64)."""
+    launches the kernel; returns the output tensors (float32, or float64), written into
+    ``out`` when given (already checked by ``_out_buffers``)."""
     dtype = _common_dtype(*inputs.values())
     device = next(t for t in inputs.values() if t is not None).device
     floats = {k: (v.to(dtype).contiguous() if v is not None else None) for k, v in inputs.items()}
     bits = {k: (v.contiguous().view(torch.uint8) if v is not None else None) for k, v in flags.items()}
     out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    outs = [torch.empty((B, T), dtype=out_dtype, device=device) for _ in range(outputs)]
+    outs = list(out) if out is not None else [torch.empty((B, T), dtype=out_dtype, device=device)
+                                              for _ in range(outputs)]
     cuda = backend == "cuda"
     fn = getattr(core().returns, name + ("_cuda" if cuda else ""))
 
@@ -96,6 +98,62 @@ def _run_scan(name: str, backend: str, inputs: dict, flags: dict, gamma: float, 
        p(floats.get("bootstrap")), p(bits.get("terminated")), p(bits.get("truncated")), float(gamma), float(lam),
        p(outs[0]), p(outs[1]) if outputs > 1 else 0, cuda_stream(device) if cuda else 0)
     return tuple(outs)
+
+
+def _span(t: torch.Tensor) -> Tuple[int, int]:
+    storage = t.untyped_storage()
+    return storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+
+
+def _out_buffers(out, count: int, one_d: bool, shape, dtype: torch.dtype, device: torch.device,
+                 inputs: Tuple[Optional[torch.Tensor], ...]) -> Optional[Tuple[torch.Tensor, ...]]:
+    """Checks ``out`` (one tensor, or a pair for the scans with two outputs) and returns
+    it as ``[B, T]`` rows; None when not given."""
+    if out is None:
+        return None
+    what = "a tensor" if count == 1 else "a tuple of two tensors (advantages, returns)"
+    bufs = (out,) if count == 1 and isinstance(out, torch.Tensor) else out
+    if not isinstance(bufs, (tuple, list)) or len(bufs) != count or \
+            not all(isinstance(b, torch.Tensor) for b in bufs):
+        raise TypeError(f"out must be {what}, got {type(out).__name__}")
+    rows = []
+    for i, b in enumerate(bufs):
+        name = "out" if count == 1 else f"out[{i}]"
+        want = tuple(shape[1:]) if one_d else tuple(shape)
+        if tuple(b.shape) != want:
+            raise ValueError(f"{name} must have shape {want}, got {tuple(b.shape)}")
+        if b.dtype != dtype:
+            raise TypeError(f"{name} must have dtype {dtype} (the result dtype for these inputs), got {b.dtype}")
+        if b.device != device:
+            raise ValueError(f"{name} is on {b.device} but the inputs are on {device}")
+        if not b.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+        if b.requires_grad:
+            raise ValueError(f"{name} must not require grad (the results are constants for autograd)")
+        rows.append(_row_of(b, one_d))
+    spans = [_span(b) for b in rows]
+    others = [_span(t) for t in inputs if t is not None] + spans
+    for i, (lo, hi) in enumerate(spans):
+        for j, (olo, ohi) in enumerate(others):
+            if j == len(others) - len(spans) + i:
+                continue  # itself
+            if lo < ohi and olo < hi:
+                raise ValueError("out must not share memory with the inputs or with the other output "
+                                 "(the scan reads steps it has not written yet)")
+    return tuple(rows)
+
+
+def _result_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+    return torch.float64 if _common_dtype(*tensors) == torch.float64 else torch.float32
+
+
+def _write(out: Optional[Tuple[torch.Tensor, ...]], *results: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """Results of the reference path, copied into ``out`` when given."""
+    if out is None:
+        return results
+    for o, r in zip(out, results):
+        o.copy_(r.detach())
+    return tuple(out)
 
 
 def _bootstrap(name: str, t: Optional[torch.Tensor], B: int) -> Optional[torch.Tensor]:
@@ -113,7 +171,8 @@ def _unrow(t: torch.Tensor, one_d: bool) -> torch.Tensor:
 
 
 def discounted_returns(rewards: torch.Tensor, dones: torch.Tensor, gamma: float,
-                       bootstrap: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       bootstrap: Optional[torch.Tensor] = None, *,
+                       out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Discounted returns, reset at episode ends.
 
     G_t = r_t + gamma * (1 - done_t) * G_{t+1}, with G after the last step equal to
@@ -124,6 +183,10 @@ def discounted_returns(rewards: torch.Tensor, dones: torch.Tensor, gamma: float,
         dones: ``[B, T]`` bool or 0/1: the episode ends after step t.
         gamma: discount in [0, 1].
         bootstrap: optional ``[B]`` value of the state after each row's last step.
+        out: optional result buffer (contiguous, float32, or float64 for float64 inputs,
+            sharing no memory with the inputs); reusing one across calls skips the
+            page faults of a fresh allocation, which cost more than the scan itself for
+            outputs of tens of megabytes.
     """
     one_d = _is_row(rewards)
     r = _as_rows("rewards", rewards)
@@ -132,20 +195,21 @@ def discounted_returns(rewards: torch.Tensor, dones: torch.Tensor, gamma: float,
     boot = _bootstrap("bootstrap", bootstrap, B)
     gamma = _validate.unit_interval("gamma", gamma)
     _validate.same_device(rewards=r, dones=d, bootstrap=boot)
+    dt = _result_dtype(r, boot)
+    bufs = _out_buffers(out, 1, one_d, r.shape, dt, r.device, (r, d, boot))
     backend = _scan_backend(r.device)
     if _needs_reference(backend, r, boot):
-        dt = _common_dtype(r, boot)
-        dt = torch.float64 if dt == torch.float64 else torch.float32
-        out = _ref.discounted_returns(r.to(dt), d, gamma, boot.to(dt) if boot is not None else None)
+        (result,) = _write(bufs, _ref.discounted_returns(r.to(dt), d, gamma, boot.to(dt) if boot is not None else None))
     else:
-        (out,) = _run_scan("discounted_returns", backend, {"rewards": r, "bootstrap": boot}, {"terminated": d},
-                           gamma, 0.0, B, T, 1)
-    return _unrow(out, one_d)
+        (result,) = _run_scan("discounted_returns", backend, {"rewards": r, "bootstrap": boot}, {"terminated": d},
+                              gamma, 0.0, B, T, 1, bufs)
+    return out if out is not None else _unrow(result, one_d)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, terminated: torch.Tensor, gamma: float, lam: float, *,
         next_values: Optional[torch.Tensor] = None, truncated: Optional[torch.Tensor] = None,
-        bootstrap_value: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        bootstrap_value: Optional[torch.Tensor] = None,
+        out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation that tells termination from truncation.
 
     delta_t = r_t + gamma * (1 - terminated_t) * V'_t - V_t
@@ -156,6 +220,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, terminated: torch.Tensor, g
     ``bootstrap_value`` (``[B]``, default 0) at each row's last step. Termination stops
     bootstrapping; truncation stops the carry but still bootstraps from V'_t, the value
     of the state that was cut off, so truncation needs ``next_values``.
+
+    ``out=(advantages, returns)`` writes into preallocated buffers (see
+    ``discounted_returns``) and returns them.
 
     Returns:
         ``(advantages, returns)``, each ``[B, T]``.
@@ -176,20 +243,24 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, terminated: torch.Tensor, g
     gamma = _validate.unit_interval("gamma", gamma)
     lam = _validate.unit_interval("lam", lam)
     _validate.same_device(rewards=r, values=v, terminated=term, truncated=trunc, next_values=nv, bootstrap_value=boot)
+    dt = _result_dtype(r, v, nv, boot)
+    bufs = _out_buffers(out, 2, one_d, r.shape, dt, r.device, (r, v, term, trunc, nv, boot))
     backend = _scan_backend(r.device)
     if _needs_reference(backend, r, v, nv, boot):
-        dt = torch.float64 if _common_dtype(r, v, nv, boot) == torch.float64 else torch.float32
         cast = (lambda x: x.to(dt) if x is not None else None)
-        adv, ret = _ref.gae(cast(r), cast(v), term, gamma, lam, next_values=cast(nv), truncated=trunc,
-                            bootstrap_value=cast(boot))
+        adv, ret = _write(bufs, *_ref.gae(cast(r), cast(v), term, gamma, lam, next_values=cast(nv), truncated=trunc,
+                                          bootstrap_value=cast(boot)))
     else:
         adv, ret = _run_scan("gae", backend, {"rewards": r, "values": v, "next_values": nv, "bootstrap": boot},
-                             {"terminated": term, "truncated": trunc}, gamma, lam, B, T, 2)
+                             {"terminated": term, "truncated": trunc}, gamma, lam, B, T, 2, bufs)
+    if out is not None:
+        return tuple(out)
     return _unrow(adv, one_d), _unrow(ret, one_d)
 
 
 def lambda_returns(rewards: torch.Tensor, next_values: torch.Tensor, terminated: torch.Tensor, gamma: float,
-                   lam: float, *, truncated: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   lam: float, *, truncated: Optional[torch.Tensor] = None,
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """TD(lambda) targets.
 
     G_t = r_t + gamma * (1 - terminated_t) * ((1 - c_t) V'_t + c_t G_{t+1})
@@ -199,6 +270,7 @@ def lambda_returns(rewards: torch.Tensor, next_values: torch.Tensor, terminated:
     step (the target then bootstraps from V'_t alone). lam = 0 gives one-step TD
     targets, lam = 1 Monte Carlo returns bootstrapped at cuts. Equals
     ``gae(...)[1]`` when ``next_values`` are the values of the following states.
+    ``out`` is an optional result buffer (see ``discounted_returns``).
     """
     one_d = _is_row(rewards)
     r = _as_rows("rewards", rewards)
@@ -209,18 +281,20 @@ def lambda_returns(rewards: torch.Tensor, next_values: torch.Tensor, terminated:
     gamma = _validate.unit_interval("gamma", gamma)
     lam = _validate.unit_interval("lam", lam)
     _validate.same_device(rewards=r, next_values=nv, terminated=term, truncated=trunc)
+    dt = _result_dtype(r, nv)
+    bufs = _out_buffers(out, 1, one_d, r.shape, dt, r.device, (r, nv, term, trunc))
     backend = _scan_backend(r.device)
     if _needs_reference(backend, r, nv):
-        dt = torch.float64 if _common_dtype(r, nv) == torch.float64 else torch.float32
-        out = _ref.lambda_returns(r.to(dt), nv.to(dt), term, gamma, lam, truncated=trunc)
+        (result,) = _write(bufs, _ref.lambda_returns(r.to(dt), nv.to(dt), term, gamma, lam, truncated=trunc))
     else:
-        (out,) = _run_scan("lambda_returns", backend, {"rewards": r, "next_values": nv},
-                           {"terminated": term, "truncated": trunc}, gamma, lam, B, T, 1)
-    return _unrow(out, one_d)
+        (result,) = _run_scan("lambda_returns", backend, {"rewards": r, "next_values": nv},
+                              {"terminated": term, "truncated": trunc}, gamma, lam, B, T, 1, bufs)
+    return out if out is not None else _unrow(result, one_d)
 
 
 def masked_gae(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-               lam: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+               lam: float = 1.0, *,
+               out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Token-level GAE over a response mask, as LLM PPO trainers (verl, OpenRLHF) use it.
 
     Masked tokens are skipped: the recurrence links each unmasked token to the next
@@ -230,7 +304,8 @@ def masked_gae(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Te
 
     where next(t) is the next unmasked position. Masked positions get 0 in both outputs
     and their inputs (NaN included) are never read into the result. No whitening is
-    applied (verl whitens afterwards over the mask).
+    applied (verl whitens afterwards over the mask). ``out=(advantages, returns)``
+    writes into preallocated buffers (see ``discounted_returns``).
 
     Returns:
         ``(advantages, returns)``, returns = advantages + values on unmasked tokens.
@@ -245,13 +320,16 @@ def masked_gae(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Te
     gamma = _validate.unit_interval("gamma", gamma)
     lam = _validate.unit_interval("lam", lam)
     _validate.same_device(token_rewards=r, values=v, mask=m)
+    dt = _result_dtype(r, v)
+    bufs = _out_buffers(out, 2, one_d, r.shape, dt, r.device, (r, v, m))
     backend = _scan_backend(r.device)
     if _needs_reference(backend, r, v):
-        dt = torch.float64 if _common_dtype(r, v) == torch.float64 else torch.float32
-        adv, ret = _ref.masked_gae(r.to(dt), v.to(dt), m, gamma, lam)
+        adv, ret = _write(bufs, *_ref.masked_gae(r.to(dt), v.to(dt), m, gamma, lam))
     else:
         adv, ret = _run_scan("masked_gae", backend, {"rewards": r, "values": v}, {"terminated": m}, gamma, lam,
-                             B, T, 2)
+                             B, T, 2, bufs)
+    if out is not None:
+        return tuple(out)
     return _unrow(adv, one_d), _unrow(ret, one_d)
 
 

@@ -1,6 +1,12 @@
 """Return scans against the per-step loop of CleanRL / Stable-Baselines3, torchrl's
 GAE functions (when torchrl is installed) and the memory floor (a copy of as many bytes
-as the kernel must read and write)."""
+as the kernel must read and write, into a buffer that already exists).
+
+``rlkern`` allocates its outputs on every call, as the default API does; ``rlkern
+(out=)`` writes into buffers reused across calls, the way a training loop that keeps
+its rollout storage calls it, and the like-for-like comparison with the floor. At
+4096 x 2048 the gap between the two is the kernel's page faults on 64 MB of fresh
+memory."""
 
 from __future__ import annotations
 
@@ -101,7 +107,9 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
 
         def make_gae(device, B=B, T=T, n=n):
             r, v, term, _ = _inputs(B, T, device)
+            bufs = (torch.empty_like(r), torch.empty_like(r))
             impls = {"rlkern": lambda: rlkern.gae(r, v, term, gamma, lam),
+                     "rlkern (out=)": lambda: rlkern.gae(r, v, term, gamma, lam, out=bufs),
                      "per-step loop (CleanRL/SB3)": lambda: _loop_gae(r, v, term, gamma, lam)}
             impls.update(_torchrl_impls(r, v, term, gamma, lam))
             impls["memory floor (copy)"] = _floor(n * 9, n * 8, device)
@@ -109,19 +117,25 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
 
         def make_discounted(device, B=B, T=T, n=n):
             r, _, term, _ = _inputs(B, T, device)
+            buf = torch.empty_like(r)
             return {"rlkern": lambda: rlkern.discounted_returns(r, term, gamma),
+                    "rlkern (out=)": lambda: rlkern.discounted_returns(r, term, gamma, out=buf),
                     "per-step loop": lambda: _loop_discounted(r, term, gamma),
                     "memory floor (copy)": _floor(n * 5, n * 4, device)}
 
         def make_lambda(device, B=B, T=T, n=n):
             r, v, term, _ = _inputs(B, T, device)
+            buf = torch.empty_like(r)
             return {"rlkern": lambda: rlkern.lambda_returns(r, v, term, gamma, lam),
+                    "rlkern (out=)": lambda: rlkern.lambda_returns(r, v, term, gamma, lam, out=buf),
                     "per-step loop (via GAE)": lambda: _loop_gae(r, v, term, gamma, lam)[1],
                     "memory floor (copy)": _floor(n * 9, n * 4, device)}
 
         def make_masked(device, B=B, T=T, n=n):
             r, v, _, mask = _inputs(B, T, device)
+            bufs = (torch.empty_like(r), torch.empty_like(r))
             return {"rlkern": lambda: rlkern.masked_gae(r, v, mask, 1.0, lam),
+                    "rlkern (out=)": lambda: rlkern.masked_gae(r, v, mask, 1.0, lam, out=bufs),
                     "per-step loop (verl)": lambda: _loop_masked_gae(r, v, mask, 1.0, lam),
                     "memory floor (copy)": _floor(n * 9, n * 8, device)}
 

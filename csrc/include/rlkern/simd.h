@@ -1,0 +1,33 @@
+// Helpers for the CPU kernels' explicit SIMD, written with GCC/Clang vector extensions
+// (8 floats per vector) so that one source compiles to AVX2 inside functions marked
+// target("avx2,fma") and to SSE pairs elsewhere.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__GNUC__) && !defined(__CUDACC__)
+#define RLK_SIMD 1
+// 32-byte vectors only cross always-inline helpers, never a real call boundary.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace rlk::simd {
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef int64_t v4q __attribute__((vector_size(32)));
+
+// Eight flag bytes (0 or nonzero) to lane masks (-1 where nonzero). GCC lowers a
+// byte -> int32 __builtin_convertvector to eight scalar inserts, and a vector built from
+// two 32-bit words goes through the stack (a store-forwarding stall); a broadcast of the
+// 8 bytes, a lane permute and per-lane shifts stay in registers (vpbroadcastq, vpermd,
+// vpsllvd under AVX2).
+inline __attribute__((always_inline)) v8i mask_bytes(const uint8_t* p) {
+  int64_t q;
+  __builtin_memcpy(&q, p, sizeof q);
+  const v8i w = __builtin_shuffle((v8i)(v4q{} + q), v8i{0, 0, 0, 0, 1, 1, 1, 1});
+  return ((w << v8i{24, 16, 8, 0, 24, 16, 8, 0}) & int32_t(0xff000000u)) != 0;
+}
+
+}  // namespace rlk::simd
+
+#endif
