@@ -405,3 +405,22 @@ def test_bad_out_buffers_raise_clear_errors():
         rlkern.masked_gae(r, v, term, out=(good, torch.empty(3)))
     with pytest.raises(ValueError, match="must not require grad"):
         rlkern.lambda_returns(r, v, term, 0.9, 0.9, out=torch.empty(4, 9, requires_grad=True))
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.99, 0.0)])
+def test_masked_gae_on_padded_responses(backend, gamma, lam):
+    """Right-padded responses (long runs of kept and of padded tokens, as LLM batches
+    have) with NaN in the padding."""
+    g = torch.Generator().manual_seed(5)
+    B, T = 6, 203
+    lengths = torch.tensor([203, 1, 8, 64, 100, 177])
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    mask[4, 30:41] = False  # a tool-output span inside a response
+    r, v = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    r = r.masked_fill(~mask, float("nan"))
+    v = v.masked_fill(~mask, float("nan"))
+    adv, ret = rlkern.masked_gae(r, v, mask, gamma, lam)
+    eadv, eret = ref.masked_gae(*_f64(r, v), mask, gamma, lam)
+    assert torch.isfinite(adv).all() and torch.isfinite(ret).all()
+    assert_close(adv, eadv)
+    assert_close(ret, eret)

@@ -206,6 +206,41 @@ RLK_SCAN_INLINE void suffix_compose(v8f& a, v8f& b) {
   a = a * sa;
 }
 
+// Tiles without a cut (no episode end, every token unmasked) share one nonzero
+// coefficient c: lane k of the composed map is then (c^(8-k), sum_j c^(j-k) b_j), so the
+// products need no work and the sums no selects. Uniform(c) holds the powers.
+struct Uniform {
+  bool usable;  // c != 0: with c == 0 every lane is its own cut, handled by the general path
+  float c1, c2, c4;
+  v8f tail;  // c^8, c^7, ..., c^1
+  explicit Uniform(float c) : usable(c != 0.0f), c1(c), c2(c * c), c4(c * c * c * c) {
+    float p[8];
+    float acc = 1.0f;
+    for (int k = 7; k >= 0; --k) p[k] = acc *= c;
+    __builtin_memcpy(&tail, p, sizeof tail);
+  }
+};
+
+RLK_SCAN_INLINE v8f scan_uniform(const Uniform& u, v8f b, float carry) {
+  const v8f zero = splat8(0.0f);
+  b += u.c1 * shift_down<1>(b, zero);
+  b += u.c2 * shift_down<2>(b, zero);
+  b += u.c4 * shift_down<4>(b, zero);
+  return b + u.tail * carry;
+}
+
+// The 8 flag bytes at f are all 0 (flags are 0/1 bytes).
+RLK_SCAN_INLINE bool none_set(const uint8_t* f) {
+  uint64_t q;
+  __builtin_memcpy(&q, f, sizeof q);
+  return q == 0;
+}
+RLK_SCAN_INLINE bool all_set(const uint8_t* f) {
+  uint64_t q;
+  __builtin_memcpy(&q, f, sizeof q);
+  return q == 0x0101010101010101ull;
+}
+
 // Scans one row: step(t, carry) for the scalar steps at the right end, then tiles from
 // the right; tile(t0, carry) builds, composes and applies the maps of steps t0..t0+7,
 // writes the outputs and returns the carry into step t0 - 1.
@@ -225,6 +260,7 @@ RLK_SCAN_INLINE void prefetch_tile(int64_t i0, int64_t t0, Ptrs... ptrs) {
 template <class T>
 RLK_SCAN_INLINE void discounted_rows8(const Scan<T>& s, int64_t b0, int64_t b1) {
   const v8f gamma = splat8(s.gamma), zero = splat8(0.0f);
+  const Uniform uniform(s.gamma);
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t base = b * s.T_;
     float carry = s.bootstrap_of(b);
@@ -237,9 +273,14 @@ RLK_SCAN_INLINE void discounted_rows8(const Scan<T>& s, int64_t b0, int64_t b1) 
         [&](int64_t t0) {
           const int64_t i = base + t0;
           prefetch_tile(i, t0, s.rewards, s.terminated, s.out0);
-          v8f a = flags8(s.terminated + i) ? zero : gamma, bv = load8(s.rewards + i);
-          suffix_compose(a, bv);
-          const v8f y = a == zero ? bv : bv + a * carry;
+          v8f y;
+          if (uniform.usable && none_set(s.terminated + i)) {
+            y = scan_uniform(uniform, load8(s.rewards + i), carry);
+          } else {
+            v8f a = flags8(s.terminated + i) ? zero : gamma, bv = load8(s.rewards + i);
+            suffix_compose(a, bv);
+            y = a == zero ? bv : bv + a * carry;
+          }
           store8(s.out0 + i, y);
           carry = y[0];
         });
@@ -249,6 +290,7 @@ RLK_SCAN_INLINE void discounted_rows8(const Scan<T>& s, int64_t b0, int64_t b1) 
 template <class T, bool kNextValues, bool kTruncated>
 RLK_SCAN_INLINE void gae_rows8(const Scan<T>& s, int64_t b0, int64_t b1) {
   const v8f gamma = splat8(s.gamma), gl = splat8(s.gamma_lam), zero = splat8(0.0f);
+  const Uniform uniform(s.gamma_lam);
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t base = b * s.T_;
     float carry = 0.0f;
@@ -269,12 +311,17 @@ RLK_SCAN_INLINE void gae_rows8(const Scan<T>& s, int64_t b0, int64_t b1) {
           prefetch_tile(i, t0, s.rewards, s.values, s.next_values, s.terminated, s.truncated, s.out0, s.out1);
           const v8f r = load8(s.rewards + i), v = load8(s.values + i);
           const v8f nv = kNextValues ? load8(s.next_values + i) : load8(s.values + i + 1);
-          const v8i term = flags8(s.terminated + i);
-          const v8i done = kTruncated ? (term | flags8(s.truncated + i)) : term;
-          v8f bv = term ? r - v : r + gamma * nv - v;
-          v8f a = done ? zero : gl;
-          suffix_compose(a, bv);
-          const v8f y = a == zero ? bv : bv + a * carry;
+          v8f y;
+          if (uniform.usable && none_set(s.terminated + i) && !(kTruncated && !none_set(s.truncated + i))) {
+            y = scan_uniform(uniform, r + gamma * nv - v, carry);
+          } else {
+            const v8i term = flags8(s.terminated + i);
+            const v8i done = kTruncated ? (term | flags8(s.truncated + i)) : term;
+            v8f bv = term ? r - v : r + gamma * nv - v;
+            v8f a = done ? zero : gl;
+            suffix_compose(a, bv);
+            y = a == zero ? bv : bv + a * carry;
+          }
           store8(s.out0 + i, y);
           store8(s.out1 + i, y + v);
           carry = y[0];
@@ -286,6 +333,7 @@ template <class T>
 RLK_SCAN_INLINE void lambda_rows8(const Scan<T>& s, int64_t b0, int64_t b1) {
   const v8f gamma = splat8(s.gamma), zero = splat8(0.0f);
   const v8f glam = splat8(s.gamma * s.lam), g1lam = splat8(s.gamma * (1.0f - s.lam));
+  const Uniform uniform(s.gamma * s.lam);
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t base = b * s.T_;
     float carry = 0.0f;
@@ -301,12 +349,17 @@ RLK_SCAN_INLINE void lambda_rows8(const Scan<T>& s, int64_t b0, int64_t b1) {
           const int64_t i = base + t0;
           prefetch_tile(i, t0, s.rewards, s.next_values, s.terminated, s.truncated, s.out0);
           const v8f r = load8(s.rewards + i), nv = load8(s.next_values + i);
-          const v8i term = flags8(s.terminated + i);
-          const v8i cut = s.truncated ? flags8(s.truncated + i) : v8i{};
-          v8f bv = term ? r : (cut ? r + gamma * nv : r + g1lam * nv);
-          v8f a = (term | cut) ? zero : glam;
-          suffix_compose(a, bv);
-          const v8f y = a == zero ? bv : bv + a * carry;
+          v8f y;
+          if (uniform.usable && none_set(s.terminated + i) && !(s.truncated && !none_set(s.truncated + i))) {
+            y = scan_uniform(uniform, r + g1lam * nv, carry);
+          } else {
+            const v8i term = flags8(s.terminated + i);
+            const v8i cut = s.truncated ? flags8(s.truncated + i) : v8i{};
+            v8f bv = term ? r : (cut ? r + gamma * nv : r + g1lam * nv);
+            v8f a = (term | cut) ? zero : glam;
+            suffix_compose(a, bv);
+            y = a == zero ? bv : bv + a * carry;
+          }
           store8(s.out0 + i, y);
           carry = y[0];
         });
@@ -316,6 +369,7 @@ RLK_SCAN_INLINE void lambda_rows8(const Scan<T>& s, int64_t b0, int64_t b1) {
 template <class T>
 RLK_SCAN_INLINE void masked_gae_rows8(const Scan<T>& s, int64_t b0, int64_t b1) {
   const v8f gamma = splat8(s.gamma), gl = splat8(s.gamma_lam), zero = splat8(0.0f), one = splat8(1.0f);
+  const Uniform uniform(s.gamma_lam);
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t base = b * s.T_;
     float advantage = 0.0f, next_value = 0.0f;
@@ -333,8 +387,21 @@ RLK_SCAN_INLINE void masked_gae_rows8(const Scan<T>& s, int64_t b0, int64_t b1) 
         [&](int64_t t0) {
           const int64_t i = base + t0;
           prefetch_tile(i, t0, s.rewards, s.values, s.terminated, s.out0, s.out1);
-          const v8i m = flags8(s.terminated + i);
+          if (none_set(s.terminated + i)) {  // all masked: zeros, carries pass through
+            store8(s.out0 + i, zero);
+            store8(s.out1 + i, zero);
+            return;
+          }
           const v8f r = load8(s.rewards + i), v = load8(s.values + i);
+          if (uniform.usable && all_set(s.terminated + i)) {
+            const v8f y = scan_uniform(uniform, r + gamma * shift_down<1>(v, splat8(next_value)) - v, advantage);
+            store8(s.out0 + i, y);
+            store8(s.out1 + i, y + v);
+            advantage = y[0];
+            next_value = v[0];
+            return;
+          }
+          const v8i m = flags8(s.terminated + i);
           // The value of the first unmasked step at or after each step is itself a scan
           // (keep v where unmasked, pass the carry through elsewhere); shifted by one lane
           // it is the bootstrap value of each step.
