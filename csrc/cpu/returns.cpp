@@ -402,17 +402,36 @@ RLK_SCAN_INLINE void masked_gae_rows8(const Scan<T>& s, int64_t b0, int64_t b1) 
             return;
           }
           const v8i m = flags8(s.terminated + i);
-          // The value of the first unmasked step at or after each step is itself a scan
-          // (keep v where unmasked, pass the carry through elsewhere); shifted by one lane
-          // it is the bootstrap value of each step.
-          v8f na = m ? zero : one, nb = m ? v : zero;
-          suffix_compose(na, nb);
-          const v8f at_or_after = na == zero ? nb : nb + na * next_value;
+          // The value of the first unmasked step at or after each step, by doubling
+          // (lane k takes the nearest kept value in k..k+1, then k..k+3, then k..k+7);
+          // shifted by one lane it is the bootstrap value of each step.
+          v8f kept = v;
+          v8i has = m;
+          kept = has ? kept : shift_down<1>(kept, zero);
+          has |= (v8i)shift_down<1>((v8f)has, zero);
+          kept = has ? kept : shift_down<2>(kept, zero);
+          has |= (v8i)shift_down<2>((v8f)has, zero);
+          kept = has ? kept : shift_down<4>(kept, zero);
+          has |= (v8i)shift_down<4>((v8f)has, zero);
+          const v8f at_or_after = has ? kept : splat8(next_value);
           const v8f nv = shift_down<1>(at_or_after, splat8(next_value));
+          // Masked steps are identity maps (coefficient 1), so with gamma * lam != 0 no
+          // coefficient is 0 and the composition needs no cut selects.
           v8f a = m ? gl : one;
           v8f bv = m ? r + gamma * nv - v : zero;
-          suffix_compose(a, bv);
-          const v8f y = a == zero ? bv : bv + a * advantage;
+          v8f y;
+          if (uniform.usable) {
+            bv += a * shift_down<1>(bv, zero);
+            a *= shift_down<1>(a, one);
+            bv += a * shift_down<2>(bv, zero);
+            a *= shift_down<2>(a, one);
+            bv += a * shift_down<4>(bv, zero);
+            a *= shift_down<4>(a, one);
+            y = bv + a * advantage;
+          } else {
+            suffix_compose(a, bv);
+            y = a == zero ? bv : bv + a * advantage;
+          }
           store8(s.out0 + i, m ? y : zero);
           store8(s.out1 + i, m ? y + v : zero);
           advantage = y[0];
