@@ -3,6 +3,7 @@
 #include "rlkern/mcts.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cfloat>
 #include <cmath>
 #include <cstring>
@@ -690,18 +691,28 @@ void Forest::expand_backup(int64_t L, const float* logits, const float* value, c
                                 std::to_string(num_pending_) + " leaves");
   // Every row is checked before any tree changes, so a bad row leaves the forest as it was.
   const int64_t grain = std::max<int64_t>(4, 2048 / A_);
-  std::vector<const char*> problem(static_cast<size_t>(L), nullptr);
-  rlk::parallel_for(L, cfg_.num_threads == 1 ? std::max<int64_t>(L, 1) : grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      if (!std::isfinite(value[i]) || !std::isfinite(reward[i]) || !std::isfinite(discount[i])) {
-        problem[size_t(i)] = "";
-      } else if (!(terminal && terminal[i])) {
-        problem[size_t(i)] = check_logits_row(logits + i * A_, legal ? legal + i * A_ : nullptr, A_, true);
-      }
-    }
-  });
-  for (int64_t i = 0; i < L; ++i) {
-    const char* bad = problem[size_t(i)];
+  auto row_problem = [&](int64_t i) -> const char* {
+    if (!std::isfinite(value[i]) || !std::isfinite(reward[i]) || !std::isfinite(discount[i])) return "";
+    if (terminal && terminal[i]) return nullptr;
+    return check_logits_row(logits + i * A_, legal ? legal + i * A_ : nullptr, A_, true);
+  };
+  bool any_bad = false;
+  if (cfg_.num_threads == 1 || L * A_ <= (int64_t(1) << 14)) {
+    // Small inputs: checking them here costs less than a round trip through the pool.
+    for (int64_t i = 0; i < L && !any_bad; ++i) any_bad = row_problem(i) != nullptr;
+  } else {
+    std::atomic<bool> bad{false};
+    rlk::parallel_for(L, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        if (row_problem(i)) {
+          bad.store(true, std::memory_order_relaxed);
+          break;
+        }
+    });
+    any_bad = bad.load();
+  }
+  for (int64_t i = 0; any_bad && i < L; ++i) {  // the first bad row, with its message
+    const char* bad = row_problem(i);
     if (!bad) continue;
     if (!std::isfinite(value[i])) throw std::invalid_argument(row_msg("value", i, "is not finite"));
     if (!std::isfinite(reward[i])) throw std::invalid_argument(row_msg("reward", i, "is not finite"));
