@@ -91,15 +91,15 @@ class Pool {
   bool try_run(int64_t n, int64_t chunk, const std::function<void(int64_t, int64_t)>& fn) {
     std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
     if (!busy.owns_lock()) return false;
+    chunk = std::max(chunk, (n + kMaxChunks - 1) / kMaxChunks);
     const int64_t chunks = (n + chunk - 1) / chunk;
     fn_.store(&fn, std::memory_order_relaxed);
     n_.store(n, std::memory_order_relaxed);
     chunk_.store(chunk, std::memory_order_relaxed);
-    chunks_.store(chunks, std::memory_order_relaxed);
     done_.store(0, std::memory_order_relaxed);
     error_ = nullptr;
-    // Publishes the task: a thread that reads this id reads the fields written above.
-    claim_.store(++task_ << 32, std::memory_order_release);
+    // Publishes the task: a thread whose claim succeeds reads the fields written above.
+    claim_.store((++task_ << 32) | (uint64_t(chunks) << 16), std::memory_order_release);
     // seq_cst pairs with the sleepers_ increment in worker_loop: either the worker sees
     // the new generation before it sleeps, or this thread sees it asleep and wakes it.
     generation_.fetch_add(1);
@@ -118,23 +118,21 @@ class Pool {
   }
 
  private:
-  // Claims and runs chunks of the current task until none is left. claim_ holds the task
-  // id (high 32 bits) and the next chunk (low 32 bits), so a claim made with a stale view
-  // fails instead of running a chunk of another task: the fields of a task are read only
-  // after a successful claim, and the caller does not start its next task before every
-  // claimed chunk is done.
+  // Claims and runs chunks of the current task until none is left. claim_ packs the task
+  // id (bits 32-63), its number of chunks (16-31) and the next chunk to claim (0-15), so
+  // one compare-and-swap checks that the task is still the one seen and has a chunk left:
+  // a thread with a stale view fails its claim instead of running a chunk of another
+  // task. The other fields are read only after a successful claim, and the caller does
+  // not start its next task before every claimed chunk is done.
   void run_chunks() {
     uint64_t c = claim_.load(std::memory_order_acquire);
     const uint64_t id = c >> 32;
-    int64_t chunks = chunks_.load(std::memory_order_relaxed);
     for (;;) {
-      if ((c >> 32) != id || int64_t(c & 0xffffffffu) >= chunks) return;
-      if (!claim_.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel, std::memory_order_acquire)) {
-        chunks = chunks_.load(std::memory_order_relaxed);  // for the claim the failed exchange loaded
-        continue;
-      }
+      const int64_t next = int64_t(c & 0xffffu), chunks = int64_t((c >> 16) & 0xffffu);
+      if ((c >> 32) != id || next >= chunks) return;
+      if (!claim_.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
       const int64_t chunk = chunk_.load(std::memory_order_relaxed);
-      const int64_t begin = int64_t(c & 0xffffffffu) * chunk;
+      const int64_t begin = next * chunk;
       in_pool_task = true;
       try {
         (*fn_.load(std::memory_order_relaxed))(begin, std::min(n_.load(std::memory_order_relaxed), begin + chunk));
@@ -173,10 +171,11 @@ class Pool {
   std::vector<std::thread> workers_;
   std::mutex m_, busy_;
   std::condition_variable cv_, done_cv_;
-  // The current task, written by the caller before it publishes claim_ (atomics only
-  // because a thread with a stale view may read them before its claim fails).
+  static constexpr int64_t kMaxChunks = 0xffff;
+  // The current task, written by the caller before it publishes claim_ (atomics because a
+  // late thread may still be loading claim_ while the next task is being written).
   std::atomic<const std::function<void(int64_t, int64_t)>*> fn_{nullptr};
-  std::atomic<int64_t> n_{0}, chunk_{1}, chunks_{0};
+  std::atomic<int64_t> n_{0}, chunk_{1};
   uint64_t task_ = 0;
   std::atomic<uint64_t> claim_{0};
   std::atomic<int64_t> done_{0};
