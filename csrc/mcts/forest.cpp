@@ -319,6 +319,12 @@ void Forest::for_trees(int64_t grain, const std::function<void(int64_t, int64_t)
   rlk::parallel_for(B_, grain, fn);
 }
 
+int64_t Forest::step_grain(int64_t n, int64_t min_grain) const {
+  const int threads = cfg_.num_threads > 0 ? cfg_.num_threads : rlk::num_threads();
+  if (threads <= 1) return std::max<int64_t>(n, 1);
+  return std::max(min_grain, (n + 2 * threads - 1) / (2 * threads));
+}
+
 void Forest::plan(int num_simulations) {
   if (num_simulations < 0) throw std::invalid_argument("num_simulations must be >= 0");
   const int m = std::max(0, cfg_.max_considered_actions);
@@ -640,8 +646,7 @@ int64_t Forest::select(int64_t* tree, int64_t* parent, int64_t* action, int64_t*
     throw std::runtime_error("select() called twice without expand_backup() for the pending leaves");
   if (cfg_.algorithm == Algorithm::kGumbel && table_sims_ == 0)
     throw std::runtime_error("Gumbel search needs a simulation budget: call plan(num_simulations) first");
-  const int64_t grain = std::max<int64_t>(4, 2048 / A_);
-  for_trees(grain, [&](int64_t begin, int64_t end) {
+  rlk::parallel_for(B_, step_grain(B_, std::max<int64_t>(4, 512 / A_)), [&](int64_t begin, int64_t end) {
     std::vector<Child> buf(static_cast<size_t>(A_));
     for (int64_t b = begin; b < end; ++b) {
       pend_parent_[b] = -1;
@@ -721,10 +726,7 @@ void Forest::expand_backup(int64_t L, const float* logits, const float* value, c
     if (legal && what == "has no legal action") what += " and is not marked terminal";
     throw std::invalid_argument(row_msg(legal ? "prior_logits/legal_mask" : "prior_logits", i, what.c_str()));
   }
-  const int64_t row_grain = cfg_.num_threads == 1 ? std::max<int64_t>(L, 1)
-                            : cfg_.num_threads > 1 ? std::max<int64_t>(grain, (L + cfg_.num_threads - 1) / cfg_.num_threads)
-                                                   : grain;
-  rlk::parallel_for(L, row_grain, [&](int64_t begin, int64_t end) {
+  rlk::parallel_for(L, step_grain(L, std::max<int64_t>(4, 512 / A_)), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = pend_tree_[i];
       const int64_t nb = b * N_, eb = b * E_;
