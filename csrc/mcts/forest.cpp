@@ -470,6 +470,7 @@ void Forest::completed(int64_t b, int32_t x, std::vector<Child>& buf, Completed&
   const NodeStats* st = stats_.data() + nb;
   int32_t sum_n = 0, max_n = 0;
   float sum_p = 0.f, sum_pq = 0.f;
+  float q_lo = std::numeric_limits<float>::infinity(), q_hi = -q_lo;
   Child* out_child = buf.data();
   int32_t count = 0;
   for_each_child(edge_child_.data() + eb, first_child_.data() + nb, next_sibling_.data() + nb, slot_.data() + nb, x,
@@ -483,6 +484,8 @@ void Forest::completed(int64_t b, int32_t x, std::vector<Child>& buf, Completed&
                    const float pf = std::max(p, FLT_MIN);
                    sum_p += pf;
                    sum_pq += pf * q;
+                   q_lo = std::min(q_lo, q);
+                   q_hi = std::max(q_hi, q);
                  });
   out.count = count;
   out.best_unvisited_edge = best_unexp_[xi];
@@ -491,13 +494,11 @@ void Forest::completed(int64_t b, int32_t x, std::vector<Child>& buf, Completed&
   const float raw = raw_value_[xi];
   float v = raw;
   if (cfg_.use_mixed_value && count > 0) v = (raw + float(sum_n) * (sum_pq / sum_p)) / float(sum_n + 1);
+  // Unvisited and illegal actions are completed by v. It goes first into the min and max
+  // (ties keep the earlier operand), as a loop starting from v would.
   const bool missing = count < ne || ne < A_;
-  float lo = std::numeric_limits<float>::infinity(), hi = -lo;
-  if (missing) lo = hi = v;
-  for (int32_t i = 0; i < count; ++i) {
-    lo = std::min(lo, out_child[i].q);
-    hi = std::max(hi, out_child[i].q);
-  }
+  const float lo = missing ? std::min(v, q_lo) : q_lo;
+  const float hi = missing ? std::max(v, q_hi) : q_hi;
   out.lo = lo;
   out.hi = hi;
   out.scale = (cfg_.maxvisit_init + float(max_n)) * cfg_.value_scale;
