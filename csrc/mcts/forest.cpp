@@ -613,6 +613,13 @@ int32_t Forest::gumbel_root_edge(int64_t b, std::vector<Child>& buf) const {
 }
 
 int32_t Forest::select_edge(int64_t b, int32_t x, int depth, std::vector<Child>& buf) const {
+  // A node without expanded children (often the last one on the path) takes its
+  // highest-prior edge under PUCT and the Gumbel interior rule alike, since all its
+  // actions share one completed value: no need to look at its edges.
+  if (depth > 0 || cfg_.algorithm == Algorithm::kPuct) {
+    const size_t xi = size_t(b * N_ + x);
+    if (first_child_[xi] < 0 && best_unexp_[xi] >= 0) return first_edge_[xi] + best_unexp_[xi];
+  }
   if (cfg_.algorithm == Algorithm::kPuct) return puct_edge(b, x, buf);
   return depth == 0 ? gumbel_root_edge(b, buf) : gumbel_interior_edge(b, x, buf);
 }
