@@ -444,21 +444,32 @@ void Forest::set_roots(const float* logits, const float* value, const uint8_t* l
   });
 }
 
-// Calls fn(child, slot) for every expanded child of node x. Small nodes scan their edge
-// slice, whose child loads are independent; large ones follow the children list, which
-// touches only expanded children.
+// Nodes with more edges than this keep their children list newest first; smaller ones
+// keep it in edge (action) order.
+constexpr int32_t kOrderedChildren = 48;
+
+// Calls fn(child, slot) for every expanded child of node x, following its children list:
+// in edge order for small nodes, newest first for large ones.
 template <typename Fn>
-inline void for_each_child(const int32_t* edge_child, const int32_t* first_child, const int32_t* next_sibling,
-                           const int32_t* slot, int32_t x, int32_t ne, Fn&& fn) {
-  constexpr int32_t kScanEdges = 48;
-  if (ne <= kScanEdges) {
-    for (int32_t k = 0; k < ne; ++k) {
-      const int32_t c = edge_child[k];
-      if (c >= 0) fn(c, k);
-    }
-  } else {
-    for (int32_t c = first_child[x]; c >= 0; c = next_sibling[c]) fn(c, slot[c]);
+inline void for_each_child(const int32_t* first_child, const int32_t* next_sibling, const int32_t* slot, int32_t x,
+                           Fn&& fn) {
+  for (int32_t c = first_child[x]; c >= 0; c = next_sibling[c]) fn(c, slot[c]);
+}
+
+void Forest::link_child(int64_t b, int32_t x, int32_t id) {
+  const int64_t nb = b * N_;
+  int32_t* first = first_child_.data() + nb;
+  int32_t* next = next_sibling_.data() + nb;
+  int32_t* link = first + x;
+  if (num_edges_[size_t(nb + x)] <= kOrderedChildren) {
+    // In edge order, which fixes the order completed() sums the children in. Following
+    // this short list costs less than scanning the edges for expanded ones, a branch
+    // the processor mispredicts often.
+    const int32_t* slot = slot_.data() + nb;
+    while (*link >= 0 && slot[*link] < slot[id]) link = next + *link;
   }
+  next[id] = *link;
+  *link = id;
 }
 
 void Forest::completed(int64_t b, int32_t x, std::vector<Child>& buf, Completed& out) const {
@@ -473,8 +484,7 @@ void Forest::completed(int64_t b, int32_t x, std::vector<Child>& buf, Completed&
   float q_lo = std::numeric_limits<float>::infinity(), q_hi = -q_lo;
   Child* out_child = buf.data();
   int32_t count = 0;
-  for_each_child(edge_child_.data() + eb, first_child_.data() + nb, next_sibling_.data() + nb, slot_.data() + nb, x,
-                 ne, [&](int32_t c, int32_t k) {
+  for_each_child(first_child_.data() + nb, next_sibling_.data() + nb, slot_.data() + nb, x, [&](int32_t c, int32_t k) {
                    const int32_t n = st[c].visits;
                    const float q = st[c].reward + st[c].discount * st[c].value;
                    const float p = prior[k];
@@ -516,7 +526,7 @@ void Forest::completed(int64_t b, int32_t x, std::vector<Child>& buf, Completed&
 int32_t Forest::puct_edge(int64_t b, int32_t x, std::vector<Child>& buf) const {
   const int64_t nb = b * N_;
   const size_t xi = size_t(nb + x);
-  const int32_t fe = first_edge_[xi], ne = num_edges_[xi];
+  const int32_t fe = first_edge_[xi];
   const int64_t eb = b * E_ + fe;
   const float* prior = edge_prior_.data() + eb;
   const NodeStats* st = stats_.data() + nb;
@@ -526,8 +536,7 @@ int32_t Forest::puct_edge(int64_t b, int32_t x, std::vector<Child>& buf) const {
   float lo = st[x].value, hi = lo;
   Child* out_child = buf.data();
   int32_t count = 0;
-  for_each_child(edge_child_.data() + eb, first_child_.data() + nb, next_sibling_.data() + nb, slot_.data() + nb, x,
-                 ne, [&](int32_t c, int32_t k) {
+  for_each_child(first_child_.data() + nb, next_sibling_.data() + nb, slot_.data() + nb, x, [&](int32_t c, int32_t k) {
                    const float q = st[c].reward + st[c].discount * st[c].value;
                    lo = std::min(lo, q);
                    hi = std::max(hi, q);
@@ -745,8 +754,7 @@ void Forest::expand_backup(int64_t L, const float* logits, const float* value, c
       const size_t xi = size_t(nb + x);
       const int32_t slot = e - first_edge_[xi];
       slot_[ni] = slot;
-      next_sibling_[ni] = first_child_[xi];
-      first_child_[xi] = id;
+      link_child(b, x, id);
       first_child_[ni] = -1;
       unexp_prior_[xi] -= edge_prior_[size_t(eb + e)];
       if (best_unexp_[xi] == slot) recompute_best_unexpanded(b, x);
@@ -950,11 +958,7 @@ void Forest::advance(const int64_t* actions, int64_t* old_to_new) {
       }
       used_nodes_[b] = kept;
       used_edges_[b] = next_edge;
-      for (int32_t j = 1; j < kept; ++j) {  // children lists, newest first as expansion builds them
-        const size_t ji = size_t(nb + j), pi = size_t(nb + parent_[ji]);
-        next_sibling_[ji] = first_child_[pi];
-        first_child_[pi] = j;
-      }
+      for (int32_t j = 1; j < kept; ++j) link_child(b, parent_[size_t(nb + j)], j);  // as expansion built them
       CounterRng rng(cfg_.seed, uint64_t(b), epoch);
       prepare_root_noise(b, rng);
     }

@@ -121,6 +121,7 @@ class Forest {
   // two chunks per thread, so a thread that starts late leaves part of its share to the
   // others instead of stretching the step.
   int64_t step_grain(int64_t n, int64_t min_grain) const;
+  void link_child(int64_t b, int32_t x, int32_t id);  // adds node id to x's children list
   void recompute_best_unexpanded(int64_t b, int32_t x);
   void recompute_root_best(int64_t b);
 
@@ -128,7 +129,8 @@ class Forest {
   Config cfg_;
 
   // Node pools [B*N]. slot_ is the node's edge offset in its parent's slice; children
-  // form a list (first_child_, next_sibling_) so selection visits only expanded children.
+  // form a list (first_child_, next_sibling_) so selection visits only expanded children
+  // (in edge order for nodes with up to 48 edges, else newest first).
   // best_unexp_ caches the offset of the highest-prior unexpanded edge (-1: none) and
   // unexp_prior_ the prior mass of the unexpanded edges.
   // The statistics a selection reads for every child sit in one 16-byte record, so a
