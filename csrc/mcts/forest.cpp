@@ -156,6 +156,27 @@ int32_t legal_softmax(const float* logits, const uint8_t* legal, int64_t A, int3
   return k;
 }
 
+// Bit tests, which vectorise (float comparisons may trap, so compilers keep them scalar).
+bool all_finite(const float* x, int64_t n) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, x + i, sizeof(u));
+    bad |= (u & 0x7fffffffu) >= 0x7f800000u;
+  }
+  return bad == 0;
+}
+
+bool has_nan_or_pos_inf(const float* x, int64_t n) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, x + i, sizeof(u));
+    bad |= ((u & 0x7fffffffu) > 0x7f800000u) | (u == 0x7f800000u);
+  }
+  return bad != 0;
+}
+
 std::string row_msg(const char* name, int64_t row, const char* what) {
   return std::string(name) + ": row " + std::to_string(row) + " " + what;
 }
@@ -719,7 +740,12 @@ void Forest::expand_backup(int64_t L, const float* logits, const float* value, c
     return check_logits_row(logits + i * A_, legal ? legal + i * A_ : nullptr, A_, true);
   };
   bool any_bad = false;
-  if (cfg_.num_threads == 1 || L * A_ <= (int64_t(1) << 14)) {
+  if (!legal && !terminal && L * A_ <= (int64_t(1) << 16)) {
+    // Every row needs every check: one branch-free pass over the whole block (the serial
+    // part of a step, so it should be short); the loop below names the first bad row.
+    any_bad = !all_finite(value, L) || !all_finite(reward, L) || !all_finite(discount, L) ||
+              has_nan_or_pos_inf(logits, L * A_);
+  } else if (cfg_.num_threads == 1 || L * A_ <= (int64_t(1) << 14)) {
     // Small inputs: checking them here costs less than a round trip through the pool.
     for (int64_t i = 0; i < L && !any_bad; ++i) any_bad = row_problem(i) != nullptr;
   } else {
