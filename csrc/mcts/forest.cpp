@@ -343,7 +343,7 @@ void Forest::for_trees(int64_t grain, const std::function<void(int64_t, int64_t)
 int64_t Forest::step_grain(int64_t n, int64_t min_grain) const {
   const int threads = cfg_.num_threads > 0 ? cfg_.num_threads : rlk::num_threads();
   if (threads <= 1) return std::max<int64_t>(n, 1);
-  return std::max(min_grain, (n + 2 * threads - 1) / (2 * threads));
+  return std::max(min_grain, (n + threads - 1) / threads);
 }
 
 void Forest::plan(int num_simulations) {

@@ -117,9 +117,10 @@ class Forest {
   void backup(int64_t b, int32_t x, float leaf_value);
   void revisit(int64_t b, int32_t x);
   void for_trees(int64_t grain, const std::function<void(int64_t, int64_t)>& fn) const;
-  // Rows per chunk for a per-simulation kernel over n rows: at least min_grain, and about
-  // two chunks per thread, so a thread that starts late leaves part of its share to the
-  // others instead of stretching the step.
+  // Rows per chunk for a per-simulation kernel over n rows: at least min_grain, and one
+  // chunk per thread. The caller claims the first chunk, so a tree tends to stay on the
+  // same core from step to step and its nodes in that core's cache (finer chunks, claimed
+  // in varying order, measured slower); a late thread's chunk goes to whoever is free.
   int64_t step_grain(int64_t n, int64_t min_grain) const;
   void link_child(int64_t b, int32_t x, int32_t id);  // adds node id to x's children list
   void recompute_best_unexpanded(int64_t b, int32_t x);
