@@ -68,6 +68,10 @@ bool spin_until(Ready ready, int64_t spin_ns) {
   }
 }
 
+// A task is split into chunks that threads claim one at a time. The caller waits for its
+// chunks to be done, never for the workers themselves: a worker the OS has not scheduled
+// yet (the machine is busy) simply finds nothing left to claim, instead of holding the
+// caller until it runs.
 class Pool {
  public:
   explicit Pool(int threads) : size_(threads), spin_ns_(default_spin_ns()) {
@@ -87,12 +91,15 @@ class Pool {
   bool try_run(int64_t n, int64_t chunk, const std::function<void(int64_t, int64_t)>& fn) {
     std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
     if (!busy.owns_lock()) return false;
-    fn_ = &fn;
-    n_ = n;
-    chunk_ = chunk;
-    next_.store(0, std::memory_order_relaxed);
+    chunk = std::max(chunk, (n + kMaxChunks - 1) / kMaxChunks);
+    const int64_t chunks = (n + chunk - 1) / chunk;
+    fn_.store(&fn, std::memory_order_relaxed);
+    n_.store(n, std::memory_order_relaxed);
+    chunk_.store(chunk, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
     error_ = nullptr;
-    active_.store(int(workers_.size()), std::memory_order_relaxed);
+    // Publishes the task: a thread whose claim succeeds reads the fields written above.
+    claim_.store((++task_ << 32) | (uint64_t(chunks) << 16), std::memory_order_release);
     // seq_cst pairs with the sleepers_ increment in worker_loop: either the worker sees
     // the new generation before it sleeps, or this thread sees it asleep and wakes it.
     generation_.fetch_add(1);
@@ -100,30 +107,47 @@ class Pool {
       std::lock_guard<std::mutex> lock(m_);
       cv_.notify_all();
     }
-    drain();
-    if (!spin_until([this] { return active_.load(std::memory_order_acquire) == 0; }, spin_ns_)) {
+    run_chunks();
+    auto finished = [&] { return done_.load(std::memory_order_acquire) == chunks; };
+    if (!spin_until(finished, spin_ns_)) {
       std::unique_lock<std::mutex> lock(m_);
-      done_cv_.wait(lock, [this] { return active_.load(std::memory_order_acquire) == 0; });
+      done_cv_.wait(lock, finished);
     }
-    fn_ = nullptr;
     if (error_) std::rethrow_exception(error_);
     return true;
   }
 
  private:
-  void drain() {
-    in_pool_task = true;
+  // Claims and runs chunks of the current task until none is left. claim_ packs the task
+  // id (bits 32-63), its number of chunks (16-31) and the next chunk to claim (0-15), so
+  // one compare-and-swap checks that the task is still the one seen and has a chunk left:
+  // a thread with a stale view fails its claim instead of running a chunk of another
+  // task. The other fields are read only after a successful claim, and the caller does
+  // not start its next task before every claimed chunk is done.
+  void run_chunks() {
+    uint64_t c = claim_.load(std::memory_order_acquire);
+    const uint64_t id = c >> 32;
     for (;;) {
-      const int64_t begin = next_.fetch_add(chunk_);
-      if (begin >= n_) break;
+      const int64_t next = int64_t(c & 0xffffu), chunks = int64_t((c >> 16) & 0xffffu);
+      if ((c >> 32) != id || next >= chunks) return;
+      if (!claim_.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+      const int64_t chunk = chunk_.load(std::memory_order_relaxed);
+      const int64_t begin = next * chunk;
+      in_pool_task = true;
       try {
-        (*fn_)(begin, std::min(n_, begin + chunk_));
+        (*fn_.load(std::memory_order_relaxed))(begin, std::min(n_.load(std::memory_order_relaxed), begin + chunk));
       } catch (...) {
         std::lock_guard<std::mutex> lock(m_);
         if (!error_) error_ = std::current_exception();
       }
+      in_pool_task = false;
+      if (done_.fetch_add(1, std::memory_order_acq_rel) + 1 == chunks) {
+        std::lock_guard<std::mutex> lock(m_);
+        done_cv_.notify_one();
+        return;
+      }
+      c = claim_.load(std::memory_order_acquire);
     }
-    in_pool_task = false;
   }
 
   void worker_loop() {
@@ -138,11 +162,7 @@ class Pool {
       }
       if (stop_.load()) return;
       seen = generation_.load();
-      drain();
-      if (active_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-        std::lock_guard<std::mutex> lock(m_);
-        done_cv_.notify_one();
-      }
+      run_chunks();
     }
   }
 
@@ -151,11 +171,16 @@ class Pool {
   std::vector<std::thread> workers_;
   std::mutex m_, busy_;
   std::condition_variable cv_, done_cv_;
-  const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
-  int64_t n_ = 0, chunk_ = 1;
-  std::atomic<int64_t> next_{0};
+  static constexpr int64_t kMaxChunks = 0xffff;
+  // The current task, written by the caller before it publishes claim_ (atomics because a
+  // late thread may still be loading claim_ while the next task is being written).
+  std::atomic<const std::function<void(int64_t, int64_t)>*> fn_{nullptr};
+  std::atomic<int64_t> n_{0}, chunk_{1};
+  uint64_t task_ = 0;
+  std::atomic<uint64_t> claim_{0};
+  std::atomic<int64_t> done_{0};
   std::exception_ptr error_;
-  std::atomic<int> active_{0}, sleepers_{0};
+  std::atomic<int> sleepers_{0};
   std::atomic<uint64_t> generation_{0};
   std::atomic<bool> stop_{false};
 };

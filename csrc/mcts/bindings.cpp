@@ -5,8 +5,11 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cfloat>
+#include <cmath>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "rlkern/mcts.h"
 #include "rlkern/registry.h"
@@ -45,6 +48,32 @@ const T* opt_ptr(const char* name, const py::object& o, std::initializer_list<in
   expect_shape(name, a, shape);
   return a.data();
 }
+
+// One float per leaf: a float32 array of shape (L,), or a Python float that applies to
+// every leaf (broadcast here, which is cheaper than numpy's np.full on the Python side).
+class RowFloats {
+ public:
+  RowFloats(const char* name, const py::object& o, int64_t L) {
+    if (PyFloat_Check(o.ptr())) {
+      const double v = PyFloat_AS_DOUBLE(o.ptr());
+      // Out-of-range doubles become +-inf (then rejected as not finite) like numpy's cast.
+      const float f = std::fabs(v) > double(FLT_MAX) ? float(v > 0 ? HUGE_VAL : -HUGE_VAL) : float(v);
+      fill_.assign(size_t(L), f);
+      data_ = fill_.data();
+    } else {
+      auto a = py::cast<Arr<float>>(o);
+      expect_shape(name, a, {L});
+      data_ = a.data();
+      keep_ = std::move(a);
+    }
+  }
+  const float* data() const { return data_; }
+
+ private:
+  py::object keep_;
+  std::vector<float> fill_;
+  const float* data_ = nullptr;
+};
 
 rlk::mcts::Config make_config(int algorithm, float c1, float c2, float dirichlet_alpha, float dirichlet_fraction,
                               int max_considered_actions, float gumbel_scale, float maxvisit_init,
@@ -105,21 +134,28 @@ void bind(py::module_& m) {
              py::gil_scoped_release release;
              return f.select(t, p, ac, n);
            })
+      .def("select_into",
+           [](Forest& f, Arr<int64_t> leaves) {
+             const int64_t B = f.batch_size();
+             expect_shape("leaf buffer", leaves, {4, B});
+             int64_t* p = leaves.mutable_data();
+             py::gil_scoped_release release;
+             return f.select(p, p + B, p + 2 * B, p + 3 * B);
+           },
+           "select() writing (tree, parent, action, node) into the rows of one [4, B] int64 array")
       .def("expand_backup",
-           [](Forest& f, Arr<float> logits, Arr<float> value, Arr<float> reward, Arr<float> discount,
+           [](Forest& f, Arr<float> logits, py::object value, py::object reward, py::object discount,
               py::object legal, py::object terminal) {
              const int64_t L = f.num_pending(), A = f.num_actions();
              if (logits.ndim() != 2 || logits.shape(0) != L)
                throw py::value_error("prior_logits must have shape (" + std::to_string(L) + ", " + std::to_string(A) +
                                      ") (one row per leaf of the last select()), got " + shape_str(logits));
              expect_shape("prior_logits", logits, {L, A});
-             expect_shape("value", value, {L});
-             expect_shape("reward", reward, {L});
-             expect_shape("discount", discount, {L});
+             RowFloats v("value", value, L), r("reward", reward, L), d("discount", discount, L);
              const uint8_t* lp = opt_ptr<uint8_t>("legal_mask", legal, {L, A});
              const uint8_t* tp = opt_ptr<uint8_t>("terminal", terminal, {L});
              py::gil_scoped_release release;
-             f.expand_backup(L, logits.data(), value.data(), reward.data(), discount.data(), lp, tp);
+             f.expand_backup(L, logits.data(), v.data(), r.data(), d.data(), lp, tp);
            })
       .def("result",
            [](Forest& f, float temperature) {

@@ -3,6 +3,7 @@
 #include "rlkern/mcts.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cfloat>
 #include <cmath>
 #include <cstring>
@@ -153,6 +154,27 @@ int32_t legal_softmax(const float* logits, const uint8_t* legal, int64_t A, int3
   *best = i;  // the first largest prior
   *total = t;
   return k;
+}
+
+// Bit tests, which vectorise (float comparisons may trap, so compilers keep them scalar).
+bool all_finite(const float* x, int64_t n) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, x + i, sizeof(u));
+    bad |= (u & 0x7fffffffu) >= 0x7f800000u;
+  }
+  return bad == 0;
+}
+
+bool has_nan_or_pos_inf(const float* x, int64_t n) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, x + i, sizeof(u));
+    bad |= ((u & 0x7fffffffu) > 0x7f800000u) | (u == 0x7f800000u);
+  }
+  return bad != 0;
 }
 
 std::string row_msg(const char* name, int64_t row, const char* what) {
@@ -318,6 +340,12 @@ void Forest::for_trees(int64_t grain, const std::function<void(int64_t, int64_t)
   rlk::parallel_for(B_, grain, fn);
 }
 
+int64_t Forest::step_grain(int64_t n, int64_t min_grain) const {
+  const int threads = cfg_.num_threads > 0 ? cfg_.num_threads : rlk::num_threads();
+  if (threads <= 1) return std::max<int64_t>(n, 1);
+  return std::max(min_grain, (n + threads - 1) / threads);
+}
+
 void Forest::plan(int num_simulations) {
   if (num_simulations < 0) throw std::invalid_argument("num_simulations must be >= 0");
   const int m = std::max(0, cfg_.max_considered_actions);
@@ -437,21 +465,32 @@ void Forest::set_roots(const float* logits, const float* value, const uint8_t* l
   });
 }
 
-// Calls fn(child, slot) for every expanded child of node x. Small nodes scan their edge
-// slice, whose child loads are independent; large ones follow the children list, which
-// touches only expanded children.
+// Nodes with more edges than this keep their children list newest first; smaller ones
+// keep it in edge (action) order.
+constexpr int32_t kOrderedChildren = 48;
+
+// Calls fn(child, slot) for every expanded child of node x, following its children list:
+// in edge order for small nodes, newest first for large ones.
 template <typename Fn>
-inline void for_each_child(const int32_t* edge_child, const int32_t* first_child, const int32_t* next_sibling,
-                           const int32_t* slot, int32_t x, int32_t ne, Fn&& fn) {
-  constexpr int32_t kScanEdges = 48;
-  if (ne <= kScanEdges) {
-    for (int32_t k = 0; k < ne; ++k) {
-      const int32_t c = edge_child[k];
-      if (c >= 0) fn(c, k);
-    }
-  } else {
-    for (int32_t c = first_child[x]; c >= 0; c = next_sibling[c]) fn(c, slot[c]);
+inline void for_each_child(const int32_t* first_child, const int32_t* next_sibling, const int32_t* slot, int32_t x,
+                           Fn&& fn) {
+  for (int32_t c = first_child[x]; c >= 0; c = next_sibling[c]) fn(c, slot[c]);
+}
+
+void Forest::link_child(int64_t b, int32_t x, int32_t id) {
+  const int64_t nb = b * N_;
+  int32_t* first = first_child_.data() + nb;
+  int32_t* next = next_sibling_.data() + nb;
+  int32_t* link = first + x;
+  if (num_edges_[size_t(nb + x)] <= kOrderedChildren) {
+    // In edge order, which fixes the order completed() sums the children in. Following
+    // this short list costs less than scanning the edges for expanded ones, a branch
+    // the processor mispredicts often.
+    const int32_t* slot = slot_.data() + nb;
+    while (*link >= 0 && slot[*link] < slot[id]) link = next + *link;
   }
+  next[id] = *link;
+  *link = id;
 }
 
 void Forest::completed(int64_t b, int32_t x, std::vector<Child>& buf, Completed& out) const {
@@ -463,10 +502,10 @@ void Forest::completed(int64_t b, int32_t x, std::vector<Child>& buf, Completed&
   const NodeStats* st = stats_.data() + nb;
   int32_t sum_n = 0, max_n = 0;
   float sum_p = 0.f, sum_pq = 0.f;
+  float q_lo = std::numeric_limits<float>::infinity(), q_hi = -q_lo;
   Child* out_child = buf.data();
   int32_t count = 0;
-  for_each_child(edge_child_.data() + eb, first_child_.data() + nb, next_sibling_.data() + nb, slot_.data() + nb, x,
-                 ne, [&](int32_t c, int32_t k) {
+  for_each_child(first_child_.data() + nb, next_sibling_.data() + nb, slot_.data() + nb, x, [&](int32_t c, int32_t k) {
                    const int32_t n = st[c].visits;
                    const float q = st[c].reward + st[c].discount * st[c].value;
                    const float p = prior[k];
@@ -476,6 +515,8 @@ void Forest::completed(int64_t b, int32_t x, std::vector<Child>& buf, Completed&
                    const float pf = std::max(p, FLT_MIN);
                    sum_p += pf;
                    sum_pq += pf * q;
+                   q_lo = std::min(q_lo, q);
+                   q_hi = std::max(q_hi, q);
                  });
   out.count = count;
   out.best_unvisited_edge = best_unexp_[xi];
@@ -484,13 +525,11 @@ void Forest::completed(int64_t b, int32_t x, std::vector<Child>& buf, Completed&
   const float raw = raw_value_[xi];
   float v = raw;
   if (cfg_.use_mixed_value && count > 0) v = (raw + float(sum_n) * (sum_pq / sum_p)) / float(sum_n + 1);
+  // Unvisited and illegal actions are completed by v. It goes first into the min and max
+  // (ties keep the earlier operand), as a loop starting from v would.
   const bool missing = count < ne || ne < A_;
-  float lo = std::numeric_limits<float>::infinity(), hi = -lo;
-  if (missing) lo = hi = v;
-  for (int32_t i = 0; i < count; ++i) {
-    lo = std::min(lo, out_child[i].q);
-    hi = std::max(hi, out_child[i].q);
-  }
+  const float lo = missing ? std::min(v, q_lo) : q_lo;
+  const float hi = missing ? std::max(v, q_hi) : q_hi;
   out.lo = lo;
   out.hi = hi;
   out.scale = (cfg_.maxvisit_init + float(max_n)) * cfg_.value_scale;
@@ -508,7 +547,7 @@ void Forest::completed(int64_t b, int32_t x, std::vector<Child>& buf, Completed&
 int32_t Forest::puct_edge(int64_t b, int32_t x, std::vector<Child>& buf) const {
   const int64_t nb = b * N_;
   const size_t xi = size_t(nb + x);
-  const int32_t fe = first_edge_[xi], ne = num_edges_[xi];
+  const int32_t fe = first_edge_[xi];
   const int64_t eb = b * E_ + fe;
   const float* prior = edge_prior_.data() + eb;
   const NodeStats* st = stats_.data() + nb;
@@ -518,8 +557,7 @@ int32_t Forest::puct_edge(int64_t b, int32_t x, std::vector<Child>& buf) const {
   float lo = st[x].value, hi = lo;
   Child* out_child = buf.data();
   int32_t count = 0;
-  for_each_child(edge_child_.data() + eb, first_child_.data() + nb, next_sibling_.data() + nb, slot_.data() + nb, x,
-                 ne, [&](int32_t c, int32_t k) {
+  for_each_child(first_child_.data() + nb, next_sibling_.data() + nb, slot_.data() + nb, x, [&](int32_t c, int32_t k) {
                    const float q = st[c].reward + st[c].discount * st[c].value;
                    lo = std::min(lo, q);
                    hi = std::max(hi, q);
@@ -605,6 +643,13 @@ int32_t Forest::gumbel_root_edge(int64_t b, std::vector<Child>& buf) const {
 }
 
 int32_t Forest::select_edge(int64_t b, int32_t x, int depth, std::vector<Child>& buf) const {
+  // A node without expanded children (often the last one on the path) takes its
+  // highest-prior edge under PUCT and the Gumbel interior rule alike, since all its
+  // actions share one completed value: no need to look at its edges.
+  if (depth > 0 || cfg_.algorithm == Algorithm::kPuct) {
+    const size_t xi = size_t(b * N_ + x);
+    if (first_child_[xi] < 0 && best_unexp_[xi] >= 0) return first_edge_[xi] + best_unexp_[xi];
+  }
   if (cfg_.algorithm == Algorithm::kPuct) return puct_edge(b, x, buf);
   return depth == 0 ? gumbel_root_edge(b, buf) : gumbel_interior_edge(b, x, buf);
 }
@@ -639,8 +684,7 @@ int64_t Forest::select(int64_t* tree, int64_t* parent, int64_t* action, int64_t*
     throw std::runtime_error("select() called twice without expand_backup() for the pending leaves");
   if (cfg_.algorithm == Algorithm::kGumbel && table_sims_ == 0)
     throw std::runtime_error("Gumbel search needs a simulation budget: call plan(num_simulations) first");
-  const int64_t grain = std::max<int64_t>(4, 2048 / A_);
-  for_trees(grain, [&](int64_t begin, int64_t end) {
+  rlk::parallel_for(B_, step_grain(B_, std::max<int64_t>(4, 512 / A_)), [&](int64_t begin, int64_t end) {
     std::vector<Child> buf(static_cast<size_t>(A_));
     for (int64_t b = begin; b < end; ++b) {
       pend_parent_[b] = -1;
@@ -690,18 +734,33 @@ void Forest::expand_backup(int64_t L, const float* logits, const float* value, c
                                 std::to_string(num_pending_) + " leaves");
   // Every row is checked before any tree changes, so a bad row leaves the forest as it was.
   const int64_t grain = std::max<int64_t>(4, 2048 / A_);
-  std::vector<const char*> problem(static_cast<size_t>(L), nullptr);
-  rlk::parallel_for(L, cfg_.num_threads == 1 ? std::max<int64_t>(L, 1) : grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      if (!std::isfinite(value[i]) || !std::isfinite(reward[i]) || !std::isfinite(discount[i])) {
-        problem[size_t(i)] = "";
-      } else if (!(terminal && terminal[i])) {
-        problem[size_t(i)] = check_logits_row(logits + i * A_, legal ? legal + i * A_ : nullptr, A_, true);
-      }
-    }
-  });
-  for (int64_t i = 0; i < L; ++i) {
-    const char* bad = problem[size_t(i)];
+  auto row_problem = [&](int64_t i) -> const char* {
+    if (!std::isfinite(value[i]) || !std::isfinite(reward[i]) || !std::isfinite(discount[i])) return "";
+    if (terminal && terminal[i]) return nullptr;
+    return check_logits_row(logits + i * A_, legal ? legal + i * A_ : nullptr, A_, true);
+  };
+  bool any_bad = false;
+  if (!legal && !terminal && L * A_ <= (int64_t(1) << 16)) {
+    // Every row needs every check: one branch-free pass over the whole block (the serial
+    // part of a step, so it should be short); the loop below names the first bad row.
+    any_bad = !all_finite(value, L) || !all_finite(reward, L) || !all_finite(discount, L) ||
+              has_nan_or_pos_inf(logits, L * A_);
+  } else if (cfg_.num_threads == 1 || L * A_ <= (int64_t(1) << 14)) {
+    // Small inputs: checking them here costs less than a round trip through the pool.
+    for (int64_t i = 0; i < L && !any_bad; ++i) any_bad = row_problem(i) != nullptr;
+  } else {
+    std::atomic<bool> bad{false};
+    rlk::parallel_for(L, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        if (row_problem(i)) {
+          bad.store(true, std::memory_order_relaxed);
+          break;
+        }
+    });
+    any_bad = bad.load();
+  }
+  for (int64_t i = 0; any_bad && i < L; ++i) {  // the first bad row, with its message
+    const char* bad = row_problem(i);
     if (!bad) continue;
     if (!std::isfinite(value[i])) throw std::invalid_argument(row_msg("value", i, "is not finite"));
     if (!std::isfinite(reward[i])) throw std::invalid_argument(row_msg("reward", i, "is not finite"));
@@ -710,10 +769,7 @@ void Forest::expand_backup(int64_t L, const float* logits, const float* value, c
     if (legal && what == "has no legal action") what += " and is not marked terminal";
     throw std::invalid_argument(row_msg(legal ? "prior_logits/legal_mask" : "prior_logits", i, what.c_str()));
   }
-  const int64_t row_grain = cfg_.num_threads == 1 ? std::max<int64_t>(L, 1)
-                            : cfg_.num_threads > 1 ? std::max<int64_t>(grain, (L + cfg_.num_threads - 1) / cfg_.num_threads)
-                                                   : grain;
-  rlk::parallel_for(L, row_grain, [&](int64_t begin, int64_t end) {
+  rlk::parallel_for(L, step_grain(L, std::max<int64_t>(4, 512 / A_)), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = pend_tree_[i];
       const int64_t nb = b * N_, eb = b * E_;
@@ -724,8 +780,7 @@ void Forest::expand_backup(int64_t L, const float* logits, const float* value, c
       const size_t xi = size_t(nb + x);
       const int32_t slot = e - first_edge_[xi];
       slot_[ni] = slot;
-      next_sibling_[ni] = first_child_[xi];
-      first_child_[xi] = id;
+      link_child(b, x, id);
       first_child_[ni] = -1;
       unexp_prior_[xi] -= edge_prior_[size_t(eb + e)];
       if (best_unexp_[xi] == slot) recompute_best_unexpanded(b, x);
@@ -929,11 +984,7 @@ void Forest::advance(const int64_t* actions, int64_t* old_to_new) {
       }
       used_nodes_[b] = kept;
       used_edges_[b] = next_edge;
-      for (int32_t j = 1; j < kept; ++j) {  // children lists, newest first as expansion builds them
-        const size_t ji = size_t(nb + j), pi = size_t(nb + parent_[ji]);
-        next_sibling_[ji] = first_child_[pi];
-        first_child_[pi] = j;
-      }
+      for (int32_t j = 1; j < kept; ++j) link_child(b, parent_[size_t(nb + j)], j);  // as expansion built them
       CounterRng rng(cfg_.seed, uint64_t(b), epoch);
       prepare_root_noise(b, rng);
     }

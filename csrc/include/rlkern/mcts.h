@@ -117,6 +117,12 @@ class Forest {
   void backup(int64_t b, int32_t x, float leaf_value);
   void revisit(int64_t b, int32_t x);
   void for_trees(int64_t grain, const std::function<void(int64_t, int64_t)>& fn) const;
+  // Rows per chunk for a per-simulation kernel over n rows: at least min_grain, and one
+  // chunk per thread. The caller claims the first chunk, so a tree tends to stay on the
+  // same core from step to step and its nodes in that core's cache (finer chunks, claimed
+  // in varying order, measured slower); a late thread's chunk goes to whoever is free.
+  int64_t step_grain(int64_t n, int64_t min_grain) const;
+  void link_child(int64_t b, int32_t x, int32_t id);  // adds node id to x's children list
   void recompute_best_unexpanded(int64_t b, int32_t x);
   void recompute_root_best(int64_t b);
 
@@ -124,7 +130,8 @@ class Forest {
   Config cfg_;
 
   // Node pools [B*N]. slot_ is the node's edge offset in its parent's slice; children
-  // form a list (first_child_, next_sibling_) so selection visits only expanded children.
+  // form a list (first_child_, next_sibling_) so selection visits only expanded children
+  // (in edge order for nodes with up to 48 edges, else newest first).
   // best_unexp_ caches the offset of the highest-prior unexpanded edge (-1: none) and
   // unexp_prior_ the prior mass of the unexpanded edges.
   // The statistics a selection reads for every child sit in one 16-byte record, so a

@@ -130,6 +130,16 @@ def _floats(name: str, x, length: Optional[int] = None) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
+def _row_floats(name: str, x, length: int):
+    """Like ``_floats`` for one value per leaf, but a Python scalar stays a float: the core
+    broadcasts it, which is cheaper than building the array here."""
+    if type(x) is np.ndarray and x.dtype == np.float32 and x.flags.c_contiguous and x.ndim:
+        return x
+    if isinstance(x, (int, float)):
+        return float(x)
+    return _floats(name, x, length)
+
+
 def _mask(name: str, x) -> Optional[np.ndarray]:
     """uint8 0/1 view of a bool, integer or floating mask."""
     if x is None:
@@ -209,7 +219,7 @@ class Forest:
         if self._pending is not None:
             raise RuntimeError("select() called again before expand_backup() for the pending leaves")
         buf = np.empty((4, self.batch_size), dtype=np.int64)
-        L = self._core.select(buf[0], buf[1], buf[2], buf[3])
+        L = self._core.select_into(buf)
         leaves = Leaves(buf[0, :L], buf[1, :L], buf[2, :L], buf[3, :L])
         self._pending = leaves if L else None
         return leaves
@@ -224,8 +234,8 @@ class Forest:
                 return
             raise ValueError("leaves must be the object returned by the last select()")
         L = len(leaves)
-        self._core.expand_backup(_floats("prior_logits", prior_logits), _floats("value", value, L),
-                                 _floats("reward", reward, L), _floats("discount", discount, L),
+        self._core.expand_backup(_floats("prior_logits", prior_logits), _row_floats("value", value, L),
+                                 _row_floats("reward", reward, L), _row_floats("discount", discount, L),
                                  _mask("legal_mask", legal_mask), _mask("terminal", terminal))
         self._pending = None
 
@@ -240,20 +250,27 @@ class Forest:
             raise RuntimeError("search() called with leaves of an earlier select() still pending")
         core, B = self._core, self.batch_size
         core.plan(n)
+        select, expand = core.select_into, core.expand_backup
         for _ in range(n):
+            # A fresh buffer per step: recurrent_fn may keep the leaf arrays it was given.
             buf = np.empty((4, B), dtype=np.int64)
-            L = core.select(buf[0], buf[1], buf[2], buf[3])
+            L = select(buf)
             if L == 0:
                 continue
             leaves = self._pending = Leaves(buf[0, :L], buf[1, :L], buf[2, :L], buf[3, :L])
             out = recurrent_fn(leaves)
-            if not isinstance(out, tuple) or len(out) not in (4, 5, 6):
+            if type(out) is Expansion:
+                logits, value, reward, discount, legal, terminal = out
+            elif isinstance(out, tuple) and len(out) in (4, 5, 6):
+                logits, value, reward, discount = out[:4]
+                legal = out[4] if len(out) > 4 else None
+                terminal = out[5] if len(out) > 5 else None
+            else:
                 raise TypeError("recurrent_fn must return an Expansion or (prior_logits, value, reward, discount)")
-            legal = out[4] if len(out) > 4 else None
-            terminal = out[5] if len(out) > 5 else None
-            core.expand_backup(_floats("prior_logits", out[0]), _floats("value", out[1], L),
-                               _floats("reward", out[2], L), _floats("discount", out[3], L),
-                               _mask("legal_mask", legal), _mask("terminal", terminal))
+            expand(_floats("prior_logits", logits), _row_floats("value", value, L),
+                   _row_floats("reward", reward, L), _row_floats("discount", discount, L),
+                   None if legal is None else _mask("legal_mask", legal),
+                   None if terminal is None else _mask("terminal", terminal))
             self._pending = None
         return self.result()
 
