@@ -253,7 +253,9 @@ RLK_SCAN_INLINE void scan_row8(int64_t T_, Step step, Tile tile) {
 
 template <class... Ptrs>
 RLK_SCAN_INLINE void prefetch_tile(int64_t i0, int64_t t0, Ptrs... ptrs) {
-  if (t0 % 16 != 0 || t0 < kAhead) return;
+  // Indexed on the flat position: the walk continues into the previous row. A prefetch
+  // never faults, so the first row's requests before the buffer are harmless.
+  if (t0 % 16 != 0 || i0 < kAhead) return;
   ((ptrs ? __builtin_prefetch(ptrs + i0 - kAhead, 0, 0) : void()), ...);
 }
 
@@ -261,7 +263,7 @@ template <class T>
 RLK_SCAN_INLINE void discounted_rows8(const Scan<T>& s, int64_t b0, int64_t b1) {
   const v8f gamma = splat8(s.gamma), zero = splat8(0.0f);
   const Uniform uniform(s.gamma);
-  for (int64_t b = b0; b < b1; ++b) {
+  for (int64_t b = b1 - 1; b >= b0; --b) {  // rows right to left too: one descending stream
     const int64_t base = b * s.T_;
     float carry = s.bootstrap_of(b);
     scan_row8(
@@ -291,7 +293,7 @@ template <class T, bool kNextValues, bool kTruncated>
 RLK_SCAN_INLINE void gae_rows8(const Scan<T>& s, int64_t b0, int64_t b1) {
   const v8f gamma = splat8(s.gamma), gl = splat8(s.gamma_lam), zero = splat8(0.0f);
   const Uniform uniform(s.gamma_lam);
-  for (int64_t b = b0; b < b1; ++b) {
+  for (int64_t b = b1 - 1; b >= b0; --b) {  // rows right to left too: one descending stream
     const int64_t base = b * s.T_;
     float carry = 0.0f;
     scan_row8(
@@ -334,7 +336,7 @@ RLK_SCAN_INLINE void lambda_rows8(const Scan<T>& s, int64_t b0, int64_t b1) {
   const v8f gamma = splat8(s.gamma), zero = splat8(0.0f);
   const v8f glam = splat8(s.gamma * s.lam), g1lam = splat8(s.gamma * (1.0f - s.lam));
   const Uniform uniform(s.gamma * s.lam);
-  for (int64_t b = b0; b < b1; ++b) {
+  for (int64_t b = b1 - 1; b >= b0; --b) {  // rows right to left too: one descending stream
     const int64_t base = b * s.T_;
     float carry = 0.0f;
     scan_row8(
@@ -370,7 +372,7 @@ template <class T>
 RLK_SCAN_INLINE void masked_gae_rows8(const Scan<T>& s, int64_t b0, int64_t b1) {
   const v8f gamma = splat8(s.gamma), gl = splat8(s.gamma_lam), zero = splat8(0.0f), one = splat8(1.0f);
   const Uniform uniform(s.gamma_lam);
-  for (int64_t b = b0; b < b1; ++b) {
+  for (int64_t b = b1 - 1; b >= b0; --b) {  // rows right to left too: one descending stream
     const int64_t base = b * s.T_;
     float advantage = 0.0f, next_value = 0.0f;
     scan_row8(
