@@ -92,6 +92,15 @@ def test_lambda_returns(backend, shape, lam):
     assert_close(out, ref.lambda_returns(*_f64(r, nv), term, 0.97, lam, truncated=trunc))
 
 
+def _check_masked_gae(r, v, mask, gamma, lam):
+    """Against the float64 reference; masked inputs hold NaN or inf and must not leak."""
+    adv, ret = rlkern.masked_gae(r, v, mask, gamma, lam)
+    eadv, eret = ref.masked_gae(*_f64(r, v), mask, gamma, lam)
+    assert torch.isfinite(adv).all() and torch.isfinite(ret).all()
+    assert_close(adv, eadv)
+    assert_close(ret, eret)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.99, 0.95), (1.0, 0.0)])
 def test_masked_gae(backend, shape, gamma, lam):
@@ -100,11 +109,7 @@ def test_masked_gae(backend, shape, gamma, lam):
     mask = torch.rand(shape, generator=g) < 0.7
     r = r.masked_fill(~mask, float("nan"))  # masked inputs never reach the result
     v = v.masked_fill(~mask, float("inf"))
-    adv, ret = rlkern.masked_gae(r, v, mask, gamma, lam)
-    eadv, eret = ref.masked_gae(*_f64(r, v), mask, gamma, lam)
-    assert torch.isfinite(adv).all() and torch.isfinite(ret).all()
-    assert_close(adv, eadv)
-    assert_close(ret, eret)
+    _check_masked_gae(r, v, mask, gamma, lam)
 
 
 @pytest.mark.parametrize("T,k", [(64, 21), (61, 8), (200, 127), (17, 0)])
@@ -419,8 +424,4 @@ def test_masked_gae_on_padded_responses(backend, gamma, lam):
     r, v = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
     r = r.masked_fill(~mask, float("nan"))
     v = v.masked_fill(~mask, float("nan"))
-    adv, ret = rlkern.masked_gae(r, v, mask, gamma, lam)
-    eadv, eret = ref.masked_gae(*_f64(r, v), mask, gamma, lam)
-    assert torch.isfinite(adv).all() and torch.isfinite(ret).all()
-    assert_close(adv, eadv)
-    assert_close(ret, eret)
+    _check_masked_gae(r, v, mask, gamma, lam)

@@ -260,7 +260,8 @@ RLK_SCAN_INLINE void prefetch_tile(int64_t i0, int64_t t0, Ptrs... ptrs) {
 }
 
 template <class T>
-RLK_SCAN_INLINE void discounted_rows8(const Scan<T>& s, int64_t b0, int64_t b1) {
+RLK_SCAN_INLINE void discounted_rows8(const Scan<T>& args, int64_t b0, int64_t b1) {
+  const Scan<T> s = args;  // a local copy: the output stores cannot alias it, so its fields stay in registers
   const v8f gamma = splat8(s.gamma), zero = splat8(0.0f);
   const Uniform uniform(s.gamma);
   for (int64_t b = b1 - 1; b >= b0; --b) {  // rows right to left too: one descending stream
@@ -290,7 +291,8 @@ RLK_SCAN_INLINE void discounted_rows8(const Scan<T>& s, int64_t b0, int64_t b1) 
 }
 
 template <class T, bool kNextValues, bool kTruncated>
-RLK_SCAN_INLINE void gae_rows8(const Scan<T>& s, int64_t b0, int64_t b1) {
+RLK_SCAN_INLINE void gae_rows8(const Scan<T>& args, int64_t b0, int64_t b1) {
+  const Scan<T> s = args;  // a local copy: the output stores cannot alias it, so its fields stay in registers
   const v8f gamma = splat8(s.gamma), gl = splat8(s.gamma_lam), zero = splat8(0.0f);
   const Uniform uniform(s.gamma_lam);
   for (int64_t b = b1 - 1; b >= b0; --b) {  // rows right to left too: one descending stream
@@ -332,7 +334,8 @@ RLK_SCAN_INLINE void gae_rows8(const Scan<T>& s, int64_t b0, int64_t b1) {
 }
 
 template <class T>
-RLK_SCAN_INLINE void lambda_rows8(const Scan<T>& s, int64_t b0, int64_t b1) {
+RLK_SCAN_INLINE void lambda_rows8(const Scan<T>& args, int64_t b0, int64_t b1) {
+  const Scan<T> s = args;  // a local copy: the output stores cannot alias it, so its fields stay in registers
   const v8f gamma = splat8(s.gamma), zero = splat8(0.0f);
   const v8f glam = splat8(s.gamma * s.lam), g1lam = splat8(s.gamma * (1.0f - s.lam));
   const Uniform uniform(s.gamma * s.lam);
@@ -369,7 +372,8 @@ RLK_SCAN_INLINE void lambda_rows8(const Scan<T>& s, int64_t b0, int64_t b1) {
 }
 
 template <class T>
-RLK_SCAN_INLINE void masked_gae_rows8(const Scan<T>& s, int64_t b0, int64_t b1) {
+RLK_SCAN_INLINE void masked_gae_rows8(const Scan<T>& args, int64_t b0, int64_t b1) {
+  const Scan<T> s = args;  // a local copy: the output stores cannot alias it, so its fields stay in registers
   const v8f gamma = splat8(s.gamma), gl = splat8(s.gamma_lam), zero = splat8(0.0f), one = splat8(1.0f);
   const Uniform uniform(s.gamma_lam);
   for (int64_t b = b1 - 1; b >= b0; --b) {  // rows right to left too: one descending stream
