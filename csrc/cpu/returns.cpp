@@ -241,6 +241,31 @@ RLK_SCAN_INLINE bool all_set(const uint8_t* f) {
   return q == 0x0101010101010101ull;
 }
 
+// The 8 flag bytes at f as the bits of one byte (lane k -> bit k set where byte k != 0).
+RLK_SCAN_INLINE uint32_t flag_bits(const uint8_t* f) {
+  uint64_t q;
+  __builtin_memcpy(&q, f, sizeof q);
+  constexpr uint64_t low7 = 0x7f7f7f7f7f7f7f7full;
+  const uint64_t nonzero = (((q & low7) + low7) | q) & ~low7;  // the top bit of each nonzero byte
+  return uint32_t(((nonzero >> 7) * 0x0102040810204080ull) >> 56);
+}
+
+// kNextKept.lane[m][k]: the first lane after k whose bit is set in m, or 8 when none is
+// (a shuffle index that then picks the carry from a second vector).
+struct NextKeptTable {
+  int32_t lane[256][8];
+  constexpr NextKeptTable() : lane() {
+    for (int m = 0; m < 256; ++m) {
+      int next = 8;
+      for (int k = 7; k >= 0; --k) {
+        lane[m][k] = next;
+        if (m & (1 << k)) next = k;
+      }
+    }
+  }
+};
+constexpr NextKeptTable kNextKept{};
+
 // Scans one row: step(t, carry) for the scalar steps at the right end, then tiles from
 // the right; tile(t0, carry) builds, composes and applies the maps of steps t0..t0+7,
 // writes the outputs and returns the carry into step t0 - 1.
@@ -408,19 +433,14 @@ RLK_SCAN_INLINE void masked_gae_rows8(const Scan<T>& args, int64_t b0, int64_t b
             return;
           }
           const v8i m = flags8(s.terminated + i);
-          // The value of the first unmasked step at or after each step, by doubling
-          // (lane k takes the nearest kept value in k..k+1, then k..k+3, then k..k+7);
-          // shifted by one lane it is the bootstrap value of each step.
-          v8f kept = v;
-          v8i has = m;
-          kept = has ? kept : shift_down<1>(kept, zero);
-          has |= (v8i)shift_down<1>((v8f)has, zero);
-          kept = has ? kept : shift_down<2>(kept, zero);
-          has |= (v8i)shift_down<2>((v8f)has, zero);
-          kept = has ? kept : shift_down<4>(kept, zero);
-          has |= (v8i)shift_down<4>((v8f)has, zero);
-          const v8f at_or_after = has ? kept : splat8(next_value);
-          const v8f nv = shift_down<1>(at_or_after, splat8(next_value));
+          // Each step bootstraps from the value of the next unmasked step: a lane index
+          // from a table on the mask bits (8 when that step lies beyond the tile, which
+          // picks the carried value from the second vector).
+          const uint32_t bits = flag_bits(s.terminated + i);
+          v8i lane;
+          __builtin_memcpy(&lane, kNextKept.lane[bits], sizeof lane);
+          const v8f nv = __builtin_shuffle(v, splat8(next_value), lane);
+          next_value = v[__builtin_ctz(bits)];  // bits != 0: the all-masked tile returned above
           // Masked steps are identity maps (coefficient 1), so with gamma * lam != 0 no
           // coefficient is 0 and the composition needs no cut selects.
           v8f a = m ? gl : one;
@@ -441,7 +461,6 @@ RLK_SCAN_INLINE void masked_gae_rows8(const Scan<T>& args, int64_t b0, int64_t b
           store8(s.out0 + i, m ? y : zero);
           store8(s.out1 + i, m ? y + v : zero);
           advantage = y[0];
-          next_value = at_or_after[0];
         });
   }
 }
