@@ -382,6 +382,18 @@ def test_out_buffers_receive_the_results(backend):
     assert_close(f64, ref.discounted_returns(r.double(), term, 0.9))
 
 
+def test_out_buffers_may_share_a_storage_with_the_inputs_without_overlap(backend):
+    storage = torch.randn(4, 3, 50)  # a rollout buffer: rewards, values, then advantages
+    r, v, term = storage[0], storage[1], torch.zeros(3, 50, dtype=torch.bool)
+    term[:, 17] = True
+    adv, ret = storage[2], storage[3]
+    want = rlkern.gae(r.clone(), v.clone(), term, 0.99, 0.95)
+    rlkern.gae(r, v, term, 0.99, 0.95, out=(adv, ret))
+    assert torch.equal(adv, want[0]) and torch.equal(ret, want[1])
+    with pytest.raises(ValueError, match="share memory"):
+        rlkern.gae(r, v, term, 0.99, 0.95, out=(storage[1], ret))
+
+
 def test_out_buffers_on_the_differentiable_path():
     r = torch.randn(3, 20, requires_grad=True)
     term = torch.zeros(3, 20, dtype=torch.bool)

@@ -101,8 +101,14 @@ def _run_scan(name: str, backend: str, inputs: dict, flags: dict, gamma: float, 
 
 
 def _span(t: torch.Tensor) -> Tuple[int, int]:
-    storage = t.untyped_storage()
-    return storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    """The bytes a tensor's elements can occupy: [lowest, highest] element address, so
+    slices of one storage (rewards and advantages side by side in a rollout buffer) do
+    not count as overlapping."""
+    if t.numel() == 0:
+        return t.data_ptr(), t.data_ptr()
+    low = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if st < 0)
+    high = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if st > 0)
+    return t.data_ptr() + low * t.element_size(), t.data_ptr() + (high + 1) * t.element_size()
 
 
 def _out_buffers(out, count: int, one_d: bool, shape, dtype: torch.dtype, device: torch.device,
