@@ -493,10 +493,14 @@ RLK_SCAN_VARIANTS(gae8, (gae_rows8<T, kNextValues, kTruncated>), class T, bool k
 RLK_SCAN_VARIANTS(lambda8, lambda_rows8<T>, class T)
 RLK_SCAN_VARIANTS(masked_gae8, masked_gae_rows8<T>, class T)
 
-// Rows spread over the pool, a few thousand steps per task.
+// Runs a scan's row kernel over all rows, a few thousand steps per task, after the
+// huge-page advice on its outputs (out1 is null for the one-output scans).
 template <class T>
-void for_rows8(const Scan<T>& s, void (*generic)(const Scan<T>&, int64_t, int64_t),
-               void (*avx2)(const Scan<T>&, int64_t, int64_t)) {
+void scan_rows8(const ScanArgs& a, void (*generic)(const Scan<T>&, int64_t, int64_t),
+                void (*avx2)(const Scan<T>&, int64_t, int64_t)) {
+  const Scan<T> s(a);
+  advise_huge_pages(s.out0, size_t(s.B * s.T_) * sizeof(float));
+  advise_huge_pages(s.out1, size_t(s.B * s.T_) * sizeof(float));
   auto fn = generic;
 #ifdef RLK_SCAN_AVX2
   if (scan_has_avx2()) fn = avx2;
@@ -613,11 +617,7 @@ void discounted_returns_cpu(const ScanArgs& a) {
   RLK_DISPATCH_FLOATING(a.dtype, T, {
     if (use_chunks(a.B, a.T)) discounted_chunked<T>(a);
 #ifdef RLK_SCAN_SIMD
-    else if constexpr (kScan8<T>) {
-      const Scan<T> s(a);
-      advise_huge_pages(s.out0, size_t(s.B * s.T_) * sizeof(float));
-      for_rows8<T>(s, RLK_SCAN_PAIR(discounted8, T));
-    }
+    else if constexpr (kScan8<T>) scan_rows8<T>(a, RLK_SCAN_PAIR(discounted8, T));
 #endif
     else discounted_impl<T>(a);
   });
@@ -627,10 +627,7 @@ template <class T, bool kNextValues, bool kTruncated>
 void gae_rows(const ScanArgs& a) {
 #ifdef RLK_SCAN_SIMD
   if constexpr (kScan8<T>) {
-    const Scan<T> s(a);
-    advise_huge_pages(s.out0, size_t(s.B * s.T_) * sizeof(float));
-    advise_huge_pages(s.out1, size_t(s.B * s.T_) * sizeof(float));
-    for_rows8<T>(s, RLK_SCAN_PAIR(gae8, T, kNextValues, kTruncated));
+    scan_rows8<T>(a, RLK_SCAN_PAIR(gae8, T, kNextValues, kTruncated));
     return;
   }
 #endif
@@ -650,11 +647,7 @@ void lambda_returns_cpu(const ScanArgs& a) {
   RLK_DISPATCH_FLOATING(a.dtype, T, {
     if (use_chunks(a.B, a.T)) lambda_chunked<T>(a);
 #ifdef RLK_SCAN_SIMD
-    else if constexpr (kScan8<T>) {
-      const Scan<T> s(a);
-      advise_huge_pages(s.out0, size_t(s.B * s.T_) * sizeof(float));
-      for_rows8<T>(s, RLK_SCAN_PAIR(lambda8, T));
-    }
+    else if constexpr (kScan8<T>) scan_rows8<T>(a, RLK_SCAN_PAIR(lambda8, T));
 #endif
     else lambda_impl<T>(a);
   });
@@ -662,12 +655,9 @@ void lambda_returns_cpu(const ScanArgs& a) {
 void masked_gae_cpu(const ScanArgs& a) {
   RLK_DISPATCH_FLOATING(a.dtype, T, {
 #ifdef RLK_SCAN_SIMD
-    if constexpr (kScan8<T>) {
-      const Scan<T> s(a);
-      advise_huge_pages(s.out0, size_t(s.B * s.T_) * sizeof(float));
-      advise_huge_pages(s.out1, size_t(s.B * s.T_) * sizeof(float));
-      for_rows8<T>(s, RLK_SCAN_PAIR(masked_gae8, T));
-    } else
+    if constexpr (kScan8<T>)
+      scan_rows8<T>(a, RLK_SCAN_PAIR(masked_gae8, T));
+    else
 #endif
       masked_gae_impl<T>(a);
   });
