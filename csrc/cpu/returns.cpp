@@ -235,11 +235,6 @@ RLK_SCAN_INLINE bool none_set(const uint8_t* f) {
   __builtin_memcpy(&q, f, sizeof q);
   return q == 0;
 }
-RLK_SCAN_INLINE bool all_set(const uint8_t* f) {
-  uint64_t q;
-  __builtin_memcpy(&q, f, sizeof q);
-  return q == 0x0101010101010101ull;
-}
 
 // The 8 flag bytes at f as the bits of one byte (lane k -> bit k set where byte k != 0).
 RLK_SCAN_INLINE uint32_t flag_bits(const uint8_t* f) {
@@ -250,21 +245,31 @@ RLK_SCAN_INLINE uint32_t flag_bits(const uint8_t* f) {
   return uint32_t(((nonzero >> 7) * 0x0102040810204080ull) >> 56);
 }
 
-// kNextKept.lane[m][k]: the first lane after k whose bit is set in m, or 8 when none is
-// (a shuffle index that then picks the carry from a second vector).
-struct NextKeptTable {
-  int32_t lane[256][8];
-  constexpr NextKeptTable() : lane() {
+// A tile of masked_gae is the GAE recurrence over its unmasked steps alone: masked steps
+// pass both carries through. kCompact[m] (bit k of m: step k unmasked, n of them) packs
+// per lane three fields that turn a mixed tile into an all-unmasked one:
+//   bits 0-2  gather: lanes 8-n..7 take the unmasked steps in order (a shuffle index);
+//   bits 3-5  expand: step k's lane in that compacted vector, or the lane of the next
+//             unmasked step where step k is masked (so lane 0 yields the outgoing carry);
+//   bit 31    step k is unmasked (an arithmetic shift by 31 makes the lane mask).
+// Shuffles read only the low 3 bits of an index, so gather needs no decoding.
+struct CompactTable {
+  uint32_t lane[256][8];
+  constexpr CompactTable() : lane() {
     for (int m = 0; m < 256; ++m) {
-      int next = 8;
-      for (int k = 7; k >= 0; --k) {
-        lane[m][k] = next;
-        if (m & (1 << k)) next = k;
+      int n = 0;
+      for (int k = 0; k < 8; ++k) n += (m >> k) & 1;
+      int before = 0;  // unmasked steps before step k
+      for (int k = 0; k < 8; ++k) {
+        const bool kept = (m >> k) & 1;
+        if (kept) lane[m][8 - n + before] |= uint32_t(k);
+        if (before < n) lane[m][k] |= uint32_t(8 - n + before) << 3;
+        if (kept) lane[m][k] |= 0x80000000u, ++before;
       }
     }
   }
 };
-constexpr NextKeptTable kNextKept{};
+constexpr CompactTable kCompact{};
 
 // Scans one row: step(t, carry) for the scalar steps at the right end, then tiles from
 // the right; tile(t0, carry) builds, composes and applies the maps of steps t0..t0+7,
@@ -399,8 +404,15 @@ RLK_SCAN_INLINE void lambda_rows8(const Scan<T>& args, int64_t b0, int64_t b1) {
 template <class T>
 RLK_SCAN_INLINE void masked_gae_rows8(const Scan<T>& args, int64_t b0, int64_t b1) {
   const Scan<T> s = args;  // a local copy: the output stores cannot alias it, so its fields stay in registers
-  const v8f gamma = splat8(s.gamma), gl = splat8(s.gamma_lam), zero = splat8(0.0f), one = splat8(1.0f);
+  const v8f gamma = splat8(s.gamma), zero = splat8(0.0f);
   const Uniform uniform(s.gamma_lam);
+  // Right-padded masks give long runs of all-unmasked tiles, which can skip the
+  // compaction's shuffles; masks with scattered holes make "is this tile full?" a coin
+  // flip, and its mispredictions cost more than the shuffles. So the shortcut is taken
+  // only while the tiles rarely switch between full and not full (a running score).
+  // Both ways give bit-identical outputs: a full tile's shuffles are identities.
+  int switches = 0;
+  bool was_full = false;
   for (int64_t b = b1 - 1; b >= b0; --b) {  // rows right to left too: one descending stream
     const int64_t base = b * s.T_;
     float advantage = 0.0f, next_value = 0.0f;
@@ -424,42 +436,36 @@ RLK_SCAN_INLINE void masked_gae_rows8(const Scan<T>& args, int64_t b0, int64_t b
             return;
           }
           const v8f r = load8(s.rewards + i), v = load8(s.values + i);
-          if (uniform.usable && all_set(s.terminated + i)) {
-            const v8f y = scan_uniform(uniform, r + gamma * shift_down<1>(v, splat8(next_value)) - v, advantage);
-            store8(s.out0 + i, y);
-            store8(s.out1 + i, y + v);
-            advantage = y[0];
-            next_value = v[0];
-            return;
-          }
-          const v8i m = flags8(s.terminated + i);
-          // Each step bootstraps from the value of the next unmasked step: a lane index
-          // from a table on the mask bits (8 when that step lies beyond the tile, which
-          // picks the carried value from the second vector).
           const uint32_t bits = flag_bits(s.terminated + i);
-          v8i lane;
-          __builtin_memcpy(&lane, kNextKept.lane[bits], sizeof lane);
-          const v8f nv = __builtin_shuffle(v, splat8(next_value), lane);
-          next_value = v[__builtin_ctz(bits)];  // bits != 0: the all-masked tile returned above
-          // Masked steps are identity maps (coefficient 1), so with gamma * lam != 0 no
-          // coefficient is 0 and the composition needs no cut selects.
-          v8f a = m ? gl : one;
-          v8f bv = m ? r + gamma * nv - v : zero;
-          v8f y;
-          if (uniform.usable) {
-            bv += a * shift_down<1>(bv, zero);
-            a *= shift_down<1>(a, one);
-            bv += a * shift_down<2>(bv, zero);
-            a *= shift_down<2>(a, one);
-            bv += a * shift_down<4>(bv, zero);
-            a *= shift_down<4>(a, one);
-            y = bv + a * advantage;
-          } else {
-            suffix_compose(a, bv);
-            y = a == zero ? bv : bv + a * advantage;
+          // A moving average of 16 x (switched between full and not full), in [0, 128].
+          const bool full = bits == 0xff;
+          switches += (full != was_full ? 16 : 0) - (switches >> 3);
+          was_full = full;
+          if (switches < 32) {  // tested first: while the score stays high, this branch never misses
+            uint32_t late_bits = bits;
+            asm volatile("" : "+r"(late_bits));  // or the compiler merges both tests and tests `full` first
+            if (late_bits == 0xff && uniform.usable) {
+              const v8f y = scan_uniform(uniform, r + gamma * shift_down<1>(v, splat8(next_value)) - v, advantage);
+              store8(s.out0 + i, y);
+              store8(s.out1 + i, y + v);
+              advantage = y[0];
+              next_value = v[0];
+              return;
+            }
           }
-          store8(s.out0 + i, m ? y : zero);
-          store8(s.out1 + i, m ? y + v : zero);
+          // Compacted, the tile is all unmasked: each step bootstraps from the next lane
+          // (the carried value after the last) and the uniform scan applies. Masked
+          // inputs fill only lanes below 8-n, which feed no lane above them.
+          v8i w;
+          __builtin_memcpy(&w, kCompact.lane[bits], sizeof w);
+          const v8f rc = __builtin_shuffle(r, w), vc = __builtin_shuffle(v, w);
+          v8f yc = rc + gamma * shift_down<1>(vc, splat8(next_value)) - vc;
+          if (uniform.usable) yc = scan_uniform(uniform, yc, advantage);  // gamma * lam == 0: each step is its delta
+          const v8f y = __builtin_shuffle(yc, w >> 3);
+          const v8i kept = (v8i)w >> 31;
+          store8(s.out0 + i, (v8f)((v8i)y & kept));
+          store8(s.out1 + i, (v8f)((v8i)(y + v) & kept));
+          next_value = s.value(i + __builtin_ctz(bits));  // bits != 0: the all-masked tile returned above
           advantage = y[0];
         });
   }
