@@ -57,7 +57,7 @@ def _flags(name: str, t, shape) -> torch.Tensor:
 def _common_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
     dtype = None
     for t in tensors:
-        if t is not None:
+        if t is not None and t.dtype != dtype:
             dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
     return dtype
 
@@ -76,36 +76,50 @@ def _scan_backend(device: torch.device) -> str:
     return backend
 
 
-def _run_scan(name: str, backend: str, inputs: dict, flags: dict, gamma: float, lam: float, B: int, T: int,
-              outputs: int, out: Optional[Tuple[torch.Tensor, ...]] = None) -> Tuple[torch.Tensor, ...]:
-    """Casts the floating inputs to one storage dtype, makes everything contiguous and
-    launches the kernel; returns the output tensors (float32, or float64), written into
-    ``out`` when given (already checked by ``_out_buffers``)."""
-    dtype = _common_dtype(*inputs.values())
-    device = next(t for t in inputs.values() if t is not None).device
-    floats = {k: (v.to(dtype).contiguous() if v is not None else None) for k, v in inputs.items()}
-    bits = {k: (v.contiguous().view(torch.uint8) if v is not None else None) for k, v in flags.items()}
+def _run_scan(name: str, backend: str, floats: Tuple[Optional[torch.Tensor], ...],
+              flags: Tuple[Optional[torch.Tensor], ...], gamma: float, lam: float, B: int, T: int, outputs: int,
+              out: Optional[Tuple[torch.Tensor, ...]] = None) -> Tuple[torch.Tensor, ...]:
+    """Launches a scan on ``floats = (rewards, values, next_values, bootstrap)`` and
+    ``flags = (terminated, truncated)`` (None where absent), cast to one storage dtype
+    and made contiguous; returns the output tensors (float32, or float64), written into
+    ``out`` when given (already checked by ``_out_buffers``). Kept lean: for small
+    batches this Python is most of the call."""
+    dtype = _common_dtype(*floats)
+    device = floats[0].device
+
+    def p(t, want=None):
+        if t is None:
+            return 0
+        if (want is not None and t.dtype != want) or not t.is_contiguous():
+            t = (t.to(want) if want is not None else t).contiguous()
+            keep.append(t)  # alive until the kernel has run
+        return t.data_ptr() if t.numel() else 0
+
+    keep = []
     out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    outs = list(out) if out is not None else [torch.empty((B, T), dtype=out_dtype, device=device)
-                                              for _ in range(outputs)]
+    if out is None:
+        like = floats[0]  # [B, T] on the right device; the format argument makes the outputs row-major
+        out = tuple(torch.empty_like(like, dtype=out_dtype, memory_format=torch.contiguous_format)
+                    for _ in range(outputs))
     cuda = backend == "cuda"
-    fn = getattr(core().returns, name + ("_cuda" if cuda else ""))
-
-    def p(t):
-        return ptr(t) if t is not None else 0
-
-    fn(DTYPE_CODES[dtype], B, T, p(floats.get("rewards")), p(floats.get("values")), p(floats.get("next_values")),
-       p(floats.get("bootstrap")), p(bits.get("terminated")), p(bits.get("truncated")), float(gamma), float(lam),
-       p(outs[0]), p(outs[1]) if outputs > 1 else 0, cuda_stream(device) if cuda else 0)
-    return tuple(outs)
+    fn = getattr(core().returns, name + "_cuda" if cuda else name)
+    rewards, values, next_values, bootstrap = floats
+    # Flags are bool or uint8 (0/1): the kernel reads their bytes, so no reinterpreting view is needed.
+    fn(DTYPE_CODES[dtype], B, T, p(rewards, dtype), p(values, dtype), p(next_values, dtype), p(bootstrap, dtype),
+       p(flags[0]), p(flags[1]), float(gamma), float(lam), p(out[0]), p(out[1]) if outputs > 1 else 0,
+       cuda_stream(device) if cuda else 0)
+    return tuple(out)
 
 
 def _span(t: torch.Tensor) -> Tuple[int, int]:
     """The bytes a tensor's elements can occupy: [lowest, highest] element address, so
     slices of one storage (rewards and advantages side by side in a rollout buffer) do
     not count as overlapping."""
-    if t.numel() == 0:
-        return t.data_ptr(), t.data_ptr()
+    start, n = t.data_ptr(), t.numel()
+    if n == 0:
+        return start, start
+    if t.is_contiguous():
+        return start, start + n * t.element_size()
     low = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if st < 0)
     high = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if st > 0)
     return t.data_ptr() + low * t.element_size(), t.data_ptr() + (high + 1) * t.element_size()
@@ -207,7 +221,7 @@ def discounted_returns(rewards: torch.Tensor, dones: torch.Tensor, gamma: float,
     if _needs_reference(backend, r, boot):
         (result,) = _write(bufs, _ref.discounted_returns(r.to(dt), d, gamma, boot.to(dt) if boot is not None else None))
     else:
-        (result,) = _run_scan("discounted_returns", backend, {"rewards": r, "bootstrap": boot}, {"terminated": d},
+        (result,) = _run_scan("discounted_returns", backend, (r, None, None, boot), (d, None),
                               gamma, 0.0, B, T, 1, bufs)
     return out if out is not None else _unrow(result, one_d)
 
@@ -257,8 +271,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, terminated: torch.Tensor, g
         adv, ret = _write(bufs, *_ref.gae(cast(r), cast(v), term, gamma, lam, next_values=cast(nv), truncated=trunc,
                                           bootstrap_value=cast(boot)))
     else:
-        adv, ret = _run_scan("gae", backend, {"rewards": r, "values": v, "next_values": nv, "bootstrap": boot},
-                             {"terminated": term, "truncated": trunc}, gamma, lam, B, T, 2, bufs)
+        adv, ret = _run_scan("gae", backend, (r, v, nv, boot), (term, trunc), gamma, lam, B, T, 2, bufs)
     if out is not None:
         return tuple(out)
     return _unrow(adv, one_d), _unrow(ret, one_d)
@@ -293,8 +306,7 @@ def lambda_returns(rewards: torch.Tensor, next_values: torch.Tensor, terminated:
     if _needs_reference(backend, r, nv):
         (result,) = _write(bufs, _ref.lambda_returns(r.to(dt), nv.to(dt), term, gamma, lam, truncated=trunc))
     else:
-        (result,) = _run_scan("lambda_returns", backend, {"rewards": r, "next_values": nv},
-                              {"terminated": term, "truncated": trunc}, gamma, lam, B, T, 1, bufs)
+        (result,) = _run_scan("lambda_returns", backend, (r, None, nv, None), (term, trunc), gamma, lam, B, T, 1, bufs)
     return out if out is not None else _unrow(result, one_d)
 
 
@@ -332,7 +344,7 @@ def masked_gae(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Te
     if _needs_reference(backend, r, v):
         adv, ret = _write(bufs, *_ref.masked_gae(r.to(dt), v.to(dt), m, gamma, lam))
     else:
-        adv, ret = _run_scan("masked_gae", backend, {"rewards": r, "values": v}, {"terminated": m}, gamma, lam,
+        adv, ret = _run_scan("masked_gae", backend, (r, v, None, None), (m, None), gamma, lam,
                              B, T, 2, bufs)
     if out is not None:
         return tuple(out)
