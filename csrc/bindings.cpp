@@ -3,6 +3,7 @@
 #include <map>
 #include <string>
 
+#include "rlkern/memory.h"
 #include "rlkern/parallel.h"
 #include "rlkern/registry.h"
 
@@ -32,6 +33,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("num_threads", &rlk::num_threads, "Threads used by the CPU kernels");
   m.def("set_num_threads", &rlk::set_num_threads, py::arg("n"),
         "Set the threads used by the CPU kernels (n <= 0 restores the default)");
+  m.def(
+      "advise_huge_pages",
+      [](std::uintptr_t address, std::size_t bytes) { rlk::advise_huge_pages(reinterpret_cast<void*>(address), bytes); },
+      py::arg("address"), py::arg("bytes"),
+      "Ask for transparent huge pages on the 2 MiB pages inside [address, address + bytes) (a hint)");
 
   std::map<std::string, py::module_> submodules;
   for (const auto& b : rlk::bindings()) {

@@ -465,3 +465,24 @@ def test_masked_gae_on_padded_responses(backend, gamma, lam):
     r = r.masked_fill(~mask, float("nan"))
     v = v.masked_fill(~mask, float("nan"))
     _check_masked_gae(r, v, mask, gamma, lam)
+
+
+def test_large_fresh_outputs_start_on_huge_pages():
+    """Outputs of 16 MiB and more are views that start on a 2 MiB boundary (so the OS
+    can back them with huge pages); they behave as ordinary row-major tensors."""
+    g = torch.Generator().manual_seed(8)
+    B, T = 1031, 4099  # 16.9 MB per float32 output, not a whole number of 2 MiB pages
+    r, v = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    term = _flags((B, T), 0.01, g)
+    adv, ret = rlkern.gae(r, v, term, 0.99, 0.95)
+    for t in (adv, ret):
+        assert t.is_contiguous() and t.shape == (B, T) and t.dtype == torch.float32
+        assert t.data_ptr() % (2 << 20) == 0
+    assert adv.untyped_storage().data_ptr() != ret.untyped_storage().data_ptr()
+    rows = slice(0, 40)  # the float64 reference loop is slow at full size
+    eadv, eret = ref.gae(*_f64(r[rows], v[rows]), term[rows], 0.99, 0.95)
+    assert_close(adv[rows], eadv)
+    assert_close(ret[rows], eret)
+    assert_close(adv[-3:], ref.gae(*_f64(r[-3:], v[-3:]), term[-3:], 0.99, 0.95)[0])
+    small, _ = rlkern.gae(r[:4], v[:4], term[:4], 0.99, 0.95)
+    assert small.untyped_storage().nbytes() == small.numel() * 4  # small outputs: plain allocations

@@ -12,9 +12,6 @@
 // gradient); a target outside [0, V) marks a row whose target lives in another shard or
 // vocabulary chunk (no one-hot term, log-prob -inf).
 #include <pybind11/pybind11.h>
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include <algorithm>
 #include <cmath>
@@ -27,6 +24,7 @@
 #include "rlkern/common.h"
 #include "rlkern/dtype.h"
 #include "rlkern/logprobs.h"
+#include "rlkern/memory.h"
 #include "rlkern/parallel.h"
 #include "rlkern/registry.h"
 
@@ -215,19 +213,6 @@ void forward(const RowArgs& a, ptr_t targets, ptr_t thresholds, double inv_t, in
   }
 }
 
-// The gradient is a fresh logits-sized buffer: first-touch faults on 4 KiB pages cost
-// more than computing it. Asking for transparent huge pages on its (page-aligned)
-// interior before writing cuts the faults 512-fold; the advice is only a hint.
-void advise_huge_pages(ptr_t p, int64_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  if (bytes < int64_t(4 * kHuge)) return;
-  const uintptr_t begin = (uintptr_t(p) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (uintptr_t(p) + uintptr_t(bytes)) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#endif
-}
-
 int64_t dtype_size(int dtype) {
   switch (to_dtype(dtype)) {
     case DType::F64: return 8;
@@ -238,7 +223,8 @@ int64_t dtype_size(int dtype) {
 
 void backward(const RowArgs& a, ptr_t targets, ptr_t thresholds, double inv_t, int64_t ignore_index,
               ptr_t row_max, ptr_t log_sum, ptr_t entropy, ptr_t grad_logp, ptr_t grad_entropy, ptr_t grad) {
-  advise_huge_pages(grad, a.n_rows * a.V * dtype_size(a.dtype));
+  // A fresh logits-sized buffer: huge pages cut its first-touch faults 512-fold.
+  advise_huge_pages(as_ptr<void>(grad), size_t(a.n_rows * a.V * dtype_size(a.dtype)));
   const int64_t* tg = as_ptr<const int64_t>(targets);
   switch (to_dtype(a.dtype)) {
     case DType::F64: {

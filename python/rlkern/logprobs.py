@@ -20,7 +20,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import _backend, _validate
-from ._kernel import core, dtype_code, ptr
+from ._kernel import core, dtype_code, empty_rows, ptr
 from .reference import logprobs as _ref
 
 __all__ = ["token_logprobs", "linear_token_logprobs", "vocab_parallel_token_logprobs"]
@@ -132,7 +132,7 @@ def _grad_logits(backend: str, layout: _Layout, targets: torch.Tensor, threshold
                  grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor]) -> torch.Tensor:
     """Gradient of the logits, contiguous ``[n_rows, V]`` in the logits' dtype."""
     x = layout.tensor
-    grad = torch.empty((layout.n_rows, layout.V), dtype=x.dtype, device=x.device)
+    grad = empty_rows(x, (layout.n_rows, layout.V), x.dtype)
     if backend == "cpu":
         core().logprobs.backward(ptr(x), dtype_code(x), layout.stride0, layout.stride1, layout.inner, layout.n_rows,
                                  layout.V, ptr(targets), ptr(threshold) if threshold is not None else 0, inv_t,
