@@ -98,13 +98,16 @@ def _peak_memory_mb(fn: Impl, device: torch.device) -> Optional[float]:
 
 def measure(fn: Impl, device: torch.device, *, warmup: int = 2, min_repeats: int = 5,
             max_repeats: int = 500, budget_s: float = 1.5) -> List[float]:
-    """Times in milliseconds: untimed calls (``warmup`` of them and at least 50 ms, so
-    caches, the thread pool and the allocator settle), then repeats until the time
+    """Times in milliseconds: untimed calls (``warmup`` of them and at least 0.5 s, so
+    caches, the thread pool, the allocator and the OS's page recycling reach the steady
+    state of a training loop: on the VMs we measure on, the first few hundred
+    milliseconds of fresh 32 MB outputs land on memory the host has never backed and
+    fault 4x slower), then repeats until the time
     budget is spent (at least ``min_repeats``, at most ``max_repeats``: sub-millisecond
     ops get hundreds of samples, which keeps their median steady on a shared machine)."""
     start = time.perf_counter()
     done = 0
-    while done < warmup or time.perf_counter() - start < 0.05:
+    while done < warmup or time.perf_counter() - start < 0.5:
         fn()
         done += 1
     _sync(device)
