@@ -6,6 +6,7 @@
 #include "rlkern/memory.h"
 #include "rlkern/parallel.h"
 #include "rlkern/registry.h"
+#include "rlkern/simd.h"
 
 #ifndef RLKERN_VERSION
 #define RLKERN_VERSION "0.0.0"
@@ -33,6 +34,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("num_threads", &rlk::num_threads, "Threads used by the CPU kernels");
   m.def("set_num_threads", &rlk::set_num_threads, py::arg("n"),
         "Set the threads used by the CPU kernels (n <= 0 restores the default)");
+  m.def("cpu_isa", [] { return rlk::simd::use_avx2() ? "avx2" : "baseline"; },
+        "Which build of the vectorised CPU kernels runs: avx2 (AVX2+FMA) or baseline");
   m.def(
       "advise_huge_pages",
       [](std::uintptr_t address, std::size_t bytes) { rlk::advise_huge_pages(reinterpret_cast<void*>(address), bytes); },

@@ -27,6 +27,7 @@
 #include "rlkern/memory.h"
 #include "rlkern/parallel.h"
 #include "rlkern/registry.h"
+#include "rlkern/simd.h"
 
 namespace py = pybind11;
 
@@ -60,10 +61,7 @@ namespace avx2 {
 
 bool use_avx2() {
 #ifdef RLK_HAVE_AVX2_CLONE
-  // RLKERN_DISABLE_AVX2 (any value) forces the baseline build, which tests use to check it.
-  static const bool ok =
-      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && !std::getenv("RLKERN_DISABLE_AVX2");
-  return ok;
+  return rlk::simd::use_avx2();
 #else
   return false;
 #endif

@@ -782,10 +782,6 @@ __attribute__((target("avx2,fma"))) void policy_rows_avx2(const PolicyParams& p,
                                                           double* stats) {
   policy_rows_impl<T, KL, SEQ, EXTRA>(p, b0, b1, stats);
 }
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
 #endif
 
 template <class T, int KL, bool SEQ, bool EXTRA>
@@ -798,7 +794,7 @@ void run_policy_rows(const PolicyParams& p, double* rows) {
   auto fn = &policy_rows_generic<T, KL, SEQ, EXTRA>;
 #ifdef RLK_POLICY_AVX2
   if (std::is_same<T, float>::value || std::is_same<T, bf16>::value) {
-    if (cpu_has_avx2()) fn = &policy_rows_avx2<T, KL, SEQ, EXTRA>;
+    if (rlk::simd::use_avx2()) fn = &policy_rows_avx2<T, KL, SEQ, EXTRA>;
   }
 #endif
   parallel_for(p.B, row_grain(p.T), [&](int64_t b0, int64_t b1) { fn(p, b0, b1, rows); });

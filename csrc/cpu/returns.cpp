@@ -474,10 +474,6 @@ RLK_SCAN_INLINE void masked_gae_rows8(const Scan<T>& args, int64_t b0, int64_t b
 // Each kernel's rows, compiled for the baseline ISA and for AVX2+FMA (chosen at run time).
 #if defined(__x86_64__) && !defined(__clang__)
 #define RLK_SCAN_AVX2 1
-inline bool scan_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
 #endif
 
 #ifdef RLK_SCAN_AVX2
@@ -509,7 +505,7 @@ void scan_rows8(const ScanArgs& a, void (*generic)(const Scan<T>&, int64_t, int6
   advise_huge_pages(s.out1, size_t(s.B * s.T_) * sizeof(float));
   auto fn = generic;
 #ifdef RLK_SCAN_AVX2
-  if (scan_has_avx2()) fn = avx2;
+  if (rlk::simd::use_avx2()) fn = avx2;
 #endif
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(s.T_, 1));
   parallel_for(s.B, grain, [&](int64_t b0, int64_t b1) { fn(s, b0, b1); });

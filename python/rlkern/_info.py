@@ -13,7 +13,9 @@ def info() -> Dict[str, Any]:
 
     ``compiled``: backends built into the package (``cpu`` always, ``cuda`` when nvcc
     was found at build time, ``triton`` when the triton package is importable).
-    ``runnable``: the subset that can run on this machine now.
+    ``runnable``: the subset that can run on this machine now. ``cpu_isa``: the build
+    of the vectorised CPU kernels that runs here (``avx2``, or ``baseline`` on CPUs
+    without AVX2+FMA or with ``RLKERN_DISABLE_AVX2`` set).
     """
     from . import __version__
 
@@ -38,6 +40,7 @@ def info() -> Dict[str, Any]:
         "compiled": compiled,
         "runnable": runnable,
         "num_threads": core.num_threads() if core is not None else None,
+        "cpu_isa": core.cpu_isa() if core is not None else None,
         "torch": torch.__version__,
         "cuda_device": torch.cuda.get_device_name() if has_cuda_device else None,
     }

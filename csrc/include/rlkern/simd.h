@@ -4,6 +4,22 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+
+namespace rlk::simd {
+// Whether kernels compiled twice (baseline x86-64 and target("avx2,fma")) may take the
+// AVX2 build on this CPU. RLKERN_DISABLE_AVX2 (any value) forces the baseline build,
+// which the tests use to check it. Read once per process.
+inline bool use_avx2() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__CUDACC__)
+  static const bool ok =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && std::getenv("RLKERN_DISABLE_AVX2") == nullptr;
+  return ok;
+#else
+  return false;
+#endif
+}
+}  // namespace rlk::simd
 
 #if defined(__GNUC__) && !defined(__CUDACC__)
 #define RLK_SIMD 1
