@@ -410,6 +410,25 @@ def test_bad_options_raise_naming_the_argument(options, exc, word):
         losses.policy_loss(*_good(), **options)
 
 
+def test_options_are_validated_on_every_call_despite_the_cache():
+    """Parsed options are cached per call signature; an equal-comparing value of another
+    type (True == 1) or an unhashable one is still checked, and errors are not cached."""
+    args = _good()
+    losses.policy_loss(*args, clip_low=1, dual_clip=3)
+    with pytest.raises(TypeError, match="clip_low"):
+        losses.policy_loss(*args, clip_low=True, dual_clip=3)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="clip_low"):
+            losses.policy_loss(*args, clip_low=-1.0)
+    with pytest.raises(ValueError, match="log_ratio_clamp"):
+        losses.policy_loss(*args, log_ratio_clamp=[1.0, -1.0])
+    logp, old, adv, mask = args
+    far = (logp, logp.detach() - 0.5, adv.abs() + 0.1, mask)  # ratio e^0.5, positive advantages: clipped
+    a = losses.policy_loss(*far, clip_low=0.1).loss
+    b = losses.policy_loss(*far, clip_low=0.3).loss
+    assert a.item() != b.item()
+
+
 def test_bad_tensors_raise_naming_the_argument():
     logp, old, adv, mask = _good()
     with pytest.raises(ValueError, match="advantages"):

@@ -49,6 +49,8 @@ def _storage(*tensors: Optional[torch.Tensor]) -> torch.dtype:
 def _as(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
     if t is None:
         return None
+    if t.dtype == dtype and t.is_contiguous():
+        return t  # only its data pointer is passed on; no detach or cast needed
     return t.detach().to(dtype).contiguous()
 
 
@@ -240,10 +242,10 @@ def _policy_cpu(logp, old_logp, advantages, mask, cfg: PolicyLossConfig, tensors
         p.grad_entropy = ptr(grad_entropy) if grad_entropy is not None else 0
         totals = core().losses.policy_loss(p)
         denom = _agg_denominator(cfg.agg, cfg.normalizer, totals[0], B, T)
-        loss = torch.tensor(totals[1] / denom, dtype=acc, device=device)
-        metrics = {k: torch.tensor(v, dtype=acc, device=device)
-                   for k, v in _metrics_from_totals(totals, cfg, ref is not None, ent is not None).items()}
-        return loss, metrics, grad_logp, grad_entropy
+        named = _metrics_from_totals(totals, cfg, ref is not None, ent is not None)
+        # One small tensor for the loss and the metrics (views of it): one allocation, not seven.
+        values = torch.tensor([totals[1] / denom, *named.values()], dtype=acc, device=device).unbind()
+        return values[0], dict(zip(named, values[1:])), grad_logp, grad_entropy
 
     return run
 

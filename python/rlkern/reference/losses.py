@@ -19,6 +19,7 @@ Conventions shared with the kernels:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Dict, NamedTuple, Optional, Tuple
 
@@ -149,8 +150,22 @@ def parse_policy_options(options: dict) -> Tuple[PolicyLossConfig, Dict[str, Opt
         if name not in POLICY_OPTIONS:
             raise TypeError(f"policy_loss got an unknown option {name!r}; options are {', '.join(POLICY_OPTIONS)}")
     tensors = {name: options.get(name) for name in TENSOR_OPTIONS}
-    scalars = {k: v for k, v in options.items() if k not in TENSOR_OPTIONS}
-    return PolicyLossConfig(**scalars).validate(), tensors
+    # Each value's type is part of the key: 1, 1.0 and True compare equal but validate differently.
+    scalars = tuple(sorted((k, type(v), v) for k, v in options.items() if k not in TENSOR_OPTIONS))
+    try:
+        cfg = _config_of(scalars)
+    except TypeError as e:
+        if "unhashable" not in str(e):
+            raise
+        cfg = PolicyLossConfig(**{k: v for k, _, v in scalars}).validate()  # e.g. a list for a clamp
+    return cfg, tensors
+
+
+@functools.lru_cache(maxsize=256)
+def _config_of(scalars: Tuple[Tuple[str, type, object], ...]) -> PolicyLossConfig:
+    # A trainer passes the same options every step: validating them once saves a good part
+    # of a small batch's Python time. Errors are not cached (lru_cache stores only results).
+    return PolicyLossConfig(**{k: v for k, _, v in scalars}).validate()
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, agg: str, normalizer: Optional[float] = None) -> torch.Tensor:
