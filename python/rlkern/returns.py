@@ -113,11 +113,11 @@ def _span(t: torch.Tensor) -> Tuple[int, int]:
     """The bytes a tensor's elements can occupy: [lowest, highest] element address, so
     slices of one storage (rewards and advantages side by side in a rollout buffer) do
     not count as overlapping."""
-    start, n = t.data_ptr(), t.numel()
-    if n == 0:
+    start, count = t.data_ptr(), t.numel()
+    if count == 0:
         return start, start
     if t.is_contiguous():
-        return start, start + n * t.element_size()
+        return start, start + count * t.element_size()
     low = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if st < 0)
     high = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if st > 0)
     return t.data_ptr() + low * t.element_size(), t.data_ptr() + (high + 1) * t.element_size()
