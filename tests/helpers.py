@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -40,3 +43,19 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float = VALU
     diff = (a[fin] - e[fin]).abs().max().item()
     scale = max(e[fin].abs().max().item(), 1e-30)
     assert diff <= tol * scale, f"{name}: max abs diff {diff:.3e} exceeds {tol:.0e} x reference max {scale:.3e}"
+
+
+def run_with_baseline_isa(tmp_path, module: str, body: str) -> None:
+    """Runs ``body`` (with the test module imported as ``t``) in a fresh interpreter with
+    RLKERN_DISABLE_AVX2 set, so the kernels compiled for baseline x86-64 run; fails
+    unless that build ran and ``body`` passed."""
+    script = tmp_path / "baseline.py"
+    script.write_text(
+        "import sys, torch, rlkern\n"
+        f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+        f"import {module} as t\n"
+        "assert rlkern.info()['cpu_isa'] == 'baseline'\n"
+        + textwrap.dedent(body) + "print('ok')\n")
+    env = dict(os.environ, RLKERN_DISABLE_AVX2="1")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]

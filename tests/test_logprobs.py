@@ -9,7 +9,7 @@ import rlkern
 from rlkern.logprobs import linear_token_logprobs, token_logprobs
 from rlkern.reference import logprobs as ref
 
-from helpers import CPU_BACKENDS, GRAD_TOL, VALUE_TOL, assert_close, needs_cuda
+from helpers import CPU_BACKENDS, GRAD_TOL, VALUE_TOL, assert_close, needs_cuda, run_with_baseline_isa
 
 # The Triton interpreter evaluates masked-out lanes too (numpy warns about their -inf/NaN).
 pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
@@ -404,19 +404,8 @@ def test_triton_on_cuda(dtype):
 
 def test_baseline_x86_build_matches(tmp_path):
     """The kernels without AVX2 (the same source compiled for baseline x86-64) agree too."""
-    import os
-    import subprocess
-    import sys
-
-    script = tmp_path / "baseline.py"
-    script.write_text(
-        "import sys, torch\n"
-        f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
-        "import test_logprobs as t\n"
-        "for dtype in (torch.float32, torch.bfloat16, torch.float16):\n"
-        "    t._check('cpu', t._logits((5, 3001), dtype), t._targets((5,), 3001), temperature=0.8)\n"
-        "    t._check('cpu', t._logits((5, 300), dtype), t._targets((5,), 300), top_k=7, top_p=0.9)\n"
-        "print('ok')\n")
-    env = dict(os.environ, RLKERN_DISABLE_AVX2="1")
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+    run_with_baseline_isa(tmp_path, "test_logprobs", """
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    t._check('cpu', t._logits((5, 3001), dtype), t._targets((5,), 3001), temperature=0.8)
+    t._check('cpu', t._logits((5, 300), dtype), t._targets((5,), 300), top_k=7, top_p=0.9)
+""")

@@ -14,7 +14,7 @@ import rlkern
 from rlkern import losses
 from rlkern.reference import losses as ref
 
-from helpers import CPU_BACKENDS, GRAD_TOL, VALUE_TOL, assert_close
+from helpers import CPU_BACKENDS, GRAD_TOL, VALUE_TOL, assert_close, run_with_baseline_isa
 
 # ---------------------------------------------------------------------------------------
 # inputs
@@ -610,23 +610,11 @@ def test_bench_suite_quick_cases_run():
 def test_baseline_x86_build_matches(tmp_path):
     """The policy-loss kernels without AVX2 (the same source compiled for baseline x86-64,
     forced by RLKERN_DISABLE_AVX2) agree with the reference too."""
-    import os
-    import subprocess
-    import sys
-
-    script = tmp_path / "baseline.py"
-    script.write_text(
-        "import sys, torch, rlkern\n"
-        f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
-        "import test_losses as t\n"
-        "assert rlkern.info()['cpu_isa'] == 'baseline'\n"
-        "for name in t.OPTION_CASES:\n"
-        "    t.test_float32_backends_match_reference('cpu', name)\n"
-        "for name in ['everything_token', 'everything_sequence', 'sequence']:\n"
-        "    t.test_long_rows_cross_several_blocks('cpu', name)\n"
-        "for name in ['sequence', 'default']:\n"
-        "    t.test_half_long_rows_with_masked_nan('cpu', name)\n"
-        "print('ok')\n")
-    env = dict(os.environ, RLKERN_DISABLE_AVX2="1")
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+    run_with_baseline_isa(tmp_path, "test_losses", """
+for name in t.OPTION_CASES:
+    t.test_float32_backends_match_reference('cpu', name)
+for name in ['everything_token', 'everything_sequence', 'sequence']:
+    t.test_long_rows_cross_several_blocks('cpu', name)
+for name in ['sequence', 'default']:
+    t.test_half_long_rows_with_masked_nan('cpu', name)
+""")

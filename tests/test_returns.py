@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import rlkern
 from rlkern.reference import returns as ref
-from helpers import VALUE_TOL, assert_close
+from helpers import VALUE_TOL, assert_close, run_with_baseline_isa
 
 SHAPES = [(1, 1), (1, 7), (5, 1), (3, 64), (17, 129), (64, 1000), (2, 3000), (3000, 2)]
 LOW_PRECISION = [torch.bfloat16, torch.float16]
@@ -491,26 +491,14 @@ def test_large_fresh_outputs_start_on_huge_pages():
 def test_baseline_x86_build_matches(tmp_path):
     """The scans without AVX2 (the same source compiled for baseline x86-64, forced by
     RLKERN_DISABLE_AVX2) agree with the reference too."""
-    import os
-    import subprocess
-    import sys
-
-    script = tmp_path / "baseline.py"
-    script.write_text(
-        "import sys, rlkern\n"
-        f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
-        "import test_returns as t\n"
-        "assert rlkern.info()['cpu_isa'] == 'baseline'\n"
-        "for shape in [(3, 64), (17, 129), (64, 1000)]:\n"
-        "    t.test_discounted_returns('cpu', shape, 0.9)\n"
-        "    t.test_gae_bootstrapping_from_values('cpu', shape, 0.99, 0.95)\n"
-        "    t.test_gae_truncation_with_next_values('cpu', shape)\n"
-        "    t.test_lambda_returns('cpu', shape, 0.8)\n"
-        "    for gamma, lam in [(0.99, 0.95), (1.0, 0.0)]:\n"
-        "        t.test_masked_gae('cpu', shape, gamma, lam)\n"
-        "t.test_masked_gae_rows_do_not_depend_on_their_neighbours('cpu')\n"
-        "t.test_nan_after_an_episode_end_stays_there('cpu', 200, 127, 'truncated')\n"
-        "print('ok')\n")
-    env = dict(os.environ, RLKERN_DISABLE_AVX2="1")
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+    run_with_baseline_isa(tmp_path, "test_returns", """
+for shape in [(3, 64), (17, 129), (64, 1000)]:
+    t.test_discounted_returns('cpu', shape, 0.9)
+    t.test_gae_bootstrapping_from_values('cpu', shape, 0.99, 0.95)
+    t.test_gae_truncation_with_next_values('cpu', shape)
+    t.test_lambda_returns('cpu', shape, 0.8)
+    for gamma, lam in [(0.99, 0.95), (1.0, 0.0)]:
+        t.test_masked_gae('cpu', shape, gamma, lam)
+t.test_masked_gae_rows_do_not_depend_on_their_neighbours('cpu')
+t.test_nan_after_an_episode_end_stays_there('cpu', 200, 127, 'truncated')
+""")

@@ -93,7 +93,7 @@ def _run_scan(name: str, backend: str, floats: Tuple[Optional[torch.Tensor], ...
         if (want is not None and t.dtype != want) or not t.is_contiguous():
             t = (t.to(want) if want is not None else t).contiguous()
             keep.append(t)  # alive until the kernel has run
-        return t.data_ptr() if t.numel() else 0
+        return ptr(t)
 
     keep = []
     out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
