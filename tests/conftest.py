@@ -13,6 +13,20 @@ except ImportError:
 
 import pytest
 
+try:
+    from hypothesis import HealthCheck, settings
+
+    # Property-based tests (tests/test_property_*.py) run a fixed budget in CI; choose a
+    # larger one locally with `pytest --hypothesis-profile thorough`.
+    _slow_ok = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+    settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True,
+                              suppress_health_check=_slow_ok, print_blob=True)
+    settings.register_profile("thorough", max_examples=1000, deadline=None, suppress_health_check=_slow_ok,
+                              print_blob=True)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:
+    pass
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 

@@ -59,3 +59,21 @@ def run_with_baseline_isa(tmp_path, module: str, body: str) -> None:
     env = dict(os.environ, RLKERN_DISABLE_AVX2="1")
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def run_isolated(code: str, *, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Runs ``code`` in a fresh interpreter and asserts that it ended cleanly: exit status 0
+    (no signal, no abort, no hang past ``timeout``). Crash-safety tests put the nastiest
+    inputs of an op here, so a segfault fails one test instead of killing the run.
+
+    ``code`` should print what it checked; the finished process is returned for further
+    assertions on its output."""
+    full_env = dict(os.environ, **(env or {}))
+    try:
+        proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                              env=full_env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"hung: no exit within {timeout} s")
+    how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit status {proc.returncode}"
+    assert proc.returncode == 0, f"{how}\n--- stdout\n{proc.stdout[-2000:]}\n--- stderr\n{proc.stderr[-3000:]}"
+    return proc

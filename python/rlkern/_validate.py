@@ -10,10 +10,29 @@ import torch
 FLOATING = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
+# Tensor types whose data pointer is the data: plain tensors and parameters.
+PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def plain(name: str, t: torch.Tensor) -> torch.Tensor:
+    """Rejects what must never reach a raw data pointer: tensor subclasses (FakeTensor,
+    DTensor, functorch wrappers...) and tensors without strided storage (sparse, nested).
+
+    Meta tensors pass here: dispatch sends them to the reference, which never takes a
+    pointer."""
+    if type(t) not in PLAIN_TYPES:
+        raise TypeError(f"{name} is a {type(t).__module__}.{type(t).__name__}, a tensor subclass that rlkern's "
+                        "kernels cannot read: pass a plain torch.Tensor (for a DTensor, its .to_local() shard)")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+    return t
+
+
 def tensor(name: str, t, *, ndim: Optional[Iterable[int]] = None, floating: bool = False,
            dtypes: Optional[Sequence[torch.dtype]] = None) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    plain(name, t)
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if t.dim() not in allowed:
