@@ -14,13 +14,24 @@ FLOATING = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
-def plain(name: str, t: torch.Tensor) -> torch.Tensor:
+def is_fake(t: torch.Tensor) -> bool:
+    """A tensor without data that a trace or a shape computation passes in: a FakeTensor
+    (torch.compile, torch.export, FakeTensorMode) or a meta tensor."""
+    if t.device.type == "meta":
+        return True
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
+def plain(name: str, t: torch.Tensor, *, allow_fake: bool = False) -> torch.Tensor:
     """Rejects what must never reach a raw data pointer: tensor subclasses (FakeTensor,
     DTensor, functorch wrappers...) and tensors without strided storage (sparse, nested).
 
-    Meta tensors pass here: dispatch sends them to the reference, which never takes a
-    pointer."""
-    if type(t) not in PLAIN_TYPES:
+    ``allow_fake=True`` admits FakeTensors, for an op whose call routes them to its
+    custom op's fake implementation. Meta tensors pass here: dispatch sends them to the
+    reference or a fake implementation, which never takes a pointer."""
+    if type(t) not in PLAIN_TYPES and not (allow_fake and is_fake(t)):
         raise TypeError(f"{name} is a {type(t).__module__}.{type(t).__name__}, a tensor subclass that rlkern's "
                         "kernels cannot read: pass a plain torch.Tensor (for a DTensor, its .to_local() shard)")
     if t.layout != torch.strided:
@@ -29,10 +40,10 @@ def plain(name: str, t: torch.Tensor) -> torch.Tensor:
 
 
 def tensor(name: str, t, *, ndim: Optional[Iterable[int]] = None, floating: bool = False,
-           dtypes: Optional[Sequence[torch.dtype]] = None) -> torch.Tensor:
+           dtypes: Optional[Sequence[torch.dtype]] = None, allow_fake: bool = False) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    plain(name, t)
+    plain(name, t, allow_fake=allow_fake)
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if t.dim() not in allowed:
@@ -46,9 +57,9 @@ def tensor(name: str, t, *, ndim: Optional[Iterable[int]] = None, floating: bool
     return t
 
 
-def mask(name: str, t, shape: Sequence[int]) -> torch.Tensor:
+def mask(name: str, t, shape: Sequence[int], *, allow_fake: bool = False) -> torch.Tensor:
     """A 0/1 mask: bool, integer or floating, of exactly ``shape``."""
-    tensor(name, t)
+    tensor(name, t, allow_fake=allow_fake)
     if t.is_complex():
         raise TypeError(f"{name} must be bool, integer or floating, got {t.dtype}")
     same_shape(name, t, shape)
