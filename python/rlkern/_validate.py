@@ -14,6 +14,19 @@ FLOATING = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
+class DTensorArgument(TypeError):
+    """A DTensor reached an op's checks. Ops that support DTensors catch it and run on the
+    local shards (``rlkern._dtensor``); elsewhere it is the TypeError the user sees."""
+
+
+def is_dtensor(t) -> bool:
+    if type(t) in PLAIN_TYPES or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 def is_fake(t: torch.Tensor) -> bool:
     """A tensor without data that a trace or a shape computation passes in: a FakeTensor
     (torch.compile, torch.export, FakeTensorMode) or a meta tensor."""
@@ -32,8 +45,9 @@ def plain(name: str, t: torch.Tensor, *, allow_fake: bool = False) -> torch.Tens
     custom op's fake implementation. Meta tensors pass here: dispatch sends them to the
     reference or a fake implementation, which never takes a pointer."""
     if type(t) not in PLAIN_TYPES and not (allow_fake and is_fake(t)):
-        raise TypeError(f"{name} is a {type(t).__module__}.{type(t).__name__}, a tensor subclass that rlkern's "
-                        "kernels cannot read: pass a plain torch.Tensor (for a DTensor, its .to_local() shard)")
+        error = DTensorArgument if is_dtensor(t) else TypeError
+        raise error(f"{name} is a {type(t).__module__}.{type(t).__name__}, a tensor subclass that rlkern's "
+                    "kernels cannot read: pass a plain torch.Tensor (for a DTensor, its .to_local() shard)")
     if t.layout != torch.strided:
         raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     return t
