@@ -11,7 +11,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import _backend, _validate
+from . import _backend, _dtensor, _validate
 from ._kernel import compute_dtype, core, dtype_code, ptr
 from .reference import kl as _ref
 from .reference.kl import KL_KINDS, clamp_bounds
@@ -53,6 +53,7 @@ class _KlPenaltyFunction(torch.autograd.Function):
         return g, None, None, None, None, None
 
 
+@_dtensor.rowwise(any_shard=True)
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3",
                clamp: Union[None, float, Tuple[Optional[float], Optional[float]]] = None) -> torch.Tensor:
     """Per-token KL estimate of the current policy to a reference policy.

@@ -13,7 +13,7 @@ from typing import Dict, Optional, Union
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import _backend, _validate
+from . import _backend, _dtensor, _validate
 from ._kernel import compute_dtype, core, dtype_code, ptr
 from .reference import losses as _ref
 from .reference.kl import clamp_bounds
@@ -262,6 +262,7 @@ def _policy_triton(logp, old_logp, advantages, mask, cfg: PolicyLossConfig, tens
     return run
 
 
+@_dtensor.token_loss(mask_arg=3)
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 **options) -> LossOutput:
     """The PPO family of policy-gradient losses in one fused pass.
@@ -363,6 +364,7 @@ class _SavedGradFunction(torch.autograd.Function):
         return tuple(out)
 
 
+@_dtensor.token_loss(mask_arg=3)
 def value_loss(values: torch.Tensor, old_values: Optional[torch.Tensor], returns: torch.Tensor,
                mask: Optional[torch.Tensor] = None, clip: Optional[float] = None, agg: str = "token-mean",
                normalizer: Optional[float] = None) -> LossOutput:
@@ -452,6 +454,7 @@ def _check_pairs(**tensors) -> int:
     return B
 
 
+@_dtensor.pair_loss
 def dpo_loss(chosen_logp: torch.Tensor, rejected_logp: torch.Tensor, ref_chosen_logp: torch.Tensor,
              ref_rejected_logp: torch.Tensor, beta: float = 0.1, loss_type: str = "sigmoid",
              label_smoothing: float = 0.0) -> LossOutput:
@@ -508,6 +511,7 @@ def dpo_loss(chosen_logp: torch.Tensor, rejected_logp: torch.Tensor, ref_chosen_
     return LossOutput(loss, metrics)
 
 
+@_dtensor.pair_loss
 def bradley_terry_loss(chosen_reward: torch.Tensor, rejected_reward: torch.Tensor,
                        margin: Union[None, float, torch.Tensor] = None) -> LossOutput:
     """Bradley-Terry reward-model loss: mean over pairs of -log sigmoid(chosen - rejected - margin).

@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _backend, _validate
+from . import _backend, _dtensor, _validate
 from ._kernel import DTYPE_CODES, core, cuda_stream, empty_rows, ptr
 from .reference import returns as _ref
 
@@ -188,6 +188,7 @@ def _unrow(t: torch.Tensor, one_d: bool) -> torch.Tensor:
     return t.squeeze(0) if one_d else t
 
 
+@_dtensor.rowwise()
 def discounted_returns(rewards: torch.Tensor, dones: torch.Tensor, gamma: float,
                        bootstrap: Optional[torch.Tensor] = None, *,
                        out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -225,6 +226,7 @@ def discounted_returns(rewards: torch.Tensor, dones: torch.Tensor, gamma: float,
     return out if out is not None else _unrow(result, one_d)
 
 
+@_dtensor.rowwise()
 def gae(rewards: torch.Tensor, values: torch.Tensor, terminated: torch.Tensor, gamma: float, lam: float, *,
         next_values: Optional[torch.Tensor] = None, truncated: Optional[torch.Tensor] = None,
         bootstrap_value: Optional[torch.Tensor] = None,
@@ -276,6 +278,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, terminated: torch.Tensor, g
     return _unrow(adv, one_d), _unrow(ret, one_d)
 
 
+@_dtensor.rowwise()
 def lambda_returns(rewards: torch.Tensor, next_values: torch.Tensor, terminated: torch.Tensor, gamma: float,
                    lam: float, *, truncated: Optional[torch.Tensor] = None,
                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -309,6 +312,7 @@ def lambda_returns(rewards: torch.Tensor, next_values: torch.Tensor, terminated:
     return out if out is not None else _unrow(result, one_d)
 
 
+@_dtensor.rowwise()
 def masked_gae(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
                lam: float = 1.0, *,
                out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -354,6 +358,7 @@ _ESTIMATORS = {"grpo": 0, "rloo": 1}
 _SCALES = {"none": 0, "group": 1, "batch": 2}
 
 
+@_dtensor.rowwise(check=_dtensor.whole_groups)
 def group_advantages(rewards: torch.Tensor, group_size: int, *, estimator: str = "grpo",
                      scale: Optional[str] = None, eps: float = 1e-6) -> torch.Tensor:
     """Group-relative advantages for GRPO, Dr.GRPO and RLOO.
