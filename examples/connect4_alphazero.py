@@ -1,7 +1,7 @@
 """AlphaZero (Gumbel MuZero search) on Connect Four with the same batched loop as the
 tic-tac-toe example.
 
-    PYTHONPATH=python python examples/connect4_alphazero.py [--minutes 5] [--simulations 32]
+    python examples/connect4_alphazero.py [--minutes 5] [--simulations 32]
 
 Every few iterations the greedy player is matched against a random player and a
 one-ply tactician (takes a winning move, else blocks the opponent's, else random), moving

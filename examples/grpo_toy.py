@@ -1,5 +1,6 @@
 """GRPO on a toy task with a verifiable reward, with a tiny transformer built here (no download).
 
+    pip install ".[examples]"      # once, from the repository root (matplotlib for the plots)
     python examples/grpo_toy.py --steps 300 --out grpo_toy_out
 
 Task: the prompt is 3 random digits; the completion should count upward from the last one

@@ -1,6 +1,7 @@
 """PPO on gymnasium's CartPole-v1 with rlkern.algorithms.PPO (GAE, clipped policy and value losses).
 
-    python examples/ppo_cartpole.py                 # trains until the average return reaches 475
+    pip install ".[examples]"        # once, from the repository root (gymnasium)
+    python examples/ppo_cartpole.py  # trains until the average return reaches 475
 
 Runs on two CPU cores in a few minutes. The loop is CleanRL-style: 4 environments, 128-step
 rollouts, 4 epochs of 4 minibatches, Adam 2.5e-4 annealed; rlkern computes the advantages

@@ -1,7 +1,7 @@
 """Train AlphaZero (Gumbel MuZero search) on tic-tac-toe from scratch until it never
 loses against minimax.
 
-    PYTHONPATH=python python examples/tictactoe_alphazero.py [--minutes 5] [--threads 2]
+    python examples/tictactoe_alphazero.py [--minutes 5] [--threads 2]
 
 Every 10 iterations the greedy player (32 simulations, no noise) is played against every
 possible reply of the opponent (not only minimax's optimal ones), moving first and

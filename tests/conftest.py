@@ -31,12 +31,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> pathlib.Path:
-    """The project's shared/ folder (../shared beside the checkout, or RLKERN_SHARED)."""
-    path = pathlib.Path(os.environ.get("RLKERN_SHARED", ROOT.parent / "shared"))
-    if not path.exists():
-        pytest.skip(f"shared data folder not found at {path}")
-    return path
+def data_dir() -> pathlib.Path:
+    """tests/data: the test data that ships with the checkout (see tests/data/README.md)."""
+    return ROOT / "tests" / "data"
 
 
 @pytest.fixture

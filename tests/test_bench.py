@@ -18,3 +18,117 @@ def test_quick_bench_runs(suite, tmp_path, capsys):
     ours = [r for r in results if r["impl"] == "rlkern"]
     assert ours and all(r["error"] is None and r["median_ms"] > 0 for r in ours)
     assert any(r["impl"] != "rlkern" for r in results), "a benchmark without a competitor"
+
+
+# ---- what the runner prints and saves ------------------------------------------------------
+
+import io  # noqa: E402
+import re  # noqa: E402
+
+import torch  # noqa: E402
+
+from rlkern.bench import core, runner  # noqa: E402
+from rlkern.bench.core import Case, Result  # noqa: E402
+
+
+def _result(impl, median, q1=None, q3=None, speedup=None, suite="returns", op="gae", shape="8x8", **kw):
+    return Result(suite, op, shape, impl, median, [median], q1_ms=q1 if q1 is not None else median,
+                  q3_ms=q3 if q3 is not None else median, speedup=speedup, **kw)
+
+
+def test_plain_progress_line_per_case_with_time_left(tmp_path, capsys):
+    # capsys' stdout is not a terminal: the run must print one line per case as it goes.
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--only", "returns", "--quick", "--budget", "0.02", "--no-memory", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    n = len({(r["op"], r["shape"]) for r in json.loads(out.read_text())["results"]})
+    lines = re.findall(r"^\[(\d+)/(\d+)\] returns/\S+ .*rlkern [\d.]+ ms .*elapsed, about .* left\)$", text, re.M)
+    assert [int(i) for i, _ in lines] == list(range(1, n + 1)) and {int(t) for _, t in lines} == {n}
+    assert "machine load" in text
+
+
+def test_json_carries_spread_load_and_versions(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--only", "returns", "--quick", "--budget", "0.02", "--no-memory", "--filter", "discounted",
+                 "--json", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    for key in ("device", "rlkern", "torch", "python", "date", "load_average"):
+        assert saved[key] is not None
+    for r in saved["results"]:
+        if r["impl"] != "memory floor (copy)":
+            assert r["q1_ms"] <= r["median_ms"] <= r["q3_ms"]
+
+
+def test_quartiles_and_the_unsteady_flag():
+    assert core.quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 4.0)
+    assert core.quartiles([7.0]) == (7.0, 7.0)
+    steady = _result("eager", 1.0, 0.95, 1.05)
+    noisy = _result("eager", 1.0, 0.5, 3.0)
+    assert not steady.unsteady and noisy.unsteady and noisy.spread == pytest.approx(2.5)
+    notes = runner.footnotes([steady, noisy], load=[0.3, 5.0])
+    assert any("machine load" in n and "0.3 -> 5.0" in n for n in notes)
+    assert any(n.startswith("! 1 result") for n in notes)
+    assert sum("spread 250%" in n for n in notes) == 1
+
+
+def test_table_fits_the_terminal(monkeypatch):
+    results = [_result("rlkern", 1.234, suite="logprobs", op="linear_token_logprobs+entropy fwd+bwd",
+                       shape="2048x1024->65536 bf16"),
+               _result("a competitor with a rather long descriptive name", 9.9, speedup=8.0, suite="logprobs",
+                       op="linear_token_logprobs+entropy fwd+bwd", shape="2048x1024->65536 bf16")]
+    for cols in (80, 100, 160):
+        monkeypatch.setenv("COLUMNS", str(cols))
+        buf = io.StringIO()
+        runner.print_table(results, torch.device("cpu"), stream=buf)
+        widest = max(len(line) for line in buf.getvalue().splitlines())
+        assert widest <= cols, (cols, buf.getvalue())
+    lines = runner.fit_plain(runner.HEADER, runner.table_rows(results), 90)
+    assert max(map(len, lines)) <= 90 and "~" in "".join(lines)
+
+
+def test_case_whose_predicted_peak_does_not_fit_is_skipped_with_a_note():
+    calls = []
+
+    def make(device):
+        return {"rlkern": lambda: calls.append("rlkern"), "hungry": lambda: calls.append("hungry")}
+
+    have = core.available_memory_mb(torch.device("cpu"))
+    assert have is not None and have > 0
+    case = Case("returns", "toy", "1", make, peak_mb_estimate={"hungry": have * 4, "rlkern": 1.0})
+    results = core.run_case(case, torch.device("cpu"), budget_s=0.01, memory=False)
+    by = {r.impl: r for r in results}
+    assert "hungry" not in calls and "rlkern" in calls
+    assert by["hungry"].skipped.startswith("skipped: needs about") and by["hungry"].speedup is None
+    assert by["rlkern"].skipped is None and by["rlkern"].median_ms > 0
+    assert any("hungry" in n and "skipped" in n for n in runner.footnotes(results))
+
+
+def test_plot_groups_by_suite_and_keeps_floor_and_out_as_marks(tmp_path):
+    pytest.importorskip("matplotlib")
+    from rlkern.bench import plot
+
+    results = [
+        _result("rlkern", 1.0),
+        _result("rlkern (out=)", 0.8, speedup=0.8),
+        _result("memory floor (copy)", 0.5, speedup=0.5),
+        _result("per-step loop", 40.0, speedup=40.0),
+        _result("rlkern", 2.0, suite="losses", op="policy_loss", shape="4x4"),
+        _result("eager", 6.0, speedup=3.0, suite="losses", op="policy_loss", shape="4x4"),
+        _result("broken", float("nan"), suite="losses", op="policy_loss", shape="4x4", error="boom"),
+    ]
+    groups = plot.plot_groups(results)
+    assert list(groups) == ["returns", "losses"]
+    (_, bars, marks), = groups["returns"]
+    assert [r.impl for r in bars] == ["per-step loop"]
+    assert sorted(r.impl for r in marks) == ["memory floor (copy)", "rlkern (out=)"]
+    assert [r.impl for r in groups["losses"][0][1]] == ["eager"]
+    meta = {"device": "CPU (x86_64, 2 threads)", "rlkern": "0.1.0", "torch": "2.13.0", "python": "3.11.7",
+            "date": "2026-11-30 21:00 UTC", "load_average": [0.5, 1.5], "cpu_count": 2}
+    title = plot.figure_title(meta)
+    for part in ("rlkern 0.1.0", "CPU (x86_64, 2 threads)", "torch 2.13.0", "2026-11-30", "load 1.5"):
+        assert part in title
+    path = tmp_path / "bench.png"
+    assert plot.write_plot(results, str(path), meta)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not plot.write_plot([_result("rlkern", 1.0)], str(tmp_path / "none.png"), meta)

@@ -87,8 +87,8 @@ def _golden_config(d):
 
 @pytest.mark.parametrize("name", GOLDEN)
 @pytest.mark.parametrize("threads", [1, 0])
-def test_golden_tree(shared_dir, name, threads):
-    d = json.loads((shared_dir / "data" / "mctx" / name).read_text())
+def test_golden_tree(data_dir, name, threads):
+    d = json.loads((data_dir / "mctx" / name).read_text())
     root = d["tree"]
     A = len(root["child_stats"])
     S = root["visit"] - 1

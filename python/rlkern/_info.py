@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import ctypes
+import importlib
 import importlib.util
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -13,9 +15,11 @@ def info() -> Dict[str, Any]:
 
     ``compiled``: backends built into the package (``cpu`` always, ``cuda`` when nvcc
     was found at build time, ``triton`` when the triton package is importable).
-    ``runnable``: the subset that can run on this machine now. ``cpu_isa``: the build
-    of the vectorised CPU kernels that runs here (``avx2``, or ``baseline`` on CPUs
-    without AVX2+FMA or with ``RLKERN_DISABLE_AVX2`` set).
+    ``runnable``: the subset that can run on this machine now (``cuda`` only when the
+    installed driver can start the CUDA runtime the scans were built with). ``cpu_isa``:
+    the build of the vectorised CPU kernels that runs here (``avx2``, or ``baseline`` on
+    CPUs without AVX2+FMA or with ``RLKERN_DISABLE_AVX2`` set). ``cuda``: see
+    :func:`cuda_support`.
     """
     from . import __version__
 
@@ -29,7 +33,8 @@ def info() -> Dict[str, Any]:
         if core.with_cuda:
             compiled.append("cuda")
     has_cuda_device = torch.cuda.is_available()
-    if "cuda" in compiled and has_cuda_device and core.cuda_device_count() > 0:
+    cuda = cuda_support()
+    if "cuda" in compiled and has_cuda_device and cuda["driver_ok"] is not False and core.cuda_device_count() > 0:
         runnable.append("cuda")
     if importlib.util.find_spec("triton") is not None:
         compiled.append("triton")
@@ -43,7 +48,53 @@ def info() -> Dict[str, Any]:
         "cpu_isa": core.cpu_isa() if core is not None else None,
         "torch": torch.__version__,
         "cuda_device": torch.cuda.get_device_name() if has_cuda_device else None,
+        "cuda": cuda,
     }
+
+
+def _cuda_driver_version() -> Optional[str]:
+    """The CUDA version the installed NVIDIA driver supports ("12.2" for an R535 driver),
+    read from libcuda itself so that it does not depend on how torch was built; None
+    when no driver is installed."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    version = ctypes.c_int(0)
+    if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0 or version.value <= 0:
+        return None
+    return f"{version.value // 1000}.{version.value % 1000 // 10}"
+
+
+def _build_config() -> Any:
+    """The build's own record (``_build_config.py``, written by CMake); None in a checkout
+    whose extension was copied in by tools/dev_build.sh."""
+    try:
+        return importlib.import_module("rlkern._build_config")
+    except ImportError:
+        return None
+
+
+def cuda_support() -> Dict[str, Any]:
+    """Which CUDA runtime the CUDA scans were built with and which drivers start it.
+
+    ``runtime``: the CUDA toolkit version compiled in (None for a CPU-only build or when
+    unknown). ``min_driver``: the oldest driver branch that runs it ("525" for CUDA 12.x,
+    through CUDA's minor-version compatibility, since the scans carry SASS for every
+    architecture they target; "580" for CUDA 13.x). ``driver``: the CUDA version of the
+    installed driver, None without one. ``driver_ok``: whether that driver can start the
+    runtime (None when either is unknown). The Triton kernels (losses, log-probs) compile
+    for the installed driver at run time and are not bound by this.
+    """
+    cfg = _build_config()
+    runtime = (getattr(cfg, "CUDA_RUNTIME", "") or None) if cfg is not None else None
+    min_driver = (getattr(cfg, "CUDA_MIN_DRIVER", "") or None) if cfg is not None else None
+    driver = _cuda_driver_version()
+    ok: Optional[bool] = None
+    if runtime is not None and driver is not None:
+        # A runtime starts under any driver of its own major CUDA release or a later one.
+        ok = int(driver.split(".")[0]) >= int(runtime.split(".")[0])
+    return {"runtime": runtime, "min_driver": min_driver, "driver": driver, "driver_ok": ok}
 
 
 def get_num_threads() -> int:

@@ -1,4 +1,4 @@
-"""The ``rlkern`` command: ``rlkern info`` and ``rlkern bench``."""
+"""The ``rlkern`` command: ``rlkern --version``, ``rlkern info`` and ``rlkern bench``."""
 
 from __future__ import annotations
 
@@ -7,9 +7,12 @@ import json
 import sys
 from typing import List, Optional
 
+from . import __version__
+
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="rlkern", description="rlkern kernels: information and benchmarks")
+    parser.add_argument("--version", action="version", version=f"rlkern {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print the version and the backends compiled in and runnable here")
     from .bench.runner import add_arguments

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,10 @@ class Case:
     # Fewer calls for cases where one call takes many seconds (defaults as in measure).
     warmup: int = 2
     min_repeats: int = 5
+    # Predicted peak extra memory in MB per implementation name: an implementation whose
+    # prediction exceeds the memory available when the case starts is skipped with a
+    # note instead of being run into the OOM killer (see skip_for_memory).
+    peak_mb_estimate: Optional[Dict[str, float]] = None
 
 
 @dataclass
@@ -48,6 +53,22 @@ class Result:
     throughput: Optional[float] = None
     unit: str = ""
     error: Optional[str] = None
+    # Interquartile range of the timed repeats (see quartiles) and why a run was skipped.
+    q1_ms: Optional[float] = None
+    q3_ms: Optional[float] = None
+    skipped: Optional[str] = None
+
+    @property
+    def spread(self) -> Optional[float]:
+        """(q3 - q1) / median: the relative width of the middle half of the timings."""
+        if self.q1_ms is None or self.q3_ms is None or not self.median_ms or self.median_ms != self.median_ms:
+            return None
+        return (self.q3_ms - self.q1_ms) / self.median_ms
+
+    @property
+    def unsteady(self) -> bool:
+        """Timings too scattered for the median to be trusted (see SPREAD_LIMIT)."""
+        return self.spread is not None and self.spread > SPREAD_LIMIT
 
 
 def _sync(device: torch.device) -> None:
@@ -132,18 +153,74 @@ def run_case(case: Case, device: torch.device, *, budget_s: float = 1.5, memory:
     impls = case.make(device)
     results: List[Result] = []
     for name, fn in impls.items():
+        skip = skip_for_memory(case, name, device)
+        if skip is not None:
+            results.append(Result(case.suite, case.op, case.shape, name, float("nan"), skipped=skip))
+            continue
         try:
             times = measure(fn, device, warmup=case.warmup, min_repeats=case.min_repeats, budget_s=budget_s)
             peak = _peak_memory_mb(fn, device) if memory else None
             med = statistics.median(times)
+            q1, q3 = quartiles(times)
             results.append(Result(case.suite, case.op, case.shape, name, med, times, peak,
-                                  throughput=(case.items / (med / 1e3)) if case.items else None, unit=case.unit))
+                                  throughput=(case.items / (med / 1e3)) if case.items else None, unit=case.unit,
+                                  q1_ms=q1, q3_ms=q3))
         except Exception as e:  # a competitor failing must not hide the others
             results.append(Result(case.suite, case.op, case.shape, name, float("nan"), error=f"{type(e).__name__}: {e}"))
     del impls
     gc.collect()
-    ours = next((r for r in results if r.impl == "rlkern" and r.error is None), None)
+    ours = next((r for r in results if r.impl == "rlkern" and r.error is None and r.skipped is None), None)
     for r in results:
-        if ours is not None and r.error is None:
+        if ours is not None and r.error is None and r.skipped is None:
             r.speedup = r.median_ms / ours.median_ms
     return results
+
+
+# ---- spread, machine load and memory headroom ---------------------------------------------
+
+# A case whose timings' interquartile range exceeds this fraction of the median is flagged:
+# on a machine shared with other jobs a competitor's time can swing by 100x between runs.
+SPREAD_LIMIT = 0.25
+
+
+def quartiles(times: List[float]) -> "tuple[float, float]":
+    """First and third quartiles of the timings (inclusive method: defined from one sample on)."""
+    if len(times) == 1:
+        return times[0], times[0]
+    q = statistics.quantiles(times, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def load_average() -> Optional[float]:
+    """The 1-minute load average (runnable processes), None where the OS has none."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
+def available_memory_mb(device: torch.device) -> Optional[float]:
+    """Memory a new allocation can still get: free device memory on a GPU, the kernel's
+    MemAvailable estimate on Linux; None when unknown (then nothing is skipped)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free / 2**20
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def skip_for_memory(case: Case, impl: str, device: torch.device) -> Optional[str]:
+    """A note saying why ``impl`` is not run, when its predicted peak does not fit."""
+    if not case.peak_mb_estimate or impl not in case.peak_mb_estimate:
+        return None
+    need = case.peak_mb_estimate[impl]
+    have = available_memory_mb(device)
+    if have is None or need <= have:
+        return None
+    return f"skipped: needs about {need / 1024:.1f} GB, {have / 1024:.1f} GB available"

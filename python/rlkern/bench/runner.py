@@ -7,13 +7,17 @@ import dataclasses
 import importlib
 import json
 import math
+import os
 import platform
+import shutil
 import sys
-from typing import List, Optional
+import textwrap
+import time
+from typing import List, Optional, Sequence
 
 import torch
 
-from .core import Case, Result, run_case
+from .core import SPREAD_LIMIT, Case, Result, load_average, run_case
 
 SUITES = ("returns", "losses", "logprobs", "mcts", "e2e")
 
@@ -22,10 +26,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", nargs="*", choices=SUITES, help="suites to run (default: all)")
     p.add_argument("--filter", default=None, help="run only cases whose op contains this text")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--quick", action="store_true", help="small shapes only (a smoke run)")
+    p.add_argument("--quick", action="store_true",
+                   help="small shapes only and no torch.compile competitors: a smoke run of a minute or two, "
+                        "not a measurement")
     p.add_argument("--budget", type=float, default=1.5, help="seconds of timed repeats per implementation")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
-    p.add_argument("--plot", default=None, help="write a PNG bar chart of speed-ups to this file")
+    p.add_argument("--plot", default=None,
+                   help="write a PNG figure of the speed-ups, grouped by suite, to this file (needs matplotlib)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
 
 
@@ -43,65 +50,181 @@ def collect(suites, device: torch.device, quick: bool) -> List[Case]:
 
 
 class _Progress:
-    """rich's progress bar when rich is installed, one line per case otherwise."""
+    """Where the run is. On a terminal with rich installed: a live progress bar with the
+    time left. Otherwise (output to a file or a pipe, or no rich): one plain line per
+    finished case on stdout, flushed at once, with its result and an estimate of the
+    time left, so a long run written to a log shows what it is doing."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, stream=None):
         self.total = total
         self.done = 0
-        try:
-            from rich.progress import Progress
+        self.stream = stream if stream is not None else sys.stdout
+        self.start = time.monotonic()
+        self._rich = None
+        if _is_terminal(self.stream):
+            try:
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self._rich = Progress(transient=True)
-            self._task = self._rich.add_task("benchmarks", total=total)
-            self._rich.start()
-        except ImportError:
-            self._rich = None
+                self._rich = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                      TimeRemainingColumn(), transient=True)
+                self._task = self._rich.add_task("benchmarks", total=total)
+                self._rich.start()
+            except ImportError:
+                self._rich = None
 
     def step(self, label: str) -> None:
         if self._rich is not None:
             self._rich.update(self._task, description=label)
-        else:
-            print(f"[{self.done + 1}/{self.total}] {label}", file=sys.stderr, flush=True)
 
-    def advance(self) -> None:
+    def advance(self, label: str = "", results: Sequence[Result] = ()) -> None:
         self.done += 1
         if self._rich is not None:
             self._rich.advance(self._task)
+            return
+        elapsed = time.monotonic() - self.start
+        left = elapsed / self.done * (self.total - self.done)
+        print(f"[{self.done}/{self.total}] {label}: {case_summary(results)} "
+              f"({_duration(elapsed)} elapsed, about {_duration(left)} left)", file=self.stream, flush=True)
 
     def close(self) -> None:
         if self._rich is not None:
             self._rich.stop()
 
 
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def case_summary(results: Sequence[Result]) -> str:
+    """One case in a few words: rlkern's median and spread, and how it compares."""
+    ours = next((r for r in results if r.impl == "rlkern"), None)
+    if ours is None:
+        return "no rlkern result"
+    if ours.error or ours.skipped:
+        return f"rlkern {ours.error or ours.skipped}"
+    parts = [f"rlkern {_fmt(ours.median_ms, '.3f')} ms ({_fmt(ours.q1_ms, '.3f')}-{_fmt(ours.q3_ms, '.3f')})"]
+    rivals = [r for r in results if r.impl != "rlkern" and not r.impl.startswith("rlkern") and r.speedup
+              and not _is_floor(r)]
+    if rivals:
+        best = min(rivals, key=lambda r: r.speedup)
+        parts.append(f"{best.speedup:.2f}x faster than {best.impl}" if best.speedup >= 1
+                     else f"{1 / best.speedup:.2f}x slower than {best.impl}")
+    unsteady = [r.impl for r in results if r.unsteady]
+    if unsteady:
+        parts.append("spread too wide: " + ", ".join(unsteady))
+    return "; ".join(parts)
+
+
+def _is_floor(r: Result) -> bool:
+    return r.impl.startswith("memory floor")
+
+
 def _fmt(x: Optional[float], spec: str) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def print_table(results: List[Result], device: torch.device) -> None:
-    header = ["op", "shape", "impl", "median ms", "rlkern speed-up", "peak extra MB", "throughput"]
+HEADER = ["op", "shape", "impl", "median ms", "q1-q3 ms", "speed-up", "peak MB", "throughput"]
+LEGEND = ("speed-up: competitor time / rlkern time (above 1: rlkern faster); peak MB: extra memory at the call's peak; "
+          "q1-q3: middle half of the timed repeats")
+
+
+def table_rows(results: List[Result]) -> List[List[str]]:
     rows = []
     for r in results:
         thr = f"{r.throughput:,.0f} {r.unit}" if r.throughput else ""
         speed = "" if r.impl == "rlkern" else (_fmt(r.speedup, ".2f") + "x" if r.speedup else "-")
-        rows.append([f"{r.suite}/{r.op}", r.shape, r.impl if not r.error else f"{r.impl} ({r.error[:60]})",
-                     _fmt(r.median_ms, ".3f"), speed, _fmt(r.peak_mb, ".1f"), thr])
+        note = r.skipped or r.error
+        impl = r.impl if not note else f"{r.impl} ({note[:60]})"
+        spread = f"{_fmt(r.q1_ms, '.3f')}-{_fmt(r.q3_ms, '.3f')}" if r.q1_ms is not None else "-"
+        if r.unsteady:
+            spread += " !"
+        rows.append([f"{r.suite}/{r.op}", r.shape, impl, _fmt(r.median_ms, ".3f"), spread, speed,
+                     _fmt(r.peak_mb, ".1f"), thr])
+    return rows
+
+
+def terminal_width() -> int:
+    """Columns to fit: the terminal's, or COLUMNS, else 120 (a log file or a pipe)."""
+    return shutil.get_terminal_size(fallback=(120, 24)).columns
+
+
+def fit_plain(header: List[str], rows: List[List[str]], width: int) -> List[str]:
+    """A plain-text table no wider than ``width``: the widest text columns (op, impl)
+    give up characters first, cut with '~'."""
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
+    sep = 2
+    shrinkable = [0, 2, 1, 7]  # op, impl, shape, throughput
+    while sum(widths) + sep * (len(widths) - 1) > width:
+        i = max(shrinkable, key=lambda k: widths[k])
+        if widths[i] <= max(len(header[i]), 8):
+            break
+        widths[i] -= 1
+
+    def cut(text: str, w: int) -> str:
+        return text if len(text) <= w else text[: w - 1] + "~"
+
+    numeric = set(range(3, len(header)))
+    lines = []
+    for row in [header] + rows:
+        cells = [cut(c, w).rjust(w) if i in numeric else cut(c, w).ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append((" " * sep).join(cells).rstrip())
+    return lines
+
+
+def print_table(results: List[Result], device: torch.device, load: Sequence[Optional[float]] = (),
+                stream=None) -> None:
+    stream = stream if stream is not None else sys.stdout
+    rows = table_rows(results)
     title = f"rlkern bench on {device_label(device)}"
+    width = terminal_width()
     try:
         from rich.console import Console
         from rich.table import Table
 
         table = Table(title=title)
-        for h in header:
-            table.add_column(h, justify="left" if h in ("op", "shape", "impl") else "right")
+        for h in HEADER:
+            table.add_column(h, justify="left" if h in ("op", "shape", "impl") else "right",
+                             overflow="fold")
         for row in rows:
             table.add_row(*row)
-        Console(width=200).print(table)
+        Console(file=stream, width=width).print(table)
     except ImportError:
-        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-        print(title)
-        print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-        for row in rows:
-            print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+        print(title, file=stream)
+        for line in fit_plain(HEADER, rows, width):
+            print(line, file=stream)
+    for line in footnotes(results, load):
+        indent = " " * (len(line) - len(line.lstrip()))
+        print(textwrap.fill(line, width, subsequent_indent=indent + "  "), file=stream)
+
+
+def footnotes(results: List[Result], load: Sequence[Optional[float]] = ()) -> List[str]:
+    """The lines under the table: the machine's load and the results not to trust."""
+    lines = [LEGEND]
+    known = [x for x in load if x is not None]
+    if known:
+        cores = os.cpu_count() or 1
+        lines.append(f"machine load (1-min average) {' -> '.join(f'{x:.1f}' for x in known)} on {cores} cores"
+                     + (": other work was running, timings are inflated and noisy" if max(known) > 0.5 * cores else ""))
+    unsteady = [r for r in results if r.unsteady]
+    if unsteady:
+        lines.append(f"! {len(unsteady)} result(s) with (q3 - q1) / median > {SPREAD_LIMIT:.0%}: too noisy to trust, "
+                     "rerun on an idle machine (or with a larger --budget):")
+        lines.extend(f"    {r.suite}/{r.op} {r.shape} {r.impl}: spread {r.spread:.0%}" for r in unsteady)
+    skipped = [r for r in results if r.skipped]
+    lines.extend(f"{r.suite}/{r.op} {r.shape} {r.impl}: {r.skipped}" for r in skipped)
+    return lines
 
 
 def device_label(device: torch.device) -> str:
@@ -112,24 +235,13 @@ def device_label(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {get_num_threads()} threads)"
 
 
-def write_plot(results: List[Result], path: str) -> None:
-    import matplotlib
+def run_metadata(device: torch.device, load: Sequence[Optional[float]]) -> dict:
+    """What a saved result or a figure needs to be read later: where, with what, when."""
+    from .. import __version__
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    bars = [(f"{r.op} {r.shape}\nvs {r.impl}", r.speedup) for r in results
-            if r.impl != "rlkern" and r.speedup and not math.isnan(r.speedup)]
-    if not bars:
-        return
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(bars) + 1.5))
-    ax.barh([b[0] for b in bars], [b[1] for b in bars])
-    ax.axvline(1.0, color="k", lw=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel("rlkern speed-up (competitor time / rlkern time)")
-    ax.tick_params(axis="y", labelsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return {"device": device_label(device), "rlkern": __version__, "torch": torch.__version__,
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "load_average": list(load), "cpu_count": os.cpu_count()}
 
 
 def run_from_args(args) -> int:
@@ -140,22 +252,28 @@ def run_from_args(args) -> int:
     if not cases:
         print("no benchmark cases matched", file=sys.stderr)
         return 1
+    load = [load_average()]
     progress = _Progress(len(cases))
     results: List[Result] = []
     try:
         for case in cases:
-            progress.step(f"{case.suite}/{case.op} {case.shape}")
-            results.extend(run_case(case, device, budget_s=args.budget, memory=not args.no_memory))
-            progress.advance()
+            label = f"{case.suite}/{case.op} {case.shape}"
+            progress.step(label)
+            done = run_case(case, device, budget_s=args.budget, memory=not args.no_memory)
+            results.extend(done)
+            progress.advance(label, done)
     finally:
         progress.close()
-    print_table(results, device)
+    load.append(load_average())
+    print_table(results, device, load)
+    meta = run_metadata(device, load)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": device_label(device), "torch": torch.__version__,
-                       "results": [dataclasses.asdict(r) for r in results]}, f, indent=1)
+            json.dump({**meta, "results": [dataclasses.asdict(r) for r in results]}, f, indent=1)
     if args.plot:
-        write_plot(results, args.plot)
+        from .plot import write_plot
+
+        write_plot(results, args.plot, meta)
     failed = [r for r in results if r.impl == "rlkern" and r.error]
     for r in failed:
         print(f"rlkern failed on {r.op} {r.shape}: {r.error}", file=sys.stderr)
