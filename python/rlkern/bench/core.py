@@ -48,6 +48,8 @@ class Result:
     throughput: Optional[float] = None
     unit: str = ""
     error: Optional[str] = None
+    # Set by bench.bandwidth.annotate: model bytes/flops, GB/s, TFLOP/s, fraction of copy bandwidth.
+    roofline: Optional[Dict[str, Optional[float]]] = None
 
 
 def _sync(device: torch.device) -> None:

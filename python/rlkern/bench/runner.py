@@ -16,10 +16,11 @@ import torch
 from .core import Case, Result, run_case
 
 SUITES = ("returns", "losses", "logprobs", "mcts", "e2e")
+GPU_SUITES = ("gpu",)  # GPU-only competitors (Liger-Kernel, mctx on the GPU); part of the default on CUDA
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--only", nargs="*", choices=SUITES, help="suites to run (default: all)")
+    p.add_argument("--only", nargs="*", choices=SUITES + GPU_SUITES, help="suites to run (default: all)")
     p.add_argument("--filter", default=None, help="run only cases whose op contains this text")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--quick", action="store_true", help="small shapes only (a smoke run)")
@@ -134,25 +135,30 @@ def write_plot(results: List[Result], path: str) -> None:
 
 def run_from_args(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cases = collect(args.only or SUITES, device, args.quick)
+    from . import bandwidth
+
+    cases = collect(args.only or (SUITES + (GPU_SUITES if device.type == "cuda" else ())), device, args.quick)
     if args.filter:
         cases = [c for c in cases if args.filter in c.op]
     if not cases:
         print("no benchmark cases matched", file=sys.stderr)
         return 1
+    copy_gbps = bandwidth.copy_bandwidth(device)
     progress = _Progress(len(cases))
     results: List[Result] = []
     try:
         for case in cases:
             progress.step(f"{case.suite}/{case.op} {case.shape}")
-            results.extend(run_case(case, device, budget_s=args.budget, memory=not args.no_memory))
+            results.extend(bandwidth.annotate(case, run_case(case, device, budget_s=args.budget,
+                                                             memory=not args.no_memory), copy_gbps))
             progress.advance()
     finally:
         progress.close()
     print_table(results, device)
+    bandwidth.print_table(results, copy_gbps)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": device_label(device), "torch": torch.__version__,
+            json.dump({"device": device_label(device), "torch": torch.__version__, "copy_gbps": copy_gbps,
                        "results": [dataclasses.asdict(r) for r in results]}, f, indent=1)
     if args.plot:
         write_plot(results, args.plot)
