@@ -113,9 +113,20 @@ def test_bench_json_has_copy_bandwidth_and_rooflines(tmp_path):
     assert main(["bench", "--only", "returns", "--quick", "--budget", "0.02", "--no-memory",
                  "--json", str(out), "--device", "cpu"]) == 0
     data = json.loads(out.read_text())
-    assert data["copy_gbps"] > 0
+    assert data["copy_gbps"] > 0 and data["skipped"] == []
     ours = [r for r in data["results"] if r["impl"] == "rlkern"]
     assert ours and all(r["roofline"]["gbps"] > 0 and r["roofline"]["copy_fraction"] > 0 for r in ours)
+
+
+def test_bench_time_limit_skips_the_cases_that_do_not_fit(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--only", "returns", "--quick", "--budget", "0.02", "--no-memory", "--time-limit", "0",
+                 "--json", str(out), "--device", "cpu"]) == 0
+    data = json.loads(out.read_text())
+    assert data["results"] == []
+    assert data["skipped"] == ["returns/gae 64x128 f32", "returns/discounted_returns 64x128 f32",
+                               "returns/lambda_returns 64x128 f32", "returns/masked_gae 64x128 f32"]
+    assert "time limit: skipped 4 cases" in capsys.readouterr().err
 
 
 def test_summary_reports_parts_failures_and_kernels(tmp_path):
@@ -138,7 +149,7 @@ def test_summary_reports_parts_failures_and_kernels(tmp_path):
                     error="RuntimeError: liger_kernel is not installed", roofline=None)]
     part = tmp_path / "bench-gpu.json"
     part.write_text(json.dumps({"device": "NVIDIA H200", "torch": "2.11.0", "copy_gbps": 4300.0,
-                                "results": results}))
+                                "results": results, "skipped": ["gpu/puct_search gpu-network B=256 A=9 S=50"]}))
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_summary.py"), "--mode", "gpu", "--out",
                            str(tmp_path), "--bench", str(part)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -149,6 +160,7 @@ def test_summary_reports_parts_failures_and_kernels(tmp_path):
     assert "| 1.250 | 4,000 | 93 |" in text and "F.cross_entropy 4.00x" in text
     assert "liger CrossEntropy: n/a (RuntimeError: liger_kernel is not installed)" in text
     assert "4,300 GB/s" in text
+    assert "Not run (time limit), 1 cases: gpu/puct_search gpu-network B=256 A=9 S=50" in text
     merged = json.loads((tmp_path / "bench.json").read_text())
     assert len(merged["results"]) == 3 and merged["copy_gbps"] == 4300.0
 

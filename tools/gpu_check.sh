@@ -3,10 +3,10 @@
 # (H100/H200, no network), in under 8 minutes; on a machine without a GPU it runs the
 # CPU-side parts (a dry run) and says that the GPU parts were skipped.
 #
-#   tools/gpu_check.sh [OUTDIR] [--dry-run] [--no-build] [--lean] [--budget SECONDS]
+#   tools/gpu_check.sh [OUTDIR] [--dry-run] [--no-build] [--lean] [--bench-only] [--budget SECONDS]
 #   tools/gpu_check.sh --fetch-wheels     # here, with network: the optional competitors' wheels into .whl/
 #
-# Parts, each timed and capped so that the whole fits the budget (default 450 s):
+# Parts, each timed and capped so that the whole fits the budget (default 420 s):
 #   wheels    pip-installs any *.whl found in $RLKERN_WHEELS, wheels/ or .whl/ (Liger-Kernel,
 #             mctx: pure Python) into a private folder put on PYTHONPATH; none is required
 #   build     pip install --no-build-isolation against the preinstalled torch, CUDA for
@@ -18,7 +18,9 @@
 #             already runs the other two)
 #   memcheck  GPU: compute-sanitizer memcheck over a short run of every kernel
 #             (tools/gpu_memcheck.py); dry run: the same script on the CPU
-#   bench     GPU: rlkern bench --device cuda, one suite at a time while time is left;
+#   bench     GPU: rlkern bench --device cuda, one process per suite, each given a fair share of
+#             the time left (--time-limit: cases that do not fit are listed as skipped);
+#             --bench-only skips tests and memcheck (a second call for the rest of the numbers);
 #             dry run: a --quick CPU run of two suites (the pipeline only, not GPU numbers)
 #   summary   tools/gpu_summary.py: summary.md (printed last) and bench.json
 #
@@ -27,24 +29,26 @@
 # Exit status: 0 when everything that ran passed; 1 when the build, a test, memcheck or an
 # rlkern benchmark row failed. Environment: PYTHON (default python3), GPU_CHECK_MAXFAIL
 # (pytest's --maxfail, default 1 = -x), GPU_CHECK_BENCH_BUDGET (seconds of timed repeats
-# per implementation, default 0.3), GPU_CHECK_SUITES (default "returns losses logprobs gpu e2e").
+# per implementation, default 0.2), GPU_CHECK_SUITES (default "returns logprobs losses gpu e2e"),
+# GPU_CHECK_WORKERS (pytest-xdist workers for the GPU tests, default 4; 0 = none).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
 
-outdir="" dry=0 build=1 lean=0 budget=450
+outdir="" dry=0 build=1 lean=0 bench_only=0 budget=420
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) dry=1 ;;
     --no-build) build=0 ;;
     --lean) lean=1 ;;
+    --bench-only) bench_only=1 ;;
     --budget) budget=$2; shift ;;
     --fetch-wheels)
       # Run where pip reaches PyPI; carry .whl to the GPU machine (see README, "GPU check").
       grep -qxF '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
       exec "$PY" -m pip download --no-deps --only-binary=:all: -d .whl "liger-kernel==0.8.5" "mctx==0.0.71" ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
     -*) echo "unknown option $1" >&2; exit 2 ;;
     *) outdir=$1 ;;
   esac
@@ -117,7 +121,8 @@ fi
 # ---- build ---------------------------------------------------------------------------------
 if [ "$build" -eq 1 ]; then
   cuda_opt=$([ "$gpu" -eq 1 ] && echo ON || echo AUTO)
-  timed build "$(cap 300)" "$outdir/build.log" env RLKERN_CUDA="$cuda_opt" "$PY" -m pip install -v \
+  # On the GPU machine (16 cores, sm_90 only) about a minute; a 2-core dry run compiles much longer.
+  timed build "$(cap "$([ "$gpu" -eq 1 ] && echo 240 || echo 1500)")" "$outdir/build.log" env RLKERN_CUDA="$cuda_opt" "$PY" -m pip install -v \
     --no-build-isolation --no-deps --no-index -C cmake.define.CMAKE_CUDA_ARCHITECTURES=90 .
   if [ "$rc" -ne 0 ]; then
     record build failed "$secs" "pip install exited $rc (see build.log)"
@@ -137,12 +142,23 @@ if [ "$gpu" -eq 1 ] && ! echo "$info" | grep -q '"runnable": \[[^]]*"cuda"[^]]*"
 fi
 
 # ---- tests ---------------------------------------------------------------------------------
+if [ "$bench_only" -eq 1 ]; then
+  record tests skipped 0 "--bench-only"
+  record memcheck skipped 0 "--bench-only"
+else
 timeout_opt=""
 "$PY" -c "import pytest_timeout" 2>/dev/null && timeout_opt="--timeout=240"
 common=(-q -rfEs -p no:cacheprovider --junitxml="$outdir/junit.xml" --maxfail="${GPU_CHECK_MAXFAIL:-1}" $timeout_opt)
 if [ "$gpu" -eq 1 ]; then
   mapfile -t files < <(grep -l -E "pytest\.mark\.gpu" tests/test_*.py)
-  timed tests "$(cap 210)" "$outdir/pytest.log" env -u TRITON_INTERPRET "$PY" -m pytest "${common[@]}" -m gpu "${files[@]}"
+  # Several workers compile the Triton kernels' variants in parallel (the cold compile is
+  # most of this part); the tests' memory (about 15 GB each at most) fits many times.
+  workers=()
+  if [ "${GPU_CHECK_WORKERS:-4}" -gt 0 ] && "$PY" -c "import xdist" 2>/dev/null; then
+    workers=(-n "${GPU_CHECK_WORKERS:-4}")
+  fi
+  timed tests "$(cap 200)" "$outdir/pytest.log" env -u TRITON_INTERPRET "$PY" -m pytest "${common[@]}" \
+    "${workers[@]}" -m gpu "${files[@]}"
   note="$(tail -1 "$outdir/pytest.log")"
 else
   if [ "$lean" -eq 1 ]; then
@@ -167,7 +183,7 @@ fi
 # ---- memcheck ------------------------------------------------------------------------------
 if [ "$gpu" -eq 1 ]; then
   if command -v compute-sanitizer >/dev/null; then
-    timed memcheck "$(cap 150)" "$outdir/memcheck.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    timed memcheck "$(cap 100)" "$outdir/memcheck.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
       compute-sanitizer --tool memcheck --leak-check no --print-limit 40 --error-exitcode 86 \
       "$PY" tools/gpu_memcheck.py
     summary_line=$(grep -E "ERROR SUMMARY" "$outdir/memcheck.log" | tail -1)
@@ -191,28 +207,37 @@ else
     record memcheck failed "$secs" "tools/gpu_memcheck.py cpu exited $rc"; failed=1
   fi
 fi
+fi  # bench_only
 
 # ---- bench ---------------------------------------------------------------------------------
-bench_budget=${GPU_CHECK_BENCH_BUDGET:-0.3}
 if [ "$gpu" -eq 1 ]; then
-  suites=${GPU_CHECK_SUITES:-returns losses logprobs gpu e2e}
-  bench_args=(--device cuda --budget "$bench_budget")
+  suites=${GPU_CHECK_SUITES:-returns logprobs losses gpu e2e}
+  bench_args=(--device cuda --budget "${GPU_CHECK_BENCH_BUDGET:-0.2}")
 else
   suites=${GPU_CHECK_SUITES:-returns losses}
   bench_args=(--device cpu --quick --budget 0.05)
 fi
-for s in $suites; do
+set -- $suites
+while [ $# -gt 0 ]; do
+  s=$1; shift
   l=$(left)
   if [ "$l" -lt 25 ]; then
     record "bench $s" skipped 0 "no time left in the ${budget}s budget"
     continue
   fi
-  timed "bench $s" "$l" "$outdir/bench.log" "$PY" -m rlkern.cli bench --only "$s" "${bench_args[@]}" \
-    --json "$work/bench-$s.json"
+  # A fair share of what is left (unused time passes on); the case running when the share
+  # ends finishes, so the process gets the rest of the budget plus a minute before it is killed.
+  share=$(( (l - 10) / ($# + 1) ))
+  limit=$(( share > 20 ? share - 10 : 10 ))
+  timed "bench $s" "$((l + 60))" "$outdir/bench.log" "$PY" -m rlkern.cli bench --only "$s" "${bench_args[@]}" \
+    --time-limit "$limit" --json "$work/bench-$s.json"
+  skipped_n=$("$PY" -c "import json, sys; print(len(json.load(open(sys.argv[1])).get('skipped', [])))" \
+    "$work/bench-$s.json" 2>/dev/null || echo "?")
   if [ "$rc" -eq 0 ]; then
-    record "bench $s" ok "$secs" "$([ "$gpu" -eq 1 ] && echo cuda || echo 'cpu --quick (pipeline smoke run)')"
+    record "bench $s" ok "$secs" "$([ "$gpu" -eq 1 ] && echo cuda || echo 'cpu --quick (pipeline smoke run)'), \
+time limit ${limit}s, ${skipped_n} cases skipped"
   elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
-    record "bench $s" timeout "$secs" "stopped at the overall budget; its rows are missing"
+    record "bench $s" timeout "$secs" "killed past the budget; its rows are missing"
   else
     record "bench $s" failed "$secs" "exit $rc (an rlkern row failed, or the suite crashed: see bench.log)"; failed=1
   fi

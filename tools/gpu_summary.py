@@ -65,7 +65,8 @@ def read_junit(path: str) -> Dict[str, object]:
 
 
 def merge_bench(paths: List[str]) -> Dict[str, object]:
-    merged: Dict[str, object] = {"device": None, "torch": None, "copy_gbps": None, "results": [], "suites": []}
+    merged: Dict[str, object] = {"device": None, "torch": None, "copy_gbps": None, "results": [], "skipped": [],
+                                 "suites": []}
     for path in paths:
         if not os.path.exists(path):
             continue
@@ -77,6 +78,7 @@ def merge_bench(paths: List[str]) -> Dict[str, object]:
             # One copy measurement per suite process: keep the largest, the least disturbed.
             merged["copy_gbps"] = max(merged["copy_gbps"] or 0.0, data["copy_gbps"])
         merged["results"].extend(data.get("results", []))
+        merged["skipped"].extend(data.get("skipped", []))
         merged["suites"].append(os.path.basename(path))
     return merged
 
@@ -159,6 +161,9 @@ def render(mode: str, parts: List[Dict[str, str]], junit: Dict[str, object], ben
         out.extend(bench_table(bench))
     else:
         out.append("No benchmark results.")
+    if bench["skipped"]:
+        out.append("")
+        out.append(f"Not run (time limit), {len(bench['skipped'])} cases: " + "; ".join(bench["skipped"]))
     out.append("")
     return "\n".join(out)
 

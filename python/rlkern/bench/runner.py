@@ -9,6 +9,7 @@ import json
 import math
 import platform
 import sys
+import time
 from typing import List, Optional
 
 import torch
@@ -28,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.add_argument("--plot", default=None, help="write a PNG bar chart of speed-ups to this file")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="start no case after this many seconds; the rest are listed as skipped")
 
 
 def collect(suites, device: torch.device, quick: bool) -> List[Case]:
@@ -146,8 +149,13 @@ def run_from_args(args) -> int:
     copy_gbps = bandwidth.copy_bandwidth(device)
     progress = _Progress(len(cases))
     results: List[Result] = []
+    skipped: List[str] = []
+    began = time.perf_counter()
     try:
         for case in cases:
+            if args.time_limit is not None and time.perf_counter() - began > args.time_limit:
+                skipped.append(f"{case.suite}/{case.op} {case.shape}")
+                continue
             progress.step(f"{case.suite}/{case.op} {case.shape}")
             results.extend(bandwidth.annotate(case, run_case(case, device, budget_s=args.budget,
                                                              memory=not args.no_memory), copy_gbps))
@@ -159,9 +167,11 @@ def run_from_args(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device_label(device), "torch": torch.__version__, "copy_gbps": copy_gbps,
-                       "results": [dataclasses.asdict(r) for r in results]}, f, indent=1)
+                       "results": [dataclasses.asdict(r) for r in results], "skipped": skipped}, f, indent=1)
     if args.plot:
         write_plot(results, args.plot)
+    if skipped:
+        print(f"time limit: skipped {len(skipped)} cases: {'; '.join(skipped)}", file=sys.stderr)
     failed = [r for r in results if r.impl == "rlkern" and r.error]
     for r in failed:
         print(f"rlkern failed on {r.op} {r.shape}: {r.error}", file=sys.stderr)
