@@ -53,6 +53,8 @@ class Result:
     throughput: Optional[float] = None
     unit: str = ""
     error: Optional[str] = None
+    # Set by bench.bandwidth.annotate: model bytes/flops, GB/s, TFLOP/s, fraction of copy bandwidth.
+    roofline: Optional[Dict[str, Optional[float]]] = None
     # Interquartile range of the timed repeats (see quartiles) and why a run was skipped.
     q1_ms: Optional[float] = None
     q3_ms: Optional[float] = None

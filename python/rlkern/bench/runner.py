@@ -19,11 +19,12 @@ import torch
 
 from .core import SPREAD_LIMIT, Case, Result, load_average, run_case
 
-SUITES = ("returns", "losses", "logprobs", "mcts", "e2e")
+SUITES = ("returns", "losses", "logprobs", "mcts", "e2e", "compiled")
+GPU_SUITES = ("gpu",)  # GPU-only competitors (Liger-Kernel, mctx on the GPU); part of the default on CUDA
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--only", nargs="*", choices=SUITES, help="suites to run (default: all)")
+    p.add_argument("--only", nargs="*", choices=SUITES + GPU_SUITES, help="suites to run (default: all)")
     p.add_argument("--filter", default=None, help="run only cases whose op contains this text")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--quick", action="store_true",
@@ -34,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None,
                    help="write a PNG figure of the speed-ups, grouped by suite, to this file (needs matplotlib)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="start no case after this many seconds; the rest are listed as skipped")
 
 
 def collect(suites, device: torch.device, quick: bool) -> List[Case]:
@@ -246,34 +249,47 @@ def run_metadata(device: torch.device, load: Sequence[Optional[float]]) -> dict:
 
 def run_from_args(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cases = collect(args.only or SUITES, device, args.quick)
+    from . import bandwidth
+
+    cases = collect(args.only or (SUITES + (GPU_SUITES if device.type == "cuda" else ())), device, args.quick)
     if args.filter:
         cases = [c for c in cases if args.filter in c.op]
     if not cases:
         print("no benchmark cases matched", file=sys.stderr)
         return 1
     load = [load_average()]
+    copy_gbps = bandwidth.copy_bandwidth(device)
     progress = _Progress(len(cases))
     results: List[Result] = []
+    skipped: List[str] = []
+    began = time.perf_counter()
     try:
         for case in cases:
             label = f"{case.suite}/{case.op} {case.shape}"
+            if args.time_limit is not None and time.perf_counter() - began > args.time_limit:
+                skipped.append(label)
+                continue
             progress.step(label)
-            done = run_case(case, device, budget_s=args.budget, memory=not args.no_memory)
+            done = bandwidth.annotate(case, run_case(case, device, budget_s=args.budget, memory=not args.no_memory),
+                                      copy_gbps)
             results.extend(done)
             progress.advance(label, done)
     finally:
         progress.close()
     load.append(load_average())
     print_table(results, device, load)
+    bandwidth.print_table(results, copy_gbps)
     meta = run_metadata(device, load)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({**meta, "results": [dataclasses.asdict(r) for r in results]}, f, indent=1)
+            json.dump({**meta, "copy_gbps": copy_gbps, "results": [dataclasses.asdict(r) for r in results],
+                       "skipped": skipped}, f, indent=1)
     if args.plot:
         from .plot import write_plot
 
         write_plot(results, args.plot, meta)
+    if skipped:
+        print(f"time limit: skipped {len(skipped)} cases: {'; '.join(skipped)}", file=sys.stderr)
     failed = [r for r in results if r.impl == "rlkern" and r.error]
     for r in failed:
         print(f"rlkern failed on {r.op} {r.shape}: {r.error}", file=sys.stderr)
