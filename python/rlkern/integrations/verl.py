@@ -524,23 +524,12 @@ def compute_grpo_outcome_advantage(token_level_rewards: torch.Tensor, response_m
     return adv, adv
 
 
-@torch.no_grad()
 def compute_grpo_vectorized_outcome_advantage(token_level_rewards, response_mask, index, epsilon: float = 1e-6,
                                               norm_adv_by_std_in_grpo: bool = True, config=None, **kwargs):
-    """verl's ``grpo_vectorized``: as GRPO, except that a group of one gets std 0 (so its
-    advantage is 0 / epsilon = 0 after centring on itself)."""
-    scores = _scores(token_level_rewards)
-    gid, counts = _peers.group_ids(index, scores.shape[0], scores.device)
-    G = int(counts.shape[0])
-    cnt = counts.to(scores.dtype)
-    mean = _peers.group_sum(scores, gid, G) / cnt
-    var = _peers.group_sum((scores - mean[gid]) ** 2, gid, G) / (cnt - 1).clamp(min=1)
-    var = torch.where(counts > 1, var, torch.zeros_like(var))
-    adv = scores - mean[gid]
-    if norm_adv_by_std_in_grpo:
-        adv = adv / (var.sqrt()[gid] + epsilon)
-    adv = adv.unsqueeze(-1) * response_mask
-    return adv, adv
+    """verl's ``grpo_vectorized``: the same advantages as :func:`compute_grpo_outcome_advantage`
+    (verl's vectorised version also gives a group of one mean 0 and std 1)."""
+    return compute_grpo_outcome_advantage(token_level_rewards, response_mask, index, epsilon,
+                                          norm_adv_by_std_in_grpo)
 
 
 def _group_mean(scores: torch.Tensor, index) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
