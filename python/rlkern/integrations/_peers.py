@@ -114,3 +114,38 @@ def scalars(values) -> list:
     dev = next((v.device for v in values if isinstance(v, torch.Tensor)), torch.device("cpu"))
     return torch.stack([v.detach().float().reshape(()).to(dev) if isinstance(v, torch.Tensor)
                         else torch.tensor(float(v), device=dev) for v in values]).tolist()
+
+
+def import_openrlhf_losses():
+    """``(openrlhf.models.loss, openrlhf.models.utils)``, or None when OpenRLHF is not importable.
+
+    openrlhf/models/ring_attn_utils.py imports flash_attn (a CUDA-only package) at module level
+    although the loss code never uses it; without flash_attn installed a stand-in module is
+    placed in sys.modules for the duration of the import only.
+    """
+    import importlib.machinery
+    import importlib.util
+    import sys
+    import types
+
+    if importlib.util.find_spec("openrlhf") is None:
+        return None
+    added = []
+    if importlib.util.find_spec("flash_attn") is None:
+        for name in ("flash_attn", "flash_attn.bert_padding", "flash_attn.utils", "flash_attn.utils.distributed"):
+            mod = types.ModuleType(name)
+            mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
+            sys.modules[name] = mod
+            added.append(name)
+        for attr in ("index_first_axis", "pad_input", "rearrange", "unpad_input"):
+            setattr(sys.modules["flash_attn.bert_padding"], attr, None)
+        sys.modules["flash_attn.utils.distributed"].all_gather = None
+    try:
+        import openrlhf.models.loss as loss_mod
+        import openrlhf.models.utils as utils_mod
+    except ImportError:
+        return None
+    finally:
+        for name in added:
+            sys.modules.pop(name, None)
+    return loss_mod, utils_mod
