@@ -14,6 +14,8 @@ source is read from the installed file and executed as is.
 from __future__ import annotations
 
 import ast
+import itertools
+import logging
 import importlib.machinery
 import importlib.util
 import os
@@ -72,14 +74,19 @@ def _experience_maker_functions():
     path = os.path.join(os.path.dirname(importlib.util.find_spec("openrlhf").origin), "trainer", "ppo_utils",
                         "experience_maker.py")
     tree = ast.parse(open(path).read())
-    wanted = {"get_advantages_and_returns", "get_cumulative_returns"}
+    wanted = {"get_advantages_and_returns", "get_cumulative_returns", "compute_advantages_and_returns"}
     defs = [node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef) and node.name in wanted]
     assert {d.name for d in defs} == wanted
-    namespace = {"torch": torch, "Tuple": tuple}
+    # the module's other names these methods use: its imports (compute_reward, masked_mean from
+    # openrlhf.models.utils) and the length penalties, which are off here (no-op)
+    namespace = {"torch": torch, "Tuple": tuple, "List": list, "Experience": object, "itertools": itertools,
+                 "compute_reward": U.compute_reward, "masked_mean": U.masked_mean,
+                 "apply_length_penalties": lambda experiences, args: None,
+                 "logger": logging.getLogger("openrlhf-oracle")}
     for d in defs:
         d.decorator_list = []
         exec(compile(ast.Module(body=[d], type_ignores=[]), path, "exec"), namespace)
-    return {name: (lambda f: lambda *a: f(None, *a))(namespace[name]) for name in wanted}
+    return {name: namespace[name] for name in wanted}
 
 
 B, T = 6, 11
@@ -250,10 +257,43 @@ def test_gae_and_cumulative_returns_match_openrlhf(kind):
     rewards = torch.randn(B, T, generator=g)
     values = torch.randn(B, T, generator=g)
     ours = O.get_advantages_and_returns(values, rewards, m, 0.97, 0.9)
-    theirs = fns["get_advantages_and_returns"](values, rewards, m, 0.97, 0.9)
+    theirs = fns["get_advantages_and_returns"](None, values, rewards, m, 0.97, 0.9)
     assert_close(ours[0], theirs[0], 1e-5, "advantages")
     assert_close(ours[1], theirs[1], 1e-5, "returns")
-    assert_close(O.get_cumulative_returns(rewards, m, 0.9), fns["get_cumulative_returns"](rewards, m, 0.9), 1e-5)
+    assert_close(O.get_cumulative_returns(rewards, m, 0.9), fns["get_cumulative_returns"](None, rewards, m, 0.9),
+                 1e-5)
+
+
+@pytest.mark.parametrize("estimator", ["gae", "reinforce", "rloo", "reinforce_baseline", "group_norm", "dr_grpo",
+                                       "flash_reinforce"])
+@pytest.mark.parametrize("std_norm", [True, False])
+def test_advantage_pipeline_matches_openrlhf(estimator, std_norm):
+    from types import SimpleNamespace as NS
+
+    fns = _experience_maker_functions()
+    g = torch.Generator().manual_seed(9)
+    n, prompts = 3, 4
+    N = n * prompts
+    m = torch.ones(N, T)
+    for i in range(N):
+        m[i, 2 + (3 * i) % (T - 2):] = 0
+    m[2, 1] = 0  # a hole
+    rewards = torch.randint(0, 3, (N,), generator=g).float()
+    kl = 0.1 * torch.randn(N, T, generator=g) * m
+    values = torch.randn(N, T, generator=g)
+    gamma, lambd, kl_coef, clip = 0.9, 0.95, 0.05, (-1.5, 1.5)
+    args = NS(rollout=NS(n_samples_per_prompt=n),
+              algo=NS(advantage=NS(estimator=estimator, gamma=gamma, lambd=lambd, no_std_norm=not std_norm)),
+              reward=NS(clip_range=clip))
+    maker = NS(strategy=NS(args=args), kl_ctl=NS(value=kl_coef), advantage_estimator=estimator,
+               get_advantages_and_returns=lambda *a: fns["get_advantages_and_returns"](None, *a),
+               get_cumulative_returns=lambda *a: fns["get_cumulative_returns"](None, *a))
+    exp = NS(rewards=rewards.clone(), index=list(range(N)), kl=kl, action_mask=m, values=values, info={})
+    fns["compute_advantages_and_returns"](maker, [exp])
+    adv, ret = O.compute_advantages_and_returns(rewards, m, estimator, n, kl=kl, kl_coef=kl_coef, values=values,
+                                                gamma=gamma, lambd=lambd, reward_clip_range=clip, std_norm=std_norm)
+    assert_close(adv, exp.advantages, 1e-5, "advantages")
+    assert_close(ret, exp.returns, 1e-5, "returns")
 
 
 def test_install_swaps_openrlhf_classes_and_uninstall_restores():

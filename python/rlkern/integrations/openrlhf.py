@@ -27,11 +27,12 @@ import torch.nn as nn
 
 from ..kl import kl_penalty
 from ..losses import policy_loss, value_loss
-from ..returns import discounted_returns, gae
+from ..returns import discounted_returns, gae, group_advantages
 from . import _peers
 
 __all__ = ["PolicyLoss", "ValueLoss", "compute_approx_kl", "compute_reward", "masked_mean",
-           "get_advantages_and_returns", "get_cumulative_returns", "normalize_advantages", "install", "uninstall"]
+           "get_advantages_and_returns", "get_cumulative_returns", "normalize_advantages", "compute_advantages_and_returns",
+           "install", "uninstall"]
 
 _LOG_RATIO_CLAMP = 20.0
 _KL_CLAMP = 10.0
@@ -288,6 +289,62 @@ def normalize_advantages(advantages: torch.Tensor, action_mask: torch.Tensor, st
         return a - mean
     var = ((a - mean).pow(2) * mf).sum() / n
     return (a - mean) * var.clamp(min=1e-8).rsqrt()
+
+
+ESTIMATORS = ("gae", "reinforce", "rloo", "reinforce_baseline", "group_norm", "dr_grpo", "flash_reinforce")
+
+
+@torch.no_grad()
+def compute_advantages_and_returns(rewards: torch.Tensor, action_mask: torch.Tensor, estimator: str,
+                                   n_samples_per_prompt: int, *, kl: Optional[torch.Tensor] = None,
+                                   kl_coef: float = 0.0, values: Optional[torch.Tensor] = None, gamma: float = 1.0,
+                                   lambd: float = 1.0, reward_clip_range: Optional[Tuple[float, float]] = None,
+                                   std_norm: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """OpenRLHF's advantage pipeline (``compute_advantages_and_returns`` of its experience maker,
+    without the optional length penalties) for one batch whose rows are in prompt order, the
+    ``n_samples_per_prompt`` samples of a prompt contiguous.
+
+    1. Sequence rewards ``[N]`` shaped per prompt group (``rlkern.group_advantages``): rloo:
+       r - mean of the others; reinforce_baseline, dr_grpo: r - group mean; group_norm:
+       (r - mean) / (unbiased std + 1e-9); flash_reinforce: r - batch mean; gae, reinforce: r.
+    2. Token rewards: :func:`compute_reward` (``-kl_coef * kl`` plus r at the last active token).
+    3. gae: :func:`get_advantages_and_returns` (needs ``values``); the others: returns =
+       :func:`get_cumulative_returns` with ``gamma`` (forced to 1 except for reinforce, as
+       OpenRLHF does), advantages = returns.
+    4. gae, reinforce, reinforce_baseline: advantages whitened over the mask
+       (:func:`normalize_advantages`, only centred without ``std_norm``).
+
+    Returns ``(advantages, returns)``, ``[N, T]``.
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    n = int(n_samples_per_prompt)
+    r = rewards.to(torch.promote_types(rewards.dtype, torch.float32))
+    if r.dim() != 1 or n < 1 or r.shape[0] % n != 0:
+        raise ValueError(f"rewards must be [prompts * n_samples_per_prompt], got {tuple(r.shape)} with n={n}")
+    if estimator == "rloo":
+        if n < 2:
+            raise ValueError("rloo needs n_samples_per_prompt >= 2")
+        r = group_advantages(r, n, estimator="rloo").to(r.dtype)
+    elif estimator in ("reinforce_baseline", "dr_grpo"):
+        r = group_advantages(r, n, estimator="grpo", scale="none").to(r.dtype)
+    elif estimator == "group_norm":
+        r = group_advantages(r, n, estimator="grpo", scale="group", eps=1e-9).to(r.dtype)
+    elif estimator == "flash_reinforce":
+        r = r - r.mean()
+    if kl is None:
+        kl = torch.zeros(action_mask.shape, dtype=r.dtype, device=r.device)
+    token_rewards = compute_reward(r, kl_coef, kl, action_mask=action_mask, reward_clip_range=reward_clip_range)
+    if estimator == "gae":
+        if values is None:
+            raise ValueError("the gae estimator needs values")
+        advantages, returns = get_advantages_and_returns(values, token_rewards, action_mask, gamma, lambd)
+    else:
+        returns = get_cumulative_returns(token_rewards, action_mask, gamma if estimator == "reinforce" else 1.0)
+        advantages = returns.clone()
+    if estimator in ("gae", "reinforce", "reinforce_baseline"):
+        advantages = normalize_advantages(advantages, action_mask, std_norm)
+    return advantages, returns
 
 
 # ------------------------------------------------------------------------------------------
