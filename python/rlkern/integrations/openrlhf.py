@@ -31,8 +31,8 @@ from ..returns import discounted_returns, gae, group_advantages
 from . import _peers
 
 __all__ = ["PolicyLoss", "ValueLoss", "compute_approx_kl", "compute_reward", "masked_mean",
-           "get_advantages_and_returns", "get_cumulative_returns", "normalize_advantages", "compute_advantages_and_returns",
-           "install", "uninstall"]
+           "get_advantages_and_returns", "get_cumulative_returns", "normalize_advantages",
+           "compute_advantages_and_returns", "install", "uninstall"]
 
 _LOG_RATIO_CLAMP = 20.0
 _KL_CLAMP = 10.0
@@ -90,7 +90,8 @@ class PolicyLoss(nn.Module):
         if is_correction_gating not in {"ratio", "binary_kl", "tv"}:
             raise ValueError(f"is_correction_gating must be ratio/binary_kl/tv, got {is_correction_gating}")
         if is_correction_mode == "clip" and (is_correction_level == "seq" or is_correction_gating != "ratio"):
-            raise ValueError("is_correction_mode=clip requires is_correction_level=token and is_correction_gating=ratio")
+            raise ValueError("is_correction_mode=clip requires is_correction_level=token and "
+                             "is_correction_gating=ratio")
         if is_correction_gating != "ratio" and is_correction_level != "off" and is_correction_threshold[0] > 0:
             raise ValueError(f"is_correction_gating={is_correction_gating} takes an upper bound only (a single delta)")
         self.clip_eps_low = clip_eps_low
