@@ -107,16 +107,26 @@ def test_policy_loss_bf16_matches_verl_in_float32(name, mode):
     compare_policy(name, mode, old, lp, adv, m, actor_config(), grad_tol=1e-2)
 
 
+GLOBAL_INFOS = {
+    "dp2": dict(dp_size=2, batch_num_tokens=97, global_batch_size=12, loss_scale_factor=16),
+    "tensors": dict(dp_size=1, batch_num_tokens=torch.tensor(97), global_batch_size=torch.tensor(12),
+                    loss_scale_factor=None),
+    "scale-only": dict(loss_scale_factor=16),
+}
+
+
 @pytest.mark.parametrize("name", LOSSES)
 @pytest.mark.parametrize("mode", AGG_MODES)
-def test_policy_loss_global_batch_and_rollout_weights(name, mode):
-    """config.global_batch_info (dp_size, global token/sequence counts, loss_scale_factor) and
-    rollout_is_weights with zeros (IcePop / rejected tokens still count in verl's clip metrics)."""
+@pytest.mark.parametrize("info", list(GLOBAL_INFOS))
+def test_policy_loss_global_batch_and_rollout_weights(name, mode, info):
+    """config.global_batch_info (dp_size, global token/sequence counts as numbers or tensors,
+    loss_scale_factor) and rollout_is_weights with zeros (IcePop / rejected tokens still count in
+    verl's clip metrics)."""
     old, lp, adv, m = make_inputs("holed", seed=1)
     w = torch.rand(B, T, generator=torch.Generator().manual_seed(3)) * 2
     w[0, :3] = 0.0
     w[3, 0] = 0.0
-    cfg = actor_config(dp_size=2, batch_num_tokens=97, global_batch_size=12, loss_scale_factor=16)
+    cfg = actor_config(**GLOBAL_INFOS[info])
     compare_policy(name, mode, old, lp, adv, m, cfg, weights=w)
     compare_policy(name, mode, old, lp, adv, m, cfg)
 

@@ -31,6 +31,13 @@ def scaled(value: Number, dp_size: Number) -> Number:
     return value if isinstance(dp_size, (int, float)) and dp_size == 1 else value / dp_size
 
 
+def _plain(x: Optional[Number]) -> Optional[Number]:
+    """A CPU 0-d tensor as a Python number (free); device tensors stay tensors (no sync)."""
+    if isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.dim() == 0:
+        return x.item()
+    return x
+
+
 def global_agg(mode: str, mask: torch.Tensor, dp_size: Number = 1, batch_num_tokens: Optional[Number] = None,
                global_batch_size: Optional[Number] = None,
                loss_scale_factor: Optional[Number] = None) -> Tuple[str, Optional[Number]]:
@@ -40,6 +47,8 @@ def global_agg(mode: str, mask: torch.Tensor, dp_size: Number = 1, batch_num_tok
     verl multiplies the local loss by dp_size because DDP/FSDP average gradients over the
     ranks; dividing the global denominator by dp_size is the same thing.
     """
+    dp_size, batch_num_tokens = _plain(dp_size), _plain(batch_num_tokens)
+    global_batch_size, loss_scale_factor = _plain(global_batch_size), _plain(loss_scale_factor)
     if mode == "token-mean":
         if batch_num_tokens is None:
             if _gt1(dp_size):
@@ -56,7 +65,7 @@ def global_agg(mode: str, mask: torch.Tensor, dp_size: Number = 1, batch_num_tok
             if not norm or loss_scale_factor is None:
                 return mode, None
             # the number of non-empty sequences times the constant scale factor
-            count = mask.bool().any(-1).sum().clamp(min=1)
+            count = _plain(mask.bool().any(-1).sum().clamp(min=1))
             return "seq-mean-token-sum", count * loss_scale_factor
         denom = scaled(global_batch_size, dp_size)
         if norm:
