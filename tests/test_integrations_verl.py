@@ -343,3 +343,18 @@ def test_install_registers_rlkern_and_uninstall_restores():
     assert {n: ca.ADV_ESTIMATOR_REGISTRY[n] for n in adv_originals} == adv_originals
     assert ca.kl_penalty is kl_original and ca.compute_value_loss is vl_original
     assert not V.installed()
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_nan_at_masked_positions_does_not_leak(name):
+    """verl's masked sums ignore NaN held at masked positions; so does the adapter (loss, metrics, grad)."""
+    old, lp, adv, m = make_inputs("holed", seed=6)
+    dirty_old, dirty_lp = old.clone(), lp.clone()
+    dirty_old[~m] = float("nan")
+    dirty_lp[~m] = float("nan")
+    cfg = actor_config()
+    ours = run(V.get_policy_loss_fn(name), dirty_old, dirty_lp, adv, m, "token-mean", cfg)
+    theirs = run(ca.get_policy_loss_fn(name), old, lp, adv, m, "token-mean", cfg)
+    assert_close(ours[0], theirs[0], 1e-5, "loss")
+    check_metrics(ours[1], theirs[1])
+    assert_close(ours[2], theirs[2], 1e-4, "grad")
