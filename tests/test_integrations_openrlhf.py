@@ -1,132 +1,317 @@
-"""rlkern.integrations.openrlhf against OpenRLHF's formulas (openrlhf/models/loss.py, utils.py).
+"""rlkern.integrations.openrlhf against OpenRLHF 0.11.2's own code (openrlhf.models.loss / utils).
 
-The anchors restate OpenRLHF's computations: masked_mean(x, m) = sum(x m) / sum(m) (over all
-tokens, or per sequence then averaged), the PPO and GSPO ratios, dual clip as
-max(min(surr1, surr2), dual_clip * A) for A < 0, the clipped value loss with the clip on
-v - v_old, and Schulman's k1/k2/k3 estimators in float32.
+OpenRLHF is the oracle: PolicyLoss, ValueLoss, compute_approx_kl, compute_reward and masked_mean
+are run side by side with OpenRLHF's on the same inputs (float32 and bfloat16, right-padded and
+holed masks, an empty row, log-ratios of +-25) and must give the same values, metrics and
+gradients. OpenRLHF is installed with --no-deps (plus deepspeed, pylatexenc, einops, hjson, see the
+skip reason). The only thing stubbed is flash_attn, a CUDA-only package that
+openrlhf/models/ring_attn_utils.py imports at module level (GPU stack): a tiny fake module is put
+in sys.modules while openrlhf.models is imported and removed right after. OpenRLHF's GAE and
+REINFORCE returns are methods of its experience maker, whose module needs vLLM (GPU stack); their
+source is read from the installed file and executed as is.
 """
 
 from __future__ import annotations
 
+import ast
+import itertools
+import logging
+import importlib.machinery
+import importlib.util
+import os
+import sys
+import types
+
 import pytest
 import torch
 
-from rlkern.integrations.openrlhf import PolicyLoss, ValueLoss, compute_approx_kl
-
 from helpers import assert_close
 
-
-def masked_mean(x, m, dim=None):
-    if m is None:
-        return x.mean(dim=dim)
-    return (x * m).sum(dim=dim) / m.sum(dim=dim)
+_INSTALL = ("needs OpenRLHF 0.11.2: pip install --no-deps openrlhf==0.11.2 and "
+            "DS_BUILD_OPS=0 pip install --no-deps --no-build-isolation deepspeed==0.19.6 and "
+            "pip install --no-deps pylatexenc einops hjson (see the README's test extra)")
 
 
-def anchor_policy(lp, old, adv, m, low, high, dual_clip, token_level, kind):
-    log_ratio = lp - old
-    if kind == "ppo":
-        ratio = log_ratio.exp()
-    else:
-        ratio = ((log_ratio * m).sum(-1) / m.sum(-1)).exp().unsqueeze(-1) * m
-        token_level = False
-    surr1 = ratio * adv
-    surr2 = ratio.clamp(1 - low, 1 + high) * adv
-    if dual_clip is None:
-        loss = -torch.min(surr1, surr2)
-    else:
-        clip1 = torch.min(surr1, surr2)
-        loss = -torch.where(adv < 0, torch.max(clip1, dual_clip * adv), clip1)
-    loss = masked_mean(loss, m) if token_level else masked_mean(loss, m, dim=-1).mean()
-    clip_ratio = masked_mean(torch.lt(surr2, surr1).to(lp.dtype), m)
-    ppo_kl = masked_mean(-log_ratio.detach(), m)
-    return loss, clip_ratio, ppo_kl
+def _import_openrlhf():
+    if importlib.util.find_spec("openrlhf") is None:
+        return None
+    # GPU-stack stub: flash_attn (CUDA only) is imported by openrlhf/models/ring_attn_utils.py at
+    # module level; the loss code never calls it. Present only while openrlhf.models is imported.
+    names = ["flash_attn", "flash_attn.bert_padding", "flash_attn.utils", "flash_attn.utils.distributed"]
+    added = []
+    for name in names:
+        if name not in sys.modules:
+            mod = types.ModuleType(name)
+            mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
+            sys.modules[name] = mod
+            added.append(name)
+    if "flash_attn.bert_padding" in added:
+        for attr in ("index_first_axis", "pad_input", "rearrange", "unpad_input"):
+            setattr(sys.modules["flash_attn.bert_padding"], attr, None)
+    if "flash_attn.utils.distributed" in added:
+        sys.modules["flash_attn.utils.distributed"].all_gather = None
+    try:
+        import openrlhf.models.loss as loss_mod
+        import openrlhf.models.utils as utils_mod
+    except ImportError:
+        return None
+    finally:
+        for name in added:
+            sys.modules.pop(name, None)
+    return loss_mod, utils_mod
 
 
-def anchor_value(v, old, ret, m, clip_eps, token_level):
-    if clip_eps is not None:
-        clipped = old + (v - old).clamp(-clip_eps, clip_eps)
-        loss = torch.max((clipped - ret) ** 2, (v - ret) ** 2)
-    else:
-        loss = (v - ret) ** 2
-    loss = masked_mean(loss, m) if token_level else masked_mean(loss, m, dim=-1).mean()
-    return 0.5 * loss
+_mods = _import_openrlhf()
+if _mods is None:
+    pytest.skip(_INSTALL, allow_module_level=True)
+L, U = _mods
+
+from rlkern.integrations import openrlhf as O  # noqa: E402
 
 
-def anchor_kl(lp, base, est):
-    log_ratio = lp.float() - base.float()
-    if est == "k2":
-        return log_ratio ** 2 / 2.0
-    if est == "k3":
-        log_ratio = -log_ratio
-        return log_ratio.exp() - 1 - log_ratio
-    return log_ratio
+def _experience_maker_functions():
+    """OpenRLHF's get_advantages_and_returns / get_cumulative_returns, executed from its source."""
+    path = os.path.join(os.path.dirname(importlib.util.find_spec("openrlhf").origin), "trainer", "ppo_utils",
+                        "experience_maker.py")
+    tree = ast.parse(open(path).read())
+    wanted = {"get_advantages_and_returns", "get_cumulative_returns", "compute_advantages_and_returns"}
+    defs = [node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef) and node.name in wanted]
+    assert {d.name for d in defs} == wanted
+    # the module's other names these methods use: its imports (compute_reward, masked_mean from
+    # openrlhf.models.utils) and the length penalties, which are off here (no-op)
+    namespace = {"torch": torch, "Tuple": tuple, "List": list, "Experience": object, "itertools": itertools,
+                 "compute_reward": U.compute_reward, "masked_mean": U.masked_mean,
+                 "apply_length_penalties": lambda experiences, args: None,
+                 "logger": logging.getLogger("openrlhf-oracle")}
+    for d in defs:
+        d.decorator_list = []
+        exec(compile(ast.Module(body=[d], type_ignores=[]), path, "exec"), namespace)
+    return {name: namespace[name] for name in wanted}
 
 
-def make_batch(dtype=torch.float64, seed=0, B=4, T=7):
+B, T = 6, 11
+
+
+def make_mask(kind: str) -> torch.Tensor:
+    m = torch.ones(B, T, dtype=torch.bool)
+    for i, n in enumerate([T, 7, 3, 9, 1, 5]):
+        m[i, n:] = False
+    if kind == "holed":
+        m[0, 2:5] = False
+        m[3, 1] = False
+        m[5, :] = False  # an empty row
+    return m
+
+
+def make_inputs(kind: str, dtype=torch.float32, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    old = -torch.rand(B, T, generator=g, dtype=dtype) * 3
-    lp = (old + 0.4 * torch.randn(B, T, generator=g, dtype=dtype)).requires_grad_(True)
-    adv = torch.randn(B, generator=g, dtype=dtype).unsqueeze(-1).expand(B, T).contiguous()
-    m = (torch.arange(T)[None] < torch.tensor([T, 1, 4, 5])[:B, None]).to(dtype)
-    return old, lp, adv, m
+    m = make_mask(kind)
+    old = -torch.rand(B, T, generator=g) * 3 - 0.05
+    lp = old + 0.3 * torch.randn(B, T, generator=g)
+    lp[0, 0] = old[0, 0] + 25.0  # beyond OpenRLHF's +-20 log-ratio clamp
+    lp[3, 0] = old[3, 0] - 25.0
+    roll = old + 0.2 * torch.randn(B, T, generator=g)
+    adv = torch.randn(B, T, generator=g)
+    return old.to(dtype), lp.to(dtype), roll.to(dtype), adv, m
 
 
-def grad_of(loss, x):
-    (g,) = torch.autograd.grad(loss, x)
-    return g
+def _float(x):
+    return None if x is None else float(x)
 
 
-@pytest.mark.parametrize("kind", ["ppo", "gspo"])
-@pytest.mark.parametrize("token_level", [True, False])
-@pytest.mark.parametrize("dual_clip", [None, 3.0])
-def test_policy_loss(kind, token_level, dual_clip):
-    old, lp, adv, m = make_batch()
-    ours = PolicyLoss(0.2, 0.28, dual_clip=dual_clip, token_level_loss=token_level, policy_loss_type=kind)(
-        lp, old, adv, action_mask=m)
-    ref = anchor_policy(lp, old, adv, m, 0.2, 0.28, dual_clip, token_level, kind)
-    assert len(ours) == 3
-    for name, a, e in zip(("loss", "clip_ratio", "ppo_kl"), ours, ref):
-        assert_close(a, e, name=name)
-    assert_close(grad_of(ours[0], lp), grad_of(ref[0], lp), tol=1e-4, name="grad")
+POLICY_CONFIGS = [
+    dict(), dict(dual_clip=3.0), dict(token_level_loss=False), dict(clip_eps_high=0.28),
+    dict(policy_loss_type="gspo"), dict(policy_loss_type="gspo", is_correction_level="token"),
+    dict(is_correction_level="token"), dict(is_correction_level="seq"),
+    dict(is_correction_level="token", is_correction_mode="clip"),
+    dict(is_correction_level="token", is_correction_threshold=(0.9, 1.1)),
+    dict(is_correction_level="token", is_correction_gating="tv", is_correction_threshold=(0, 0.05)),
+    dict(is_correction_level="token", is_correction_gating="binary_kl", is_correction_threshold=(0, 0.01)),
+    dict(is_correction_level="seq", is_correction_gating="binary_kl", is_correction_threshold=(0, 0.01)),
+]
 
 
-def test_policy_loss_without_mask_and_validation():
-    old, lp, adv, _ = make_batch(seed=1)
-    ours = PolicyLoss()(lp, old, adv)
-    ref = anchor_policy(lp, old, adv, None, 0.2, 0.2, None, True, "ppo")
-    assert_close(ours[0], ref[0])
-    with pytest.raises(ValueError, match="dual_clip"):
-        PolicyLoss(dual_clip=1.0)
-    with pytest.raises(ValueError, match="policy loss type"):
-        PolicyLoss(policy_loss_type="sapo")
+@pytest.mark.parametrize("config", POLICY_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "ppo")
+@pytest.mark.parametrize("kind", ["padded", "holed"])
+@pytest.mark.parametrize("batch", [{}, dict(dp_size=2, batch_num_tokens=90, global_batch_size=12)],
+                         ids=["local", "global"])
+def test_policy_loss_matches_openrlhf(config, kind, batch):
+    old, lp, roll, adv, m = make_inputs(kind)
+    if kind == "holed" and config.get("is_correction_level") == "seq":
+        m = m.clone()
+        m[5, 0] = True  # OpenRLHF's per-sequence gate divides by the row's token count (NaN for an empty row)
+    outs = []
+    for cls in (O.PolicyLoss, L.PolicyLoss):
+        x = lp.clone().requires_grad_()
+        out = cls(**config)(x, old, adv, m, roll, **batch)
+        (grad,) = torch.autograd.grad(out[0], x)
+        outs.append((out, grad))
+    (ours, g_ours), (theirs, g_theirs) = outs
+    assert len(ours) == 5
+    assert_close(ours[0], theirs[0], 1e-5, "loss")
+    for name, a, b in zip(("clip_ratio", "ppo_kl", "vllm_kl", "is_filter_ratio"), ours[1:], theirs[1:]):
+        assert (a is None) == (b is None), name
+        if b is not None:
+            assert abs(_float(a) - _float(b)) <= 1e-5 * max(1.0, abs(_float(b))), f"{name}: {a} vs {b}"
+    assert_close(g_ours, g_theirs, 1e-4, "grad")
+
+
+def test_log_ratio_clamp_gives_zero_gradient():
+    """log-ratio 25: OpenRLHF clamps to 20 (loss exp(20) A, gradient 0), not exp(25)."""
+    old = torch.zeros(1, 2)
+    lp = torch.tensor([[25.0, 0.1]], requires_grad=True)
+    adv = torch.tensor([[-1.0, 1.0]])
+    m = torch.ones(1, 2, dtype=torch.bool)
+    loss = O.PolicyLoss()(lp, old, adv, m)[0]
+    (grad,) = torch.autograd.grad(loss, lp)
+    ref = L.PolicyLoss()(lp, old, adv, m)[0]
+    assert_close(loss, ref, 1e-6)
+    assert grad[0, 0] == 0
+
+
+@pytest.mark.parametrize("config", [dict(), dict(is_correction_level="token"), dict(policy_loss_type="gspo")])
+def test_policy_loss_bf16_matches_openrlhf_in_float32(config):
+    old, lp, roll, adv, m = make_inputs("holed", torch.bfloat16)
+    x = lp.clone().requires_grad_()
+    ours = O.PolicyLoss(**config)(x, old, adv, m, roll)
+    (g_ours,) = torch.autograd.grad(ours[0], x)
+    y = lp.float().requires_grad_()
+    theirs = L.PolicyLoss(**config)(y, old.float(), adv, m, roll.float())
+    (g_theirs,) = torch.autograd.grad(theirs[0], y)
+    assert g_ours.dtype == torch.bfloat16
+    assert_close(ours[0].float(), theirs[0], 1e-5, "loss")
+    assert_close(g_ours.float(), g_theirs.to(torch.bfloat16).float(), 1e-2, "grad")
+
+
+def test_policy_loss_rejects_what_openrlhf_rejects():
+    with pytest.raises(ValueError):
+        O.PolicyLoss(is_correction_level="seq", is_correction_mode="clip")
+    with pytest.raises(ValueError):
+        O.PolicyLoss(is_correction_level="token", is_correction_gating="tv")  # default band has a lower bound
+    with pytest.raises(ValueError):
+        O.PolicyLoss(policy_loss_type="dpo")
+    old, lp, roll, adv, m = make_inputs("padded")
+    with pytest.raises(ValueError):
+        O.PolicyLoss(is_correction_level="token")(lp, old, adv, m)
 
 
 @pytest.mark.parametrize("clip_eps", [None, 0.2])
-@pytest.mark.parametrize("token_level", [True, False])
-def test_value_loss(clip_eps, token_level):
-    g = torch.Generator().manual_seed(2)
-    _, _, _, m = make_batch()
-    old = torch.randn(m.shape, generator=g, dtype=torch.float64)
-    v = (old + 0.5 * torch.randn(m.shape, generator=g, dtype=torch.float64)).requires_grad_(True)
-    ret = torch.randn(m.shape, generator=g, dtype=torch.float64)
-    ours = ValueLoss(clip_eps, token_level_loss=token_level)(v, old, ret, action_mask=m)
-    ref = anchor_value(v, old, ret, m, clip_eps, token_level)
-    assert_close(ours, ref)
-    assert_close(grad_of(ours, v), grad_of(ref, v), tol=1e-4, name="grad")
+@pytest.mark.parametrize("token_level_loss", [True, False])
+@pytest.mark.parametrize("batch", [{}, dict(dp_size=2, batch_num_tokens=90, global_batch_size=12)],
+                         ids=["local", "global"])
+def test_value_loss_matches_openrlhf(clip_eps, token_level_loss, batch):
+    g = torch.Generator().manual_seed(5)
+    m = make_mask("holed")
+    v = torch.randn(B, T, generator=g)
+    old_v = v + 0.3 * torch.randn(B, T, generator=g)
+    ret = torch.randn(B, T, generator=g)
+    res = []
+    for cls in (O.ValueLoss, L.ValueLoss):
+        x = v.clone().requires_grad_()
+        loss = cls(clip_eps, token_level_loss)(x, old_v, ret, m, **batch)
+        res.append((loss, torch.autograd.grad(loss, x)[0]))
+    assert_close(res[0][0], res[1][0], 1e-5, "loss")
+    assert_close(res[0][1], res[1][1], 1e-5, "grad")
 
 
-@pytest.mark.parametrize("est", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("unbiased", [False, True])
+@pytest.mark.parametrize("with_old", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compute_approx_kl(est, dtype):
-    old, lp, _, m = make_batch(dtype=torch.float32, seed=3)
-    lp = lp.detach().to(dtype).requires_grad_(True)
-    base = old.to(dtype)
-    ours = compute_approx_kl(lp, base, kl_estimator=est)
-    ref = anchor_kl(lp, base, est)
-    assert ours.dtype == torch.float32
-    assert_close(ours, ref)
-    assert_close(grad_of(ours.sum(), lp).float(), grad_of(ref.sum(), lp).float(), tol=1e-4, name="grad")
-    masked = compute_approx_kl(lp, base, est, action_mask=m)
-    assert_close(masked, ref * m)
-    with pytest.raises(ValueError, match="kl_estimator"):
-        compute_approx_kl(lp, base, "k4")
+def test_compute_approx_kl_matches_openrlhf(estimator, unbiased, with_old, dtype):
+    old, lp, roll, _, _ = make_inputs("padded", dtype)
+    lp = lp.clone()
+    lp[2, 3] = roll[2, 3] - 15.0  # k3 beyond the [-10, 10] clamp
+    lp[2, 4] = roll[2, 4] + 15.0  # k1, k2 beyond the clamp
+    res = []
+    for fn in (O.compute_approx_kl, U.compute_approx_kl):
+        x = lp.clone().requires_grad_()
+        kl = fn(x, roll, old if with_old else None, estimator, unbiased)
+        res.append((kl, torch.autograd.grad(kl.sum(), x)[0]))
+    assert res[0][0].dtype == torch.float32
+    assert_close(res[0][0], res[1][0], 1e-6, "value")
+    assert_close(res[0][1].float(), res[1][1].float(), 1e-5, "grad")
+
+
+def test_masked_mean_matches_openrlhf():
+    _, lp, _, _, m = make_inputs("padded")
+    for dim in (None, -1, 0):
+        assert_close(O.masked_mean(lp, m, dim=dim), U.masked_mean(lp, m, dim=dim), 1e-6)
+    assert_close(O.masked_mean(lp, None), U.masked_mean(lp, None), 1e-6)
+
+
+@pytest.mark.parametrize("clip", [None, (-0.5, 0.5)])
+def test_compute_reward_matches_openrlhf(clip):
+    old, lp, _, _, m = make_inputs("holed")
+    r = torch.randn(B, generator=torch.Generator().manual_seed(3))
+    kl = lp - old
+    assert_close(O.compute_reward(r, 0.05, kl, m, clip), U.compute_reward(r, 0.05, kl, m, clip), 1e-6)
+
+
+@pytest.mark.parametrize("kind", ["padded", "holed"])
+def test_gae_and_cumulative_returns_match_openrlhf(kind):
+    """OpenRLHF runs its recursions through masked holes (zero reward and value), unlike verl."""
+    fns = _experience_maker_functions()
+    g = torch.Generator().manual_seed(6)
+    m = make_mask(kind).float()
+    rewards = torch.randn(B, T, generator=g)
+    values = torch.randn(B, T, generator=g)
+    ours = O.get_advantages_and_returns(values, rewards, m, 0.97, 0.9)
+    theirs = fns["get_advantages_and_returns"](None, values, rewards, m, 0.97, 0.9)
+    assert_close(ours[0], theirs[0], 1e-5, "advantages")
+    assert_close(ours[1], theirs[1], 1e-5, "returns")
+    assert_close(O.get_cumulative_returns(rewards, m, 0.9), fns["get_cumulative_returns"](None, rewards, m, 0.9),
+                 1e-5)
+
+
+@pytest.mark.parametrize("estimator", ["gae", "reinforce", "rloo", "reinforce_baseline", "group_norm", "dr_grpo",
+                                       "flash_reinforce"])
+@pytest.mark.parametrize("std_norm", [True, False])
+def test_advantage_pipeline_matches_openrlhf(estimator, std_norm):
+    from types import SimpleNamespace as NS
+
+    fns = _experience_maker_functions()
+    g = torch.Generator().manual_seed(9)
+    n, prompts = 3, 4
+    N = n * prompts
+    m = torch.ones(N, T)
+    for i in range(N):
+        m[i, 2 + (3 * i) % (T - 2):] = 0
+    m[2, 1] = 0  # a hole
+    rewards = torch.randint(0, 3, (N,), generator=g).float()
+    kl = 0.1 * torch.randn(N, T, generator=g) * m
+    values = torch.randn(N, T, generator=g)
+    gamma, lambd, kl_coef, clip = 0.9, 0.95, 0.05, (-1.5, 1.5)
+    args = NS(rollout=NS(n_samples_per_prompt=n),
+              algo=NS(advantage=NS(estimator=estimator, gamma=gamma, lambd=lambd, no_std_norm=not std_norm)),
+              reward=NS(clip_range=clip))
+    maker = NS(strategy=NS(args=args), kl_ctl=NS(value=kl_coef), advantage_estimator=estimator,
+               get_advantages_and_returns=lambda *a: fns["get_advantages_and_returns"](None, *a),
+               get_cumulative_returns=lambda *a: fns["get_cumulative_returns"](None, *a))
+    exp = NS(rewards=rewards.clone(), index=list(range(N)), kl=kl, action_mask=m, values=values, info={})
+    fns["compute_advantages_and_returns"](maker, [exp])
+    adv, ret = O.compute_advantages_and_returns(rewards, m, estimator, n, kl=kl, kl_coef=kl_coef, values=values,
+                                                gamma=gamma, lambd=lambd, reward_clip_range=clip, std_norm=std_norm)
+    assert_close(adv, exp.advantages, 1e-5, "advantages")
+    assert_close(ret, exp.returns, 1e-5, "returns")
+
+
+def test_install_swaps_openrlhf_classes_and_uninstall_restores():
+    orig = (L.PolicyLoss, L.ValueLoss, U.compute_approx_kl)
+    import openrlhf.models as models_pkg
+
+    pkg_orig = models_pkg.PolicyLoss
+    O.install()
+    try:
+        O.install()  # idempotent
+        assert L.PolicyLoss is O.PolicyLoss and L.ValueLoss is O.ValueLoss
+        assert U.compute_approx_kl is O.compute_approx_kl
+        assert models_pkg.PolicyLoss is O.PolicyLoss  # re-exported names are patched too
+        old, lp, roll, adv, m = make_inputs("padded")
+        out = L.PolicyLoss(is_correction_level="token")(lp, old, adv, m, roll)
+        ref = orig[0](is_correction_level="token")(lp, old, adv, m, roll)
+        assert_close(out[0], ref[0], 1e-5)
+    finally:
+        O.uninstall()
+    assert (L.PolicyLoss, L.ValueLoss, U.compute_approx_kl) == orig
+    assert models_pkg.PolicyLoss is pkg_orig

@@ -1,13 +1,26 @@
-"""verl's ``core_algos`` functions on rlkern kernels: swap an import, keep your trainer.
+"""verl's ``core_algos`` functions on rlkern kernels: swap an import, or install them into verl.
 
-    # from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla, agg_loss, kl_penalty, ...
+    # either import the functions:
     from rlkern.integrations.verl import compute_policy_loss_vanilla, agg_loss, kl_penalty, ...
+    # or make an unchanged verl config run on rlkern (policy losses, advantage estimators, KL, value loss):
+    import rlkern.integrations.verl as rv; rv.install()      # rv.uninstall() restores verl's
 
-Names, signatures and return values follow ``verl/trainer/ppo/core_algos.py`` at commit 012be9d9
-(the functions return the same tuples; losses and metrics agree to float32 rounding). verl itself
-is not needed. Deliberate differences, all at degenerate inputs where verl divides by zero:
-a sequence or batch with no valid token contributes 0 instead of NaN, and NaN held at masked
-positions does not leak into the result.
+Names, signatures and return values follow ``verl/trainer/ppo/core_algos.py`` of verl 0.9.1: the
+registered policy losses take ``(old_log_prob, log_prob, advantages, response_mask,
+loss_agg_mode, config, rollout_is_weights)`` and return ``(loss, metrics)`` with verl's metric
+names and Python-float values; ``config.global_batch_info`` (dp_size, batch_num_tokens,
+global_batch_size, loss_scale_factor) sets the global normaliser as in verl's ``agg_loss``.
+Losses and metrics agree with verl to float32 rounding (the tests run verl's own functions).
+verl itself is needed only for :func:`install` and the ``bypass_mode`` loss (which uses verl's
+rollout-correction helper for its weights, rejection mask and metrics).
+
+Policy losses provided: vanilla, gspo, cispo, gpg, dro, bypass_mode (the others of verl's
+registry, e.g. sapo, clip_cov, kl_cov, geo_mean, dppo_*, stay verl's after :func:`install`).
+
+Deliberate differences, all at degenerate inputs: where verl divides by a zero token count
+the result here is 0 instead of NaN, NaN held at masked positions does not leak into the
+result, and KL estimates of bfloat16/float16 log-probs are computed (and returned) in float32
+(verl forms the difference in the input precision).
 """
 
 from __future__ import annotations
@@ -19,16 +32,27 @@ import torch
 
 from ..kl import kl_penalty as _kl_penalty
 from ..losses import policy_loss as _policy_loss
+from ..losses import value_loss as _value_loss
 from ..returns import group_advantages, masked_gae
+from . import _peers
+from ._peers import cfg as _cfg
+from ._peers import masked_mean as _masked_mean
 
 __all__ = [
     "agg_loss", "compute_policy_loss", "compute_policy_loss_vanilla", "compute_policy_loss_gspo",
-    "get_policy_loss_fn", "kl_penalty", "compute_gae_advantage_return", "compute_grpo_outcome_advantage",
-    "compute_value_loss", "AdaptiveKLController", "FixedKLController",
+    "compute_policy_loss_cispo", "compute_policy_loss_gpg", "compute_policy_loss_dro",
+    "compute_policy_loss_reinforce", "compute_policy_loss_bypass_mode", "get_policy_loss_fn",
+    "POLICY_LOSS_REGISTRY", "ADV_ESTIMATOR_REGISTRY", "get_adv_estimator_fn", "kl_penalty", "kl_penalty_forward",
+    "compute_value_loss", "compute_gae_advantage_return", "compute_grpo_outcome_advantage",
+    "compute_grpo_vectorized_outcome_advantage", "compute_reinforce_plus_plus_outcome_advantage",
+    "compute_reinforce_plus_plus_baseline_outcome_advantage", "compute_remax_outcome_advantage",
+    "compute_rloo_outcome_advantage", "compute_rloo_vectorized_outcome_advantage", "compute_opo_outcome_advantage",
+    "compute_gpg_outcome_advantage", "compute_grpo_passk_outcome_advantage", "compute_rewards", "masked_whiten",
+    "AdaptiveKLController", "FixedKLController", "install", "uninstall",
 ]
 
-# verl's loss_agg_mode names map one to one onto rlkern's `agg` option.
-_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+_SAFETY = 20.0  # verl clamps policy log-ratios to [-20, 20] before exp
 
 
 def _check_mode(loss_agg_mode: str) -> str:
@@ -37,177 +61,405 @@ def _check_mode(loss_agg_mode: str) -> str:
     return loss_agg_mode
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.bool()
-    return torch.where(m, x, torch.zeros_like(x)).sum() / m.sum().clamp(min=1)
+def _batch_info(config: Any) -> Dict[str, Any]:
+    info = _cfg(config, "global_batch_info", None)
+    return dict(info) if info else {}
 
 
-def _cfg(config: Any, name: str, default: Any = None) -> Any:
-    """Read a field from a DictConfig, a dataclass config or a plain dict."""
-    if config is None:
-        return default
-    if isinstance(config, dict):
-        value = config.get(name, default)
-    else:
-        value = getattr(config, name, default)
-    return default if value is None else value
+def _agg(loss_agg_mode: str, mask: torch.Tensor, info: Dict[str, Any]):
+    return _peers.global_agg(_check_mode(loss_agg_mode), mask, info.get("dp_size", 1) or 1,
+                             info.get("batch_num_tokens"), info.get("global_batch_size"),
+                             info.get("loss_scale_factor"))
 
 
-def agg_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str) -> torch.Tensor:
-    """Aggregate a per-token loss matrix ``[B, T]`` into a scalar (verl's ``agg_loss``).
+def agg_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str, dp_size: int = 1,
+             batch_num_tokens: Optional[int] = None, global_batch_size: Optional[int] = None,
+             loss_scale_factor: Optional[int] = None) -> torch.Tensor:
+    """verl's ``agg_loss``: aggregate a per-token loss ``[B, T]`` into a scalar over the global batch.
 
-    token-mean: sum(l m) / sum(m); seq-mean-token-sum: mean_b sum_t l m;
-    seq-mean-token-mean: mean_b (sum_t l m / sum_t m); seq-mean-token-sum-norm: sum(l m) / T.
+    token-mean: sum(l m) / batch_num_tokens * dp_size (local token count by default);
+    token-sum: sum(l m) * dp_size; seq-mean-token-sum: sum over non-empty sequences of their
+    token sums / global_batch_size * dp_size (local non-empty count by default);
+    seq-mean-token-sum-norm: that divided by loss_scale_factor (default T);
+    seq-mean-token-mean: the same mean of each sequence's token mean. Sequences without an
+    active token are left out of every sequence count, as verl does.
     """
-    _check_mode(loss_agg_mode)
+    agg, norm = _peers.global_agg(_check_mode(loss_agg_mode), loss_mask, dp_size, batch_num_tokens,
+                                  global_batch_size, loss_scale_factor)
     m = loss_mask.bool()
-    lm = torch.where(m, loss_mat, torch.zeros_like(loss_mat))
-    if loss_agg_mode == "token-mean":
-        return lm.sum() / m.sum().clamp(min=1)
+    lm = torch.where(m, loss_mat, torch.zeros((), dtype=loss_mat.dtype, device=loss_mat.device))
+    if agg in ("token-mean", "token-sum"):
+        total = lm.sum()
+        if norm is not None:
+            return total / norm
+        return total / m.sum().clamp(min=1) if agg == "token-mean" else total
     seq = lm.sum(-1)
-    if loss_agg_mode == "seq-mean-token-sum":
-        return seq.mean()
-    if loss_agg_mode == "seq-mean-token-mean":
-        return (seq / m.sum(-1).clamp(min=1)).mean()
-    return seq.sum() / loss_mask.shape[-1]
+    count = m.sum(-1)
+    if agg == "seq-mean-token-mean":
+        seq = seq / count.clamp(min=1)
+    if norm is None:
+        norm = (count > 0).sum().clamp(min=1)
+        if agg == "seq-mean-token-sum-norm":
+            norm = norm * loss_mat.shape[-1]
+    return seq.sum() / norm
 
 
-def _vanilla(old_log_prob, log_prob, advantages, response_mask, clip_low, clip_high, clip_ratio_c, loss_agg_mode):
-    if clip_ratio_c <= 1.0:
-        raise ValueError(f"clip_ratio_c must be > 1.0 (dual-clip PPO), got {clip_ratio_c}")
-    _check_mode(loss_agg_mode)
-    # verl clamps the log-ratio to [-20, 20] before exp; feeding the clamped log-prob reproduces
-    # both the value and the zero gradient outside the range.
-    log_ratio = torch.clamp(log_prob - old_log_prob, min=-20.0, max=20.0)
-    logp = old_log_prob.detach() + log_ratio
-    out = _policy_loss(logp, old_log_prob, advantages, response_mask, objective="clip", level="token",
-                       clip_low=clip_low, clip_high=clip_high, dual_clip=clip_ratio_c, agg=loss_agg_mode)
-    with torch.no_grad():
-        ratio = torch.exp(log_ratio)
-        adv = advantages
-        loss1 = -adv * ratio
-        loss2 = -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
-        clipped1 = torch.maximum(loss1, loss2)
-        pg_clipfrac = _masked_mean((loss2 > loss1).float(), response_mask)
-        pg_clipfrac_lower = _masked_mean(((clipped1 > -adv * clip_ratio_c) & (adv < 0)).float(), response_mask)
-        ppo_kl = _masked_mean(-log_ratio, response_mask)
-    return out.loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower
+# ------------------------------------------------------------------------------------------
+# policy losses
 
 
-def compute_policy_loss(old_log_prob, log_prob, advantages, response_mask, cliprange=None, cliprange_low=None,
-                        cliprange_high=None, clip_ratio_c=3.0, loss_agg_mode: str = "token-mean"):
-    """verl's (deprecated) ``compute_policy_loss``: dual-clip PPO.
-
-    r = exp(clamp(lp - old, -20, 20)); l = max(-A r, -A clip(r, 1 - cl, 1 + ch)), and for A < 0
-    min(l, -A c). Returns ``(pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower)``.
-    """
-    low = cliprange if cliprange_low is None else cliprange_low
-    high = cliprange if cliprange_high is None else cliprange_high
-    if low is None or high is None:
-        raise ValueError("cliprange (or both cliprange_low and cliprange_high) must be given")
-    return _vanilla(old_log_prob, log_prob, advantages, response_mask, float(low), float(high),
-                    float(clip_ratio_c), loss_agg_mode)
-
-
-def compute_policy_loss_vanilla(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
-                                response_mask: torch.Tensor, loss_agg_mode: str = "token-mean",
-                                config: Optional[Any] = None):
-    """verl's ``compute_policy_loss_vanilla`` (the ``"vanilla"`` policy loss).
-
-    ``config`` supplies ``clip_ratio``, ``clip_ratio_low``, ``clip_ratio_high`` (default to
-    ``clip_ratio``) and ``clip_ratio_c`` (default 3.0), as verl's actor config does.
-    Returns ``(pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower)``.
-    """
+def _clip_range(config: Any) -> Tuple[float, float]:
     if config is None:
-        raise ValueError("config is required (clip_ratio, clip_ratio_low, clip_ratio_high, clip_ratio_c)")
+        raise ValueError("config is required (the actor config: clip_ratio, clip_ratio_low, clip_ratio_high)")
     clip_ratio = _cfg(config, "clip_ratio")
     low = _cfg(config, "clip_ratio_low", clip_ratio)
     high = _cfg(config, "clip_ratio_high", clip_ratio)
     if low is None or high is None:
         raise ValueError("config must set clip_ratio (or clip_ratio_low and clip_ratio_high)")
-    return _vanilla(old_log_prob, log_prob, advantages, response_mask, float(low), float(high),
-                    float(_cfg(config, "clip_ratio_c", 3.0)), loss_agg_mode)
+    return float(low), float(high)
+
+
+@torch.no_grad()
+def _clamped_kl(old_log_prob: torch.Tensor, log_prob: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """verl's ppo_kl with the log-ratio clamped to [-20, 20] (differs from the kernel's unclamped approx_kl
+    only where |log-ratio| > 20)."""
+    d = (old_log_prob.detach().float() - log_prob.detach().float()).clamp_(-_SAFETY, _SAFETY)
+    return _masked_mean(d, mask)
+
+
+@torch.no_grad()
+def _eager_clip_metrics(old_log_prob, log_prob, advantages, mask, low, high, clip_ratio_c):
+    """pg_clipfrac and pg_clipfrac_lower from the unweighted advantages (needed when rollout
+    weights were folded into the kernel's advantages: a zero weight hides a clipped token)."""
+    lr = (log_prob.detach().float() - old_log_prob.detach().float()).clamp_(-_SAFETY, _SAFETY)
+    r = lr.exp()
+    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+    adv = adv.float()
+    l1 = -adv * r
+    l2 = -adv * r.clamp(1 - low, 1 + high)
+    clipfrac = _masked_mean((l2 > l1).float(), mask)
+    lower = None
+    if clip_ratio_c is not None:
+        lower = _masked_mean(((torch.maximum(l1, l2) > -adv * clip_ratio_c) & (adv < 0)).float(), mask)
+    return clipfrac, lower
+
+
+def compute_policy_loss_vanilla(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
+                                response_mask: torch.Tensor, loss_agg_mode: str = "token-mean",
+                                config: Optional[Any] = None, rollout_is_weights: Optional[torch.Tensor] = None):
+    """verl's ``"vanilla"`` policy loss: dual-clip PPO with the log-ratio clamped to [-20, 20].
+
+    l = max(-A r, -A clip(r, 1 - low, 1 + high)), for A < 0 min(l, -A clip_ratio_c), times the
+    detached ``rollout_is_weights`` when given, aggregated by ``loss_agg_mode`` with
+    ``config.global_batch_info``. Returns ``(pg_loss, {"actor/pg_clipfrac", "actor/ppo_kl",
+    "actor/pg_clipfrac_lower"})``; clip fractions come from the fused kernel's pass.
+    """
+    low, high = _clip_range(config)
+    c = float(_cfg(config, "clip_ratio_c", 3.0))
+    if not c > 1.0:
+        raise ValueError(f"clip_ratio_c must be > 1.0 (dual-clip PPO), got {c}")
+    agg, norm = _agg(loss_agg_mode, response_mask, _batch_info(config))
+    adv = advantages if rollout_is_weights is None else _peers.weighted_advantages(advantages, rollout_is_weights)
+    out = _policy_loss(log_prob, old_log_prob, adv, response_mask, objective="clip", clip_low=low, clip_high=high,
+                       dual_clip=c, log_ratio_clamp=_SAFETY, agg=agg, normalizer=norm)
+    if rollout_is_weights is None:
+        clipfrac = out.metrics["clip_frac_low"] + out.metrics["clip_frac_high"]
+        lower = out.metrics["dual_clip_frac"]
+    else:
+        clipfrac, lower = _eager_clip_metrics(old_log_prob, log_prob, advantages, response_mask, low, high, c)
+    ppo_kl = _clamped_kl(old_log_prob, log_prob, response_mask)
+    values = _peers.scalars([clipfrac, ppo_kl, lower])
+    return out.loss, dict(zip(("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"), values))
+
+
+def compute_policy_loss(old_log_prob, log_prob, advantages, response_mask, cliprange=None, cliprange_low=None,
+                        cliprange_high=None, clip_ratio_c=3.0, loss_agg_mode: str = "token-mean"):
+    """verl's deprecated ``compute_policy_loss``: the vanilla loss with explicit clip ranges and the
+    local aggregation. Returns ``(pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower)`` (tensors)."""
+    low = cliprange if cliprange_low is None else cliprange_low
+    high = cliprange if cliprange_high is None else cliprange_high
+    if low is None or high is None:
+        raise ValueError("cliprange (or both cliprange_low and cliprange_high) must be given")
+    if not clip_ratio_c > 1.0:
+        raise ValueError(f"clip_ratio_c must be > 1.0 (dual-clip PPO), got {clip_ratio_c}")
+    agg, norm = _agg(loss_agg_mode, response_mask, {})
+    out = _policy_loss(log_prob, old_log_prob, advantages, response_mask, objective="clip", clip_low=float(low),
+                       clip_high=float(high), dual_clip=float(clip_ratio_c), log_ratio_clamp=_SAFETY, agg=agg,
+                       normalizer=norm)
+    clipfrac = out.metrics["clip_frac_low"] + out.metrics["clip_frac_high"]
+    return out.loss, clipfrac, _clamped_kl(old_log_prob, log_prob, response_mask), out.metrics["dual_clip_frac"]
+
+
+@torch.no_grad()
+def _per_sequence(advantages: torch.Tensor, mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """advantages [B] when they are constant over each sequence's active tokens, else None."""
+    if advantages.dim() == 1:
+        return advantages
+    m = mask.bool()
+    inf = torch.tensor(float("inf"), dtype=advantages.dtype, device=advantages.device)
+    hi = torch.where(m, advantages, -inf).amax(-1)
+    lo = torch.where(m, advantages, inf).amin(-1)
+    empty = ~m.any(-1)
+    if not bool(((hi == lo) | empty).all()):
+        return None
+    return torch.where(empty, torch.zeros_like(hi), hi)
 
 
 def compute_policy_loss_gspo(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
                              response_mask: torch.Tensor, loss_agg_mode: str = "seq-mean-token-mean",
-                             config: Optional[Any] = None):
-    """verl's ``compute_policy_loss_gspo``: the sequence-level ratio of GSPO.
+                             config: Optional[Any] = None, rollout_is_weights: Optional[torch.Tensor] = None):
+    """verl's ``"gspo"`` policy loss: the sequence-level ratio s = exp(min(masked mean of lp - old, 10)).
 
-    s_i = exp(min(sum_t m (lp - old) / sum_t m, 10)), each token's loss max(-A s, -A clip(s)) with
-    the gradient of token t flowing through lp_t alone (verl's stop-gradient construction),
-    aggregated as seq-mean-token-mean whatever ``loss_agg_mode`` says (as verl does).
-    Returns ``(pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower)`` with ``pg_clipfrac_lower`` 0.
+    Each token's loss is max(-A s, -A clip(s)) (times ``rollout_is_weights``), aggregated by
+    ``loss_agg_mode`` (verl 0.9.1 honours it; its trainer passes token-mean by default). In
+    verl's stop-gradient construction token t's gradient flows through lp_t alone; with the
+    advantage constant over a sequence's tokens (GRPO) that equals the sequence-level ratio's
+    gradient, which the fused kernel computes (``level="sequence"``); otherwise the
+    construction is fed to the kernel token by token. Returns ``(pg_loss, metrics)`` with
+    ``actor/pg_clipfrac_lower`` 0, as verl.
+    """
+    low, high = _clip_range(config)
+    agg, norm = _agg(loss_agg_mode, response_mask, _batch_info(config))
+    seq_adv = _per_sequence(advantages, response_mask) if rollout_is_weights is None else None
+    if seq_adv is not None:
+        out = _policy_loss(log_prob, old_log_prob, seq_adv, response_mask, objective="clip", level="sequence",
+                           clip_low=low, clip_high=high, log_ratio_clamp=(None, 10.0), agg=agg, normalizer=norm)
+        clipfrac = out.metrics["clip_frac_low"] + out.metrics["clip_frac_high"]
+        ppo_kl = out.metrics["approx_kl"]
+    else:
+        m = response_mask.bool()
+        lr = torch.where(m, log_prob.detach() - old_log_prob.detach(), torch.zeros((), dtype=log_prob.dtype,
+                                                                                   device=log_prob.device))
+        seq_lr = lr.float().sum(-1) / m.sum(-1).clamp(min=1)
+        log_s = log_prob - log_prob.detach() + seq_lr.unsqueeze(-1)
+        adv = advantages if rollout_is_weights is None else _peers.weighted_advantages(advantages, rollout_is_weights)
+        out = _policy_loss(old_log_prob.detach().float() + log_s.float(), old_log_prob.float(), adv, response_mask,
+                           objective="clip", clip_low=low, clip_high=high, log_ratio_clamp=(None, 10.0), agg=agg,
+                           normalizer=norm)
+        with torch.no_grad():
+            s = seq_lr.clamp(max=10.0).exp().unsqueeze(-1)
+            a = (advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages).float()
+            clipfrac = _masked_mean((-a * s.clamp(1 - low, 1 + high) > -a * s).float(), response_mask)
+            ppo_kl = _masked_mean(-lr.float(), response_mask)
+    values = _peers.scalars([clipfrac, ppo_kl, 0.0])
+    return out.loss, dict(zip(("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"), values))
+
+
+def compute_policy_loss_cispo(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
+                              response_mask: torch.Tensor, loss_agg_mode: str = "token-mean",
+                              config: Optional[Any] = None, rollout_is_weights: Optional[torch.Tensor] = None):
+    """verl's ``"cispo"`` policy loss: -sg(clip(r, 1 - low, 1 + high)) A lp, r = exp(clamp(lp - old, +-20)).
+
+    ``actor/pg_clipfrac`` is verl's fraction of active tokens with r outside the clip range
+    (whatever the sign of A, unlike the kernel's clip fractions, so it is computed here).
+    """
+    low, high = _clip_range(config)
+    agg, norm = _agg(loss_agg_mode, response_mask, _batch_info(config))
+    adv = advantages if rollout_is_weights is None else _peers.weighted_advantages(advantages, rollout_is_weights)
+    out = _policy_loss(log_prob, old_log_prob, adv, response_mask, objective="cispo", clip_low=low, clip_high=high,
+                       log_ratio_clamp=_SAFETY, agg=agg, normalizer=norm)
+    with torch.no_grad():
+        lr = (log_prob.detach().float() - old_log_prob.detach().float()).clamp_(-_SAFETY, _SAFETY)
+        r = lr.exp()
+        clipfrac = _masked_mean(((r < 1 - low) | (r > 1 + high)).float(), response_mask)
+        ppo_kl = _masked_mean(-lr, response_mask)
+    values = _peers.scalars([clipfrac, ppo_kl, 0.0])
+    return out.loss, dict(zip(("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"), values))
+
+
+def compute_policy_loss_gpg(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
+                            response_mask: torch.Tensor, loss_agg_mode: str = "token-mean",
+                            config: Optional[Any] = None, rollout_is_weights: Optional[torch.Tensor] = None):
+    """verl's ``"gpg"`` policy loss: -lp A (times ``rollout_is_weights``); no metrics."""
+    if config is None:
+        raise ValueError("config is required (the actor config)")
+    agg, norm = _agg(loss_agg_mode, response_mask, _batch_info(config))
+    adv = advantages if rollout_is_weights is None else _peers.weighted_advantages(advantages, rollout_is_weights)
+    out = _policy_loss(log_prob, old_log_prob, adv, response_mask, objective="reinforce", agg=agg, normalizer=norm)
+    return out.loss, {}
+
+
+def compute_policy_loss_dro(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
+                            response_mask: torch.Tensor, loss_agg_mode: str = "token-mean",
+                            config: Optional[Any] = None, rollout_is_weights: Optional[torch.Tensor] = None):
+    """verl's ``"dro"`` policy loss: -(lp A - beta/2 (lp - old)^2) with beta = ``config.policy_loss.dro_beta``.
+
+    The quadratic penalty is the kernel's k2 KL term against ``old_log_prob`` with coefficient
+    beta. With ``rollout_is_weights`` (which weight the penalty too) it is computed in torch.
     """
     if config is None:
-        raise ValueError("config is required (clip_ratio, clip_ratio_low, clip_ratio_high)")
-    clip_ratio = _cfg(config, "clip_ratio")
-    low = float(_cfg(config, "clip_ratio_low", clip_ratio))
-    high = float(_cfg(config, "clip_ratio_high", clip_ratio))
-    m = response_mask.bool()
-    log_ratio = log_prob - old_log_prob
-    n = m.sum(-1).clamp(min=1)
-    seq_log_ratio = torch.where(m, log_ratio, torch.zeros_like(log_ratio)).sum(-1) / n
-    # verl's per-token ratio s_t = exp(lp_t - sg(lp_t) + sg(seq_log_ratio)), clamped at 10 in log space:
-    # the sequence's value, but each token's gradient flows through its own log-prob only. Fed as a
-    # token-level log-prob, rlkern's fused clip op reproduces it exactly, whatever the advantages
-    # (with one advantage per sequence this equals the sequence-level ratio of TRL and rlkern).
-    log_s = torch.clamp(log_prob - log_prob.detach() + seq_log_ratio.detach().unsqueeze(-1), max=10.0)
-    logp = old_log_prob.detach() + log_s
-    out = _policy_loss(logp, old_log_prob, advantages, response_mask, objective="clip", level="token",
-                       clip_low=low, clip_high=high, agg="seq-mean-token-mean")
+        raise ValueError("config is required (the actor config with policy_loss.dro_beta)")
+    beta = _cfg(_cfg(config, "policy_loss"), "dro_beta")
+    if beta is None or beta <= 0:
+        raise ValueError("policy_loss.dro_beta must be a positive value when using DRO")
+    info = _batch_info(config)
+    if rollout_is_weights is None:
+        agg, norm = _agg(loss_agg_mode, response_mask, info)
+        out = _policy_loss(log_prob, old_log_prob, advantages, response_mask, objective="reinforce",
+                           ref_logp=old_log_prob, kl_coef=float(beta), kl_kind="k2", agg=agg, normalizer=norm)
+        loss, ppo_kl = out.loss, out.metrics["approx_kl"]
+    else:
+        adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+        log_ratio = log_prob - old_log_prob.detach()
+        per_token = -(log_prob * adv - 0.5 * beta * log_ratio.square()) * rollout_is_weights.detach()
+        loss = agg_loss(per_token, response_mask, loss_agg_mode, **info)
+        ppo_kl = _masked_mean(-log_ratio.detach(), response_mask)
+    return loss, {"actor/ppo_kl": _peers.scalars([ppo_kl])[0]}
+
+
+def compute_policy_loss_reinforce(rollout_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
+                                  response_mask: torch.Tensor, loss_agg_mode: str = "seq-mean-token-sum",
+                                  config: Optional[Any] = None, rollout_is_weights: Optional[torch.Tensor] = None):
+    """verl's ``compute_policy_loss_reinforce``: -w A lp (w the detached IS weights, 1 without),
+    with ``actor/ppo_kl`` the masked mean of rollout - lp."""
+    if config is None:
+        raise ValueError("ActorConfig must be provided for REINFORCE loss")
+    agg, norm = _agg(loss_agg_mode, response_mask, _batch_info(config))
+    adv = advantages if rollout_is_weights is None else _peers.weighted_advantages(advantages, rollout_is_weights)
+    out = _policy_loss(log_prob, rollout_log_prob, adv, response_mask, objective="reinforce", agg=agg,
+                       normalizer=norm)
+    return out.loss, {"actor/ppo_kl": _peers.scalars([out.metrics["approx_kl"]])[0]}
+
+
+def compute_policy_loss_bypass_mode(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
+                                    response_mask: torch.Tensor, loss_agg_mode: str = "token-mean",
+                                    config: Optional[Any] = None, rollout_is_weights: Optional[torch.Tensor] = None):
+    """verl's ``"bypass_mode"`` loss (old_log_prob is the rollout's): IS weights, rejection mask and
+    their metrics from verl's own ``rollout_corr_helper`` (needs verl), then the REINFORCE or the
+    vanilla PPO loss on rlkern's kernel, as ``config.policy_loss.rollout_correction.loss_type`` says."""
+    if config is None:
+        raise ValueError("config is required for bypass_mode loss")
+    try:
+        from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_rejection_mask
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("the bypass_mode loss needs verl (its rollout-correction helper)") from e
+    policy_cfg = _cfg(config, "policy_loss")
+    rc = policy_cfg.get("rollout_correction", None) if policy_cfg is not None and hasattr(policy_cfg, "get") else None
+    if rc is None:
+        raise ValueError("rollout_correction config not found in policy_loss. "
+                         "When using loss_mode='bypass_mode', ensure rollout_correction config is passed.")
+    loss_type = rc.get("loss_type", "ppo_clip")
     with torch.no_grad():
-        s = torch.exp(torch.clamp(seq_log_ratio, max=10.0)).unsqueeze(-1)
-        loss1 = -advantages * s
-        loss2 = -advantages * torch.clamp(s, 1 - low, 1 + high)
-        pg_clipfrac = _masked_mean((loss2 > loss1).float(), response_mask)
-        ppo_kl = _masked_mean(-log_ratio, response_mask)
-    return out.loss, pg_clipfrac, ppo_kl, torch.tensor(0.0, device=out.loss.device)
+        weights_proto, mask, metrics = compute_rollout_correction_and_rejection_mask(
+            old_log_prob=log_prob, rollout_log_prob=old_log_prob, response_mask=response_mask,
+            rollout_is=rc.get("rollout_is", None), rollout_is_threshold=rc.get("rollout_is_threshold", 2.0),
+            rollout_is_batch_normalize=rc.get("rollout_is_batch_normalize", False),
+            rollout_rs=rc.get("rollout_rs", None), rollout_rs_threshold=rc.get("rollout_rs_threshold", None))
+    weights = weights_proto.batch["rollout_is_weights"] if weights_proto else None
+    if loss_type == "reinforce":
+        loss, pg_metrics = compute_policy_loss_reinforce(old_log_prob, log_prob, advantages, mask, loss_agg_mode,
+                                                         config, weights)
+    elif loss_type == "ppo_clip":
+        loss, pg_metrics = compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, mask, loss_agg_mode,
+                                                       config, None)
+    else:
+        raise ValueError(f"Invalid loss_type: {loss_type}. Must be 'reinforce' or 'ppo_clip'.")
+    pg_metrics.update(metrics)
+    return loss, pg_metrics
 
 
-_POLICY_LOSSES: Dict[str, Callable] = {"vanilla": compute_policy_loss_vanilla, "gspo": compute_policy_loss_gspo}
+POLICY_LOSS_REGISTRY: Dict[str, Callable] = {
+    "vanilla": compute_policy_loss_vanilla, "gspo": compute_policy_loss_gspo, "cispo": compute_policy_loss_cispo,
+    "gpg": compute_policy_loss_gpg, "dro": compute_policy_loss_dro, "bypass_mode": compute_policy_loss_bypass_mode,
+}
 
 
 def get_policy_loss_fn(name: str) -> Callable:
-    """verl's registry lookup, for the losses rlkern provides (``vanilla``, ``gspo``)."""
-    if name not in _POLICY_LOSSES:
-        raise ValueError(f"Unsupported loss mode: {name}. Supported modes are: {list(_POLICY_LOSSES)}")
-    return _POLICY_LOSSES[name]
+    """verl's registry lookup, for the losses rlkern provides."""
+    if name not in POLICY_LOSS_REGISTRY:
+        raise ValueError(f"Unsupported loss mode: {name}. Supported modes are: {list(POLICY_LOSS_REGISTRY)}")
+    return POLICY_LOSS_REGISTRY[name]
+
+
+# ------------------------------------------------------------------------------------------
+# KL and value loss
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Value of a KL estimate with the gradient of k2 = 0.5 (lp - ref)^2, i.e. lp - ref (verl's "+" modes)."""
+
+    @staticmethod
+    def forward(ctx, logprob, ref_logprob, value):
+        ctx.save_for_backward(logprob, ref_logprob)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad):
+        logprob, ref_logprob = ctx.saved_tensors
+        g = grad * (logprob.to(grad.dtype) - ref_logprob.to(grad.dtype))
+        return g.to(logprob.dtype), None, None
+
+
+def kl_penalty_forward(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty: str) -> torch.Tensor:
+    """verl's ``kl_penalty_forward``: "kl"/"k1": lp - ref; "abs": |lp - ref|; "mse"/"k2": 0.5 (lp - ref)^2;
+    "low_var_kl"/"k3": with d = ref - lp, clamp(exp(d) - d - 1, -10, 10) (verl also clamps d to
+    [-20, 20] first, which never changes the result: |d| > 20 already gives more than 10)."""
+    if kl_penalty in ("kl", "k1"):
+        return _kl_penalty(logprob, ref_logprob, kind="k1")
+    if kl_penalty == "abs":
+        return (logprob.float() - ref_logprob.float()).abs() if logprob.dtype != torch.float64 \
+            else (logprob - ref_logprob).abs()
+    if kl_penalty in ("mse", "k2"):
+        return _kl_penalty(logprob, ref_logprob, kind="k2")
+    if kl_penalty in ("low_var_kl", "k3"):
+        return _kl_penalty(logprob, ref_logprob, kind="k3", clamp=10.0)
+    if kl_penalty == "full":
+        raise NotImplementedError("kl_penalty='full' needs the full distributions")
+    raise NotImplementedError(f"unknown kl_penalty {kl_penalty!r}")
 
 
 def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty: str) -> torch.Tensor:
-    """verl's ``kl_penalty``: per-token KL estimate of the policy from the reference.
+    """verl's ``kl_penalty``: per-token KL estimate of the policy from the reference, in float32
+    (float64 for float64 inputs).
 
-    "kl"/"k1": lp - ref; "abs": |lp - ref|; "mse"/"k2": 0.5 (lp - ref)^2;
-    "low_var_kl"/"k3": with d = clamp(ref - lp, -20, 20), clamp(exp(d) - d - 1, -10, 10).
+    Modes as :func:`kl_penalty_forward`; a trailing "+" (``"k3+"``, ``"low_var_kl+"``, ``"kl+"``,
+    ``"k1+"``, ``"abs+"``, ``"mse+"``, ``"k2+"``) keeps the value and takes the gradient of k2,
+    lp - ref (verl's straight-through estimator of the KL gradient).
     """
-    mode = kl_penalty
-    if mode in ("kl", "k1"):
-        return _kl_penalty(logprob, ref_logprob, kind="k1")
-    if mode == "abs":
-        return (logprob - ref_logprob).abs()
-    if mode in ("mse", "k2"):
-        return _kl_penalty(logprob, ref_logprob, kind="k2")
-    if mode in ("low_var_kl", "k3"):
-        d = torch.clamp(ref_logprob - logprob, min=-20.0, max=20.0)
-        return _kl_penalty(ref_logprob.detach() - d, ref_logprob, kind="k3", clamp=10.0)
-    if mode == "full":
-        raise NotImplementedError("kl_penalty='full' needs the full distributions")
-    raise NotImplementedError(f"unknown kl_penalty {mode!r}")
+    base = kl_penalty[:-1] if kl_penalty.endswith("+") else kl_penalty
+    if not kl_penalty.endswith("+") or base in ("mse", "k2"):
+        return kl_penalty_forward(logprob, ref_logprob, base)
+    with torch.no_grad():
+        value = kl_penalty_forward(logprob.detach(), ref_logprob.detach(), base)
+    if not logprob.requires_grad:
+        return value
+    return _StraightThrough.apply(logprob, ref_logprob.detach(), value)
 
 
 def compute_value_loss(vpreds: torch.Tensor, returns: torch.Tensor, values: torch.Tensor,
-                       response_mask: torch.Tensor, cliprange_value: float,
-                       loss_agg_mode: str = "token-mean") -> Tuple[torch.Tensor, torch.Tensor]:
-    """verl's ``compute_value_loss``: 0.5 agg(max((v - R)^2, (clip(v, v_old +- c) - R)^2)) and the clip fraction."""
-    from ..losses import value_loss
+                       response_mask: torch.Tensor, cliprange_value: float, loss_agg_mode: str = "token-mean",
+                       dp_size: int = 1, batch_num_tokens: Optional[int] = None,
+                       global_batch_size: Optional[int] = None,
+                       loss_scale_factor: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """verl's ``compute_value_loss``: 0.5 agg(max((v - R)^2, (clip(v, v_old +- c) - R)^2)) over the
+    global batch, and the clip fraction (from the kernel's pass)."""
+    agg, norm = _peers.global_agg(_check_mode(loss_agg_mode), response_mask, dp_size, batch_num_tokens,
+                                  global_batch_size, loss_scale_factor)
+    out = _value_loss(vpreds, values, returns, response_mask, clip=cliprange_value, agg=agg, normalizer=norm)
+    return out.loss, out.metrics["clip_frac"]
 
-    loss = value_loss(vpreds, values, returns, response_mask, clip=cliprange_value,
-                      agg=_check_mode(loss_agg_mode)).loss
-    with torch.no_grad():
-        clipped = torch.max(torch.min(vpreds, values + cliprange_value), values - cliprange_value)
-        vf_clipfrac = _masked_mean(((clipped - returns) ** 2 > (vpreds - returns) ** 2).float(), response_mask)
-    return loss, vf_clipfrac
+
+def compute_rewards(token_level_scores, old_log_prob, ref_log_prob, kl_ratio):
+    """verl's ``compute_rewards``: scores - kl_ratio (old - ref)."""
+    return token_level_scores - (old_log_prob - ref_log_prob) * kl_ratio
+
+
+# ------------------------------------------------------------------------------------------
+# advantage estimators
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """verl's ``masked_whiten``: (x - mean) / sqrt(var + 1e-8) over the mask, unbiased variance;
+    at least two active positions are needed (ValueError otherwise, as verl)."""
+    m = mask.bool()
+    n = m.sum()
+    if n < 2:
+        raise ValueError("masked_whiten needs at least two valid positions in the mask")
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    mean = torch.where(m, values, zero).sum() / n
+    var = torch.where(m, (values - mean) ** 2, zero).sum() / (n - 1)
+    out = (values - mean) * torch.rsqrt(var + 1e-8)
+    return out + mean if not shift_mean else out
 
 
 def _next_valid_index(mask: torch.Tensor) -> torch.Tensor:
@@ -221,59 +473,48 @@ def _next_valid_index(mask: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def compute_gae_advantage_return(token_level_rewards: torch.Tensor, values: torch.Tensor,
                                  response_mask: torch.Tensor, gamma, lam) -> Tuple[torch.Tensor, torch.Tensor]:
-    """verl's ``compute_gae_advantage_return``: token-level GAE over the response mask, then the
-    advantages whitened over the mask (unbiased variance, eps 1e-8). Returns ``(advantages, returns)``.
+    """verl's ``compute_gae_advantage_return``: token-level GAE skipping masked positions
+    (``rlkern.masked_gae``), then advantages whitened over the mask. Returns ``(advantages, returns)``.
 
     At a masked position verl carries the running GAE over unchanged, so its advantage is the one
-    of the next valid token (0 after the last), and returns = advantages + values; both are
-    reproduced here, and whitening is applied to every position as verl does.
+    of the next valid token (0 after the last) and returns = advantages + values; both are
+    reproduced, and whitening is applied to every position as verl does.
     """
-    gamma = float(gamma)
-    lam = float(lam)
     m = response_mask.bool()
-    adv, _ = masked_gae(token_level_rewards, values, m, gamma=gamma, lam=lam)
+    adv, _ = masked_gae(token_level_rewards, values, m, gamma=float(gamma), lam=float(lam))
     nxt = _next_valid_index(m)
-    padded = torch.cat([adv, torch.zeros_like(adv[..., :1])], -1)
-    adv = padded.gather(-1, nxt)
+    adv = torch.cat([adv, torch.zeros_like(adv[..., :1])], -1).gather(-1, nxt)
     returns = adv + values
-    n = m.sum()
-    if n < 2:
-        raise ValueError("response_mask must have at least two valid tokens to whiten the advantages")
-    mean = torch.where(m, adv, torch.zeros_like(adv)).sum() / n
-    var = torch.where(m, (adv - mean) ** 2, torch.zeros_like(adv)).sum() / n * (n / (n - 1))
-    return (adv - mean) * torch.rsqrt(var + 1e-8), returns
+    return masked_whiten(adv, m), returns
+
+
+def _scores(token_level_rewards: torch.Tensor) -> torch.Tensor:
+    return token_level_rewards.sum(-1)
 
 
 @torch.no_grad()
 def compute_grpo_outcome_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor,
                                    index: np.ndarray, epsilon: float = 1e-6, norm_adv_by_std_in_grpo: bool = True,
-                                   config: Optional[Any] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """verl's ``compute_grpo_outcome_advantage``: per prompt group (``index``, any order),
-    (score - mean) / (std + epsilon) with score the sum of the token rewards and an unbiased std,
-    or only centred without ``norm_adv_by_std_in_grpo`` (Dr.GRPO); a group of one gets mean 0 and
-    std 1. Broadcast over the response mask; returns ``(advantages, advantages)``.
+                                   config: Optional[Any] = None, **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
+    """verl's ``compute_grpo_outcome_advantage``: per uid group (``index``, any order),
+    (score - mean) / (std + epsilon) with the unbiased std, or only centred without
+    ``norm_adv_by_std_in_grpo`` (Dr.GRPO); a group of one has mean 0 and std 1 (its raw
+    score passes through). Equal groups of two or more run on ``rlkern.group_advantages``.
     """
-    scores = token_level_rewards.sum(-1)
-    keys = np.asarray(index)
-    if keys.shape[0] != scores.shape[0]:
-        raise ValueError(f"index must have {scores.shape[0]} entries, got {keys.shape[0]}")
-    _, group_id, counts = np.unique(keys, return_inverse=True, return_counts=True)
-    group_id = group_id.reshape(-1)
+    scores = _scores(token_level_rewards)
+    gid, counts = _peers.group_ids(index, scores.shape[0], scores.device)
     scale = "group" if norm_adv_by_std_in_grpo else "none"
-    if counts.min() >= 2 and counts.max() == counts.min():
-        # equal groups: gather each group contiguously for the fused kernel, then scatter back
-        order = torch.as_tensor(np.argsort(group_id, kind="stable"), device=scores.device)
-        adv_sorted = group_advantages(scores[order], int(counts[0]), estimator="grpo", scale=scale, eps=epsilon)
+    cmin, cmax = int(counts.min()), int(counts.max())
+    if cmin >= 2 and cmin == cmax:
+        order = torch.argsort(gid, stable=True)
         adv = torch.empty_like(scores)
-        adv[order] = adv_sorted.to(scores.dtype)
+        adv[order] = group_advantages(scores[order], cmin, estimator="grpo", scale=scale, eps=epsilon).to(scores.dtype)
     else:
-        gid = torch.as_tensor(group_id, device=scores.device)
         G = int(counts.shape[0])
-        cnt = torch.as_tensor(counts, device=scores.device, dtype=scores.dtype)
-        mean = torch.zeros(G, dtype=scores.dtype, device=scores.device).index_add_(0, gid, scores) / cnt
-        dev = (scores - mean[gid]) ** 2
-        var = torch.zeros(G, dtype=scores.dtype, device=scores.device).index_add_(0, gid, dev) / (cnt - 1).clamp(min=1)
-        single = cnt == 1
+        cnt = counts.to(scores.dtype)
+        mean = _peers.group_sum(scores, gid, G) / cnt
+        var = _peers.group_sum((scores - mean[gid]) ** 2, gid, G) / (cnt - 1).clamp(min=1)
+        single = counts == 1
         mean = torch.where(single, torch.zeros_like(mean), mean)
         std = torch.where(single, torch.ones_like(var), var.sqrt())
         adv = scores - mean[gid]
@@ -281,6 +522,177 @@ def compute_grpo_outcome_advantage(token_level_rewards: torch.Tensor, response_m
             adv = adv / (std[gid] + epsilon)
     adv = adv.unsqueeze(-1) * response_mask
     return adv, adv
+
+
+def compute_grpo_vectorized_outcome_advantage(token_level_rewards, response_mask, index, epsilon: float = 1e-6,
+                                              norm_adv_by_std_in_grpo: bool = True, config=None, **kwargs):
+    """verl's ``grpo_vectorized``: the same advantages as :func:`compute_grpo_outcome_advantage`
+    (verl's vectorised version also gives a group of one mean 0 and std 1)."""
+    return compute_grpo_outcome_advantage(token_level_rewards, response_mask, index, epsilon,
+                                          norm_adv_by_std_in_grpo)
+
+
+def _group_mean(scores: torch.Tensor, index) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean of each row's group (0 for a group of one), the group ids and the group sizes per row."""
+    gid, counts = _peers.group_ids(index, scores.shape[0], scores.device)
+    mean = _peers.group_sum(scores, gid, int(counts.shape[0])) / counts.to(scores.dtype)
+    mean = torch.where(counts == 1, torch.zeros_like(mean), mean)
+    return mean[gid], gid, counts[gid]
+
+
+@torch.no_grad()
+def compute_reinforce_plus_plus_outcome_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor,
+                                                  config: Optional[Any] = None, **kwargs):
+    """verl's ``reinforce_plus_plus``: discounted returns over the active tokens (masked spans are
+    skipped, ``rlkern.masked_gae`` with zero values and lambda 1), whitened over the mask.
+    ``config.gamma`` is the discount. Returns ``(advantages, returns)``."""
+    if config is None:
+        raise ValueError("config is required (config.gamma)")
+    gamma = float(_cfg(config, "gamma"))
+    m = response_mask.bool()
+    returns, _ = masked_gae(token_level_rewards, torch.zeros_like(token_level_rewards), m, gamma=gamma, lam=1.0)
+    returns = returns.to(token_level_rewards.dtype)
+    return masked_whiten(returns, m) * response_mask, returns
+
+
+@torch.no_grad()
+def compute_reinforce_plus_plus_baseline_outcome_advantage(token_level_rewards: torch.Tensor,
+                                                           response_mask: torch.Tensor, index,
+                                                           epsilon: float = 1e-6, config=None, **kwargs):
+    """verl's ``reinforce_plus_plus_baseline``: score minus its uid group's mean (0 for a group of
+    one), broadcast over the mask, whitened over the mask."""
+    scores = _scores(token_level_rewards)
+    mean, _, _ = _group_mean(scores, index)
+    adv = (scores - mean).unsqueeze(-1) * response_mask
+    adv = masked_whiten(adv, response_mask.bool()) * response_mask
+    return adv, adv
+
+
+@torch.no_grad()
+def compute_remax_outcome_advantage(token_level_rewards: torch.Tensor, reward_baselines: torch.Tensor,
+                                    response_mask: torch.Tensor, config=None, **kwargs):
+    """verl's ``remax``: returns = reverse cumulative sum of the masked rewards; advantages =
+    returns - baseline on the active tokens."""
+    returns = (token_level_rewards * response_mask).flip(-1).cumsum(-1).flip(-1)
+    return returns - reward_baselines.unsqueeze(-1) * response_mask, returns
+
+
+@torch.no_grad()
+def compute_rloo_outcome_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index,
+                                   epsilon: float = 1e-6, config=None, **kwargs):
+    """verl's ``rloo``: n / (n - 1) (score - group mean) = score - mean of the others; a group of
+    one keeps its raw score. Equal groups of two or more run on ``rlkern.group_advantages``."""
+    scores = _scores(token_level_rewards)
+    gid, counts = _peers.group_ids(index, scores.shape[0], scores.device)
+    cmin, cmax = int(counts.min()), int(counts.max())
+    if cmin >= 2 and cmin == cmax:
+        order = torch.argsort(gid, stable=True)
+        adv = torch.empty_like(scores)
+        adv[order] = group_advantages(scores[order], cmin, estimator="rloo").to(scores.dtype)
+    else:
+        n = counts[gid].to(scores.dtype)
+        total = _peers.group_sum(scores, gid, int(counts.shape[0]))[gid]
+        adv = torch.where(n > 1, (n * scores - total) / (n - 1).clamp(min=1), scores)
+    adv = adv.unsqueeze(-1) * response_mask
+    return adv, adv
+
+
+@torch.no_grad()
+def compute_rloo_vectorized_outcome_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor,
+                                              index, epsilon: float = 1e-6, config=None, **kwargs):
+    """verl's ``rloo_vectorized``: as ``rloo`` except that a group of one gets 0."""
+    scores = _scores(token_level_rewards)
+    gid, counts = _peers.group_ids(index, scores.shape[0], scores.device)
+    n = counts[gid].to(scores.dtype)
+    total = _peers.group_sum(scores, gid, int(counts.shape[0]))[gid]
+    adv = ((n * scores - total) / (n - 1).clamp(min=1)) * (n > 1)
+    adv = adv.unsqueeze(-1) * response_mask
+    return adv, adv
+
+
+@torch.no_grad()
+def compute_opo_outcome_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index,
+                                  epsilon: float = 1e-6, config=None, **kwargs):
+    """verl's ``opo``: score minus the length-weighted group mean sum(len s) / sum(len) (0 for a
+    group of one), len the number of active tokens."""
+    scores = _scores(token_level_rewards)
+    lengths = response_mask.sum(-1).to(scores.dtype)
+    gid, counts = _peers.group_ids(index, scores.shape[0], scores.device)
+    G = int(counts.shape[0])
+    bsl = _peers.group_sum(lengths * scores, gid, G) / _peers.group_sum(lengths, gid, G)
+    bsl = torch.where(counts == 1, torch.zeros_like(bsl), bsl)
+    adv = (scores - bsl[gid]).unsqueeze(-1) * response_mask
+    return adv, adv
+
+
+@torch.no_grad()
+def compute_gpg_outcome_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index,
+                                  epsilon: float = 1e-6, f_norm: float = 1.0, alpha: float = 1.0, config=None,
+                                  **kwargs):
+    """verl's ``gpg``: alpha (score - group mean) / f_norm with alpha = B / (number of non-zero
+    scores) (verl overrides the ``alpha`` argument so), group of one centred on 0."""
+    scores = _scores(token_level_rewards)
+    alpha = scores.shape[0] / torch.count_nonzero(scores).clamp(min=1)
+    mean, _, _ = _group_mean(scores, index)
+    adv = (alpha * (scores - mean) / f_norm).to(scores.dtype).unsqueeze(-1) * response_mask
+    return adv, adv
+
+
+@torch.no_grad()
+def compute_grpo_passk_outcome_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index,
+                                         epsilon: float = 1e-6, norm_adv_by_std_in_grpo: bool = True,
+                                         config=None, **kwargs):
+    """verl's ``grpo_passk``: only the best response of each group gets r_max - r_second, divided by
+    (group std + epsilon) when ``config.norm_adv_by_std_in_grpo`` (default True). Groups need two
+    responses or more (ValueError otherwise, as verl). With tied maxima the advantage is 0, so
+    which of them holds it does not matter."""
+    if config is None:
+        raise ValueError("config is required (norm_adv_by_std_in_grpo)")
+    norm = config.get("norm_adv_by_std_in_grpo", True) if hasattr(config, "get") else \
+        _cfg(config, "norm_adv_by_std_in_grpo", True)
+    scores = _scores(token_level_rewards)
+    gid, counts = _peers.group_ids(index, scores.shape[0], scores.device)
+    if int(counts.min()) < 2:
+        raise ValueError("Pass@k requires at least 2 samples per group.")
+    G = int(counts.shape[0])
+    # sort by (group, score descending): the first row of each group is its best
+    order = torch.argsort(scores, descending=True, stable=True)
+    order = order[torch.argsort(gid[order], stable=True)]
+    starts = torch.cumsum(counts, 0) - counts
+    best, second = order[starts], order[starts + 1]
+    gap = scores[best] - scores[second]
+    if norm:
+        cnt = counts.to(scores.dtype)
+        mean = _peers.group_sum(scores, gid, G) / cnt
+        std = (_peers.group_sum((scores - mean[gid]) ** 2, gid, G) / (cnt - 1)).sqrt()
+        gap = gap / (std + epsilon)
+    adv = torch.zeros_like(scores)
+    adv[best] = gap.to(scores.dtype)
+    adv = adv.unsqueeze(-1) * response_mask
+    return adv, adv
+
+
+ADV_ESTIMATOR_REGISTRY: Dict[str, Callable] = {
+    "gae": compute_gae_advantage_return, "grpo": compute_grpo_outcome_advantage,
+    "grpo_vectorized": compute_grpo_vectorized_outcome_advantage,
+    "reinforce_plus_plus": compute_reinforce_plus_plus_outcome_advantage,
+    "reinforce_plus_plus_baseline": compute_reinforce_plus_plus_baseline_outcome_advantage,
+    "remax": compute_remax_outcome_advantage, "rloo": compute_rloo_outcome_advantage,
+    "rloo_vectorized": compute_rloo_vectorized_outcome_advantage, "opo": compute_opo_outcome_advantage,
+    "gpg": compute_gpg_outcome_advantage, "grpo_passk": compute_grpo_passk_outcome_advantage,
+}
+
+
+def get_adv_estimator_fn(name_or_enum) -> Callable:
+    """verl's estimator lookup, for the estimators rlkern provides."""
+    name = getattr(name_or_enum, "value", name_or_enum)
+    if name not in ADV_ESTIMATOR_REGISTRY:
+        raise ValueError(f"Unknown advantage estimator simply: {name}")
+    return ADV_ESTIMATOR_REGISTRY[name]
+
+
+# ------------------------------------------------------------------------------------------
+# KL controllers
 
 
 class AdaptiveKLController:
@@ -312,3 +724,69 @@ class FixedKLController:
 
     def update(self, current_kl, n_steps) -> None:
         pass
+
+
+# ------------------------------------------------------------------------------------------
+# install into verl
+
+# module attributes verl's trainers call directly (by module attribute or imported name)
+_FUNCTIONS = {"kl_penalty": kl_penalty, "compute_value_loss": compute_value_loss,
+              "compute_gae_advantage_return": compute_gae_advantage_return,
+              "compute_grpo_outcome_advantage": compute_grpo_outcome_advantage}
+_IMPORTERS = ("verl.workers.utils.losses", "verl.trainer.distillation.losses", "verl.trainer.ppo.ray_trainer")
+_saved: Optional[Dict[str, Any]] = None
+
+
+def install() -> None:
+    """Run verl on rlkern: registers rlkern's policy losses under verl's names in
+    ``POLICY_LOSS_REGISTRY`` (vanilla, gspo, cispo, gpg, dro, bypass_mode) and its advantage
+    estimators in ``ADV_ESTIMATOR_REGISTRY`` (gae, grpo, grpo_vectorized, reinforce_plus_plus,
+    reinforce_plus_plus_baseline, remax, rloo, rloo_vectorized, opo, gpg, grpo_passk), and
+    replaces ``core_algos.kl_penalty``, ``compute_value_loss``, ``compute_gae_advantage_return``
+    and ``compute_grpo_outcome_advantage`` (also where verl's loss modules imported them by name).
+    An unchanged verl config then runs on rlkern. Idempotent; :func:`uninstall` restores verl's.
+    """
+    global _saved
+    import sys
+
+    from verl.trainer.ppo import core_algos as ca
+
+    if _saved is not None:
+        return
+    saved: Dict[str, Any] = {"policy": {}, "adv": {}, "attrs": []}
+    for name, fn in POLICY_LOSS_REGISTRY.items():
+        saved["policy"][name] = ca.POLICY_LOSS_REGISTRY.get(name)
+        ca.POLICY_LOSS_REGISTRY[name] = fn
+    for name, fn in ADV_ESTIMATOR_REGISTRY.items():
+        saved["adv"][name] = ca.ADV_ESTIMATOR_REGISTRY.get(name)
+        ca.ADV_ESTIMATOR_REGISTRY[name] = fn
+    modules = [ca] + [sys.modules[n] for n in _IMPORTERS if n in sys.modules]
+    for mod in modules:
+        for name, fn in _FUNCTIONS.items():
+            if hasattr(mod, name):
+                saved["attrs"].append((mod, name, getattr(mod, name)))
+                setattr(mod, name, fn)
+    _saved = saved
+
+
+def uninstall() -> None:
+    """Undo :func:`install`: verl's own registry entries and functions are back."""
+    global _saved
+    from verl.trainer.ppo import core_algos as ca
+
+    if _saved is None:
+        return
+    for registry, key in ((ca.POLICY_LOSS_REGISTRY, "policy"), (ca.ADV_ESTIMATOR_REGISTRY, "adv")):
+        for name, fn in _saved[key].items():
+            if fn is None:
+                registry.pop(name, None)
+            else:
+                registry[name] = fn
+    for mod, name, fn in reversed(_saved["attrs"]):
+        setattr(mod, name, fn)
+    _saved = None
+
+
+def installed() -> bool:
+    """Whether :func:`install` is in effect."""
+    return _saved is not None
