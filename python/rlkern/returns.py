@@ -14,6 +14,10 @@ are right, only slower.
 
 NaN and inf: a value behind an episode boundary (after a done, or at a masked token)
 never reaches the result; any other non-finite input propagates as IEEE arithmetic does.
+A zero coefficient on the carry (``gamma == 0`` in ``discounted_returns``, ``gamma * lam
+== 0`` in the others) is a boundary too: later steps are not read. Any nonzero one, however
+small, carries a NaN or inf on through the episode, however long (as the reference does
+step by step; the kernels never let a product of coefficients round to 0).
 """
 
 from __future__ import annotations
