@@ -319,6 +319,24 @@ def test_group_advantages_formulas():
     assert (rlkern.group_advantages(r, 3, eps=0.0)[3:] == 0).all()  # equal rewards, no NaN even with eps = 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("estimator,scale", [("grpo", "group"), ("grpo", "batch"), ("rloo", "none"),
+                                             ("rloo", "group")])
+def test_group_advantages_of_huge_rewards_match_float64(backend, dtype, estimator, scale):
+    """Rewards near 1e38 overflowed the float32 group sums (NaN advantages) where float64
+    gives finite ones (issue 11, item 12): every path now sums in float64."""
+    g = torch.Generator().manual_seed(12)
+    r = (torch.rand(8 * 4, generator=g, dtype=torch.float64) * 6e38 - 3e38).to(dtype)
+    r[:4] = torch.tensor([3e38, 3e38, -1e38, 2e38])
+    r[4:8] = torch.tensor([3e38, 3e38, 3e38, -3e38])
+    out = rlkern.group_advantages(r, 4, estimator=estimator, scale=scale)
+    expected = ref.group_advantages(r.double(), 4, estimator=estimator, scale=scale)
+    assert torch.isfinite(expected).all()
+    assert out.dtype == torch.float32
+    # unscaled RLOO advantages can lie beyond float32's range: those round to inf
+    assert_close(out, expected.float())
+
+
 # --- bad input -----------------------------------------------------------------------
 
 def test_bad_input_raises_clear_errors():

@@ -695,40 +695,43 @@ namespace {
 // estimator 0 = grpo (r - group mean), 1 = rloo (r - mean of the others);
 // scale 0 = none, 1 = group std, 2 = the given batch std (unbiased std throughout).
 // A zero spread gives zero advantages; a group of one has no spread (std taken as 1).
+// Sums, spreads and the division run in double whatever the input: float32 rewards near
+// 1e38 would overflow a float sum (NaN advantages) where the float64 result is finite
+// and representable. Only the result is rounded to the output type.
 template <class T>
 void group_advantages_impl(int64_t groups, int64_t size, ptr_t rewards, int estimator, int scale, double eps,
                            double batch_std, ptr_t out_ptr) {
-  using A = acc_t<T>;
+  using Out = acc_t<T>;
   const T* r = as_ptr<const T>(rewards);
-  A* out = as_ptr<A>(out_ptr);
+  Out* out = as_ptr<Out>(out_ptr);
   parallel_for(groups, std::max<int64_t>(1, 4096 / std::max<int64_t>(size, 1)), [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t base = g * size;
-      A sum = 0;
+      double sum = 0;
       bool all_equal = true;
-      const A first = load(r, base);
+      const double first = double(load(r, base));
       for (int64_t j = 0; j < size; ++j) {
-        const A x = load(r, base + j);
+        const double x = double(load(r, base + j));
         sum += x;
         all_equal = all_equal && x == first;
       }
       if (all_equal) {  // exactly zero, whatever the rounding of the mean
-        for (int64_t j = 0; j < size; ++j) out[base + j] = A(0);
+        for (int64_t j = 0; j < size; ++j) out[base + j] = Out(0);
         continue;
       }
-      const A mean = sum / A(size);
-      A sq = 0;
+      const double mean = sum / double(size);
+      double sq = 0;
       for (int64_t j = 0; j < size; ++j) {
-        const A d = load(r, base + j) - mean;
+        const double d = double(load(r, base + j)) - mean;
         sq += d * d;
       }
-      A denom = 1;
-      if (scale == 1) denom = (size > 1 ? std::sqrt(sq / A(size - 1)) : A(1)) + A(eps);
-      if (scale == 2) denom = A(batch_std) + A(eps);
-      const A centre_scale = estimator == 1 ? A(size) / A(size - 1) : A(1);
+      double denom = 1;
+      if (scale == 1) denom = (size > 1 ? std::sqrt(sq / double(size - 1)) : 1.0) + eps;
+      if (scale == 2) denom = batch_std + eps;
+      const double centre_scale = estimator == 1 ? double(size) / double(size - 1) : 1.0;
       for (int64_t j = 0; j < size; ++j) {
-        const A centred = (load(r, base + j) - mean) * centre_scale;
-        out[base + j] = centred == A(0) ? A(0) : centred / denom;
+        const double centred = (double(load(r, base + j)) - mean) * centre_scale;
+        out[base + j] = centred == 0.0 ? Out(0) : Out(centred / denom);
       }
     }
   });
