@@ -319,6 +319,24 @@ def test_group_advantages_formulas():
     assert (rlkern.group_advantages(r, 3, eps=0.0)[3:] == 0).all()  # equal rewards, no NaN even with eps = 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("estimator,scale", [("grpo", "group"), ("grpo", "batch"), ("rloo", "none"),
+                                             ("rloo", "group")])
+def test_group_advantages_of_huge_rewards_match_float64(backend, dtype, estimator, scale):
+    """Rewards near 1e38 overflowed the float32 group sums (NaN advantages) where float64
+    gives finite ones (issue 11, item 12): every path now sums in float64."""
+    g = torch.Generator().manual_seed(12)
+    r = (torch.rand(8 * 4, generator=g, dtype=torch.float64) * 6e38 - 3e38).to(dtype)
+    r[:4] = torch.tensor([3e38, 3e38, -1e38, 2e38])
+    r[4:8] = torch.tensor([3e38, 3e38, 3e38, -3e38])
+    out = rlkern.group_advantages(r, 4, estimator=estimator, scale=scale)
+    expected = ref.group_advantages(r.double(), 4, estimator=estimator, scale=scale)
+    assert torch.isfinite(expected).all()
+    assert out.dtype == torch.float32
+    # unscaled RLOO advantages can lie beyond float32's range: those round to inf
+    assert_close(out, expected.float())
+
+
 # --- bad input -----------------------------------------------------------------------
 
 def test_bad_input_raises_clear_errors():
@@ -502,3 +520,91 @@ for shape in [(3, 64), (17, 129), (64, 1000)]:
 t.test_masked_gae_rows_do_not_depend_on_their_neighbours('cpu')
 t.test_nan_after_an_episode_end_stays_there('cpu', 200, 127, 'truncated')
 """)
+
+
+# --- non-finite values and tiny discounts (issue 11, items 9 and 10) ----------------------
+
+def _all_scans(r, v, nv, term, trunc, mask, gamma, lam):
+    """Every scan on the same inputs, kernel and float64 reference side by side."""
+    f = lambda x: x.double()  # noqa: E731
+    return [
+        (rlkern.discounted_returns(r, term, gamma * lam), ref.discounted_returns(f(r), term, gamma * lam)),
+        (rlkern.gae(r, v, term, gamma, lam)[0], ref.gae(f(r), f(v), term, gamma, lam)[0]),
+        (rlkern.gae(r, v, term, gamma, lam, next_values=nv, truncated=trunc)[1],
+         ref.gae(f(r), f(v), term, gamma, lam, next_values=f(nv), truncated=trunc)[1]),
+        (rlkern.lambda_returns(r, nv, term, gamma, lam, truncated=trunc),
+         ref.lambda_returns(f(r), f(nv), term, gamma, lam, truncated=trunc)),
+        (rlkern.masked_gae(r, v, mask, gamma, lam)[0], ref.masked_gae(f(r), f(v), mask, gamma, lam)[0]),
+    ]
+
+
+def _poisoned_inputs(B, T, seed, bad):
+    g = torch.Generator().manual_seed(seed)
+    r, v, nv = (torch.randn(B, T, generator=g) for _ in range(3))
+    for x in (r, v, nv):
+        idx = torch.randint(0, B * T, (3,), generator=g)
+        x.view(-1)[idx[0]] = bad
+        x.view(-1)[idx[1]] = -bad
+        x.view(-1)[idx[2]] = float("nan")
+    term = torch.rand(B, T, generator=g) < 2 / T
+    trunc = (torch.rand(B, T, generator=g) < 2 / T) & ~term
+    mask = torch.rand(B, T, generator=g) < 0.9
+    return r, v, nv, term, trunc, mask
+
+
+def _long_row_scans(r, v, nv, term, trunc, gamma, lam):
+    return [rlkern.discounted_returns(r, term, gamma * lam), *rlkern.gae(r, v, term, gamma, lam),
+            rlkern.gae(r, v, term, gamma, lam, next_values=nv, truncated=trunc)[0],
+            rlkern.lambda_returns(r, nv, term, gamma, lam, truncated=trunc)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_non_finite_values_cross_chunks_of_long_rows(dtype):
+    """Few long rows take the chunked scan; a chunk's composed coefficient (gamma*lam)^4096
+    underflows, and used to be taken for an episode boundary, so a NaN or inf stopped
+    after one chunk (issue 11, item 9). Positions of NaN/inf must match the reference:
+    checked directly for gae, and for every scan against the same rows scanned in a batch
+    of 16 (the row kernels, checked against the reference on shorter rows above)."""
+    B, T = 2, 16384 + 77
+    r, v, nv, _, trunc, _ = (x.to(dtype) if x.is_floating_point() else x
+                             for x in _poisoned_inputs(B, T, 7, float("inf")))
+    term = torch.zeros(B, T, dtype=torch.bool)
+    term[0, T // 3] = True  # one episode boundary: row 0's NaN/inf stop there, row 1's never
+    gamma, lam = (0.9, 0.5) if dtype == torch.float32 else (0.99, 1e-3)
+    adv, _ = rlkern.gae(r, v, term, gamma, lam)
+    eadv, _ = ref.gae(r.double(), v.double(), term, gamma, lam)
+    assert int(eadv.isnan().sum()) > T // 2  # the NaN reaches back to the start of row 1
+    assert_close(adv, eadv)
+    pad = lambda x: torch.cat([x, x[:1].expand(14, T)])  # noqa: E731
+    chunked = _long_row_scans(r, v, nv, term, trunc, gamma, lam)
+    rows = _long_row_scans(*(pad(x) for x in (r, v, nv, term, trunc)), gamma, lam)
+    for got, want in zip(chunked, rows):
+        assert_close(got, want[:B])
+
+
+@pytest.mark.parametrize("gamma,lam", [(1e-3, 1e-3), (1e-5, 1e-5), (1e-20, 1e-20), (1e-30, 1.0), (1e-45, 1e-45)])
+@pytest.mark.parametrize("shape", [(3, 64), (2, 203), (17, 40)])
+def test_tiny_discounts_keep_infinities_infinite(gamma, lam, shape):
+    """With gamma*lam near 1e-6 (or below float32's range), the powers of the coefficient
+    in an 8-step tile underflowed to 0, and 0 * inf gave NaN where the reference keeps inf
+    (issue 11, item 10). A nonzero coefficient now never rounds to 0."""
+    r, v, nv, term, trunc, mask = _poisoned_inputs(*shape, 11, float("inf"))
+    for got, want in _all_scans(r, v, nv, term, trunc, mask, gamma, lam):
+        assert_close(got, want)
+
+
+@pytest.mark.parametrize("gamma,lam", [(0.0, 0.9), (0.9, 0.0), (0.0, 0.0)])
+def test_a_zero_discount_reads_nothing_behind_it(backend, gamma, lam):
+    """A zero coefficient on the carry is a cut, as an episode boundary is: the NaN and
+    inf of later steps are not read (the reference documents the same)."""
+    r, v, nv, term, trunc, mask = _poisoned_inputs(4, 100, 3, float("inf"))
+    for got, want in _all_scans(r, v, nv, term, trunc, mask, gamma, lam):
+        assert_close(got, want)
+    clean = torch.randn(1, 9)
+    poisoned = clean.clone()
+    poisoned[0, 5] = float("nan")
+    no_dones = torch.zeros(1, 9, dtype=torch.bool)
+    out = rlkern.discounted_returns(poisoned, no_dones, 0.0)
+    assert torch.equal(out[0, :5], clean[0, :5])
+    adv, _ = rlkern.gae(poisoned, torch.zeros(1, 9), no_dones, 0.9, 0.0)
+    assert torch.isfinite(adv[0, :5]).all() and adv[0, 5].isnan()

@@ -40,5 +40,13 @@ def test_cuda_scans_match_reference(shape, dtype):
     assert_close(out, ref.group_advantages(f(r).flatten()[: (r.numel() // 8) * 8], 8))
 
 
+def test_cuda_group_advantages_of_huge_rewards_match_float64():
+    r = torch.tensor([3e38, 3e38, -1e38, 2e38, 3e38, 3e38, 3e38, -3e38])
+    for scale in ("group", "batch", "none"):
+        out = rlkern.group_advantages(r.cuda(), 4, scale=scale)
+        assert out.dtype == torch.float32
+        assert_close(out, ref.group_advantages(r.double(), 4, scale=scale))
+
+
 def test_compiled_with_cuda():
     assert "cuda" in rlkern.info()["runnable"]

@@ -114,7 +114,8 @@ void lambda_impl(const ScanArgs& args) {
         const int64_t i = s.at(b0 + l, t);
         const bool cut = t == s.T_ - 1 || s.is_truncated(i);
         s.out0[i] = carry[l] =
-            apply(lambda_coef(s.reward(i), s.next_value(i), s.is_terminated(i), cut, s.gamma, s.lam), carry[l]);
+            apply(lambda_coef(s.reward(i), s.next_value(i), s.is_terminated(i), cut, s.gamma, s.lam, s.gamma_lam),
+                  carry[l]);
       }
     }
   });
@@ -190,34 +191,56 @@ RLK_SCAN_INLINE v8f shift_down(v8f x, v8f fill) {
   return __builtin_shuffle(x, fill, v8i{S, S + 1, S + 2, S + 3, S + 4, S + 5, S + 6, S + 7});
 }
 
+// Coefficient products a * sa of one composition round. Coefficients are finite, so a
+// cut (0) stays 0; with `tiny` set (the scan's coefficient is small enough for 8 of them
+// to underflow) a product of nonzero ones is kept at FLT_MIN at least, as compose() in
+// returns.h does. Otherwise nothing can underflow and the plain product is exact.
+RLK_SCAN_INLINE v8f compose_coef(v8f a, v8f sa, bool tiny) {
+  const v8f p = a * sa;
+  if (!tiny) return p;
+  const v8f zero = splat8(0.0f), least = splat8(min_normal<float>());
+  return (a == zero) | (sa == zero) ? zero : (p < least ? least : p);
+}
+
 // In place: (a_k, b_k) <- f_k o f_{k+1} o ... o f_7.
-RLK_SCAN_INLINE void suffix_compose(v8f& a, v8f& b) {
+RLK_SCAN_INLINE void suffix_compose(v8f& a, v8f& b, bool tiny) {
   const v8f one = splat8(1.0f), zero = splat8(0.0f);
   v8f sa = shift_down<1>(a, one), sb = shift_down<1>(b, zero);
   b = a == zero ? b : b + a * sb;
-  a = a * sa;  // coefficients are finite, so a zero stays zero
+  a = compose_coef(a, sa, tiny);
   sa = shift_down<2>(a, one);
   sb = shift_down<2>(b, zero);
   b = a == zero ? b : b + a * sb;
-  a = a * sa;
+  a = compose_coef(a, sa, tiny);
   sa = shift_down<4>(a, one);
   sb = shift_down<4>(b, zero);
   b = a == zero ? b : b + a * sb;
-  a = a * sa;
+  a = compose_coef(a, sa, tiny);
 }
 
 // Tiles without a cut (no episode end, every token unmasked) share one nonzero
 // coefficient c: lane k of the composed map is then (c^(8-k), sum_j c^(j-k) b_j), so the
-// products need no work and the sums no selects. Uniform(c) holds the powers.
+// products need no work and the sums no selects. Uniform(c) holds the powers, each kept
+// at FLT_MIN at least (returns.h: an underflowed power would turn an infinite value
+// behind it into 0 * inf = NaN). `tiny` says whether any power needed that, i.e.
+// whether the general path's compositions can underflow too.
 struct Uniform {
   bool usable;  // c != 0: with c == 0 every lane is its own cut, handled by the general path
+  bool tiny;
   float c1, c2, c4;
   v8f tail;  // c^8, c^7, ..., c^1
-  explicit Uniform(float c) : usable(c != 0.0f), c1(c), c2(c * c), c4(c * c * c * c) {
+  explicit Uniform(float c) : usable(c != 0.0f), tiny(false), c1(c), c2(power(c * c)), c4(power(c2 * c2)) {
     float p[8];
     float acc = 1.0f;
-    for (int k = 7; k >= 0; --k) p[k] = acc *= c;
+    for (int k = 7; k >= 0; --k) p[k] = acc = power(acc * c);
     __builtin_memcpy(&tail, p, sizeof tail);
+  }
+
+ private:
+  float power(float x) {
+    if (c1 == 0.0f || x >= min_normal<float>()) return x;
+    tiny = true;
+    return min_normal<float>();
   }
 };
 
@@ -311,7 +334,7 @@ RLK_SCAN_INLINE void discounted_rows8(const Scan<T>& args, int64_t b0, int64_t b
             y = scan_uniform(uniform, load8(s.rewards + i), carry);
           } else {
             v8f a = flags8(s.terminated + i) ? zero : gamma, bv = load8(s.rewards + i);
-            suffix_compose(a, bv);
+            suffix_compose(a, bv, uniform.tiny);
             y = a == zero ? bv : bv + a * carry;
           }
           store8(s.out0 + i, y);
@@ -353,7 +376,7 @@ RLK_SCAN_INLINE void gae_rows8(const Scan<T>& args, int64_t b0, int64_t b1) {
             const v8i done = kTruncated ? (term | flags8(s.truncated + i)) : term;
             v8f bv = term ? r - v : r + gamma * nv - v;
             v8f a = done ? zero : gl;
-            suffix_compose(a, bv);
+            suffix_compose(a, bv, uniform.tiny);
             y = a == zero ? bv : bv + a * carry;
           }
           store8(s.out0 + i, y);
@@ -367,8 +390,8 @@ template <class T>
 RLK_SCAN_INLINE void lambda_rows8(const Scan<T>& args, int64_t b0, int64_t b1) {
   const Scan<T> s = args;  // a local copy: the output stores cannot alias it, so its fields stay in registers
   const v8f gamma = splat8(s.gamma), zero = splat8(0.0f);
-  const v8f glam = splat8(s.gamma * s.lam), g1lam = splat8(s.gamma * (1.0f - s.lam));
-  const Uniform uniform(s.gamma * s.lam);
+  const v8f glam = splat8(s.gamma_lam), g1lam = splat8(s.gamma * (1.0f - s.lam));
+  const Uniform uniform(s.gamma_lam);
   for (int64_t b = b1 - 1; b >= b0; --b) {  // rows right to left too: one descending stream
     const int64_t base = b * s.T_;
     float carry = 0.0f;
@@ -378,7 +401,8 @@ RLK_SCAN_INLINE void lambda_rows8(const Scan<T>& args, int64_t b0, int64_t b1) {
           const int64_t i = base + t;
           const bool cut = t == s.T_ - 1 || s.is_truncated(i);
           s.out0[i] = carry =
-              apply(lambda_coef(s.reward(i), s.next_value(i), s.is_terminated(i), cut, s.gamma, s.lam), carry);
+              apply(lambda_coef(s.reward(i), s.next_value(i), s.is_terminated(i), cut, s.gamma, s.lam, s.gamma_lam),
+                    carry);
         },
         [&](int64_t t0) {
           const int64_t i = base + t0;
@@ -392,7 +416,7 @@ RLK_SCAN_INLINE void lambda_rows8(const Scan<T>& args, int64_t b0, int64_t b1) {
             const v8i cut = s.truncated ? flags8(s.truncated + i) : v8i{};
             v8f bv = term ? r : (cut ? r + gamma * nv : r + g1lam * nv);
             v8f a = (term | cut) ? zero : glam;
-            suffix_compose(a, bv);
+            suffix_compose(a, bv, uniform.tiny);
             y = a == zero ? bv : bv + a * carry;
           }
           store8(s.out0 + i, y);
@@ -608,7 +632,7 @@ void lambda_chunked(const ScanArgs& args) {
       [&](int64_t b, int64_t t) {
         const int64_t i = s.at(b, t);
         return lambda_coef(s.reward(i), s.next_value(i), s.is_terminated(i), t == s.T_ - 1 || s.is_truncated(i),
-                           s.gamma, s.lam);
+                           s.gamma, s.lam, s.gamma_lam);
       },
       [&](int64_t b, int64_t t, A y) { s.out0[s.at(b, t)] = y; });
 }
@@ -671,40 +695,43 @@ namespace {
 // estimator 0 = grpo (r - group mean), 1 = rloo (r - mean of the others);
 // scale 0 = none, 1 = group std, 2 = the given batch std (unbiased std throughout).
 // A zero spread gives zero advantages; a group of one has no spread (std taken as 1).
+// Sums, spreads and the division run in double whatever the input: float32 rewards near
+// 1e38 would overflow a float sum (NaN advantages) where the float64 result is finite
+// and representable. Only the result is rounded to the output type.
 template <class T>
 void group_advantages_impl(int64_t groups, int64_t size, ptr_t rewards, int estimator, int scale, double eps,
                            double batch_std, ptr_t out_ptr) {
-  using A = acc_t<T>;
+  using Out = acc_t<T>;
   const T* r = as_ptr<const T>(rewards);
-  A* out = as_ptr<A>(out_ptr);
+  Out* out = as_ptr<Out>(out_ptr);
   parallel_for(groups, std::max<int64_t>(1, 4096 / std::max<int64_t>(size, 1)), [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t base = g * size;
-      A sum = 0;
+      double sum = 0;
       bool all_equal = true;
-      const A first = load(r, base);
+      const double first = double(load(r, base));
       for (int64_t j = 0; j < size; ++j) {
-        const A x = load(r, base + j);
+        const double x = double(load(r, base + j));
         sum += x;
         all_equal = all_equal && x == first;
       }
       if (all_equal) {  // exactly zero, whatever the rounding of the mean
-        for (int64_t j = 0; j < size; ++j) out[base + j] = A(0);
+        for (int64_t j = 0; j < size; ++j) out[base + j] = Out(0);
         continue;
       }
-      const A mean = sum / A(size);
-      A sq = 0;
+      const double mean = sum / double(size);
+      double sq = 0;
       for (int64_t j = 0; j < size; ++j) {
-        const A d = load(r, base + j) - mean;
+        const double d = double(load(r, base + j)) - mean;
         sq += d * d;
       }
-      A denom = 1;
-      if (scale == 1) denom = (size > 1 ? std::sqrt(sq / A(size - 1)) : A(1)) + A(eps);
-      if (scale == 2) denom = A(batch_std) + A(eps);
-      const A centre_scale = estimator == 1 ? A(size) / A(size - 1) : A(1);
+      double denom = 1;
+      if (scale == 1) denom = (size > 1 ? std::sqrt(sq / double(size - 1)) : 1.0) + eps;
+      if (scale == 2) denom = batch_std + eps;
+      const double centre_scale = estimator == 1 ? double(size) / double(size - 1) : 1.0;
       for (int64_t j = 0; j < size; ++j) {
-        const A centred = (load(r, base + j) - mean) * centre_scale;
-        out[base + j] = centred == A(0) ? A(0) : centred / denom;
+        const double centred = (double(load(r, base + j)) - mean) * centre_scale;
+        out[base + j] = centred == 0.0 ? Out(0) : Out(centred / denom);
       }
     }
   });

@@ -115,7 +115,8 @@ __global__ void lambda_kernel(ScanArgs args) {
     const int64_t i = s.at(rt.row, t);
     const bool cut = valid && (t == s.T_ - 1 || s.is_truncated(i));
     const Affine<A> f =
-        valid ? lambda_coef(s.reward(i), s.next_value(i), s.is_terminated(i), cut, s.gamma, s.lam) : identity<A>();
+        valid ? lambda_coef(s.reward(i), s.next_value(i), s.is_terminated(i), cut, s.gamma, s.lam, s.gamma_lam)
+              : identity<A>();
     const A y = apply(suffix_compose(f, rt.lane), carry);
     if (valid) s.out0[i] = y;
     carry = __shfl_sync(kFull, y, 0);

@@ -14,6 +14,10 @@ are right, only slower.
 
 NaN and inf: a value behind an episode boundary (after a done, or at a masked token)
 never reaches the result; any other non-finite input propagates as IEEE arithmetic does.
+A zero coefficient on the carry (``gamma == 0`` in ``discounted_returns``, ``gamma * lam
+== 0`` in the others) is a boundary too: later steps are not read. Any nonzero one, however
+small, carries a NaN or inf on through the episode, however long (as the reference does
+step by step; the kernels never let a product of coefficients round to 0).
 """
 
 from __future__ import annotations
@@ -377,6 +381,10 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, estimator: str =
     instead passes the raw score through for such groups, which
     ``rlkern.integrations.verl.compute_grpo_outcome_advantage`` reproduces. RLOO needs
     group_size >= 2.
+
+    Means and spreads are computed in float64 for every input dtype (float32 rewards near
+    1e38 would overflow a float32 sum); the result is float32, or float64 for float64
+    rewards.
     """
     _validate.tensor("rewards", rewards, floating=True)
     if rewards.dim() != 1:
@@ -393,14 +401,16 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, estimator: str =
         raise ValueError("group_size must be at least 2 for estimator='rloo' (the mean of the others)")
     eps = _validate.positive("eps", eps, allow_zero=True)
     backend = _backend.select(rewards.device, gpu="cuda")
-    compute = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    result = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     if backend == "reference" or rewards.device.type != "cpu" or _needs_reference(backend, rewards):
         # On the GPU this is a handful of fused reductions over [groups, group_size]:
-        # torch's own kernels are already bandwidth-bound there.
-        return _ref.group_advantages(rewards.to(compute), group_size, estimator=estimator, scale=scale, eps=eps)
+        # torch's own kernels are already bandwidth-bound there. In float64 whatever the
+        # input, as the CPU kernel: float32 sums of rewards near 1e38 overflow.
+        return _ref.group_advantages(rewards.to(torch.float64), group_size, estimator=estimator, scale=scale,
+                                     eps=eps).to(result)
     r = rewards.contiguous()
-    batch_std = float(r.to(compute).std()) if scale == "batch" and N > 1 else (1.0 if scale == "batch" else 0.0)
-    out = torch.empty(N, dtype=compute)
+    batch_std = float(r.double().std()) if scale == "batch" and N > 1 else (1.0 if scale == "batch" else 0.0)
+    out = torch.empty(N, dtype=result)
     core().returns.group_advantages(DTYPE_CODES[r.dtype], N // group_size, group_size, ptr(r),
                                     _ESTIMATORS[estimator], _SCALES[scale], eps, batch_std, ptr(out))
     return out

@@ -8,6 +8,7 @@
 
 #include "rlkern/common.h"
 #include "rlkern/dtype.h"
+#include "rlkern/returns.h"
 
 namespace rlk::returns {
 
@@ -42,9 +43,9 @@ struct Scan {
         out1(as_ptr<A>(a.out1)),
         B(a.B),
         T_(a.T),
-        gamma(A(a.gamma)),
+        gamma(coefficient<A>(a.gamma)),
         lam(A(a.lam)),
-        gamma_lam(A(a.gamma * a.lam)) {}
+        gamma_lam(coefficient<A>(a.gamma * a.lam)) {}
 
   RLK_HOST_DEVICE int64_t at(int64_t b, int64_t t) const { return b * T_ + t; }
   RLK_HOST_DEVICE A reward(int64_t i) const { return load(rewards, i); }

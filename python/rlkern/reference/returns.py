@@ -3,6 +3,12 @@
 Shapes are batch-first ``[B, T]``; flags are bool. Arithmetic happens in the dtype of
 the inputs (the tests pass float64). Flags are applied with ``torch.where`` so that a
 value behind an episode boundary (NaN included) never reaches the result.
+
+A zero coefficient on the carry (``gamma == 0`` for discounted returns, ``gamma * lam
+== 0`` for the others) acts as a boundary too: the term it would multiply is absent, so
+a NaN or inf in later steps is not read (rather than 0 * inf = NaN). Any nonzero
+coefficient, however small, multiplies as IEEE arithmetic does: a NaN or inf carry
+travels on through the whole episode.
 """
 
 from __future__ import annotations
@@ -14,12 +20,13 @@ import torch
 
 def discounted_returns(rewards: torch.Tensor, dones: torch.Tensor, gamma: float,
                        bootstrap: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """G_t = r_t + gamma * (1 - done_t) * G_{t+1}; G_T = bootstrap (default 0)."""
+    """G_t = r_t + gamma * (1 - done_t) * G_{t+1}; G_T = bootstrap (default 0); gamma = 0 gives G_t = r_t."""
     B, T = rewards.shape
     out = torch.empty_like(rewards)
     carry = bootstrap.to(rewards.dtype) if bootstrap is not None else rewards.new_zeros(B)
     for t in reversed(range(T)):
-        carry = torch.where(dones[:, t], rewards[:, t], rewards[:, t] + gamma * carry)
+        cut = dones[:, t] | (gamma == 0)
+        carry = torch.where(cut, rewards[:, t], rewards[:, t] + gamma * carry)
         out[:, t] = carry
     return out
 
@@ -39,6 +46,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, terminated: torch.Tensor, g
     B, T = rewards.shape
     nv = _next_values(values, next_values, bootstrap_value)
     done = terminated if truncated is None else terminated | truncated
+    done = done | (gamma * lam == 0)
     adv = torch.empty_like(rewards)
     carry = rewards.new_zeros(B)
     for t in reversed(range(T)):
@@ -57,7 +65,7 @@ def lambda_returns(rewards: torch.Tensor, next_values: torch.Tensor, terminated:
     out = torch.empty_like(rewards)
     carry = rewards.new_zeros(B)
     for t in reversed(range(T)):
-        cut = torch.full_like(terminated[:, t], t == T - 1)
+        cut = torch.full_like(terminated[:, t], t == T - 1 or gamma * lam == 0)
         if truncated is not None:
             cut = cut | truncated[:, t]
         blended = torch.where(cut, next_values[:, t], (1 - lam) * next_values[:, t] + lam * carry)
@@ -78,7 +86,7 @@ def masked_gae(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Te
     for t in reversed(range(T)):
         m = mask[:, t]
         delta = token_rewards[:, t] + gamma * next_value - values[:, t]
-        new = delta + gamma * lam * carry
+        new = delta if gamma * lam == 0 else delta + gamma * lam * carry
         carry = torch.where(m, new, carry)
         next_value = torch.where(m, values[:, t], next_value)
         adv[:, t] = torch.where(m, carry, torch.zeros_like(carry))
