@@ -103,3 +103,17 @@ def test_bad_input():
         kl.kl_penalty(logp, refp, clamp=-1.0)
     with pytest.raises(ValueError, match="clamp"):
         kl.kl_penalty(logp, refp, clamp=(1.0, 0.0))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float64), (torch.bfloat16, torch.float64),
+                                    (torch.float64, torch.bfloat16), (torch.bfloat16, torch.float16)])
+def test_mixed_dtypes_match_reference(backend, dtypes):
+    """Every combination of input dtypes gives the reference's answer (issue #11, item 4)."""
+    logp, refp = _inputs()
+    logp, refp = logp.to(dtypes[0]), refp.to(dtypes[1])
+    out, g = _run(backend, logp, refp, "k3", 0.5)
+    expected, expected_g = _run("reference", logp.double(), refp.double(), "k3", 0.5)
+    assert_close(out, expected, VALUE_TOL)
+    assert g.dtype == logp.dtype
+    assert_close(g, expected_g, GRAD_TOL if dtypes[0] != torch.bfloat16 else 1e-2)

@@ -618,3 +618,90 @@ for name in ['everything_token', 'everything_sequence', 'sequence']:
 for name in ['sequence', 'default']:
     t.test_half_long_rows_with_masked_nan('cpu', name)
 """)
+
+
+# ---------------------------------------------------------------------------------------
+# audit regressions (issue #11)
+
+
+MIXED_DTYPES = [
+    # (logp, old_logp, advantages, per-token optional tensors, mask)
+    (torch.float32, torch.float32, torch.float64, torch.float32, torch.bool),
+    (torch.bfloat16, torch.bfloat16, torch.float64, torch.bfloat16, torch.uint8),
+    (torch.float32, torch.float64, torch.float32, torch.bfloat16, torch.float32),
+    (torch.bfloat16, torch.float32, torch.float16, torch.float64, torch.int64),
+    (torch.float16, torch.bfloat16, torch.float32, torch.float32, torch.float64),
+]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtypes", MIXED_DTYPES, ids=lambda d: "-".join(str(x)[6:] for x in d))
+@pytest.mark.parametrize("name", ["default", "everything_token", "everything_sequence", "kl_k3"])
+def test_policy_loss_mixed_dtypes_match_reference(backend, dtypes, name):
+    """float64 advantages beside float32/bf16 log-probs were read as float (issue #11, item 4)."""
+    lp_dt, old_dt, adv_dt, opt_dt, mask_dt = dtypes
+    batch = make_batch(4, 11, seed=40, adv_per_token=name == "everything_token")
+    needs, options = OPTION_CASES[name]
+    logp = batch["logp"].to(lp_dt).requires_grad_()
+    opts = dict(options)
+    for key, arg in (("ref", "ref_logp"), ("rollout", "rollout_logp"), ("entropy", "entropy")):
+        if key in needs:
+            opts[arg] = batch[key].to(opt_dt)
+    if "entropy" in opts:
+        opts["entropy"].requires_grad_()
+    args = (logp, batch["old"].to(old_dt), batch["adv"].to(adv_dt), batch["mask"].to(mask_dt))
+    out, grads = run(backend, args, opts)
+    expected, expected_grads = reference_of(args, opts)
+    assert_close(out.loss, expected.loss, VALUE_TOL, "loss")
+    for k in expected.metrics:
+        assert_close(out.metrics[k], expected.metrics[k], VALUE_TOL, k)
+    for g, leaf, e in zip(grads, [logp, opts.get("entropy")], expected_grads):
+        assert g.dtype == leaf.dtype
+        tol = GRAD_TOL if leaf.dtype in (torch.float32, torch.float64) else 1e-2
+        assert_close(g, e, tol, "grad")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("clip", [None, 0.2])
+def test_value_loss_mixed_dtypes_match_reference(backend, clip):
+    v, vo, R, mask = _values(dtype=torch.float64)
+    for v_dt, vo_dt, R_dt, m_dt in [(torch.float32, torch.float64, torch.float32, torch.bool),
+                                    (torch.bfloat16, torch.float32, torch.float64, torch.float32),
+                                    (torch.float64, torch.bfloat16, torch.float16, torch.uint8)]:
+        vv = v.to(v_dt).requires_grad_()
+        with rlkern.use_backend(backend):
+            out = losses.value_loss(vv, vo.to(vo_dt), R.to(R_dt), mask.to(m_dt), clip=clip)
+        (g,) = torch.autograd.grad(out.loss, vv)
+        v64 = vv.detach().double().requires_grad_()
+        expected = ref.value_loss(v64, vo.to(vo_dt).double(), R.to(R_dt).double(), mask, clip)
+        (ge,) = torch.autograd.grad(expected.loss, v64)
+        assert_close(out.loss, expected.loss)
+        assert g.dtype == v_dt
+        assert_close(g, ge, GRAD_TOL if v_dt != torch.bfloat16 else 1e-2)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_pair_losses_mixed_dtypes_match_reference(backend):
+    c, r, rc, rr = _pairs(dtype=torch.float64)
+    for dts in [(torch.float32, torch.float32, torch.float64, torch.float64),
+                (torch.bfloat16, torch.float64, torch.float32, torch.bfloat16),
+                (torch.float64, torch.float16, torch.float32, torch.float32)]:
+        x = [t.to(dt) for t, dt in zip((c, r, rc, rr), dts)]
+        x[0].requires_grad_()
+        x[1].requires_grad_()
+        y = [(t.detach() / 5).requires_grad_(t.requires_grad) for t in x[:2]] + [x[2].detach().abs() / 20]
+        up = [t.detach().double().requires_grad_(t.requires_grad) for t in x]
+        upy = [t.detach().double().requires_grad_(t.requires_grad) for t in y]
+        with rlkern.use_backend(backend):
+            out = losses.dpo_loss(*x, beta=0.3)
+            bt = losses.bradley_terry_loss(*y)
+        expected = ref.dpo_loss(*up, 0.3)
+        expected_bt = ref.bradley_terry_loss(*upy)
+        assert_close(out.loss, expected.loss)
+        assert_close(bt.loss, expected_bt.loss)
+        for got, want, inputs, inputs64 in ((out, expected, x, up), (bt, expected_bt, y, upy)):
+            grads = torch.autograd.grad(got.loss, inputs[:2])
+            wants = torch.autograd.grad(want.loss, inputs64[:2])
+            for g, w, leaf in zip(grads, wants, inputs):
+                assert g.dtype == leaf.dtype
+                assert_close(g, w, GRAD_TOL if leaf.dtype in (torch.float32, torch.float64) else 1e-2)

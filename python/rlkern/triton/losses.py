@@ -349,15 +349,13 @@ def policy_loss(logp, old_logp, advantages, mask, cfg, tensors: Dict[str, Option
                 want_entropy_grad: bool):
     """Runs the fused kernel; returns (loss, metrics, grad_logp, grad_entropy), the gradients
     finished and in the inputs' storage dtype (as the C++ path)."""
-    from .._kernel import compute_dtype
-    from ..losses import _agg_denominator, _as, _mask_bytes, _metrics_from_totals, _storage
+    from ..losses import _agg_denominator, _as, _mask_bytes, _metrics_from_totals, _policy_dtypes
     from ..reference.kl import clamp_bounds
     from ..reference.losses import entropy_threshold
 
     B, T = logp.shape
     ref_logp, rollout_logp, entropy = tensors["ref_logp"], tensors["rollout_logp"], tensors["entropy"]
-    storage = _storage(logp, old_logp, ref_logp, rollout_logp, entropy)
-    acc = compute_dtype(logp, old_logp, advantages, ref_logp, rollout_logp, entropy)
+    storage, acc = _policy_dtypes(logp, old_logp, advantages, tensors)
     lp, old = _as(logp, storage), _as(old_logp, storage)
     ref, roll, ent = _as(ref_logp, storage), _as(rollout_logp, storage), _as(entropy, storage)
     adv = _as(advantages, acc)
