@@ -705,3 +705,37 @@ def test_pair_losses_mixed_dtypes_match_reference(backend):
             for g, w, leaf in zip(grads, wants, inputs):
                 assert g.dtype == leaf.dtype
                 assert_close(g, w, GRAD_TOL if leaf.dtype in (torch.float32, torch.float64) else 1e-2)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name", ["default", "log_ratio_clamp", "sequence_clamp", "kl_k3_clamp", "tis_token",
+                                  "tis_sequence", "everything_token", "everything_sequence"])
+@pytest.mark.parametrize("where", ["logp", "old", "ref", "rollout"])
+def test_nan_at_an_active_token_gives_nan(backend, name, where):
+    """Clamps must not drop NaN (Triton's tl.minimum/tl.maximum did; issue #11, item 5)."""
+    needs, options = OPTION_CASES[name]
+    if where in ("ref", "rollout") and where not in needs:
+        pytest.skip("option set without that input")
+    batch = make_batch(3, 6, seed=41)
+    batch["mask"][0, :3] = True
+    batch[where][0, 1] = float("nan")
+    args, opts = build(batch, needs, options, dtype=torch.float32)
+    out, grads = run(backend, args, opts)
+    expected, _ = reference_of(args, opts)
+    assert torch.isnan(out.loss) == torch.isnan(expected.loss)
+    if where != "ref" or options.get("kl_coef"):
+        assert torch.isnan(out.loss)
+    if where == "logp":
+        assert torch.isnan(grads[0]).any()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+def test_dpo_nan_input_gives_nan(backend, loss_type):
+    """relu(NaN) is NaN as in the reference (the hinge loss dropped it; issue #11, item 5)."""
+    c, r, rc, rr = _pairs(dtype=torch.float32)
+    c[2] = float("nan")
+    with rlkern.use_backend(backend):
+        out = losses.dpo_loss(c, r, rc, rr, beta=0.3, loss_type=loss_type)
+    assert torch.isnan(out.loss)
+    assert torch.isnan(ref.dpo_loss(c.double(), r.double(), rc.double(), rr.double(), 0.3, loss_type).loss)

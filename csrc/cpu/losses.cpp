@@ -977,7 +977,7 @@ std::vector<double> dpo_loss_fused(int64_t B, int dtype, ptr_t chosen, ptr_t rej
         gi = A(2) * u;
       } else {
         const A u = A(1) - b_ * z;
-        li = u > A(0) ? u : A(0);
+        li = u < A(0) ? A(0) : u;  // relu that keeps NaN, as torch.relu
         gi = u > A(0) ? -b_ : A(0);
       }
       g[i] = gi;

@@ -23,6 +23,13 @@ INF = float("inf")
 
 
 @triton.jit
+def _clamp(x, lo, hi):
+    # Not tl.minimum/tl.maximum: they return the bound for a NaN x, where torch.clamp (and
+    # the C++ kernels) keep the NaN. Comparisons with NaN are false, so x passes through.
+    return tl.where(x < lo, lo, tl.where(x > hi, hi, x))
+
+
+@triton.jit
 def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD_SCALE, GRAD, GRAD_ENT, STATS, T,
                         clip_lo, clip_hi, cap, dual, lr_lo, lr_hi, kl_lo, kl_hi, kl_coef, ent_coef, tis_cap,
                         off_thr, has_dual, tis_token, tis_seq, tis_mask_mode, has_off, has_select, row_mean,
@@ -60,11 +67,11 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD_SCAL
     grad_w = row_w * tl.load(GRAD_SCALE).to(COMPUTE)
     drop_negative = (has_off != 0) & (s_div / n1 > off_thr)
     seq_x = s_lr / n1
-    seq_xc = tl.minimum(tl.maximum(seq_x, lr_lo), lr_hi)
+    seq_xc = _clamp(seq_x, lr_lo, lr_hi)
     seq_dx = tl.where((seq_x < lr_lo) | (seq_x > lr_hi), 0.0, 1.0)
     seq_r = tl.exp(seq_xc)
     w_seq = tl.exp(s_tis)
-    w_seq = tl.where(tis_mask_mode != 0, tl.where(w_seq > tis_cap, 0.0, w_seq), tl.minimum(w_seq, tis_cap))
+    w_seq = tl.where(w_seq > tis_cap, tl.where(tis_mask_mode != 0, 0.0, tis_cap), w_seq)
     seq_tis = tl.where(tis_seq != 0, w_seq, 1.0)
     if HAS_ENT:
         ent_thr = tl.load(ENT_THR).to(COMPUTE)
@@ -93,7 +100,7 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD_SCAL
             dx = zero + seq_dx
         else:
             x = lp - o
-            xc = tl.minimum(tl.maximum(x, lr_lo), lr_hi)
+            xc = _clamp(x, lr_lo, lr_hi)
             dx = tl.where((x < lr_lo) | (x > lr_hi), 0.0, 1.0)
             r = tl.exp(xc)
         # PPO clip with ratio cap and dual clip; ties split the gradient as torch does.
@@ -131,7 +138,7 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD_SCAL
         if HAS_ROLL:
             ro = tl.load(ROLL + base + idx, mask=m, other=0.0).to(COMPUTE)
             wt = tl.exp(o - ro)
-            wt = tl.where(tis_mask_mode != 0, tl.where(wt > tis_cap, 0.0, wt), tl.minimum(wt, tis_cap))
+            wt = tl.where(wt > tis_cap, tl.where(tis_mask_mode != 0, 0.0, tis_cap), wt)
             weight = tl.where(tis_token != 0, weight * wt, weight)
         weight = weight * seq_tis
         l_tok = weight * pg
@@ -152,7 +159,7 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD_SCAL
                 kl = e - 1.0 - d
                 dkl = 1.0 - e
             dkl = tl.where((kl < kl_lo) | (kl > kl_hi), 0.0, dkl)
-            kl = tl.minimum(tl.maximum(kl, kl_lo), kl_hi)
+            kl = _clamp(kl, kl_lo, kl_hi)
             if USE_KL:
                 if KL_CORR:
                     l_tok += kl_coef * kl * r
@@ -219,7 +226,7 @@ def _kl_kernel(LOGP, REF, OUT, GRAD, N, kl_lo, kl_hi, KL: tl.constexpr, WRITE_GR
         kl = e - 1.0 - d
         dkl = 1.0 - e
     dkl = tl.where((kl < kl_lo) | (kl > kl_hi), 0.0, dkl)
-    kl = tl.minimum(tl.maximum(kl, kl_lo), kl_hi)
+    kl = _clamp(kl, kl_lo, kl_hi)
     tl.store(OUT + idx, kl, mask=inb)
     if WRITE_GRAD:
         tl.store(GRAD + idx, dkl, mask=inb)
@@ -304,7 +311,7 @@ def _dpo_kernel(C, R, RC, RR, GRAD, CREW, RREW, STATS, B, beta, label_smoothing,
         g = 2.0 * u
     else:
         u = 1.0 - beta * z
-        loss = tl.maximum(u, 0.0)
+        loss = tl.where(u < 0.0, 0.0, u)  # relu that keeps NaN, as torch.relu
         g = tl.where(u > 0.0, -beta, 0.0)
     crew = beta * dc
     rrew = beta * dr
