@@ -739,3 +739,20 @@ def test_dpo_nan_input_gives_nan(backend, loss_type):
         out = losses.dpo_loss(c, r, rc, rr, beta=0.3, loss_type=loss_type)
     assert torch.isnan(out.loss)
     assert torch.isnan(ref.dpo_loss(c.double(), r.double(), rc.double(), rr.double(), 0.3, loss_type).loss)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_infinite_entropy_without_entropy_coef_stays_finite(backend, level):
+    """entropy_coef=0 must not add 0 * entropy (inf entropy gave a NaN loss; issue #11, item 6)."""
+    batch = make_batch(3, 8, seed=42)
+    batch["entropy"][batch["mask"]] = float("inf")
+    for options in (dict(level=level), dict(level=level, entropy_top_fraction=0.5)):
+        args, opts = build(batch, ("entropy", "rollout"), dict(options, tis_cap=2.0), dtype=torch.float32)
+        out, grads = run(backend, args, opts)
+        expected, expected_grads = reference_of(args, opts)
+        assert torch.isfinite(expected.loss)
+        assert_close(out.loss, expected.loss)
+        assert_close(grads[0], expected_grads[0], GRAD_TOL)
+        assert (grads[1] == 0).all()
+        assert out.metrics["entropy"].item() == float("inf")

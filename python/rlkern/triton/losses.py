@@ -169,7 +169,9 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD_SCAL
                     l_tok += kl_coef * kl
                     direct += kl_coef * dkl
         if HAS_ENT:
-            l_tok -= ent_coef * h
+            # Selected, not multiplied by 0: an infinite entropy feeding only the metric
+            # must not make the loss NaN.
+            l_tok -= tl.where(ent_coef != 0.0, ent_coef * h, 0.0)
             acc_ent += tl.sum(h, 0)
             if WRITE_ENT_GRAD:
                 tl.store(GRAD_ENT + base + idx, tl.where(m, -ent_coef * grad_w, 0.0).to(GRAD_ENT.dtype.element_ty),
