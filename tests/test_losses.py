@@ -756,3 +756,28 @@ def test_infinite_entropy_without_entropy_coef_stays_finite(backend, level):
         assert_close(grads[0], expected_grads[0], GRAD_TOL)
         assert (grads[1] == 0).all()
         assert out.metrics["entropy"].item() == float("inf")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_value_loss_clip_propagates_non_finite_old_values(backend, bad):
+    """A NaN old value at an active token makes the clipped loss NaN, as the reference
+    (it was ignored; issue #11, item 7); infinite ones follow the reference too."""
+    v, vo, R, mask = _values(dtype=torch.float32)
+    mask[1, 2] = True
+    v[1, 2], R[1, 2] = 0.5, 0.1
+    vo[1, 2] = bad
+    v.requires_grad_()
+    with rlkern.use_backend(backend):
+        out = losses.value_loss(v, vo, R, mask, clip=0.2)
+    (g,) = torch.autograd.grad(out.loss, v)
+    v64 = v.detach().double().requires_grad_()
+    expected = ref.value_loss(v64, vo.double(), R.double(), mask, 0.2)
+    (ge,) = torch.autograd.grad(expected.loss, v64)
+    if bad != bad:
+        assert torch.isnan(expected.loss) and torch.isnan(out.loss)
+        assert torch.isnan(g[1, 2])
+    else:
+        assert_close(out.loss, expected.loss)
+        assert_close(g, ge, GRAD_TOL)
+    assert_close(out.metrics["clip_frac"], expected.metrics["clip_frac"])

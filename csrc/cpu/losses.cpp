@@ -920,12 +920,14 @@ std::vector<double> value_loss_fused(int64_t B, int64_t T, int dtype, ptr_t valu
           ValueGrad<A> e{e1, de1};
           if (has_clip) {
             const A vold = load(vo, i);
-            Bounds<A> range;
-            range.has_lo = range.has_hi = true;
-            range.lo = vold - c;
-            range.hi = vold + c;
-            const ValueGrad<A> vc = range.apply(vi);
-            const A e2 = (vc.value - Ri) * (vc.value - Ri), de2 = A(2) * (vc.value - Ri) * vc.grad;
+            const A lo = vold - c, hi = vold + c;
+            // torch.clamp with NaN bounds gives NaN; a bound that clamps passes no gradient
+            // (selected, not multiplied: (vc - R) may be infinite there).
+            const bool nan_bound = !(lo == lo) || !(hi == hi);
+            const bool inside = !(vi < lo) && !(vi > hi);
+            const A vcv = nan_bound ? lo + hi : (vi < lo ? lo : (vi > hi ? hi : vi));
+            const A e2 = (vcv - Ri) * (vcv - Ri);
+            const A de2 = nan_bound ? e2 : (inside ? A(2) * (vcv - Ri) : A(0));
             clipped += e2 > e1;
             e = max_branch(e1, de1, e2, de2);
           }

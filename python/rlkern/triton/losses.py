@@ -265,13 +265,17 @@ def _value_loss_kernel(V, VOLD, RET, MASK, GRAD, STATS, T, clip, HAS_CLIP: tl.co
             vo = tl.load(VOLD + base + idx, mask=m, other=0.0).to(COMPUTE)
             lo = vo - clip
             hi = vo + clip
-            vc = tl.where(v < lo, lo, tl.where(v > hi, hi, v))
-            dvc = tl.where((v < lo) | (v > hi), 0.0, 1.0)
+            # torch.clamp with a NaN bound gives NaN; where a bound clamps no gradient passes
+            # (selected, not multiplied: vc - R may be infinite there).
+            nan_bound = (lo != lo) | (hi != hi)
+            vc = tl.where(nan_bound, lo + hi, tl.where(v < lo, lo, tl.where(v > hi, hi, v)))
             e2 = (vc - R) * (vc - R)
-            de2 = 2.0 * (vc - R) * dvc
+            de2 = tl.where(nan_bound, e2, tl.where((v < lo) | (v > hi), 0.0, 2.0 * (vc - R)))
             acc_clip += tl.sum((m & (e2 > e)).to(COMPUTE), 0)
-            de = tl.where(e > e2, de, tl.where(e < e2, de2, 0.5 * (de + de2)))
-            e = tl.maximum(e, e2)
+            # max that keeps NaN (tl.maximum drops it), ties split as torch does
+            tie = 0.5 * (de + de2)
+            de = tl.where(e > e2, de, tl.where(e < e2, de2, tl.where(e2 != e2, de2, tl.where(e != e, de, tie))))
+            e = tl.where(e < e2, e2, tl.where(e2 != e2, e2, e))
         tl.store(GRAD + base + idx, tl.where(m, 0.5 * row_w * de, 0.0), mask=inb)
         acc_n += tl.sum(m.to(COMPUTE), 0)
         acc_loss += tl.sum(tl.where(m, 0.5 * row_w * e, 0.0), 0)
