@@ -135,3 +135,13 @@ def test_nan_propagates_through_the_clamp(backend, kind, clamp):
     # orders 0 * NaN, which the policy leaves open).
     fin = torch.isfinite(expected)
     assert_close(g[fin], expected_g[fin], GRAD_TOL)
+
+
+@pytest.mark.parametrize("clamp", [(float("nan"), None), (None, float("nan")), (0.0, float("nan")), float("nan")])
+def test_nan_clamp_bound_is_rejected(clamp):
+    """A NaN inside a clamp pair is rejected as a single NaN is (issue #11, item 8)."""
+    logp, refp = _inputs((2, 3))
+    with pytest.raises(ValueError, match="clamp"):
+        kl.kl_penalty(logp, refp, "k3", clamp)
+    with pytest.raises(ValueError, match="clamp"):
+        ref.kl_penalty(logp, refp, "k3", clamp)

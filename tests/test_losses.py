@@ -781,3 +781,15 @@ def test_value_loss_clip_propagates_non_finite_old_values(backend, bad):
         assert_close(out.loss, expected.loss)
         assert_close(g, ge, GRAD_TOL)
     assert_close(out.metrics["clip_frac"], expected.metrics["clip_frac"])
+
+
+@pytest.mark.parametrize("option", ["log_ratio_clamp", "kl_clamp"])
+@pytest.mark.parametrize("value", [(float("nan"), None), (None, float("nan")), (-1.0, float("nan")),
+                                   [float("nan"), 1.0], float("nan")])
+def test_nan_in_a_clamp_pair_is_rejected(option, value):
+    """A NaN bound inside a pair was ignored by the kernels (issue #11, item 8)."""
+    b = make_batch(3, 4, seed=17, dtype=torch.float32)
+    with pytest.raises(ValueError, match=option):
+        losses.policy_loss(b["logp"], b["old"], b["adv"], b["mask"], ref_logp=b["ref"], **{option: value})
+    with pytest.raises(ValueError, match=option):
+        ref.policy_loss(b["logp"], b["old"], b["adv"], b["mask"], ref_logp=b["ref"], **{option: value})
