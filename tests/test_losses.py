@@ -793,3 +793,21 @@ def test_nan_in_a_clamp_pair_is_rejected(option, value):
         losses.policy_loss(b["logp"], b["old"], b["adv"], b["mask"], ref_logp=b["ref"], **{option: value})
     with pytest.raises(ValueError, match=option):
         ref.policy_loss(b["logp"], b["old"], b["adv"], b["mask"], ref_logp=b["ref"], **{option: value})
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_tiny_normalizer_and_float64_grad_scale(backend):
+    """normalizer=1e-300 behaves as on the C++ path, and float64 gradients carry no float32
+    rounding of 1 / normalizer (Triton stored grad_scale as float32; issue #11, item 20)."""
+    batch = make_batch(3, 7, seed=43)
+    args, opts = build(batch, (), dict(normalizer=1e-300), dtype=torch.float32)
+    out, grads = run(backend, args, opts)
+    cpu_out, cpu_grads = run("cpu", args, opts)
+    assert torch.equal(torch.isfinite(out.loss), torch.isfinite(cpu_out.loss))
+    assert torch.equal(torch.isinf(grads[0]), torch.isinf(cpu_grads[0]))
+    for normalizer in (3.0, 1e-300):
+        args, opts = build(batch, (), dict(normalizer=normalizer))
+        out, grads = run(backend, args, opts)
+        expected, expected_grads = reference_of(args, opts)
+        assert_close(out.loss, expected.loss, 1e-13)
+        assert_close(grads[0], expected_grads[0], 1e-13)

@@ -384,8 +384,13 @@ def policy_loss(logp, old_logp, advantages, mask, cfg, tensors: Dict[str, Option
     # which stays on the device (no host synchronisation).
     active = m.sum() if cfg.agg == "token-mean" and cfg.normalizer is None else 0
     denom = _agg_denominator(cfg.agg, cfg.normalizer, active, B, T)
-    grad_scale = (1.0 / denom).to(torch.float32).reshape(1) if isinstance(denom, torch.Tensor) else \
-        torch.full((1,), 1.0 / denom, dtype=torch.float32, device=lp.device)
+    # In the arithmetic dtype: float64 gradients must not carry a float32 rounding of the
+    # scale. Formed in float64 and cast, so that a scale beyond float32's range (normalizer
+    # 1e-300) becomes inf as on the C++ path instead of raising.
+    if isinstance(denom, torch.Tensor):
+        grad_scale = (1.0 / denom.to(torch.float64)).to(acc).reshape(1)
+    else:
+        grad_scale = torch.tensor([1.0 / denom], dtype=torch.float64, device=lp.device).to(acc)
     lr_lo, lr_hi = clamp_bounds("log_ratio_clamp", cfg.log_ratio_clamp)
     kl_lo, kl_hi = clamp_bounds("kl_clamp", cfg.kl_clamp)
     clip_lo, clip_hi = cfg.clip_range
