@@ -103,3 +103,45 @@ def test_bad_input():
         kl.kl_penalty(logp, refp, clamp=-1.0)
     with pytest.raises(ValueError, match="clamp"):
         kl.kl_penalty(logp, refp, clamp=(1.0, 0.0))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float64), (torch.bfloat16, torch.float64),
+                                    (torch.float64, torch.bfloat16), (torch.bfloat16, torch.float16)])
+def test_mixed_dtypes_match_reference(backend, dtypes):
+    """Every combination of input dtypes gives the reference's answer (issue #11, item 4)."""
+    logp, refp = _inputs()
+    logp, refp = logp.to(dtypes[0]), refp.to(dtypes[1])
+    out, g = _run(backend, logp, refp, "k3", 0.5)
+    expected, expected_g = _run("reference", logp.double(), refp.double(), "k3", 0.5)
+    assert_close(out, expected, VALUE_TOL)
+    assert g.dtype == logp.dtype
+    assert_close(g, expected_g, GRAD_TOL if dtypes[0] != torch.bfloat16 else 1e-2)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("clamp", CLAMPS)
+def test_nan_propagates_through_the_clamp(backend, kind, clamp):
+    """kl_penalty of NaN is NaN, clamped or not (Triton gave -inf; issue #11, item 5)."""
+    logp, refp = _inputs((2, 5), dtype=torch.float32)
+    logp[0, 1] = float("nan")
+    refp[1, 3] = float("nan")
+    out, g = _run(backend, logp, refp, kind, clamp)
+    expected, expected_g = _run("reference", logp.double(), refp.double(), kind, clamp)
+    assert torch.isnan(out[0, 1]) and torch.isnan(out[1, 3])
+    assert_close(out, expected, VALUE_TOL)
+    # Elsewhere the gradient is untouched (at the NaN itself it depends on how autograd
+    # orders 0 * NaN, which the policy leaves open).
+    fin = torch.isfinite(expected)
+    assert_close(g[fin], expected_g[fin], GRAD_TOL)
+
+
+@pytest.mark.parametrize("clamp", [(float("nan"), None), (None, float("nan")), (0.0, float("nan")), float("nan")])
+def test_nan_clamp_bound_is_rejected(clamp):
+    """A NaN inside a clamp pair is rejected as a single NaN is (issue #11, item 8)."""
+    logp, refp = _inputs((2, 3))
+    with pytest.raises(ValueError, match="clamp"):
+        kl.kl_penalty(logp, refp, "k3", clamp)
+    with pytest.raises(ValueError, match="clamp"):
+        ref.kl_penalty(logp, refp, "k3", clamp)

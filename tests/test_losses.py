@@ -618,3 +618,196 @@ for name in ['everything_token', 'everything_sequence', 'sequence']:
 for name in ['sequence', 'default']:
     t.test_half_long_rows_with_masked_nan('cpu', name)
 """)
+
+
+# ---------------------------------------------------------------------------------------
+# audit regressions (issue #11)
+
+
+MIXED_DTYPES = [
+    # (logp, old_logp, advantages, per-token optional tensors, mask)
+    (torch.float32, torch.float32, torch.float64, torch.float32, torch.bool),
+    (torch.bfloat16, torch.bfloat16, torch.float64, torch.bfloat16, torch.uint8),
+    (torch.float32, torch.float64, torch.float32, torch.bfloat16, torch.float32),
+    (torch.bfloat16, torch.float32, torch.float16, torch.float64, torch.int64),
+    (torch.float16, torch.bfloat16, torch.float32, torch.float32, torch.float64),
+]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtypes", MIXED_DTYPES, ids=lambda d: "-".join(str(x)[6:] for x in d))
+@pytest.mark.parametrize("name", ["default", "everything_token", "everything_sequence", "kl_k3"])
+def test_policy_loss_mixed_dtypes_match_reference(backend, dtypes, name):
+    """float64 advantages beside float32/bf16 log-probs were read as float (issue #11, item 4)."""
+    lp_dt, old_dt, adv_dt, opt_dt, mask_dt = dtypes
+    batch = make_batch(4, 11, seed=40, adv_per_token=name == "everything_token")
+    needs, options = OPTION_CASES[name]
+    logp = batch["logp"].to(lp_dt).requires_grad_()
+    opts = dict(options)
+    for key, arg in (("ref", "ref_logp"), ("rollout", "rollout_logp"), ("entropy", "entropy")):
+        if key in needs:
+            opts[arg] = batch[key].to(opt_dt)
+    if "entropy" in opts:
+        opts["entropy"].requires_grad_()
+    args = (logp, batch["old"].to(old_dt), batch["adv"].to(adv_dt), batch["mask"].to(mask_dt))
+    out, grads = run(backend, args, opts)
+    expected, expected_grads = reference_of(args, opts)
+    assert_close(out.loss, expected.loss, VALUE_TOL, "loss")
+    for k in expected.metrics:
+        assert_close(out.metrics[k], expected.metrics[k], VALUE_TOL, k)
+    for g, leaf, e in zip(grads, [logp, opts.get("entropy")], expected_grads):
+        assert g.dtype == leaf.dtype
+        tol = GRAD_TOL if leaf.dtype in (torch.float32, torch.float64) else 1e-2
+        assert_close(g, e, tol, "grad")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("clip", [None, 0.2])
+def test_value_loss_mixed_dtypes_match_reference(backend, clip):
+    v, vo, R, mask = _values(dtype=torch.float64)
+    for v_dt, vo_dt, R_dt, m_dt in [(torch.float32, torch.float64, torch.float32, torch.bool),
+                                    (torch.bfloat16, torch.float32, torch.float64, torch.float32),
+                                    (torch.float64, torch.bfloat16, torch.float16, torch.uint8)]:
+        vv = v.to(v_dt).requires_grad_()
+        with rlkern.use_backend(backend):
+            out = losses.value_loss(vv, vo.to(vo_dt), R.to(R_dt), mask.to(m_dt), clip=clip)
+        (g,) = torch.autograd.grad(out.loss, vv)
+        v64 = vv.detach().double().requires_grad_()
+        expected = ref.value_loss(v64, vo.to(vo_dt).double(), R.to(R_dt).double(), mask, clip)
+        (ge,) = torch.autograd.grad(expected.loss, v64)
+        assert_close(out.loss, expected.loss)
+        assert g.dtype == v_dt
+        assert_close(g, ge, GRAD_TOL if v_dt != torch.bfloat16 else 1e-2)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_pair_losses_mixed_dtypes_match_reference(backend):
+    c, r, rc, rr = _pairs(dtype=torch.float64)
+    for dts in [(torch.float32, torch.float32, torch.float64, torch.float64),
+                (torch.bfloat16, torch.float64, torch.float32, torch.bfloat16),
+                (torch.float64, torch.float16, torch.float32, torch.float32)]:
+        x = [t.to(dt) for t, dt in zip((c, r, rc, rr), dts)]
+        x[0].requires_grad_()
+        x[1].requires_grad_()
+        y = [(t.detach() / 5).requires_grad_(t.requires_grad) for t in x[:2]] + [x[2].detach().abs() / 20]
+        up = [t.detach().double().requires_grad_(t.requires_grad) for t in x]
+        upy = [t.detach().double().requires_grad_(t.requires_grad) for t in y]
+        with rlkern.use_backend(backend):
+            out = losses.dpo_loss(*x, beta=0.3)
+            bt = losses.bradley_terry_loss(*y)
+        expected = ref.dpo_loss(*up, 0.3)
+        expected_bt = ref.bradley_terry_loss(*upy)
+        assert_close(out.loss, expected.loss)
+        assert_close(bt.loss, expected_bt.loss)
+        for got, want, inputs, inputs64 in ((out, expected, x, up), (bt, expected_bt, y, upy)):
+            grads = torch.autograd.grad(got.loss, inputs[:2])
+            wants = torch.autograd.grad(want.loss, inputs64[:2])
+            for g, w, leaf in zip(grads, wants, inputs):
+                assert g.dtype == leaf.dtype
+                assert_close(g, w, GRAD_TOL if leaf.dtype in (torch.float32, torch.float64) else 1e-2)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name", ["default", "log_ratio_clamp", "sequence_clamp", "kl_k3_clamp", "tis_token",
+                                  "tis_sequence", "everything_token", "everything_sequence"])
+@pytest.mark.parametrize("where", ["logp", "old", "ref", "rollout"])
+def test_nan_at_an_active_token_gives_nan(backend, name, where):
+    """Clamps must not drop NaN (Triton's tl.minimum/tl.maximum did; issue #11, item 5)."""
+    needs, options = OPTION_CASES[name]
+    if where in ("ref", "rollout") and where not in needs:
+        pytest.skip("option set without that input")
+    batch = make_batch(3, 6, seed=41)
+    batch["mask"][0, :3] = True
+    batch[where][0, 1] = float("nan")
+    args, opts = build(batch, needs, options, dtype=torch.float32)
+    out, grads = run(backend, args, opts)
+    expected, _ = reference_of(args, opts)
+    assert torch.isnan(out.loss) == torch.isnan(expected.loss)
+    if where != "ref" or options.get("kl_coef"):
+        assert torch.isnan(out.loss)
+    if where == "logp":
+        assert torch.isnan(grads[0]).any()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+def test_dpo_nan_input_gives_nan(backend, loss_type):
+    """relu(NaN) is NaN as in the reference (the hinge loss dropped it; issue #11, item 5)."""
+    c, r, rc, rr = _pairs(dtype=torch.float32)
+    c[2] = float("nan")
+    with rlkern.use_backend(backend):
+        out = losses.dpo_loss(c, r, rc, rr, beta=0.3, loss_type=loss_type)
+    assert torch.isnan(out.loss)
+    assert torch.isnan(ref.dpo_loss(c.double(), r.double(), rc.double(), rr.double(), 0.3, loss_type).loss)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_infinite_entropy_without_entropy_coef_stays_finite(backend, level):
+    """entropy_coef=0 must not add 0 * entropy (inf entropy gave a NaN loss; issue #11, item 6)."""
+    batch = make_batch(3, 8, seed=42)
+    batch["entropy"][batch["mask"]] = float("inf")
+    for options in (dict(level=level), dict(level=level, entropy_top_fraction=0.5)):
+        args, opts = build(batch, ("entropy", "rollout"), dict(options, tis_cap=2.0), dtype=torch.float32)
+        out, grads = run(backend, args, opts)
+        expected, expected_grads = reference_of(args, opts)
+        assert torch.isfinite(expected.loss)
+        assert_close(out.loss, expected.loss)
+        assert_close(grads[0], expected_grads[0], GRAD_TOL)
+        assert (grads[1] == 0).all()
+        assert out.metrics["entropy"].item() == float("inf")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_value_loss_clip_propagates_non_finite_old_values(backend, bad):
+    """A NaN old value at an active token makes the clipped loss NaN, as the reference
+    (it was ignored; issue #11, item 7); infinite ones follow the reference too."""
+    v, vo, R, mask = _values(dtype=torch.float32)
+    mask[1, 2] = True
+    v[1, 2], R[1, 2] = 0.5, 0.1
+    vo[1, 2] = bad
+    v.requires_grad_()
+    with rlkern.use_backend(backend):
+        out = losses.value_loss(v, vo, R, mask, clip=0.2)
+    (g,) = torch.autograd.grad(out.loss, v)
+    v64 = v.detach().double().requires_grad_()
+    expected = ref.value_loss(v64, vo.double(), R.double(), mask, 0.2)
+    (ge,) = torch.autograd.grad(expected.loss, v64)
+    if bad != bad:
+        assert torch.isnan(expected.loss) and torch.isnan(out.loss)
+        assert torch.isnan(g[1, 2])
+    else:
+        assert_close(out.loss, expected.loss)
+        assert_close(g, ge, GRAD_TOL)
+    assert_close(out.metrics["clip_frac"], expected.metrics["clip_frac"])
+
+
+@pytest.mark.parametrize("option", ["log_ratio_clamp", "kl_clamp"])
+@pytest.mark.parametrize("value", [(float("nan"), None), (None, float("nan")), (-1.0, float("nan")),
+                                   [float("nan"), 1.0], float("nan")])
+def test_nan_in_a_clamp_pair_is_rejected(option, value):
+    """A NaN bound inside a pair was ignored by the kernels (issue #11, item 8)."""
+    b = make_batch(3, 4, seed=17, dtype=torch.float32)
+    with pytest.raises(ValueError, match=option):
+        losses.policy_loss(b["logp"], b["old"], b["adv"], b["mask"], ref_logp=b["ref"], **{option: value})
+    with pytest.raises(ValueError, match=option):
+        ref.policy_loss(b["logp"], b["old"], b["adv"], b["mask"], ref_logp=b["ref"], **{option: value})
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_tiny_normalizer_and_float64_grad_scale(backend):
+    """normalizer=1e-300 behaves as on the C++ path, and float64 gradients carry no float32
+    rounding of 1 / normalizer (Triton stored grad_scale as float32; issue #11, item 20)."""
+    batch = make_batch(3, 7, seed=43)
+    args, opts = build(batch, (), dict(normalizer=1e-300), dtype=torch.float32)
+    out, grads = run(backend, args, opts)
+    cpu_out, cpu_grads = run("cpu", args, opts)
+    assert torch.equal(torch.isfinite(out.loss), torch.isfinite(cpu_out.loss))
+    assert torch.equal(torch.isinf(grads[0]), torch.isinf(cpu_grads[0]))
+    for normalizer in (3.0, 1e-300):
+        args, opts = build(batch, (), dict(normalizer=normalizer))
+        out, grads = run(backend, args, opts)
+        expected, expected_grads = reference_of(args, opts)
+        assert_close(out.loss, expected.loss, 1e-13)
+        assert_close(grads[0], expected_grads[0], 1e-13)

@@ -103,7 +103,7 @@ struct RowConst {
   A clip_lo, clip_hi, cap, dual, lr_lo, lr_hi, kl_lo, kl_hi, kl_coef, ent_coef, tis_cap, ent_threshold;
   A seq_ratio, seq_dx, seq_tis, row_w, grad_w;
   int objective, kl_kind;
-  bool has_dual, use_kl, kl_corr, tis_token, tis_mask_mode, has_select, drop_negative;
+  bool has_dual, use_kl, use_ent, kl_corr, tis_token, tis_mask_mode, has_select, drop_negative;
 };
 
 template <class A>
@@ -182,7 +182,9 @@ RLK_LOSS_INLINE TokenTerms<A> token_terms(const RowConst<A>& c, A lp, A o, A a, 
     direct += c.use_kl ? c.kl_coef * (c.kl_corr ? dkl * r : dkl) : zero;
     dr += (c.use_kl & c.kl_corr) ? c.kl_coef * kl : zero;
   }
-  if (EXTRA) l -= c.ent_coef * h;
+  // Selected, not multiplied by a zero coefficient: an infinite entropy that only feeds the
+  // metric must not make the loss NaN.
+  if (EXTRA) l -= c.use_ent ? c.ent_coef * h : zero;
   TokenTerms<A> out;
   out.loss = l;
   out.grad = SEQ ? direct : direct + dr * r * dx;
@@ -294,7 +296,7 @@ struct RowConstV {
   vf seq_ratio, seq_dx, seq_tis, row_w, grad_w;
   vi has_dual, use_kl, kl_corr, tis_token, tis_mask_mode, has_select, drop_negative, is_clip, is_cispo, kl_k1;
   bool has_lr_clamp, clip_objective, cispo_objective, has_cap, has_dual_clip, drop_negative_row, has_seq_tis, k1,
-      has_kl_clamp, use_kl_term, kl_correction;
+      has_kl_clamp, use_kl_term, use_ent_term, kl_correction;
   explicit RowConstV(const RowConst<float>& c)
       : clip_lo(splat(c.clip_lo)), clip_hi(splat(c.clip_hi)), cap(splat(c.cap)), dual(splat(c.dual)),
         lr_lo(splat(c.lr_lo)), lr_hi(splat(c.lr_hi)), kl_lo(splat(c.kl_lo)), kl_hi(splat(c.kl_hi)),
@@ -316,6 +318,7 @@ struct RowConstV {
     k1 = c.kl_kind == kK1;
     has_kl_clamp = c.kl_lo != -inf || c.kl_hi != inf;
     use_kl_term = c.use_kl;
+    use_ent_term = c.use_ent;
     kl_correction = c.kl_corr;
   }
 };
@@ -525,7 +528,7 @@ RLK_LOSS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& c,
       }
     }
   }
-  if (EXTRA) l -= c.ent_coef * h;
+  if (EXTRA && c.use_ent_term) l -= c.ent_coef * h;
   const vf g = SEQ ? direct : direct + dr * r * dx;
   vstore(in.grad, i, m ? c.grad_w * g : zero);
   L.n += m ? one : zero;
@@ -572,6 +575,7 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
   c.kl_corr = p.kl_correction;
   c.use_kl = p.kl_coef != 0.0;
   c.ent_coef = p.entropy ? A(p.entropy_coef) : A(0);
+  c.use_ent = p.entropy && p.entropy_coef != 0.0;
   c.has_select = p.has_entropy_select;
   c.ent_threshold = A(p.entropy_threshold);
   c.tis_cap = A(p.tis_cap);
@@ -916,12 +920,14 @@ std::vector<double> value_loss_fused(int64_t B, int64_t T, int dtype, ptr_t valu
           ValueGrad<A> e{e1, de1};
           if (has_clip) {
             const A vold = load(vo, i);
-            Bounds<A> range;
-            range.has_lo = range.has_hi = true;
-            range.lo = vold - c;
-            range.hi = vold + c;
-            const ValueGrad<A> vc = range.apply(vi);
-            const A e2 = (vc.value - Ri) * (vc.value - Ri), de2 = A(2) * (vc.value - Ri) * vc.grad;
+            const A lo = vold - c, hi = vold + c;
+            // torch.clamp with NaN bounds gives NaN; a bound that clamps passes no gradient
+            // (selected, not multiplied: (vc - R) may be infinite there).
+            const bool nan_bound = !(lo == lo) || !(hi == hi);
+            const bool inside = !(vi < lo) && !(vi > hi);
+            const A vcv = nan_bound ? lo + hi : (vi < lo ? lo : (vi > hi ? hi : vi));
+            const A e2 = (vcv - Ri) * (vcv - Ri);
+            const A de2 = nan_bound ? e2 : (inside ? A(2) * (vcv - Ri) : A(0));
             clipped += e2 > e1;
             e = max_branch(e1, de1, e2, de2);
           }
@@ -977,7 +983,7 @@ std::vector<double> dpo_loss_fused(int64_t B, int dtype, ptr_t chosen, ptr_t rej
         gi = A(2) * u;
       } else {
         const A u = A(1) - b_ * z;
-        li = u > A(0) ? u : A(0);
+        li = u < A(0) ? A(0) : u;  // relu that keeps NaN, as torch.relu
         gi = u > A(0) ? -b_ : A(0);
       }
       g[i] = gi;

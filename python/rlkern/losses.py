@@ -46,6 +46,16 @@ def _storage(*tensors: Optional[torch.Tensor]) -> torch.dtype:
     return compute_dtype(*present)
 
 
+def _policy_dtypes(logp, old_logp, advantages, tensors) -> "tuple[torch.dtype, torch.dtype]":
+    """(storage dtype of the [B, T] inputs, arithmetic dtype). The kernels read advantages in
+    the arithmetic type of the storage type, so a float64 input anywhere (advantages
+    included) makes the storage float64 too."""
+    acc = compute_dtype(logp, old_logp, advantages, *tensors.values())
+    if acc == torch.float64:
+        return torch.float64, acc
+    return _storage(logp, old_logp, *tensors.values()), acc
+
+
 def _as(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
     if t is None:
         return None
@@ -208,8 +218,7 @@ def _metrics_from_totals(totals, cfg: PolicyLossConfig, has_ref: bool, has_entro
 def _policy_cpu(logp, old_logp, advantages, mask, cfg: PolicyLossConfig, tensors):
     B, T = logp.shape
     ref_logp, rollout_logp, entropy = tensors["ref_logp"], tensors["rollout_logp"], tensors["entropy"]
-    storage = _storage(logp, old_logp, ref_logp, rollout_logp, entropy)
-    acc = compute_dtype(logp, old_logp, advantages, ref_logp, rollout_logp, entropy)
+    storage, acc = _policy_dtypes(logp, old_logp, advantages, tensors)
     device = logp.device
     want_entropy_grad = entropy is not None and entropy.requires_grad and cfg.entropy_coef != 0
 

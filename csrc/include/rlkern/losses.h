@@ -103,11 +103,14 @@ RLK_HOST_DEVICE ValueGrad<A> kl_estimate(int kind, A logp, A ref_logp, const Bou
   return kl;
 }
 
-// max(a, b) with da, db: the derivative of the result.
+// max(a, b) with da, db: the derivative of the result. NaN in either gives NaN (as
+// torch.maximum), with the derivative of the NaN side.
 template <class A>
 RLK_HOST_DEVICE ValueGrad<A> max_branch(A a, A da, A b, A db) {
   if (a > b) return {a, da};
   if (a < b) return {b, db};
+  if (!(b == b)) return {b, db};
+  if (!(a == a)) return {a, da};
   return {a, A(0.5) * (da + db)};
 }
 

@@ -15,6 +15,7 @@ gradient passes at the bounds themselves).
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple, Union
 
 import torch
@@ -31,7 +32,12 @@ def clamp_bounds(name: str, clamp: Clamp) -> Tuple[Optional[float], Optional[flo
     if isinstance(clamp, (tuple, list)):
         if len(clamp) != 2:
             raise ValueError(f"{name} must be a number or a (low, high) pair, got {clamp!r}")
-        low, high = (None if c is None else float(c) for c in clamp)
+        try:
+            low, high = (None if c is None else float(c) for c in clamp)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be a number or a (low, high) pair of numbers or None, got {clamp!r}") from None
+        if (low is not None and math.isnan(low)) or (high is not None and math.isnan(high)):
+            raise ValueError(f"{name} must not contain NaN, got {clamp!r}")
     else:
         try:
             c = float(clamp)

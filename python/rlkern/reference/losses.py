@@ -227,7 +227,11 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     cfg, tensors = parse_policy_options(options)
     ref_logp, rollout_logp, entropy = tensors["ref_logp"], tensors["rollout_logp"], tensors["entropy"]
     m = mask != 0
-    dtype = torch.promote_types(logp.dtype, old_logp.dtype)
+    # Arithmetic in the widest floating type among the inputs (float64 when any is).
+    dtype = logp.dtype
+    for t in (old_logp, advantages, ref_logp, rollout_logp, entropy):
+        if t is not None and t.is_floating_point():
+            dtype = torch.promote_types(dtype, t.dtype)
 
     def active(x: torch.Tensor) -> torch.Tensor:
         return torch.where(m, x.to(dtype), torch.zeros((), dtype=dtype, device=x.device))
@@ -310,6 +314,8 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     """
     m = mask != 0
     dtype = torch.promote_types(values.dtype, returns.dtype)
+    if clip is not None and old_values is not None:
+        dtype = torch.promote_types(dtype, old_values.dtype)
 
     def active(x):
         return torch.where(m, x.to(dtype), torch.zeros((), dtype=dtype, device=x.device))

@@ -23,6 +23,13 @@ INF = float("inf")
 
 
 @triton.jit
+def _clamp(x, lo, hi):
+    # Not tl.minimum/tl.maximum: they return the bound for a NaN x, where torch.clamp (and
+    # the C++ kernels) keep the NaN. Comparisons with NaN are false, so x passes through.
+    return tl.where(x < lo, lo, tl.where(x > hi, hi, x))
+
+
+@triton.jit
 def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD_SCALE, GRAD, GRAD_ENT, STATS, T,
                         clip_lo, clip_hi, cap, dual, lr_lo, lr_hi, kl_lo, kl_hi, kl_coef, ent_coef, tis_cap,
                         off_thr, has_dual, tis_token, tis_seq, tis_mask_mode, has_off, has_select, row_mean,
@@ -60,11 +67,11 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD_SCAL
     grad_w = row_w * tl.load(GRAD_SCALE).to(COMPUTE)
     drop_negative = (has_off != 0) & (s_div / n1 > off_thr)
     seq_x = s_lr / n1
-    seq_xc = tl.minimum(tl.maximum(seq_x, lr_lo), lr_hi)
+    seq_xc = _clamp(seq_x, lr_lo, lr_hi)
     seq_dx = tl.where((seq_x < lr_lo) | (seq_x > lr_hi), 0.0, 1.0)
     seq_r = tl.exp(seq_xc)
     w_seq = tl.exp(s_tis)
-    w_seq = tl.where(tis_mask_mode != 0, tl.where(w_seq > tis_cap, 0.0, w_seq), tl.minimum(w_seq, tis_cap))
+    w_seq = tl.where(w_seq > tis_cap, tl.where(tis_mask_mode != 0, 0.0, tis_cap), w_seq)
     seq_tis = tl.where(tis_seq != 0, w_seq, 1.0)
     if HAS_ENT:
         ent_thr = tl.load(ENT_THR).to(COMPUTE)
@@ -93,7 +100,7 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD_SCAL
             dx = zero + seq_dx
         else:
             x = lp - o
-            xc = tl.minimum(tl.maximum(x, lr_lo), lr_hi)
+            xc = _clamp(x, lr_lo, lr_hi)
             dx = tl.where((x < lr_lo) | (x > lr_hi), 0.0, 1.0)
             r = tl.exp(xc)
         # PPO clip with ratio cap and dual clip; ties split the gradient as torch does.
@@ -131,7 +138,7 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD_SCAL
         if HAS_ROLL:
             ro = tl.load(ROLL + base + idx, mask=m, other=0.0).to(COMPUTE)
             wt = tl.exp(o - ro)
-            wt = tl.where(tis_mask_mode != 0, tl.where(wt > tis_cap, 0.0, wt), tl.minimum(wt, tis_cap))
+            wt = tl.where(wt > tis_cap, tl.where(tis_mask_mode != 0, 0.0, tis_cap), wt)
             weight = tl.where(tis_token != 0, weight * wt, weight)
         weight = weight * seq_tis
         l_tok = weight * pg
@@ -152,7 +159,7 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD_SCAL
                 kl = e - 1.0 - d
                 dkl = 1.0 - e
             dkl = tl.where((kl < kl_lo) | (kl > kl_hi), 0.0, dkl)
-            kl = tl.minimum(tl.maximum(kl, kl_lo), kl_hi)
+            kl = _clamp(kl, kl_lo, kl_hi)
             if USE_KL:
                 if KL_CORR:
                     l_tok += kl_coef * kl * r
@@ -162,7 +169,9 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD_SCAL
                     l_tok += kl_coef * kl
                     direct += kl_coef * dkl
         if HAS_ENT:
-            l_tok -= ent_coef * h
+            # Selected, not multiplied by 0: an infinite entropy feeding only the metric
+            # must not make the loss NaN.
+            l_tok -= tl.where(ent_coef != 0.0, ent_coef * h, 0.0)
             acc_ent += tl.sum(h, 0)
             if WRITE_ENT_GRAD:
                 tl.store(GRAD_ENT + base + idx, tl.where(m, -ent_coef * grad_w, 0.0).to(GRAD_ENT.dtype.element_ty),
@@ -219,7 +228,7 @@ def _kl_kernel(LOGP, REF, OUT, GRAD, N, kl_lo, kl_hi, KL: tl.constexpr, WRITE_GR
         kl = e - 1.0 - d
         dkl = 1.0 - e
     dkl = tl.where((kl < kl_lo) | (kl > kl_hi), 0.0, dkl)
-    kl = tl.minimum(tl.maximum(kl, kl_lo), kl_hi)
+    kl = _clamp(kl, kl_lo, kl_hi)
     tl.store(OUT + idx, kl, mask=inb)
     if WRITE_GRAD:
         tl.store(GRAD + idx, dkl, mask=inb)
@@ -256,13 +265,17 @@ def _value_loss_kernel(V, VOLD, RET, MASK, GRAD, STATS, T, clip, HAS_CLIP: tl.co
             vo = tl.load(VOLD + base + idx, mask=m, other=0.0).to(COMPUTE)
             lo = vo - clip
             hi = vo + clip
-            vc = tl.where(v < lo, lo, tl.where(v > hi, hi, v))
-            dvc = tl.where((v < lo) | (v > hi), 0.0, 1.0)
+            # torch.clamp with a NaN bound gives NaN; where a bound clamps no gradient passes
+            # (selected, not multiplied: vc - R may be infinite there).
+            nan_bound = (lo != lo) | (hi != hi)
+            vc = tl.where(nan_bound, lo + hi, tl.where(v < lo, lo, tl.where(v > hi, hi, v)))
             e2 = (vc - R) * (vc - R)
-            de2 = 2.0 * (vc - R) * dvc
+            de2 = tl.where(nan_bound, e2, tl.where((v < lo) | (v > hi), 0.0, 2.0 * (vc - R)))
             acc_clip += tl.sum((m & (e2 > e)).to(COMPUTE), 0)
-            de = tl.where(e > e2, de, tl.where(e < e2, de2, 0.5 * (de + de2)))
-            e = tl.maximum(e, e2)
+            # max that keeps NaN (tl.maximum drops it), ties split as torch does
+            tie = 0.5 * (de + de2)
+            de = tl.where(e > e2, de, tl.where(e < e2, de2, tl.where(e2 != e2, de2, tl.where(e != e, de, tie))))
+            e = tl.where(e < e2, e2, tl.where(e2 != e2, e2, e))
         tl.store(GRAD + base + idx, tl.where(m, 0.5 * row_w * de, 0.0), mask=inb)
         acc_n += tl.sum(m.to(COMPUTE), 0)
         acc_loss += tl.sum(tl.where(m, 0.5 * row_w * e, 0.0), 0)
@@ -304,7 +317,7 @@ def _dpo_kernel(C, R, RC, RR, GRAD, CREW, RREW, STATS, B, beta, label_smoothing,
         g = 2.0 * u
     else:
         u = 1.0 - beta * z
-        loss = tl.maximum(u, 0.0)
+        loss = tl.where(u < 0.0, 0.0, u)  # relu that keeps NaN, as torch.relu
         g = tl.where(u > 0.0, -beta, 0.0)
     crew = beta * dc
     rrew = beta * dr
@@ -349,15 +362,13 @@ def policy_loss(logp, old_logp, advantages, mask, cfg, tensors: Dict[str, Option
                 want_entropy_grad: bool):
     """Runs the fused kernel; returns (loss, metrics, grad_logp, grad_entropy), the gradients
     finished and in the inputs' storage dtype (as the C++ path)."""
-    from .._kernel import compute_dtype
-    from ..losses import _agg_denominator, _as, _mask_bytes, _metrics_from_totals, _storage
+    from ..losses import _agg_denominator, _as, _mask_bytes, _metrics_from_totals, _policy_dtypes
     from ..reference.kl import clamp_bounds
     from ..reference.losses import entropy_threshold
 
     B, T = logp.shape
     ref_logp, rollout_logp, entropy = tensors["ref_logp"], tensors["rollout_logp"], tensors["entropy"]
-    storage = _storage(logp, old_logp, ref_logp, rollout_logp, entropy)
-    acc = compute_dtype(logp, old_logp, advantages, ref_logp, rollout_logp, entropy)
+    storage, acc = _policy_dtypes(logp, old_logp, advantages, tensors)
     lp, old = _as(logp, storage), _as(old_logp, storage)
     ref, roll, ent = _as(ref_logp, storage), _as(rollout_logp, storage), _as(entropy, storage)
     adv = _as(advantages, acc)
@@ -373,8 +384,13 @@ def policy_loss(logp, old_logp, advantages, mask, cfg, tensors: Dict[str, Option
     # which stays on the device (no host synchronisation).
     active = m.sum() if cfg.agg == "token-mean" and cfg.normalizer is None else 0
     denom = _agg_denominator(cfg.agg, cfg.normalizer, active, B, T)
-    grad_scale = (1.0 / denom).to(torch.float32).reshape(1) if isinstance(denom, torch.Tensor) else \
-        torch.full((1,), 1.0 / denom, dtype=torch.float32, device=lp.device)
+    # In the arithmetic dtype: float64 gradients must not carry a float32 rounding of the
+    # scale. Formed in float64 and cast, so that a scale beyond float32's range (normalizer
+    # 1e-300) becomes inf as on the C++ path instead of raising.
+    if isinstance(denom, torch.Tensor):
+        grad_scale = (1.0 / denom.to(torch.float64)).to(acc).reshape(1)
+    else:
+        grad_scale = torch.tensor([1.0 / denom], dtype=torch.float64, device=lp.device).to(acc)
     lr_lo, lr_hi = clamp_bounds("log_ratio_clamp", cfg.log_ratio_clamp)
     kl_lo, kl_hi = clamp_bounds("kl_clamp", cfg.kl_clamp)
     clip_lo, clip_hi = cfg.clip_range
