@@ -156,7 +156,14 @@ def _check_errors(mesh):
         rlkern.policy_loss(d, old, distribute_tensor(adv, mesh, [Shard(0)]), distribute_tensor(mask, mesh, [Shard(0)]))
     with pytest.raises(ValueError, match="scale"):
         rlkern.group_advantages(distribute_tensor(torch.randn(8), mesh, [Shard(0)]), 4, scale="batch")
-    with pytest.raises(TypeError, match="DTensor"):
+
+
+def _check_unsupported(mesh):
+    """Ops without DTensor support say so with a TypeError naming the argument."""
+    import rlkern
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    with pytest.raises(TypeError, match="prior_logits.*DTensor"):
         rlkern.mcts.Forest(2, 3, 8).set_roots(distribute_tensor(torch.zeros(2, 3), mesh, [Shard(0)]),
                                               distribute_tensor(torch.zeros(2), mesh, [Shard(0)]))
 
@@ -176,6 +183,7 @@ def _worker(rank, init_file, results):
         _check_errors(mesh)
         for placement in (Shard(0), Replicate()):
             _check_losses(mesh, placement)
+        _check_unsupported(mesh)
     finally:
         dist.destroy_process_group()
 
