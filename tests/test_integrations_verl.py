@@ -364,3 +364,18 @@ def test_nan_at_masked_positions_does_not_leak(name):
     assert_close(ours[0], theirs[0], 1e-5, "loss")
     check_metrics(ours[1], theirs[1])
     assert_close(ours[2], theirs[2], 1e-4, "grad")
+
+
+def test_bad_arguments_raise_clear_errors():
+    old, lp, adv, m = make_inputs("padded")
+    with pytest.raises(ValueError, match="loss_agg_mode"):
+        V.compute_policy_loss_vanilla(old, lp, adv, m, "token-median", actor_config())
+    with pytest.raises(ValueError, match="config"):
+        V.compute_policy_loss_gspo(old, lp, adv, m, "token-mean", None)
+    with pytest.raises(ValueError, match="dro_beta"):
+        V.compute_policy_loss_dro(old, lp, adv, m, "token-mean",
+                                  ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=2))
+    with pytest.raises(ValueError, match="Unsupported loss mode"):
+        V.get_policy_loss_fn("sapo")  # a fused-kernel objective rlkern does not provide yet
+    with pytest.raises(ValueError, match="index"):
+        V.compute_grpo_outcome_advantage(torch.zeros(4, 3), torch.ones(4, 3), np.array([0, 0, 1]))
