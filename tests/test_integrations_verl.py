@@ -379,3 +379,56 @@ def test_bad_arguments_raise_clear_errors():
         V.get_policy_loss_fn("sapo")  # a fused-kernel objective rlkern does not provide yet
     with pytest.raises(ValueError, match="index"):
         V.compute_grpo_outcome_advantage(torch.zeros(4, 3), torch.ones(4, 3), np.array([0, 0, 1]))
+
+
+def _graph_has(node, name: str) -> bool:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n is None or n in seen:
+            continue
+        seen.add(n)
+        if name in type(n).__name__:
+            return True
+        stack.extend(f for f, _ in n.next_functions)
+    return False
+
+
+@pytest.mark.parametrize("use_kl_loss", [False, True])
+def test_install_runs_verls_own_ppo_loss_on_rlkern(use_kl_loss):
+    """verl's trainer-side ppo_loss (verl/workers/utils/losses.py), unchanged, looks the policy loss
+    up by the config's loss_mode and calls kl_penalty by its imported name: after install() both are
+    rlkern's, and loss and gradients agree with verl's own run."""
+    wl = pytest.importorskip("verl.workers.utils.losses", reason="needs tensordict for verl's trainer losses")
+    from tensordict import TensorDict
+    from verl.utils import tensordict_utils as tu
+
+    old, lp, adv, m = make_inputs("padded")
+    ref = old + 0.1
+    lengths = m.sum(-1)
+    P = 2  # prompt tokens; verl's model output is flat over prompt + response, shifted by one
+    flat = torch.cat([torch.cat([torch.zeros(1), lp[i, :lengths[i]], torch.zeros(1)]) for i in range(B)])
+    data = TensorDict({"prompts": torch.ones(B, P, dtype=torch.long), "responses": torch.ones(B, T, dtype=torch.long),
+                       "attention_mask": torch.cat([torch.ones(B, P, dtype=torch.long), m.long()], 1),
+                       "response_mask": m.long(), "old_log_probs": old, "advantages": adv, "ref_log_prob": ref},
+                      batch_size=[B])
+    tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=int(m.sum()), global_batch_size=B)
+    cfg = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=2, clip_ratio=0.2,
+                      clip_ratio_high=0.28, use_kl_loss=use_kl_loss, kl_loss_type="low_var_kl", kl_loss_coef=0.1)
+
+    def step():
+        x = flat.clone().requires_grad_()
+        loss, _ = wl.ppo_loss(cfg, {"log_probs": x}, data)
+        return loss, torch.autograd.grad(loss, x)[0]
+
+    theirs = step()
+    V.install()
+    try:
+        assert wl.kl_penalty is V.kl_penalty and wl.compute_value_loss is V.compute_value_loss
+        ours = step()
+        assert _graph_has(ours[0].grad_fn, "PolicyLoss")  # the fused kernel's backward node
+    finally:
+        V.uninstall()
+    assert wl.kl_penalty is ca.kl_penalty
+    assert_loss(ours[0], theirs[0], 1e-5, "loss")
+    assert_close(ours[1], theirs[1], 1e-4, "grad")
