@@ -88,6 +88,12 @@ def _lt1(x: Number) -> bool:
     return bool(x < 1)
 
 
+def owned(loss: torch.Tensor) -> torch.Tensor:
+    """The fused loss as a tensor of its own: verl's trainer adds to the returned loss in place
+    (``policy_loss += kl_loss * coef``), which autograd forbids on a custom Function's view output."""
+    return loss.clone() if loss._base is not None else loss
+
+
 def weighted_advantages(advantages: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """advantages ([B] or [B, T]) times non-negative per-token weights [B, T], in at least float32.
 

@@ -163,11 +163,11 @@ class PolicyLoss(nn.Module):
                     ppo_kl = _peers.masked_mean(old_log_probs.float() - log_probs.detach().float(), m)
             else:
                 ppo_kl = out.metrics["approx_kl"]
-            return out.loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio
+            return _peers.owned(out.loss), clip_ratio, ppo_kl, vllm_kl, is_filter_ratio
         if not correcting:
             out = policy_loss(log_probs, old_log_probs, advantages, m, log_ratio_clamp=_LOG_RATIO_CLAMP, **common)
             clip_ratio = out.metrics["clip_frac_low"] + out.metrics["clip_frac_high"]
-            return out.loss, clip_ratio, out.metrics["approx_kl"], vllm_kl, is_filter_ratio
+            return _peers.owned(out.loss), clip_ratio, out.metrics["approx_kl"], vllm_kl, is_filter_ratio
         coef, is_filter_ratio, vllm_kl = self._is_coefficient(old_log_probs, rollout_log_probs, m)
         adv = _peers.weighted_advantages(advantages, coef)
         out = policy_loss(log_probs, old_log_probs, adv, m, log_ratio_clamp=_LOG_RATIO_CLAMP, **common)
@@ -178,7 +178,7 @@ class PolicyLoss(nn.Module):
             a = (advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages).float()
             clipped = r.clamp(1 - self.clip_eps_low, 1 + self.clip_eps_high) * a < r * a
             clip_ratio = _peers.masked_mean(clipped.float(), m)
-        return out.loss, clip_ratio, out.metrics["approx_kl"], vllm_kl, is_filter_ratio
+        return _peers.owned(out.loss), clip_ratio, out.metrics["approx_kl"], vllm_kl, is_filter_ratio
 
 
 class ValueLoss(nn.Module):

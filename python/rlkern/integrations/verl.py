@@ -53,6 +53,7 @@ __all__ = [
 
 _AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 _SAFETY = 20.0  # verl clamps policy log-ratios to [-20, 20] before exp
+_PG_METRICS = ("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower")
 
 
 def _check_mode(loss_agg_mode: str) -> str:
@@ -169,7 +170,7 @@ def compute_policy_loss_vanilla(old_log_prob: torch.Tensor, log_prob: torch.Tens
         clipfrac, lower = _eager_clip_metrics(old_log_prob, log_prob, advantages, response_mask, low, high, c)
     ppo_kl = _clamped_kl(old_log_prob, log_prob, response_mask)
     values = _peers.scalars([clipfrac, ppo_kl, lower])
-    return out.loss, dict(zip(("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"), values))
+    return _peers.owned(out.loss), dict(zip(_PG_METRICS, values))
 
 
 def compute_policy_loss(old_log_prob, log_prob, advantages, response_mask, cliprange=None, cliprange_low=None,
@@ -187,7 +188,8 @@ def compute_policy_loss(old_log_prob, log_prob, advantages, response_mask, clipr
                        clip_high=float(high), dual_clip=float(clip_ratio_c), log_ratio_clamp=_SAFETY, agg=agg,
                        normalizer=norm)
     clipfrac = out.metrics["clip_frac_low"] + out.metrics["clip_frac_high"]
-    return out.loss, clipfrac, _clamped_kl(old_log_prob, log_prob, response_mask), out.metrics["dual_clip_frac"]
+    ppo_kl = _clamped_kl(old_log_prob, log_prob, response_mask)
+    return _peers.owned(out.loss), clipfrac, ppo_kl, out.metrics["dual_clip_frac"]
 
 
 @torch.no_grad()
@@ -242,7 +244,7 @@ def compute_policy_loss_gspo(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
             clipfrac = _masked_mean((-a * s.clamp(1 - low, 1 + high) > -a * s).float(), response_mask)
             ppo_kl = _masked_mean(-lr.float(), response_mask)
     values = _peers.scalars([clipfrac, ppo_kl, 0.0])
-    return out.loss, dict(zip(("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"), values))
+    return _peers.owned(out.loss), dict(zip(_PG_METRICS, values))
 
 
 def compute_policy_loss_cispo(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
@@ -264,7 +266,7 @@ def compute_policy_loss_cispo(old_log_prob: torch.Tensor, log_prob: torch.Tensor
         clipfrac = _masked_mean(((r < 1 - low) | (r > 1 + high)).float(), response_mask)
         ppo_kl = _masked_mean(-lr, response_mask)
     values = _peers.scalars([clipfrac, ppo_kl, 0.0])
-    return out.loss, dict(zip(("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"), values))
+    return _peers.owned(out.loss), dict(zip(_PG_METRICS, values))
 
 
 def compute_policy_loss_gpg(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
@@ -276,7 +278,7 @@ def compute_policy_loss_gpg(old_log_prob: torch.Tensor, log_prob: torch.Tensor, 
     agg, norm = _agg(loss_agg_mode, response_mask, _batch_info(config))
     adv = advantages if rollout_is_weights is None else _peers.weighted_advantages(advantages, rollout_is_weights)
     out = _policy_loss(log_prob, old_log_prob, adv, response_mask, objective="reinforce", agg=agg, normalizer=norm)
-    return out.loss, {}
+    return _peers.owned(out.loss), {}
 
 
 def compute_policy_loss_dro(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
@@ -297,7 +299,7 @@ def compute_policy_loss_dro(old_log_prob: torch.Tensor, log_prob: torch.Tensor, 
         agg, norm = _agg(loss_agg_mode, response_mask, info)
         out = _policy_loss(log_prob, old_log_prob, advantages, response_mask, objective="reinforce",
                            ref_logp=old_log_prob, kl_coef=float(beta), kl_kind="k2", agg=agg, normalizer=norm)
-        loss, ppo_kl = out.loss, out.metrics["approx_kl"]
+        loss, ppo_kl = _peers.owned(out.loss), out.metrics["approx_kl"]
     else:
         adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
         log_ratio = log_prob - old_log_prob.detach()
@@ -318,7 +320,7 @@ def compute_policy_loss_reinforce(rollout_log_prob: torch.Tensor, log_prob: torc
     adv = advantages if rollout_is_weights is None else _peers.weighted_advantages(advantages, rollout_is_weights)
     out = _policy_loss(log_prob, rollout_log_prob, adv, response_mask, objective="reinforce", agg=agg,
                        normalizer=norm)
-    return out.loss, {"actor/ppo_kl": _peers.scalars([out.metrics["approx_kl"]])[0]}
+    return _peers.owned(out.loss), {"actor/ppo_kl": _peers.scalars([out.metrics["approx_kl"]])[0]}
 
 
 def compute_policy_loss_bypass_mode(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
@@ -436,7 +438,7 @@ def compute_value_loss(vpreds: torch.Tensor, returns: torch.Tensor, values: torc
     agg, norm = _peers.global_agg(_check_mode(loss_agg_mode), response_mask, dp_size, batch_num_tokens,
                                   global_batch_size, loss_scale_factor)
     out = _value_loss(vpreds, values, returns, response_mask, clip=cliprange_value, agg=agg, normalizer=norm)
-    return out.loss, out.metrics["clip_frac"]
+    return _peers.owned(out.loss), out.metrics["clip_frac"]
 
 
 def compute_rewards(token_level_scores, old_log_prob, ref_log_prob, kl_ratio):
