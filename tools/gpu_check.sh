@@ -6,7 +6,8 @@
 #   tools/gpu_check.sh [OUTDIR] [--dry-run] [--no-build] [--lean] [--bench-only] [--budget SECONDS]
 #   tools/gpu_check.sh --fetch-wheels     # here, with network: the optional competitors' wheels into .whl/
 #
-# Parts, each timed and capped so that the whole fits the budget (default 420 s):
+# Parts, each timed and capped so that the whole fits the budget (default 420 s on a GPU, 1800 s
+# for a dry run):
 #   wheels    pip-installs any *.whl found in $RLKERN_WHEELS, wheels/ or .whl/ (Liger-Kernel,
 #             mctx: pure Python) into a private folder put on PYTHONPATH; none is required
 #   build     pip install --no-build-isolation against the preinstalled torch, CUDA for
@@ -21,7 +22,7 @@
 #   bench     GPU: rlkern bench --device cuda, one process per suite, each given a fair share of
 #             the time left (--time-limit: cases that do not fit are listed as skipped);
 #             --bench-only skips tests and memcheck (a second call for the rest of the numbers);
-#             dry run: a --quick CPU run of two suites (the pipeline only, not GPU numbers)
+#             dry run: a --quick CPU run of the returns suite (the pipeline only, not GPU numbers)
 #   summary   tools/gpu_summary.py: summary.md (printed last) and bench.json
 #
 # Writes at most 8 files into OUTDIR (default $OUT, else ./gpu-check-out): build.log,
@@ -36,7 +37,7 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
 
-outdir="" dry=0 build=1 lean=0 bench_only=0 budget=420
+outdir="" dry=0 build=1 lean=0 bench_only=0 budget=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) dry=1 ;;
@@ -48,7 +49,7 @@ while [ $# -gt 0 ]; do
       # Run where pip reaches PyPI; carry .whl to the GPU machine (see README, "GPU check").
       grep -qxF '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
       exec "$PY" -m pip download --no-deps --only-binary=:all: -d .whl "liger-kernel==0.8.5" "mctx==0.0.71" ;;
-    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
     -*) echo "unknown option $1" >&2; exit 2 ;;
     *) outdir=$1 ;;
   esac
@@ -59,9 +60,13 @@ mkdir -p "$outdir"
 outdir=$(cd "$outdir" && pwd)
 work=$(mktemp -d /tmp/rlkern-gpu-check.XXXXXX)
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# The CUDA toolkit's tools (nvcc for the build, compute-sanitizer) where an image leaves them off PATH.
+for d in /usr/local/cuda/bin /usr/local/cuda/compute-sanitizer; do
+  [ -d "$d" ] && case ":$PATH:" in *":$d:"*) ;; *) PATH="$PATH:$d" ;; esac
+done
+export PATH
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 start=$(date +%s)
-deadline=$((start + budget))
 parts="$outdir/parts.tsv"
 printf 'part\tstatus\tseconds\tnote\n' > "$parts"
 failed=0
@@ -88,6 +93,9 @@ if [ "$dry" -eq 0 ] && "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_
   gpu=1
 fi
 mode=$([ "$gpu" -eq 1 ] && echo gpu || echo dry-run)
+# The budget is the GPU lease's; a dry run on a small CPU machine only has to finish.
+budget=${budget:-$([ "$gpu" -eq 1 ] && echo 420 || echo 1800)}
+deadline=$((start + budget))
 {
   echo "mode: $mode"
   echo "date: $(date -u +%FT%TZ)  host: $(hostname)  cores: $(nproc)"
@@ -214,7 +222,7 @@ if [ "$gpu" -eq 1 ]; then
   suites=${GPU_CHECK_SUITES:-returns logprobs losses gpu e2e}
   bench_args=(--device cuda --budget "${GPU_CHECK_BENCH_BUDGET:-0.2}")
 else
-  suites=${GPU_CHECK_SUITES:-returns losses}
+  suites=${GPU_CHECK_SUITES:-returns}
   bench_args=(--device cpu --quick --budget 0.05)
 fi
 set -- $suites

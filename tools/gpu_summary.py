@@ -89,6 +89,12 @@ def _num(x: Optional[float], spec: str, empty: str = "-") -> str:
     return format(x, spec)
 
 
+def _gbps(x: Optional[float]) -> str:
+    if x is None or math.isnan(x):
+        return "-"
+    return format(x, ",.0f") if x >= 100 else format(x, ".3g")
+
+
 def bench_table(bench: Dict[str, object]) -> List[str]:
     by_case: Dict[tuple, List[dict]] = collections.OrderedDict()
     for r in bench["results"]:
@@ -113,7 +119,7 @@ def bench_table(bench: Dict[str, object]) -> List[str]:
             else:
                 others.append(f"{r['impl']} {_num(r.get('speedup'), '.2f')}x")
         frac = roof.get("copy_fraction")
-        lines.append(f"| {suite}/{op} | {shape} | {ms} | {_num(roof.get('gbps'), ',.0f')} | "
+        lines.append(f"| {suite}/{op} | {shape} | {ms} | {_gbps(roof.get('gbps'))} | "
                      f"{_num(None if frac is None else 100 * frac, '.0f')} | {_num(roof.get('tflops'), '.0f')} | "
                      f"{'; '.join(others).replace('|', '/')} |")
     return lines
@@ -127,10 +133,10 @@ def render(mode: str, parts: List[Dict[str, str]], junit: Dict[str, object], ben
     out.append(f"# {title}: {verdict}")
     out.append("")
     if mode != "gpu":
-        out.append("No CUDA device: built and ran the CPU side only (the GPU test modules collected and skipped, "
-                   "Triton kernels under the interpreter and compiled ahead of time, the memcheck script on the "
-                   "CPU without the sanitizer, a --quick CPU bench through the same pipeline). "
-                   "GPU tests, compute-sanitizer and GPU timings were SKIPPED.")
+        out.append("No CUDA device: ran the CPU side only (the GPU tests on small CPU tensors with the Triton "
+                   "kernels under the interpreter, the Triton-backend tests and the ahead-of-time compile unless "
+                   "--lean, the memcheck script on the CPU without the sanitizer, a --quick CPU bench through "
+                   "the same pipeline). GPU tests at real sizes, compute-sanitizer and GPU timings were SKIPPED.")
         out.append("")
     if bench.get("device"):
         out.append(f"Bench device: {bench['device']}, torch {bench['torch']}; measured copy bandwidth "
