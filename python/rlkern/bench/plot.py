@@ -68,7 +68,8 @@ def write_plot(results: Sequence[Result], path: str, meta: Optional[Dict] = None
                              gridspec_kw={"height_ratios": heights}, squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     all_x = [r.speedup for cases in groups.values() for _, bars, marks in cases for r in bars + marks]
-    lo, hi = min(all_x + [1.0]) / 1.6, max(all_x + [1.0]) * 12  # room for the labels
+    top_x = max(all_x + [1.0])
+    lo, hi = min(all_x + [1.0]) / 1.6, top_x * 60  # room for the labels right of the longest bar
     labelled = set()
     for ax, (suite, cases) in zip(axes[:, 0], groups.items()):
         y = 0.0
@@ -107,6 +108,6 @@ def write_plot(results: Sequence[Result], path: str, meta: Optional[Dict] = None
                    frameon=False)
     fig.suptitle(figure_title(meta or {}), fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=130, bbox_inches="tight")  # long labels right of the longest bars stay in
     plt.close(fig)
     return True

@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--filter", default=None, help="run only cases whose op contains this text")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--quick", action="store_true",
-                   help="small shapes only and no torch.compile competitors: a smoke run of a minute or two, "
+                   help="small shapes only and no torch.compile competitors: a smoke run of a few minutes, "
                         "not a measurement")
     p.add_argument("--budget", type=float, default=1.5, help="seconds of timed repeats per implementation")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
