@@ -313,7 +313,9 @@ struct Forest::Completed {
   // spread that itself overflows), sigma is evaluated as (q/2 - lo/2) * cmul instead,
   // which is bounded by scale. Ordinary values never take this branch, so their results
   // are unchanged bit for bit.
-  bool centered = false;
+  // Without rescaling, sigma(q) = scale * q can exceed float32 for huge values: it then
+  // saturates at +-FLT_MAX instead of becoming inf (and NaN in the softmax).
+  bool centered = false, saturate = false;
   float cmul = 0.f;
   float sigma_missing = 0.f;  // sigma of the completed value of unvisited or illegal actions
   int32_t sum_visits = 0;
@@ -321,7 +323,11 @@ struct Forest::Completed {
   int32_t best_unvisited_edge = -1;  // highest prior among unvisited legal children
   float best_unvisited_prior = kNegInf;
   float unvisited_prior_sum = 0.f;
-  float sigma(float q) const { return centered ? (q * 0.5f - lo * 0.5f) * cmul : mul * q + add; }
+  float sigma(float q) const {
+    if (centered) return (q * 0.5f - lo * 0.5f) * cmul;
+    if (saturate) return std::min(std::max(mul * q, -FLT_MAX), FLT_MAX);
+    return mul * q + add;
+  }
 };
 
 Forest::Forest(int64_t batch_size, int64_t num_actions, int64_t max_nodes, int64_t max_edges, const Config& config)
@@ -602,6 +608,7 @@ void Forest::completed(int64_t b, int32_t x, std::vector<Child>& buf, Completed&
   } else {
     out.mul = out.scale;
     out.add = 0.f;
+    out.saturate = !(out.mul * std::max(std::fabs(lo), std::fabs(hi)) <= FLT_MAX);
   }
   out.sum_visits = sum_n;
   out.sigma_missing = out.sigma(v);
