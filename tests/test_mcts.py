@@ -719,3 +719,225 @@ def test_repeated_search_and_advance_keeps_memory_flat():
     for _ in range(400):
         cycle()
     assert bench.current_rss() - before < 8 * 2**20
+
+
+# -- issue #11: non-finite options and products, totality, recoverable errors ---------------
+
+def _mctx_considered_visits(m, n):
+    """mctx seq_halving.get_sequence_of_considered_visits, transcribed with Python ints."""
+    if m <= 1:
+        return tuple(range(n))
+    log2max = int(math.ceil(math.log2(m)))
+    seq, visits, considered = [], [0] * m, m
+    while len(seq) < n:
+        extra = max(1, int(n / (log2max * considered)))
+        for _ in range(extra):
+            seq.extend(visits[:considered])
+            for i in range(considered):
+                visits[i] += 1
+        considered = max(2, considered // 2)
+    return tuple(seq[:n])
+
+
+def test_considered_visit_sequence_matches_mctx_and_huge_m_is_instant():
+    for m in list(range(0, 20)) + [31, 32, 33, 100]:
+        for n in (1, 2, 5, 16, 17, 50, 64, 100):
+            assert mcts.considered_visit_sequence(m, n) == _mctx_considered_visits(m, n), (m, n)
+    # (2**31 - 1, 1) used to overflow a shift and loop forever: tests/test_crash_safety_mcts.py
+    assert mcts.considered_visit_sequence(10**6, 3) == (0, 0, 0)
+    with pytest.raises(ValueError, match="max_num_considered_actions"):
+        mcts.considered_visit_sequence(2**31, 1)
+    with pytest.raises(ValueError, match="num_simulations"):
+        mcts.considered_visit_sequence(4, 2**40)
+
+
+def test_gumbel_plan_is_capped_at_the_number_of_actions():
+    import time
+
+    B, A, S = 4, 9, 50
+    fn, logits, _ = random_net(A, seed=5, two_player=True)
+    results = []
+    for m in (A, 10**6):
+        forest = mcts.Forest(B, A, S + 1, mcts.Config(algorithm="gumbel", max_considered_actions=m, seed=2))
+        forest.set_roots(np.tile(logits[0], (B, 1)), np.zeros(B))
+        t0 = time.perf_counter()
+        results.append(forest.search(fn, S))
+        assert time.perf_counter() - t0 < 2.0, f"max_considered_actions={m}"
+    np.testing.assert_array_equal(results[0].visit_counts, results[1].visit_counts)
+    np.testing.assert_array_equal(results[0].action, results[1].action)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(dirichlet_alpha=math.inf), "dirichlet_alpha"),
+    (dict(c2=math.inf), "c2"),
+    (dict(c1=math.inf), "c1"),
+    (dict(algorithm="gumbel", value_scale=math.inf), "value_scale"),
+    (dict(algorithm="gumbel", maxvisit_init=1e39), "maxvisit_init"),
+    (dict(algorithm="gumbel", gumbel_scale=1e39), "gumbel_scale"),
+    (dict(algorithm="gumbel", maxvisit_init=1e30, value_scale=1e30), "maxvisit_init and value_scale"),
+    (dict(temperature=math.inf), "temperature"),
+    (dict(max_considered_actions=2**31), "max_considered_actions"),
+])
+def test_non_finite_config_rejected(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        mcts.Config(**kwargs)
+
+
+def test_core_rejects_non_finite_config_too():
+    cls = rlkern._kernel.core().mcts.Forest
+    base = [2, 2, 4, 0, 0, 1.25, 19652.0, 0.3, 0.25, 16, 1.0, 50.0, 0.1, True, True, 1.0, 0, 0, 1]
+    for index, name in [(6, "c2"), (7, "dirichlet_alpha"), (12, "value_scale")]:
+        args = list(base)
+        args[index] = math.inf
+        with pytest.raises(ValueError, match=name):
+            cls(*args)
+
+
+def _one_step_forest(B=2, A=2, N=8, **cfg):
+    forest = mcts.Forest(B, A, N, mcts.Config(dirichlet_fraction=0.0, **cfg))
+    forest.set_roots(np.zeros((B, A), np.float32), np.zeros(B, np.float32))
+    return forest
+
+
+@pytest.mark.parametrize("value,reward,discount", [(1e30, 0.0, 1e30), (3e38, 3e38, 1.0), (-3e38, -3e38, 1.0)])
+@pytest.mark.parametrize("algorithm", ["puct", "gumbel"])
+def test_overflowing_backup_rejected_before_any_change(value, reward, discount, algorithm):
+    forest = _one_step_forest(algorithm=algorithm)
+    forest.plan(6)
+    leaves = forest.select()
+    before = forest.export()
+    with pytest.raises(ValueError, match=r"reward \+ discount \* value: row 1 overflows"):
+        forest.expand_backup(leaves, np.zeros((2, 2)), np.array([0.0, value], np.float32),
+                             np.array([0.0, reward], np.float32), np.array([1.0, discount], np.float32))
+    after = forest.export()
+    for k in before:
+        np.testing.assert_array_equal(before[k], after[k], err_msg=k)
+    forest.expand_backup(leaves, np.zeros((2, 2)), np.zeros(2), 0.0, 1.0)  # still pending, still usable
+    assert forest.num_nodes().tolist() == [2, 2]
+
+
+def test_overflow_along_the_path_rejected():
+    # Each edge alone is finite (1e15 * 1e20 = 1e35), but two levels up the return is 1e55.
+    forest = _one_step_forest(B=1, A=1, N=6)
+    leaves = forest.select()
+    forest.expand_backup(leaves, np.zeros((1, 1)), np.float32(1e15), 0.0, np.float32(1e20))
+    leaves = forest.select()
+    assert leaves.parent.tolist() == [1]
+    with pytest.raises(ValueError, match="overflows float32 when backed up"):
+        forest.expand_backup(leaves, np.zeros((1, 1)), np.float32(1e15), 0.0, np.float32(1e20))
+    forest.expand_backup(leaves, np.zeros((1, 1)), np.float32(1e15), 0.0, np.float32(1e-20))
+    assert np.isfinite(forest.export()["node_values"]).all()
+
+
+@pytest.mark.parametrize("algorithm", ["puct", "gumbel"])
+@pytest.mark.parametrize("scale", [3e38, 1e37, 1e31])
+def test_values_near_the_float32_limit_stay_finite(algorithm, scale):
+    # Finite inputs whose running means (value * n) or mixed value (sum n * mean) overflow
+    # float32 in the plain formulas, and nearly equal huge values whose rescaling
+    # (q / spread) does.
+    B, A, S = 8, 3, 40
+    rng = np.random.default_rng(1)
+    table = (scale * rng.choice([-1.0, 1.0, 0.999999], size=97)).astype(np.float32)
+    forest = mcts.Forest(B, A, S + 1, mcts.Config(algorithm=algorithm, seed=1))
+    forest.set_roots(rng.normal(size=(B, A)).astype(np.float32), table[:B])
+
+    def fn(leaves):
+        return (rng.normal(size=(len(leaves), A)).astype(np.float32), table[leaves.node % 97], 0.0, 1.0)
+
+    res = forest.search(fn, S)
+    t = forest.export()
+    for k in ("node_values", "children_values"):
+        assert np.isfinite(t[k]).all(), k
+    assert np.isfinite(res.root_value).all() and np.isfinite(res.q_values).all()
+    assert np.isfinite(res.action_weights).all()
+    np.testing.assert_allclose(res.action_weights.sum(axis=1), 1.0, rtol=1e-5)
+    assert ((res.action >= 0) & (res.action < A)).all()
+    assert (res.visit_counts.sum(axis=1) == S).all()
+
+
+def test_failed_search_leaves_the_forest_usable():
+    B, A = 3, 4
+    fn, logits, _ = random_net(A, seed=3, two_player=True)
+    calls = []
+
+    def flaky(leaves):
+        calls.append(1)
+        out = fn(leaves)
+        if len(calls) == 3:
+            return (np.full_like(out[0], np.nan),) + out[1:]
+        return out
+
+    forest = mcts.Forest(B, A, 40, mcts.Config(seed=4))
+    forest.set_roots(np.tile(logits[0], (B, 1)), np.zeros(B))
+    with pytest.raises(ValueError, match="NaN"):
+        forest.search(flaky, 10)
+    res = forest.search(fn, 10)  # 2 simulations of the failed search were kept
+    assert (res.visit_counts.sum(axis=1) == 12).all()
+    check_invariants(forest, 12)
+
+    def boom(leaves):
+        raise KeyError("network down")
+
+    with pytest.raises(KeyError):
+        forest.search(boom, 5)
+    res = forest.search(fn, 4)
+    assert (res.visit_counts.sum(axis=1) == 16).all()
+    # A pending step of the caller's own: the message says how to get out of it.
+    leaves = forest.select()
+    with pytest.raises(RuntimeError, match="discard_pending"):
+        forest.search(fn, 1)
+    forest.discard_pending()
+    assert (forest.search(fn, 2).visit_counts.sum(axis=1) == 18).all()
+    assert len(leaves) == B
+
+
+def test_advance_rejects_wrapping_actions():
+    B, A = 2, 3
+    fn, logits, _ = random_net(A, seed=3, two_player=True)
+    forest = mcts.Forest(B, A, 20, mcts.Config(seed=4))
+    forest.set_roots(np.tile(logits[0], (B, 1)), np.zeros(B))
+    forest.search(fn, 8)
+    before = forest.export()["node_visits"].copy()
+    with pytest.raises(ValueError, match="row 0 has action 18446744073709551615 outside"):
+        forest.advance(np.array([2**64 - 1, 0], np.uint64))
+    with pytest.raises(ValueError, match="actions must have shape"):
+        forest.advance(np.array([0, 0, 0]))
+    np.testing.assert_array_equal(forest.export()["node_visits"], before)
+    o2n = forest.advance(np.array([-1, -1], np.int64))  # negative: unchanged
+    np.testing.assert_array_equal(forest.export()["node_visits"], before)
+    assert (o2n[:, :5] == np.arange(5)).all()
+    forest.advance(np.array([1, 2], np.uint8))
+
+
+def test_set_roots_failure_keeps_pending_step():
+    forest = _one_step_forest()
+    leaves = forest.select()
+    with pytest.raises(ValueError, match="not finite"):
+        forest.set_roots(np.zeros((2, 2)), np.array([0.0, np.nan]))
+    forest.expand_backup(leaves, np.zeros((2, 2)), np.zeros(2), 0.0, 1.0)
+    assert forest.num_nodes().tolist() == [2, 2]
+
+
+def test_tensor_subclasses_and_meta_tensors_rejected():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    forest = _one_step_forest()
+    with FakeTensorMode() as mode:
+        fake_logits = torch.zeros(2, 2)
+        fake_value = torch.zeros(2)
+        fake_actions = torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(TypeError, match="prior_logits"):
+        forest.set_roots(fake_logits, np.zeros(2))
+    with pytest.raises(TypeError, match="value"):
+        forest.set_roots(np.zeros((2, 2)), fake_value)
+    with pytest.raises(TypeError, match="legal_mask"):
+        forest.set_roots(np.zeros((2, 2)), np.zeros(2), torch.ones(2, 2, dtype=torch.bool, device="meta"))
+    with pytest.raises(TypeError, match="actions"):
+        forest.advance(fake_actions)
+    leaves = forest.select()
+    with pytest.raises(TypeError, match="discount"):
+        forest.expand_backup(leaves, np.zeros((2, 2)), np.zeros(2), 0.0, torch.ones(2, device="meta"))
+    with pytest.raises(TypeError, match="terminal"):
+        forest.expand_backup(leaves, np.zeros((2, 2)), np.zeros(2), 0.0, 1.0, terminal=fake_value)
+    forest.expand_backup(leaves, torch.zeros(2, 2), torch.zeros(2), 0.0, 1.0)
+    del mode

@@ -41,13 +41,25 @@ void expect_shape(const char* name, const py::array& a, std::initializer_list<in
   }
 }
 
+// An optional array argument converted to T. The converted array (a new temporary when
+// the input had another dtype or layout) is owned here, so the pointer stays valid for as
+// long as this object lives: the caller keeps it until the core is done with the data.
 template <typename T>
-const T* opt_ptr(const char* name, const py::object& o, std::initializer_list<int64_t> shape) {
-  if (o.is_none()) return nullptr;
-  auto a = py::cast<Arr<T>>(o);
-  expect_shape(name, a, shape);
-  return a.data();
-}
+class OptArray {
+ public:
+  OptArray(const char* name, const py::object& o, std::initializer_list<int64_t> shape) {
+    if (o.is_none()) return;
+    auto a = py::cast<Arr<T>>(o);
+    expect_shape(name, a, shape);
+    data_ = a.data();
+    keep_ = std::move(a);
+  }
+  const T* data() const { return data_; }
+
+ private:
+  py::object keep_;
+  const T* data_ = nullptr;
+};
 
 // One float per leaf: a float32 array of shape (L,), or a Python float that applies to
 // every leaf (broadcast here, which is cheaper than numpy's np.full on the Python side).
@@ -113,15 +125,15 @@ void bind(py::module_& m) {
       .def("plan", &Forest::plan, py::arg("num_simulations"))
       .def_property_readonly("planned_simulations", &Forest::planned_simulations)
       .def_property_readonly("num_pending", &Forest::num_pending)
+      .def("discard_pending", &Forest::discard_pending)
       .def("set_roots",
            [](Forest& f, Arr<float> logits, Arr<float> value, py::object legal, py::object rows) {
              const int64_t B = f.batch_size(), A = f.num_actions();
              expect_shape("prior_logits", logits, {B, A});
              expect_shape("value", value, {B});
-             const uint8_t* lp = opt_ptr<uint8_t>("legal_mask", legal, {B, A});
-             const uint8_t* rp = opt_ptr<uint8_t>("rows", rows, {B});
+             OptArray<uint8_t> lp("legal_mask", legal, {B, A}), rp("rows", rows, {B});
              py::gil_scoped_release release;
-             f.set_roots(logits.data(), value.data(), lp, rp);
+             f.set_roots(logits.data(), value.data(), lp.data(), rp.data());
            })
       .def("select",
            [](Forest& f, Arr<int64_t> tree, Arr<int64_t> parent, Arr<int64_t> action, Arr<int64_t> node) {
@@ -152,10 +164,9 @@ void bind(py::module_& m) {
                                      ") (one row per leaf of the last select()), got " + shape_str(logits));
              expect_shape("prior_logits", logits, {L, A});
              RowFloats v("value", value, L), r("reward", reward, L), d("discount", discount, L);
-             const uint8_t* lp = opt_ptr<uint8_t>("legal_mask", legal, {L, A});
-             const uint8_t* tp = opt_ptr<uint8_t>("terminal", terminal, {L});
+             OptArray<uint8_t> lp("legal_mask", legal, {L, A}), tp("terminal", terminal, {L});
              py::gil_scoped_release release;
-             f.expand_backup(L, logits.data(), v.data(), r.data(), d.data(), lp, tp);
+             f.expand_backup(L, logits.data(), v.data(), r.data(), d.data(), lp.data(), tp.data());
            })
       .def("result",
            [](Forest& f, float temperature) {

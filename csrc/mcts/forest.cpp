@@ -177,6 +177,24 @@ bool has_nan_or_pos_inf(const float* x, int64_t n) {
   return bad != 0;
 }
 
+// (mean * n + v) / (n + 1), the running mean of a node's backed-up values. For values
+// near the float32 limit, mean * n overflows although the mean itself is representable:
+// then the same mean is taken in double.
+inline float running_mean(float mean, float n, float v) {
+  const float m = (mean * n + v) / (n + 1.f);
+  if (std::isfinite(m)) return m;
+  return float((double(mean) * double(n) + double(v)) / (double(n) + 1.0));
+}
+
+// A tree whose rewards and network values stay within kTame in magnitude and whose
+// discounts within [-1, 1] cannot overflow float32 on any path: a backed-up value is at
+// most (1 + depth) * kTame with depth < 2^30 nodes. Other trees have each new leaf's path
+// replayed before it is accepted.
+constexpr float kTame = 1e28f;
+inline bool tame(float reward, float discount, float value) {
+  return std::fabs(reward) <= kTame && std::fabs(discount) <= 1.f && std::fabs(value) <= kTame;
+}
+
 std::string row_msg(const char* name, int64_t row, const char* what) {
   return std::string(name) + ": row " + std::to_string(row) + " " + what;
 }
@@ -224,12 +242,19 @@ std::vector<int32_t> considered_visit_sequence(int max_considered, int num_simul
     for (int i = 0; i < num_simulations; ++i) seq.push_back(i);
     return seq;
   }
+  // The first round lists every considered action once with 0 visits, so with at least
+  // as many actions as simulations the sequence is all zeros. Returning early also keeps
+  // the shift and the visits table below small whatever max_considered is.
+  if (max_considered >= num_simulations) {
+    seq.assign(size_t(num_simulations), 0);
+    return seq;
+  }
   int log2max = 0;
-  while ((1 << log2max) < max_considered) ++log2max;
+  while ((int64_t(1) << log2max) < int64_t(max_considered)) ++log2max;
   std::vector<int32_t> visits(size_t(max_considered), 0);
   int considered = max_considered;
-  while (int(seq.size()) < num_simulations) {
-    const int extra = std::max(1, num_simulations / (log2max * considered));
+  while (int64_t(seq.size()) < int64_t(num_simulations)) {
+    const int extra = int(std::max<int64_t>(1, int64_t(num_simulations) / (int64_t(log2max) * considered)));
     for (int r = 0; r < extra; ++r) {
       seq.insert(seq.end(), visits.begin(), visits.begin() + considered);
       for (int i = 0; i < considered; ++i) ++visits[size_t(i)];
@@ -284,13 +309,25 @@ struct Span {
 struct Forest::Completed {
   float lo = 0.f, hi = 0.f, scale = 0.f;
   float mul = 0.f, add = 0.f;  // sigma(q) = mul * q + add
+  // When mul * q could overflow (values near the float32 limit with a small spread, or a
+  // spread that itself overflows), sigma is evaluated as (q/2 - lo/2) * cmul instead,
+  // which is bounded by scale. Ordinary values never take this branch, so their results
+  // are unchanged bit for bit.
+  // Without rescaling, sigma(q) = scale * q can exceed float32 for huge values: it then
+  // saturates at +-FLT_MAX instead of becoming inf (and NaN in the softmax).
+  bool centered = false, saturate = false;
+  float cmul = 0.f;
   float sigma_missing = 0.f;  // sigma of the completed value of unvisited or illegal actions
   int32_t sum_visits = 0;
   int32_t count = 0;  // expanded children, written to the front of the caller's buffer
   int32_t best_unvisited_edge = -1;  // highest prior among unvisited legal children
   float best_unvisited_prior = kNegInf;
   float unvisited_prior_sum = 0.f;
-  float sigma(float q) const { return mul * q + add; }
+  float sigma(float q) const {
+    if (centered) return (q * 0.5f - lo * 0.5f) * cmul;
+    if (saturate) return std::min(std::max(mul * q, -FLT_MAX), FLT_MAX);
+    return mul * q + add;
+  }
 };
 
 Forest::Forest(int64_t batch_size, int64_t num_actions, int64_t max_nodes, int64_t max_edges, const Config& config)
@@ -299,6 +336,18 @@ Forest::Forest(int64_t batch_size, int64_t num_actions, int64_t max_nodes, int64
   if (A_ <= 0 || A_ > (1 << 30)) throw std::invalid_argument("num_actions must be > 0, got " + std::to_string(A_));
   if (N_ < 1 || N_ > (int64_t(1) << 30))
     throw std::invalid_argument("max_nodes must be >= 1, got " + std::to_string(N_));
+  // Every option enters float32 arithmetic on each selection: a non-finite one would make
+  // all scores NaN.
+  const std::pair<const char*, float> floats[] = {
+      {"c1", cfg_.c1}, {"c2", cfg_.c2}, {"dirichlet_alpha", cfg_.dirichlet_alpha},
+      {"dirichlet_fraction", cfg_.dirichlet_fraction}, {"gumbel_scale", cfg_.gumbel_scale},
+      {"maxvisit_init", cfg_.maxvisit_init}, {"value_scale", cfg_.value_scale}, {"temperature", cfg_.temperature}};
+  for (const auto& f : floats)
+    if (!std::isfinite(f.second))
+      throw std::invalid_argument(std::string(f.first) + " must be finite in float32, got " + std::to_string(f.second));
+  if (!(cfg_.c2 > 0.f)) throw std::invalid_argument("c2 must be > 0");
+  if (!(cfg_.dirichlet_alpha > 0.f)) throw std::invalid_argument("dirichlet_alpha must be > 0");
+  if (cfg_.max_considered_actions < 1) throw std::invalid_argument("max_considered_actions must be >= 1");
   if (E_ <= 0) E_ = N_ * A_;
   if (E_ < A_ || E_ > (int64_t(1) << 31) - 1)
     throw std::invalid_argument("max_edges must be in [num_actions, 2^31), got " + std::to_string(E_));
@@ -321,6 +370,7 @@ Forest::Forest(int64_t batch_size, int64_t num_actions, int64_t max_nodes, int64
   used_nodes_.assign(size_t(B_), 0);
   used_edges_.assign(size_t(B_), 0);
   has_root_.assign(size_t(B_), 0);
+  tame_.assign(size_t(B_), 1);
   root_score_.assign(size_t(B_ * A_), 0.f);
   root_visits_.assign(size_t(B_ * A_), 0);
   root_sims_.assign(size_t(B_), 0);
@@ -348,7 +398,9 @@ int64_t Forest::step_grain(int64_t n, int64_t min_grain) const {
 
 void Forest::plan(int num_simulations) {
   if (num_simulations < 0) throw std::invalid_argument("num_simulations must be >= 0");
-  const int m = std::max(0, cfg_.max_considered_actions);
+  // The root never considers more actions than it has, so rows past A are never read:
+  // building them would cost O(m * (m + num_simulations)) for a huge max_considered_actions.
+  const int m = int(std::min<int64_t>(std::max(0, cfg_.max_considered_actions), A_));
   table_.assign(size_t(m + 1) * size_t(num_simulations), 0);
   for (int i = 0; i <= m; ++i) {
     const auto seq = considered_visit_sequence(i, num_simulations);
@@ -443,6 +495,7 @@ void Forest::init_root(int64_t b, const float* logits, float value, const uint8_
   used_nodes_[b] = 1;
   used_edges_[b] = k;
   has_root_[b] = 1;
+  tame_[b] = 1;
   pend_parent_[b] = -1;
   prepare_root_noise(b, rng);
 }
@@ -524,7 +577,18 @@ void Forest::completed(int64_t b, int32_t x, std::vector<Child>& buf, Completed&
   out.unvisited_prior_sum = unexp_prior_[xi];
   const float raw = raw_value_[xi];
   float v = raw;
-  if (cfg_.use_mixed_value && count > 0) v = (raw + float(sum_n) * (sum_pq / sum_p)) / float(sum_n + 1);
+  if (cfg_.use_mixed_value && count > 0) {
+    v = (raw + float(sum_n) * (sum_pq / sum_p)) / float(sum_n + 1);
+    if (!std::isfinite(v)) {  // values near the float32 limit: sum_n * mean overflowed
+      double spq = 0.0, sp = 0.0;
+      for (const Child& ch : Span{buf.data(), count}) {
+        const double pf = std::max(ch.prior, FLT_MIN);
+        sp += pf;
+        spq += pf * double(ch.q);
+      }
+      v = float((double(raw) + double(sum_n) * (spq / sp)) / double(sum_n + 1));
+    }
+  }
   // Unvisited and illegal actions are completed by v. It goes first into the min and max
   // (ties keep the earlier operand), as a loop starting from v would.
   const bool missing = count < ne || ne < A_;
@@ -536,9 +600,15 @@ void Forest::completed(int64_t b, int32_t x, std::vector<Child>& buf, Completed&
   if (cfg_.rescale_values) {
     out.mul = out.scale / std::max(hi - lo, kEps);
     out.add = -lo * out.mul;
+    const float big = std::max(std::fabs(lo), std::fabs(hi));
+    if (!(out.mul * big <= 0.25f * FLT_MAX) || !(hi - lo <= FLT_MAX)) {
+      out.centered = true;
+      out.cmul = out.scale / std::max(hi * 0.5f - lo * 0.5f, 0.5f * kEps);
+    }
   } else {
     out.mul = out.scale;
     out.add = 0.f;
+    out.saturate = !(out.mul * std::max(std::fabs(lo), std::fabs(hi)) <= FLT_MAX);
   }
   out.sum_visits = sum_n;
   out.sigma_missing = out.sigma(v);
@@ -552,7 +622,8 @@ int32_t Forest::puct_edge(int64_t b, int32_t x, std::vector<Child>& buf) const {
   const float* prior = edge_prior_.data() + eb;
   const NodeStats* st = stats_.data() + nb;
   const float n_node = float(st[x].visits);
-  const float pb_c = cfg_.c1 + std::log((n_node + cfg_.c2 + 1.f) / cfg_.c2);
+  float pb_c = cfg_.c1 + std::log((n_node + cfg_.c2 + 1.f) / cfg_.c2);
+  if (!std::isfinite(pb_c)) pb_c = float(double(cfg_.c1) + std::log((double(n_node) + cfg_.c2 + 1.0) / cfg_.c2));
   const float coef = std::sqrt(n_node) * pb_c;
   float lo = st[x].value, hi = lo;
   Child* out_child = buf.data();
@@ -565,12 +636,15 @@ int32_t Forest::puct_edge(int64_t b, int32_t x, std::vector<Child>& buf) const {
                  });
   // Unvisited children are completed by the minimum, i.e. 0 after normalisation, so only
   // the one with the largest prior can win.
-  const float inv_denom = 1.0f / std::max(hi - lo, kEps);
+  // A spread that overflows float32 is normalised in halves (multiplying by 1 otherwise
+  // leaves every score as it was, bit for bit).
+  const float half = hi - lo <= FLT_MAX ? 1.f : 0.5f;
+  const float inv_denom = 1.0f / std::max(hi * half - lo * half, kEps);
   int32_t best = best_unexp_[xi];
   float best_score = best >= 0 ? coef * prior[best] : kNegInf;
   for (int32_t i = 0; i < count; ++i) {
     const Child& ch = out_child[i];
-    const float s = (ch.q - lo) * inv_denom + coef * ch.prior / float(ch.visits + 1);
+    const float s = (ch.q * half - lo * half) * inv_denom + coef * ch.prior / float(ch.visits + 1);
     if (s > best_score || (s == best_score && ch.edge < best)) {
       best_score = s;
       best = ch.edge;
@@ -643,6 +717,15 @@ int32_t Forest::gumbel_root_edge(int64_t b, std::vector<Child>& buf) const {
 }
 
 int32_t Forest::select_edge(int64_t b, int32_t x, int depth, std::vector<Child>& buf) const {
+  const size_t xi = size_t(b * N_ + x);
+  const int32_t e = score_edge(b, x, depth, buf), fe = first_edge_[xi];
+  // Selection is total: when no score compares (all NaN, which finite inputs should not
+  // produce but absurd options can), the node's first edge, its lowest legal action, is
+  // taken rather than an edge outside its slice.
+  return e >= fe && e < fe + num_edges_[xi] ? e : fe;
+}
+
+int32_t Forest::score_edge(int64_t b, int32_t x, int depth, std::vector<Child>& buf) const {
   // A node without expanded children (often the last one on the path) takes its
   // highest-prior edge under PUCT and the Gumbel interior rule alike, since all its
   // actions share one completed value: no need to look at its edges.
@@ -660,8 +743,7 @@ void Forest::backup(int64_t b, int32_t x, float leaf_value) {
   for (int32_t p = parent_[size_t(nb + x)]; p >= 0; x = p, p = parent_[size_t(nb + x)]) {
     v = stats_[size_t(nb + x)].reward + stats_[size_t(nb + x)].discount * v;
     const size_t pi = size_t(nb + p);
-    const float n = float(stats_[pi].visits);
-    stats_[pi].value = (stats_[pi].value * n + v) / (n + 1.f);
+    stats_[pi].value = running_mean(stats_[pi].value, float(stats_[pi].visits), v);
     stats_[pi].visits += 1;
     if (p == 0) {
       root_visits_[size_t(b * A_ + slot_[size_t(nb + x)])] += 1;
@@ -673,8 +755,7 @@ void Forest::backup(int64_t b, int32_t x, float leaf_value) {
 void Forest::revisit(int64_t b, int32_t x) {
   const size_t xi = size_t(b * N_ + x);
   const float v = terminal_[xi] ? 0.f : raw_value_[xi];
-  const float n = float(stats_[xi].visits);
-  stats_[xi].value = (stats_[xi].value * n + v) / (n + 1.f);
+  stats_[xi].value = running_mean(stats_[xi].value, float(stats_[xi].visits), v);
   stats_[xi].visits += 1;
   backup(b, x, v);
 }
@@ -727,6 +808,22 @@ int64_t Forest::select(int64_t* tree, int64_t* parent, int64_t* action, int64_t*
   return L;
 }
 
+bool Forest::path_overflows(int64_t i, const float* value, const float* reward, const float* discount,
+                            const uint8_t* terminal) const {
+  const int64_t b = pend_tree_[size_t(i)];
+  const float leaf = terminal && terminal[i] ? 0.f : value[i];
+  if (tame_[size_t(b)] && tame(reward[i], discount[i], leaf)) return false;
+  // Replays backup(): the edge into the new node, then every edge up to the root.
+  float v = reward[i] + discount[i] * leaf;
+  if (!std::isfinite(v)) return true;
+  const int64_t nb = b * N_;
+  for (int32_t x = pend_parent_[size_t(b)], p = parent_[size_t(nb + x)]; p >= 0; x = p, p = parent_[size_t(nb + x)]) {
+    v = stats_[size_t(nb + x)].reward + stats_[size_t(nb + x)].discount * v;
+    if (!std::isfinite(v)) return true;
+  }
+  return false;
+}
+
 void Forest::expand_backup(int64_t L, const float* logits, const float* value, const float* reward,
                            const float* discount, const uint8_t* legal, const uint8_t* terminal) {
   if (L != num_pending_)
@@ -736,6 +833,7 @@ void Forest::expand_backup(int64_t L, const float* logits, const float* value, c
   const int64_t grain = std::max<int64_t>(4, 2048 / A_);
   auto row_problem = [&](int64_t i) -> const char* {
     if (!std::isfinite(value[i]) || !std::isfinite(reward[i]) || !std::isfinite(discount[i])) return "";
+    if (path_overflows(i, value, reward, discount, terminal)) return "";
     if (terminal && terminal[i]) return nullptr;
     return check_logits_row(logits + i * A_, legal ? legal + i * A_ : nullptr, A_, true);
   };
@@ -745,6 +843,7 @@ void Forest::expand_backup(int64_t L, const float* logits, const float* value, c
     // part of a step, so it should be short); the loop below names the first bad row.
     any_bad = !all_finite(value, L) || !all_finite(reward, L) || !all_finite(discount, L) ||
               has_nan_or_pos_inf(logits, L * A_);
+    for (int64_t i = 0; i < L && !any_bad; ++i) any_bad = path_overflows(i, value, reward, discount, terminal);
   } else if (cfg_.num_threads == 1 || L * A_ <= (int64_t(1) << 14)) {
     // Small inputs: checking them here costs less than a round trip through the pool.
     for (int64_t i = 0; i < L && !any_bad; ++i) any_bad = row_problem(i) != nullptr;
@@ -765,6 +864,10 @@ void Forest::expand_backup(int64_t L, const float* logits, const float* value, c
     if (!std::isfinite(value[i])) throw std::invalid_argument(row_msg("value", i, "is not finite"));
     if (!std::isfinite(reward[i])) throw std::invalid_argument(row_msg("reward", i, "is not finite"));
     if (!std::isfinite(discount[i])) throw std::invalid_argument(row_msg("discount", i, "is not finite"));
+    if (path_overflows(i, value, reward, discount, terminal))
+      throw std::invalid_argument(row_msg("reward + discount * value", i,
+                                          "overflows float32 when backed up to the root (value, reward and "
+                                          "discount must keep every return finite)"));
     std::string what = bad;
     if (legal && what == "has no legal action") what += " and is not marked terminal";
     throw std::invalid_argument(row_msg(legal ? "prior_logits/legal_mask" : "prior_logits", i, what.c_str()));
@@ -789,6 +892,7 @@ void Forest::expand_backup(int64_t L, const float* logits, const float* value, c
       action_[ni] = edge_action_[size_t(eb + e)];
       stats_[ni].reward = reward[i];
       stats_[ni].discount = discount[i];
+      if (!tame(reward[i], discount[i], value[i])) tame_[b] = 0;
       stats_[ni].visits = 1;
       const bool term = terminal && terminal[i];
       terminal_[ni] = term ? 1 : 0;
@@ -812,6 +916,11 @@ void Forest::expand_backup(int64_t L, const float* logits, const float* value, c
       backup(b, id, stats_[ni].value);
     }
   });
+  num_pending_ = 0;
+}
+
+void Forest::discard_pending() {
+  for (int64_t i = 0; i < num_pending_; ++i) pend_parent_[size_t(pend_tree_[size_t(i)])] = -1;
   num_pending_ = 0;
 }
 

@@ -93,6 +93,9 @@ class Forest {
                    float* children_discounts, float* children_prior_logits) const;
 
   int64_t num_pending() const { return num_pending_; }
+  // Forgets the leaves of the last select(): their simulations never happened (select()
+  // changes no statistics for a leaf it returns).
+  void discard_pending();
   void num_nodes(int32_t* out) const;
   void has_root(uint8_t* out) const;
 
@@ -110,6 +113,10 @@ class Forest {
   void init_root(int64_t b, const float* logits, float value, const uint8_t* legal, CounterRng& rng);
   void prepare_root_noise(int64_t b, CounterRng& rng);
   int32_t select_edge(int64_t b, int32_t x, int depth, std::vector<Child>& buf) const;
+  int32_t score_edge(int64_t b, int32_t x, int depth, std::vector<Child>& buf) const;
+  // Whether backing up pending row i would make a value non-finite anywhere on its path.
+  bool path_overflows(int64_t i, const float* value, const float* reward, const float* discount,
+                      const uint8_t* terminal) const;
   int32_t puct_edge(int64_t b, int32_t x, std::vector<Child>& buf) const;
   int32_t gumbel_root_edge(int64_t b, std::vector<Child>& buf) const;
   int32_t gumbel_interior_edge(int64_t b, int32_t x, std::vector<Child>& buf) const;
@@ -153,6 +160,7 @@ class Forest {
   // Per tree.
   std::vector<int32_t> used_nodes_, used_edges_;
   std::vector<uint8_t> has_root_;
+  std::vector<uint8_t> tame_;               // [B], see kTame in forest.cpp
   std::vector<float> root_score_;           // [B*A] gumbel + log prior, aligned with the root's edges
   std::vector<int32_t> root_visits_;        // [B*A], root child visits in the current search
   std::vector<int32_t> root_sims_;          // [B], simulations through a root child in this search

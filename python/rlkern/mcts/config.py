@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 ALGORITHMS = ("puct", "gumbel")
+FLOAT32_MAX = 3.4028234663852886e38  # the core computes in float32
+INT32_MAX = 2**31 - 1
 
 
 def _number(name: str, value, *, low: float = -math.inf, high: float = math.inf, low_open: bool = False) -> float:
@@ -17,15 +19,19 @@ def _number(name: str, value, *, low: float = -math.inf, high: float = math.inf,
     if math.isnan(v) or v > high or v < low or (low_open and v == low):
         lo = "(" if low_open else "["
         raise ValueError(f"{name} must be in {lo}{low}, {high}], got {v}")
+    if not abs(v) <= FLOAT32_MAX:
+        # inf, or a value such as 1e39 that becomes inf in float32: every score computed
+        # from it would be NaN.
+        raise ValueError(f"{name} must be finite in float32 (|{name}| <= {FLOAT32_MAX:.4g}), got {v}")
     return v
 
 
-def _integer(name: str, value, *, low: int) -> int:
+def _integer(name: str, value, *, low: int, high: Optional[int] = INT32_MAX) -> int:
     if isinstance(value, bool) or not isinstance(value, (int,)) and not hasattr(value, "__index__"):
         raise TypeError(f"{name} must be an integer, got {value!r}")
     v = int(value)
-    if v < low:
-        raise ValueError(f"{name} must be >= {low}, got {v}")
+    if v < low or (high is not None and v > high):
+        raise ValueError(f"{name} must be in [{low}, {high}], got {v}")
     return v
 
 
@@ -82,10 +88,14 @@ class Config:
         _number("gumbel_scale", self.gumbel_scale, low=0.0)
         _number("maxvisit_init", self.maxvisit_init, low=0.0)
         _number("value_scale", self.value_scale, low=0.0)
+        if not (float(self.maxvisit_init) + INT32_MAX) * float(self.value_scale) <= FLOAT32_MAX:
+            raise ValueError("maxvisit_init and value_scale: sigma's scale (maxvisit_init + max visits) * value_scale "
+                             f"must stay finite in float32, got maxvisit_init={self.maxvisit_init}, "
+                             f"value_scale={self.value_scale}")
         _number("temperature", self.temperature, low=0.0)
         if self.max_depth is not None:
             _integer("max_depth", self.max_depth, low=1)
-        _integer("seed", self.seed, low=0)
+        _integer("seed", self.seed, low=0, high=None)  # any size: the core uses its low 64 bits
         _integer("num_threads", self.num_threads, low=0)
         for name in ("rescale_values", "use_mixed_value"):
             if not isinstance(getattr(self, name), bool):

@@ -41,8 +41,9 @@ from typing import Callable, NamedTuple, Optional, Union
 import numpy as np
 import torch
 
+from .. import _validate
 from .._kernel import core
-from .config import Config
+from .config import INT32_MAX, Config
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -99,6 +100,10 @@ class SearchResult:
 
 def _numpy(name: str, x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
+        # A FakeTensor, DTensor or meta tensor has no data for the core to read.
+        _validate.plain(name, x)
+        if x.device.type == "meta":
+            raise TypeError(f"{name} is a meta tensor, which holds no data: pass a CPU tensor or a numpy array")
         x = x.detach()
         if x.device.type != "cpu":
             x = x.cpu()
@@ -152,12 +157,12 @@ def _mask(name: str, x) -> Optional[np.ndarray]:
     return np.ascontiguousarray(a != 0).view(np.uint8)
 
 
-def _int(name: str, value, low: int) -> int:
+def _int(name: str, value, low: int, high: int = 2**62) -> int:
     if isinstance(value, bool) or not hasattr(value, "__index__"):
         raise TypeError(f"{name} must be an integer, got {value!r}")
     v = int(value)
-    if v < low:
-        raise ValueError(f"{name} must be >= {low}, got {v}")
+    if v < low or v > high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {v}")
     return v
 
 
@@ -174,8 +179,8 @@ class Forest:
     def __init__(self, batch_size: int, num_actions: int, max_nodes: int, config: Optional[Config] = None, *,
                  max_edges: Optional[int] = None):
         self.batch_size = _int("batch_size", batch_size, 1)
-        self.num_actions = _int("num_actions", num_actions, 1)
-        self.max_nodes = _int("max_nodes", max_nodes, 1)
+        self.num_actions = _int("num_actions", num_actions, 1, 2**30)
+        self.max_nodes = _int("max_nodes", max_nodes, 1, 2**30)
         edges = 0 if max_edges is None else _int("max_edges", max_edges, self.num_actions)
         if config is None:
             config = Config()
@@ -194,7 +199,7 @@ class Forest:
     def plan(self, num_simulations: int) -> None:
         """Sets the simulation budget the Gumbel root schedule is built for (``search`` and
         ``set_roots(num_simulations=...)`` call this)."""
-        self._core.plan(_int("num_simulations", num_simulations, 0))
+        self._core.plan(_int("num_simulations", num_simulations, 0, INT32_MAX))
 
     def set_roots(self, prior_logits: ArrayLike, value: ArrayLike, legal_mask: Optional[ArrayLike] = None, *,
                   rows: Optional[ArrayLike] = None, num_simulations: Optional[int] = None) -> None:
@@ -208,8 +213,8 @@ class Forest:
         sel = _mask("rows", rows)
         if num_simulations is not None:
             self.plan(num_simulations)
+        self._core.set_roots(logits, values, legal, sel)  # validates every row before any change
         self._pending = None
-        self._core.set_roots(logits, values, legal, sel)
 
     # -- one simulation step -------------------------------------------------------------
     def select(self) -> Leaves:
@@ -245,11 +250,23 @@ class Forest:
 
         ``recurrent_fn`` returns ``(prior_logits, value, reward, discount)`` or an
         ``Expansion``; it is not called for a step without leaves."""
-        n = _int("num_simulations", num_simulations, 0)
+        n = _int("num_simulations", num_simulations, 0, INT32_MAX)
         if self._pending is not None:
-            raise RuntimeError("search() called with leaves of an earlier select() still pending")
+            raise RuntimeError("search() called while the leaves of your last select() wait for expand_backup(): "
+                               "finish that step, or call discard_pending() to drop it")
         core, B = self._core, self.batch_size
         core.plan(n)
+        try:
+            self._search_steps(recurrent_fn, n)
+        except BaseException:
+            # The step that failed never reached its backup: forget its leaves so the forest
+            # stays usable (the simulations completed before it are kept).
+            self.discard_pending()
+            raise
+        return self.result()
+
+    def _search_steps(self, recurrent_fn, n: int) -> None:
+        core, B = self._core, self.batch_size
         select, expand = core.select_into, core.expand_backup
         for _ in range(n):
             # A fresh buffer per step: recurrent_fn may keep the leaf arrays it was given.
@@ -272,7 +289,13 @@ class Forest:
                    None if legal is None else _mask("legal_mask", legal),
                    None if terminal is None else _mask("terminal", terminal))
             self._pending = None
-        return self.result()
+
+    def discard_pending(self) -> None:
+        """Drops the leaves of the last ``select()`` without expanding them, as if that
+        step had not run (``select`` changes no statistics for a leaf it returns). After an
+        ``expand_backup`` that raised, this or a corrected ``expand_backup`` continues."""
+        self._core.discard_pending()
+        self._pending = None
 
     def result(self, temperature: Optional[float] = None) -> SearchResult:
         """Root statistics and the action to play (``temperature`` overrides the config's)."""
@@ -291,6 +314,14 @@ class Forest:
         a = _numpy("actions", actions)
         if a.dtype.kind not in "iu":
             raise TypeError(f"actions must be integers, got dtype {a.dtype}")
+        if a.shape != (self.batch_size,):
+            raise ValueError(f"actions must have shape ({self.batch_size},), got {a.shape}")
+        # Check the range before the int64 cast: a uint64 2**64-1 would wrap to -1, which
+        # means "leave this tree alone".
+        if a.size and a.dtype.kind == "u" and int(a.max()) >= self.num_actions:
+            bad = int(np.argmax(a >= self.num_actions))
+            raise ValueError(f"actions: row {bad} has action {int(a[bad])} outside [0, num_actions={self.num_actions}) "
+                             "(negative values leave a tree unchanged)")
         old_to_new = self._core.advance(np.ascontiguousarray(a, dtype=np.int64))
         self._pending = None
         return old_to_new
@@ -313,5 +344,6 @@ class Forest:
 def considered_visit_sequence(max_num_considered_actions: int, num_simulations: int) -> tuple:
     """mctx's sequential-halving schedule: the visit count an action must have to be
     considered at each simulation of the Gumbel root."""
-    return tuple(core().mcts.considered_visit_sequence(_int("max_num_considered_actions", max_num_considered_actions, 0),
-                                                      _int("num_simulations", num_simulations, 0)))
+    return tuple(core().mcts.considered_visit_sequence(
+        _int("max_num_considered_actions", max_num_considered_actions, 0, INT32_MAX),
+        _int("num_simulations", num_simulations, 0, INT32_MAX)))
