@@ -80,8 +80,13 @@ def _vanilla(old_log_prob, log_prob, advantages, response_mask, clip_low, clip_h
     # both the value and the zero gradient outside the range.
     log_ratio = torch.clamp(log_prob - old_log_prob, min=-20.0, max=20.0)
     logp = old_log_prob.detach() + log_ratio
+    # This adapter still documents the pre-0.9.1 seq-mean-token-sum-norm, sum(l m) / T; core
+    # rlkern now averages over the non-empty sequences, so a normalizer of 1 keeps the old
+    # value until the adapter moves to verl 0.9.1 (issue #13).
+    normalizer = 1.0 if loss_agg_mode == "seq-mean-token-sum-norm" else None
     out = _policy_loss(logp, old_log_prob, advantages, response_mask, objective="clip", level="token",
-                       clip_low=clip_low, clip_high=clip_high, dual_clip=clip_ratio_c, agg=loss_agg_mode)
+                       clip_low=clip_low, clip_high=clip_high, dual_clip=clip_ratio_c, agg=loss_agg_mode,
+                       normalizer=normalizer)
     with torch.no_grad():
         ratio = torch.exp(log_ratio)
         adv = advantages
