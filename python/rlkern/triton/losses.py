@@ -35,7 +35,7 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD_SCAL
                         off_thr, row_scale, has_dual, tis_token, tis_seq, tis_mask_mode, has_off, has_select, row_mean,
                         OBJECTIVE: tl.constexpr, SEQ: tl.constexpr, KL: tl.constexpr, USE_KL: tl.constexpr,
                         KL_CORR: tl.constexpr, HAS_ROLL: tl.constexpr, HAS_ENT: tl.constexpr,
-                        ADV_PER_TOKEN: tl.constexpr, WRITE_ENT_GRAD: tl.constexpr, COMPUTE: tl.constexpr,
+                        ADV_PER_TOKEN: tl.constexpr, USE_ENT: tl.constexpr, WRITE_ENT_GRAD: tl.constexpr, COMPUTE: tl.constexpr,
                         BLOCK: tl.constexpr):
     row = tl.program_id(0)
     base = row.to(tl.int64) * T
@@ -170,9 +170,10 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD_SCAL
                     l_tok += kl_coef * kl
                     direct += kl_coef * dkl
         if HAS_ENT:
-            # Selected, not multiplied by 0: an infinite entropy feeding only the metric
-            # must not make the loss NaN.
-            l_tok -= tl.where(ent_coef != 0.0, ent_coef * h, 0.0)
+            # Left out, not multiplied by 0, when entropy_coef is 0: an infinite entropy
+            # feeding only the metric must not make the loss NaN.
+            if USE_ENT:
+                l_tok -= ent_coef * h
             acc_ent += tl.sum(h, 0)
             if WRITE_ENT_GRAD:
                 tl.store(GRAD_ENT + base + idx, tl.where(m, -ent_coef * grad_w, 0.0).to(GRAD_ENT.dtype.element_ty),
@@ -410,7 +411,8 @@ def policy_loss(logp, old_logp, advantages, mask, cfg, tensors: Dict[str, Option
         int(cfg.agg == "seq-mean-token-mean"),
         OBJECTIVE={"clip": 0, "cispo": 1, "reinforce": 2}[cfg.objective], SEQ=cfg.level == "sequence", KL=kl,
         USE_KL=cfg.kl_coef != 0, KL_CORR=bool(cfg.kl_is_correction), HAS_ROLL=roll is not None,
-        HAS_ENT=ent is not None, ADV_PER_TOKEN=adv.dim() == 2, WRITE_ENT_GRAD=want_entropy_grad,
+        HAS_ENT=ent is not None, ADV_PER_TOKEN=adv.dim() == 2,
+        USE_ENT=cfg.entropy_coef != 0, WRITE_ENT_GRAD=want_entropy_grad,
         COMPUTE=_compute(grad), BLOCK=min(_BLOCK, triton.next_power_of_2(T)))
     totals = stats.sum(0)
     loss = totals[1] / denom
@@ -473,7 +475,7 @@ def _policy_spec(name: str, dt: str, **constexprs) -> AotSpec:
     for arg in ("has_dual", "tis_token", "tis_seq", "tis_mask_mode", "has_off", "has_select", "row_mean"):
         signature[arg] = "i32"
     full = dict(OBJECTIVE=0, SEQ=False, KL=0, USE_KL=False, KL_CORR=False, HAS_ROLL=False, HAS_ENT=False,
-                ADV_PER_TOKEN=False, WRITE_ENT_GRAD=False, COMPUTE=tl.float32, BLOCK=_BLOCK)
+                ADV_PER_TOKEN=False, USE_ENT=False, WRITE_ENT_GRAD=False, COMPUTE=tl.float32, BLOCK=_BLOCK)
     full.update(constexprs)
     for k in full:
         signature[k] = "constexpr"
@@ -488,7 +490,7 @@ def _specs():
             _policy_spec("policy_grpo", dt, KL=3, USE_KL=True),
             _policy_spec("policy_gspo", dt, SEQ=True),
             _policy_spec("policy_cispo_tis_entropy", dt, OBJECTIVE=1, HAS_ROLL=True, HAS_ENT=True,
-                         WRITE_ENT_GRAD=True, KL=1, USE_KL=True, KL_CORR=True),
+                         USE_ENT=True, WRITE_ENT_GRAD=True, KL=1, USE_KL=True, KL_CORR=True),
             AotSpec(f"kl_k3_{dt}", _kl_kernel,
                     {"LOGP": ptr, "REF": ptr, "OUT": "*fp32", "GRAD": "*fp32", "N": "i32", "kl_lo": "fp32",
                      "kl_hi": "fp32", "KL": "constexpr", "WRITE_GRAD": "constexpr", "COMPUTE": "constexpr",
