@@ -189,14 +189,21 @@ def verl_masked_mean(values, mask):
 
 
 def verl_agg_loss(loss_mat, loss_mask, loss_agg_mode):
+    """verl 0.9.1's agg_loss (dp_size 1): sequence means over the non-empty sequences, and
+    seq-mean-token-sum-norm divides that mean by T."""
     if loss_agg_mode == "token-mean":
         return verl_masked_mean(loss_mat, loss_mask)
-    if loss_agg_mode == "seq-mean-token-sum":
-        return torch.mean(torch.sum(loss_mat * loss_mask, dim=-1))
+    seq_tokens = torch.sum(loss_mask, dim=-1)
+    seq_mask = (seq_tokens > 0).to(loss_mat.dtype)
+    if loss_agg_mode in ("seq-mean-token-sum", "seq-mean-token-sum-norm"):
+        seq_losses = torch.sum(loss_mat * loss_mask, dim=-1)
+        loss = (seq_losses * seq_mask).sum() / seq_mask.sum()
+        return loss / loss_mask.shape[-1] if loss_agg_mode == "seq-mean-token-sum-norm" else loss
     if loss_agg_mode == "seq-mean-token-mean":
-        return torch.mean(torch.sum(loss_mat * loss_mask, dim=-1) / torch.sum(loss_mask, dim=-1))
-    if loss_agg_mode == "seq-mean-token-sum-norm":
-        return torch.sum(torch.sum(loss_mat * loss_mask, dim=-1)) / loss_mask.shape[-1]
+        # verl adds 1e-8 to the count; that relative 1e-8 is below float32 rounding and left out
+        # here so that the float64 comparison stays tight.
+        seq_losses = torch.sum(loss_mat * loss_mask, dim=-1) / seq_tokens.clamp(min=1)
+        return (seq_losses * seq_mask).sum() / seq_mask.sum()
     raise ValueError(loss_agg_mode)
 
 

@@ -80,6 +80,7 @@ struct PolicyParams {
   ptr_t grad_entropy = 0;  // same for the entropies, or 0 when not wanted
   double grad_scale = 1.0;  // 1 / the aggregation's final denominator
   bool scale_by_active = false;  // token-mean: grad_scale = 1 / max(active tokens, 1), counted here
+  bool scale_by_rows = false;    // seq-* modes: grad_scale = 1 / max(non-empty sequences, 1), counted here
 };
 
 // Totals returned to Python, in this order.
@@ -669,7 +670,9 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
       sum_lp = dlp;
       sum_lr = dlr;
     }
-    c.row_w = p.agg == kSeqMeanTokenMean ? A(1) / std::max(n_row, A(1)) : A(1);
+    // seq-mean-token-sum-norm divides each sequence's token sum by the padded length T.
+    c.row_w = p.agg == kSeqMeanTokenMean ? A(1) / std::max(n_row, A(1))
+                                         : (p.agg == kSeqMeanTokenSumNorm ? A(1) / A(T_) : A(1));
     c.grad_w = c.row_w * A(p.grad_scale);
     c.drop_negative = p.has_off && s_div > off_threshold;
     c.seq_ratio = A(1);
@@ -831,11 +834,28 @@ int64_t count_active(const uint8_t* m, int64_t n) {
   return total;
 }
 
+// Sequences of a [B, T] byte mask with at least one active token (a row stops at its first).
+int64_t count_nonempty_rows(const uint8_t* m, int64_t B, int64_t T) {
+  int64_t rows = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const uint8_t* q = m + b * T;
+    for (int64_t t = 0; t < T; ++t) {
+      if (q[t]) {
+        ++rows;
+        break;
+      }
+    }
+  }
+  return rows;
+}
+
 std::vector<double> policy_loss_fused(const PolicyParams& params) {
   if (params.B <= 0 || params.T <= 0) throw std::invalid_argument("policy_loss: empty batch");
   PolicyParams p = params;
   if (p.scale_by_active)
     p.grad_scale = 1.0 / double(std::max<int64_t>(count_active(as_ptr<const uint8_t>(p.mask), p.B * p.T), 1));
+  if (p.scale_by_rows)
+    p.grad_scale = 1.0 / double(std::max<int64_t>(count_nonempty_rows(as_ptr<const uint8_t>(p.mask), p.B, p.T), 1));
   std::vector<double> rows(size_t(p.B) * kNumStats, 0.0);
   // KL terms are computed only when they enter the loss or a metric (ref_logp given).
   const int kl = p.ref_logp == 0 ? 0 : (p.kl_kind == kK3 ? 2 : 1);
@@ -847,9 +867,12 @@ std::vector<double> policy_loss_fused(const PolicyParams& params) {
     else
       run_policy_kl<T, 2>(p, rows.data());
   });
-  std::vector<double> total(kNumStats, 0.0);
-  for (int64_t b = 0; b < p.B; ++b)
+  // The totals, then the number of non-empty sequences (the seq-* modes' denominator).
+  std::vector<double> total(kNumStats + 1, 0.0);
+  for (int64_t b = 0; b < p.B; ++b) {
     for (int k = 0; k < kNumStats; ++k) total[k] += rows[size_t(b) * kNumStats + k];
+    total[kNumStats] += rows[size_t(b) * kNumStats + kActive] > 0 ? 1.0 : 0.0;
+  }
   return total;
 }
 
@@ -884,7 +907,7 @@ void kl_penalty_fused(int64_t n, int dtype, ptr_t logp, ptr_t ref, int kind, boo
 
 // ---------------------------------------------------------------------------------------
 // value_loss: per token 0.5 * max((v - R)^2, (clip(v, v_old - c, v_old + c) - R)^2).
-// Returns {active tokens, row-weighted loss sum, clipped tokens, sum of v}.
+// Returns {active tokens, row-weighted loss sum, clipped tokens, sum of v, non-empty rows}.
 
 std::vector<double> value_loss_fused(int64_t B, int64_t T, int dtype, ptr_t values, ptr_t old_values, ptr_t returns,
                                      ptr_t mask, bool has_clip, double clip, int agg, ptr_t grad_values) {
@@ -905,7 +928,8 @@ std::vector<double> value_loss_fused(int64_t B, int64_t T, int dtype, ptr_t valu
         int64_t n = 0;
         if (agg == kSeqMeanTokenMean)
           for (int64_t t = 0; t < T; ++t) n += m[base + t] != 0;
-        const A row_w = agg == kSeqMeanTokenMean ? A(1) / A(std::max<int64_t>(n, 1)) : A(1);
+        const A row_w = agg == kSeqMeanTokenMean ? A(1) / A(std::max<int64_t>(n, 1))
+                                                 : (agg == kSeqMeanTokenSumNorm ? A(1) / A(T) : A(1));
         double loss = 0, vsum = 0;
         int64_t active = 0, clipped = 0;
         for (int64_t t = 0; t < T; ++t) {
@@ -943,9 +967,11 @@ std::vector<double> value_loss_fused(int64_t B, int64_t T, int dtype, ptr_t valu
       }
     });
   });
-  std::vector<double> total(K, 0.0);
-  for (int64_t b = 0; b < B; ++b)
+  std::vector<double> total(K + 1, 0.0);  // and the number of non-empty sequences
+  for (int64_t b = 0; b < B; ++b) {
     for (int k = 0; k < K; ++k) total[k] += rows[size_t(b) * K + k];
+    total[K] += rows[size_t(b) * K] > 0 ? 1.0 : 0.0;
+  }
   return total;
 }
 
@@ -1066,7 +1092,8 @@ void bind(py::module_& m) {
       .def_readwrite("grad_logp", &PolicyParams::grad_logp)
       .def_readwrite("grad_entropy", &PolicyParams::grad_entropy)
       .def_readwrite("grad_scale", &PolicyParams::grad_scale)
-      .def_readwrite("scale_by_active", &PolicyParams::scale_by_active);
+      .def_readwrite("scale_by_active", &PolicyParams::scale_by_active)
+      .def_readwrite("scale_by_rows", &PolicyParams::scale_by_rows);
   m.attr("NUM_POLICY_STATS") = int(kNumStats);
   m.def("policy_loss", &policy_loss_fused, py::arg("params"), py::call_guard<py::gil_scoped_release>(),
         "Fused policy loss: writes d(row-weighted loss sum)/d logp (and entropy) and returns the totals "

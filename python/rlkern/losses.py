@@ -70,17 +70,22 @@ def _mask_bytes(mask: torch.Tensor) -> torch.Tensor:
     return m.contiguous().view(torch.uint8)
 
 
-def _agg_denominator(agg: str, normalizer: Optional[float], active, B: int, T: int):
-    """The final denominator of the aggregation (see ``reference.losses.aggregate``)."""
+def _agg_denominator(agg: str, normalizer: Optional[float], active, nonempty):
+    """The final denominator of the aggregation (see ``reference.losses.aggregate``): the
+    kernels already weight each row (1 / n_i for seq-mean-token-mean, 1 / T for
+    seq-mean-token-sum-norm); ``active`` is the active token count and ``nonempty`` the
+    number of sequences with an active token (numbers or device tensors)."""
     if normalizer is not None:
         return float(normalizer)
-    if agg == "token-mean":
-        return active.clamp(min=1) if isinstance(active, torch.Tensor) else float(max(active, 1))
     if agg == "token-sum":
         return 1.0
-    if agg in ("seq-mean-token-mean", "seq-mean-token-sum"):
-        return float(B)
-    return float(T)
+    count = active if agg == "token-mean" else nonempty
+    return count.clamp(min=1) if isinstance(count, torch.Tensor) else float(max(count, 1))
+
+
+def _row_scale(agg: str, T: int) -> float:
+    """The fixed per-row weight of the kernels (seq-mean-token-mean's 1 / n_i is counted there)."""
+    return 1.0 / T if agg == "seq-mean-token-sum-norm" else 1.0
 
 
 def _check_normalizer(normalizer) -> Optional[float]:
@@ -240,17 +245,18 @@ def _policy_cpu(logp, old_logp, advantages, mask, cfg: PolicyLossConfig, tensors
         if cfg.entropy_top_fraction is not None:
             p.has_entropy_select = True
             p.entropy_threshold = float(entropy_threshold(ent, mask != 0, cfg.entropy_top_fraction))
-        # The final denominator is known before the pass, except token-mean's token count,
-        # which the kernel counts first.
+        # The final denominator is known before the pass, except token-mean's token count
+        # and the seq-* modes' count of non-empty sequences, which the kernel counts first.
         p.scale_by_active = cfg.agg == "token-mean" and cfg.normalizer is None
-        if not p.scale_by_active:
-            p.grad_scale = 1.0 / _agg_denominator(cfg.agg, cfg.normalizer, 0, B, T)
+        p.scale_by_rows = cfg.agg.startswith("seq-") and cfg.normalizer is None
+        if not (p.scale_by_active or p.scale_by_rows):
+            p.grad_scale = 1.0 / _agg_denominator(cfg.agg, cfg.normalizer, 0, 0)
         grad_logp = torch.empty((B, T), dtype=storage, device=device)
         grad_entropy = torch.empty((B, T), dtype=storage, device=device) if want_entropy_grad else None
         p.grad_logp = ptr(grad_logp)
         p.grad_entropy = ptr(grad_entropy) if grad_entropy is not None else 0
         totals = core().losses.policy_loss(p)
-        denom = _agg_denominator(cfg.agg, cfg.normalizer, totals[0], B, T)
+        denom = _agg_denominator(cfg.agg, cfg.normalizer, totals[0], totals[len(_STATS)])
         named = _metrics_from_totals(totals, cfg, ref is not None, ent is not None)
         # One small tensor for the loss and the metrics (views of it): one allocation, not seven.
         values = torch.tensor([totals[1] / denom, *named.values()], dtype=acc, device=device).unbind()
@@ -293,10 +299,16 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     ``rollout_logp`` (``tis_cap``), the off-policy sequence mask (``off_policy_threshold``)
     and the high-entropy token selection (``entropy_top_fraction``); kl_t is
     ``rlkern.kl.kl_penalty(logp, ref_logp, kl_kind, kl_clamp)``, multiplied by r when
-    ``kl_is_correction``. The loss is ``agg`` over the active tokens (token-mean, token-sum,
-    seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm), with ``normalizer``
-    replacing the final denominator (a global token or sequence count for data-parallel
-    ranks and gradient accumulation, or Dr.GRPO's constant).
+    ``kl_is_correction``. The loss is ``agg`` over the active tokens, as verl 0.9.1's
+    ``agg_loss``: "token-mean" sum(l m) / sum(m); "token-sum" sum(l m);
+    "seq-mean-token-mean" the mean over sequences of each one's token mean;
+    "seq-mean-token-sum" the mean over sequences of each one's token sum;
+    "seq-mean-token-sum-norm" the mean over sequences of (token sum / T), T the padded
+    length (Dr.GRPO). The sequence means run over the NON-EMPTY sequences only: a sequence
+    without an active token is left out of the count; a batch without any active token gives
+    0. ``normalizer`` replaces the final denominator (the token count, 1, or the number of
+    non-empty sequences): a global token or sequence count for data-parallel ranks and
+    gradient accumulation, or Dr.GRPO's constant.
 
     Options (defaults): objective="clip", level="token", clip_low=0.2, clip_high=clip_low,
     dual_clip=None, ratio_cap=None (TRL's ``delta``), log_ratio_clamp=None (verl clamps the
@@ -316,8 +328,11 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     token of the sequence (d r / d logp_t = r / n).
 
     NaN/inf policy: masked positions are never read into the result (they may hold NaN)
-    and get zero gradient. Sequences without active tokens contribute zero and count as
-    length 1. Non-finite values at active positions propagate into the loss.
+    and get zero gradient. Sequences without active tokens contribute nothing and are not
+    counted by the seq-* modes. Non-finite values at active positions propagate into the
+    loss (NaN stays NaN through every clamp); a term whose coefficient is 0 (kl_coef,
+    entropy_coef) is left out, not multiplied by 0, so an infinite KL or entropy that only
+    feeds a metric leaves the loss finite.
 
     Memory: the forward pass writes the finished gradient (in the inputs' dtype) and keeps
     nothing else; backward hands that buffer to autograd (scaled in place by the incoming
@@ -383,8 +398,10 @@ def value_loss(values: torch.Tensor, old_values: Optional[torch.Tensor], returns
 
     and without ``clip`` 0.5 * agg((v - R)^2). ``values``, ``old_values``, ``returns`` and
     ``mask`` are [B, T] (or [N], treated as one sequence); ``mask=None`` means every
-    position is active. ``agg``/``normalizer`` as in :func:`policy_loss`. Differentiable in
-    ``values`` only. Masked positions may hold NaN and get zero gradient.
+    position is active. ``agg``/``normalizer`` as in :func:`policy_loss` (verl 0.9.1's
+    aggregation: the seq-* modes average over the non-empty sequences). Differentiable in
+    ``values`` only. Masked positions may hold NaN and get zero gradient; NaN at an active
+    position (old values included, with ``clip``) makes the loss NaN.
 
     metrics: ``clip_frac`` (active tokens where the clipped error is the larger; 0 without
     clip), ``value_mean``.
@@ -432,9 +449,9 @@ def value_loss(values: torch.Tensor, old_values: Optional[torch.Tensor], returns
         else:
             from .triton import losses as triton_losses
 
-            totals = triton_losses.value_loss(v, vo, R, m, clip, _AGG_CODES[agg], grad)
+            totals = triton_losses.value_loss(v, vo, R, m, clip, _AGG_CODES[agg], _row_scale(agg, T), grad)
         active = totals[0].clamp(min=1)
-        denom = _agg_denominator(agg, normalizer, totals[0], B, T)
+        denom = _agg_denominator(agg, normalizer, totals[0], totals[4])
         metrics["clip_frac"] = totals[2] / active
         metrics["value_mean"] = totals[3] / active
         grad.mul_(1.0 / denom)

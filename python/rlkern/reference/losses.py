@@ -8,8 +8,9 @@ Conventions shared with the kernels:
 - ``mask`` marks active tokens. Inactive positions are replaced by zero before any
   arithmetic (``torch.where``), so they may hold NaN or inf, contribute nothing and get
   zero gradient.
-- Sequences with no active token count as length 1 in every denominator (their
-  contribution is zero).
+- Sequences with no active token contribute nothing and are left out of every sequence
+  mean (see :func:`aggregate`); their own token count is taken as 1 where a per-sequence
+  mean needs one (the sequence-level ratio, the off-policy divergence).
 - Every "detached" quantity (clipped CISPO weight, truncated importance weights, masks)
   carries no gradient; every other term is differentiated exactly as autograd would,
   including torch's convention for ties in max/min (the gradient is split in half) and
@@ -169,32 +170,40 @@ def _config_of(scalars: Tuple[Tuple[str, type, object], ...]) -> PolicyLossConfi
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, agg: str, normalizer: Optional[float] = None) -> torch.Tensor:
-    """Reduce a [B, T] per-token loss over the active tokens to a scalar.
+    """Reduce a [B, T] per-token loss over the active tokens to a scalar (verl 0.9.1's
+    ``agg_loss``).
 
-    token-mean: sum(l m) / sum(m); token-sum: sum(l m); seq-mean-token-mean: mean over
-    sequences of sum_t(l m) / n_i; seq-mean-token-sum: mean over sequences of sum_t(l m);
-    seq-mean-token-sum-norm: sum(l m) / T (T the padded length). A given ``normalizer``
-    replaces the final denominator (sum(m), 1, the number of sequences B, or T).
-    Token counts n_i and sum(m) are clamped at 1.
+    - token-mean: sum(l m) / sum(m) (0 when no token is active);
+    - token-sum: sum(l m);
+    - seq-mean-token-mean: mean over the non-empty sequences of sum_t(l m) / n_i;
+    - seq-mean-token-sum: mean over the non-empty sequences of sum_t(l m);
+    - seq-mean-token-sum-norm: mean over the non-empty sequences of sum_t(l m) / T, T the
+      padded length (Dr.GRPO; verl's default ``loss_scale_factor``).
+
+    A sequence with no active token (n_i = 0) is left out of every sequence mean: it
+    neither contributes nor counts, as in verl 0.9.1 and OpenRLHF 0.11.2. A batch without
+    any active token gives 0. A given ``normalizer`` replaces the final denominator: the
+    token count for token-mean, 1 for token-sum, the number of non-empty sequences for the
+    seq-* modes (so data-parallel ranks pass the global token or sequence count).
     """
     m = mask.to(per_token.dtype)
     seq_sums = (per_token * m).sum(-1)
     count = m.sum(-1)
-    B, T = per_token.shape
+    T = per_token.shape[-1]
+    if agg not in AGG_MODES:
+        raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
     if agg == "seq-mean-token-mean":
         seq_sums = seq_sums / count.clamp(min=1)
+    elif agg == "seq-mean-token-sum-norm":
+        seq_sums = seq_sums / T
     if normalizer is not None:
         denom = normalizer
     elif agg == "token-mean":
         denom = count.sum().clamp(min=1)
     elif agg == "token-sum":
         denom = 1.0
-    elif agg in ("seq-mean-token-mean", "seq-mean-token-sum"):
-        denom = float(B)
-    elif agg == "seq-mean-token-sum-norm":
-        denom = float(T)
     else:
-        raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
+        denom = (count > 0).sum().clamp(min=1).to(per_token.dtype)
     return seq_sums.sum() / denom
 
 

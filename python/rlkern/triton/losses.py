@@ -32,10 +32,10 @@ def _clamp(x, lo, hi):
 @triton.jit
 def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD_SCALE, GRAD, GRAD_ENT, STATS, T,
                         clip_lo, clip_hi, cap, dual, lr_lo, lr_hi, kl_lo, kl_hi, kl_coef, ent_coef, tis_cap,
-                        off_thr, has_dual, tis_token, tis_seq, tis_mask_mode, has_off, has_select, row_mean,
+                        off_thr, row_scale, has_dual, tis_token, tis_seq, tis_mask_mode, has_off, has_select, row_mean,
                         OBJECTIVE: tl.constexpr, SEQ: tl.constexpr, KL: tl.constexpr, USE_KL: tl.constexpr,
                         KL_CORR: tl.constexpr, HAS_ROLL: tl.constexpr, HAS_ENT: tl.constexpr,
-                        ADV_PER_TOKEN: tl.constexpr, WRITE_ENT_GRAD: tl.constexpr, COMPUTE: tl.constexpr,
+                        ADV_PER_TOKEN: tl.constexpr, USE_ENT: tl.constexpr, WRITE_ENT_GRAD: tl.constexpr, COMPUTE: tl.constexpr,
                         BLOCK: tl.constexpr):
     row = tl.program_id(0)
     base = row.to(tl.int64) * T
@@ -62,7 +62,8 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD_SCAL
         else:
             s_div += tl.sum(o - lp, 0)
     n1 = tl.maximum(n, 1.0)
-    row_w = tl.where(row_mean != 0, 1.0 / n1, 1.0)
+    # seq-mean-token-mean weighs a row by 1 / n_i, seq-mean-token-sum-norm by 1 / T (row_scale).
+    row_w = tl.where(row_mean != 0, 1.0 / n1, row_scale)
     # Gradients are written finished: row weight times 1 / the aggregation's denominator.
     grad_w = row_w * tl.load(GRAD_SCALE).to(COMPUTE)
     drop_negative = (has_off != 0) & (s_div / n1 > off_thr)
@@ -169,9 +170,10 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD_SCAL
                     l_tok += kl_coef * kl
                     direct += kl_coef * dkl
         if HAS_ENT:
-            # Selected, not multiplied by 0: an infinite entropy feeding only the metric
-            # must not make the loss NaN.
-            l_tok -= tl.where(ent_coef != 0.0, ent_coef * h, 0.0)
+            # Left out, not multiplied by 0, when entropy_coef is 0: an infinite entropy
+            # feeding only the metric must not make the loss NaN.
+            if USE_ENT:
+                l_tok -= ent_coef * h
             acc_ent += tl.sum(h, 0)
             if WRITE_ENT_GRAD:
                 tl.store(GRAD_ENT + base + idx, tl.where(m, -ent_coef * grad_w, 0.0).to(GRAD_ENT.dtype.element_ty),
@@ -235,7 +237,8 @@ def _kl_kernel(LOGP, REF, OUT, GRAD, N, kl_lo, kl_hi, KL: tl.constexpr, WRITE_GR
 
 
 @triton.jit
-def _value_loss_kernel(V, VOLD, RET, MASK, GRAD, STATS, T, clip, HAS_CLIP: tl.constexpr, ROW_MEAN: tl.constexpr,
+def _value_loss_kernel(V, VOLD, RET, MASK, GRAD, STATS, T, clip, row_scale, HAS_CLIP: tl.constexpr,
+                       ROW_MEAN: tl.constexpr,
                        COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     base = row.to(tl.int64) * T
@@ -248,7 +251,7 @@ def _value_loss_kernel(V, VOLD, RET, MASK, GRAD, STATS, T, clip, HAS_CLIP: tl.co
             n += tl.sum((tl.load(MASK + base + idx, mask=idx < T, other=0) != 0).to(COMPUTE), 0)
         row_w = 1.0 / tl.maximum(n, 1.0)
     else:
-        row_w = 1.0
+        row_w = row_scale
     acc_n = tl.sum(zero, 0)
     acc_loss = tl.sum(zero, 0)
     acc_clip = tl.sum(zero, 0)
@@ -362,7 +365,7 @@ def policy_loss(logp, old_logp, advantages, mask, cfg, tensors: Dict[str, Option
                 want_entropy_grad: bool):
     """Runs the fused kernel; returns (loss, metrics, grad_logp, grad_entropy), the gradients
     finished and in the inputs' storage dtype (as the C++ path)."""
-    from ..losses import _agg_denominator, _as, _mask_bytes, _metrics_from_totals, _policy_dtypes
+    from ..losses import _agg_denominator, _as, _mask_bytes, _metrics_from_totals, _policy_dtypes, _row_scale
     from ..reference.kl import clamp_bounds
     from ..reference.losses import entropy_threshold
 
@@ -383,7 +386,8 @@ def policy_loss(logp, old_logp, advantages, mask, cfg, tensors: Dict[str, Option
     # The final denominator is known before the pass except for token-mean's token count,
     # which stays on the device (no host synchronisation).
     active = m.sum() if cfg.agg == "token-mean" and cfg.normalizer is None else 0
-    denom = _agg_denominator(cfg.agg, cfg.normalizer, active, B, T)
+    nonempty = m.view(B, T).any(1).sum() if cfg.agg.startswith("seq-") and cfg.normalizer is None else 0
+    denom = _agg_denominator(cfg.agg, cfg.normalizer, active, nonempty)
     # In the arithmetic dtype: float64 gradients must not carry a float32 rounding of the
     # scale. Formed in float64 and cast, so that a scale beyond float32's range (normalizer
     # 1e-300) becomes inf as on the C++ path instead of raising.
@@ -400,14 +404,15 @@ def policy_loss(logp, old_logp, advantages, mask, cfg, tensors: Dict[str, Option
         ent if ent is not None else lp, thr, grad_scale, grad, grad_ent, stats, T,
         clip_lo, clip_hi, _bound(cfg.ratio_cap, INF), float(cfg.dual_clip or 0.0), _bound(lr_lo, -INF),
         _bound(lr_hi, INF), _bound(kl_lo, -INF), _bound(kl_hi, INF), float(cfg.kl_coef), float(cfg.entropy_coef),
-        float(cfg.tis_cap or 0.0), float(cfg.off_policy_threshold or 0.0),
+        float(cfg.tis_cap or 0.0), float(cfg.off_policy_threshold or 0.0), _row_scale(cfg.agg, T),
         int(cfg.dual_clip is not None), int(cfg.tis_cap is not None and cfg.tis_level == "token"),
         int(cfg.tis_cap is not None and cfg.tis_level == "sequence"), int(cfg.tis_mode == "mask"),
         int(cfg.off_policy_threshold is not None), int(cfg.entropy_top_fraction is not None),
         int(cfg.agg == "seq-mean-token-mean"),
         OBJECTIVE={"clip": 0, "cispo": 1, "reinforce": 2}[cfg.objective], SEQ=cfg.level == "sequence", KL=kl,
         USE_KL=cfg.kl_coef != 0, KL_CORR=bool(cfg.kl_is_correction), HAS_ROLL=roll is not None,
-        HAS_ENT=ent is not None, ADV_PER_TOKEN=adv.dim() == 2, WRITE_ENT_GRAD=want_entropy_grad,
+        HAS_ENT=ent is not None, ADV_PER_TOKEN=adv.dim() == 2,
+        USE_ENT=cfg.entropy_coef != 0, WRITE_ENT_GRAD=want_entropy_grad,
         COMPUTE=_compute(grad), BLOCK=min(_BLOCK, triton.next_power_of_2(T)))
     totals = stats.sum(0)
     loss = totals[1] / denom
@@ -425,13 +430,14 @@ def kl_penalty(logp, ref_logp, kind_code: int, low, high, out, grad) -> None:
                                          WRITE_GRAD=grad is not None, COMPUTE=_compute(out), BLOCK=_BLOCK)
 
 
-def value_loss(values, old_values, returns, mask, clip, agg_code: int, grad) -> torch.Tensor:
+def value_loss(values, old_values, returns, mask, clip, agg_code: int, row_scale: float, grad) -> torch.Tensor:
+    """Totals [active, loss sum, clipped, sum of v, non-empty rows] as the C++ kernel."""
     B, T = values.shape
     stats = torch.empty((B, 4), dtype=grad.dtype, device=values.device)
-    _value_loss_kernel[(B,)](values, old_values, returns, mask, grad, stats, T, float(clip or 0.0),
+    _value_loss_kernel[(B,)](values, old_values, returns, mask, grad, stats, T, float(clip or 0.0), float(row_scale),
                              HAS_CLIP=clip is not None, ROW_MEAN=agg_code == 2, COMPUTE=_compute(grad),
                              BLOCK=min(_BLOCK, triton.next_power_of_2(T)))
-    return stats.sum(0)
+    return torch.cat([stats.sum(0), (stats[:, 0] > 0).sum().to(stats.dtype).reshape(1)])
 
 
 def dpo_loss(c, r, rc, rr, beta, loss_type_code, label_smoothing, grad_z, chosen_rewards,
@@ -464,12 +470,12 @@ def _policy_spec(name: str, dt: str, **constexprs) -> AotSpec:
     signature = {"LOGP": ptr, "OLD": ptr, "ADV": "*fp32", "MASK": "*u8", "REF": ptr, "ROLL": ptr, "ENT": ptr,
                  "ENT_THR": "*fp32", "GRAD_SCALE": "*fp32", "GRAD": ptr, "GRAD_ENT": ptr, "STATS": "*fp32", "T": "i32"}
     for arg in ("clip_lo", "clip_hi", "cap", "dual", "lr_lo", "lr_hi", "kl_lo", "kl_hi", "kl_coef", "ent_coef",
-                "tis_cap", "off_thr"):
+                "tis_cap", "off_thr", "row_scale"):
         signature[arg] = "fp32"
     for arg in ("has_dual", "tis_token", "tis_seq", "tis_mask_mode", "has_off", "has_select", "row_mean"):
         signature[arg] = "i32"
     full = dict(OBJECTIVE=0, SEQ=False, KL=0, USE_KL=False, KL_CORR=False, HAS_ROLL=False, HAS_ENT=False,
-                ADV_PER_TOKEN=False, WRITE_ENT_GRAD=False, COMPUTE=tl.float32, BLOCK=_BLOCK)
+                ADV_PER_TOKEN=False, USE_ENT=False, WRITE_ENT_GRAD=False, COMPUTE=tl.float32, BLOCK=_BLOCK)
     full.update(constexprs)
     for k in full:
         signature[k] = "constexpr"
@@ -484,7 +490,7 @@ def _specs():
             _policy_spec("policy_grpo", dt, KL=3, USE_KL=True),
             _policy_spec("policy_gspo", dt, SEQ=True),
             _policy_spec("policy_cispo_tis_entropy", dt, OBJECTIVE=1, HAS_ROLL=True, HAS_ENT=True,
-                         WRITE_ENT_GRAD=True, KL=1, USE_KL=True, KL_CORR=True),
+                         USE_ENT=True, WRITE_ENT_GRAD=True, KL=1, USE_KL=True, KL_CORR=True),
             AotSpec(f"kl_k3_{dt}", _kl_kernel,
                     {"LOGP": ptr, "REF": ptr, "OUT": "*fp32", "GRAD": "*fp32", "N": "i32", "kl_lo": "fp32",
                      "kl_hi": "fp32", "KL": "constexpr", "WRITE_GRAD": "constexpr", "COMPUTE": "constexpr",
@@ -492,7 +498,7 @@ def _specs():
                     dict(KL=3, WRITE_GRAD=True, COMPUTE=tl.float32, BLOCK=_BLOCK)),
             AotSpec(f"value_clip_{dt}", _value_loss_kernel,
                     {"V": ptr, "VOLD": ptr, "RET": ptr, "MASK": "*u8", "GRAD": "*fp32", "STATS": "*fp32", "T": "i32",
-                     "clip": "fp32", "HAS_CLIP": "constexpr", "ROW_MEAN": "constexpr", "COMPUTE": "constexpr",
+                     "clip": "fp32", "row_scale": "fp32", "HAS_CLIP": "constexpr", "ROW_MEAN": "constexpr", "COMPUTE": "constexpr",
                      "BLOCK": "constexpr"},
                     dict(HAS_CLIP=True, ROW_MEAN=False, COMPUTE=tl.float32, BLOCK=_BLOCK)),
             AotSpec(f"dpo_sigmoid_{dt}", _dpo_kernel,
