@@ -1,8 +1,10 @@
 #include "rlkern/parallel.h"
 
+#include <pybind11/pybind11.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -13,18 +15,37 @@
 #include <thread>
 #include <vector>
 
+#include "rlkern/registry.h"
+
 namespace rlk {
 namespace {
 
 thread_local bool in_pool_task = false;
 
-int default_threads() {
-  if (const char* env = std::getenv("RLKERN_NUM_THREADS")) {
-    const int n = std::atoi(env);
-    if (n > 0) return n;
-  }
+int hardware_threads() {
   const unsigned hw = std::thread::hardware_concurrency();
-  return hw == 0 ? 1 : int(hw);
+  return hw == 0 ? 1 : int(std::min<unsigned>(hw, 1u << 16));
+}
+
+// RLKERN_NUM_THREADS: a positive decimal integer (surrounding blanks allowed). Larger
+// than max_threads() is capped; anything else (empty, negative, zero, not a number,
+// out of range) falls back to the hardware count. rlkern._info warns about both at import.
+// Returns 0 for a fallback, else the value capped to `cap`.
+int parse_env_threads(const char* env, int cap) {
+  if (env == nullptr) return 0;
+  errno = 0;
+  char* end = nullptr;
+  const long long n = std::strtoll(env, &end, 10);
+  if (end == env) return 0;
+  while (*end == ' ' || *end == '\t' || *end == '\n') ++end;
+  if (*end != '\0' || n <= 0) return 0;
+  if (errno == ERANGE || n > cap) return cap;
+  return int(n);
+}
+
+int default_threads() {
+  const int n = parse_env_threads(std::getenv("RLKERN_NUM_THREADS"), max_threads());
+  return n > 0 ? n : hardware_threads();
 }
 
 // Spins for a while before sleeping. Batched MCTS and the loss kernels call the pool
@@ -74,8 +95,17 @@ bool spin_until(Ready ready, int64_t spin_ns) {
 // caller until it runs.
 class Pool {
  public:
-  explicit Pool(int threads) : size_(threads), spin_ns_(default_spin_ns()) {
-    for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { worker_loop(); });
+  // Starts up to threads - 1 workers. When the system refuses one (thread or memory
+  // limits), the pool keeps those it has and size() says how many: a constructor that
+  // threw would destroy the condition variables under the waiting workers (a hang in
+  // pthread_cond_destroy) or joinable threads (std::terminate).
+  explicit Pool(int threads) : spin_ns_(default_spin_ns()) {
+    try {
+      workers_.reserve(size_t(std::max(threads - 1, 0)));
+      for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { worker_loop(); });
+    } catch (...) {
+    }
+    size_ = int(workers_.size()) + 1;
   }
   ~Pool() {
     {
@@ -166,7 +196,7 @@ class Pool {
     }
   }
 
-  const int size_;
+  int size_ = 1;
   const int64_t spin_ns_;
   std::vector<std::thread> workers_;
   std::mutex m_, busy_;
@@ -190,8 +220,9 @@ std::shared_ptr<Pool> pool;
 pid_t pool_pid = 0;
 int requested_threads = 0;
 
-std::shared_ptr<Pool> get_pool() {
-  std::lock_guard<std::mutex> lock(pool_mutex);
+// With pool_mutex held. A pool that could not start every thread asked for lowers the
+// count to what it has, so that the next call does not try again (and fail again).
+std::shared_ptr<Pool> get_pool_locked() {
   if (requested_threads <= 0) requested_threads = default_threads();
   if (pool && pool_pid != getpid()) {
     // After fork() the workers do not exist in the child; the old pool cannot be
@@ -200,13 +231,36 @@ std::shared_ptr<Pool> get_pool() {
     pool.reset();
   }
   if (!pool || pool->size() != requested_threads) {
-    pool = std::make_shared<Pool>(requested_threads);
+    pool.reset();  // the old workers end before new ones start: never both sets at once
+    try {
+      pool = std::make_shared<Pool>(requested_threads);
+    } catch (...) {  // not even the pool object: run on the calling thread alone
+      requested_threads = 1;
+      return nullptr;
+    }
     pool_pid = getpid();
+    requested_threads = pool->size();
   }
   return pool;
 }
 
+std::shared_ptr<Pool> get_pool() {
+  std::lock_guard<std::mutex> lock(pool_mutex);
+  return get_pool_locked();
+}
+
+void bind(pybind11::module_& m) {
+  m.def("max_threads", &max_threads);
+  m.def("hardware_threads", &hardware_threads);
+  m.def(
+      "env_threads", [](const std::string& value) { return parse_env_threads(value.c_str(), max_threads()); },
+      pybind11::arg("value"));
+  m.def("start", &start_threads, pybind11::arg("n"));
+}
+
 }  // namespace
+
+int max_threads() { return std::max(4 * hardware_threads(), 8); }
 
 int num_threads() {
   std::lock_guard<std::mutex> lock(pool_mutex);
@@ -216,7 +270,14 @@ int num_threads() {
 
 void set_num_threads(int n) {
   std::lock_guard<std::mutex> lock(pool_mutex);
-  requested_threads = n > 0 ? n : default_threads();
+  requested_threads = n > 0 ? std::min(n, max_threads()) : default_threads();
+}
+
+int start_threads(int n) {
+  std::lock_guard<std::mutex> lock(pool_mutex);
+  requested_threads = n > 0 ? std::min(n, max_threads()) : default_threads();
+  if (requested_threads > 1) get_pool_locked();
+  return requested_threads;
 }
 
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
@@ -231,7 +292,9 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
   const int64_t tasks = std::min<int64_t>((n + grain - 1) / grain, int64_t(threads) * 4);
   const int64_t chunk = (n + tasks - 1) / tasks;
   auto p = get_pool();
-  if (!p->try_run(n, chunk, fn)) fn(0, n);
+  if (!p || !p->try_run(n, chunk, fn)) fn(0, n);
 }
 
 }  // namespace rlk
+
+RLK_REGISTER_BINDINGS(threads, rlk::bind);

@@ -81,3 +81,93 @@ def test_cuda_kernels_are_built_for_sm80_and_sm90():
         pytest.skip("cuobjdump not found")
     listing = subprocess.run([tool, "--list-elf", core.__file__], capture_output=True, text=True, check=True).stdout
     assert "returns.sm_80.cubin" in listing and "returns.sm_90.cubin" in listing, listing
+
+
+# --- the thread pool under limits (issue 11, item 14) ---------------------------------
+
+_POOL_PROBE = """
+import os, resource, warnings
+import torch, rlkern
+from rlkern import _ext
+threads = _ext.load().threads
+r, v = torch.randn(3000, 64, dtype=torch.float64), torch.randn(3000, 64, dtype=torch.float64)
+term = torch.rand(3000, 64) < 0.05
+rlkern.set_num_threads(1)
+serial = rlkern.gae(r, v, term, 0.99, 0.95)[0]
+
+def check(n):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = rlkern.set_num_threads(n)
+    assert 1 <= got <= threads.max_threads(), got
+    assert got == rlkern.get_num_threads()
+    assert torch.equal(rlkern.gae(r, v, term, 0.99, 0.95)[0], serial)
+    running = len(os.listdir("/proc/self/task"))
+    print(n, got, running, [str(w.message) for w in caught])
+    return got, running, caught
+"""
+
+
+def test_thread_count_is_capped_with_a_warning():
+    from rlkern import _ext
+
+    cap = _ext.load().threads.max_threads()
+    assert cap >= 4 * _ext.load().threads.hardware_threads()
+    with pytest.warns(RuntimeWarning, match="capped at"):
+        got = rlkern.set_num_threads(cap + 1)
+    try:
+        assert got == cap == rlkern.get_num_threads()
+    finally:
+        rlkern.set_num_threads(0)
+
+
+def test_huge_thread_requests_neither_hang_nor_start_them_all():
+    from helpers import run_isolated
+
+    proc = run_isolated(_POOL_PROBE + """
+for n in (100000, 3000, 2**40):
+    got, running, caught = check(n)
+    assert got == threads.max_threads() and running < got + 16, running
+    assert any("capped" in str(w.message) for w in caught)
+print("ok")
+""", timeout=90)
+    assert "ok" in proc.stdout
+
+
+def test_threads_refused_by_the_system_degrade_instead_of_hanging():
+    """Under an address-space limit only a few 8 MiB thread stacks fit: the pool keeps
+    the threads it could start, warns, and the results stay those of one thread."""
+    from helpers import run_isolated
+
+    proc = run_isolated(_POOL_PROBE + """
+import re
+vm = int(re.search(r"VmSize:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + 20 * 2**20, resource.RLIM_INFINITY))
+got, running, caught = check(threads.max_threads())
+assert got < threads.max_threads(), got
+assert any("could be started" in str(w.message) for w in caught)
+resource.setrlimit(resource.RLIMIT_AS, (4 * 2**30, resource.RLIM_INFINITY))
+check(3000)
+print("ok")
+""", timeout=90)
+    assert "ok" in proc.stdout
+
+
+@pytest.mark.parametrize("value,expect", [("99999999999999", "capped"), ("512", "capped"),
+                                          ("4x", "not a positive")])
+def test_bad_thread_environment_values_warn_and_fall_back(value, expect):
+    from helpers import run_isolated
+
+    proc = run_isolated(f"""
+import os, torch, rlkern
+from rlkern import _ext
+threads = _ext.load().threads
+n = rlkern.get_num_threads()
+want = threads.max_threads() if {expect!r} == "capped" else threads.hardware_threads()
+assert n == want, (n, want)
+r, v = torch.randn(3000, 64), torch.randn(3000, 64)
+rlkern.gae(r, v, torch.zeros(3000, 64, dtype=torch.bool), 0.99, 0.95)
+assert len(os.listdir("/proc/self/task")) < n + 16
+print("ok", n)
+""", timeout=90, env={"RLKERN_NUM_THREADS": value})
+    assert "ok" in proc.stdout and expect in proc.stderr, proc.stderr

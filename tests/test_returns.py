@@ -608,3 +608,86 @@ def test_a_zero_discount_reads_nothing_behind_it(backend, gamma, lam):
     assert torch.equal(out[0, :5], clean[0, :5])
     adv, _ = rlkern.gae(poisoned, torch.zeros(1, 9), no_dones, 0.9, 0.0)
     assert torch.isfinite(adv[0, :5]).all() and adv[0, 5].isnan()
+
+
+# --- tensor subclasses (issue 11, item 3) ------------------------------------------------
+
+class _Sub(torch.Tensor):
+    """A tensor subclass standing in for any wrapper whose data pointer is not its data."""
+
+
+def _op_calls():
+    """(op name, argument name, call(make)) where make(name, tensor) may swap the tensor
+    named `name` for another object: every tensor argument of every op, out= included."""
+    B, T = 3, 20
+    base = dict(rewards=torch.randn(B, T), values=torch.randn(B, T), next_values=torch.randn(B, T),
+                terminated=torch.zeros(B, T, dtype=torch.bool), truncated=torch.zeros(B, T, dtype=torch.bool),
+                bootstrap=torch.randn(B), out=torch.empty(B, T), out2=torch.empty(B, T),
+                flat=torch.randn(12))
+    return [
+        ("discounted_returns", ["rewards", "terminated", "bootstrap", "out"],
+         lambda m: rlkern.discounted_returns(m("rewards"), m("terminated"), 0.9, bootstrap=m("bootstrap"),
+                                             out=m("out"))),
+        ("gae", ["rewards", "values", "terminated", "bootstrap", "out", "out2"],
+         lambda m: rlkern.gae(m("rewards"), m("values"), m("terminated"), 0.9, 0.9, bootstrap_value=m("bootstrap"),
+                              out=(m("out"), m("out2")))),
+        ("gae", ["next_values", "truncated"],
+         lambda m: rlkern.gae(m("rewards"), m("values"), m("terminated"), 0.9, 0.9, next_values=m("next_values"),
+                              truncated=m("truncated"))),
+        ("lambda_returns", ["rewards", "next_values", "terminated", "truncated", "out"],
+         lambda m: rlkern.lambda_returns(m("rewards"), m("next_values"), m("terminated"), 0.9, 0.9,
+                                         truncated=m("truncated"), out=m("out"))),
+        ("masked_gae", ["rewards", "values", "terminated", "out", "out2"],
+         lambda m: rlkern.masked_gae(m("rewards"), m("values"), m("terminated"), 0.9, 0.9, out=(m("out"), m("out2")))),
+        ("group_advantages", ["flat"], lambda m: rlkern.group_advantages(m("flat"), 4)),
+    ], base
+
+
+_ARG_NAMES = {"terminated": ("terminated", "dones", "mask"), "rewards": ("rewards", "token_rewards"),
+              "bootstrap": ("bootstrap", "bootstrap_value"), "out": ("out", r"out\[0\]"), "out2": (r"out\[1\]",),
+              "flat": ("rewards",)}
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "reference"])
+def test_tensor_subclasses_get_a_type_error_naming_the_argument(backend_name):
+    calls, base = _op_calls()
+    with rlkern.use_backend(backend_name):
+        for op, names, call in calls:
+            call(lambda n: base[n])  # the plain call works
+            for name in names:
+                swapped = lambda n: base[n].as_subclass(_Sub) if n == name else base[n]  # noqa: E731
+                pattern = "|".join(_ARG_NAMES.get(name, (name,)))
+                with pytest.raises(TypeError, match=rf"^({pattern}) is a .*_Sub, a tensor subclass"):
+                    call(swapped)
+
+
+def test_dtensor_inputs_get_a_type_error_naming_the_argument():
+    from helpers import run_isolated
+
+    proc = run_isolated("""
+import os, sys, re
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 2000), RANK="0", WORLD_SIZE="1")
+import torch, torch.distributed as dist
+from torch.distributed.tensor import DeviceMesh, Replicate, Shard, distribute_tensor
+sys.path.insert(0, TESTS_DIR)
+import test_returns as t
+dist.init_process_group("gloo")
+mesh = DeviceMesh("cpu", [0])
+calls, base = t._op_calls()
+checked = 0
+for op, names, call in calls:
+    for name in names:
+        placement = Shard(0) if base[name].dim() else Replicate()
+        dt = distribute_tensor(base[name], mesh, [placement])
+        try:
+            call(lambda n: dt if n == name else base[n])
+        except TypeError as e:
+            pattern = "|".join(t._ARG_NAMES.get(name, (name,)))
+            assert re.match(rf"^({pattern}) is a .*DTensor", str(e)), str(e)
+            checked += 1
+        else:
+            raise AssertionError(f"{op}: a DTensor {name} was accepted")
+dist.destroy_process_group()
+print("ok", checked)
+""".replace("TESTS_DIR", repr(__import__("os").path.dirname(__file__))), timeout=120)
+    assert "ok" in proc.stdout

@@ -141,6 +141,7 @@ def _out_buffers(out, count: int, one_d: bool, shape, dtype: torch.dtype, device
     rows = []
     for i, b in enumerate(bufs):
         name = "out" if count == 1 else f"out[{i}]"
+        _validate.tensor(name, b)
         want = tuple(shape[1:]) if one_d else tuple(shape)
         if tuple(b.shape) != want:
             raise ValueError(f"{name} must have shape {want}, got {tuple(b.shape)}")

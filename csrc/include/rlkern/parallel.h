@@ -7,9 +7,17 @@
 namespace rlk {
 
 // Number of threads parallel_for uses (the caller's thread included). Defaults to
-// RLKERN_NUM_THREADS when set, else the machine's hardware concurrency.
+// RLKERN_NUM_THREADS when set (a positive integer; capped at max_threads(), anything
+// else ignored), else the machine's hardware concurrency. When the system refuses to
+// start a thread, the pool runs with those it could start and num_threads() says so.
 int num_threads();
+// n <= 0 restores the default; n > max_threads() is capped. The pool starts lazily.
 void set_num_threads(int n);
+// set_num_threads, then starts the pool now; returns the threads actually running.
+int start_threads(int n);
+// The most threads the pool runs: 4 per hardware thread, at least 8. More only
+// oversubscribe the cores (the kernels split rows, not waits on I/O).
+int max_threads();
 
 // Calls fn(begin, end) over disjoint ranges covering [0, n). Ranges hold at least
 // `grain` items, so small inputs stay on the calling thread. A call made from inside a
