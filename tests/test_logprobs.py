@@ -554,3 +554,16 @@ def test_huge_int_arguments_are_named():
                  linear_token_logprobs(hidden, weight, targets), 1e-6)
     with pytest.raises(ValueError, match="chunk_vocab"):
         linear_token_logprobs(hidden, weight, targets, chunk_vocab=2**70)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_linear_empty_batch_gradients_are_zero(backend):
+    """No tokens: the weight gradient is zero (it used to be an uninitialised buffer)."""
+    hidden = torch.zeros(0, 8, requires_grad=True)
+    weight = torch.randn(50, 8, requires_grad=True)
+    bias = torch.randn(50, requires_grad=True)
+    with rlkern.use_backend(backend):
+        lp, ent = linear_token_logprobs(hidden, weight, torch.zeros(0, dtype=torch.long), bias=bias,
+                                        return_entropy=True)
+    (lp.sum() + ent.sum()).backward()
+    assert lp.shape == (0,) and (weight.grad == 0).all() and (bias.grad == 0).all()

@@ -429,7 +429,8 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
         acc = _compute_dtype(hidden)
         grad_hidden = torch.zeros((N, H), dtype=acc, device=hidden.device) if want_h else None
-        grad_weight = torch.empty_like(weight) if want_w else None
+        # (Written chunk by chunk from the token loop, which an empty batch never enters.)
+        grad_weight = (torch.zeros_like(weight) if N == 0 else torch.empty_like(weight)) if want_w else None
         grad_bias = torch.empty_like(bias) if (want_b and bias is not None) else None
         single_token_chunk = N <= chunk_tokens
         for v0 in range(0, V, chunk_vocab):
