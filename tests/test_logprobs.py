@@ -409,3 +409,161 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
     t._check('cpu', t._logits((5, 3001), dtype), t._targets((5,), 3001), temperature=0.8)
     t._check('cpu', t._logits((5, 300), dtype), t._targets((5,), 300), top_k=7, top_p=0.9)
 """)
+
+
+# ----------------------------------------------------------------------------- audit regressions (issue 11)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tiny_temperature(backend):
+    """1/T near the float32 limit (it used to overflow to inf: all NaN) and logits whose
+    quotient by T overflows float32 (it used to give NaN): the distribution is that of
+    (x - max) / T, here all mass on the row's largest logits."""
+    V = 40
+    x = _logits((4, V))
+    x[1, 7] = x[1].max()  # a two-way tie at the maximum
+    x[2] = x[2] * 1e37  # x / T overflows at any T <= 1
+    x[3, :V // 2] = float("-inf")
+    targets = x.argmax(-1)
+    for temperature in (2.0**-126, 3e-38, 1e-30, 1e-6):
+        lp, ent, grad = _check(backend, x, targets, temperature=temperature)
+        expected = torch.tensor([0.0, -math.log(2), 0.0, 0.0])
+        assert_close(lp, expected, 1e-6, "logp")
+        assert_close(ent, -expected, 1e-6, "entropy")
+        assert torch.isfinite(grad).all() and (grad[[0, 2, 3]] == 0).all()
+    # Other targets: a huge negative log-prob, -inf where it overflows float32.
+    others = (targets + 1) % V
+    with rlkern.use_backend(backend):
+        lp = token_logprobs(x, others, temperature=2.0**-126)
+    lp_r = ref.token_logprobs(x.double(), others, temperature=2.0**-126)
+    assert_close(lp, lp_r.float(), 1e-6, "logp")
+    assert (lp < -1e30).all()
+
+
+def test_temperature_out_of_range():
+    x, t = _logits((2, 5)), torch.tensor([1, 2])
+    hidden, weight, _, targets = _linear_case(4, 8, 50, torch.float32, False)
+    for temp in (1e-39, 2.0**-127, 5e-324, 2.0**127, 1e300, 10**400):
+        with pytest.raises(ValueError, match="temperature"):
+            token_logprobs(x, t, temperature=temp)
+        with pytest.raises(ValueError, match="temperature"):
+            linear_token_logprobs(hidden, weight, targets, temperature=temp)
+        with pytest.raises(ValueError, match="temperature"):
+            ref.token_logprobs(x, t, temperature=temp)
+    with pytest.raises(TypeError, match="temperature"):
+        token_logprobs(x, t, temperature="hot")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_tiny_temperature(backend):
+    # Small integers: every chunk product is exact, so the argmax is unambiguous.
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randint(-3, 4, (6, 8), generator=gen).float()
+    weight = torch.randint(-3, 4, (300, 8), generator=gen).float()
+    logits = hidden.double() @ weight.double().t()
+    targets = logits.argmax(-1)
+    ties = (logits == logits.max(-1, keepdim=True).values).sum(-1).double()
+    with rlkern.use_backend(backend):
+        lp, ent = linear_token_logprobs(hidden, weight, targets, temperature=2.0**-126, return_entropy=True,
+                                        chunk_tokens=4, chunk_vocab=128)
+    assert_close(lp, -ties.log(), 1e-6, "logp")
+    assert_close(ent, ties.log(), 1e-6, "entropy")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("top", [{}, {"top_k": 3}, {"top_p": 0.5}, {"top_k": 3, "top_p": 0.5}])
+def test_nonfinite_rows_follow_the_reference_docstring(backend, top):
+    """A row with NaN, +inf or only -inf gives NaN logp and NaN entropy on every path,
+    the reference included (it used to treat NaN as -inf and give entropy -0.0 for a row
+    of -inf); -inf entries elsewhere are tokens of probability 0."""
+    x = _logits((5, 50))
+    x[0] = float("-inf")
+    x[1, 3] = float("nan")
+    x[2, 7] = float("inf")
+    x[3, 40] = float("nan")  # NaN away from the target, beyond any top-k set
+    x[4, ::2] = float("-inf")  # a normal row
+    targets = torch.tensor([1, 2, 3, 4, int(x[4].argmax())])
+    with rlkern.use_backend(backend):
+        lp, ent = token_logprobs(x, targets, return_entropy=True, **top)
+    assert torch.isnan(lp[:4]).all() and torch.isnan(ent[:4]).all()
+    assert torch.isfinite(lp[4]) and torch.isfinite(ent[4])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nonfinite_row_gradients_are_nan(backend):
+    x = _logits((3, 20))
+    x[0, 3] = float("nan")
+    x[1] = float("-inf")
+    lp, ent, grad = _run(backend, x, torch.tensor([1, 2, 3]))
+    assert torch.isnan(grad[:2]).all() and torch.isfinite(grad[2]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_target_dtypes(backend):
+    x = _logits((3, 100))
+    t = torch.tensor([5, 99, 200])
+    expected = ref.token_logprobs(x.double(), torch.tensor([5, 99, -100]), ignore_index=-100)
+    for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
+        ti = t.to(dtype) if dtype != torch.int8 else torch.tensor([5, 99, -100], dtype=dtype)
+        ignore = -100 if dtype == torch.int8 else 200
+        with rlkern.use_backend(backend):
+            lp = token_logprobs(x, ti, ignore_index=ignore)
+        assert_close(lp, expected, VALUE_TOL, str(dtype))
+    for dtype in (torch.uint16, torch.uint32, torch.uint64, torch.bool, torch.float32):
+        with pytest.raises(TypeError, match="targets"):
+            with rlkern.use_backend(backend):
+                token_logprobs(x, t.to(dtype))
+        with pytest.raises(TypeError, match="targets"):
+            ref.token_logprobs(x, t.to(dtype))
+
+
+def test_linear_target_dtypes():
+    hidden, weight, b, targets = _linear_case(4, 8, 50, torch.float32, True)
+    targets[1] = 3
+    lp = linear_token_logprobs(hidden, weight, targets, bias=b)
+    lp8 = linear_token_logprobs(hidden, weight, targets.to(torch.uint8), bias=b)
+    assert torch.equal(lp, lp8)
+    with pytest.raises(TypeError, match="targets"):
+        linear_token_logprobs(hidden, weight, targets.to(torch.uint16), bias=b)
+
+
+def test_huge_int_arguments_are_named():
+    """Python ints beyond int64 used to raise a bare OverflowError."""
+    x, t = _logits((2, 5)), torch.tensor([1, 2])
+    hidden, weight, _, targets = _linear_case(4, 8, 50, torch.float32, False)
+    for big in (2**70, -2**70, 2**63):
+        with pytest.raises(ValueError, match="ignore_index"):
+            token_logprobs(x, t, ignore_index=big)
+        with pytest.raises(ValueError, match="ignore_index"):
+            linear_token_logprobs(hidden, weight, targets, ignore_index=big)
+        with pytest.raises(ValueError, match="chunk_tokens"):
+            linear_token_logprobs(hidden, weight, targets, chunk_tokens=-big if big > 0 else big)
+    with pytest.raises(TypeError, match="ignore_index"):
+        token_logprobs(x, t, ignore_index=1.5)
+    with pytest.raises(TypeError, match="chunk_vocab"):
+        linear_token_logprobs(hidden, weight, targets, chunk_vocab=2.5)
+    with pytest.raises(ValueError, match="top_p"):
+        token_logprobs(x, t, top_p=10**400)
+    # A top_k beyond any vocabulary keeps everything, with top-p too.
+    for backend in CPU_BACKENDS:
+        with rlkern.use_backend(backend):
+            assert_close(token_logprobs(x, t, top_k=2**70, top_p=0.5), token_logprobs(x, t, top_p=0.5), 0.0)
+            assert_close(token_logprobs(x, t, top_k=2**70), token_logprobs(x, t), 0.0)
+    # Chunks larger than the problem are one chunk; beyond int64 they are named.
+    assert_close(linear_token_logprobs(hidden, weight, targets, chunk_tokens=2**40, chunk_vocab=2**62),
+                 linear_token_logprobs(hidden, weight, targets), 1e-6)
+    with pytest.raises(ValueError, match="chunk_vocab"):
+        linear_token_logprobs(hidden, weight, targets, chunk_vocab=2**70)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_linear_empty_batch_gradients_are_zero(backend):
+    """No tokens: the weight gradient is zero (it used to be an uninitialised buffer)."""
+    hidden = torch.zeros(0, 8, requires_grad=True)
+    weight = torch.randn(50, 8, requires_grad=True)
+    bias = torch.randn(50, requires_grad=True)
+    with rlkern.use_backend(backend):
+        lp, ent = linear_token_logprobs(hidden, weight, torch.zeros(0, dtype=torch.long), bias=bias,
+                                        return_entropy=True)
+    (lp.sum() + ent.sum()).backward()
+    assert lp.shape == (0,) and (weight.grad == 0).all() and (bias.grad == 0).all()

@@ -31,7 +31,7 @@ def _case(dtype_name):
     return logits, targets, g_lp, g_ent
 
 
-def _worker(rank, init_file, configs):
+def _worker(rank, init_file, configs, checks=()):
     sys.path.insert(0, os.path.dirname(__file__))
     import rlkern
 
@@ -40,8 +40,74 @@ def _worker(rank, init_file, configs):
     try:
         for dtype_name, backend in configs:
             _check_rank(rank, dtype_name, backend)
+        for check in checks:
+            globals()[check](rank)
     finally:
         dist.destroy_process_group()
+
+
+def _check_tiny_temperature(rank):
+    """The slices' statistics merge relative to the global raw maximum, so 1/T near the
+    float32 limit stays finite: the argmax distribution (a two-way tie in row 1)."""
+    from rlkern.logprobs import vocab_parallel_token_logprobs
+    from helpers import assert_close
+
+    logits, _, _, _ = _case("fp32")
+    logits = logits[0]
+    logits[1, 900] = logits[1].max()
+    targets = logits.argmax(-1)
+    start, stop = SPLITS["fp32"][rank]
+    lp, ent = vocab_parallel_token_logprobs(logits[:, start:stop], targets, start, temperature=2.0**-126,
+                                            return_entropy=True)
+    expected = torch.zeros(5)
+    expected[1] = -torch.log(torch.tensor(2.0))
+    assert_close(lp, expected, 1e-6, "logp")
+    assert_close(ent, -expected, 1e-6, "entropy")
+
+
+def _check_dtensor_rejected(rank):
+    """A DTensor reaching a kernel used to kill both ranks (SIGSEGV on a Shard(2) logits);
+    every tensor argument of an op without DTensor support is a TypeError naming it."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from rlkern.logprobs import linear_token_logprobs, vocab_parallel_token_logprobs
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    logits = torch.randn(2, 3, 8)
+    targets = torch.randint(0, 8, (2, 3))
+    hidden, weight, bias = torch.randn(4, 5), torch.randn(8, 5), torch.randn(8)
+    flat_t = torch.randint(0, 8, (4,))
+
+    def d(t, placement=Replicate()):
+        return distribute_tensor(t, mesh, [placement])
+
+    cases = [
+        ("hidden", lambda: linear_token_logprobs(d(hidden), weight, flat_t)),
+        ("weight", lambda: linear_token_logprobs(hidden, d(weight, Shard(0)), flat_t)),
+        ("bias", lambda: linear_token_logprobs(hidden, weight, flat_t, bias=d(bias))),
+        ("targets", lambda: linear_token_logprobs(hidden, weight, d(flat_t))),
+        ("logits_shard", lambda: vocab_parallel_token_logprobs(d(logits, Shard(2)), targets, 0)),
+        ("targets", lambda: vocab_parallel_token_logprobs(logits, d(targets), 0)),
+    ]
+    cases += _token_logprobs_dtensor_cases(d, logits, targets)
+    for name, call in cases:
+        try:
+            call()
+        except TypeError as e:
+            assert name in str(e) and "DTensor" in str(e), str(e)
+        else:
+            raise AssertionError(f"a DTensor {name} must raise TypeError")
+
+
+def _token_logprobs_dtensor_cases(d, logits, targets):
+    from torch.distributed.tensor import Shard
+
+    from rlkern.logprobs import token_logprobs
+
+    return [("logits", lambda: token_logprobs(d(logits, Shard(2)), targets)),
+            ("logits", lambda: token_logprobs(d(logits, Shard(0)), targets)),
+            ("targets", lambda: token_logprobs(logits, d(targets)))]
 
 
 def _check_rank(rank, dtype_name, backend):
@@ -86,7 +152,8 @@ def test_vocab_parallel_matches_unsharded(tmp_path):
 
     # One spawn for every configuration: starting processes dominates the cost.
     configs = [("fp32", "cpu"), ("bf16", "cpu")] + ([("fp32", "triton")] if "triton" in CPU_BACKENDS else [])
-    mp.spawn(_worker, args=(str(tmp_path / "init"), configs), nprocs=WORLD, join=True)
+    checks = ("_check_tiny_temperature", "_check_dtensor_rejected")
+    mp.spawn(_worker, args=(str(tmp_path / "init"), configs, checks), nprocs=WORLD, join=True)
 
 
 def test_vocab_parallel_bad_inputs():
@@ -101,3 +168,12 @@ def test_vocab_parallel_bad_inputs():
         vocab_parallel_token_logprobs(x, torch.tensor([-3, 1]), 0)
     with pytest.raises(TypeError, match="logits_shard"):
         vocab_parallel_token_logprobs(x.long(), torch.tensor([0, 1]), 0)
+    # Python ints beyond int64 used to raise a bare OverflowError.
+    with pytest.raises(ValueError, match="vocab_start"):
+        vocab_parallel_token_logprobs(x, torch.tensor([0, 1]), 2**70)
+    with pytest.raises(ValueError, match="ignore_index"):
+        vocab_parallel_token_logprobs(x, torch.tensor([0, 1]), 0, ignore_index=-2**70)
+    with pytest.raises(ValueError, match="temperature"):
+        vocab_parallel_token_logprobs(x, torch.tensor([0, 1]), 0, temperature=1e-39)
+    with pytest.raises(TypeError, match="targets"):
+        vocab_parallel_token_logprobs(x, torch.tensor([0, 1], dtype=torch.uint16), 0)

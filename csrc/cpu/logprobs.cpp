@@ -82,10 +82,10 @@ void forward_rows_f64(const Rows<double>& rows, int64_t begin, int64_t end, cons
     const double thr = thresholds ? thresholds[r] : -INFINITY;
     SoftmaxStats<double> st = softmax_stats_empty<double>();
     for (int64_t j = 0; j < rows.V; ++j) {
-      const double z = x[j] < thr ? -INFINITY : x[j] * inv_t;
-      if (z > st.m) st = softmax_stats_rebase(st, z);
+      const double v = x[j] < thr ? -INFINITY : x[j];
+      if (v > st.m) st = softmax_stats_rebase(st, v, inv_t);
       const double ref = st.m == -INFINITY ? 0.0 : st.m;
-      const double d = z - ref;
+      const double d = (v - ref) * inv_t;
       const double e = std::exp(d);
       st.s += e;
       if (e > 0.0 || std::isnan(e)) st.a += e * d;
@@ -96,8 +96,8 @@ void forward_rows_f64(const Rows<double>& rows, int64_t begin, int64_t end, cons
     if (entropy) entropy[r] = log_s - st.a / st.s;
     double lp = -INFINITY;
     if (t >= 0 && t < rows.V && !(x[t] < thr)) {
-      volatile double zt = x[t] * inv_t;  // rounded as in the pass above (no fused multiply-subtract)
-      lp = (zt - st.m) - log_s;
+      volatile double dt = (x[t] - st.m) * inv_t;  // rounded as in the pass above (no fused multiply-subtract)
+      lp = dt - log_s;
     }
     logp[r] = lp;
   }
@@ -122,15 +122,17 @@ void backward_rows_f64(const Rows<double>& rows, int64_t begin, int64_t end, con
     if (has_target && x[t] < thr) glp = 0.0;
     const double gent = grad_entropy ? grad_entropy[r] : 0.0;
     const double H = (grad_entropy && entropy) ? entropy[r] : 0.0;
+    const bool target_kept = has_target && !(x[t] < thr);
+    // 1/T multiplies last, after [j = t] - p_j has cancelled (a large 1/T must not overflow it).
     for (int64_t j = 0; j < V; ++j) {
-      const double z = x[j] < thr ? -INFINITY : x[j] * inv_t;
-      const double d = (z - row_max[r]) - log_sum[r];
+      const double v = x[j] < thr ? -INFINITY : x[j];
+      const double d = (v - row_max[r]) * inv_t - log_sum[r];
       const double p = std::exp(d);
       double g = -glp * p;
       if (gent != 0.0 && p != 0.0) g -= gent * p * (d + H);
-      out[j] = inv_t * g;
+      if (target_kept && j == t) g += glp;
+      out[j] = g * inv_t;
     }
-    if (has_target && !(x[t] < thr)) out[t] += inv_t * glp;
   }
 }
 
@@ -253,7 +255,7 @@ void backward(const RowArgs& a, ptr_t targets, ptr_t thresholds, double inv_t, i
 // The top-k / top-p kept set of each row as a threshold on the raw logits (kept iff
 // logit >= threshold; -inf keeps everything). Top-k keeps ties with the k-th largest;
 // top-p (after top-k) keeps a tie group when the mass of strictly larger logits is
-// below top_p. A row holding NaN gets -inf so the NaN reaches the outputs.
+// below top_p. A row holding NaN or +inf gets -inf (keep all) so its NaN reaches every output.
 template <class T, class A>
 void threshold_rows(const Rows<T>& rows, int64_t begin, int64_t end, double inv_t, int64_t top_k, double top_p,
                     A* out) {
@@ -261,13 +263,13 @@ void threshold_rows(const Rows<T>& rows, int64_t begin, int64_t end, double inv_
   std::vector<double> buf(V);
   for (int64_t r = begin; r < end; ++r) {
     const T* x = rows.row(r);
-    bool has_nan = false;
+    bool undefined = false;
     for (int64_t j = 0; j < V; ++j) {
       buf[j] = double(load(x, j));
-      has_nan |= std::isnan(buf[j]);
+      undefined |= std::isnan(buf[j]) || buf[j] == INFINITY;
     }
     double thr = -INFINITY;
-    if (has_nan) {
+    if (undefined) {
       out[r] = A(thr);
       continue;
     }
@@ -279,17 +281,18 @@ void threshold_rows(const Rows<T>& rows, int64_t begin, int64_t end, double inv_
     }
     if (top_p < 1.0 && count > 0) {
       std::sort(buf.begin(), buf.begin() + count, std::greater<double>());
-      const double zmax = buf[0] * inv_t;
-      if (zmax != -INFINITY) {
+      const double xmax = buf[0];
+      if (xmax != -INFINITY) {
+        // Differences from the maximum before the 1/T factor: x / T alone may overflow.
         double total = 0.0;
-        for (int64_t j = 0; j < count; ++j) total += std::exp(buf[j] * inv_t - zmax);
+        for (int64_t j = 0; j < count; ++j) total += std::exp((buf[j] - xmax) * inv_t);
         double above = 0.0;
         double thr_p = buf[0];
         for (int64_t j = 0; j < count;) {
           if (!(above < top_p * total)) break;
           const double u = buf[j];
           thr_p = u;
-          for (; j < count && buf[j] == u; ++j) above += std::exp(buf[j] * inv_t - zmax);
+          for (; j < count && buf[j] == u; ++j) above += std::exp((buf[j] - xmax) * inv_t);
         }
         thr = std::max(thr, thr_p);
       }

@@ -83,8 +83,9 @@ def _threshold(backend: str, layout: _Layout, temperature: float, top_k: Optiona
     x = layout.tensor
     out = torch.empty(layout.n_rows, dtype=_compute_dtype(x), device=x.device)
     if backend == "cpu":
+        top_k = 0 if top_k is None or top_k >= layout.V else top_k
         core().logprobs.threshold(ptr(x), dtype_code(x), layout.stride0, layout.stride1, layout.inner, layout.n_rows,
-                                  layout.V, 1.0 / temperature, top_k or 0, 1.0 if top_p is None else top_p, ptr(out))
+                                  layout.V, 1.0 / temperature, top_k, 1.0 if top_p is None else top_p, ptr(out))
         return out
     # GPU: torch's sort per row, over blocks of about 2^24 logits so the sort's buffers
     # stay a few hundred MB.
@@ -106,8 +107,9 @@ def _row_blocks(layout: _Layout, max_rows: int):
 
 def _stats_forward(backend: str, layout: _Layout, targets: torch.Tensor, threshold: Optional[torch.Tensor],
                    inv_t: float, ignore_index: int, want_entropy: bool):
-    """Per row: logp, m = max z, log s = log sum exp(z - m) (logsumexp = m + log s, kept in
-    two terms for accuracy far from 0) and the entropy (or None)."""
+    """Per row: logp, m = max x (raw logits), log s = log sum exp((x - m) * inv_t)
+    (logsumexp of z = x * inv_t is m * inv_t + log s, kept in two terms for accuracy far
+    from 0 and so that z itself never has to exist) and the entropy (or None)."""
     x = layout.tensor
     dt = _compute_dtype(x)
     logp = torch.empty(layout.n_rows, dtype=dt, device=x.device)
@@ -185,11 +187,19 @@ class _TokenLogprobs(torch.autograd.Function):
 # ----------------------------------------------------------------------------- validation
 
 
-def _check_temperature(temperature) -> float:
-    t = _validate.positive("temperature", temperature)
-    if not math.isfinite(t):
-        raise ValueError(f"temperature must be finite, got {t}")
-    return t
+_check_temperature = _ref.check_temperature
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _check_int(name: str, value, *, low: int = _INT64_MIN) -> int:
+    """A Python int that fits the kernels' int64, or an error naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if not (low <= value <= _INT64_MAX):
+        raise ValueError(f"{name} must be in [{'-2**63' if low == _INT64_MIN else low}, 2**63 - 1] (an int64), "
+                         f"got {value}")
+    return value
 
 
 def _check_top(top_k, top_p) -> Tuple[Optional[int], Optional[float]]:
@@ -199,25 +209,34 @@ def _check_top(top_k, top_p) -> Tuple[Optional[int], Optional[float]]:
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1 (or None to disable), got {top_k}")
     if top_p is not None:
+        if isinstance(top_p, bool):
+            raise TypeError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
         try:
             p = float(top_p)
+        except OverflowError:  # an int beyond the float range
+            p = math.inf
         except (TypeError, ValueError):
             raise TypeError(f"top_p must be a number in (0, 1] or None, got {top_p!r}") from None
         if not (0.0 < p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {p}")
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
         top_p = p
     return top_k, top_p
 
 
-def _check_targets(targets, lead_shape, V: int, ignore_index: int, *, low: int = 0, name: str = "targets") -> None:
+def _check_target_dtype(name: str, targets) -> None:
     _validate.tensor(name, targets)
-    if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
-        raise TypeError(f"{name} must be an integer tensor, got {targets.dtype}")
+    if targets.dtype not in _ref.TARGET_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor (uint8, int8, int16, int32 or int64), got {targets.dtype}")
+
+
+def _check_targets(targets, lead_shape, V: int, ignore_index: int, *, low: int = 0, name: str = "targets") -> None:
+    _check_target_dtype(name, targets)
     _validate.same_shape(name, targets, lead_shape, "logits without its last dim")
     if targets.numel():
-        bad = ((targets < low) | (targets >= low + V)) & (targets != ignore_index)
+        t = targets.to(torch.int64)
+        bad = ((t < low) | (t >= low + V)) & (t != ignore_index)
         if bool(bad.any()):
-            first = targets[bad].reshape(-1)[0].item()
+            first = t[bad].reshape(-1)[0].item()
             raise ValueError(f"{name} must be in [{low}, {low + V}) or equal ignore_index ({ignore_index}); "
                              f"got {first}")
 
@@ -245,12 +264,17 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
         logits: ``[..., V]``, float32, bfloat16, float16 or float64; any strides (rows
             are read in place when the vocabulary dim is contiguous and the leading dims
             collapse into two strides, e.g. ``logits[:, :-1]``; otherwise copied once).
-        targets: integer ``[...]`` (the leading shape of ``logits``), values in [0, V) or
-            ``ignore_index``.
-        temperature: > 0; the distribution is softmax(logits / temperature).
+        targets: ``[...]`` (the leading shape of ``logits``), uint8, int8, int16, int32 or
+            int64, values in [0, V) or ``ignore_index``.
+        temperature: in [2**-126, 2**126] (about [1.2e-38, 8.5e37]; outside, a
+            ValueError); the distribution is softmax(logits / temperature), computed as
+            softmax((logits - row max) / temperature), so neither a tiny temperature nor
+            a huge logit overflows: as the temperature goes to 0 the distribution tends
+            to uniform over the row's largest logits (other targets' log-probs to -inf).
         return_entropy: also return the entropy of the same (tempered, truncated)
             distribution.
-        ignore_index: targets equal to it give logp = 0 and entropy = 0, and no gradient.
+        ignore_index: an int64; targets equal to it give logp = 0 and entropy = 0, and no
+            gradient.
         top_k: keep the tokens whose logit is >= the k-th largest of the row (all tokens
             tied with the k-th are kept, as HF's ``TopKLogitsWarper`` and vLLM's
             threshold-based top-k do).
@@ -279,13 +303,15 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
     threshold with top-k/top-p).
 
     NaN/inf: -inf logits are tokens of probability 0 (fine, also in gradients); a row
-    that is entirely -inf, or holds +inf or NaN, gives NaN outputs, as ``log_softmax``
-    does. Ignored rows are never read.
+    that is entirely -inf, or holds +inf or NaN, gives NaN logp and NaN entropy (and NaN
+    gradients), as ``log_softmax`` does (with top-k/top-p such a row keeps every token,
+    so the NaN is never cut away). Ignored rows are never read. The specification is
+    :mod:`rlkern.reference.logprobs`.
     """
     _check_logits("logits", logits)
+    _check_target_dtype("targets", targets)
     _validate.same_device(logits=logits, targets=targets)
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    ignore_index = _check_int("ignore_index", ignore_index)
     V = logits.shape[-1]
     _check_targets(targets, logits.shape[:-1], V, ignore_index)
     temperature = _check_temperature(temperature)
@@ -319,25 +345,27 @@ def _chunk_logits(hidden, weight, bias, n0, n1, v0, v1):
     return logits
 
 
-def _combine_chunks(max_chunks: torch.Tensor, logsum_chunks: torch.Tensor, ent_chunks: Optional[torch.Tensor]):
+def _combine_chunks(max_chunks: torch.Tensor, logsum_chunks: torch.Tensor, ent_chunks: Optional[torch.Tensor],
+                    inv_t: float):
     """Max, log-sum and entropy of whole rows from those of their vocabulary chunks
     (``[chunks, rows]`` each); see :func:`_chunk_weights`."""
     M = max_chunks.max(0).values
     M = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
-    w, rel = _chunk_weights(max_chunks, logsum_chunks, ent_chunks, M)
+    w, rel = _chunk_weights(max_chunks, logsum_chunks, ent_chunks, M, inv_t)
     S = w.sum(0)
     log_s = torch.log(S)
     entropy = None if rel is None else log_s - rel.sum(0) / S
     return M, log_s, entropy
 
 
-def _chunk_weights(m_c, logsum_c, ent_c, M):
-    """For a slice c of a row with max m_c, log s_c and entropy H_c, and a common
-    reference M: w_c = exp(lse_c - M) and w_c (mean_c(z) - M), where lse_c - M =
-    (m_c - M) + log s_c and mean_c(z) = lse_c - H_c is z averaged under the slice's
-    softmax. Summed over slices: S = sum w_c gives lse = M + log S, and
-    H = log S - sum_c w_c (mean_c(z) - M) / S. All terms stay relative to M."""
-    lse_rel = (m_c - M) + logsum_c
+def _chunk_weights(m_c, logsum_c, ent_c, M, inv_t: float):
+    """For a slice c of a row with raw max m_c, log s_c and entropy H_c, and a common raw
+    reference M (all in z = x * inv_t after scaling): w_c = exp(lse_c - M inv_t) and
+    w_c (mean_c(z) - M inv_t), where lse_c - M inv_t = (m_c - M) inv_t + log s_c and
+    mean_c(z) = lse_c - H_c is z averaged under the slice's softmax. Summed over slices:
+    S = sum w_c gives lse = M inv_t + log S, and H = log S - sum_c w_c (mean_c(z) - M inv_t) / S.
+    All terms stay relative to M, so none overflows however small the temperature."""
+    lse_rel = (m_c - M) * inv_t + logsum_c
     w = torch.exp(lse_rel)
     if ent_c is None:
         return w, None
@@ -356,7 +384,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         max_chunks = torch.empty((n_vchunks, N), dtype=dt, device=hidden.device)
         logsum_chunks = torch.empty_like(max_chunks)
         ent_chunks = torch.empty_like(max_chunks) if need_entropy else None
-        # Target logit minus its chunk's max, and that max (combined after the loop).
+        # (Target logit minus its chunk's max) * inv_t, and that max (combined after the loop).
         target_rel = torch.zeros(N, dtype=dt, device=hidden.device)
         target_max = torch.zeros(N, dtype=dt, device=hidden.device)
         for c, v0 in enumerate(range(0, V, chunk_vocab)):
@@ -378,9 +406,10 @@ class _LinearTokenLogprobs(torch.autograd.Function):
                 owned = local >= 0
                 target_rel[n0:n1] = torch.where(owned, logp + log_s, target_rel[n0:n1])
                 target_max[n0:n1] = torch.where(owned, m, target_max[n0:n1])
-        row_max, log_sum, entropy = _combine_chunks(max_chunks, logsum_chunks, ent_chunks)
+        row_max, log_sum, entropy = _combine_chunks(max_chunks, logsum_chunks, ent_chunks, inv_t)
         ignored = targets == ignore_index
-        logp = torch.where(ignored, torch.zeros_like(log_sum), (target_rel + (target_max - row_max)) - log_sum)
+        logp = torch.where(ignored, torch.zeros_like(log_sum),
+                           (target_rel + (target_max - row_max) * inv_t) - log_sum)
         ctx.save_for_backward(hidden, weight, bias, targets, row_max, log_sum, entropy)
         ctx.meta = (temperature, ignore_index, chunk_tokens, chunk_vocab)
         if want_entropy:
@@ -400,7 +429,8 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
         acc = _compute_dtype(hidden)
         grad_hidden = torch.zeros((N, H), dtype=acc, device=hidden.device) if want_h else None
-        grad_weight = torch.empty_like(weight) if want_w else None
+        # (Written chunk by chunk from the token loop, which an empty batch never enters.)
+        grad_weight = (torch.zeros_like(weight) if N == 0 else torch.empty_like(weight)) if want_w else None
         grad_bias = torch.empty_like(bias) if (want_b and bias is not None) else None
         single_token_chunk = N <= chunk_tokens
         for v0 in range(0, V, chunk_vocab):
@@ -491,9 +521,14 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         if bias.dtype != hidden.dtype:
             raise TypeError(f"bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
         _validate.same_shape("bias", bias, (V,), "weight's first dim")
+    _check_target_dtype("targets", targets)
     _validate.same_device(hidden=hidden, weight=weight, bias=bias, targets=targets)
+    ignore_index = _check_int("ignore_index", ignore_index)
     _check_targets(targets, hidden.shape[:-1], V, ignore_index)
     temperature = _check_temperature(temperature)
+    for name, value in (("chunk_tokens", chunk_tokens), ("chunk_vocab", chunk_vocab)):
+        if value is not None and _check_int(name, value) < 1:
+            raise ValueError(f"{name} must be >= 1 (or None for the default), got {value}")
     if _kernel_backend(hidden.device, hidden) == "reference":
         return _ref.linear_token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                                           return_entropy=return_entropy, ignore_index=ignore_index)
@@ -501,10 +536,8 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     h2 = hidden.reshape(-1, H)
     t2 = targets.reshape(-1).to(torch.int64)
     default_t, default_v = _default_chunks(h2.shape[0], V)
-    chunk_tokens = int(chunk_tokens or default_t)
-    chunk_vocab = int(chunk_vocab or default_v)
-    if chunk_tokens < 1 or chunk_vocab < 1:
-        raise ValueError(f"chunk_tokens and chunk_vocab must be >= 1, got {chunk_tokens}, {chunk_vocab}")
+    chunk_tokens = default_t if chunk_tokens is None else max(1, min(chunk_tokens, h2.shape[0]))
+    chunk_vocab = default_v if chunk_vocab is None else min(chunk_vocab, V)
     out = _LinearTokenLogprobs.apply(h2, weight, bias, t2, temperature, bool(return_entropy), ignore_index,
                                      chunk_tokens, chunk_vocab)
     if return_entropy:
@@ -533,10 +566,11 @@ class _VocabParallelTokenLogprobs(torch.autograd.Function):
         M = m_l.clone()
         dist.all_reduce(M, op=dist.ReduceOp.MAX, group=group)
         M = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
-        w, rel = _chunk_weights(m_l, logsum_l, ent_l if need_entropy else None, M)
+        inv_t = 1.0 / temperature
+        w, rel = _chunk_weights(m_l, logsum_l, ent_l if need_entropy else None, M, inv_t)
         zero = torch.zeros_like(w)
         rel = zero if rel is None else rel
-        target_rel = torch.where(owned, logp_l + ((m_l - M) + logsum_l), zero)
+        target_rel = torch.where(owned, logp_l + ((m_l - M) * inv_t + logsum_l), zero)
         sums = torch.stack([w, rel, target_rel, owned.to(w.dtype)])
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
         S, rel_sum, target_sum, owners = sums
@@ -598,15 +632,15 @@ def vocab_parallel_token_logprobs(logits_shard: torch.Tensor, targets: torch.Ten
             (-inf logits are fine, NaN or +inf anywhere in a row make it NaN).
     """
     _check_logits("logits_shard", logits_shard)
+    _check_target_dtype("targets", targets)
     _validate.same_device(logits_shard=logits_shard, targets=targets)
-    if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
-        raise ValueError(f"vocab_start must be an int >= 0, got {vocab_start!r}")
-    _validate.tensor("targets", targets)
-    if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
-        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+    vocab_start = _check_int("vocab_start", vocab_start, low=0)
+    ignore_index = _check_int("ignore_index", ignore_index)
     _validate.same_shape("targets", targets, logits_shard.shape[:-1], "logits_shard without its last dim")
-    if targets.numel() and bool(((targets < 0) & (targets != ignore_index)).any()):
-        raise ValueError(f"targets must be >= 0 or equal ignore_index ({ignore_index})")
+    if targets.numel():
+        t = targets.to(torch.int64)
+        if bool(((t < 0) & (t != ignore_index)).any()):
+            raise ValueError(f"targets must be >= 0 or equal ignore_index ({ignore_index})")
     temperature = _check_temperature(temperature)
     backend = _kernel_backend(logits_shard.device, logits_shard)
     if backend == "reference":

@@ -3,8 +3,8 @@
 Forward: one program per row streams the vocabulary in blocks, keeping per-lane online
 statistics (max, sum of exp, entropy term; see ``csrc/include/rlkern/logprobs.h``) that
 are combined once at the end, so no block pays a cross-lane reduction. Backward: a 2-D
-grid (row, vocabulary block) recomputes p = exp(z - m - log s) from the logits and the saved
-per-row statistics and writes the gradient in the logits' dtype.
+grid (row, vocabulary block) recomputes p = exp((x - m) / T - log s) from the logits and the
+saved per-row statistics (m is the row's raw maximum: x / T itself is never formed, it may overflow) and writes the gradient in the logits' dtype.
 
 Rows are addressed as ``(r // inner) * stride0 + (r % inner) * stride1`` with unit stride
 along the vocabulary (see :func:`rlkern.logprobs._row_layout`).
@@ -50,16 +50,19 @@ def _logprobs_fwd_kernel(logits_ptr, targets_ptr, thr_ptr, logp_ptr, max_ptr, lo
         x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
         if HAS_THRESHOLD:
             x = tl.where(x < thr, float("-inf"), x)
-        z = x * inv_t
-        m_new = tl.maximum(m_vec, z)
+        # The maximum stays in raw units and 1/T scales differences from it only: x / T
+        # itself may overflow (tiny temperature, huge logit), (x - m) / T only towards -inf.
+        m_new = tl.maximum(m_vec, x)
         # While a lane has seen only -inf, any finite reference gives exp(...) = 0.
         ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        shift = m_vec - ref
+        shift = (m_vec - ref) * inv_t
         f = tl.exp(shift)
         if WANT_ENTROPY:
-            a_vec = tl.where(s_vec > 0, f * (a_vec + shift * s_vec), 0.0)
+            # Mass that underflows (f = 0) takes its entropy term with it; shift * s may
+            # have overflowed to -inf there, and 0 * -inf would be NaN.
+            a_vec = tl.where(f > 0, f * (a_vec + shift * s_vec), 0.0)
         s_vec = s_vec * f
-        d = z - ref
+        d = (x - ref) * inv_t
         e = tl.exp(d)
         s_vec += e
         if WANT_ENTROPY:
@@ -67,19 +70,19 @@ def _logprobs_fwd_kernel(logits_ptr, targets_ptr, thr_ptr, logp_ptr, max_ptr, lo
         m_vec = m_new
     m = tl.max(m_vec, 0)
     ref = tl.where(m == float("-inf"), 0.0, m)
-    shift = m_vec - ref
+    shift = (m_vec - ref) * inv_t
     f = tl.exp(shift)
     s = tl.sum(s_vec * f, 0)
     log_s = tl.log(s)
     has_target = (target >= 0) & (target < V)
     x_t = tl.load(base + tl.where(has_target, target, 0)).to(tl.float32)
     kept = has_target & (~(x_t < thr))
-    logp = tl.where(kept, (x_t * inv_t - m) - log_s, float("-inf"))
+    logp = tl.where(kept, (x_t - m) * inv_t - log_s, float("-inf"))
     tl.store(logp_ptr + row, tl.where(ignored, 0.0, logp))
     tl.store(max_ptr + row, tl.where(ignored, 0.0, m))
     tl.store(logsum_ptr + row, tl.where(ignored, 0.0, log_s))
     if WANT_ENTROPY:
-        a = tl.sum(tl.where(s_vec > 0, f * (a_vec + shift * s_vec), 0.0), 0)
+        a = tl.sum(tl.where(f > 0, f * (a_vec + shift * s_vec), 0.0), 0)
         tl.store(ent_ptr + row, tl.where(ignored, 0.0, log_s - a / s))
 
 
@@ -107,13 +110,14 @@ def _logprobs_bwd_kernel(logits_ptr, targets_ptr, thr_ptr, max_ptr, logsum_ptr, 
         x_t = tl.load(base + tl.where(has_target, target, 0)).to(tl.float32)
         # A target outside the kept set has log-prob -inf and, by definition, no gradient.
         glp = tl.where(has_target & (x_t < thr), 0.0, glp)
-    d = (x * inv_t - tl.load(max_ptr + row)) - tl.load(logsum_ptr + row)
+    d = (x - tl.load(max_ptr + row)) * inv_t - tl.load(logsum_ptr + row)
     p = tl.exp(d)
     g = -glp * p
     if HAS_GRAD_ENTROPY:
         gent = tl.load(gent_ptr + row)
         H = tl.load(ent_ptr + row)
         g -= gent * tl.where(p > 0, p * (d + H), 0.0)
+    # 1/T last: [j = t] - p_j cancels before a large 1/T multiplies it.
     g = tl.where(cols == target, g + glp, g) * inv_t
     g = tl.where(ignored, 0.0, g)
     tl.store(grad_ptr + row * V + cols, g.to(grad_ptr.dtype.element_ty), mask=in_row)
