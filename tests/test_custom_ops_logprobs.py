@@ -208,3 +208,20 @@ def test_func_transforms_name_the_op_and_transform():
             torch.func.grad(fn)(x)
     with pytest.raises(RuntimeError, match="rlkern token_logprobs: the torch.func transform vmap"):
         torch.func.vmap(token_logprobs)(x, t)
+
+
+def test_eager_double_backward_names_the_op():
+    x, t = _case()
+    x.requires_grad_()
+    h, w = torch.randn(6, 4, requires_grad=True), torch.randn(50, 4, requires_grad=True)
+    lp, ent = token_logprobs(x, t, return_entropy=True)
+    (g,) = torch.autograd.grad(lp.sum() + ent.sum(), x, create_graph=True)
+    x_ref = x.detach().clone().requires_grad_()
+    lp_r, ent_r = token_logprobs(x_ref, t, return_entropy=True)
+    (lp_r.sum() + ent_r.sum()).backward()
+    assert torch.equal(g.detach(), x_ref.grad)  # create_graph does not change the first gradient
+    with pytest.raises(RuntimeError, match="rlkern::token_logprobs: double backward"):
+        g.sum().backward()
+    (gh,) = torch.autograd.grad(linear_token_logprobs(h, w, t.reshape(-1)).sum(), h, create_graph=True)
+    with pytest.raises(RuntimeError, match="rlkern::linear_token_logprobs: double backward"):
+        gh.sum().backward()
