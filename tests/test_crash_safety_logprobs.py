@@ -61,16 +61,12 @@ def test_fake_and_meta_tensors_never_reach_a_pointer():
     _run("""
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-# Real tensors inside a FakeTensorMode: the op's own buffers would be fake.
+# Real tensors inside a FakeTensorMode: the op's own buffers would be fake, so the call
+# takes the custom op's fake implementation.
 with FakeTensorMode(allow_non_fake_inputs=True):
-    try:
-        token_logprobs(x, t)
-    except Exception as e:
-        print("ok real under FakeTensorMode:", type(e).__name__)
-    try:
-        linear_token_logprobs(hidden, weight, t)
-    except Exception as e:
-        print("ok real under FakeTensorMode (linear):", type(e).__name__)
+    assert token_logprobs(x, t).shape == (3,)
+    assert linear_token_logprobs(hidden, weight, t).shape == (3,)
+    print("ok real under FakeTensorMode")
 
 with FakeTensorMode() as mode:
     fx, ft = mode.from_tensor(x), mode.from_tensor(t)
@@ -78,24 +74,15 @@ with FakeTensorMode() as mode:
     for name, call in [("logits", lambda: token_logprobs(fx, ft)),
                        ("hidden", lambda: linear_token_logprobs(fh, fw, ft)),
                        ("logits_shard", lambda: vocab_parallel_token_logprobs(fx, ft, 0))]:
-        try:
-            out = call()
-        except TypeError as e:
-            assert name in str(e), e
-            print("ok fake", name, "TypeError")
-        else:
-            assert out.shape == (3,) and out.dtype == torch.float32, out
-            print("ok fake", name, "shapes")
+        out = call()
+        assert out.shape == (3,) and out.dtype == torch.float32, out
+        print("ok fake", name, "shapes")
 
 for call in [lambda: token_logprobs(x.to("meta"), t.to("meta")),
              lambda: linear_token_logprobs(hidden.to("meta"), weight.to("meta"), t.to("meta"))]:
-    try:
-        out = call()
-    except (RuntimeError, TypeError, NotImplementedError) as e:
-        print("ok meta:", type(e).__name__)
-    else:
-        assert out.shape == (3,) and out.device.type == "meta"
-        print("ok meta shapes")
+    out = call()
+    assert out.shape == (3,) and out.device.type == "meta"
+    print("ok meta shapes")
 """)
 
 

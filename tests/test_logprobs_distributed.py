@@ -90,7 +90,6 @@ def _check_dtensor_rejected(rank):
         ("logits_shard", lambda: vocab_parallel_token_logprobs(d(logits, Shard(2)), targets, 0)),
         ("targets", lambda: vocab_parallel_token_logprobs(logits, d(targets), 0)),
     ]
-    cases += _token_logprobs_dtensor_cases(d, logits, targets)
     for name, call in cases:
         try:
             call()
@@ -100,14 +99,54 @@ def _check_dtensor_rejected(rank):
             raise AssertionError(f"a DTensor {name} must raise TypeError")
 
 
-def _token_logprobs_dtensor_cases(d, logits, targets):
-    from torch.distributed.tensor import Shard
+def _check_dtensor_token_logprobs(rank):
+    """token_logprobs of DTensor logits: Shard(-1) (here Shard(2), which used to SIGSEGV both
+    ranks) takes the vocab-parallel path and equals the unsharded result, values and
+    gradients; Shard(0) computes per shard and keeps the placement; Partial is refused."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
     from rlkern.logprobs import token_logprobs
+    from helpers import assert_close
 
-    return [("logits", lambda: token_logprobs(d(logits, Shard(2)), targets)),
-            ("logits", lambda: token_logprobs(d(logits, Shard(0)), targets)),
-            ("targets", lambda: token_logprobs(logits, d(targets)))]
+    mesh = init_device_mesh("cpu", (WORLD,))
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 3, 11, generator=gen) * 3  # 11: uneven vocabulary shards (6 + 5)
+    targets = torch.randint(0, 11, (2, 3), generator=gen)
+    targets[1, 0] = -100
+    g_lp, g_ent = torch.randn(2, 3, generator=gen), torch.randn(2, 3, generator=gen)
+
+    full = logits.clone().requires_grad_()
+    lp_e, ent_e = token_logprobs(full, targets, temperature=0.8, return_entropy=True)
+    ((lp_e * g_lp).sum() + (ent_e * g_ent).sum()).backward()
+
+    for placement, target_kind in [(Shard(2), "plain"), (Shard(-1), "dtensor"), (Shard(0), "dtensor"),
+                                   (Shard(1), "plain"), (Replicate(), "plain")]:
+        dx = distribute_tensor(logits, mesh, [placement]).detach().requires_grad_()
+        dt = distribute_tensor(targets, mesh, [Replicate()]) if target_kind == "dtensor" else targets
+        lp, ent = token_logprobs(dx, dt, temperature=0.8, return_entropy=True)
+        assert isinstance(lp, DTensor) and isinstance(ent, DTensor)
+        if placement.is_shard() and placement.dim in (2, -1):
+            assert lp.placements == (Replicate(),)
+        else:
+            assert lp.placements == (placement,)
+        ((lp.full_tensor() * g_lp).sum() + (ent.full_tensor() * g_ent).sum()).backward()
+        assert_close(lp.full_tensor(), lp_e, 1e-6, f"logp {placement}")
+        assert_close(ent.full_tensor(), ent_e, 1e-6, f"entropy {placement}")
+        assert_close(dx.grad.full_tensor(), full.grad, 1e-5, f"grad {placement}")
+    partial = DTensor.from_local(logits / WORLD, mesh, [Partial()], run_check=False)
+    try:
+        token_logprobs(partial, targets)
+    except ValueError as e:
+        assert "Partial" in str(e) and "logits" in str(e), str(e)
+    else:
+        raise AssertionError("a Partial placement must raise ValueError")
+    try:
+        token_logprobs(distribute_tensor(logits, mesh, [Shard(2)]), targets, top_k=3)
+    except ValueError as e:
+        assert "top_k" in str(e), str(e)
+    else:
+        raise AssertionError("top_k with a vocabulary-sharded logits must raise ValueError")
 
 
 def _check_rank(rank, dtype_name, backend):
@@ -152,7 +191,7 @@ def test_vocab_parallel_matches_unsharded(tmp_path):
 
     # One spawn for every configuration: starting processes dominates the cost.
     configs = [("fp32", "cpu"), ("bf16", "cpu")] + ([("fp32", "triton")] if "triton" in CPU_BACKENDS else [])
-    checks = ("_check_tiny_temperature", "_check_dtensor_rejected")
+    checks = ("_check_tiny_temperature", "_check_dtensor_rejected", "_check_dtensor_token_logprobs")
     mp.spawn(_worker, args=(str(tmp_path / "init"), configs, checks), nprocs=WORLD, join=True)
 
 

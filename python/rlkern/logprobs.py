@@ -9,15 +9,21 @@ gradient of the logits directly. Extra memory is O(rows), not O(rows x V).
 
 Kernels: C++ on CPU (threaded over rows, GIL released), Triton on CUDA (float64 logits
 on CUDA take the PyTorch reference path: the Triton kernels accumulate in float32).
+
+Each op is also a torch.library custom op (``torch.ops.rlkern.token_logprobs``,
+``linear_token_logprobs``, ``vocab_parallel_token_logprobs``, with fake implementations
+and autograd): torch.compile(fullgraph=True), torch.export, FakeTensorMode and meta
+tensors go through them; eager calls on plain tensors take the autograd.Functions
+directly (a few microseconds less per call).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import _backend, _validate
 from ._kernel import core, dtype_code, empty_rows, ptr
@@ -149,19 +155,47 @@ def _grad_logits(backend: str, layout: _Layout, targets: torch.Tensor, threshold
     return grad
 
 
+def _first_order_only(op: str):
+    """Like torch's once_differentiable, with an error that names the op: the backward runs
+    without graph, and when a second differentiation was asked for (create_graph=True),
+    its gradients carry a node that raises only if they are differentiated."""
+    message = f"rlkern::{op}: double backward (differentiating its gradient again) is not supported".encode()
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            with torch.no_grad():
+                outputs = backward(ctx, *grads)
+            # Grad mode during backward means create_graph=True: the gradient depends on the
+            # saved inputs even when the incoming gradients are constants.
+            if not torch.is_grad_enabled():
+                return outputs
+            error = torch._C._functions.DelayedError(message, len(outputs))
+            return error(*[None if o is None else o.detach().requires_grad_() for o in outputs])
+        return wrapper
+    return decorate
+
+
 def _grad_arg(g: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
     return None if g is None else g.reshape(-1).to(dtype).contiguous()
+
+
+def _token_forward(logits, targets, temperature, want_entropy, ignore_index, top_k, top_p, backend):
+    """(layout, int64 targets, threshold or None, logp, row max, log-sum, entropy or None), flat."""
+    layout = _row_layout(logits)
+    flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
+    truncating = (top_k is not None and top_k < layout.V) or (top_p is not None and top_p < 1.0)
+    threshold = _threshold(backend, layout, temperature, top_k, top_p) if truncating else None
+    logp, row_max, log_sum, entropy = _stats_forward(backend, layout, flat_targets, threshold, 1.0 / temperature,
+                                                     ignore_index, want_entropy)
+    return layout, flat_targets, threshold, logp, row_max, log_sum, entropy
 
 
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, temperature, want_entropy, ignore_index, top_k, top_p, backend):
-        layout = _row_layout(logits)
-        flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
-        truncating = (top_k is not None and top_k < layout.V) or (top_p is not None and top_p < 1.0)
-        threshold = _threshold(backend, layout, temperature, top_k, top_p) if truncating else None
-        logp, row_max, log_sum, entropy = _stats_forward(backend, layout, flat_targets, threshold, 1.0 / temperature,
-                                                         ignore_index, want_entropy)
+        layout, flat_targets, threshold, logp, row_max, log_sum, entropy = _token_forward(
+            logits, targets, temperature, want_entropy, ignore_index, top_k, top_p, backend)
         ctx.save_for_backward(layout.tensor, flat_targets, threshold, row_max, log_sum, entropy)
         ctx.layout = layout._replace(tensor=None)
         ctx.meta = (temperature, ignore_index, backend, tuple(logits.shape))
@@ -171,7 +205,7 @@ class _TokenLogprobs(torch.autograd.Function):
         return logp.view(shape)
 
     @staticmethod
-    @once_differentiable
+    @_first_order_only("token_logprobs")
     def backward(ctx, grad_logp, grad_entropy=None):
         if not ctx.needs_input_grad[0]:
             return (None,) * 8
@@ -224,7 +258,7 @@ def _check_top(top_k, top_p) -> Tuple[Optional[int], Optional[float]]:
 
 
 def _check_target_dtype(name: str, targets) -> None:
-    _validate.tensor(name, targets)
+    _validate.tensor(name, targets, allow_fake=True)
     if targets.dtype not in _ref.TARGET_DTYPES:
         raise TypeError(f"{name} must be an integer tensor (uint8, int8, int16, int32 or int64), got {targets.dtype}")
 
@@ -242,7 +276,7 @@ def _check_targets(targets, lead_shape, V: int, ignore_index: int, *, low: int =
 
 
 def _check_logits(name: str, logits) -> None:
-    _validate.tensor(name, logits, floating=True)
+    _validate.tensor(name, logits, floating=True, allow_fake=True)
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"{name} must have a non-empty last (vocabulary) dimension, got shape {tuple(logits.shape)}")
 
@@ -296,6 +330,15 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
         ``logp`` of shape ``targets.shape``, or ``(logp, entropy)`` with
         ``return_entropy=True``; float32 (float64 for float64 logits).
 
+    Under torch.compile / torch.export, and for FakeTensor or meta inputs, the call goes
+    through the custom op ``torch.ops.rlkern.token_logprobs``; the target range check
+    then cannot read values, and a target outside [0, V) gives a NaN log-prob instead of a
+    ValueError. ``logits`` may be a DTensor: sharded over the vocabulary (``Shard(-1)``) it
+    takes :func:`vocab_parallel_token_logprobs` over that mesh dimension's process group
+    (no top-k/top-p there); sharded over a leading dim or replicated, each rank computes
+    its local shard. ``targets`` is then a DTensor or the full plain tensor, and the
+    outputs are DTensors (replicated over the vocabulary mesh dimension).
+
     Gradient: d logp / d z_j = [j = target] - p_j and d entropy / d z_j = -p_j (log p_j
     + entropy), divided by the temperature; written directly in the logits' dtype.
     Arithmetic is float32 for float32/bf16/fp16 logits; no ``[..., V]`` float32 buffer is
@@ -308,14 +351,27 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
     so the NaN is never cut away). Ignored rows are never read. The specification is
     :mod:`rlkern.reference.logprobs`.
     """
+    _reject_func_transforms("token_logprobs")
+    if _is_dtensor(logits) or _is_dtensor(targets):
+        return _dtensor_token_logprobs(logits, targets, temperature=temperature, return_entropy=return_entropy,
+                                       ignore_index=ignore_index, top_k=top_k, top_p=top_p)
     _check_logits("logits", logits)
     _check_target_dtype("targets", targets)
     _validate.same_device(logits=logits, targets=targets)
     ignore_index = _check_int("ignore_index", ignore_index)
-    V = logits.shape[-1]
-    _check_targets(targets, logits.shape[:-1], V, ignore_index)
     temperature = _check_temperature(temperature)
     top_k, top_p = _check_top(top_k, top_p)
+    if _traced(logits, targets):
+        _validate.same_shape("targets", targets, logits.shape[:-1], "logits without its last dim")
+        if _kernel_backend(logits.device, logits) == "reference":  # plain torch ops (meta tensors too)
+            return _ref.token_logprobs(logits, targets, temperature=temperature, return_entropy=return_entropy,
+                                       ignore_index=ignore_index, top_k=top_k, top_p=top_p)
+        logp, entropy, _, _, _ = torch.ops.rlkern.token_logprobs(logits, targets, temperature, bool(return_entropy),
+                                                                 ignore_index, top_k, top_p)
+        if return_entropy:
+            return logp.view(targets.shape), entropy.view(targets.shape)
+        return logp.view(targets.shape)
+    _check_targets(targets, logits.shape[:-1], logits.shape[-1], ignore_index)
     backend = _kernel_backend(logits.device, logits)
     if backend == "reference":
         return _ref.token_logprobs(logits, targets, temperature=temperature, return_entropy=return_entropy,
@@ -372,105 +428,127 @@ def _chunk_weights(m_c, logsum_c, ent_c, M, inv_t: float):
     return w, torch.where(w > 0, w * (lse_rel - ent_c), torch.zeros_like(w))
 
 
+def _linear_forward(hidden, weight, bias, targets, temperature, want_entropy, ignore_index, chunk_tokens,
+                    chunk_vocab):
+    """(logp, row max, log-sum, entropy or None) of [N] rows; see linear_token_logprobs."""
+    N, V = hidden.shape[0], weight.shape[0]
+    inv_t = 1.0 / temperature
+    dt = _compute_dtype(hidden)
+    need_entropy = want_entropy  # backward uses the entropy only for its own gradient
+    n_vchunks = -(-V // chunk_vocab)
+    max_chunks = torch.empty((n_vchunks, N), dtype=dt, device=hidden.device)
+    logsum_chunks = torch.empty_like(max_chunks)
+    ent_chunks = torch.empty_like(max_chunks) if need_entropy else None
+    # (Target logit minus its chunk's max) * inv_t, and that max (combined after the loop).
+    target_rel = torch.zeros(N, dtype=dt, device=hidden.device)
+    target_max = torch.zeros(N, dtype=dt, device=hidden.device)
+    for c, v0 in enumerate(range(0, V, chunk_vocab)):
+        v1 = min(V, v0 + chunk_vocab)
+        local_all = _local_targets(targets, ignore_index, v0, v1 - v0)
+        for n0 in range(0, N, chunk_tokens):
+            n1 = min(N, n0 + chunk_tokens)
+            logits = _chunk_logits(hidden, weight, bias, n0, n1, v0, v1)
+            layout = _row_layout(logits)
+            backend = _kernel_backend(logits.device, logits)
+            if backend == "reference":
+                backend = "cpu" if logits.device.type == "cpu" else "triton"
+            local = local_all[n0:n1]
+            logp, m, log_s, ent = _stats_forward(backend, layout, local, None, inv_t, _IGNORED, need_entropy)
+            max_chunks[c, n0:n1] = m
+            logsum_chunks[c, n0:n1] = log_s
+            if need_entropy:
+                ent_chunks[c, n0:n1] = ent
+            owned = local >= 0
+            target_rel[n0:n1] = torch.where(owned, logp + log_s, target_rel[n0:n1])
+            target_max[n0:n1] = torch.where(owned, m, target_max[n0:n1])
+    row_max, log_sum, entropy = _combine_chunks(max_chunks, logsum_chunks, ent_chunks, inv_t)
+    ignored = targets == ignore_index
+    logp = torch.where(ignored, torch.zeros_like(log_sum),
+                       (target_rel + (target_max - row_max) * inv_t) - log_sum)
+    return logp, row_max, log_sum, entropy
+
+
+def _linear_backward(hidden, weight, bias, targets, row_max, log_sum, entropy, grad_logp, grad_entropy,
+                     temperature, ignore_index, chunk_tokens, chunk_vocab, want_h, want_w, want_b):
+    """Gradients of hidden, weight and bias (None where not wanted)."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    inv_t = 1.0 / temperature
+    g_lp = _grad_arg(grad_logp, log_sum.dtype)
+    g_ent = _grad_arg(grad_entropy, log_sum.dtype)
+    acc = _compute_dtype(hidden)
+    grad_hidden = torch.zeros((N, H), dtype=acc, device=hidden.device) if want_h else None
+    # (Written chunk by chunk from the token loop, which an empty batch never enters.)
+    grad_weight = (torch.zeros_like(weight) if N == 0 else torch.empty_like(weight)) if want_w else None
+    grad_bias = torch.empty_like(bias) if (want_b and bias is not None) else None
+    single_token_chunk = N <= chunk_tokens
+    for v0 in range(0, V, chunk_vocab):
+        v1 = min(V, v0 + chunk_vocab)
+        local_all = _local_targets(targets, ignore_index, v0, v1 - v0)
+        gw = None if (single_token_chunk or not want_w) else torch.zeros((v1 - v0, H), dtype=acc,
+                                                                            device=weight.device)
+        gb = None if grad_bias is None else torch.zeros(v1 - v0, dtype=acc, device=weight.device)
+        for n0 in range(0, N, chunk_tokens):
+            n1 = min(N, n0 + chunk_tokens)
+            logits = _chunk_logits(hidden, weight, bias, n0, n1, v0, v1)
+            backend = _kernel_backend(logits.device, logits)
+            if backend == "reference":
+                backend = "cpu" if logits.device.type == "cpu" else "triton"
+            grad = _grad_logits(backend, _row_layout(logits), local_all[n0:n1], None, inv_t, _IGNORED,
+                                row_max[n0:n1], log_sum[n0:n1], entropy[n0:n1] if entropy is not None else None,
+                                None if g_lp is None else g_lp[n0:n1], None if g_ent is None else g_ent[n0:n1])
+            del logits
+            if want_h:
+                grad_hidden[n0:n1] += grad @ weight[v0:v1]
+            if want_w:
+                if gw is None:
+                    torch.matmul(grad.t(), hidden[n0:n1], out=grad_weight[v0:v1])
+                else:
+                    gw += grad.t() @ hidden[n0:n1]
+            if gb is not None:
+                gb += grad.sum(0, dtype=acc)
+        if gw is not None:
+            grad_weight[v0:v1] = gw
+        if gb is not None:
+            grad_bias[v0:v1] = gb
+    if grad_hidden is not None:
+        grad_hidden = grad_hidden.to(hidden.dtype)
+    return grad_hidden, grad_weight, grad_bias
+
+
 class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, want_entropy, ignore_index, chunk_tokens,
                 chunk_vocab):
-        N, V = hidden.shape[0], weight.shape[0]
-        inv_t = 1.0 / temperature
-        dt = _compute_dtype(hidden)
-        need_entropy = want_entropy  # backward uses the entropy only for its own gradient
-        n_vchunks = -(-V // chunk_vocab)
-        max_chunks = torch.empty((n_vchunks, N), dtype=dt, device=hidden.device)
-        logsum_chunks = torch.empty_like(max_chunks)
-        ent_chunks = torch.empty_like(max_chunks) if need_entropy else None
-        # (Target logit minus its chunk's max) * inv_t, and that max (combined after the loop).
-        target_rel = torch.zeros(N, dtype=dt, device=hidden.device)
-        target_max = torch.zeros(N, dtype=dt, device=hidden.device)
-        for c, v0 in enumerate(range(0, V, chunk_vocab)):
-            v1 = min(V, v0 + chunk_vocab)
-            local_all = _local_targets(targets, ignore_index, v0, v1 - v0)
-            for n0 in range(0, N, chunk_tokens):
-                n1 = min(N, n0 + chunk_tokens)
-                logits = _chunk_logits(hidden, weight, bias, n0, n1, v0, v1)
-                layout = _row_layout(logits)
-                backend = _kernel_backend(logits.device, logits)
-                if backend == "reference":
-                    backend = "cpu" if logits.device.type == "cpu" else "triton"
-                local = local_all[n0:n1]
-                logp, m, log_s, ent = _stats_forward(backend, layout, local, None, inv_t, _IGNORED, need_entropy)
-                max_chunks[c, n0:n1] = m
-                logsum_chunks[c, n0:n1] = log_s
-                if need_entropy:
-                    ent_chunks[c, n0:n1] = ent
-                owned = local >= 0
-                target_rel[n0:n1] = torch.where(owned, logp + log_s, target_rel[n0:n1])
-                target_max[n0:n1] = torch.where(owned, m, target_max[n0:n1])
-        row_max, log_sum, entropy = _combine_chunks(max_chunks, logsum_chunks, ent_chunks, inv_t)
-        ignored = targets == ignore_index
-        logp = torch.where(ignored, torch.zeros_like(log_sum),
-                           (target_rel + (target_max - row_max) * inv_t) - log_sum)
+        logp, row_max, log_sum, entropy = _linear_forward(hidden, weight, bias, targets, temperature, want_entropy,
+                                                          ignore_index, chunk_tokens, chunk_vocab)
         ctx.save_for_backward(hidden, weight, bias, targets, row_max, log_sum, entropy)
         ctx.meta = (temperature, ignore_index, chunk_tokens, chunk_vocab)
         if want_entropy:
-            return logp, torch.where(ignored, torch.zeros_like(entropy), entropy)
+            return logp, torch.where(targets == ignore_index, torch.zeros_like(entropy), entropy)
         return logp
 
     @staticmethod
-    @once_differentiable
+    @_first_order_only("linear_token_logprobs")
     def backward(ctx, grad_logp, grad_entropy=None):
         hidden, weight, bias, targets, row_max, log_sum, entropy = ctx.saved_tensors
         temperature, ignore_index, chunk_tokens, chunk_vocab = ctx.meta
-        N, H = hidden.shape
-        V = weight.shape[0]
-        inv_t = 1.0 / temperature
-        g_lp = _grad_arg(grad_logp, log_sum.dtype)
-        g_ent = _grad_arg(grad_entropy, log_sum.dtype)
-        want_h, want_w, want_b = ctx.needs_input_grad[:3]
-        acc = _compute_dtype(hidden)
-        grad_hidden = torch.zeros((N, H), dtype=acc, device=hidden.device) if want_h else None
-        # (Written chunk by chunk from the token loop, which an empty batch never enters.)
-        grad_weight = (torch.zeros_like(weight) if N == 0 else torch.empty_like(weight)) if want_w else None
-        grad_bias = torch.empty_like(bias) if (want_b and bias is not None) else None
-        single_token_chunk = N <= chunk_tokens
-        for v0 in range(0, V, chunk_vocab):
-            v1 = min(V, v0 + chunk_vocab)
-            local_all = _local_targets(targets, ignore_index, v0, v1 - v0)
-            gw = None if (single_token_chunk or not want_w) else torch.zeros((v1 - v0, H), dtype=acc,
-                                                                                device=weight.device)
-            gb = None if grad_bias is None else torch.zeros(v1 - v0, dtype=acc, device=weight.device)
-            for n0 in range(0, N, chunk_tokens):
-                n1 = min(N, n0 + chunk_tokens)
-                logits = _chunk_logits(hidden, weight, bias, n0, n1, v0, v1)
-                backend = _kernel_backend(logits.device, logits)
-                if backend == "reference":
-                    backend = "cpu" if logits.device.type == "cpu" else "triton"
-                grad = _grad_logits(backend, _row_layout(logits), local_all[n0:n1], None, inv_t, _IGNORED,
-                                    row_max[n0:n1], log_sum[n0:n1], entropy[n0:n1] if entropy is not None else None,
-                                    None if g_lp is None else g_lp[n0:n1], None if g_ent is None else g_ent[n0:n1])
-                del logits
-                if want_h:
-                    grad_hidden[n0:n1] += grad @ weight[v0:v1]
-                if want_w:
-                    if gw is None:
-                        torch.matmul(grad.t(), hidden[n0:n1], out=grad_weight[v0:v1])
-                    else:
-                        gw += grad.t() @ hidden[n0:n1]
-                if gb is not None:
-                    gb += grad.sum(0, dtype=acc)
-            if gw is not None:
-                grad_weight[v0:v1] = gw
-            if gb is not None:
-                grad_bias[v0:v1] = gb
-        if grad_hidden is not None:
-            grad_hidden = grad_hidden.to(hidden.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+        grads = _linear_backward(hidden, weight, bias, targets, row_max, log_sum, entropy, grad_logp, grad_entropy,
+                                 temperature, ignore_index, chunk_tokens, chunk_vocab, *ctx.needs_input_grad[:3])
+        return grads + (None,) * 6
 
 
 def _default_chunks(N: int, V: int) -> Tuple[int, int]:
     chunk_tokens = max(1, min(N, 2048))
     chunk_vocab = max(256, (_CHUNK_ELEMENTS // chunk_tokens) // 128 * 128)
     return chunk_tokens, min(chunk_vocab, V)
+
+
+def _resolve_chunks(N: int, V: int, chunk_tokens: Optional[int], chunk_vocab: Optional[int]) -> Tuple[int, int]:
+    default_t, default_v = _default_chunks(N, V)
+    chunk_tokens = default_t if chunk_tokens is None else max(1, min(chunk_tokens, N))
+    chunk_vocab = default_v if chunk_vocab is None else min(chunk_vocab, V)
+    return chunk_tokens, chunk_vocab
 
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
@@ -504,10 +582,11 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     top-p here (a sampler's kept set needs the whole row). NaN/inf follow
     :func:`token_logprobs`: a row whose logits hold NaN or +inf gives NaN.
     """
-    _validate.tensor("hidden", hidden, floating=True)
+    _reject_func_transforms("linear_token_logprobs")
+    _validate.tensor("hidden", hidden, floating=True, allow_fake=True)
     if hidden.dim() < 1:
         raise ValueError(f"hidden must be [..., H], got shape {tuple(hidden.shape)}")
-    _validate.tensor("weight", weight, ndim=2, floating=True)
+    _validate.tensor("weight", weight, ndim=2, floating=True, allow_fake=True)
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
     H = hidden.shape[-1]
@@ -517,27 +596,36 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     if V == 0:
         raise ValueError("weight must have at least one row (vocabulary entry)")
     if bias is not None:
-        _validate.tensor("bias", bias, floating=True)
+        _validate.tensor("bias", bias, floating=True, allow_fake=True)
         if bias.dtype != hidden.dtype:
             raise TypeError(f"bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
         _validate.same_shape("bias", bias, (V,), "weight's first dim")
     _check_target_dtype("targets", targets)
     _validate.same_device(hidden=hidden, weight=weight, bias=bias, targets=targets)
     ignore_index = _check_int("ignore_index", ignore_index)
-    _check_targets(targets, hidden.shape[:-1], V, ignore_index)
     temperature = _check_temperature(temperature)
     for name, value in (("chunk_tokens", chunk_tokens), ("chunk_vocab", chunk_vocab)):
         if value is not None and _check_int(name, value) < 1:
             raise ValueError(f"{name} must be >= 1 (or None for the default), got {value}")
+    if _traced(hidden, weight, bias, targets):
+        _validate.same_shape("targets", targets, hidden.shape[:-1], "hidden without its last dim")
+        if _kernel_backend(hidden.device, hidden) == "reference":  # plain torch ops (meta tensors too)
+            return _ref.linear_token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
+                                              return_entropy=return_entropy, ignore_index=ignore_index)
+        logp, entropy, _, _ = torch.ops.rlkern.linear_token_logprobs(
+            hidden.reshape(-1, H), weight, bias, targets.reshape(-1).to(torch.int64), temperature,
+            bool(return_entropy), ignore_index, chunk_tokens, chunk_vocab)
+        if return_entropy:
+            return logp.view(targets.shape), entropy.view(targets.shape)
+        return logp.view(targets.shape)
+    _check_targets(targets, hidden.shape[:-1], V, ignore_index)
     if _kernel_backend(hidden.device, hidden) == "reference":
         return _ref.linear_token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                                           return_entropy=return_entropy, ignore_index=ignore_index)
     lead = targets.shape
     h2 = hidden.reshape(-1, H)
     t2 = targets.reshape(-1).to(torch.int64)
-    default_t, default_v = _default_chunks(h2.shape[0], V)
-    chunk_tokens = default_t if chunk_tokens is None else max(1, min(chunk_tokens, h2.shape[0]))
-    chunk_vocab = default_v if chunk_vocab is None else min(chunk_vocab, V)
+    chunk_tokens, chunk_vocab = _resolve_chunks(h2.shape[0], V, chunk_tokens, chunk_vocab)
     out = _LinearTokenLogprobs.apply(h2, weight, bias, t2, temperature, bool(return_entropy), ignore_index,
                                      chunk_tokens, chunk_vocab)
     if return_entropy:
@@ -548,40 +636,52 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
 # ----------------------------------------------------------------------------- vocab parallel
 
 
+def _vocab_parallel_forward(shard, targets, vocab_start, group, temperature, want_entropy, ignore_index, backend,
+                            strict):
+    """(layout, local targets, logp, global max, global log-sum, entropy or None), flat. A
+    target owned by no rank (or by several) is a ValueError when ``strict`` (eager: it costs
+    a host sync), else NaN log-prob."""
+    import torch.distributed as dist
+
+    layout = _row_layout(shard)
+    flat = targets.reshape(-1).to(torch.int64)
+    local = _local_targets(flat, ignore_index, vocab_start, layout.V)
+    need_entropy = want_entropy
+    logp_l, m_l, logsum_l, ent_l = _stats_forward(backend, layout, local, None, 1.0 / temperature, _IGNORED,
+                                                  need_entropy)
+    ignored = flat == ignore_index
+    owned = local >= 0
+    # Megatron's scheme: all-reduce MAX of the local maxima, then one SUM of
+    # [sum exp, entropy term, target logit, owner count] relative to that maximum.
+    M = m_l.clone()
+    dist.all_reduce(M, op=dist.ReduceOp.MAX, group=group)
+    M = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
+    inv_t = 1.0 / temperature
+    w, rel = _chunk_weights(m_l, logsum_l, ent_l if need_entropy else None, M, inv_t)
+    zero = torch.zeros_like(w)
+    rel = zero if rel is None else rel
+    target_rel = torch.where(owned, logp_l + ((m_l - M) * inv_t + logsum_l), zero)
+    sums = torch.stack([w, rel, target_rel, owned.to(w.dtype)])
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    S, rel_sum, target_sum, owners = sums
+    bad = (~ignored) & (owners != 1)
+    if strict and bool(bad.any()):
+        raise ValueError("targets: every non-ignored target must lie in exactly one rank's vocabulary slice "
+                         f"[vocab_start, vocab_start + shard size); row {int(bad.nonzero()[0, 0])} has "
+                         f"{int(owners[bad][0].item())} owners")
+    log_s = torch.log(S)
+    logp = torch.where(ignored, zero, torch.where(bad, float("nan"), target_sum - log_s))
+    entropy = (log_s - rel_sum / S) if need_entropy else None
+    return layout, local, logp, M, log_s, entropy
+
+
 class _VocabParallelTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, shard, targets, vocab_start, group, temperature, want_entropy, ignore_index, backend):
-        import torch.distributed as dist
-
-        layout = _row_layout(shard)
-        flat = targets.reshape(-1).to(torch.int64)
-        local = _local_targets(flat, ignore_index, vocab_start, layout.V)
-        need_entropy = want_entropy
-        logp_l, m_l, logsum_l, ent_l = _stats_forward(backend, layout, local, None, 1.0 / temperature, _IGNORED,
-                                                      need_entropy)
-        ignored = flat == ignore_index
-        owned = local >= 0
-        # Megatron's scheme: all-reduce MAX of the local maxima, then one SUM of
-        # [sum exp, entropy term, target logit, owner count] relative to that maximum.
-        M = m_l.clone()
-        dist.all_reduce(M, op=dist.ReduceOp.MAX, group=group)
-        M = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
-        inv_t = 1.0 / temperature
-        w, rel = _chunk_weights(m_l, logsum_l, ent_l if need_entropy else None, M, inv_t)
-        zero = torch.zeros_like(w)
-        rel = zero if rel is None else rel
-        target_rel = torch.where(owned, logp_l + ((m_l - M) * inv_t + logsum_l), zero)
-        sums = torch.stack([w, rel, target_rel, owned.to(w.dtype)])
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-        S, rel_sum, target_sum, owners = sums
-        bad = (~ignored) & (owners != 1)
-        if bool(bad.any()):
-            raise ValueError("targets: every non-ignored target must lie in exactly one rank's vocabulary slice "
-                             f"[vocab_start, vocab_start + shard size); row {int(bad.nonzero()[0, 0])} has "
-                             f"{int(owners[bad][0].item())} owners")
-        log_s = torch.log(S)
-        logp = torch.where(ignored, zero, target_sum - log_s)
-        entropy = (log_s - rel_sum / S) if need_entropy else None
+        layout, local, logp, M, log_s, entropy = _vocab_parallel_forward(
+            shard, targets, vocab_start, group, temperature, want_entropy, ignore_index, backend, True)
+        ignored = local == _IGNORED
+        zero = torch.zeros_like(logp)
         ctx.save_for_backward(layout.tensor, local, M, log_s, entropy)
         ctx.layout = layout._replace(tensor=None)
         ctx.meta = (temperature, backend, tuple(shard.shape))
@@ -590,7 +690,7 @@ class _VocabParallelTokenLogprobs(torch.autograd.Function):
         return logp.view(targets.shape)
 
     @staticmethod
-    @once_differentiable
+    @_first_order_only("vocab_parallel_token_logprobs")
     def backward(ctx, grad_logp, grad_entropy=None):
         x, local, row_max, log_sum, entropy = ctx.saved_tensors
         temperature, backend, shape = ctx.meta
@@ -631,19 +731,406 @@ def vocab_parallel_token_logprobs(logits_shard: torch.Tensor, targets: torch.Ten
         temperature, return_entropy, ignore_index: as in :func:`token_logprobs`
             (-inf logits are fine, NaN or +inf anywhere in a row make it NaN).
     """
+    _reject_func_transforms("vocab_parallel_token_logprobs")
     _check_logits("logits_shard", logits_shard)
     _check_target_dtype("targets", targets)
     _validate.same_device(logits_shard=logits_shard, targets=targets)
     vocab_start = _check_int("vocab_start", vocab_start, low=0)
     ignore_index = _check_int("ignore_index", ignore_index)
     _validate.same_shape("targets", targets, logits_shard.shape[:-1], "logits_shard without its last dim")
+    temperature = _check_temperature(temperature)
+    if _traced(logits_shard, targets):
+        logp, entropy, _, _, _ = torch.ops.rlkern.vocab_parallel_token_logprobs(
+            logits_shard, targets, vocab_start, "" if group is None else group.group_name, temperature,
+            bool(return_entropy), ignore_index)
+        if return_entropy:
+            return logp.view(targets.shape), entropy.view(targets.shape)
+        return logp.view(targets.shape)
     if targets.numel():
         t = targets.to(torch.int64)
         if bool(((t < 0) & (t != ignore_index)).any()):
             raise ValueError(f"targets must be >= 0 or equal ignore_index ({ignore_index})")
-    temperature = _check_temperature(temperature)
     backend = _kernel_backend(logits_shard.device, logits_shard)
     if backend == "reference":
         backend = "cpu" if logits_shard.device.type == "cpu" else "triton"
     return _VocabParallelTokenLogprobs.apply(logits_shard, targets, vocab_start, group, temperature,
                                              bool(return_entropy), ignore_index, backend)
+
+
+# ----------------------------------------------------------------------------- custom ops
+#
+# Under torch.compile / torch.export tracing, and for FakeTensor or meta inputs, the public
+# functions call these torch.library custom ops: opaque to the tracer, with fake
+# implementations that give exact output shapes and dtypes, and autograd through
+# register_autograd (backward is another custom op). Eager calls on plain tensors keep the
+# autograd.Functions above, whose dispatch costs a few microseconds less. On this path no
+# input check reads values (that would be a host sync): a target outside [0, V) gives a
+# NaN log-prob instead of a ValueError, and its row gets no log-prob gradient.
+
+Tensor = torch.Tensor
+
+
+def _traced(*tensors) -> bool:
+    """Whether a call must take the custom-op path: tracing, a FakeTensor/meta input, or an
+    active FakeTensorMode (whose buffers a kernel could not write)."""
+    if torch.compiler.is_compiling():
+        return True
+    for t in tensors:
+        if t is not None and (t.is_meta or type(t) not in _validate.PLAIN_TYPES):
+            return True
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+
+
+def _reject_func_transforms(op: str) -> None:
+    """torch.func.grad / vmap / jvp are not supported (the kernels read raw memory, and
+    neither the autograd.Functions nor the custom ops carry functorch rules): a clear error
+    naming the op and the transform, instead of functorch's generic one."""
+    if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
+        return
+    from torch._C._functorch import TransformType, peek_interpreter_stack
+
+    interpreter = peek_interpreter_stack()
+    kind = interpreter.key() if interpreter is not None else None
+    if kind == TransformType.Functionalize:
+        return
+    names = {TransformType.Grad: "grad (torch.func.grad / vjp / jacrev)", TransformType.Vmap: "vmap",
+             TransformType.Jvp: "jvp (forward-mode AD)"}
+    raise RuntimeError(f"rlkern {op}: the torch.func transform {names.get(kind, str(kind))} is not supported; "
+                       "use loss.backward() / torch.autograd.grad (also under torch.compile), and a batch "
+                       "dimension instead of vmap")
+
+
+def _empty(like: Tensor, n, dtype: torch.dtype) -> Tensor:
+    return like.new_empty((n,), dtype=dtype)
+
+
+def _out_of_range(flat_targets: Tensor, V: int, ignore_index: int) -> Tensor:
+    return ((flat_targets < 0) | (flat_targets >= V)) & (flat_targets != ignore_index)
+
+
+def _truncating(top_k: Optional[int], top_p: Optional[float]) -> bool:
+    return top_k is not None or (top_p is not None and top_p < 1.0)
+
+
+def _no_double_backward(op: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"rlkern::{op}: double backward (differentiating its gradient again) is not supported")
+    return backward
+
+
+def _op_backend(t: Tensor) -> str:
+    """The kernel an op runs. The reference cannot run inside a custom op (its autograd is
+    not recorded there): the public functions call it directly instead, so here it only
+    arises for a direct torch.ops call, which gets the kernels of the device."""
+    backend = _kernel_backend(t.device, t)
+    if backend == "reference":
+        backend = "cpu" if t.device.type == "cpu" else "triton"
+    return backend
+
+
+# --- token_logprobs
+
+
+@torch.library.custom_op("rlkern::token_logprobs", mutates_args=())
+def _token_logprobs_op(logits: Tensor, targets: Tensor, temperature: float, want_entropy: bool, ignore_index: int,
+                       top_k: Optional[int], top_p: Optional[float]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Flat ``[N]`` logp, entropy (``[0]`` unless wanted), row max, log-sum, and the top-k/top-p
+    threshold (``[0]`` without them)."""
+    V = logits.shape[-1]
+    flat = targets.reshape(-1).to(torch.int64)
+    bad = _out_of_range(flat, V, ignore_index)
+    n = flat.numel()
+    dt = _compute_dtype(logits)
+    layout, flat, threshold, logp, row_max, log_sum, entropy = _token_forward(
+        logits, flat, temperature, want_entropy, ignore_index, top_k, top_p, _op_backend(logits))
+    if threshold is None:
+        threshold = torch.full((n if _truncating(top_k, top_p) else 0,), float("-inf"), dtype=dt,
+                               device=logits.device)
+    logp = torch.where(bad, float("nan"), logp)
+    if not want_entropy:
+        entropy = _empty(logits, 0, dt)
+    return logp, entropy, row_max, log_sum, threshold
+
+
+@_token_logprobs_op.register_fake
+def _(logits, targets, temperature, want_entropy, ignore_index, top_k, top_p):
+    n = targets.numel()
+    dt = _compute_dtype(logits)
+    return (_empty(logits, n, dt), _empty(logits, n if want_entropy else 0, dt), _empty(logits, n, dt),
+            _empty(logits, n, dt), _empty(logits, n if _truncating(top_k, top_p) else 0, dt))
+
+
+@torch.library.custom_op("rlkern::token_logprobs_backward", mutates_args=())
+def _token_logprobs_backward_op(logits: Tensor, targets: Tensor, threshold: Tensor, row_max: Tensor,
+                                log_sum: Tensor, entropy: Tensor, grad_logp: Optional[Tensor],
+                                grad_entropy: Optional[Tensor], temperature: float, ignore_index: int,
+                                top_k: Optional[int], top_p: Optional[float]) -> Tensor:
+    V = logits.shape[-1]
+    flat = targets.reshape(-1).to(torch.int64).contiguous()
+    bad = _out_of_range(flat, V, ignore_index)
+    dt = _compute_dtype(logits)
+    g_lp = None if grad_logp is None else torch.where(bad, 0.0, grad_logp.reshape(-1).to(dt)).contiguous()
+    g_ent = None if grad_entropy is None or entropy.numel() != flat.numel() else grad_entropy
+    layout = _row_layout(logits)
+    grad = _grad_logits(_op_backend(logits), layout, flat, threshold if threshold.numel() else None, 1.0 / temperature,
+                        ignore_index, row_max, log_sum, entropy if g_ent is not None else None, g_lp,
+                        _grad_arg(g_ent, dt))
+    return grad.view(logits.shape)
+
+
+@_token_logprobs_backward_op.register_fake
+def _(logits, targets, threshold, row_max, log_sum, entropy, grad_logp, grad_entropy, temperature, ignore_index,
+      top_k, top_p):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _token_setup_context(ctx, inputs, output):
+    logits, targets, temperature, want_entropy, ignore_index, top_k, top_p = inputs
+    logp, entropy, row_max, log_sum, threshold = output
+    ctx.save_for_backward(logits, targets, threshold, row_max, log_sum, entropy)
+    ctx.options = (temperature, ignore_index, top_k, top_p, want_entropy)
+    ctx.mark_non_differentiable(row_max, log_sum, threshold)
+
+
+def _token_backward(ctx, grad_logp, grad_entropy, *_):
+    logits, targets, threshold, row_max, log_sum, entropy = ctx.saved_tensors
+    temperature, ignore_index, top_k, top_p, want_entropy = ctx.options
+    if not ctx.needs_input_grad[0]:
+        return (None,) * 7
+    grad = torch.ops.rlkern.token_logprobs_backward(logits, targets, threshold, row_max, log_sum, entropy, grad_logp,
+                                                    grad_entropy if want_entropy else None, temperature,
+                                                    ignore_index, top_k, top_p)
+    return (grad,) + (None,) * 6
+
+
+torch.library.register_autograd("rlkern::token_logprobs", _token_backward, setup_context=_token_setup_context)
+torch.library.register_autograd("rlkern::token_logprobs_backward", _no_double_backward("token_logprobs"))
+
+
+# --- linear_token_logprobs
+
+
+@torch.library.custom_op("rlkern::linear_token_logprobs", mutates_args=())
+def _linear_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, temperature: float,
+               want_entropy: bool, ignore_index: int, chunk_tokens: Optional[int],
+               chunk_vocab: Optional[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``hidden [N, H]``, int64 ``targets [N]``: logp, entropy (``[0]`` unless wanted), row max
+    and log-sum."""
+    N, V = hidden.shape[0], weight.shape[0]
+    bad = _out_of_range(targets, V, ignore_index)
+    safe = torch.where(bad, ignore_index, targets)
+    dt = _compute_dtype(hidden)
+    chunk_tokens, chunk_vocab = _resolve_chunks(N, V, chunk_tokens, chunk_vocab)
+    logp, row_max, log_sum, entropy = _linear_forward(hidden, weight, bias, safe, temperature, want_entropy,
+                                                      ignore_index, chunk_tokens, chunk_vocab)
+    logp = torch.where(bad, float("nan"), logp)
+    entropy = torch.where(safe == ignore_index, 0.0, entropy) if want_entropy else _empty(hidden, 0, dt)
+    return logp, entropy, row_max, log_sum
+
+
+@_linear_op.register_fake
+def _(hidden, weight, bias, targets, temperature, want_entropy, ignore_index, chunk_tokens, chunk_vocab):
+    n = hidden.shape[0]
+    dt = _compute_dtype(hidden)
+    return (_empty(hidden, n, dt), _empty(hidden, n if want_entropy else 0, dt), _empty(hidden, n, dt),
+            _empty(hidden, n, dt))
+
+
+@torch.library.custom_op("rlkern::linear_token_logprobs_backward", mutates_args=())
+def _linear_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, row_max: Tensor,
+                        log_sum: Tensor, entropy: Tensor, grad_logp: Optional[Tensor],
+                        grad_entropy: Optional[Tensor], temperature: float, ignore_index: int,
+                        chunk_tokens: Optional[int], chunk_vocab: Optional[int], want_hidden: bool,
+                        want_weight: bool, want_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of hidden, weight and bias (``[0]`` where not wanted)."""
+    N, V = hidden.shape[0], weight.shape[0]
+    bad = _out_of_range(targets, V, ignore_index)
+    safe = torch.where(bad, ignore_index, targets)
+    dt = _compute_dtype(hidden)
+    g_lp = None if grad_logp is None else torch.where(bad, 0.0, grad_logp.to(dt))
+    g_ent = None if grad_entropy is None or entropy.numel() != N else grad_entropy
+    want_bias = want_bias and bias is not None
+    chunk_tokens, chunk_vocab = _resolve_chunks(N, V, chunk_tokens, chunk_vocab)
+    grads = _linear_backward(hidden, weight, bias, safe, row_max, log_sum, entropy if g_ent is not None else None,
+                             g_lp, g_ent, temperature, ignore_index, chunk_tokens, chunk_vocab, want_hidden,
+                             want_weight, want_bias)
+    return tuple(g if g is not None else hidden.new_empty((0,)) for g in grads)
+
+
+@_linear_backward_op.register_fake
+def _(hidden, weight, bias, targets, row_max, log_sum, entropy, grad_logp, grad_entropy, temperature, ignore_index,
+      chunk_tokens, chunk_vocab, want_hidden, want_weight, want_bias):
+    def like(t, wanted):
+        return torch.empty(t.shape, dtype=t.dtype, device=t.device) if wanted and t is not None \
+            else hidden.new_empty((0,))
+    return like(hidden, want_hidden), like(weight, want_weight), like(bias, want_bias)
+
+
+def _linear_setup_context(ctx, inputs, output):
+    hidden, weight, bias, targets, temperature, want_entropy, ignore_index, chunk_tokens, chunk_vocab = inputs
+    logp, entropy, row_max, log_sum = output
+    ctx.save_for_backward(hidden, weight, bias, targets, row_max, log_sum, entropy)
+    ctx.options = (temperature, ignore_index, chunk_tokens, chunk_vocab, want_entropy)
+    ctx.mark_non_differentiable(row_max, log_sum)
+
+
+def _linear_backward_autograd(ctx, grad_logp, grad_entropy, *_):
+    hidden, weight, bias, targets, row_max, log_sum, entropy = ctx.saved_tensors
+    temperature, ignore_index, chunk_tokens, chunk_vocab, want_entropy = ctx.options
+    want_h, want_w, want_b = ctx.needs_input_grad[:3]
+    if not (want_h or want_w or want_b):
+        return (None,) * 9
+    gh, gw, gb = torch.ops.rlkern.linear_token_logprobs_backward(
+        hidden, weight, bias, targets, row_max, log_sum, entropy, grad_logp, grad_entropy if want_entropy else None,
+        temperature, ignore_index, chunk_tokens, chunk_vocab, want_h, want_w, want_b and bias is not None)
+    return (gh if want_h else None, gw if want_w else None, gb if (want_b and bias is not None) else None) \
+        + (None,) * 6
+
+
+torch.library.register_autograd("rlkern::linear_token_logprobs", _linear_backward_autograd,
+                                setup_context=_linear_setup_context)
+torch.library.register_autograd("rlkern::linear_token_logprobs_backward",
+                                _no_double_backward("linear_token_logprobs"))
+
+
+# --- vocab_parallel_token_logprobs
+
+
+def _group_by_name(name: str):
+    import torch.distributed as dist
+
+    if not name:
+        return dist.group.WORLD
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(name)
+
+
+@torch.library.custom_op("rlkern::vocab_parallel_token_logprobs", mutates_args=())
+def _vocab_parallel_op(logits_shard: Tensor, targets: Tensor, vocab_start: int, group_name: str, temperature: float,
+                       want_entropy: bool, ignore_index: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Flat logp, entropy (``[0]`` unless wanted), local targets, global max and log-sum.
+    ``group_name`` "" is the default group."""
+    layout, local, logp, M, log_s, entropy = _vocab_parallel_forward(
+        logits_shard, targets, vocab_start, _group_by_name(group_name), temperature, want_entropy, ignore_index,
+        _op_backend(logits_shard), False)
+    dt = _compute_dtype(logits_shard)
+    entropy = torch.where(local == _IGNORED, 0.0, entropy) if want_entropy else _empty(logits_shard, 0, dt)
+    return logp, entropy, local, M, log_s
+
+
+@_vocab_parallel_op.register_fake
+def _(logits_shard, targets, vocab_start, group_name, temperature, want_entropy, ignore_index):
+    n = targets.numel()
+    dt = _compute_dtype(logits_shard)
+    return (_empty(logits_shard, n, dt), _empty(logits_shard, n if want_entropy else 0, dt),
+            _empty(logits_shard, n, torch.int64), _empty(logits_shard, n, dt), _empty(logits_shard, n, dt))
+
+
+@torch.library.custom_op("rlkern::vocab_parallel_token_logprobs_backward", mutates_args=())
+def _vocab_parallel_backward_op(logits_shard: Tensor, local: Tensor, row_max: Tensor, log_sum: Tensor,
+                                entropy: Tensor, grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor],
+                                temperature: float) -> Tensor:
+    backend = _op_backend(logits_shard)
+    dt = log_sum.dtype
+    g_ent = grad_entropy if grad_entropy is not None and entropy.numel() == local.numel() else None
+    grad = _grad_logits(backend, _row_layout(logits_shard), local, None, 1.0 / temperature, _IGNORED, row_max,
+                        log_sum, entropy if g_ent is not None else None, _grad_arg(grad_logp, dt),
+                        _grad_arg(g_ent, dt))
+    return grad.view(logits_shard.shape)
+
+
+@_vocab_parallel_backward_op.register_fake
+def _(logits_shard, local, row_max, log_sum, entropy, grad_logp, grad_entropy, temperature):
+    return torch.empty(logits_shard.shape, dtype=logits_shard.dtype, device=logits_shard.device)
+
+
+def _vocab_parallel_setup_context(ctx, inputs, output):
+    logits_shard, targets, vocab_start, group_name, temperature, want_entropy, ignore_index = inputs
+    logp, entropy, local, row_max, log_sum = output
+    ctx.save_for_backward(logits_shard, local, row_max, log_sum, entropy)
+    ctx.options = (temperature, want_entropy)
+    ctx.mark_non_differentiable(local, row_max, log_sum)
+
+
+def _vocab_parallel_backward(ctx, grad_logp, grad_entropy, *_):
+    logits_shard, local, row_max, log_sum, entropy = ctx.saved_tensors
+    temperature, want_entropy = ctx.options
+    if not ctx.needs_input_grad[0]:
+        return (None,) * 7
+    grad = torch.ops.rlkern.vocab_parallel_token_logprobs_backward(
+        logits_shard, local, row_max, log_sum, entropy, grad_logp, grad_entropy if want_entropy else None,
+        temperature)
+    return (grad,) + (None,) * 6
+
+
+torch.library.register_autograd("rlkern::vocab_parallel_token_logprobs", _vocab_parallel_backward,
+                                setup_context=_vocab_parallel_setup_context)
+torch.library.register_autograd("rlkern::vocab_parallel_token_logprobs_backward",
+                                _no_double_backward("vocab_parallel_token_logprobs"))
+
+
+# ----------------------------------------------------------------------------- DTensor
+
+
+def _is_dtensor(t) -> bool:
+    if type(t) in _validate.PLAIN_TYPES or not isinstance(t, torch.Tensor):
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def _dtensor_token_logprobs(logits, targets, *, temperature, return_entropy, ignore_index, top_k, top_p):
+    """token_logprobs of a DTensor ``logits`` (see its docstring): local computation per
+    shard, or the vocab-parallel path for a vocabulary-sharded mesh dimension."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not isinstance(logits, DTensor):
+        raise TypeError("targets is a DTensor but logits is not: pass logits as a DTensor too (or both plain)")
+    _check_logits("logits", logits.to_local())
+    mesh, placements, nd = logits.device_mesh, tuple(logits.placements), logits.dim()
+    vocab_dims = []
+    for mesh_dim, p in enumerate(placements):
+        if isinstance(p, Shard) and p.dim % nd == nd - 1:
+            vocab_dims.append(mesh_dim)
+        elif not (isinstance(p, Replicate) or isinstance(p, Shard)):
+            raise ValueError(f"logits: placement {type(p).__name__} ({p}, mesh dim {mesh_dim}) is not supported by "
+                             "token_logprobs; "
+                             "use Shard(-1) over the vocabulary, Shard(d) over a leading dim, or Replicate()")
+    if len(vocab_dims) > 1:
+        raise ValueError(f"logits: the vocabulary is sharded over mesh dims {vocab_dims}; at most one is supported")
+    out_placements = tuple(Replicate() if i in vocab_dims else p for i, p in enumerate(placements))
+    lead_shape = tuple(logits.shape[:-1])
+    if isinstance(targets, DTensor):
+        if targets.device_mesh != mesh:
+            raise ValueError("targets must be a DTensor on the mesh of logits")
+        _validate.same_shape("targets", targets, lead_shape, "logits without its last dim")
+        local_targets = targets.redistribute(mesh, out_placements).to_local()
+    else:
+        _check_target_dtype("targets", targets)
+        _validate.same_shape("targets", targets, lead_shape, "logits without its last dim (the full targets)")
+        local_shape, offset = compute_local_shape_and_global_offset(lead_shape, mesh, out_placements)
+        local_targets = targets[tuple(slice(o, o + n) for o, n in zip(offset, local_shape))]
+    local_logits = logits.to_local()
+    if vocab_dims:
+        if top_k is not None or (top_p is not None and top_p < 1.0):
+            raise ValueError("top_k/top_p need whole vocabulary rows: not supported with logits sharded over the "
+                             "vocabulary (Shard(-1))")
+        _, offset = compute_local_shape_and_global_offset(tuple(logits.shape), mesh, placements)
+        out = vocab_parallel_token_logprobs(local_logits, local_targets, int(offset[-1]),
+                                            mesh.get_group(vocab_dims[0]), temperature=temperature,
+                                            return_entropy=return_entropy, ignore_index=ignore_index)
+    else:
+        out = token_logprobs(local_logits, local_targets, temperature=temperature, return_entropy=return_entropy,
+                             ignore_index=ignore_index, top_k=top_k, top_p=top_p)
+    stride = torch.empty(lead_shape, device="meta").stride()
+
+    def wrap(t):
+        return DTensor.from_local(t, mesh, out_placements, run_check=False, shape=torch.Size(lead_shape),
+                                  stride=stride)
+
+    return (wrap(out[0]), wrap(out[1])) if return_entropy else wrap(out)

@@ -1,0 +1,227 @@
+"""The log-prob ops as torch.library custom ops: opcheck, torch.compile(fullgraph=True)
+without graph breaks (static and dynamic shapes), FakeTensorMode and meta tensors."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import rlkern
+from rlkern.logprobs import linear_token_logprobs, token_logprobs, vocab_parallel_token_logprobs
+
+from helpers import CPU_BACKENDS, assert_close
+
+pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")]
+
+
+def _case(rows=6, V=50, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(2, rows // 2, V, generator=gen) * 3).to(dtype)
+    t = torch.randint(0, V, (2, rows // 2), generator=gen)
+    t[0, 1] = -100
+    return x, t
+
+
+@pytest.fixture(scope="module")
+def single_rank_group(tmp_path_factory):
+    """A one-process gloo group, for the vocab-parallel op (its all-reduces are then identities)."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is needed")
+    if dist.is_initialized():
+        yield dist.group.WORLD
+        return
+    init = tmp_path_factory.mktemp("pg") / "init"
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- opcheck
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_opcheck_token_logprobs(backend):
+    x, t = _case()
+    x.requires_grad_()
+    with rlkern.use_backend(backend):
+        arg_sets = [(x, t, 0.8, True, -100, None, None), (x, t, 1.0, False, -100, 5, 0.9)]
+        for args in arg_sets if backend == "cpu" else arg_sets[1:]:  # (the interpreter is slow)
+            torch.library.opcheck(torch.ops.rlkern.token_logprobs.default, args)
+        if backend != "cpu":
+            return
+        n = t.numel()
+        stats = [torch.randn(n), torch.randn(n), torch.full((n,), -float("inf")), torch.rand(n)]
+        torch.library.opcheck(torch.ops.rlkern.token_logprobs_backward.default,
+                              (x.detach(), t, stats[2], stats[0], stats[1], stats[3], torch.randn(n),
+                               torch.randn(n), 0.8, -100, 5, None))
+
+
+@pytest.mark.parametrize("backend", ["cpu"])  # (its kernels are those of token_logprobs, checked on Triton above)
+def test_opcheck_linear_token_logprobs(backend):
+    gen = torch.Generator().manual_seed(1)
+    h = torch.randn(5, 4, generator=gen, requires_grad=True)
+    w = torch.randn(30, 4, generator=gen, requires_grad=True)
+    b = torch.randn(30, generator=gen, requires_grad=True)
+    t = torch.randint(0, 30, (5,), generator=gen)
+    with rlkern.use_backend(backend):
+        torch.library.opcheck(torch.ops.rlkern.linear_token_logprobs.default, (h, w, b, t, 0.9, True, -100, 2, 8))
+        torch.library.opcheck(torch.ops.rlkern.linear_token_logprobs.default,
+                              (h, w, None, t, 1.0, False, -100, None, None))
+
+
+def test_opcheck_vocab_parallel(single_rank_group):
+    x, t = _case()
+    x.requires_grad_()
+    torch.library.opcheck(torch.ops.rlkern.vocab_parallel_token_logprobs.default, (x, t, 0, "", 0.7, True, -100))
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+def _token_fn(x, t):
+    lp, ent = token_logprobs(x, t, temperature=0.7, return_entropy=True)
+    lp_k = token_logprobs(x, t, top_k=5, top_p=0.9)
+    return (lp * 2).sum() + ent.sum() + torch.where(torch.isfinite(lp_k), lp_k, 0.0).sum()
+
+
+def _linear_fn(h, w, b, t):
+    lp, ent = linear_token_logprobs(h, w, t, bias=b, return_entropy=True, chunk_tokens=4, chunk_vocab=16)
+    return lp.sum() - 0.5 * ent.sum()
+
+
+def _grads(fn, *args):
+    leaves = [a.detach().clone().requires_grad_() if a.is_floating_point() else a for a in args]
+    out = fn(*leaves)
+    out.backward()
+    return out, [leaf.grad for leaf in leaves if leaf.is_floating_point()]
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compile_fullgraph_matches_eager(dynamic):
+    torch._dynamo.reset()
+    x, t = _case()
+    gen = torch.Generator().manual_seed(2)
+    h, w, b = torch.randn(6, 4, generator=gen), torch.randn(40, 4, generator=gen), torch.randn(40, generator=gen)
+    tl = torch.randint(0, 40, (6,), generator=gen)
+    for fn, args in [(_token_fn, (x, t)), (_linear_fn, (h, w, b, tl))]:
+        explanation = torch._dynamo.explain(fn)(*args)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        compiled = torch.compile(fn, fullgraph=True, dynamic=dynamic, backend="aot_eager")
+        out_c, grads_c = _grads(compiled, *args)
+        out_e, grads_e = _grads(fn, *args)
+        assert_close(out_c, out_e, 1e-6, "value")
+        for gc, ge in zip(grads_c, grads_e):
+            assert_close(gc, ge, 1e-6, "grad")
+    if dynamic:  # another batch size reuses the dynamic graph
+        x2, t2 = _case(rows=10, V=50, seed=3)
+        out_c, grads_c = _grads(torch.compile(_token_fn, fullgraph=True, dynamic=True, backend="aot_eager"), x2, t2)
+        out_e, grads_e = _grads(_token_fn, x2, t2)
+        assert_close(out_c, out_e, 1e-6, "value")
+        assert_close(grads_c[0], grads_e[0], 1e-6, "grad")
+
+
+def test_compile_inductor_token_logprobs():
+    """The default backend (inductor) around the custom op."""
+    torch._dynamo.reset()
+    x, t = _case()
+    compiled = torch.compile(_token_fn, fullgraph=True)
+    out_c, grads_c = _grads(compiled, x, t)
+    out_e, grads_e = _grads(_token_fn, x, t)
+    assert_close(out_c, out_e, 1e-5, "value")
+    assert_close(grads_c[0], grads_e[0], 1e-5, "grad")
+
+
+def test_traced_out_of_range_target_is_nan():
+    """No host sync on the traced path: a bad target gives NaN where eager raises."""
+    torch._dynamo.reset()
+    x, t = _case()
+    t[1, 2] = 50
+    with pytest.raises(ValueError, match="targets"):
+        token_logprobs(x, t)
+    lp = torch.compile(lambda a, b: token_logprobs(a, b), fullgraph=True, backend="aot_eager")(x, t)
+    assert torch.isnan(lp[1, 2]) and torch.isfinite(lp[t != 50]).all()
+
+
+def test_double_backward_names_the_op():
+    x, t = _case()
+    x.requires_grad_()
+    lp = torch.ops.rlkern.token_logprobs(x, t, 1.0, False, -100, None, None)[0]
+    (g,) = torch.autograd.grad(lp.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="rlkern::token_logprobs"):
+        g.sum().backward()
+
+
+# ----------------------------------------------------------------------------- fake and meta
+
+
+def test_fake_tensor_mode_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(3, 5, 1000, dtype=torch.bfloat16, requires_grad=True)
+        t = torch.empty(3, 5, dtype=torch.int32)
+        lp, ent = token_logprobs(x, t, return_entropy=True, top_k=50)
+        assert lp.shape == (3, 5) and ent.shape == (3, 5) and lp.dtype == torch.float32
+        (lp.sum() + ent.sum()).backward()
+        assert x.grad.shape == x.shape and x.grad.dtype == torch.bfloat16
+        h = torch.empty(2, 7, 16, requires_grad=True)
+        w = torch.empty(1000, 16, requires_grad=True)
+        lp = linear_token_logprobs(h, w, torch.empty(2, 7, dtype=torch.long))
+        assert lp.shape == (2, 7) and lp.dtype == torch.float32
+        lp.sum().backward()
+        assert h.grad.shape == h.shape and w.grad.shape == w.shape
+        lp, ent = vocab_parallel_token_logprobs(x.double(), t, 0, return_entropy=True)
+        assert lp.shape == (3, 5) and lp.dtype == torch.float64
+
+
+def test_meta_tensors():
+    x = torch.empty(4, 3, 100, device="meta", dtype=torch.float16)
+    t = torch.empty(4, 3, device="meta", dtype=torch.long)
+    lp, ent = token_logprobs(x, t, return_entropy=True, temperature=0.5, top_p=0.9)
+    assert lp.device.type == "meta" and lp.shape == (4, 3) and ent.dtype == torch.float32
+    h = torch.empty(12, 8, device="meta", dtype=torch.float64)
+    w = torch.empty(100, 8, device="meta", dtype=torch.float64)
+    lp = linear_token_logprobs(h, w, torch.empty(12, device="meta", dtype=torch.long))
+    assert lp.shape == (12,) and lp.dtype == torch.float64
+
+
+def test_real_tensors_inside_fake_tensor_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, t = _case()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        lp = token_logprobs(x, t)
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    assert isinstance(lp, FakeTensor) and lp.shape == t.shape
+
+
+def test_func_transforms_name_the_op_and_transform():
+    x, t = _case()
+    h, w = torch.randn(6, 4), torch.randn(50, 4)
+    for fn, op in [(lambda a: token_logprobs(a, t).sum(), "token_logprobs"),
+                   (lambda a: linear_token_logprobs(h, w, t.reshape(-1)).sum() + a.sum(), "linear_token_logprobs")]:
+        with pytest.raises(RuntimeError, match=f"rlkern {op}: the torch.func transform grad"):
+            torch.func.grad(fn)(x)
+    with pytest.raises(RuntimeError, match="rlkern token_logprobs: the torch.func transform vmap"):
+        torch.func.vmap(token_logprobs)(x, t)
+
+
+def test_eager_double_backward_names_the_op():
+    x, t = _case()
+    x.requires_grad_()
+    h, w = torch.randn(6, 4, requires_grad=True), torch.randn(50, 4, requires_grad=True)
+    lp, ent = token_logprobs(x, t, return_entropy=True)
+    (g,) = torch.autograd.grad(lp.sum() + ent.sum(), x, create_graph=True)
+    x_ref = x.detach().clone().requires_grad_()
+    lp_r, ent_r = token_logprobs(x_ref, t, return_entropy=True)
+    (lp_r.sum() + ent_r.sum()).backward()
+    assert torch.equal(g.detach(), x_ref.grad)  # create_graph does not change the first gradient
+    with pytest.raises(RuntimeError, match="rlkern::token_logprobs: double backward"):
+        g.sum().backward()
+    (gh,) = torch.autograd.grad(linear_token_logprobs(h, w, t.reshape(-1)).sum(), h, create_graph=True)
+    with pytest.raises(RuntimeError, match="rlkern::linear_token_logprobs: double backward"):
+        gh.sum().backward()
