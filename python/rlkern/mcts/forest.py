@@ -32,8 +32,13 @@ golden search trees. Where this Forest differs, on purpose:
   trees on the rlkern pool itself).
 
 NaN policy: a NaN or +inf prior logit on a legal action, a non-finite value, reward or
-discount, or a non-terminal node without any legal action raises ``ValueError`` before
-the forest changes. Legal logits that are all -inf give a uniform prior.
+discount, a leaf whose ``reward + discount * value`` would overflow float32 anywhere on
+its way up to the root, or a non-terminal node without any legal action raises
+``ValueError`` before the forest changes (``Config`` rejects non-finite options). Legal
+logits that are all -inf give a uniform prior. Finite values up to the float32 limit
+give finite statistics (means and rescalings that would overflow are evaluated in a
+safe form), and selection always returns an edge of the node it is at: should every
+score of a node compare false (NaN), its lowest legal action is taken.
 """
 
 from __future__ import annotations
