@@ -941,3 +941,142 @@ def test_tensor_subclasses_and_meta_tensors_rejected():
         forest.expand_backup(leaves, np.zeros((2, 2)), np.zeros(2), 0.0, 1.0, terminal=fake_value)
     forest.expand_backup(leaves, torch.zeros(2, 2), torch.zeros(2), 0.0, 1.0)
     del mode
+
+
+# -- to_play: games whose turns do not alternate (issue #17) -------------------------------
+
+class DoubleNim:
+    """Take 1 or 2 tokens; whoever takes the last one wins (+1 for the mover). Once per
+    game each player may instead pass (the turn changes, nothing is taken) or take one
+    token and move again (a double move). State: tokens, player, pass used[2], double
+    used[2]."""
+
+    A = 4  # take 1, take 2, pass, take 1 and move again
+
+    @staticmethod
+    def legal(s):
+        s = np.atleast_2d(s)
+        n, p = s[:, 0], s[:, 1]
+        rows = np.arange(len(s))
+        return np.stack([n >= 1, n >= 2, s[rows, 2 + p] == 0, (n >= 2) & (s[rows, 4 + p] == 0)], axis=1)
+
+    @staticmethod
+    def step(s, a):
+        s = np.array(s, copy=True)
+        rows = np.arange(len(s))
+        p = s[:, 1].copy()
+        take = np.select([a == 0, a == 1, a == 2, a == 3], [1, 2, 0, 1])
+        s[:, 0] -= take
+        s[rows[a == 2], 2 + p[a == 2]] = 1
+        s[rows[a == 3], 4 + p[a == 3]] = 1
+        s[:, 1] = np.where(a == 3, p, 1 - p)
+        terminal = s[:, 0] == 0
+        reward = terminal.astype(np.float32)  # the mover took the last token
+        return s, reward, terminal
+
+    @classmethod
+    def minimax(cls, s, memo):
+        """Value for the player to move, and each legal action's value for them."""
+        key = tuple(int(x) for x in s)
+        if key in memo:
+            return memo[key]
+        q = {}
+        for a in np.flatnonzero(cls.legal(s)[0]):
+            nxt, r, term = cls.step(s[None], np.array([a]))
+            if term[0]:
+                q[a] = float(r[0])
+            else:
+                v = cls.minimax(nxt[0], memo)[0]
+                q[a] = float(r[0]) + (v if nxt[0, 1] == s[1] else -v)
+        memo[key] = (max(q.values()), q)
+        return memo[key]
+
+
+def double_nim_search(states, S, config, to_play_mode=True):
+    B, A = len(states), DoubleNim.A
+    forest = mcts.Forest(B, A, S + 1, config)
+    boards = np.zeros((B, S + 1, states.shape[1]), np.int64)
+    boards[:, 0] = states
+    kw = dict(to_play=states[:, 1]) if to_play_mode else {}
+    forest.set_roots(np.zeros((B, A)), np.zeros(B), DoubleNim.legal(states), **kw)
+
+    def fn(leaves):
+        parent = boards[leaves.tree, leaves.parent]
+        nxt, reward, terminal = DoubleNim.step(parent, leaves.action)
+        boards[leaves.tree, leaves.node] = nxt
+        L = len(leaves)
+        legal = DoubleNim.legal(nxt)
+        legal[terminal] = False
+        if to_play_mode:
+            return mcts.Expansion(np.zeros((L, A)), np.zeros(L), reward, 1.0, legal, terminal, nxt[:, 1])
+        # the same game with hand-made signs: -1 where the mover changes
+        return mcts.Expansion(np.zeros((L, A)), np.zeros(L), reward,
+                              np.where(nxt[:, 1] == parent[:, 1], 1.0, -1.0), legal, terminal)
+
+    return forest, forest.search(fn, S)
+
+
+def double_nim_positions():
+    states = []
+    for n in range(1, 8):
+        for p in (0, 1):
+            for used in range(16):
+                states.append([n, p, used & 1, (used >> 1) & 1, (used >> 2) & 1, (used >> 3) & 1])
+    return np.array(states, np.int64)
+
+
+@pytest.mark.parametrize("algorithm", ["puct", "gumbel"])
+def test_to_play_equals_hand_made_discount_signs(algorithm):
+    states = double_nim_positions()
+    cfg = mcts.Config(algorithm=algorithm, seed=5)
+    f1, r1 = double_nim_search(states, 60, cfg, to_play_mode=True)
+    f2, r2 = double_nim_search(states, 60, cfg, to_play_mode=False)
+    t1, t2 = f1.export(), f2.export()
+    for k in t1:
+        np.testing.assert_array_equal(t1[k], t2[k], err_msg=k)
+    np.testing.assert_array_equal(r1.action, r2.action)
+
+
+def test_to_play_agrees_with_minimax_on_a_game_with_passes_and_double_moves():
+    states = double_nim_positions()
+    memo = {}
+    values = np.array([DoubleNim.minimax(s, memo)[0] for s in states])
+    assert {-1.0, 1.0} <= set(values)
+    forest, res = double_nim_search(states, 1500, mcts.Config(algorithm="puct", dirichlet_fraction=0.0))
+    assert (np.sign(res.root_value) == values).all()
+    # the most visited action is a minimax-optimal one
+    best = res.visit_counts.argmax(axis=1)
+    for s, a, v in zip(states, best, values):
+        assert DoubleNim.minimax(s, memo)[1][a] == v, (s, a)
+    # without the per-node mover (plain alternation, discount -1) the search gets it wrong
+    alternating = mcts.Forest(len(states), DoubleNim.A, 1501, mcts.Config(algorithm="puct", dirichlet_fraction=0.0))
+    boards = np.zeros((len(states), 1501, states.shape[1]), np.int64)
+    boards[:, 0] = states
+    alternating.set_roots(np.zeros((len(states), 4)), np.zeros(len(states)), DoubleNim.legal(states))
+
+    def fn(leaves):
+        nxt, reward, terminal = DoubleNim.step(boards[leaves.tree, leaves.parent], leaves.action)
+        boards[leaves.tree, leaves.node] = nxt
+        legal = DoubleNim.legal(nxt)
+        legal[terminal] = False
+        return mcts.Expansion(np.zeros((len(leaves), 4)), np.zeros(len(leaves)), reward, -1.0, legal, terminal)
+
+    wrong = alternating.search(fn, 1500)
+    assert (np.sign(wrong.root_value) != values).any()
+
+
+def test_to_play_survives_advance_and_is_required_once_on():
+    states = double_nim_positions()[:8]
+    cfg = mcts.Config(algorithm="puct", dirichlet_fraction=0.0)
+    forest, res = double_nim_search(states, 40, cfg)
+    before = forest._to_play.copy()
+    o2n = forest.advance(res.action)
+    b, old = np.nonzero(o2n >= 0)
+    np.testing.assert_array_equal(forest._to_play[b, o2n[b, old]], before[b, old])
+    with pytest.raises(ValueError, match="to_play is required"):
+        forest.set_roots(np.zeros((8, 4)), np.zeros(8), DoubleNim.legal(states))
+    plain = mcts.Forest(2, 4, 5)
+    plain.set_roots(np.zeros((2, 4)), np.zeros(2))
+    leaves = plain.select()
+    with pytest.raises(ValueError, match="not to set_roots"):
+        plain.expand_backup(leaves, np.zeros((2, 4)), np.zeros(2), 0.0, 1.0, to_play=np.zeros(2, int))

@@ -22,15 +22,23 @@ golden search trees. Where this Forest differs, on purpose:
   simulation stops at the node whose child it wanted to create and backs up that node's
   network value. Such a node then has more visits than 1 + its children's.
 * Two-player zero-sum games use ``discount = -1`` on every edge (mctx's convention):
-  every node's value is from the point of view of the player to move there. With an
-  explicit player to move, pass ``discount = -1`` where the mover changes and ``+1``
-  where the same player moves again.
+  every node's value is from the point of view of the player to move there. For games
+  whose turns do not alternate (a pass, a double move), give each node its player to
+  move instead (``to_play`` in ``set_roots`` and ``expand_backup``, or the ``to_play``
+  field of an ``Expansion``): the forest then flips the sign of an edge's discount where
+  the mover changes and keeps it where the same player moves again. Values stay from the
+  view of the node's mover and an edge's reward from the view of the player who moved.
 * A Forest is not thread-safe: call it from one Python thread at a time (it runs its
   trees on the rlkern pool itself).
 
 NaN policy: a NaN or +inf prior logit on a legal action, a non-finite value, reward or
-discount, or a non-terminal node without any legal action raises ``ValueError`` before
-the forest changes. Legal logits that are all -inf give a uniform prior.
+discount, a leaf whose ``reward + discount * value`` would overflow float32 anywhere on
+its way up to the root, or a non-terminal node without any legal action raises
+``ValueError`` before the forest changes (``Config`` rejects non-finite options). Legal
+logits that are all -inf give a uniform prior. Finite values up to the float32 limit
+give finite statistics (means and rescalings that would overflow are evaluated in a
+safe form), and selection always returns an edge of the node it is at: should every
+score of a node compare false (NaN), its lowest legal action is taken.
 """
 
 from __future__ import annotations
@@ -72,7 +80,8 @@ class Leaves:
 class Expansion(NamedTuple):
     """What a ``recurrent_fn`` returns for L leaves: ``prior_logits [L,A]``, ``value [L]``,
     ``reward [L]`` and ``discount [L]`` (scalars broadcast), optional ``legal_mask [L,A]``
-    and ``terminal [L]``."""
+    and ``terminal [L]``, and ``to_play [L]`` (the player to move at each new node) for a
+    forest whose roots were given a ``to_play``."""
 
     prior_logits: ArrayLike
     value: ArrayLike
@@ -80,6 +89,7 @@ class Expansion(NamedTuple):
     discount: ArrayLike
     legal_mask: Optional[ArrayLike] = None
     terminal: Optional[ArrayLike] = None
+    to_play: Optional[ArrayLike] = None
 
 
 @dataclass
@@ -194,6 +204,36 @@ class Forest:
             c.maxvisit_init, c.value_scale, c.rescale_values, c.use_mixed_value, c.temperature,
             0 if c.max_depth is None else c.max_depth, c.seed & 0xFFFFFFFFFFFFFFFF, c.num_threads)
         self._pending: Optional[Leaves] = None
+        self._to_play: Optional[np.ndarray] = None  # [B, max_nodes] player to move, in to_play mode
+
+    def _players(self, name: str, x, length: int) -> np.ndarray:
+        a = _numpy(name, x)
+        if a.dtype.kind not in "iub":
+            raise TypeError(f"{name} must hold integers (player ids), got dtype {a.dtype}")
+        if a.shape != (length,):
+            raise ValueError(f"{name} must have shape ({length},), got {a.shape}")
+        return a.astype(np.int64)
+
+    def _signed_discount(self, leaves: Leaves, discount, to_play):
+        """In to_play mode, the discount with its sign flipped where the mover changes."""
+        if self._to_play is None:
+            if to_play is not None:
+                raise ValueError("to_play given to expand_backup but not to set_roots: pass the roots' to_play too")
+            return discount
+        L = len(leaves)
+        if to_play is None:
+            raise ValueError("to_play is required: this forest's roots were given a player to move")
+        players = self._players("to_play", to_play, L)
+        same = players == self._to_play[leaves.tree, leaves.parent]
+        d = np.broadcast_to(_floats("discount", discount, L), (L,))
+        if d.shape != (L,):
+            raise ValueError(f"discount must have shape ({L},), got {d.shape}")
+        self._new_players = players
+        return np.where(same, d, -d).astype(np.float32)
+
+    def _record_players(self, leaves: Leaves) -> None:
+        if self._to_play is not None:
+            self._to_play[leaves.tree, leaves.node] = self._new_players
 
     # -- roots ---------------------------------------------------------------------------
     def plan(self, num_simulations: int) -> None:
@@ -202,19 +242,30 @@ class Forest:
         self._core.plan(_int("num_simulations", num_simulations, 0, INT32_MAX))
 
     def set_roots(self, prior_logits: ArrayLike, value: ArrayLike, legal_mask: Optional[ArrayLike] = None, *,
-                  rows: Optional[ArrayLike] = None, num_simulations: Optional[int] = None) -> None:
+                  rows: Optional[ArrayLike] = None, num_simulations: Optional[int] = None,
+                  to_play: Optional[ArrayLike] = None) -> None:
         """Starts a fresh tree per row: ``prior_logits [B,A]``, ``value [B]``, ``legal_mask
         [B,A]`` (default: all legal; every root needs at least one legal action).
-        ``rows [B]`` (bool) resets only those trees and leaves the others as they are."""
+        ``rows [B]`` (bool) resets only those trees and leaves the others as they are.
+        ``to_play [B]`` (integer player ids) turns on to_play mode for this forest: every
+        later expansion then says who moves at its node (see the module notes)."""
         B, A = self.batch_size, self.num_actions
         logits = _floats("prior_logits", prior_logits)
         values = _floats("value", value)
         legal = _mask("legal_mask", legal_mask)
         sel = _mask("rows", rows)
+        players = None if to_play is None else self._players("to_play", to_play, B)
+        if players is None and self._to_play is not None:
+            raise ValueError("to_play is required: this forest's roots were given a player to move before")
         if num_simulations is not None:
             self.plan(num_simulations)
         self._core.set_roots(logits, values, legal, sel)  # validates every row before any change
         self._pending = None
+        if players is not None:
+            if self._to_play is None:
+                self._to_play = np.zeros((B, self.max_nodes), np.int64)
+            keep = np.ones(B, bool) if sel is None else sel.astype(bool)
+            self._to_play[keep, 0] = players[keep]
 
     # -- one simulation step -------------------------------------------------------------
     def select(self) -> Leaves:
@@ -231,7 +282,7 @@ class Forest:
 
     def expand_backup(self, leaves: Leaves, prior_logits: ArrayLike, value: ArrayLike, reward: ArrayLike,
                       discount: ArrayLike, legal_mask: Optional[ArrayLike] = None,
-                      terminal: Optional[ArrayLike] = None) -> None:
+                      terminal: Optional[ArrayLike] = None, to_play: Optional[ArrayLike] = None) -> None:
         """Creates the nodes of ``leaves`` (row i of every input belongs to leaf i) and backs
         their values up to the roots: ``leaf_value = reward + discount * leaf_value``."""
         if leaves is not self._pending:
@@ -239,9 +290,11 @@ class Forest:
                 return
             raise ValueError("leaves must be the object returned by the last select()")
         L = len(leaves)
+        discount = self._signed_discount(leaves, discount, to_play)
         self._core.expand_backup(_floats("prior_logits", prior_logits), _row_floats("value", value, L),
                                  _row_floats("reward", reward, L), _row_floats("discount", discount, L),
                                  _mask("legal_mask", legal_mask), _mask("terminal", terminal))
+        self._record_players(leaves)
         self._pending = None
 
     # -- whole searches ------------------------------------------------------------------
@@ -277,17 +330,21 @@ class Forest:
             leaves = self._pending = Leaves(buf[0, :L], buf[1, :L], buf[2, :L], buf[3, :L])
             out = recurrent_fn(leaves)
             if type(out) is Expansion:
-                logits, value, reward, discount, legal, terminal = out
-            elif isinstance(out, tuple) and len(out) in (4, 5, 6):
+                logits, value, reward, discount, legal, terminal, to_play = out
+            elif isinstance(out, tuple) and len(out) in (4, 5, 6, 7):
                 logits, value, reward, discount = out[:4]
                 legal = out[4] if len(out) > 4 else None
                 terminal = out[5] if len(out) > 5 else None
+                to_play = out[6] if len(out) > 6 else None
             else:
                 raise TypeError("recurrent_fn must return an Expansion or (prior_logits, value, reward, discount)")
+            if to_play is not None or self._to_play is not None:
+                discount = self._signed_discount(leaves, discount, to_play)
             expand(_floats("prior_logits", logits), _row_floats("value", value, L),
                    _row_floats("reward", reward, L), _row_floats("discount", discount, L),
                    None if legal is None else _mask("legal_mask", legal),
                    None if terminal is None else _mask("terminal", terminal))
+            self._record_players(leaves)
             self._pending = None
 
     def discard_pending(self) -> None:
@@ -324,6 +381,11 @@ class Forest:
                              "(negative values leave a tree unchanged)")
         old_to_new = self._core.advance(np.ascontiguousarray(a, dtype=np.int64))
         self._pending = None
+        if self._to_play is not None:
+            moved = np.zeros_like(self._to_play)
+            b, old = np.nonzero(old_to_new >= 0)
+            moved[b, old_to_new[b, old]] = self._to_play[b, old]
+            self._to_play = moved
         return old_to_new
 
     def export(self) -> dict:
