@@ -99,7 +99,12 @@ def _route(device: torch.device, traced: bool, *floats: Optional[torch.Tensor]) 
 
 
 def _traced(*tensors: Optional[torch.Tensor]) -> bool:
-    return torch.compiler.is_compiling() or any(_fake(t) for t in tensors)
+    if torch.compiler.is_compiling():
+        return True
+    for t in tensors:
+        if _fake(t):
+            return True
+    return False
 
 
 def _no_out_when_traced(out, traced: bool) -> None:
