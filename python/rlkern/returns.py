@@ -12,6 +12,15 @@ functions of ``csrc/include/rlkern/returns.h``. The results are constants for au
 require grad, the differentiable reference computes the result instead, so gradients
 are right, only slower.
 
+Under ``torch.compile`` / ``torch.export`` and on FakeTensor or meta inputs, each op runs
+as a ``torch.library`` custom op (``rlkern::gae``, ``rlkern::discounted_returns``,
+``rlkern::lambda_returns``, ``rlkern::masked_gae``, ``rlkern::group_advantages``) whose
+fake implementation gives the output shapes, so traced graphs hold no graph break; eager
+calls on plain tensors launch the kernels directly (custom-op dispatch would cost small
+calls a few microseconds). ``out=`` is eager-only: under tracing it raises a
+RuntimeError. DTensor and other tensor subclasses are refused with a TypeError naming
+the argument.
+
 NaN and inf: a value behind an episode boundary (after a done, or at a masked token)
 never reaches the result; any other non-finite input propagates as IEEE arithmetic does.
 A zero coefficient on the carry (``gamma == 0`` in ``discounted_returns``, ``gamma * lam
