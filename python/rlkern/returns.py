@@ -12,6 +12,15 @@ functions of ``csrc/include/rlkern/returns.h``. The results are constants for au
 require grad, the differentiable reference computes the result instead, so gradients
 are right, only slower.
 
+Under ``torch.compile`` / ``torch.export`` and on FakeTensor or meta inputs, each op runs
+as a ``torch.library`` custom op (``rlkern::gae``, ``rlkern::discounted_returns``,
+``rlkern::lambda_returns``, ``rlkern::masked_gae``, ``rlkern::group_advantages``) whose
+fake implementation gives the output shapes, so traced graphs hold no graph break; eager
+calls on plain tensors launch the kernels directly (custom-op dispatch would cost small
+calls a few microseconds). ``out=`` is eager-only: under tracing it raises a
+RuntimeError. DTensor and other tensor subclasses are refused with a TypeError naming
+the argument.
+
 NaN and inf: a value behind an episode boundary (after a done, or at a masked token)
 never reaches the result; any other non-finite input propagates as IEEE arithmetic does.
 A zero coefficient on the carry (``gamma == 0`` in ``discounted_returns``, ``gamma * lam
@@ -34,7 +43,7 @@ __all__ = ["discounted_returns", "gae", "lambda_returns", "masked_gae", "group_a
 
 
 def _as_rows(name: str, t: torch.Tensor) -> torch.Tensor:
-    _validate.tensor(name, t, ndim=(1, 2), floating=True)
+    _validate.tensor(name, t, ndim=(1, 2), floating=True, allow_fake=True)
     return t.unsqueeze(0) if t.dim() == 1 else t
 
 
@@ -48,13 +57,13 @@ def _row_of(t, one_d: bool):
 
 
 def _floats(name: str, t: torch.Tensor, shape) -> torch.Tensor:
-    _validate.tensor(name, t, floating=True)
+    _validate.tensor(name, t, floating=True, allow_fake=True)
     _validate.same_shape(name, t, shape, "rewards")
     return t
 
 
 def _flags(name: str, t, shape) -> torch.Tensor:
-    _validate.mask(name, t, shape)
+    _validate.mask(name, t, shape, allow_fake=True)
     return t if t.dtype == torch.bool else t != 0
 
 
@@ -78,6 +87,128 @@ def _scan_backend(device: torch.device) -> str:
     if backend == "triton":
         backend = "cuda" if device.type == "cuda" else "cpu"
     return backend
+
+
+def _fake(t: Optional[torch.Tensor]) -> bool:
+    """A tensor without data (meta, or a FakeTensor). Plain tensors answer in two
+    attribute reads: this runs on every eager call."""
+    return t is not None and (t.is_meta or (type(t) is not torch.Tensor and _validate.is_fake(t)))
+
+
+def _route(device: torch.device, traced: bool, *floats: Optional[torch.Tensor]) -> str:
+    """How a call runs: "reference" (the differentiable torch ops: a forced reference
+    backend, or an input that requires grad), "op" (the rlkern:: custom op: under
+    torch.compile/export, or on FakeTensor/meta inputs, whose fake implementation gives
+    the shapes), else the backend whose kernel the eager call launches directly (the
+    custom op's dispatch costs microseconds that small calls would notice)."""
+    backend = "op" if device.type == "meta" else _scan_backend(device)
+    if backend == "reference" or _needs_reference("", *floats):
+        return "reference"
+    return "op" if traced else backend
+
+
+def _traced(*tensors: Optional[torch.Tensor]) -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    for t in tensors:
+        if _fake(t):
+            return True
+    return False
+
+
+def _no_out_when_traced(out, traced: bool) -> None:
+    if out is not None and traced:
+        raise RuntimeError("out= is eager-only: under torch.compile/torch.export, or on FakeTensor/meta inputs, "
+                           "call without out= and use the returned tensors (the custom ops do not write into "
+                           "caller buffers)")
+
+
+def _result_dtype_of(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _empty(rewards: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return rewards.new_empty(rewards.shape, dtype=dtype)
+
+
+# --- custom ops: the way in under torch.compile, torch.export, FakeTensor and meta ---------
+#
+# Each takes validated [B, T] rows (bool flags, bootstrap [B]) and returns fresh tensors.
+# The results are constants for autograd, as in eager: the public functions send an input
+# that requires grad to the differentiable reference before any op, and an op called
+# directly marks its outputs non-differentiable (_constant_outputs). The fake
+# implementations give the output shapes and dtypes without touching data.
+
+
+def _constant_outputs(ctx, inputs, output):
+    outs = output if isinstance(output, tuple) else (output,)
+    ctx.mark_non_differentiable(*outs)
+
+
+def _no_gradient(ctx, *grads):
+    raise RuntimeError("rlkern's return ops have no gradient (their outputs are constants); unreachable")
+
+@torch.library.custom_op("rlkern::discounted_returns", mutates_args=())
+def _discounted_op(rewards: torch.Tensor, dones: torch.Tensor, gamma: float,
+                   bootstrap: Optional[torch.Tensor]) -> torch.Tensor:
+    B, T = rewards.shape
+    (out,) = _run_scan("discounted_returns", _scan_backend(rewards.device), (rewards, None, None, bootstrap),
+                       (dones, None), gamma, 0.0, B, T, 1)
+    return out
+
+
+@_discounted_op.register_fake
+def _(rewards, dones, gamma, bootstrap):
+    return _empty(rewards, _result_dtype_of(rewards, bootstrap))
+
+
+@torch.library.custom_op("rlkern::gae", mutates_args=())
+def _gae_op(rewards: torch.Tensor, values: torch.Tensor, terminated: torch.Tensor, gamma: float, lam: float,
+            next_values: Optional[torch.Tensor], truncated: Optional[torch.Tensor],
+            bootstrap_value: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    B, T = rewards.shape
+    adv, ret = _run_scan("gae", _scan_backend(rewards.device), (rewards, values, next_values, bootstrap_value),
+                         (terminated, truncated), gamma, lam, B, T, 2)
+    return adv, ret
+
+
+@_gae_op.register_fake
+def _(rewards, values, terminated, gamma, lam, next_values, truncated, bootstrap_value):
+    dt = _result_dtype_of(rewards, values, next_values, bootstrap_value)
+    return _empty(rewards, dt), _empty(rewards, dt)
+
+
+@torch.library.custom_op("rlkern::lambda_returns", mutates_args=())
+def _lambda_op(rewards: torch.Tensor, next_values: torch.Tensor, terminated: torch.Tensor, gamma: float, lam: float,
+               truncated: Optional[torch.Tensor]) -> torch.Tensor:
+    B, T = rewards.shape
+    (out,) = _run_scan("lambda_returns", _scan_backend(rewards.device), (rewards, None, next_values, None),
+                       (terminated, truncated), gamma, lam, B, T, 1)
+    return out
+
+
+@_lambda_op.register_fake
+def _(rewards, next_values, terminated, gamma, lam, truncated):
+    return _empty(rewards, _result_dtype_of(rewards, next_values))
+
+
+@torch.library.custom_op("rlkern::masked_gae", mutates_args=())
+def _masked_gae_op(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+                   lam: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    B, T = token_rewards.shape
+    adv, ret = _run_scan("masked_gae", _scan_backend(token_rewards.device), (token_rewards, values, None, None),
+                         (mask, None), gamma, lam, B, T, 2)
+    return adv, ret
+
+
+@_masked_gae_op.register_fake
+def _(token_rewards, values, mask, gamma, lam):
+    dt = _result_dtype_of(token_rewards, values)
+    return _empty(token_rewards, dt), _empty(token_rewards, dt)
+
+
+for _op in (_discounted_op, _gae_op, _lambda_op, _masked_gae_op):
+    _op.register_autograd(_no_gradient, setup_context=_constant_outputs)
 
 
 def _run_scan(name: str, backend: str, floats: Tuple[Optional[torch.Tensor], ...],
@@ -182,7 +313,7 @@ def _write(out: Optional[Tuple[torch.Tensor, ...]], *results: torch.Tensor) -> T
 def _bootstrap(name: str, t: Optional[torch.Tensor], B: int) -> Optional[torch.Tensor]:
     if t is None:
         return None
-    _validate.tensor(name, t, floating=True)
+    _validate.tensor(name, t, floating=True, allow_fake=True)
     if t.dim() == 0:
         t = t.expand(B)
     _validate.same_shape(name, t, (B,))
@@ -221,9 +352,14 @@ def discounted_returns(rewards: torch.Tensor, dones: torch.Tensor, gamma: float,
     gamma = _validate.unit_interval("gamma", gamma)
     _validate.same_device(rewards=r, dones=d, bootstrap=boot)
     dt = _result_dtype(r, boot)
+    traced = _traced(r, d, boot)
+    _no_out_when_traced(out, traced)
+    route = _route(r.device, traced, r, boot)
+    if route == "op":
+        return _unrow(_discounted_op(r, d, gamma, boot), one_d)
     bufs = _out_buffers(out, 1, one_d, r.shape, dt, r.device, (r, d, boot))
-    backend = _scan_backend(r.device)
-    if _needs_reference(backend, r, boot):
+    backend = route
+    if route == "reference":
         (result,) = _write(bufs, _ref.discounted_returns(r.to(dt), d, gamma, boot.to(dt) if boot is not None else None))
     else:
         (result,) = _run_scan("discounted_returns", backend, (r, None, None, boot), (d, None),
@@ -270,9 +406,15 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, terminated: torch.Tensor, g
     lam = _validate.unit_interval("lam", lam)
     _validate.same_device(rewards=r, values=v, terminated=term, truncated=trunc, next_values=nv, bootstrap_value=boot)
     dt = _result_dtype(r, v, nv, boot)
+    traced = _traced(r, v, term, trunc, nv, boot)
+    _no_out_when_traced(out, traced)
+    route = _route(r.device, traced, r, v, nv, boot)
+    if route == "op":
+        adv, ret = _gae_op(r, v, term, gamma, lam, nv, trunc, boot)
+        return _unrow(adv, one_d), _unrow(ret, one_d)
     bufs = _out_buffers(out, 2, one_d, r.shape, dt, r.device, (r, v, term, trunc, nv, boot))
-    backend = _scan_backend(r.device)
-    if _needs_reference(backend, r, v, nv, boot):
+    backend = route
+    if route == "reference":
         cast = (lambda x: x.to(dt) if x is not None else None)
         adv, ret = _write(bufs, *_ref.gae(cast(r), cast(v), term, gamma, lam, next_values=cast(nv), truncated=trunc,
                                           bootstrap_value=cast(boot)))
@@ -308,9 +450,14 @@ def lambda_returns(rewards: torch.Tensor, next_values: torch.Tensor, terminated:
     lam = _validate.unit_interval("lam", lam)
     _validate.same_device(rewards=r, next_values=nv, terminated=term, truncated=trunc)
     dt = _result_dtype(r, nv)
+    traced = _traced(r, nv, term, trunc)
+    _no_out_when_traced(out, traced)
+    route = _route(r.device, traced, r, nv)
+    if route == "op":
+        return _unrow(_lambda_op(r, nv, term, gamma, lam, trunc), one_d)
     bufs = _out_buffers(out, 1, one_d, r.shape, dt, r.device, (r, nv, term, trunc))
-    backend = _scan_backend(r.device)
-    if _needs_reference(backend, r, nv):
+    backend = route
+    if route == "reference":
         (result,) = _write(bufs, _ref.lambda_returns(r.to(dt), nv.to(dt), term, gamma, lam, truncated=trunc))
     else:
         (result,) = _run_scan("lambda_returns", backend, (r, None, nv, None), (term, trunc), gamma, lam, B, T, 1, bufs)
@@ -340,16 +487,22 @@ def masked_gae(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Te
     r = _as_rows("token_rewards", token_rewards)
     B, T = r.shape
     v = _row_of(values, one_d)
-    _validate.tensor("values", v, floating=True)
+    _validate.tensor("values", v, floating=True, allow_fake=True)
     _validate.same_shape("values", v, r.shape, "token_rewards")
     m = _flags("mask", _row_of(mask, one_d), r.shape)
     gamma = _validate.unit_interval("gamma", gamma)
     lam = _validate.unit_interval("lam", lam)
     _validate.same_device(token_rewards=r, values=v, mask=m)
     dt = _result_dtype(r, v)
+    traced = _traced(r, v, m)
+    _no_out_when_traced(out, traced)
+    route = _route(r.device, traced, r, v)
+    if route == "op":
+        adv, ret = _masked_gae_op(r, v, m, gamma, lam)
+        return _unrow(adv, one_d), _unrow(ret, one_d)
     bufs = _out_buffers(out, 2, one_d, r.shape, dt, r.device, (r, v, m))
-    backend = _scan_backend(r.device)
-    if _needs_reference(backend, r, v):
+    backend = route
+    if route == "reference":
         adv, ret = _write(bufs, *_ref.masked_gae(r.to(dt), v.to(dt), m, gamma, lam))
     else:
         adv, ret = _run_scan("masked_gae", backend, (r, v, None, None), (m, None), gamma, lam,
@@ -357,6 +510,18 @@ def masked_gae(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Te
     if out is not None:
         return tuple(out)
     return _unrow(adv, one_d), _unrow(ret, one_d)
+
+
+def _non_negative(name: str, value) -> float:
+    """_validate.positive(allow_zero=True) without math.isnan, which dynamo cannot trace
+    on a float it keeps symbolic (dynamic=True): NaN fails ``v >= 0`` as well."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {value!r}") from None
+    if not v >= 0:
+        raise ValueError(f"{name} must be >= 0, got {v}")
+    return v
 
 
 _ESTIMATORS = {"grpo": 0, "rloo": 1}
@@ -387,7 +552,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, estimator: str =
     1e38 would overflow a float32 sum); the result is float32, or float64 for float64
     rewards.
     """
-    _validate.tensor("rewards", rewards, floating=True)
+    _validate.tensor("rewards", rewards, floating=True, allow_fake=True)
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D [groups * group_size], got shape {tuple(rewards.shape)}")
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
@@ -400,18 +565,43 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, estimator: str =
     _validate.choice("scale", scale, tuple(_SCALES))
     if estimator == "rloo" and group_size < 2:
         raise ValueError("group_size must be at least 2 for estimator='rloo' (the mean of the others)")
-    eps = _validate.positive("eps", eps, allow_zero=True)
-    backend = _backend.select(rewards.device, gpu="cuda")
+    eps = _non_negative("eps", eps)
+    traced = torch.compiler.is_compiling() or _fake(rewards)
+    on_cpu = rewards.device.type in ("cpu", "meta")
+    backend = _backend.select(rewards.device, gpu="cuda") if rewards.device.type != "meta" else "cpu"
     result = torch.float64 if rewards.dtype == torch.float64 else torch.float32
-    if backend == "reference" or rewards.device.type != "cpu" or _needs_reference(backend, rewards):
+    if traced and on_cpu and not (backend == "reference" or _needs_reference(backend, rewards)):
+        return _group_advantages_op(rewards, group_size, estimator, scale, eps)
+    if backend == "reference" or not on_cpu or _needs_reference(backend, rewards):
         # On the GPU this is a handful of fused reductions over [groups, group_size]:
         # torch's own kernels are already bandwidth-bound there. In float64 whatever the
         # input, as the CPU kernel: float32 sums of rewards near 1e38 overflow.
         return _ref.group_advantages(rewards.to(torch.float64), group_size, estimator=estimator, scale=scale,
                                      eps=eps).to(result)
+    return _group_advantages_cpu(rewards, group_size, estimator, scale, eps)
+
+
+def _group_advantages_cpu(rewards: torch.Tensor, group_size: int, estimator: str, scale: str,
+                          eps: float) -> torch.Tensor:
     r = rewards.contiguous()
+    N = r.shape[0]
     batch_std = float(r.double().std()) if scale == "batch" and N > 1 else (1.0 if scale == "batch" else 0.0)
-    out = torch.empty(N, dtype=result)
+    out = torch.empty(N, dtype=torch.float64 if r.dtype == torch.float64 else torch.float32)
     core().returns.group_advantages(DTYPE_CODES[r.dtype], N // group_size, group_size, ptr(r),
                                     _ESTIMATORS[estimator], _SCALES[scale], eps, batch_std, ptr(out))
     return out
+
+
+@torch.library.custom_op("rlkern::group_advantages", mutates_args=())
+def _group_advantages_op(rewards: torch.Tensor, group_size: int, estimator: str, scale: str,
+                         eps: float) -> torch.Tensor:
+    """Validated CPU rewards [N] (the public function keeps CUDA tensors on torch ops)."""
+    return _group_advantages_cpu(rewards, group_size, estimator, scale, eps)
+
+
+@_group_advantages_op.register_fake
+def _(rewards, group_size, estimator, scale, eps):
+    return rewards.new_empty(rewards.shape, dtype=torch.float64 if rewards.dtype == torch.float64 else torch.float32)
+
+
+_group_advantages_op.register_autograd(_no_gradient, setup_context=_constant_outputs)
