@@ -136,11 +136,13 @@ RLK_LOSS_INLINE TokenTerms<A> token_terms(const RowConst<A>& c, A lp, A o, A a, 
   const A rc = r < c.clip_lo ? c.clip_lo : (r > c.clip_hi ? c.clip_hi : r);
   const A drc = ((r < c.clip_lo) | (r > c.clip_hi)) ? zero : one;
   const A u = -a * r1, v = -a * rc, du = -a * dr1, dv = -a * drc;
-  A s = u > v ? u : v;
+  // max and min that keep NaN as torch.maximum/minimum do (u alone is NaN when A = 0 and
+  // r = inf).
+  A s = ((u > v) | (u != u)) ? u : v;
   A ds = u > v ? du : (u < v ? dv : half * (du + dv));
   const bool dual_on = c.has_dual & (a < zero);
   const A bound = -a * c.dual;
-  const A s_d = s < bound ? s : bound;
+  const A s_d = s > bound ? bound : s;
   const A ds_d = s < bound ? ds : (s > bound ? zero : half * ds);
   const A dual_hit = (dual_on & (s > bound)) ? one : zero;
   s = dual_on ? s_d : s;
@@ -459,12 +461,12 @@ RLK_LOSS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& c,
       du = r > c.cap ? zero : du;
     }
     const vf v = -a * rc, dv = -a * drc;
-    vf s = u > v ? u : v;
+    vf s = ((u > v) | (u != u)) ? u : v;  // NaN-keeping max and min, as in token_terms
     vf ds = u > v ? du : (u < v ? dv : half * (du + dv));
     if (c.has_dual_clip) {
       const vi dual_on = a < zero;
       const vf bound = -a * c.dual;
-      const vf s_d = s < bound ? s : bound;
+      const vf s_d = s > bound ? bound : s;
       const vf ds_d = s < bound ? ds : (s > bound ? zero : half * ds);
       dual_hit = (dual_on & (s > bound)) ? one : zero;
       s = dual_on ? s_d : s;

@@ -113,13 +113,13 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD_SCAL
         v = -a * rc
         du = -a * dr1
         dv = -a * drc
-        s = tl.where(u > v, u, v)
+        s = tl.where((u > v) | (u != u), u, v)  # max and min that keep NaN, as torch's
         ds = tl.where(u > v, du, tl.where(u < v, dv, 0.5 * (du + dv)))
         dual_on = (has_dual != 0) & (a < 0.0)
         bound = -a * dual
         dual_hit = dual_on & (s > bound)
         ds = tl.where(dual_on, tl.where(s < bound, ds, tl.where(s > bound, 0.0, 0.5 * ds)), ds)
-        s = tl.where(dual_on, tl.where(s < bound, s, bound), s)
+        s = tl.where(dual_on, tl.where(s > bound, bound, s), s)
         if OBJECTIVE == 0:
             pg = s
             dr = ds
