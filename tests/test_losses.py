@@ -898,3 +898,21 @@ def test_ppo_max_and_dual_clip_keep_nan(backend, case):
     out, _ = run(backend, args, opts)
     expected, _ = reference_of(args, opts)
     assert torch.isnan(expected.loss) and torch.isnan(out.loss)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("objective", ["reinforce", "cispo"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_ratio_free_objectives_ignore_a_nan_ratio_in_the_gradient(backend, objective, level):
+    """Found by the property tests: REINFORCE never evaluates r = exp(logp - old) into its
+    loss, so a NaN old log-prob must not make its gradient NaN (0 * NaN)."""
+    batch = make_batch(2, 5, seed=47, nan_masked=False)
+    batch["mask"][:] = True
+    batch["old"][0, 1] = float("nan")
+    args, opts = build(batch, (), dict(objective=objective, level=level), dtype=torch.float32)
+    out, grads = run(backend, args, opts)
+    expected, expected_grads = reference_of(args, opts)
+    assert torch.isnan(out.loss) == torch.isnan(expected.loss)
+    if objective == "reinforce":
+        assert torch.isfinite(out.loss)
+        assert_close(grads[0], expected_grads[0], GRAD_TOL)

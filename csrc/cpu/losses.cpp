@@ -190,7 +190,10 @@ RLK_LOSS_INLINE TokenTerms<A> token_terms(const RowConst<A>& c, A lp, A o, A a, 
   if (EXTRA) l -= c.use_ent ? c.ent_coef * h : zero;
   TokenTerms<A> out;
   out.loss = l;
-  out.grad = SEQ ? direct : direct + dr * r * dx;
+  // The ratio's derivative only where the ratio enters the loss: REINFORCE and CISPO never
+  // evaluate r into it, so a NaN or infinite r (from old_logp) must not reach their gradient.
+  const bool uses_ratio = is_clip | (c.use_kl & c.kl_corr);
+  out.grad = SEQ ? direct : (uses_ratio ? direct + dr * r * dx : direct);
   out.dseq = SEQ ? dr : zero;
   out.ratio = r;
   out.kl = kl;
@@ -532,7 +535,8 @@ RLK_LOSS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& c,
     }
   }
   if (EXTRA && c.use_ent_term) l -= c.ent_coef * h;
-  const vf g = SEQ ? direct : direct + dr * r * dx;
+  // As in token_terms: the ratio's derivative only where the ratio enters the loss.
+  const vf g = SEQ ? direct : ((c.clip_objective || (c.use_kl_term && c.kl_correction)) ? direct + dr * r * dx : direct);
   vstore(in.grad, i, m ? c.grad_w * g : zero);
   L.n += m ? one : zero;
   L.loss += m ? c.row_w * l : zero;
@@ -708,7 +712,7 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
       acc[kRatioSum] = n * double(tt.ratio);
       acc[kApproxKlSum] = -sum_lr;
       acc[kDualClip] = n * double(tt.dual_hit);
-      const A gval = c.grad_w * (tt.grad + tt.dseq * c.seq_ratio * c.seq_dx);
+      const A gval = c.grad_w * (p.objective == kClip ? tt.grad + tt.dseq * c.seq_ratio * c.seq_dx : tt.grad);
       T* g = in.grad + base;
       int64_t t = 0;
 #ifdef RLK_POLICY_SIMD
@@ -759,7 +763,7 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
         dseq += L.dseq[j];
       }
     }
-    if (SEQ && acc[kActive] > 0) {
+    if (SEQ && acc[kActive] > 0 && (p.objective == kClip || (p.kl_coef != 0.0 && p.kl_correction && KL != 0))) {
       // r = exp(mean_t (lp_t - old_t)): dr/dlp_t = r / n for every active token.
       const A add = A(dseq) * c.seq_ratio * c.seq_dx / A(acc[kActive]);
       T* g = in.grad + base;
