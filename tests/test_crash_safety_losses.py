@@ -32,7 +32,9 @@ def expect(exc, word, fn):
         assert exc is not None and isinstance(e, exc), f"case {CASES}: unexpected {type(e).__name__}: {e}"
         assert word in str(e), f"case {CASES}: {word!r} not in {e}"
         return None
-    assert exc is None, f"case {CASES}: expected {exc.__name__}, got a result"
+    # A tuple means "this error or a result": ops that have a fake implementation return
+    # shapes under FakeTensorMode, the others refuse the subclass with a TypeError.
+    assert exc is None or isinstance(exc, tuple), f"case {CASES}: expected {exc.__name__}, got a result"
     return out
 
 class Sub(torch.Tensor):
