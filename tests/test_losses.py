@@ -877,3 +877,42 @@ def test_aggregation_equals_verl_agg_loss(agg):
         out, _ = run(backend, args, opts)
         # verl divides seq-mean-token-mean by n_i + 1e-8: a relative 1e-8 at most.
         assert_close(out.loss, want, 1e-7)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", ["nan_logp_dual_clip", "zero_adv_infinite_ratio"])
+def test_ppo_max_and_dual_clip_keep_nan(backend, case):
+    """Found by tests/test_property_losses.py: the dual-clip min took the bound for a NaN
+    surrogate, and the PPO max dropped -A r = NaN when A = 0 and r = inf; torch keeps NaN."""
+    batch = make_batch(2, 4, seed=46, nan_masked=False)
+    batch["mask"][:] = True
+    if case == "nan_logp_dual_clip":
+        batch["adv"][:] = -0.6
+        batch["logp"][0, 1] = float("nan")
+        options = dict(clip_low=0.0, dual_clip=1.5)
+    else:
+        batch["adv"][0] = 0.0
+        batch["old"][0, 1] = batch["logp"][0, 1] - 1000.0  # r = inf in float64 too
+        options = dict()
+    args, opts = build(batch, (), options, dtype=torch.float32)
+    out, _ = run(backend, args, opts)
+    expected, _ = reference_of(args, opts)
+    assert torch.isnan(expected.loss) and torch.isnan(out.loss)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("objective", ["reinforce", "cispo"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_ratio_free_objectives_ignore_a_nan_ratio_in_the_gradient(backend, objective, level):
+    """Found by the property tests: REINFORCE never evaluates r = exp(logp - old) into its
+    loss, so a NaN old log-prob must not make its gradient NaN (0 * NaN)."""
+    batch = make_batch(2, 5, seed=47, nan_masked=False)
+    batch["mask"][:] = True
+    batch["old"][0, 1] = float("nan")
+    args, opts = build(batch, (), dict(objective=objective, level=level), dtype=torch.float32)
+    out, grads = run(backend, args, opts)
+    expected, expected_grads = reference_of(args, opts)
+    assert torch.isnan(out.loss) == torch.isnan(expected.loss)
+    if objective == "reinforce":
+        assert torch.isfinite(out.loss)
+        assert_close(grads[0], expected_grads[0], GRAD_TOL)

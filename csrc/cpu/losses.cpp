@@ -136,11 +136,13 @@ RLK_LOSS_INLINE TokenTerms<A> token_terms(const RowConst<A>& c, A lp, A o, A a, 
   const A rc = r < c.clip_lo ? c.clip_lo : (r > c.clip_hi ? c.clip_hi : r);
   const A drc = ((r < c.clip_lo) | (r > c.clip_hi)) ? zero : one;
   const A u = -a * r1, v = -a * rc, du = -a * dr1, dv = -a * drc;
-  A s = u > v ? u : v;
+  // max and min that keep NaN as torch.maximum/minimum do (u alone is NaN when A = 0 and
+  // r = inf).
+  A s = ((u > v) | (u != u)) ? u : v;
   A ds = u > v ? du : (u < v ? dv : half * (du + dv));
   const bool dual_on = c.has_dual & (a < zero);
   const A bound = -a * c.dual;
-  const A s_d = s < bound ? s : bound;
+  const A s_d = s > bound ? bound : s;
   const A ds_d = s < bound ? ds : (s > bound ? zero : half * ds);
   const A dual_hit = (dual_on & (s > bound)) ? one : zero;
   s = dual_on ? s_d : s;
@@ -188,7 +190,10 @@ RLK_LOSS_INLINE TokenTerms<A> token_terms(const RowConst<A>& c, A lp, A o, A a, 
   if (EXTRA) l -= c.use_ent ? c.ent_coef * h : zero;
   TokenTerms<A> out;
   out.loss = l;
-  out.grad = SEQ ? direct : direct + dr * r * dx;
+  // The ratio's derivative only where the ratio enters the loss: REINFORCE and CISPO never
+  // evaluate r into it, so a NaN or infinite r (from old_logp) must not reach their gradient.
+  const bool uses_ratio = is_clip | (c.use_kl & c.kl_corr);
+  out.grad = SEQ ? direct : (uses_ratio ? direct + dr * r * dx : direct);
   out.dseq = SEQ ? dr : zero;
   out.ratio = r;
   out.kl = kl;
@@ -459,12 +464,12 @@ RLK_LOSS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& c,
       du = r > c.cap ? zero : du;
     }
     const vf v = -a * rc, dv = -a * drc;
-    vf s = u > v ? u : v;
+    vf s = ((u > v) | (u != u)) ? u : v;  // NaN-keeping max and min, as in token_terms
     vf ds = u > v ? du : (u < v ? dv : half * (du + dv));
     if (c.has_dual_clip) {
       const vi dual_on = a < zero;
       const vf bound = -a * c.dual;
-      const vf s_d = s < bound ? s : bound;
+      const vf s_d = s > bound ? bound : s;
       const vf ds_d = s < bound ? ds : (s > bound ? zero : half * ds);
       dual_hit = (dual_on & (s > bound)) ? one : zero;
       s = dual_on ? s_d : s;
@@ -530,7 +535,8 @@ RLK_LOSS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& c,
     }
   }
   if (EXTRA && c.use_ent_term) l -= c.ent_coef * h;
-  const vf g = SEQ ? direct : direct + dr * r * dx;
+  // As in token_terms: the ratio's derivative only where the ratio enters the loss.
+  const vf g = SEQ ? direct : ((c.clip_objective || (c.use_kl_term && c.kl_correction)) ? direct + dr * r * dx : direct);
   vstore(in.grad, i, m ? c.grad_w * g : zero);
   L.n += m ? one : zero;
   L.loss += m ? c.row_w * l : zero;
@@ -706,7 +712,7 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
       acc[kRatioSum] = n * double(tt.ratio);
       acc[kApproxKlSum] = -sum_lr;
       acc[kDualClip] = n * double(tt.dual_hit);
-      const A gval = c.grad_w * (tt.grad + tt.dseq * c.seq_ratio * c.seq_dx);
+      const A gval = c.grad_w * (p.objective == kClip ? tt.grad + tt.dseq * c.seq_ratio * c.seq_dx : tt.grad);
       T* g = in.grad + base;
       int64_t t = 0;
 #ifdef RLK_POLICY_SIMD
@@ -757,7 +763,7 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
         dseq += L.dseq[j];
       }
     }
-    if (SEQ && acc[kActive] > 0) {
+    if (SEQ && acc[kActive] > 0 && (p.objective == kClip || (p.kl_coef != 0.0 && p.kl_correction && KL != 0))) {
       // r = exp(mean_t (lp_t - old_t)): dr/dlp_t = r / n for every active token.
       const A add = A(dseq) * c.seq_ratio * c.seq_dx / A(acc[kActive]);
       T* g = in.grad + base;

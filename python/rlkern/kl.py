@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Optional, Tuple, Union
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import _backend, _dtensor, _validate
 from ._kernel import compute_dtype, core, dtype_code, ptr
@@ -19,6 +18,31 @@ from .reference.kl import KL_KINDS, clamp_bounds
 __all__ = ["kl_penalty", "KL_KINDS"]
 
 _KIND_CODES = {"k1": 0, "k2": 1, "k3": 2}
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Passes a first-order gradient through, attached to the op's input, so that
+    differentiating it again (create_graph=True) raises an error naming the op instead of
+    silently returning zero or a generic message."""
+
+    @staticmethod
+    def forward(grad, anchor, op):
+        return grad.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.op = inputs[2]
+
+    @staticmethod
+    def backward(ctx, _):
+        raise RuntimeError(f"{ctx.op} does not support double backward (create_graph=True): its backward scales "
+                           "the derivative the forward pass wrote, which is not differentiable")
+
+
+def _first_order(g: torch.Tensor, anchor: torch.Tensor, op: str) -> torch.Tensor:
+    if torch.is_grad_enabled() and anchor.requires_grad:
+        return _NoDoubleBackward.apply(g, anchor, op)
+    return g
 
 
 class _KlPenaltyFunction(torch.autograd.Function):
@@ -41,16 +65,87 @@ class _KlPenaltyFunction(torch.autograd.Function):
             from .triton import losses as triton_losses
 
             triton_losses.kl_penalty(lp, ref, _KIND_CODES[kind], low, high, out, grad)
-        ctx.save_for_backward(grad)
+        ctx.save_for_backward(grad, logp)
         ctx.logp_dtype = logp.dtype
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
-        (grad,) = ctx.saved_tensors
-        g = None if grad is None else (grad_out * grad).to(ctx.logp_dtype)
+        grad, logp = ctx.saved_tensors
+        g = None if grad is None else _first_order((grad_out * grad).to(ctx.logp_dtype), logp, "rlkern::kl_penalty")
         return g, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------
+# The custom op: the way in for torch.compile, torch.export, FakeTensor/meta inputs and the
+# torch.func transforms. Plain eager calls keep the autograd.Function above (custom-op
+# dispatch costs microseconds on a small input).
+
+
+def _kl_launch(logp: torch.Tensor, ref_logp: torch.Tensor, kind: int, has_lo: bool, lo: float, has_hi: bool,
+               hi: float, want_grad: bool):
+    storage = logp.dtype if logp.dtype == ref_logp.dtype else compute_dtype(logp, ref_logp)
+    lp = logp.to(storage).contiguous()
+    ref = ref_logp.to(storage).contiguous()
+    out = torch.empty(lp.shape, dtype=compute_dtype(lp), device=lp.device)
+    grad = torch.empty_like(out) if want_grad else out.new_empty((0,))
+    if _backend.select(lp.device) == "cpu":
+        core().losses.kl_penalty(out.numel(), dtype_code(lp), ptr(lp), ptr(ref), kind, has_lo, lo, has_hi, hi,
+                                 ptr(out), ptr(grad) if want_grad else 0)
+    else:
+        from .triton import losses as triton_losses
+
+        triton_losses.kl_penalty(lp, ref, kind, lo if has_lo else None, hi if has_hi else None, out,
+                                 grad if want_grad else None)
+    return out, grad
+
+
+@torch.library.custom_op("rlkern::kl_penalty", mutates_args=())
+def _kl_op(logp: torch.Tensor, ref_logp: torch.Tensor, kind: int, has_lo: bool, lo: float, has_hi: bool,
+           hi: float, want_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(estimate, d estimate / d logp) in the arithmetic dtype; the second is empty when
+    ``want_grad`` is False."""
+    return _kl_launch(logp, ref_logp, kind, has_lo, lo, has_hi, hi, want_grad)
+
+
+@_kl_op.register_fake
+def _kl_fake(logp, ref_logp, kind, has_lo, lo, has_hi, hi, want_grad):
+    dtype = compute_dtype(logp, ref_logp)
+    out = logp.new_empty(logp.shape, dtype=dtype)
+    return out, (logp.new_empty(logp.shape, dtype=dtype) if want_grad else logp.new_empty((0,), dtype=dtype))
+
+
+def _kl_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1], inputs[0])
+    ctx.logp_dtype = inputs[0].dtype
+
+
+def _kl_backward(ctx, grad_out, _grad_of_grad):
+    grad, logp = ctx.saved_tensors
+    g = None if grad.numel() == 0 and grad_out.numel() != 0 else \
+        _first_order((grad_out * grad).to(ctx.logp_dtype), logp, "rlkern::kl_penalty")
+    return g, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("rlkern::kl_penalty", _kl_backward, setup_context=_kl_setup_context)
+
+
+@_kl_op.register_vmap
+def _kl_vmap(info, in_dims, logp, ref_logp, kind, has_lo, lo, has_hi, hi, want_grad):
+    # Elementwise: the batch dimension is one more dimension of the same problem.
+    size = info.batch_size
+    lp = logp.movedim(in_dims[0], 0) if in_dims[0] is not None else logp.expand(size, *logp.shape)
+    ref = ref_logp.movedim(in_dims[1], 0) if in_dims[1] is not None else ref_logp.expand(size, *ref_logp.shape)
+    out, grad = _kl_op(lp, ref, kind, has_lo, lo, has_hi, hi, want_grad)
+    return (out, grad), (0, 0 if want_grad else None)
+
+
+def _traced(*tensors: torch.Tensor) -> bool:
+    """Whether this call must go through the custom op: under torch.compile/export, with
+    FakeTensor or meta inputs, or inside a torch.func transform (functorch wrappers)."""
+    if torch.compiler.is_compiling():
+        return True
+    return any(_validate.is_fake(t) or torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
 @_dtensor.rowwise(any_shard=True)
@@ -72,12 +167,24 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3",
     float32 (float64 for float64 inputs) and differentiable in ``logp`` only (``ref_logp`` is
     a constant). NaN or inf inputs give NaN or inf at the same positions (no masking here).
     """
-    _validate.tensor("logp", logp, floating=True)
-    _validate.tensor("ref_logp", ref_logp, floating=True)
+    traced = _traced(logp, ref_logp)
+    _validate.tensor("logp", logp, floating=True, allow_fake=traced)
+    _validate.tensor("ref_logp", ref_logp, floating=True, allow_fake=traced)
     _validate.same_shape("ref_logp", ref_logp, logp.shape, "logp")
     _validate.same_device(logp=logp, ref_logp=ref_logp)
     _validate.choice("kind", kind, KL_KINDS)
     low, high = clamp_bounds("clamp", clamp)
+    if traced and _backend.requested_backend() != "reference":
+        try:
+            out, _ = _kl_op(logp, ref_logp.detach(), _KIND_CODES[kind], low is not None,
+                            0.0 if low is None else low, high is not None, 0.0 if high is None else high,
+                            logp.requires_grad)
+        except RuntimeError as e:
+            if "functorch" not in str(e):
+                raise
+            raise RuntimeError("rlkern::kl_penalty cannot be differentiated by torch.func.grad/vjp/jacrev (a "
+                               "functorch transform); torch.func.vmap works, and so does torch.autograd") from e
+        return out
     backend = _backend.select(logp.device)
     if backend == "reference":
         return _ref.kl_penalty(logp, ref_logp.detach(), kind, clamp)

@@ -113,13 +113,13 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD_SCAL
         v = -a * rc
         du = -a * dr1
         dv = -a * drc
-        s = tl.where(u > v, u, v)
+        s = tl.where((u > v) | (u != u), u, v)  # max and min that keep NaN, as torch's
         ds = tl.where(u > v, du, tl.where(u < v, dv, 0.5 * (du + dv)))
         dual_on = (has_dual != 0) & (a < 0.0)
         bound = -a * dual
         dual_hit = dual_on & (s > bound)
         ds = tl.where(dual_on, tl.where(s < bound, ds, tl.where(s > bound, 0.0, 0.5 * ds)), ds)
-        s = tl.where(dual_on, tl.where(s < bound, s, bound), s)
+        s = tl.where(dual_on, tl.where(s > bound, bound, s), s)
         if OBJECTIVE == 0:
             pg = s
             dr = ds
@@ -181,8 +181,12 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD_SCAL
         if SEQ:
             g = grad_w * direct
             acc_dseq += tl.sum(tl.where(m, grad_w * dr, 0.0), 0)
-        else:
+        elif OBJECTIVE == 0 or (USE_KL and KL_CORR and KL != 0):
             g = grad_w * (direct + dr * r * dx)
+        else:
+            # REINFORCE and CISPO never evaluate r into the loss: a NaN or infinite r (from
+            # old_logp) must not reach their gradient.
+            g = grad_w * direct
         tl.store(GRAD + base + idx, tl.where(m, g, 0.0).to(GRAD.dtype.element_ty), mask=inb)
         acc_loss += tl.sum(tl.where(m, row_w * l_tok, 0.0), 0)
         acc_ratio += tl.sum(tl.where(m, r, 0.0), 0)
@@ -191,7 +195,7 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD_SCAL
         acc_low += tl.sum((m & (r < clip_lo) & (a < 0.0)).to(COMPUTE), 0)
         acc_high += tl.sum((m & (r > clip_hi) & (a > 0.0)).to(COMPUTE), 0)
         acc_dual += tl.sum((m & dual_hit).to(COMPUTE), 0)
-    if SEQ:
+    if SEQ and (OBJECTIVE == 0 or (USE_KL and KL_CORR and KL != 0)):
         # r = exp(mean_t (lp_t - old_t)): dr/dlp_t = r / n for every active token.
         add = acc_dseq * seq_r * seq_dx / n1
         tl.debug_barrier()
