@@ -56,9 +56,10 @@ def _check_losses(mesh, placement):
             for k, v in expected.metrics.items():
                 assert_close(got.metrics[k].to_local(), v, name=f"{k} {what}")
 
-    values = torch.randn(5, 7)
-    old_values = values + 0.3 * torch.randn(5, 7)
-    returns = torch.randn(5, 7)
+    g = torch.Generator().manual_seed(2)  # every rank builds the same global batch
+    values = torch.randn(5, 7, generator=g)
+    old_values = values + 0.3 * torch.randn(5, 7, generator=g)
+    returns = torch.randn(5, 7, generator=g)
     for agg in AGGS:
         full = values.clone().requires_grad_()
         expected = rlkern.value_loss(full, old_values, returns, mask, clip=0.2, agg=agg)
@@ -69,7 +70,7 @@ def _check_losses(mesh, placement):
         assert_close(got.loss.to_local(), expected.loss, name=f"value_loss {agg}")
         assert_close(d.grad.full_tensor(), full.grad, tol=1e-4, name=f"value_loss grad {agg}")
 
-    c, rj, rc, rr = (torch.randn(5) for _ in range(4))
+    c, rj, rc, rr = (torch.randn(5, generator=g) for _ in range(4))
     full = c.clone().requires_grad_()
     expected = rlkern.dpo_loss(full, rj, rc, rr, beta=0.2)
     expected.loss.backward()
@@ -155,7 +156,7 @@ def _check_errors(mesh):
     with pytest.raises(ValueError, match="old_logp is a plain tensor"):
         rlkern.policy_loss(d, old, distribute_tensor(adv, mesh, [Shard(0)]), distribute_tensor(mask, mesh, [Shard(0)]))
     with pytest.raises(ValueError, match="scale"):
-        rlkern.group_advantages(distribute_tensor(torch.randn(8), mesh, [Shard(0)]), 4, scale="batch")
+        rlkern.group_advantages(distribute_tensor(torch.zeros(8), mesh, [Shard(0)]), 4, scale="batch")
 
 
 def _check_unsupported(mesh):
