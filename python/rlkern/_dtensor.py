@@ -144,6 +144,30 @@ def _first_dtensor(fn: Callable, args, kwargs):
     return next(t for _, t in _tensors(fn, args, kwargs) if _validate.is_dtensor(t))
 
 
+def _on_dtensor(fn: Callable, handle: Callable) -> Callable:
+    """``fn`` as it is, with ``handle(args, kwargs)`` for calls that reach a DTensor.
+
+    The plain path pays nothing: the op's own checks raise ``DTensorArgument`` when they
+    meet a DTensor (before any kernel runs), and only then is the call handed over."""
+
+    @functools.wraps(fn)
+    def op(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except _validate.DTensorArgument:
+            pass
+        return handle(args, kwargs)
+
+    return op
+
+
+def _replicated_loss(out, layout: _Layout, like):
+    """A loss computed whole on every rank (replicated inputs): the same as DTensors."""
+    return type(out)(_replicated(out.loss, layout),
+                     {k: _replicated(v, layout) if v.dim() == 0 else _wrap(v, layout, like)
+                      for k, v in out.metrics.items()})
+
+
 # ----------------------------------------------------------------------------- row-wise ops
 
 
@@ -151,18 +175,10 @@ def rowwise(*, any_shard: bool = False, check: Optional[Callable] = None) -> Cal
     """Decorator for an op whose outputs are row-wise functions of its inputs: a DTensor
     call runs on the local shards and returns DTensors with the inputs' placements.
     ``check(fn, args, kwargs, first_dtensor)`` replaces the default check of a sharded
-    call (that a 1-D input is not split in time).
-
-    The undecorated fast path pays nothing: the op's own checks raise
-    ``DTensorArgument`` when they meet a DTensor, and only then is it handled here."""
+    call (that a 1-D input is not split in time)."""
 
     def decorate(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def op(*args, **kwargs):
-            try:
-                return fn(*args, **kwargs)
-            except _validate.DTensorArgument:
-                pass
+        def handle(args, kwargs):
             layout = _layout(fn, args, kwargs, batch_dim_only=not any_shard)
             like = _first_dtensor(fn, args, kwargs)
             if layout.sharded and check is not None:
@@ -175,7 +191,7 @@ def rowwise(*, any_shard: bool = False, check: Optional[Callable] = None) -> Cal
                 return tuple(_wrap(o, layout, like) for o in out)
             return _wrap(out, layout, like)
 
-        return op
+        return _on_dtensor(fn, handle)
 
     return decorate
 
@@ -221,18 +237,11 @@ def token_loss(*, mask_arg: int, agg_default: str = "token-mean") -> Callable:
     single-process loss on the whole batch."""
 
     def decorate(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def op(*args, **kwargs):
-            try:
-                return fn(*args, **kwargs)
-            except _validate.DTensorArgument:
-                pass
+        def handle(args, kwargs):
             layout = _layout(fn, args, kwargs, batch_dim_only=True)
             largs, lkwargs = _local(args), _local(kwargs)
             if not layout.sharded:
-                out = fn(*largs, **lkwargs)
-                return type(out)(_replicated(out.loss, layout),
-                                 {k: _replicated(v, layout) if v.dim() == 0 else v for k, v in out.metrics.items()})
+                return _replicated_loss(fn(*largs, **lkwargs), layout, _first_dtensor(fn, args, kwargs))
             mask = largs[mask_arg] if len(largs) > mask_arg else lkwargs.get("mask")
             active = torch.ones(largs[0].shape, dtype=torch.bool, device=largs[0].device) if mask is None else mask != 0
             if active.dim() == 1:
@@ -254,7 +263,7 @@ def token_loss(*, mask_arg: int, agg_default: str = "token-mean") -> Callable:
             loss = global_sum(out.loss, layout)
             return type(out)(loss, _token_metrics(out.metrics, n_local, n_global, layout))
 
-        return op
+        return _on_dtensor(fn, handle)
 
     return decorate
 
@@ -263,23 +272,16 @@ def pair_loss(fn: Callable) -> Callable:
     """Decorator for a batch-mean loss over [B] pairs: Shard(0) or replicated DTensors give
     the mean over all pairs; [B] metrics stay sharded, scalar metrics become global means."""
 
-    @functools.wraps(fn)
-    def op(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except _validate.DTensorArgument:
-            pass
+    def handle(args, kwargs):
         layout = _layout(fn, args, kwargs, batch_dim_only=True)
         like = _first_dtensor(fn, args, kwargs)
         out = fn(*_local(args), **_local(kwargs))
         if not layout.sharded:
-            return type(out)(_replicated(out.loss, layout),
-                             {k: _replicated(v, layout) if v.dim() == 0 else _wrap(v, layout, like)
-                              for k, v in out.metrics.items()})
+            return _replicated_loss(out, layout, like)
         b_local = torch.tensor(float(like.to_local().shape[0]), dtype=out.loss.dtype, device=out.loss.device)
         b_global = float(like.shape[0])
         metrics = {k: (global_sum(v.detach() * b_local, layout) / b_global) if v.dim() == 0 else _wrap(v, layout, like)
                    for k, v in out.metrics.items()}
         return type(out)(global_sum(out.loss * (b_local / b_global), layout), metrics)
 
-    return op
+    return _on_dtensor(fn, handle)
