@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import os
+
 import pytest
 import torch
 
@@ -134,6 +136,9 @@ print("ok")
     assert "ok" in proc.stdout
 
 
+@pytest.mark.skipif(os.environ.get("RLKERN_ASAN") == "1",
+                    reason="ASan reserves terabytes of shadow address space, so an address-space limit cannot "
+                           "single out thread stacks")
 def test_threads_refused_by_the_system_degrade_instead_of_hanging():
     """Under an address-space limit only a few 8 MiB thread stacks fit: the pool keeps
     the threads it could start, warns, and the results stay those of one thread."""
