@@ -1,8 +1,7 @@
 import json
+import os
 import subprocess
 import sys
-
-import os
 
 import pytest
 import torch
