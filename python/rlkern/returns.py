@@ -18,8 +18,9 @@ as a ``torch.library`` custom op (``rlkern::gae``, ``rlkern::discounted_returns`
 fake implementation gives the output shapes, so traced graphs hold no graph break; eager
 calls on plain tensors launch the kernels directly (custom-op dispatch would cost small
 calls a few microseconds). ``out=`` is eager-only: under tracing it raises a
-RuntimeError. DTensor and other tensor subclasses are refused with a TypeError naming
-the argument.
+RuntimeError. DTensors sharded over the batch (``Shard(0)``) or replicated run on their
+local shards and come back with the same placements (``rlkern._dtensor``); other tensor
+subclasses are refused with a TypeError naming the argument.
 
 NaN and inf: a value behind an episode boundary (after a done, or at a masked token)
 never reaches the result; any other non-finite input propagates as IEEE arithmetic does.
@@ -31,6 +32,8 @@ step by step; the kernels never let a product of coefficients round to 0).
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -81,11 +84,29 @@ def _needs_reference(backend: str, *tensors: Optional[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_scans_start() -> bool:
+    """False when the installed driver is too old for the CUDA runtime the scans link
+    (``rlkern.info()["cuda"]``); the scans then run as the reference's torch ops, once
+    with a warning, instead of failing at launch."""
+    from ._info import cuda_support
+
+    support = cuda_support()
+    if support["driver_ok"] is False:
+        warnings.warn(f"rlkern: the CUDA scans need a driver for CUDA {support['runtime']} (R{support['min_driver']} "
+                      f"or newer), this one supports CUDA {support['driver']}: scans on CUDA tensors run as "
+                      "torch ops (the reference) instead", RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
 def _scan_backend(device: torch.device) -> str:
     backend = _backend.select(device, gpu="cuda")
     # The scans have no Triton kernel: a forced "triton" runs the native kernel of the device.
     if backend == "triton":
         backend = "cuda" if device.type == "cuda" else "cpu"
+    if backend == "cuda" and _backend.requested_backend() == "auto" and not _cuda_scans_start():
+        backend = "reference"
     return backend
 
 
