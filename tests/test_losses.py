@@ -916,3 +916,18 @@ def test_ratio_free_objectives_ignore_a_nan_ratio_in_the_gradient(backend, objec
     if objective == "reinforce":
         assert torch.isfinite(out.loss)
         assert_close(grads[0], expected_grads[0], GRAD_TOL)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_policy_loss_can_be_updated_in_place(backend):
+    """verl's trainer adds the KL loss in place (policy_loss += kl_loss * coef): the loss
+    must not be a view of a tensor made inside the autograd Function."""
+    logp = torch.randn(2, 5, requires_grad=True)
+    with rlkern.use_backend(backend):
+        out = rlkern.policy_loss(logp, logp.detach() + 0.1, torch.randn(2), torch.ones(2, 5, dtype=torch.bool))
+    loss = out.loss
+    before = float(loss)
+    loss += 1.0
+    loss.backward()
+    assert float(loss) == pytest.approx(before + 1.0)
+    assert logp.grad is not None and torch.isfinite(logp.grad).all()

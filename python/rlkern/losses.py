@@ -258,9 +258,12 @@ def _policy_cpu(logp, old_logp, advantages, mask, cfg: PolicyLossConfig, tensors
         totals = core().losses.policy_loss(p)
         denom = _agg_denominator(cfg.agg, cfg.normalizer, totals[0], totals[len(_STATS)])
         named = _metrics_from_totals(totals, cfg, ref is not None, ent is not None)
-        # One small tensor for the loss and the metrics (views of it): one allocation, not seven.
-        values = torch.tensor([totals[1] / denom, *named.values()], dtype=acc, device=device).unbind()
-        return values[0], dict(zip(named, values[1:])), grad_logp, grad_entropy
+        # The metrics are views of one small tensor (one allocation, not six); the loss is a
+        # tensor of its own, since trainers update it in place (verl: policy_loss += kl_loss * coef)
+        # and autograd refuses in-place updates of a view made inside a Function.
+        loss = torch.tensor(totals[1] / denom, dtype=acc, device=device)
+        metrics = torch.tensor(list(named.values()), dtype=acc, device=device).unbind()
+        return loss, dict(zip(named, metrics)), grad_logp, grad_entropy
 
     return run
 
