@@ -16,52 +16,24 @@ from __future__ import annotations
 import ast
 import itertools
 import logging
-import importlib.machinery
 import importlib.util
 import os
-import sys
-import types
 
 import pytest
 import torch
 
 from helpers import assert_close
+from rlkern.integrations._peers import import_openrlhf_losses
 
 _INSTALL = ("needs OpenRLHF 0.11.2: pip install --no-deps openrlhf==0.11.2 and "
             "DS_BUILD_OPS=0 pip install --no-deps --no-build-isolation deepspeed==0.19.6 and "
             "pip install --no-deps pylatexenc einops hjson (see the README's test extra)")
 
 
-def _import_openrlhf():
-    if importlib.util.find_spec("openrlhf") is None:
-        return None
-    # GPU-stack stub: flash_attn (CUDA only) is imported by openrlhf/models/ring_attn_utils.py at
-    # module level; the loss code never calls it. Present only while openrlhf.models is imported.
-    names = ["flash_attn", "flash_attn.bert_padding", "flash_attn.utils", "flash_attn.utils.distributed"]
-    added = []
-    for name in names:
-        if name not in sys.modules:
-            mod = types.ModuleType(name)
-            mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
-            sys.modules[name] = mod
-            added.append(name)
-    if "flash_attn.bert_padding" in added:
-        for attr in ("index_first_axis", "pad_input", "rearrange", "unpad_input"):
-            setattr(sys.modules["flash_attn.bert_padding"], attr, None)
-    if "flash_attn.utils.distributed" in added:
-        sys.modules["flash_attn.utils.distributed"].all_gather = None
-    try:
-        import openrlhf.models.loss as loss_mod
-        import openrlhf.models.utils as utils_mod
-    except ImportError:
-        return None
-    finally:
-        for name in added:
-            sys.modules.pop(name, None)
-    return loss_mod, utils_mod
-
-
-_mods = _import_openrlhf()
+# The package's own importer: it puts a GPU-stack stand-in for flash_attn (CUDA only,
+# imported by openrlhf/models/ring_attn_utils.py at module level, never called by the loss
+# code) in sys.modules only while openrlhf.models is imported.
+_mods = import_openrlhf_losses()
 if _mods is None:
     pytest.skip(_INSTALL, allow_module_level=True)
 L, U = _mods
