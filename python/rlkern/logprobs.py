@@ -20,7 +20,6 @@ directly (a few microseconds less per call).
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -243,14 +242,7 @@ def _check_top(top_k, top_p) -> Tuple[Optional[int], Optional[float]]:
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1 (or None to disable), got {top_k}")
     if top_p is not None:
-        if isinstance(top_p, bool):
-            raise TypeError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
-        try:
-            p = float(top_p)
-        except OverflowError:  # an int beyond the float range
-            p = math.inf
-        except (TypeError, ValueError):
-            raise TypeError(f"top_p must be a number in (0, 1] or None, got {top_p!r}") from None
+        p = _ref.as_float("top_p", top_p, "a number in (0, 1] or None")
         if not (0.0 < p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
         top_p = p

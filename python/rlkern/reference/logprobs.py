@@ -41,16 +41,22 @@ MAX_TEMPERATURE = 2.0**126
 TARGET_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
+def as_float(name: str, value, what: str = "a number") -> float:
+    """``value`` as a float (an int beyond the float range is inf), or a TypeError naming
+    ``name`` for a bool or a non-number."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be {what}, got {value!r}")
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond the float range
+        return math.inf
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be {what}, got {value!r}") from None
+
+
 def check_temperature(temperature) -> float:
     """``temperature`` as a float, or a ValueError/TypeError naming it."""
-    if isinstance(temperature, bool):
-        raise TypeError(f"temperature must be a number, got {temperature!r}")
-    try:
-        t = float(temperature)
-    except OverflowError:  # an int beyond the float range
-        t = math.inf
-    except (TypeError, ValueError):
-        raise TypeError(f"temperature must be a number, got {temperature!r}") from None
+    t = as_float("temperature", temperature)
     if not (MIN_TEMPERATURE <= t <= MAX_TEMPERATURE):
         raise ValueError(f"temperature must be in [2**-126, 2**126] (about [1.2e-38, 8.5e37]: 1/temperature must be "
                          f"a normal float32), got {temperature!r}")
