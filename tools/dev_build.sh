@@ -14,5 +14,7 @@ if [ -n "${SANITIZE:-}" ]; then
   echo "built $so (instrumented; not copied into python/rlkern/)"
 else
   cp "$so" python/rlkern/
+  # The build's record (CUDA runtime, minimum driver, ISA) that `rlkern info` reports.
+  cp "$dir/_build_config.py" python/rlkern/
   echo "built $(basename "$so") into python/rlkern/"
 fi

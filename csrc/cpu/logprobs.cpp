@@ -49,7 +49,16 @@ namespace generic {
 #include "logprobs_rows.inc"
 }  // namespace generic
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// GCC and clang spell "compile this region for AVX2" differently; the wheel is built
+// with clang (zig), the source build usually with GCC, and both must get the AVX2 clone.
+#if defined(__x86_64__) && defined(__clang__)
+#define RLK_HAVE_AVX2_CLONE 1
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+namespace avx2 {
+#include "logprobs_rows.inc"
+}  // namespace avx2
+#pragma clang attribute pop
+#elif defined(__x86_64__) && defined(__GNUC__)
 #define RLK_HAVE_AVX2_CLONE 1
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
