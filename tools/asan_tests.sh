@@ -9,7 +9,11 @@ cd "$(dirname "$0")/.."
 root=$(pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-SANITIZE=1 RLKERN_CUDA=OFF BUILD_TYPE=RelWithDebInfo tools/dev_build.sh >/dev/null
+# ASAN_PREBUILT=1: build/dev-asan was built already (CI builds it in the background with
+# its own tool environment, whose cmake settings a rebuild here would undo).
+if [ -z "${ASAN_PREBUILT:-}" ]; then
+  SANITIZE=1 RLKERN_CUDA=OFF BUILD_TYPE=RelWithDebInfo tools/dev_build.sh >/dev/null
+fi
 cp -r python/rlkern "$work/rlkern"
 rm -f "$work"/rlkern/_C*.so
 cp build/dev-asan/_C*.so "$work/rlkern/"
