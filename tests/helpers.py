@@ -1,4 +1,4 @@
-"""Comparison helpers shared by the test modules (DESIGN.md section 4)."""
+"""Comparison helpers shared by the test modules (docs/DESIGN.md section 4)."""
 
 from __future__ import annotations
 

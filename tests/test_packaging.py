@@ -157,6 +157,11 @@ def test_design_notes_hold_the_sections_docstrings_cite():
     for heading in ("## 2. Conventions", "## 4. Tolerances"):
         assert heading in design
     assert "docs/DESIGN.md" in (ROOT / "README.md").read_text()
+    # Every citation in the package and the C++ names the file where it is.
+    bare = re.compile(r"(?<![\w/])DESIGN\.md")
+    for path in [*(ROOT / "python").rglob("*.py"), *(ROOT / "csrc").rglob("*.*")]:
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            assert not bare.search(line), f"{path.relative_to(ROOT)}:{n} cites DESIGN.md without docs/: {line.strip()}"
 
 
 EXAMPLES = sorted((ROOT / "examples").glob("*.py"))

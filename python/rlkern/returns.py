@@ -1,7 +1,7 @@
 """Returns and advantages: discounted returns, GAE, TD(lambda), token-level GAE and
 group-relative advantages.
 
-Conventions (DESIGN.md): inputs are batch-first ``[B, T]`` (a 1-D ``[T]`` input is one
+Conventions (docs/DESIGN.md): inputs are batch-first ``[B, T]`` (a 1-D ``[T]`` input is one
 row); flags (``dones``, ``terminated``, ``truncated``, ``mask``) are bool or 0/1 of the
 same shape; float32, bfloat16 and float16 inputs compute in float32 and return float32,
 float64 computes in float64. Episode boundaries may fall anywhere inside a row.

@@ -42,7 +42,7 @@ def global_agg(mode: str, mask: torch.Tensor, dp_size: Number = 1, batch_num_tok
                global_batch_size: Optional[Number] = None,
                loss_scale_factor: Optional[Number] = None) -> Tuple[str, Optional[Number]]:
     """verl's ``agg_loss`` (and OpenRLHF's ``aggregate_loss``) global-batch arguments as rlkern's
-    ``agg`` and ``normalizer`` (see DESIGN.md: the normalizer replaces the final denominator).
+    ``agg`` and ``normalizer`` (see docs/DESIGN.md: the normalizer replaces the final denominator).
 
     verl multiplies the local loss by dp_size because DDP/FSDP average gradients over the
     ranks; dividing the global denominator by dp_size is the same thing.
