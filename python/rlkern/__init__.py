@@ -31,6 +31,10 @@ from .logprobs import linear_token_logprobs, token_logprobs, vocab_parallel_toke
 __all__ += ["token_logprobs", "linear_token_logprobs", "vocab_parallel_token_logprobs"]
 
 # --- batched MCTS (rlkern.mcts) ---
+from .whiten import masked_whiten  # noqa: E402
+
+__all__ += ["masked_whiten"]
+
 from . import mcts  # noqa: E402
 
 __all__ += ["mcts"]

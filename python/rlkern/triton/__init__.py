@@ -5,4 +5,4 @@ test suite can compile every kernel for sm_80 and sm_90 without a GPU and fail o
 compile error or a register spill (see ``rlkern.triton.aot``).
 """
 
-KERNEL_MODULES = ("losses", "logprobs")
+KERNEL_MODULES = ("losses", "logprobs", "whiten")
