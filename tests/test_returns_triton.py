@@ -90,7 +90,20 @@ def test_scans_over_several_tiles_match_the_reference(triton_scans, small_tiles,
 @interpreted
 def test_scans_of_one_step_rows(triton_scans):
     _check_every_scan(2, 1, torch.float32, seed=2)
+    _check_every_scan(1, 1, torch.float16, seed=3, gamma=0.5, lam=0.5)
     _check_every_scan(1, 1, torch.float64, seed=3, gamma=1.0, lam=1.0)
+
+
+@interpreted
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0)])
+def test_empty_batches_launch_nothing(triton_scans, shape):
+    r = torch.randn(shape)
+    term = torch.zeros(shape, dtype=torch.bool)
+    adv, ret = rlkern.gae(r, r, term, 0.9, 0.9)
+    assert adv.shape == shape and ret.shape == shape
+    assert rlkern.discounted_returns(r, term, 0.9, bootstrap=torch.zeros(shape[0])).shape == shape
+    assert rlkern.lambda_returns(r, r, term, 0.9, 0.9).shape == shape
+    assert rlkern.masked_gae(r, r, term)[0].shape == shape
 
 
 @interpreted
