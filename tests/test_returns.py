@@ -693,24 +693,3 @@ dist.destroy_process_group()
 print("ok", checked)
 """.replace("TESTS_DIR", repr(__import__("os").path.dirname(__file__))), timeout=120)
     assert "ok" in proc.stdout
-
-
-def test_scans_on_a_too_old_driver_fall_back_to_torch_ops_with_a_warning(monkeypatch):
-    """An installed driver older than the CUDA runtime the scans link cannot start them:
-    CUDA tensors then take the reference's torch ops (decided without a GPU here)."""
-    import rlkern._info
-    from rlkern import returns
-
-    returns._cuda_scans_start.cache_clear()
-    monkeypatch.setattr(rlkern._info, "cuda_support",
-                        lambda: {"runtime": "13.0", "min_driver": "580", "driver": "12.4", "driver_ok": False})
-    try:
-        with pytest.warns(RuntimeWarning, match="R580"):
-            assert returns._scan_backend(torch.device("cuda")) == "reference"
-        monkeypatch.setattr(rlkern._info, "cuda_support",
-                            lambda: {"runtime": "13.0", "min_driver": "580", "driver": "13.0", "driver_ok": True})
-        returns._cuda_scans_start.cache_clear()
-        assert returns._scan_backend(torch.device("cuda")) == "cuda"
-        assert returns._scan_backend(torch.device("cpu")) == "cpu"
-    finally:
-        returns._cuda_scans_start.cache_clear()

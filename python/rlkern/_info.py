@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib
 import importlib.util
 import os
@@ -21,7 +22,8 @@ def info() -> Dict[str, Any]:
     installed driver can start the CUDA runtime the scans were built with). ``cpu_isa``:
     the build of the vectorised CPU kernels that runs here (``avx2``, or ``baseline`` on
     CPUs without AVX2+FMA or with ``RLKERN_DISABLE_AVX2`` set). ``cuda``: see
-    :func:`cuda_support`.
+    :func:`cuda_support`. ``scans_on_cuda``: which kernels the return scans run on CUDA
+    tensors here (see :func:`scan_kernels`; decided without a GPU).
     """
     from . import __version__
 
@@ -38,7 +40,7 @@ def info() -> Dict[str, Any]:
     cuda = cuda_support()
     if "cuda" in compiled and has_cuda_device and cuda["driver_ok"] is not False and core.cuda_device_count() > 0:
         runnable.append("cuda")
-    if importlib.util.find_spec("triton") is not None:
+    if triton_importable():
         compiled.append("triton")
         if has_cuda_device:
             runnable.append("triton")
@@ -51,7 +53,38 @@ def info() -> Dict[str, Any]:
         "torch": torch.__version__,
         "cuda_device": torch.cuda.get_device_name() if has_cuda_device else None,
         "cuda": cuda,
+        "scans_on_cuda": scan_kernels(cuda),
     }
+
+
+@functools.lru_cache(maxsize=None)
+def triton_importable() -> bool:
+    """Whether the triton package imports (the Triton kernels can then be compiled)."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # not installed, or an installation that fails to import
+        return False
+    return True
+
+
+def cuda_scans_built() -> bool:
+    """Whether the compiled core holds the CUDA C++ scans (nvcc was found at build time)."""
+    return _ext.available() and bool(getattr(_ext.load(), "with_cuda", False))
+
+
+def scan_kernels(support: Optional[Dict[str, Any]] = None) -> str:
+    """Which kernels the return scans (``gae``, ``discounted_returns``, ``lambda_returns``,
+    ``masked_gae``) run by default on CUDA tensors with this build and driver:
+    ``"cuda"``, the CUDA C++ kernels, when they were built in and the installed driver can
+    start the CUDA runtime they link (or no driver is found to say otherwise);
+    ``"triton"``, the Triton kernels, compiled for the installed driver at run time, when
+    the CUDA C++ scans were not built or the driver is too old for them (R535 with a CUDA
+    13 build); ``"reference"``, torch ops, when neither can run. ``RLKERN_BACKEND=triton``
+    forces the Triton kernels."""
+    support = cuda_support() if support is None else support
+    if cuda_scans_built() and support["driver_ok"] is not False:
+        return "cuda"
+    return "triton" if triton_importable() else "reference"
 
 
 def _cuda_driver_version() -> Optional[str]:
@@ -85,8 +118,9 @@ def cuda_support() -> Dict[str, Any]:
     through CUDA's minor-version compatibility, since the scans carry SASS for every
     architecture they target; "580" for CUDA 13.x). ``driver``: the CUDA version of the
     installed driver, None without one. ``driver_ok``: whether that driver can start the
-    runtime (None when either is unknown). The Triton kernels (losses, log-probs) compile
-    for the installed driver at run time and are not bound by this.
+    runtime (None when either is unknown). The Triton kernels (losses, log-probs, and the
+    scans where the CUDA C++ ones cannot start: :func:`scan_kernels`) compile for the
+    installed driver at run time and are not bound by this.
     """
     cfg = _build_config()
     runtime = (getattr(cfg, "CUDA_RUNTIME", "") or None) if cfg is not None else None

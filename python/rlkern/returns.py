@@ -6,11 +6,16 @@ row); flags (``dones``, ``terminated``, ``truncated``, ``mask``) are bool or 0/1
 same shape; float32, bfloat16 and float16 inputs compute in float32 and return float32,
 float64 computes in float64. Episode boundaries may fall anywhere inside a row.
 
-The scans run in C++ on CPU tensors and in CUDA on GPU tensors; both execute the step
-functions of ``csrc/include/rlkern/returns.h``. The results are constants for autograd
-(as in every trainer, which computes advantages under ``no_grad``); when an input does
-require grad, the differentiable reference computes the result instead, so gradients
-are right, only slower.
+The scans run in C++ on CPU tensors and in CUDA C++ on GPU tensors; both execute the
+step functions of ``csrc/include/rlkern/returns.h``. Where the CUDA C++ scans cannot run
+(a build without them, or a driver older than the CUDA runtime they link), GPU tensors
+take Triton kernels of the same formulation (``rlkern.triton.returns``), which compile
+for the installed driver; ``RLKERN_BACKEND=triton`` forces them (on CPU tensors too,
+under ``TRITON_INTERPRET=1``). ``rlkern.info()["scans_on_cuda"]`` says which run here.
+
+The results are constants for autograd (as in every trainer, which computes advantages
+under ``no_grad``); when an input does require grad, the differentiable reference
+computes the result instead, so gradients are right, only slower.
 
 Under ``torch.compile`` / ``torch.export`` and on FakeTensor or meta inputs, each op runs
 as a ``torch.library`` custom op (``rlkern::gae``, ``rlkern::discounted_returns``,
@@ -38,7 +43,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _backend, _dtensor, _validate
+from . import _backend, _dtensor, _info, _validate
 from ._kernel import DTYPE_CODES, core, cuda_stream, empty_rows, ptr
 from .reference import returns as _ref
 
@@ -86,27 +91,38 @@ def _needs_reference(backend: str, *tensors: Optional[torch.Tensor]) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _cuda_scans_start() -> bool:
-    """False when the installed driver is too old for the CUDA runtime the scans link
-    (``rlkern.info()["cuda"]``); the scans then run as the reference's torch ops, once
-    with a warning, instead of failing at launch."""
-    from ._info import cuda_support
-
-    support = cuda_support()
+    """False when the CUDA C++ scans cannot run here: the build has none, or the
+    installed driver is too old for the CUDA runtime they link (``rlkern.info()["cuda"]``).
+    Scans on CUDA tensors then run the Triton kernels (torch ops, the reference, where
+    triton is missing) instead of failing at launch; a too-old driver is said once with a
+    warning. A build without the CUDA scans (the default wheel) takes the Triton kernels
+    silently: they are its GPU path."""
+    if not _info.cuda_scans_built():
+        if not _triton_available():
+            warnings.warn("rlkern: this build has no CUDA C++ scans and triton is not installed: scans on CUDA "
+                          "tensors run as torch ops (the reference) instead", RuntimeWarning, stacklevel=3)
+        return False
+    support = _info.cuda_support()
     if support["driver_ok"] is False:
-        warnings.warn(f"rlkern: the CUDA scans need a driver for CUDA {support['runtime']} (R{support['min_driver']} "
-                      f"or newer), this one supports CUDA {support['driver']}: scans on CUDA tensors run as "
-                      "torch ops (the reference) instead", RuntimeWarning, stacklevel=3)
+        instead = "the Triton kernels" if _triton_available() else "torch ops (the reference; triton is not installed)"
+        warnings.warn(f"rlkern: the CUDA C++ scans need a driver for CUDA {support['runtime']} "
+                      f"(R{support['min_driver']} or newer), this one supports CUDA {support['driver']}: scans on "
+                      f"CUDA tensors run {instead} instead", RuntimeWarning, stacklevel=3)
         return False
     return True
 
 
+def _triton_available() -> bool:
+    return _info.triton_importable()
+
+
 def _scan_backend(device: torch.device) -> str:
     backend = _backend.select(device, gpu="cuda")
-    # The scans have no Triton kernel: a forced "triton" runs the native kernel of the device.
-    if backend == "triton":
-        backend = "cuda" if device.type == "cuda" else "cpu"
+    # On CUDA tensors the CUDA C++ scans are the default; where they cannot run (a build
+    # without them, or a driver older than their runtime) the Triton scans take over.
+    # A forced "triton" runs the Triton scans (on CPU tensors under TRITON_INTERPRET=1).
     if backend == "cuda" and _backend.requested_backend() == "auto" and not _cuda_scans_start():
-        backend = "reference"
+        return "triton" if _triton_available() else "reference"
     return backend
 
 
@@ -238,10 +254,19 @@ def _run_scan(name: str, backend: str, floats: Tuple[Optional[torch.Tensor], ...
     """Launches a scan on ``floats = (rewards, values, next_values, bootstrap)`` and
     ``flags = (terminated, truncated)`` (None where absent), cast to one storage dtype
     and made contiguous; returns the output tensors (float32, or float64), written into
-    ``out`` when given (already checked by ``_out_buffers``). Kept lean: for small
-    batches this Python is most of the call."""
+    ``out`` when given (already checked by ``_out_buffers``). ``backend`` is "cpu",
+    "cuda", "triton" or "reference" (the custom ops get what ``_scan_backend`` says).
+    Kept lean: for small batches this Python is most of the call."""
     dtype = _common_dtype(*floats)
     device = floats[0].device
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    if backend == "reference":
+        return _write(out, *_reference_scan(name, floats, flags, gamma, lam, out_dtype))
+    if out is None:
+        out = tuple(empty_rows(floats[0], (B, T), out_dtype) for _ in range(outputs))
+    if backend == "triton":
+        _triton_scan(name, dtype, floats, flags, gamma, lam, out)
+        return tuple(out)
 
     def p(t, want=None):
         if t is None:
@@ -252,10 +277,10 @@ def _run_scan(name: str, backend: str, floats: Tuple[Optional[torch.Tensor], ...
         return ptr(t)
 
     keep = []
-    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    if out is None:
-        out = tuple(empty_rows(floats[0], (B, T), out_dtype) for _ in range(outputs))
     cuda = backend == "cuda"
+    if cuda and not _info.cuda_scans_built():  # forced with RLKERN_BACKEND=cuda
+        raise RuntimeError("rlkern was built without the CUDA C++ scans (no nvcc at build time): use the "
+                           "default backend or RLKERN_BACKEND=triton for scans on CUDA tensors")
     fn = getattr(core().returns, name + "_cuda" if cuda else name)
     rewards, values, next_values, bootstrap = floats
     # Flags are bool or uint8 (0/1): the kernel reads their bytes, so no reinterpreting view is needed.
@@ -263,6 +288,39 @@ def _run_scan(name: str, backend: str, floats: Tuple[Optional[torch.Tensor], ...
        p(flags[0]), p(flags[1]), float(gamma), float(lam), p(out[0]), p(out[1]) if outputs > 1 else 0,
        cuda_stream(device) if cuda else 0)
     return tuple(out)
+
+
+def _triton_scan(name: str, dtype: torch.dtype, floats: Tuple[Optional[torch.Tensor], ...],
+                 flags: Tuple[Optional[torch.Tensor], ...], gamma: float, lam: float,
+                 out: Tuple[torch.Tensor, ...]) -> None:
+    """The Triton scans take what the CUDA ones do: contiguous inputs of one dtype,
+    contiguous bool flags."""
+    from .triton import returns as kernels
+
+    r, v, nv, boot = (t.to(dtype).contiguous() if t is not None else None for t in floats)
+    first, second = (f.contiguous() if f is not None else None for f in flags)
+    if name == "discounted_returns":
+        kernels.discounted_returns(r, first, boot, gamma, out[0])
+    elif name == "gae":
+        kernels.gae(r, v, nv, boot, first, second, gamma, lam, out[0], out[1])
+    elif name == "lambda_returns":
+        kernels.lambda_returns(r, nv, first, second, gamma, lam, out[0])
+    else:
+        kernels.masked_gae(r, v, first, gamma, lam, out[0], out[1])
+
+
+def _reference_scan(name: str, floats: Tuple[Optional[torch.Tensor], ...], flags: Tuple[Optional[torch.Tensor], ...],
+                    gamma: float, lam: float, dtype: torch.dtype) -> Tuple[torch.Tensor, ...]:
+    """The reference's torch ops in the arithmetic type (the custom ops' path where no
+    kernel can run)."""
+    r, v, nv, boot = (t.to(dtype) if t is not None else None for t in floats)
+    if name == "discounted_returns":
+        return (_ref.discounted_returns(r, flags[0], gamma, boot),)
+    if name == "gae":
+        return _ref.gae(r, v, flags[0], gamma, lam, next_values=nv, truncated=flags[1], bootstrap_value=boot)
+    if name == "lambda_returns":
+        return (_ref.lambda_returns(r, nv, flags[0], gamma, lam, truncated=flags[1]),)
+    return _ref.masked_gae(r, v, flags[0], gamma, lam)
 
 
 def _span(t: torch.Tensor) -> Tuple[int, int]:
