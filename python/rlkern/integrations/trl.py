@@ -26,6 +26,8 @@ transformers 5.24.
 from __future__ import annotations
 
 import functools
+import logging
+import math
 import types
 from typing import Any, Optional
 
@@ -44,7 +46,7 @@ from ..losses import policy_loss
 
 __all__ = ["GRPOTrainer", "add_rlkern_lm_head"]
 
-_RLKERN_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
+logger = logging.getLogger("rlkern.integrations.trl")
 
 
 def _logit_scale(text_config) -> float:
@@ -60,6 +62,18 @@ def _logit_scale(text_config) -> float:
     return 1.0 if scale is None else float(scale)
 
 
+def _lm_head_unsupported(model) -> Optional[str]:
+    """Why rlkern's fused LM head cannot replace TRL's on ``model``, or None."""
+    text_config = model.config.get_text_config()
+    if getattr(text_config, "final_logit_softcapping", None) is not None:
+        return "the model soft-caps its final logits (final_logit_softcapping), which linear_token_logprobs does not"
+    if getattr(text_config, "output_router_logits", False):
+        return "the model returns MoE router logits for an auxiliary loss, which rlkern's head does not pass through"
+    if _logit_scale(text_config) == 0.0:
+        return "the model's logit scale is 0"
+    return None
+
+
 def add_rlkern_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
                        outputs: tuple = ("log_probs",)) -> bool:
     """Route ``model(..., labels=..., fused_lm_head=True)`` through rlkern's fused log-prob kernel.
@@ -68,15 +82,11 @@ def add_rlkern_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bo
     ``fused_lm_head`` and models rlkern does not handle (final-logit softcapping, MoE router
     losses) keep TRL's head. Returns whether the rlkern head was installed.
     """
+    if _lm_head_unsupported(model) is not None:
+        return False
     text_config = model.config.get_text_config()
-    if getattr(text_config, "final_logit_softcapping", None) is not None:
-        return False
-    if getattr(text_config, "output_router_logits", False):
-        return False
     previous_forward = model.forward
     logit_scale = _logit_scale(text_config)
-    if logit_scale == 0.0:
-        return False
     want_entropy = "entropy" in outputs
     backbone_attr = "base_model"
     if text_config is not model.config and Version(transformers.__version__) < Version("5.0.0"):
@@ -137,41 +147,178 @@ def add_rlkern_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bo
     return True
 
 
+# ---------------------------------------------------------------------------------------------
+# loss_type -> rlkern.policy_loss options. A TRL loss type that rlkern computes is one entry of
+# _LOSS_TYPES: (objective options, aggregation). Both are functions of the trainer; an objective
+# function returns a string (the reason) for a configuration it cannot express exactly.
+
+
+def _clip_objective(trainer):
+    return dict(objective="clip", clip_low=trainer.epsilon_low, clip_high=trainer.epsilon_high,
+                ratio_cap=getattr(trainer.args, "delta", None))
+
+
+def _cispo_objective(trainer):
+    # TRL weighs the token by sg(min(w, epsilon_high)), no lower bound: clip(w, 1 - 1, 1 + (epsilon_high - 1))
+    eps = trainer.epsilon_high
+    if eps >= 1.0:
+        return dict(objective="cispo", clip_low=1.0, clip_high=eps - 1.0)
+    if not eps > 0.0:
+        return f"CISPO with epsilon_high={eps} (a cap <= 0 on a positive ratio) is left to TRL"
+    if trainer.beta != 0.0 and trainer.args.use_bias_correction_kl:
+        return ("CISPO with epsilon_high < 1 caps the log-ratio in rlkern, and use_bias_correction_kl would "
+                "multiply the KL by that capped ratio where TRL uses the uncapped one")
+    # min(w, eps) = exp(min(log w, log eps)); the ratio is detached in CISPO, so the clamp changes nothing else
+    return dict(objective="cispo", clip_low=1.0, clip_high=0.0, log_ratio_clamp=(None, math.log(eps)))
+
+
+def _seq_mean(trainer, B, mask, inputs, mode, accumulation):
+    """grpo: mean over the micro-batch's sequences of each one's token mean."""
+    return "seq-mean-token-mean", B * accumulation
+
+
+def _token_mean(trainer, B, mask, inputs, mode, accumulation):
+    """bnpo: mean over the micro-batch's tokens."""
+    return "token-mean", mask.sum().clamp(min=1.0).item() * accumulation
+
+
+def _constant_length(trainer, B, mask, inputs, mode, accumulation):
+    """dr_grpo: token sum over B * max_completion_length."""
+    return "token-sum", B * trainer.max_completion_length * accumulation
+
+
+def _generation_tokens(trainer, B, mask, inputs, mode, accumulation):
+    """dapo, cispo: the token count of the generation batch, rescaled to one accumulation window."""
+    normalizer = inputs["num_items_in_batch"].clamp(min=1.0).item() / trainer.accelerator.num_processes
+    if mode == "train":
+        normalizer = normalizer * trainer.current_gradient_accumulation_steps / trainer.args.steps_per_generation
+    return "token-sum", normalizer
+
+
+# loss_type: (objective, aggregation, whether TRL logs the policy term before the accumulation scaling)
+_LOSS_TYPES = {
+    "grpo": (_clip_objective, _seq_mean, True),
+    "bnpo": (_clip_objective, _token_mean, True),
+    "dr_grpo": (_clip_objective, _constant_length, True),
+    "dapo": (_clip_objective, _generation_tokens, False),
+    "cispo": (_cispo_objective, _generation_tokens, False),
+}
+_RLKERN_LOSS_TYPES = tuple(_LOSS_TYPES)
+
+_VLLM_IS_MODES = {
+    "token_truncate": ("token", "truncate"),
+    "token_mask": ("token", "mask"),
+    "sequence_truncate": ("sequence", "truncate"),
+    "sequence_mask": ("sequence", "mask"),
+}
+
+
 class GRPOTrainer(_TRLGRPOTrainer):
     """TRL's ``GRPOTrainer`` whose log-probabilities and policy loss run on rlkern kernels.
 
     Same constructor and behaviour as ``trl.GRPOTrainer``; see the module docstring for what is
-    computed by rlkern and what falls back to TRL. For loss_type ``grpo`` the loss is::
+    computed by rlkern and what falls back to TRL. The constructor logs (logger
+    ``rlkern.integrations.trl``) which parts run on rlkern and which on TRL's code, and why.
+    For loss_type ``grpo`` the loss is::
 
         w_i,t = exp(lp - old)  (token)  or  exp(sum_t m (lp - old) / sum_t m)  (sequence)
-        l_i,t = -min(w A_i, clip(w, 1 - epsilon, 1 + epsilon_high) A_i) + beta k3(lp, ref)
+        l_i,t = -min(w A_i, clip(w, 1 - epsilon, 1 + epsilon_high) A_i) * is_i,t + beta k3(lp, ref)
         L     = mean_i sum_t m l / sum_t m  - entropy_coef mean_t H_t
 
-    and the other types change only the aggregation (bnpo: over all tokens; dr_grpo: divided by
-    B * max_completion_length; dapo, cispo: by the tokens of the whole generation batch) or, for
-    cispo, the objective -sg(min(w, epsilon_high)) A lp.
+    with is_i,t the vLLM importance weight (1 without vLLM correction): exp(old - sampling) per
+    token or exp(sum_t m (old - sampling)) per sequence, truncated at or masked above
+    ``vllm_importance_sampling_clip_max``. The other types change only the aggregation (bnpo:
+    over all tokens; dr_grpo: divided by B * max_completion_length; dapo, cispo: by the tokens of
+    the whole generation batch) or, for cispo, the objective -sg(min(w, epsilon_high)) A lp.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        self._rlkern_policy_head = add_rlkern_lm_head(
+        self._rlkern_head_reason = _lm_head_unsupported(base)
+        self._rlkern_policy_head = self._rlkern_head_reason is None and add_rlkern_lm_head(
             base, temperature=self.temperature, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32,
             outputs=("log_probs", "entropy"))
-        if self.ref_model is not None:
+        if self.ref_model is not None and _lm_head_unsupported(self.ref_model) is None:
             add_rlkern_lm_head(self.ref_model, temperature=self.temperature,
                                cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
+        self._rlkern_runtime_fallbacks = set()
+        self._rlkern_log_plan()
+
+    # -- what runs where --------------------------------------------------------------------
+
+    def _rlkern_loss_fallback(self) -> Optional[str]:
+        """Why the policy loss of this configuration runs on TRL's code, or None when rlkern computes it."""
+        if self.loss_type not in _LOSS_TYPES:
+            return f"loss_type={self.loss_type!r} has no rlkern objective"
+        objective = _LOSS_TYPES[self.loss_type][0](self)
+        if isinstance(objective, str):
+            return objective
+        if self.top_entropy_quantile < 1.0 and self.accelerator.num_processes > 1:
+            return "top_entropy_quantile < 1 over several processes (TRL takes the quantile over all of them)"
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            if self.vllm_importance_sampling_mode not in _VLLM_IS_MODES:
+                return f"vllm_importance_sampling_mode={self.vllm_importance_sampling_mode!r} is unknown"
+            clip_min = self.vllm_importance_sampling_clip_min
+            if clip_min is not None and clip_min > 0.0:
+                return ("vllm_importance_sampling_clip_min: rlkern's importance weight has an upper bound "
+                        "(tis_cap) only, no lower one")
+        return None
+
+    def _rlkern_plan(self):
+        """([parts on rlkern], [(part, reason) on TRL's code]) for this configuration."""
+        on_rlkern, on_trl = [], []
+        if self._rlkern_policy_head:
+            on_rlkern.append("log-probabilities and entropies (rlkern.linear_token_logprobs, fused LM head)")
+        else:
+            on_trl.append(("log-probabilities and entropies (TRL's fused LM head)", self._rlkern_head_reason))
+        reason = self._rlkern_loss_fallback()
+        if reason is not None:
+            on_trl.append((f"policy loss (loss_type={self.loss_type!r})", reason))
+            return on_rlkern, on_trl
+        parts = [f"loss_type={self.loss_type!r}", f"importance_sampling_level={self.importance_sampling_level!r}"]
+        if self.beta != 0.0:
+            parts.append("k3 KL" + (" with bias correction" if self.args.use_bias_correction_kl else ""))
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            parts.append(f"vLLM importance sampling {self.vllm_importance_sampling_mode}")
+        if self.off_policy_mask_threshold is not None:
+            parts.append("off-policy sequence mask")
+        if self.top_entropy_quantile < 1.0:
+            parts.append(f"top_entropy_quantile={self.top_entropy_quantile}")
+        on_rlkern.append("policy loss (rlkern.policy_loss: " + ", ".join(parts) + ")")
+        if self._entropy_bonus_enabled:
+            on_rlkern.append("entropy bonus" + (" with adaptive control" if self.use_adaptive_entropy else ""))
+        return on_rlkern, on_trl
+
+    def _rlkern_log_plan(self):
+        on_rlkern, on_trl = self._rlkern_plan()
+        lines = ["rlkern GRPOTrainer:", *(f"  on rlkern: {p}" for p in on_rlkern),
+                 *(f"  on TRL's code: {p}, because {r}" for p, r in on_trl)]
+        logger.log(logging.WARNING if on_trl else logging.INFO, "\n".join(lines))
+
+    def _rlkern_runtime_fallback(self, reason: str) -> None:
+        if reason not in self._rlkern_runtime_fallbacks:
+            self._rlkern_runtime_fallbacks.add(reason)
+            logger.warning("rlkern GRPOTrainer: a micro-batch's policy loss runs on TRL's code, because %s "
+                           "(logged once)", reason)
+
+    # -- the loss -----------------------------------------------------------------------------
 
     def _rlkern_handles(self, inputs) -> bool:
-        args = self.args
-        if self.loss_type not in _RLKERN_LOSS_TYPES:
+        if self._rlkern_loss_fallback() is not None:
             return False
-        if self.loss_type == "cispo" and self.epsilon_high < 1.0:
+        if (self.use_vllm and self.vllm_importance_sampling_correction and self.off_policy_mask_threshold is not None
+                and torch.isnan(inputs["sampling_per_token_logps"])[self._rlkern_mask(inputs).bool()].any()):
+            self._rlkern_runtime_fallback(
+                "the sampling engine could not score some tokens (NaN log-probs) and both the vLLM importance "
+                "weight and the off-policy mask are on: TRL counts such a token as no correction in the first "
+                "and as no drift in the second, while rlkern reads one rollout_logp for both")
             return False
-        # TRL takes the entropy quantile over all processes; rlkern's selection is local
-        return ((self.top_entropy_quantile >= 1.0 or self.accelerator.num_processes == 1)
-                and not self.use_adaptive_entropy
-                and not (self.use_vllm and self.vllm_importance_sampling_correction))
+        return True
+
+    @staticmethod
+    def _rlkern_mask(inputs):
+        return inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
 
     def _compute_loss(self, model, inputs):
         if not self._rlkern_handles(inputs):
@@ -182,7 +329,7 @@ class GRPOTrainer(_TRLGRPOTrainer):
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
         logits_to_keep = completion_ids.size(1)
-        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        mask = self._rlkern_mask(inputs)
 
         per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
             model, input_ids, attention_mask, logits_to_keep, compute_entropy=True,
@@ -199,52 +346,45 @@ class GRPOTrainer(_TRLGRPOTrainer):
 
         mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        B = per_token_logps.size(0)
-        if self.loss_type == "grpo":
-            agg, normalizer = "seq-mean-token-mean", B * accumulation
-        elif self.loss_type == "bnpo":
-            agg, normalizer = "token-mean", mask.sum().clamp(min=1.0).item() * accumulation
-        elif self.loss_type == "dr_grpo":
-            agg, normalizer = "token-sum", B * self.max_completion_length * accumulation
-        else:  # dapo, cispo: the token count of the generation batch, rescaled to one accumulation window
-            normalizer = inputs["num_items_in_batch"].clamp(min=1.0).item() / self.accelerator.num_processes
-            if mode == "train":
-                normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-            agg = "token-sum"
+        objective, aggregation, logs_unscaled = _LOSS_TYPES[self.loss_type]
+        agg, normalizer = aggregation(self, per_token_logps.size(0), mask, inputs, mode, accumulation)
 
-        if self.loss_type == "cispo":
-            # TRL caps the weight at epsilon_high with no lower bound: clip(w, 1 - 1, 1 + (epsilon_high - 1))
-            clip_options = dict(objective="cispo", clip_low=1.0, clip_high=self.epsilon_high - 1.0)
-        else:
-            clip_options = dict(objective="clip", clip_low=self.epsilon_low, clip_high=self.epsilon_high)
-        off_policy = {}
+        options = dict(objective(self))
+        if options.get("ratio_cap") is None:
+            options.pop("ratio_cap", None)
+        vllm_is = self.use_vllm and self.vllm_importance_sampling_correction
+        if vllm_is:
+            # TRL's weight: exp(old - sampling) per token or exp(sum over the sequence), a token the
+            # engine could not score (NaN) giving no correction (a zero log-difference)
+            sampling = inputs["sampling_per_token_logps"]
+            level, kind = _VLLM_IS_MODES[self.vllm_importance_sampling_mode]
+            cap = self.vllm_importance_sampling_clip_max
+            options.update(rollout_logp=torch.where(torch.isnan(sampling), old_per_token_logps, sampling),
+                           tis_cap=math.inf if cap is None else float(cap), tis_level=level, tis_mode=kind)
         if self.off_policy_mask_threshold is not None:
             # TRL measures the drift from the sampling engine's log-probs (or the old ones); tokens it
-            # could not score (NaN) count as no drift
-            sampling = inputs.get("sampling_per_token_logps", old_per_token_logps)
-            sampling = torch.where(torch.isnan(sampling), per_token_logps.detach(), sampling)
-            off_policy = dict(off_policy_threshold=float(self.off_policy_mask_threshold), rollout_logp=sampling)
-        entropy_selection, entropy_mask = {}, None
+            # could not score (NaN) count as no drift (with vLLM correction, _rlkern_handles has
+            # checked there are none)
+            options["off_policy_threshold"] = float(self.off_policy_mask_threshold)
+            if not vllm_is:
+                sampling = inputs.get("sampling_per_token_logps", old_per_token_logps)
+                options["rollout_logp"] = torch.where(torch.isnan(sampling), per_token_logps.detach(), sampling)
+        entropy_mask = None
         if self.top_entropy_quantile < 1.0:
-            entropy_selection = dict(entropy=entropies.detach(), entropy_top_fraction=float(self.top_entropy_quantile))
+            options.update(entropy=entropies.detach(), entropy_top_fraction=float(self.top_entropy_quantile))
             entropy_mask = self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
         use_kl = self.beta != 0.0
         out = policy_loss(
-            per_token_logps, old_per_token_logps, advantages, mask,
-            level=self.importance_sampling_level, **clip_options, **off_policy, **entropy_selection,
-            ratio_cap=getattr(self.args, "delta", None) if self.loss_type != "cispo" else None,
+            per_token_logps, old_per_token_logps, advantages, mask, level=self.importance_sampling_level,
             ref_logp=inputs["ref_per_token_logps"] if use_kl else None, kl_coef=self.beta, kl_kind="k3",
-            kl_is_correction=bool(self.args.use_bias_correction_kl),
-            agg=agg, normalizer=float(normalizer),
+            kl_is_correction=bool(self.args.use_bias_correction_kl), agg=agg, normalizer=float(normalizer),
+            **options,
         )
         loss = out.loss
-        # TRL logs the policy term before the accumulation scaling of grpo, bnpo and dr_grpo
-        policy_term = loss.detach() * (accumulation if self.loss_type in ("grpo", "bnpo", "dr_grpo") else 1.0)
+        policy_term = loss.detach() * (accumulation if logs_unscaled else 1.0)
 
         if self._entropy_bonus_enabled:
-            m = (mask if entropy_mask is None else mask * entropy_mask).to(entropies.dtype)
-            entropy_loss = (entropies * m).sum() / m.sum().clamp(min=1.0) / accumulation
-            loss = loss - self.entropy_coef * entropy_loss
+            loss = loss - self._rlkern_entropy_bonus(entropies, mask, entropy_mask, mode, accumulation)
             self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_term).nanmean().item())
             if mode == "train" and self.accelerator.sync_gradients:
                 self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
@@ -256,6 +396,36 @@ class GRPOTrainer(_TRLGRPOTrainer):
         self._log_rlkern_metrics(mode, per_token_logps, old_per_token_logps, advantages, mask, entropies,
                                  inputs.get("ref_per_token_logps") if use_kl else None)
         return loss
+
+    def _rlkern_entropy_bonus(self, entropies, mask, entropy_mask, mode, accumulation):
+        """coef * the mean entropy of the tokens the policy term acts on, and TRL's adaptive controller.
+
+        As TRL: the coefficient applied in an accumulation window is the one set at the end of
+        the previous optimizer step (0 while the adaptive controller's last entropy is above
+        ``entropy_target``); at each optimizer step the window's token-weighted entropy over all
+        processes moves it by ``entropy_coef_delta`` within [entropy_coef_min, entropy_coef_max].
+        """
+        m = (mask if entropy_mask is None else mask * entropy_mask).to(entropies.dtype)
+        entropy_mean = (entropies * m).sum() / m.sum().clamp(min=1.0) / accumulation
+        coef = self.entropy_coef
+        if self.use_adaptive_entropy:
+            if self._last_world_entropy > self.args.entropy_target:
+                coef = 0.0
+            if mode == "train":
+                stats = torch.stack([(entropies * m).sum(), m.sum()]).detach()
+                window = self._entropy_window_stats
+                self._entropy_window_stats = stats if window is None else window + stats
+                if self.accelerator.sync_gradients:
+                    totals = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+                    world_entropy = (totals[0] / totals[1].clamp(min=1.0)).item()
+                    step = self.args.entropy_coef_delta
+                    if world_entropy <= self.args.entropy_target:
+                        self.entropy_coef = min(self.entropy_coef + step, self.args.entropy_coef_max)
+                    else:
+                        self.entropy_coef = max(self.entropy_coef - step, self.args.entropy_coef_min)
+                    self._last_world_entropy = world_entropy
+                    self._entropy_window_stats = None
+        return coef * entropy_mean
 
     @torch.no_grad()
     def _log_rlkern_metrics(self, mode, logps, old_logps, advantages, mask, entropies, ref_logps):
