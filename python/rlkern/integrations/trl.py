@@ -36,15 +36,16 @@ import torch
 try:
     import transformers
     from packaging.version import Version
+    from trl import DPOTrainer as _TRLDPOTrainer
     from trl import GRPOTrainer as _TRLGRPOTrainer
     from trl.trainer.utils import FusedCausalLMOutput, nanmax, nanmin
 except ImportError as exc:  # pragma: no cover - exercised only without trl
     raise ImportError("rlkern.integrations.trl needs the `trl` package (pip install trl)") from exc
 
 from ..logprobs import linear_token_logprobs
-from ..losses import policy_loss
+from ..losses import dpo_loss, policy_loss
 
-__all__ = ["GRPOTrainer", "add_rlkern_lm_head"]
+__all__ = ["DPOTrainer", "GRPOTrainer", "add_rlkern_lm_head"]
 
 logger = logging.getLogger("rlkern.integrations.trl")
 
@@ -60,6 +61,29 @@ def _logit_scale(text_config) -> float:
         s = text_config.logits_scaling
         scale = s if text_config.model_type == "hyperclovax" else 1 / s
     return 1.0 if scale is None else float(scale)
+
+
+_HEAD_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
+
+
+def _first_argmax(hidden, weight, bias, chunk_tokens: int = 1024, chunk_vocab: int = 8192):
+    """The first index of each row's largest logit, the [N, V] logits built one tile at a time."""
+    best = torch.empty(hidden.shape[0], dtype=torch.long, device=hidden.device)
+    for n0 in range(0, hidden.shape[0], chunk_tokens):
+        h = hidden[n0:n0 + chunk_tokens]
+        top = torch.full((h.shape[0],), float("-inf"), dtype=h.dtype, device=h.device)
+        arg = torch.zeros(h.shape[0], dtype=torch.long, device=h.device)
+        for v0 in range(0, weight.shape[0], chunk_vocab):
+            tile = h @ weight[v0:v0 + chunk_vocab].t()
+            if bias is not None:
+                tile = tile + bias[v0:v0 + chunk_vocab]
+            value, index = tile.max(-1)
+            # strictly larger: a tie with an earlier chunk keeps the earlier index
+            better = value > top
+            top = torch.where(better, value, top)
+            arg = torch.where(better, index + v0, arg)
+        best[n0:n0 + chunk_tokens] = arg
+    return best
 
 
 def _lm_head_unsupported(model) -> Optional[str]:
@@ -81,13 +105,20 @@ def add_rlkern_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bo
     Call after TRL's ``add_fused_lm_head`` (the GRPOTrainer constructor does): calls without
     ``fused_lm_head`` and models rlkern does not handle (final-logit softcapping, MoE router
     losses) keep TRL's head. Returns whether the rlkern head was installed.
+
+    ``outputs`` as TRL's: "log_probs" and "entropy" come from the kernel; "mean_logits" (the mean
+    over the vocabulary of the scaled, tempered logits: the hidden state times the mean row of the
+    head) and "is_top1" (the label is the first argmax) are detached metrics, the latter from one
+    more projection in vocabulary chunks without gradient. "log_sum_sq_probs" is not available:
+    with it the head is not installed.
     """
-    if _lm_head_unsupported(model) is not None:
+    if _lm_head_unsupported(model) is not None or not set(outputs) <= set(_HEAD_OUTPUTS):
         return False
     text_config = model.config.get_text_config()
     previous_forward = model.forward
     logit_scale = _logit_scale(text_config)
     want_entropy = "entropy" in outputs
+    want_mean, want_top1 = "mean_logits" in outputs, "is_top1" in outputs
     backbone_attr = "base_model"
     if text_config is not model.config and Version(transformers.__version__) < Version("5.0.0"):
         backbone_attr = "model"
@@ -139,9 +170,21 @@ def add_rlkern_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bo
         # masked_scatter keeps an all-masked micro-batch connected to the graph (a zero loss, not an error)
         log_probs = logp.new_zeros(mask.shape).masked_scatter(mask, logp)
         entropy = None if entropy is None else entropy.new_zeros(mask.shape).masked_scatter(mask, entropy)
+        mean_logits = is_top1 = None
+        if want_mean or want_top1:
+            with torch.no_grad(), torch.autocast(device_type, enabled=False):
+                if want_mean:
+                    mean = selected.float() @ weight.float().mean(0)
+                    if bias is not None:
+                        mean = mean + bias.float().mean()
+                    mean_logits = torch.zeros(mask.shape, device=mean.device).masked_scatter(
+                        mask, mean * (logit_scale / temperature))
+                if want_top1:
+                    top1 = _first_argmax(selected, weight, bias) == labels[mask]
+                    is_top1 = torch.zeros(mask.shape, dtype=torch.bool, device=top1.device).masked_scatter(mask, top1)
         denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         return FusedCausalLMOutput(loss=-log_probs.sum() / denom, log_probs=log_probs, entropy=entropy,
-                                   label_mask=mask)
+                                   mean_logits=mean_logits, is_top1=is_top1, label_mask=mask)
 
     model.forward = types.MethodType(_rlkern_forward, model)
     return True
@@ -475,3 +518,159 @@ class GRPOTrainer(_TRLGRPOTrainer):
             nanmin(self.accelerator.gather(masked_seq_mean(low.float()))).item())
         self._metrics[mode]["clip_ratio/high_max"].append(
             nanmax(self.accelerator.gather(masked_seq_mean(high.float()))).item())
+
+
+# ---------------------------------------------------------------------------------------------
+# DPO
+
+# TRL loss_type -> (rlkern.dpo_loss loss_type, whether TRL divides each score by its completion's
+# token count first). The other TRL types are not per-pair formulas rlkern has: robust divides
+# by 1 - 2 ls and adds (not subtracts) the flipped term, exo_pair, nca_pair, bco_pair, sppo_hard,
+# apo_zero, apo_down and discopop have other per-pair formulas, aot and aot_unpaired sort the
+# batch, sft is a token mean.
+_DPO_LOSS_TYPES = {
+    "sigmoid": ("sigmoid", False),
+    "hinge": ("hinge", False),
+    "ipo": ("ipo", True),
+    "sigmoid_norm": ("sigmoid", True),
+}
+
+
+class DPOTrainer(_TRLDPOTrainer):
+    """TRL's ``DPOTrainer`` whose sequence log-probabilities and loss run on rlkern kernels.
+
+    Same constructor and behaviour as ``trl.DPOTrainer``. The fused LM head TRL patches onto the
+    policy and reference models computes the per-token log-probabilities and entropies with
+    :func:`rlkern.linear_token_logprobs` (no ``[tokens, vocab]`` logits kept for backward), and
+    for ``loss_type`` sigmoid, hinge, ipo and sigmoid_norm (any mix of them, with
+    ``loss_weights``) the loss is :func:`rlkern.dpo_loss` of the summed sequence log-probs
+    (divided by the completion's token count for ipo and sigmoid_norm, as TRL does), with the
+    metrics TRL logs. Other loss types, ``use_weighting`` (WPO), ``ld_alpha``, an f-divergence
+    other than reverse_kl and MoE router losses run on TRL's code; the constructor logs (logger
+    ``rlkern.integrations.trl``) which parts run where, and why.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._rlkern_install_heads()
+        self._rlkern_runtime_fallbacks = set()
+        on_rlkern, on_trl = [], []
+        if self._rlkern_policy_head:
+            on_rlkern.append("log-probabilities and entropies (rlkern.linear_token_logprobs, fused LM head)")
+        else:
+            on_trl.append(("log-probabilities and entropies (TRL's fused LM head)", self._rlkern_head_reason))
+        reason = self._rlkern_loss_fallback()
+        if reason is None:
+            on_rlkern.append(f"loss (rlkern.dpo_loss: loss_type={self.loss_types})")
+        else:
+            on_trl.append((f"loss (loss_type={self.loss_types})", reason))
+        lines = ["rlkern DPOTrainer:", *(f"  on rlkern: {p}" for p in on_rlkern),
+                 *(f"  on TRL's code: {p}, because {r}" for p, r in on_trl)]
+        logger.log(logging.WARNING if on_trl else logging.INFO, "\n".join(lines))
+
+    def _rlkern_install_heads(self):
+        if getattr(self, "_rlkern_heads_installed", False):
+            return
+        self._rlkern_heads_installed = True
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
+        self._rlkern_head_reason = _lm_head_unsupported(base)
+        if self._rlkern_head_reason is None and self.use_weighting:
+            self._rlkern_head_reason = "use_weighting needs log(sum p^2), which rlkern's head does not compute"
+        self._rlkern_policy_head = self._rlkern_head_reason is None and add_rlkern_lm_head(base, outputs=outputs)
+        if self.ref_model is not None and _lm_head_unsupported(self.ref_model) is None:
+            add_rlkern_lm_head(self.ref_model)
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        # TRL's constructor precomputes the reference log-probs after patching its head: patch rlkern's first
+        self._rlkern_install_heads()
+        return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    def _rlkern_loss_fallback(self) -> Optional[str]:
+        """Why the loss of this configuration runs on TRL's code, or None when rlkern computes it."""
+        others = [t for t in self.loss_types if t not in _DPO_LOSS_TYPES]
+        if others:
+            return f"loss_type {others} is not a per-pair formula rlkern.dpo_loss has"
+        if self.use_weighting:
+            return "use_weighting (WPO) weighs each pair, and rlkern.dpo_loss returns the batch mean"
+        if self.ld_alpha is not None:
+            return "ld_alpha (length-desensitised log-probs) is TRL's"
+        if self.f_divergence_type != "reverse_kl":
+            return f"f_divergence_type={self.f_divergence_type!r} is TRL's"
+        if self.aux_loss_enabled:
+            return "the MoE router auxiliary loss is TRL's"
+        return None
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        if self._rlkern_loss_fallback() is not None or return_outputs:
+            if return_outputs and "return_outputs" not in self._rlkern_runtime_fallbacks:
+                self._rlkern_runtime_fallbacks.add("return_outputs")
+                logger.warning("rlkern DPOTrainer: return_outputs=True (logits for compute_metrics) runs on TRL's "
+                               "code (logged once)")
+            return super()._compute_loss(model, inputs, return_outputs)
+        mode = "train" if self.model.training else "eval"
+        completion_mask = inputs["completion_mask"]
+        model_kwargs = {k: v for k, v in inputs.items()
+                        if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
+        model_kwargs["use_cache"] = False
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+        shift_mask = completion_mask[..., 1:]
+        seq_len = shift_mask.size(1)
+        # prompt-learning PEFT prepends virtual tokens: keep the positions of the real ones
+        per_token_logps = outputs.log_probs[:, -seq_len:]
+        chosen_logps, rejected_logps = per_token_logps.sum(1).chunk(2, dim=0)  # the batch is [chosen; rejected]
+        if self.precompute_ref_logps:
+            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            ref_inputs = {k: v for k, v in inputs.items() if k not in ("ref_chosen_logps", "ref_rejected_logps")}
+            ref_chosen, ref_rejected = self.compute_ref_log_probs(
+                self.ref_model if self.ref_model is not None else self.model, ref_inputs)
+
+        tokens_chosen, tokens_rejected = completion_mask.sum(1).clamp(min=1.0).chunk(2, dim=0)
+        loss = 0.0
+        for loss_type, weight in zip(self.loss_types, self.loss_weights):
+            kind, per_token = _DPO_LOSS_TYPES[loss_type]
+            pair = (chosen_logps, rejected_logps, ref_chosen, ref_rejected)
+            if per_token:
+                pair = (chosen_logps / tokens_chosen, rejected_logps / tokens_rejected,
+                        ref_chosen / tokens_chosen, ref_rejected / tokens_rejected)
+            loss = loss + dpo_loss(*pair, beta=self.beta, loss_type=kind).loss * weight
+
+        self._log_rlkern_metrics(mode, inputs, outputs, seq_len, chosen_logps, rejected_logps, ref_chosen, ref_rejected)
+        return loss
+
+    @torch.no_grad()
+    def _log_rlkern_metrics(self, mode, inputs, outputs, seq_len, chosen_logps, rejected_logps, ref_chosen,
+                            ref_rejected):
+        """The metrics TRL's ``_compute_loss`` logs, with its definitions."""
+        acc = self.accelerator
+        mask = inputs["completion_mask"][..., 1:]
+        chosen_mask, rejected_mask = mask.chunk(2, dim=0)
+
+        def total(x):  # summed over this process's batch and then over all processes
+            return acc.gather_for_metrics(x).sum()
+
+        def ratio(numerator, count):
+            numerator, count = total(numerator).item(), total(count).item()
+            return numerator / count if count > 0 else 0.0
+
+        self._metrics[mode]["entropy"].append(ratio((outputs.entropy[:, -seq_len:] * mask).sum(), mask.sum()))
+        if mode == "train":
+            self._total_train_tokens += total(inputs["attention_mask"].sum()).item() // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        chosen_mean, rejected_mean = outputs.mean_logits[:, -seq_len:].chunk(2, dim=0)
+        self._metrics[mode]["logits/chosen"].append(ratio(chosen_mean[chosen_mask.bool()].sum(), chosen_mask.sum()))
+        self._metrics[mode]["logits/rejected"].append(
+            ratio(rejected_mean[rejected_mask.bool()].sum(), rejected_mask.sum()))
+        chosen_top1 = outputs.is_top1[:, -seq_len:].chunk(2, dim=0)[0] & chosen_mask.bool()
+        self._metrics[mode]["mean_token_accuracy"].append(ratio(chosen_top1.sum(), chosen_mask.sum()))
+        chosen_rewards = self.beta * (chosen_logps - ref_chosen)
+        rejected_rewards = self.beta * (rejected_logps - ref_rejected)
+        self._metrics[mode]["rewards/chosen"].append(acc.gather(chosen_rewards).mean().item())
+        self._metrics[mode]["rewards/rejected"].append(acc.gather(rejected_rewards).mean().item())
+        self._metrics[mode]["rewards/accuracies"].append(
+            acc.gather((chosen_rewards > rejected_rewards).float()).mean().item())
+        self._metrics[mode]["rewards/margins"].append(acc.gather(chosen_rewards - rejected_rewards).mean().item())
+        self._metrics[mode]["logps/chosen"].append(acc.gather(chosen_logps).mean().item())
+        self._metrics[mode]["logps/rejected"].append(acc.gather(rejected_logps).mean().item())
