@@ -38,14 +38,15 @@ try:
     from packaging.version import Version
     from trl import DPOTrainer as _TRLDPOTrainer
     from trl import GRPOTrainer as _TRLGRPOTrainer
+    from trl import RewardTrainer as _TRLRewardTrainer
     from trl.trainer.utils import FusedCausalLMOutput, nanmax, nanmin
 except ImportError as exc:  # pragma: no cover - exercised only without trl
     raise ImportError("rlkern.integrations.trl needs the `trl` package (pip install trl)") from exc
 
 from ..logprobs import linear_token_logprobs
-from ..losses import dpo_loss, policy_loss
+from ..losses import bradley_terry_loss, dpo_loss, policy_loss
 
-__all__ = ["DPOTrainer", "GRPOTrainer", "add_rlkern_lm_head"]
+__all__ = ["DPOTrainer", "GRPOTrainer", "RewardTrainer", "add_rlkern_lm_head"]
 
 logger = logging.getLogger("rlkern.integrations.trl")
 
@@ -674,3 +675,48 @@ class DPOTrainer(_TRLDPOTrainer):
         self._metrics[mode]["rewards/margins"].append(acc.gather(chosen_rewards - rejected_rewards).mean().item())
         self._metrics[mode]["logps/chosen"].append(acc.gather(chosen_logps).mean().item())
         self._metrics[mode]["logps/rejected"].append(acc.gather(rejected_logps).mean().item())
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward model
+
+
+class RewardTrainer(_TRLRewardTrainer):
+    """TRL's ``RewardTrainer`` whose pairwise loss is :func:`rlkern.bradley_terry_loss`.
+
+    Same constructor and behaviour as ``trl.RewardTrainer``: the loss is
+    mean(-log sigmoid(r_chosen - r_rejected - margin)) (the dataset's ``margin`` column when it has
+    one) plus ``center_rewards_coefficient`` * mean((r_chosen + r_rejected)^2), with the metrics TRL
+    logs. The model (a sequence classifier) is unchanged.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        logger.info("rlkern RewardTrainer:\n  on rlkern: loss (rlkern.bradley_terry_loss%s)",
+                    ", with the reward-centring term" if self.args.center_rewards_coefficient is not None else "")
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        inputs["use_cache"] = False
+        outputs = model(**inputs)
+        rewards_chosen, rewards_rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
+        loss = bradley_terry_loss(rewards_chosen, rewards_rejected, margin=inputs.get("margin")).loss
+        coef = self.args.center_rewards_coefficient
+        if coef is not None:
+            loss = loss + coef * torch.mean((rewards_chosen + rewards_rejected) ** 2)
+
+        acc = self.accelerator
+        if mode == "train":
+            self._total_train_tokens += acc.gather_for_metrics(inputs["attention_mask"].sum()).sum().item() // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        with torch.no_grad():
+            every = acc.gather(outputs.logits)
+            self._metrics[mode]["min_reward"].append(every.min().item())
+            self._metrics[mode]["mean_reward"].append(every.mean().item())
+            self._metrics[mode]["max_reward"].append(every.max().item())
+            # means of each process's batch mean, as TRL
+            accuracy = (rewards_chosen > rewards_rejected).float().mean()
+            self._metrics[mode]["accuracy"].append(acc.gather_for_metrics(accuracy).mean().item())
+            margin = (rewards_chosen - rewards_rejected).mean()
+            self._metrics[mode]["margin"].append(acc.gather_for_metrics(margin).mean().item())
+        return (loss, outputs) if return_outputs else loss
