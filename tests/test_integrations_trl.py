@@ -159,6 +159,46 @@ def test_rlkern_trainer_matches_trl(tiny_model_dir, tmp_path, monkeypatch, loss_
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_selection_over_processes_path_matches_trl(tiny_model_dir, tmp_path, monkeypatch):
+    """Several processes hand policy_loss the selection (not its own quantile); forced here in one."""
+    modes = []
+    local = rlk_trl.GRPOTrainer._rlkern_local_selection
+    monkeypatch.setattr(rlk_trl.GRPOTrainer, "_rlkern_local_selection", lambda self: modes.append(local(self)))
+    options = dict(loss_type="dapo", beta=0.04, top_entropy_quantile=0.3, entropy_coef=0.01)
+    ref_trainer, ref_losses, _, ref_grads = _run(trl.GRPOTrainer, tiny_model_dir, tmp_path, **options)
+    rlk_trainer, losses, _, grads = _run(rlk_trl.GRPOTrainer, tiny_model_dir, tmp_path, **options)
+    assert modes == [True, True]  # one process: the fused selection would have been used
+    for step in range(2):
+        assert (losses[step] - ref_losses[step]).abs().item() <= 1e-5 * max(ref_losses[step].abs().item(), 1e-2)
+        assert_close(grads[step], ref_grads[step], tol=1e-4, name=f"step {step} gradients")
+
+
+@pytest.mark.parametrize("selected_count", [0, 1, 5, 9])
+def test_selection_as_entropy_options_keeps_exactly_the_selection(selected_count):
+    gen = torch.Generator().manual_seed(selected_count)
+    logp = (-torch.rand(2, 6, generator=gen) * 3).requires_grad_()
+    old = logp.detach() + 0.3 * torch.randn(2, 6, generator=gen)
+    ref = logp.detach() + 0.1 * torch.randn(2, 6, generator=gen)
+    adv = torch.tensor([1.0, -0.5])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0]])
+    selected = torch.zeros(2, 6, dtype=torch.bool)
+    selected[mask.bool().nonzero()[torch.randperm(9, generator=gen)[:selected_count]].unbind(-1)] = True
+    options, zero = rlk_trl._selection_as_entropy_options(selected, mask)
+    out = rlk_trl.policy_loss(logp, old, torch.zeros_like(adv) if zero else adv, mask, clip_low=0.2,
+                              ref_logp=ref, kl_coef=0.04, agg="token-mean", **options)
+    # TRL's per-token loss: the policy term times the selection, plus the KL on every active token
+    r = torch.exp(logp - old)
+    pg = -torch.min(r * adv[:, None], torch.clamp(r, 0.8, 1.2) * adv[:, None]) * selected
+    kl = torch.exp(ref - logp) - (ref - logp) - 1
+    expected = ((pg + 0.04 * kl) * mask).sum() / mask.sum()
+    assert zero == (selected_count == 0)
+    assert_close(out.loss, expected, tol=1e-5, name="loss")
+    (g,) = torch.autograd.grad(out.loss, logp)
+    (g_ref,) = torch.autograd.grad(expected, logp)
+    assert_close(g, g_ref, tol=1e-5, name="gradient")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 def test_unsupported_options_fall_back_to_trl(tiny_model_dir, tmp_path, monkeypatch, caplog):
     calls = []
     monkeypatch.setattr(rlk_trl, "policy_loss", lambda *a, **k: calls.append(1))

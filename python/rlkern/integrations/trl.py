@@ -1,26 +1,31 @@
-"""TRL's ``GRPOTrainer`` with rlkern's log-prob and policy-loss kernels: change one import.
+"""TRL's ``GRPOTrainer``, ``DPOTrainer`` and ``RewardTrainer`` on rlkern's kernels: change one import.
 
-    # from trl import GRPOTrainer
-    from rlkern.integrations.trl import GRPOTrainer
+    # from trl import GRPOTrainer, DPOTrainer, RewardTrainer
+    from rlkern.integrations.trl import GRPOTrainer, DPOTrainer, RewardTrainer
 
-The constructor is TRL's. Two things change:
+The constructors are TRL's. What changes:
 
-- The fused LM head TRL patches onto the policy and reference models computes log-probabilities
-  and entropies with :func:`rlkern.linear_token_logprobs` (chunked over the vocabulary, no
-  ``[tokens, vocab]`` logits kept for backward) from the backbone's hidden states.
-- ``_compute_loss`` evaluates the policy loss with :func:`rlkern.policy_loss` (ratio, clipping,
-  the k3 KL term, masking and aggregation in one fused op) for ``loss_type`` grpo, bnpo, dr_grpo,
-  dapo and cispo at ``importance_sampling_level`` token and sequence, with or without the KL term
-  (``beta``, ``use_bias_correction_kl``) and the entropy bonus. It logs the metrics TRL logs.
+- The fused LM head TRL patches onto the policy and reference models (GRPO and DPO) computes
+  log-probabilities and entropies with :func:`rlkern.linear_token_logprobs` (chunked over the
+  vocabulary, no ``[tokens, vocab]`` logits kept for backward) from the backbone's hidden states.
+- ``GRPOTrainer._compute_loss`` evaluates the policy loss with :func:`rlkern.policy_loss` (ratio,
+  clipping, the k3 KL term, masking and aggregation in one fused op) for ``loss_type`` grpo, bnpo,
+  dr_grpo, dapo and cispo (``epsilon_high`` below 1 included) at ``importance_sampling_level``
+  token and sequence, with or without the KL term (``beta``, ``use_bias_correction_kl``), the
+  entropy bonus (static or adaptive), two-sided clipping (``delta``), the off-policy sequence mask
+  (``off_policy_mask_threshold``), the high-entropy token selection (``top_entropy_quantile``,
+  over all processes as TRL: :func:`high_entropy_mask`) and vLLM's importance-sampling correction
+  (``vllm_importance_sampling_mode`` token_truncate, token_mask, sequence_truncate, sequence_mask
+  with ``vllm_importance_sampling_clip_max``). It logs the metrics TRL logs.
+- ``DPOTrainer`` computes the loss with :func:`rlkern.dpo_loss` for ``loss_type`` sigmoid, hinge,
+  ipo and sigmoid_norm; ``RewardTrainer`` with :func:`rlkern.bradley_terry_loss`.
 
-Two-sided clipping (``delta``), the off-policy sequence mask (``off_policy_mask_threshold``) and,
-in a single process, the high-entropy token selection (``top_entropy_quantile``) are rlkern options
-too. Configurations rlkern does not cover fall back to TRL's own code, unchanged: the loss types
-sapo, luspo and vespo, the high-entropy selection across several processes (TRL gathers the
-quantile over all of them), adaptive entropy
-control, vLLM importance-sampling correction, a CISPO cap ``epsilon_high < 1``, and models with
-final-logit softcapping or MoE router losses (for the LM head). Checked against trl 1.16.0 and
-transformers 5.24.
+Configurations rlkern does not cover run on TRL's own code, unchanged, and each trainer's
+constructor says so once (logger ``rlkern.integrations.trl``: INFO when everything runs on
+rlkern, WARNING naming each part left to TRL and why). For GRPO: the loss types sapo, luspo and
+vespo, a lower importance-sampling bound ``vllm_importance_sampling_clip_min`` > 0, CISPO with
+``epsilon_high < 1`` together with the bias-corrected KL, and models with final-logit softcapping
+or MoE router losses (the LM head). Checked against trl 1.16.0 and transformers 5.24.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without trl
 from ..logprobs import linear_token_logprobs
 from ..losses import bradley_terry_loss, dpo_loss, policy_loss
 
-__all__ = ["DPOTrainer", "GRPOTrainer", "RewardTrainer", "add_rlkern_lm_head"]
+__all__ = ["DPOTrainer", "GRPOTrainer", "RewardTrainer", "add_rlkern_lm_head", "high_entropy_mask"]
 
 logger = logging.getLogger("rlkern.integrations.trl")
 
@@ -192,6 +197,80 @@ def add_rlkern_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bo
 
 
 # ---------------------------------------------------------------------------------------------
+# The high-entropy token selection over several processes
+
+
+def high_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, quantile: float, group=None) -> torch.Tensor:
+    """TRL's ``get_high_entropy_mask`` over the processes of ``group``, without gathering every entropy.
+
+    The tokens (``mask`` != 0) whose entropy is at least the ``quantile`` quantile (linear
+    interpolation, float32, as ``torch.quantile``) of the active entropies of all processes;
+    all False when there is no active token anywhere or one of them is NaN (TRL's quantile is
+    then NaN). Every process must call it (two all-gathers).
+
+    The quantile reads two neighbouring order statistics of the N active entropies, at rank
+    ~quantile * (N - 1). Both lie among the K = min(q, 1 - q) * N + 3 largest (q >= 1/2) or
+    smallest (q < 1/2) values, and each process holds at most K of those, so each sends its own
+    K most extreme values, not all of them: one all-gather of the counts (two integers per
+    process, which TRL's padded gather also does), one of at most K values per process. The
+    quantile of the N-long vector made of the K gathered extremes and N - K copies of the
+    innermost one is the quantile of all entropies, bit for bit.
+
+    This moves min(K, n) instead of n values per process (n the largest local token count):
+    a saving when the world is smaller than 1 / min(q, 1 - q) (with TRL's quantile 0.8, up to 4
+    processes). An exact selection that moves less for any world size needs several rounds (a
+    radix select over the float bits, one all-reduce of a histogram per round); one round of
+    4 bytes per token was chosen, as the entropies are small next to everything else a step moves.
+    """
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    active = mask.bool()
+    local = entropies.detach()[active].float()
+    header = torch.tensor([local.numel(), int(torch.isnan(local).any())], dtype=torch.long, device=local.device)
+    headers = [torch.empty_like(header) for _ in range(world)]
+    dist.all_gather(headers, header, group=group)
+    counts = [int(h[0]) for h in headers]
+    total = sum(counts)
+    if total == 0 or any(int(h[1]) for h in headers):
+        return torch.zeros_like(active)
+    top_side = quantile >= 0.5
+    keep = min(total, int(math.floor(min(quantile, 1.0 - quantile) * total)) + 3)
+    width = min(keep, max(counts))
+    extreme = torch.sort(local, descending=top_side).values[:width]
+    payload = torch.full((width,), float("nan"), dtype=torch.float32, device=local.device)
+    payload[:extreme.numel()] = extreme
+    gathered = [torch.empty_like(payload) for _ in range(world)]
+    dist.all_gather(gathered, payload, group=group)
+    candidates = torch.cat(gathered)
+    candidates = candidates[~torch.isnan(candidates)]
+    extremes = torch.sort(candidates, descending=top_side).values[:keep]
+    innermost = extremes[-1:].expand(total - keep)
+    stand_in = torch.cat([extremes, innermost])
+    threshold = torch.quantile(stand_in, quantile)
+    return ((entropies * mask.float()) >= threshold) & active
+
+
+def _selection_as_entropy_options(selected: torch.Tensor, mask: torch.Tensor):
+    """policy_loss options that keep the policy term on exactly the ``selected`` active tokens.
+
+    policy_loss selects by a quantile of its ``entropy`` input over the micro-batch; given the
+    selection as 1.0 (selected) and 0.0 (not) and the top fraction (k - 1/2) / (n - 1) of the n
+    active tokens (k selected), that quantile falls between the zeros and the ones, so it keeps
+    the ones. Without a selected token there is no fraction that keeps nothing: the advantages
+    are then zeroed, which zeroes the policy term exactly as TRL's multiplication by the mask.
+    Returns (options, zero_advantages).
+    """
+    active = mask.bool()
+    n = int(active.sum())
+    k = int((selected & active).sum())
+    if k == 0:
+        return {}, n > 0
+    fraction = 1.0 if k == n else (k - 0.5) / (n - 1)
+    return dict(entropy=selected.float(), entropy_top_fraction=fraction), False
+
+
+# ---------------------------------------------------------------------------------------------
 # loss_type -> rlkern.policy_loss options. A TRL loss type that rlkern computes is one entry of
 # _LOSS_TYPES: (objective options, aggregation). Both are functions of the trainer; an objective
 # function returns a string (the reason) for a configuration it cannot express exactly.
@@ -298,8 +377,6 @@ class GRPOTrainer(_TRLGRPOTrainer):
         objective = _LOSS_TYPES[self.loss_type][0](self)
         if isinstance(objective, str):
             return objective
-        if self.top_entropy_quantile < 1.0 and self.accelerator.num_processes > 1:
-            return "top_entropy_quantile < 1 over several processes (TRL takes the quantile over all of them)"
         if self.use_vllm and self.vllm_importance_sampling_correction:
             if self.vllm_importance_sampling_mode not in _VLLM_IS_MODES:
                 return f"vllm_importance_sampling_mode={self.vllm_importance_sampling_mode!r} is unknown"
@@ -413,13 +490,20 @@ class GRPOTrainer(_TRLGRPOTrainer):
             if not vllm_is:
                 sampling = inputs.get("sampling_per_token_logps", old_per_token_logps)
                 options["rollout_logp"] = torch.where(torch.isnan(sampling), per_token_logps.detach(), sampling)
-        entropy_mask = None
+        entropy_mask, loss_advantages = None, advantages
         if self.top_entropy_quantile < 1.0:
-            options.update(entropy=entropies.detach(), entropy_top_fraction=float(self.top_entropy_quantile))
             entropy_mask = self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
+            if self._rlkern_local_selection():
+                options.update(entropy=entropies.detach(), entropy_top_fraction=float(self.top_entropy_quantile))
+            else:
+                # the quantile is over all processes: hand policy_loss the selection itself
+                selection, no_token = _selection_as_entropy_options(entropy_mask, mask)
+                options.update(selection)
+                if no_token:
+                    loss_advantages = torch.zeros_like(advantages)
         use_kl = self.beta != 0.0
         out = policy_loss(
-            per_token_logps, old_per_token_logps, advantages, mask, level=self.importance_sampling_level,
+            per_token_logps, old_per_token_logps, loss_advantages, mask, level=self.importance_sampling_level,
             ref_logp=inputs["ref_per_token_logps"] if use_kl else None, kl_coef=self.beta, kl_kind="k3",
             kl_is_correction=bool(self.args.use_bias_correction_kl), agg=agg, normalizer=float(normalizer),
             **options,
@@ -440,6 +524,17 @@ class GRPOTrainer(_TRLGRPOTrainer):
         self._log_rlkern_metrics(mode, per_token_logps, old_per_token_logps, advantages, mask, entropies,
                                  inputs.get("ref_per_token_logps") if use_kl else None)
         return loss
+
+    def _rlkern_local_selection(self) -> bool:
+        """Whether policy_loss's own (micro-batch) entropy quantile is TRL's: in one process."""
+        return self.accelerator.num_processes == 1
+
+    def get_high_entropy_mask(self, entropies, mask, threshold):
+        import torch.distributed as dist
+
+        if self.accelerator.num_processes > 1 and dist.is_available() and dist.is_initialized():
+            return high_entropy_mask(entropies, mask, threshold)
+        return super().get_high_entropy_mask(entropies, mask, threshold)
 
     def _rlkern_entropy_bonus(self, entropies, mask, entropy_mask, mode, accumulation):
         """coef * the mean entropy of the tokens the policy term acts on, and TRL's adaptive controller.
