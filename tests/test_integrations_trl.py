@@ -388,3 +388,24 @@ def test_vllm_importance_sampling_matches_trl(tiny_model_dir, tmp_path, monkeypa
         for key, value in ref.items():
             if key.startswith(("clip_ratio", "kl", "entropy", "cispo", "policy_loss", "sampling/")):
                 assert mine[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_high_entropy_mask_in_one_process_and_bad_input():
+    import types
+
+    from accelerate import Accelerator
+
+    trl_like = types.SimpleNamespace(accelerator=Accelerator(cpu=True))
+    gen = torch.Generator().manual_seed(3)
+    entropies = torch.round(torch.rand(4, 7, generator=gen) * 4)  # ties
+    mask = (torch.rand(4, 7, generator=gen) > 0.25).long()
+    for q in (0.0, 0.3, 0.5, 0.8, 1.0):
+        expected = trl.GRPOTrainer.get_high_entropy_mask(trl_like, entropies, mask, q)
+        assert torch.equal(rlk_trl.high_entropy_mask(entropies, mask, q), expected), q
+    with pytest.raises(ValueError, match="quantile"):
+        rlk_trl.high_entropy_mask(entropies, mask, 1.5)
+    with pytest.raises(ValueError, match="mask"):
+        rlk_trl.high_entropy_mask(entropies, mask[:, :3], 0.5)
+    with pytest.raises(TypeError, match="entropies"):
+        rlk_trl.high_entropy_mask(mask, mask, 0.5)

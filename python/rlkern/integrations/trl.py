@@ -206,7 +206,8 @@ def high_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, quantile: flo
     The tokens (``mask`` != 0) whose entropy is at least the ``quantile`` quantile (linear
     interpolation, float32, as ``torch.quantile``) of the active entropies of all processes;
     all False when there is no active token anywhere or one of them is NaN (TRL's quantile is
-    then NaN). Every process must call it (two all-gathers).
+    then NaN). Every process of ``group`` must call it (two all-gathers); without an initialized
+    ``torch.distributed`` it is the selection of this process's tokens.
 
     The quantile reads two neighbouring order statistics of the N active entropies, at rank
     ~quantile * (N - 1). Both lie among the K = min(q, 1 - q) * N + 3 largest (q >= 1/2) or
@@ -224,12 +225,27 @@ def high_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, quantile: flo
     """
     import torch.distributed as dist
 
-    world = dist.get_world_size(group)
+    if not isinstance(entropies, torch.Tensor) or not entropies.is_floating_point():
+        raise TypeError(f"entropies must be a floating-point tensor, got {type(entropies).__name__}")
+    if not isinstance(mask, torch.Tensor) or mask.shape != entropies.shape:
+        raise ValueError(f"mask must be a tensor of the shape of entropies {tuple(entropies.shape)}, got "
+                         f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+    if isinstance(quantile, bool) or not isinstance(quantile, (int, float)) or not 0.0 <= quantile <= 1.0:
+        raise ValueError(f"quantile must be a number in [0, 1], got {quantile!r}")
+    distributed = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size(group) if distributed else 1
+
+    def all_gather(tensor):
+        if not distributed:
+            return [tensor]
+        out = [torch.empty_like(tensor) for _ in range(world)]
+        dist.all_gather(out, tensor, group=group)
+        return out
+
     active = mask.bool()
     local = entropies.detach()[active].float()
     header = torch.tensor([local.numel(), int(torch.isnan(local).any())], dtype=torch.long, device=local.device)
-    headers = [torch.empty_like(header) for _ in range(world)]
-    dist.all_gather(headers, header, group=group)
+    headers = all_gather(header)
     counts = [int(h[0]) for h in headers]
     total = sum(counts)
     if total == 0 or any(int(h[1]) for h in headers):
@@ -240,9 +256,7 @@ def high_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, quantile: flo
     extreme = torch.sort(local, descending=top_side).values[:width]
     payload = torch.full((width,), float("nan"), dtype=torch.float32, device=local.device)
     payload[:extreme.numel()] = extreme
-    gathered = [torch.empty_like(payload) for _ in range(world)]
-    dist.all_gather(gathered, payload, group=group)
-    candidates = torch.cat(gathered)
+    candidates = torch.cat(all_gather(payload))
     candidates = candidates[~torch.isnan(candidates)]
     extremes = torch.sort(candidates, descending=top_side).values[:keep]
     innermost = extremes[-1:].expand(total - keep)
