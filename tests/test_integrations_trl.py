@@ -9,6 +9,8 @@ identical, and the losses and gradients must agree within float32 tolerance.
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -59,7 +61,7 @@ class _Recorder(TrainerCallback):
                                      if p.grad is not None]))
 
 
-def _run(trainer_cls, model_dir, tmp_path, **overrides):
+def _run(trainer_cls, model_dir, tmp_path, setup=None, **overrides):
     from trl import GRPOConfig
 
     options = dict(output_dir=str(tmp_path / trainer_cls.__module__), per_device_train_batch_size=4,
@@ -72,6 +74,8 @@ def _run(trainer_cls, model_dir, tmp_path, **overrides):
     recorder = _Recorder()
     trainer = trainer_cls(model=model_dir, reward_funcs=_reward, args=args, train_dataset=dataset,
                           callbacks=[recorder])
+    if setup is not None:
+        setup(trainer)
     losses, completions = [], []
     compute_loss = trainer.compute_loss
 
@@ -97,6 +101,9 @@ CASES = [
     ("grpo", "token", {"beta": 0.04, "delta": 1.01}),  # below 1 + epsilon_high, so it binds
     ("dapo", "token", {"beta": 0.0, "off_policy_mask_threshold": 0.002}),
     ("grpo", "token", {"beta": 0.04, "top_entropy_quantile": 0.5, "entropy_coef": 0.01}),
+    ("cispo", "sequence", {"beta": 0.0, "epsilon_high": 0.9}),  # a cap below 1: every weight near 1 is capped
+    # the controller applies 0 at step 1 (no entropy measured yet), then entropy_coef + delta
+    ("grpo", "token", {"beta": 0.0, "use_adaptive_entropy": True, "entropy_coef": 0.01, "entropy_target": 10.0}),
 ]
 
 
@@ -131,7 +138,13 @@ def test_rlkern_trainer_matches_trl(tiny_model_dir, tmp_path, monkeypatch, loss_
             f"step {step}: loss {losses[step].item()} vs TRL {ref_losses[step].item()}"
         assert_close(grads[step], ref_grads[step], tol=1e-4, name=f"step {step} gradients")
 
-    if loss_type == "grpo" and level == "token":
+    if extra.get("use_adaptive_entropy"):
+        coefs = [h["entropy_coef"] for h in ref_trainer.state.log_history if "loss" in h]
+        assert coefs[0] != coefs[1] and rlk_trainer.entropy_coef == ref_trainer.entropy_coef
+    if loss_type == "cispo" and extra["epsilon_high"] < 1:
+        second = [h for h in ref_trainer.state.log_history if "loss" in h][1]
+        assert 0 < second["cispo_clip_ratio"]
+    if loss_type == "grpo" and level == "token" and extra["beta"]:
         # the comparison would be weak if nothing were clipped or the KL term were idle: check it is not
         second = [h for h in ref_trainer.state.log_history if "loss" in h][1]
         assert second["clip_ratio/region_mean"] > 0 and second["kl"] > 0
@@ -146,8 +159,253 @@ def test_rlkern_trainer_matches_trl(tiny_model_dir, tmp_path, monkeypatch, loss_
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-def test_unsupported_options_fall_back_to_trl(tiny_model_dir, tmp_path, monkeypatch):
+def test_selection_over_processes_path_matches_trl(tiny_model_dir, tmp_path, monkeypatch):
+    """Several processes hand policy_loss the selection (not its own quantile); forced here in one."""
+    modes = []
+    local = rlk_trl.GRPOTrainer._rlkern_local_selection
+    monkeypatch.setattr(rlk_trl.GRPOTrainer, "_rlkern_local_selection", lambda self: modes.append(local(self)))
+    options = dict(loss_type="dapo", beta=0.04, top_entropy_quantile=0.3, entropy_coef=0.01)
+    ref_trainer, ref_losses, _, ref_grads = _run(trl.GRPOTrainer, tiny_model_dir, tmp_path, **options)
+    rlk_trainer, losses, _, grads = _run(rlk_trl.GRPOTrainer, tiny_model_dir, tmp_path, **options)
+    assert modes == [True, True]  # one process: the fused selection would have been used
+    for step in range(2):
+        assert (losses[step] - ref_losses[step]).abs().item() <= 1e-5 * max(ref_losses[step].abs().item(), 1e-2)
+        assert_close(grads[step], ref_grads[step], tol=1e-4, name=f"step {step} gradients")
+
+
+@pytest.mark.parametrize("selected_count", [0, 1, 5, 9])
+def test_selection_as_entropy_options_keeps_exactly_the_selection(selected_count):
+    gen = torch.Generator().manual_seed(selected_count)
+    logp = (-torch.rand(2, 6, generator=gen) * 3).requires_grad_()
+    old = logp.detach() + 0.3 * torch.randn(2, 6, generator=gen)
+    ref = logp.detach() + 0.1 * torch.randn(2, 6, generator=gen)
+    adv = torch.tensor([1.0, -0.5])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0]])
+    selected = torch.zeros(2, 6, dtype=torch.bool)
+    selected[mask.bool().nonzero()[torch.randperm(9, generator=gen)[:selected_count]].unbind(-1)] = True
+    options, zero = rlk_trl._selection_as_entropy_options(selected, mask)
+    out = rlk_trl.policy_loss(logp, old, torch.zeros_like(adv) if zero else adv, mask, clip_low=0.2,
+                              ref_logp=ref, kl_coef=0.04, agg="token-mean", **options)
+    # TRL's per-token loss: the policy term times the selection, plus the KL on every active token
+    r = torch.exp(logp - old)
+    pg = -torch.min(r * adv[:, None], torch.clamp(r, 0.8, 1.2) * adv[:, None]) * selected
+    kl = torch.exp(ref - logp) - (ref - logp) - 1
+    expected = ((pg + 0.04 * kl) * mask).sum() / mask.sum()
+    assert zero == (selected_count == 0)
+    assert_close(out.loss, expected, tol=1e-5, name="loss")
+    (g,) = torch.autograd.grad(out.loss, logp)
+    (g_ref,) = torch.autograd.grad(expected, logp)
+    assert_close(g, g_ref, tol=1e-5, name="gradient")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_unsupported_options_fall_back_to_trl(tiny_model_dir, tmp_path, monkeypatch, caplog):
     calls = []
     monkeypatch.setattr(rlk_trl, "policy_loss", lambda *a, **k: calls.append(1))
-    _, losses, _, _ = _run(rlk_trl.GRPOTrainer, tiny_model_dir, tmp_path, loss_type="sapo", max_steps=1)
+    with caplog.at_level(logging.INFO, logger="rlkern.integrations.trl"):
+        _, losses, _, _ = _run(rlk_trl.GRPOTrainer, tiny_model_dir, tmp_path, loss_type="sapo", max_steps=1)
     assert calls == [] and torch.isfinite(losses[0])
+    # said once, at start, as a warning: the head is rlkern's, the loss TRL's, and why
+    records = [r for r in caplog.records if r.name == "rlkern.integrations.trl"]
+    assert len(records) == 1 and records[0].levelno == logging.WARNING
+    message = records[0].getMessage()
+    assert "on rlkern: log-probabilities and entropies" in message
+    assert "on TRL's code: policy loss (loss_type='sapo'), because loss_type='sapo' has no rlkern objective" in message
+
+
+def _grpo_args(tmp_path, **overrides):
+    from trl import GRPOConfig
+
+    options = dict(output_dir=str(tmp_path / "plan"), per_device_train_batch_size=4, num_generations=4,
+                   max_completion_length=6, report_to="none", use_cpu=True, save_strategy="no", bf16=False)
+    options.update(overrides)
+    return GRPOConfig(**options)
+
+
+PLANS = [
+    # (GRPOConfig options, attributes set after construction, expected level, expected lines)
+    ({}, {}, logging.INFO, ["on rlkern: policy loss (rlkern.policy_loss: loss_type='dapo', "
+                            "importance_sampling_level='token')"]),
+    ({"loss_type": "grpo", "beta": 0.04, "use_bias_correction_kl": True, "off_policy_mask_threshold": 0.5,
+      "top_entropy_quantile": 0.2, "use_adaptive_entropy": True}, {}, logging.INFO,
+     ["on rlkern: policy loss (rlkern.policy_loss: loss_type='grpo', importance_sampling_level='token', k3 KL "
+      "with bias correction, off-policy sequence mask, top_entropy_quantile=0.2)",
+      "on rlkern: entropy bonus with adaptive control"]),
+    ({"loss_type": "cispo", "epsilon_high": 0.8, "beta": 0.04, "use_bias_correction_kl": True}, {}, logging.WARNING,
+     ["on TRL's code: policy loss (loss_type='cispo'), because CISPO with epsilon_high < 1"]),
+    ({"vllm_importance_sampling_clip_min": 0.5}, {"use_vllm": True}, logging.WARNING,
+     ["on TRL's code: policy loss (loss_type='dapo'), because vllm_importance_sampling_clip_min"]),
+    ({"vllm_importance_sampling_mode": "sequence_truncate"}, {"use_vllm": True}, logging.INFO,
+     ["vLLM importance sampling sequence_truncate"]),
+]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+@pytest.mark.parametrize("options,attributes,level,lines", PLANS)
+def test_start_log_names_what_runs_where(tiny_model_dir, tmp_path, caplog, options, attributes, level, lines):
+    with caplog.at_level(logging.INFO, logger="rlkern.integrations.trl"):
+        trainer = rlk_trl.GRPOTrainer(model=tiny_model_dir, reward_funcs=_reward,
+                                      args=_grpo_args(tmp_path, **options),
+                                      train_dataset=Dataset.from_dict({"prompt": ["w1 w2"] * 4}))
+    if attributes:  # what a vLLM run sets, which cannot be constructed here: log the plan again
+        caplog.clear()
+        for name, value in attributes.items():
+            setattr(trainer, name, value)
+        with caplog.at_level(logging.INFO, logger="rlkern.integrations.trl"):
+            trainer._rlkern_log_plan()
+    records = [r for r in caplog.records if r.name == "rlkern.integrations.trl"]
+    assert len(records) == 1 and records[0].levelno == level
+    message = records[0].getMessage()
+    for line in lines:
+        assert line in message, message
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_unscorable_tokens_with_off_policy_mask_fall_back_once(tiny_model_dir, tmp_path, caplog):
+    trainer = rlk_trl.GRPOTrainer(model=tiny_model_dir, reward_funcs=_reward,
+                                  args=_grpo_args(tmp_path, off_policy_mask_threshold=0.5),
+                                  train_dataset=Dataset.from_dict({"prompt": ["w1 w2"] * 4}))
+    trainer.use_vllm = True
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    sampling = torch.tensor([[-1.0, -2.0, float("nan")], [-1.0, -1.5, -0.5]])
+    clean = {"completion_mask": mask, "sampling_per_token_logps": sampling}
+    assert trainer._rlkern_handles(clean)  # a NaN at a padded position is never read
+    unscorable = {"completion_mask": mask, "sampling_per_token_logps": sampling.where(mask == 0, float("nan"))}
+    with caplog.at_level(logging.INFO, logger="rlkern.integrations.trl"):
+        assert not trainer._rlkern_handles(unscorable)
+        assert not trainer._rlkern_handles(unscorable)
+    records = [r for r in caplog.records if r.name == "rlkern.integrations.trl"]
+    assert len(records) == 1 and "NaN log-probs" in records[0].getMessage()
+    trainer.off_policy_mask_threshold = None
+    assert trainer._rlkern_handles(unscorable)
+
+
+# --- vLLM importance-sampling correction -------------------------------------------------------
+#
+# vLLM cannot run here, so the trainer is built without it and then told it samples with vLLM:
+# generation stays transformers' (TRL's own non-vLLM branch), and the log-probs "the engine"
+# reports are made up per token (off the model's by up to +-0.45, one of them unscorable: None,
+# as vLLM reports a NaN). TRL's _generate_and_score_completions then computes the importance
+# weights and the sampling metrics from them exactly as on a vLLM run, and _compute_loss reads
+# old_per_token_logps, sampling_per_token_logps and importance_sampling_ratio from its inputs.
+
+
+def _sample_with_fake_vllm(trainer, unscorable=True):
+    trainer.use_vllm = True
+    original = trainer._generate_single_turn
+    calls = []
+
+    def generate(prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs):
+        trainer.use_vllm = False
+        try:
+            completion_ids, _ = original(prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs)
+        finally:
+            trainer.use_vllm = True
+        model = trainer.model
+        logprobs = []
+        for i, (prompt, completion) in enumerate(zip(prompt_ids, completion_ids)):
+            ids = torch.tensor([list(prompt) + list(completion)])
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
+            own = torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion)[:, None])[:, 0]
+            shift = 0.45 * torch.sin(torch.arange(len(completion)) * 1.3 + 0.7 * i + len(calls))
+            row = (own - shift).tolist()
+            if unscorable and i == 1 and len(row) > 1:
+                row[1] = None
+            logprobs.append(row)
+        calls.append(1)
+        return completion_ids, logprobs
+
+    trainer._generate_single_turn = generate
+
+
+VLLM_CASES = [
+    # (vllm_importance_sampling_mode, loss_type, importance_sampling_level, extra options)
+    ("token_truncate", "grpo", "token", {"beta": 0.04, "max_steps": 2}),
+    ("token_mask", "dapo", "sequence", {"beta": 0.0, "entropy_coef": 0.01}),
+    ("sequence_truncate", "cispo", "token", {"beta": 0.04, "epsilon_high": 1.01}),
+    ("sequence_mask", "bnpo", "token", {"beta": 0.04, "use_bias_correction_kl": True}),
+    ("token_mask", "dr_grpo", "token", {"beta": 0.0, "vllm_importance_sampling_clip_max": None,
+                                        "vllm_importance_sampling_clip_min": 0.0}),
+]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+@pytest.mark.parametrize("is_mode,loss_type,level,extra", VLLM_CASES,
+                         ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in VLLM_CASES])
+def test_vllm_importance_sampling_matches_trl(tiny_model_dir, tmp_path, monkeypatch, is_mode, loss_type, level, extra):
+    seen = {"policy_loss": [], "is_ratio": []}
+    policy = rlk_trl.policy_loss
+
+    def recording_policy_loss(*a, **kw):
+        seen["policy_loss"].append(kw)
+        return policy(*a, **kw)
+
+    monkeypatch.setattr(rlk_trl, "policy_loss", recording_policy_loss)
+    trl_compute = trl.GRPOTrainer._compute_loss
+
+    def recording_trl_compute(self, model, inputs):
+        if type(self) is trl.GRPOTrainer:
+            m = inputs["completion_mask"].bool()
+            ratio = inputs["importance_sampling_ratio"]
+            seen["is_ratio"].append(ratio if ratio.shape[1] == 1 else ratio[m])
+            assert torch.isnan(inputs["sampling_per_token_logps"][m]).sum() == 1
+        return trl_compute(self, model, inputs)
+
+    monkeypatch.setattr(trl.GRPOTrainer, "_compute_loss", recording_trl_compute)
+    options = dict(loss_type=loss_type, importance_sampling_level=level, vllm_importance_sampling_mode=is_mode,
+                   vllm_importance_sampling_clip_max=1.2, max_steps=1, num_iterations=1)
+    options.update(extra)
+    steps = options["max_steps"]
+    ref_trainer, ref_losses, _, ref_grads = _run(trl.GRPOTrainer, tiny_model_dir, tmp_path,
+                                                 setup=_sample_with_fake_vllm, **options)
+    rlk_trainer, losses, _, grads = _run(rlk_trl.GRPOTrainer, tiny_model_dir, tmp_path,
+                                         setup=_sample_with_fake_vllm, **options)
+    assert len(seen["policy_loss"]) == steps, "rlkern's policy_loss must compute every step's loss"
+    assert all(kw["tis_mode"] == is_mode.split("_")[1] and kw["tis_level"] == is_mode.split("_")[0]
+               for kw in seen["policy_loss"])
+
+    # the weights TRL applied are not all 1: the cap (or the mask) binds on some tokens and not on others
+    ratios = torch.cat([r.reshape(-1) for r in seen["is_ratio"]])
+    cap = options["vllm_importance_sampling_clip_max"]
+    if cap is not None and is_mode.endswith("truncate"):
+        assert (ratios == cap).any() and (ratios < cap).any() and (ratios != 1).any()
+    elif cap is not None:
+        assert (ratios == 0).any() and (ratios > 0).any()
+    else:
+        assert (ratios > 1.2).any() and (ratios < 1).any()
+
+    for step in range(steps):
+        diff = (losses[step] - ref_losses[step]).abs().item()
+        assert diff <= 1e-5 * max(ref_losses[step].abs().item(), 1e-2), \
+            f"step {step}: loss {losses[step].item()} vs TRL {ref_losses[step].item()}"
+        assert_close(grads[step], ref_grads[step], tol=1e-4, name=f"step {step} gradients")
+    ours = [h for h in rlk_trainer.state.log_history if "loss" in h]
+    theirs = [h for h in ref_trainer.state.log_history if "loss" in h]
+    assert len(ours) == len(theirs) == steps
+    for mine, ref in zip(ours, theirs):
+        assert any(key.startswith("sampling/importance_sampling_ratio") for key in ref)
+        for key, value in ref.items():
+            if key.startswith(("clip_ratio", "kl", "entropy", "cispo", "policy_loss", "sampling/")):
+                assert mine[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_high_entropy_mask_in_one_process_and_bad_input():
+    import types
+
+    from accelerate import Accelerator
+
+    trl_like = types.SimpleNamespace(accelerator=Accelerator(cpu=True))
+    gen = torch.Generator().manual_seed(3)
+    entropies = torch.round(torch.rand(4, 7, generator=gen) * 4)  # ties
+    mask = (torch.rand(4, 7, generator=gen) > 0.25).long()
+    for q in (0.0, 0.3, 0.5, 0.8, 1.0):
+        expected = trl.GRPOTrainer.get_high_entropy_mask(trl_like, entropies, mask, q)
+        assert torch.equal(rlk_trl.high_entropy_mask(entropies, mask, q), expected), q
+    with pytest.raises(ValueError, match="quantile"):
+        rlk_trl.high_entropy_mask(entropies, mask, 1.5)
+    with pytest.raises(ValueError, match="mask"):
+        rlk_trl.high_entropy_mask(entropies, mask[:, :3], 0.5)
+    with pytest.raises(TypeError, match="entropies"):
+        rlk_trl.high_entropy_mask(mask, mask, 0.5)

@@ -1,31 +1,38 @@
-"""TRL's ``GRPOTrainer`` with rlkern's log-prob and policy-loss kernels: change one import.
+"""TRL's ``GRPOTrainer``, ``DPOTrainer`` and ``RewardTrainer`` on rlkern's kernels: change one import.
 
-    # from trl import GRPOTrainer
-    from rlkern.integrations.trl import GRPOTrainer
+    # from trl import GRPOTrainer, DPOTrainer, RewardTrainer
+    from rlkern.integrations.trl import GRPOTrainer, DPOTrainer, RewardTrainer
 
-The constructor is TRL's. Two things change:
+The constructors are TRL's. What changes:
 
-- The fused LM head TRL patches onto the policy and reference models computes log-probabilities
-  and entropies with :func:`rlkern.linear_token_logprobs` (chunked over the vocabulary, no
-  ``[tokens, vocab]`` logits kept for backward) from the backbone's hidden states.
-- ``_compute_loss`` evaluates the policy loss with :func:`rlkern.policy_loss` (ratio, clipping,
-  the k3 KL term, masking and aggregation in one fused op) for ``loss_type`` grpo, bnpo, dr_grpo,
-  dapo and cispo at ``importance_sampling_level`` token and sequence, with or without the KL term
-  (``beta``, ``use_bias_correction_kl``) and the entropy bonus. It logs the metrics TRL logs.
+- The fused LM head TRL patches onto the policy and reference models (GRPO and DPO) computes
+  log-probabilities and entropies with :func:`rlkern.linear_token_logprobs` (chunked over the
+  vocabulary, no ``[tokens, vocab]`` logits kept for backward) from the backbone's hidden states.
+- ``GRPOTrainer._compute_loss`` evaluates the policy loss with :func:`rlkern.policy_loss` (ratio,
+  clipping, the k3 KL term, masking and aggregation in one fused op) for ``loss_type`` grpo, bnpo,
+  dr_grpo, dapo and cispo (``epsilon_high`` below 1 included) at ``importance_sampling_level``
+  token and sequence, with or without the KL term (``beta``, ``use_bias_correction_kl``), the
+  entropy bonus (static or adaptive), two-sided clipping (``delta``), the off-policy sequence mask
+  (``off_policy_mask_threshold``), the high-entropy token selection (``top_entropy_quantile``,
+  over all processes as TRL: :func:`high_entropy_mask`) and vLLM's importance-sampling correction
+  (``vllm_importance_sampling_mode`` token_truncate, token_mask, sequence_truncate, sequence_mask
+  with ``vllm_importance_sampling_clip_max``). It logs the metrics TRL logs.
+- ``DPOTrainer`` computes the loss with :func:`rlkern.dpo_loss` for ``loss_type`` sigmoid, hinge,
+  ipo and sigmoid_norm; ``RewardTrainer`` with :func:`rlkern.bradley_terry_loss`.
 
-Two-sided clipping (``delta``), the off-policy sequence mask (``off_policy_mask_threshold``) and,
-in a single process, the high-entropy token selection (``top_entropy_quantile``) are rlkern options
-too. Configurations rlkern does not cover fall back to TRL's own code, unchanged: the loss types
-sapo, luspo and vespo, the high-entropy selection across several processes (TRL gathers the
-quantile over all of them), adaptive entropy
-control, vLLM importance-sampling correction, a CISPO cap ``epsilon_high < 1``, and models with
-final-logit softcapping or MoE router losses (for the LM head). Checked against trl 1.16.0 and
-transformers 5.24.
+Configurations rlkern does not cover run on TRL's own code, unchanged, and each trainer's
+constructor says so once (logger ``rlkern.integrations.trl``: INFO when everything runs on
+rlkern, WARNING naming each part left to TRL and why). For GRPO: the loss types sapo, luspo and
+vespo, a lower importance-sampling bound ``vllm_importance_sampling_clip_min`` > 0, CISPO with
+``epsilon_high < 1`` together with the bias-corrected KL, and models with final-logit softcapping
+or MoE router losses (the LM head). Checked against trl 1.16.0 and transformers 5.24.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import math
 import types
 from typing import Any, Optional
 
@@ -34,17 +41,19 @@ import torch
 try:
     import transformers
     from packaging.version import Version
+    from trl import DPOTrainer as _TRLDPOTrainer
     from trl import GRPOTrainer as _TRLGRPOTrainer
+    from trl import RewardTrainer as _TRLRewardTrainer
     from trl.trainer.utils import FusedCausalLMOutput, nanmax, nanmin
 except ImportError as exc:  # pragma: no cover - exercised only without trl
     raise ImportError("rlkern.integrations.trl needs the `trl` package (pip install trl)") from exc
 
 from ..logprobs import linear_token_logprobs
-from ..losses import policy_loss
+from ..losses import bradley_terry_loss, dpo_loss, policy_loss
 
-__all__ = ["GRPOTrainer", "add_rlkern_lm_head"]
+__all__ = ["DPOTrainer", "GRPOTrainer", "RewardTrainer", "add_rlkern_lm_head", "high_entropy_mask"]
 
-_RLKERN_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
+logger = logging.getLogger("rlkern.integrations.trl")
 
 
 def _logit_scale(text_config) -> float:
@@ -60,6 +69,41 @@ def _logit_scale(text_config) -> float:
     return 1.0 if scale is None else float(scale)
 
 
+_HEAD_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
+
+
+def _first_argmax(hidden, weight, bias, chunk_tokens: int = 1024, chunk_vocab: int = 8192):
+    """The first index of each row's largest logit, the [N, V] logits built one tile at a time."""
+    best = torch.empty(hidden.shape[0], dtype=torch.long, device=hidden.device)
+    for n0 in range(0, hidden.shape[0], chunk_tokens):
+        h = hidden[n0:n0 + chunk_tokens]
+        top = torch.full((h.shape[0],), float("-inf"), dtype=h.dtype, device=h.device)
+        arg = torch.zeros(h.shape[0], dtype=torch.long, device=h.device)
+        for v0 in range(0, weight.shape[0], chunk_vocab):
+            tile = h @ weight[v0:v0 + chunk_vocab].t()
+            if bias is not None:
+                tile = tile + bias[v0:v0 + chunk_vocab]
+            value, index = tile.max(-1)
+            # strictly larger: a tie with an earlier chunk keeps the earlier index
+            better = value > top
+            top = torch.where(better, value, top)
+            arg = torch.where(better, index + v0, arg)
+        best[n0:n0 + chunk_tokens] = arg
+    return best
+
+
+def _lm_head_unsupported(model) -> Optional[str]:
+    """Why rlkern's fused LM head cannot replace TRL's on ``model``, or None."""
+    text_config = model.config.get_text_config()
+    if getattr(text_config, "final_logit_softcapping", None) is not None:
+        return "the model soft-caps its final logits (final_logit_softcapping), which linear_token_logprobs does not"
+    if getattr(text_config, "output_router_logits", False):
+        return "the model returns MoE router logits for an auxiliary loss, which rlkern's head does not pass through"
+    if _logit_scale(text_config) == 0.0:
+        return "the model's logit scale is 0"
+    return None
+
+
 def add_rlkern_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
                        outputs: tuple = ("log_probs",)) -> bool:
     """Route ``model(..., labels=..., fused_lm_head=True)`` through rlkern's fused log-prob kernel.
@@ -67,17 +111,20 @@ def add_rlkern_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bo
     Call after TRL's ``add_fused_lm_head`` (the GRPOTrainer constructor does): calls without
     ``fused_lm_head`` and models rlkern does not handle (final-logit softcapping, MoE router
     losses) keep TRL's head. Returns whether the rlkern head was installed.
+
+    ``outputs`` as TRL's: "log_probs" and "entropy" come from the kernel; "mean_logits" (the mean
+    over the vocabulary of the scaled, tempered logits: the hidden state times the mean row of the
+    head) and "is_top1" (the label is the first argmax) are detached metrics, the latter from one
+    more projection in vocabulary chunks without gradient. "log_sum_sq_probs" is not available:
+    with it the head is not installed.
     """
+    if _lm_head_unsupported(model) is not None or not set(outputs) <= set(_HEAD_OUTPUTS):
+        return False
     text_config = model.config.get_text_config()
-    if getattr(text_config, "final_logit_softcapping", None) is not None:
-        return False
-    if getattr(text_config, "output_router_logits", False):
-        return False
     previous_forward = model.forward
     logit_scale = _logit_scale(text_config)
-    if logit_scale == 0.0:
-        return False
     want_entropy = "entropy" in outputs
+    want_mean, want_top1 = "mean_logits" in outputs, "is_top1" in outputs
     backbone_attr = "base_model"
     if text_config is not model.config and Version(transformers.__version__) < Version("5.0.0"):
         backbone_attr = "model"
@@ -129,49 +176,284 @@ def add_rlkern_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bo
         # masked_scatter keeps an all-masked micro-batch connected to the graph (a zero loss, not an error)
         log_probs = logp.new_zeros(mask.shape).masked_scatter(mask, logp)
         entropy = None if entropy is None else entropy.new_zeros(mask.shape).masked_scatter(mask, entropy)
+        mean_logits = is_top1 = None
+        if want_mean or want_top1:
+            with torch.no_grad(), torch.autocast(device_type, enabled=False):
+                if want_mean:
+                    mean = selected.float() @ weight.float().mean(0)
+                    if bias is not None:
+                        mean = mean + bias.float().mean()
+                    mean_logits = torch.zeros(mask.shape, device=mean.device).masked_scatter(
+                        mask, mean * (logit_scale / temperature))
+                if want_top1:
+                    top1 = _first_argmax(selected, weight, bias) == labels[mask]
+                    is_top1 = torch.zeros(mask.shape, dtype=torch.bool, device=top1.device).masked_scatter(mask, top1)
         denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         return FusedCausalLMOutput(loss=-log_probs.sum() / denom, log_probs=log_probs, entropy=entropy,
-                                   label_mask=mask)
+                                   mean_logits=mean_logits, is_top1=is_top1, label_mask=mask)
 
     model.forward = types.MethodType(_rlkern_forward, model)
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# The high-entropy token selection over several processes
+
+
+def high_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, quantile: float, group=None) -> torch.Tensor:
+    """TRL's ``get_high_entropy_mask`` over the processes of ``group``, without gathering every entropy.
+
+    The tokens (``mask`` != 0) whose entropy is at least the ``quantile`` quantile (linear
+    interpolation, float32, as ``torch.quantile``) of the active entropies of all processes;
+    all False when there is no active token anywhere or one of them is NaN (TRL's quantile is
+    then NaN). Every process of ``group`` must call it (two all-gathers); without an initialized
+    ``torch.distributed`` it is the selection of this process's tokens.
+
+    The quantile reads two neighbouring order statistics of the N active entropies, at rank
+    ~quantile * (N - 1). Both lie among the K = min(q, 1 - q) * N + 3 largest (q >= 1/2) or
+    smallest (q < 1/2) values, and each process holds at most K of those, so each sends its own
+    K most extreme values, not all of them: one all-gather of the counts (two integers per
+    process, which TRL's padded gather also does), one of at most K values per process. The
+    quantile of the N-long vector made of the K gathered extremes and N - K copies of the
+    innermost one is the quantile of all entropies, bit for bit.
+
+    This moves min(K, n) instead of n values per process (n the largest local token count):
+    a saving when the world is smaller than 1 / min(q, 1 - q) (with TRL's quantile 0.8, up to 4
+    processes). An exact selection that moves less for any world size needs several rounds (a
+    radix select over the float bits, one all-reduce of a histogram per round); one round of
+    4 bytes per token was chosen, as the entropies are small next to everything else a step moves.
+    """
+    import torch.distributed as dist
+
+    if not isinstance(entropies, torch.Tensor) or not entropies.is_floating_point():
+        raise TypeError(f"entropies must be a floating-point tensor, got {type(entropies).__name__}")
+    if not isinstance(mask, torch.Tensor) or mask.shape != entropies.shape:
+        raise ValueError(f"mask must be a tensor of the shape of entropies {tuple(entropies.shape)}, got "
+                         f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+    if isinstance(quantile, bool) or not isinstance(quantile, (int, float)) or not 0.0 <= quantile <= 1.0:
+        raise ValueError(f"quantile must be a number in [0, 1], got {quantile!r}")
+    distributed = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size(group) if distributed else 1
+
+    def all_gather(tensor):
+        if not distributed:
+            return [tensor]
+        out = [torch.empty_like(tensor) for _ in range(world)]
+        dist.all_gather(out, tensor, group=group)
+        return out
+
+    active = mask.bool()
+    local = entropies.detach()[active].float()
+    header = torch.tensor([local.numel(), int(torch.isnan(local).any())], dtype=torch.long, device=local.device)
+    headers = all_gather(header)
+    counts = [int(h[0]) for h in headers]
+    total = sum(counts)
+    if total == 0 or any(int(h[1]) for h in headers):
+        return torch.zeros_like(active)
+    top_side = quantile >= 0.5
+    keep = min(total, int(math.floor(min(quantile, 1.0 - quantile) * total)) + 3)
+    width = min(keep, max(counts))
+    extreme = torch.sort(local, descending=top_side).values[:width]
+    payload = torch.full((width,), float("nan"), dtype=torch.float32, device=local.device)
+    payload[:extreme.numel()] = extreme
+    candidates = torch.cat(all_gather(payload))
+    candidates = candidates[~torch.isnan(candidates)]
+    extremes = torch.sort(candidates, descending=top_side).values[:keep]
+    innermost = extremes[-1:].expand(total - keep)
+    stand_in = torch.cat([extremes, innermost])
+    threshold = torch.quantile(stand_in, quantile)
+    return ((entropies * mask.float()) >= threshold) & active
+
+
+def _selection_as_entropy_options(selected: torch.Tensor, mask: torch.Tensor):
+    """policy_loss options that keep the policy term on exactly the ``selected`` active tokens.
+
+    policy_loss selects by a quantile of its ``entropy`` input over the micro-batch; given the
+    selection as 1.0 (selected) and 0.0 (not) and the top fraction (k - 1/2) / (n - 1) of the n
+    active tokens (k selected), that quantile falls between the zeros and the ones, so it keeps
+    the ones. Without a selected token there is no fraction that keeps nothing: the advantages
+    are then zeroed, which zeroes the policy term exactly as TRL's multiplication by the mask.
+    Returns (options, zero_advantages).
+    """
+    active = mask.bool()
+    n = int(active.sum())
+    k = int((selected & active).sum())
+    if k == 0:
+        return {}, n > 0
+    fraction = 1.0 if k == n else (k - 0.5) / (n - 1)
+    return dict(entropy=selected.float(), entropy_top_fraction=fraction), False
+
+
+# ---------------------------------------------------------------------------------------------
+# loss_type -> rlkern.policy_loss options. A TRL loss type that rlkern computes is one entry of
+# _LOSS_TYPES: (objective options, aggregation). Both are functions of the trainer; an objective
+# function returns a string (the reason) for a configuration it cannot express exactly.
+
+
+def _clip_objective(trainer):
+    return dict(objective="clip", clip_low=trainer.epsilon_low, clip_high=trainer.epsilon_high,
+                ratio_cap=getattr(trainer.args, "delta", None))
+
+
+def _cispo_objective(trainer):
+    # TRL weighs the token by sg(min(w, epsilon_high)), no lower bound: clip(w, 1 - 1, 1 + (epsilon_high - 1))
+    eps = trainer.epsilon_high
+    if eps >= 1.0:
+        return dict(objective="cispo", clip_low=1.0, clip_high=eps - 1.0)
+    if not eps > 0.0:
+        return f"CISPO with epsilon_high={eps} (a cap <= 0 on a positive ratio) is left to TRL"
+    if trainer.beta != 0.0 and trainer.args.use_bias_correction_kl:
+        return ("CISPO with epsilon_high < 1 caps the log-ratio in rlkern, and use_bias_correction_kl would "
+                "multiply the KL by that capped ratio where TRL uses the uncapped one")
+    # min(w, eps) = exp(min(log w, log eps)); the ratio is detached in CISPO, so the clamp changes nothing else
+    return dict(objective="cispo", clip_low=1.0, clip_high=0.0, log_ratio_clamp=(None, math.log(eps)))
+
+
+def _seq_mean(trainer, B, mask, inputs, mode, accumulation):
+    """grpo: mean over the micro-batch's sequences of each one's token mean."""
+    return "seq-mean-token-mean", B * accumulation
+
+
+def _token_mean(trainer, B, mask, inputs, mode, accumulation):
+    """bnpo: mean over the micro-batch's tokens."""
+    return "token-mean", mask.sum().clamp(min=1.0).item() * accumulation
+
+
+def _constant_length(trainer, B, mask, inputs, mode, accumulation):
+    """dr_grpo: token sum over B * max_completion_length."""
+    return "token-sum", B * trainer.max_completion_length * accumulation
+
+
+def _generation_tokens(trainer, B, mask, inputs, mode, accumulation):
+    """dapo, cispo: the token count of the generation batch, rescaled to one accumulation window."""
+    normalizer = inputs["num_items_in_batch"].clamp(min=1.0).item() / trainer.accelerator.num_processes
+    if mode == "train":
+        normalizer = normalizer * trainer.current_gradient_accumulation_steps / trainer.args.steps_per_generation
+    return "token-sum", normalizer
+
+
+# loss_type: (objective, aggregation, whether TRL logs the policy term before the accumulation scaling)
+_LOSS_TYPES = {
+    "grpo": (_clip_objective, _seq_mean, True),
+    "bnpo": (_clip_objective, _token_mean, True),
+    "dr_grpo": (_clip_objective, _constant_length, True),
+    "dapo": (_clip_objective, _generation_tokens, False),
+    "cispo": (_cispo_objective, _generation_tokens, False),
+}
+_RLKERN_LOSS_TYPES = tuple(_LOSS_TYPES)
+
+_VLLM_IS_MODES = {
+    "token_truncate": ("token", "truncate"),
+    "token_mask": ("token", "mask"),
+    "sequence_truncate": ("sequence", "truncate"),
+    "sequence_mask": ("sequence", "mask"),
+}
 
 
 class GRPOTrainer(_TRLGRPOTrainer):
     """TRL's ``GRPOTrainer`` whose log-probabilities and policy loss run on rlkern kernels.
 
     Same constructor and behaviour as ``trl.GRPOTrainer``; see the module docstring for what is
-    computed by rlkern and what falls back to TRL. For loss_type ``grpo`` the loss is::
+    computed by rlkern and what falls back to TRL. The constructor logs (logger
+    ``rlkern.integrations.trl``) which parts run on rlkern and which on TRL's code, and why.
+    For loss_type ``grpo`` the loss is::
 
         w_i,t = exp(lp - old)  (token)  or  exp(sum_t m (lp - old) / sum_t m)  (sequence)
-        l_i,t = -min(w A_i, clip(w, 1 - epsilon, 1 + epsilon_high) A_i) + beta k3(lp, ref)
+        l_i,t = -min(w A_i, clip(w, 1 - epsilon, 1 + epsilon_high) A_i) * is_i,t + beta k3(lp, ref)
         L     = mean_i sum_t m l / sum_t m  - entropy_coef mean_t H_t
 
-    and the other types change only the aggregation (bnpo: over all tokens; dr_grpo: divided by
-    B * max_completion_length; dapo, cispo: by the tokens of the whole generation batch) or, for
-    cispo, the objective -sg(min(w, epsilon_high)) A lp.
+    with is_i,t the vLLM importance weight (1 without vLLM correction): exp(old - sampling) per
+    token or exp(sum_t m (old - sampling)) per sequence, truncated at or masked above
+    ``vllm_importance_sampling_clip_max``. The other types change only the aggregation (bnpo:
+    over all tokens; dr_grpo: divided by B * max_completion_length; dapo, cispo: by the tokens of
+    the whole generation batch) or, for cispo, the objective -sg(min(w, epsilon_high)) A lp.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        self._rlkern_policy_head = add_rlkern_lm_head(
+        self._rlkern_head_reason = _lm_head_unsupported(base)
+        self._rlkern_policy_head = self._rlkern_head_reason is None and add_rlkern_lm_head(
             base, temperature=self.temperature, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32,
             outputs=("log_probs", "entropy"))
-        if self.ref_model is not None:
+        if self.ref_model is not None and _lm_head_unsupported(self.ref_model) is None:
             add_rlkern_lm_head(self.ref_model, temperature=self.temperature,
                                cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
+        self._rlkern_runtime_fallbacks = set()
+        self._rlkern_log_plan()
+
+    # -- what runs where --------------------------------------------------------------------
+
+    def _rlkern_loss_fallback(self) -> Optional[str]:
+        """Why the policy loss of this configuration runs on TRL's code, or None when rlkern computes it."""
+        if self.loss_type not in _LOSS_TYPES:
+            return f"loss_type={self.loss_type!r} has no rlkern objective"
+        objective = _LOSS_TYPES[self.loss_type][0](self)
+        if isinstance(objective, str):
+            return objective
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            if self.vllm_importance_sampling_mode not in _VLLM_IS_MODES:
+                return f"vllm_importance_sampling_mode={self.vllm_importance_sampling_mode!r} is unknown"
+            clip_min = self.vllm_importance_sampling_clip_min
+            if clip_min is not None and clip_min > 0.0:
+                return ("vllm_importance_sampling_clip_min: rlkern's importance weight has an upper bound "
+                        "(tis_cap) only, no lower one")
+        return None
+
+    def _rlkern_plan(self):
+        """([parts on rlkern], [(part, reason) on TRL's code]) for this configuration."""
+        on_rlkern, on_trl = [], []
+        if self._rlkern_policy_head:
+            on_rlkern.append("log-probabilities and entropies (rlkern.linear_token_logprobs, fused LM head)")
+        else:
+            on_trl.append(("log-probabilities and entropies (TRL's fused LM head)", self._rlkern_head_reason))
+        reason = self._rlkern_loss_fallback()
+        if reason is not None:
+            on_trl.append((f"policy loss (loss_type={self.loss_type!r})", reason))
+            return on_rlkern, on_trl
+        parts = [f"loss_type={self.loss_type!r}", f"importance_sampling_level={self.importance_sampling_level!r}"]
+        if self.beta != 0.0:
+            parts.append("k3 KL" + (" with bias correction" if self.args.use_bias_correction_kl else ""))
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            parts.append(f"vLLM importance sampling {self.vllm_importance_sampling_mode}")
+        if self.off_policy_mask_threshold is not None:
+            parts.append("off-policy sequence mask")
+        if self.top_entropy_quantile < 1.0:
+            parts.append(f"top_entropy_quantile={self.top_entropy_quantile}")
+        on_rlkern.append("policy loss (rlkern.policy_loss: " + ", ".join(parts) + ")")
+        if self._entropy_bonus_enabled:
+            on_rlkern.append("entropy bonus" + (" with adaptive control" if self.use_adaptive_entropy else ""))
+        return on_rlkern, on_trl
+
+    def _rlkern_log_plan(self):
+        on_rlkern, on_trl = self._rlkern_plan()
+        lines = ["rlkern GRPOTrainer:", *(f"  on rlkern: {p}" for p in on_rlkern),
+                 *(f"  on TRL's code: {p}, because {r}" for p, r in on_trl)]
+        logger.log(logging.WARNING if on_trl else logging.INFO, "\n".join(lines))
+
+    def _rlkern_runtime_fallback(self, reason: str) -> None:
+        if reason not in self._rlkern_runtime_fallbacks:
+            self._rlkern_runtime_fallbacks.add(reason)
+            logger.warning("rlkern GRPOTrainer: a micro-batch's policy loss runs on TRL's code, because %s "
+                           "(logged once)", reason)
+
+    # -- the loss -----------------------------------------------------------------------------
 
     def _rlkern_handles(self, inputs) -> bool:
-        args = self.args
-        if self.loss_type not in _RLKERN_LOSS_TYPES:
+        if self._rlkern_loss_fallback() is not None:
             return False
-        if self.loss_type == "cispo" and self.epsilon_high < 1.0:
+        if (self.use_vllm and self.vllm_importance_sampling_correction and self.off_policy_mask_threshold is not None
+                and torch.isnan(inputs["sampling_per_token_logps"])[self._rlkern_mask(inputs).bool()].any()):
+            self._rlkern_runtime_fallback(
+                "the sampling engine could not score some tokens (NaN log-probs) and both the vLLM importance "
+                "weight and the off-policy mask are on: TRL counts such a token as no correction in the first "
+                "and as no drift in the second, while rlkern reads one rollout_logp for both")
             return False
-        # TRL takes the entropy quantile over all processes; rlkern's selection is local
-        return ((self.top_entropy_quantile >= 1.0 or self.accelerator.num_processes == 1)
-                and not self.use_adaptive_entropy
-                and not (self.use_vllm and self.vllm_importance_sampling_correction))
+        return True
+
+    @staticmethod
+    def _rlkern_mask(inputs):
+        return inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
 
     def _compute_loss(self, model, inputs):
         if not self._rlkern_handles(inputs):
@@ -182,7 +464,7 @@ class GRPOTrainer(_TRLGRPOTrainer):
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
         logits_to_keep = completion_ids.size(1)
-        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        mask = self._rlkern_mask(inputs)
 
         per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
             model, input_ids, attention_mask, logits_to_keep, compute_entropy=True,
@@ -199,52 +481,52 @@ class GRPOTrainer(_TRLGRPOTrainer):
 
         mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        B = per_token_logps.size(0)
-        if self.loss_type == "grpo":
-            agg, normalizer = "seq-mean-token-mean", B * accumulation
-        elif self.loss_type == "bnpo":
-            agg, normalizer = "token-mean", mask.sum().clamp(min=1.0).item() * accumulation
-        elif self.loss_type == "dr_grpo":
-            agg, normalizer = "token-sum", B * self.max_completion_length * accumulation
-        else:  # dapo, cispo: the token count of the generation batch, rescaled to one accumulation window
-            normalizer = inputs["num_items_in_batch"].clamp(min=1.0).item() / self.accelerator.num_processes
-            if mode == "train":
-                normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-            agg = "token-sum"
+        objective, aggregation, logs_unscaled = _LOSS_TYPES[self.loss_type]
+        agg, normalizer = aggregation(self, per_token_logps.size(0), mask, inputs, mode, accumulation)
 
-        if self.loss_type == "cispo":
-            # TRL caps the weight at epsilon_high with no lower bound: clip(w, 1 - 1, 1 + (epsilon_high - 1))
-            clip_options = dict(objective="cispo", clip_low=1.0, clip_high=self.epsilon_high - 1.0)
-        else:
-            clip_options = dict(objective="clip", clip_low=self.epsilon_low, clip_high=self.epsilon_high)
-        off_policy = {}
+        options = dict(objective(self))
+        if options.get("ratio_cap") is None:
+            options.pop("ratio_cap", None)
+        vllm_is = self.use_vllm and self.vllm_importance_sampling_correction
+        if vllm_is:
+            # TRL's weight: exp(old - sampling) per token or exp(sum over the sequence), a token the
+            # engine could not score (NaN) giving no correction (a zero log-difference)
+            sampling = inputs["sampling_per_token_logps"]
+            level, kind = _VLLM_IS_MODES[self.vllm_importance_sampling_mode]
+            cap = self.vllm_importance_sampling_clip_max
+            options.update(rollout_logp=torch.where(torch.isnan(sampling), old_per_token_logps, sampling),
+                           tis_cap=math.inf if cap is None else float(cap), tis_level=level, tis_mode=kind)
         if self.off_policy_mask_threshold is not None:
             # TRL measures the drift from the sampling engine's log-probs (or the old ones); tokens it
-            # could not score (NaN) count as no drift
-            sampling = inputs.get("sampling_per_token_logps", old_per_token_logps)
-            sampling = torch.where(torch.isnan(sampling), per_token_logps.detach(), sampling)
-            off_policy = dict(off_policy_threshold=float(self.off_policy_mask_threshold), rollout_logp=sampling)
-        entropy_selection, entropy_mask = {}, None
+            # could not score (NaN) count as no drift (with vLLM correction, _rlkern_handles has
+            # checked there are none)
+            options["off_policy_threshold"] = float(self.off_policy_mask_threshold)
+            if not vllm_is:
+                sampling = inputs.get("sampling_per_token_logps", old_per_token_logps)
+                options["rollout_logp"] = torch.where(torch.isnan(sampling), per_token_logps.detach(), sampling)
+        entropy_mask, loss_advantages = None, advantages
         if self.top_entropy_quantile < 1.0:
-            entropy_selection = dict(entropy=entropies.detach(), entropy_top_fraction=float(self.top_entropy_quantile))
             entropy_mask = self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
+            if self._rlkern_local_selection():
+                options.update(entropy=entropies.detach(), entropy_top_fraction=float(self.top_entropy_quantile))
+            else:
+                # the quantile is over all processes: hand policy_loss the selection itself
+                selection, no_token = _selection_as_entropy_options(entropy_mask, mask)
+                options.update(selection)
+                if no_token:
+                    loss_advantages = torch.zeros_like(advantages)
         use_kl = self.beta != 0.0
         out = policy_loss(
-            per_token_logps, old_per_token_logps, advantages, mask,
-            level=self.importance_sampling_level, **clip_options, **off_policy, **entropy_selection,
-            ratio_cap=getattr(self.args, "delta", None) if self.loss_type != "cispo" else None,
+            per_token_logps, old_per_token_logps, loss_advantages, mask, level=self.importance_sampling_level,
             ref_logp=inputs["ref_per_token_logps"] if use_kl else None, kl_coef=self.beta, kl_kind="k3",
-            kl_is_correction=bool(self.args.use_bias_correction_kl),
-            agg=agg, normalizer=float(normalizer),
+            kl_is_correction=bool(self.args.use_bias_correction_kl), agg=agg, normalizer=float(normalizer),
+            **options,
         )
         loss = out.loss
-        # TRL logs the policy term before the accumulation scaling of grpo, bnpo and dr_grpo
-        policy_term = loss.detach() * (accumulation if self.loss_type in ("grpo", "bnpo", "dr_grpo") else 1.0)
+        policy_term = loss.detach() * (accumulation if logs_unscaled else 1.0)
 
         if self._entropy_bonus_enabled:
-            m = (mask if entropy_mask is None else mask * entropy_mask).to(entropies.dtype)
-            entropy_loss = (entropies * m).sum() / m.sum().clamp(min=1.0) / accumulation
-            loss = loss - self.entropy_coef * entropy_loss
+            loss = loss - self._rlkern_entropy_bonus(entropies, mask, entropy_mask, mode, accumulation)
             self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_term).nanmean().item())
             if mode == "train" and self.accelerator.sync_gradients:
                 self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
@@ -256,6 +538,47 @@ class GRPOTrainer(_TRLGRPOTrainer):
         self._log_rlkern_metrics(mode, per_token_logps, old_per_token_logps, advantages, mask, entropies,
                                  inputs.get("ref_per_token_logps") if use_kl else None)
         return loss
+
+    def _rlkern_local_selection(self) -> bool:
+        """Whether policy_loss's own (micro-batch) entropy quantile is TRL's: in one process."""
+        return self.accelerator.num_processes == 1
+
+    def get_high_entropy_mask(self, entropies, mask, threshold):
+        import torch.distributed as dist
+
+        if self.accelerator.num_processes > 1 and dist.is_available() and dist.is_initialized():
+            return high_entropy_mask(entropies, mask, threshold)
+        return super().get_high_entropy_mask(entropies, mask, threshold)
+
+    def _rlkern_entropy_bonus(self, entropies, mask, entropy_mask, mode, accumulation):
+        """coef * the mean entropy of the tokens the policy term acts on, and TRL's adaptive controller.
+
+        As TRL: the coefficient applied in an accumulation window is the one set at the end of
+        the previous optimizer step (0 while the adaptive controller's last entropy is above
+        ``entropy_target``); at each optimizer step the window's token-weighted entropy over all
+        processes moves it by ``entropy_coef_delta`` within [entropy_coef_min, entropy_coef_max].
+        """
+        m = (mask if entropy_mask is None else mask * entropy_mask).to(entropies.dtype)
+        entropy_mean = (entropies * m).sum() / m.sum().clamp(min=1.0) / accumulation
+        coef = self.entropy_coef
+        if self.use_adaptive_entropy:
+            if self._last_world_entropy > self.args.entropy_target:
+                coef = 0.0
+            if mode == "train":
+                stats = torch.stack([(entropies * m).sum(), m.sum()]).detach()
+                window = self._entropy_window_stats
+                self._entropy_window_stats = stats if window is None else window + stats
+                if self.accelerator.sync_gradients:
+                    totals = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+                    world_entropy = (totals[0] / totals[1].clamp(min=1.0)).item()
+                    step = self.args.entropy_coef_delta
+                    if world_entropy <= self.args.entropy_target:
+                        self.entropy_coef = min(self.entropy_coef + step, self.args.entropy_coef_max)
+                    else:
+                        self.entropy_coef = max(self.entropy_coef - step, self.args.entropy_coef_min)
+                    self._last_world_entropy = world_entropy
+                    self._entropy_window_stats = None
+        return coef * entropy_mean
 
     @torch.no_grad()
     def _log_rlkern_metrics(self, mode, logps, old_logps, advantages, mask, entropies, ref_logps):
@@ -305,3 +628,204 @@ class GRPOTrainer(_TRLGRPOTrainer):
             nanmin(self.accelerator.gather(masked_seq_mean(low.float()))).item())
         self._metrics[mode]["clip_ratio/high_max"].append(
             nanmax(self.accelerator.gather(masked_seq_mean(high.float()))).item())
+
+
+# ---------------------------------------------------------------------------------------------
+# DPO
+
+# TRL loss_type -> (rlkern.dpo_loss loss_type, whether TRL divides each score by its completion's
+# token count first). The other TRL types are not per-pair formulas rlkern has: robust divides
+# by 1 - 2 ls and adds (not subtracts) the flipped term, exo_pair, nca_pair, bco_pair, sppo_hard,
+# apo_zero, apo_down and discopop have other per-pair formulas, aot and aot_unpaired sort the
+# batch, sft is a token mean.
+_DPO_LOSS_TYPES = {
+    "sigmoid": ("sigmoid", False),
+    "hinge": ("hinge", False),
+    "ipo": ("ipo", True),
+    "sigmoid_norm": ("sigmoid", True),
+}
+
+
+class DPOTrainer(_TRLDPOTrainer):
+    """TRL's ``DPOTrainer`` whose sequence log-probabilities and loss run on rlkern kernels.
+
+    Same constructor and behaviour as ``trl.DPOTrainer``. The fused LM head TRL patches onto the
+    policy and reference models computes the per-token log-probabilities and entropies with
+    :func:`rlkern.linear_token_logprobs` (no ``[tokens, vocab]`` logits kept for backward), and
+    for ``loss_type`` sigmoid, hinge, ipo and sigmoid_norm (any mix of them, with
+    ``loss_weights``) the loss is :func:`rlkern.dpo_loss` of the summed sequence log-probs
+    (divided by the completion's token count for ipo and sigmoid_norm, as TRL does), with the
+    metrics TRL logs. Other loss types, ``use_weighting`` (WPO), ``ld_alpha``, an f-divergence
+    other than reverse_kl and MoE router losses run on TRL's code; the constructor logs (logger
+    ``rlkern.integrations.trl``) which parts run where, and why.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._rlkern_install_heads()
+        self._rlkern_runtime_fallbacks = set()
+        on_rlkern, on_trl = [], []
+        if self._rlkern_policy_head:
+            on_rlkern.append("log-probabilities and entropies (rlkern.linear_token_logprobs, fused LM head)")
+        else:
+            on_trl.append(("log-probabilities and entropies (TRL's fused LM head)", self._rlkern_head_reason))
+        reason = self._rlkern_loss_fallback()
+        if reason is None:
+            on_rlkern.append(f"loss (rlkern.dpo_loss: loss_type={self.loss_types})")
+        else:
+            on_trl.append((f"loss (loss_type={self.loss_types})", reason))
+        lines = ["rlkern DPOTrainer:", *(f"  on rlkern: {p}" for p in on_rlkern),
+                 *(f"  on TRL's code: {p}, because {r}" for p, r in on_trl)]
+        logger.log(logging.WARNING if on_trl else logging.INFO, "\n".join(lines))
+
+    def _rlkern_install_heads(self):
+        if getattr(self, "_rlkern_heads_installed", False):
+            return
+        self._rlkern_heads_installed = True
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
+        self._rlkern_head_reason = _lm_head_unsupported(base)
+        if self._rlkern_head_reason is None and self.use_weighting:
+            self._rlkern_head_reason = "use_weighting needs log(sum p^2), which rlkern's head does not compute"
+        self._rlkern_policy_head = self._rlkern_head_reason is None and add_rlkern_lm_head(base, outputs=outputs)
+        if self.ref_model is not None and _lm_head_unsupported(self.ref_model) is None:
+            add_rlkern_lm_head(self.ref_model)
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        # TRL's constructor precomputes the reference log-probs after patching its head: patch rlkern's first
+        self._rlkern_install_heads()
+        return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    def _rlkern_loss_fallback(self) -> Optional[str]:
+        """Why the loss of this configuration runs on TRL's code, or None when rlkern computes it."""
+        others = [t for t in self.loss_types if t not in _DPO_LOSS_TYPES]
+        if others:
+            return f"loss_type {others} is not a per-pair formula rlkern.dpo_loss has"
+        if self.use_weighting:
+            return "use_weighting (WPO) weighs each pair, and rlkern.dpo_loss returns the batch mean"
+        if self.ld_alpha is not None:
+            return "ld_alpha (length-desensitised log-probs) is TRL's"
+        if self.f_divergence_type != "reverse_kl":
+            return f"f_divergence_type={self.f_divergence_type!r} is TRL's"
+        if self.aux_loss_enabled:
+            return "the MoE router auxiliary loss is TRL's"
+        return None
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        if self._rlkern_loss_fallback() is not None or return_outputs:
+            if return_outputs and "return_outputs" not in self._rlkern_runtime_fallbacks:
+                self._rlkern_runtime_fallbacks.add("return_outputs")
+                logger.warning("rlkern DPOTrainer: return_outputs=True (logits for compute_metrics) runs on TRL's "
+                               "code (logged once)")
+            return super()._compute_loss(model, inputs, return_outputs)
+        mode = "train" if self.model.training else "eval"
+        completion_mask = inputs["completion_mask"]
+        model_kwargs = {k: v for k, v in inputs.items()
+                        if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
+        model_kwargs["use_cache"] = False
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+        shift_mask = completion_mask[..., 1:]
+        seq_len = shift_mask.size(1)
+        # prompt-learning PEFT prepends virtual tokens: keep the positions of the real ones
+        per_token_logps = outputs.log_probs[:, -seq_len:]
+        chosen_logps, rejected_logps = per_token_logps.sum(1).chunk(2, dim=0)  # the batch is [chosen; rejected]
+        if self.precompute_ref_logps:
+            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            ref_inputs = {k: v for k, v in inputs.items() if k not in ("ref_chosen_logps", "ref_rejected_logps")}
+            ref_chosen, ref_rejected = self.compute_ref_log_probs(
+                self.ref_model if self.ref_model is not None else self.model, ref_inputs)
+
+        tokens_chosen, tokens_rejected = completion_mask.sum(1).clamp(min=1.0).chunk(2, dim=0)
+        loss = 0.0
+        for loss_type, weight in zip(self.loss_types, self.loss_weights):
+            kind, per_token = _DPO_LOSS_TYPES[loss_type]
+            pair = (chosen_logps, rejected_logps, ref_chosen, ref_rejected)
+            if per_token:
+                pair = (chosen_logps / tokens_chosen, rejected_logps / tokens_rejected,
+                        ref_chosen / tokens_chosen, ref_rejected / tokens_rejected)
+            loss = loss + dpo_loss(*pair, beta=self.beta, loss_type=kind).loss * weight
+
+        self._log_rlkern_metrics(mode, inputs, outputs, seq_len, chosen_logps, rejected_logps, ref_chosen, ref_rejected)
+        return loss
+
+    @torch.no_grad()
+    def _log_rlkern_metrics(self, mode, inputs, outputs, seq_len, chosen_logps, rejected_logps, ref_chosen,
+                            ref_rejected):
+        """The metrics TRL's ``_compute_loss`` logs, with its definitions."""
+        acc = self.accelerator
+        mask = inputs["completion_mask"][..., 1:]
+        chosen_mask, rejected_mask = mask.chunk(2, dim=0)
+
+        def total(x):  # summed over this process's batch and then over all processes
+            return acc.gather_for_metrics(x).sum()
+
+        def ratio(numerator, count):
+            numerator, count = total(numerator).item(), total(count).item()
+            return numerator / count if count > 0 else 0.0
+
+        self._metrics[mode]["entropy"].append(ratio((outputs.entropy[:, -seq_len:] * mask).sum(), mask.sum()))
+        if mode == "train":
+            self._total_train_tokens += total(inputs["attention_mask"].sum()).item() // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        chosen_mean, rejected_mean = outputs.mean_logits[:, -seq_len:].chunk(2, dim=0)
+        self._metrics[mode]["logits/chosen"].append(ratio(chosen_mean[chosen_mask.bool()].sum(), chosen_mask.sum()))
+        self._metrics[mode]["logits/rejected"].append(
+            ratio(rejected_mean[rejected_mask.bool()].sum(), rejected_mask.sum()))
+        chosen_top1 = outputs.is_top1[:, -seq_len:].chunk(2, dim=0)[0] & chosen_mask.bool()
+        self._metrics[mode]["mean_token_accuracy"].append(ratio(chosen_top1.sum(), chosen_mask.sum()))
+        chosen_rewards = self.beta * (chosen_logps - ref_chosen)
+        rejected_rewards = self.beta * (rejected_logps - ref_rejected)
+        self._metrics[mode]["rewards/chosen"].append(acc.gather(chosen_rewards).mean().item())
+        self._metrics[mode]["rewards/rejected"].append(acc.gather(rejected_rewards).mean().item())
+        self._metrics[mode]["rewards/accuracies"].append(
+            acc.gather((chosen_rewards > rejected_rewards).float()).mean().item())
+        self._metrics[mode]["rewards/margins"].append(acc.gather(chosen_rewards - rejected_rewards).mean().item())
+        self._metrics[mode]["logps/chosen"].append(acc.gather(chosen_logps).mean().item())
+        self._metrics[mode]["logps/rejected"].append(acc.gather(rejected_logps).mean().item())
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward model
+
+
+class RewardTrainer(_TRLRewardTrainer):
+    """TRL's ``RewardTrainer`` whose pairwise loss is :func:`rlkern.bradley_terry_loss`.
+
+    Same constructor and behaviour as ``trl.RewardTrainer``: the loss is
+    mean(-log sigmoid(r_chosen - r_rejected - margin)) (the dataset's ``margin`` column when it has
+    one) plus ``center_rewards_coefficient`` * mean((r_chosen + r_rejected)^2), with the metrics TRL
+    logs. The model (a sequence classifier) is unchanged.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        logger.info("rlkern RewardTrainer:\n  on rlkern: loss (rlkern.bradley_terry_loss%s)",
+                    ", with the reward-centring term" if self.args.center_rewards_coefficient is not None else "")
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        inputs["use_cache"] = False
+        outputs = model(**inputs)
+        rewards_chosen, rewards_rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
+        loss = bradley_terry_loss(rewards_chosen, rewards_rejected, margin=inputs.get("margin")).loss
+        coef = self.args.center_rewards_coefficient
+        if coef is not None:
+            loss = loss + coef * torch.mean((rewards_chosen + rewards_rejected) ** 2)
+
+        acc = self.accelerator
+        if mode == "train":
+            self._total_train_tokens += acc.gather_for_metrics(inputs["attention_mask"].sum()).sum().item() // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        with torch.no_grad():
+            every = acc.gather(outputs.logits)
+            self._metrics[mode]["min_reward"].append(every.min().item())
+            self._metrics[mode]["mean_reward"].append(every.mean().item())
+            self._metrics[mode]["max_reward"].append(every.max().item())
+            # means of each process's batch mean, as TRL
+            accuracy = (rewards_chosen > rewards_rejected).float().mean()
+            self._metrics[mode]["accuracy"].append(acc.gather_for_metrics(accuracy).mean().item())
+            margin = (rewards_chosen - rewards_rejected).mean()
+            self._metrics[mode]["margin"].append(acc.gather_for_metrics(margin).mean().item())
+        return (loss, outputs) if return_outputs else loss
