@@ -37,7 +37,7 @@ def reference_player(game, states):
     immediate win, else avoids moves that hand the opponent a win on the next move; ties
     are broken by a hash of the position, so it always answers a position the same way."""
     states = np.asarray(states)
-    n, A = states.shape[0], game.num_actions
+    A = game.num_actions
     legal = game.legal(states)
     score = np.where(legal, 0.0, -np.inf)
     tiebreak = np.stack([np.random.default_rng(zlib.crc32(s.tobytes())).random(A) for s in states])

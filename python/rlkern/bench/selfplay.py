@@ -9,10 +9,11 @@ second. Implementations are the self-play options: ``rlkern`` is the plain loop,
 others add tree reuse (``reuse_tree``), the two half-batches on two threads
 (``overlap``), or both; their speed-up column is the plain loop's time / theirs.
 
-Tree reuse does not make a move cheaper to search (every move still runs S simulations;
-it saves the network call of the roots it keeps and makes the search stronger), so it
-should time like the plain loop. Overlap needs a free second core: on a machine whose
-cores are busy with other work, its two threads only take turns.
+Tree reuse runs the same S simulations per move; what it saves is the network call of
+the roots it keeps (one call in 33 per move here), and it makes the search stronger.
+Overlap needs a free second core: on a machine whose cores are busy with other work, its
+two threads only take turns. Measured on a 2-core machine under a load of 6 (other jobs):
+plain 1,148 positions/s, reuse 1,374, overlap 901, both 997 (noisy, spread 25-38%).
 """
 
 from __future__ import annotations
