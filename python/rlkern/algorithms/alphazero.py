@@ -22,6 +22,8 @@ step's time with the examples' networks), so one half's network overlaps the oth
 half's tree and network on a second core; the Python glue of both halves (numpy game
 steps, the network's module calls, the forest's argument checks) takes turns on the GIL.
 With the network on a GPU, a thread waiting for its results releases the GIL as well.
+Overlap pays only with a free core: on a 2-core machine busy with other jobs, self-play
+with overlap was a quarter slower than the plain loop (``rlkern bench --only selfplay``).
 """
 
 from __future__ import annotations

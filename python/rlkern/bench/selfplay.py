@@ -12,8 +12,10 @@ others add tree reuse (``reuse_tree``), the two half-batches on two threads
 Tree reuse runs the same S simulations per move; what it saves is the network call of
 the roots it keeps (one call in 33 per move here), and it makes the search stronger.
 Overlap needs a free second core: on a machine whose cores are busy with other work, its
-two threads only take turns. Measured on a 2-core machine under a load of 6 (other jobs):
-plain 1,148 positions/s, reuse 1,374, overlap 901, both 997 (noisy, spread 25-38%).
+two threads only take turns. Measured on a 2-core machine under a load of about 7 (other
+jobs), the four variants interleaved over 5 rounds (median, best): plain 1,271 and 2,041
+positions/s, reuse 1,278 and 1,957, overlap 984 and 1,553, both 815 and 1,614: reuse as
+fast as the plain loop, overlap a quarter slower without a free core.
 """
 
 from __future__ import annotations
