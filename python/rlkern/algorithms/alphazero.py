@@ -11,12 +11,26 @@ Training targets: the search's ``action_weights`` (visit distribution for PUCT, 
 Gumbel improved policy for Gumbel MuZero) and the final outcome z of the game from the
 mover's point of view. Loss = cross-entropy(pi, masked softmax(logits)) + (v - z)^2,
 minimised with AdamW.
+
+Self-play can keep the subtree below the played move as the next search's root
+(``reuse_tree``) and overlap the network with the tree (``overlap``): the games are split
+into two half-batches with a forest each, searched at the same time by the main thread
+and one worker thread, each stepping its own half through select, game step, network and
+backup. What runs at the same time on a CPU: the tree's C++ (select, expand_backup)
+releases the GIL, and so do torch's kernels (the matrix products, which are most of a
+step's time with the examples' networks), so one half's network overlaps the other
+half's tree and network on a second core; the Python glue of both halves (numpy game
+steps, the network's module calls, the forest's argument checks) takes turns on the GIL.
+With the network on a GPU, a thread waiting for its results releases the GIL as well.
+Overlap pays only with a free core: on a 2-core machine busy with other jobs, self-play
+with overlap was a quarter slower than the plain loop (``rlkern bench --only selfplay``).
 """
 
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from typing import Callable, Deque, Dict, List, Optional
 
 import numpy as np
@@ -24,6 +38,16 @@ import torch
 from torch import nn
 
 from .. import mcts
+
+
+class _NoPool:
+    """Stands in for the worker pool when self-play does not overlap."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
 
 
 class PolicyValueNet(nn.Module):
@@ -44,6 +68,24 @@ class PolicyValueNet(nn.Module):
         return self.policy(h), torch.tanh(self.value(h)).squeeze(-1)
 
 
+# With reuse_tree, each tree holds this many times num_simulations nodes (plus the root),
+# so a reused subtree and a full search fit together; a subtree too large for another full
+# search is dropped and its root searched afresh (see _prepare_roots).
+_REUSE_CAPACITY = 4
+# The forest of the second half-batch gets its own noise: trees are keyed by their index in
+# their forest, and two halves with the same key would search their games identically.
+_GROUP_SEED_STRIDE = 0x9E3779B97F4A7C15
+
+
+class _Group:
+    """One forest over a contiguous slice of the games, with the boards of its nodes."""
+
+    __slots__ = ("rows", "forest", "boards")
+
+    def __init__(self, rows: slice, forest: mcts.Forest, boards: np.ndarray):
+        self.rows, self.forest, self.boards = rows, forest, boards
+
+
 @dataclass
 class _Episode:
     serial: int = 0  # unique id of the game, stamped on its replay rows
@@ -61,14 +103,33 @@ class AlphaZero:
     positions are still searched and trained on), which keeps self-play from collapsing
     onto a few lines once the policy is sharp. Positions are stored with every symmetry
     the game declares (``game.symmetries()``).
+
+    ``reuse_tree=True`` keeps the subtree below each played move (``Forest.advance``) and
+    searches ``num_simulations`` more from it, so the root starts with the statistics the
+    last search gathered there; a game whose move was never expanded, that ended, or whose
+    subtree leaves no room for a full search starts from a fresh root.
+    ``overlap=True`` (``num_envs >= 2``) searches two half-batches at the same time, one
+    on a worker thread (see the module notes; each network call then sees half as many
+    rows, and each thread runs torch with the caller's thread count). Per half, the operations run
+    in the same order as in the plain loop; the second half's forest draws its own root
+    noise (its seed is offset), so with noise-free search (PUCT without Dirichlet noise and
+    with ``temperature_moves=0``, or Gumbel with ``gumbel_scale=0``) and a network whose
+    rows do not depend on the batch they are evaluated in, self-play is the same with and
+    without ``overlap``.
     """
 
     def __init__(self, game, net: Optional[nn.Module] = None, *, num_envs: int = 128, num_simulations: int = 32,
                  search_config: Optional[mcts.Config] = None, learning_rate: float = 3e-3,
                  weight_decay: float = 1e-4, batch_size: int = 256, replay_size: int = 100000,
-                 temperature_moves: int = 4, random_moves: int = 0, seed: int = 0, device: str = "cpu"):
+                 temperature_moves: int = 4, random_moves: int = 0, reuse_tree: bool = False,
+                 overlap: bool = False, seed: int = 0, device: str = "cpu"):
         if num_envs < 1 or num_simulations < 1:
             raise ValueError("num_envs and num_simulations must be >= 1")
+        for name, flag in (("reuse_tree", reuse_tree), ("overlap", overlap)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        if overlap and num_envs < 2:
+            raise ValueError(f"overlap splits the games into two half-batches: num_envs must be >= 2, got {num_envs}")
         self.game = game
         self.num_actions = game.num_actions
         self.device = torch.device(device)
@@ -82,8 +143,16 @@ class AlphaZero:
         self.batch_size = batch_size
         self.temperature_moves = temperature_moves
         self.rng = np.random.default_rng(seed)
-        self._forest = mcts.Forest(num_envs, self.num_actions, num_simulations + 1, self.config)
+        self.reuse_tree = reuse_tree
+        self.overlap = overlap
         self.states = game.initial(num_envs)
+        nodes = (_REUSE_CAPACITY if reuse_tree else 1) * num_simulations + 1
+        bounds = [0, num_envs // 2, num_envs] if overlap else [0, num_envs]
+        self._groups = []
+        for g, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            cfg = replace(self.config, seed=self.config.seed + g * _GROUP_SEED_STRIDE) if g else self.config
+            self._groups.append(_Group(slice(lo, hi), mcts.Forest(hi - lo, self.num_actions, nodes, cfg),
+                                       np.zeros((hi - lo, nodes) + self.states.shape[1:], self.states.dtype)))
         self.plies = np.zeros(num_envs, np.int64)
         self.random_moves = random_moves
         self._random_left = self.rng.integers(0, random_moves + 1, size=num_envs)
@@ -108,7 +177,8 @@ class AlphaZero:
     @torch.no_grad()
     def evaluate(self, states: np.ndarray):
         """(prior logits [n,A], value [n]) as float32 numpy arrays."""
-        self.net.eval()
+        if self.net.training:  # eval() walks every module: not on each of thousands of calls
+            self.net.eval()
         obs = torch.from_numpy(self.game.observation(states)).to(self.device)
         logits, value = self.net(obs)
         return logits.float().cpu().numpy(), value.float().cpu().numpy()
@@ -148,33 +218,118 @@ class AlphaZero:
         """Advances every game by ``num_moves`` plies (finished games restart) and stores
         the positions with their search targets; returns the number of games finished."""
         finished = 0
-        for _ in range(num_moves):
-            res = self.search(self.states, forest=self._forest)
-            actions = res.action
-            if self.config.algorithm == "puct":
-                sample = self._forest.result(temperature=1.0).action
-                actions = np.where(self.plies < self.temperature_moves, sample, self._forest.result(0.0).action)
-            explore = self._random_left > 0
-            if explore.any():
-                legal = self.game.legal(self.states[explore])
-                pick = self.rng.random(legal.shape) * legal
-                actions = np.array(actions)
-                actions[explore] = np.argmax(pick, axis=1)
-                self._random_left[explore] -= 1
-            rows = self._store(self.states, res.action_weights)  # [k, num_envs]
-            for env in range(self.num_envs):
-                self._episodes[env].indices.append(rows[:, env])
-                self.replay_owner[rows[:, env]] = self._episodes[env].serial
-            self.states, reward, terminal = self.game.step(self.states, actions)
-            self.plies += 1
-            for env in np.flatnonzero(terminal):
-                self._finish(env, float(reward[env]))
-                finished += 1
-            if terminal.any():
-                self.states[terminal] = self.game.initial(int(terminal.sum()))
-                self.plies[terminal] = 0
-                self._random_left[terminal] = self.rng.integers(0, self.random_moves + 1, size=int(terminal.sum()))
+        if self.net.training:  # once here, not in both threads' first evaluate()
+            self.net.eval()
+        if self.overlap:
+            # torch's thread count is per thread (an OpenMP setting): a new thread would run
+            # the network on every core, spinning against the tree threads, 25x slower on
+            # a 2-core machine than with the caller's setting, which it gets here.
+            pool = ThreadPoolExecutor(1, thread_name_prefix="rlkern-alphazero", initializer=torch.set_num_threads,
+                                      initargs=(torch.get_num_threads(),))
+        else:
+            pool = _NoPool()
+        with pool:
+            for _ in range(num_moves):
+                finished += self._play_move(pool)
         return finished
+
+    def _play_move(self, pool) -> int:
+        self._prepare_roots()
+        try:
+            if self.overlap:
+                # The second half's whole search (game steps, network, tree) on the worker,
+                # the first half's here: each thread releases the GIL in the network's
+                # kernels and in the tree's C++, where the other runs.
+                other = pool.submit(self._search_group, self._groups[1])
+                try:
+                    self._search_group(self._groups[0])
+                finally:
+                    other.exception()  # wait for the worker before touching its forest
+                other.result()
+            else:
+                for group in self._groups:
+                    self._search_group(group)
+        except BaseException:
+            for group in self._groups:
+                group.forest.discard_pending()
+            raise
+        results = [g.forest.result() for g in self._groups]
+        actions = np.concatenate([r.action for r in results])
+        weights = np.concatenate([r.action_weights for r in results])
+        if self.config.algorithm == "puct":
+            sample = np.concatenate([g.forest.result(temperature=1.0).action for g in self._groups])
+            greedy = np.concatenate([g.forest.result(0.0).action for g in self._groups])
+            actions = np.where(self.plies < self.temperature_moves, sample, greedy)
+        explore = self._random_left > 0
+        if explore.any():
+            legal = self.game.legal(self.states[explore])
+            pick = self.rng.random(legal.shape) * legal
+            actions = np.array(actions)
+            actions[explore] = np.argmax(pick, axis=1)
+            self._random_left[explore] -= 1
+        rows = self._store(self.states, weights)  # [k, num_envs]
+        for env in range(self.num_envs):
+            self._episodes[env].indices.append(rows[:, env])
+            self.replay_owner[rows[:, env]] = self._episodes[env].serial
+        self.states, reward, terminal = self.game.step(self.states, actions)
+        self.plies += 1
+        if self.reuse_tree:
+            for group in self._groups:
+                old_to_new = group.forest.advance(actions[group.rows])
+                tree, old = np.nonzero(old_to_new >= 0)
+                group.boards[tree, old_to_new[tree, old]] = group.boards[tree, old]
+        finished = 0
+        for env in np.flatnonzero(terminal):
+            self._finish(env, float(reward[env]))
+            finished += 1
+        if terminal.any():
+            self.states[terminal] = self.game.initial(int(terminal.sum()))
+            self.plies[terminal] = 0
+            self._random_left[terminal] = self.rng.integers(0, self.random_moves + 1, size=int(terminal.sum()))
+        return finished
+
+    def _prepare_roots(self) -> None:
+        """Gives every tree without a usable root a fresh one at its game's state (one
+        network call for all of them) and plans this move's search."""
+        S = self.num_simulations
+        if self.reuse_tree:
+            # A finished game's tree was emptied by advance (its move led to a terminal
+            # node), as was one whose move had never been expanded.
+            need = np.concatenate([~g.forest.has_root() | (g.forest.num_nodes() > g.forest.max_nodes - S)
+                                   for g in self._groups])
+        else:
+            need = np.ones(self.num_envs, bool)
+        fresh = np.flatnonzero(need)
+        logits = np.zeros((self.num_envs, self.num_actions), np.float32)
+        value = np.zeros(self.num_envs, np.float32)
+        if fresh.size:
+            logits[fresh], value[fresh] = self.evaluate(self.states[fresh])
+        legal = self.game.legal(self.states)
+        for group in self._groups:
+            rows = group.rows
+            mine = need[rows]
+            group.forest.plan(S)
+            if mine.all():
+                group.forest.set_roots(logits[rows], value[rows], legal[rows])
+            elif mine.any():
+                group.forest.set_roots(logits[rows], value[rows], legal[rows], rows=mine)
+            group.boards[mine, 0] = self.states[rows][mine]
+
+    def _expand(self, group: _Group, leaves: mcts.Leaves):
+        """The game step and network evaluation of one batch of leaves: the arguments of
+        ``expand_backup`` after ``leaves``."""
+        game = self.game
+        nxt, reward, terminal = game.step(group.boards[leaves.tree, leaves.parent], leaves.action)
+        group.boards[leaves.tree, leaves.node] = nxt
+        logits, value = self.evaluate(nxt)
+        return logits, value, reward, -1.0, game.legal(nxt), terminal
+
+    def _search_group(self, group: _Group) -> None:
+        forest = group.forest
+        for _ in range(self.num_simulations):
+            leaves = forest.select()
+            if len(leaves):
+                forest.expand_backup(leaves, *self._expand(group, leaves))
 
     def _store(self, states: np.ndarray, pi: np.ndarray) -> np.ndarray:
         cell_perms, action_perms = self._symmetries

@@ -19,7 +19,7 @@ import torch
 
 from .core import SPREAD_LIMIT, Case, Result, load_average, run_case
 
-SUITES = ("returns", "losses", "logprobs", "mcts", "e2e", "compiled", "adapters", "trainers")
+SUITES = ("returns", "losses", "logprobs", "mcts", "selfplay", "e2e", "compiled", "adapters", "trainers")
 GPU_SUITES = ("gpu",)  # GPU-only competitors (Liger-Kernel, mctx on the GPU); part of the default on CUDA
 
 
