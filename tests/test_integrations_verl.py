@@ -26,13 +26,13 @@ from rlkern.integrations import verl as V  # noqa: E402
 from helpers import assert_close  # noqa: E402
 
 AGG_MODES = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
-LOSSES = ["vanilla", "gspo", "cispo", "gpg", "dro"]
+LOSSES = ["vanilla", "gspo", "cispo", "gpg", "dro", "sapo", "geo_mean", "dppo_tv", "dppo_kl"]
 B, T = 6, 11
 
 
 def actor_config(**batch_info) -> ActorConfig:
     cfg = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=2, clip_ratio=0.2,
-                      clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0,
+                      clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0, tau_pos=0.8, tau_neg=1.3,
                       policy_loss=PolicyLossConfig(loss_mode="vanilla", dro_beta=0.3))
     cfg.global_batch_info.update(batch_info)
     return cfg

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cmath>
+#include <limits>
 
 #include "rlkern/common.h"
 #include "rlkern/dtype.h"
@@ -27,7 +28,18 @@
 namespace rlk {
 namespace losses {
 
-enum Objective : int { kClip = 0, kCispo = 1, kReinforce = 2 };
+// The first three share the vectorised token body; the others are small per-token (or
+// per-sequence) functions below, plugged into the scalar row body.
+enum Objective : int {
+  kClip = 0,
+  kCispo = 1,
+  kReinforce = 2,
+  kSapo = 3,
+  kGeoMean = 4,
+  kVespo = 5,
+  kDppoTv = 6,
+  kDppoKl = 7
+};
 enum KlKind : int { kK1 = 0, kK2 = 1, kK3 = 2 };
 enum Agg : int { kTokenMean = 0, kTokenSum = 1, kSeqMeanTokenMean = 2, kSeqMeanTokenSum = 3, kSeqMeanTokenSumNorm = 4 };
 
@@ -114,6 +126,16 @@ RLK_HOST_DEVICE ValueGrad<A> max_branch(A a, A da, A b, A db) {
   return {a, A(0.5) * (da + db)};
 }
 
+// min(a, b) with da, db, mirroring max_branch (torch.minimum's NaN and tie conventions).
+template <class A>
+RLK_HOST_DEVICE ValueGrad<A> min_branch(A a, A da, A b, A db) {
+  if (a < b) return {a, da};
+  if (a > b) return {b, db};
+  if (!(b == b)) return {b, db};
+  if (!(a == a)) return {a, da};
+  return {a, A(0.5) * (da + db)};
+}
+
 // log(sigmoid(x)), stable for large |x|.
 template <class A>
 RLK_HOST_DEVICE A log_sigmoid(A x) {
@@ -125,6 +147,48 @@ RLK_HOST_DEVICE A sigmoid(A x) {
   if (x >= A(0)) return A(1) / (A(1) + std::exp(-x));
   const A e = std::exp(x);
   return e / (A(1) + e);
+}
+
+// ---------------------------------------------------------------------------------------
+// Objectives beyond PPO/CISPO/REINFORCE: each is its value and derivative at one token.
+
+// SAPO's soft gate of the ratio, f(r) = sigmoid(tau (r - 1)) 4 / tau, and df/dr =
+// 4 s (1 - s): slope 1 at r = 1, decaying smoothly away from it (instead of a hard clip).
+template <class A>
+RLK_HOST_DEVICE ValueGrad<A> sapo_gate(A r, A tau) {
+  const A s = sigmoid(tau * (r - A(1)));
+  return {s * A(4) / tau, A(4) * s * (A(1) - s)};
+}
+
+// GMPO's clipped token log-ratio y = sgn(a) min(sgn(a) x, sgn(a) clamp(x, lo, hi)) and dy/dx:
+// the log-ratio is clipped only on the side that would grow the objective.
+template <class A>
+RLK_HOST_DEVICE ValueGrad<A> gmpo_log_ratio(A x, A a, A lo, A hi) {
+  const A s = a > A(0) ? A(1) : (a < A(0) ? A(-1) : (a == a ? A(0) : a));
+  const A xc = x < lo ? lo : (x > hi ? hi : x);
+  const A dc = (x < lo || x > hi) ? A(0) : A(1);
+  const ValueGrad<A> mn = min_branch(s * x, s, s * xc, s * dc);
+  return {s * mn.value, s * mn.grad};
+}
+
+// VESPO's gamma weight phi(w) = exp(lambda + k log w - lambda w) of the sequence's log
+// weight (a detached coefficient); non-finite results become 0 as in TRL (nan_to_num).
+template <class A>
+RLK_HOST_DEVICE A vespo_phi(A log_w, A k, A lambda) {
+  const A phi = std::exp(lambda + k * log_w - lambda * std::exp(log_w));
+  return (phi == phi && phi != std::numeric_limits<A>::infinity()) ? phi : A(0);
+}
+
+// DPPO's trust region: whether a token still takes its policy-gradient term. TV bounds
+// p - p_old to [-low, high]; KL bounds the binary KL of (p_old, p) on the side the
+// advantage pushes (verl 0.9.1, with its 1e-8 inside the log).
+template <class A>
+RLK_HOST_DEVICE bool dppo_valid(bool binary_kl, A lp, A old, A a, A low, A high) {
+  const A p = std::exp(lp), p_old = std::exp(old);
+  if (!binary_kl) return a > A(0) ? (p - p_old) <= high : (p - p_old) >= -low;
+  const A eps = A(1e-8);
+  const A bkl = p_old * (old - lp) + (A(1) - p_old) * std::log((A(1) - p_old + eps) / (A(1) - p + eps));
+  return a > A(0) ? (bkl <= high || p <= p_old) : (bkl <= low || p >= p_old);
 }
 
 }  // namespace losses
