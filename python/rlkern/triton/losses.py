@@ -134,11 +134,13 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD_SCAL
                 lw0 = _clamp(tl.log(w0), -18.420680743952367, 20.0)
                 s_obj2 += tl.sum(tl.where(m & (tis_token != 0), lw0, 0.0), 0)
     n1 = tl.maximum(n, 1.0)
-    geo_r = tl.exp(s_obj / n1)
-    geo_adv = s_adv / n1
-    ves_lw = _clamp(s_obj + s_obj2, -18.420680743952367, 20.0)
-    phi_pos = _vespo_phi(ves_lw, vk_pos, tl.maximum(vl_pos, 1e-4))
-    phi_neg = _vespo_phi(ves_lw, vk_neg, tl.maximum(vl_neg, 1e-4))
+    if OBJECTIVE == 4:
+        geo_r = tl.exp(s_obj / n1)
+        geo_adv = s_adv / n1
+    if OBJECTIVE == 5:
+        ves_lw = _clamp(s_obj + s_obj2, -18.420680743952367, 20.0)
+        phi_pos = _vespo_phi(ves_lw, vk_pos, tl.maximum(vl_pos, 1e-4))
+        phi_neg = _vespo_phi(ves_lw, vk_neg, tl.maximum(vl_neg, 1e-4))
     # seq-mean-token-mean weighs a row by 1 / n_i, seq-mean-token-sum-norm by 1 / T (row_scale).
     row_w = tl.where(row_mean != 0, 1.0 / n1, row_scale)
     # Gradients are written finished: row weight times 1 / the aggregation's denominator.
@@ -183,8 +185,6 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD_SCAL
             xc = _clamp(x, lr_lo, lr_hi)
             dx = tl.where((x < lr_lo) | (x > lr_hi), 0.0, 1.0)
             r = tl.exp(xc)
-        low_hit = (r < clip_lo) & (a < 0.0)
-        high_hit = (r > clip_hi) & (a > 0.0)
         obj_stat = zero
         # PPO clip with ratio cap and dual clip; ties split the gradient as torch does.
         r1 = tl.where(r > cap, cap, r)
@@ -305,10 +305,15 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD_SCAL
         acc_ratio += tl.sum(tl.where(m, r, 0.0), 0)
         acc_approx += tl.sum(o - lp, 0)
         acc_kl += tl.sum(tl.where(m, kl, 0.0), 0)
-        acc_low += tl.sum((m & low_hit).to(COMPUTE), 0)
-        acc_high += tl.sum((m & high_hit).to(COMPUTE), 0)
+        if OBJECTIVE == 4 or OBJECTIVE >= 6:  # their own clip counts (see the objectives above)
+            acc_low += tl.sum((m & low_hit).to(COMPUTE), 0)
+            acc_high += tl.sum((m & high_hit).to(COMPUTE), 0)
+        else:
+            acc_low += tl.sum((m & (r < clip_lo) & (a < 0.0)).to(COMPUTE), 0)
+            acc_high += tl.sum((m & (r > clip_hi) & (a > 0.0)).to(COMPUTE), 0)
         acc_dual += tl.sum((m & dual_hit).to(COMPUTE), 0)
-        acc_obj += tl.sum(tl.where(m, obj_stat, 0.0), 0)
+        if OBJECTIVE >= 5:
+            acc_obj += tl.sum(tl.where(m, obj_stat, 0.0), 0)
     if SEQ and (OBJECTIVE == 0 or OBJECTIVE == 3 or (USE_KL and KL_CORR and KL != 0)):
         # r = exp(mean_t (lp_t - old_t)): dr/dlp_t = r / n for every active token.
         add = acc_dseq * seq_r * seq_dx / n1
