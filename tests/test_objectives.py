@@ -18,7 +18,7 @@ import rlkern
 from rlkern import losses
 from rlkern.reference import losses as ref
 
-from helpers import CPU_BACKENDS, assert_close
+from helpers import CPU_BACKENDS, assert_close, run_with_baseline_isa
 from test_losses import build, check_against_reference, make_batch, reference_of, run
 
 OBJ_CASES = {
@@ -131,6 +131,17 @@ def test_gradcheck(backend, name):
     inputs = (args[0],) + ((ent,) if ent is not None else ())
     clean = tuple(torch.where(args[3], x.detach(), torch.zeros_like(x)).requires_grad_() for x in inputs)
     assert torch.autograd.gradcheck(f, clean, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_baseline_x86_build_matches(tmp_path):
+    """The scalar objective body compiled for baseline x86-64 (RLKERN_DISABLE_AVX2) agrees too."""
+    run_with_baseline_isa(tmp_path, "test_objectives", """
+for name in t.OBJ_CASES:
+    for dtype in (t.torch.float32, t.torch.bfloat16):
+        t.test_low_precision_matches_reference('cpu', name, dtype)
+for name in ['sapo_everything', 'geo_mean_everything', 'vespo_tis_mask', 'dppo_tv']:
+    t.test_long_rows('cpu', name)
+""")
 
 
 def test_empty_batch_rows_and_all_masked():

@@ -142,7 +142,7 @@ RLK_LOSS_INLINE ExtraTerms<A> token_terms_obj(const RowConst<A>& c, A lp, A o, A
     const A xc = x < c.lr_lo ? c.lr_lo : (x > c.lr_hi ? c.lr_hi : x);
     dx = ((x < c.lr_lo) | (x > c.lr_hi)) ? zero : one;
     x = xc;
-    r = std::exp(xc);
+    r = exp_(xc);
   }
   ExtraTerms<A> out;
   out.low = (r < c.clip_lo && a < zero) ? one : zero;
@@ -193,7 +193,7 @@ RLK_LOSS_INLINE ExtraTerms<A> token_terms_obj(const RowConst<A>& c, A lp, A o, A
   if (EXTRA) {
     weight = (c.has_select & !(h >= c.ent_threshold)) ? zero : weight;
     if (c.tis_token) {
-      A wt = std::exp(o - rolv);
+      A wt = exp_(o - rolv);
       wt = c.tis_mask_mode ? (wt > c.tis_cap ? zero : wt) : (wt > c.tis_cap ? c.tis_cap : wt);
       weight *= wt;
     }
@@ -978,10 +978,10 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define RLK_POLICY_AVX2 1
-template <class T, int KL, bool SEQ, bool EXTRA>
+template <class T, int KL, bool SEQ, bool EXTRA, bool OBJ>
 __attribute__((target("avx2,fma"))) void policy_rows_avx2(const PolicyParams& p, int64_t b0, int64_t b1,
                                                           double* stats) {
-  policy_rows_impl<T, KL, SEQ, EXTRA, false>(p, b0, b1, stats);
+  policy_rows_impl<T, KL, SEQ, EXTRA, OBJ>(p, b0, b1, stats);
 }
 #endif
 
@@ -992,17 +992,14 @@ void policy_rows_generic(const PolicyParams& p, int64_t b0, int64_t b1, double* 
 
 template <class T, int KL, bool SEQ, bool EXTRA>
 void run_policy_rows(const PolicyParams& p, double* rows) {
-  // The objectives beyond clip/CISPO/REINFORCE run the scalar body (baseline instruction set).
-  if (p.objective > kReinforce) {
-    parallel_for(p.B, row_grain(p.T), [&](int64_t b0, int64_t b1) {
-      policy_rows_generic<T, KL, SEQ, EXTRA, true>(p, b0, b1, rows);
-    });
-    return;
-  }
-  auto fn = &policy_rows_generic<T, KL, SEQ, EXTRA, false>;
+  // The objectives beyond clip/CISPO/REINFORCE run the scalar body (the compiler vectorises
+  // what it can of it), compiled for AVX2 too.
+  const bool obj = p.objective > kReinforce;
+  auto fn = obj ? &policy_rows_generic<T, KL, SEQ, EXTRA, true> : &policy_rows_generic<T, KL, SEQ, EXTRA, false>;
 #ifdef RLK_POLICY_AVX2
   if (std::is_same<T, float>::value || std::is_same<T, bf16>::value) {
-    if (rlk::simd::use_avx2()) fn = &policy_rows_avx2<T, KL, SEQ, EXTRA>;
+    if (rlk::simd::use_avx2())
+      fn = obj ? &policy_rows_avx2<T, KL, SEQ, EXTRA, true> : &policy_rows_avx2<T, KL, SEQ, EXTRA, false>;
   }
 #endif
   parallel_for(p.B, row_grain(p.T), [&](int64_t b0, int64_t b1) { fn(p, b0, b1, rows); });
