@@ -26,13 +26,13 @@ from rlkern.integrations import verl as V  # noqa: E402
 from helpers import assert_close  # noqa: E402
 
 AGG_MODES = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
-LOSSES = ["vanilla", "gspo", "cispo", "gpg", "dro"]
+LOSSES = ["vanilla", "gspo", "cispo", "gpg", "dro", "sapo", "geo_mean", "dppo_tv", "dppo_kl"]
 B, T = 6, 11
 
 
 def actor_config(**batch_info) -> ActorConfig:
     cfg = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=2, clip_ratio=0.2,
-                      clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0,
+                      clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0, tau_pos=0.8, tau_neg=1.3,
                       policy_loss=PolicyLossConfig(loss_mode="vanilla", dro_beta=0.3))
     cfg.global_batch_info.update(batch_info)
     return cfg
@@ -325,7 +325,7 @@ def test_install_registers_rlkern_and_uninstall_restores():
     originals = {n: ca.POLICY_LOSS_REGISTRY[n] for n in V.POLICY_LOSS_REGISTRY}
     adv_originals = {n: ca.ADV_ESTIMATOR_REGISTRY[n] for n in V.ADV_ESTIMATOR_REGISTRY}
     kl_original, vl_original = ca.kl_penalty, ca.compute_value_loss
-    sapo = ca.POLICY_LOSS_REGISTRY["sapo"]
+    clip_cov = ca.POLICY_LOSS_REGISTRY["clip_cov"]
     V.install()
     try:
         V.install()  # idempotent
@@ -334,15 +334,18 @@ def test_install_registers_rlkern_and_uninstall_restores():
         for name, fn in V.ADV_ESTIMATOR_REGISTRY.items():
             assert ca.get_adv_estimator_fn(name) is fn
         assert ca.kl_penalty is V.kl_penalty and ca.compute_value_loss is V.compute_value_loss
-        assert ca.POLICY_LOSS_REGISTRY["sapo"] is sapo  # losses rlkern does not provide stay verl's
+        assert ca.POLICY_LOSS_REGISTRY["clip_cov"] is clip_cov  # losses rlkern does not provide stay verl's
+        for name in ("sapo", "geo_mean", "dppo_tv", "dppo_kl"):
+            assert ca.get_policy_loss_fn(name) is V.POLICY_LOSS_REGISTRY[name]
         # an unchanged verl call path (registry lookup by config name) now runs rlkern and agrees with verl
         old, lp, adv, m = make_inputs("padded")
         cfg = actor_config()
-        fn = ca.get_policy_loss_fn(cfg.policy_loss.loss_mode)
-        ours = run(fn, old, lp, adv, m, "token-mean", cfg)
-        theirs = run(originals["vanilla"], old, lp, adv, m, "token-mean", cfg)
-        assert_close(ours[0], theirs[0], 1e-5)
-        check_metrics(ours[1], theirs[1])
+        for mode in ("vanilla", "sapo", "geo_mean", "dppo_kl"):
+            fn = ca.get_policy_loss_fn(mode)
+            ours = run(fn, old, lp, adv, m, "token-mean", cfg)
+            theirs = run(originals[mode], old, lp, adv, m, "token-mean", cfg)
+            assert_close(ours[0], theirs[0], 1e-5, mode)
+            check_metrics(ours[1], theirs[1])
     finally:
         V.uninstall()
     assert {n: ca.POLICY_LOSS_REGISTRY[n] for n in originals} == originals
@@ -372,11 +375,16 @@ def test_bad_arguments_raise_clear_errors():
         V.compute_policy_loss_vanilla(old, lp, adv, m, "token-median", actor_config())
     with pytest.raises(ValueError, match="config"):
         V.compute_policy_loss_gspo(old, lp, adv, m, "token-mean", None)
+    for name in ("sapo", "geo_mean", "dppo_tv", "dppo_kl"):
+        with pytest.raises(ValueError, match="config"):
+            V.get_policy_loss_fn(name)(old, lp, adv, m, "token-mean", None)
+        with pytest.raises(ValueError, match="loss_agg_mode"):
+            V.get_policy_loss_fn(name)(old, lp, adv, m, "token-median", actor_config())
     with pytest.raises(ValueError, match="dro_beta"):
         V.compute_policy_loss_dro(old, lp, adv, m, "token-mean",
                                   ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=2))
     with pytest.raises(ValueError, match="Unsupported loss mode"):
-        V.get_policy_loss_fn("sapo")  # a fused-kernel objective rlkern does not provide yet
+        V.get_policy_loss_fn("clip_cov")  # a loss rlkern does not provide yet
     with pytest.raises(ValueError, match="index"):
         V.compute_grpo_outcome_advantage(torch.zeros(4, 3), torch.ones(4, 3), np.array([0, 0, 1]))
 

@@ -81,6 +81,10 @@ struct PolicyParams {
   double grad_scale = 1.0;  // 1 / the aggregation's final denominator
   bool scale_by_active = false;  // token-mean: grad_scale = 1 / max(active tokens, 1), counted here
   bool scale_by_rows = false;    // seq-* modes: grad_scale = 1 / max(non-empty sequences, 1), counted here
+  // The clip option as given (geo_mean bounds the log-ratio, DPPO the divergence with it).
+  double clip_low = 0.2, clip_high = 0.2;
+  double sapo_tau_pos = 1.0, sapo_tau_neg = 1.05;
+  double vespo_k_pos = 2.0, vespo_lambda_pos = 3.0, vespo_k_neg = 3.0, vespo_lambda_neg = 2.0;
 };
 
 // Totals returned to Python, in this order.
@@ -94,6 +98,8 @@ enum Stat : int {
   kKlSum,        // sum of the KL estimate (before coefficient and correction)
   kEntropySum,
   kDualClip,     // active tokens with A < 0 where the dual clip bound is active
+  kObjective,    // objective-specific token sum: VESPO's phi, DPPO's truncated tokens
+  kObjectiveRow, // sum over sequences of their token mean of kObjective
   kNumStats
 };
 
@@ -103,6 +109,9 @@ template <class A>
 struct RowConst {
   A clip_lo, clip_hi, cap, dual, lr_lo, lr_hi, kl_lo, kl_hi, kl_coef, ent_coef, tis_cap, ent_threshold;
   A seq_ratio, seq_dx, seq_tis, row_w, grad_w;
+  // Objectives of the scalar body: SAPO temperatures, VESPO's weights for A >= 0 and A < 0
+  // (row constants), GMPO's log-ratio bounds and masked-mean advantage, DPPO's bounds.
+  A tau_pos, tau_neg, phi_pos, phi_neg, geo_lo, geo_hi, geo_adv, div_lo, div_hi;
   int objective, kl_kind;
   bool has_dual, use_kl, use_ent, kl_corr, tis_token, tis_mask_mode, has_select, drop_negative;
 };
@@ -111,6 +120,112 @@ template <class A>
 struct TokenTerms {
   A loss, grad, dseq, ratio, kl, dual_hit;
 };
+
+// The objectives beyond clip/CISPO/REINFORCE at one token (scalar code: they are off the
+// vectorised path). Returns the terms as token_terms, plus the token's clip-fraction flags
+// and its objective-specific statistic.
+template <class A>
+struct ExtraTerms {
+  TokenTerms<A> t;
+  A low, high, stat;
+};
+
+template <class A, int KL, bool SEQ, bool EXTRA>
+RLK_LOSS_INLINE ExtraTerms<A> token_terms_obj(const RowConst<A>& c, A lp, A o, A a, A refv, A rolv, A h) {
+  const A zero(0), one(1);
+  A r, dx, x = zero;
+  if (SEQ) {
+    r = c.seq_ratio;
+    dx = c.seq_dx;
+  } else {
+    x = lp - o;
+    const A xc = x < c.lr_lo ? c.lr_lo : (x > c.lr_hi ? c.lr_hi : x);
+    dx = ((x < c.lr_lo) | (x > c.lr_hi)) ? zero : one;
+    x = xc;
+    r = exp_(xc);
+  }
+  ExtraTerms<A> out;
+  out.low = (r < c.clip_lo && a < zero) ? one : zero;
+  out.high = (r > c.clip_hi && a > zero) ? one : zero;
+  out.stat = zero;
+  A pg, dr = zero, direct = zero;
+  bool uses_ratio = false;
+  switch (c.objective) {
+    case kSapo: {
+      const ValueGrad<A> f = sapo_gate(r, a > zero ? c.tau_pos : c.tau_neg);
+      pg = -f.value * a;
+      dr = -f.grad * a;
+      uses_ratio = true;
+      break;
+    }
+    case kGeoMean: {
+      // The loss is the sequence's -mean(A) exp(mean y) on each token; its derivative at
+      // token t is the row's -mean(A) R times dy_t/dx_t (see policy_rows_impl's prepass).
+      const ValueGrad<A> y = gmpo_log_ratio(x, a, c.geo_lo, c.geo_hi);
+      r = c.seq_ratio;
+      pg = -c.geo_adv * r;
+      direct = pg * y.grad * dx;
+      const bool outside = x < c.geo_lo || x > c.geo_hi;
+      out.low = (outside && a < zero) ? one : zero;
+      out.high = (outside && a > zero) ? one : zero;
+      break;
+    }
+    case kVespo: {
+      const A phi = a >= zero ? c.phi_pos : c.phi_neg;
+      direct = -phi * a;
+      pg = direct * lp;
+      out.stat = phi;
+      break;
+    }
+    default: {  // kDppoTv, kDppoKl
+      const bool valid = dppo_valid(c.objective == kDppoKl, lp, o, a, c.div_lo, c.div_hi);
+      const A w = r > c.cap ? c.cap : r;
+      const A v = valid ? one : zero;
+      direct = -a * w * v;
+      pg = -a * w * lp * v;
+      out.low = (!valid && !(a > zero)) ? one : zero;
+      out.high = (!valid && a > zero) ? one : zero;
+      out.stat = (valid && r > c.cap) ? one : zero;
+      break;
+    }
+  }
+  A weight = (c.drop_negative & !(a >= zero)) ? zero : one;
+  if (EXTRA) {
+    weight = (c.has_select & !(h >= c.ent_threshold)) ? zero : weight;
+    if (c.tis_token) {
+      A wt = exp_(o - rolv);
+      wt = c.tis_mask_mode ? (wt > c.tis_cap ? zero : wt) : (wt > c.tis_cap ? c.tis_cap : wt);
+      weight *= wt;
+    }
+  }
+  weight *= c.seq_tis;
+  A l = weight * pg;
+  dr *= weight;
+  direct *= weight;
+  A kl = zero;
+  if (KL != 0) {
+    const ValueGrad<A> k =
+        kl_estimate(c.kl_kind, lp, refv, Bounds<A>{c.kl_lo != -std::numeric_limits<A>::infinity(),
+                                                   c.kl_hi != std::numeric_limits<A>::infinity(), c.kl_lo, c.kl_hi});
+    kl = k.value;
+    if (c.use_kl) {
+      l += c.kl_coef * (c.kl_corr ? kl * r : kl);
+      direct += c.kl_coef * (c.kl_corr ? k.grad * r : k.grad);
+      if (c.kl_corr) {
+        dr += c.kl_coef * kl;
+        uses_ratio = true;
+      }
+    }
+  }
+  if (EXTRA && c.use_ent) l -= c.ent_coef * h;
+  out.t.loss = l;
+  out.t.grad = SEQ ? direct : (uses_ratio ? direct + dr * r * dx : direct);
+  out.t.dseq = SEQ ? dr : zero;
+  out.t.ratio = r;
+  out.t.kl = kl;
+  out.t.dual_hit = zero;
+  return out;
+}
 
 
 // The per-token loss and its derivative, written without data-dependent branches so that
@@ -217,14 +332,14 @@ constexpr int kBlock = 256;
 template <class A>
 struct Lanes {
   A n[kLanes], loss[kLanes], ratio[kLanes], approx[kLanes], kl[kLanes], ent[kLanes], low[kLanes], high[kLanes],
-      dual[kLanes], dseq[kLanes];
+      dual[kLanes], dseq[kLanes], obj[kLanes];
   void clear() {
     for (int j = 0; j < kLanes; ++j)
-      n[j] = loss[j] = ratio[j] = approx[j] = kl[j] = ent[j] = low[j] = high[j] = dual[j] = dseq[j] = A(0);
+      n[j] = loss[j] = ratio[j] = approx[j] = kl[j] = ent[j] = low[j] = high[j] = dual[j] = dseq[j] = obj[j] = A(0);
   }
 };
 
-template <class T, int KL, bool SEQ, bool EXTRA>
+template <class T, int KL, bool SEQ, bool EXTRA, bool OBJ>
 RLK_LOSS_INLINE void token_step(const PolicyInputs<T>& in, const RowConst<acc_t<T>>& c, int64_t i, int64_t ai,
                                   int j, Lanes<acc_t<T>>& L) {
   using A = acc_t<T>;
@@ -245,6 +360,21 @@ RLK_LOSS_INLINE void token_step(const PolicyInputs<T>& in, const RowConst<acc_t<
     h = load(in.ent, i);
     rolv = m ? rolv : zero;
     h = m ? h : zero;
+  }
+  if (OBJ) {
+    const ExtraTerms<A> e = token_terms_obj<A, KL, SEQ, EXTRA>(c, lp, o, a, refv, rolv, h);
+    store(in.grad, i, m ? c.grad_w * e.t.grad : zero);
+    L.n[j] += m ? A(1) : zero;
+    L.loss[j] += m ? c.row_w * e.t.loss : zero;
+    L.dseq[j] += m ? c.grad_w * e.t.dseq : zero;
+    L.ratio[j] += m ? e.t.ratio : zero;
+    L.approx[j] += o - lp;
+    L.kl[j] += m ? e.t.kl : zero;
+    L.ent[j] += h;
+    L.low[j] += m ? e.low : zero;
+    L.high[j] += m ? e.high : zero;
+    L.obj[j] += m ? e.stat : zero;
+    return;
   }
   const TokenTerms<A> tt = token_terms<A, KL, SEQ, EXTRA>(c, lp, o, a, refv, rolv, h);
   store(in.grad, i, m ? c.grad_w * tt.grad : zero);
@@ -551,7 +681,7 @@ RLK_LOSS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& c,
 }
 #endif
 
-template <class T, int KL, bool SEQ, bool EXTRA>
+template <class T, int KL, bool SEQ, bool EXTRA, bool OBJ>
 RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, int64_t row_end, double* stats) {
   using A = acc_t<T>;
   const A inf = std::numeric_limits<A>::infinity();
@@ -589,6 +719,16 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
   c.tis_token = p.has_tis && !p.tis_seq;
   c.tis_mask_mode = p.tis_mask_mode;
   c.objective = p.objective;
+  c.tau_pos = A(p.sapo_tau_pos);
+  c.tau_neg = A(p.sapo_tau_neg);
+  c.geo_lo = A(-p.clip_low);
+  c.geo_hi = A(p.clip_high);
+  c.div_lo = A(p.clip_low);
+  c.div_hi = A(p.clip_high);
+  c.phi_pos = c.phi_neg = c.geo_adv = A(0);
+  // VESPO folds the importance weights against the rollout into its sequence weight.
+  const bool vespo_tis = p.objective == kVespo && p.has_tis;
+  if (vespo_tis) c.tis_token = false;
   const A off_threshold = A(p.off_threshold);
   const Bounds<A> lr_clamp{p.has_lr_lo, p.has_lr_hi, A(p.lr_lo), A(p.lr_hi)};
   const bool tis_seq = p.has_tis && p.tis_seq;
@@ -606,7 +746,52 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
     // sequence-level log importance weight.
     A n_row = 0, s_lr = 0, s_div = 0, s_tis = 0;
     double sum_lp = 0, sum_lr = 0;
-    if (need_prepass) {
+    if (OBJ) {
+      // The scalar objectives' prepass, in double: the sums of the legacy prepass plus
+      // GMPO's clipped log-ratios and advantages and VESPO's log sequence weight.
+      double dn = 0, dlr = 0, ddiv = 0, dtis = 0, dlp = 0, dgeo = 0, dadv = 0, dves = 0, dves_tis = 0;
+      const double vlo = std::log(1e-8), vhi = 20.0;
+      for (int64_t t = 0; t < T_; ++t) {
+        if (!m[t]) continue;
+        const A lp = load(in.logp, base + t), o = load(in.old, base + t), ro = load(in.rollout, base + t);
+        const A a = in.adv[adv_base + t * adv_step];
+        dn += 1;
+        dlr += double(lp - o);
+        ddiv += double(ro - lp);
+        dtis += double(o - ro);
+        dlp += double(lp);
+        if (p.objective == kGeoMean) {
+          const A x = lr_clamp.apply(lp - o).value;
+          dgeo += double(gmpo_log_ratio(x, a, c.geo_lo, c.geo_hi).value);
+          dadv += double(a);
+        } else if (p.objective == kVespo) {
+          const A x = lp - o;
+          dves += double(x < A(-20) ? A(-20) : (x > A(20) ? A(20) : x));
+          if (vespo_tis) {
+            A w = std::exp(o - ro);
+            w = p.tis_mask_mode ? (w > c.tis_cap ? A(0) : w) : (w > c.tis_cap ? c.tis_cap : w);
+            const double lw = double(std::log(w));
+            dves_tis += lw < vlo ? vlo : (lw > vhi ? vhi : lw);
+          }
+        }
+      }
+      n_row = A(dn);
+      const double n1 = std::max(dn, 1.0);
+      s_lr = A(dlr / n1);
+      s_div = A(ddiv / n1);
+      s_tis = A(dtis);
+      sum_lp = dlp;
+      sum_lr = dlr;
+      if (p.objective == kGeoMean) {
+        c.geo_adv = A(dadv / n1);
+        c.seq_ratio = std::exp(A(dgeo / n1));
+      } else if (p.objective == kVespo) {
+        double lw = dves + dves_tis;
+        lw = lw < vlo ? vlo : (lw > vhi ? vhi : lw);
+        c.phi_pos = vespo_phi(A(lw), A(p.vespo_k_pos), std::max(A(p.vespo_lambda_pos), A(1e-4)));
+        c.phi_neg = vespo_phi(A(lw), A(p.vespo_k_neg), std::max(A(p.vespo_lambda_neg), A(1e-4)));
+      }
+    } else if (need_prepass) {
       A ln[kLanes] = {}, llr[kLanes] = {}, ldiv[kLanes] = {}, ltis[kLanes] = {};
       double dn = 0, dlr = 0, ddiv = 0, dtis = 0, dlp = 0;
       int64_t start = 0;
@@ -681,7 +866,7 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
                                          : (p.agg == kSeqMeanTokenSumNorm ? A(1) / A(T_) : A(1));
     c.grad_w = c.row_w * A(p.grad_scale);
     c.drop_negative = p.has_off && s_div > off_threshold;
-    c.seq_ratio = A(1);
+    if (!(OBJ && p.objective == kGeoMean)) c.seq_ratio = A(1);
     c.seq_dx = A(1);
     if (SEQ) {
       const ValueGrad<A> x = lr_clamp.apply(s_lr);
@@ -700,7 +885,7 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
     // Sequence level with one advantage per sequence and nothing per token (no KL, entropy
     // or rollout terms): every active token of the row shares the same loss slope and
     // gradient, so one scalar evaluation and a single write pass replace the token loop.
-    if (SEQ && KL == 0 && !EXTRA && !p.adv_per_token) {
+    if (SEQ && KL == 0 && !EXTRA && !OBJ && !p.adv_per_token) {
       const A a = n_row > A(0) ? in.adv[b] : A(0);
       const TokenTerms<A> tt = token_terms<A, 0, true, false>(c, A(0), A(0), a, A(0), A(0), A(0));
       const double n = double(n_row);
@@ -727,7 +912,7 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
       L.clear();
       int64_t t = t0;
 #ifdef RLK_POLICY_SIMD
-      if constexpr (kSimd<T>) {
+      if constexpr (kSimd<T> && !OBJ) {
         const RowConstV cv(c);
         LanesV V;
         V.clear();
@@ -747,9 +932,9 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
 #endif
       for (; t + kLanes <= t1; t += kLanes) {
         for (int j = 0; j < kLanes; ++j)
-          token_step<T, KL, SEQ, EXTRA>(in, c, base + t + j, adv_base + (t + j) * adv_step, j, L);
+          token_step<T, KL, SEQ, EXTRA, OBJ>(in, c, base + t + j, adv_base + (t + j) * adv_step, j, L);
       }
-      for (; t < t1; ++t) token_step<T, KL, SEQ, EXTRA>(in, c, base + t, adv_base + t * adv_step, 0, L);
+      for (; t < t1; ++t) token_step<T, KL, SEQ, EXTRA, OBJ>(in, c, base + t, adv_base + t * adv_step, 0, L);
       for (int j = 0; j < kLanes; ++j) {
         acc[kActive] += L.n[j];
         acc[kLossSum] += L.loss[j];
@@ -760,10 +945,13 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
         acc[kKlSum] += L.kl[j];
         acc[kEntropySum] += L.ent[j];
         acc[kDualClip] += L.dual[j];
+        acc[kObjective] += L.obj[j];
         dseq += L.dseq[j];
       }
     }
-    if (SEQ && acc[kActive] > 0 && (p.objective == kClip || (p.kl_coef != 0.0 && p.kl_correction && KL != 0))) {
+    acc[kObjectiveRow] = acc[kObjective] / std::max(acc[kActive], 1.0);
+    if (SEQ && acc[kActive] > 0 &&
+        (p.objective == kClip || p.objective == kSapo || (p.kl_coef != 0.0 && p.kl_correction && KL != 0))) {
       // r = exp(mean_t (lp_t - old_t)): dr/dlp_t = r / n for every active token.
       const A add = A(dseq) * c.seq_ratio * c.seq_dx / A(acc[kActive]);
       T* g = in.grad + base;
@@ -790,24 +978,28 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define RLK_POLICY_AVX2 1
-template <class T, int KL, bool SEQ, bool EXTRA>
+template <class T, int KL, bool SEQ, bool EXTRA, bool OBJ>
 __attribute__((target("avx2,fma"))) void policy_rows_avx2(const PolicyParams& p, int64_t b0, int64_t b1,
                                                           double* stats) {
-  policy_rows_impl<T, KL, SEQ, EXTRA>(p, b0, b1, stats);
+  policy_rows_impl<T, KL, SEQ, EXTRA, OBJ>(p, b0, b1, stats);
 }
 #endif
 
-template <class T, int KL, bool SEQ, bool EXTRA>
+template <class T, int KL, bool SEQ, bool EXTRA, bool OBJ>
 void policy_rows_generic(const PolicyParams& p, int64_t b0, int64_t b1, double* stats) {
-  policy_rows_impl<T, KL, SEQ, EXTRA>(p, b0, b1, stats);
+  policy_rows_impl<T, KL, SEQ, EXTRA, OBJ>(p, b0, b1, stats);
 }
 
 template <class T, int KL, bool SEQ, bool EXTRA>
 void run_policy_rows(const PolicyParams& p, double* rows) {
-  auto fn = &policy_rows_generic<T, KL, SEQ, EXTRA>;
+  // The objectives beyond clip/CISPO/REINFORCE run the scalar body (the compiler vectorises
+  // what it can of it), compiled for AVX2 too.
+  const bool obj = p.objective > kReinforce;
+  auto fn = obj ? &policy_rows_generic<T, KL, SEQ, EXTRA, true> : &policy_rows_generic<T, KL, SEQ, EXTRA, false>;
 #ifdef RLK_POLICY_AVX2
   if (std::is_same<T, float>::value || std::is_same<T, bf16>::value) {
-    if (rlk::simd::use_avx2()) fn = &policy_rows_avx2<T, KL, SEQ, EXTRA>;
+    if (rlk::simd::use_avx2())
+      fn = obj ? &policy_rows_avx2<T, KL, SEQ, EXTRA, true> : &policy_rows_avx2<T, KL, SEQ, EXTRA, false>;
   }
 #endif
   parallel_for(p.B, row_grain(p.T), [&](int64_t b0, int64_t b1) { fn(p, b0, b1, rows); });
@@ -1099,7 +1291,15 @@ void bind(py::module_& m) {
       .def_readwrite("grad_entropy", &PolicyParams::grad_entropy)
       .def_readwrite("grad_scale", &PolicyParams::grad_scale)
       .def_readwrite("scale_by_active", &PolicyParams::scale_by_active)
-      .def_readwrite("scale_by_rows", &PolicyParams::scale_by_rows);
+      .def_readwrite("scale_by_rows", &PolicyParams::scale_by_rows)
+      .def_readwrite("clip_low", &PolicyParams::clip_low)
+      .def_readwrite("clip_high", &PolicyParams::clip_high)
+      .def_readwrite("sapo_tau_pos", &PolicyParams::sapo_tau_pos)
+      .def_readwrite("sapo_tau_neg", &PolicyParams::sapo_tau_neg)
+      .def_readwrite("vespo_k_pos", &PolicyParams::vespo_k_pos)
+      .def_readwrite("vespo_lambda_pos", &PolicyParams::vespo_lambda_pos)
+      .def_readwrite("vespo_k_neg", &PolicyParams::vespo_k_neg)
+      .def_readwrite("vespo_lambda_neg", &PolicyParams::vespo_lambda_neg);
   m.attr("NUM_POLICY_STATS") = int(kNumStats);
   m.def("policy_loss", &policy_loss_fused, py::arg("params"), py::call_guard<py::gil_scoped_release>(),
         "Fused policy loss: writes d(row-weighted loss sum)/d logp (and entropy) and returns the totals "

@@ -30,7 +30,7 @@ _DPO_CODES = {name: i for i, name in enumerate(DPO_LOSS_TYPES)}
 
 # Order of the totals the kernels return (csrc/cpu/losses.cpp, enum Stat).
 _STATS = ("active", "loss_sum", "clip_low", "clip_high", "ratio_sum", "approx_kl_sum", "kl_sum", "entropy_sum",
-          "dual_clip")
+          "dual_clip", "objective_sum", "objective_row_sum")
 
 
 # ---------------------------------------------------------------------------------------
@@ -198,13 +198,22 @@ def _policy_params(cfg: PolicyLossConfig, B: int, T: int):
     p.off_threshold = float(cfg.off_policy_threshold or 0.0)
     p.entropy_coef = float(cfg.entropy_coef)
     p.agg = _AGG_CODES[cfg.agg]
+    p.clip_low = float(cfg.clip_low)
+    p.clip_high = float(cfg.clip_low if cfg.clip_high is None else cfg.clip_high)
+    p.sapo_tau_pos = float(cfg.sapo_temperature_pos)
+    p.sapo_tau_neg = float(cfg.sapo_temperature_neg)
+    p.vespo_k_pos, p.vespo_lambda_pos = float(cfg.vespo_k_pos), float(cfg.vespo_lambda_pos)
+    p.vespo_k_neg, p.vespo_lambda_neg = float(cfg.vespo_k_neg), float(cfg.vespo_lambda_neg)
     return p
 
 
-def _metrics_from_totals(totals, cfg: PolicyLossConfig, has_ref: bool, has_entropy: bool) -> Dict[str, torch.Tensor]:
-    """Metric tensors from the kernel's totals (a 1-D tensor, or a list of floats)."""
+def _metrics_from_totals(totals, cfg: PolicyLossConfig, has_ref: bool, has_entropy: bool,
+                         nonempty=1.0) -> Dict[str, torch.Tensor]:
+    """Metric tensors from the kernel's totals (a 1-D tensor, or a list of floats);
+    ``nonempty`` is the number of sequences with an active token."""
     t = dict(zip(_STATS, totals))
     denom = t["active"].clamp(min=1) if isinstance(t["active"], torch.Tensor) else max(t["active"], 1.0)
+    nonempty = nonempty.clamp(min=1) if isinstance(nonempty, torch.Tensor) else max(nonempty, 1.0)
     metrics = {
         "clip_frac_low": t["clip_low"] / denom,
         "clip_frac_high": t["clip_high"] / denom,
@@ -217,6 +226,11 @@ def _metrics_from_totals(totals, cfg: PolicyLossConfig, has_ref: bool, has_entro
         metrics["entropy"] = t["entropy_sum"] / denom
     if cfg.objective == "clip" and cfg.dual_clip is not None:
         metrics["dual_clip_frac"] = t["dual_clip"] / denom
+    if cfg.objective == "vespo":
+        metrics["phi_mean"] = t["objective_sum"] / denom
+        metrics["phi_seq_mean"] = t["objective_row_sum"] / nonempty
+    elif cfg.objective in ("dppo_tv", "dppo_kl"):
+        metrics["trunc_frac"] = t["objective_sum"] / denom
     return metrics
 
 
@@ -257,7 +271,7 @@ def _policy_cpu(logp, old_logp, advantages, mask, cfg: PolicyLossConfig, tensors
         p.grad_entropy = ptr(grad_entropy) if grad_entropy is not None else 0
         totals = core().losses.policy_loss(p)
         denom = _agg_denominator(cfg.agg, cfg.normalizer, totals[0], totals[len(_STATS)])
-        named = _metrics_from_totals(totals, cfg, ref is not None, ent is not None)
+        named = _metrics_from_totals(totals, cfg, ref is not None, ent is not None, totals[len(_STATS)])
         # The metrics are views of one small tensor (one allocation, not six); the loss is a
         # tensor of its own, since trainers update it in place (verl: policy_loss += kl_loss * coef)
         # and autograd refuses in-place updates of a view made inside a Function.
@@ -297,6 +311,29 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
       with ``dual_clip`` c and A < 0, min(that, -A c);
     - ``"cispo"``: -sg(clip(r, 1 - clip_low, 1 + clip_high)) * A * logp (sg = detached);
     - ``"reinforce"``: -A * logp;
+    - ``"sapo"``: -f(r) A with the soft gate f(r) = sigmoid(tau (r - 1)) 4 / tau, tau =
+      ``sapo_temperature_pos`` where A > 0 else ``sapo_temperature_neg`` (TRL 1.16 and verl
+      0.9.1 define it identically; verl also clamps the log-ratio to 20 and forces
+      seq-mean-token-mean: pass ``log_ratio_clamp=20.0, agg="seq-mean-token-mean"``);
+    - ``"geo_mean"`` (GMPO, verl): one term per sequence, -mean(A) exp(mean_t y_t) with
+      y_t = sgn(A_t) min(sgn(A_t) x_t, sgn(A_t) clamp(x_t, -clip_low, clip_high)), x_t the
+      token log-ratio: clip_low/clip_high bound the LOG-ratio here. Every active token carries
+      the sequence's term, so ``agg="seq-mean-token-mean"`` gives the mean over sequences
+      (verl divides by the batch size: add ``normalizer=B``). Takes level="token" and only
+      per-sequence weights (``tis_level="sequence"``);
+    - ``"vespo"`` (TRL): -sg(phi) A logp, phi = exp(lambda + k log w - lambda w) of the
+      sequence weight log w = clamp(sum_t clamp(x_t, +-20), log 1e-8, 20), (k, lambda) =
+      (``vespo_k_pos``, ``vespo_lambda_pos``) where A >= 0 else the ``_neg`` pair. With
+      ``tis_cap`` the truncated (or masked) importance weights against ``rollout_logp`` enter
+      log w (each log clamped to [log 1e-8, 20]) instead of multiplying the loss, as TRL does;
+    - ``"dppo_tv"``, ``"dppo_kl"`` (verl): -A sg(min(r, ratio_cap)) logp on the tokens inside
+      the trust region: for A > 0, p - p_old <= clip_high (TV) or binary KL <= clip_high or
+      p <= p_old (KL); for A <= 0, p - p_old >= -clip_low or binary KL <= clip_low or
+      p >= p_old; p = exp(logp). verl passes its clip_ratio as the bounds and clip_ratio_c as
+      ``ratio_cap``.
+
+    LUSPO (TRL 1.16 ``loss_type="luspo"``) is the ``"clip"`` objective with its own
+    aggregation: ``level="sequence", agg="seq-mean-token-sum", normalizer=B``.
 
     w_t (detached, default 1) is the product of the truncated importance weight against
     ``rollout_logp`` (``tis_cap``), the off-policy sequence mask (``off_policy_threshold``)
@@ -346,6 +383,17 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     clip_low), ``clip_frac_high`` (A > 0 and r > 1 + clip_high), ``ratio_mean``,
     ``approx_kl`` (mean of old_logp - logp), ``kl`` (when ``ref_logp`` is given),
     ``entropy`` (when ``entropy`` is given) and ``dual_clip_frac`` (with ``dual_clip``).
+    For "geo_mean" ``clip_frac_low``/``clip_frac_high`` count the tokens whose log-ratio lies
+    outside [-clip_low, clip_high] with A < 0 / A > 0 and ``ratio_mean`` is the mean of the
+    sequence ratios over the tokens; for the DPPO objectives they count the tokens outside
+    the trust region with A <= 0 / A > 0 (their sum is verl's pg_clipfrac), and
+    ``trunc_frac`` the tokens inside it whose ratio exceeds ``ratio_cap``; "vespo" adds
+    ``phi_mean`` (token mean of phi) and ``phi_seq_mean`` (mean over the non-empty sequences
+    of each one's token mean of phi: TRL's vespo/phi_seq_mean with one advantage per
+    sequence).
+
+    Objective options (defaults): sapo_temperature_pos=1.0, sapo_temperature_neg=1.05,
+    vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0.
     """
     cfg, tensors = parse_policy_options(options)
     _check_policy_inputs(logp, old_logp, advantages, mask, cfg, tensors)

@@ -107,6 +107,65 @@ def verl_gspo(logp, old, adv, mask):
     return loss, (clipfrac.detach(),)
 
 
+# ---- the peers' own functions for the objectives beyond PPO ---------------------------------
+# verl 0.9.1's compute_policy_loss_<name> (sapo, geo_mean, dppo_tv, dppo_kl) and TRL 1.16's
+# GRPOTrainer.get_gamma_weights for VESPO, called as they are; None when not installed.
+
+VERL_OBJECTIVES = ("sapo", "geo_mean", "dppo_tv", "dppo_kl")
+
+
+def _verl_objective(name: str):
+    try:
+        from verl.trainer.ppo import core_algos as ca
+        from verl.workers.config import ActorConfig
+        from verl.workers.config.actor import PolicyLossConfig as VerlPolicyLossConfig
+    except Exception:  # verl not installed: leave the competitor out
+        return None
+    cfg = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=2, clip_ratio=0.2,
+                      clip_ratio_low=CLIP_LOW, clip_ratio_high=CLIP_HIGH, clip_ratio_c=3.0,
+                      policy_loss=VerlPolicyLossConfig(loss_mode=name))
+    fn = getattr(ca, f"compute_policy_loss_{name}")
+    mode = "seq-mean-token-mean" if name == "sapo" else "token-mean"
+
+    def run(logp, old, adv, mask):
+        return fn(old, logp, adv.unsqueeze(1) * mask, mask, mode, cfg)
+
+    return run
+
+
+def _ours_objective(name: str, B: int):
+    # the policy_loss options that make rlkern compute verl's objective (as its adapter passes them)
+    return {
+        "sapo": dict(objective="sapo", log_ratio_clamp=20.0, agg="seq-mean-token-mean"),
+        "geo_mean": dict(objective="geo_mean", clip_low=CLIP_LOW, clip_high=CLIP_HIGH, agg="seq-mean-token-mean",
+                         normalizer=float(B)),
+        "dppo_tv": dict(objective="dppo_tv", clip_low=CLIP_LOW, clip_high=CLIP_HIGH, ratio_cap=3.0,
+                        log_ratio_clamp=20.0),
+        "dppo_kl": dict(objective="dppo_kl", clip_low=CLIP_LOW, clip_high=CLIP_HIGH, ratio_cap=3.0,
+                        log_ratio_clamp=20.0),
+        "vespo": dict(objective="vespo", agg="token-sum"),
+    }[name]
+
+
+def _trl_vespo():
+    try:
+        from trl import GRPOTrainer
+    except Exception:
+        return None
+
+    def run(logp, old, adv, mask):
+        m = mask.to(logp.dtype)
+        a = adv.unsqueeze(1)
+        phi = GRPOTrainer.get_gamma_weights(advantages=a, log_ratio_per_token=logp - old, mask=m,
+                                            importance_sampling_ratio=None)
+        loss = (-phi * a * logp * m).sum() / m.sum().clamp(min=1.0)
+        with torch.no_grad():
+            metric = phi.mean()
+        return loss, (metric,)
+
+    return run
+
+
 # ---- cases ----------------------------------------------------------------------------------
 
 def _backward(fn):
@@ -133,6 +192,21 @@ def _make(config: str, B: int, T: int, dtype: torch.dtype):
 
         logp, old, ref, adv, mask = _inputs(B, T, dtype, device)
         impls: Dict[str, Impl] = {}
+        if config in VERL_OBJECTIVES or config == "vespo":
+            opts = _ours_objective(config, B)
+            if config == "vespo":
+                # a sequence weight that is not 0: per-token ratios close to 1
+                old_ = (logp.detach() + 1e-4 * torch.randn_like(logp)).to(dtype)
+                opts = dict(opts, normalizer=float(mask.sum()))
+            else:
+                old_ = old
+            ours = _backward(lambda lp: losses.policy_loss(lp, old_, adv, mask, **opts))
+            impls["rlkern"] = lambda: ours(logp)
+            peer = _trl_vespo() if config == "vespo" else _verl_objective(config)
+            if peer is not None:
+                peer_run = _backward(peer)
+                impls["trl eager" if config == "vespo" else "verl eager"] = lambda: peer_run(logp, old_, adv, mask)
+            return impls
         if config == "grpo":
             ours = _backward(lambda lp: losses.policy_loss(lp, old, adv, mask, clip_low=CLIP_LOW, clip_high=CLIP_HIGH,
                                                            ref_logp=ref, kl_coef=BETA, kl_kind="k3"))
@@ -166,9 +240,11 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
     shapes = [(8, 128)] if quick else [(64, 1024), (256, 4096)]
     dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
     out: List[Case] = []
-    for config in ("grpo", "gspo"):
+    for config in ("grpo", "gspo") + VERL_OBJECTIVES + ("vespo",):
         for dtype in dtypes:
             for B, T in shapes:
+                if config not in ("grpo", "gspo") and (B, T) == (64, 1024):
+                    continue  # the objectives beyond PPO: the 256 x 4096 shape only
                 out.append(Case("losses", f"policy_loss {config} fwd+bwd {str(dtype).replace('torch.', '')}",
                                 f"{B}x{T}", _make(config, B, T, dtype), items=B * T, unit="tokens/s"))
     return out

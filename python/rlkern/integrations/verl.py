@@ -14,8 +14,8 @@ Losses and metrics agree with verl to float32 rounding (the tests run verl's own
 verl itself is needed only for :func:`install` and the ``bypass_mode`` loss (which uses verl's
 rollout-correction helper for its weights, rejection mask and metrics).
 
-Policy losses provided: vanilla, gspo, cispo, gpg, dro, bypass_mode (the others of verl's
-registry, e.g. sapo, clip_cov, kl_cov, geo_mean, dppo_*, stay verl's after :func:`install`).
+Policy losses provided: vanilla, gspo, cispo, gpg, dro, bypass_mode, sapo, geo_mean, dppo_tv,
+dppo_kl (the others of verl's registry, clip_cov and kl_cov, stay verl's after :func:`install`).
 
 Deliberate differences, all at degenerate inputs: where verl divides by a zero token count
 the result here is 0 instead of NaN, NaN held at masked positions does not leak into the
@@ -41,7 +41,8 @@ from ._peers import masked_mean as _masked_mean
 __all__ = [
     "agg_loss", "compute_policy_loss", "compute_policy_loss_vanilla", "compute_policy_loss_gspo",
     "compute_policy_loss_cispo", "compute_policy_loss_gpg", "compute_policy_loss_dro",
-    "compute_policy_loss_reinforce", "compute_policy_loss_bypass_mode", "get_policy_loss_fn",
+    "compute_policy_loss_reinforce", "compute_policy_loss_bypass_mode", "compute_policy_loss_sapo",
+    "compute_policy_loss_geo_mean", "compute_policy_loss_dppo_tv", "compute_policy_loss_dppo_kl", "get_policy_loss_fn",
     "POLICY_LOSS_REGISTRY", "ADV_ESTIMATOR_REGISTRY", "get_adv_estimator_fn", "kl_penalty", "kl_penalty_forward",
     "compute_value_loss", "compute_gae_advantage_return", "compute_grpo_outcome_advantage",
     "compute_grpo_vectorized_outcome_advantage", "compute_reinforce_plus_plus_outcome_advantage",
@@ -360,9 +361,112 @@ def compute_policy_loss_bypass_mode(old_log_prob: torch.Tensor, log_prob: torch.
     return loss, pg_metrics
 
 
+def compute_policy_loss_sapo(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
+                             response_mask: torch.Tensor, loss_agg_mode: str = "seq-mean-token-mean",
+                             config: Optional[Any] = None, rollout_is_weights: Optional[torch.Tensor] = None):
+    """verl's ``"sapo"`` policy loss: -sigmoid(tau (r - 1)) 4 / tau A, tau = config.tau_pos where
+    A > 0 else config.tau_neg, r = exp(clamp(lp - old, +-20)) (times ``rollout_is_weights``).
+
+    As verl, the loss is always aggregated seq-mean-token-mean (``loss_agg_mode`` is checked and
+    otherwise ignored) and both clip fractions are 0.
+    """
+    if config is None:
+        raise ValueError("config is required (the actor config: tau_pos, tau_neg)")
+    _check_mode(loss_agg_mode)
+    agg, norm = _agg("seq-mean-token-mean", response_mask, _batch_info(config))
+    adv = advantages if rollout_is_weights is None else _peers.weighted_advantages(advantages, rollout_is_weights)
+    out = _policy_loss(log_prob, old_log_prob, adv, response_mask, objective="sapo",
+                       sapo_temperature_pos=float(_cfg(config, "tau_pos", 1.0)),
+                       sapo_temperature_neg=float(_cfg(config, "tau_neg", 1.05)), log_ratio_clamp=_SAFETY,
+                       agg=agg, normalizer=norm)
+    ppo_kl = _clamped_kl(old_log_prob, log_prob, response_mask)
+    values = _peers.scalars([0.0, ppo_kl, 0.0])
+    return _peers.owned(out.loss), dict(zip(_PG_METRICS, values))
+
+
+def compute_policy_loss_geo_mean(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
+                                 response_mask: torch.Tensor, loss_agg_mode: str = "token-mean",
+                                 config: Optional[Any] = None, rollout_is_weights: Optional[torch.Tensor] = None):
+    """verl's ``"geo_mean"`` policy loss (GMPO): the batch mean over sequences of
+    -mean(A) exp(mean_t y_t), y_t the token log-ratio clipped to [-low, high] on the side its
+    advantage's sign would grow. ``loss_agg_mode`` and the global batch info are ignored, as in
+    verl (it divides by the local batch size). ``rollout_is_weights`` enter as verl's per-sequence
+    geometric mean exp(mean_t log(w_t + 1e-10)), a positive factor folded into the advantages.
+    """
+    low, high = _clip_range(config)
+    _check_mode(loss_agg_mode)
+    adv = advantages
+    if rollout_is_weights is not None:
+        m = response_mask.to(torch.float32)
+        log_w = torch.log(rollout_is_weights.detach().float() + 1e-10)
+        seq_w = torch.exp((log_w * m).sum(-1) / (m.sum(-1) + 1e-8))
+        a = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+        adv = a.float() * seq_w.unsqueeze(-1)
+    out = _policy_loss(log_prob, old_log_prob, adv, response_mask, objective="geo_mean", clip_low=low,
+                       clip_high=high, agg="seq-mean-token-mean", normalizer=float(log_prob.shape[0]))
+    values = _peers.scalars([out.metrics["clip_frac_high"], out.metrics["approx_kl"], out.metrics["clip_frac_low"]])
+    return _peers.owned(out.loss), dict(zip(_PG_METRICS, values))
+
+
+@torch.no_grad()
+def _eager_dppo_metrics(old_log_prob, log_prob, advantages, mask, low, high, cap, binary_kl):
+    """verl's DPPO clip fractions from the unweighted advantages (a zero rollout weight folded
+    into an advantage would move a token to the other side of the trust region's test)."""
+    lp, old = log_prob.detach().float(), old_log_prob.detach().float()
+    r = (lp - old).clamp(-_SAFETY, _SAFETY).exp()
+    a = (advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages).float()
+    p, p_old = lp.exp(), old.exp()
+    if binary_kl:
+        bkl = p_old * (old - lp) + (1 - p_old) * torch.log((1.0 - p_old + 1e-8) / (1.0 - p + 1e-8))
+        valid = torch.where(a > 0, (bkl <= high) | (p <= p_old), (bkl <= low) | (p >= p_old))
+    else:
+        valid = torch.where(a > 0, (p - p_old) <= high, (p - p_old) >= -low)
+    return _masked_mean((~valid).float(), mask), _masked_mean(((r > cap) & valid).float(), mask)
+
+
+def _dppo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights, objective):
+    low, high = _clip_range(config)
+    cap = float(_cfg(config, "clip_ratio_c", 20.0))
+    agg, norm = _agg(loss_agg_mode, response_mask, _batch_info(config))
+    adv = advantages if rollout_is_weights is None else _peers.weighted_advantages(advantages, rollout_is_weights)
+    out = _policy_loss(log_prob, old_log_prob, adv, response_mask, objective=objective, clip_low=low, clip_high=high,
+                       ratio_cap=cap, log_ratio_clamp=_SAFETY, agg=agg, normalizer=norm)
+    if rollout_is_weights is None:
+        clipfrac = out.metrics["clip_frac_low"] + out.metrics["clip_frac_high"]
+        lower = out.metrics["trunc_frac"]
+    else:
+        clipfrac, lower = _eager_dppo_metrics(old_log_prob, log_prob, advantages, response_mask, low, high, cap,
+                                              objective == "dppo_kl")
+    ppo_kl = _clamped_kl(old_log_prob, log_prob, response_mask)
+    values = _peers.scalars([clipfrac, ppo_kl, lower])
+    return _peers.owned(out.loss), dict(zip(_PG_METRICS, values))
+
+
+def compute_policy_loss_dppo_tv(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
+                                response_mask: torch.Tensor, loss_agg_mode: str = "token-mean",
+                                config: Optional[Any] = None, rollout_is_weights: Optional[torch.Tensor] = None):
+    """verl's ``"dppo_tv"`` policy loss (DPPO-Binary-TV): -A sg(min(r, clip_ratio_c)) lp on the
+    tokens with p - p_old <= clip_ratio_high (A > 0) or >= -clip_ratio_low (A <= 0);
+    ``actor/pg_clipfrac`` is the fraction outside, ``actor/pg_clipfrac_lower`` the fraction
+    inside with r > clip_ratio_c."""
+    return _dppo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
+                 "dppo_tv")
+
+
+def compute_policy_loss_dppo_kl(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
+                                response_mask: torch.Tensor, loss_agg_mode: str = "token-mean",
+                                config: Optional[Any] = None, rollout_is_weights: Optional[torch.Tensor] = None):
+    """verl's ``"dppo_kl"`` policy loss (DPPO-Binary-KL): as ``dppo_tv`` with the binary KL of
+    (p_old, p) bounded on the side the advantage pushes."""
+    return _dppo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights,
+                 "dppo_kl")
+
+
 POLICY_LOSS_REGISTRY: Dict[str, Callable] = {
     "vanilla": compute_policy_loss_vanilla, "gspo": compute_policy_loss_gspo, "cispo": compute_policy_loss_cispo,
     "gpg": compute_policy_loss_gpg, "dro": compute_policy_loss_dro, "bypass_mode": compute_policy_loss_bypass_mode,
+    "sapo": compute_policy_loss_sapo, "geo_mean": compute_policy_loss_geo_mean,
+    "dppo_tv": compute_policy_loss_dppo_tv, "dppo_kl": compute_policy_loss_dppo_kl,
 }
 
 
@@ -741,7 +845,8 @@ _saved: Optional[Dict[str, Any]] = None
 
 def install() -> None:
     """Run verl on rlkern: registers rlkern's policy losses under verl's names in
-    ``POLICY_LOSS_REGISTRY`` (vanilla, gspo, cispo, gpg, dro, bypass_mode) and its advantage
+    ``POLICY_LOSS_REGISTRY`` (vanilla, gspo, cispo, gpg, dro, bypass_mode, sapo, geo_mean, dppo_tv,
+    dppo_kl) and its advantage
     estimators in ``ADV_ESTIMATOR_REGISTRY`` (gae, grpo, grpo_vectorized, reinforce_plus_plus,
     reinforce_plus_plus_baseline, remax, rloo, rloo_vectorized, opo, gpg, grpo_passk), and
     replaces ``core_algos.kl_penalty``, ``compute_value_loss``, ``compute_gae_advantage_return``

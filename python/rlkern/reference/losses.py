@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 from typing import Dict, NamedTuple, Optional, Tuple
 
@@ -28,7 +29,17 @@ import torch
 
 from .kl import KL_KINDS, Clamp, clamp_bounds, kl_penalty
 
-OBJECTIVES = ("clip", "cispo", "reinforce")
+OBJECTIVES = ("clip", "cispo", "reinforce", "sapo", "geo_mean", "vespo", "dppo_tv", "dppo_kl")
+# Objectives whose importance ratio is a sequence quantity of their own (level must be "token").
+_SEQUENCE_OBJECTIVES = ("geo_mean",)
+# VESPO's fixed clamps of the log-ratio (TRL 1.16 ``get_gamma_weights``): each token's to [-20, 20],
+# the sequence sum and the log of each importance weight to [log(1e-8), 20].
+VESPO_TOKEN_CLAMP = 20.0
+VESPO_LOG_LOW = math.log(1e-8)
+VESPO_LOG_HIGH = 20.0
+# The lower clamp of VESPO's lambda and the epsilon of DPPO's binary KL, as in TRL and verl.
+VESPO_LAMBDA_MIN = 1e-4
+DPPO_KL_EPS = 1e-8
 LEVELS = ("token", "sequence")
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 TIS_MODES = ("truncate", "mask")
@@ -49,7 +60,8 @@ class LossOutput(NamedTuple):
 class PolicyLossConfig:
     """Scalar options of :func:`policy_loss`; each default is written here once.
 
-    objective: "clip" (PPO), "cispo" or "reinforce".
+    objective: "clip" (PPO), "cispo", "reinforce", "sapo", "geo_mean", "vespo", "dppo_tv" or
+        "dppo_kl" (see :func:`policy_loss` for each formula).
     level: "token", or "sequence" (GSPO: one ratio per sequence from the masked mean log-ratio).
     clip_low, clip_high: the clip range is [1 - clip_low, 1 + clip_high]; clip_high defaults to clip_low.
     dual_clip: c > 1 bounding the loss of negative-advantage tokens by -c A (verl's clip_ratio_c).
@@ -72,6 +84,18 @@ class PolicyLossConfig:
         entropy (threshold = the (1 - fraction) quantile of the active entropies in float32,
         linear interpolation, as TRL computes it; tokens with entropy >= threshold are kept).
     agg, normalizer: the aggregation (see :func:`aggregate`).
+    sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures for tokens with
+        A > 0 and A <= 0 (TRL 1.16's names and defaults; verl's ``tau_pos``/``tau_neg``, same
+        defaults 1.0 and 1.05). Must be > 0.
+    vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's gamma weight
+        phi(w) = exp(lambda + k log w - lambda w) for tokens with A >= 0 (pos) and A < 0 (neg);
+        TRL 1.16's names and defaults (2.0, 3.0, 3.0, 2.0). lambda is clamped to >= 1e-4 as TRL does.
+
+    Objective-specific meanings of the shared options: for "geo_mean" clip_low/clip_high
+    bound the token LOG-ratio to [-clip_low, clip_high] (verl's GMPO uses its clip_ratio so);
+    for "dppo_tv" they bound the probability difference p - p_old to [-clip_low, clip_high]
+    and for "dppo_kl" the binary KL on either side (verl's DPPO reads its clip_ratio so),
+    and ratio_cap truncates DPPO's detached ratio weight (verl's ``clip_ratio_c``).
     """
 
     objective: str = "clip"
@@ -93,6 +117,12 @@ class PolicyLossConfig:
     entropy_top_fraction: Optional[float] = None
     agg: str = "token-mean"
     normalizer: Optional[float] = None
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
 
     @property
     def clip_range(self) -> Tuple[float, float]:
@@ -137,8 +167,26 @@ class PolicyLossConfig:
         number("normalizer", low=0.0, low_open=True)
         if not isinstance(self.kl_is_correction, bool):
             raise TypeError(f"kl_is_correction must be a bool, got {self.kl_is_correction!r}")
+        number("sapo_temperature_pos", low=0.0, low_open=True, optional=False)
+        number("sapo_temperature_neg", low=0.0, low_open=True, optional=False)
+        for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
+            number(name, optional=False)
         clamp_bounds("log_ratio_clamp", self.log_ratio_clamp)
         clamp_bounds("kl_clamp", self.kl_clamp)
+        if self.objective in _SEQUENCE_OBJECTIVES:
+            # GMPO's loss is one term per sequence; per-token weights and a per-token ratio in
+            # the KL term would need a second pass over the row and are not offered.
+            for name, bad in (("level", self.level != "token"), ("kl_is_correction", self.kl_is_correction),
+                              ("entropy_top_fraction", self.entropy_top_fraction is not None),
+                              ("off_policy_threshold", self.off_policy_threshold is not None),
+                              ("tis_level", self.tis_cap is not None and self.tis_level != "sequence")):
+                if bad:
+                    raise ValueError(f"objective={self.objective!r} does not take {name}={getattr(self, name)!r}: "
+                                     "its loss is one term per sequence (use level='token', tis_level='sequence', "
+                                     "no kl_is_correction, entropy_top_fraction or off_policy_threshold)")
+        if self.objective == "vespo" and self.tis_cap is not None and self.tis_level != "token":
+            raise ValueError("objective='vespo' folds the importance weights into its sequence weight token by "
+                             "token: tis_level must be 'token' (TRL allows only the token vLLM modes with VESPO)")
         return self
 
 
@@ -259,13 +307,77 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     ratio = torch.exp(log_ratio)
 
     clip_lo, clip_hi = cfg.clip_range
-    if cfg.objective == "clip":
+    clip_high = cfg.clip_low if cfg.clip_high is None else cfg.clip_high
+    extra_metrics: Dict[str, torch.Tensor] = {}
+    valid = None  # DPPO's trust-region mask
+    if cfg.objective == "geo_mean":
+        # GMPO: y_t = sign(A_t) min(sign(A_t) x_t, sign(A_t) clamp(x_t, -clip_low, clip_high)) clips
+        # each token's log-ratio on the side that would grow the objective; the sequence ratio
+        # is exp of their masked mean, shared with the masked-mean advantage by every token.
+        sgn = torch.sign(adv)
+        x_clamped = torch.clamp(log_ratio, -cfg.clip_low, clip_high)
+        y = sgn * torch.minimum(sgn * log_ratio, sgn * x_clamped)
+        ratio = torch.exp((y * m.to(dtype)).sum(-1, keepdim=True) / count).expand_as(lp)
+        seq_adv = ((adv * m.to(dtype)).sum(-1, keepdim=True) / count).expand_as(lp)
+        outside = (log_ratio.detach() != x_clamped.detach()) & m
+        extra_metrics["clip_frac_low"] = _masked_mean((outside & (adv < 0)).to(dtype), m)
+        extra_metrics["clip_frac_high"] = _masked_mean((outside & (adv > 0)).to(dtype), m)
+        pg = -seq_adv * ratio
+    elif cfg.objective == "clip":
         unclipped = ratio if cfg.ratio_cap is None else torch.clamp(ratio, max=cfg.ratio_cap)
         pg = torch.maximum(-adv * unclipped, -adv * torch.clamp(ratio, clip_lo, clip_hi))
         if cfg.dual_clip is not None:
             pg = torch.where(adv < 0, torch.minimum(pg, -adv * cfg.dual_clip), pg)
     elif cfg.objective == "cispo":
         pg = -torch.clamp(ratio, clip_lo, clip_hi).detach() * adv * lp
+    elif cfg.objective == "sapo":
+        # The soft gate f(r) = sigmoid(tau (r - 1)) 4 / tau replaces the hard clip: its slope
+        # 4 sigmoid (1 - sigmoid) is 1 at r = 1 and decays smoothly away from it.
+        tau = torch.where(adv > 0, torch.full_like(adv, cfg.sapo_temperature_pos),
+                          torch.full_like(adv, cfg.sapo_temperature_neg))
+        pg = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv
+    elif cfg.objective == "vespo":
+        # phi(w) = exp(lambda + k log w - lambda w) of the sequence weight w = prod_t r_t (times
+        # the importance weights against the rollout, in log space), detached.
+        log_w = torch.clamp(lp - old, -VESPO_TOKEN_CLAMP, VESPO_TOKEN_CLAMP).sum(-1, keepdim=True)
+        if cfg.tis_cap is not None:
+            w_tis = torch.exp(old - active(rollout_logp))
+            if cfg.tis_mode == "truncate":
+                w_tis = torch.clamp(w_tis, max=cfg.tis_cap)
+            else:
+                w_tis = torch.where(w_tis > cfg.tis_cap, torch.zeros_like(w_tis), w_tis)
+            log_tis = torch.clamp(torch.log(w_tis), VESPO_LOG_LOW, VESPO_LOG_HIGH)
+            log_w = log_w + torch.where(m, log_tis, torch.zeros_like(log_tis)).sum(-1, keepdim=True)
+        log_w = torch.clamp(log_w, VESPO_LOG_LOW, VESPO_LOG_HIGH)
+        nonneg = adv >= 0
+        k = torch.where(nonneg, torch.full_like(adv, cfg.vespo_k_pos), torch.full_like(adv, cfg.vespo_k_neg))
+        lam = torch.where(nonneg, torch.full_like(adv, cfg.vespo_lambda_pos),
+                          torch.full_like(adv, cfg.vespo_lambda_neg)).clamp(min=VESPO_LAMBDA_MIN)
+        phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+        phi = phi.detach()
+        pg = -phi * adv * lp
+        extra_metrics["phi_mean"] = _masked_mean(phi, m)
+        row_phi = (phi * m.to(dtype)).sum(-1) / count[:, 0]
+        nonempty = m.any(-1)
+        extra_metrics["phi_seq_mean"] = (row_phi[nonempty].sum() / nonempty.sum().clamp(min=1)).detach()
+    elif cfg.objective in ("dppo_tv", "dppo_kl"):
+        # DPPO: REINFORCE with the detached (truncated) ratio as weight, dropped where the
+        # token left the trust region in the direction its advantage pushes.
+        p_new, p_old = torch.exp(lp.detach()), torch.exp(old)
+        if cfg.objective == "dppo_tv":
+            valid = torch.where(adv > 0, (p_new - p_old) <= clip_high, (p_new - p_old) >= -cfg.clip_low)
+        else:
+            bkl = p_old * (old - lp.detach()) + (1 - p_old) * torch.log((1.0 - p_old + DPPO_KL_EPS)
+                                                                        / (1.0 - p_new + DPPO_KL_EPS))
+            valid = torch.where(adv > 0, (bkl <= clip_high) | (p_new <= p_old),
+                                (bkl <= cfg.clip_low) | (p_new >= p_old))
+        w = ratio if cfg.ratio_cap is None else torch.clamp(ratio, max=cfg.ratio_cap)
+        pg = -adv * w.detach() * lp * valid.to(dtype)
+        invalid = ~valid & m
+        extra_metrics["clip_frac_low"] = _masked_mean((invalid & ~(adv > 0)).to(dtype), m)
+        extra_metrics["clip_frac_high"] = _masked_mean((invalid & (adv > 0)).to(dtype), m)
+        trunc = torch.zeros_like(m) if cfg.ratio_cap is None else (ratio.detach() > cfg.ratio_cap)
+        extra_metrics["trunc_frac"] = _masked_mean((trunc & valid).to(dtype), m)
     else:
         pg = -adv * lp
 
@@ -276,7 +388,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     if cfg.entropy_top_fraction is not None:
         ent = active(entropy)
         pg = pg * (ent.detach() >= entropy_threshold(ent, m, cfg.entropy_top_fraction)).to(dtype)
-    if cfg.tis_cap is not None:
+    if cfg.tis_cap is not None and cfg.objective != "vespo":
         log_w = old - active(rollout_logp)
         if cfg.tis_level == "sequence":
             log_w = log_w.sum(-1, keepdim=True)
@@ -307,6 +419,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     metrics["clip_frac_high"] = _masked_mean(((r > clip_hi) & (adv > 0)).to(dtype), m)
     metrics["ratio_mean"] = _masked_mean(r, m)
     metrics["approx_kl"] = _masked_mean(old - lp.detach(), m)
+    metrics.update(extra_metrics)
     if cfg.objective == "clip" and cfg.dual_clip is not None:
         unclipped = r if cfg.ratio_cap is None else torch.clamp(r, max=cfg.ratio_cap)
         surrogate = torch.maximum(-adv * unclipped, -adv * torch.clamp(r, clip_lo, clip_hi))

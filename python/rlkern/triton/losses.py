@@ -16,7 +16,10 @@ import triton.language as tl
 from .aot import AotSpec
 
 # Totals per row, in this order (as the C++ kernel's Stat enum).
-NUM_STATS = 9
+NUM_STATS = 11
+# Objective codes (the order of reference.losses.OBJECTIVES, as the C++ enum).
+OBJECTIVE_CODES = {"clip": 0, "cispo": 1, "reinforce": 2, "sapo": 3, "geo_mean": 4, "vespo": 5, "dppo_tv": 6,
+                   "dppo_kl": 7}
 _BLOCK = 1024
 _PAIR_BLOCK = 1024
 INF = float("inf")
@@ -30,9 +33,60 @@ def _clamp(x, lo, hi):
 
 
 @triton.jit
+def _sigmoid_(x):
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+# Per-token functions of the objectives beyond clip/CISPO/REINFORCE (losses.h has the same
+# math in C++): each returns its value and derivative.
+
+
+@triton.jit
+def _sapo_gate(r, a, tau_pos, tau_neg):
+    # f(r) = sigmoid(tau (r - 1)) 4 / tau, df/dr = 4 s (1 - s), tau by the advantage's sign.
+    tau = tl.where(a > 0.0, tau_pos, tau_neg)
+    sg = _sigmoid_(tau * (r - 1.0))
+    return sg * 4.0 / tau, 4.0 * sg * (1.0 - sg)
+
+
+@triton.jit
+def _gmpo_log_ratio(x, a, lo, hi):
+    # y = sgn(a) min(sgn(a) x, sgn(a) clamp(x, lo, hi)) and dy/dx (torch.minimum's ties: half each).
+    sgn = tl.where(a > 0.0, 1.0, tl.where(a < 0.0, -1.0, tl.where(a == a, 0.0, a)))
+    xc = _clamp(x, lo, hi)
+    dc = tl.where((x < lo) | (x > hi), 0.0, 1.0)
+    u = sgn * x
+    v = sgn * xc
+    mn = tl.where((u < v) | (u != u), u, v)
+    dmn = tl.where(u < v, sgn, tl.where(u > v, sgn * dc, 0.5 * (sgn + sgn * dc)))
+    return sgn * mn, sgn * dmn
+
+
+@triton.jit
+def _vespo_phi(log_w, k, lam):
+    # exp(lambda + k log w - lambda w); non-finite becomes 0 (TRL's nan_to_num).
+    phi = tl.exp(lam + k * log_w - lam * tl.exp(log_w))
+    return tl.where((phi == phi) & (phi != float("inf")), phi, 0.0)
+
+
+@triton.jit
+def _dppo_valid(lp, o, a, low, high, BINARY_KL: tl.constexpr):
+    p = tl.exp(lp)
+    p_old = tl.exp(o)
+    if BINARY_KL:
+        bkl = p_old * (o - lp) + (1.0 - p_old) * tl.log((1.0 - p_old + 1e-8) / (1.0 - p + 1e-8))
+        valid = tl.where(a > 0.0, (bkl <= high) | (p <= p_old), (bkl <= low) | (p >= p_old))
+    else:
+        valid = tl.where(a > 0.0, (p - p_old) <= high, (p - p_old) >= -low)
+    return valid
+
+
+@triton.jit
 def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD_SCALE, GRAD, GRAD_ENT, STATS, T,
                         clip_lo, clip_hi, cap, dual, lr_lo, lr_hi, kl_lo, kl_hi, kl_coef, ent_coef, tis_cap,
-                        off_thr, row_scale, has_dual, tis_token, tis_seq, tis_mask_mode, has_off, has_select, row_mean,
+                        off_thr, row_scale, clip_low, clip_high, tau_pos, tau_neg, vk_pos, vl_pos, vk_neg, vl_neg,
+                        has_dual, tis_token, tis_seq, tis_mask_mode, has_off, has_select, row_mean,
                         OBJECTIVE: tl.constexpr, SEQ: tl.constexpr, KL: tl.constexpr, USE_KL: tl.constexpr,
                         KL_CORR: tl.constexpr, HAS_ROLL: tl.constexpr, HAS_ENT: tl.constexpr,
                         ADV_PER_TOKEN: tl.constexpr, USE_ENT: tl.constexpr, WRITE_ENT_GRAD: tl.constexpr, COMPUTE: tl.constexpr,
@@ -48,6 +102,9 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD_SCAL
     s_lr = tl.sum(zero, 0)
     s_div = tl.sum(zero, 0)
     s_tis = tl.sum(zero, 0)
+    s_obj = tl.sum(zero, 0)  # GMPO: clipped log-ratios; VESPO: the log sequence weight
+    s_adv = tl.sum(zero, 0)
+    s_obj2 = tl.sum(zero, 0)  # VESPO: the log importance weights against the rollout
     for start in range(0, T, BLOCK):
         idx = start + offs
         m = tl.load(MASK + base + idx, mask=idx < T, other=0) != 0
@@ -61,7 +118,29 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD_SCAL
             s_tis += tl.sum(o - ro, 0)
         else:
             s_div += tl.sum(o - lp, 0)
+        if OBJECTIVE == 4:
+            if ADV_PER_TOKEN:
+                a0 = tl.load(ADV + base + idx, mask=m, other=0.0).to(COMPUTE)
+            else:
+                a0 = tl.where(m, tl.load(ADV + row).to(COMPUTE), 0.0)
+            y0, _ = _gmpo_log_ratio(_clamp(lp - o, lr_lo, lr_hi), a0, -clip_low, clip_high)
+            s_obj += tl.sum(tl.where(m, y0, 0.0), 0)
+            s_adv += tl.sum(a0, 0)
+        if OBJECTIVE == 5:
+            s_obj += tl.sum(_clamp(lp - o, -20.0, 20.0), 0)
+            if HAS_ROLL:
+                w0 = tl.exp(o - ro)
+                w0 = tl.where(w0 > tis_cap, tl.where(tis_mask_mode != 0, 0.0, tis_cap), w0)
+                lw0 = _clamp(tl.log(w0), -18.420680743952367, 20.0)
+                s_obj2 += tl.sum(tl.where(m & (tis_token != 0), lw0, 0.0), 0)
     n1 = tl.maximum(n, 1.0)
+    if OBJECTIVE == 4:
+        geo_r = tl.exp(s_obj / n1)
+        geo_adv = s_adv / n1
+    if OBJECTIVE == 5:
+        ves_lw = _clamp(s_obj + s_obj2, -18.420680743952367, 20.0)
+        phi_pos = _vespo_phi(ves_lw, vk_pos, tl.maximum(vl_pos, 1e-4))
+        phi_neg = _vespo_phi(ves_lw, vk_neg, tl.maximum(vl_neg, 1e-4))
     # seq-mean-token-mean weighs a row by 1 / n_i, seq-mean-token-sum-norm by 1 / T (row_scale).
     row_w = tl.where(row_mean != 0, 1.0 / n1, row_scale)
     # Gradients are written finished: row weight times 1 / the aggregation's denominator.
@@ -86,6 +165,7 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD_SCAL
     acc_ent = tl.sum(zero, 0)
     acc_dual = tl.sum(zero, 0)
     acc_dseq = tl.sum(zero, 0)
+    acc_obj = tl.sum(zero, 0)
     for start in range(0, T, BLOCK):
         idx = start + offs
         inb = idx < T
@@ -99,11 +179,13 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD_SCAL
         if SEQ:
             r = zero + seq_r
             dx = zero + seq_dx
+            xc = zero
         else:
             x = lp - o
             xc = _clamp(x, lr_lo, lr_hi)
             dx = tl.where((x < lr_lo) | (x > lr_hi), 0.0, 1.0)
             r = tl.exp(xc)
+        obj_stat = zero
         # PPO clip with ratio cap and dual clip; ties split the gradient as torch does.
         r1 = tl.where(r > cap, cap, r)
         dr1 = tl.where(r > cap, 0.0, 1.0)
@@ -128,15 +210,46 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD_SCAL
             pg = -rc * a * lp
             dr = zero
             direct = -rc * a
-        else:
+        elif OBJECTIVE == 2:
             pg = -a * lp
             dr = zero
             direct = -a
+        elif OBJECTIVE == 3:
+            f, df = _sapo_gate(r, a, tau_pos, tau_neg)
+            pg = -f * a
+            dr = -df * a
+            direct = zero
+        elif OBJECTIVE == 4:
+            # The sequence's -mean(A) exp(mean y) on each token; d/dlp_t = that times dy_t/dx_t.
+            _, dy = _gmpo_log_ratio(xc, a, -clip_low, clip_high)
+            r = zero + geo_r
+            pg = zero - geo_adv * geo_r
+            dr = zero
+            direct = pg * dy * dx
+            outside = (xc < -clip_low) | (xc > clip_high)
+            low_hit = outside & (a < 0.0)
+            high_hit = outside & (a > 0.0)
+        elif OBJECTIVE == 5:
+            phi = tl.where(a >= 0.0, phi_pos, phi_neg)
+            direct = -phi * a
+            pg = direct * lp
+            dr = zero
+            obj_stat = phi
+        else:
+            valid = _dppo_valid(lp, o, a, clip_low, clip_high, OBJECTIVE == 7)
+            w = tl.where(r > cap, cap, r)
+            v = tl.where(valid, 1.0, 0.0)
+            direct = -a * w * v
+            pg = -a * w * lp * v
+            dr = zero
+            low_hit = (~valid) & (~(a > 0.0))
+            high_hit = (~valid) & (a > 0.0)
+            obj_stat = tl.where(valid & (r > cap), 1.0, 0.0)
         weight = tl.where(drop_negative & (~(a >= 0.0)), 0.0, 1.0)
         if HAS_ENT:
             h = tl.load(ENT + base + idx, mask=m, other=0.0).to(COMPUTE)
             weight = tl.where((has_select != 0) & (~(h >= ent_thr)), 0.0, weight)
-        if HAS_ROLL:
+        if HAS_ROLL and OBJECTIVE != 5:  # VESPO folds these weights into its sequence weight
             ro = tl.load(ROLL + base + idx, mask=m, other=0.0).to(COMPUTE)
             wt = tl.exp(o - ro)
             wt = tl.where(wt > tis_cap, tl.where(tis_mask_mode != 0, 0.0, tis_cap), wt)
@@ -181,7 +294,7 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD_SCAL
         if SEQ:
             g = grad_w * direct
             acc_dseq += tl.sum(tl.where(m, grad_w * dr, 0.0), 0)
-        elif OBJECTIVE == 0 or (USE_KL and KL_CORR and KL != 0):
+        elif OBJECTIVE == 0 or OBJECTIVE == 3 or (USE_KL and KL_CORR and KL != 0):
             g = grad_w * (direct + dr * r * dx)
         else:
             # REINFORCE and CISPO never evaluate r into the loss: a NaN or infinite r (from
@@ -192,10 +305,16 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD_SCAL
         acc_ratio += tl.sum(tl.where(m, r, 0.0), 0)
         acc_approx += tl.sum(o - lp, 0)
         acc_kl += tl.sum(tl.where(m, kl, 0.0), 0)
-        acc_low += tl.sum((m & (r < clip_lo) & (a < 0.0)).to(COMPUTE), 0)
-        acc_high += tl.sum((m & (r > clip_hi) & (a > 0.0)).to(COMPUTE), 0)
+        if OBJECTIVE == 4 or OBJECTIVE >= 6:  # their own clip counts (see the objectives above)
+            acc_low += tl.sum((m & low_hit).to(COMPUTE), 0)
+            acc_high += tl.sum((m & high_hit).to(COMPUTE), 0)
+        else:
+            acc_low += tl.sum((m & (r < clip_lo) & (a < 0.0)).to(COMPUTE), 0)
+            acc_high += tl.sum((m & (r > clip_hi) & (a > 0.0)).to(COMPUTE), 0)
         acc_dual += tl.sum((m & dual_hit).to(COMPUTE), 0)
-    if SEQ and (OBJECTIVE == 0 or (USE_KL and KL_CORR and KL != 0)):
+        if OBJECTIVE >= 5:
+            acc_obj += tl.sum(tl.where(m, obj_stat, 0.0), 0)
+    if SEQ and (OBJECTIVE == 0 or OBJECTIVE == 3 or (USE_KL and KL_CORR and KL != 0)):
         # r = exp(mean_t (lp_t - old_t)): dr/dlp_t = r / n for every active token.
         add = acc_dseq * seq_r * seq_dx / n1
         tl.debug_barrier()
@@ -204,7 +323,7 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD_SCAL
             m = tl.load(MASK + base + idx, mask=idx < T, other=0) != 0
             g = tl.load(GRAD + base + idx, mask=m, other=0.0).to(COMPUTE)
             tl.store(GRAD + base + idx, (g + add).to(GRAD.dtype.element_ty), mask=m)
-    out = STATS + row * 9
+    out = STATS + row * 11
     tl.store(out + 0, n)
     tl.store(out + 1, acc_loss)
     tl.store(out + 2, acc_low)
@@ -214,6 +333,8 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, ENT_THR, GRAD_SCAL
     tl.store(out + 6, acc_kl)
     tl.store(out + 7, acc_ent)
     tl.store(out + 8, acc_dual)
+    tl.store(out + 9, acc_obj)
+    tl.store(out + 10, acc_obj / n1)
 
 
 @triton.jit
@@ -409,19 +530,23 @@ def policy_loss(logp, old_logp, advantages, mask, cfg, tensors: Dict[str, Option
         clip_lo, clip_hi, _bound(cfg.ratio_cap, INF), float(cfg.dual_clip or 0.0), _bound(lr_lo, -INF),
         _bound(lr_hi, INF), _bound(kl_lo, -INF), _bound(kl_hi, INF), float(cfg.kl_coef), float(cfg.entropy_coef),
         float(cfg.tis_cap or 0.0), float(cfg.off_policy_threshold or 0.0), _row_scale(cfg.agg, T),
+        float(cfg.clip_low), float(cfg.clip_low if cfg.clip_high is None else cfg.clip_high),
+        float(cfg.sapo_temperature_pos), float(cfg.sapo_temperature_neg), float(cfg.vespo_k_pos),
+        float(cfg.vespo_lambda_pos), float(cfg.vespo_k_neg), float(cfg.vespo_lambda_neg),
         int(cfg.dual_clip is not None), int(cfg.tis_cap is not None and cfg.tis_level == "token"),
         int(cfg.tis_cap is not None and cfg.tis_level == "sequence"), int(cfg.tis_mode == "mask"),
         int(cfg.off_policy_threshold is not None), int(cfg.entropy_top_fraction is not None),
         int(cfg.agg == "seq-mean-token-mean"),
-        OBJECTIVE={"clip": 0, "cispo": 1, "reinforce": 2}[cfg.objective], SEQ=cfg.level == "sequence", KL=kl,
+        OBJECTIVE=OBJECTIVE_CODES[cfg.objective], SEQ=cfg.level == "sequence", KL=kl,
         USE_KL=cfg.kl_coef != 0, KL_CORR=bool(cfg.kl_is_correction), HAS_ROLL=roll is not None,
         HAS_ENT=ent is not None, ADV_PER_TOKEN=adv.dim() == 2,
         USE_ENT=cfg.entropy_coef != 0, WRITE_ENT_GRAD=want_entropy_grad,
         COMPUTE=_compute(grad), BLOCK=min(_BLOCK, triton.next_power_of_2(T)))
     totals = stats.sum(0)
     loss = totals[1] / denom
+    nonempty_rows = (stats[:, 0] > 0).sum()
     metrics = {k: v.detach() for k, v in
-               _metrics_from_totals(totals, cfg, ref is not None, ent is not None).items()}
+               _metrics_from_totals(totals, cfg, ref is not None, ent is not None, nonempty_rows).items()}
     return loss, metrics, grad, (grad_ent if want_entropy_grad else None)
 
 
@@ -474,7 +599,8 @@ def _policy_spec(name: str, dt: str, **constexprs) -> AotSpec:
     signature = {"LOGP": ptr, "OLD": ptr, "ADV": "*fp32", "MASK": "*u8", "REF": ptr, "ROLL": ptr, "ENT": ptr,
                  "ENT_THR": "*fp32", "GRAD_SCALE": "*fp32", "GRAD": ptr, "GRAD_ENT": ptr, "STATS": "*fp32", "T": "i32"}
     for arg in ("clip_lo", "clip_hi", "cap", "dual", "lr_lo", "lr_hi", "kl_lo", "kl_hi", "kl_coef", "ent_coef",
-                "tis_cap", "off_thr", "row_scale"):
+                "tis_cap", "off_thr", "row_scale", "clip_low", "clip_high", "tau_pos", "tau_neg", "vk_pos", "vl_pos",
+                "vk_neg", "vl_neg"):
         signature[arg] = "fp32"
     for arg in ("has_dual", "tis_token", "tis_seq", "tis_mask_mode", "has_off", "has_select", "row_mean"):
         signature[arg] = "i32"
@@ -493,6 +619,12 @@ def _specs():
         specs += [
             _policy_spec("policy_grpo", dt, KL=3, USE_KL=True),
             _policy_spec("policy_gspo", dt, SEQ=True),
+            _policy_spec("policy_sapo", dt, OBJECTIVE=3),
+            _policy_spec("policy_sapo_seq_kl", dt, OBJECTIVE=3, SEQ=True, KL=3, USE_KL=True),
+            _policy_spec("policy_geo_mean", dt, OBJECTIVE=4),
+            _policy_spec("policy_vespo_tis", dt, OBJECTIVE=5, HAS_ROLL=True),
+            _policy_spec("policy_dppo_tv", dt, OBJECTIVE=6),
+            _policy_spec("policy_dppo_kl_entropy", dt, OBJECTIVE=7, HAS_ENT=True, USE_ENT=True, KL=1, USE_KL=True),
             _policy_spec("policy_cispo_tis_entropy", dt, OBJECTIVE=1, HAS_ROLL=True, HAS_ENT=True,
                          USE_ENT=True, WRITE_ENT_GRAD=True, KL=1, USE_KL=True, KL_CORR=True),
             AotSpec(f"kl_k3_{dt}", _kl_kernel,
