@@ -102,6 +102,10 @@ CASES = [
     ("dapo", "token", {"beta": 0.0, "off_policy_mask_threshold": 0.002}),
     ("grpo", "token", {"beta": 0.04, "top_entropy_quantile": 0.5, "entropy_coef": 0.01}),
     ("cispo", "sequence", {"beta": 0.0, "epsilon_high": 0.9}),  # a cap below 1: every weight near 1 is capped
+    ("sapo", "token", {"beta": 0.04}),
+    ("sapo", "sequence", {"beta": 0.0, "sapo_temperature_pos": 2.0}),
+    ("luspo", "sequence", {"beta": 0.04}),
+    ("vespo", "token", {"beta": 0.04}),
     # the controller applies 0 at step 1 (no entropy measured yet), then entropy_coef + delta
     ("grpo", "token", {"beta": 0.0, "use_adaptive_entropy": True, "entropy_coef": 0.01, "entropy_target": 10.0}),
 ]
@@ -154,7 +158,7 @@ def test_rlkern_trainer_matches_trl(tiny_model_dir, tmp_path, monkeypatch, loss_
     theirs = [h for h in ref_trainer.state.log_history if "loss" in h]
     for mine, ref in zip(ours, theirs):
         for key, value in ref.items():
-            if key.startswith(("clip_ratio", "kl", "entropy", "cispo", "policy_loss")):
+            if key.startswith(("clip_ratio", "kl", "entropy", "cispo", "policy_loss", "vespo")):
                 assert mine[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
 
 
@@ -203,14 +207,16 @@ def test_unsupported_options_fall_back_to_trl(tiny_model_dir, tmp_path, monkeypa
     calls = []
     monkeypatch.setattr(rlk_trl, "policy_loss", lambda *a, **k: calls.append(1))
     with caplog.at_level(logging.INFO, logger="rlkern.integrations.trl"):
-        _, losses, _, _ = _run(rlk_trl.GRPOTrainer, tiny_model_dir, tmp_path, loss_type="sapo", max_steps=1)
+        _, losses, _, _ = _run(rlk_trl.GRPOTrainer, tiny_model_dir, tmp_path, loss_type="vespo",
+                               off_policy_mask_threshold=0.5, max_steps=1)
     assert calls == [] and torch.isfinite(losses[0])
     # said once, at start, as a warning: the head is rlkern's, the loss TRL's, and why
     records = [r for r in caplog.records if r.name == "rlkern.integrations.trl"]
     assert len(records) == 1 and records[0].levelno == logging.WARNING
     message = records[0].getMessage()
     assert "on rlkern: log-probabilities and entropies" in message
-    assert "on TRL's code: policy loss (loss_type='sapo'), because loss_type='sapo' has no rlkern objective" in message
+    assert ("on TRL's code: policy loss (loss_type='vespo'), because VESPO with the off-policy mask or "
+            "top_entropy_quantile < 1 is left to TRL") in message
 
 
 def _grpo_args(tmp_path, **overrides):

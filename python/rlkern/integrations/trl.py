@@ -22,8 +22,8 @@ The constructors are TRL's. What changes:
 
 Configurations rlkern does not cover run on TRL's own code, unchanged, and each trainer's
 constructor says so once (logger ``rlkern.integrations.trl``: INFO when everything runs on
-rlkern, WARNING naming each part left to TRL and why). For GRPO: the loss types sapo, luspo and
-vespo, a lower importance-sampling bound ``vllm_importance_sampling_clip_min`` > 0, CISPO with
+rlkern, WARNING naming each part left to TRL and why). For GRPO: VESPO with a sequence-level vLLM
+mode, the off-policy mask or an entropy quantile, a lower importance-sampling bound ``vllm_importance_sampling_clip_min`` > 0, CISPO with
 ``epsilon_high < 1`` together with the bias-corrected KL, and models with final-logit softcapping
 or MoE router losses (the LM head). Checked against trl 1.16.0 and transformers 5.24.
 """
@@ -309,6 +309,23 @@ def _cispo_objective(trainer):
     return dict(objective="cispo", clip_low=1.0, clip_high=0.0, log_ratio_clamp=(None, math.log(eps)))
 
 
+def _sapo_objective(trainer):
+    return dict(objective="sapo", sapo_temperature_pos=float(trainer.args.sapo_temperature_pos),
+                sapo_temperature_neg=float(trainer.args.sapo_temperature_neg))
+
+
+def _vespo_objective(trainer):
+    if trainer.use_vllm and trainer.vllm_importance_sampling_correction and \
+            not str(trainer.vllm_importance_sampling_mode).startswith("token_"):
+        return (f"VESPO folds the vLLM importance weight into its sequence weight per token; the "
+                f"{trainer.vllm_importance_sampling_mode} mode is left to TRL")
+    if trainer.off_policy_mask_threshold is not None or trainer.top_entropy_quantile < 1.0:
+        return "VESPO with the off-policy mask or top_entropy_quantile < 1 is left to TRL"
+    args = trainer.args
+    return dict(objective="vespo", vespo_k_pos=float(args.vespo_k_pos), vespo_lambda_pos=float(args.vespo_lambda_pos),
+                vespo_k_neg=float(args.vespo_k_neg), vespo_lambda_neg=float(args.vespo_lambda_neg))
+
+
 def _seq_mean(trainer, B, mask, inputs, mode, accumulation):
     """grpo: mean over the micro-batch's sequences of each one's token mean."""
     return "seq-mean-token-mean", B * accumulation
@@ -317,6 +334,11 @@ def _seq_mean(trainer, B, mask, inputs, mode, accumulation):
 def _token_mean(trainer, B, mask, inputs, mode, accumulation):
     """bnpo: mean over the micro-batch's tokens."""
     return "token-mean", mask.sum().clamp(min=1.0).item() * accumulation
+
+
+def _seq_token_sum(trainer, B, mask, inputs, mode, accumulation):
+    """luspo: mean over the micro-batch's sequences (empty ones counted) of each one's token sum."""
+    return "seq-mean-token-sum", B * accumulation
 
 
 def _constant_length(trainer, B, mask, inputs, mode, accumulation):
@@ -339,6 +361,9 @@ _LOSS_TYPES = {
     "dr_grpo": (_clip_objective, _constant_length, True),
     "dapo": (_clip_objective, _generation_tokens, False),
     "cispo": (_cispo_objective, _generation_tokens, False),
+    "sapo": (_sapo_objective, _seq_mean, True),
+    "luspo": (_clip_objective, _seq_token_sum, True),
+    "vespo": (_vespo_objective, _generation_tokens, False),
 }
 _RLKERN_LOSS_TYPES = tuple(_LOSS_TYPES)
 
@@ -536,7 +561,7 @@ class GRPOTrainer(_TRLGRPOTrainer):
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
 
         self._log_rlkern_metrics(mode, per_token_logps, old_per_token_logps, advantages, mask, entropies,
-                                 inputs.get("ref_per_token_logps") if use_kl else None)
+                                 inputs.get("ref_per_token_logps") if use_kl else None, out.metrics)
         return loss
 
     def _rlkern_local_selection(self) -> bool:
@@ -581,7 +606,7 @@ class GRPOTrainer(_TRLGRPOTrainer):
         return coef * entropy_mean
 
     @torch.no_grad()
-    def _log_rlkern_metrics(self, mode, logps, old_logps, advantages, mask, entropies, ref_logps):
+    def _log_rlkern_metrics(self, mode, logps, old_logps, advantages, mask, entropies, ref_logps, loss_metrics=None):
         """The metrics TRL's ``_compute_loss`` logs, with its definitions."""
         m = mask.to(logps.dtype)
         adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
@@ -612,6 +637,17 @@ class GRPOTrainer(_TRLGRPOTrainer):
                 kl = kl * w
             self._metrics[mode]["kl"].append(global_masked_mean(kl))
         self._metrics[mode]["entropy"].append(global_masked_mean(entropies))
+        if self.loss_type == "sapo":
+            return  # TRL logs no clip fractions for the soft gate
+        if self.loss_type == "vespo":
+            # TRL averages the [B, 1] sequence weight over every row; the kernel's phi_seq_mean is over
+            # the non-empty rows, the same number whenever every completion has a token (a completion
+            # always has its end-of-sequence token)
+            rows = (m.sum(-1) > 0).sum().to(torch.float32)
+            phi_sum = loss_metrics["phi_seq_mean"].to(torch.float32) * rows
+            totals = self.accelerator.reduce(torch.stack([phi_sum, rows]), reduction="sum")
+            self._metrics[mode]["vespo/phi_seq_mean"].append((totals[0] / totals[1].clamp(min=1.0)).item())
+            return
         if self.loss_type == "cispo":
             clipped = (w > self.epsilon_high) & (adv > 0)
             self._metrics[mode]["cispo_clip_ratio"].append(global_masked_mean(clipped.float()))
