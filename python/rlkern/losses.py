@@ -13,7 +13,6 @@ import functools
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import _backend, _dtensor, _validate
 from ._kernel import compute_dtype, core, dtype_code, ptr
@@ -173,11 +172,13 @@ class _PolicyLossFunction(torch.autograd.Function):
         loss, metrics, grad_logp, grad_entropy = run()
         metrics_out.update(metrics)
         ctx.buffers = [grad_logp, grad_entropy]
+        # A plain reference, not save_for_backward: it only anchors the double-backward error
+        # and must not make an in-place update of logp fail the version check.
+        ctx.anchor = logp
         ctx.dtypes = (logp.dtype, None if entropy is None else entropy.dtype)
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
         if ctx.buffers is None:
             raise RuntimeError("policy_loss: backward through this graph has already run; "
@@ -193,7 +194,7 @@ class _PolicyLossFunction(torch.autograd.Function):
                 g = buf.clone() if unit else buf * grad_out
             else:
                 g = buf if unit else buf.mul_(grad_out)
-            grads.append(g.to(ctx.dtypes[i]))
+            grads.append(_first_order(g.to(ctx.dtypes[i]), ctx.anchor, "rlkern::policy_loss"))
         if not keep:
             ctx.buffers = None
         return grads[0], grads[1], None, None
@@ -380,6 +381,12 @@ def _encode_options(scalars: Dict[str, object]) -> Tuple[str, List[float]]:
             values.append(v)
         parts.append(name + "=" + code)
     return ";".join(parts), values
+
+
+def _scalar_options(options: Dict[str, object]) -> Dict[str, object]:
+    # Not a comprehension inside policy_loss: one there would make its locals closure cells,
+    # which dynamo cannot read through locals().
+    return {k: v for k, v in options.items() if k not in _ref.TENSOR_OPTIONS and not isinstance(v, torch.Tensor)}
 
 
 def _decode_options(spec: str, values) -> PolicyLossConfig:
@@ -584,6 +591,7 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     ``entropy`` (when ``entropy`` is given) and ``dual_clip_frac`` (with ``dual_clip``).
     """
     # Every option by name, from the signature itself: adding an option is one line above.
+    # (No closure or comprehension in this function may capture a local: see _scalar_options.)
     options = locals()
     del options["logp"], options["old_logp"], options["advantages"], options["mask"]
     traced = _traced(logp, old_logp, advantages, mask, ref_logp, rollout_logp, entropy)
@@ -599,8 +607,7 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
         return _ref.policy_loss(logp, old_logp, advantages, mask, **options)
     want_entropy_grad = entropy is not None and entropy.requires_grad and cfg.entropy_coef != 0
     if traced:
-        scalars = {k: v for k, v in options.items() if k not in tensors and not isinstance(v, torch.Tensor)}
-        spec, values = _encode_options(scalars)
+        spec, values = _encode_options(_scalar_options(options))
         norm_t = norm if isinstance(norm, torch.Tensor) else None
         loss, vec, _, _ = _call_op("policy_loss", _policy_op, logp, old_logp.detach(), advantages.detach(), mask,
                                    None if ref_logp is None else ref_logp.detach(),
@@ -627,25 +634,25 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
 class _SavedGradFunction(torch.autograd.Function):
     """Generic wrapper: ``run()`` returns (loss, grads...); grads are saved, scaled in backward.
 
-    ``inputs`` are the differentiable tensors in the order of the grads; ``run`` may also
-    fill ``extra`` with detached outputs (metrics).
+    ``inputs`` are the differentiable tensors in the order of the grads (``run`` fills the
+    caller's metrics dict itself); ``op`` names the op in the double-backward error.
     """
 
     @staticmethod
-    def forward(ctx, run, extra, *inputs):
+    def forward(ctx, run, op, *inputs):
         loss, grads = run()
         ctx.save_for_backward(*grads)
         ctx.dtypes = [t.dtype for t in inputs]
-        ctx.extra = extra
+        ctx.op = op
+        ctx.anchor = inputs[0]  # anchors the double-backward error (see _PolicyLossFunction)
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
         grads = ctx.saved_tensors
         out = [None, None]
         for i, (g, dt) in enumerate(zip(grads, ctx.dtypes)):
-            out.append((g * grad_out).to(dt) if ctx.needs_input_grad[i + 2] else None)
+            out.append(_no_double(ctx.op, g, grad_out, dt, ctx.anchor) if ctx.needs_input_grad[i + 2] else None)
         return tuple(out)
 
 
@@ -784,7 +791,7 @@ def value_loss(values: Tensor, old_values: Optional[Tensor], returns: Tensor, ma
             backend, values.detach(), old_values, returns, mask, clip, agg, normalizer)
         return loss, (grad,)
 
-    loss = _SavedGradFunction.apply(run, None, values)
+    loss = _SavedGradFunction.apply(run, "value_loss", values)
     return LossOutput(loss, metrics)
 
 
@@ -917,7 +924,7 @@ def dpo_loss(chosen_logp: Tensor, rejected_logp: Tensor, ref_chosen_logp: Tensor
         metrics.update(chosen_rewards=cr, rejected_rewards=rr, reward_margin=margin, reward_accuracy=accuracy)
         return loss, (grad_z, -grad_z)
 
-    loss = _SavedGradFunction.apply(run, None, chosen_logp, rejected_logp)
+    loss = _SavedGradFunction.apply(run, "dpo_loss", chosen_logp, rejected_logp)
     return LossOutput(loss, metrics)
 
 
@@ -1026,5 +1033,5 @@ def bradley_terry_loss(chosen_reward: Tensor, rejected_reward: Tensor,
             backend, chosen_reward.detach(), rejected_reward.detach(), margin_tensor, margin_scalar)
         return loss, (grad, -grad)
 
-    loss = _SavedGradFunction.apply(run, None, chosen_reward, rejected_reward)
+    loss = _SavedGradFunction.apply(run, "bradley_terry_loss", chosen_reward, rejected_reward)
     return LossOutput(loss, metrics)
