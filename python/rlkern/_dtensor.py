@@ -21,8 +21,8 @@ placement (``Partial``, or a shard over a dimension the op reduces over) raises
 ``ValueError`` naming it.
 
 Cost: the denominators take one small all-reduce per sharded mesh dimension, and the loss
-one more; the losses read the global count back to the host (their ``normalizer`` is a
-Python number).
+one more; the global count reaches the losses as a device tensor (``normalizer``), so
+nothing is read back to the host.
 """
 
 from __future__ import annotations
@@ -254,15 +254,13 @@ def token_loss(*, mask_arg: int, agg_default: str = "token-mean") -> Callable[[F
             n_local = active.sum()
             n_global = global_sum(n_local, layout).to_local()
             if lkwargs.get("normalizer") is None:
-                # The losses take a Python number as normalizer, so the global count is read
-                # back here (one small host read per call on a GPU mesh; to go once they take
-                # a device tensor).
+                # The global count goes in as a device tensor: no host read.
                 agg = lkwargs.get("agg", agg_default)
                 if agg == "token-mean":
-                    lkwargs["normalizer"] = float(n_global.clamp(min=1))
+                    lkwargs["normalizer"] = n_global.clamp(min=1)
                 elif agg != "token-sum":
                     seqs = global_sum(active.any(dim=-1).sum(), layout).to_local()
-                    lkwargs["normalizer"] = float(seqs.clamp(min=1))
+                    lkwargs["normalizer"] = seqs.clamp(min=1)
             out = fn(*largs, **lkwargs)
             loss = global_sum(out.loss, layout)
             return type(out)(loss, _token_metrics(out.metrics, n_local, n_global, layout))
