@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
@@ -112,14 +113,14 @@ def _check_normalizer(normalizer, like: Tensor, traced: bool = False):
 
 
 def _traced(*tensors: Optional[Tensor]) -> bool:
-    """Whether a call must go through its custom op: under torch.compile/export, with a
-    FakeTensor or meta input or an active FakeTensorMode, or inside a torch.func transform
-    (functorch wrappers), none of which the eager autograd.Functions can serve."""
-    if torch.compiler.is_compiling():
+    """Whether a call must go through its custom op: under torch.compile/export, inside a
+    torch.func transform, with a FakeTensor or meta input or an active FakeTensorMode, none
+    of which the eager autograd.Functions can serve. (Anything else that is not a plain
+    tensor also says True: the op's checks then reject it with the right error.)"""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return True
     for t in tensors:
-        if isinstance(t, torch.Tensor) and (t.is_meta or type(t) not in _validate.PLAIN_TYPES
-                                            or torch._C._functorch.is_functorch_wrapped_tensor(t)):
+        if t is not None and (type(t) not in _validate.PLAIN_TYPES or t.is_meta):
             return True
     return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
 
@@ -493,6 +494,29 @@ def _policy_vmap(info, in_dims, logp, old_logp, advantages, mask, ref_logp, roll
 
 # --- the public function
 
+_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(PolicyLossConfig))
+_config_values = operator.itemgetter(*_CONFIG_FIELDS)
+
+
+def _eager_config(options: Dict[str, object]) -> PolicyLossConfig:
+    """``parse_policy_options(options)[0]`` for the complete options of policy_loss's
+    signature, with a cache key a trainer's small calls can afford: the values in field
+    order plus their types (1, 1.0 and True compare equal but validate differently)."""
+    values = _config_values(options)
+    try:
+        return _config_from_values(values + tuple(map(type, values)))
+    except TypeError as e:
+        if "unhashable" not in str(e):
+            raise
+        return parse_policy_options(options)[0]  # e.g. a list for a clamp
+
+
+@functools.lru_cache(maxsize=256)
+def _config_from_values(key: Tuple[object, ...]) -> PolicyLossConfig:
+    # Errors are not cached (lru_cache stores only results).
+    return PolicyLossConfig(**dict(zip(_CONFIG_FIELDS, key[:len(_CONFIG_FIELDS)]))).validate()  # type: ignore[arg-type]
+
+
 # The defaults of every option, written once (on PolicyLossConfig); the signature below
 # reads them from here, and tests/test_custom_ops_losses.py checks the two agree.
 _D = PolicyLossConfig()
@@ -599,8 +623,12 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     if isinstance(norm, torch.Tensor):
         _check_normalizer(norm, logp, traced)
     # A tensor normalizer stays out of the (cached, validated) config; it travels on its own.
-    cfg, tensors = parse_policy_options(options if norm is None or not isinstance(norm, torch.Tensor)
-                                        else {**options, "normalizer": None})
+    scalar_options = options if norm is None or not isinstance(norm, torch.Tensor) else {**options, "normalizer": None}
+    if traced:
+        cfg, _ = parse_policy_options(scalar_options)
+    else:
+        cfg = _eager_config(scalar_options)
+    tensors = {"ref_logp": ref_logp, "rollout_logp": rollout_logp, "entropy": entropy}
     _check_policy_inputs(logp, old_logp, advantages, mask, cfg, tensors, traced)
     backend = _backend.select(logp.device) if logp.device.type != "meta" else "meta"
     if backend == "reference":
