@@ -928,8 +928,8 @@ def dpo_loss(chosen_logp: Tensor, rejected_logp: Tensor, ref_chosen_logp: Tensor
     ``reward_accuracy`` (fraction with chosen reward > rejected reward).
     """
     traced = _traced(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp)
-    B = _check_pairs(traced, chosen_logp=chosen_logp, rejected_logp=rejected_logp, ref_chosen_logp=ref_chosen_logp,
-                     ref_rejected_logp=ref_rejected_logp)
+    _check_pairs(traced, chosen_logp=chosen_logp, rejected_logp=rejected_logp, ref_chosen_logp=ref_chosen_logp,
+                 ref_rejected_logp=ref_rejected_logp)
     beta = _validate.positive("beta", beta)
     _validate.choice("loss_type", loss_type, DPO_LOSS_TYPES)
     label_smoothing = _validate.unit_interval("label_smoothing", label_smoothing)

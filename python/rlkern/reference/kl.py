@@ -15,7 +15,6 @@ gradient passes at the bounds themselves).
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple, Union
 
 import torch
