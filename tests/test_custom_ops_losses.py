@@ -487,3 +487,18 @@ def test_mypy_strict_catches_a_misspelt_policy_loss_option(tmp_path):
     assert any(":7:" in e and "clip_hihg" in e for e in errors), report
     assert any(":8:" in e and "clip_low" in e for e in errors), report
     assert not any(":6:" in e for e in errors), report
+
+
+def test_bad_tensor_normalizer_raises_naming_it():
+    logp, old, ref, roll, ent, adv, mask = _batch()
+    with pytest.raises(ValueError, match="normalizer must be a number or a 0-d tensor"):
+        rlkern.policy_loss(logp, old, adv, mask, normalizer=torch.ones(2))
+    with pytest.raises(TypeError, match="normalizer must be a real number"):
+        rlkern.value_loss(logp, None, old, mask, normalizer=torch.tensor(True))
+    with pytest.raises(ValueError, match="normalizer is on meta"):
+        rlkern.policy_loss(logp, old, adv, mask, normalizer=torch.ones((), device="meta"))
+    # An integer count (TRL's num_items_in_batch) is fine, and a float64 one keeps float32 results.
+    for n in (torch.tensor(11), torch.tensor(11.0, dtype=torch.float64)):
+        out = rlkern.policy_loss(logp, old, adv, mask, agg="token-sum", normalizer=n)
+        assert out.loss.dtype == torch.float32
+        assert_close(out.loss, rlkern.policy_loss(logp, old, adv, mask, agg="token-sum", normalizer=11.0).loss, 1e-6)
