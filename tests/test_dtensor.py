@@ -56,6 +56,9 @@ def _check_losses(mesh, placement):
             for k, v in expected.metrics.items():
                 assert_close(got.metrics[k].to_local(), v, name=f"{k} {what}")
 
+    if placement.is_shard():
+        _check_no_host_read(mesh, dt, logp, old, adv, mask)
+
     g = torch.Generator().manual_seed(2)  # every rank builds the same global batch
     values = torch.randn(5, 7, generator=g)
     old_values = values + 0.3 * torch.randn(5, 7, generator=g)
@@ -91,6 +94,26 @@ def _check_losses(mesh, placement):
     got.loss.backward()
     assert_close(got.loss.to_local(), expected.loss, name="bradley_terry_loss")
     assert_close(d.grad.full_tensor(), full.grad, tol=1e-4, name="bradley_terry_loss grad")
+
+
+def _check_no_host_read(mesh, dt, logp, old, adv, mask):
+    """The global token and sequence counts reach the losses as tensors: no value is read
+    back to the host on the way (on a GPU mesh, each read would be a synchronisation)."""
+    import rlkern
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a tensor's value was read back to the host")
+
+    saved = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__float__", "__bool__")}
+    try:
+        for name in saved:
+            setattr(torch.Tensor, name, refuse)
+        for agg in ("token-mean", "seq-mean-token-mean"):
+            rlkern.policy_loss(dt(logp), dt(old), dt(adv), dt(mask), agg=agg)
+            rlkern.value_loss(dt(logp), None, dt(old), dt(mask), agg=agg)
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
 
 
 def _check_rowwise(mesh, placement):

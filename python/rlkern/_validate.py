@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -114,7 +113,9 @@ def positive(name: str, value, *, allow_zero: bool = False) -> float:
         v = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a number, got {value!r}") from None
-    if math.isnan(v) or (v < 0 or (v == 0 and not allow_zero)):
+    # v != v rather than math.isnan(v): under torch.compile(dynamic=True) v may be a symbolic
+    # float, which math.isnan cannot trace; the comparisons can.
+    if v != v or (v < 0 or (v == 0 and not allow_zero)):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be {bound}, got {v}")
     return v

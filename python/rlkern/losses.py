@@ -8,17 +8,22 @@ gradient in backward. ``rlkern.reference.losses`` holds the plain-PyTorch specif
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Union
+import dataclasses
+import functools
+import operator
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import _backend, _dtensor, _validate
 from ._kernel import compute_dtype, core, dtype_code, ptr
+from .kl import _first_order
 from .reference import losses as _ref
-from .reference.kl import clamp_bounds
+from .reference.kl import Clamp, clamp_bounds
 from .reference.losses import (AGG_MODES, DPO_LOSS_TYPES, OBJECTIVES, POLICY_OPTIONS, LossOutput,
                                PolicyLossConfig, entropy_threshold, parse_policy_options)
+
+Tensor = torch.Tensor
 
 __all__ = ["policy_loss", "value_loss", "dpo_loss", "bradley_terry_loss", "LossOutput", "PolicyLossConfig",
            "POLICY_OPTIONS", "AGG_MODES"]
@@ -70,13 +75,14 @@ def _mask_bytes(mask: torch.Tensor) -> torch.Tensor:
     return m.contiguous().view(torch.uint8)
 
 
-def _agg_denominator(agg: str, normalizer: Optional[float], active, nonempty):
+def _agg_denominator(agg: str, normalizer, active, nonempty):
     """The final denominator of the aggregation (see ``reference.losses.aggregate``): the
     kernels already weight each row (1 / n_i for seq-mean-token-mean, 1 / T for
     seq-mean-token-sum-norm); ``active`` is the active token count and ``nonempty`` the
-    number of sequences with an active token (numbers or device tensors)."""
+    number of sequences with an active token (numbers or device tensors). A tensor
+    ``normalizer`` is returned as it is: it stays on its device."""
     if normalizer is not None:
-        return float(normalizer)
+        return normalizer if isinstance(normalizer, torch.Tensor) else float(normalizer)
     if agg == "token-sum":
         return 1.0
     count = active if agg == "token-mean" else nonempty
@@ -88,10 +94,60 @@ def _row_scale(agg: str, T: int) -> float:
     return 1.0 / T if agg == "seq-mean-token-sum-norm" else 1.0
 
 
-def _check_normalizer(normalizer) -> Optional[float]:
+def _check_normalizer(normalizer, like: Tensor, traced: bool = False):
+    """A positive number, or a 0-d real tensor on ``like``'s device (or the CPU). A tensor's
+    value is never read (that would be a host synchronisation on a GPU): a non-positive or
+    NaN tensor normalizer gives an inf, NaN or negated loss instead of an error."""
     if normalizer is None:
         return None
+    if isinstance(normalizer, torch.Tensor):
+        _validate.tensor("normalizer", normalizer, allow_fake=traced)
+        if normalizer.dim() != 0:
+            raise ValueError(f"normalizer must be a number or a 0-d tensor, got shape {tuple(normalizer.shape)}")
+        if normalizer.dtype == torch.bool or normalizer.is_complex():
+            raise TypeError(f"normalizer must be a real number, got dtype {normalizer.dtype}")
+        if normalizer.device != like.device and normalizer.device.type != "cpu":
+            raise ValueError(f"normalizer is on {normalizer.device} but the inputs are on {like.device}")
+        return normalizer
     return _validate.positive("normalizer", normalizer)
+
+
+def _traced(*tensors: Optional[Tensor]) -> bool:
+    """Whether a call must go through its custom op: under torch.compile/export, inside a
+    torch.func transform, with a FakeTensor or meta input or an active FakeTensorMode, none
+    of which the eager autograd.Functions can serve. (Anything else that is not a plain
+    tensor also says True: the op's checks then reject it with the right error.)"""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return True
+    for t in tensors:
+        if t is not None and (type(t) not in _validate.PLAIN_TYPES or t.is_meta):
+            return True
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+
+
+def _op_backend(device: torch.device) -> str:
+    """The kernel a custom op runs. The reference never runs inside an op (its autograd
+    would not be recorded): the public functions call it directly when it is asked for, so
+    here it only arises for a direct torch.ops call, which gets the kernels of the device."""
+    backend = _backend.select(device)
+    if backend == "reference":
+        backend = "cpu" if device.type == "cpu" else "triton"
+    return backend
+
+
+def _func_transform_error(op: str, e: RuntimeError) -> RuntimeError:
+    return RuntimeError(f"rlkern::{op} cannot be differentiated by torch.func.grad/vjp/jacrev (a functorch "
+                        "transform): its backward scales the gradient its forward wrote; torch.func.vmap "
+                        f"works, and so do loss.backward() and torch.autograd.grad ({e})")
+
+
+def _call_op(op: str, fn, *args):
+    try:
+        return fn(*args)
+    except RuntimeError as e:
+        if "functorch" not in str(e) or not torch._C._are_functorch_transforms_active():
+            raise
+        raise _func_transform_error(op, e) from e
 
 
 # ---------------------------------------------------------------------------------------
@@ -117,11 +173,13 @@ class _PolicyLossFunction(torch.autograd.Function):
         loss, metrics, grad_logp, grad_entropy = run()
         metrics_out.update(metrics)
         ctx.buffers = [grad_logp, grad_entropy]
+        # A plain reference, not save_for_backward: it only anchors the double-backward error
+        # and must not make an in-place update of logp fail the version check.
+        ctx.anchor = logp
         ctx.dtypes = (logp.dtype, None if entropy is None else entropy.dtype)
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
         if ctx.buffers is None:
             raise RuntimeError("policy_loss: backward through this graph has already run; "
@@ -137,28 +195,28 @@ class _PolicyLossFunction(torch.autograd.Function):
                 g = buf.clone() if unit else buf * grad_out
             else:
                 g = buf if unit else buf.mul_(grad_out)
-            grads.append(g.to(ctx.dtypes[i]))
+            grads.append(_first_order(g.to(ctx.dtypes[i]), ctx.anchor, "rlkern::policy_loss"))
         if not keep:
             ctx.buffers = None
         return grads[0], grads[1], None, None
 
 
-def _check_policy_inputs(logp, old_logp, advantages, mask, cfg: PolicyLossConfig, tensors) -> None:
-    _validate.tensor("logp", logp, ndim=2, floating=True)
+def _check_policy_inputs(logp, old_logp, advantages, mask, cfg: PolicyLossConfig, tensors, traced: bool) -> None:
+    _validate.tensor("logp", logp, ndim=2, floating=True, allow_fake=traced)
     B, T = logp.shape
     if B == 0 or T == 0:
         raise ValueError(f"logp must have at least one sequence and one token, got shape {tuple(logp.shape)}")
-    _validate.tensor("old_logp", old_logp, floating=True)
+    _validate.tensor("old_logp", old_logp, floating=True, allow_fake=traced)
     _validate.same_shape("old_logp", old_logp, logp.shape, "logp")
-    _validate.tensor("advantages", advantages, ndim=(1, 2), floating=True)
+    _validate.tensor("advantages", advantages, ndim=(1, 2), floating=True, allow_fake=traced)
     if advantages.shape not in ((B,), (B, T)):
         raise ValueError(f"advantages must have shape ({B},) or ({B}, {T}) to match logp, "
                          f"got {tuple(advantages.shape)}")
-    _validate.mask("mask", mask, logp.shape)
+    _validate.mask("mask", mask, logp.shape, allow_fake=traced)
     for name in ("ref_logp", "rollout_logp", "entropy"):
         t = tensors[name]
         if t is not None:
-            _validate.tensor(name, t, floating=True)
+            _validate.tensor(name, t, floating=True, allow_fake=traced)
             _validate.same_shape(name, t, logp.shape, "logp")
     _validate.same_device(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, **tensors)
     if cfg.tis_cap is not None and tensors["rollout_logp"] is None:
@@ -234,12 +292,14 @@ def _metrics_from_totals(totals, cfg: PolicyLossConfig, has_ref: bool, has_entro
     return metrics
 
 
-def _policy_cpu(logp, old_logp, advantages, mask, cfg: PolicyLossConfig, tensors):
+def _policy_cpu(logp, old_logp, advantages, mask, cfg: PolicyLossConfig, tensors, want_entropy_grad: bool,
+                norm: Optional[Tensor] = None):
+    """``run()`` for the C++ kernel. ``norm``: a tensor normalizer (in the arithmetic
+    dtype), applied after the pass by torch ops so that its value is never read."""
     B, T = logp.shape
     ref_logp, rollout_logp, entropy = tensors["ref_logp"], tensors["rollout_logp"], tensors["entropy"]
     storage, acc = _policy_dtypes(logp, old_logp, advantages, tensors)
     device = logp.device
-    want_entropy_grad = entropy is not None and entropy.requires_grad and cfg.entropy_coef != 0
 
     def run():
         lp = _as(logp, storage)
@@ -261,42 +321,253 @@ def _policy_cpu(logp, old_logp, advantages, mask, cfg: PolicyLossConfig, tensors
             p.entropy_threshold = float(entropy_threshold(ent, mask != 0, cfg.entropy_top_fraction))
         # The final denominator is known before the pass, except token-mean's token count
         # and the seq-* modes' count of non-empty sequences, which the kernel counts first.
-        p.scale_by_active = cfg.agg == "token-mean" and cfg.normalizer is None
-        p.scale_by_rows = cfg.agg.startswith("seq-") and cfg.normalizer is None
+        given = cfg.normalizer is not None or norm is not None
+        p.scale_by_active = cfg.agg == "token-mean" and not given
+        p.scale_by_rows = cfg.agg.startswith("seq-") and not given
         if not (p.scale_by_active or p.scale_by_rows):
-            p.grad_scale = 1.0 / _agg_denominator(cfg.agg, cfg.normalizer, 0, 0)
+            p.grad_scale = 1.0 if norm is not None else 1.0 / _agg_denominator(cfg.agg, cfg.normalizer, 0, 0)
         grad_logp = torch.empty((B, T), dtype=storage, device=device)
         grad_entropy = torch.empty((B, T), dtype=storage, device=device) if want_entropy_grad else None
         p.grad_logp = ptr(grad_logp)
         p.grad_entropy = ptr(grad_entropy) if grad_entropy is not None else 0
         totals = core().losses.policy_loss(p)
-        denom = _agg_denominator(cfg.agg, cfg.normalizer, totals[0], totals[len(_STATS)])
         named = _metrics_from_totals(totals, cfg, ref is not None, ent is not None, totals[len(_STATS)])
         # The metrics are views of one small tensor (one allocation, not six); the loss is a
         # tensor of its own, since trainers update it in place (verl: policy_loss += kl_loss * coef)
         # and autograd refuses in-place updates of a view made inside a Function.
-        loss = torch.tensor(totals[1] / denom, dtype=acc, device=device)
+        if norm is None:
+            loss = torch.tensor(totals[1] / _agg_denominator(cfg.agg, cfg.normalizer, totals[0], totals[len(_STATS)]),
+                                dtype=acc, device=device)
+        else:
+            loss = torch.tensor(totals[1], dtype=acc, device=device) / norm
+            grad_logp.div_(norm)
+            if grad_entropy is not None:
+                grad_entropy.div_(norm)
         metrics = torch.tensor(list(named.values()), dtype=acc, device=device).unbind()
         return loss, dict(zip(named, metrics)), grad_logp, grad_entropy
 
     return run
 
 
-def _policy_triton(logp, old_logp, advantages, mask, cfg: PolicyLossConfig, tensors):
+def _policy_triton(logp, old_logp, advantages, mask, cfg: PolicyLossConfig, tensors, want_entropy_grad: bool,
+                   norm: Optional[Tensor] = None):
     from .triton import losses as triton_losses
+
+    if norm is not None:
+        # The launcher divides by a tensor denominator on the device (no host read).
+        cfg = dataclasses.replace(cfg, normalizer=norm)
 
     def run():
         return triton_losses.policy_loss(logp.detach(), old_logp.detach(), advantages.detach(), mask, cfg,
                                          {k: (None if v is None else v.detach()) for k, v in tensors.items()},
-                                         want_entropy_grad=tensors["entropy"] is not None
-                                         and tensors["entropy"].requires_grad and cfg.entropy_coef != 0)
+                                         want_entropy_grad=want_entropy_grad)
 
     return run
 
 
+# --- the custom op: the way in for torch.compile, torch.export, FakeTensor/meta inputs and
+# torch.func. Its scalar options travel as ``spec`` (a text naming each option and its kind,
+# with strings, bools and None spelt out) and ``values`` (the numbers, in order), read from
+# PolicyLossConfig's fields, so an option added to the config needs no change here.
+
+
+def _encode_options(scalars: Dict[str, object]) -> Tuple[str, List[float]]:
+    """(spec, values) of validated scalar options; plain Python on constants, so dynamo
+    folds it away (numbers may be symbolic under dynamic=True: they travel as values)."""
+    parts = []
+    values: List[float] = []
+    for name, v in scalars.items():
+        if v is None:
+            code = "n"
+        elif isinstance(v, str):
+            code = "s" + v
+        elif isinstance(v, bool):
+            code = "b1" if v else "b0"
+        elif isinstance(v, (tuple, list)):
+            code = "t"
+            for x in v:
+                if x is None:
+                    code = code + "n"
+                else:
+                    code = code + "f"
+                    values.append(x)
+        else:
+            code = "f"
+            values.append(v)
+        parts.append(name + "=" + code)
+    return ";".join(parts), values
+
+
+def _scalar_options(options: Dict[str, object]) -> Dict[str, object]:
+    # Not a comprehension inside policy_loss: one there would make its locals closure cells,
+    # which dynamo cannot read through locals().
+    return {k: v for k, v in options.items() if k not in _ref.TENSOR_OPTIONS and not isinstance(v, torch.Tensor)}
+
+
+def _decode_options(spec: str, values) -> PolicyLossConfig:
+    """PolicyLossConfig from ``_encode_options``' output, not validated."""
+    fields: Dict[str, object] = {}
+    numbers = iter(values)
+    for part in spec.split(";") if spec else ():
+        name, code = part.split("=", 1)
+        kind = code[0]
+        if kind == "n":
+            fields[name] = None
+        elif kind == "s":
+            fields[name] = code[1:]
+        elif kind == "b":
+            fields[name] = code[1] == "1"
+        elif kind == "t":
+            fields[name] = tuple(None if c == "n" else next(numbers) for c in code[1:])
+        else:
+            fields[name] = next(numbers)
+    return PolicyLossConfig(**fields)  # type: ignore[arg-type]
+
+
+@functools.lru_cache(maxsize=256)
+def _op_config(spec: str, values: Tuple[float, ...]) -> PolicyLossConfig:
+    # A direct torch.ops call skips the public function's checks: validate here (once).
+    return _decode_options(spec, values).validate()
+
+
+def _metric_names(cfg: PolicyLossConfig, has_ref: bool, has_entropy: bool) -> Tuple[str, ...]:
+    """The metrics the kernels report for ``cfg``, in the order of the op's metrics output
+    (asked of ``_metrics_from_totals`` itself, so the two cannot disagree)."""
+    return tuple(_metrics_from_totals([0.0] * (len(_STATS) + 1), cfg, has_ref, has_entropy))
+
+
+@torch.library.custom_op("rlkern::policy_loss", mutates_args=())
+def _policy_op(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, ref_logp: Optional[Tensor],
+               rollout_logp: Optional[Tensor], entropy: Optional[Tensor], normalizer: Optional[Tensor], spec: str,
+               values: List[float], want_entropy_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, metrics [M] in ``_metric_names`` order, d loss / d logp, d loss / d entropy
+    ([0] unless ``want_entropy_grad``)); the gradients in the inputs' storage dtype."""
+    cfg = _op_config(spec, tuple(values))
+    tensors = {"ref_logp": ref_logp, "rollout_logp": rollout_logp, "entropy": entropy}
+    _, acc = _policy_dtypes(logp, old_logp, advantages, tensors)
+    want = want_entropy_grad and entropy is not None
+    norm = None if normalizer is None else normalizer.to(acc)
+    launch = _policy_cpu if _op_backend(logp.device) == "cpu" else _policy_triton
+    loss, metrics, grad_logp, grad_entropy = launch(logp, old_logp, advantages, mask, cfg, tensors, want, norm)()
+    vec = torch.stack(list(metrics.values())).to(acc)
+    return loss, vec, grad_logp, (grad_entropy if want else grad_logp.new_empty((0,)))
+
+
+@_policy_op.register_fake
+def _policy_fake(logp, old_logp, advantages, mask, ref_logp, rollout_logp, entropy, normalizer, spec, values,
+                 want_entropy_grad):
+    tensors = {"ref_logp": ref_logp, "rollout_logp": rollout_logp, "entropy": entropy}
+    storage, acc = _policy_dtypes(logp, old_logp, advantages, tensors)
+    names = _metric_names(_decode_options(spec, values), ref_logp is not None, entropy is not None)
+    grad_entropy_shape = logp.shape if want_entropy_grad and entropy is not None else (0,)
+    return (logp.new_empty((), dtype=acc), logp.new_empty((len(names),), dtype=acc),
+            logp.new_empty(logp.shape, dtype=storage), logp.new_empty(grad_entropy_shape, dtype=storage))
+
+
+def _policy_setup_context(ctx, inputs, output):
+    logp, entropy = inputs[0], inputs[6]
+    _, metrics, grad_logp, grad_entropy = output
+    ctx.save_for_backward(grad_logp, grad_entropy, logp)
+    ctx.dtypes = (logp.dtype, None if entropy is None else entropy.dtype)
+    ctx.mark_non_differentiable(metrics, grad_logp, grad_entropy)
+
+
+def _policy_backward(ctx, grad_loss, *_):
+    grad_logp, grad_entropy, logp = ctx.saved_tensors
+    g_logp = g_entropy = None
+    if ctx.needs_input_grad[0]:
+        g_logp = _first_order((grad_logp * grad_loss).to(ctx.dtypes[0]), logp, "rlkern::policy_loss")
+    if ctx.needs_input_grad[6] and grad_entropy.numel() == grad_logp.numel():
+        g_entropy = _first_order((grad_entropy * grad_loss).to(ctx.dtypes[1]), logp, "rlkern::policy_loss")
+    return (g_logp, None, None, None, None, None, g_entropy) + (None,) * 4
+
+
+torch.library.register_autograd("rlkern::policy_loss", _policy_backward, setup_context=_policy_setup_context)
+
+
+def _slice(t: Optional[Tensor], dim: Optional[int], i: int) -> Optional[Tensor]:
+    return t if t is None or dim is None else t.select(dim, i)
+
+
+def _stack_problems(info, in_dims, call, tensors):
+    """vmap over independent problems: one call per problem, results stacked on dim 0."""
+    outs = [call(*(_slice(t, d, i) for t, d in zip(tensors, in_dims))) for i in range(info.batch_size)]
+    return tuple(torch.stack(parts) for parts in zip(*outs))
+
+
+@_policy_op.register_vmap
+def _policy_vmap(info, in_dims, logp, old_logp, advantages, mask, ref_logp, rollout_logp, entropy, normalizer, spec,
+                 values, want_entropy_grad):
+    def call(*t):
+        return _policy_op(*t, spec, values, want_entropy_grad)
+
+    out = _stack_problems(info, in_dims[:8], call,
+                          (logp, old_logp, advantages, mask, ref_logp, rollout_logp, entropy, normalizer))
+    return out, (0, 0, 0, 0)
+
+
+# --- the public function
+
+_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(PolicyLossConfig))
+_config_values = operator.itemgetter(*_CONFIG_FIELDS)
+
+
+def _eager_config(options: Dict[str, object]) -> PolicyLossConfig:
+    """``parse_policy_options(options)[0]`` for the complete options of policy_loss's
+    signature, with a cache key a trainer's small calls can afford: the values in field
+    order plus their types (1, 1.0 and True compare equal but validate differently)."""
+    values = _config_values(options)
+    try:
+        return _config_from_values(values + tuple(map(type, values)))
+    except TypeError as e:
+        if "unhashable" not in str(e):
+            raise
+        return parse_policy_options(options)[0]  # e.g. a list for a clamp
+
+
+@functools.lru_cache(maxsize=256)
+def _config_from_values(key: Tuple[object, ...]) -> PolicyLossConfig:
+    # Errors are not cached (lru_cache stores only results).
+    return PolicyLossConfig(**dict(zip(_CONFIG_FIELDS, key[:len(_CONFIG_FIELDS)]))).validate()  # type: ignore[arg-type]
+
+
+# The defaults of every option, written once (on PolicyLossConfig); the signature below
+# reads them from here, and tests/test_custom_ops_losses.py checks the two agree.
+_D = PolicyLossConfig()
+
+
 @_dtensor.token_loss(mask_arg=3)
-def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                **options) -> LossOutput:
+def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
+                # One line per option: its name, type and default (from PolicyLossConfig).
+                objective: str = _D.objective,
+                level: str = _D.level,
+                clip_low: float = _D.clip_low,
+                clip_high: Optional[float] = _D.clip_high,
+                dual_clip: Optional[float] = _D.dual_clip,
+                ratio_cap: Optional[float] = _D.ratio_cap,
+                log_ratio_clamp: Clamp = _D.log_ratio_clamp,
+                ref_logp: Optional[Tensor] = None,
+                kl_coef: float = _D.kl_coef,
+                kl_kind: str = _D.kl_kind,
+                kl_clamp: Clamp = _D.kl_clamp,
+                kl_is_correction: bool = _D.kl_is_correction,
+                rollout_logp: Optional[Tensor] = None,
+                tis_cap: Optional[float] = _D.tis_cap,
+                tis_level: str = _D.tis_level,
+                tis_mode: str = _D.tis_mode,
+                off_policy_threshold: Optional[float] = _D.off_policy_threshold,
+                entropy: Optional[Tensor] = None,
+                entropy_coef: float = _D.entropy_coef,
+                entropy_top_fraction: Optional[float] = _D.entropy_top_fraction,
+                agg: str = _D.agg,
+                normalizer: Union[None, float, Tensor] = _D.normalizer,
+                sapo_temperature_pos: float = _D.sapo_temperature_pos,
+                sapo_temperature_neg: float = _D.sapo_temperature_neg,
+                vespo_k_pos: float = _D.vespo_k_pos,
+                vespo_lambda_pos: float = _D.vespo_lambda_pos,
+                vespo_k_neg: float = _D.vespo_k_neg,
+                vespo_lambda_neg: float = _D.vespo_lambda_neg,
+                ) -> LossOutput:
     """The PPO family of policy-gradient losses in one fused pass.
 
     With r the importance ratio exp(logp - old_logp) per token (``level="token"``) or
@@ -348,16 +619,12 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     without an active token is left out of the count; a batch without any active token gives
     0. ``normalizer`` replaces the final denominator (the token count, 1, or the number of
     non-empty sequences): a global token or sequence count for data-parallel ranks and
-    gradient accumulation, or Dr.GRPO's constant.
+    gradient accumulation, or Dr.GRPO's constant. It may be a 0-d tensor on the inputs'
+    device (TRL's ``num_items_in_batch``), which is never read back to the host (so it is
+    not checked: a non-positive or NaN tensor gives an inf, NaN or negated loss).
 
-    Options (defaults): objective="clip", level="token", clip_low=0.2, clip_high=clip_low,
-    dual_clip=None, ratio_cap=None (TRL's ``delta``), log_ratio_clamp=None (verl clamps the
-    log-ratio to 20, its GSPO to (None, 10)), ref_logp=None, kl_coef=0.0, kl_kind="k3",
-    kl_clamp=None, kl_is_correction=False, rollout_logp=None, tis_cap=None, tis_level="token",
-    tis_mode="truncate" (or "mask": weights above the cap become 0), off_policy_threshold=None,
-    entropy=None, entropy_coef=0.0, entropy_top_fraction=None, agg="token-mean",
-    normalizer=None. Each is documented on :class:`PolicyLossConfig`. An unknown option name
-    raises TypeError naming it.
+    The options are keyword-only; each is documented on :class:`PolicyLossConfig`, which
+    also holds their defaults. An unknown option name raises TypeError naming it.
 
     Shapes: ``logp``, ``old_logp``, ``mask`` and the optional per-token tensors are [B, T];
     ``advantages`` is [B] (one per sequence) or [B, T]. float32/bfloat16/float16 inputs
@@ -378,6 +645,12 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     nothing else; backward hands that buffer to autograd (scaled in place by the incoming
     gradient) unless ``retain_graph=True``, in which case it returns a scaled copy.
 
+    Tracing: under torch.compile/torch.export, on FakeTensor or meta inputs and inside
+    torch.func transforms the call goes through the custom op ``rlkern::policy_loss``,
+    whose outputs include the metrics (so a compiled step can log them). torch.func.vmap
+    runs one problem per batch entry; torch.func.grad and double backward raise an error
+    naming the op.
+
     Returns ``LossOutput(loss, metrics)``; ``metrics`` (detached, masked means over the
     active tokens, computed in the same pass): ``clip_frac_low`` (A < 0 and r < 1 -
     clip_low), ``clip_frac_high`` (A > 0 and r > 1 + clip_high), ``ratio_mean``,
@@ -395,17 +668,43 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     Objective options (defaults): sapo_temperature_pos=1.0, sapo_temperature_neg=1.05,
     vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0.
     """
-    cfg, tensors = parse_policy_options(options)
-    _check_policy_inputs(logp, old_logp, advantages, mask, cfg, tensors)
-    backend = _backend.select(logp.device)
+    # Every option by name, from the signature itself: adding an option is one line above.
+    # (No closure or comprehension in this function may capture a local: see _scalar_options.)
+    options = locals()
+    del options["logp"], options["old_logp"], options["advantages"], options["mask"]
+    traced = _traced(logp, old_logp, advantages, mask, ref_logp, rollout_logp, entropy)
+    norm = normalizer
+    if isinstance(norm, torch.Tensor):
+        _check_normalizer(norm, logp, traced)
+    # A tensor normalizer stays out of the (cached, validated) config; it travels on its own.
+    scalar_options = options if norm is None or not isinstance(norm, torch.Tensor) else {**options, "normalizer": None}
+    if traced:
+        cfg, _ = parse_policy_options(scalar_options)
+    else:
+        cfg = _eager_config(scalar_options)
+    tensors = {"ref_logp": ref_logp, "rollout_logp": rollout_logp, "entropy": entropy}
+    _check_policy_inputs(logp, old_logp, advantages, mask, cfg, tensors, traced)
+    backend = _backend.select(logp.device) if logp.device.type != "meta" else "meta"
     if backend == "reference":
         return _ref.policy_loss(logp, old_logp, advantages, mask, **options)
+    want_entropy_grad = entropy is not None and entropy.requires_grad and cfg.entropy_coef != 0
+    if traced:
+        spec, values = _encode_options(_scalar_options(options))
+        norm_t = norm if isinstance(norm, torch.Tensor) else None
+        loss, vec, _, _ = _call_op("policy_loss", _policy_op, logp, old_logp.detach(), advantages.detach(), mask,
+                                   None if ref_logp is None else ref_logp.detach(),
+                                   None if rollout_logp is None else rollout_logp.detach(), entropy, norm_t, spec,
+                                   values, want_entropy_grad)
+        names = _metric_names(cfg, ref_logp is not None, entropy is not None)
+        return LossOutput(loss, dict(zip(names, vec.unbind())))
+    norm_t = None
+    if isinstance(norm, torch.Tensor):
+        norm_t = norm.to(_policy_dtypes(logp, old_logp, advantages, tensors)[1])
     if backend == "cpu":
-        run = _policy_cpu(logp, old_logp, advantages, mask, cfg, tensors)
+        run = _policy_cpu(logp, old_logp, advantages, mask, cfg, tensors, want_entropy_grad, norm_t)
     else:
-        run = _policy_triton(logp, old_logp, advantages, mask, cfg, tensors)
+        run = _policy_triton(logp, old_logp, advantages, mask, cfg, tensors, want_entropy_grad, norm_t)
     metrics: Dict[str, torch.Tensor] = {}
-    entropy = tensors["entropy"]
     loss = _PolicyLossFunction.apply(logp, entropy, run, metrics)
     return LossOutput(loss, metrics)
 
@@ -417,32 +716,104 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
 class _SavedGradFunction(torch.autograd.Function):
     """Generic wrapper: ``run()`` returns (loss, grads...); grads are saved, scaled in backward.
 
-    ``inputs`` are the differentiable tensors in the order of the grads; ``run`` may also
-    fill ``extra`` with detached outputs (metrics).
+    ``inputs`` are the differentiable tensors in the order of the grads (``run`` fills the
+    caller's metrics dict itself); ``op`` names the op in the double-backward error.
     """
 
     @staticmethod
-    def forward(ctx, run, extra, *inputs):
+    def forward(ctx, run, op, *inputs):
         loss, grads = run()
         ctx.save_for_backward(*grads)
         ctx.dtypes = [t.dtype for t in inputs]
-        ctx.extra = extra
+        ctx.op = op
+        ctx.anchor = inputs[0]  # anchors the double-backward error (see _PolicyLossFunction)
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
         grads = ctx.saved_tensors
         out = [None, None]
         for i, (g, dt) in enumerate(zip(grads, ctx.dtypes)):
-            out.append((g * grad_out).to(dt) if ctx.needs_input_grad[i + 2] else None)
+            out.append(_no_double(ctx.op, g, grad_out, dt, ctx.anchor) if ctx.needs_input_grad[i + 2] else None)
         return tuple(out)
 
 
+def _no_double(op: str, grad: Tensor, grad_out: Tensor, dtype: torch.dtype, anchor: Tensor) -> Tensor:
+    return _first_order((grad * grad_out).to(dtype), anchor, f"rlkern::{op}")
+
+
+def _value_launch(backend: str, values, old_values, returns, mask, clip: Optional[float], agg: str, normalizer):
+    """(loss, clip_frac, value_mean, grad) from the kernel on [B, T] inputs; ``normalizer``
+    is None, a number or a tensor in the arithmetic dtype (applied on its device)."""
+    B, T = values.shape
+    acc = compute_dtype(values, old_values, returns)
+    storage = _storage(values, old_values, returns)
+    v = _as(values, storage)
+    R = _as(returns, storage)
+    vo = _as(old_values, storage) if old_values is not None else v
+    m = _mask_bytes(mask)
+    grad = torch.empty((B, T), dtype=acc, device=v.device)
+    if backend == "cpu":
+        totals = core().losses.value_loss(B, T, dtype_code(v), ptr(v), ptr(vo), ptr(R), ptr(m), clip is not None,
+                                          float(clip or 0.0), _AGG_CODES[agg], ptr(grad))
+        totals = torch.tensor(totals, dtype=acc, device=v.device)
+    else:
+        from .triton import losses as triton_losses
+
+        totals = triton_losses.value_loss(v, vo, R, m, clip, _AGG_CODES[agg], _row_scale(agg, T), grad)
+    active = totals[0].clamp(min=1)
+    denom = _agg_denominator(agg, normalizer, totals[0], totals[4])
+    if isinstance(denom, torch.Tensor):
+        grad.div_(denom)
+    else:
+        grad.mul_(1.0 / denom)
+    return totals[1] / denom, totals[2] / active, totals[3] / active, grad
+
+
+@torch.library.custom_op("rlkern::value_loss", mutates_args=())
+def _value_op(values: Tensor, old_values: Optional[Tensor], returns: Tensor, mask: Tensor, normalizer: Optional[Tensor],
+              clip: Optional[float], agg: str, normalizer_value: Optional[float]) -> Tuple[Tensor, Tensor, Tensor]:
+    """(loss, metrics [clip_frac, value_mean], d loss / d values) on [B, T] inputs, in the
+    arithmetic dtype."""
+    acc = compute_dtype(values, old_values, returns)
+    norm = normalizer.to(acc) if normalizer is not None else normalizer_value
+    loss, clip_frac, value_mean, grad = _value_launch(_op_backend(values.device), values, old_values, returns, mask,
+                                                      clip, agg, norm)
+    return loss.to(acc), torch.stack([clip_frac, value_mean]), grad
+
+
+@_value_op.register_fake
+def _value_fake(values, old_values, returns, mask, normalizer, clip, agg, normalizer_value):
+    acc = compute_dtype(values, old_values, returns)
+    return values.new_empty((), dtype=acc), values.new_empty((2,), dtype=acc), values.new_empty(values.shape, dtype=acc)
+
+
+def _value_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[2], inputs[0])
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _value_backward(ctx, grad_loss, *_):
+    grad, values = ctx.saved_tensors
+    g = _no_double("value_loss", grad, grad_loss, values.dtype, values) if ctx.needs_input_grad[0] else None
+    return (g,) + (None,) * 7
+
+
+torch.library.register_autograd("rlkern::value_loss", _value_backward, setup_context=_value_setup_context)
+
+
+@_value_op.register_vmap
+def _value_vmap(info, in_dims, values, old_values, returns, mask, normalizer, clip, agg, normalizer_value):
+    def call(*t):
+        return _value_op(*t, clip, agg, normalizer_value)
+
+    return _stack_problems(info, in_dims[:5], call, (values, old_values, returns, mask, normalizer)), (0, 0, 0)
+
+
 @_dtensor.token_loss(mask_arg=3)
-def value_loss(values: torch.Tensor, old_values: Optional[torch.Tensor], returns: torch.Tensor,
-               mask: Optional[torch.Tensor] = None, clip: Optional[float] = None, agg: str = "token-mean",
-               normalizer: Optional[float] = None) -> LossOutput:
+def value_loss(values: Tensor, old_values: Optional[Tensor], returns: Tensor, mask: Optional[Tensor] = None,
+               clip: Optional[float] = None, agg: str = "token-mean",
+               normalizer: Union[None, float, Tensor] = None) -> LossOutput:
     """Clipped value loss of PPO (verl's and TRL's formulation).
 
         loss = 0.5 * agg(max((v - R)^2, (clip(v, v_old - clip, v_old + clip) - R)^2))
@@ -450,65 +821,59 @@ def value_loss(values: torch.Tensor, old_values: Optional[torch.Tensor], returns
     and without ``clip`` 0.5 * agg((v - R)^2). ``values``, ``old_values``, ``returns`` and
     ``mask`` are [B, T] (or [N], treated as one sequence); ``mask=None`` means every
     position is active. ``agg``/``normalizer`` as in :func:`policy_loss` (verl 0.9.1's
-    aggregation: the seq-* modes average over the non-empty sequences). Differentiable in
+    aggregation: the seq-* modes average over the non-empty sequences; ``normalizer`` may be
+    a 0-d tensor on the inputs' device, never read back to the host). Differentiable in
     ``values`` only. Masked positions may hold NaN and get zero gradient; NaN at an active
-    position (old values included, with ``clip``) makes the loss NaN.
+    position (old values included, with ``clip``) makes the loss NaN. Under tracing, on
+    FakeTensor/meta inputs and in torch.func transforms the call goes through the custom op
+    ``rlkern::value_loss``.
 
     metrics: ``clip_frac`` (active tokens where the clipped error is the larger; 0 without
     clip), ``value_mean``.
     """
-    _validate.tensor("values", values, ndim=(1, 2), floating=True)
+    traced = _traced(values, old_values, returns, mask)
+    _validate.tensor("values", values, ndim=(1, 2), floating=True, allow_fake=traced)
     shape = values.shape
     if values.numel() == 0:
         raise ValueError("values must not be empty")
-    _validate.tensor("returns", returns, floating=True)
+    _validate.tensor("returns", returns, floating=True, allow_fake=traced)
     _validate.same_shape("returns", returns, shape, "values")
     if clip is not None:
         clip = _validate.positive("clip", clip, allow_zero=True)
         if old_values is None:
             raise ValueError("old_values is needed when clip is given")
     if old_values is not None:
-        _validate.tensor("old_values", old_values, floating=True)
+        _validate.tensor("old_values", old_values, floating=True, allow_fake=traced)
         _validate.same_shape("old_values", old_values, shape, "values")
     if mask is None:
         mask = torch.ones(shape, dtype=torch.bool, device=values.device)
-    _validate.mask("mask", mask, shape)
+    _validate.mask("mask", mask, shape, allow_fake=traced)
     _validate.choice("agg", agg, AGG_MODES)
-    normalizer = _check_normalizer(normalizer)
+    normalizer = _check_normalizer(normalizer, values, traced)
     _validate.same_device(values=values, old_values=old_values, returns=returns, mask=mask)
     if values.dim() == 1:
         values, returns, mask = values.unsqueeze(0), returns.unsqueeze(0), mask.unsqueeze(0)
         old_values = None if old_values is None else old_values.unsqueeze(0)
-    backend = _backend.select(values.device)
+    backend = _backend.select(values.device) if values.device.type != "meta" else "meta"
     if backend == "reference":
         return _ref.value_loss(values, old_values, returns, mask, clip, agg, normalizer)
-    B, T = values.shape
-    acc = compute_dtype(values, old_values, returns)
-    storage = _storage(values, old_values, returns)
+    if traced:
+        tensor_norm = isinstance(normalizer, torch.Tensor)
+        loss, vec, _ = _call_op("value_loss", _value_op, values,
+                                None if old_values is None else old_values.detach(), returns.detach(), mask,
+                                normalizer if tensor_norm else None, clip, agg, None if tensor_norm else normalizer)
+        clip_frac, value_mean = vec.unbind()
+        return LossOutput(loss, {"clip_frac": clip_frac, "value_mean": value_mean})
+    if isinstance(normalizer, torch.Tensor):
+        normalizer = normalizer.to(compute_dtype(values, old_values, returns))
     metrics: Dict[str, torch.Tensor] = {}
 
     def run():
-        v = _as(values, storage)
-        R = _as(returns, storage)
-        vo = _as(old_values, storage) if old_values is not None else v
-        m = _mask_bytes(mask)
-        grad = torch.empty((B, T), dtype=acc, device=v.device)
-        if backend == "cpu":
-            totals = core().losses.value_loss(B, T, dtype_code(v), ptr(v), ptr(vo), ptr(R), ptr(m), clip is not None,
-                                              float(clip or 0.0), _AGG_CODES[agg], ptr(grad))
-            totals = torch.tensor(totals, dtype=acc, device=v.device)
-        else:
-            from .triton import losses as triton_losses
+        loss, metrics["clip_frac"], metrics["value_mean"], grad = _value_launch(
+            backend, values.detach(), old_values, returns, mask, clip, agg, normalizer)
+        return loss, (grad,)
 
-            totals = triton_losses.value_loss(v, vo, R, m, clip, _AGG_CODES[agg], _row_scale(agg, T), grad)
-        active = totals[0].clamp(min=1)
-        denom = _agg_denominator(agg, normalizer, totals[0], totals[4])
-        metrics["clip_frac"] = totals[2] / active
-        metrics["value_mean"] = totals[3] / active
-        grad.mul_(1.0 / denom)
-        return totals[1] / denom, (grad,)
-
-    loss = _SavedGradFunction.apply(run, None, values)
+    loss = _SavedGradFunction.apply(run, "value_loss", values)
     return LossOutput(loss, metrics)
 
 
@@ -516,11 +881,11 @@ def value_loss(values: torch.Tensor, old_values: Optional[torch.Tensor], returns
 # dpo_loss and bradley_terry_loss
 
 
-def _check_pairs(**tensors) -> int:
+def _check_pairs(traced: bool = False, **tensors) -> int:
     B = None
     first = None
     for name, t in tensors.items():
-        _validate.tensor(name, t, ndim=1, floating=True)
+        _validate.tensor(name, t, ndim=1, floating=True, allow_fake=traced)
         if B is None:
             B, first = t.shape[0], name
         else:
@@ -531,10 +896,75 @@ def _check_pairs(**tensors) -> int:
     return B
 
 
+def _dpo_launch(backend: str, c, r, rc, rr, beta: float, loss_type: str, label_smoothing: float):
+    """(loss, chosen_rewards, rejected_rewards, reward_margin, reward_accuracy, d loss / d z)."""
+    B = c.shape[0]
+    acc = compute_dtype(c, r, rc, rr)
+    storage = _storage(c, r, rc, rr)
+    c, r, rc, rr = (_as(t, storage) for t in (c, r, rc, rr))
+    grad_z = torch.empty(B, dtype=acc, device=c.device)
+    chosen_rewards = torch.empty(B, dtype=acc, device=c.device)
+    rejected_rewards = torch.empty(B, dtype=acc, device=c.device)
+    if backend == "cpu":
+        totals = core().losses.dpo_loss(B, dtype_code(c), ptr(c), ptr(r), ptr(rc), ptr(rr), beta,
+                                        _DPO_CODES[loss_type], label_smoothing, ptr(grad_z),
+                                        ptr(chosen_rewards), ptr(rejected_rewards))
+        totals = torch.tensor(totals, dtype=acc, device=c.device)
+    else:
+        from .triton import losses as triton_losses
+
+        totals = triton_losses.dpo_loss(c, r, rc, rr, beta, _DPO_CODES[loss_type], label_smoothing, grad_z,
+                                        chosen_rewards, rejected_rewards)
+    grad_z.mul_(1.0 / B)
+    return totals[0] / B, chosen_rewards, rejected_rewards, totals[1] / B, totals[2] / B, grad_z
+
+
+@torch.library.custom_op("rlkern::dpo_loss", mutates_args=())
+def _dpo_op(chosen_logp: Tensor, rejected_logp: Tensor, ref_chosen_logp: Tensor, ref_rejected_logp: Tensor,
+            beta: float, loss_type: str, label_smoothing: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, chosen_rewards [B], rejected_rewards [B], [reward_margin, reward_accuracy],
+    d loss / d z [B]), in the arithmetic dtype."""
+    loss, cr, rr, margin, accuracy, grad_z = _dpo_launch(_op_backend(chosen_logp.device), chosen_logp, rejected_logp,
+                                                         ref_chosen_logp, ref_rejected_logp, beta, loss_type,
+                                                         label_smoothing)
+    return loss, cr, rr, torch.stack([margin, accuracy]), grad_z
+
+
+@_dpo_op.register_fake
+def _dpo_fake(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, beta, loss_type, label_smoothing):
+    acc = compute_dtype(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp)
+    B = chosen_logp.shape[0]
+    new = chosen_logp.new_empty
+    return new((), dtype=acc), new((B,), dtype=acc), new((B,), dtype=acc), new((2,), dtype=acc), new((B,), dtype=acc)
+
+
+def _dpo_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[4], inputs[0])
+    ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _dpo_backward(ctx, grad_loss, *_):
+    grad_z, anchor = ctx.saved_tensors
+    gc = _no_double("dpo_loss", grad_z, grad_loss, ctx.dtypes[0], anchor) if ctx.needs_input_grad[0] else None
+    gr = _no_double("dpo_loss", -grad_z, grad_loss, ctx.dtypes[1], anchor) if ctx.needs_input_grad[1] else None
+    return (gc, gr) + (None,) * 5
+
+
+torch.library.register_autograd("rlkern::dpo_loss", _dpo_backward, setup_context=_dpo_setup_context)
+
+
+@_dpo_op.register_vmap
+def _dpo_vmap(info, in_dims, c, r, rc, rr, beta, loss_type, label_smoothing):
+    def call(*t):
+        return _dpo_op(*t, beta, loss_type, label_smoothing)
+
+    return _stack_problems(info, in_dims[:4], call, (c, r, rc, rr)), (0,) * 5
+
+
 @_dtensor.pair_loss
-def dpo_loss(chosen_logp: torch.Tensor, rejected_logp: torch.Tensor, ref_chosen_logp: torch.Tensor,
-             ref_rejected_logp: torch.Tensor, beta: float = 0.1, loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0) -> LossOutput:
+def dpo_loss(chosen_logp: Tensor, rejected_logp: Tensor, ref_chosen_logp: Tensor, ref_rejected_logp: Tensor,
+             beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> LossOutput:
     """Direct preference optimisation over sequence log-probs [B] (TRL's DPOTrainer).
 
     With z = (chosen - ref_chosen) - (rejected - ref_rejected), the per-pair loss is
@@ -544,66 +974,121 @@ def dpo_loss(chosen_logp: torch.Tensor, rejected_logp: torch.Tensor, ref_chosen_
     - ``"hinge"``: relu(1 - beta z) (SLiC);
 
     and the loss is its batch mean. Differentiable in ``chosen_logp`` and ``rejected_logp``;
-    the reference log-probs are constants.
+    the reference log-probs are constants. Under tracing, on FakeTensor/meta inputs and in
+    torch.func transforms the call goes through the custom op ``rlkern::dpo_loss``.
 
     metrics: ``chosen_rewards`` = beta (chosen - ref_chosen) and ``rejected_rewards`` (the
     implicit rewards, [B], detached), ``reward_margin`` (mean of their difference),
     ``reward_accuracy`` (fraction with chosen reward > rejected reward).
     """
-    B = _check_pairs(chosen_logp=chosen_logp, rejected_logp=rejected_logp, ref_chosen_logp=ref_chosen_logp,
-                     ref_rejected_logp=ref_rejected_logp)
+    traced = _traced(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp)
+    _check_pairs(traced, chosen_logp=chosen_logp, rejected_logp=rejected_logp, ref_chosen_logp=ref_chosen_logp,
+                 ref_rejected_logp=ref_rejected_logp)
     beta = _validate.positive("beta", beta)
     _validate.choice("loss_type", loss_type, DPO_LOSS_TYPES)
     label_smoothing = _validate.unit_interval("label_smoothing", label_smoothing)
-    backend = _backend.select(chosen_logp.device)
+    backend = _backend.select(chosen_logp.device) if chosen_logp.device.type != "meta" else "meta"
     if backend == "reference":
         return _ref.dpo_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, beta, loss_type,
                              label_smoothing)
+    if traced:
+        loss, cr, rr, vec, _ = _call_op("dpo_loss", _dpo_op, chosen_logp, rejected_logp, ref_chosen_logp.detach(),
+                                        ref_rejected_logp.detach(), beta, loss_type, label_smoothing)
+        margin, accuracy = vec.unbind()
+        return LossOutput(loss, {"chosen_rewards": cr, "rejected_rewards": rr, "reward_margin": margin,
+                                 "reward_accuracy": accuracy})
     inputs = (chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp)
-    acc = compute_dtype(*inputs)
-    storage = _storage(*inputs)
     metrics: Dict[str, torch.Tensor] = {}
 
     def run():
-        c, r, rc, rr = (_as(t, storage) for t in inputs)
-        grad_z = torch.empty(B, dtype=acc, device=c.device)
-        chosen_rewards = torch.empty(B, dtype=acc, device=c.device)
-        rejected_rewards = torch.empty(B, dtype=acc, device=c.device)
-        if backend == "cpu":
-            totals = core().losses.dpo_loss(B, dtype_code(c), ptr(c), ptr(r), ptr(rc), ptr(rr), beta,
-                                            _DPO_CODES[loss_type], label_smoothing, ptr(grad_z),
-                                            ptr(chosen_rewards), ptr(rejected_rewards))
-            totals = torch.tensor(totals, dtype=acc, device=c.device)
-        else:
-            from .triton import losses as triton_losses
+        loss, cr, rr, margin, accuracy, grad_z = _dpo_launch(backend, *(t.detach() for t in inputs), beta,
+                                                             loss_type, label_smoothing)
+        metrics.update(chosen_rewards=cr, rejected_rewards=rr, reward_margin=margin, reward_accuracy=accuracy)
+        return loss, (grad_z, -grad_z)
 
-            totals = triton_losses.dpo_loss(c, r, rc, rr, beta, _DPO_CODES[loss_type], label_smoothing, grad_z,
-                                            chosen_rewards, rejected_rewards)
-        metrics.update(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
-                       reward_margin=totals[1] / B, reward_accuracy=totals[2] / B)
-        grad_z.mul_(1.0 / B)
-        return totals[0] / B, (grad_z, -grad_z)
-
-    loss = _SavedGradFunction.apply(run, None, chosen_logp, rejected_logp)
+    loss = _SavedGradFunction.apply(run, "dpo_loss", chosen_logp, rejected_logp)
     return LossOutput(loss, metrics)
 
 
+def _bt_launch(backend: str, c, r, margin: Optional[Tensor], margin_scalar: float):
+    """(loss, accuracy, reward_margin, d loss / d chosen)."""
+    B = c.shape[0]
+    acc = compute_dtype(*[t for t in (c, r, margin) if t is not None])
+    storage = _storage(c, r, margin)
+    c, r = _as(c, storage), _as(r, storage)
+    mg = _as(margin, storage)
+    grad = torch.empty(B, dtype=acc, device=c.device)
+    if backend == "cpu":
+        totals = core().losses.bradley_terry_loss(B, dtype_code(c), ptr(c), ptr(r), ptr(mg) if mg is not None else 0,
+                                                  margin_scalar, ptr(grad))
+        totals = torch.tensor(totals, dtype=acc, device=c.device)
+    else:
+        from .triton import losses as triton_losses
+
+        totals = triton_losses.bradley_terry_loss(c, r, mg, margin_scalar, grad)
+    grad.mul_(1.0 / B)
+    return totals[0] / B, totals[2] / B, totals[1] / B, grad
+
+
+@torch.library.custom_op("rlkern::bradley_terry_loss", mutates_args=())
+def _bt_op(chosen_reward: Tensor, rejected_reward: Tensor, margin: Optional[Tensor],
+           margin_scalar: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """(loss, [accuracy, reward_margin], d loss / d chosen_reward [B]), in the arithmetic dtype."""
+    loss, accuracy, reward_margin, grad = _bt_launch(_op_backend(chosen_reward.device), chosen_reward,
+                                                     rejected_reward, margin, margin_scalar)
+    return loss, torch.stack([accuracy, reward_margin]), grad
+
+
+@_bt_op.register_fake
+def _bt_fake(chosen_reward, rejected_reward, margin, margin_scalar):
+    acc = compute_dtype(*[t for t in (chosen_reward, rejected_reward, margin) if t is not None])
+    new = chosen_reward.new_empty
+    return new((), dtype=acc), new((2,), dtype=acc), new(chosen_reward.shape, dtype=acc)
+
+
+def _bt_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[2], inputs[0])
+    ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _bt_backward(ctx, grad_loss, *_):
+    grad, anchor = ctx.saved_tensors
+    gc = _no_double("bradley_terry_loss", grad, grad_loss, ctx.dtypes[0], anchor) if ctx.needs_input_grad[0] else None
+    gr = _no_double("bradley_terry_loss", -grad, grad_loss, ctx.dtypes[1], anchor) if ctx.needs_input_grad[1] else None
+    return gc, gr, None, None
+
+
+torch.library.register_autograd("rlkern::bradley_terry_loss", _bt_backward, setup_context=_bt_setup_context)
+
+
+@_bt_op.register_vmap
+def _bt_vmap(info, in_dims, chosen_reward, rejected_reward, margin, margin_scalar):
+    def call(*t):
+        return _bt_op(*t, margin_scalar)
+
+    return _stack_problems(info, in_dims[:3], call, (chosen_reward, rejected_reward, margin)), (0, 0, 0)
+
+
 @_dtensor.pair_loss
-def bradley_terry_loss(chosen_reward: torch.Tensor, rejected_reward: torch.Tensor,
-                       margin: Union[None, float, torch.Tensor] = None) -> LossOutput:
+def bradley_terry_loss(chosen_reward: Tensor, rejected_reward: Tensor,
+                       margin: Union[None, float, Tensor] = None) -> LossOutput:
     """Bradley-Terry reward-model loss: mean over pairs of -log sigmoid(chosen - rejected - margin).
 
     ``chosen_reward`` and ``rejected_reward`` are [B]; ``margin`` is None, a number or a [B]
-    tensor (TRL's RewardTrainer margin column). Differentiable in both rewards.
+    tensor (TRL's RewardTrainer margin column). Differentiable in both rewards. Under
+    tracing, on FakeTensor/meta inputs and in torch.func transforms the call goes through the
+    custom op ``rlkern::bradley_terry_loss``.
 
     metrics: ``accuracy`` (fraction with chosen > rejected), ``reward_margin`` (mean of
     chosen - rejected).
     """
-    B = _check_pairs(chosen_reward=chosen_reward, rejected_reward=rejected_reward)
+    traced = _traced(chosen_reward, rejected_reward, margin)
+    B = _check_pairs(traced, chosen_reward=chosen_reward, rejected_reward=rejected_reward)
     margin_tensor = None
     margin_scalar = 0.0
     if isinstance(margin, torch.Tensor):
-        _validate.tensor("margin", margin, floating=True)
+        _validate.tensor("margin", margin, floating=True, allow_fake=traced)
         if margin.dim() == 0:
             margin = margin.expand(B)
         _validate.same_shape("margin", margin, (B,), "chosen_reward")
@@ -614,30 +1099,21 @@ def bradley_terry_loss(chosen_reward: torch.Tensor, rejected_reward: torch.Tenso
             margin_scalar = float(margin)
         except (TypeError, ValueError):
             raise TypeError(f"margin must be None, a number or a tensor, got {margin!r}") from None
-    backend = _backend.select(chosen_reward.device)
+    backend = _backend.select(chosen_reward.device) if chosen_reward.device.type != "meta" else "meta"
     if backend == "reference":
         return _ref.bradley_terry_loss(chosen_reward, rejected_reward,
                                        margin_tensor if margin_tensor is not None else (margin_scalar if margin is not None else None))
-    inputs = (chosen_reward, rejected_reward, margin_tensor)
-    acc = compute_dtype(*[t for t in inputs if t is not None])
-    storage = _storage(*inputs)
+    if traced:
+        loss, vec, _ = _call_op("bradley_terry_loss", _bt_op, chosen_reward, rejected_reward,
+                                None if margin_tensor is None else margin_tensor.detach(), margin_scalar)
+        accuracy, reward_margin = vec.unbind()
+        return LossOutput(loss, {"accuracy": accuracy, "reward_margin": reward_margin})
     metrics: Dict[str, torch.Tensor] = {}
 
     def run():
-        c, r = _as(chosen_reward, storage), _as(rejected_reward, storage)
-        mg = _as(margin_tensor, storage)
-        grad = torch.empty(B, dtype=acc, device=c.device)
-        if backend == "cpu":
-            totals = core().losses.bradley_terry_loss(B, dtype_code(c), ptr(c), ptr(r), ptr(mg) if mg is not None else 0,
-                                                      margin_scalar, ptr(grad))
-            totals = torch.tensor(totals, dtype=acc, device=c.device)
-        else:
-            from .triton import losses as triton_losses
+        loss, metrics["accuracy"], metrics["reward_margin"], grad = _bt_launch(
+            backend, chosen_reward.detach(), rejected_reward.detach(), margin_tensor, margin_scalar)
+        return loss, (grad, -grad)
 
-            totals = triton_losses.bradley_terry_loss(c, r, mg, margin_scalar, grad)
-        metrics.update(accuracy=totals[2] / B, reward_margin=totals[1] / B)
-        grad.mul_(1.0 / B)
-        return totals[0] / B, (grad, -grad)
-
-    loss = _SavedGradFunction.apply(run, None, chosen_reward, rejected_reward)
+    loss = _SavedGradFunction.apply(run, "bradley_terry_loss", chosen_reward, rejected_reward)
     return LossOutput(loss, metrics)

@@ -24,11 +24,12 @@ SUITE = "compiled"
 
 
 def _compile(fn):
-    # Not fullgraph: policy_loss, value_loss and the preference losses are not custom ops
-    # yet (issue #12), so dynamo breaks the graph around them; the scans, kl_penalty and
-    # the log-prob ops compile whole.
+    # fullgraph: every rlkern op is a custom op (issue #12), so a step that breaks the graph
+    # is a regression, and it fails here rather than being measured half-eager. The compiled
+    # function computes the loss; backward() runs outside it (dynamo does not trace a
+    # .backward() call) on the backward graph that AOTAutograd compiled with the forward.
     try:
-        return torch.compile(fn)
+        return torch.compile(fn, fullgraph=True)
     except Exception:  # no compiler toolchain here: leave the competitor out
         return None
 
@@ -55,22 +56,22 @@ def _grpo_step_make(B: int, T: int, H: int, V: int):
             logp = rlkern.linear_token_logprobs(h, head.weight, targets.reshape(-1)).view(B, T)
             out = rlkern.policy_loss(logp, old, adv, mask, clip_low=CLIP_LOW, clip_high=CLIP_HIGH, ref_logp=ref,
                                      kl_coef=BETA, kl_kind="k3")
-            out.loss.backward()
-            return out.loss.detach()
+            return out.loss
 
         def trl():
             h = torch.tanh(body(features))
             logits = head(h).float()
             logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.reshape(-1, 1)).view(B, T)
             loss, _ = trl_grpo(logp, old, ref, adv, mask)
-            loss.backward()
-            return loss.detach()
+            return loss
 
-        def zero_then(fn):
+        def zero_then(loss_fn):
             def run():
                 for p in params:
                     p.grad = None
-                return fn()
+                loss = loss_fn()
+                loss.backward()
+                return loss.detach()
             return run
 
         # "rlkern" (the row the ratios refer to) is the compiled step; eager when nothing compiles here.
@@ -123,20 +124,19 @@ def _policy_make(B: int, T: int):
         logp, old, ref, adv, mask = _inputs(B, T, torch.float32, device)
 
         def ours(lp):
-            out = rlkern.policy_loss(lp, old, adv, mask, clip_low=CLIP_LOW, clip_high=CLIP_HIGH, ref_logp=ref,
-                                     kl_coef=BETA, kl_kind="k3")
-            out.loss.backward()
-            return out.loss.detach()
+            return rlkern.policy_loss(lp, old, adv, mask, clip_low=CLIP_LOW, clip_high=CLIP_HIGH, ref_logp=ref,
+                                      kl_coef=BETA, kl_kind="k3").loss
 
         def trl(lp):
             loss, _ = trl_grpo(lp, old, ref, adv, mask)
-            loss.backward()
-            return loss.detach()
+            return loss
 
-        def fresh(fn):
+        def fresh(loss_fn):
             def run():
                 logp.grad = None
-                return fn(logp)
+                loss = loss_fn(logp)
+                loss.backward()
+                return loss.detach()
             return run
 
         impls: Dict[str, Impl] = {"rlkern": fresh(ours)}

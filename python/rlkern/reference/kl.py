@@ -15,7 +15,6 @@ gradient passes at the bounds themselves).
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple, Union
 
 import torch
@@ -36,7 +35,8 @@ def clamp_bounds(name: str, clamp: Clamp) -> Tuple[Optional[float], Optional[flo
             low, high = (None if c is None else float(c) for c in clamp)
         except (TypeError, ValueError):
             raise TypeError(f"{name} must be a number or a (low, high) pair of numbers or None, got {clamp!r}") from None
-        if (low is not None and math.isnan(low)) or (high is not None and math.isnan(high)):
+        # x != x, not math.isnan: a number may be symbolic under torch.compile(dynamic=True).
+        if (low is not None and low != low) or (high is not None and high != high):
             raise ValueError(f"{name} must not contain NaN, got {clamp!r}")
     else:
         try:

@@ -194,19 +194,34 @@ POLICY_OPTIONS = tuple(f.name for f in dataclasses.fields(PolicyLossConfig)) + T
 
 
 def parse_policy_options(options: dict) -> Tuple[PolicyLossConfig, Dict[str, Optional[torch.Tensor]]]:
-    """Split ``**options`` into the scalar config and the optional tensors; unknown names raise."""
+    """Split ``**options`` into the scalar config and the optional tensors; unknown names raise.
+
+    A tensor ``normalizer`` (0-d) is kept as it is on the config, unvalidated (reading its
+    value would synchronise with its device). Traceable by dynamo: under torch.compile the
+    config is built and validated without the cache (options are constants there, so the
+    checks fold away)."""
     for name in options:
         if name not in POLICY_OPTIONS:
             raise TypeError(f"policy_loss got an unknown option {name!r}; options are {', '.join(POLICY_OPTIONS)}")
     tensors = {name: options.get(name) for name in TENSOR_OPTIONS}
-    # Each value's type is part of the key: 1, 1.0 and True compare equal but validate differently.
-    scalars = tuple(sorted((k, type(v), v) for k, v in options.items() if k not in TENSOR_OPTIONS))
-    try:
-        cfg = _config_of(scalars)
-    except TypeError as e:
-        if "unhashable" not in str(e):
-            raise
-        cfg = PolicyLossConfig(**{k: v for k, _, v in scalars}).validate()  # e.g. a list for a clamp
+    scalars = {k: v for k, v in options.items() if k not in TENSOR_OPTIONS}
+    normalizer = scalars.get("normalizer")
+    tensor_normalizer = isinstance(normalizer, torch.Tensor)
+    if tensor_normalizer:
+        scalars["normalizer"] = None
+    if torch.compiler.is_compiling():
+        cfg = PolicyLossConfig(**scalars).validate()
+    else:
+        # Each value's type is part of the key: 1, 1.0 and True compare equal but validate differently.
+        key = tuple((k, type(v), v) for k, v in scalars.items())
+        try:
+            cfg = _config_of(key)
+        except TypeError as e:
+            if "unhashable" not in str(e):
+                raise
+            cfg = PolicyLossConfig(**scalars).validate()  # e.g. a list for a clamp
+    if tensor_normalizer:
+        cfg = dataclasses.replace(cfg, normalizer=normalizer)
     return cfg, tensors
 
 
