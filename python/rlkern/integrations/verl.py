@@ -555,17 +555,12 @@ def compute_rewards(token_level_scores, old_log_prob, ref_log_prob, kl_ratio):
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """verl's ``masked_whiten``: (x - mean) / sqrt(var + 1e-8) over the mask, unbiased variance;
-    at least two active positions are needed (ValueError otherwise, as verl)."""
-    m = mask.bool()
-    n = m.sum()
-    if n < 2:
-        raise ValueError("masked_whiten needs at least two valid positions in the mask")
-    zero = torch.zeros((), dtype=values.dtype, device=values.device)
-    mean = torch.where(m, values, zero).sum() / n
-    var = torch.where(m, (values - mean) ** 2, zero).sum() / (n - 1)
-    out = (values - mean) * torch.rsqrt(var + 1e-8)
-    return out + mean if not shift_mean else out
+    """verl's ``masked_whiten``: (x - mean) / sqrt(var + 1e-8) over the mask, unbiased variance
+    (:func:`rlkern.masked_whiten`'s defaults); at least two active positions are needed
+    (ValueError otherwise, as verl)."""
+    from ..whiten import masked_whiten as _whiten
+
+    return _whiten(values, mask, shift_mean=shift_mean)
 
 
 def _next_valid_index(mask: torch.Tensor) -> torch.Tensor:
