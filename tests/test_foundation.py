@@ -50,7 +50,13 @@ def test_cli_info_prints_json():
 def test_rss_sampler_sees_a_large_allocation():
     from rlkern import _ext
 
+    from rlkern.bench.core import _release_freed_heap
+
     core = _ext.load()
+    # Memory earlier tests freed may still be mapped and resident (malloc keeps it for
+    # reuse), and a new tensor on it would not grow the RSS: hand it back first, as the
+    # bench does before each measurement.
+    _release_freed_heap()
     sampler = core.bench.RssSampler()
     base = core.bench.current_rss()
     sampler.start(100.0)

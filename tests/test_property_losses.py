@@ -150,6 +150,18 @@ def policy_cases(draw):
     opts["agg"] = draw(st.sampled_from(ref.AGG_MODES))
     if draw(st.booleans()):
         opts["normalizer"] = draw(st.sampled_from([0.5, 7.0, 1e3]))
+    # The per-sequence GMPO term and VESPO's sequence weight take only some of the options
+    # (PolicyLossConfig raises for the others, which test_bad_options covers): keep to those.
+    if objective == "geo_mean":
+        opts["level"] = "token"
+        for name in ("kl_is_correction", "entropy_top_fraction", "off_policy_threshold"):
+            opts.pop(name, None)
+        if "tis_cap" in opts:
+            opts["tis_level"] = "sequence"
+    if objective == "vespo" and "tis_cap" in opts:
+        opts["tis_level"] = "token"
+    if objective in ("sapo", "vespo") and draw(st.booleans()):
+        opts["sapo_temperature_neg" if objective == "sapo" else "vespo_k_neg"] = draw(st.sampled_from([0.5, 4.0]))
     nan_active = draw(st.sampled_from([None, None, None, "logp", "old"]))
     return dict(B=B, T=T, mask=mask, logp=logp64, old=old64, adv=adv64, dt=dt, opts=opts, tensors=tensors,
                 nan_active=nan_active)
