@@ -42,6 +42,24 @@ def test_backend_override_validates_names():
     assert _backend.select(torch.device("cpu")) in ("cpu", "reference", "triton")
 
 
+def test_backend_variable_changed_at_run_time_is_seen(monkeypatch):
+    """requested_backend keeps the variable's parsed value: a change through os.environ,
+    unsetting included, must still take effect on the next call."""
+    from rlkern import _backend
+
+    monkeypatch.delenv("RLKERN_BACKEND", raising=False)
+    assert _backend.requested_backend() == "auto"
+    monkeypatch.setenv("RLKERN_BACKEND", " Reference ")
+    assert _backend.requested_backend() == "reference"
+    monkeypatch.setenv("RLKERN_BACKEND", "cpu")
+    assert _backend.requested_backend() == "cpu"
+    monkeypatch.setenv("RLKERN_BACKEND", "fortran")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        _backend.requested_backend()
+    monkeypatch.delenv("RLKERN_BACKEND")
+    assert _backend.requested_backend() == "auto"
+
+
 def test_cli_info_prints_json():
     out = subprocess.run([sys.executable, "-m", "rlkern.cli", "info"], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout)["version"] == rlkern.__version__

@@ -29,11 +29,42 @@ def _check(name: str) -> str:
     return name
 
 
+_parsed_env = ("", "auto")  # (the last RLKERN_BACKEND value seen, its parsed backend)
+
+
+def _env_reader():
+    """A function returning RLKERN_BACKEND or None. ``os.environ.get`` of an unset variable
+    raises and catches a KeyError inside (about a microsecond, on every eager call); the
+    mapping's own store answers without that, and still sees changes made through
+    ``os.environ``. Falls back to ``os.environ.get`` where that store is not there."""
+    data, encode = getattr(os.environ, "_data", None), getattr(os.environ, "encodekey", None)
+    if isinstance(data, dict) and callable(encode):
+        key, decode = encode("RLKERN_BACKEND"), getattr(os.environ, "decodevalue", None)
+        if callable(decode):
+            def read() -> Optional[str]:
+                raw = data.get(key)
+                return None if raw is None else decode(raw)
+
+            return read
+    return lambda: os.environ.get("RLKERN_BACKEND")
+
+
+_read_env = _env_reader()
+
+
 def requested_backend() -> str:
-    """The backend asked for by :func:`use_backend` or ``RLKERN_BACKEND``."""
+    """The backend asked for by :func:`use_backend` or ``RLKERN_BACKEND``.
+
+    Every eager call asks, so the variable's parsed value is kept until it changes."""
+    global _parsed_env
     if _override is not None:
         return _override
-    return _check(os.environ.get("RLKERN_BACKEND", "auto").strip().lower() or "auto")
+    raw = _read_env()
+    if raw is None:
+        return "auto"
+    if raw != _parsed_env[0]:
+        _parsed_env = (raw, _check(raw.strip().lower() or "auto"))
+    return _parsed_env[1]
 
 
 @contextlib.contextmanager

@@ -43,7 +43,7 @@ def empty_rows(like: torch.Tensor, shape: Tuple[int, ...], dtype: torch.dtype) -
     after). The tensor is a view into a slightly larger storage; the unused head is
     never touched, so it takes no memory."""
     nbytes = math.prod(shape) * dtype.itemsize
-    if like.device.type != "cpu" or nbytes < _HUGE_FROM:
+    if nbytes < _HUGE_FROM or like.device.type != "cpu":  # small first: the cheap test decides most calls
         return torch.empty(shape, dtype=dtype, device=like.device)
     span = -(-nbytes // _HUGE_PAGE) * _HUGE_PAGE
     raw = torch.empty(span + _HUGE_PAGE, dtype=torch.uint8)
