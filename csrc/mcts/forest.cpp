@@ -378,6 +378,7 @@ Forest::Forest(int64_t batch_size, int64_t num_actions, int64_t max_nodes, int64
   pend_parent_.assign(size_t(B_), -1);
   pend_edge_.assign(size_t(B_), -1);
   pend_tree_.assign(size_t(B_), -1);
+  pend_row_.assign(size_t(B_), -1);
 }
 
 void Forest::for_trees(int64_t grain, const std::function<void(int64_t, int64_t)>& fn) const {
@@ -760,44 +761,44 @@ void Forest::revisit(int64_t b, int32_t x) {
   backup(b, x, v);
 }
 
-int64_t Forest::select(int64_t* tree, int64_t* parent, int64_t* action, int64_t* node) {
-  if (num_pending_ > 0)
-    throw std::runtime_error("select() called twice without expand_backup() for the pending leaves");
+void Forest::select_tree(int64_t b, std::vector<Child>& buf) {
+  pend_parent_[b] = -1;
+  if (!has_root_[b]) return;
+  const int64_t nb = b * N_, eb = b * E_;
+  int32_t x = 0;
+  int depth = 0;
+  for (;;) {
+    const int32_t e = select_edge(b, x, depth, buf);
+    const int32_t c = edge_child_[size_t(eb + e)];
+    ++depth;
+    if (c < 0) {
+      if (used_nodes_[b] >= N_ || used_edges_[b] + A_ > E_) {
+        revisit(b, x);  // pool full: the simulation ends at x
+      } else {
+        pend_parent_[b] = x;
+        pend_edge_[b] = e;
+      }
+      return;
+    }
+    if (terminal_[size_t(nb + c)] || (cfg_.max_depth > 0 && depth >= cfg_.max_depth)) {
+      revisit(b, c);
+      return;
+    }
+    x = c;
+  }
+}
+
+void Forest::check_can_select() const {
   if (cfg_.algorithm == Algorithm::kGumbel && table_sims_ == 0)
     throw std::runtime_error("Gumbel search needs a simulation budget: call plan(num_simulations) first");
-  rlk::parallel_for(B_, step_grain(B_, std::max<int64_t>(4, 512 / A_)), [&](int64_t begin, int64_t end) {
-    std::vector<Child> buf(static_cast<size_t>(A_));
-    for (int64_t b = begin; b < end; ++b) {
-      pend_parent_[b] = -1;
-      if (!has_root_[b]) continue;
-      const int64_t nb = b * N_, eb = b * E_;
-      int32_t x = 0;
-      int depth = 0;
-      for (;;) {
-        const int32_t e = select_edge(b, x, depth, buf);
-        const int32_t c = edge_child_[size_t(eb + e)];
-        ++depth;
-        if (c < 0) {
-          if (used_nodes_[b] >= N_ || used_edges_[b] + A_ > E_) {
-            revisit(b, x);  // pool full: the simulation ends at x
-          } else {
-            pend_parent_[b] = x;
-            pend_edge_[b] = e;
-          }
-          break;
-        }
-        if (terminal_[size_t(nb + c)] || (cfg_.max_depth > 0 && depth >= cfg_.max_depth)) {
-          revisit(b, c);
-          break;
-        }
-        x = c;
-      }
-    }
-  });
+}
+
+int64_t Forest::collect_leaves(int64_t* tree, int64_t* parent, int64_t* action, int64_t* node) {
   int64_t L = 0;
   for (int64_t b = 0; b < B_; ++b) {
     if (pend_parent_[b] < 0) continue;
     pend_tree_[L] = int32_t(b);
+    pend_row_[b] = int32_t(L);
     tree[L] = b;
     parent[L] = pend_parent_[b];
     action[L] = edge_action_[size_t(b * E_ + pend_edge_[b])];
@@ -806,6 +807,17 @@ int64_t Forest::select(int64_t* tree, int64_t* parent, int64_t* action, int64_t*
   }
   num_pending_ = L;
   return L;
+}
+
+int64_t Forest::select(int64_t* tree, int64_t* parent, int64_t* action, int64_t* node) {
+  if (num_pending_ > 0)
+    throw std::runtime_error("select() called twice without expand_backup() for the pending leaves");
+  check_can_select();
+  rlk::parallel_for(B_, step_grain(B_, std::max<int64_t>(4, 512 / A_)), [&](int64_t begin, int64_t end) {
+    std::vector<Child> buf(static_cast<size_t>(A_));
+    for (int64_t b = begin; b < end; ++b) select_tree(b, buf);
+  });
+  return collect_leaves(tree, parent, action, node);
 }
 
 bool Forest::path_overflows(int64_t i, const float* value, const float* reward, const float* discount,
@@ -824,8 +836,8 @@ bool Forest::path_overflows(int64_t i, const float* value, const float* reward, 
   return false;
 }
 
-void Forest::expand_backup(int64_t L, const float* logits, const float* value, const float* reward,
-                           const float* discount, const uint8_t* legal, const uint8_t* terminal) {
+void Forest::check_rows(int64_t L, const float* logits, const float* value, const float* reward,
+                        const float* discount, const uint8_t* legal, const uint8_t* terminal) const {
   if (L != num_pending_)
     throw std::invalid_argument("expand_backup got " + std::to_string(L) + " rows but the last select() returned " +
                                 std::to_string(num_pending_) + " leaves");
@@ -872,51 +884,79 @@ void Forest::expand_backup(int64_t L, const float* logits, const float* value, c
     if (legal && what == "has no legal action") what += " and is not marked terminal";
     throw std::invalid_argument(row_msg(legal ? "prior_logits/legal_mask" : "prior_logits", i, what.c_str()));
   }
+}
+
+void Forest::expand_row(int64_t i, int64_t b, const float* logits, const float* value, const float* reward,
+                        const float* discount, const uint8_t* legal, const uint8_t* terminal) {
+  const int64_t nb = b * N_, eb = b * E_;
+  const int32_t x = pend_parent_[b], e = pend_edge_[b];
+  const int32_t id = used_nodes_[b]++;
+  const size_t ni = size_t(nb + id);
+  edge_child_[size_t(eb + e)] = id;
+  const size_t xi = size_t(nb + x);
+  const int32_t slot = e - first_edge_[xi];
+  slot_[ni] = slot;
+  link_child(b, x, id);
+  first_child_[ni] = -1;
+  unexp_prior_[xi] -= edge_prior_[size_t(eb + e)];
+  if (best_unexp_[xi] == slot) recompute_best_unexpanded(b, x);
+  if (x == 0 && root_best_[size_t(b)] == slot) recompute_root_best(b);
+  parent_[ni] = x;
+  action_[ni] = edge_action_[size_t(eb + e)];
+  stats_[ni].reward = reward[i];
+  stats_[ni].discount = discount[i];
+  if (!tame(reward[i], discount[i], value[i])) tame_[b] = 0;
+  stats_[ni].visits = 1;
+  const bool term = terminal && terminal[i];
+  terminal_[ni] = term ? 1 : 0;
+  first_edge_[ni] = used_edges_[b];
+  if (term) {
+    num_edges_[ni] = 0;
+    best_unexp_[ni] = -1;
+    unexp_prior_[ni] = 0.f;
+    stats_[ni].value = raw_value_[ni] = 0.f;
+  } else {
+    const int32_t fe = used_edges_[b];
+    const int32_t k = legal_softmax(logits + i * A_, legal ? legal + i * A_ : nullptr, A_,
+                                    &edge_action_[size_t(eb + fe)], &edge_prior_[size_t(eb + fe)],
+                                    &best_unexp_[ni], &unexp_prior_[ni]);
+    std::fill(edge_child_.begin() + eb + fe, edge_child_.begin() + eb + fe + k, -1);
+    num_edges_[ni] = k;
+    used_edges_[b] = fe + k;
+    stats_[ni].value = raw_value_[ni] = value[i];
+  }
+  pend_parent_[b] = -1;
+  backup(b, id, stats_[ni].value);
+}
+
+void Forest::expand_backup(int64_t L, const float* logits, const float* value, const float* reward,
+                           const float* discount, const uint8_t* legal, const uint8_t* terminal) {
+  check_rows(L, logits, value, reward, discount, legal, terminal);
   rlk::parallel_for(L, step_grain(L, std::max<int64_t>(4, 512 / A_)), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = pend_tree_[i];
-      const int64_t nb = b * N_, eb = b * E_;
-      const int32_t x = pend_parent_[b], e = pend_edge_[b];
-      const int32_t id = used_nodes_[b]++;
-      const size_t ni = size_t(nb + id);
-      edge_child_[size_t(eb + e)] = id;
-      const size_t xi = size_t(nb + x);
-      const int32_t slot = e - first_edge_[xi];
-      slot_[ni] = slot;
-      link_child(b, x, id);
-      first_child_[ni] = -1;
-      unexp_prior_[xi] -= edge_prior_[size_t(eb + e)];
-      if (best_unexp_[xi] == slot) recompute_best_unexpanded(b, x);
-      if (x == 0 && root_best_[size_t(b)] == slot) recompute_root_best(b);
-      parent_[ni] = x;
-      action_[ni] = edge_action_[size_t(eb + e)];
-      stats_[ni].reward = reward[i];
-      stats_[ni].discount = discount[i];
-      if (!tame(reward[i], discount[i], value[i])) tame_[b] = 0;
-      stats_[ni].visits = 1;
-      const bool term = terminal && terminal[i];
-      terminal_[ni] = term ? 1 : 0;
-      first_edge_[ni] = used_edges_[b];
-      if (term) {
-        num_edges_[ni] = 0;
-        best_unexp_[ni] = -1;
-        unexp_prior_[ni] = 0.f;
-        stats_[ni].value = raw_value_[ni] = 0.f;
-      } else {
-        const int32_t fe = used_edges_[b];
-        const int32_t k = legal_softmax(logits + i * A_, legal ? legal + i * A_ : nullptr, A_,
-                                        &edge_action_[size_t(eb + fe)], &edge_prior_[size_t(eb + fe)],
-                                        &best_unexp_[ni], &unexp_prior_[ni]);
-        std::fill(edge_child_.begin() + eb + fe, edge_child_.begin() + eb + fe + k, -1);
-        num_edges_[ni] = k;
-        used_edges_[b] = fe + k;
-        stats_[ni].value = raw_value_[ni] = value[i];
-      }
-      pend_parent_[b] = -1;
-      backup(b, id, stats_[ni].value);
+    for (int64_t i = begin; i < end; ++i)
+      expand_row(i, pend_tree_[size_t(i)], logits, value, reward, discount, legal, terminal);
+  });
+  num_pending_ = 0;
+}
+
+int64_t Forest::expand_select(int64_t L, const float* logits, const float* value, const float* reward,
+                              const float* discount, const uint8_t* legal, const uint8_t* terminal, int64_t* tree,
+                              int64_t* parent, int64_t* action, int64_t* node) {
+  check_can_select();
+  check_rows(L, logits, value, reward, discount, legal, terminal);
+  // Trees are independent, so expanding tree b's leaf and then running its next
+  // simulation, tree by tree, gives what expand_backup() then select() give: one pass
+  // over the pool instead of two, with each tree still in cache from its backup.
+  rlk::parallel_for(B_, step_grain(B_, std::max<int64_t>(4, 512 / A_)), [&](int64_t begin, int64_t end) {
+    std::vector<Child> buf(static_cast<size_t>(A_));
+    for (int64_t b = begin; b < end; ++b) {
+      if (pend_parent_[b] >= 0)
+        expand_row(pend_row_[size_t(b)], b, logits, value, reward, discount, legal, terminal);
+      select_tree(b, buf);
     }
   });
   num_pending_ = 0;
+  return collect_leaves(tree, parent, action, node);
 }
 
 void Forest::discard_pending() {

@@ -80,6 +80,12 @@ class Forest {
   void expand_backup(int64_t num_leaves, const float* logits, const float* value, const float* reward,
                      const float* discount, const uint8_t* legal, const uint8_t* terminal);
 
+  // expand_backup() for the leaves of the last select(), then select() (both as documented
+  // there), in one pass over the trees. Returns the new number of leaves.
+  int64_t expand_select(int64_t num_leaves, const float* logits, const float* value, const float* reward,
+                        const float* discount, const uint8_t* legal, const uint8_t* terminal, int64_t* tree,
+                        int64_t* parent, int64_t* action, int64_t* node);
+
   // action [B] i64, weights [B,A] f32, visits [B,A] i32, q [B,A] f32, root_value [B] f32.
   void result(float temperature, int64_t* action, float* weights, int32_t* visits, float* q, float* root_value);
 
@@ -110,6 +116,14 @@ class Forest {
  private:
   struct Completed;  // completed-Q summary of one node (Gumbel)
 
+  void select_tree(int64_t b, std::vector<Child>& buf);
+  void check_can_select() const;
+  int64_t collect_leaves(int64_t* tree, int64_t* parent, int64_t* action, int64_t* node);
+  // Throws, naming the first bad row, when a row of an expansion breaks the NaN policy.
+  void check_rows(int64_t L, const float* logits, const float* value, const float* reward, const float* discount,
+                  const uint8_t* legal, const uint8_t* terminal) const;
+  void expand_row(int64_t i, int64_t b, const float* logits, const float* value, const float* reward,
+                  const float* discount, const uint8_t* legal, const uint8_t* terminal);
   void init_root(int64_t b, const float* logits, float value, const uint8_t* legal, CounterRng& rng);
   void prepare_root_noise(int64_t b, CounterRng& rng);
   int32_t select_edge(int64_t b, int32_t x, int depth, std::vector<Child>& buf) const;
@@ -167,6 +181,7 @@ class Forest {
   std::vector<int32_t> root_best_;          // [B], unexpanded root edge with the highest score
   // Pending expansions from the last select().
   std::vector<int32_t> pend_parent_, pend_edge_, pend_tree_;
+  std::vector<int32_t> pend_row_;  // [B], the leaf row of a tree with a pending leaf
   int64_t num_pending_ = 0;
   // Sequential halving table [(m+1) * table_sims_].
   std::vector<int32_t> table_;
