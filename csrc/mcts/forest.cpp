@@ -358,8 +358,7 @@ Forest::Forest(int64_t batch_size, int64_t num_actions, int64_t max_nodes, int64
   num_edges_.assign(nodes, 0);
   stats_.assign(nodes, NodeStats{0, 0.f, 0.f, 1.f});
   slot_.assign(nodes, -1);
-  first_child_.assign(nodes, -1);
-  next_sibling_.assign(nodes, -1);
+  num_kids_.assign(nodes, 0);
   best_unexp_.assign(nodes, -1);
   unexp_prior_.assign(nodes, 0.f);
   raw_value_.assign(nodes, 0.f);
@@ -367,6 +366,7 @@ Forest::Forest(int64_t batch_size, int64_t num_actions, int64_t max_nodes, int64
   edge_action_.assign(edges, -1);
   edge_child_.assign(edges, -1);
   edge_prior_.assign(edges, 0.f);
+  kids_.assign(edges, -1);
   used_nodes_.assign(size_t(B_), 0);
   used_edges_.assign(size_t(B_), 0);
   has_root_.assign(size_t(B_), 0);
@@ -485,7 +485,7 @@ void Forest::init_root(int64_t b, const float* logits, float value, const uint8_
   parent_[nb] = -1;
   action_[nb] = -1;
   slot_[nb] = -1;
-  first_child_[nb] = next_sibling_[nb] = -1;
+  num_kids_[nb] = 0;
   first_edge_[nb] = 0;
   num_edges_[nb] = k;
   stats_[nb].visits = 1;
@@ -523,28 +523,31 @@ void Forest::set_roots(const float* logits, const float* value, const uint8_t* l
 // keep it in edge (action) order.
 constexpr int32_t kOrderedChildren = 48;
 
-// Calls fn(child, slot) for every expanded child of node x, following its children list:
-// in edge order for small nodes, newest first for large ones.
+// Calls fn(child, slot) for every expanded child of node x: in edge order for small
+// nodes, newest first for large ones. The children ids sit in one array (kids), so the
+// loads of one child do not wait for those of the previous one, as a linked list's do.
 template <typename Fn>
-inline void for_each_child(const int32_t* first_child, const int32_t* next_sibling, const int32_t* slot, int32_t x,
-                           Fn&& fn) {
-  for (int32_t c = first_child[x]; c >= 0; c = next_sibling[c]) fn(c, slot[c]);
+inline void for_each_child(const int32_t* kids, int32_t count, bool ordered, const int32_t* slot, Fn&& fn) {
+  if (ordered) {
+    for (int32_t j = 0; j < count; ++j) fn(kids[j], slot[kids[j]]);
+  } else {
+    for (int32_t j = count - 1; j >= 0; --j) fn(kids[j], slot[kids[j]]);
+  }
 }
 
 void Forest::link_child(int64_t b, int32_t x, int32_t id) {
   const int64_t nb = b * N_;
-  int32_t* first = first_child_.data() + nb;
-  int32_t* next = next_sibling_.data() + nb;
-  int32_t* link = first + x;
-  if (num_edges_[size_t(nb + x)] <= kOrderedChildren) {
-    // In edge order, which fixes the order completed() sums the children in. Following
-    // this short list costs less than scanning the edges for expanded ones, a branch
-    // the processor mispredicts often.
+  const size_t xi = size_t(nb + x);
+  int32_t* kids = kids_.data() + b * E_ + first_edge_[xi];
+  int32_t j = num_kids_[xi]++;
+  if (num_edges_[xi] <= kOrderedChildren) {
+    // In edge order, which fixes the order completed() sums the children in. Keeping
+    // this short array sorted costs less than scanning the edges for expanded ones, a
+    // branch the processor mispredicts often.
     const int32_t* slot = slot_.data() + nb;
-    while (*link >= 0 && slot[*link] < slot[id]) link = next + *link;
+    for (; j > 0 && slot[kids[j - 1]] > slot[id]; --j) kids[j] = kids[j - 1];
   }
-  next[id] = *link;
-  *link = id;
+  kids[j] = id;
 }
 
 void Forest::completed(int64_t b, int32_t x, std::vector<Child>& buf, Completed& out) const {
@@ -559,7 +562,8 @@ void Forest::completed(int64_t b, int32_t x, std::vector<Child>& buf, Completed&
   float q_lo = std::numeric_limits<float>::infinity(), q_hi = -q_lo;
   Child* out_child = buf.data();
   int32_t count = 0;
-  for_each_child(first_child_.data() + nb, next_sibling_.data() + nb, slot_.data() + nb, x, [&](int32_t c, int32_t k) {
+  for_each_child(kids_.data() + b * E_ + first_edge_[xi], num_kids_[xi], num_edges_[xi] <= kOrderedChildren,
+                 slot_.data() + nb, [&](int32_t c, int32_t k) {
                    const int32_t n = st[c].visits;
                    const float q = st[c].reward + st[c].discount * st[c].value;
                    const float p = prior[k];
@@ -629,7 +633,8 @@ int32_t Forest::puct_edge(int64_t b, int32_t x, std::vector<Child>& buf) const {
   float lo = st[x].value, hi = lo;
   Child* out_child = buf.data();
   int32_t count = 0;
-  for_each_child(first_child_.data() + nb, next_sibling_.data() + nb, slot_.data() + nb, x, [&](int32_t c, int32_t k) {
+  for_each_child(kids_.data() + b * E_ + first_edge_[xi], num_kids_[xi], num_edges_[xi] <= kOrderedChildren,
+                 slot_.data() + nb, [&](int32_t c, int32_t k) {
                    const float q = st[c].reward + st[c].discount * st[c].value;
                    lo = std::min(lo, q);
                    hi = std::max(hi, q);
@@ -732,7 +737,7 @@ int32_t Forest::score_edge(int64_t b, int32_t x, int depth, std::vector<Child>& 
   // actions share one completed value: no need to look at its edges.
   if (depth > 0 || cfg_.algorithm == Algorithm::kPuct) {
     const size_t xi = size_t(b * N_ + x);
-    if (first_child_[xi] < 0 && best_unexp_[xi] >= 0) return first_edge_[xi] + best_unexp_[xi];
+    if (num_kids_[xi] == 0 && best_unexp_[xi] >= 0) return first_edge_[xi] + best_unexp_[xi];
   }
   if (cfg_.algorithm == Algorithm::kPuct) return puct_edge(b, x, buf);
   return depth == 0 ? gumbel_root_edge(b, buf) : gumbel_interior_edge(b, x, buf);
@@ -897,7 +902,7 @@ void Forest::expand_row(int64_t i, int64_t b, const float* logits, const float* 
   const int32_t slot = e - first_edge_[xi];
   slot_[ni] = slot;
   link_child(b, x, id);
-  first_child_[ni] = -1;
+  num_kids_[ni] = 0;
   unexp_prior_[xi] -= edge_prior_[size_t(eb + e)];
   if (best_unexp_[xi] == slot) recompute_best_unexpanded(b, x);
   if (x == 0 && root_best_[size_t(b)] == slot) recompute_root_best(b);
@@ -1121,7 +1126,7 @@ void Forest::advance(const int64_t* actions, int64_t* old_to_new) {
         slot_[dst] = i == c ? -1 : slot_[src];
         best_unexp_[dst] = best_unexp_[src];
         unexp_prior_[dst] = unexp_prior_[src];
-        first_child_[dst] = next_sibling_[dst] = -1;
+        num_kids_[dst] = 0;
         for (int32_t k = 0; k < ne; ++k) {
           const size_t es = size_t(eb + fe + k), ed = size_t(eb + next_edge + k);
           edge_action_[ed] = edge_action_[es];

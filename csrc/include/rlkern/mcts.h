@@ -150,9 +150,9 @@ class Forest {
   int64_t B_, A_, N_, E_;
   Config cfg_;
 
-  // Node pools [B*N]. slot_ is the node's edge offset in its parent's slice; children
-  // form a list (first_child_, next_sibling_) so selection visits only expanded children
-  // (in edge order for nodes with up to 48 edges, else newest first).
+  // Node pools [B*N]. slot_ is the node's edge offset in its parent's slice; a node's
+  // expanded children are listed in kids_ (num_kids_ of them) so selection visits only
+  // those (in edge order for nodes with up to 48 edges, else newest first).
   // best_unexp_ caches the offset of the highest-prior unexpanded edge (-1: none) and
   // unexp_prior_ the prior mass of the unexpanded edges.
   // The statistics a selection reads for every child sit in one 16-byte record, so a
@@ -165,11 +165,13 @@ class Forest {
   };
   std::vector<NodeStats> stats_;
   std::vector<int32_t> parent_, action_, first_edge_, num_edges_;
-  std::vector<int32_t> slot_, first_child_, next_sibling_, best_unexp_;
+  std::vector<int32_t> slot_, num_kids_, best_unexp_;
   std::vector<float> raw_value_, unexp_prior_;
   std::vector<uint8_t> terminal_;
   // Edge pools [B*E].
   std::vector<int32_t> edge_action_, edge_child_;
+  // kids_[first_edge_[x] + j], j < num_kids_[x]: node x's expanded children (node ids).
+  std::vector<int32_t> kids_;
   std::vector<float> edge_prior_;
   // Per tree.
   std::vector<int32_t> used_nodes_, used_edges_;
