@@ -367,6 +367,8 @@ Forest::Forest(int64_t batch_size, int64_t num_actions, int64_t max_nodes, int64
   edge_child_.assign(edges, -1);
   edge_prior_.assign(edges, 0.f);
   kids_.assign(edges, -1);
+  edge_stat_.assign(edges, EdgeStat{0, 0.f});
+  in_edge_.assign(nodes, -1);
   used_nodes_.assign(size_t(B_), 0);
   used_edges_.assign(size_t(B_), 0);
   has_root_.assign(size_t(B_), 0);
@@ -482,7 +484,9 @@ void Forest::init_root(int64_t b, const float* logits, float value, const uint8_
   const int32_t k =
       legal_softmax(logits, legal, A_, &edge_action_[size_t(eb)], &edge_prior_[size_t(eb)], &best, &total);
   std::fill(edge_child_.begin() + eb, edge_child_.begin() + eb + k, -1);
+  std::fill(edge_stat_.begin() + eb, edge_stat_.begin() + eb + k, EdgeStat{0, 0.f});
   parent_[nb] = -1;
+  in_edge_[nb] = -1;
   action_[nb] = -1;
   slot_[nb] = -1;
   num_kids_[nb] = 0;
@@ -523,31 +527,25 @@ void Forest::set_roots(const float* logits, const float* value, const uint8_t* l
 // keep it in edge (action) order.
 constexpr int32_t kOrderedChildren = 48;
 
-// Calls fn(child, slot) for every expanded child of node x: in edge order for small
-// nodes, newest first for large ones. The children ids sit in one array (kids), so the
-// loads of one child do not wait for those of the previous one, as a linked list's do.
+// Calls fn(k) for the edge offset k of every expanded child of node x, in edge order
+// for small nodes (a scan of the edge records, whose visits are 0 where unexpanded), newest
+// first for large ones (from the kids list). For a small node, fn is also called for the
+// unexpanded edges, with expanded == false, so that the scan has no branch to mispredict:
+// it must leave its sums unchanged for those.
 template <typename Fn>
-inline void for_each_child(const int32_t* kids, int32_t count, bool ordered, const int32_t* slot, Fn&& fn) {
-  if (ordered) {
-    for (int32_t j = 0; j < count; ++j) fn(kids[j], slot[kids[j]]);
+inline void for_each_child(const Forest::EdgeStat* rec, int32_t ne, const int32_t* kids, int32_t count, Fn&& fn) {
+  if (ne <= kOrderedChildren) {
+    for (int32_t k = 0; k < ne; ++k) fn(k, rec[k].visits > 0);
   } else {
-    for (int32_t j = count - 1; j >= 0; --j) fn(kids[j], slot[kids[j]]);
+    for (int32_t j = count - 1; j >= 0; --j) fn(kids[j], true);
   }
 }
 
-void Forest::link_child(int64_t b, int32_t x, int32_t id) {
-  const int64_t nb = b * N_;
-  const size_t xi = size_t(nb + x);
-  int32_t* kids = kids_.data() + b * E_ + first_edge_[xi];
-  int32_t j = num_kids_[xi]++;
-  if (num_edges_[xi] <= kOrderedChildren) {
-    // In edge order, which fixes the order completed() sums the children in. Keeping
-    // this short array sorted costs less than scanning the edges for expanded ones, a
-    // branch the processor mispredicts often.
-    const int32_t* slot = slot_.data() + nb;
-    for (; j > 0 && slot[kids[j - 1]] > slot[id]; --j) kids[j] = kids[j - 1];
-  }
-  kids[j] = id;
+void Forest::link_child(int64_t b, int32_t x, int32_t slot) {
+  const size_t xi = size_t(b * N_ + x);
+  // Small nodes find their children by scanning their edges (see for_each_child).
+  if (num_edges_[xi] > kOrderedChildren) kids_[size_t(b * E_ + first_edge_[xi] + num_kids_[xi])] = slot;
+  ++num_kids_[xi];
 }
 
 void Forest::completed(int64_t b, int32_t x, std::vector<Child>& buf, Completed& out) const {
@@ -556,26 +554,28 @@ void Forest::completed(int64_t b, int32_t x, std::vector<Child>& buf, Completed&
   const int32_t ne = num_edges_[xi];
   const int64_t eb = b * E_ + first_edge_[xi];
   const float* prior = edge_prior_.data() + eb;
-  const NodeStats* st = stats_.data() + nb;
+  const EdgeStat* rec = edge_stat_.data() + eb;
   int32_t sum_n = 0, max_n = 0;
   float sum_p = 0.f, sum_pq = 0.f;
   float q_lo = std::numeric_limits<float>::infinity(), q_hi = -q_lo;
   Child* out_child = buf.data();
   int32_t count = 0;
-  for_each_child(kids_.data() + b * E_ + first_edge_[xi], num_kids_[xi], num_edges_[xi] <= kOrderedChildren,
-                 slot_.data() + nb, [&](int32_t c, int32_t k) {
-                   const int32_t n = st[c].visits;
-                   const float q = st[c].reward + st[c].discount * st[c].value;
-                   const float p = prior[k];
-                   out_child[count++] = {k, n, q, p};
-                   sum_n += n;
-                   max_n = std::max(max_n, n);
-                   const float pf = std::max(p, FLT_MIN);
-                   sum_p += pf;
-                   sum_pq += pf * q;
-                   q_lo = std::min(q_lo, q);
-                   q_hi = std::max(q_hi, q);
-                 });
+  // Adding +0 for an unexpanded edge leaves a sum as it was, bit for bit (a sum that
+  // starts at +0 is never -0), so the scan of a small node gives the list's results.
+  for_each_child(rec, ne, kids_.data() + eb, num_kids_[xi], [&](int32_t k, bool on) {
+    const int32_t n = rec[k].visits;
+    const float q = rec[k].q;
+    const float p = prior[k];
+    out_child[count] = {k, n, q, p};
+    count += on;
+    sum_n += n;
+    max_n = std::max(max_n, n);
+    const float pf = std::max(p, FLT_MIN);
+    sum_p += on ? pf : 0.f;
+    sum_pq += on ? pf * q : 0.f;
+    q_lo = on ? std::min(q_lo, q) : q_lo;
+    q_hi = on ? std::max(q_hi, q) : q_hi;
+  });
   out.count = count;
   out.best_unvisited_edge = best_unexp_[xi];
   out.best_unvisited_prior = out.best_unvisited_edge >= 0 ? prior[out.best_unvisited_edge] : kNegInf;
@@ -633,13 +633,14 @@ int32_t Forest::puct_edge(int64_t b, int32_t x, std::vector<Child>& buf) const {
   float lo = st[x].value, hi = lo;
   Child* out_child = buf.data();
   int32_t count = 0;
-  for_each_child(kids_.data() + b * E_ + first_edge_[xi], num_kids_[xi], num_edges_[xi] <= kOrderedChildren,
-                 slot_.data() + nb, [&](int32_t c, int32_t k) {
-                   const float q = st[c].reward + st[c].discount * st[c].value;
-                   lo = std::min(lo, q);
-                   hi = std::max(hi, q);
-                   out_child[count++] = {k, st[c].visits, q, prior[k]};
-                 });
+  const EdgeStat* rec = edge_stat_.data() + eb;
+  for_each_child(rec, num_edges_[xi], kids_.data() + eb, num_kids_[xi], [&](int32_t k, bool on) {
+    const float q = rec[k].q;
+    lo = on ? std::min(lo, q) : lo;
+    hi = on ? std::max(hi, q) : hi;
+    out_child[count] = {k, rec[k].visits, q, prior[k]};
+    count += on;
+  });
   // Unvisited children are completed by the minimum, i.e. 0 after normalisation, so only
   // the one with the largest prior can win.
   // A spread that overflows float32 is normalised in halves (multiplying by 1 otherwise
@@ -743,6 +744,14 @@ int32_t Forest::score_edge(int64_t b, int32_t x, int depth, std::vector<Child>& 
   return depth == 0 ? gumbel_root_edge(b, buf) : gumbel_interior_edge(b, x, buf);
 }
 
+void Forest::sync_edge(int64_t b, int32_t x) {
+  const size_t xi = size_t(b * N_ + x);
+  const int32_t e = in_edge_[xi];
+  if (e < 0) return;  // a root
+  const NodeStats& s = stats_[xi];
+  edge_stat_[size_t(b * E_ + e)] = EdgeStat{s.visits, s.reward + s.discount * s.value};
+}
+
 void Forest::backup(int64_t b, int32_t x, float leaf_value) {
   const int64_t nb = b * N_;
   float v = leaf_value;
@@ -751,6 +760,7 @@ void Forest::backup(int64_t b, int32_t x, float leaf_value) {
     const size_t pi = size_t(nb + p);
     stats_[pi].value = running_mean(stats_[pi].value, float(stats_[pi].visits), v);
     stats_[pi].visits += 1;
+    sync_edge(b, p);
     if (p == 0) {
       root_visits_[size_t(b * A_ + slot_[size_t(nb + x)])] += 1;
       root_sims_[size_t(b)] += 1;
@@ -763,6 +773,7 @@ void Forest::revisit(int64_t b, int32_t x) {
   const float v = terminal_[xi] ? 0.f : raw_value_[xi];
   stats_[xi].value = running_mean(stats_[xi].value, float(stats_[xi].visits), v);
   stats_[xi].visits += 1;
+  sync_edge(b, x);
   backup(b, x, v);
 }
 
@@ -901,7 +912,8 @@ void Forest::expand_row(int64_t i, int64_t b, const float* logits, const float* 
   const size_t xi = size_t(nb + x);
   const int32_t slot = e - first_edge_[xi];
   slot_[ni] = slot;
-  link_child(b, x, id);
+  in_edge_[ni] = e;
+  link_child(b, x, slot);
   num_kids_[ni] = 0;
   unexp_prior_[xi] -= edge_prior_[size_t(eb + e)];
   if (best_unexp_[xi] == slot) recompute_best_unexpanded(b, x);
@@ -926,11 +938,13 @@ void Forest::expand_row(int64_t i, int64_t b, const float* logits, const float* 
                                     &edge_action_[size_t(eb + fe)], &edge_prior_[size_t(eb + fe)],
                                     &best_unexp_[ni], &unexp_prior_[ni]);
     std::fill(edge_child_.begin() + eb + fe, edge_child_.begin() + eb + fe + k, -1);
+    std::fill(edge_stat_.begin() + eb + fe, edge_stat_.begin() + eb + fe + k, EdgeStat{0, 0.f});
     num_edges_[ni] = k;
     used_edges_[b] = fe + k;
     stats_[ni].value = raw_value_[ni] = value[i];
   }
   pend_parent_[b] = -1;
+  sync_edge(b, id);
   backup(b, id, stats_[ni].value);
 }
 
@@ -1124,6 +1138,8 @@ void Forest::advance(const int64_t* actions, int64_t* old_to_new) {
         num_edges_[dst] = ne;
         first_edge_[dst] = next_edge;
         slot_[dst] = i == c ? -1 : slot_[src];
+        // A kept node's parent was kept before it (smaller id), so its new edges are known.
+        in_edge_[dst] = i == c ? -1 : first_edge_[size_t(nb + parent_[dst])] + slot_[dst];
         best_unexp_[dst] = best_unexp_[src];
         unexp_prior_[dst] = unexp_prior_[src];
         num_kids_[dst] = 0;
@@ -1131,6 +1147,7 @@ void Forest::advance(const int64_t* actions, int64_t* old_to_new) {
           const size_t es = size_t(eb + fe + k), ed = size_t(eb + next_edge + k);
           edge_action_[ed] = edge_action_[es];
           edge_prior_[ed] = edge_prior_[es];
+          edge_stat_[ed] = edge_stat_[es];
           const int32_t ch = edge_child_[es];
           edge_child_[ed] = ch >= 0 ? int32_t(o2n[ch]) : -1;
         }
@@ -1138,7 +1155,7 @@ void Forest::advance(const int64_t* actions, int64_t* old_to_new) {
       }
       used_nodes_[b] = kept;
       used_edges_[b] = next_edge;
-      for (int32_t j = 1; j < kept; ++j) link_child(b, parent_[size_t(nb + j)], j);  // as expansion built them
+      for (int32_t j = 1; j < kept; ++j) link_child(b, parent_[size_t(nb + j)], slot_[size_t(nb + j)]);  // as expansion built them
       CounterRng rng(cfg_.seed, uint64_t(b), epoch);
       prepare_root_noise(b, rng);
     }

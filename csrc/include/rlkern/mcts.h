@@ -106,6 +106,12 @@ class Forest {
   void has_root(uint8_t* out) const;
 
  public:
+  // The statistics of the child on an edge, kept on the parent's edge slice (updated with
+  // the child's NodeStats) so a node reads its children's from one contiguous run.
+  struct EdgeStat {
+    int32_t visits;  // 0: not expanded
+    float q;         // reward + discount * value of the child
+  };
   struct Child {
     int32_t edge;
     int32_t visits;
@@ -143,16 +149,17 @@ class Forest {
   // same core from step to step and its nodes in that core's cache (finer chunks, claimed
   // in varying order, measured slower); a late thread's chunk goes to whoever is free.
   int64_t step_grain(int64_t n, int64_t min_grain) const;
-  void link_child(int64_t b, int32_t x, int32_t id);  // adds node id to x's children list
+  void link_child(int64_t b, int32_t x, int32_t slot);  // records x's new child on edge offset slot
+  void sync_edge(int64_t b, int32_t x);  // copies x's statistics to its incoming edge
   void recompute_best_unexpanded(int64_t b, int32_t x);
   void recompute_root_best(int64_t b);
 
   int64_t B_, A_, N_, E_;
   Config cfg_;
 
-  // Node pools [B*N]. slot_ is the node's edge offset in its parent's slice; a node's
-  // expanded children are listed in kids_ (num_kids_ of them) so selection visits only
-  // those (in edge order for nodes with up to 48 edges, else newest first).
+  // Node pools [B*N]. slot_ is the node's edge offset in its parent's slice. Selection
+  // reads the children of a node from edge_stat_: all its edges in edge order for a node
+  // with up to 48 edges, else those listed in kids_, newest first.
   // best_unexp_ caches the offset of the highest-prior unexpanded edge (-1: none) and
   // unexp_prior_ the prior mass of the unexpanded edges.
   // The statistics a selection reads for every child sit in one 16-byte record, so a
@@ -170,8 +177,11 @@ class Forest {
   std::vector<uint8_t> terminal_;
   // Edge pools [B*E].
   std::vector<int32_t> edge_action_, edge_child_;
-  // kids_[first_edge_[x] + j], j < num_kids_[x]: node x's expanded children (node ids).
+  // kids_[first_edge_[x] + j], j < num_kids_[x]: the edge offsets of the expanded children
+  // of a node with more than 48 edges, in expansion order (smaller nodes scan edge_stat_).
   std::vector<int32_t> kids_;
+  std::vector<EdgeStat> edge_stat_;
+  std::vector<int32_t> in_edge_;  // [B*N], offset in the tree's edge pool of a node's incoming edge
   std::vector<float> edge_prior_;
   // Per tree.
   std::vector<int32_t> used_nodes_, used_edges_;
