@@ -21,6 +21,9 @@ namespace {
 constexpr float kEps = 1e-8f;         // mctx qtransforms epsilon
 constexpr float kLowLogit = -1e9f;    // mctx seq_halving.score_considered floor
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Nodes with up to this many edges find their children by scanning all their edges, in
+// edge order; larger ones keep a list of them, read newest first.
+constexpr int32_t kOrderedChildren = 48;
 
 inline uint64_t mix64(uint64_t z) {
   z += 0x9E3779B97F4A7C15ull;
@@ -484,7 +487,7 @@ void Forest::init_root(int64_t b, const float* logits, float value, const uint8_
   const int32_t k =
       legal_softmax(logits, legal, A_, &edge_action_[size_t(eb)], &edge_prior_[size_t(eb)], &best, &total);
   std::fill(edge_child_.begin() + eb, edge_child_.begin() + eb + k, -1);
-  std::fill(edge_stat_.begin() + eb, edge_stat_.begin() + eb + k, EdgeStat{0, 0.f});
+  if (k <= kOrderedChildren) std::fill(edge_stat_.begin() + eb, edge_stat_.begin() + eb + k, EdgeStat{0, 0.f});
   parent_[nb] = -1;
   in_edge_[nb] = -1;
   action_[nb] = -1;
@@ -523,9 +526,6 @@ void Forest::set_roots(const float* logits, const float* value, const uint8_t* l
   });
 }
 
-// Nodes with more edges than this keep their children list newest first; smaller ones
-// keep it in edge (action) order.
-constexpr int32_t kOrderedChildren = 48;
 
 // Calls fn(k) for the edge offset k of every expanded child of node x, in edge order
 // for small nodes (a scan of the edge records, whose visits are 0 where unexpanded), newest
@@ -938,7 +938,8 @@ void Forest::expand_row(int64_t i, int64_t b, const float* logits, const float* 
                                     &edge_action_[size_t(eb + fe)], &edge_prior_[size_t(eb + fe)],
                                     &best_unexp_[ni], &unexp_prior_[ni]);
     std::fill(edge_child_.begin() + eb + fe, edge_child_.begin() + eb + fe + k, -1);
-    std::fill(edge_stat_.begin() + eb + fe, edge_stat_.begin() + eb + fe + k, EdgeStat{0, 0.f});
+    // Only a small node scans its unexpanded edges' records (see for_each_child).
+    if (k <= kOrderedChildren) std::fill(edge_stat_.begin() + eb + fe, edge_stat_.begin() + eb + fe + k, EdgeStat{0, 0.f});
     num_edges_[ni] = k;
     used_edges_[b] = fe + k;
     stats_[ni].value = raw_value_[ni] = value[i];
