@@ -393,6 +393,54 @@ def test_step_api_matches_search_and_node_ids():
     np.testing.assert_array_equal(ra.action, rb.action)
 
 
+
+@pytest.mark.parametrize("algorithm", ["puct", "gumbel"])
+@pytest.mark.parametrize("A", [5, 60])  # small nodes scan their edges; over 48 edges, a list
+def test_search_matches_step_api_with_terminals_depth_and_full_pool(algorithm, A):
+    # search() expands one step's leaves and selects the next step's in one core call; it
+    # must build the same trees as select/expand_backup, also across steps that end at
+    # existing nodes (terminal, max_depth, full pool: fewer leaves or none), and after
+    # advance() moved the kept subtree.
+    B, S = 6, 40
+    fn, _, _ = random_net(A, seed=4)
+    rng = np.random.default_rng(0)
+    legal = rng.random((97, A)) < 0.7
+    legal[:, 0] = True
+
+    def net(leaves):
+        logits, value, reward, discount = fn(leaves)
+        k = (leaves.node * 5 + leaves.tree) % 97
+        terminal = (leaves.action % 4) == 1
+        return mcts.Expansion(logits, value, reward, discount, legal[k], terminal)
+
+    cfg = mcts.Config(algorithm=algorithm, seed=3, max_depth=4, max_considered_actions=4)
+    root_logits = rng.normal(size=(B, A)).astype(np.float32)
+    a = mcts.Forest(B, A, 25, cfg)
+    b = mcts.Forest(B, A, 25, cfg)
+    for f in (a, b):
+        f.set_roots(root_logits, np.zeros(B, np.float32))
+    for round_ in range(2):
+        ra = a.search(net, S)
+        b.plan(S)
+        for _ in range(S):
+            leaves = b.select()
+            if len(leaves):
+                b.expand_backup(leaves, *net(leaves)[:4], legal_mask=net(leaves).legal_mask,
+                                terminal=net(leaves).terminal)
+        rb = b.result()
+        ta, tb = a.export(), b.export()
+        for key in ta:
+            np.testing.assert_array_equal(ta[key], tb[key], err_msg=f"round {round_}: {key}")
+        np.testing.assert_array_equal(ra.action_weights, rb.action_weights)
+        np.testing.assert_array_equal(ra.action, rb.action)
+        keep = np.where(np.arange(B) % 2 == 0, ra.action, -1)
+        np.testing.assert_array_equal(a.advance(keep), b.advance(keep))
+        empty = ~a.has_root()
+        for f in (a, b):
+            if empty.any():
+                f.set_roots(root_logits, np.zeros(B, np.float32), rows=empty)
+
+
 # -- terminal nodes, max_depth, full pool ----------------------------------------------
 
 def test_terminal_nodes():

@@ -168,6 +168,23 @@ void bind(py::module_& m) {
              py::gil_scoped_release release;
              f.expand_backup(L, logits.data(), v.data(), r.data(), d.data(), lp.data(), tp.data());
            })
+      .def("expand_select",
+           [](Forest& f, Arr<float> logits, py::object value, py::object reward, py::object discount,
+              py::object legal, py::object terminal, Arr<int64_t> leaves) {
+             const int64_t L = f.num_pending(), A = f.num_actions(), B = f.batch_size();
+             if (logits.ndim() != 2 || logits.shape(0) != L)
+               throw py::value_error("prior_logits must have shape (" + std::to_string(L) + ", " + std::to_string(A) +
+                                     ") (one row per leaf of the last select()), got " + shape_str(logits));
+             expect_shape("prior_logits", logits, {L, A});
+             expect_shape("leaf buffer", leaves, {4, B});
+             RowFloats v("value", value, L), r("reward", reward, L), d("discount", discount, L);
+             OptArray<uint8_t> lp("legal_mask", legal, {L, A}), tp("terminal", terminal, {L});
+             int64_t* p = leaves.mutable_data();
+             py::gil_scoped_release release;
+             return f.expand_select(L, logits.data(), v.data(), r.data(), d.data(), lp.data(), tp.data(), p, p + B,
+                                    p + 2 * B, p + 3 * B);
+           },
+           "expand_backup() then select() into the rows of one [4, B] int64 array, in one pass")
       .def("result",
            [](Forest& f, float temperature) {
              const int64_t B = f.batch_size(), A = f.num_actions();

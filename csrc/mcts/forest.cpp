@@ -21,6 +21,9 @@ namespace {
 constexpr float kEps = 1e-8f;         // mctx qtransforms epsilon
 constexpr float kLowLogit = -1e9f;    // mctx seq_halving.score_considered floor
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Nodes with up to this many edges find their children by scanning all their edges, in
+// edge order; larger ones keep a list of them, read newest first.
+constexpr int32_t kOrderedChildren = 48;
 
 inline uint64_t mix64(uint64_t z) {
   z += 0x9E3779B97F4A7C15ull;
@@ -358,8 +361,7 @@ Forest::Forest(int64_t batch_size, int64_t num_actions, int64_t max_nodes, int64
   num_edges_.assign(nodes, 0);
   stats_.assign(nodes, NodeStats{0, 0.f, 0.f, 1.f});
   slot_.assign(nodes, -1);
-  first_child_.assign(nodes, -1);
-  next_sibling_.assign(nodes, -1);
+  num_kids_.assign(nodes, 0);
   best_unexp_.assign(nodes, -1);
   unexp_prior_.assign(nodes, 0.f);
   raw_value_.assign(nodes, 0.f);
@@ -367,6 +369,9 @@ Forest::Forest(int64_t batch_size, int64_t num_actions, int64_t max_nodes, int64
   edge_action_.assign(edges, -1);
   edge_child_.assign(edges, -1);
   edge_prior_.assign(edges, 0.f);
+  kids_.assign(edges, -1);
+  edge_stat_.assign(edges, EdgeStat{0, 0.f});
+  in_edge_.assign(nodes, -1);
   used_nodes_.assign(size_t(B_), 0);
   used_edges_.assign(size_t(B_), 0);
   has_root_.assign(size_t(B_), 0);
@@ -378,6 +383,7 @@ Forest::Forest(int64_t batch_size, int64_t num_actions, int64_t max_nodes, int64
   pend_parent_.assign(size_t(B_), -1);
   pend_edge_.assign(size_t(B_), -1);
   pend_tree_.assign(size_t(B_), -1);
+  pend_row_.assign(size_t(B_), -1);
 }
 
 void Forest::for_trees(int64_t grain, const std::function<void(int64_t, int64_t)>& fn) const {
@@ -481,10 +487,12 @@ void Forest::init_root(int64_t b, const float* logits, float value, const uint8_
   const int32_t k =
       legal_softmax(logits, legal, A_, &edge_action_[size_t(eb)], &edge_prior_[size_t(eb)], &best, &total);
   std::fill(edge_child_.begin() + eb, edge_child_.begin() + eb + k, -1);
+  if (k <= kOrderedChildren) std::fill(edge_stat_.begin() + eb, edge_stat_.begin() + eb + k, EdgeStat{0, 0.f});
   parent_[nb] = -1;
+  in_edge_[nb] = -1;
   action_[nb] = -1;
   slot_[nb] = -1;
-  first_child_[nb] = next_sibling_[nb] = -1;
+  num_kids_[nb] = 0;
   first_edge_[nb] = 0;
   num_edges_[nb] = k;
   stats_[nb].visits = 1;
@@ -518,32 +526,26 @@ void Forest::set_roots(const float* logits, const float* value, const uint8_t* l
   });
 }
 
-// Nodes with more edges than this keep their children list newest first; smaller ones
-// keep it in edge (action) order.
-constexpr int32_t kOrderedChildren = 48;
 
-// Calls fn(child, slot) for every expanded child of node x, following its children list:
-// in edge order for small nodes, newest first for large ones.
+// Calls fn(k) for the edge offset k of every expanded child of node x, in edge order
+// for small nodes (a scan of the edge records, whose visits are 0 where unexpanded), newest
+// first for large ones (from the kids list). For a small node, fn is also called for the
+// unexpanded edges, with expanded == false, so that the scan has no branch to mispredict:
+// it must leave its sums unchanged for those.
 template <typename Fn>
-inline void for_each_child(const int32_t* first_child, const int32_t* next_sibling, const int32_t* slot, int32_t x,
-                           Fn&& fn) {
-  for (int32_t c = first_child[x]; c >= 0; c = next_sibling[c]) fn(c, slot[c]);
+inline void for_each_child(const Forest::EdgeStat* rec, int32_t ne, const int32_t* kids, int32_t count, Fn&& fn) {
+  if (ne <= kOrderedChildren) {
+    for (int32_t k = 0; k < ne; ++k) fn(k, rec[k].visits > 0);
+  } else {
+    for (int32_t j = count - 1; j >= 0; --j) fn(kids[j], true);
+  }
 }
 
-void Forest::link_child(int64_t b, int32_t x, int32_t id) {
-  const int64_t nb = b * N_;
-  int32_t* first = first_child_.data() + nb;
-  int32_t* next = next_sibling_.data() + nb;
-  int32_t* link = first + x;
-  if (num_edges_[size_t(nb + x)] <= kOrderedChildren) {
-    // In edge order, which fixes the order completed() sums the children in. Following
-    // this short list costs less than scanning the edges for expanded ones, a branch
-    // the processor mispredicts often.
-    const int32_t* slot = slot_.data() + nb;
-    while (*link >= 0 && slot[*link] < slot[id]) link = next + *link;
-  }
-  next[id] = *link;
-  *link = id;
+void Forest::link_child(int64_t b, int32_t x, int32_t slot) {
+  const size_t xi = size_t(b * N_ + x);
+  // Small nodes find their children by scanning their edges (see for_each_child).
+  if (num_edges_[xi] > kOrderedChildren) kids_[size_t(b * E_ + first_edge_[xi] + num_kids_[xi])] = slot;
+  ++num_kids_[xi];
 }
 
 void Forest::completed(int64_t b, int32_t x, std::vector<Child>& buf, Completed& out) const {
@@ -552,25 +554,28 @@ void Forest::completed(int64_t b, int32_t x, std::vector<Child>& buf, Completed&
   const int32_t ne = num_edges_[xi];
   const int64_t eb = b * E_ + first_edge_[xi];
   const float* prior = edge_prior_.data() + eb;
-  const NodeStats* st = stats_.data() + nb;
+  const EdgeStat* rec = edge_stat_.data() + eb;
   int32_t sum_n = 0, max_n = 0;
   float sum_p = 0.f, sum_pq = 0.f;
   float q_lo = std::numeric_limits<float>::infinity(), q_hi = -q_lo;
   Child* out_child = buf.data();
   int32_t count = 0;
-  for_each_child(first_child_.data() + nb, next_sibling_.data() + nb, slot_.data() + nb, x, [&](int32_t c, int32_t k) {
-                   const int32_t n = st[c].visits;
-                   const float q = st[c].reward + st[c].discount * st[c].value;
-                   const float p = prior[k];
-                   out_child[count++] = {k, n, q, p};
-                   sum_n += n;
-                   max_n = std::max(max_n, n);
-                   const float pf = std::max(p, FLT_MIN);
-                   sum_p += pf;
-                   sum_pq += pf * q;
-                   q_lo = std::min(q_lo, q);
-                   q_hi = std::max(q_hi, q);
-                 });
+  // Adding +0 for an unexpanded edge leaves a sum as it was, bit for bit (a sum that
+  // starts at +0 is never -0), so the scan of a small node gives the list's results.
+  for_each_child(rec, ne, kids_.data() + eb, num_kids_[xi], [&](int32_t k, bool on) {
+    const int32_t n = rec[k].visits;
+    const float q = rec[k].q;
+    const float p = prior[k];
+    out_child[count] = {k, n, q, p};
+    count += on;
+    sum_n += n;
+    max_n = std::max(max_n, n);
+    const float pf = std::max(p, FLT_MIN);
+    sum_p += on ? pf : 0.f;
+    sum_pq += on ? pf * q : 0.f;
+    q_lo = on ? std::min(q_lo, q) : q_lo;
+    q_hi = on ? std::max(q_hi, q) : q_hi;
+  });
   out.count = count;
   out.best_unvisited_edge = best_unexp_[xi];
   out.best_unvisited_prior = out.best_unvisited_edge >= 0 ? prior[out.best_unvisited_edge] : kNegInf;
@@ -628,12 +633,14 @@ int32_t Forest::puct_edge(int64_t b, int32_t x, std::vector<Child>& buf) const {
   float lo = st[x].value, hi = lo;
   Child* out_child = buf.data();
   int32_t count = 0;
-  for_each_child(first_child_.data() + nb, next_sibling_.data() + nb, slot_.data() + nb, x, [&](int32_t c, int32_t k) {
-                   const float q = st[c].reward + st[c].discount * st[c].value;
-                   lo = std::min(lo, q);
-                   hi = std::max(hi, q);
-                   out_child[count++] = {k, st[c].visits, q, prior[k]};
-                 });
+  const EdgeStat* rec = edge_stat_.data() + eb;
+  for_each_child(rec, num_edges_[xi], kids_.data() + eb, num_kids_[xi], [&](int32_t k, bool on) {
+    const float q = rec[k].q;
+    lo = on ? std::min(lo, q) : lo;
+    hi = on ? std::max(hi, q) : hi;
+    out_child[count] = {k, rec[k].visits, q, prior[k]};
+    count += on;
+  });
   // Unvisited children are completed by the minimum, i.e. 0 after normalisation, so only
   // the one with the largest prior can win.
   // A spread that overflows float32 is normalised in halves (multiplying by 1 otherwise
@@ -731,10 +738,18 @@ int32_t Forest::score_edge(int64_t b, int32_t x, int depth, std::vector<Child>& 
   // actions share one completed value: no need to look at its edges.
   if (depth > 0 || cfg_.algorithm == Algorithm::kPuct) {
     const size_t xi = size_t(b * N_ + x);
-    if (first_child_[xi] < 0 && best_unexp_[xi] >= 0) return first_edge_[xi] + best_unexp_[xi];
+    if (num_kids_[xi] == 0 && best_unexp_[xi] >= 0) return first_edge_[xi] + best_unexp_[xi];
   }
   if (cfg_.algorithm == Algorithm::kPuct) return puct_edge(b, x, buf);
   return depth == 0 ? gumbel_root_edge(b, buf) : gumbel_interior_edge(b, x, buf);
+}
+
+void Forest::sync_edge(int64_t b, int32_t x) {
+  const size_t xi = size_t(b * N_ + x);
+  const int32_t e = in_edge_[xi];
+  if (e < 0) return;  // a root
+  const NodeStats& s = stats_[xi];
+  edge_stat_[size_t(b * E_ + e)] = EdgeStat{s.visits, s.reward + s.discount * s.value};
 }
 
 void Forest::backup(int64_t b, int32_t x, float leaf_value) {
@@ -745,6 +760,7 @@ void Forest::backup(int64_t b, int32_t x, float leaf_value) {
     const size_t pi = size_t(nb + p);
     stats_[pi].value = running_mean(stats_[pi].value, float(stats_[pi].visits), v);
     stats_[pi].visits += 1;
+    sync_edge(b, p);
     if (p == 0) {
       root_visits_[size_t(b * A_ + slot_[size_t(nb + x)])] += 1;
       root_sims_[size_t(b)] += 1;
@@ -757,47 +773,48 @@ void Forest::revisit(int64_t b, int32_t x) {
   const float v = terminal_[xi] ? 0.f : raw_value_[xi];
   stats_[xi].value = running_mean(stats_[xi].value, float(stats_[xi].visits), v);
   stats_[xi].visits += 1;
+  sync_edge(b, x);
   backup(b, x, v);
 }
 
-int64_t Forest::select(int64_t* tree, int64_t* parent, int64_t* action, int64_t* node) {
-  if (num_pending_ > 0)
-    throw std::runtime_error("select() called twice without expand_backup() for the pending leaves");
+void Forest::select_tree(int64_t b, std::vector<Child>& buf) {
+  pend_parent_[b] = -1;
+  if (!has_root_[b]) return;
+  const int64_t nb = b * N_, eb = b * E_;
+  int32_t x = 0;
+  int depth = 0;
+  for (;;) {
+    const int32_t e = select_edge(b, x, depth, buf);
+    const int32_t c = edge_child_[size_t(eb + e)];
+    ++depth;
+    if (c < 0) {
+      if (used_nodes_[b] >= N_ || used_edges_[b] + A_ > E_) {
+        revisit(b, x);  // pool full: the simulation ends at x
+      } else {
+        pend_parent_[b] = x;
+        pend_edge_[b] = e;
+      }
+      return;
+    }
+    if (terminal_[size_t(nb + c)] || (cfg_.max_depth > 0 && depth >= cfg_.max_depth)) {
+      revisit(b, c);
+      return;
+    }
+    x = c;
+  }
+}
+
+void Forest::check_can_select() const {
   if (cfg_.algorithm == Algorithm::kGumbel && table_sims_ == 0)
     throw std::runtime_error("Gumbel search needs a simulation budget: call plan(num_simulations) first");
-  rlk::parallel_for(B_, step_grain(B_, std::max<int64_t>(4, 512 / A_)), [&](int64_t begin, int64_t end) {
-    std::vector<Child> buf(static_cast<size_t>(A_));
-    for (int64_t b = begin; b < end; ++b) {
-      pend_parent_[b] = -1;
-      if (!has_root_[b]) continue;
-      const int64_t nb = b * N_, eb = b * E_;
-      int32_t x = 0;
-      int depth = 0;
-      for (;;) {
-        const int32_t e = select_edge(b, x, depth, buf);
-        const int32_t c = edge_child_[size_t(eb + e)];
-        ++depth;
-        if (c < 0) {
-          if (used_nodes_[b] >= N_ || used_edges_[b] + A_ > E_) {
-            revisit(b, x);  // pool full: the simulation ends at x
-          } else {
-            pend_parent_[b] = x;
-            pend_edge_[b] = e;
-          }
-          break;
-        }
-        if (terminal_[size_t(nb + c)] || (cfg_.max_depth > 0 && depth >= cfg_.max_depth)) {
-          revisit(b, c);
-          break;
-        }
-        x = c;
-      }
-    }
-  });
+}
+
+int64_t Forest::collect_leaves(int64_t* tree, int64_t* parent, int64_t* action, int64_t* node) {
   int64_t L = 0;
   for (int64_t b = 0; b < B_; ++b) {
     if (pend_parent_[b] < 0) continue;
     pend_tree_[L] = int32_t(b);
+    pend_row_[b] = int32_t(L);
     tree[L] = b;
     parent[L] = pend_parent_[b];
     action[L] = edge_action_[size_t(b * E_ + pend_edge_[b])];
@@ -806,6 +823,17 @@ int64_t Forest::select(int64_t* tree, int64_t* parent, int64_t* action, int64_t*
   }
   num_pending_ = L;
   return L;
+}
+
+int64_t Forest::select(int64_t* tree, int64_t* parent, int64_t* action, int64_t* node) {
+  if (num_pending_ > 0)
+    throw std::runtime_error("select() called twice without expand_backup() for the pending leaves");
+  check_can_select();
+  rlk::parallel_for(B_, step_grain(B_, std::max<int64_t>(4, 512 / A_)), [&](int64_t begin, int64_t end) {
+    std::vector<Child> buf(static_cast<size_t>(A_));
+    for (int64_t b = begin; b < end; ++b) select_tree(b, buf);
+  });
+  return collect_leaves(tree, parent, action, node);
 }
 
 bool Forest::path_overflows(int64_t i, const float* value, const float* reward, const float* discount,
@@ -824,8 +852,8 @@ bool Forest::path_overflows(int64_t i, const float* value, const float* reward, 
   return false;
 }
 
-void Forest::expand_backup(int64_t L, const float* logits, const float* value, const float* reward,
-                           const float* discount, const uint8_t* legal, const uint8_t* terminal) {
+void Forest::check_rows(int64_t L, const float* logits, const float* value, const float* reward,
+                        const float* discount, const uint8_t* legal, const uint8_t* terminal) const {
   if (L != num_pending_)
     throw std::invalid_argument("expand_backup got " + std::to_string(L) + " rows but the last select() returned " +
                                 std::to_string(num_pending_) + " leaves");
@@ -872,51 +900,83 @@ void Forest::expand_backup(int64_t L, const float* logits, const float* value, c
     if (legal && what == "has no legal action") what += " and is not marked terminal";
     throw std::invalid_argument(row_msg(legal ? "prior_logits/legal_mask" : "prior_logits", i, what.c_str()));
   }
+}
+
+void Forest::expand_row(int64_t i, int64_t b, const float* logits, const float* value, const float* reward,
+                        const float* discount, const uint8_t* legal, const uint8_t* terminal) {
+  const int64_t nb = b * N_, eb = b * E_;
+  const int32_t x = pend_parent_[b], e = pend_edge_[b];
+  const int32_t id = used_nodes_[b]++;
+  const size_t ni = size_t(nb + id);
+  edge_child_[size_t(eb + e)] = id;
+  const size_t xi = size_t(nb + x);
+  const int32_t slot = e - first_edge_[xi];
+  slot_[ni] = slot;
+  in_edge_[ni] = e;
+  link_child(b, x, slot);
+  num_kids_[ni] = 0;
+  unexp_prior_[xi] -= edge_prior_[size_t(eb + e)];
+  if (best_unexp_[xi] == slot) recompute_best_unexpanded(b, x);
+  if (x == 0 && root_best_[size_t(b)] == slot) recompute_root_best(b);
+  parent_[ni] = x;
+  action_[ni] = edge_action_[size_t(eb + e)];
+  stats_[ni].reward = reward[i];
+  stats_[ni].discount = discount[i];
+  if (!tame(reward[i], discount[i], value[i])) tame_[b] = 0;
+  stats_[ni].visits = 1;
+  const bool term = terminal && terminal[i];
+  terminal_[ni] = term ? 1 : 0;
+  first_edge_[ni] = used_edges_[b];
+  if (term) {
+    num_edges_[ni] = 0;
+    best_unexp_[ni] = -1;
+    unexp_prior_[ni] = 0.f;
+    stats_[ni].value = raw_value_[ni] = 0.f;
+  } else {
+    const int32_t fe = used_edges_[b];
+    const int32_t k = legal_softmax(logits + i * A_, legal ? legal + i * A_ : nullptr, A_,
+                                    &edge_action_[size_t(eb + fe)], &edge_prior_[size_t(eb + fe)],
+                                    &best_unexp_[ni], &unexp_prior_[ni]);
+    std::fill(edge_child_.begin() + eb + fe, edge_child_.begin() + eb + fe + k, -1);
+    // Only a small node scans its unexpanded edges' records (see for_each_child).
+    if (k <= kOrderedChildren) std::fill(edge_stat_.begin() + eb + fe, edge_stat_.begin() + eb + fe + k, EdgeStat{0, 0.f});
+    num_edges_[ni] = k;
+    used_edges_[b] = fe + k;
+    stats_[ni].value = raw_value_[ni] = value[i];
+  }
+  pend_parent_[b] = -1;
+  sync_edge(b, id);
+  backup(b, id, stats_[ni].value);
+}
+
+void Forest::expand_backup(int64_t L, const float* logits, const float* value, const float* reward,
+                           const float* discount, const uint8_t* legal, const uint8_t* terminal) {
+  check_rows(L, logits, value, reward, discount, legal, terminal);
   rlk::parallel_for(L, step_grain(L, std::max<int64_t>(4, 512 / A_)), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = pend_tree_[i];
-      const int64_t nb = b * N_, eb = b * E_;
-      const int32_t x = pend_parent_[b], e = pend_edge_[b];
-      const int32_t id = used_nodes_[b]++;
-      const size_t ni = size_t(nb + id);
-      edge_child_[size_t(eb + e)] = id;
-      const size_t xi = size_t(nb + x);
-      const int32_t slot = e - first_edge_[xi];
-      slot_[ni] = slot;
-      link_child(b, x, id);
-      first_child_[ni] = -1;
-      unexp_prior_[xi] -= edge_prior_[size_t(eb + e)];
-      if (best_unexp_[xi] == slot) recompute_best_unexpanded(b, x);
-      if (x == 0 && root_best_[size_t(b)] == slot) recompute_root_best(b);
-      parent_[ni] = x;
-      action_[ni] = edge_action_[size_t(eb + e)];
-      stats_[ni].reward = reward[i];
-      stats_[ni].discount = discount[i];
-      if (!tame(reward[i], discount[i], value[i])) tame_[b] = 0;
-      stats_[ni].visits = 1;
-      const bool term = terminal && terminal[i];
-      terminal_[ni] = term ? 1 : 0;
-      first_edge_[ni] = used_edges_[b];
-      if (term) {
-        num_edges_[ni] = 0;
-        best_unexp_[ni] = -1;
-        unexp_prior_[ni] = 0.f;
-        stats_[ni].value = raw_value_[ni] = 0.f;
-      } else {
-        const int32_t fe = used_edges_[b];
-        const int32_t k = legal_softmax(logits + i * A_, legal ? legal + i * A_ : nullptr, A_,
-                                        &edge_action_[size_t(eb + fe)], &edge_prior_[size_t(eb + fe)],
-                                        &best_unexp_[ni], &unexp_prior_[ni]);
-        std::fill(edge_child_.begin() + eb + fe, edge_child_.begin() + eb + fe + k, -1);
-        num_edges_[ni] = k;
-        used_edges_[b] = fe + k;
-        stats_[ni].value = raw_value_[ni] = value[i];
-      }
-      pend_parent_[b] = -1;
-      backup(b, id, stats_[ni].value);
+    for (int64_t i = begin; i < end; ++i)
+      expand_row(i, pend_tree_[size_t(i)], logits, value, reward, discount, legal, terminal);
+  });
+  num_pending_ = 0;
+}
+
+int64_t Forest::expand_select(int64_t L, const float* logits, const float* value, const float* reward,
+                              const float* discount, const uint8_t* legal, const uint8_t* terminal, int64_t* tree,
+                              int64_t* parent, int64_t* action, int64_t* node) {
+  check_can_select();
+  check_rows(L, logits, value, reward, discount, legal, terminal);
+  // Trees are independent, so expanding tree b's leaf and then running its next
+  // simulation, tree by tree, gives what expand_backup() then select() give: one pass
+  // over the pool instead of two, with each tree still in cache from its backup.
+  rlk::parallel_for(B_, step_grain(B_, std::max<int64_t>(4, 512 / A_)), [&](int64_t begin, int64_t end) {
+    std::vector<Child> buf(static_cast<size_t>(A_));
+    for (int64_t b = begin; b < end; ++b) {
+      if (pend_parent_[b] >= 0)
+        expand_row(pend_row_[size_t(b)], b, logits, value, reward, discount, legal, terminal);
+      select_tree(b, buf);
     }
   });
   num_pending_ = 0;
+  return collect_leaves(tree, parent, action, node);
 }
 
 void Forest::discard_pending() {
@@ -1079,13 +1139,16 @@ void Forest::advance(const int64_t* actions, int64_t* old_to_new) {
         num_edges_[dst] = ne;
         first_edge_[dst] = next_edge;
         slot_[dst] = i == c ? -1 : slot_[src];
+        // A kept node's parent was kept before it (smaller id), so its new edges are known.
+        in_edge_[dst] = i == c ? -1 : first_edge_[size_t(nb + parent_[dst])] + slot_[dst];
         best_unexp_[dst] = best_unexp_[src];
         unexp_prior_[dst] = unexp_prior_[src];
-        first_child_[dst] = next_sibling_[dst] = -1;
+        num_kids_[dst] = 0;
         for (int32_t k = 0; k < ne; ++k) {
           const size_t es = size_t(eb + fe + k), ed = size_t(eb + next_edge + k);
           edge_action_[ed] = edge_action_[es];
           edge_prior_[ed] = edge_prior_[es];
+          edge_stat_[ed] = edge_stat_[es];
           const int32_t ch = edge_child_[es];
           edge_child_[ed] = ch >= 0 ? int32_t(o2n[ch]) : -1;
         }
@@ -1093,7 +1156,7 @@ void Forest::advance(const int64_t* actions, int64_t* old_to_new) {
       }
       used_nodes_[b] = kept;
       used_edges_[b] = next_edge;
-      for (int32_t j = 1; j < kept; ++j) link_child(b, parent_[size_t(nb + j)], j);  // as expansion built them
+      for (int32_t j = 1; j < kept; ++j) link_child(b, parent_[size_t(nb + j)], slot_[size_t(nb + j)]);  // as expansion built them
       CounterRng rng(cfg_.seed, uint64_t(b), epoch);
       prepare_root_noise(b, rng);
     }

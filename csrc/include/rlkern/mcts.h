@@ -80,6 +80,12 @@ class Forest {
   void expand_backup(int64_t num_leaves, const float* logits, const float* value, const float* reward,
                      const float* discount, const uint8_t* legal, const uint8_t* terminal);
 
+  // expand_backup() for the leaves of the last select(), then select() (both as documented
+  // there), in one pass over the trees. Returns the new number of leaves.
+  int64_t expand_select(int64_t num_leaves, const float* logits, const float* value, const float* reward,
+                        const float* discount, const uint8_t* legal, const uint8_t* terminal, int64_t* tree,
+                        int64_t* parent, int64_t* action, int64_t* node);
+
   // action [B] i64, weights [B,A] f32, visits [B,A] i32, q [B,A] f32, root_value [B] f32.
   void result(float temperature, int64_t* action, float* weights, int32_t* visits, float* q, float* root_value);
 
@@ -100,6 +106,12 @@ class Forest {
   void has_root(uint8_t* out) const;
 
  public:
+  // The statistics of the child on an edge, kept on the parent's edge slice (updated with
+  // the child's NodeStats) so a node reads its children's from one contiguous run.
+  struct EdgeStat {
+    int32_t visits;  // 0: not expanded
+    float q;         // reward + discount * value of the child
+  };
   struct Child {
     int32_t edge;
     int32_t visits;
@@ -110,6 +122,14 @@ class Forest {
  private:
   struct Completed;  // completed-Q summary of one node (Gumbel)
 
+  void select_tree(int64_t b, std::vector<Child>& buf);
+  void check_can_select() const;
+  int64_t collect_leaves(int64_t* tree, int64_t* parent, int64_t* action, int64_t* node);
+  // Throws, naming the first bad row, when a row of an expansion breaks the NaN policy.
+  void check_rows(int64_t L, const float* logits, const float* value, const float* reward, const float* discount,
+                  const uint8_t* legal, const uint8_t* terminal) const;
+  void expand_row(int64_t i, int64_t b, const float* logits, const float* value, const float* reward,
+                  const float* discount, const uint8_t* legal, const uint8_t* terminal);
   void init_root(int64_t b, const float* logits, float value, const uint8_t* legal, CounterRng& rng);
   void prepare_root_noise(int64_t b, CounterRng& rng);
   int32_t select_edge(int64_t b, int32_t x, int depth, std::vector<Child>& buf) const;
@@ -129,16 +149,17 @@ class Forest {
   // same core from step to step and its nodes in that core's cache (finer chunks, claimed
   // in varying order, measured slower); a late thread's chunk goes to whoever is free.
   int64_t step_grain(int64_t n, int64_t min_grain) const;
-  void link_child(int64_t b, int32_t x, int32_t id);  // adds node id to x's children list
+  void link_child(int64_t b, int32_t x, int32_t slot);  // records x's new child on edge offset slot
+  void sync_edge(int64_t b, int32_t x);  // copies x's statistics to its incoming edge
   void recompute_best_unexpanded(int64_t b, int32_t x);
   void recompute_root_best(int64_t b);
 
   int64_t B_, A_, N_, E_;
   Config cfg_;
 
-  // Node pools [B*N]. slot_ is the node's edge offset in its parent's slice; children
-  // form a list (first_child_, next_sibling_) so selection visits only expanded children
-  // (in edge order for nodes with up to 48 edges, else newest first).
+  // Node pools [B*N]. slot_ is the node's edge offset in its parent's slice. Selection
+  // reads the children of a node from edge_stat_: all its edges in edge order for a node
+  // with up to 48 edges, else those listed in kids_, newest first.
   // best_unexp_ caches the offset of the highest-prior unexpanded edge (-1: none) and
   // unexp_prior_ the prior mass of the unexpanded edges.
   // The statistics a selection reads for every child sit in one 16-byte record, so a
@@ -151,11 +172,16 @@ class Forest {
   };
   std::vector<NodeStats> stats_;
   std::vector<int32_t> parent_, action_, first_edge_, num_edges_;
-  std::vector<int32_t> slot_, first_child_, next_sibling_, best_unexp_;
+  std::vector<int32_t> slot_, num_kids_, best_unexp_;
   std::vector<float> raw_value_, unexp_prior_;
   std::vector<uint8_t> terminal_;
   // Edge pools [B*E].
   std::vector<int32_t> edge_action_, edge_child_;
+  // kids_[first_edge_[x] + j], j < num_kids_[x]: the edge offsets of the expanded children
+  // of a node with more than 48 edges, in expansion order (smaller nodes scan edge_stat_).
+  std::vector<int32_t> kids_;
+  std::vector<EdgeStat> edge_stat_;
+  std::vector<int32_t> in_edge_;  // [B*N], offset in the tree's edge pool of a node's incoming edge
   std::vector<float> edge_prior_;
   // Per tree.
   std::vector<int32_t> used_nodes_, used_edges_;
@@ -167,6 +193,7 @@ class Forest {
   std::vector<int32_t> root_best_;          // [B], unexpanded root edge with the highest score
   // Pending expansions from the last select().
   std::vector<int32_t> pend_parent_, pend_edge_, pend_tree_;
+  std::vector<int32_t> pend_row_;  // [B], the leaf row of a tree with a pending leaf
   int64_t num_pending_ = 0;
   // Sequential halving table [(m+1) * table_sims_].
   std::vector<int32_t> table_;

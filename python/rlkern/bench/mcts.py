@@ -6,8 +6,9 @@ whole search (``set_roots`` plus S steps of select / network / expand_backup); m
 per batched simulation step = median ms / S, and the throughput is B * S simulations per
 second. Competitors: a plain-Python tree (objects per node, numpy per node, the way
 Python MCTS code is usually written; kept here) and mctx's ``muzero_policy`` /
-``gumbel_muzero_policy`` on the CPU when ``mctx`` is installed (timed after compilation;
-the trivial network runs inside the jit).
+``gumbel_muzero_policy`` on the CPU when ``mctx`` is installed (pinned to jax's CPU device
+even where a GPU is visible; timed after compilation; the trivial network runs inside the
+jit).
 """
 
 from __future__ import annotations
@@ -183,6 +184,14 @@ def _mctx_fn(algorithm: str, B: int, A: int, S: int):
         import mctx
     except ImportError:
         return None
+    # On the CPU, like rlkern: on a machine with a GPU, jax would otherwise put the arrays
+    # and the jitted search there, and the comparison would not be CPU against CPU.
+    cpu = jax.devices("cpu")[0]
+    with jax.default_device(cpu):
+        return _mctx_on_device(jax, jnp, mctx, cpu, algorithm, B, A, S)
+
+
+def _mctx_on_device(jax, jnp, mctx, cpu, algorithm: str, B: int, A: int, S: int):
     logits_table, value_table = (jnp.asarray(x) for x in _table(A))
 
     def recurrent_fn(params, rng_key, action, embedding):
@@ -198,8 +207,12 @@ def _mctx_fn(algorithm: str, B: int, A: int, S: int):
     policy = mctx.muzero_policy if algorithm == "puct" else mctx.gumbel_muzero_policy
     fn = jax.jit(lambda key: policy(params=(), rng_key=key, root=root, recurrent_fn=recurrent_fn,
                                     num_simulations=S).action_weights)
-    key = jax.random.PRNGKey(0)
+    # A key committed to the CPU keeps every later call there too, outside default_device.
+    key = jax.device_put(jax.random.PRNGKey(0), cpu)
     fn(key).block_until_ready()  # compile outside the timing
+    devices = fn(key).devices()
+    if {d.platform for d in devices} != {"cpu"}:
+        raise RuntimeError(f"mctx competitor ran on {devices}, expected the CPU")
     return lambda: fn(key).block_until_ready()
 
 

@@ -320,12 +320,20 @@ class Forest:
 
     def _search_steps(self, recurrent_fn, n: int) -> None:
         core, B = self._core, self.batch_size
-        select, expand = core.select_into, core.expand_backup
-        for _ in range(n):
-            # A fresh buffer per step: recurrent_fn may keep the leaf arrays it was given.
-            buf = np.empty((4, B), dtype=np.int64)
-            L = select(buf)
+        select, expand, expand_select = core.select_into, core.expand_backup, core.expand_select
+        to_play_mode = self._to_play is not None
+        # Step i is select, recurrent_fn, expand_backup; the expansion of step i and the
+        # selection of step i + 1 go to the core as one call (one pass over the trees).
+        # A fresh leaf buffer per step: recurrent_fn may keep the leaf arrays it was given.
+        buf = np.empty((4, B), dtype=np.int64)
+        L = select(buf) if n else 0
+        left = n - 1  # selections still to run
+        while True:
             if L == 0:
+                if left <= 0:
+                    return
+                left -= 1
+                L = select(buf)
                 continue
             leaves = self._pending = Leaves(buf[0, :L], buf[1, :L], buf[2, :L], buf[3, :L])
             out = recurrent_fn(leaves)
@@ -338,13 +346,21 @@ class Forest:
                 to_play = out[6] if len(out) > 6 else None
             else:
                 raise TypeError("recurrent_fn must return an Expansion or (prior_logits, value, reward, discount)")
-            if to_play is not None or self._to_play is not None:
+            if to_play is not None or to_play_mode:
                 discount = self._signed_discount(leaves, discount, to_play)
-            expand(_floats("prior_logits", logits), _row_floats("value", value, L),
-                   _row_floats("reward", reward, L), _row_floats("discount", discount, L),
-                   None if legal is None else _mask("legal_mask", legal),
-                   None if terminal is None else _mask("terminal", terminal))
-            self._record_players(leaves)
+            args = (_floats("prior_logits", logits), _row_floats("value", value, L),
+                    _row_floats("reward", reward, L), _row_floats("discount", discount, L),
+                    None if legal is None else _mask("legal_mask", legal),
+                    None if terminal is None else _mask("terminal", terminal))
+            if left <= 0:
+                expand(*args)
+                L = 0
+            else:
+                buf = np.empty((4, B), dtype=np.int64)
+                left -= 1
+                L = expand_select(*args, buf)
+            if to_play_mode:
+                self._record_players(leaves)
             self._pending = None
 
     def discard_pending(self) -> None:
