@@ -23,7 +23,7 @@ if [ "$#" -gt 0 ]; then
   modules=("$@")
 else
   modules=()
-  for f in "$root"/tests/test_{returns,losses,losses_equivalence,kl,logprobs,mcts,foundation,whiten}.py \
+  for f in "$root"/tests/test_{returns,losses,losses_equivalence,objectives,kl,logprobs,mcts,foundation,whiten}.py \
            "$root"/tests/test_property_*.py "$root"/tests/test_crash_safety_*.py; do
     [ -e "$f" ] && modules+=("$f")
   done
