@@ -403,3 +403,21 @@ def test_matches_trls_compute_loss(trl_trainer, monkeypatch, case, backend):
         assert float(out.metrics["phi_seq_mean"]) == pytest.approx(trl_metrics["vespo/phi_seq_mean"], rel=1e-5)
     if "kl" in trl_metrics and not options.get("kl_is_correction"):  # TRL logs the corrected KL
         assert float(out.metrics["kl"]) == pytest.approx(trl_metrics["kl"], rel=1e-5)
+
+
+# --- on a GPU (tools/gpu_check.sh runs every test marked gpu): the Triton kernels at a
+# realistic row length, float32 and bfloat16, against the float64 reference on the device.
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", list(OBJ_CASES))
+def test_objectives_on_cuda_tensors(name, dtype):
+    needs, options = OBJ_CASES[name]
+    batch = make_batch(64, 1031, seed=4, spread=0.2, adv_per_token=name.endswith("everything"))
+    batch = {k: v.cuda() for k, v in batch.items()}
+    args, opts = build(batch, needs, options, dtype=dtype)
+    out, grads = run("triton", args, opts)
+    assert out.loss.device.type == "cuda"
+    expected, expected_grads = reference_of(args, opts)
+    check_against_reference(out, grads, expected, expected_grads, 1e-5, 1e-4 if dtype == torch.float32 else 1e-2)

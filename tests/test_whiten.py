@@ -146,3 +146,16 @@ def _worker(rank, init_file, world):
 
 def test_all_processes_equals_one_big_batch(tmp_path):
     mp.spawn(_worker, args=(str(tmp_path / "init"), 2), nprocs=2, join=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 3), (256, 4096), (3, 100003)])
+def test_cuda_tensors_match_reference(shape, dtype):
+    x, m = _batch(shape=shape, dtype=dtype, seed=7)
+    x, m = x.cuda(), m.cuda()
+    for options in OPTIONS:
+        out = rlkern.masked_whiten(x, m, **options)
+        assert out.device.type == "cuda" and out.dtype == dtype
+        assert_close(out, ref.masked_whiten(x.double(), m, **options).to(dtype), TOL[dtype])
