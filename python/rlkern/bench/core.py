@@ -121,7 +121,8 @@ def _peak_memory_mb(fn: Impl, device: torch.device) -> Optional[float]:
 
 def measure(fn: Impl, device: torch.device, *, warmup: int = 2, min_repeats: int = 5,
             max_repeats: int = 500, budget_s: float = 1.5) -> List[float]:
-    """Times in milliseconds: untimed calls (``warmup`` of them and at least 0.5 s, so
+    """Times in milliseconds: untimed calls (``warmup`` of them and at least 0.5 s, or twice
+    ``budget_s`` when that is less, so
     caches, the thread pool, the allocator and the OS's page recycling reach the steady
     state of a training loop: on the VMs we measure on, the first few hundred
     milliseconds of fresh 32 MB outputs land on memory the host has never backed and
@@ -130,7 +131,10 @@ def measure(fn: Impl, device: torch.device, *, warmup: int = 2, min_repeats: int
     ops get hundreds of samples, which keeps their median steady on a shared machine)."""
     start = time.perf_counter()
     done = 0
-    while done < warmup or time.perf_counter() - start < 0.5:
+    # A run with a tiny budget (a smoke test: --quick --budget 0.05) is not a measurement,
+    # and half a second of warm-up per competitor would be most of its time.
+    warm_s = min(0.5, 2 * budget_s)
+    while done < warmup or time.perf_counter() - start < warm_s:
         fn()
         done += 1
     _sync(device)
