@@ -23,7 +23,7 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -116,7 +116,8 @@ class PolicyLossConfig:
     entropy_coef: float = 0.0
     entropy_top_fraction: Optional[float] = None
     agg: str = "token-mean"
-    normalizer: Optional[float] = None
+    # A number, or a 0-d tensor kept on its device and never read (no host sync).
+    normalizer: Union[None, float, torch.Tensor] = None
     sapo_temperature_pos: float = 1.0
     sapo_temperature_neg: float = 1.05
     vespo_k_pos: float = 2.0
@@ -232,7 +233,8 @@ def _config_of(scalars: Tuple[Tuple[str, type, object], ...]) -> PolicyLossConfi
     return PolicyLossConfig(**{k: v for k, _, v in scalars}).validate()
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, agg: str, normalizer: Optional[float] = None) -> torch.Tensor:
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, agg: str,
+              normalizer: Union[None, float, torch.Tensor] = None) -> torch.Tensor:
     """Reduce a [B, T] per-token loss over the active tokens to a scalar (verl 0.9.1's
     ``agg_loss``).
 
