@@ -259,7 +259,7 @@ def estimator_inputs(kind: str, seed: int = 0):
 
 
 ESTIMATORS = ["grpo", "grpo_vectorized", "rloo", "rloo_vectorized", "opo", "gpg", "grpo_passk",
-              "reinforce_plus_plus", "reinforce_plus_plus_baseline"]
+              "reinforce_plus_plus", "reinforce_plus_plus_baseline", "gdpo"]
 
 
 @pytest.mark.parametrize("name", ESTIMATORS)
@@ -282,6 +282,32 @@ def test_advantage_estimators_match_verl(name, kind, singletons):
                                               for k, v in kwargs.items()})
     assert_close(ours[0], theirs[0], 1e-5, "advantages")
     assert_close(ours[1], theirs[1], 1e-5, "returns")
+
+
+@pytest.mark.parametrize("weights", [None, [1.0, 0.25]])
+def test_gdpo_with_reward_components_matches_verl(weights):
+    """GDPO reads each reward component from the non-tensor batch, places it on the last
+    response token, normalises it per uid group, weights, sums and whitens: against verl's own."""
+    rewards, m, uid = estimator_inputs("holed")
+    n, T = m.shape
+    g = torch.Generator().manual_seed(3)
+    prompts = torch.zeros(n, 5, dtype=torch.long)
+    lengths = m.sum(-1).long().clamp(min=1)
+    response = (torch.arange(T)[None, :] < lengths[:, None]).long()
+    attention = torch.cat([torch.ones(n, 5, dtype=torch.long), response], dim=1)
+    non_tensor = {"format": torch.randint(0, 2, (n,), generator=g).float().numpy(),
+                  "accuracy": torch.randn(n, generator=g).numpy()}
+    cfg = AlgoConfig(norm_adv_by_std_in_grpo=True, gdpo_reward_keys=["format", "accuracy"],
+                     gdpo_reward_weights=weights)
+    kwargs = dict(token_level_rewards=rewards, response_mask=m, index=uid, config=cfg, non_tensor_batch=non_tensor,
+                  batch={"prompts": prompts, "attention_mask": attention})
+    ours = V.get_adv_estimator_fn("gdpo")(**kwargs)
+    theirs = ca.get_adv_estimator_fn("gdpo")(**kwargs)
+    assert_close(ours[0], theirs[0], 1e-5, "advantages")
+    assert_close(ours[1], theirs[1], 1e-5, "returns")
+    with pytest.raises(ValueError, match="not in non_tensor_batch"):
+        V.compute_gdpo_outcome_advantage(rewards, m, uid, config=cfg, non_tensor_batch={"format": non_tensor["format"]},
+                                         batch=kwargs["batch"])
 
 
 def test_grpo_passk_rejects_groups_of_one():

@@ -48,7 +48,8 @@ __all__ = [
     "compute_grpo_vectorized_outcome_advantage", "compute_reinforce_plus_plus_outcome_advantage",
     "compute_reinforce_plus_plus_baseline_outcome_advantage", "compute_remax_outcome_advantage",
     "compute_rloo_outcome_advantage", "compute_rloo_vectorized_outcome_advantage", "compute_opo_outcome_advantage",
-    "compute_gpg_outcome_advantage", "compute_grpo_passk_outcome_advantage", "compute_rewards", "masked_whiten",
+    "compute_gpg_outcome_advantage", "compute_grpo_passk_outcome_advantage", "compute_gdpo_outcome_advantage",
+    "compute_rewards", "masked_whiten",
     "AdaptiveKLController", "FixedKLController", "install", "uninstall",
 ]
 
@@ -773,6 +774,48 @@ def compute_grpo_passk_outcome_advantage(token_level_rewards: torch.Tensor, resp
     return adv, adv
 
 
+def compute_gdpo_outcome_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor,
+                                   index: np.ndarray, epsilon: float = 1e-6, norm_adv_by_std_in_grpo: bool = True,
+                                   config: Optional[Any] = None, non_tensor_batch: Optional[dict] = None,
+                                   batch: Optional[dict] = None, **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
+    """verl's GDPO: each reward component k normalised within its uid group as GRPO does,
+    A = whiten(sum_k w_k A_k) over the response mask (``rlkern.masked_whiten``), times the mask.
+
+    The components are ``config.gdpo_reward_keys`` read from ``non_tensor_batch`` (one score
+    per sample, placed on the last response token as verl places it), weighted by
+    ``config.gdpo_reward_weights`` (1 each by default); without a config and both batches,
+    the single component is ``token_level_rewards``."""
+    from ..whiten import masked_whiten
+
+    scores, weights = [token_level_rewards], None
+    if config is not None and non_tensor_batch is not None and batch is not None:
+        keys = config.get("gdpo_reward_keys", None)
+        if not keys:
+            raise ValueError("GDPO needs algorithm.gdpo_reward_keys: the reward components compute_score returns")
+        missing = [k for k in keys if k not in non_tensor_batch]
+        if missing:
+            raise ValueError(f"GDPO reward keys {missing} are not in non_tensor_batch "
+                             f"(it has {sorted(non_tensor_batch)})")
+        prompt_length = batch["prompts"].size(1)
+        last = batch["attention_mask"][:, prompt_length:].sum(dim=1) - 1
+        rows = torch.arange(response_mask.shape[0], device=response_mask.device)
+        scores = []
+        for key in keys:
+            placed = torch.zeros(response_mask.shape, dtype=torch.float32, device=response_mask.device)
+            placed[rows, last] = torch.as_tensor(np.asarray(non_tensor_batch[key], dtype=np.float32),
+                                                 device=response_mask.device)
+            scores.append(placed)
+        weights = config.get("gdpo_reward_weights", None)
+    total = None
+    for k, component in enumerate(scores):
+        adv, _ = compute_grpo_outcome_advantage(component, response_mask, index, epsilon, norm_adv_by_std_in_grpo,
+                                                config)
+        term = adv * (1.0 if weights is None else float(weights[k]))
+        total = term if total is None else total + term
+    advantages = masked_whiten(total, response_mask) * response_mask
+    return advantages, advantages
+
+
 ADV_ESTIMATOR_REGISTRY: Dict[str, Callable] = {
     "gae": compute_gae_advantage_return, "grpo": compute_grpo_outcome_advantage,
     "grpo_vectorized": compute_grpo_vectorized_outcome_advantage,
@@ -781,6 +824,7 @@ ADV_ESTIMATOR_REGISTRY: Dict[str, Callable] = {
     "remax": compute_remax_outcome_advantage, "rloo": compute_rloo_outcome_advantage,
     "rloo_vectorized": compute_rloo_vectorized_outcome_advantage, "opo": compute_opo_outcome_advantage,
     "gpg": compute_gpg_outcome_advantage, "grpo_passk": compute_grpo_passk_outcome_advantage,
+    "gdpo": compute_gdpo_outcome_advantage,
 }
 
 
@@ -843,7 +887,7 @@ def install() -> None:
     ``POLICY_LOSS_REGISTRY`` (vanilla, gspo, cispo, gpg, dro, bypass_mode, sapo, geo_mean, dppo_tv,
     dppo_kl) and its advantage
     estimators in ``ADV_ESTIMATOR_REGISTRY`` (gae, grpo, grpo_vectorized, reinforce_plus_plus,
-    reinforce_plus_plus_baseline, remax, rloo, rloo_vectorized, opo, gpg, grpo_passk), and
+    reinforce_plus_plus_baseline, remax, rloo, rloo_vectorized, opo, gpg, grpo_passk, gdpo), and
     replaces ``core_algos.kl_penalty``, ``compute_value_loss``, ``compute_gae_advantage_return``
     and ``compute_grpo_outcome_advantage`` (also where verl's loss modules imported them by name).
     An unchanged verl config then runs on rlkern. Idempotent; :func:`uninstall` restores verl's.
