@@ -310,6 +310,26 @@ def test_gdpo_with_reward_components_matches_verl(weights):
                                          batch=kwargs["batch"])
 
 
+@pytest.mark.parametrize("is_weights", [False, True])
+@pytest.mark.parametrize("zero_tail", [True, False])
+@pytest.mark.parametrize("kind", ["padded", "holed"])
+def test_optimal_token_baseline_matches_verl(kind, zero_tail, is_weights):
+    rewards, m, uid = estimator_inputs(kind)
+    uid = uid.copy()
+    uid[0] = "solo"  # a group of one: no baseline
+    n, T = m.shape
+    g = torch.Generator().manual_seed(5)
+    old = -torch.rand(n, T, generator=g) * 3
+    sum_pi_sq = torch.rand(n, T, generator=g) * 0.5
+    kwargs = dict(token_level_rewards=rewards, response_mask=m, index=uid, old_log_probs=old,
+                  sum_pi_squared=sum_pi_sq, handle_zero_tail=zero_tail,
+                  rollout_is_weights=(torch.rand(n, T, generator=g) + 0.5) if is_weights else None)
+    ours = V.get_adv_estimator_fn("optimal_token_baseline")(**kwargs)
+    theirs = ca.get_adv_estimator_fn("optimal_token_baseline")(**kwargs)
+    assert_close(ours[0], theirs[0], 1e-5, "advantages")
+    assert_close(ours[1], theirs[1], 1e-5, "returns")
+
+
 def test_grpo_passk_rejects_groups_of_one():
     rewards, m, uid = estimator_inputs("padded")
     uid = uid.copy()

@@ -33,7 +33,7 @@ import torch
 from ..kl import kl_penalty as _kl_penalty
 from ..losses import policy_loss as _policy_loss
 from ..losses import value_loss as _value_loss
-from ..returns import group_advantages, masked_gae
+from ..returns import discounted_returns, group_advantages, masked_gae
 from . import _peers
 from ._peers import cfg as _cfg
 from ._peers import masked_mean as _masked_mean
@@ -49,7 +49,7 @@ __all__ = [
     "compute_reinforce_plus_plus_baseline_outcome_advantage", "compute_remax_outcome_advantage",
     "compute_rloo_outcome_advantage", "compute_rloo_vectorized_outcome_advantage", "compute_opo_outcome_advantage",
     "compute_gpg_outcome_advantage", "compute_grpo_passk_outcome_advantage", "compute_gdpo_outcome_advantage",
-    "compute_rewards", "masked_whiten",
+    "compute_optimal_token_baseline_advantage", "compute_rewards", "masked_whiten",
     "AdaptiveKLController", "FixedKLController", "install", "uninstall",
 ]
 
@@ -816,6 +816,50 @@ def compute_gdpo_outcome_advantage(token_level_rewards: torch.Tensor, response_m
     return advantages, advantages
 
 
+def compute_optimal_token_baseline_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor,
+                                             index: np.ndarray, old_log_probs: torch.Tensor,
+                                             sum_pi_squared: torch.Tensor,
+                                             rollout_is_weights: Optional[torch.Tensor] = None,
+                                             handle_zero_tail: bool = True, epsilon: float = 1e-8,
+                                             **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
+    """verl's optimal token baseline (OTB): with G_t the reward-to-go (``rlkern.discounted_returns``
+    at gamma 1) and W_t = sum_{j<=t} m_j w_j, w_j = (1 - 2 pi_j + sum pi^2) [* rho_j^2 with
+    ``rollout_is_weights``], the baseline of step t in a uid group is
+    B_t = sum_i m G_t W_t / (sum_i m W_t + epsilon) and A_t = (G_t - B_t) m; a group of one
+    has no baseline. ``handle_zero_tail``: where one trajectory is the group's longest, its
+    baseline is 0 beyond the second-longest one's length. Returns (A, G). All groups at once
+    (verl loops over them in Python)."""
+    with torch.no_grad():
+        m = response_mask.to(token_level_rewards.dtype)
+        B, T = m.shape
+        no_done = torch.zeros((B, T), dtype=torch.bool, device=m.device)
+        returns = discounted_returns(token_level_rewards * m, no_done, 1.0).to(token_level_rewards.dtype)
+        w = 1 - 2 * torch.exp(old_log_probs) + sum_pi_squared
+        if rollout_is_weights is not None:
+            w = w * rollout_is_weights ** 2
+        W = torch.cumsum(w * m, dim=-1)
+        gid, counts = _peers.group_ids(index, B, m.device)
+        G = int(counts.shape[0])
+        zeros = torch.zeros((G, T), dtype=W.dtype, device=m.device)
+        numerator = zeros.index_add(0, gid, returns * W * m)
+        denominator = zeros.index_add(0, gid, W * m) + epsilon
+        baseline = (numerator / denominator)[gid]
+        baseline = torch.where((counts[gid] > 1)[:, None], baseline, torch.zeros_like(baseline))
+        if handle_zero_tail:
+            length = m.sum(-1)
+            longest = torch.full((G,), -1.0, dtype=length.dtype, device=m.device).scatter_reduce(
+                0, gid, length, "amax")
+            at_max = length == longest[gid]
+            n_at_max = torch.zeros(G, dtype=torch.long, device=m.device).index_add(0, gid, at_max.long())
+            others = torch.where(at_max, torch.full_like(length, -1.0), length)
+            second = torch.full((G,), -1.0, dtype=length.dtype, device=m.device).scatter_reduce(0, gid, others, "amax")
+            alone = at_max & (n_at_max[gid] == 1) & (counts[gid] > 1)
+            tail = torch.arange(T, device=m.device)[None, :] >= second[gid][:, None]
+            baseline = torch.where(alone[:, None] & tail, torch.zeros_like(baseline), baseline)
+        advantages = (returns - baseline) * m
+    return advantages, returns
+
+
 ADV_ESTIMATOR_REGISTRY: Dict[str, Callable] = {
     "gae": compute_gae_advantage_return, "grpo": compute_grpo_outcome_advantage,
     "grpo_vectorized": compute_grpo_vectorized_outcome_advantage,
@@ -824,7 +868,7 @@ ADV_ESTIMATOR_REGISTRY: Dict[str, Callable] = {
     "remax": compute_remax_outcome_advantage, "rloo": compute_rloo_outcome_advantage,
     "rloo_vectorized": compute_rloo_vectorized_outcome_advantage, "opo": compute_opo_outcome_advantage,
     "gpg": compute_gpg_outcome_advantage, "grpo_passk": compute_grpo_passk_outcome_advantage,
-    "gdpo": compute_gdpo_outcome_advantage,
+    "gdpo": compute_gdpo_outcome_advantage, "optimal_token_baseline": compute_optimal_token_baseline_advantage,
 }
 
 
@@ -887,7 +931,7 @@ def install() -> None:
     ``POLICY_LOSS_REGISTRY`` (vanilla, gspo, cispo, gpg, dro, bypass_mode, sapo, geo_mean, dppo_tv,
     dppo_kl) and its advantage
     estimators in ``ADV_ESTIMATOR_REGISTRY`` (gae, grpo, grpo_vectorized, reinforce_plus_plus,
-    reinforce_plus_plus_baseline, remax, rloo, rloo_vectorized, opo, gpg, grpo_passk, gdpo), and
+    reinforce_plus_plus_baseline, remax, rloo, rloo_vectorized, opo, gpg, grpo_passk, gdpo, optimal_token_baseline), and
     replaces ``core_algos.kl_penalty``, ``compute_value_loss``, ``compute_gae_advantage_return``
     and ``compute_grpo_outcome_advantage`` (also where verl's loss modules imported them by name).
     An unchanged verl config then runs on rlkern. Idempotent; :func:`uninstall` restores verl's.
