@@ -49,7 +49,8 @@ __all__ = [
     "compute_reinforce_plus_plus_baseline_outcome_advantage", "compute_remax_outcome_advantage",
     "compute_rloo_outcome_advantage", "compute_rloo_vectorized_outcome_advantage", "compute_opo_outcome_advantage",
     "compute_gpg_outcome_advantage", "compute_grpo_passk_outcome_advantage", "compute_gdpo_outcome_advantage",
-    "compute_optimal_token_baseline_advantage", "compute_rewards", "masked_whiten",
+    "compute_optimal_token_baseline_advantage", "compute_multi_turn_optimal_token_baseline_advantage",
+    "compute_rewards", "masked_whiten",
     "AdaptiveKLController", "FixedKLController", "install", "uninstall",
 ]
 
@@ -816,6 +817,42 @@ def compute_gdpo_outcome_advantage(token_level_rewards: torch.Tensor, response_m
     return advantages, advantages
 
 
+def _otb_parts(token_level_rewards, m, old_log_probs, sum_pi_squared, rollout_is_weights):
+    """(reward-to-go G, cumulative path-variance proxy W) of the optimal token baseline."""
+    B, T = m.shape
+    no_done = torch.zeros((B, T), dtype=torch.bool, device=m.device)
+    returns = discounted_returns(token_level_rewards * m, no_done, 1.0).to(token_level_rewards.dtype)
+    w = 1 - 2 * torch.exp(old_log_probs) + sum_pi_squared
+    if rollout_is_weights is not None:
+        w = w * rollout_is_weights ** 2
+    return returns, torch.cumsum(w * m, dim=-1)
+
+
+def _otb_baseline(returns, W, m, index, handle_zero_tail: bool, epsilon: float) -> torch.Tensor:
+    """B_t = sum over the uid group of m G_t W_t / (sum of m W_t + epsilon), per row; 0 for a
+    group of one, and (``handle_zero_tail``) 0 beyond the second-longest length on a group's
+    unique longest row."""
+    B, T = m.shape
+    gid, counts = _peers.group_ids(index, B, m.device)
+    G = int(counts.shape[0])
+    zeros = torch.zeros((G, T), dtype=W.dtype, device=m.device)
+    numerator = zeros.index_add(0, gid, returns * W * m)
+    denominator = zeros.index_add(0, gid, W * m) + epsilon
+    baseline = (numerator / denominator)[gid]
+    baseline = torch.where((counts[gid] > 1)[:, None], baseline, torch.zeros_like(baseline))
+    if handle_zero_tail:
+        length = m.sum(-1)
+        none = torch.full((G,), -1.0, dtype=length.dtype, device=m.device)
+        longest = none.scatter_reduce(0, gid, length, "amax")
+        at_max = length == longest[gid]
+        n_at_max = torch.zeros(G, dtype=torch.long, device=m.device).index_add(0, gid, at_max.long())
+        second = none.scatter_reduce(0, gid, torch.where(at_max, torch.full_like(length, -1.0), length), "amax")
+        alone = at_max & (n_at_max[gid] == 1) & (counts[gid] > 1)
+        tail = torch.arange(T, device=m.device)[None, :] >= second[gid][:, None]
+        baseline = torch.where(alone[:, None] & tail, torch.zeros_like(baseline), baseline)
+    return baseline
+
+
 def compute_optimal_token_baseline_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor,
                                              index: np.ndarray, old_log_probs: torch.Tensor,
                                              sum_pi_squared: torch.Tensor,
@@ -831,33 +868,47 @@ def compute_optimal_token_baseline_advantage(token_level_rewards: torch.Tensor, 
     (verl loops over them in Python)."""
     with torch.no_grad():
         m = response_mask.to(token_level_rewards.dtype)
-        B, T = m.shape
-        no_done = torch.zeros((B, T), dtype=torch.bool, device=m.device)
-        returns = discounted_returns(token_level_rewards * m, no_done, 1.0).to(token_level_rewards.dtype)
-        w = 1 - 2 * torch.exp(old_log_probs) + sum_pi_squared
-        if rollout_is_weights is not None:
-            w = w * rollout_is_weights ** 2
-        W = torch.cumsum(w * m, dim=-1)
-        gid, counts = _peers.group_ids(index, B, m.device)
-        G = int(counts.shape[0])
-        zeros = torch.zeros((G, T), dtype=W.dtype, device=m.device)
-        numerator = zeros.index_add(0, gid, returns * W * m)
-        denominator = zeros.index_add(0, gid, W * m) + epsilon
-        baseline = (numerator / denominator)[gid]
-        baseline = torch.where((counts[gid] > 1)[:, None], baseline, torch.zeros_like(baseline))
-        if handle_zero_tail:
-            length = m.sum(-1)
-            longest = torch.full((G,), -1.0, dtype=length.dtype, device=m.device).scatter_reduce(
-                0, gid, length, "amax")
-            at_max = length == longest[gid]
-            n_at_max = torch.zeros(G, dtype=torch.long, device=m.device).index_add(0, gid, at_max.long())
-            others = torch.where(at_max, torch.full_like(length, -1.0), length)
-            second = torch.full((G,), -1.0, dtype=length.dtype, device=m.device).scatter_reduce(0, gid, others, "amax")
-            alone = at_max & (n_at_max[gid] == 1) & (counts[gid] > 1)
-            tail = torch.arange(T, device=m.device)[None, :] >= second[gid][:, None]
-            baseline = torch.where(alone[:, None] & tail, torch.zeros_like(baseline), baseline)
-        advantages = (returns - baseline) * m
-    return advantages, returns
+        returns, W = _otb_parts(token_level_rewards, m, old_log_probs, sum_pi_squared, rollout_is_weights)
+        baseline = _otb_baseline(returns, W, m, index, handle_zero_tail, epsilon)
+        return (returns - baseline) * m, returns
+
+
+def compute_multi_turn_optimal_token_baseline_advantage(token_level_rewards: torch.Tensor,
+                                                        response_mask: torch.Tensor, index: np.ndarray,
+                                                        old_log_probs: torch.Tensor, sum_pi_squared: torch.Tensor,
+                                                        rollout_is_weights: Optional[torch.Tensor] = None,
+                                                        handle_zero_tail: bool = True, epsilon: float = 1e-8,
+                                                        **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
+    """verl's multi-turn OTB (``tir_optimal_token_baseline``): the optimal token baseline with
+    steps counted over each row's ACTIVE tokens only (tool-output holes in the mask are
+    skipped, so the k-th generated token of every trajectory shares a baseline), and rows
+    without an active token left out of their group. Returns (A, G)."""
+    with torch.no_grad():
+        m = response_mask.to(token_level_rewards.dtype)
+        returns, W = _otb_parts(token_level_rewards, m, old_log_probs, sum_pi_squared, rollout_is_weights)
+        active = response_mask.bool()
+        length = active.sum(-1)
+        L = int(length.max()) if length.numel() else 0
+        rows = torch.nonzero(length > 0).flatten()
+        advantages = torch.zeros_like(returns)
+        if L == 0 or rows.numel() == 0:
+            return advantages, returns
+        # Compact each row's active tokens to the left: position k is its k-th active token.
+        rank = torch.cumsum(active.long(), dim=-1) - 1
+        slot = torch.where(active, rank, torch.full_like(rank, L))  # inactive tokens go to a spare column
+
+        def compact(x):
+            return torch.zeros((x.shape[0], L + 1), dtype=x.dtype, device=x.device).scatter_(1, slot, x)[:, :L]
+
+        cm = (torch.arange(L, device=m.device)[None, :] < length[:, None]).to(m.dtype)
+        keep = rows.cpu().numpy()
+        sub_index = np.asarray(index)[keep] if not isinstance(index, torch.Tensor) else index[rows]
+        cR, cW, cm = compact(returns)[rows], compact(W)[rows], cm[rows]
+        baseline = _otb_baseline(cR, cW, cm, sub_index, handle_zero_tail, epsilon)
+        compact_adv = torch.zeros((returns.shape[0], L), dtype=returns.dtype, device=m.device)
+        compact_adv[rows] = cR - baseline
+        advantages = compact_adv.gather(1, slot.clamp(max=L - 1)) * m
+        return advantages, returns
 
 
 ADV_ESTIMATOR_REGISTRY: Dict[str, Callable] = {
@@ -869,6 +920,7 @@ ADV_ESTIMATOR_REGISTRY: Dict[str, Callable] = {
     "rloo_vectorized": compute_rloo_vectorized_outcome_advantage, "opo": compute_opo_outcome_advantage,
     "gpg": compute_gpg_outcome_advantage, "grpo_passk": compute_grpo_passk_outcome_advantage,
     "gdpo": compute_gdpo_outcome_advantage, "optimal_token_baseline": compute_optimal_token_baseline_advantage,
+    "tir_optimal_token_baseline": compute_multi_turn_optimal_token_baseline_advantage,
 }
 
 
@@ -931,7 +983,8 @@ def install() -> None:
     ``POLICY_LOSS_REGISTRY`` (vanilla, gspo, cispo, gpg, dro, bypass_mode, sapo, geo_mean, dppo_tv,
     dppo_kl) and its advantage
     estimators in ``ADV_ESTIMATOR_REGISTRY`` (gae, grpo, grpo_vectorized, reinforce_plus_plus,
-    reinforce_plus_plus_baseline, remax, rloo, rloo_vectorized, opo, gpg, grpo_passk, gdpo, optimal_token_baseline), and
+    reinforce_plus_plus_baseline, remax, rloo, rloo_vectorized, opo, gpg, grpo_passk, gdpo, optimal_token_baseline,
+    tir_optimal_token_baseline), and
     replaces ``core_algos.kl_penalty``, ``compute_value_loss``, ``compute_gae_advantage_return``
     and ``compute_grpo_outcome_advantage`` (also where verl's loss modules imported them by name).
     An unchanged verl config then runs on rlkern. Idempotent; :func:`uninstall` restores verl's.
