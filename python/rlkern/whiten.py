@@ -73,11 +73,11 @@ def _whiten_triton(x, m, out, shift_mean, unbiased, eps, eps_mode, group, check)
     tw.apply(x, out, stats, not shift_mean)
 
 
-def _launch(values, mask, shift_mean, unbiased, eps, eps_mode, group, check):
+def _launch(values, mask, backend, shift_mean, unbiased, eps, eps_mode, group, check):
     x = values.detach().contiguous().reshape(-1)
     m = (mask if mask.dtype == torch.bool else mask != 0).contiguous().reshape(-1).view(torch.uint8)
     out = torch.empty_like(x)
-    run = _whiten_cpu if _backend.select(x.device) == "cpu" else _whiten_triton
+    run = _whiten_cpu if backend == "cpu" else _whiten_triton
     run(x, m, out, shift_mean, unbiased, eps, eps_mode, group, check)
     return out.view(values.shape)
 
@@ -87,7 +87,8 @@ def _launch(values, mask, shift_mean, unbiased, eps, eps_mode, group, check):
 @torch.library.custom_op("rlkern::masked_whiten", mutates_args=())
 def _whiten_op(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool, unbiased: bool, eps: float,
                clamp_eps: bool) -> torch.Tensor:
-    return _launch(values, mask, shift_mean, unbiased, eps, "clamp" if clamp_eps else "add", None, False)
+    return _launch(values, mask, _backend.select(values.device), shift_mean, unbiased, eps,
+                   "clamp" if clamp_eps else "add", None, False)
 
 
 @_whiten_op.register_fake
@@ -152,4 +153,4 @@ def masked_whiten(values: torch.Tensor, mask: Optional[torch.Tensor] = None, *, 
             raise ValueError("masked_whiten(all_processes=True) is eager-only: under torch.compile/export call it "
                              "outside the compiled region")
         return _whiten_op(values, mask, shift_mean, unbiased, eps, eps_mode == "clamp")
-    return _launch(values, mask, shift_mean, unbiased, eps, eps_mode, group_arg, True)
+    return _launch(values, mask, backend, shift_mean, unbiased, eps, eps_mode, group_arg, True)

@@ -119,7 +119,9 @@ def group_ids(index: Any, n: int, device: torch.device) -> Tuple[torch.Tensor, t
 
 
 def group_sum(values: torch.Tensor, gid: torch.Tensor, groups: int) -> torch.Tensor:
-    return torch.zeros(groups, dtype=values.dtype, device=values.device).index_add_(0, gid, values)
+    """Sum of the rows of ``values`` ([N, ...]) per group id ([N] in 0..groups-1): [groups, ...]."""
+    out = torch.zeros((groups, *values.shape[1:]), dtype=values.dtype, device=values.device)
+    return out.index_add_(0, gid, values)
 
 
 def scalars(values) -> list:

@@ -835,9 +835,8 @@ def _otb_baseline(returns, W, m, index, handle_zero_tail: bool, epsilon: float) 
     B, T = m.shape
     gid, counts = _peers.group_ids(index, B, m.device)
     G = int(counts.shape[0])
-    zeros = torch.zeros((G, T), dtype=W.dtype, device=m.device)
-    numerator = zeros.index_add(0, gid, returns * W * m)
-    denominator = zeros.index_add(0, gid, W * m) + epsilon
+    numerator = _peers.group_sum(returns * W * m, gid, G)
+    denominator = _peers.group_sum(W * m, gid, G) + epsilon
     baseline = (numerator / denominator)[gid]
     baseline = torch.where((counts[gid] > 1)[:, None], baseline, torch.zeros_like(baseline))
     if handle_zero_tail:
@@ -845,7 +844,7 @@ def _otb_baseline(returns, W, m, index, handle_zero_tail: bool, epsilon: float) 
         none = torch.full((G,), -1.0, dtype=length.dtype, device=m.device)
         longest = none.scatter_reduce(0, gid, length, "amax")
         at_max = length == longest[gid]
-        n_at_max = torch.zeros(G, dtype=torch.long, device=m.device).index_add(0, gid, at_max.long())
+        n_at_max = _peers.group_sum(at_max.long(), gid, G)
         second = none.scatter_reduce(0, gid, torch.where(at_max, torch.full_like(length, -1.0), length), "amax")
         alone = at_max & (n_at_max[gid] == 1) & (counts[gid] > 1)
         tail = torch.arange(T, device=m.device)[None, :] >= second[gid][:, None]
