@@ -746,6 +746,18 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
     // sequence-level log importance weight.
     A n_row = 0, s_lr = 0, s_div = 0, s_tis = 0;
     double sum_lp = 0, sum_lr = 0;
+    // Both prepasses end alike: the per-sequence quantities from their double sums;
+    // returns the token count floored at 1.
+    auto finish_prepass = [&](double dn, double dlr, double ddiv, double dtis, double dlp) {
+      n_row = A(dn);
+      const double n1 = std::max(dn, 1.0);
+      s_lr = A(dlr / n1);
+      s_div = A(ddiv / n1);
+      s_tis = A(dtis);
+      sum_lp = dlp;
+      sum_lr = dlr;
+      return n1;
+    };
     if (OBJ) {
       // The scalar objectives' prepass, in double: the sums of the legacy prepass plus
       // GMPO's clipped log-ratios and advantages and VESPO's log sequence weight.
@@ -775,13 +787,7 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
           }
         }
       }
-      n_row = A(dn);
-      const double n1 = std::max(dn, 1.0);
-      s_lr = A(dlr / n1);
-      s_div = A(ddiv / n1);
-      s_tis = A(dtis);
-      sum_lp = dlp;
-      sum_lr = dlr;
+      const double n1 = finish_prepass(dn, dlr, ddiv, dtis, dlp);
       if (p.objective == kGeoMean) {
         c.geo_adv = A(dadv / n1);
         c.seq_ratio = std::exp(A(dgeo / n1));
@@ -853,13 +859,7 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
           ln[j] = llr[j] = ldiv[j] = ltis[j] = A(0);
         }
       }
-      n_row = A(dn);
-      const double n1 = std::max(dn, 1.0);
-      s_lr = A(dlr / n1);
-      s_div = A(ddiv / n1);
-      s_tis = A(dtis);
-      sum_lp = dlp;
-      sum_lr = dlr;
+      finish_prepass(dn, dlr, ddiv, dtis, dlp);
     }
     // seq-mean-token-sum-norm divides each sequence's token sum by the padded length T.
     c.row_w = p.agg == kSeqMeanTokenMean ? A(1) / std::max(n_row, A(1))
