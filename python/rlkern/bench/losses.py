@@ -236,6 +236,39 @@ def _make(config: str, B: int, T: int, dtype: torch.dtype):
     return make
 
 
+def _eager_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked whitening as the peers write it in PyTorch (verl's masked_whiten: unbiased
+    variance, rsqrt(var + 1e-8)); the competitor where verl is not installed."""
+    m = mask.to(values.dtype)
+    n = m.sum()
+    mean = (values * m).sum() / n
+    var = ((values - mean) ** 2 * m).sum() / (n - 1)
+    return (values - mean) * torch.rsqrt(var + 1e-8)
+
+
+def _whiten_make(B: int, T: int, dtype: torch.dtype):
+    def make(device: torch.device) -> Dict[str, Impl]:
+        from ..whiten import masked_whiten
+
+        _, _, _, _, mask = _inputs(B, T, dtype, device)
+        gen = torch.Generator(device="cpu").manual_seed(1)
+        values = torch.randn(B, T, generator=gen).to(device=device, dtype=dtype)
+        impls: Dict[str, Impl] = {"rlkern": lambda: masked_whiten(values, mask),
+                                  "eager": lambda: _eager_whiten(values, mask)}
+        try:
+            from verl.utils.torch_functional import masked_whiten as verl_whiten
+        except ImportError:
+            verl_whiten = None
+        if verl_whiten is not None:
+            impls["verl masked_whiten"] = lambda: verl_whiten(values, mask)
+        compiled = _compiled(_eager_whiten)
+        if compiled is not None:
+            impls["torch.compile"] = lambda: compiled(values, mask)
+        return impls
+
+    return make
+
+
 def cases(device: torch.device, quick: bool) -> List[Case]:
     shapes = [(8, 128)] if quick else [(64, 1024), (256, 4096)]
     dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
@@ -247,4 +280,8 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
                     continue  # the objectives beyond PPO: the 256 x 4096 shape only
                 out.append(Case("losses", f"policy_loss {config} fwd+bwd {str(dtype).replace('torch.', '')}",
                                 f"{B}x{T}", _make(config, B, T, dtype), items=B * T, unit="tokens/s"))
+    for dtype in dtypes:
+        B, T = shapes[-1]
+        out.append(Case("losses", f"masked_whiten {str(dtype).replace('torch.', '')}", f"{B}x{T}",
+                        _whiten_make(B, T, dtype), items=B * T, unit="tokens/s"))
     return out
