@@ -67,6 +67,13 @@ def policy_loss_bytes(B: int, T: int, itemsize: int, *, ref: bool, adv_per_token
     return float(B * T * per_token + adv)
 
 
+def whiten_bytes(B: int, T: int, itemsize: int) -> float:
+    """masked_whiten: the values and the bool mask read once, the output written once in the
+    values' dtype. The statistics need a pass of their own, so a two-pass kernel reads the
+    inputs twice and tops out near two thirds of this model's ceiling."""
+    return float(B * T * (2 * itemsize + 1))
+
+
 def token_logprobs_bytes(N: int, V: int, itemsize: int, *, backward: bool = True, entropy: bool = True) -> float:
     """token_logprobs: the logits read once, int64 targets read once, logp (and entropy)
     written in float32; with backward, the logits' gradient written once in their dtype."""
@@ -111,6 +118,9 @@ def model_for(case: Case) -> Optional[Model]:
     if case.suite == "losses" and op.startswith("policy_loss"):
         B, T = _dims(shape)[:2]
         return Model(policy_loss_bytes(B, T, _itemsize(op), ref=" grpo " in f" {op} "))
+    if case.suite == "losses" and op.startswith("masked_whiten"):
+        B, T = _dims(shape)[:2]
+        return Model(whiten_bytes(B, T, _itemsize(op)))
     if case.suite == "logprobs" and op.startswith("token_logprobs"):
         N, V = _dims(shape)[:2]
         return Model(token_logprobs_bytes(N, V, _itemsize(shape), entropy="+entropy" in op))
