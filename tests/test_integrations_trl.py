@@ -10,6 +10,7 @@ identical, and the losses and gradients must agree within float32 tolerance.
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -179,16 +180,16 @@ def test_unsupported_options_fall_back_to_trl(tiny_model_dir, tmp_path, monkeypa
     calls = []
     monkeypatch.setattr(rlk_trl, "policy_loss", lambda *a, **k: calls.append(1))
     with caplog.at_level(logging.INFO, logger="rlkern.integrations.trl"):
-        _, losses, _, _ = _run(rlk_trl.GRPOTrainer, tiny_model_dir, tmp_path, loss_type="cispo", epsilon_high=0.8,
-                               beta=0.04, use_bias_correction_kl=True, max_steps=1)
+        _, losses, _, _ = _run(rlk_trl.GRPOTrainer, tiny_model_dir, tmp_path, loss_type="cispo", epsilon_high=0.0,
+                               beta=0.04, max_steps=1)
     assert calls == [] and torch.isfinite(losses[0])
     # said once, at start, as a warning: the head is rlkern's, the loss TRL's, and why
     records = [r for r in caplog.records if r.name == "rlkern.integrations.trl"]
     assert len(records) == 1 and records[0].levelno == logging.WARNING
     message = records[0].getMessage()
     assert "on rlkern: log-probabilities and entropies" in message
-    assert ("on TRL's code: policy loss (loss_type='cispo'), because CISPO with epsilon_high < 1 caps the "
-            "log-ratio in rlkern") in message
+    assert ("on TRL's code: policy loss (loss_type='cispo'), because CISPO with epsilon_high=0.0 (a cap <= 0 "
+            "on a positive ratio) is left to TRL") in message
 
 
 def _grpo_args(tmp_path, **overrides):
@@ -209,8 +210,11 @@ PLANS = [
      ["on rlkern: policy loss (rlkern.policy_loss: loss_type='grpo', importance_sampling_level='token', k3 KL "
       "with bias correction, off-policy sequence mask, top_entropy_quantile=0.2)",
       "on rlkern: entropy bonus with adaptive control"]),
-    ({"loss_type": "cispo", "epsilon_high": 0.8, "beta": 0.04, "use_bias_correction_kl": True}, {}, logging.WARNING,
-     ["on TRL's code: policy loss (loss_type='cispo'), because CISPO with epsilon_high < 1"]),
+    ({"loss_type": "cispo", "epsilon_high": 0.8, "beta": 0.04, "use_bias_correction_kl": True}, {}, logging.INFO,
+     ["on rlkern: policy loss (rlkern.policy_loss: loss_type='cispo', importance_sampling_level='token', k3 KL "
+      "with bias correction)"]),
+    ({"loss_type": "cispo", "epsilon_high": 0.0}, {}, logging.WARNING,
+     ["on TRL's code: policy loss (loss_type='cispo'), because CISPO with epsilon_high=0.0 (a cap <= 0"]),
     ({"vllm_importance_sampling_clip_min": 0.5}, {"use_vllm": True}, logging.WARNING,
      ["on TRL's code: policy loss (loss_type='dapo'), because vllm_importance_sampling_clip_min"]),
     ({"vllm_importance_sampling_mode": "sequence_truncate"}, {"use_vllm": True}, logging.INFO,
@@ -506,25 +510,29 @@ def _compare_case(grid, monkeypatch, vllm_mode, on_rlkern, **fields):
     assert_close(grad, grad_ref, tol=1e-4, name="gradient")
     assert metrics.keys() == metrics_ref.keys()
     for key, values in metrics_ref.items():
-        assert metrics[key] == pytest.approx(values, rel=1e-5, abs=1e-7), key
+        # policy_loss is the loss (times the 2 accumulation steps): the loss's tolerance
+        assert metrics[key] == pytest.approx(values, rel=1e-5, abs=4e-6 if key == "policy_loss" else 1e-7), key
     return calls, metrics_ref
 
 
-GRID = [(lt, level, beta, q) for lt in GRID_LOSS_TYPES for level in GRID_LEVELS for beta in (0.0, 0.04)
-        for q in (1.0, 0.5)]
+# beta: 0, and 0.04 with TRL's default bias-corrected KL ("kl") and without it ("plainkl")
+BETAS = {"beta0": (0.0, True), "kl": (0.04, True), "plainkl": (0.04, False)}
+GRID = [(lt, level, beta, q) for lt in GRID_LOSS_TYPES for level in GRID_LEVELS for beta in BETAS for q in (1.0, 0.5)]
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 @pytest.mark.parametrize("loss_type,level,beta,quantile", GRID,
-                         ids=[f"{lt}-{level}-beta{beta}-q{q}" for lt, level, beta, q in GRID])
+                         ids=[f"{lt}-{level}-{beta}-q{q}" for lt, level, beta, q in GRID])
 def test_grid_matches_trl(grid, monkeypatch, loss_type, level, beta, quantile):
     # CISPO's cap above 1 here (a cap below 1 is tested on its own below): 1.02 binds on some tokens
     epsilon_high = 1.02 if loss_type == "cispo" else 0.28
+    coef, correction = BETAS[beta]
+    grid[0].args.use_bias_correction_kl = grid[1].args.use_bias_correction_kl = correction
     calls, metrics = _compare_case(grid, monkeypatch, None, True, loss_type=loss_type,
-                                   importance_sampling_level=level, beta=beta, top_entropy_quantile=quantile,
+                                   importance_sampling_level=level, beta=coef, top_entropy_quantile=quantile,
                                    epsilon_high=epsilon_high)
     kw = calls[0]
-    assert kw["level"] == level and kw["kl_coef"] == beta
+    assert kw["level"] == level and kw["kl_coef"] == coef and kw["kl_is_correction"] == correction
     assert ("entropy_top_fraction" in kw) == (quantile < 1.0)
     if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo") and level == "token":
         assert 0 < metrics["clip_ratio/region_mean"][0] < 1, "nothing clipped: the case tests less than it says"
@@ -542,6 +550,7 @@ def test_vllm_grid_matches_trl(grid, monkeypatch, mode, loss_type, level):
     # trainer, rlkern leaves the combination to TRL's code
     invalid = loss_type == "vespo" and mode.startswith("sequence")
     epsilon_high = 1.02 if loss_type == "cispo" else 0.28
+    grid[0].args.use_bias_correction_kl = grid[1].args.use_bias_correction_kl = True
     calls, _ = _compare_case(grid, monkeypatch, mode, not invalid, loss_type=loss_type,
                              importance_sampling_level=level, beta=0.04, top_entropy_quantile=1.0,
                              epsilon_high=epsilon_high)
@@ -577,5 +586,26 @@ def test_selection_over_processes_in_grid_matches_trl(grid, monkeypatch, loss_ty
     monkeypatch.setattr(trl.GRPOTrainer, "get_high_entropy_mask", selection)
     monkeypatch.setattr(rlk_trl.GRPOTrainer, "get_high_entropy_mask", selection)
     monkeypatch.setattr(rlk_trl.GRPOTrainer, "_rlkern_local_selection", lambda self: False)
+    grid[0].args.use_bias_correction_kl = grid[1].args.use_bias_correction_kl = True
     _compare_case(grid, monkeypatch, None, True, loss_type=loss_type, importance_sampling_level="token", beta=0.04,
                   top_entropy_quantile=0.5, epsilon_high=0.28)
+
+
+CISPO_CAPS = [(cap, level, beta, mode) for cap in (0.9, 0.97) for level in GRID_LEVELS for beta in BETAS
+              for mode in (None, "token_truncate")]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+@pytest.mark.parametrize("cap,level,beta,mode", CISPO_CAPS,
+                         ids=[f"cap{c}-{level}-{beta}-{m or 'novllm'}" for c, level, beta, m in CISPO_CAPS])
+def test_cispo_cap_below_one_matches_trl(grid, monkeypatch, cap, level, beta, mode):
+    """CISPO's weight sg(min(w, epsilon_high)) with a cap below 1, where the cap binds on most
+    ratios, with the KL (bias-corrected by the uncapped ratio, as TRL) and a vLLM mode."""
+    coef, correction = BETAS[beta]
+    grid[0].args.use_bias_correction_kl = grid[1].args.use_bias_correction_kl = correction
+    calls, metrics = _compare_case(grid, monkeypatch, mode, True, loss_type="cispo", importance_sampling_level=level,
+                                   beta=coef, top_entropy_quantile=1.0, epsilon_high=cap)
+    assert calls[0]["log_ratio_clamp"] == (None, pytest.approx(math.log(cap)))
+    # the second pass, for the KL only, exactly when the KL is weighed by the ratio
+    assert len(calls) == (2 if coef and correction else 1)
+    assert 0 < metrics["cispo_clip_ratio"][0] < 1
