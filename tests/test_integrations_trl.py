@@ -609,3 +609,55 @@ def test_cispo_cap_below_one_matches_trl(grid, monkeypatch, cap, level, beta, mo
     # the second pass, for the KL only, exactly when the KL is weighed by the ratio
     assert len(calls) == (2 if coef and correction else 1)
     assert 0 < metrics["cispo_clip_ratio"][0] < 1
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "vespo"])
+@pytest.mark.parametrize("quantile", [1.0, 0.5])
+def test_adaptive_entropy_over_accumulation_windows_matches_trl(grid, monkeypatch, loss_type, quantile):
+    """Three optimizer steps of two micro-batches each: the coefficient applied in a window is the
+    one set at the end of the previous window, from the window's entropy over its tokens."""
+    ours, theirs, inputs = grid
+    calls = []
+    policy = rlk_trl.policy_loss
+    monkeypatch.setattr(rlk_trl, "policy_loss", lambda *a, **k: calls.append(k) or policy(*a, **k))
+    fields = dict(loss_type=loss_type, importance_sampling_level="token", beta=0.0, top_entropy_quantile=quantile,
+                  epsilon_high=0.28, use_vllm=False, use_adaptive_entropy=True, _entropy_bonus_enabled=True,
+                  entropy_coef=0.01, _last_world_entropy=float("inf"), _entropy_window_stats=None)
+    # another micro-batch: the completions of the vLLM case, without what only a vLLM run's inputs carry
+    # (TRL's VESPO folds an importance_sampling_ratio in whenever its inputs have one)
+    other = {k: v for k, v in inputs["token_truncate"].items()
+             if k not in ("importance_sampling_ratio", "sampling_per_token_logps")}
+    micro_batches = [inputs[None], other]
+    entropies = {id(ours): [], id(theirs): []}
+    try:
+        for trainer in (ours, theirs):
+            for name, value in fields.items():
+                setattr(trainer, name, value)
+            # between the two micro-batches' mean entropies: one window raises the coefficient, the next lowers it
+            trainer.args.entropy_target = 3.66 if quantile == 1.0 else 3.78
+            trainer.args.entropy_coef_delta = 0.004
+        for window in range(3):
+            for micro, batch in enumerate(micro_batches if window != 1 else micro_batches[::-1]):
+                losses = []
+                for trainer in (theirs, ours):
+                    trainer.accelerator.gradient_state._set_sync_gradients(micro == 1)
+                    loss, grad, metrics = _drive(trainer, batch if window != 2 else micro_batches[1])
+                    losses.append((loss, grad, metrics))
+                    entropies[id(trainer)].append((trainer.entropy_coef, trainer._last_world_entropy))
+                (loss_ref, grad_ref, metrics_ref), (loss, grad, metrics) = losses
+                assert (loss - loss_ref).abs().item() <= 2e-6 * max(1.0, loss_ref.abs().item()), (window, micro)
+                assert_close(grad, grad_ref, tol=1e-4, name=f"window {window} micro-batch {micro} gradient")
+                assert metrics.keys() == metrics_ref.keys()
+                for key, values in metrics_ref.items():
+                    assert metrics[key] == pytest.approx(values, rel=1e-5, abs=4e-6), key
+    finally:
+        for trainer in (ours, theirs):
+            trainer.accelerator.gradient_state._set_sync_gradients(True)
+            trainer.use_adaptive_entropy = False
+    assert len(calls) == 6
+    ours_trace, theirs_trace = entropies[id(ours)], entropies[id(theirs)]
+    assert [c for c, _ in ours_trace] == pytest.approx([c for c, _ in theirs_trace], rel=1e-6)
+    assert [e for _, e in ours_trace] == pytest.approx([e for _, e in theirs_trace], rel=1e-6)
+    coefs = [c for c, _ in theirs_trace[1::2]]
+    assert len(set(coefs)) == 3, f"the controller must move the coefficient both ways: {coefs}"
