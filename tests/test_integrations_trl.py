@@ -566,10 +566,19 @@ def test_vllm_grid_matches_trl(grid, monkeypatch, mode, loss_type, level):
 def test_vespo_with_sequence_vllm_mode_raises_as_trl(tiny_model_dir, tmp_path, mode):
     config = dict(loss_type="vespo", use_vllm=True, vllm_importance_sampling_mode=mode)
     dataset = Dataset.from_dict({"prompt": GRID_PROMPTS})
-    for trainer_cls in (trl.GRPOTrainer, rlk_trl.GRPOTrainer):
-        with pytest.raises(ValueError, match="VESPO loss requires `vllm_importance_sampling_mode`"):
-            trainer_cls(model=tiny_model_dir, reward_funcs=_reward, args=_grid_config(tmp_path, "v", **config),
-                        train_dataset=dataset)
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    try:
+        for trainer_cls in (trl.GRPOTrainer, rlk_trl.GRPOTrainer):
+            with pytest.raises(ValueError, match="VESPO loss requires `vllm_importance_sampling_mode`"):
+                trainer_cls(model=tiny_model_dir, reward_funcs=_reward, args=_grid_config(tmp_path, "v", **config),
+                            train_dataset=dataset)
+    finally:
+        # the config reset accelerate's process-wide state and the failed constructor built none: the
+        # grid's trainers (built with use_cpu) need it back
+        if not AcceleratorState._shared_state:
+            Accelerator(cpu=True)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
