@@ -10,6 +10,7 @@ identical, and the losses and gradients must agree within float32 tolerance.
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -18,47 +19,19 @@ trl = pytest.importorskip("trl", reason="the TRL integration test needs `trl` (p
 pytest.importorskip("datasets", reason="the TRL integration test needs `datasets` (installed with trl)")
 
 from datasets import Dataset  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback  # noqa: E402
 
 import rlkern.integrations.trl as rlk_trl  # noqa: E402
 
+from _trl_fixtures import GradRecorder as _Recorder  # noqa: E402
+from _trl_fixtures import tiny_model_dir  # noqa: E402,F401  (the shared tiny model fixture)
 from helpers import assert_close  # noqa: E402
 
 # Single-process loops over tiny networks: one torch thread each (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
-VOCAB = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(40)]
-
-
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_llama")
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                            unk_token="<unk>").save_pretrained(path)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         pad_token_id=0, eos_token_id=1, bos_token_id=None, tie_word_embeddings=False)
-    LlamaForCausalLM(config).save_pretrained(path)
-    return str(path)
-
 
 def _reward(completions, **kwargs):
     return [float(c.count("w3")) - 0.1 * len(c.split()) for c in completions]
-
-
-class _Recorder(TrainerCallback):
-    def __init__(self):
-        self.grads = []
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        self.grads.append(torch.cat([p.grad.detach().reshape(-1).clone() for p in model.parameters()
-                                     if p.grad is not None]))
 
 
 def _run(trainer_cls, model_dir, tmp_path, setup=None, **overrides):
@@ -207,16 +180,16 @@ def test_unsupported_options_fall_back_to_trl(tiny_model_dir, tmp_path, monkeypa
     calls = []
     monkeypatch.setattr(rlk_trl, "policy_loss", lambda *a, **k: calls.append(1))
     with caplog.at_level(logging.INFO, logger="rlkern.integrations.trl"):
-        _, losses, _, _ = _run(rlk_trl.GRPOTrainer, tiny_model_dir, tmp_path, loss_type="vespo",
-                               off_policy_mask_threshold=0.5, max_steps=1)
+        _, losses, _, _ = _run(rlk_trl.GRPOTrainer, tiny_model_dir, tmp_path, loss_type="cispo", epsilon_high=0.0,
+                               beta=0.04, max_steps=1)
     assert calls == [] and torch.isfinite(losses[0])
     # said once, at start, as a warning: the head is rlkern's, the loss TRL's, and why
     records = [r for r in caplog.records if r.name == "rlkern.integrations.trl"]
     assert len(records) == 1 and records[0].levelno == logging.WARNING
     message = records[0].getMessage()
     assert "on rlkern: log-probabilities and entropies" in message
-    assert ("on TRL's code: policy loss (loss_type='vespo'), because VESPO with the off-policy mask or "
-            "top_entropy_quantile < 1 is left to TRL") in message
+    assert ("on TRL's code: policy loss (loss_type='cispo'), because CISPO with epsilon_high=0.0 (a cap <= 0 "
+            "on a positive ratio) is left to TRL") in message
 
 
 def _grpo_args(tmp_path, **overrides):
@@ -237,8 +210,11 @@ PLANS = [
      ["on rlkern: policy loss (rlkern.policy_loss: loss_type='grpo', importance_sampling_level='token', k3 KL "
       "with bias correction, off-policy sequence mask, top_entropy_quantile=0.2)",
       "on rlkern: entropy bonus with adaptive control"]),
-    ({"loss_type": "cispo", "epsilon_high": 0.8, "beta": 0.04, "use_bias_correction_kl": True}, {}, logging.WARNING,
-     ["on TRL's code: policy loss (loss_type='cispo'), because CISPO with epsilon_high < 1"]),
+    ({"loss_type": "cispo", "epsilon_high": 0.8, "beta": 0.04, "use_bias_correction_kl": True}, {}, logging.INFO,
+     ["on rlkern: policy loss (rlkern.policy_loss: loss_type='cispo', importance_sampling_level='token', k3 KL "
+      "with bias correction)"]),
+    ({"loss_type": "cispo", "epsilon_high": 0.0}, {}, logging.WARNING,
+     ["on TRL's code: policy loss (loss_type='cispo'), because CISPO with epsilon_high=0.0 (a cap <= 0"]),
     ({"vllm_importance_sampling_clip_min": 0.5}, {"use_vllm": True}, logging.WARNING,
      ["on TRL's code: policy loss (loss_type='dapo'), because vllm_importance_sampling_clip_min"]),
     ({"vllm_importance_sampling_mode": "sequence_truncate"}, {"use_vllm": True}, logging.INFO,
@@ -415,3 +391,282 @@ def test_high_entropy_mask_in_one_process_and_bad_input():
         rlk_trl.high_entropy_mask(entropies, mask[:, :3], 0.5)
     with pytest.raises(TypeError, match="entropies"):
         rlk_trl.high_entropy_mask(mask, mask, 0.5)
+
+
+# --- The full grid, through _compute_loss ------------------------------------------------------
+#
+# Every loss type TRL 1.16 has x importance-sampling level x beta x top_entropy_quantile, and the
+# four vLLM modes with every loss type and level. Training runs per case would take minutes, so
+# one TRL trainer and one rlkern trainer are built once, and each case sets the options TRL reads
+# per step on both, then drives _compute_loss on the same prepared micro-batch: completions TRL's
+# _generate_and_score_completions produced (for the vLLM modes with the made-up engine
+# log-probs of _sample_with_fake_vllm, so the inputs carry sampling_per_token_logps and TRL's
+# importance_sampling_ratio), after which both policies move by the same small perturbation, so
+# the importance ratios differ from 1 and clip. Each case compares the loss, every metric TRL
+# logs, the gradient and its norm.
+
+GRID_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+GRID_LEVELS = ("token", "sequence")
+VLLM_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+GRID_PROMPTS = ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9", "w10"]
+
+
+def test_grid_covers_every_trl_loss_type():
+    import inspect
+    import re
+
+    source = inspect.getsource(trl.GRPOTrainer._compute_loss)
+    trl_types = set(re.findall(r'"(\w+)"', " ".join(re.findall(r"self\.loss_type (?:==|in) [^:]+:", source))))
+    assert trl_types == set(GRID_LOSS_TYPES), trl_types
+
+
+def _grid_config(tmp_path, name, **overrides):
+    from trl import GRPOConfig
+
+    options = dict(output_dir=str(tmp_path / name), per_device_train_batch_size=8, num_generations=4,
+                   gradient_accumulation_steps=2, max_completion_length=6, report_to="none", use_cpu=True,
+                   save_strategy="no", seed=0, num_iterations=2, epsilon=0.2, epsilon_high=0.28, beta=0.04,
+                   entropy_coef=0.01, bf16=False, disable_tqdm=True, vllm_importance_sampling_clip_max=1.2)
+    options.update(overrides)
+    return GRPOConfig(**options)
+
+
+def _micro_batch(trainer, generation_batch, rows):
+    """The first micro-batch of a generation batch, as TRL's _prepare_inputs splits it."""
+    return {k: (v[:rows] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == 2 * rows else v)
+            for k, v in generation_batch.items()}
+
+
+@pytest.fixture(scope="module")
+def grid(tiny_model_dir, tmp_path_factory):
+    import warnings
+
+    tmp_path = tmp_path_factory.mktemp("grid")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dataset = Dataset.from_dict({"prompt": GRID_PROMPTS * 4})
+        ours = rlk_trl.GRPOTrainer(model=tiny_model_dir, reward_funcs=_reward, args=_grid_config(tmp_path, "rlkern"),
+                                   train_dataset=dataset)
+        theirs = trl.GRPOTrainer(model=tiny_model_dir, reward_funcs=_reward, args=_grid_config(tmp_path, "trl"),
+                                 train_dataset=dataset)
+        for trainer in (ours, theirs):
+            trainer.model.train()
+            trainer.current_gradient_accumulation_steps = 2
+        batch = [{"prompt": p} for p in GRID_PROMPTS for _ in range(4)]  # 4 prompts x 4 generations
+        torch.manual_seed(1)
+        inputs = {None: _micro_batch(theirs, theirs._generate_and_score_completions(batch), 8)}
+        _sample_with_fake_vllm(theirs)
+        for mode in VLLM_MODES:
+            theirs.vllm_importance_sampling_mode = mode
+            torch.manual_seed(2)
+            inputs[mode] = _micro_batch(theirs, theirs._generate_and_score_completions(batch), 8)
+        theirs.use_vllm = False
+        gen = torch.Generator().manual_seed(3)
+        with torch.no_grad():  # the policy moves after sampling; the reference stays
+            for p, q in zip(ours.model.parameters(), theirs.model.parameters()):
+                assert torch.equal(p, q)
+                step = 0.08 * torch.randn(p.shape, generator=gen)
+                p.add_(step)
+                q.add_(step)
+        for micro in inputs.values():
+            # mixed signs, one advantage of exactly 0 (the >= 0 / > 0 boundaries of cispo, sapo and vespo)
+            micro["advantages"] = torch.tensor([1.2, -0.7, 0.4, -1.5, 0.0, 0.9, -0.3, 0.6])
+            assert micro["old_per_token_logps"] is not None and micro["ref_per_token_logps"] is not None
+    yield ours, theirs, inputs
+    torch.set_num_threads(threads)
+
+
+def _drive(trainer, inputs, **fields):
+    for name, value in fields.items():
+        setattr(trainer, name, value)
+    trainer._metrics["train"].clear()
+    trainer.model.zero_grad(set_to_none=True)
+    loss = trainer._compute_loss(trainer.model, dict(inputs))
+    loss.backward()
+    grad = torch.cat([p.grad.reshape(-1) for p in trainer.model.parameters() if p.grad is not None])
+    return loss.detach(), grad, {k: list(v) for k, v in trainer._metrics["train"].items()}
+
+
+def _compare_case(grid, monkeypatch, vllm_mode, on_rlkern, **fields):
+    ours, theirs, inputs = grid
+    calls = []
+    policy = rlk_trl.policy_loss
+    monkeypatch.setattr(rlk_trl, "policy_loss", lambda *a, **k: calls.append(k) or policy(*a, **k))
+    vllm = dict(use_vllm=vllm_mode is not None, vllm_importance_sampling_mode=vllm_mode or "sequence_mask")
+    loss_ref, grad_ref, metrics_ref = _drive(theirs, inputs[vllm_mode], **fields, **vllm)
+    assert calls == []
+    loss, grad, metrics = _drive(ours, inputs[vllm_mode], **fields, **vllm)
+    if on_rlkern:
+        assert calls, "rlkern's policy_loss must compute the loss"
+    else:
+        assert calls == [], "this combination must run on TRL's code"
+    assert torch.isfinite(loss_ref)
+    # float32 rounding on the scale of the terms (the loss is a difference of terms of both signs)
+    assert (loss - loss_ref).abs().item() <= 2e-6 * max(1.0, loss_ref.abs().item()), \
+        f"loss {loss.item()} vs TRL {loss_ref.item()}"
+    assert grad.norm().item() == pytest.approx(grad_ref.norm().item(), rel=1e-5, abs=1e-7)
+    assert_close(grad, grad_ref, tol=1e-4, name="gradient")
+    assert metrics.keys() == metrics_ref.keys()
+    for key, values in metrics_ref.items():
+        # policy_loss is the loss (times the 2 accumulation steps): the loss's tolerance
+        assert metrics[key] == pytest.approx(values, rel=1e-5, abs=4e-6 if key == "policy_loss" else 1e-7), key
+    return calls, metrics_ref
+
+
+# beta: 0, and 0.04 with TRL's default bias-corrected KL ("kl") and without it ("plainkl")
+BETAS = {"beta0": (0.0, True), "kl": (0.04, True), "plainkl": (0.04, False)}
+GRID = [(lt, level, beta, q) for lt in GRID_LOSS_TYPES for level in GRID_LEVELS for beta in BETAS for q in (1.0, 0.5)]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+@pytest.mark.parametrize("loss_type,level,beta,quantile", GRID,
+                         ids=[f"{lt}-{level}-{beta}-q{q}" for lt, level, beta, q in GRID])
+def test_grid_matches_trl(grid, monkeypatch, loss_type, level, beta, quantile):
+    # CISPO's cap above 1 here (a cap below 1 is tested on its own below): 1.02 binds on some tokens
+    epsilon_high = 1.02 if loss_type == "cispo" else 0.28
+    coef, correction = BETAS[beta]
+    grid[0].args.use_bias_correction_kl = grid[1].args.use_bias_correction_kl = correction
+    calls, metrics = _compare_case(grid, monkeypatch, None, True, loss_type=loss_type,
+                                   importance_sampling_level=level, beta=coef, top_entropy_quantile=quantile,
+                                   epsilon_high=epsilon_high)
+    kw = calls[0]
+    assert kw["level"] == level and kw["kl_coef"] == coef and kw["kl_is_correction"] == correction
+    assert ("entropy_top_fraction" in kw) == (quantile < 1.0)
+    if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo") and level == "token":
+        assert 0 < metrics["clip_ratio/region_mean"][0] < 1, "nothing clipped: the case tests less than it says"
+    if loss_type == "cispo":
+        assert 0 < metrics["cispo_clip_ratio"][0] < 1
+
+
+VLLM_GRID = [(mode, lt, level) for mode in VLLM_MODES for lt in GRID_LOSS_TYPES for level in GRID_LEVELS]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+@pytest.mark.parametrize("mode,loss_type,level", VLLM_GRID, ids=[f"{m}-{lt}-{level}" for m, lt, level in VLLM_GRID])
+def test_vllm_grid_matches_trl(grid, monkeypatch, mode, loss_type, level):
+    # TRL refuses VESPO with a sequence-level vLLM mode at construction (below); set on a built
+    # trainer, rlkern leaves the combination to TRL's code
+    invalid = loss_type == "vespo" and mode.startswith("sequence")
+    epsilon_high = 1.02 if loss_type == "cispo" else 0.28
+    grid[0].args.use_bias_correction_kl = grid[1].args.use_bias_correction_kl = True
+    calls, _ = _compare_case(grid, monkeypatch, mode, not invalid, loss_type=loss_type,
+                             importance_sampling_level=level, beta=0.04, top_entropy_quantile=1.0,
+                             epsilon_high=epsilon_high)
+    if not invalid:
+        kw = calls[0]
+        assert (kw["tis_level"], kw["tis_mode"]) == tuple(mode.split("_")) and kw["tis_cap"] == 1.2
+    ratio = grid[2][mode]["importance_sampling_ratio"]
+    assert ((ratio == 0) if mode.endswith("mask") else (ratio == 1.2)).any()  # the cap binds on some
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+@pytest.mark.parametrize("mode", ["sequence_truncate", "sequence_mask"])
+def test_vespo_with_sequence_vllm_mode_raises_as_trl(tiny_model_dir, tmp_path, mode):
+    config = dict(loss_type="vespo", use_vllm=True, vllm_importance_sampling_mode=mode)
+    dataset = Dataset.from_dict({"prompt": GRID_PROMPTS})
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    try:
+        for trainer_cls in (trl.GRPOTrainer, rlk_trl.GRPOTrainer):
+            with pytest.raises(ValueError, match="VESPO loss requires `vllm_importance_sampling_mode`"):
+                trainer_cls(model=tiny_model_dir, reward_funcs=_reward, args=_grid_config(tmp_path, "v", **config),
+                            train_dataset=dataset)
+    finally:
+        # the config reset accelerate's process-wide state and the failed constructor built none: the
+        # grid's trainers (built with use_cpu) need it back
+        if not AcceleratorState._shared_state:
+            Accelerator(cpu=True)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+@pytest.mark.parametrize("loss_type", ["vespo", "grpo"])
+@pytest.mark.parametrize("selected", ["none", "some"])
+def test_selection_over_processes_in_grid_matches_trl(grid, monkeypatch, loss_type, selected):
+    """The several-process selection path (policy_loss handed the selection), forced in one process,
+    with a process whose tokens are all below the global quantile ("none") and one with some above."""
+    def selection(self, entropies, mask, threshold):
+        if selected == "none":
+            return torch.zeros_like(mask, dtype=torch.bool)
+        return (entropies >= entropies[mask.bool()].median()) & mask.bool()
+
+    monkeypatch.setattr(trl.GRPOTrainer, "get_high_entropy_mask", selection)
+    monkeypatch.setattr(rlk_trl.GRPOTrainer, "get_high_entropy_mask", selection)
+    monkeypatch.setattr(rlk_trl.GRPOTrainer, "_rlkern_local_selection", lambda self: False)
+    grid[0].args.use_bias_correction_kl = grid[1].args.use_bias_correction_kl = True
+    _compare_case(grid, monkeypatch, None, True, loss_type=loss_type, importance_sampling_level="token", beta=0.04,
+                  top_entropy_quantile=0.5, epsilon_high=0.28)
+
+
+CISPO_CAPS = [(cap, level, beta, mode) for cap in (0.9, 0.97) for level in GRID_LEVELS for beta in BETAS
+              for mode in (None, "token_truncate")]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+@pytest.mark.parametrize("cap,level,beta,mode", CISPO_CAPS,
+                         ids=[f"cap{c}-{level}-{beta}-{m or 'novllm'}" for c, level, beta, m in CISPO_CAPS])
+def test_cispo_cap_below_one_matches_trl(grid, monkeypatch, cap, level, beta, mode):
+    """CISPO's weight sg(min(w, epsilon_high)) with a cap below 1, where the cap binds on most
+    ratios, with the KL (bias-corrected by the uncapped ratio, as TRL) and a vLLM mode."""
+    coef, correction = BETAS[beta]
+    grid[0].args.use_bias_correction_kl = grid[1].args.use_bias_correction_kl = correction
+    calls, metrics = _compare_case(grid, monkeypatch, mode, True, loss_type="cispo", importance_sampling_level=level,
+                                   beta=coef, top_entropy_quantile=1.0, epsilon_high=cap)
+    assert calls[0]["log_ratio_clamp"] == (None, pytest.approx(math.log(cap)))
+    # the second pass, for the KL only, exactly when the KL is weighed by the ratio
+    assert len(calls) == (2 if coef and correction else 1)
+    assert 0 < metrics["cispo_clip_ratio"][0] < 1
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "vespo"])
+@pytest.mark.parametrize("quantile", [1.0, 0.5])
+def test_adaptive_entropy_over_accumulation_windows_matches_trl(grid, monkeypatch, loss_type, quantile):
+    """Three optimizer steps of two micro-batches each: the coefficient applied in a window is the
+    one set at the end of the previous window, from the window's entropy over its tokens."""
+    ours, theirs, inputs = grid
+    calls = []
+    policy = rlk_trl.policy_loss
+    monkeypatch.setattr(rlk_trl, "policy_loss", lambda *a, **k: calls.append(k) or policy(*a, **k))
+    fields = dict(loss_type=loss_type, importance_sampling_level="token", beta=0.0, top_entropy_quantile=quantile,
+                  epsilon_high=0.28, use_vllm=False, use_adaptive_entropy=True, _entropy_bonus_enabled=True,
+                  entropy_coef=0.01, _last_world_entropy=float("inf"), _entropy_window_stats=None)
+    # another micro-batch: the completions of the vLLM case, without what only a vLLM run's inputs carry
+    # (TRL's VESPO folds an importance_sampling_ratio in whenever its inputs have one)
+    other = {k: v for k, v in inputs["token_truncate"].items()
+             if k not in ("importance_sampling_ratio", "sampling_per_token_logps")}
+    micro_batches = [inputs[None], other]
+    entropies = {id(ours): [], id(theirs): []}
+    try:
+        for trainer in (ours, theirs):
+            for name, value in fields.items():
+                setattr(trainer, name, value)
+            # between the two micro-batches' mean entropies: one window raises the coefficient, the next lowers it
+            trainer.args.entropy_target = 3.66 if quantile == 1.0 else 3.78
+            trainer.args.entropy_coef_delta = 0.004
+        for window in range(3):
+            for micro, batch in enumerate(micro_batches if window != 1 else micro_batches[::-1]):
+                losses = []
+                for trainer in (theirs, ours):
+                    trainer.accelerator.gradient_state._set_sync_gradients(micro == 1)
+                    loss, grad, metrics = _drive(trainer, batch if window != 2 else micro_batches[1])
+                    losses.append((loss, grad, metrics))
+                    entropies[id(trainer)].append((trainer.entropy_coef, trainer._last_world_entropy))
+                (loss_ref, grad_ref, metrics_ref), (loss, grad, metrics) = losses
+                assert (loss - loss_ref).abs().item() <= 2e-6 * max(1.0, loss_ref.abs().item()), (window, micro)
+                assert_close(grad, grad_ref, tol=1e-4, name=f"window {window} micro-batch {micro} gradient")
+                assert metrics.keys() == metrics_ref.keys()
+                for key, values in metrics_ref.items():
+                    assert metrics[key] == pytest.approx(values, rel=1e-5, abs=4e-6), key
+    finally:
+        for trainer in (ours, theirs):
+            trainer.accelerator.gradient_state._set_sync_gradients(True)
+            trainer.use_adaptive_entropy = False
+    assert len(calls) == 6
+    ours_trace, theirs_trace = entropies[id(ours)], entropies[id(theirs)]
+    assert [c for c, _ in ours_trace] == pytest.approx([c for c, _ in theirs_trace], rel=1e-6)
+    assert [e for _, e in ours_trace] == pytest.approx([e for _, e in theirs_trace], rel=1e-6)
+    coefs = [c for c, _ in theirs_trace[1::2]]
+    assert len(set(coefs)) == 3, f"the controller must move the coefficient both ways: {coefs}"

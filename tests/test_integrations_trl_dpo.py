@@ -18,12 +18,12 @@ trl = pytest.importorskip("trl", reason="the TRL integration test needs `trl` (p
 pytest.importorskip("datasets", reason="the TRL integration test needs `datasets` (installed with trl)")
 
 from datasets import Dataset  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
 
 import rlkern.integrations.trl as rlk_trl  # noqa: E402
 
 from helpers import assert_close  # noqa: E402
-from test_integrations_trl import tiny_model_dir  # noqa: E402,F401  (the shared tiny model fixture)
+from _trl_fixtures import GradRecorder as _Recorder  # noqa: E402
+from _trl_fixtures import tiny_model_dir  # noqa: E402,F401  (the shared tiny model fixture)
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -32,15 +32,6 @@ DATA = {
     "chosen": ["w3 w3", "w20 w21 w22", "w3", "w23 w24", "w3 w25", "w26 w27 w28 w29", "w30", "w3 w31"],
     "rejected": ["w32", "w33 w34", "w35 w36 w37", "w38", "w39 w1 w2 w3", "w5", "w6 w7", "w8 w9 w10"],
 }
-
-
-class _Recorder(TrainerCallback):
-    def __init__(self):
-        self.grads = []
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        self.grads.append(torch.cat([p.grad.detach().reshape(-1).clone() for p in model.parameters()
-                                     if p.grad is not None]))
 
 
 def _run(trainer_cls, model_dir, tmp_path, **overrides):

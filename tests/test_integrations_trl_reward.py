@@ -17,12 +17,13 @@ trl = pytest.importorskip("trl", reason="the TRL integration test needs `trl` (p
 pytest.importorskip("datasets", reason="the TRL integration test needs `datasets` (installed with trl)")
 
 from datasets import Dataset  # noqa: E402
-from transformers import AutoTokenizer, LlamaForSequenceClassification, TrainerCallback  # noqa: E402
+from transformers import AutoTokenizer, LlamaForSequenceClassification  # noqa: E402
 
 import rlkern.integrations.trl as rlk_trl  # noqa: E402
 
 from helpers import assert_close  # noqa: E402
-from test_integrations_trl import tiny_model_dir  # noqa: E402,F401  (the shared tiny model fixture)
+from _trl_fixtures import GradRecorder as _Recorder  # noqa: E402
+from _trl_fixtures import tiny_model_dir  # noqa: E402,F401  (the shared tiny model fixture)
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -43,15 +44,6 @@ def tiny_reward_dir(tiny_model_dir, tmp_path_factory):  # noqa: F811
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
     return str(path)
-
-
-class _Recorder(TrainerCallback):
-    def __init__(self):
-        self.grads = []
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        self.grads.append(torch.cat([p.grad.detach().reshape(-1).clone() for p in model.parameters()
-                                     if p.grad is not None]))
 
 
 def _run(trainer_cls, model_dir, tmp_path, with_margin, **overrides):

@@ -23,9 +23,9 @@ The constructors are TRL's. What changes:
 Configurations rlkern does not cover run on TRL's own code, unchanged, and each trainer's
 constructor says so once (logger ``rlkern.integrations.trl``: INFO when everything runs on
 rlkern, WARNING naming each part left to TRL and why). For GRPO: VESPO with a sequence-level vLLM
-mode, the off-policy mask or an entropy quantile, a lower importance-sampling bound ``vllm_importance_sampling_clip_min`` > 0, CISPO with
-``epsilon_high < 1`` together with the bias-corrected KL, and models with final-logit softcapping
-or MoE router losses (the LM head). Checked against trl 1.16.0 and transformers 5.24.
+mode (set on a built trainer: TRL's constructor refuses it), a lower importance-sampling bound
+``vllm_importance_sampling_clip_min`` > 0, CISPO with ``epsilon_high <= 0``, and models with
+final-logit softcapping or MoE router losses (the LM head). Checked against trl 1.16.0 and transformers 5.24.
 """
 
 from __future__ import annotations
@@ -302,10 +302,8 @@ def _cispo_objective(trainer):
         return dict(objective="cispo", clip_low=1.0, clip_high=eps - 1.0)
     if not eps > 0.0:
         return f"CISPO with epsilon_high={eps} (a cap <= 0 on a positive ratio) is left to TRL"
-    if trainer.beta != 0.0 and trainer.args.use_bias_correction_kl:
-        return ("CISPO with epsilon_high < 1 caps the log-ratio in rlkern, and use_bias_correction_kl would "
-                "multiply the KL by that capped ratio where TRL uses the uncapped one")
-    # min(w, eps) = exp(min(log w, log eps)); the ratio is detached in CISPO, so the clamp changes nothing else
+    # min(w, eps) = exp(min(log w, log eps)); the ratio is detached in CISPO, so the clamp changes
+    # nothing else but the bias-corrected KL's weight, which _compute_loss computes apart
     return dict(objective="cispo", clip_low=1.0, clip_high=0.0, log_ratio_clamp=(None, math.log(eps)))
 
 
@@ -319,8 +317,6 @@ def _vespo_objective(trainer):
             not str(trainer.vllm_importance_sampling_mode).startswith("token_"):
         return (f"VESPO folds the vLLM importance weight into its sequence weight per token; the "
                 f"{trainer.vllm_importance_sampling_mode} mode is left to TRL")
-    if trainer.off_policy_mask_threshold is not None or trainer.top_entropy_quantile < 1.0:
-        return "VESPO with the off-policy mask or top_entropy_quantile < 1 is left to TRL"
     args = trainer.args
     return dict(objective="vespo", vespo_k_pos=float(args.vespo_k_pos), vespo_lambda_pos=float(args.vespo_lambda_pos),
                 vespo_k_neg=float(args.vespo_k_neg), vespo_lambda_neg=float(args.vespo_lambda_neg))
@@ -541,14 +537,35 @@ class GRPOTrainer(_TRLGRPOTrainer):
                 if no_token:
                     loss_advantages = torch.zeros_like(advantages)
         use_kl = self.beta != 0.0
+        kl_correction = bool(self.args.use_bias_correction_kl)
+        # A capped log-ratio (CISPO's cap below 1) would also cap the ratio the bias-corrected KL
+        # is multiplied by, where TRL uses the uncapped one: the KL then takes a second pass of its
+        # own, with zero advantages (no policy term) and the plain ratio.
+        kl_apart = use_kl and kl_correction and "log_ratio_clamp" in options
         out = policy_loss(
             per_token_logps, old_per_token_logps, loss_advantages, mask, level=self.importance_sampling_level,
-            ref_logp=inputs["ref_per_token_logps"] if use_kl else None, kl_coef=self.beta, kl_kind="k3",
-            kl_is_correction=bool(self.args.use_bias_correction_kl), agg=agg, normalizer=float(normalizer),
-            **options,
+            ref_logp=inputs["ref_per_token_logps"] if use_kl and not kl_apart else None,
+            kl_coef=0.0 if kl_apart else self.beta, kl_kind="k3", kl_is_correction=kl_correction and not kl_apart,
+            agg=agg, normalizer=float(normalizer), **options,
         )
         loss = out.loss
+        if kl_apart:
+            loss = loss + policy_loss(
+                per_token_logps, old_per_token_logps, torch.zeros_like(advantages), mask,
+                level=self.importance_sampling_level, ref_logp=inputs["ref_per_token_logps"], kl_coef=self.beta,
+                kl_kind="k3", kl_is_correction=True, agg=agg, normalizer=float(normalizer),
+            ).loss
         policy_term = loss.detach() * (accumulation if logs_unscaled else 1.0)
+        metrics = out.metrics
+        if loss_advantages is not advantages and self.loss_type == "vespo":
+            # zero advantages pick VESPO's (k_pos, lambda_pos) for every sequence: TRL's
+            # vespo/phi_seq_mean is of the true advantages' weights, without the selection
+            with torch.no_grad():
+                unselected = {k: v for k, v in options.items() if k not in ("entropy", "entropy_top_fraction")}
+                metrics = policy_loss(
+                    per_token_logps.detach(), old_per_token_logps, advantages, mask,
+                    level=self.importance_sampling_level, agg=agg, normalizer=float(normalizer), **unselected,
+                ).metrics
 
         if self._entropy_bonus_enabled:
             loss = loss - self._rlkern_entropy_bonus(entropies, mask, entropy_mask, mode, accumulation)
@@ -561,7 +578,7 @@ class GRPOTrainer(_TRLGRPOTrainer):
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
 
         self._log_rlkern_metrics(mode, per_token_logps, old_per_token_logps, advantages, mask, entropies,
-                                 inputs.get("ref_per_token_logps") if use_kl else None, out.metrics)
+                                 inputs.get("ref_per_token_logps") if use_kl else None, metrics)
         return loss
 
     def _rlkern_local_selection(self) -> bool:
