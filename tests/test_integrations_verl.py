@@ -170,6 +170,106 @@ def test_bypass_mode_matches_verl(loss_type, rollout_is, threshold, rs):
     assert_close(ours[2], theirs[2], 1e-4, "grad")
 
 
+COV_LOSSES = ["clip_cov", "kl_cov"]
+
+
+def cov_config(ratio: float, lb: float = 0.05, ub: float = 5.0, coef: float = 0.7, **batch_info) -> ActorConfig:
+    cfg = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=2, clip_ratio=0.2,
+                      clip_ratio_low=0.2, clip_ratio_high=0.28,
+                      policy_loss=PolicyLossConfig(loss_mode="clip_cov", clip_cov_ratio=ratio, clip_cov_lb=lb,
+                                                   clip_cov_ub=ub, kl_cov_ratio=ratio, ppo_kl_coef=coef))
+    cfg.global_batch_info.update(batch_info)
+    return cfg
+
+
+def compare_cov(name, mode, old, lp, adv, m, cfg, weights=None, grad_tol=1e-4, seed=0):
+    """clip_cov draws its subset with torch.randperm on the default generator: both sides start
+    from the same seed, so the same RNG call gives both the same permutation."""
+    torch.manual_seed(seed)
+    ours = run(V.get_policy_loss_fn(name), old, lp, adv, m, mode, cfg, weights)
+    after = torch.randint(1 << 30, ())
+    torch.manual_seed(seed)
+    theirs = run(ca.get_policy_loss_fn(name), old.float(), lp.float(), adv, m, mode, cfg, weights)
+    assert torch.randint(1 << 30, ()) == after, "the adapter must consume the RNG exactly as verl"
+    assert_loss(ours[0], theirs[0], 1e-5, f"{name}/{mode} loss")
+    check_metrics(ours[1], theirs[1])
+    assert ours[2].dtype == lp.dtype
+    assert_close(ours[2].float(), theirs[2].to(lp.dtype).float(), grad_tol, f"{name}/{mode} grad")
+    return ours
+
+
+@pytest.mark.parametrize("name", COV_LOSSES)
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("kind", ["padded", "holed"])
+@pytest.mark.parametrize("ratio", [0.0002, 0.1, 0.9])
+def test_cov_losses_match_verl(name, mode, kind, ratio):
+    """Default ratio (one token), a random subset of the candidates, and (0.9) every candidate;
+    log-ratios of +-25 (neither loss clamps them) give the largest covariances."""
+    old, lp, adv, m = make_inputs(kind)
+    for seed in (0, 1):
+        compare_cov(name, mode, old, lp, adv, m, cov_config(ratio), seed=seed)
+    old, lp, adv, m = make_inputs(kind, seed=5, token_adv=True)
+    # without the +-25 log-ratios, whose exp(25) ratio would hide kl_cov's penalty in the tolerance
+    lp = old + (lp - old).clamp(-1.0, 1.0)
+    compare_cov(name, mode, old, lp, adv, m, cov_config(ratio, lb=0.01, ub=2.0), seed=2)
+
+
+def test_clip_cov_cuts_the_drawn_tokens():
+    """The cut subset really is a random draw among several candidates (not the first ones) and the
+    metric counts it: with a ratio admitting 3 of the candidates, different seeds cut different
+    tokens, each agreeing with verl."""
+    old, lp, adv, m = make_inputs("holed", seed=5, token_adv=True)
+    cfg = cov_config(0.06, lb=0.01, ub=2.0)
+    grads = [compare_cov("clip_cov", "token-mean", old, lp, adv, m, cfg, seed=s)[2] for s in range(4)]
+    assert any(not torch.equal((grads[0] == 0), (g == 0)) for g in grads[1:])
+
+
+@pytest.mark.parametrize("name", COV_LOSSES)
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_cov_losses_bf16_match_verl_in_float32(name, mode):
+    old, lp, adv, m = make_inputs("holed", torch.bfloat16)
+    compare_cov(name, mode, old, lp, adv, m, cov_config(0.1), grad_tol=1e-2)
+    lp = old + (lp - old).clamp(-1.0, 1.0)
+    compare_cov(name, mode, old, lp, adv, m, cov_config(0.1), grad_tol=1e-2)
+
+
+@pytest.mark.parametrize("name", COV_LOSSES)
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("info", list(GLOBAL_INFOS))
+def test_cov_losses_global_batch_and_rollout_weights(name, mode, info):
+    old, lp, adv, m = make_inputs("holed", seed=1)
+    lp = old + (lp - old).clamp(-1.0, 1.0)
+    w = torch.rand(B, T, generator=torch.Generator().manual_seed(3)) * 2
+    w[0, :3] = 0.0
+    w[3, 0] = 0.0
+    cfg = cov_config(0.1, **GLOBAL_INFOS[info])
+    compare_cov(name, mode, old, lp, adv, m, cfg, weights=w)
+    compare_cov(name, mode, old, lp, adv, m, cfg)
+
+
+@pytest.mark.parametrize("name", COV_LOSSES)
+def test_cov_losses_without_candidates_or_tokens(name):
+    """No token inside clip_cov's covariance band (nothing is cut), and a batch of empty rows
+    (verl divides by a zero count there: the adapter gives 0 and no NaN)."""
+    old, lp, adv, m = make_inputs("padded")
+    compare_cov(name, "token-mean", old, lp, adv, m, cov_config(0.1, lb=1e6, ub=2e6))
+    empty = torch.zeros_like(m)
+    loss, metrics, grad = run(V.get_policy_loss_fn(name), old, lp, adv, empty, "token-mean", cov_config(0.1))
+    assert float(loss) == 0.0 and not grad.any()
+    assert all(v == 0.0 for v in metrics.values())
+
+
+def test_cov_losses_reject_bad_config():
+    old, lp, adv, m = make_inputs("padded")
+    for name in COV_LOSSES:
+        with pytest.raises(ValueError):
+            V.get_policy_loss_fn(name)(old, lp, adv, m, "token-mean", None)
+    with pytest.raises(ValueError, match="clip_cov_ratio"):
+        V.compute_policy_loss_clip_cov(old, lp, adv, m, "token-mean", cov_config(0.0))
+    with pytest.raises(ValueError, match="kl_cov_ratio"):
+        V.compute_policy_loss_kl_cov(old, lp, adv, m, "token-mean", cov_config(-1.0))
+
+
 def test_deprecated_compute_policy_loss():
     old, lp, adv, m = make_inputs("holed")
     ours = V.compute_policy_loss(old, lp, adv, m, cliprange=0.2, cliprange_high=0.3, loss_agg_mode="token-mean")
@@ -384,8 +484,8 @@ def test_install_registers_rlkern_and_uninstall_restores():
         for name, fn in V.ADV_ESTIMATOR_REGISTRY.items():
             assert ca.get_adv_estimator_fn(name) is fn
         assert ca.kl_penalty is V.kl_penalty and ca.compute_value_loss is V.compute_value_loss
-        assert ca.POLICY_LOSS_REGISTRY["clip_cov"] is clip_cov  # losses rlkern does not provide stay verl's
-        for name in ("sapo", "geo_mean", "dppo_tv", "dppo_kl"):
+        assert ca.POLICY_LOSS_REGISTRY["clip_cov"] is V.compute_policy_loss_clip_cov is not clip_cov
+        for name in ("sapo", "geo_mean", "dppo_tv", "dppo_kl", "kl_cov"):
             assert ca.get_policy_loss_fn(name) is V.POLICY_LOSS_REGISTRY[name]
         # an unchanged verl call path (registry lookup by config name) now runs rlkern and agrees with verl
         old, lp, adv, m = make_inputs("padded")

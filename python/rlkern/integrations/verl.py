@@ -14,8 +14,8 @@ Losses and metrics agree with verl to float32 rounding (the tests run verl's own
 verl itself is needed only for :func:`install` and the ``bypass_mode`` loss (which uses verl's
 rollout-correction helper for its weights, rejection mask and metrics).
 
-Policy losses provided: vanilla, gspo, cispo, gpg, dro, bypass_mode, sapo, geo_mean, dppo_tv,
-dppo_kl (the others of verl's registry, clip_cov and kl_cov, stay verl's after :func:`install`).
+Policy losses provided: every one of verl's registry: vanilla, gspo, cispo, gpg, dro, bypass_mode,
+sapo, geo_mean, dppo_tv, dppo_kl, clip_cov, kl_cov.
 
 Deliberate differences, all at degenerate inputs: where verl divides by a zero token count
 the result here is 0 instead of NaN, NaN held at masked positions does not leak into the
@@ -42,7 +42,8 @@ __all__ = [
     "agg_loss", "compute_policy_loss", "compute_policy_loss_vanilla", "compute_policy_loss_gspo",
     "compute_policy_loss_cispo", "compute_policy_loss_gpg", "compute_policy_loss_dro",
     "compute_policy_loss_reinforce", "compute_policy_loss_bypass_mode", "compute_policy_loss_sapo",
-    "compute_policy_loss_geo_mean", "compute_policy_loss_dppo_tv", "compute_policy_loss_dppo_kl", "get_policy_loss_fn",
+    "compute_policy_loss_geo_mean", "compute_policy_loss_dppo_tv", "compute_policy_loss_dppo_kl",
+    "compute_policy_loss_clip_cov", "compute_policy_loss_kl_cov", "get_policy_loss_fn",
     "POLICY_LOSS_REGISTRY", "ADV_ESTIMATOR_REGISTRY", "get_adv_estimator_fn", "kl_penalty", "kl_penalty_forward",
     "compute_value_loss", "compute_gae_advantage_return", "compute_grpo_outcome_advantage",
     "compute_grpo_vectorized_outcome_advantage", "compute_reinforce_plus_plus_outcome_advantage",
@@ -464,11 +465,148 @@ def compute_policy_loss_dppo_kl(old_log_prob: torch.Tensor, log_prob: torch.Tens
                  "dppo_kl")
 
 
+def _row_scale(agg: str, norm, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per-row factor s_b with agg(l) = sum_{b,t} m_bt l_bt s_b for the (agg, normalizer) pair of
+    :func:`_agg` (the same denominators as the fused kernel), so that a term on a few gathered
+    tokens can be added to the kernel's loss without a [B, T] pass."""
+    m = mask.bool()
+    count = m.sum(-1).to(dtype)
+    nonempty = (count > 0).sum().to(dtype).clamp(min=1)
+    ones = torch.ones_like(count)
+    if agg == "token-mean":
+        denom = count.sum().clamp(min=1) if norm is None else norm
+    elif agg == "token-sum":
+        denom = 1.0 if norm is None else norm
+    elif agg == "seq-mean-token-sum-norm":  # only without a normalizer (see _peers.global_agg)
+        denom = nonempty * mask.shape[-1]
+    else:
+        denom = nonempty if norm is None else norm
+    if agg == "seq-mean-token-mean":
+        ones = 1.0 / count.clamp(min=1)
+    return ones / denom
+
+
+@torch.no_grad()
+def _centred_product(advantages: torch.Tensor, log_prob: torch.Tensor, valid: torch.Tensor,
+                     n: torch.Tensor) -> torch.Tensor:
+    """(A - mean A) (lp - mean lp) per token, the means over the active tokens, in at least
+    float32 (verl forms it in the input precision: bfloat16 rankings may differ at near-ties)."""
+    dtype = torch.promote_types(torch.promote_types(advantages.dtype, log_prob.dtype), torch.float32)
+    a = advantages.to(dtype).expand(valid.shape)
+    lp = log_prob.detach().to(dtype)
+    zero = torch.zeros((), dtype=dtype, device=a.device)
+    n = n.to(dtype).clamp(min=1)
+    mean_a = torch.where(valid, a, zero).sum() / n
+    mean_lp = torch.where(valid, lp, zero).sum() / n
+    return (a - mean_a) * (lp - mean_lp)
+
+
+def _cov_config(config: Any, name: str, default: float) -> float:
+    if config is None or _cfg(config, "policy_loss") is None:
+        raise ValueError("config (the actor config with policy_loss) is required")
+    return float(_cfg(_cfg(config, "policy_loss"), name, default))
+
+
+def compute_policy_loss_clip_cov(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
+                                 response_mask: torch.Tensor, loss_agg_mode: str = "token-mean",
+                                 config: Optional[Any] = None, rollout_is_weights: Optional[torch.Tensor] = None):
+    """verl's ``"clip_cov"`` policy loss (Clip-Cov): PPO's max(-A r, -A clip(r, 1 - low, 1 + high))
+    (no log-ratio clamp, no dual clip) with the gradient cut on a random subset of tokens.
+
+    Candidates are the active, PPO-unclipped tokens whose covariance term
+    (A - mean A)(lp - mean lp) (means over the active tokens) lies strictly inside
+    (``policy_loss.clip_cov_lb``, ``clip_cov_ub``) (defaults 1, 5); max(1, int(clip_cov_ratio N))
+    of them (N the active token count, ratio default 2e-4) are drawn by ``torch.randperm`` on the
+    default CPU generator over the candidates in row-major order, exactly verl's draw (same seed,
+    same tokens), and their loss is multiplied by 0. Times ``rollout_is_weights``, aggregated by
+    ``loss_agg_mode`` on the fused kernel. Metrics: ``actor/pg_clipfrac`` the fraction of active
+    tokens cut, ``actor/ppo_kl`` the mean of old - lp. Two host syncs (the two counts), as verl.
+    """
+    low, high = _clip_range(config)
+    ratio = _cov_config(config, "clip_cov_ratio", 0.0002)
+    ub = _cov_config(config, "clip_cov_ub", 5.0)
+    lb = _cov_config(config, "clip_cov_lb", 1.0)
+    if not ratio > 0:
+        raise ValueError(f"policy_loss.clip_cov_ratio must be > 0, got {ratio}")
+    agg, norm = _agg(loss_agg_mode, response_mask, _batch_info(config))
+    valid = response_mask.bool()
+    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+    with torch.no_grad():
+        n = valid.sum()
+        cov = _centred_product(adv, log_prob, valid, n)
+        lr = log_prob.detach().to(cov.dtype) - old_log_prob.detach().to(cov.dtype)
+        r = lr.exp()
+        a = adv.to(cov.dtype)
+        clipped = -a * r.clamp(1 - low, 1 + high) > -a * r
+        candidate = (cov < ub) & (cov > lb) & valid & ~clipped
+        n_host, n_cand = (int(x) for x in torch.stack([n, candidate.sum()]).tolist())
+        keep = torch.ones(valid.shape, dtype=cov.dtype, device=valid.device)
+        n_cut = 0
+        if n_cand > 0:
+            where = torch.nonzero_static(candidate.reshape(-1), size=n_cand).reshape(-1)
+            perm = torch.randperm(n_cand)  # verl's draw: default CPU generator
+            n_cut = min(max(int(ratio * n_host), 1), n_cand)
+            keep.view(-1)[where[perm[:n_cut].to(where.device)]] = 0.0
+        factor = keep if rollout_is_weights is None else keep * rollout_is_weights.detach().to(cov.dtype)
+    out = _policy_loss(log_prob, old_log_prob, _peers.weighted_advantages(adv, factor), response_mask,
+                       objective="clip", clip_low=low, clip_high=high, agg=agg, normalizer=norm)
+    clipfrac = n_cut / n_host if n_host > 0 else 0.0
+    values = _peers.scalars([clipfrac, out.metrics["approx_kl"]])
+    return _peers.owned(out.loss), {"actor/pg_clipfrac": values[0], "actor/ppo_kl": values[1]}
+
+
+def compute_policy_loss_kl_cov(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
+                               response_mask: torch.Tensor, loss_agg_mode: str = "token-mean",
+                               config: Optional[Any] = None, rollout_is_weights: Optional[torch.Tensor] = None):
+    """verl's ``"kl_cov"`` policy loss (KL-Cov): -A r on every token (no clip, no log-ratio
+    clamp), plus ``policy_loss.ppo_kl_coef`` (default 1) |lp - old| on the
+    max(1, int(kl_cov_ratio N)) active tokens (ratio default 2e-4, N active tokens) with the
+    largest covariance term (A - mean A)(lp - mean lp), means over the active tokens; times
+    ``rollout_is_weights``, aggregated by ``loss_agg_mode``.
+
+    The -A r part runs on the fused kernel (PPO's objective with the clip range [0, inf), which
+    never binds); the penalty is gathered on the k selected tokens only and scaled by each
+    row's aggregation factor. ``actor/ppo_kl`` is verl's mean of |lp - old| over the active
+    tokens. One host sync (the token count, for k), as verl; the top-k runs on the device
+    (verl copies the batch to the CPU for it).
+    """
+    ratio = _cov_config(config, "kl_cov_ratio", 0.0002)
+    coef = _cov_config(config, "ppo_kl_coef", 1.0)
+    if not ratio > 0:
+        raise ValueError(f"policy_loss.kl_cov_ratio must be > 0, got {ratio}")
+    agg, norm = _agg(loss_agg_mode, response_mask, _batch_info(config))
+    valid = response_mask.bool()
+    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+    pg_adv = adv if rollout_is_weights is None else _peers.weighted_advantages(adv, rollout_is_weights)
+    out = _policy_loss(log_prob, old_log_prob, pg_adv, response_mask, objective="clip", clip_low=1.0,
+                       clip_high=float("inf"), agg=agg, normalizer=norm)
+    loss = _peers.owned(out.loss)
+    with torch.no_grad():
+        n = valid.sum()
+        cov = _centred_product(adv, log_prob, valid, n)
+        d = (log_prob.detach().to(cov.dtype) - old_log_prob.detach().to(cov.dtype)).abs()
+        ppo_kl = torch.where(valid, d, torch.zeros((), dtype=d.dtype, device=d.device)).sum() / n.clamp(min=1)
+        n_host = int(n)
+    if n_host > 0:
+        k = max(1, int(n_host * ratio))
+        with torch.no_grad():
+            cov = torch.where(valid, cov, torch.full((), float("-inf"), dtype=cov.dtype, device=cov.device))
+            idx = torch.topk(cov.reshape(-1), k, largest=True).indices
+            T = valid.shape[-1]
+            scale = _row_scale(agg, norm, response_mask, cov.dtype)[idx // T] * coef
+            if rollout_is_weights is not None:
+                scale = scale * rollout_is_weights.detach().to(cov.dtype).reshape(-1)[idx]
+        gathered = log_prob.reshape(-1)[idx].to(cov.dtype) - old_log_prob.detach().reshape(-1)[idx].to(cov.dtype)
+        loss = loss + (gathered.abs() * scale).sum().to(loss.dtype)
+    return loss, {"actor/ppo_kl": _peers.scalars([ppo_kl])[0]}
+
+
 POLICY_LOSS_REGISTRY: Dict[str, Callable] = {
     "vanilla": compute_policy_loss_vanilla, "gspo": compute_policy_loss_gspo, "cispo": compute_policy_loss_cispo,
     "gpg": compute_policy_loss_gpg, "dro": compute_policy_loss_dro, "bypass_mode": compute_policy_loss_bypass_mode,
     "sapo": compute_policy_loss_sapo, "geo_mean": compute_policy_loss_geo_mean,
     "dppo_tv": compute_policy_loss_dppo_tv, "dppo_kl": compute_policy_loss_dppo_kl,
+    "clip_cov": compute_policy_loss_clip_cov, "kl_cov": compute_policy_loss_kl_cov,
 }
 
 
@@ -980,7 +1118,7 @@ _saved: Optional[Dict[str, Any]] = None
 def install() -> None:
     """Run verl on rlkern: registers rlkern's policy losses under verl's names in
     ``POLICY_LOSS_REGISTRY`` (vanilla, gspo, cispo, gpg, dro, bypass_mode, sapo, geo_mean, dppo_tv,
-    dppo_kl) and its advantage
+    dppo_kl, clip_cov, kl_cov) and its advantage
     estimators in ``ADV_ESTIMATOR_REGISTRY`` (gae, grpo, grpo_vectorized, reinforce_plus_plus,
     reinforce_plus_plus_baseline, remax, rloo, rloo_vectorized, opo, gpg, grpo_passk, gdpo, optimal_token_baseline,
     tir_optimal_token_baseline), and
