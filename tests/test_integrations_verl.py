@@ -590,3 +590,185 @@ def test_install_runs_verls_own_ppo_loss_on_rlkern(use_kl_loss):
     assert wl.kl_penalty is ca.kl_penalty
     assert_loss(ours[0], theirs[0], 1e-5, "loss")
     assert_close(ours[1], theirs[1], 1e-4, "grad")
+
+
+# ----------------------------------------------------------------------------- rollout correction
+
+rch = pytest.importorskip("verl.trainer.ppo.rollout_corr_helper")
+
+
+def rollout_inputs(kind: str, dtype=torch.float32, seed: int = 7):
+    """Training and rollout log-probs a little apart, with log-ratios of +-25 (beyond verl's +-20
+    clamp) on two active tokens."""
+    g = torch.Generator().manual_seed(seed)
+    m = make_mask(kind)
+    roll = -torch.rand(B, T, generator=g) * 3 - 0.05
+    old = roll + 0.15 * torch.randn(B, T, generator=g)
+    old[0, 0] = roll[0, 0] + 25.0
+    old[3, 0] = roll[3, 0] - 25.0
+    return old.to(dtype), roll.to(dtype), m
+
+
+def check_rollout_metrics(ours: dict, theirs: dict, tol: float = 1e-5) -> None:
+    assert set(ours) == set(theirs), f"metric names differ: {sorted(set(ours) ^ set(theirs))}"
+    for k, v in theirs.items():
+        assert isinstance(ours[k], float), f"{k}: verl returns Python floats"
+        assert ours[k] == v or abs(ours[k] - v) <= tol * max(1.0, abs(v)), f"{k}: {ours[k]} vs verl {v}"
+
+
+def compare_rollout(old, roll, m, **options):
+    ours = V.compute_rollout_correction_and_rejection_mask(old, roll, m, **options)
+    theirs = rch.compute_rollout_correction_and_rejection_mask(old.float(), roll.float(), m, **options)
+    assert (ours[0] is None) == (theirs[0] is None)
+    if ours[0] is not None:
+        assert type(ours[0]) is type(theirs[0])
+        assert_close(ours[0].batch["rollout_is_weights"], theirs[0].batch["rollout_is_weights"], 1e-6, "weights")
+    assert ours[1].dtype == m.dtype and torch.equal(ours[1], theirs[1]), "rejection mask"
+    check_rollout_metrics(ours[2], theirs[2])
+    return ours
+
+
+IS_THRESHOLDS = [2.0, "1.5", "0.5_3.0", "0.9_1.1"]
+RS_CASES = [("token_k1", "0.8_1.25"), ("token_k1", 1.3), ("token_k2", 0.01), ("token_k3", 0.02),
+            ("seq_sum_k1", "0.5_2.0"), ("seq_sum_k2", 0.05), ("seq_sum_k3", 0.05), ("seq_mean_k1", "0.9_1.1"),
+            ("seq_mean_k2", 0.01), ("seq_mean_k3", 0.01), ("seq_max_k2", 0.05), ("seq_max_k3", 0.05),
+            ("token_k1,seq_mean_k3,token_k1", "0.8_1.25,0.01"), ("token_k2, seq_max_k3", 0.03)]
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("threshold", IS_THRESHOLDS)
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("kind", ["padded", "holed"])
+def test_rollout_is_weights_match_verl(level, threshold, normalize, kind):
+    """TIS and IcePop (lower_upper) weights, batch normalisation, every rollout_is_* metric."""
+    old, roll, m = rollout_inputs(kind)
+    compare_rollout(old, roll, m, rollout_is=level, rollout_is_threshold=threshold,
+                    rollout_is_batch_normalize=normalize)
+
+
+@pytest.mark.parametrize("rs,threshold", RS_CASES)
+@pytest.mark.parametrize("kind", ["padded", "holed"])
+def test_rollout_rejection_matches_verl(rs, threshold, kind):
+    old, roll, m = rollout_inputs(kind)
+    ours = compare_rollout(old, roll, m, rollout_rs=rs, rollout_rs_threshold=threshold)
+    assert 0 < ours[1].sum() < m.sum() or rs.startswith("seq_sum_k1"), "the case must reject some tokens"
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rollout_is_and_rejection_together(mask_dtype, dtype):
+    """Both at once, masks of every dtype verl's trainer passes, and bfloat16 log-probs (the oracle
+    is verl on their float32 values: the adapter computes in float32)."""
+    old, roll, m = rollout_inputs("holed", dtype)
+    compare_rollout(old, roll, m.to(mask_dtype), rollout_is="sequence", rollout_is_threshold="0.5_3.0",
+                    rollout_is_batch_normalize=True, rollout_rs="token_k1,seq_max_k2",
+                    rollout_rs_threshold="0.8_1.25,0.05")
+    compare_rollout(old, roll, m.to(mask_dtype), rollout_is="token", rollout_is_threshold=2.0)
+
+
+def test_rollout_single_token_and_single_row():
+    """One active token (std 0) and one non-empty row (sequence std 0)."""
+    old, roll, m = rollout_inputs("padded")
+    one = torch.zeros_like(m)
+    one[1, 2] = True
+    for mask in (one, torch.zeros_like(m).index_fill_(0, torch.tensor([2]), True)):
+        compare_rollout(old, roll, mask, rollout_is="token", rollout_is_threshold="0.5_3.0", rollout_rs="seq_mean_k3",
+                        rollout_rs_threshold=0.01)
+
+
+def test_rollout_helpers_match_verl():
+    old, roll, m = rollout_inputs("holed")
+    lr = old - roll
+    for kw in (dict(rollout_is="token"), dict(rollout_is="sequence", rollout_is_threshold="0.5_2",
+                                                  rollout_is_batch_normalize=True)):
+        ours = V.compute_rollout_correction_weights(lr, m, **kw)
+        theirs = rch.compute_rollout_correction_weights(lr, m, **kw)
+        assert_close(ours[0], theirs[0], 1e-6, "weights")
+        check_rollout_metrics(ours[1], theirs[1])
+    ours = V.compute_rollout_rejection_mask(lr, m, "seq_sum_k3,token_k1", "0.05,0.7_1.4")
+    theirs = rch.compute_rollout_rejection_mask(lr, m, "seq_sum_k3,token_k1", "0.05,0.7_1.4")
+    assert torch.equal(ours[0], theirs[0])
+    check_rollout_metrics(ours[1], theirs[1])
+    check_rollout_metrics(V.compute_offpolicy_metrics(old, roll, m), rch.compute_offpolicy_metrics(old, roll, m))
+    check_rollout_metrics(V.compute_offpolicy_metrics(old, None, m), rch.compute_offpolicy_metrics(old, None, m))
+    check_rollout_metrics(V.compute_rollout_corr_metrics_from_logprobs(old, roll, m),
+                          rch.compute_rollout_corr_metrics_from_logprobs(old, roll, m))
+
+
+@pytest.mark.parametrize("options", [
+    dict(rollout_is="tok"), dict(rollout_is="token", rollout_is_threshold="3_0.5"),
+    dict(rollout_is="token", rollout_is_threshold=True), dict(rollout_is="token", rollout_is_threshold="x"),
+    dict(rollout_is="token", rollout_is_threshold=-1.0), dict(rollout_rs="token_k4", rollout_rs_threshold=1.0),
+    dict(rollout_rs="token_k1"), dict(rollout_rs="token_k2", rollout_rs_threshold="0.1_0.2"),
+    dict(rollout_rs="token_k2,seq_sum_k3", rollout_rs_threshold="0.1,0.2,0.3"),
+    dict(rollout_rs="token_k1", rollout_rs_threshold="2_1"), dict(rollout_rs=" , ", rollout_rs_threshold=1.0)])
+def test_rollout_rejects_what_verl_rejects(options):
+    old, roll, m = rollout_inputs("padded")
+    with pytest.raises((ValueError, TypeError)) as theirs:
+        rch.compute_rollout_correction_and_rejection_mask(old, roll, m, **options)
+    with pytest.raises(theirs.type):
+        V.compute_rollout_correction_and_rejection_mask(old, roll, m, **options)
+
+
+def test_rollout_empty_mask_and_bad_shapes_raise():
+    old, roll, m = rollout_inputs("padded")
+    with pytest.raises(ValueError, match="at least one valid token"):
+        V.compute_rollout_correction_and_rejection_mask(old, roll, torch.zeros_like(m), rollout_is="token")
+    with pytest.raises(ValueError, match="shape"):
+        V.compute_rollout_correction_and_rejection_mask(old, roll[:, :3], m)
+    with pytest.raises(ValueError, match="shape"):
+        V.compute_rollout_correction_and_rejection_mask(old, roll, m[:, :3])
+
+
+def test_rollout_correction_reads_metrics_back_once(monkeypatch):
+    """verl syncs the device for each of its ~40 metrics; the adapter reads them back with one
+    tolist() and never calls item()."""
+    old, roll, m = rollout_inputs("holed")
+    calls = []
+    real_tolist = torch.Tensor.tolist
+
+    def no_item(self):
+        raise AssertionError("item() called")
+
+    def counted(self):
+        calls.append(1)
+        return real_tolist(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", no_item)
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    V.compute_rollout_correction_and_rejection_mask(old, roll, m, rollout_is="sequence",
+                                                    rollout_is_threshold="0.5_3.0", rollout_is_batch_normalize=True,
+                                                    rollout_rs="token_k1,seq_max_k2,seq_mean_k3",
+                                                    rollout_rs_threshold="0.8_1.25,0.05,0.01")
+    assert len(calls) == 1
+
+
+def test_install_swaps_rollout_correction_and_verls_trainer_step_runs_it():
+    """After install() verl's own trainer step (compute_rollout_correction_and_add_to_batch, looked
+    up in rollout_corr_helper at call time) runs rlkern's, with verl's DataProto and config."""
+    pytest.importorskip("tensordict")
+    from verl.protocol import DataProto
+    from verl.trainer.config.algorithm import RolloutCorrectionConfig
+
+    old, roll, m = rollout_inputs("holed")
+    cfg = RolloutCorrectionConfig(rollout_is="token", rollout_is_threshold="0.5_3.0", rollout_rs="seq_mean_k3",
+                                  rollout_rs_threshold=0.01)
+
+    def batch():
+        return DataProto.from_dict(tensors={"old_log_probs": old, "rollout_log_probs": roll,
+                                            "response_mask": m.long()})
+
+    original = rch.compute_rollout_correction_and_add_to_batch
+    theirs, theirs_metrics = original(batch(), cfg)
+    V.install()
+    try:
+        assert rch.compute_rollout_correction_and_add_to_batch is V.compute_rollout_correction_and_add_to_batch
+        assert rch.compute_rollout_correction_and_rejection_mask is V.compute_rollout_correction_and_rejection_mask
+        from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_add_to_batch as step
+        ours, ours_metrics = step(batch(), cfg)
+    finally:
+        V.uninstall()
+    assert rch.compute_rollout_correction_and_add_to_batch is original
+    assert torch.equal(ours.batch["response_mask"], theirs.batch["response_mask"])
+    assert_close(ours.batch["rollout_is_weights"], theirs.batch["rollout_is_weights"], 1e-6, "weights")
+    check_rollout_metrics(ours_metrics, theirs_metrics)

@@ -35,6 +35,7 @@ from ..losses import policy_loss as _policy_loss
 from ..losses import value_loss as _value_loss
 from ..returns import discounted_returns, group_advantages, masked_gae
 from . import _peers
+from . import _rollout_corr as _rc
 from ._peers import cfg as _cfg
 from ._peers import masked_mean as _masked_mean
 
@@ -53,6 +54,9 @@ __all__ = [
     "compute_optimal_token_baseline_advantage", "compute_multi_turn_optimal_token_baseline_advantage",
     "compute_rewards", "masked_whiten",
     "AdaptiveKLController", "FixedKLController", "install", "uninstall",
+    "compute_rollout_correction_and_rejection_mask", "compute_rollout_correction_weights",
+    "compute_rollout_rejection_mask", "compute_offpolicy_metrics", "compute_rollout_correction_and_add_to_batch",
+    "compute_rollout_corr_metrics_from_logprobs",
 ]
 
 _AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -331,14 +335,10 @@ def compute_policy_loss_bypass_mode(old_log_prob: torch.Tensor, log_prob: torch.
                                     response_mask: torch.Tensor, loss_agg_mode: str = "token-mean",
                                     config: Optional[Any] = None, rollout_is_weights: Optional[torch.Tensor] = None):
     """verl's ``"bypass_mode"`` loss (old_log_prob is the rollout's): IS weights, rejection mask and
-    their metrics from verl's own ``rollout_corr_helper`` (needs verl), then the REINFORCE or the
-    vanilla PPO loss on rlkern's kernel, as ``config.policy_loss.rollout_correction.loss_type`` says."""
+    their metrics from :func:`compute_rollout_correction_and_rejection_mask`, then the REINFORCE or
+    the vanilla PPO loss on rlkern's kernel, as ``config.policy_loss.rollout_correction.loss_type`` says."""
     if config is None:
         raise ValueError("config is required for bypass_mode loss")
-    try:
-        from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_rejection_mask
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("the bypass_mode loss needs verl (its rollout-correction helper)") from e
     policy_cfg = _cfg(config, "policy_loss")
     rc = policy_cfg.get("rollout_correction", None) if policy_cfg is not None and hasattr(policy_cfg, "get") else None
     if rc is None:
@@ -346,12 +346,11 @@ def compute_policy_loss_bypass_mode(old_log_prob: torch.Tensor, log_prob: torch.
                          "When using loss_mode='bypass_mode', ensure rollout_correction config is passed.")
     loss_type = rc.get("loss_type", "ppo_clip")
     with torch.no_grad():
-        weights_proto, mask, metrics = compute_rollout_correction_and_rejection_mask(
-            old_log_prob=log_prob, rollout_log_prob=old_log_prob, response_mask=response_mask,
-            rollout_is=rc.get("rollout_is", None), rollout_is_threshold=rc.get("rollout_is_threshold", 2.0),
+        weights, mask, metrics = _rc.correction_and_rejection(
+            log_prob, old_log_prob, response_mask, rollout_is=rc.get("rollout_is", None),
+            rollout_is_threshold=rc.get("rollout_is_threshold", 2.0),
             rollout_is_batch_normalize=rc.get("rollout_is_batch_normalize", False),
             rollout_rs=rc.get("rollout_rs", None), rollout_rs_threshold=rc.get("rollout_rs_threshold", None))
-    weights = weights_proto.batch["rollout_is_weights"] if weights_proto else None
     if loss_type == "reinforce":
         loss, pg_metrics = compute_policy_loss_reinforce(old_log_prob, log_prob, advantages, mask, loss_agg_mode,
                                                          config, weights)
@@ -1105,6 +1104,99 @@ class FixedKLController:
 
 
 # ------------------------------------------------------------------------------------------
+# rollout correction (verl/trainer/ppo/rollout_corr_helper.py)
+
+
+def compute_rollout_correction_and_rejection_mask(old_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor,
+                                                  response_mask: torch.Tensor, rollout_is: Optional[str] = None,
+                                                  rollout_is_threshold: Any = 2.0,
+                                                  rollout_is_batch_normalize: bool = False,
+                                                  rollout_rs: Optional[str] = None, rollout_rs_threshold: Any = None):
+    """verl's rollout correction: IS weights, rejection mask and metrics, with log rho =
+    old_log_prob - rollout_log_prob (training over rollout policy).
+
+    IS weights (``rollout_is`` "token": rho_t; "sequence": exp(sum_t log rho_t) on every token;
+    log-ratios clamped to +-20, 0 at masked tokens): a number or "u" as ``rollout_is_threshold``
+    truncates them at u (TIS); "l_u" zeroes those outside [l, u] (IcePop).
+    ``rollout_is_batch_normalize`` divides them by their mean over the active tokens ("token") or
+    the non-empty sequences ("sequence"), over all ranks when torch.distributed is initialised,
+    unless that mean is <= 1e-8. Rejection sampling (``rollout_rs``, comma-separated options
+    that must all pass): token_k1/k2/k3 per token, seq_sum_*/seq_mean_*/seq_max_* per sequence,
+    with k1 = -log rho inside [log l, log u] ("l_u" or "u" meaning [1/u, u]), k2 = (log rho)^2 / 2
+    and k3 = rho - 1 - log rho at most their threshold; a rejected token (or every token of a
+    rejected sequence) leaves the response mask.
+
+    Returns ``(weights, modified_response_mask, metrics)`` as verl: the weights wrapped in verl's
+    ``DataProto`` under "rollout_is_weights" (None without ``rollout_is``), the mask in the input's
+    dtype and verl's metrics (``rollout_corr/rollout_is_*``, ``rollout_corr/rollout_rs_*``, the
+    off-policy diagnostics) as Python floats, all read back with one device sync (verl syncs for
+    each). A mask without an active token raises ValueError, as verl.
+    """
+    weights, mask, metrics = _rc.correction_and_rejection(
+        old_log_prob, rollout_log_prob, response_mask, rollout_is, rollout_is_threshold, rollout_is_batch_normalize,
+        rollout_rs, rollout_rs_threshold)
+    return _rc.wrap_weights(weights), mask, metrics
+
+
+def compute_rollout_correction_weights(log_ratio: torch.Tensor, response_mask: torch.Tensor, rollout_is: str = "token",
+                                       rollout_is_threshold: Any = 2.0, rollout_is_batch_normalize: bool = False):
+    """verl's IS weights alone (see :func:`compute_rollout_correction_and_rejection_mask`):
+    ``(weights [B, T], metrics)`` with the ``rollout_is_*`` metric names (no prefix)."""
+    return _rc.correction_weights(log_ratio, response_mask, rollout_is, rollout_is_threshold,
+                                  rollout_is_batch_normalize)
+
+
+def compute_rollout_rejection_mask(log_ratio: torch.Tensor, response_mask: torch.Tensor,
+                                   rollout_rs: str = "token_k1", rollout_rs_threshold: Any = None):
+    """verl's rejection sampling alone (see :func:`compute_rollout_correction_and_rejection_mask`):
+    ``(modified_response_mask, metrics)`` with the ``rollout_rs_*`` metric names (no prefix)."""
+    return _rc.rejection(log_ratio, response_mask, rollout_rs, rollout_rs_threshold)
+
+
+def compute_offpolicy_metrics(old_log_prob: torch.Tensor, rollout_log_prob: Optional[torch.Tensor],
+                              response_mask: torch.Tensor) -> Dict[str, float]:
+    """verl's off-policy diagnostics (no prefix): training_ppl, training_log_ppl and, with
+    ``rollout_log_prob``, kl, k3_kl, rollout_ppl, rollout_log_ppl, log_ppl_diff (mean, abs,
+    max, min), ppl_ratio, chi2_token, chi2_seq."""
+    return _rc.offpolicy(old_log_prob, rollout_log_prob, response_mask)
+
+
+def compute_rollout_corr_metrics_from_logprobs(log_prob: torch.Tensor, rollout_log_prob: torch.Tensor,
+                                               response_mask: torch.Tensor) -> Dict[str, float]:
+    """verl's actor-side diagnostics: :func:`compute_offpolicy_metrics` with "rollout_corr/"."""
+    return {f"rollout_corr/{k}": v for k, v in compute_offpolicy_metrics(log_prob, rollout_log_prob,
+                                                                         response_mask).items()}
+
+
+def compute_rollout_correction_and_add_to_batch(batch: Any, rollout_corr_config: Any):
+    """verl's trainer step: reads ``old_log_probs``, ``rollout_log_probs`` and ``response_mask``
+    from the ``DataProto`` batch and the options from ``rollout_corr_config`` (verl's
+    ``RolloutCorrectionConfig``), replaces ``response_mask`` by the rejection-masked one and adds
+    ``rollout_is_weights`` when IS is on. Returns ``(batch, metrics)``."""
+    get = rollout_corr_config.get
+    weights, mask, metrics = compute_rollout_correction_and_rejection_mask(
+        old_log_prob=batch.batch["old_log_probs"], rollout_log_prob=batch.batch["rollout_log_probs"],
+        response_mask=batch.batch["response_mask"], rollout_is=get("rollout_is", None),
+        rollout_is_threshold=get("rollout_is_threshold", 2.0),
+        rollout_is_batch_normalize=get("rollout_is_batch_normalize", False), rollout_rs=get("rollout_rs", None),
+        rollout_rs_threshold=get("rollout_rs_threshold", None))
+    batch.batch["response_mask"] = mask
+    if weights is not None:
+        batch = batch.union(weights)
+    return batch, metrics
+
+
+_ROLLOUT_FUNCTIONS = {
+    "compute_rollout_correction_and_rejection_mask": compute_rollout_correction_and_rejection_mask,
+    "compute_rollout_correction_weights": compute_rollout_correction_weights,
+    "compute_rollout_rejection_mask": compute_rollout_rejection_mask,
+    "compute_offpolicy_metrics": compute_offpolicy_metrics,
+    "compute_rollout_corr_metrics_from_logprobs": compute_rollout_corr_metrics_from_logprobs,
+    "compute_rollout_correction_and_add_to_batch": compute_rollout_correction_and_add_to_batch,
+}
+
+
+# ------------------------------------------------------------------------------------------
 # install into verl
 
 # module attributes verl's trainers call directly (by module attribute or imported name)
@@ -1123,13 +1215,16 @@ def install() -> None:
     reinforce_plus_plus_baseline, remax, rloo, rloo_vectorized, opo, gpg, grpo_passk, gdpo, optimal_token_baseline,
     tir_optimal_token_baseline), and
     replaces ``core_algos.kl_penalty``, ``compute_value_loss``, ``compute_gae_advantage_return``
-    and ``compute_grpo_outcome_advantage`` (also where verl's loss modules imported them by name).
+    and ``compute_grpo_outcome_advantage`` (also where verl's loss modules imported them by name)
+    and the rollout-correction functions of ``rollout_corr_helper`` (wherever a loaded verl module
+    holds them: the trainers' ``compute_rollout_correction_and_add_to_batch`` then runs rlkern's).
     An unchanged verl config then runs on rlkern. Idempotent; :func:`uninstall` restores verl's.
     """
     global _saved
     import sys
 
     from verl.trainer.ppo import core_algos as ca
+    from verl.trainer.ppo import rollout_corr_helper as rch
 
     if _saved is not None:
         return
@@ -1145,6 +1240,16 @@ def install() -> None:
         for name, fn in _FUNCTIONS.items():
             if hasattr(mod, name):
                 saved["attrs"].append((mod, name, getattr(mod, name)))
+                setattr(mod, name, fn)
+    # verl's trainers import the rollout-correction helpers at call time from their module, or by
+    # name at import (v1/trainer_base.py): swap the module's and every loaded holder's reference
+    originals = {name: getattr(rch, name) for name in _ROLLOUT_FUNCTIONS}
+    for mod_name, mod in list(sys.modules.items()):
+        if mod is None or not (mod_name == "verl" or mod_name.startswith("verl.")):
+            continue
+        for name, fn in _ROLLOUT_FUNCTIONS.items():
+            if getattr(mod, name, None) is originals[name]:
+                saved["attrs"].append((mod, name, originals[name]))
                 setattr(mod, name, fn)
     _saved = saved
 
