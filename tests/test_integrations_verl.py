@@ -525,7 +525,7 @@ def test_bad_arguments_raise_clear_errors():
         V.compute_policy_loss_vanilla(old, lp, adv, m, "token-median", actor_config())
     with pytest.raises(ValueError, match="config"):
         V.compute_policy_loss_gspo(old, lp, adv, m, "token-mean", None)
-    for name in ("sapo", "geo_mean", "dppo_tv", "dppo_kl"):
+    for name in ("sapo", "geo_mean", "dppo_tv", "dppo_kl", "clip_cov", "kl_cov"):
         with pytest.raises(ValueError, match="config"):
             V.get_policy_loss_fn(name)(old, lp, adv, m, "token-mean", None)
         with pytest.raises(ValueError, match="loss_agg_mode"):
@@ -534,7 +534,7 @@ def test_bad_arguments_raise_clear_errors():
         V.compute_policy_loss_dro(old, lp, adv, m, "token-mean",
                                   ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=2))
     with pytest.raises(ValueError, match="Unsupported loss mode"):
-        V.get_policy_loss_fn("clip_cov")  # a loss rlkern does not provide yet
+        V.get_policy_loss_fn("no_such_loss")
     with pytest.raises(ValueError, match="index"):
         V.compute_grpo_outcome_advantage(torch.zeros(4, 3), torch.ones(4, 3), np.array([0, 0, 1]))
 
