@@ -772,3 +772,33 @@ def test_install_swaps_rollout_correction_and_verls_trainer_step_runs_it():
     assert torch.equal(ours.batch["response_mask"], theirs.batch["response_mask"])
     assert_close(ours.batch["rollout_is_weights"], theirs.batch["rollout_is_weights"], 1e-6, "weights")
     check_rollout_metrics(ours_metrics, theirs_metrics)
+
+
+@pytest.mark.parametrize("name", COV_LOSSES)
+def test_cov_losses_ignore_nan_at_masked_positions(name):
+    old, lp, adv, m = make_inputs("holed")
+    lp = old + (lp - old).clamp(-1.0, 1.0)
+    cfg = cov_config(0.1)
+    torch.manual_seed(0)
+    clean = run(V.get_policy_loss_fn(name), old, lp, adv, m, "seq-mean-token-mean", cfg)
+    dirty_lp, dirty_old = lp.clone(), old.clone()
+    dirty_lp[~m] = float("nan")
+    dirty_old[~m] = float("nan")
+    torch.manual_seed(0)
+    dirty = run(V.get_policy_loss_fn(name), dirty_old, dirty_lp, adv, m, "seq-mean-token-mean", cfg)
+    assert float(dirty[0]) == float(clean[0]) and dirty[1] == clean[1]
+    assert torch.equal(dirty[2], clean[2])
+
+
+def test_rollout_correction_ignores_nan_at_masked_positions():
+    old, roll, m = rollout_inputs("holed")
+    options = dict(rollout_is="sequence", rollout_is_threshold="0.5_3.0", rollout_is_batch_normalize=True,
+                   rollout_rs="token_k1,seq_max_k2,seq_sum_k3", rollout_rs_threshold="0.8_1.25,0.05,0.05")
+    clean = V.compute_rollout_correction_and_rejection_mask(old, roll, m, **options)
+    d_old, d_roll = old.clone(), roll.clone()
+    d_old[~m] = float("nan")
+    d_roll[~m] = float("inf")
+    dirty = V.compute_rollout_correction_and_rejection_mask(d_old, d_roll, m, **options)
+    assert torch.equal(dirty[0].batch["rollout_is_weights"], clean[0].batch["rollout_is_weights"])
+    assert torch.equal(dirty[1], clean[1])
+    assert dirty[2] == clean[2]
