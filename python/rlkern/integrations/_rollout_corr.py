@@ -126,6 +126,11 @@ def _zero(x: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=x.dtype, device=x.device)
 
 
+def _count(b: torch.Tensor, dim=None) -> torch.Tensor:
+    """Number of True entries (count_nonzero: summing a bool tensor converts it to int64 first)."""
+    return torch.count_nonzero(b) if dim is None else torch.count_nonzero(b, dim=dim)
+
+
 def _msum(v: torch.Tensor, m: torch.Tensor, dim=None) -> torch.Tensor:
     s = torch.where(m, v, _zero(v))
     return s.sum() if dim is None else s.sum(dim)
@@ -133,8 +138,7 @@ def _msum(v: torch.Tensor, m: torch.Tensor, dim=None) -> torch.Tensor:
 
 def _mmean(v: torch.Tensor, m: torch.Tensor, dim=None) -> torch.Tensor:
     """verl's masked_mean: masked sum / (count + 1e-8), so an empty row gives 0."""
-    count = m.sum() if dim is None else m.sum(dim)
-    return _msum(v, m, dim) / (count.to(v.dtype) + 1e-8)
+    return _msum(v, m, dim) / (_count(m, dim).to(v.dtype) + 1e-8)
 
 
 def _mmax(v: torch.Tensor, m: torch.Tensor, dim=None) -> torch.Tensor:
@@ -145,10 +149,6 @@ def _mmax(v: torch.Tensor, m: torch.Tensor, dim=None) -> torch.Tensor:
 def _mmin(v: torch.Tensor, m: torch.Tensor, dim=None) -> torch.Tensor:
     x = torch.where(m, v, torch.full((), float("inf"), dtype=v.dtype, device=v.device))
     return x.amin() if dim is None else x.amin(dim)
-
-
-def _frac(cond: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    return _mmean(cond.float(), m)
 
 
 def _row_stats(values: torch.Tensor, rows: torch.Tensor, n_rows: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -175,77 +175,100 @@ def _clamped_std(stat: torch.Tensor, m: torch.Tensor, n: torch.Tensor, low: floa
 
 def is_weights(log_ratio: torch.Tensor, m: torch.Tensor, n: torch.Tensor, level: str, upper: float,
                lower: Optional[float], batch_normalize: bool) -> Tuple[torch.Tensor, Metrics]:
-    """Truncated (TIS) or band-masked (IcePop) IS weights and verl's ``rollout_is_*`` metrics."""
+    """Truncated (TIS) or band-masked (IcePop) IS weights and verl's ``rollout_is_*`` metrics.
+
+    Few passes over [B, T]: the weights are >= 0 and 0 at masked positions, so their masked
+    sums are plain row sums and every token mean is a sum of row sums; at sequence level a row's
+    active tokens share one weight and the metrics come from [B] vectors weighted by the row
+    token counts (verl's token means over the broadcast weight)."""
     if level not in ("token", "sequence"):
         raise ValueError(f"Invalid rollout_is: {level}. Must be one of {{'token', 'sequence'}}.")
-    mf = m.to(log_ratio.dtype)
-    if level == "token":
-        stat = log_ratio
-        raw = log_ratio.clamp(-SAFETY_BOUND, SAFETY_BOUND).exp() * mf
-    else:
-        stat = _msum(log_ratio, m, -1).unsqueeze(-1)
-        raw = stat.clamp(-SAFETY_BOUND, SAFETY_BOUND).exp().expand_as(log_ratio) * mf
-    # raw is 0 at masked positions (NaN there is dropped: 0 * NaN would not be)
-    raw = torch.where(m, raw, _zero(raw))
-    if lower is None:
-        w = raw.clamp(max=upper)
-    else:
-        w = torch.where((raw >= lower) & (raw <= upper), raw, _zero(raw))
+    dtype = log_ratio.dtype
+    count = _count(m, -1).to(dtype)
+    nf = n.to(dtype)
     low_metric = 1.0 / upper if lower is None else lower
     mt: Metrics = {}
+
+    def weight(raw):
+        if lower is None:
+            return raw.clamp(max=upper)
+        return torch.where((raw >= lower) & (raw <= upper), raw, torch.zeros_like(raw))
+
     if level == "sequence":
+        stat = _msum(log_ratio, m, -1)
+        raw_b = stat.clamp(-SAFETY_BOUND, SAFETY_BOUND).exp()
+        w_b = weight(raw_b)
+        rows = count > 0
+        row_w = torch.where(rows, w_b, torch.zeros_like(w_b))  # a row without tokens has weight 0
+        sum_w, sum_w2 = (count * row_w).sum(), (count * row_w.square()).sum()
+        seq_w = count * row_w / (count + 1e-8)
+        raw_seq = count * torch.where(rows, raw_b, torch.zeros_like(raw_b)) / (count + 1e-8)
         thr = torch.tensor([upper, low_metric], dtype=torch.float32, device=log_ratio.device).log()
         mt["rollout_is_max"] = stat.amax().clamp(max=SAFETY_BOUND).exp()
         mt["rollout_is_min"] = stat.amin().exp()
-        mt["rollout_is_mean"] = _mmean(w, m)
+        mt["rollout_is_mean"] = sum_w / (nf + 1e-8)
         mt["rollout_is_ratio_fraction_high"] = (stat > thr[0]).float().mean()
         mt["rollout_is_ratio_fraction_low"] = (stat < thr[1]).float().mean()
+        if lower is not None:
+            oob = ((raw_b < lower) | (raw_b > upper)).to(dtype)
+            mt_oob = (count * oob).sum() / (nf + 1e-8)
+        w = torch.where(m, row_w.unsqueeze(-1), torch.zeros((), dtype=dtype, device=m.device))
     else:
-        mt["rollout_is_mean"] = _mmean(w, m)
-        mt["rollout_is_ratio_fraction_high"] = _frac(raw > upper, m)
-        mt["rollout_is_ratio_fraction_low"] = _frac(raw < low_metric, m)
+        raw = torch.where(m, log_ratio.clamp(-SAFETY_BOUND, SAFETY_BOUND).exp(), _zero(log_ratio))
+        w = weight(raw)
+        row_sum = w.sum(-1)
+        sum_w, sum_w2 = row_sum.sum(), w.square().sum()
+        seq_w = row_sum / (count + 1e-8)
+        raw_seq = raw.sum(-1) / (count + 1e-8)
+        mt["rollout_is_mean"] = sum_w / (nf + 1e-8)
+        # raw is 0 at masked positions: never above upper, always below the lower threshold
+        mt["rollout_is_ratio_fraction_high"] = _count(raw > upper) / (nf + 1e-8)
+        below = _count((raw < low_metric) & m)
+        mt["rollout_is_ratio_fraction_low"] = below / (nf + 1e-8)
         mt["rollout_is_max"] = _mmax(w, m)
         mt["rollout_is_min"] = _mmin(w, m)
-    mt["rollout_is_std"] = _clamped_std(w, m, n, 0.0, upper)
-    we = w.clamp(min=0.0, max=upper)
-    normed = we / (_mmean(we, m) + 1e-8)
-    mt["rollout_is_eff_sample_size"] = 1.0 / _mmean(normed.square(), m)
-    seq_w = _mmean(w, m, -1)
+        if lower is not None:
+            mt_oob = (_count((raw < lower) & m) + _count(raw > upper)) / (nf + 1e-8)
+    # the applied weights already lie in [0, upper]: verl's clamp before its std and ESS is a no-op
+    mean = sum_w / (nf + 1e-8)
+    var = (sum_w2 / (nf + 1e-8) - mean.square()).clamp(min=0.0)
+    mt["rollout_is_std"] = torch.where(n > 1, var.sqrt(), _zero(var))
+    mt["rollout_is_eff_sample_size"] = 1.0 / (sum_w2 / (mean + 1e-8).square() / (nf + 1e-8))
     mt["rollout_is_seq_mean"] = seq_w.mean()
     mt["rollout_is_seq_std"] = seq_w.std() if seq_w.numel() > 1 else _zero(seq_w)
     mt["rollout_is_seq_max"] = seq_w.amax()
     mt["rollout_is_seq_min"] = seq_w.amin()
     mt["rollout_is_seq_max_deviation"] = (seq_w - 1.0).abs().amax()
-    raw_seq = _mmean(raw, m, -1)
     mt["rollout_is_seq_fraction_high"] = (raw_seq > upper).float().mean()
     mt["rollout_is_seq_fraction_low"] = (raw_seq < low_metric).float().mean()
     if lower is not None:
-        mt["rollout_is_oob_ratio"] = _frac((raw < lower) | (raw > upper), m)
+        mt["rollout_is_oob_ratio"] = mt_oob
     if batch_normalize:
-        mean = _batch_mean(w, m, level)
-        ok = mean > 1e-8
-        w = torch.where(ok, w / mean, w)
-        mt["rollout_is_batch_norm_factor"] = torch.where(ok, mean, torch.ones_like(mean))
+        if level == "token":
+            local = (sum_w, nf)
+        else:
+            seq_rows = (count > 0).to(dtype)
+            local = ((seq_w * seq_rows).sum(), seq_rows.sum())
+        norm = _batch_mean(local, level)
+        ok = norm > 1e-8
+        w = torch.where(ok, w / norm, w)
+        mt["rollout_is_batch_norm_factor"] = torch.where(ok, norm, torch.ones_like(norm))
     return w.detach(), mt
 
 
-def _batch_mean(w: torch.Tensor, m: torch.Tensor, level: str) -> torch.Tensor:
-    """The mean IS weight that batch normalisation divides by: over tokens ("token") or over the
-    non-empty sequences ("sequence"), across the ranks when torch.distributed is initialised."""
-    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+def _batch_mean(local: Tuple[torch.Tensor, torch.Tensor], level: str) -> torch.Tensor:
+    """The mean IS weight that batch normalisation divides by, from the local (sum, count) over
+    tokens ("token") or non-empty sequences ("sequence"), summed over the ranks when
+    torch.distributed is initialised (verl's distributed_masked_mean)."""
+    total, count = local
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        total, count = total.clone(), count.clone()
+        torch.distributed.all_reduce(total)
+        torch.distributed.all_reduce(count)
+        return total / count
     if level == "token":
-        if not dist:
-            return _mmean(w, m)
-        values, weights = w, m.to(w.dtype)
-    else:
-        values, weights = _mmean(w, m, -1), (m.sum(-1) > 0).to(w.dtype)
-        if not dist:
-            return (values * weights).sum() / weights.sum().clamp_min(1e-8)
-    total = (torch.where(weights > 0, values, _zero(values)) * weights).sum()
-    count = weights.sum()
-    torch.distributed.all_reduce(total)
-    torch.distributed.all_reduce(count)
-    return total / count
+        return total / (count + 1e-8)
+    return total / count.clamp_min(1e-8)
 
 
 # ------------------------------------------------------------------------------------------
@@ -255,12 +278,25 @@ def _batch_mean(w: torch.Tensor, m: torch.Tensor, level: str) -> torch.Tensor:
 def rejection_mask(log_ratio: torch.Tensor, m: torch.Tensor, n: torch.Tensor,
                    options: List[Tuple[str, Optional[float], float]]) -> Tuple[torch.Tensor, Metrics]:
     """verl's product of the options' keep masks (token or sequence level) and its
-    ``rollout_rs_*`` metrics."""
+    ``rollout_rs_*`` metrics. A sequence option's statistic is one value per row: its metrics
+    (verl's token means over the broadcast value) come from [B] vectors weighted by the row
+    token counts."""
     safe = log_ratio.clamp(-SAFETY_BOUND, SAFETY_BOUND)
-    token = {"k1": -safe, "k2": 0.5 * safe ** 2, "k3": safe.exp() - 1.0 - safe}
-    rows = m.any(-1)
-    n_rows = rows.sum()
-    keep_all = torch.ones_like(log_ratio)
+    token_stats: Dict[str, torch.Tensor] = {}
+
+    def token_stat(kind: str) -> torch.Tensor:
+        if kind not in token_stats:
+            token_stats[kind] = {"k1": lambda: -safe, "k2": lambda: 0.5 * safe ** 2,
+                                 "k3": lambda: safe.exp() - 1.0 - safe}[kind]()
+        return token_stats[kind]
+
+    dtype = log_ratio.dtype
+    count = _count(m, -1).to(dtype)
+    rows = count > 0
+    n_rows = _count(rows)
+    nf = n.to(dtype) + 1e-8
+    token_keep: Optional[torch.Tensor] = None
+    row_keep = torch.ones_like(rows)
     mt: Metrics = {}
     z = _zero(log_ratio)
     for name, lower, upper in options:
@@ -268,11 +304,25 @@ def rejection_mask(log_ratio: torch.Tensor, m: torch.Tensor, n: torch.Tensor,
         k1 = kind == "k1"
         hi = math.log(upper) if k1 else upper
         lo = math.log(lower) if k1 else 0.0
-        per_token = token[kind]
+        p = f"rollout_rs_{name}"
+
+        def band(x):
+            return (x <= hi) & (x >= lo) if k1 else x <= hi
+
         if name.startswith("token"):
-            stat = per_token
+            stat = token_stat(kind)
+            keep = band(stat)
+            token_keep = keep if token_keep is None else token_keep & keep
             seq_values = _mmean(stat, m, -1)
+            seq_keep = (keep | ~m).all(-1)
+            mt[f"{p}_mean"] = _mmean(stat, m)
+            mt[f"{p}_max"], mt[f"{p}_min"] = _mmax(stat, m), _mmin(stat, m)
+            mt[f"{p}_fraction_high"] = _count((stat > hi) & m) / nf
+            mt[f"{p}_fraction_low"] = _count((stat < lo) & m) / nf if k1 else z
+            mt[f"{p}_std"] = _clamped_std(stat, m, n, lo, hi)
+            mt[f"{p}_masked_fraction"] = _count(~keep & m) / nf
         else:
+            per_token = token_stat(kind)
             if name.startswith("seq_sum"):
                 seq_values = _msum(per_token, m, -1)
             elif name.startswith("seq_mean"):
@@ -280,37 +330,37 @@ def rejection_mask(log_ratio: torch.Tensor, m: torch.Tensor, n: torch.Tensor,
             else:
                 mx = _mmax(per_token, m, -1)
                 seq_values = torch.where(torch.isneginf(mx), torch.zeros_like(mx), mx)
-            stat = seq_values.unsqueeze(-1).expand_as(log_ratio)
-        keep = (stat <= hi) & (stat >= lo) if k1 else stat <= hi
-        keep_all = keep_all * keep.to(log_ratio.dtype)
-        seq_keep = (keep | ~m).all(-1)
-        p = f"rollout_rs_{name}"
-        mt[f"{p}_mean"] = _mmean(stat, m)
-        if name.startswith("token"):
-            mt[f"{p}_max"], mt[f"{p}_min"] = _mmax(stat, m), _mmin(stat, m)
-            mt[f"{p}_fraction_high"] = _frac(stat > hi, m)
-            mt[f"{p}_fraction_low"] = _frac(stat < lo, m) if k1 else z
-        else:
+            keep_b = band(seq_values)
+            row_keep = row_keep & keep_b
+            seq_keep = keep_b | ~rows
+            weighted = torch.where(rows, seq_values, torch.zeros_like(seq_values))
+            mt[f"{p}_mean"] = (count * weighted).sum() / nf
             mt[f"{p}_max"], mt[f"{p}_min"] = _mmax(seq_values, rows), _mmin(seq_values, rows)
             mt[f"{p}_fraction_high"] = _mmean_rows(seq_values > hi, rows, n_rows)
             mt[f"{p}_fraction_low"] = _mmean_rows(seq_values < lo, rows, n_rows) if k1 else z
-        mt[f"{p}_std"] = _clamped_std(stat, m, n, lo, hi)
-        s = _row_stats(seq_values, rows, n_rows)
-        mt[f"{p}_seq_mean"], mt[f"{p}_seq_std"] = s["mean"], s["std"]
-        mt[f"{p}_seq_max"], mt[f"{p}_seq_min"] = s["max"], s["min"]
+            c = torch.where(rows, seq_values.clamp(min=lo, max=hi), torch.zeros_like(seq_values))
+            c_mean = (count * c).sum() / nf
+            var = ((count * c.square()).sum() / nf - c_mean.square()).clamp(min=0.0)
+            mt[f"{p}_std"] = torch.where(n > 1, var.sqrt(), z)
+            mt[f"{p}_masked_fraction"] = (count * (~keep_b).to(dtype)).sum() / nf
+        s_ = _row_stats(seq_values, rows, n_rows)
+        mt[f"{p}_seq_mean"], mt[f"{p}_seq_std"] = s_["mean"], s_["std"]
+        mt[f"{p}_seq_max"], mt[f"{p}_seq_min"] = s_["max"], s_["min"]
         mt[f"{p}_seq_max_deviation"] = _mmax(seq_values.abs(), rows)
         mt[f"{p}_seq_fraction_high"] = _mmean_rows(seq_values > hi, rows, n_rows)
         if k1:
             mt[f"{p}_seq_fraction_low"] = _mmean_rows(seq_values < lo, rows, n_rows)
-        mt[f"{p}_masked_fraction"] = _frac(~keep, m)
         mt[f"{p}_seq_masked_fraction"] = _mmean_rows(~seq_keep, rows, n_rows)
-    mt["rollout_rs_masked_fraction"] = _mmean(1 - keep_all, m)
-    mt["rollout_rs_seq_masked_fraction"] = ((keep_all <= 0.5) & m).any(-1).float().mean()
-    return keep_all, mt
+    keep_all = row_keep.unsqueeze(-1) if token_keep is None else token_keep & row_keep.unsqueeze(-1)
+    keep_all = keep_all.expand_as(m)
+    rejected = ~keep_all & m
+    mt["rollout_rs_masked_fraction"] = _count(rejected) / nf
+    mt["rollout_rs_seq_masked_fraction"] = rejected.any(-1).float().mean()
+    return keep_all.to(dtype), mt
 
 
 def _mmean_rows(cond: torch.Tensor, rows: torch.Tensor, n_rows: torch.Tensor) -> torch.Tensor:
-    return (cond & rows).sum().float() / n_rows.float().clamp(min=1)
+    return _count(cond & rows).float() / n_rows.float().clamp(min=1)
 
 
 # ------------------------------------------------------------------------------------------
@@ -395,7 +445,7 @@ def correction_and_rejection(old_log_prob, rollout_log_prob, response_mask, roll
     if rollout_log_prob is None:
         raise ValueError("rollout_log_prob is required")
     old, rollout, m = _prepare(old_log_prob, rollout_log_prob, response_mask)
-    n = m.sum()
+    n = _count(m)
     log_ratio = old - rollout
     metrics: Metrics = {}
     weights = None
@@ -421,7 +471,7 @@ def correction_weights(log_ratio, response_mask, rollout_is="token", rollout_is_
                        rollout_is_batch_normalize=False):
     lr, _, m = _prepare(log_ratio, None, response_mask, "log_ratio")
     upper, lower = parse_is_threshold(rollout_is_threshold)
-    n = m.sum()
+    n = _count(m)
     weights, mt = is_weights(lr, m, n, rollout_is, upper, lower, rollout_is_batch_normalize)
     return weights, _read(mt, n)
 
@@ -431,12 +481,12 @@ def rejection(log_ratio, response_mask, rollout_rs="token_k1", rollout_rs_thresh
     if log_ratio.shape[0] == 0:
         return response_mask, {}
     lr, _, m = _prepare(log_ratio, None, response_mask, "log_ratio")
-    n = m.sum()
+    n = _count(m)
     keep, mt = rejection_mask(lr, m, n, options)
     return (response_mask * keep).to(response_mask.dtype), _read(mt, n)
 
 
 def offpolicy(old_log_prob, rollout_log_prob, response_mask) -> Dict[str, float]:
     old, rollout, m = _prepare(old_log_prob, rollout_log_prob, response_mask)
-    n = m.sum()
+    n = _count(m)
     return _read(offpolicy_metrics(old, rollout, m), n)
