@@ -518,7 +518,8 @@ def compute_policy_loss_clip_cov(old_log_prob: torch.Tensor, log_prob: torch.Ten
     of them (N the active token count, ratio default 2e-4) are drawn by ``torch.randperm`` on the
     default CPU generator over the candidates in row-major order, exactly verl's draw (same seed,
     same tokens), and their loss is multiplied by 0. Times ``rollout_is_weights``, aggregated by
-    ``loss_agg_mode`` on the fused kernel. Metrics: ``actor/pg_clipfrac`` the fraction of active
+    ``loss_agg_mode`` on the fused kernel (the 0/1 factor times the rollout weights is its
+    per-token ``weights``). Metrics: ``actor/pg_clipfrac`` the fraction of active
     tokens cut, ``actor/ppo_kl`` the mean of old - lp. Two host syncs (the two counts), as verl.
     """
     low, high = _clip_range(config)
@@ -547,8 +548,8 @@ def compute_policy_loss_clip_cov(old_log_prob: torch.Tensor, log_prob: torch.Ten
             n_cut = min(max(int(ratio * n_host), 1), n_cand)
             keep.view(-1)[where[perm[:n_cut].to(where.device)]] = 0.0
         factor = keep if rollout_is_weights is None else keep * rollout_is_weights.detach().to(cov.dtype)
-    out = _policy_loss(log_prob, old_log_prob, _peers.weighted_advantages(adv, factor), response_mask,
-                       objective="clip", clip_low=low, clip_high=high, agg=agg, normalizer=norm)
+    out = _policy_loss(log_prob, old_log_prob, advantages, response_mask, objective="clip", clip_low=low,
+                       clip_high=high, weights=factor, agg=agg, normalizer=norm)
     clipfrac = n_cut / n_host if n_host > 0 else 0.0
     values = _peers.scalars([clipfrac, out.metrics["approx_kl"]])
     return _peers.owned(out.loss), {"actor/pg_clipfrac": values[0], "actor/ppo_kl": values[1]}
@@ -576,9 +577,9 @@ def compute_policy_loss_kl_cov(old_log_prob: torch.Tensor, log_prob: torch.Tenso
     agg, norm = _agg(loss_agg_mode, response_mask, _batch_info(config))
     valid = response_mask.bool()
     adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
-    pg_adv = adv if rollout_is_weights is None else _peers.weighted_advantages(adv, rollout_is_weights)
-    out = _policy_loss(log_prob, old_log_prob, pg_adv, response_mask, objective="clip", clip_low=1.0,
-                       clip_high=float("inf"), agg=agg, normalizer=norm)
+    weights = None if rollout_is_weights is None else rollout_is_weights.detach()
+    out = _policy_loss(log_prob, old_log_prob, advantages, response_mask, objective="clip", clip_low=1.0,
+                       clip_high=float("inf"), weights=weights, agg=agg, normalizer=norm)
     loss = _peers.owned(out.loss)
     with torch.no_grad():
         n = valid.sum()
