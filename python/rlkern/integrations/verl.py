@@ -136,21 +136,10 @@ def _clamped_kl(old_log_prob: torch.Tensor, log_prob: torch.Tensor, mask: torch.
     return _masked_mean(d, mask)
 
 
-@torch.no_grad()
-def _eager_clip_metrics(old_log_prob, log_prob, advantages, mask, low, high, clip_ratio_c):
-    """pg_clipfrac and pg_clipfrac_lower from the unweighted advantages (needed when rollout
-    weights were folded into the kernel's advantages: a zero weight hides a clipped token)."""
-    lr = (log_prob.detach().float() - old_log_prob.detach().float()).clamp_(-_SAFETY, _SAFETY)
-    r = lr.exp()
-    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
-    adv = adv.float()
-    l1 = -adv * r
-    l2 = -adv * r.clamp(1 - low, 1 + high)
-    clipfrac = _masked_mean((l2 > l1).float(), mask)
-    lower = None
-    if clip_ratio_c is not None:
-        lower = _masked_mean(((torch.maximum(l1, l2) > -adv * clip_ratio_c) & (adv < 0)).float(), mask)
-    return clipfrac, lower
+def _detached(weights: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """verl's rollout_is_weights as the kernel's per-token ``weights`` (a constant, like verl's
+    ``pg_losses * rollout_is_weights``); the clip metrics stay those of the unweighted tokens."""
+    return None if weights is None else weights.detach()
 
 
 def compute_policy_loss_vanilla(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
@@ -168,14 +157,11 @@ def compute_policy_loss_vanilla(old_log_prob: torch.Tensor, log_prob: torch.Tens
     if not c > 1.0:
         raise ValueError(f"clip_ratio_c must be > 1.0 (dual-clip PPO), got {c}")
     agg, norm = _agg(loss_agg_mode, response_mask, _batch_info(config))
-    adv = advantages if rollout_is_weights is None else _peers.weighted_advantages(advantages, rollout_is_weights)
-    out = _policy_loss(log_prob, old_log_prob, adv, response_mask, objective="clip", clip_low=low, clip_high=high,
-                       dual_clip=c, log_ratio_clamp=_SAFETY, agg=agg, normalizer=norm)
-    if rollout_is_weights is None:
-        clipfrac = out.metrics["clip_frac_low"] + out.metrics["clip_frac_high"]
-        lower = out.metrics["dual_clip_frac"]
-    else:
-        clipfrac, lower = _eager_clip_metrics(old_log_prob, log_prob, advantages, response_mask, low, high, c)
+    out = _policy_loss(log_prob, old_log_prob, advantages, response_mask, objective="clip", clip_low=low,
+                       clip_high=high, dual_clip=c, log_ratio_clamp=_SAFETY, weights=_detached(rollout_is_weights),
+                       agg=agg, normalizer=norm)
+    clipfrac = out.metrics["clip_frac_low"] + out.metrics["clip_frac_high"]
+    lower = out.metrics["dual_clip_frac"]
     ppo_kl = _clamped_kl(old_log_prob, log_prob, response_mask)
     values = _peers.scalars([clipfrac, ppo_kl, lower])
     return _peers.owned(out.loss), dict(zip(_PG_METRICS, values))
@@ -265,9 +251,9 @@ def compute_policy_loss_cispo(old_log_prob: torch.Tensor, log_prob: torch.Tensor
     """
     low, high = _clip_range(config)
     agg, norm = _agg(loss_agg_mode, response_mask, _batch_info(config))
-    adv = advantages if rollout_is_weights is None else _peers.weighted_advantages(advantages, rollout_is_weights)
-    out = _policy_loss(log_prob, old_log_prob, adv, response_mask, objective="cispo", clip_low=low, clip_high=high,
-                       log_ratio_clamp=_SAFETY, agg=agg, normalizer=norm)
+    out = _policy_loss(log_prob, old_log_prob, advantages, response_mask, objective="cispo", clip_low=low,
+                       clip_high=high, log_ratio_clamp=_SAFETY, weights=_detached(rollout_is_weights), agg=agg,
+                       normalizer=norm)
     with torch.no_grad():
         lr = (log_prob.detach().float() - old_log_prob.detach().float()).clamp_(-_SAFETY, _SAFETY)
         r = lr.exp()
@@ -284,8 +270,8 @@ def compute_policy_loss_gpg(old_log_prob: torch.Tensor, log_prob: torch.Tensor, 
     if config is None:
         raise ValueError("config is required (the actor config)")
     agg, norm = _agg(loss_agg_mode, response_mask, _batch_info(config))
-    adv = advantages if rollout_is_weights is None else _peers.weighted_advantages(advantages, rollout_is_weights)
-    out = _policy_loss(log_prob, old_log_prob, adv, response_mask, objective="reinforce", agg=agg, normalizer=norm)
+    out = _policy_loss(log_prob, old_log_prob, advantages, response_mask, objective="reinforce",
+                       weights=_detached(rollout_is_weights), agg=agg, normalizer=norm)
     return _peers.owned(out.loss), {}
 
 
@@ -325,9 +311,8 @@ def compute_policy_loss_reinforce(rollout_log_prob: torch.Tensor, log_prob: torc
     if config is None:
         raise ValueError("ActorConfig must be provided for REINFORCE loss")
     agg, norm = _agg(loss_agg_mode, response_mask, _batch_info(config))
-    adv = advantages if rollout_is_weights is None else _peers.weighted_advantages(advantages, rollout_is_weights)
-    out = _policy_loss(log_prob, rollout_log_prob, adv, response_mask, objective="reinforce", agg=agg,
-                       normalizer=norm)
+    out = _policy_loss(log_prob, rollout_log_prob, advantages, response_mask, objective="reinforce",
+                       weights=_detached(rollout_is_weights), agg=agg, normalizer=norm)
     return _peers.owned(out.loss), {"actor/ppo_kl": _peers.scalars([out.metrics["approx_kl"]])[0]}
 
 
@@ -376,8 +361,8 @@ def compute_policy_loss_sapo(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
         raise ValueError("config is required (the actor config: tau_pos, tau_neg)")
     _check_mode(loss_agg_mode)
     agg, norm = _agg("seq-mean-token-mean", response_mask, _batch_info(config))
-    adv = advantages if rollout_is_weights is None else _peers.weighted_advantages(advantages, rollout_is_weights)
-    out = _policy_loss(log_prob, old_log_prob, adv, response_mask, objective="sapo",
+    out = _policy_loss(log_prob, old_log_prob, advantages, response_mask, objective="sapo",
+                       weights=_detached(rollout_is_weights),
                        sapo_temperature_pos=float(_cfg(config, "tau_pos", 1.0)),
                        sapo_temperature_neg=float(_cfg(config, "tau_neg", 1.05)), log_ratio_clamp=_SAFETY,
                        agg=agg, normalizer=norm)
@@ -410,35 +395,15 @@ def compute_policy_loss_geo_mean(old_log_prob: torch.Tensor, log_prob: torch.Ten
     return _peers.owned(out.loss), dict(zip(_PG_METRICS, values))
 
 
-@torch.no_grad()
-def _eager_dppo_metrics(old_log_prob, log_prob, advantages, mask, low, high, cap, binary_kl):
-    """verl's DPPO clip fractions from the unweighted advantages (a zero rollout weight folded
-    into an advantage would move a token to the other side of the trust region's test)."""
-    lp, old = log_prob.detach().float(), old_log_prob.detach().float()
-    r = (lp - old).clamp(-_SAFETY, _SAFETY).exp()
-    a = (advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages).float()
-    p, p_old = lp.exp(), old.exp()
-    if binary_kl:
-        bkl = p_old * (old - lp) + (1 - p_old) * torch.log((1.0 - p_old + 1e-8) / (1.0 - p + 1e-8))
-        valid = torch.where(a > 0, (bkl <= high) | (p <= p_old), (bkl <= low) | (p >= p_old))
-    else:
-        valid = torch.where(a > 0, (p - p_old) <= high, (p - p_old) >= -low)
-    return _masked_mean((~valid).float(), mask), _masked_mean(((r > cap) & valid).float(), mask)
-
-
 def _dppo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights, objective):
     low, high = _clip_range(config)
     cap = float(_cfg(config, "clip_ratio_c", 20.0))
     agg, norm = _agg(loss_agg_mode, response_mask, _batch_info(config))
-    adv = advantages if rollout_is_weights is None else _peers.weighted_advantages(advantages, rollout_is_weights)
-    out = _policy_loss(log_prob, old_log_prob, adv, response_mask, objective=objective, clip_low=low, clip_high=high,
-                       ratio_cap=cap, log_ratio_clamp=_SAFETY, agg=agg, normalizer=norm)
-    if rollout_is_weights is None:
-        clipfrac = out.metrics["clip_frac_low"] + out.metrics["clip_frac_high"]
-        lower = out.metrics["trunc_frac"]
-    else:
-        clipfrac, lower = _eager_dppo_metrics(old_log_prob, log_prob, advantages, response_mask, low, high, cap,
-                                              objective == "dppo_kl")
+    out = _policy_loss(log_prob, old_log_prob, advantages, response_mask, objective=objective, clip_low=low,
+                       clip_high=high, ratio_cap=cap, log_ratio_clamp=_SAFETY, weights=_detached(rollout_is_weights),
+                       agg=agg, normalizer=norm)
+    clipfrac = out.metrics["clip_frac_low"] + out.metrics["clip_frac_high"]
+    lower = out.metrics["trunc_frac"]
     ppo_kl = _clamped_kl(old_log_prob, log_prob, response_mask)
     values = _peers.scalars([clipfrac, ppo_kl, lower])
     return _peers.owned(out.loss), dict(zip(_PG_METRICS, values))
