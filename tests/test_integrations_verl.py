@@ -23,7 +23,7 @@ from verl.workers.config.actor import PolicyLossConfig  # noqa: E402
 
 from rlkern.integrations import verl as V  # noqa: E402
 
-from helpers import assert_close  # noqa: E402
+from helpers import assert_close, run_isolated  # noqa: E402
 
 AGG_MODES = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 LOSSES = ["vanilla", "gspo", "cispo", "gpg", "dro", "sapo", "geo_mean", "dppo_tv", "dppo_kl"]
@@ -802,3 +802,36 @@ def test_rollout_correction_ignores_nan_at_masked_positions():
     assert torch.equal(dirty[0].batch["rollout_is_weights"], clean[0].batch["rollout_is_weights"])
     assert torch.equal(dirty[1], clean[1])
     assert dirty[2] == clean[2]
+
+
+def test_rollout_batch_normalize_across_ranks_matches_verl(tmp_path):
+    """With torch.distributed initialised, batch normalisation divides by the mean over every
+    rank's tokens (or sequences), as verl's distributed_masked_mean: two gloo ranks, each with its
+    own half of the batch, against verl on the same rank."""
+    proc = run_isolated(f"""
+        import torch, torch.distributed as dist, torch.multiprocessing as mp
+        from verl.trainer.ppo import rollout_corr_helper as rch  # imported once, before the fork
+        from rlkern.integrations import verl as V
+
+        def rank_main(rank):
+            dist.init_process_group("gloo", init_method="file://{tmp_path / 'rdv'}", rank=rank, world_size=2)
+            g = torch.Generator().manual_seed(rank)
+            roll = -torch.rand(4, 9, generator=g) * 3
+            old = roll + 0.1 * (1 + rank) * torch.randn(4, 9, generator=g)
+            m = torch.rand(4, 9, generator=g) < 0.8
+            m[3] = rank == 0
+            for level in ("token", "sequence"):
+                kw = dict(rollout_is=level, rollout_is_threshold="0.2_5.0", rollout_is_batch_normalize=True)
+                ours = V.compute_rollout_correction_and_rejection_mask(old, roll, m, **kw)
+                theirs = rch.compute_rollout_correction_and_rejection_mask(old, roll, m, **kw)
+                w, w_ref = ours[0].batch["rollout_is_weights"], theirs[0].batch["rollout_is_weights"]
+                assert torch.allclose(w, w_ref, rtol=1e-6, atol=1e-7), (level, w, w_ref)
+                key = "rollout_corr/rollout_is_batch_norm_factor"
+                assert abs(ours[2][key] - theirs[2][key]) < 1e-6, (ours[2][key], theirs[2][key])
+                print("rank", rank, level, "MATCHED", ours[2][key], flush=True)
+            dist.destroy_process_group()
+
+        if __name__ == "__main__":
+            mp.start_processes(rank_main, nprocs=2, start_method="fork")
+    """, timeout=300)
+    assert proc.stdout.count("MATCHED") == 4

@@ -11,16 +11,26 @@ loss_agg_mode, config, rollout_is_weights)`` and return ``(loss, metrics)`` with
 names and Python-float values; ``config.global_batch_info`` (dp_size, batch_num_tokens,
 global_batch_size, loss_scale_factor) sets the global normaliser as in verl's ``agg_loss``.
 Losses and metrics agree with verl to float32 rounding (the tests run verl's own functions).
-verl itself is needed only for :func:`install` and the ``bypass_mode`` loss (which uses verl's
-rollout-correction helper for its weights, rejection mask and metrics).
+verl itself is needed only for :func:`install` (and to wrap rollout weights in its DataProto).
 
 Policy losses provided: every one of verl's registry: vanilla, gspo, cispo, gpg, dro, bypass_mode,
 sapo, geo_mean, dppo_tv, dppo_kl, clip_cov, kl_cov.
 
+Rollout correction (``verl/trainer/ppo/rollout_corr_helper.py``: IS weights with TIS/IcePop
+bounds, batch normalisation, rejection sampling, off-policy metrics):
+:func:`compute_rollout_correction_and_rejection_mask` and its helpers, with verl's names and
+results and one device sync per call. verl has no registry for it; :func:`install` replaces
+the helper module's functions (verl's trainers look ``compute_rollout_correction_and_add_to_batch``
+up there at call time) and the references loaded verl modules imported by name, so an
+``algorithm.rollout_correction`` config runs on rlkern unchanged.
+
 Deliberate differences, all at degenerate inputs: where verl divides by a zero token count
 the result here is 0 instead of NaN, NaN held at masked positions does not leak into the
 result, and KL estimates of bfloat16/float16 log-probs are computed (and returned) in float32
-(verl forms the difference in the input precision).
+(verl forms the difference in the input precision); so are clip_cov's and kl_cov's covariance
+terms and the rollout-correction weights (a bfloat16 token selection can differ from verl's
+at near-ties, and kl_cov's top-k runs on the device, where tied covariances may be ordered
+differently than verl's CPU top-k).
 """
 
 from __future__ import annotations
