@@ -128,6 +128,37 @@ def test_policy_loss_matches_openrlhf(config, kind, batch):
     assert_close(g_ours, g_theirs, 1e-4, "grad")
 
 
+@pytest.mark.parametrize("config", [dict(is_correction_level="token"), dict(is_correction_level="seq"),
+                                    dict(is_correction_level="token", is_correction_mode="clip"),
+                                    dict(is_correction_level="token", is_correction_threshold=(0.8, 5.0))],
+                         ids=["token-mask", "seq-mask", "token-clip", "token-mask-0.8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_is_correction_lower_bound_matches_openrlhf(config, dtype):
+    """OpenRLHF's default band (0.5, 5.0) has a lower bound: tokens (or sequences) whose IS ratio
+    pi_train / pi_rollout is below it are dropped (mask) or raised to it (clip), as those above 5."""
+    old, lp, roll, adv, m = make_inputs("padded")
+    roll = roll.clone()
+    roll[1, :3] = old[1, :3] + 1.2     # ratio exp(-1.2) = 0.30 < 0.5
+    roll[2, :3] = old[2, :3] + 0.5     # 0.61: inside (0.5, 5) but below 0.8
+    roll[3, 2:6] = old[3, 2:6] - 1.9   # 6.7 > 5
+    roll[4, 0] = old[4, 0] + 2.0       # the row's only token, ratio 0.14: its sequence is gated out
+    old, lp, roll = old.to(dtype), lp.to(dtype), roll.to(dtype)
+    outs = []
+    for cls in (O.PolicyLoss, L.PolicyLoss):
+        x = lp.clone().requires_grad_()
+        # bf16: OpenRLHF on the float32 values of the same numbers (the adapter computes in float32)
+        args = (old, adv, m, roll) if cls is O.PolicyLoss else (old.float(), adv, m, roll.float())
+        out = cls(**config)(x if cls is O.PolicyLoss else x.float(), *args)
+        (grad,) = torch.autograd.grad(out[0], x)
+        outs.append((out, grad))
+    (ours, g_ours), (theirs, g_theirs) = outs
+    assert float(theirs[4]) > 0, "the case must filter something"
+    assert_close(ours[0], theirs[0], 1e-5, "loss")
+    for name, a, b in zip(("clip_ratio", "ppo_kl", "vllm_kl", "is_filter_ratio"), ours[1:], theirs[1:]):
+        assert abs(_float(a) - _float(b)) <= 1e-5 * max(1.0, abs(_float(b))), f"{name}: {a} vs {b}"
+    assert_close(g_ours.float(), g_theirs.float(), 1e-4 if dtype == torch.float32 else 1e-2, "grad")
+
+
 def test_log_ratio_clamp_gives_zero_gradient():
     """log-ratio 25: OpenRLHF clamps to 20 (loss exp(20) A, gradient 0), not exp(25)."""
     old = torch.zeros(1, 2)

@@ -23,7 +23,7 @@ from verl.workers.config.actor import PolicyLossConfig  # noqa: E402
 
 from rlkern.integrations import verl as V  # noqa: E402
 
-from helpers import assert_close  # noqa: E402
+from helpers import assert_close, run_isolated  # noqa: E402
 
 AGG_MODES = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 LOSSES = ["vanilla", "gspo", "cispo", "gpg", "dro", "sapo", "geo_mean", "dppo_tv", "dppo_kl"]
@@ -168,6 +168,106 @@ def test_bypass_mode_matches_verl(loss_type, rollout_is, threshold, rs):
     assert_close(ours[0], theirs[0], 1e-5, "loss")
     check_metrics(ours[1], theirs[1], tol=1e-4)
     assert_close(ours[2], theirs[2], 1e-4, "grad")
+
+
+COV_LOSSES = ["clip_cov", "kl_cov"]
+
+
+def cov_config(ratio: float, lb: float = 0.05, ub: float = 5.0, coef: float = 0.7, **batch_info) -> ActorConfig:
+    cfg = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=2, clip_ratio=0.2,
+                      clip_ratio_low=0.2, clip_ratio_high=0.28,
+                      policy_loss=PolicyLossConfig(loss_mode="clip_cov", clip_cov_ratio=ratio, clip_cov_lb=lb,
+                                                   clip_cov_ub=ub, kl_cov_ratio=ratio, ppo_kl_coef=coef))
+    cfg.global_batch_info.update(batch_info)
+    return cfg
+
+
+def compare_cov(name, mode, old, lp, adv, m, cfg, weights=None, grad_tol=1e-4, seed=0):
+    """clip_cov draws its subset with torch.randperm on the default generator: both sides start
+    from the same seed, so the same RNG call gives both the same permutation."""
+    torch.manual_seed(seed)
+    ours = run(V.get_policy_loss_fn(name), old, lp, adv, m, mode, cfg, weights)
+    after = torch.randint(1 << 30, ())
+    torch.manual_seed(seed)
+    theirs = run(ca.get_policy_loss_fn(name), old.float(), lp.float(), adv, m, mode, cfg, weights)
+    assert torch.randint(1 << 30, ()) == after, "the adapter must consume the RNG exactly as verl"
+    assert_loss(ours[0], theirs[0], 1e-5, f"{name}/{mode} loss")
+    check_metrics(ours[1], theirs[1])
+    assert ours[2].dtype == lp.dtype
+    assert_close(ours[2].float(), theirs[2].to(lp.dtype).float(), grad_tol, f"{name}/{mode} grad")
+    return ours
+
+
+@pytest.mark.parametrize("name", COV_LOSSES)
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("kind", ["padded", "holed"])
+@pytest.mark.parametrize("ratio", [0.0002, 0.1, 0.9])
+def test_cov_losses_match_verl(name, mode, kind, ratio):
+    """Default ratio (one token), a random subset of the candidates, and (0.9) every candidate;
+    log-ratios of +-25 (neither loss clamps them) give the largest covariances."""
+    old, lp, adv, m = make_inputs(kind)
+    for seed in (0, 1):
+        compare_cov(name, mode, old, lp, adv, m, cov_config(ratio), seed=seed)
+    old, lp, adv, m = make_inputs(kind, seed=5, token_adv=True)
+    # without the +-25 log-ratios, whose exp(25) ratio would hide kl_cov's penalty in the tolerance
+    lp = old + (lp - old).clamp(-1.0, 1.0)
+    compare_cov(name, mode, old, lp, adv, m, cov_config(ratio, lb=0.01, ub=2.0), seed=2)
+
+
+def test_clip_cov_cuts_the_drawn_tokens():
+    """The cut subset really is a random draw among several candidates (not the first ones) and the
+    metric counts it: with a ratio admitting 3 of the candidates, different seeds cut different
+    tokens, each agreeing with verl."""
+    old, lp, adv, m = make_inputs("holed", seed=5, token_adv=True)
+    cfg = cov_config(0.06, lb=0.01, ub=2.0)
+    grads = [compare_cov("clip_cov", "token-mean", old, lp, adv, m, cfg, seed=s)[2] for s in range(4)]
+    assert any(not torch.equal((grads[0] == 0), (g == 0)) for g in grads[1:])
+
+
+@pytest.mark.parametrize("name", COV_LOSSES)
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_cov_losses_bf16_match_verl_in_float32(name, mode):
+    old, lp, adv, m = make_inputs("holed", torch.bfloat16)
+    compare_cov(name, mode, old, lp, adv, m, cov_config(0.1), grad_tol=1e-2)
+    lp = old + (lp - old).clamp(-1.0, 1.0)
+    compare_cov(name, mode, old, lp, adv, m, cov_config(0.1), grad_tol=1e-2)
+
+
+@pytest.mark.parametrize("name", COV_LOSSES)
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("info", list(GLOBAL_INFOS))
+def test_cov_losses_global_batch_and_rollout_weights(name, mode, info):
+    old, lp, adv, m = make_inputs("holed", seed=1)
+    lp = old + (lp - old).clamp(-1.0, 1.0)
+    w = torch.rand(B, T, generator=torch.Generator().manual_seed(3)) * 2
+    w[0, :3] = 0.0
+    w[3, 0] = 0.0
+    cfg = cov_config(0.1, **GLOBAL_INFOS[info])
+    compare_cov(name, mode, old, lp, adv, m, cfg, weights=w)
+    compare_cov(name, mode, old, lp, adv, m, cfg)
+
+
+@pytest.mark.parametrize("name", COV_LOSSES)
+def test_cov_losses_without_candidates_or_tokens(name):
+    """No token inside clip_cov's covariance band (nothing is cut), and a batch of empty rows
+    (verl divides by a zero count there: the adapter gives 0 and no NaN)."""
+    old, lp, adv, m = make_inputs("padded")
+    compare_cov(name, "token-mean", old, lp, adv, m, cov_config(0.1, lb=1e6, ub=2e6))
+    empty = torch.zeros_like(m)
+    loss, metrics, grad = run(V.get_policy_loss_fn(name), old, lp, adv, empty, "token-mean", cov_config(0.1))
+    assert float(loss) == 0.0 and not grad.any()
+    assert all(v == 0.0 for v in metrics.values())
+
+
+def test_cov_losses_reject_bad_config():
+    old, lp, adv, m = make_inputs("padded")
+    for name in COV_LOSSES:
+        with pytest.raises(ValueError):
+            V.get_policy_loss_fn(name)(old, lp, adv, m, "token-mean", None)
+    with pytest.raises(ValueError, match="clip_cov_ratio"):
+        V.compute_policy_loss_clip_cov(old, lp, adv, m, "token-mean", cov_config(0.0))
+    with pytest.raises(ValueError, match="kl_cov_ratio"):
+        V.compute_policy_loss_kl_cov(old, lp, adv, m, "token-mean", cov_config(-1.0))
 
 
 def test_deprecated_compute_policy_loss():
@@ -384,8 +484,8 @@ def test_install_registers_rlkern_and_uninstall_restores():
         for name, fn in V.ADV_ESTIMATOR_REGISTRY.items():
             assert ca.get_adv_estimator_fn(name) is fn
         assert ca.kl_penalty is V.kl_penalty and ca.compute_value_loss is V.compute_value_loss
-        assert ca.POLICY_LOSS_REGISTRY["clip_cov"] is clip_cov  # losses rlkern does not provide stay verl's
-        for name in ("sapo", "geo_mean", "dppo_tv", "dppo_kl"):
+        assert ca.POLICY_LOSS_REGISTRY["clip_cov"] is V.compute_policy_loss_clip_cov is not clip_cov
+        for name in ("sapo", "geo_mean", "dppo_tv", "dppo_kl", "kl_cov"):
             assert ca.get_policy_loss_fn(name) is V.POLICY_LOSS_REGISTRY[name]
         # an unchanged verl call path (registry lookup by config name) now runs rlkern and agrees with verl
         old, lp, adv, m = make_inputs("padded")
@@ -425,7 +525,7 @@ def test_bad_arguments_raise_clear_errors():
         V.compute_policy_loss_vanilla(old, lp, adv, m, "token-median", actor_config())
     with pytest.raises(ValueError, match="config"):
         V.compute_policy_loss_gspo(old, lp, adv, m, "token-mean", None)
-    for name in ("sapo", "geo_mean", "dppo_tv", "dppo_kl"):
+    for name in ("sapo", "geo_mean", "dppo_tv", "dppo_kl", "clip_cov", "kl_cov"):
         with pytest.raises(ValueError, match="config"):
             V.get_policy_loss_fn(name)(old, lp, adv, m, "token-mean", None)
         with pytest.raises(ValueError, match="loss_agg_mode"):
@@ -434,7 +534,7 @@ def test_bad_arguments_raise_clear_errors():
         V.compute_policy_loss_dro(old, lp, adv, m, "token-mean",
                                   ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=2))
     with pytest.raises(ValueError, match="Unsupported loss mode"):
-        V.get_policy_loss_fn("clip_cov")  # a loss rlkern does not provide yet
+        V.get_policy_loss_fn("no_such_loss")
     with pytest.raises(ValueError, match="index"):
         V.compute_grpo_outcome_advantage(torch.zeros(4, 3), torch.ones(4, 3), np.array([0, 0, 1]))
 
@@ -490,3 +590,248 @@ def test_install_runs_verls_own_ppo_loss_on_rlkern(use_kl_loss):
     assert wl.kl_penalty is ca.kl_penalty
     assert_loss(ours[0], theirs[0], 1e-5, "loss")
     assert_close(ours[1], theirs[1], 1e-4, "grad")
+
+
+# ----------------------------------------------------------------------------- rollout correction
+
+rch = pytest.importorskip("verl.trainer.ppo.rollout_corr_helper")
+
+
+def rollout_inputs(kind: str, dtype=torch.float32, seed: int = 7):
+    """Training and rollout log-probs a little apart, with log-ratios of +-25 (beyond verl's +-20
+    clamp) on two active tokens."""
+    g = torch.Generator().manual_seed(seed)
+    m = make_mask(kind)
+    roll = -torch.rand(B, T, generator=g) * 3 - 0.05
+    old = roll + 0.15 * torch.randn(B, T, generator=g)
+    old[0, 0] = roll[0, 0] + 25.0
+    old[3, 0] = roll[3, 0] - 25.0
+    return old.to(dtype), roll.to(dtype), m
+
+
+def check_rollout_metrics(ours: dict, theirs: dict, tol: float = 1e-5) -> None:
+    assert set(ours) == set(theirs), f"metric names differ: {sorted(set(ours) ^ set(theirs))}"
+    for k, v in theirs.items():
+        assert isinstance(ours[k], float), f"{k}: verl returns Python floats"
+        assert ours[k] == v or abs(ours[k] - v) <= tol * max(1.0, abs(v)), f"{k}: {ours[k]} vs verl {v}"
+
+
+def compare_rollout(old, roll, m, **options):
+    ours = V.compute_rollout_correction_and_rejection_mask(old, roll, m, **options)
+    theirs = rch.compute_rollout_correction_and_rejection_mask(old.float(), roll.float(), m, **options)
+    assert (ours[0] is None) == (theirs[0] is None)
+    if ours[0] is not None:
+        assert type(ours[0]) is type(theirs[0])
+        assert_close(ours[0].batch["rollout_is_weights"], theirs[0].batch["rollout_is_weights"], 1e-6, "weights")
+    assert ours[1].dtype == m.dtype and torch.equal(ours[1], theirs[1]), "rejection mask"
+    check_rollout_metrics(ours[2], theirs[2])
+    return ours
+
+
+IS_THRESHOLDS = [2.0, "1.5", "0.5_3.0", "0.9_1.1"]
+RS_CASES = [("token_k1", "0.8_1.25"), ("token_k1", 1.3), ("token_k2", 0.01), ("token_k3", 0.02),
+            ("seq_sum_k1", "0.5_2.0"), ("seq_sum_k2", 0.05), ("seq_sum_k3", 0.05), ("seq_mean_k1", "0.9_1.1"),
+            ("seq_mean_k2", 0.01), ("seq_mean_k3", 0.01), ("seq_max_k2", 0.05), ("seq_max_k3", 0.05),
+            ("token_k1,seq_mean_k3,token_k1", "0.8_1.25,0.01"), ("token_k2, seq_max_k3", 0.03)]
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("threshold", IS_THRESHOLDS)
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("kind", ["padded", "holed"])
+def test_rollout_is_weights_match_verl(level, threshold, normalize, kind):
+    """TIS and IcePop (lower_upper) weights, batch normalisation, every rollout_is_* metric."""
+    old, roll, m = rollout_inputs(kind)
+    compare_rollout(old, roll, m, rollout_is=level, rollout_is_threshold=threshold,
+                    rollout_is_batch_normalize=normalize)
+
+
+@pytest.mark.parametrize("rs,threshold", RS_CASES)
+@pytest.mark.parametrize("kind", ["padded", "holed"])
+def test_rollout_rejection_matches_verl(rs, threshold, kind):
+    old, roll, m = rollout_inputs(kind)
+    ours = compare_rollout(old, roll, m, rollout_rs=rs, rollout_rs_threshold=threshold)
+    assert 0 < ours[1].sum() < m.sum() or rs.startswith("seq_sum_k1"), "the case must reject some tokens"
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rollout_is_and_rejection_together(mask_dtype, dtype):
+    """Both at once, masks of every dtype verl's trainer passes, and bfloat16 log-probs (the oracle
+    is verl on their float32 values: the adapter computes in float32)."""
+    old, roll, m = rollout_inputs("holed", dtype)
+    compare_rollout(old, roll, m.to(mask_dtype), rollout_is="sequence", rollout_is_threshold="0.5_3.0",
+                    rollout_is_batch_normalize=True, rollout_rs="token_k1,seq_max_k2",
+                    rollout_rs_threshold="0.8_1.25,0.05")
+    compare_rollout(old, roll, m.to(mask_dtype), rollout_is="token", rollout_is_threshold=2.0)
+
+
+def test_rollout_single_token_and_single_row():
+    """One active token (std 0) and one non-empty row (sequence std 0)."""
+    old, roll, m = rollout_inputs("padded")
+    one = torch.zeros_like(m)
+    one[1, 2] = True
+    for mask in (one, torch.zeros_like(m).index_fill_(0, torch.tensor([2]), True)):
+        compare_rollout(old, roll, mask, rollout_is="token", rollout_is_threshold="0.5_3.0", rollout_rs="seq_mean_k3",
+                        rollout_rs_threshold=0.01)
+
+
+def test_rollout_helpers_match_verl():
+    old, roll, m = rollout_inputs("holed")
+    lr = old - roll
+    for kw in (dict(rollout_is="token"), dict(rollout_is="sequence", rollout_is_threshold="0.5_2",
+                                                  rollout_is_batch_normalize=True)):
+        ours = V.compute_rollout_correction_weights(lr, m, **kw)
+        theirs = rch.compute_rollout_correction_weights(lr, m, **kw)
+        assert_close(ours[0], theirs[0], 1e-6, "weights")
+        check_rollout_metrics(ours[1], theirs[1])
+    ours = V.compute_rollout_rejection_mask(lr, m, "seq_sum_k3,token_k1", "0.05,0.7_1.4")
+    theirs = rch.compute_rollout_rejection_mask(lr, m, "seq_sum_k3,token_k1", "0.05,0.7_1.4")
+    assert torch.equal(ours[0], theirs[0])
+    check_rollout_metrics(ours[1], theirs[1])
+    check_rollout_metrics(V.compute_offpolicy_metrics(old, roll, m), rch.compute_offpolicy_metrics(old, roll, m))
+    check_rollout_metrics(V.compute_offpolicy_metrics(old, None, m), rch.compute_offpolicy_metrics(old, None, m))
+    check_rollout_metrics(V.compute_rollout_corr_metrics_from_logprobs(old, roll, m),
+                          rch.compute_rollout_corr_metrics_from_logprobs(old, roll, m))
+
+
+@pytest.mark.parametrize("options", [
+    dict(rollout_is="tok"), dict(rollout_is="token", rollout_is_threshold="3_0.5"),
+    dict(rollout_is="token", rollout_is_threshold=True), dict(rollout_is="token", rollout_is_threshold="x"),
+    dict(rollout_is="token", rollout_is_threshold=-1.0), dict(rollout_rs="token_k4", rollout_rs_threshold=1.0),
+    dict(rollout_rs="token_k1"), dict(rollout_rs="token_k2", rollout_rs_threshold="0.1_0.2"),
+    dict(rollout_rs="token_k2,seq_sum_k3", rollout_rs_threshold="0.1,0.2,0.3"),
+    dict(rollout_rs="token_k1", rollout_rs_threshold="2_1"), dict(rollout_rs=" , ", rollout_rs_threshold=1.0)])
+def test_rollout_rejects_what_verl_rejects(options):
+    old, roll, m = rollout_inputs("padded")
+    with pytest.raises((ValueError, TypeError)) as theirs:
+        rch.compute_rollout_correction_and_rejection_mask(old, roll, m, **options)
+    with pytest.raises(theirs.type):
+        V.compute_rollout_correction_and_rejection_mask(old, roll, m, **options)
+
+
+def test_rollout_empty_mask_and_bad_shapes_raise():
+    old, roll, m = rollout_inputs("padded")
+    with pytest.raises(ValueError, match="at least one valid token"):
+        V.compute_rollout_correction_and_rejection_mask(old, roll, torch.zeros_like(m), rollout_is="token")
+    with pytest.raises(ValueError, match="shape"):
+        V.compute_rollout_correction_and_rejection_mask(old, roll[:, :3], m)
+    with pytest.raises(ValueError, match="shape"):
+        V.compute_rollout_correction_and_rejection_mask(old, roll, m[:, :3])
+
+
+def test_rollout_correction_reads_metrics_back_once(monkeypatch):
+    """verl syncs the device for each of its ~40 metrics; the adapter reads them back with one
+    tolist() and never calls item()."""
+    old, roll, m = rollout_inputs("holed")
+    calls = []
+    real_tolist = torch.Tensor.tolist
+
+    def no_item(self):
+        raise AssertionError("item() called")
+
+    def counted(self):
+        calls.append(1)
+        return real_tolist(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", no_item)
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    V.compute_rollout_correction_and_rejection_mask(old, roll, m, rollout_is="sequence",
+                                                    rollout_is_threshold="0.5_3.0", rollout_is_batch_normalize=True,
+                                                    rollout_rs="token_k1,seq_max_k2,seq_mean_k3",
+                                                    rollout_rs_threshold="0.8_1.25,0.05,0.01")
+    assert len(calls) == 1
+
+
+def test_install_swaps_rollout_correction_and_verls_trainer_step_runs_it():
+    """After install() verl's own trainer step (compute_rollout_correction_and_add_to_batch, looked
+    up in rollout_corr_helper at call time) runs rlkern's, with verl's DataProto and config."""
+    pytest.importorskip("tensordict")
+    from verl.protocol import DataProto
+    from verl.trainer.config.algorithm import RolloutCorrectionConfig
+
+    old, roll, m = rollout_inputs("holed")
+    cfg = RolloutCorrectionConfig(rollout_is="token", rollout_is_threshold="0.5_3.0", rollout_rs="seq_mean_k3",
+                                  rollout_rs_threshold=0.01)
+
+    def batch():
+        return DataProto.from_dict(tensors={"old_log_probs": old, "rollout_log_probs": roll,
+                                            "response_mask": m.long()})
+
+    original = rch.compute_rollout_correction_and_add_to_batch
+    theirs, theirs_metrics = original(batch(), cfg)
+    V.install()
+    try:
+        assert rch.compute_rollout_correction_and_add_to_batch is V.compute_rollout_correction_and_add_to_batch
+        assert rch.compute_rollout_correction_and_rejection_mask is V.compute_rollout_correction_and_rejection_mask
+        from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_add_to_batch as step
+        ours, ours_metrics = step(batch(), cfg)
+    finally:
+        V.uninstall()
+    assert rch.compute_rollout_correction_and_add_to_batch is original
+    assert torch.equal(ours.batch["response_mask"], theirs.batch["response_mask"])
+    assert_close(ours.batch["rollout_is_weights"], theirs.batch["rollout_is_weights"], 1e-6, "weights")
+    check_rollout_metrics(ours_metrics, theirs_metrics)
+
+
+@pytest.mark.parametrize("name", COV_LOSSES)
+def test_cov_losses_ignore_nan_at_masked_positions(name):
+    old, lp, adv, m = make_inputs("holed")
+    lp = old + (lp - old).clamp(-1.0, 1.0)
+    cfg = cov_config(0.1)
+    torch.manual_seed(0)
+    clean = run(V.get_policy_loss_fn(name), old, lp, adv, m, "seq-mean-token-mean", cfg)
+    dirty_lp, dirty_old = lp.clone(), old.clone()
+    dirty_lp[~m] = float("nan")
+    dirty_old[~m] = float("nan")
+    torch.manual_seed(0)
+    dirty = run(V.get_policy_loss_fn(name), dirty_old, dirty_lp, adv, m, "seq-mean-token-mean", cfg)
+    assert float(dirty[0]) == float(clean[0]) and dirty[1] == clean[1]
+    assert torch.equal(dirty[2], clean[2])
+
+
+def test_rollout_correction_ignores_nan_at_masked_positions():
+    old, roll, m = rollout_inputs("holed")
+    options = dict(rollout_is="sequence", rollout_is_threshold="0.5_3.0", rollout_is_batch_normalize=True,
+                   rollout_rs="token_k1,seq_max_k2,seq_sum_k3", rollout_rs_threshold="0.8_1.25,0.05,0.05")
+    clean = V.compute_rollout_correction_and_rejection_mask(old, roll, m, **options)
+    d_old, d_roll = old.clone(), roll.clone()
+    d_old[~m] = float("nan")
+    d_roll[~m] = float("inf")
+    dirty = V.compute_rollout_correction_and_rejection_mask(d_old, d_roll, m, **options)
+    assert torch.equal(dirty[0].batch["rollout_is_weights"], clean[0].batch["rollout_is_weights"])
+    assert torch.equal(dirty[1], clean[1])
+    assert dirty[2] == clean[2]
+
+
+def test_rollout_batch_normalize_across_ranks_matches_verl(tmp_path):
+    """With torch.distributed initialised, batch normalisation divides by the mean over every
+    rank's tokens (or sequences), as verl's distributed_masked_mean: two gloo ranks, each with its
+    own half of the batch, against verl on the same rank."""
+    proc = run_isolated(f"""
+        import torch, torch.distributed as dist, torch.multiprocessing as mp
+        from verl.trainer.ppo import rollout_corr_helper as rch  # imported once, before the fork
+        from rlkern.integrations import verl as V
+
+        def rank_main(rank):
+            dist.init_process_group("gloo", init_method="file://{tmp_path / 'rdv'}", rank=rank, world_size=2)
+            g = torch.Generator().manual_seed(rank)
+            roll = -torch.rand(4, 9, generator=g) * 3
+            old = roll + 0.1 * (1 + rank) * torch.randn(4, 9, generator=g)
+            m = torch.rand(4, 9, generator=g) < 0.8
+            m[3] = rank == 0
+            for level in ("token", "sequence"):
+                kw = dict(rollout_is=level, rollout_is_threshold="0.2_5.0", rollout_is_batch_normalize=True)
+                ours = V.compute_rollout_correction_and_rejection_mask(old, roll, m, **kw)
+                theirs = rch.compute_rollout_correction_and_rejection_mask(old, roll, m, **kw)
+                w, w_ref = ours[0].batch["rollout_is_weights"], theirs[0].batch["rollout_is_weights"]
+                assert torch.allclose(w, w_ref, rtol=1e-6, atol=1e-7), (level, w, w_ref)
+                key = "rollout_corr/rollout_is_batch_norm_factor"
+                assert abs(ours[2][key] - theirs[2][key]) < 1e-6, (ours[2][key], theirs[2][key])
+                print("rank", rank, level, "MATCHED", ours[2][key], flush=True)
+            dist.destroy_process_group()
+
+        if __name__ == "__main__":
+            mp.start_processes(rank_main, nprocs=2, start_method="fork")
+    """, timeout=300)
+    assert proc.stdout.count("MATCHED") == 4

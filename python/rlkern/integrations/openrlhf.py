@@ -169,15 +169,10 @@ class PolicyLoss(nn.Module):
             clip_ratio = out.metrics["clip_frac_low"] + out.metrics["clip_frac_high"]
             return _peers.owned(out.loss), clip_ratio, out.metrics["approx_kl"], vllm_kl, is_filter_ratio
         coef, is_filter_ratio, vllm_kl = self._is_coefficient(old_log_probs, rollout_log_probs, m)
-        adv = _peers.weighted_advantages(advantages, coef)
-        out = policy_loss(log_probs, old_log_probs, adv, m, log_ratio_clamp=_LOG_RATIO_CLAMP, **common)
-        with torch.no_grad():
-            # a zero coefficient hides a clipped token from the kernel's count: count with the raw advantages
-            lr = (log_probs.detach().float() - old_log_probs.float()).clamp_(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
-            r = lr.exp()
-            a = (advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages).float()
-            clipped = r.clamp(1 - self.clip_eps_low, 1 + self.clip_eps_high) * a < r * a
-            clip_ratio = _peers.masked_mean(clipped.float(), m)
+        # the coefficient is the kernel's per-token weight: its clip counts stay the unweighted tokens'
+        out = policy_loss(log_probs, old_log_probs, advantages, m, log_ratio_clamp=_LOG_RATIO_CLAMP, weights=coef,
+                          **common)
+        clip_ratio = out.metrics["clip_frac_low"] + out.metrics["clip_frac_high"]
         return _peers.owned(out.loss), clip_ratio, out.metrics["approx_kl"], vllm_kl, is_filter_ratio
 
 

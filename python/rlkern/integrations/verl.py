@@ -11,16 +11,26 @@ loss_agg_mode, config, rollout_is_weights)`` and return ``(loss, metrics)`` with
 names and Python-float values; ``config.global_batch_info`` (dp_size, batch_num_tokens,
 global_batch_size, loss_scale_factor) sets the global normaliser as in verl's ``agg_loss``.
 Losses and metrics agree with verl to float32 rounding (the tests run verl's own functions).
-verl itself is needed only for :func:`install` and the ``bypass_mode`` loss (which uses verl's
-rollout-correction helper for its weights, rejection mask and metrics).
+verl itself is needed only for :func:`install` (and to wrap rollout weights in its DataProto).
 
-Policy losses provided: vanilla, gspo, cispo, gpg, dro, bypass_mode, sapo, geo_mean, dppo_tv,
-dppo_kl (the others of verl's registry, clip_cov and kl_cov, stay verl's after :func:`install`).
+Policy losses provided: every one of verl's registry: vanilla, gspo, cispo, gpg, dro, bypass_mode,
+sapo, geo_mean, dppo_tv, dppo_kl, clip_cov, kl_cov.
+
+Rollout correction (``verl/trainer/ppo/rollout_corr_helper.py``: IS weights with TIS/IcePop
+bounds, batch normalisation, rejection sampling, off-policy metrics):
+:func:`compute_rollout_correction_and_rejection_mask` and its helpers, with verl's names and
+results and one device sync per call. verl has no registry for it; :func:`install` replaces
+the helper module's functions (verl's trainers look ``compute_rollout_correction_and_add_to_batch``
+up there at call time) and the references loaded verl modules imported by name, so an
+``algorithm.rollout_correction`` config runs on rlkern unchanged.
 
 Deliberate differences, all at degenerate inputs: where verl divides by a zero token count
 the result here is 0 instead of NaN, NaN held at masked positions does not leak into the
 result, and KL estimates of bfloat16/float16 log-probs are computed (and returned) in float32
-(verl forms the difference in the input precision).
+(verl forms the difference in the input precision); so are clip_cov's and kl_cov's covariance
+terms and the rollout-correction weights (a bfloat16 token selection can differ from verl's
+at near-ties, and kl_cov's top-k runs on the device, where tied covariances may be ordered
+differently than verl's CPU top-k).
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ from ..losses import policy_loss as _policy_loss
 from ..losses import value_loss as _value_loss
 from ..returns import discounted_returns, group_advantages, masked_gae
 from . import _peers
+from . import _rollout_corr as _rc
 from ._peers import cfg as _cfg
 from ._peers import masked_mean as _masked_mean
 
@@ -42,7 +53,8 @@ __all__ = [
     "agg_loss", "compute_policy_loss", "compute_policy_loss_vanilla", "compute_policy_loss_gspo",
     "compute_policy_loss_cispo", "compute_policy_loss_gpg", "compute_policy_loss_dro",
     "compute_policy_loss_reinforce", "compute_policy_loss_bypass_mode", "compute_policy_loss_sapo",
-    "compute_policy_loss_geo_mean", "compute_policy_loss_dppo_tv", "compute_policy_loss_dppo_kl", "get_policy_loss_fn",
+    "compute_policy_loss_geo_mean", "compute_policy_loss_dppo_tv", "compute_policy_loss_dppo_kl",
+    "compute_policy_loss_clip_cov", "compute_policy_loss_kl_cov", "get_policy_loss_fn",
     "POLICY_LOSS_REGISTRY", "ADV_ESTIMATOR_REGISTRY", "get_adv_estimator_fn", "kl_penalty", "kl_penalty_forward",
     "compute_value_loss", "compute_gae_advantage_return", "compute_grpo_outcome_advantage",
     "compute_grpo_vectorized_outcome_advantage", "compute_reinforce_plus_plus_outcome_advantage",
@@ -52,6 +64,9 @@ __all__ = [
     "compute_optimal_token_baseline_advantage", "compute_multi_turn_optimal_token_baseline_advantage",
     "compute_rewards", "masked_whiten",
     "AdaptiveKLController", "FixedKLController", "install", "uninstall",
+    "compute_rollout_correction_and_rejection_mask", "compute_rollout_correction_weights",
+    "compute_rollout_rejection_mask", "compute_offpolicy_metrics", "compute_rollout_correction_and_add_to_batch",
+    "compute_rollout_corr_metrics_from_logprobs",
 ]
 
 _AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -131,21 +146,10 @@ def _clamped_kl(old_log_prob: torch.Tensor, log_prob: torch.Tensor, mask: torch.
     return _masked_mean(d, mask)
 
 
-@torch.no_grad()
-def _eager_clip_metrics(old_log_prob, log_prob, advantages, mask, low, high, clip_ratio_c):
-    """pg_clipfrac and pg_clipfrac_lower from the unweighted advantages (needed when rollout
-    weights were folded into the kernel's advantages: a zero weight hides a clipped token)."""
-    lr = (log_prob.detach().float() - old_log_prob.detach().float()).clamp_(-_SAFETY, _SAFETY)
-    r = lr.exp()
-    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
-    adv = adv.float()
-    l1 = -adv * r
-    l2 = -adv * r.clamp(1 - low, 1 + high)
-    clipfrac = _masked_mean((l2 > l1).float(), mask)
-    lower = None
-    if clip_ratio_c is not None:
-        lower = _masked_mean(((torch.maximum(l1, l2) > -adv * clip_ratio_c) & (adv < 0)).float(), mask)
-    return clipfrac, lower
+def _detached(weights: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """verl's rollout_is_weights as the kernel's per-token ``weights`` (a constant, like verl's
+    ``pg_losses * rollout_is_weights``); the clip metrics stay those of the unweighted tokens."""
+    return None if weights is None else weights.detach()
 
 
 def compute_policy_loss_vanilla(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
@@ -163,14 +167,11 @@ def compute_policy_loss_vanilla(old_log_prob: torch.Tensor, log_prob: torch.Tens
     if not c > 1.0:
         raise ValueError(f"clip_ratio_c must be > 1.0 (dual-clip PPO), got {c}")
     agg, norm = _agg(loss_agg_mode, response_mask, _batch_info(config))
-    adv = advantages if rollout_is_weights is None else _peers.weighted_advantages(advantages, rollout_is_weights)
-    out = _policy_loss(log_prob, old_log_prob, adv, response_mask, objective="clip", clip_low=low, clip_high=high,
-                       dual_clip=c, log_ratio_clamp=_SAFETY, agg=agg, normalizer=norm)
-    if rollout_is_weights is None:
-        clipfrac = out.metrics["clip_frac_low"] + out.metrics["clip_frac_high"]
-        lower = out.metrics["dual_clip_frac"]
-    else:
-        clipfrac, lower = _eager_clip_metrics(old_log_prob, log_prob, advantages, response_mask, low, high, c)
+    out = _policy_loss(log_prob, old_log_prob, advantages, response_mask, objective="clip", clip_low=low,
+                       clip_high=high, dual_clip=c, log_ratio_clamp=_SAFETY, weights=_detached(rollout_is_weights),
+                       agg=agg, normalizer=norm)
+    clipfrac = out.metrics["clip_frac_low"] + out.metrics["clip_frac_high"]
+    lower = out.metrics["dual_clip_frac"]
     ppo_kl = _clamped_kl(old_log_prob, log_prob, response_mask)
     values = _peers.scalars([clipfrac, ppo_kl, lower])
     return _peers.owned(out.loss), dict(zip(_PG_METRICS, values))
@@ -260,9 +261,9 @@ def compute_policy_loss_cispo(old_log_prob: torch.Tensor, log_prob: torch.Tensor
     """
     low, high = _clip_range(config)
     agg, norm = _agg(loss_agg_mode, response_mask, _batch_info(config))
-    adv = advantages if rollout_is_weights is None else _peers.weighted_advantages(advantages, rollout_is_weights)
-    out = _policy_loss(log_prob, old_log_prob, adv, response_mask, objective="cispo", clip_low=low, clip_high=high,
-                       log_ratio_clamp=_SAFETY, agg=agg, normalizer=norm)
+    out = _policy_loss(log_prob, old_log_prob, advantages, response_mask, objective="cispo", clip_low=low,
+                       clip_high=high, log_ratio_clamp=_SAFETY, weights=_detached(rollout_is_weights), agg=agg,
+                       normalizer=norm)
     with torch.no_grad():
         lr = (log_prob.detach().float() - old_log_prob.detach().float()).clamp_(-_SAFETY, _SAFETY)
         r = lr.exp()
@@ -279,8 +280,8 @@ def compute_policy_loss_gpg(old_log_prob: torch.Tensor, log_prob: torch.Tensor, 
     if config is None:
         raise ValueError("config is required (the actor config)")
     agg, norm = _agg(loss_agg_mode, response_mask, _batch_info(config))
-    adv = advantages if rollout_is_weights is None else _peers.weighted_advantages(advantages, rollout_is_weights)
-    out = _policy_loss(log_prob, old_log_prob, adv, response_mask, objective="reinforce", agg=agg, normalizer=norm)
+    out = _policy_loss(log_prob, old_log_prob, advantages, response_mask, objective="reinforce",
+                       weights=_detached(rollout_is_weights), agg=agg, normalizer=norm)
     return _peers.owned(out.loss), {}
 
 
@@ -320,9 +321,8 @@ def compute_policy_loss_reinforce(rollout_log_prob: torch.Tensor, log_prob: torc
     if config is None:
         raise ValueError("ActorConfig must be provided for REINFORCE loss")
     agg, norm = _agg(loss_agg_mode, response_mask, _batch_info(config))
-    adv = advantages if rollout_is_weights is None else _peers.weighted_advantages(advantages, rollout_is_weights)
-    out = _policy_loss(log_prob, rollout_log_prob, adv, response_mask, objective="reinforce", agg=agg,
-                       normalizer=norm)
+    out = _policy_loss(log_prob, rollout_log_prob, advantages, response_mask, objective="reinforce",
+                       weights=_detached(rollout_is_weights), agg=agg, normalizer=norm)
     return _peers.owned(out.loss), {"actor/ppo_kl": _peers.scalars([out.metrics["approx_kl"]])[0]}
 
 
@@ -330,14 +330,10 @@ def compute_policy_loss_bypass_mode(old_log_prob: torch.Tensor, log_prob: torch.
                                     response_mask: torch.Tensor, loss_agg_mode: str = "token-mean",
                                     config: Optional[Any] = None, rollout_is_weights: Optional[torch.Tensor] = None):
     """verl's ``"bypass_mode"`` loss (old_log_prob is the rollout's): IS weights, rejection mask and
-    their metrics from verl's own ``rollout_corr_helper`` (needs verl), then the REINFORCE or the
-    vanilla PPO loss on rlkern's kernel, as ``config.policy_loss.rollout_correction.loss_type`` says."""
+    their metrics from :func:`compute_rollout_correction_and_rejection_mask`, then the REINFORCE or
+    the vanilla PPO loss on rlkern's kernel, as ``config.policy_loss.rollout_correction.loss_type`` says."""
     if config is None:
         raise ValueError("config is required for bypass_mode loss")
-    try:
-        from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_rejection_mask
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("the bypass_mode loss needs verl (its rollout-correction helper)") from e
     policy_cfg = _cfg(config, "policy_loss")
     rc = policy_cfg.get("rollout_correction", None) if policy_cfg is not None and hasattr(policy_cfg, "get") else None
     if rc is None:
@@ -345,12 +341,11 @@ def compute_policy_loss_bypass_mode(old_log_prob: torch.Tensor, log_prob: torch.
                          "When using loss_mode='bypass_mode', ensure rollout_correction config is passed.")
     loss_type = rc.get("loss_type", "ppo_clip")
     with torch.no_grad():
-        weights_proto, mask, metrics = compute_rollout_correction_and_rejection_mask(
-            old_log_prob=log_prob, rollout_log_prob=old_log_prob, response_mask=response_mask,
-            rollout_is=rc.get("rollout_is", None), rollout_is_threshold=rc.get("rollout_is_threshold", 2.0),
+        weights, mask, metrics = _rc.correction_and_rejection(
+            log_prob, old_log_prob, response_mask, rollout_is=rc.get("rollout_is", None),
+            rollout_is_threshold=rc.get("rollout_is_threshold", 2.0),
             rollout_is_batch_normalize=rc.get("rollout_is_batch_normalize", False),
             rollout_rs=rc.get("rollout_rs", None), rollout_rs_threshold=rc.get("rollout_rs_threshold", None))
-    weights = weights_proto.batch["rollout_is_weights"] if weights_proto else None
     if loss_type == "reinforce":
         loss, pg_metrics = compute_policy_loss_reinforce(old_log_prob, log_prob, advantages, mask, loss_agg_mode,
                                                          config, weights)
@@ -376,8 +371,8 @@ def compute_policy_loss_sapo(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
         raise ValueError("config is required (the actor config: tau_pos, tau_neg)")
     _check_mode(loss_agg_mode)
     agg, norm = _agg("seq-mean-token-mean", response_mask, _batch_info(config))
-    adv = advantages if rollout_is_weights is None else _peers.weighted_advantages(advantages, rollout_is_weights)
-    out = _policy_loss(log_prob, old_log_prob, adv, response_mask, objective="sapo",
+    out = _policy_loss(log_prob, old_log_prob, advantages, response_mask, objective="sapo",
+                       weights=_detached(rollout_is_weights),
                        sapo_temperature_pos=float(_cfg(config, "tau_pos", 1.0)),
                        sapo_temperature_neg=float(_cfg(config, "tau_neg", 1.05)), log_ratio_clamp=_SAFETY,
                        agg=agg, normalizer=norm)
@@ -410,35 +405,15 @@ def compute_policy_loss_geo_mean(old_log_prob: torch.Tensor, log_prob: torch.Ten
     return _peers.owned(out.loss), dict(zip(_PG_METRICS, values))
 
 
-@torch.no_grad()
-def _eager_dppo_metrics(old_log_prob, log_prob, advantages, mask, low, high, cap, binary_kl):
-    """verl's DPPO clip fractions from the unweighted advantages (a zero rollout weight folded
-    into an advantage would move a token to the other side of the trust region's test)."""
-    lp, old = log_prob.detach().float(), old_log_prob.detach().float()
-    r = (lp - old).clamp(-_SAFETY, _SAFETY).exp()
-    a = (advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages).float()
-    p, p_old = lp.exp(), old.exp()
-    if binary_kl:
-        bkl = p_old * (old - lp) + (1 - p_old) * torch.log((1.0 - p_old + 1e-8) / (1.0 - p + 1e-8))
-        valid = torch.where(a > 0, (bkl <= high) | (p <= p_old), (bkl <= low) | (p >= p_old))
-    else:
-        valid = torch.where(a > 0, (p - p_old) <= high, (p - p_old) >= -low)
-    return _masked_mean((~valid).float(), mask), _masked_mean(((r > cap) & valid).float(), mask)
-
-
 def _dppo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights, objective):
     low, high = _clip_range(config)
     cap = float(_cfg(config, "clip_ratio_c", 20.0))
     agg, norm = _agg(loss_agg_mode, response_mask, _batch_info(config))
-    adv = advantages if rollout_is_weights is None else _peers.weighted_advantages(advantages, rollout_is_weights)
-    out = _policy_loss(log_prob, old_log_prob, adv, response_mask, objective=objective, clip_low=low, clip_high=high,
-                       ratio_cap=cap, log_ratio_clamp=_SAFETY, agg=agg, normalizer=norm)
-    if rollout_is_weights is None:
-        clipfrac = out.metrics["clip_frac_low"] + out.metrics["clip_frac_high"]
-        lower = out.metrics["trunc_frac"]
-    else:
-        clipfrac, lower = _eager_dppo_metrics(old_log_prob, log_prob, advantages, response_mask, low, high, cap,
-                                              objective == "dppo_kl")
+    out = _policy_loss(log_prob, old_log_prob, advantages, response_mask, objective=objective, clip_low=low,
+                       clip_high=high, ratio_cap=cap, log_ratio_clamp=_SAFETY, weights=_detached(rollout_is_weights),
+                       agg=agg, normalizer=norm)
+    clipfrac = out.metrics["clip_frac_low"] + out.metrics["clip_frac_high"]
+    lower = out.metrics["trunc_frac"]
     ppo_kl = _clamped_kl(old_log_prob, log_prob, response_mask)
     values = _peers.scalars([clipfrac, ppo_kl, lower])
     return _peers.owned(out.loss), dict(zip(_PG_METRICS, values))
@@ -464,11 +439,149 @@ def compute_policy_loss_dppo_kl(old_log_prob: torch.Tensor, log_prob: torch.Tens
                  "dppo_kl")
 
 
+def _row_scale(agg: str, norm, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per-row factor s_b with agg(l) = sum_{b,t} m_bt l_bt s_b for the (agg, normalizer) pair of
+    :func:`_agg` (the same denominators as the fused kernel), so that a term on a few gathered
+    tokens can be added to the kernel's loss without a [B, T] pass."""
+    m = mask.bool()
+    count = m.sum(-1).to(dtype)
+    nonempty = (count > 0).sum().to(dtype).clamp(min=1)
+    ones = torch.ones_like(count)
+    if agg == "token-mean":
+        denom = count.sum().clamp(min=1) if norm is None else norm
+    elif agg == "token-sum":
+        denom = 1.0 if norm is None else norm
+    elif agg == "seq-mean-token-sum-norm":  # only without a normalizer (see _peers.global_agg)
+        denom = nonempty * mask.shape[-1]
+    else:
+        denom = nonempty if norm is None else norm
+    if agg == "seq-mean-token-mean":
+        ones = 1.0 / count.clamp(min=1)
+    return ones / denom
+
+
+@torch.no_grad()
+def _centred_product(advantages: torch.Tensor, log_prob: torch.Tensor, valid: torch.Tensor,
+                     n: torch.Tensor) -> torch.Tensor:
+    """(A - mean A) (lp - mean lp) per token, the means over the active tokens, in at least
+    float32 (verl forms it in the input precision: bfloat16 rankings may differ at near-ties)."""
+    dtype = torch.promote_types(torch.promote_types(advantages.dtype, log_prob.dtype), torch.float32)
+    a = advantages.to(dtype).expand(valid.shape)
+    lp = log_prob.detach().to(dtype)
+    zero = torch.zeros((), dtype=dtype, device=a.device)
+    n = n.to(dtype).clamp(min=1)
+    mean_a = torch.where(valid, a, zero).sum() / n
+    mean_lp = torch.where(valid, lp, zero).sum() / n
+    return (a - mean_a) * (lp - mean_lp)
+
+
+def _cov_config(config: Any, name: str, default: float) -> float:
+    if config is None or _cfg(config, "policy_loss") is None:
+        raise ValueError("config (the actor config with policy_loss) is required")
+    return float(_cfg(_cfg(config, "policy_loss"), name, default))
+
+
+def compute_policy_loss_clip_cov(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
+                                 response_mask: torch.Tensor, loss_agg_mode: str = "token-mean",
+                                 config: Optional[Any] = None, rollout_is_weights: Optional[torch.Tensor] = None):
+    """verl's ``"clip_cov"`` policy loss (Clip-Cov): PPO's max(-A r, -A clip(r, 1 - low, 1 + high))
+    (no log-ratio clamp, no dual clip) with the gradient cut on a random subset of tokens.
+
+    Candidates are the active, PPO-unclipped tokens whose covariance term
+    (A - mean A)(lp - mean lp) (means over the active tokens) lies strictly inside
+    (``policy_loss.clip_cov_lb``, ``clip_cov_ub``) (defaults 1, 5); max(1, int(clip_cov_ratio N))
+    of them (N the active token count, ratio default 2e-4) are drawn by ``torch.randperm`` on the
+    default CPU generator over the candidates in row-major order, exactly verl's draw (same seed,
+    same tokens), and their loss is multiplied by 0. Times ``rollout_is_weights``, aggregated by
+    ``loss_agg_mode`` on the fused kernel (the 0/1 factor times the rollout weights is its
+    per-token ``weights``). Metrics: ``actor/pg_clipfrac`` the fraction of active
+    tokens cut, ``actor/ppo_kl`` the mean of old - lp. Two host syncs (the two counts), as verl.
+    """
+    low, high = _clip_range(config)
+    ratio = _cov_config(config, "clip_cov_ratio", 0.0002)
+    ub = _cov_config(config, "clip_cov_ub", 5.0)
+    lb = _cov_config(config, "clip_cov_lb", 1.0)
+    if not ratio > 0:
+        raise ValueError(f"policy_loss.clip_cov_ratio must be > 0, got {ratio}")
+    agg, norm = _agg(loss_agg_mode, response_mask, _batch_info(config))
+    valid = response_mask.bool()
+    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+    with torch.no_grad():
+        n = valid.sum()
+        cov = _centred_product(adv, log_prob, valid, n)
+        lr = log_prob.detach().to(cov.dtype) - old_log_prob.detach().to(cov.dtype)
+        r = lr.exp()
+        a = adv.to(cov.dtype)
+        clipped = -a * r.clamp(1 - low, 1 + high) > -a * r
+        candidate = (cov < ub) & (cov > lb) & valid & ~clipped
+        n_host, n_cand = (int(x) for x in torch.stack([n, candidate.sum()]).tolist())
+        keep = torch.ones(valid.shape, dtype=cov.dtype, device=valid.device)
+        n_cut = 0
+        if n_cand > 0:
+            where = torch.nonzero_static(candidate.reshape(-1), size=n_cand).reshape(-1)
+            perm = torch.randperm(n_cand)  # verl's draw: default CPU generator
+            n_cut = min(max(int(ratio * n_host), 1), n_cand)
+            keep.view(-1)[where[perm[:n_cut].to(where.device)]] = 0.0
+        factor = keep if rollout_is_weights is None else keep * rollout_is_weights.detach().to(cov.dtype)
+    out = _policy_loss(log_prob, old_log_prob, advantages, response_mask, objective="clip", clip_low=low,
+                       clip_high=high, weights=factor, agg=agg, normalizer=norm)
+    clipfrac = n_cut / n_host if n_host > 0 else 0.0
+    values = _peers.scalars([clipfrac, out.metrics["approx_kl"]])
+    return _peers.owned(out.loss), {"actor/pg_clipfrac": values[0], "actor/ppo_kl": values[1]}
+
+
+def compute_policy_loss_kl_cov(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
+                               response_mask: torch.Tensor, loss_agg_mode: str = "token-mean",
+                               config: Optional[Any] = None, rollout_is_weights: Optional[torch.Tensor] = None):
+    """verl's ``"kl_cov"`` policy loss (KL-Cov): -A r on every token (no clip, no log-ratio
+    clamp), plus ``policy_loss.ppo_kl_coef`` (default 1) |lp - old| on the
+    max(1, int(kl_cov_ratio N)) active tokens (ratio default 2e-4, N active tokens) with the
+    largest covariance term (A - mean A)(lp - mean lp), means over the active tokens; times
+    ``rollout_is_weights``, aggregated by ``loss_agg_mode``.
+
+    The -A r part runs on the fused kernel (PPO's objective with the clip range [0, inf), which
+    never binds); the penalty is gathered on the k selected tokens only and scaled by each
+    row's aggregation factor. ``actor/ppo_kl`` is verl's mean of |lp - old| over the active
+    tokens. One host sync (the token count, for k), as verl; the top-k runs on the device
+    (verl copies the batch to the CPU for it).
+    """
+    ratio = _cov_config(config, "kl_cov_ratio", 0.0002)
+    coef = _cov_config(config, "ppo_kl_coef", 1.0)
+    if not ratio > 0:
+        raise ValueError(f"policy_loss.kl_cov_ratio must be > 0, got {ratio}")
+    agg, norm = _agg(loss_agg_mode, response_mask, _batch_info(config))
+    valid = response_mask.bool()
+    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+    weights = None if rollout_is_weights is None else rollout_is_weights.detach()
+    out = _policy_loss(log_prob, old_log_prob, advantages, response_mask, objective="clip", clip_low=1.0,
+                       clip_high=float("inf"), weights=weights, agg=agg, normalizer=norm)
+    loss = _peers.owned(out.loss)
+    with torch.no_grad():
+        n = valid.sum()
+        cov = _centred_product(adv, log_prob, valid, n)
+        d = (log_prob.detach().to(cov.dtype) - old_log_prob.detach().to(cov.dtype)).abs()
+        ppo_kl = torch.where(valid, d, torch.zeros((), dtype=d.dtype, device=d.device)).sum() / n.clamp(min=1)
+        n_host = int(n)
+    if n_host > 0:
+        k = max(1, int(n_host * ratio))
+        with torch.no_grad():
+            cov = torch.where(valid, cov, torch.full((), float("-inf"), dtype=cov.dtype, device=cov.device))
+            idx = torch.topk(cov.reshape(-1), k, largest=True).indices
+            T = valid.shape[-1]
+            scale = _row_scale(agg, norm, response_mask, cov.dtype)[idx // T] * coef
+            if rollout_is_weights is not None:
+                scale = scale * rollout_is_weights.detach().to(cov.dtype).reshape(-1)[idx]
+        gathered = log_prob.reshape(-1)[idx].to(cov.dtype) - old_log_prob.detach().reshape(-1)[idx].to(cov.dtype)
+        loss = loss + (gathered.abs() * scale).sum().to(loss.dtype)
+    return loss, {"actor/ppo_kl": _peers.scalars([ppo_kl])[0]}
+
+
 POLICY_LOSS_REGISTRY: Dict[str, Callable] = {
     "vanilla": compute_policy_loss_vanilla, "gspo": compute_policy_loss_gspo, "cispo": compute_policy_loss_cispo,
     "gpg": compute_policy_loss_gpg, "dro": compute_policy_loss_dro, "bypass_mode": compute_policy_loss_bypass_mode,
     "sapo": compute_policy_loss_sapo, "geo_mean": compute_policy_loss_geo_mean,
     "dppo_tv": compute_policy_loss_dppo_tv, "dppo_kl": compute_policy_loss_dppo_kl,
+    "clip_cov": compute_policy_loss_clip_cov, "kl_cov": compute_policy_loss_kl_cov,
 }
 
 
@@ -967,6 +1080,99 @@ class FixedKLController:
 
 
 # ------------------------------------------------------------------------------------------
+# rollout correction (verl/trainer/ppo/rollout_corr_helper.py)
+
+
+def compute_rollout_correction_and_rejection_mask(old_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor,
+                                                  response_mask: torch.Tensor, rollout_is: Optional[str] = None,
+                                                  rollout_is_threshold: Any = 2.0,
+                                                  rollout_is_batch_normalize: bool = False,
+                                                  rollout_rs: Optional[str] = None, rollout_rs_threshold: Any = None):
+    """verl's rollout correction: IS weights, rejection mask and metrics, with log rho =
+    old_log_prob - rollout_log_prob (training over rollout policy).
+
+    IS weights (``rollout_is`` "token": rho_t; "sequence": exp(sum_t log rho_t) on every token;
+    log-ratios clamped to +-20, 0 at masked tokens): a number or "u" as ``rollout_is_threshold``
+    truncates them at u (TIS); "l_u" zeroes those outside [l, u] (IcePop).
+    ``rollout_is_batch_normalize`` divides them by their mean over the active tokens ("token") or
+    the non-empty sequences ("sequence"), over all ranks when torch.distributed is initialised,
+    unless that mean is <= 1e-8. Rejection sampling (``rollout_rs``, comma-separated options
+    that must all pass): token_k1/k2/k3 per token, seq_sum_*/seq_mean_*/seq_max_* per sequence,
+    with k1 = -log rho inside [log l, log u] ("l_u" or "u" meaning [1/u, u]), k2 = (log rho)^2 / 2
+    and k3 = rho - 1 - log rho at most their threshold; a rejected token (or every token of a
+    rejected sequence) leaves the response mask.
+
+    Returns ``(weights, modified_response_mask, metrics)`` as verl: the weights wrapped in verl's
+    ``DataProto`` under "rollout_is_weights" (None without ``rollout_is``), the mask in the input's
+    dtype and verl's metrics (``rollout_corr/rollout_is_*``, ``rollout_corr/rollout_rs_*``, the
+    off-policy diagnostics) as Python floats, all read back with one device sync (verl syncs for
+    each). A mask without an active token raises ValueError, as verl.
+    """
+    weights, mask, metrics = _rc.correction_and_rejection(
+        old_log_prob, rollout_log_prob, response_mask, rollout_is, rollout_is_threshold, rollout_is_batch_normalize,
+        rollout_rs, rollout_rs_threshold)
+    return _rc.wrap_weights(weights), mask, metrics
+
+
+def compute_rollout_correction_weights(log_ratio: torch.Tensor, response_mask: torch.Tensor, rollout_is: str = "token",
+                                       rollout_is_threshold: Any = 2.0, rollout_is_batch_normalize: bool = False):
+    """verl's IS weights alone (see :func:`compute_rollout_correction_and_rejection_mask`):
+    ``(weights [B, T], metrics)`` with the ``rollout_is_*`` metric names (no prefix)."""
+    return _rc.correction_weights(log_ratio, response_mask, rollout_is, rollout_is_threshold,
+                                  rollout_is_batch_normalize)
+
+
+def compute_rollout_rejection_mask(log_ratio: torch.Tensor, response_mask: torch.Tensor,
+                                   rollout_rs: str = "token_k1", rollout_rs_threshold: Any = None):
+    """verl's rejection sampling alone (see :func:`compute_rollout_correction_and_rejection_mask`):
+    ``(modified_response_mask, metrics)`` with the ``rollout_rs_*`` metric names (no prefix)."""
+    return _rc.rejection(log_ratio, response_mask, rollout_rs, rollout_rs_threshold)
+
+
+def compute_offpolicy_metrics(old_log_prob: torch.Tensor, rollout_log_prob: Optional[torch.Tensor],
+                              response_mask: torch.Tensor) -> Dict[str, float]:
+    """verl's off-policy diagnostics (no prefix): training_ppl, training_log_ppl and, with
+    ``rollout_log_prob``, kl, k3_kl, rollout_ppl, rollout_log_ppl, log_ppl_diff (mean, abs,
+    max, min), ppl_ratio, chi2_token, chi2_seq."""
+    return _rc.offpolicy(old_log_prob, rollout_log_prob, response_mask)
+
+
+def compute_rollout_corr_metrics_from_logprobs(log_prob: torch.Tensor, rollout_log_prob: torch.Tensor,
+                                               response_mask: torch.Tensor) -> Dict[str, float]:
+    """verl's actor-side diagnostics: :func:`compute_offpolicy_metrics` with "rollout_corr/"."""
+    return {f"rollout_corr/{k}": v for k, v in compute_offpolicy_metrics(log_prob, rollout_log_prob,
+                                                                         response_mask).items()}
+
+
+def compute_rollout_correction_and_add_to_batch(batch: Any, rollout_corr_config: Any):
+    """verl's trainer step: reads ``old_log_probs``, ``rollout_log_probs`` and ``response_mask``
+    from the ``DataProto`` batch and the options from ``rollout_corr_config`` (verl's
+    ``RolloutCorrectionConfig``), replaces ``response_mask`` by the rejection-masked one and adds
+    ``rollout_is_weights`` when IS is on. Returns ``(batch, metrics)``."""
+    get = rollout_corr_config.get
+    weights, mask, metrics = compute_rollout_correction_and_rejection_mask(
+        old_log_prob=batch.batch["old_log_probs"], rollout_log_prob=batch.batch["rollout_log_probs"],
+        response_mask=batch.batch["response_mask"], rollout_is=get("rollout_is", None),
+        rollout_is_threshold=get("rollout_is_threshold", 2.0),
+        rollout_is_batch_normalize=get("rollout_is_batch_normalize", False), rollout_rs=get("rollout_rs", None),
+        rollout_rs_threshold=get("rollout_rs_threshold", None))
+    batch.batch["response_mask"] = mask
+    if weights is not None:
+        batch = batch.union(weights)
+    return batch, metrics
+
+
+_ROLLOUT_FUNCTIONS = {
+    "compute_rollout_correction_and_rejection_mask": compute_rollout_correction_and_rejection_mask,
+    "compute_rollout_correction_weights": compute_rollout_correction_weights,
+    "compute_rollout_rejection_mask": compute_rollout_rejection_mask,
+    "compute_offpolicy_metrics": compute_offpolicy_metrics,
+    "compute_rollout_corr_metrics_from_logprobs": compute_rollout_corr_metrics_from_logprobs,
+    "compute_rollout_correction_and_add_to_batch": compute_rollout_correction_and_add_to_batch,
+}
+
+
+# ------------------------------------------------------------------------------------------
 # install into verl
 
 # module attributes verl's trainers call directly (by module attribute or imported name)
@@ -980,18 +1186,21 @@ _saved: Optional[Dict[str, Any]] = None
 def install() -> None:
     """Run verl on rlkern: registers rlkern's policy losses under verl's names in
     ``POLICY_LOSS_REGISTRY`` (vanilla, gspo, cispo, gpg, dro, bypass_mode, sapo, geo_mean, dppo_tv,
-    dppo_kl) and its advantage
+    dppo_kl, clip_cov, kl_cov) and its advantage
     estimators in ``ADV_ESTIMATOR_REGISTRY`` (gae, grpo, grpo_vectorized, reinforce_plus_plus,
     reinforce_plus_plus_baseline, remax, rloo, rloo_vectorized, opo, gpg, grpo_passk, gdpo, optimal_token_baseline,
     tir_optimal_token_baseline), and
     replaces ``core_algos.kl_penalty``, ``compute_value_loss``, ``compute_gae_advantage_return``
-    and ``compute_grpo_outcome_advantage`` (also where verl's loss modules imported them by name).
+    and ``compute_grpo_outcome_advantage`` (also where verl's loss modules imported them by name)
+    and the rollout-correction functions of ``rollout_corr_helper`` (wherever a loaded verl module
+    holds them: the trainers' ``compute_rollout_correction_and_add_to_batch`` then runs rlkern's).
     An unchanged verl config then runs on rlkern. Idempotent; :func:`uninstall` restores verl's.
     """
     global _saved
     import sys
 
     from verl.trainer.ppo import core_algos as ca
+    from verl.trainer.ppo import rollout_corr_helper as rch
 
     if _saved is not None:
         return
@@ -1007,6 +1216,16 @@ def install() -> None:
         for name, fn in _FUNCTIONS.items():
             if hasattr(mod, name):
                 saved["attrs"].append((mod, name, getattr(mod, name)))
+                setattr(mod, name, fn)
+    # verl's trainers import the rollout-correction helpers at call time from their module, or by
+    # name at import (v1/trainer_base.py): swap the module's and every loaded holder's reference
+    originals = {name: getattr(rch, name) for name in _ROLLOUT_FUNCTIONS}
+    for mod_name, mod in list(sys.modules.items()):
+        if mod is None or not (mod_name == "verl" or mod_name.startswith("verl.")):
+            continue
+        for name, fn in _ROLLOUT_FUNCTIONS.items():
+            if getattr(mod, name, None) is originals[name]:
+                saved["attrs"].append((mod, name, originals[name]))
                 setattr(mod, name, fn)
     _saved = saved
 
