@@ -115,14 +115,17 @@ POLICY_SETS = [
     {},
     {"clip_high": 0.28, "ref_logp": "ref", "kl_coef": 0.04, "kl_kind": "k3"},
     {"objective": "cispo", "level": "sequence", "log_ratio_clamp": (None, 10.0), "agg": "seq-mean-token-mean"},
-    {"dual_clip": 3.0, "entropy": "ent", "entropy_coef": 0.01, "agg": "token-sum", "normalizer": 7.0},
-    {"rollout_logp": "roll", "tis_cap": 2.0, "off_policy_threshold": 0.5, "agg": "seq-mean-token-sum-norm"},
+    {"dual_clip": 3.0, "entropy": "ent", "entropy_coef": 0.01, "agg": "token-sum", "normalizer": 7.0,
+     "weights": "wts"},
+    {"rollout_logp": "roll", "tis_cap": 2.0, "off_policy_threshold": 0.5, "agg": "seq-mean-token-sum-norm",
+     "weights": "wts"},
     {"objective": "reinforce", "entropy": "ent", "entropy_top_fraction": 0.5, "agg": "seq-mean-token-sum"},
 ]
 
 
 def _options(opts, batch):
-    named = {"ref": batch[2], "roll": batch[3], "ent": batch[4]}
+    # The entropies, in [0, 1), double as per-token policy weights.
+    named = {"ref": batch[2], "roll": batch[3], "ent": batch[4], "wts": batch[4].detach()}
     return {k: named[v] if isinstance(v, str) and v in named else v for k, v in opts.items()}
 
 
@@ -228,16 +231,17 @@ def _op_samples(backend):
     # Under the Triton interpreter each sample costs seconds: there, two policy option sets.
     for opts in POLICY_SETS if backend == "cpu" else POLICY_SETS[1::2][:2]:
         o = _options(opts, batch)
-        tensors = {k: o.pop(k, None) for k in ("ref_logp", "rollout_logp", "entropy")}
+        tensors = {k: o.pop(k, None) for k in ("ref_logp", "rollout_logp", "entropy", "weights")}
         spec, values = losses._encode_options(o)
         e = tensors["entropy"]
         samples.append((torch.ops.rlkern.policy_loss.default,
                         (logp.clone().requires_grad_(), old, adv, mask, tensors["ref_logp"], tensors["rollout_logp"],
-                         None if e is None else e.clone().requires_grad_(), None, spec, values, e is not None)))
+                         None if e is None else e.clone().requires_grad_(), tensors["weights"], None, spec, values,
+                         e is not None)))
     spec, values = losses._encode_options({"agg": "token-sum"})
     samples.append((torch.ops.rlkern.policy_loss.default,
                     (logp.to(torch.bfloat16).requires_grad_(), old.to(torch.bfloat16), adv, mask, None, None, None,
-                     torch.tensor(5.0), spec, values, False)))
+                     None, torch.tensor(5.0), spec, values, False)))
     v = logp.clone().requires_grad_()
     samples.append((torch.ops.rlkern.value_loss.default, (v, old, ref, mask, None, 0.2, "token-mean", None)))
     samples.append((torch.ops.rlkern.value_loss.default,
@@ -313,6 +317,14 @@ def test_func_vmap_over_independent_problems():
         want_loss, want_ratio = one(*args)
         assert_close(loss[i], want_loss, 1e-6)
         assert_close(ratio[i], want_ratio, 1e-6)
+
+    def weighted(lp, o, a, m, w):
+        return rlkern.policy_loss(lp, o, a, m, weights=w, agg="token-sum").loss
+
+    w = torch.stack([ent[:2], ent[2:]])
+    got = torch.func.vmap(weighted)(*stacked, w)
+    for i, args in enumerate(problems):
+        assert_close(got[i], weighted(*args, w[i]), 1e-6)
 
     v = torch.func.vmap(lambda a, b, m: rlkern.value_loss(a, b, b, m, clip=0.1).loss)(*stacked[:2], stacked[3])
     assert_close(v[1], rlkern.value_loss(problems[1][0], problems[1][1], problems[1][1], problems[1][3],

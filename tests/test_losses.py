@@ -36,13 +36,17 @@ def make_batch(B=4, T=9, *, seed=0, dtype=torch.float64, spread=0.3, adv_per_tok
         mask[1] = False
         mask[2] = False
         mask[2, 0] = True
+    # Per-token policy weights in [0, 2) with exact zeros (verl's 0/1 clip_cov selection, its
+    # rollout IS weights); drawn last so that the other tensors keep their values.
+    weights = torch.rand(B, T, generator=g, dtype=torch.float64) * 2
+    weights[torch.rand(B, T, generator=g) < 0.2] = 0.0
     if nan_masked:
-        for t in (logp, old, refp, rollout, entropy):
+        for t in (logp, old, refp, rollout, entropy, weights):
             t[~mask] = float("nan")
         if adv_per_token:
             adv[~mask] = float("nan")
     return dict(logp=logp.to(dtype), old=old.to(dtype), ref=refp.to(dtype), rollout=rollout.to(dtype),
-                entropy=entropy.to(dtype), adv=adv.to(dtype), mask=mask)
+                entropy=entropy.to(dtype), adv=adv.to(dtype), mask=mask, weights=weights.to(dtype))
 
 
 # Option sets: each names the tensors it needs ("ref", "rollout", "entropy") and the options.
@@ -80,12 +84,16 @@ OPTION_CASES = {
     "seq_mean_token_sum_norm": ((), dict(agg="seq-mean-token-sum-norm")),
     "normalizer_token": ((), dict(normalizer=17.0)),
     "normalizer_seq": ((), dict(agg="seq-mean-token-mean", normalizer=3.0)),
-    "everything_token": (("ref", "rollout", "entropy"),
+    "weights": (("weights",), dict()),
+    "weights_tis_mask": (("rollout", "weights"), dict(tis_cap=1.1, tis_mode="mask", agg="seq-mean-token-sum")),
+    "weights_sequence": (("weights",), dict(level="sequence", clip_low=0.05, agg="seq-mean-token-mean")),
+    "weights_cispo_kl": (("ref", "weights"), dict(objective="cispo", kl_coef=0.1, kl_is_correction=True)),
+    "everything_token": (("ref", "rollout", "entropy", "weights"),
                          dict(clip_high=0.28, dual_clip=2.5, ratio_cap=3.0, log_ratio_clamp=5.0, kl_coef=0.05,
                               kl_kind="k3", kl_clamp=10.0, kl_is_correction=True, tis_cap=1.3,
                               off_policy_threshold=0.01, entropy_coef=0.02, entropy_top_fraction=0.6,
                               agg="seq-mean-token-mean")),
-    "everything_sequence": (("ref", "rollout", "entropy"),
+    "everything_sequence": (("ref", "rollout", "entropy", "weights"),
                             dict(level="sequence", clip_low=0.1, clip_high=0.15, dual_clip=3.0, kl_coef=0.05,
                                  kl_kind="k2", tis_cap=2.0, tis_level="sequence", off_policy_threshold=0.01,
                                  entropy_coef=0.02, agg="seq-mean-token-sum-norm", normalizer=5.0)),
@@ -103,6 +111,8 @@ def build(batch, needs, options, dtype=None, grad=True):
         opts["rollout_logp"] = conv(batch["rollout"])
     if "entropy" in needs:
         opts["entropy"] = conv(batch["entropy"]).requires_grad_(grad)
+    if "weights" in needs:
+        opts["weights"] = conv(batch["weights"])
     return (logp, conv(batch["old"]), conv(batch["adv"]), batch["mask"]), opts
 
 
@@ -445,6 +455,105 @@ def test_bad_tensors_raise_naming_the_argument():
 
 
 # ---------------------------------------------------------------------------------------
+# per-token weights
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_zero_one_weights_equal_dropping_the_tokens_from_the_policy_term(backend, dtype):
+    """A 0/1 weight (verl's clip_cov selection) keeps or drops a token's policy term and its
+    gradient; the KL and entropy terms stay on every active token."""
+    batch = make_batch(5, 19, seed=50, dtype=dtype)
+    mask = batch["mask"]
+    keep = (batch["weights"] != 0) & mask
+    w01 = keep.to(dtype)
+    common = dict(ref_logp=batch["ref"], kl_coef=0.1, agg="token-sum")
+    logp = batch["logp"].clone().requires_grad_()
+    with rlkern.use_backend(backend):
+        weighted = losses.policy_loss(logp, batch["old"], batch["adv"], mask, weights=w01, **common)
+        (g_weighted,) = torch.autograd.grad(weighted.loss, logp)
+        lp2 = batch["logp"].clone().requires_grad_()
+        plain = losses.policy_loss(lp2, batch["old"], batch["adv"], keep, agg="token-sum")
+        # the KL term alone on every active token: REINFORCE with zero advantages
+        kl = losses.policy_loss(lp2, batch["old"], torch.zeros_like(batch["adv"]), mask, objective="reinforce",
+                                **common)
+        (g_split,) = torch.autograd.grad(plain.loss + kl.loss, lp2)
+    tol = 1e-10 if dtype == torch.float64 else VALUE_TOL
+    assert_close(weighted.loss, plain.loss + kl.loss, tol, "loss")
+    assert_close(g_weighted, g_split, tol, "grad")
+    assert torch.count_nonzero(g_weighted[~mask]) == 0
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name", ["default", "sequence", "everything_token"])
+def test_unit_weights_change_nothing(backend, name):
+    needs, options = OPTION_CASES[name]
+    needs = tuple(n for n in needs if n != "weights")
+    batch = make_batch(4, 21, seed=51, dtype=torch.float32)
+    args, opts = build(batch, needs, options)
+    base, g_base = run(backend, args, opts)
+    args, opts = build(batch, needs, options)
+    out, g = run(backend, args, {**opts, "weights": torch.ones_like(args[0]).detach()})
+    # (with weights the C++ kernel takes its general row path: equal up to summation order)
+    assert_close(out.loss, base.loss, 1e-6)
+    for a, b in zip(g, g_base):
+        assert_close(a, b, 1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+def test_zero_weight_times_an_infinite_term_is_nan_as_documented(backend):
+    """Weights multiply, as the TIS mask does: 0 * inf is NaN (IEEE), not a dropped token."""
+    batch = make_batch(3, 5, seed=52, dtype=torch.float32, nan_masked=False)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    adv = -torch.ones(3)
+    logp = batch["logp"].clone()
+    logp[0, 1] = batch["old"][0, 1] + 100.0  # ratio exp(100) = inf in float32: the clip term is +inf
+    w = torch.ones(3, 5)
+    w[0, 1] = 0.0
+    for kw in (dict(weights=w), dict(rollout_logp=logp.detach() + 100.0, tis_cap=2.0, tis_mode="mask")):
+        with rlkern.use_backend(backend):
+            out = losses.policy_loss(logp, batch["old"], adv, mask, **kw)
+        assert torch.isnan(out.loss), kw
+    # a finite term with weight 0 is dropped exactly
+    logp[0, 1] = batch["old"][0, 1] + 1.0
+    with rlkern.use_backend(backend):
+        a = losses.policy_loss(logp, batch["old"], adv, mask, weights=w, agg="token-sum").loss
+        keep = mask.clone()
+        keep[0, 1] = False
+        b = losses.policy_loss(logp, batch["old"], adv, keep, agg="token-sum").loss
+    assert_close(a, b, 1e-6)
+
+
+def test_weights_get_no_gradient_and_masked_nan_weights_do_not_leak():
+    batch = make_batch(4, 9, seed=53, dtype=torch.float32)
+    w = batch["weights"].clone().requires_grad_()
+    logp = batch["logp"].clone().requires_grad_()
+    for backend in ["reference"] + CPU_BACKENDS:
+        with rlkern.use_backend(backend):
+            out = losses.policy_loss(logp, batch["old"], batch["adv"], batch["mask"], weights=w)
+        assert torch.isfinite(out.loss)
+        out.loss.backward()
+        assert w.grad is None
+        assert torch.isfinite(logp.grad).all()
+        logp.grad = None
+
+
+def test_bad_weights_raise_naming_the_argument():
+    logp, old, adv, mask = _good()
+    with pytest.raises(ValueError, match="weights"):
+        losses.policy_loss(logp, old, adv, mask, weights=torch.ones(3, 5))
+    with pytest.raises(ValueError, match="weights"):
+        losses.policy_loss(logp, old, adv, mask, weights=torch.ones(3))
+    with pytest.raises(TypeError, match="weights"):
+        losses.policy_loss(logp, old, adv, mask, weights=torch.ones(3, 4, dtype=torch.int64))
+    with pytest.raises(TypeError, match="weights"):
+        losses.policy_loss(logp, old, adv, mask, weights=[[1.0] * 4] * 3)
+    for backend in ["reference", "cpu"]:
+        with rlkern.use_backend(backend), pytest.raises(ValueError, match="weights"):
+            losses.policy_loss(logp, old, adv, mask, objective="geo_mean", weights=torch.ones(3, 4))
+
+
+# ---------------------------------------------------------------------------------------
 # value loss
 
 
@@ -646,7 +755,8 @@ def test_policy_loss_mixed_dtypes_match_reference(backend, dtypes, name):
     needs, options = OPTION_CASES[name]
     logp = batch["logp"].to(lp_dt).requires_grad_()
     opts = dict(options)
-    for key, arg in (("ref", "ref_logp"), ("rollout", "rollout_logp"), ("entropy", "entropy")):
+    for key, arg in (("ref", "ref_logp"), ("rollout", "rollout_logp"), ("entropy", "entropy"),
+                     ("weights", "weights")):
         if key in needs:
             opts[arg] = batch[key].to(opt_dt)
     if "entropy" in opts:

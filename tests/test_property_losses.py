@@ -147,6 +147,9 @@ def policy_cases(draw):
             if draw(st.booleans()):
                 opts["entropy_top_fraction"] = draw(st.sampled_from([0.2, 1.0]))
         tensors["entropy"] = ent
+    if objective != "geo_mean" and draw(st.booleans()):  # GMPO takes no per-token weights
+        w = torch.rand(B, T, generator=g, dtype=torch.float64) * 2
+        tensors["weights"] = torch.where(torch.rand(B, T, generator=g) < 0.3, torch.zeros_like(w), w)
     opts["agg"] = draw(st.sampled_from(ref.AGG_MODES))
     if draw(st.booleans()):
         opts["normalizer"] = draw(st.sampled_from([0.5, 7.0, 1e3]))

@@ -53,6 +53,7 @@ struct PolicyParams {
   int dtype = 0;  // storage type of the floating [B, T] inputs; advantages are in the arithmetic type
   ptr_t logp = 0, old_logp = 0, advantages = 0, mask = 0;
   ptr_t ref_logp = 0, rollout_logp = 0, entropy = 0;  // 0 when not given
+  ptr_t weights = 0;  // per-token policy-term weights, 0 when not given
   bool adv_per_token = false;
   int objective = kClip;
   bool seq_level = false;
@@ -114,6 +115,7 @@ struct RowConst {
   A tau_pos, tau_neg, phi_pos, phi_neg, geo_lo, geo_hi, geo_adv, div_lo, div_hi;
   int objective, kl_kind;
   bool has_dual, use_kl, use_ent, kl_corr, tis_token, tis_mask_mode, has_select, drop_negative;
+  bool has_weights;  // per-token weights given (read on the EXTRA path)
 };
 
 template <class A>
@@ -131,7 +133,8 @@ struct ExtraTerms {
 };
 
 template <class A, int KL, bool SEQ, bool EXTRA>
-RLK_LOSS_INLINE ExtraTerms<A> token_terms_obj(const RowConst<A>& c, A lp, A o, A a, A refv, A rolv, A h) {
+RLK_LOSS_INLINE ExtraTerms<A> token_terms_obj(const RowConst<A>& c, A lp, A o, A a, A refv, A rolv, A h,
+                                              A wv = A(1)) {
   const A zero(0), one(1);
   A r, dx, x = zero;
   if (SEQ) {
@@ -197,6 +200,7 @@ RLK_LOSS_INLINE ExtraTerms<A> token_terms_obj(const RowConst<A>& c, A lp, A o, A
       wt = c.tis_mask_mode ? (wt > c.tis_cap ? zero : wt) : (wt > c.tis_cap ? c.tis_cap : wt);
       weight *= wt;
     }
+    weight *= wv;  // the caller's per-token weight (1 when not given)
   }
   weight *= c.seq_tis;
   A l = weight * pg;
@@ -233,7 +237,8 @@ RLK_LOSS_INLINE ExtraTerms<A> token_terms_obj(const RowConst<A>& c, A lp, A o, A
 // row's shared sequence-level ratio; the derivative through it is returned in `dseq` and
 // applied to the whole row afterwards. EXTRA: entropy and rollout log-probs are read.
 template <class A, int KL, bool SEQ, bool EXTRA>
-RLK_LOSS_INLINE TokenTerms<A> token_terms(const RowConst<A>& c, A lp, A o, A a, A refv, A rolv, A h) {
+RLK_LOSS_INLINE TokenTerms<A> token_terms(const RowConst<A>& c, A lp, A o, A a, A refv, A rolv, A h,
+                                          A wv = A(1)) {
   const A zero(0), one(1), half(0.5);
   A r, dx;
   if (SEQ) {
@@ -275,6 +280,7 @@ RLK_LOSS_INLINE TokenTerms<A> token_terms(const RowConst<A>& c, A lp, A o, A a, 
     A wt = exp_(o - rolv);
     wt = c.tis_mask_mode ? (wt > c.tis_cap ? zero : wt) : (wt > c.tis_cap ? c.tis_cap : wt);
     weight = c.tis_token ? weight * wt : weight;
+    weight *= wv;  // the caller's per-token weight (1 when not given)
   }
   weight *= c.seq_tis;
   A l = weight * pg;
@@ -319,6 +325,7 @@ RLK_LOSS_INLINE TokenTerms<A> token_terms(const RowConst<A>& c, A lp, A o, A a, 
 template <class T>
 struct PolicyInputs {
   const T *logp, *old, *ref, *rollout, *ent;
+  const T* weights;  // aliases `old` when not given (loaded, then replaced by 1)
   const acc_t<T>* adv;
   const uint8_t* mask;
   T* grad;  // storage type of logp: the gradient is written finished (scale folded in)
@@ -350,7 +357,7 @@ RLK_LOSS_INLINE void token_step(const PolicyInputs<T>& in, const RowConst<acc_t<
   lp = m ? lp : zero;
   o = m ? o : zero;
   a = m ? a : zero;
-  A refv = zero, rolv = zero, h = zero;
+  A refv = zero, rolv = zero, h = zero, wv = A(1);
   if (KL != 0) {
     refv = load(in.ref, i);
     refv = m ? refv : zero;
@@ -360,9 +367,11 @@ RLK_LOSS_INLINE void token_step(const PolicyInputs<T>& in, const RowConst<acc_t<
     h = load(in.ent, i);
     rolv = m ? rolv : zero;
     h = m ? h : zero;
+    const A w = load(in.weights, i);
+    wv = c.has_weights ? (m ? w : zero) : wv;
   }
   if (OBJ) {
-    const ExtraTerms<A> e = token_terms_obj<A, KL, SEQ, EXTRA>(c, lp, o, a, refv, rolv, h);
+    const ExtraTerms<A> e = token_terms_obj<A, KL, SEQ, EXTRA>(c, lp, o, a, refv, rolv, h, wv);
     store(in.grad, i, m ? c.grad_w * e.t.grad : zero);
     L.n[j] += m ? A(1) : zero;
     L.loss[j] += m ? c.row_w * e.t.loss : zero;
@@ -376,7 +385,7 @@ RLK_LOSS_INLINE void token_step(const PolicyInputs<T>& in, const RowConst<acc_t<
     L.obj[j] += m ? e.stat : zero;
     return;
   }
-  const TokenTerms<A> tt = token_terms<A, KL, SEQ, EXTRA>(c, lp, o, a, refv, rolv, h);
+  const TokenTerms<A> tt = token_terms<A, KL, SEQ, EXTRA>(c, lp, o, a, refv, rolv, h, wv);
   store(in.grad, i, m ? c.grad_w * tt.grad : zero);
   L.n[j] += m ? A(1) : zero;
   L.loss[j] += m ? c.row_w * tt.loss : zero;
@@ -433,6 +442,7 @@ struct RowConstV {
   vi has_dual, use_kl, kl_corr, tis_token, tis_mask_mode, has_select, drop_negative, is_clip, is_cispo, kl_k1;
   bool has_lr_clamp, clip_objective, cispo_objective, has_cap, has_dual_clip, drop_negative_row, has_seq_tis, k1,
       has_kl_clamp, use_kl_term, use_ent_term, kl_correction;
+  bool has_weights;
   explicit RowConstV(const RowConst<float>& c)
       : clip_lo(splat(c.clip_lo)), clip_hi(splat(c.clip_hi)), cap(splat(c.cap)), dual(splat(c.dual)),
         lr_lo(splat(c.lr_lo)), lr_hi(splat(c.lr_hi)), kl_lo(splat(c.kl_lo)), kl_hi(splat(c.kl_hi)),
@@ -456,6 +466,7 @@ struct RowConstV {
     use_kl_term = c.use_kl;
     use_ent_term = c.use_ent;
     kl_correction = c.kl_corr;
+    has_weights = c.has_weights;
   }
 };
 
@@ -624,6 +635,7 @@ RLK_LOSS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& c,
     vf wt = vexp(o - rolv);
     wt = c.tis_mask_mode ? (wt > c.tis_cap ? zero : wt) : (wt > c.tis_cap ? c.tis_cap : wt);
     weight = c.tis_token ? weight * wt : weight;
+    if (c.has_weights) weight *= m ? vload(in.weights, i) : zero;
     pg *= weight;
     dr *= weight;
     direct *= weight;
@@ -901,6 +913,7 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
   // Without rollout log-probs the behaviour policy (for the off-policy mask) is the old one.
   in.rollout = p.rollout_logp ? as_ptr<const T>(p.rollout_logp) : in.old;
   in.ent = p.entropy ? as_ptr<const T>(p.entropy) : in.old;
+  in.weights = p.weights ? as_ptr<const T>(p.weights) : in.old;
   in.adv = as_ptr<const A>(p.advantages);
   in.mask = as_ptr<const uint8_t>(p.mask);
   in.grad = as_ptr<T>(p.grad_logp);
@@ -927,6 +940,7 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
   c.tis_cap = A(p.tis_cap);
   c.tis_token = p.has_tis && !p.tis_seq;
   c.tis_mask_mode = p.tis_mask_mode;
+  c.has_weights = p.weights != 0;
   c.objective = p.objective;
   c.tau_pos = A(p.sapo_tau_pos);
   c.tau_neg = A(p.sapo_tau_neg);
@@ -1283,7 +1297,7 @@ void run_policy_rows(const PolicyParams& p, double* rows) {
 
 template <class T, int KL>
 void run_policy_kl(const PolicyParams& p, double* rows) {
-  const bool extra = p.entropy != 0 || p.rollout_logp != 0;
+  const bool extra = p.entropy != 0 || p.rollout_logp != 0 || p.weights != 0;
   if (p.seq_level) {
     extra ? run_policy_rows<T, KL, true, true>(p, rows) : run_policy_rows<T, KL, true, false>(p, rows);
   } else {
@@ -1532,6 +1546,7 @@ void bind(py::module_& m) {
       .def_readwrite("mask", &PolicyParams::mask)
       .def_readwrite("ref_logp", &PolicyParams::ref_logp)
       .def_readwrite("rollout_logp", &PolicyParams::rollout_logp)
+      .def_readwrite("weights", &PolicyParams::weights)
       .def_readwrite("entropy", &PolicyParams::entropy)
       .def_readwrite("adv_per_token", &PolicyParams::adv_per_token)
       .def_readwrite("objective", &PolicyParams::objective)

@@ -213,7 +213,7 @@ def _check_policy_inputs(logp, old_logp, advantages, mask, cfg: PolicyLossConfig
         raise ValueError(f"advantages must have shape ({B},) or ({B}, {T}) to match logp, "
                          f"got {tuple(advantages.shape)}")
     _validate.mask("mask", mask, logp.shape, allow_fake=traced)
-    for name in ("ref_logp", "rollout_logp", "entropy"):
+    for name in _ref.TENSOR_OPTIONS:
         t = tensors[name]
         if t is not None:
             _validate.tensor(name, t, floating=True, allow_fake=traced)
@@ -227,6 +227,7 @@ def _check_policy_inputs(logp, old_logp, advantages, mask, cfg: PolicyLossConfig
         raise ValueError("entropy_coef needs entropy (per-token entropies)")
     if cfg.kl_coef != 0 and tensors["ref_logp"] is None:
         raise ValueError("kl_coef needs ref_logp (the reference policy's log-probs)")
+    _ref.check_weights(cfg, tensors["weights"])
 
 
 def _policy_params(cfg: PolicyLossConfig, B: int, T: int):
@@ -307,6 +308,7 @@ def _policy_cpu(logp, old_logp, advantages, mask, cfg: PolicyLossConfig, tensors
         ref = _as(ref_logp, storage)
         roll = _as(rollout_logp, storage)
         ent = _as(entropy, storage)
+        wts = _as(tensors["weights"], storage)
         adv = _as(advantages, acc)
         m = _mask_bytes(mask)
         p = _policy_params(cfg, B, T)
@@ -315,6 +317,7 @@ def _policy_cpu(logp, old_logp, advantages, mask, cfg: PolicyLossConfig, tensors
         p.ref_logp = ptr(ref) if ref is not None else 0
         p.rollout_logp = ptr(roll) if roll is not None else 0
         p.entropy = ptr(ent) if ent is not None else 0
+        p.weights = ptr(wts) if wts is not None else 0
         p.adv_per_token = adv.dim() == 2
         if cfg.entropy_top_fraction is not None:
             p.has_entropy_select = True
@@ -438,12 +441,13 @@ def _metric_names(cfg: PolicyLossConfig, has_ref: bool, has_entropy: bool) -> Tu
 
 @torch.library.custom_op("rlkern::policy_loss", mutates_args=())
 def _policy_op(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, ref_logp: Optional[Tensor],
-               rollout_logp: Optional[Tensor], entropy: Optional[Tensor], normalizer: Optional[Tensor], spec: str,
-               values: List[float], want_entropy_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+               rollout_logp: Optional[Tensor], entropy: Optional[Tensor], weights: Optional[Tensor],
+               normalizer: Optional[Tensor], spec: str, values: List[float],
+               want_entropy_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss, metrics [M] in ``_metric_names`` order, d loss / d logp, d loss / d entropy
     ([0] unless ``want_entropy_grad``)); the gradients in the inputs' storage dtype."""
     cfg = _op_config(spec, tuple(values))
-    tensors = {"ref_logp": ref_logp, "rollout_logp": rollout_logp, "entropy": entropy}
+    tensors = {"ref_logp": ref_logp, "rollout_logp": rollout_logp, "entropy": entropy, "weights": weights}
     _, acc = _policy_dtypes(logp, old_logp, advantages, tensors)
     want = want_entropy_grad and entropy is not None
     norm = None if normalizer is None else normalizer.to(acc)
@@ -454,9 +458,9 @@ def _policy_op(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
 
 
 @_policy_op.register_fake
-def _policy_fake(logp, old_logp, advantages, mask, ref_logp, rollout_logp, entropy, normalizer, spec, values,
+def _policy_fake(logp, old_logp, advantages, mask, ref_logp, rollout_logp, entropy, weights, normalizer, spec, values,
                  want_entropy_grad):
-    tensors = {"ref_logp": ref_logp, "rollout_logp": rollout_logp, "entropy": entropy}
+    tensors = {"ref_logp": ref_logp, "rollout_logp": rollout_logp, "entropy": entropy, "weights": weights}
     storage, acc = _policy_dtypes(logp, old_logp, advantages, tensors)
     names = _metric_names(_decode_options(spec, values), ref_logp is not None, entropy is not None)
     grad_entropy_shape = logp.shape if want_entropy_grad and entropy is not None else (0,)
@@ -479,7 +483,7 @@ def _policy_backward(ctx, grad_loss, *_):
         g_logp = _first_order((grad_logp * grad_loss).to(ctx.dtypes[0]), logp, "rlkern::policy_loss")
     if ctx.needs_input_grad[6] and grad_entropy.numel() == grad_logp.numel():
         g_entropy = _first_order((grad_entropy * grad_loss).to(ctx.dtypes[1]), logp, "rlkern::policy_loss")
-    return (g_logp, None, None, None, None, None, g_entropy) + (None,) * 4
+    return (g_logp, None, None, None, None, None, g_entropy) + (None,) * 5
 
 
 torch.library.register_autograd("rlkern::policy_loss", _policy_backward, setup_context=_policy_setup_context)
@@ -496,13 +500,13 @@ def _stack_problems(info, in_dims, call, tensors):
 
 
 @_policy_op.register_vmap
-def _policy_vmap(info, in_dims, logp, old_logp, advantages, mask, ref_logp, rollout_logp, entropy, normalizer, spec,
-                 values, want_entropy_grad):
+def _policy_vmap(info, in_dims, logp, old_logp, advantages, mask, ref_logp, rollout_logp, entropy, weights, normalizer,
+                 spec, values, want_entropy_grad):
     def call(*t):
         return _policy_op(*t, spec, values, want_entropy_grad)
 
-    out = _stack_problems(info, in_dims[:8], call,
-                          (logp, old_logp, advantages, mask, ref_logp, rollout_logp, entropy, normalizer))
+    out = _stack_problems(info, in_dims[:9], call,
+                          (logp, old_logp, advantages, mask, ref_logp, rollout_logp, entropy, weights, normalizer))
     return out, (0, 0, 0, 0)
 
 
@@ -559,6 +563,7 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
                 entropy: Optional[Tensor] = None,
                 entropy_coef: float = _D.entropy_coef,
                 entropy_top_fraction: Optional[float] = _D.entropy_top_fraction,
+                weights: Optional[Tensor] = None,
                 agg: str = _D.agg,
                 normalizer: Union[None, float, Tensor] = _D.normalizer,
                 sapo_temperature_pos: float = _D.sapo_temperature_pos,
@@ -607,8 +612,12 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     aggregation: ``level="sequence", agg="seq-mean-token-sum", normalizer=B``.
 
     w_t (detached, default 1) is the product of the truncated importance weight against
-    ``rollout_logp`` (``tis_cap``), the off-policy sequence mask (``off_policy_threshold``)
-    and the high-entropy token selection (``entropy_top_fraction``); kl_t is
+    ``rollout_logp`` (``tis_cap``), the off-policy sequence mask (``off_policy_threshold``),
+    the high-entropy token selection (``entropy_top_fraction``) and the caller's per-token
+    ``weights`` ([B, T], a constant like the advantages: verl's ``rollout_is_weights``, or
+    the 0/1 token selection of its clip_cov/kl_cov losses). ``weights`` multiplies the policy
+    term only (not the KL or entropy terms) and is refused by "geo_mean", whose loss is one
+    term per sequence (scale its advantages instead); kl_t is
     ``rlkern.kl.kl_penalty(logp, ref_logp, kl_kind, kl_clamp)``, multiplied by r when
     ``kl_is_correction``. The loss is ``agg`` over the active tokens, as verl 0.9.1's
     ``agg_loss``: "token-mean" sum(l m) / sum(m); "token-sum" sum(l m);
@@ -637,8 +646,11 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     NaN/inf policy: masked positions are never read into the result (they may hold NaN)
     and get zero gradient. Sequences without active tokens contribute nothing and are not
     counted by the seq-* modes. Non-finite values at active positions propagate into the
-    loss (NaN stays NaN through every clamp); a term whose coefficient is 0 (kl_coef,
-    entropy_coef) is left out, not multiplied by 0, so an infinite KL or entropy that only
+    loss (NaN stays NaN through every clamp). The factors of w_t multiply the policy term
+    (IEEE: a weight of 0, from ``weights``, the TIS mask or the off-policy mask, zeroes a
+    finite term and its gradient, but 0 times an infinite term is NaN, as in verl's and
+    TRL's ``pg_losses * weights``); a NaN weight at an active position gives NaN. A term whose
+    coefficient is 0 (kl_coef, entropy_coef) is left out, not multiplied by 0, so an infinite KL or entropy that only
     feeds a metric leaves the loss finite.
 
     Memory: the forward pass writes the finished gradient (in the inputs' dtype) and keeps
@@ -672,7 +684,7 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     # (No closure or comprehension in this function may capture a local: see _scalar_options.)
     options = locals()
     del options["logp"], options["old_logp"], options["advantages"], options["mask"]
-    traced = _traced(logp, old_logp, advantages, mask, ref_logp, rollout_logp, entropy)
+    traced = _traced(logp, old_logp, advantages, mask, ref_logp, rollout_logp, entropy, weights)
     norm = normalizer
     if isinstance(norm, torch.Tensor):
         _check_normalizer(norm, logp, traced)
@@ -682,7 +694,7 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
         cfg, _ = parse_policy_options(scalar_options)
     else:
         cfg = _eager_config(scalar_options)
-    tensors = {"ref_logp": ref_logp, "rollout_logp": rollout_logp, "entropy": entropy}
+    tensors = {"ref_logp": ref_logp, "rollout_logp": rollout_logp, "entropy": entropy, "weights": weights}
     _check_policy_inputs(logp, old_logp, advantages, mask, cfg, tensors, traced)
     backend = _backend.select(logp.device) if logp.device.type != "meta" else "meta"
     if backend == "reference":
@@ -693,8 +705,9 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
         norm_t = norm if isinstance(norm, torch.Tensor) else None
         loss, vec, _, _ = _call_op("policy_loss", _policy_op, logp, old_logp.detach(), advantages.detach(), mask,
                                    None if ref_logp is None else ref_logp.detach(),
-                                   None if rollout_logp is None else rollout_logp.detach(), entropy, norm_t, spec,
-                                   values, want_entropy_grad)
+                                   None if rollout_logp is None else rollout_logp.detach(), entropy,
+                                   None if weights is None else weights.detach(), norm_t, spec, values,
+                                   want_entropy_grad)
         names = _metric_names(cfg, ref_logp is not None, entropy is not None)
         return LossOutput(loss, dict(zip(names, vec.unbind())))
     norm_t = None

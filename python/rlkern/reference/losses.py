@@ -46,7 +46,7 @@ TIS_MODES = ("truncate", "mask")
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
 # Options of policy_loss that are tensors (the rest are in PolicyLossConfig).
-TENSOR_OPTIONS = ("ref_logp", "rollout_logp", "entropy")
+TENSOR_OPTIONS = ("ref_logp", "rollout_logp", "entropy", "weights")
 
 
 class LossOutput(NamedTuple):
@@ -290,6 +290,13 @@ def entropy_threshold(entropy: torch.Tensor, mask: torch.Tensor, top_fraction: f
     return torch.lerp(values[lo], values[hi], torch.tensor(pos - lo, dtype=values.dtype, device=values.device))
 
 
+def check_weights(cfg: PolicyLossConfig, weights: Optional[torch.Tensor]) -> None:
+    """Per-token ``weights`` are refused where the loss is one term per sequence."""
+    if weights is not None and cfg.objective in _SEQUENCE_OBJECTIVES:
+        raise ValueError(f"objective={cfg.objective!r} does not take weights (per-token weights): its loss is one "
+                         "term per sequence (fold a per-sequence weight into the advantages instead)")
+
+
 def _masked_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     mf = m.to(x.dtype)
     return ((x * mf).sum() / mf.sum().clamp(min=1)).detach()
@@ -300,10 +307,12 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     """Reference of :func:`rlkern.losses.policy_loss` (same options)."""
     cfg, tensors = parse_policy_options(options)
     ref_logp, rollout_logp, entropy = tensors["ref_logp"], tensors["rollout_logp"], tensors["entropy"]
+    weights = tensors["weights"]
+    check_weights(cfg, weights)
     m = mask != 0
     # Arithmetic in the widest floating type among the inputs (float64 when any is).
     dtype = logp.dtype
-    for t in (old_logp, advantages, ref_logp, rollout_logp, entropy):
+    for t in (old_logp, advantages, ref_logp, rollout_logp, entropy, weights):
         if t is not None and t.is_floating_point():
             dtype = torch.promote_types(dtype, t.dtype)
 
@@ -415,6 +424,9 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
         else:
             w = torch.where(w > cfg.tis_cap, torch.zeros_like(w), w)
         pg = pg * w.detach()
+    if weights is not None:
+        # Multiplied like the TIS weight: a zero weight zeroes a finite term, but 0 * inf is NaN.
+        pg = pg * active(weights).detach()
 
     per_token = pg
     metrics: Dict[str, torch.Tensor] = {}
