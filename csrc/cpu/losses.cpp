@@ -845,6 +845,7 @@ RLK_LOSS_INLINE void token_step_obj_v(const PolicyInputs<T>& in, const RowConstV
       wt = c.tis_mask_mode ? (wt > c.tis_cap ? zero : wt) : (wt > c.tis_cap ? c.tis_cap : wt);
       weight *= wt;
     }
+    if (c.has_weights) weight *= m ? vload(in.weights, i) : zero;  // the caller's per-token weights
     pg *= weight;
     dr *= weight;
     direct *= weight;
