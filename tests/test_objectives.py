@@ -86,10 +86,16 @@ def test_low_precision_matches_reference(backend, name, dtype):
     check_against_reference(out, grads, expected, expected_grads, 1e-5, grad_tol)
 
 
+LONG_ROW_CASES = ["sapo_everything", "sapo_sequence_kl", "geo_mean_everything", "geo_mean_token_mean", "vespo",
+                  "vespo_tis_mask", "dppo_tv", "dppo_kl_everything"]
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("name", ["sapo_everything", "geo_mean_everything", "vespo_tis_mask", "dppo_tv"])
+@pytest.mark.parametrize("name", LONG_ROW_CASES)
 def test_long_rows(backend, name):
-    batch = make_batch(3, 1100 if backend == "triton" else 701, seed=3)
+    # float32 rows of several blocks: the CPU kernel's 8-token vector bodies (the row prepass
+    # and the token pass) with a scalar tail; per-token advantages where the case has extras.
+    batch = make_batch(3, 1100 if backend == "triton" else 701, seed=3, adv_per_token=name.endswith("everything"))
     if name.startswith("vespo"):
         # a sequence weight of a few hundred tokens' ratios that does not underflow phi to 0
         noise = 0.002 * torch.randn(batch["logp"].shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
@@ -135,14 +141,31 @@ def test_gradcheck(backend, name):
     assert torch.autograd.gradcheck(f, clean, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_float32_extreme_log_ratios_in_vector_body(backend):
+    """The extreme ratios of the test above in float32 rows of 37 tokens, where they fall in
+    the CPU kernel's 8-token vector body (its own exp and log) rather than the scalar tail."""
+    batch = make_batch(4, 37, seed=5, adv_per_token=True, nan_masked=False)
+    batch["logp"][0, 8:11] = batch["old"][0, 8:11] + torch.tensor([30.0, -30.0, 80.0], dtype=torch.float64)
+    batch["logp"][3, 17:19] = batch["old"][3, 17:19] + torch.tensor([-40.0, 25.0], dtype=torch.float64)
+    batch["mask"][0, 8:11] = True
+    batch["mask"][3, 17:19] = True
+    for name in ("sapo", "geo_mean", "vespo", "dppo_tv", "dppo_kl", "dppo_kl_everything"):
+        needs, options = OBJ_CASES[name]
+        args, opts = build(batch, needs, options, dtype=torch.float32)
+        out, grads = run(backend, args, opts)
+        check_against_reference(out, grads, *reference_of(args, opts))
+
+
 def test_baseline_x86_build_matches(tmp_path):
-    """The scalar objective body compiled for baseline x86-64 (RLKERN_DISABLE_AVX2) agrees too."""
+    """The objective bodies compiled for baseline x86-64 (RLKERN_DISABLE_AVX2) agree too."""
     run_with_baseline_isa(tmp_path, "test_objectives", """
 for name in t.OBJ_CASES:
     for dtype in (t.torch.float32, t.torch.bfloat16):
         t.test_low_precision_matches_reference('cpu', name, dtype)
-for name in ['sapo_everything', 'geo_mean_everything', 'vespo_tis_mask', 'dppo_tv']:
+for name in t.LONG_ROW_CASES:
     t.test_long_rows('cpu', name)
+t.test_float32_extreme_log_ratios_in_vector_body('cpu')
 """)
 
 

@@ -123,8 +123,8 @@ struct TokenTerms {
   A loss, grad, dseq, ratio, kl, dual_hit;
 };
 
-// The objectives beyond clip/CISPO/REINFORCE at one token (scalar code: they are off the
-// vectorised path). Returns the terms as token_terms, plus the token's clip-fraction flags
+// The objectives beyond clip/CISPO/REINFORCE at one token (the scalar form: float64,
+// float16 and row tails; token_step_obj_v is the vector one). Returns the terms as token_terms, plus the token's clip-fraction flags
 // and its objective-specific statistic.
 template <class A>
 struct ExtraTerms {
@@ -471,8 +471,8 @@ struct RowConstV {
 };
 
 struct LanesV {
-  vf n, loss, ratio, approx, kl, ent, low, high, dual, dseq;
-  void clear() { n = loss = ratio = approx = kl = ent = low = high = dual = dseq = splat(0.0f); }
+  vf n, loss, ratio, approx, kl, ent, low, high, dual, dseq, obj;
+  void clear() { n = loss = ratio = approx = kl = ent = low = high = dual = dseq = obj = splat(0.0f); }
   float sum(vf v) const { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
 };
 
@@ -691,6 +691,216 @@ RLK_LOSS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& c,
   L.high += (m & (r > c.clip_hi) & (a > zero)) ? one : zero;
   if (c.has_dual_clip) L.dual += m ? dual_hit : zero;
 }
+
+RLK_LOSS_INLINE vf vabs(vf x) { return (vf)((vi)x & 0x7fffffff); }
+
+// Natural log in float (Cephes' logf: x = m 2^e with m in [sqrt(1/2), sqrt(2)), a degree-8
+// polynomial in m - 1; about 1 ulp), without a library call so that it stays in vector
+// registers. Subnormals are scaled up first; log(0) = -inf, log(inf) = inf, log(x < 0) and
+// log(NaN) = NaN, as std::log.
+RLK_LOSS_INLINE vf vlog(vf x) {
+  const vf zero = splat(0.0f), one = splat(1.0f);
+  const vi sub = x < std::numeric_limits<float>::min();
+  const vf xs = sub ? x * 8388608.0f : x;  // 2^23
+  const vi bits = (vi)xs;
+  vi e = ((bits >> 23) & 0xff) - 126 - (sub & 23);
+  vf mnt = (vf)((bits & 0x007fffff) | 0x3f000000);  // [0.5, 1)
+  const vi low = mnt < 0.707106781186547524f;
+  e += low;  // -1 where the mantissa is doubled
+  mnt = (mnt - one) + (low ? mnt : zero);
+  const vf z = mnt * mnt;
+  vf y = ((((((((7.0376836292e-2f * mnt - 1.1514610310e-1f) * mnt + 1.1676998740e-1f) * mnt - 1.2420140846e-1f) *
+                   mnt + 1.4249322787e-1f) * mnt - 1.6668057665e-1f) * mnt + 2.0000714765e-1f) * mnt -
+              2.4999993993e-1f) * mnt + 3.3333331174e-1f) * mnt * z;
+  const vf fe = __builtin_convertvector(e, vf);
+  y += fe * -2.12194440e-4f;
+  y -= 0.5f * z;
+  vf r = (mnt + y) + fe * 0.693359375f;
+  r = x == zero ? splat(-std::numeric_limits<float>::infinity()) : r;
+  r = x == std::numeric_limits<float>::infinity() ? x : r;
+  return ((x < zero) | (x != x)) ? splat(std::numeric_limits<float>::quiet_NaN()) : r;
+}
+
+// The objectives' row constants (SAPO, GMPO, VESPO, DPPO), broadcast once per row.
+struct ObjConstV {
+  vf tau_pos, tau_neg, phi_pos, phi_neg, geo_lo, geo_hi, geo_adv, div_lo, div_hi;
+  int objective;
+  explicit ObjConstV(const RowConst<float>& c)
+      : tau_pos(splat(c.tau_pos)), tau_neg(splat(c.tau_neg)), phi_pos(splat(c.phi_pos)), phi_neg(splat(c.phi_neg)),
+        geo_lo(splat(c.geo_lo)), geo_hi(splat(c.geo_hi)), geo_adv(splat(c.geo_adv)), div_lo(splat(c.div_lo)),
+        div_hi(splat(c.div_hi)), objective(c.objective) {}
+};
+
+// GMPO's clipped log-ratio and its derivative (gmpo_log_ratio in losses.h, with min_branch's
+// NaN and tie rules), 8 tokens at once.
+RLK_LOSS_INLINE void gmpo_log_ratio_v(vf x, vf a, vf lo, vf hi, vf& y, vf& dy) {
+  const vf zero = splat(0.0f), one = splat(1.0f);
+  const vf s = a > zero ? one : (a < zero ? -one : (a == a ? zero : a));
+  const vf xc = x < lo ? lo : (x > hi ? hi : x);
+  const vf dc = ((x < lo) | (x > hi)) ? zero : one;
+  const vf u = s * x, du = s, v = s * xc, dv = s * dc;
+  const vf mn = u < v ? u : (u > v ? v : (v != v ? v : u));
+  const vf dmn = u < v ? du : (u > v ? dv : (v != v ? dv : (u != u ? du : 0.5f * (du + dv))));
+  y = s * mn;
+  dy = s * dmn;
+}
+
+// The vector form of token_terms_obj (SAPO, GMPO, VESPO, DPPO-TV/KL) with token_step's
+// accumulation; the scalar token_step<..., OBJ = true> handles row tails and float64/float16.
+template <class T, int KL, bool SEQ, bool EXTRA>
+RLK_LOSS_INLINE void token_step_obj_v(const PolicyInputs<T>& in, const RowConstV& c, const ObjConstV& q, int64_t i,
+                                        int64_t ai, bool adv_per_token, LanesV& L) {
+  const vf zero = splat(0.0f), one = splat(1.0f), half = splat(0.5f);
+  const vi m = load_mask(in.mask + i);
+  vf lp = vload(in.logp, i), o = vload(in.old, i);
+  vf a = adv_per_token ? vload(in.adv, ai) : splat(in.adv[ai]);
+  lp = m ? lp : zero;
+  o = m ? o : zero;
+  a = m ? a : zero;
+  vf refv = zero, rolv = zero, h = zero;
+  if (KL != 0) refv = m ? vload(in.ref, i) : zero;
+  if (EXTRA) {
+    rolv = m ? vload(in.rollout, i) : zero;
+    h = m ? vload(in.ent, i) : zero;
+  }
+  vf r, dx, x = zero;
+  if (SEQ) {
+    r = c.seq_ratio;
+    dx = c.seq_dx;
+  } else {
+    x = lp - o;
+    if (c.has_lr_clamp) {
+      const vf xc = x < c.lr_lo ? c.lr_lo : (x > c.lr_hi ? c.lr_hi : x);
+      dx = ((x < c.lr_lo) | (x > c.lr_hi)) ? zero : one;
+      x = xc;
+    } else {
+      dx = one;
+    }
+    r = vexp(x);
+  }
+  vf low = ((r < c.clip_lo) & (a < zero)) ? one : zero;
+  vf high = ((r > c.clip_hi) & (a > zero)) ? one : zero;
+  vf stat = zero, pg, dr = zero, direct = zero;
+  bool uses_ratio = false;
+  switch (q.objective) {
+    case kSapo: {
+      const vf tau = a > zero ? q.tau_pos : q.tau_neg;
+      const vf z = tau * (r - one);
+      const vf e = vexp(-vabs(z));
+      const vf s = (z >= zero ? one : e) / (one + e);
+      pg = -(s * 4.0f / tau) * a;
+      dr = -(4.0f * s * (one - s)) * a;
+      uses_ratio = true;
+      break;
+    }
+    case kGeoMean: {
+      vf y, dy;
+      gmpo_log_ratio_v(x, a, q.geo_lo, q.geo_hi, y, dy);
+      r = c.seq_ratio;
+      pg = -q.geo_adv * r;
+      direct = pg * dy * dx;
+      const vi outside = (x < q.geo_lo) | (x > q.geo_hi);
+      low = (outside & (a < zero)) ? one : zero;
+      high = (outside & (a > zero)) ? one : zero;
+      break;
+    }
+    case kVespo: {
+      const vf phi = a >= zero ? q.phi_pos : q.phi_neg;
+      direct = -phi * a;
+      pg = direct * lp;
+      stat = phi;
+      break;
+    }
+    default: {  // kDppoTv, kDppoKl: dppo_valid in losses.h
+      const vf p = vexp(lp), p_old = vexp(o);
+      const vi pos = a > zero;
+      vi valid;
+      if (q.objective == kDppoKl) {
+        const float eps = 1e-8f;
+        const vf bkl = p_old * (o - lp) + (one - p_old) * vlog((one - p_old + eps) / (one - p + eps));
+        valid = pos ? ((bkl <= q.div_hi) | (p <= p_old)) : ((bkl <= q.div_lo) | (p >= p_old));
+      } else {
+        valid = pos ? ((p - p_old) <= q.div_hi) : ((p - p_old) >= -q.div_lo);
+      }
+      const vf w = r > c.cap ? c.cap : r;
+      const vf v = valid ? one : zero;
+      direct = -a * w * v;
+      pg = -a * w * lp * v;
+      low = (~valid & ~pos) ? one : zero;
+      high = (~valid & pos) ? one : zero;
+      stat = (valid & (r > c.cap)) ? one : zero;
+      break;
+    }
+  }
+  if (c.drop_negative_row) {
+    const vf keep = (a >= zero) ? one : zero;
+    pg *= keep;
+    dr *= keep;
+    direct *= keep;
+  }
+  if (EXTRA) {
+    vf weight = (c.has_select & ~(h >= c.ent_threshold)) ? zero : one;
+    if (c.tis_token[0]) {
+      vf wt = vexp(o - rolv);
+      wt = c.tis_mask_mode ? (wt > c.tis_cap ? zero : wt) : (wt > c.tis_cap ? c.tis_cap : wt);
+      weight *= wt;
+    }
+    if (c.has_weights) weight *= m ? vload(in.weights, i) : zero;  // the caller's per-token weights
+    pg *= weight;
+    dr *= weight;
+    direct *= weight;
+  }
+  if (c.has_seq_tis) {
+    pg *= c.seq_tis;
+    dr *= c.seq_tis;
+    direct *= c.seq_tis;
+  }
+  vf l = pg;
+  vf kl = zero;
+  if (KL != 0) {
+    const vf d = refv - lp;
+    vf dkl;
+    if (KL == 2) {
+      const vf e = vexp(d);
+      kl = e - one - d;
+      dkl = one - e;
+    } else if (c.k1) {
+      kl = -d;
+      dkl = one;
+    } else {
+      kl = half * d * d;
+      dkl = -d;
+    }
+    if (c.has_kl_clamp) {
+      dkl = ((kl < c.kl_lo) | (kl > c.kl_hi)) ? zero : dkl;
+      kl = kl < c.kl_lo ? c.kl_lo : (kl > c.kl_hi ? c.kl_hi : kl);
+    }
+    if (c.use_kl_term) {
+      if (c.kl_correction) {
+        l += c.kl_coef * (kl * r);
+        direct += c.kl_coef * (dkl * r);
+        dr += c.kl_coef * kl;
+        uses_ratio = true;
+      } else {
+        l += c.kl_coef * kl;
+        direct += c.kl_coef * dkl;
+      }
+    }
+  }
+  if (EXTRA && c.use_ent_term) l -= c.ent_coef * h;
+  const vf g = SEQ ? direct : (uses_ratio ? direct + dr * r * dx : direct);
+  vstore(in.grad, i, m ? c.grad_w * g : zero);
+  L.n += m ? one : zero;
+  L.loss += m ? c.row_w * l : zero;
+  if (SEQ) L.dseq += m ? c.grad_w * dr : zero;
+  L.ratio += m ? r : zero;
+  L.approx += o - lp;
+  if (KL != 0) L.kl += m ? kl : zero;
+  if (EXTRA) L.ent += h;
+  L.low += m ? low : zero;
+  L.high += m ? high : zero;
+  L.obj += m ? stat : zero;
+}
 #endif
 
 template <class T, int KL, bool SEQ, bool EXTRA, bool OBJ>
@@ -772,12 +982,61 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
       sum_lr = dlr;
       return n1;
     };
-    if (OBJ) {
-      // The scalar objectives' prepass, in double: the sums of the legacy prepass plus
-      // GMPO's clipped log-ratios and advantages and VESPO's log sequence weight.
+    if (OBJ && (p.objective == kGeoMean || p.objective == kVespo)) {
+      // GMPO's and VESPO's prepass: the sums of the legacy prepass plus GMPO's clipped
+      // log-ratios and advantages and VESPO's log sequence weight. (SAPO and DPPO need only
+      // the legacy prepass's sums.)
       double dn = 0, dlr = 0, ddiv = 0, dtis = 0, dlp = 0, dgeo = 0, dadv = 0, dves = 0, dves_tis = 0;
       const double vlo = std::log(1e-8), vhi = 20.0;
-      for (int64_t t = 0; t < T_; ++t) {
+      int64_t t = 0;
+#ifdef RLK_POLICY_SIMD
+      if constexpr (kSimd<T>) {
+        // float lanes flushed to double every block; VESPO's importance weights against the
+        // rollout stay in the scalar loop below.
+        if (!vespo_tis) {
+          const vf zero = splat(0.0f), one = splat(1.0f), lim = splat(20.0f);
+          const vf glo = splat(c.geo_lo), ghi = splat(c.geo_hi);
+          const vf llo = splat(p.has_lr_lo ? A(p.lr_lo) : -inf), lhi = splat(p.has_lr_hi ? A(p.lr_hi) : inf);
+          const bool geo = p.objective == kGeoMean;
+          while (t + kVec <= T_) {
+            const int64_t stop = std::min<int64_t>(T_, t + kBlock);
+            vf vn = zero, vlr = zero, vdiv = zero, vtis = zero, vlp = zero, vgeo = zero, vadv = zero, vves = zero;
+            for (; t + kVec <= stop; t += kVec) {
+              const vi mm = load_mask(m + t);
+              const vf lp = mm ? vload(in.logp, base + t) : zero;
+              const vf o = mm ? vload(in.old, base + t) : zero;
+              const vf ro = EXTRA ? (mm ? vload(in.rollout, base + t) : zero) : o;
+              vn += mm ? one : zero;
+              vlr += lp - o;
+              vdiv += ro - lp;
+              vtis += o - ro;
+              vlp += lp;
+              const vf x = lp - o;
+              if (geo) {
+                vf a = p.adv_per_token ? vload(in.adv, adv_base + t) : splat(in.adv[adv_base]);
+                a = mm ? a : zero;
+                const vf xc = x < llo ? llo : (x > lhi ? lhi : x);
+                vf y, dy;
+                gmpo_log_ratio_v(xc, a, glo, ghi, y, dy);
+                vgeo += mm ? y : zero;
+                vadv += a;
+              } else {
+                vves += x < -lim ? -lim : (x > lim ? lim : x);
+              }
+            }
+            dn += lane_sum(vn);
+            dlr += lane_sum(vlr);
+            ddiv += lane_sum(vdiv);
+            dtis += lane_sum(vtis);
+            dlp += lane_sum(vlp);
+            dgeo += lane_sum(vgeo);
+            dadv += lane_sum(vadv);
+            dves += lane_sum(vves);
+          }
+        }
+      }
+#endif
+      for (; t < T_; ++t) {
         if (!m[t]) continue;
         const A lp = load(in.logp, base + t), o = load(in.old, base + t), ro = load(in.rollout, base + t);
         const A a = in.adv[adv_base + t * adv_step];
@@ -943,6 +1202,24 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
         acc[kDualClip] += V.sum(V.dual);
         dseq += V.sum(V.dseq);
       }
+      if constexpr (kSimd<T> && OBJ) {
+        const RowConstV cv(c);
+        const ObjConstV qv(c);
+        LanesV V;
+        V.clear();
+        for (; t + kVec <= t1; t += kVec)
+          token_step_obj_v<T, KL, SEQ, EXTRA>(in, cv, qv, base + t, adv_base + t * adv_step, p.adv_per_token, V);
+        acc[kActive] += V.sum(V.n);
+        acc[kLossSum] += V.sum(V.loss);
+        acc[kClipLow] += V.sum(V.low);
+        acc[kClipHigh] += V.sum(V.high);
+        acc[kRatioSum] += V.sum(V.ratio);
+        acc[kApproxKlSum] += V.sum(V.approx);
+        acc[kKlSum] += V.sum(V.kl);
+        acc[kEntropySum] += V.sum(V.ent);
+        acc[kObjective] += V.sum(V.obj);
+        dseq += V.sum(V.dseq);
+      }
 #endif
       for (; t + kLanes <= t1; t += kLanes) {
         for (int j = 0; j < kLanes; ++j)
@@ -1006,8 +1283,8 @@ void policy_rows_generic(const PolicyParams& p, int64_t b0, int64_t b1, double* 
 
 template <class T, int KL, bool SEQ, bool EXTRA>
 void run_policy_rows(const PolicyParams& p, double* rows) {
-  // The objectives beyond clip/CISPO/REINFORCE run the scalar body (the compiler vectorises
-  // what it can of it), compiled for AVX2 too.
+  // The objectives beyond clip/CISPO/REINFORCE have their own row body (token_step_obj_v),
+  // compiled for AVX2 too.
   const bool obj = p.objective > kReinforce;
   auto fn = obj ? &policy_rows_generic<T, KL, SEQ, EXTRA, true> : &policy_rows_generic<T, KL, SEQ, EXTRA, false>;
 #ifdef RLK_POLICY_AVX2
