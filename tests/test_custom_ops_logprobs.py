@@ -225,3 +225,76 @@ def test_eager_double_backward_names_the_op():
     (gh,) = torch.autograd.grad(linear_token_logprobs(h, w, t.reshape(-1)).sum(), h, create_graph=True)
     with pytest.raises(RuntimeError, match="rlkern::linear_token_logprobs: double backward"):
         gh.sum().backward()
+
+
+# ----------------------------------------------------------------------------- soft-capping and is_top1 (issue 14)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_opcheck_softcap_and_top1(backend):
+    x, t = _case()
+    x = (x * 5).requires_grad_()
+    with rlkern.use_backend(backend):
+        torch.library.opcheck(torch.ops.rlkern.token_logprobs.default, (x, t, 0.8, True, -100, None, None, 4.0, True))
+        if backend != "cpu":  # (the interpreter is slow)
+            return
+        torch.library.opcheck(torch.ops.rlkern.token_logprobs.default,
+                              (x, t, 1.0, False, -100, None, None, None, True))
+        n = t.numel()
+        stats = [torch.randn(n), torch.randn(n), torch.rand(n)]
+        torch.library.opcheck(torch.ops.rlkern.token_logprobs_backward.default,
+                              (x.detach(), t, torch.empty(0), stats[0], stats[1], stats[2], torch.randn(n),
+                               torch.randn(n), 0.8, -100, None, None, 3.0))
+        gen = torch.Generator().manual_seed(1)
+        h = torch.randn(5, 4, generator=gen, requires_grad=True)
+        w = (torch.randn(30, 4, generator=gen) * 4).requires_grad_()
+        b = torch.randn(30, generator=gen, requires_grad=True)
+        tl = torch.randint(0, 30, (5,), generator=gen)
+        torch.library.opcheck(torch.ops.rlkern.linear_token_logprobs.default,
+                              (h, w, b, tl, 0.9, True, -100, 2, 8, 2.5, True))
+
+
+def _softcap_fn(x, t, h, w, b, tl):
+    lp, ent, top1 = token_logprobs(x, t, temperature=0.7, return_entropy=True, return_top1=True, softcap=3.0)
+    lp2, top1_l = linear_token_logprobs(h, w, tl, bias=b, return_top1=True, softcap=2.0, chunk_tokens=4,
+                                        chunk_vocab=16)
+    return lp.sum() + ent.sum() + lp2.sum() + top1.sum() + top1_l.sum()
+
+
+def test_compile_fullgraph_softcap_and_top1():
+    torch._dynamo.reset()
+    x, t = _case()
+    x = x * 4
+    gen = torch.Generator().manual_seed(2)
+    h, w, b = torch.randn(6, 4, generator=gen), torch.randn(40, 4, generator=gen) * 3, torch.randn(40, generator=gen)
+    tl = torch.randint(0, 40, (6,), generator=gen)
+    args = (x, t, h, w, b, tl)
+    explanation = torch._dynamo.explain(_softcap_fn)(*args)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    out_c, grads_c = _grads(torch.compile(_softcap_fn, fullgraph=True, backend="aot_eager"), *args)
+    out_e, grads_e = _grads(_softcap_fn, *args)
+    assert_close(out_c, out_e, 1e-6, "value")
+    for gc, ge in zip(grads_c, grads_e):
+        assert_close(gc, ge, 1e-6, "grad")
+
+
+def test_fake_and_meta_softcap_and_top1():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(3, 5, 1000, dtype=torch.bfloat16, requires_grad=True)
+        t = torch.empty(3, 5, dtype=torch.int32)
+        lp, ent, top1 = token_logprobs(x, t, return_entropy=True, return_top1=True, softcap=30.0)
+        assert lp.shape == (3, 5) and top1.shape == (3, 5) and top1.dtype == torch.bool
+        (lp.sum() + ent.sum()).backward()
+        assert x.grad.shape == x.shape
+        h = torch.empty(2, 7, 16, requires_grad=True)
+        w = torch.empty(1000, 16, requires_grad=True)
+        lp, top1 = linear_token_logprobs(h, w, torch.empty(2, 7, dtype=torch.long), return_top1=True, softcap=5.0)
+        assert lp.shape == (2, 7) and top1.shape == (2, 7) and top1.dtype == torch.bool
+        lp.sum().backward()
+        assert w.grad.shape == w.shape
+    x = torch.empty(4, 3, 100, device="meta", dtype=torch.float16)
+    t = torch.empty(4, 3, device="meta", dtype=torch.long)
+    lp, top1 = token_logprobs(x, t, return_top1=True, softcap=2.0)
+    assert lp.device.type == "meta" and top1.shape == (4, 3) and top1.dtype == torch.bool
