@@ -783,3 +783,22 @@ t.test_top1_ties_first_index('cpu', torch.float32)
 t.test_top1_matches_argmax_long_rows('cpu')
 t.test_softcap_large_and_infinite_logits('cpu')
 """)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softcap_and_top1_triton_on_cuda(dtype):
+    V = 151936
+    logits = _logits((3, 2, V), dtype, scale=40.0)
+    targets = _targets((3, 2), V)
+    targets[0] = logits[0].float().argmax(-1)
+    targets[1, 1] = -100
+    lp, ent, grad = _run("auto", logits.cuda(), targets.cuda(), temperature=0.9, softcap=30.0)
+    lp_r, ent_r, grad_r = _run("reference", logits.double(), targets, temperature=0.9, softcap=30.0)
+    assert_close(lp, lp_r, VALUE_TOL, "logp")
+    assert_close(ent, ent_r, VALUE_TOL, "entropy")
+    _assert_grad_close(grad.cpu(), grad_r, GRAD_TOL_BY_DTYPE[dtype])
+    _, top1 = token_logprobs(logits.cuda(), targets.cuda(), return_top1=True, softcap=30.0)
+    _, top1_r = ref.token_logprobs(logits.float(), targets, return_top1=True, softcap=30.0)
+    assert torch.equal(top1.cpu(), top1_r) and top1[0].all()
