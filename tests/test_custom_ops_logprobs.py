@@ -298,3 +298,33 @@ def test_fake_and_meta_softcap_and_top1():
     t = torch.empty(4, 3, device="meta", dtype=torch.long)
     lp, top1 = token_logprobs(x, t, return_top1=True, softcap=2.0)
     assert lp.device.type == "meta" and top1.shape == (4, 3) and top1.dtype == torch.bool
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_vocab_parallel_softcap_single_rank(single_rank_group, backend):
+    """The vocab-parallel path caps each rank's slice with the same kernels: on one rank it
+    equals token_logprobs with the cap (values, entropy, gradient), eager and as the op."""
+    x, t = _case(V=300)
+    x = x * 20
+    gen = torch.Generator().manual_seed(4)
+    g1, g2 = torch.randn(t.shape, generator=gen), torch.randn(t.shape, generator=gen)
+
+    def run(fn):
+        leaf = x.detach().clone().requires_grad_()
+        with rlkern.use_backend(backend):
+            lp, ent = fn(leaf)
+        ((lp * g1).sum() + (ent * g2).sum()).backward()
+        return lp, ent, leaf.grad
+
+    expected = run(lambda a: token_logprobs(a, t, temperature=0.8, return_entropy=True, softcap=4.0))
+    got = run(lambda a: vocab_parallel_token_logprobs(a, t, 0, temperature=0.8, return_entropy=True, softcap=4.0))
+    plain = run(lambda a: vocab_parallel_token_logprobs(a, t, 0, temperature=0.8, return_entropy=True))
+    for g, e, name in zip(got, expected, ("logp", "entropy", "grad")):
+        assert_close(g, e, 1e-5, name)
+    assert (plain[0] - expected[0]).abs().max() > 0.1  # the cap acts
+    if backend == "cpu":
+        xr = x.detach().clone().requires_grad_()
+        torch.library.opcheck(torch.ops.rlkern.vocab_parallel_token_logprobs.default,
+                              (xr, t, 0, "", 0.8, True, -100, 4.0))
+    with pytest.raises(ValueError, match="softcap"):
+        vocab_parallel_token_logprobs(x, t, 0, softcap=-1.0)

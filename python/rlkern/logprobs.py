@@ -703,7 +703,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
 
 
 def _vocab_parallel_forward(shard, targets, vocab_start, group, temperature, want_entropy, ignore_index, backend,
-                            strict):
+                            strict, softcap=None):
     """(layout, local targets, logp, global max, global log-sum, entropy or None), flat. A
     target owned by no rank (or by several) is a ValueError when ``strict`` (eager: it costs
     a host sync), else NaN log-prob."""
@@ -714,7 +714,7 @@ def _vocab_parallel_forward(shard, targets, vocab_start, group, temperature, wan
     local = _local_targets(flat, ignore_index, vocab_start, layout.V)
     need_entropy = want_entropy
     logp_l, m_l, logsum_l, ent_l, _ = _stats_forward(backend, layout, local, None, 1.0 / temperature, _IGNORED,
-                                                     need_entropy)
+                                                     need_entropy, softcap)
     ignored = flat == ignore_index
     owned = local >= 0
     # Megatron's scheme: all-reduce MAX of the local maxima, then one SUM of
@@ -743,14 +743,14 @@ def _vocab_parallel_forward(shard, targets, vocab_start, group, temperature, wan
 
 class _VocabParallelTokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, shard, targets, vocab_start, group, temperature, want_entropy, ignore_index, backend):
+    def forward(ctx, shard, targets, vocab_start, group, temperature, want_entropy, ignore_index, backend, softcap):
         layout, local, logp, M, log_s, entropy = _vocab_parallel_forward(
-            shard, targets, vocab_start, group, temperature, want_entropy, ignore_index, backend, True)
+            shard, targets, vocab_start, group, temperature, want_entropy, ignore_index, backend, True, softcap)
         ignored = local == _IGNORED
         zero = torch.zeros_like(logp)
         ctx.save_for_backward(layout.tensor, local, M, log_s, entropy)
         ctx.layout = layout._replace(tensor=None)
-        ctx.meta = (temperature, backend, tuple(shard.shape))
+        ctx.meta = (temperature, backend, tuple(shard.shape), softcap)
         if want_entropy:
             return logp.view(targets.shape), torch.where(ignored, zero, entropy).view(targets.shape)
         return logp.view(targets.shape)
@@ -759,16 +759,16 @@ class _VocabParallelTokenLogprobs(torch.autograd.Function):
     @_first_order_only("vocab_parallel_token_logprobs")
     def backward(ctx, grad_logp, grad_entropy=None):
         x, local, row_max, log_sum, entropy = ctx.saved_tensors
-        temperature, backend, shape = ctx.meta
+        temperature, backend, shape, softcap = ctx.meta
         dt = log_sum.dtype
         grad = _grad_logits(backend, ctx.layout._replace(tensor=x), local, None, 1.0 / temperature, _IGNORED,
-                            row_max, log_sum, entropy, _grad_arg(grad_logp, dt), _grad_arg(grad_entropy, dt))
-        return (grad.view(shape),) + (None,) * 7
+                            row_max, log_sum, entropy, _grad_arg(grad_logp, dt), _grad_arg(grad_entropy, dt), softcap)
+        return (grad.view(shape),) + (None,) * 8
 
 
 def vocab_parallel_token_logprobs(logits_shard: torch.Tensor, targets: torch.Tensor, vocab_start: int,
                                   group=None, *, temperature: float = 1.0, return_entropy: bool = False,
-                                  ignore_index: int = -100
+                                  ignore_index: int = -100, softcap: Optional[float] = None
                                   ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     r""":func:`token_logprobs` with the vocabulary split over a torch.distributed group.
 
@@ -796,6 +796,8 @@ def vocab_parallel_token_logprobs(logits_shard: torch.Tensor, targets: torch.Ten
         group: the process group (None: the default group).
         temperature, return_entropy, ignore_index: as in :func:`token_logprobs`
             (-inf logits are fine, NaN or +inf anywhere in a row make it NaN).
+        softcap: as in :func:`token_logprobs`: each rank caps its slice (the cap is
+            elementwise), the statistics merge as without it. (No ``return_top1`` here.)
     """
     _reject_func_transforms("vocab_parallel_token_logprobs")
     _check_logits("logits_shard", logits_shard)
@@ -805,10 +807,11 @@ def vocab_parallel_token_logprobs(logits_shard: torch.Tensor, targets: torch.Ten
     ignore_index = _check_int("ignore_index", ignore_index)
     _validate.same_shape("targets", targets, logits_shard.shape[:-1], "logits_shard without its last dim")
     temperature = _check_temperature(temperature)
+    softcap = _check_softcap(softcap)
     if _traced(logits_shard, targets):
         logp, entropy, _, _, _ = torch.ops.rlkern.vocab_parallel_token_logprobs(
             logits_shard, targets, vocab_start, "" if group is None else group.group_name, temperature,
-            bool(return_entropy), ignore_index)
+            bool(return_entropy), ignore_index, softcap)
         if return_entropy:
             return logp.view(targets.shape), entropy.view(targets.shape)
         return logp.view(targets.shape)
@@ -820,7 +823,7 @@ def vocab_parallel_token_logprobs(logits_shard: torch.Tensor, targets: torch.Ten
     if backend == "reference":
         backend = "cpu" if logits_shard.device.type == "cpu" else "triton"
     return _VocabParallelTokenLogprobs.apply(logits_shard, targets, vocab_start, group, temperature,
-                                             bool(return_entropy), ignore_index, backend)
+                                             bool(return_entropy), ignore_index, backend, softcap)
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -1084,19 +1087,20 @@ def _group_by_name(name: str):
 
 @torch.library.custom_op("rlkern::vocab_parallel_token_logprobs", mutates_args=())
 def _vocab_parallel_op(logits_shard: Tensor, targets: Tensor, vocab_start: int, group_name: str, temperature: float,
-                       want_entropy: bool, ignore_index: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                       want_entropy: bool, ignore_index: int, softcap: Optional[float] = None
+                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Flat logp, entropy (``[0]`` unless wanted), local targets, global max and log-sum.
     ``group_name`` "" is the default group."""
     layout, local, logp, M, log_s, entropy = _vocab_parallel_forward(
         logits_shard, targets, vocab_start, _group_by_name(group_name), temperature, want_entropy, ignore_index,
-        _op_backend(logits_shard), False)
+        _op_backend(logits_shard), False, softcap)
     dt = _compute_dtype(logits_shard)
     entropy = torch.where(local == _IGNORED, 0.0, entropy) if want_entropy else _empty(logits_shard, 0, dt)
     return logp, entropy, local, M, log_s
 
 
 @_vocab_parallel_op.register_fake
-def _(logits_shard, targets, vocab_start, group_name, temperature, want_entropy, ignore_index):
+def _(logits_shard, targets, vocab_start, group_name, temperature, want_entropy, ignore_index, softcap=None):
     n = targets.numel()
     dt = _compute_dtype(logits_shard)
     return (_empty(logits_shard, n, dt), _empty(logits_shard, n if want_entropy else 0, dt),
@@ -1106,38 +1110,38 @@ def _(logits_shard, targets, vocab_start, group_name, temperature, want_entropy,
 @torch.library.custom_op("rlkern::vocab_parallel_token_logprobs_backward", mutates_args=())
 def _vocab_parallel_backward_op(logits_shard: Tensor, local: Tensor, row_max: Tensor, log_sum: Tensor,
                                 entropy: Tensor, grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor],
-                                temperature: float) -> Tensor:
+                                temperature: float, softcap: Optional[float] = None) -> Tensor:
     backend = _op_backend(logits_shard)
     dt = log_sum.dtype
     g_ent = grad_entropy if grad_entropy is not None and entropy.numel() == local.numel() else None
     grad = _grad_logits(backend, _row_layout(logits_shard), local, None, 1.0 / temperature, _IGNORED, row_max,
                         log_sum, entropy if g_ent is not None else None, _grad_arg(grad_logp, dt),
-                        _grad_arg(g_ent, dt))
+                        _grad_arg(g_ent, dt), softcap)
     return grad.view(logits_shard.shape)
 
 
 @_vocab_parallel_backward_op.register_fake
-def _(logits_shard, local, row_max, log_sum, entropy, grad_logp, grad_entropy, temperature):
+def _(logits_shard, local, row_max, log_sum, entropy, grad_logp, grad_entropy, temperature, softcap=None):
     return torch.empty(logits_shard.shape, dtype=logits_shard.dtype, device=logits_shard.device)
 
 
 def _vocab_parallel_setup_context(ctx, inputs, output):
-    logits_shard, targets, vocab_start, group_name, temperature, want_entropy, ignore_index = inputs
+    logits_shard, targets, vocab_start, group_name, temperature, want_entropy, ignore_index, softcap = inputs
     logp, entropy, local, row_max, log_sum = output
     ctx.save_for_backward(logits_shard, local, row_max, log_sum, entropy)
-    ctx.options = (temperature, want_entropy)
+    ctx.options = (temperature, want_entropy, softcap)
     ctx.mark_non_differentiable(local, row_max, log_sum)
 
 
 def _vocab_parallel_backward(ctx, grad_logp, grad_entropy, *_):
     logits_shard, local, row_max, log_sum, entropy = ctx.saved_tensors
-    temperature, want_entropy = ctx.options
+    temperature, want_entropy, softcap = ctx.options
     if not ctx.needs_input_grad[0]:
-        return (None,) * 7
+        return (None,) * 8
     grad = torch.ops.rlkern.vocab_parallel_token_logprobs_backward(
         logits_shard, local, row_max, log_sum, entropy, grad_logp, grad_entropy if want_entropy else None,
-        temperature)
-    return (grad,) + (None,) * 6
+        temperature, softcap)
+    return (grad,) + (None,) * 7
 
 
 torch.library.register_autograd("rlkern::vocab_parallel_token_logprobs", _vocab_parallel_backward,
@@ -1197,13 +1201,14 @@ def _dtensor_token_logprobs(logits, targets, *, temperature, return_entropy, ign
         if top_k is not None or (top_p is not None and top_p < 1.0):
             raise ValueError("top_k/top_p need whole vocabulary rows: not supported with logits sharded over the "
                              "vocabulary (Shard(-1))")
-        if softcap is not None or return_top1:
-            raise ValueError("softcap and return_top1 are not supported with logits sharded over the vocabulary "
-                             "(Shard(-1), vocab_parallel_token_logprobs); pass softcap=None, return_top1=False")
+        if return_top1:
+            raise ValueError("return_top1 is not supported with logits sharded over the vocabulary (Shard(-1), "
+                             "vocab_parallel_token_logprobs); pass return_top1=False")
         _, offset = compute_local_shape_and_global_offset(tuple(logits.shape), mesh, placements)
         out = vocab_parallel_token_logprobs(local_logits, local_targets, int(offset[-1]),
                                             mesh.get_group(vocab_dims[0]), temperature=temperature,
-                                            return_entropy=return_entropy, ignore_index=ignore_index)
+                                            return_entropy=return_entropy, ignore_index=ignore_index,
+                                            softcap=softcap)
     else:
         out = token_logprobs(local_logits, local_targets, temperature=temperature, return_entropy=return_entropy,
                              ignore_index=ignore_index, top_k=top_k, top_p=top_p, softcap=softcap,
