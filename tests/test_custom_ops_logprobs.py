@@ -328,3 +328,48 @@ def test_vocab_parallel_softcap_single_rank(single_rank_group, backend):
                               (xr, t, 0, "", 0.8, True, -100, 4.0))
     with pytest.raises(ValueError, match="softcap"):
         vocab_parallel_token_logprobs(x, t, 0, softcap=-1.0)
+
+
+def _softcap_two_rank_worker(rank, init_file):
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from rlkern.reference import logprobs as ref
+    from helpers import assert_close
+
+    rlkern.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        logits = torch.randn(6, 500, generator=gen, dtype=torch.float64) * 20
+        logits[0, 300:] = float("inf")  # finite once capped: the row is not NaN
+        targets = torch.randint(0, 500, (6,), generator=gen)
+        targets[1] = 229
+        targets[2] = 230
+        targets[5] = -100
+        g1, g2 = torch.randn(6, generator=gen), torch.randn(6, generator=gen)
+        start, stop = [(0, 230), (230, 500)][rank]
+        full = logits.clone().requires_grad_()
+        lp_r, ent_r = ref.token_logprobs(full, targets, temperature=0.7, return_entropy=True, softcap=5.0)
+        ((lp_r * g1.double()).sum() + (ent_r * g2.double()).sum()).backward()
+        shard = logits[:, start:stop].float().requires_grad_()
+        lp, ent = vocab_parallel_token_logprobs(shard, targets, start, temperature=0.7, return_entropy=True,
+                                                softcap=5.0)
+        ((lp * g1).sum() + (ent * g2).sum()).backward()
+        assert_close(lp, lp_r, 1e-5, "logp")
+        assert_close(ent, ent_r, 1e-5, "entropy")
+        assert_close(shard.grad, full.grad[:, start:stop], 1e-4, "grad")
+        assert torch.isfinite(lp).all()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_vocab_parallel_softcap_two_ranks(tmp_path):
+    """Two gloo processes, uneven slices, a target on each side of the boundary: the capped
+    slices' statistics merge to the unsharded float64 reference."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is needed")
+    import torch.multiprocessing as mp
+
+    mp.spawn(_softcap_two_rank_worker, args=(str(tmp_path / "init"),), nprocs=2, join=True)
