@@ -149,3 +149,38 @@ for th in threads:
 assert not errors, errors
 print("ok threads")
 """)
+
+
+def test_softcap_and_top1_nasty_inputs():
+    """Soft-capping and is_top1 on every backend: bad caps named, and NaN / inf / empty / V = 1
+    rows / huge caps end in their documented results."""
+    out = _run("""
+from rlkern.reference import logprobs as ref
+
+for bad in (0.0, -2.0, float("nan"), float("inf"), -float("inf"), 10**400):
+    expect(ValueError, "softcap", lambda: token_logprobs(x, t, softcap=bad))
+    expect(ValueError, "softcap", lambda: linear_token_logprobs(hidden, weight, t, softcap=bad))
+expect(TypeError, "softcap", lambda: token_logprobs(x, t, softcap=True))
+expect(TypeError, "softcap", lambda: linear_token_logprobs(hidden, weight, t, softcap=[1.0]))
+expect(ValueError, "softcap", lambda: token_logprobs(x, t, softcap=3.0, top_k=2))
+for backend in ("cpu", "triton"):
+    with rlkern.use_backend(backend):
+        y = torch.tensor([[float("nan"), 1.0, 2.0], [float("inf"), -float("inf"), 0.0],
+                          [-float("inf")] * 3, [1e38, -3e38, 5.0]])
+        tg = torch.tensor([1, 0, 2, 0])
+        lp, ent, top1 = token_logprobs(y, tg, softcap=2.0, return_entropy=True, return_top1=True)
+        lp_r, ent_r, top1_r = ref.token_logprobs(y.double(), tg, softcap=2.0, return_entropy=True, return_top1=True)
+        assert torch.isnan(lp[0]) and not top1[0]
+        assert torch.allclose(lp[1:].double(), lp_r[1:], atol=1e-5), (lp, lp_r)
+        assert torch.equal(top1, top1_r), (top1, top1_r)
+        for shape in ((0, 5), (4, 1)):
+            z = torch.randn(shape).requires_grad_()
+            tz = torch.zeros(shape[:-1], dtype=torch.long)
+            lp, top1 = token_logprobs(z, tz, softcap=1e-30, return_top1=True)
+            lp.sum().backward()
+            assert lp.shape == tz.shape and top1.shape == tz.shape and torch.isfinite(z.grad).all()
+        lp, top1 = linear_token_logprobs(hidden[:0], weight, t[:0], softcap=1e30, return_top1=True)
+        assert lp.shape == (0,) and top1.shape == (0,)
+        print("ok", backend)
+""")
+    assert out.count("ok ") == 17

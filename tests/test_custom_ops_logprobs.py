@@ -225,3 +225,151 @@ def test_eager_double_backward_names_the_op():
     (gh,) = torch.autograd.grad(linear_token_logprobs(h, w, t.reshape(-1)).sum(), h, create_graph=True)
     with pytest.raises(RuntimeError, match="rlkern::linear_token_logprobs: double backward"):
         gh.sum().backward()
+
+
+# ----------------------------------------------------------------------------- soft-capping and is_top1 (issue 14)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_opcheck_softcap_and_top1(backend):
+    x, t = _case()
+    x = (x * 5).requires_grad_()
+    with rlkern.use_backend(backend):
+        torch.library.opcheck(torch.ops.rlkern.token_logprobs.default, (x, t, 0.8, True, -100, None, None, 4.0, True))
+        if backend != "cpu":  # (the interpreter is slow)
+            return
+        torch.library.opcheck(torch.ops.rlkern.token_logprobs.default,
+                              (x, t, 1.0, False, -100, None, None, None, True))
+        n = t.numel()
+        stats = [torch.randn(n), torch.randn(n), torch.rand(n)]
+        torch.library.opcheck(torch.ops.rlkern.token_logprobs_backward.default,
+                              (x.detach(), t, torch.empty(0), stats[0], stats[1], stats[2], torch.randn(n),
+                               torch.randn(n), 0.8, -100, None, None, 3.0))
+        gen = torch.Generator().manual_seed(1)
+        h = torch.randn(5, 4, generator=gen, requires_grad=True)
+        w = (torch.randn(30, 4, generator=gen) * 4).requires_grad_()
+        b = torch.randn(30, generator=gen, requires_grad=True)
+        tl = torch.randint(0, 30, (5,), generator=gen)
+        torch.library.opcheck(torch.ops.rlkern.linear_token_logprobs.default,
+                              (h, w, b, tl, 0.9, True, -100, 2, 8, 2.5, True))
+
+
+def _softcap_fn(x, t, h, w, b, tl):
+    lp, ent, top1 = token_logprobs(x, t, temperature=0.7, return_entropy=True, return_top1=True, softcap=3.0)
+    lp2, top1_l = linear_token_logprobs(h, w, tl, bias=b, return_top1=True, softcap=2.0, chunk_tokens=4,
+                                        chunk_vocab=16)
+    return lp.sum() + ent.sum() + lp2.sum() + top1.sum() + top1_l.sum()
+
+
+def test_compile_fullgraph_softcap_and_top1():
+    torch._dynamo.reset()
+    x, t = _case()
+    x = x * 4
+    gen = torch.Generator().manual_seed(2)
+    h, w, b = torch.randn(6, 4, generator=gen), torch.randn(40, 4, generator=gen) * 3, torch.randn(40, generator=gen)
+    tl = torch.randint(0, 40, (6,), generator=gen)
+    args = (x, t, h, w, b, tl)
+    explanation = torch._dynamo.explain(_softcap_fn)(*args)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    out_c, grads_c = _grads(torch.compile(_softcap_fn, fullgraph=True, backend="aot_eager"), *args)
+    out_e, grads_e = _grads(_softcap_fn, *args)
+    assert_close(out_c, out_e, 1e-6, "value")
+    for gc, ge in zip(grads_c, grads_e):
+        assert_close(gc, ge, 1e-6, "grad")
+
+
+def test_fake_and_meta_softcap_and_top1():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(3, 5, 1000, dtype=torch.bfloat16, requires_grad=True)
+        t = torch.empty(3, 5, dtype=torch.int32)
+        lp, ent, top1 = token_logprobs(x, t, return_entropy=True, return_top1=True, softcap=30.0)
+        assert lp.shape == (3, 5) and top1.shape == (3, 5) and top1.dtype == torch.bool
+        (lp.sum() + ent.sum()).backward()
+        assert x.grad.shape == x.shape
+        h = torch.empty(2, 7, 16, requires_grad=True)
+        w = torch.empty(1000, 16, requires_grad=True)
+        lp, top1 = linear_token_logprobs(h, w, torch.empty(2, 7, dtype=torch.long), return_top1=True, softcap=5.0)
+        assert lp.shape == (2, 7) and top1.shape == (2, 7) and top1.dtype == torch.bool
+        lp.sum().backward()
+        assert w.grad.shape == w.shape
+    x = torch.empty(4, 3, 100, device="meta", dtype=torch.float16)
+    t = torch.empty(4, 3, device="meta", dtype=torch.long)
+    lp, top1 = token_logprobs(x, t, return_top1=True, softcap=2.0)
+    assert lp.device.type == "meta" and top1.shape == (4, 3) and top1.dtype == torch.bool
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_vocab_parallel_softcap_single_rank(single_rank_group, backend):
+    """The vocab-parallel path caps each rank's slice with the same kernels: on one rank it
+    equals token_logprobs with the cap (values, entropy, gradient), eager and as the op."""
+    x, t = _case(V=300)
+    x = x * 20
+    gen = torch.Generator().manual_seed(4)
+    g1, g2 = torch.randn(t.shape, generator=gen), torch.randn(t.shape, generator=gen)
+
+    def run(fn):
+        leaf = x.detach().clone().requires_grad_()
+        with rlkern.use_backend(backend):
+            lp, ent = fn(leaf)
+        ((lp * g1).sum() + (ent * g2).sum()).backward()
+        return lp, ent, leaf.grad
+
+    expected = run(lambda a: token_logprobs(a, t, temperature=0.8, return_entropy=True, softcap=4.0))
+    got = run(lambda a: vocab_parallel_token_logprobs(a, t, 0, temperature=0.8, return_entropy=True, softcap=4.0))
+    plain = run(lambda a: vocab_parallel_token_logprobs(a, t, 0, temperature=0.8, return_entropy=True))
+    for g, e, name in zip(got, expected, ("logp", "entropy", "grad")):
+        assert_close(g, e, 1e-5, name)
+    assert (plain[0] - expected[0]).abs().max() > 0.1  # the cap acts
+    if backend == "cpu":
+        xr = x.detach().clone().requires_grad_()
+        torch.library.opcheck(torch.ops.rlkern.vocab_parallel_token_logprobs.default,
+                              (xr, t, 0, "", 0.8, True, -100, 4.0))
+    with pytest.raises(ValueError, match="softcap"):
+        vocab_parallel_token_logprobs(x, t, 0, softcap=-1.0)
+
+
+def _softcap_two_rank_worker(rank, init_file):
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from rlkern.reference import logprobs as ref
+    from helpers import assert_close
+
+    rlkern.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        logits = torch.randn(6, 500, generator=gen, dtype=torch.float64) * 20
+        logits[0, 300:] = float("inf")  # finite once capped: the row is not NaN
+        targets = torch.randint(0, 500, (6,), generator=gen)
+        targets[1] = 229
+        targets[2] = 230
+        targets[5] = -100
+        g1, g2 = torch.randn(6, generator=gen), torch.randn(6, generator=gen)
+        start, stop = [(0, 230), (230, 500)][rank]
+        full = logits.clone().requires_grad_()
+        lp_r, ent_r = ref.token_logprobs(full, targets, temperature=0.7, return_entropy=True, softcap=5.0)
+        ((lp_r * g1.double()).sum() + (ent_r * g2.double()).sum()).backward()
+        shard = logits[:, start:stop].float().requires_grad_()
+        lp, ent = vocab_parallel_token_logprobs(shard, targets, start, temperature=0.7, return_entropy=True,
+                                                softcap=5.0)
+        ((lp * g1).sum() + (ent * g2).sum()).backward()
+        assert_close(lp, lp_r, 1e-5, "logp")
+        assert_close(ent, ent_r, 1e-5, "entropy")
+        assert_close(shard.grad, full.grad[:, start:stop], 1e-4, "grad")
+        assert torch.isfinite(lp).all()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_vocab_parallel_softcap_two_ranks(tmp_path):
+    """Two gloo processes, uneven slices, a target on each side of the boundary: the capped
+    slices' statistics merge to the unsharded float64 reference."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is needed")
+    import torch.multiprocessing as mp
+
+    mp.spawn(_softcap_two_rank_worker, args=(str(tmp_path / "init"),), nprocs=2, join=True)

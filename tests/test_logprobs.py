@@ -567,3 +567,238 @@ def test_linear_empty_batch_gradients_are_zero(backend):
                                         return_entropy=True)
     (lp.sum() + ent.sum()).backward()
     assert lp.shape == (0,) and (weight.grad == 0).all() and (bias.grad == 0).all()
+
+
+# ----------------------------------------------------------------------------- soft-capping and is_top1 (issue 14)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("temperature", [0.6, 1.0])
+def test_softcap_values_and_grads(backend, dtype, temperature):
+    """Logits of scale 40 against a cap of 10: many sit deep in tanh's saturation."""
+    V = 3001  # two C++ blocks, not a multiple of the vector width
+    logits = _logits((5, V), dtype, scale=40.0)
+    lp, ent, grad = _check(backend, logits, _targets((5,), V), temperature=temperature, softcap=10.0)
+    # the cap changes the answer (the test would pass without it otherwise)
+    lp_plain = _run("reference", logits.double(), _targets((5,), V), temperature=temperature)[0]
+    assert (lp.double() - lp_plain).abs().max() > 1.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softcap_large_and_infinite_logits(backend):
+    """tanh saturates: +-inf and +-1e30 logits become +-cap (finite, as torch.tanh makes
+    them), their gradient through the cap is 0, and the rows are not NaN."""
+    V = 40
+    logits = _logits((4, V), scale=3.0)
+    logits[0, 3] = float("inf")
+    logits[1, :] = float("-inf")
+    logits[1, 7] = 0.0
+    logits[2, 5] = 1e30
+    logits[2, 6] = -1e30
+    logits[3, ::2] = 1e4
+    targets = torch.tensor([3, 8, 5, 2])
+    lp, ent, grad = _check(backend, logits, targets, softcap=2.5)
+    assert torch.isfinite(lp).all() and torch.isfinite(ent).all() and torch.isfinite(grad).all()
+    assert grad[0, 3] == 0 and grad[2, 5] == 0 and grad[2, 6] == 0
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_softcap_small_logits_are_accurate(backend):
+    """Near 0 tanh(u) ~ u: the polynomial branch keeps the relative accuracy of tiny logits
+    (a formula through exp would lose it to 1 - e^-2u cancelling)."""
+    logits = _logits((3, 500), scale=1e-3)
+    _check(backend, logits, _targets((3,), 500), softcap=0.7, temperature=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softcap_ignore_index_and_shapes(backend):
+    logits = _logits((2, 3, 100), scale=20.0)
+    targets = _targets((2, 3), 100)
+    targets[0, 1] = -100
+    logits[0, 1] = float("nan")  # an ignored row is never read
+    lp, ent, grad = _check(backend, logits, targets, softcap=5.0)
+    assert lp[0, 1] == 0 and ent[0, 1] == 0 and (grad[0, 1] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_softcap(backend, bias, dtype):
+    hidden, weight, b, targets = _linear_case(37, 16, 1000, dtype, bias)
+    weight = weight * 4  # logits of scale ~12 against a cap of 3: saturated
+    kw = dict(temperature=0.9, softcap=3.0)
+    with rlkern.use_backend(backend):
+        lp, ent, grads = _linear_grads(linear_token_logprobs, hidden, weight, b, targets, chunk_tokens=16,
+                                       chunk_vocab=300, **kw)
+    lp_r, ent_r, grads_r = _linear_grads(ref.linear_token_logprobs, hidden.double(), weight.double(),
+                                         b.double() if b is not None else None, targets, **kw)
+    # bf16: the chunk products round to bf16 before the cap, as hidden @ weight.T does.
+    tol, gtol = (VALUE_TOL, GRAD_TOL) if dtype == torch.float32 else (2e-2, 2e-2)
+    assert_close(lp, lp_r, tol, "logp")
+    assert_close(ent, ent_r, tol, "entropy")
+    for name, g, gr in zip(("hidden", "weight", "bias"), grads, grads_r):
+        if gr is not None:
+            assert g.dtype == dtype
+            assert_close(g, gr, gtol, name)
+    assert lp[1] == 0 and ent[1] == 0 and (grads[0][1] == 0).all()
+
+
+def test_softcap_validation():
+    logits, targets = _logits((2, 10)), _targets((2,), 10)
+    hidden, weight, _, t = _linear_case(4, 8, 50, torch.float32, False)
+    for bad in (0.0, -1.0, float("nan"), float("inf"), 10**400):
+        with pytest.raises(ValueError, match="softcap"):
+            token_logprobs(logits, targets, softcap=bad)
+        with pytest.raises(ValueError, match="softcap"):
+            linear_token_logprobs(hidden, weight, t, softcap=bad)
+        with pytest.raises(ValueError, match="softcap"):
+            ref.token_logprobs(logits, targets, softcap=bad)
+    for bad in (True, [3.0], None.__class__):
+        with pytest.raises(TypeError, match="softcap"):
+            token_logprobs(logits, targets, softcap=bad)
+    for top in ({"top_k": 3}, {"top_p": 0.5}):
+        with pytest.raises(ValueError, match="softcap"):
+            token_logprobs(logits, targets, softcap=3.0, **top)
+    # an int is a number; top_p = 1 keeps everything and so combines
+    token_logprobs(logits, targets, softcap=3, top_p=1.0)
+
+
+def _top1_case():
+    """Rows with exact ties of the maximum (integer logits): the first index wins."""
+    logits = torch.tensor([[1., 5., 2., 5., 0.],
+                           [1., 5., 2., 5., 0.],
+                           [1., 5., 2., 5., 0.],
+                           [7., 7., 7., 7., 7.],
+                           [7., 7., 7., 7., 7.],
+                           [-3., -1., float("-inf"), -2., -1.],
+                           [0., float("nan"), 9., 1., 0.],
+                           [float("-inf")] * 5,
+                           [2., 2., 3., 0., 0.]])
+    targets = torch.tensor([1, 3, 2, 0, 4, 1, 2, 0, -100])
+    expected = torch.tensor([True, False, False, True, False, True, False, False, False])
+    return logits, targets, expected
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_top1_ties_first_index(backend, dtype):
+    logits, targets, expected = _top1_case()
+    with rlkern.use_backend(backend):
+        lp, top1 = token_logprobs(logits.to(dtype), targets, return_top1=True)
+        lp2, ent, top1_b = token_logprobs(logits.to(dtype), targets, return_entropy=True, return_top1=True)
+    assert top1.dtype == torch.bool and top1.shape == targets.shape and not top1.requires_grad
+    assert torch.equal(top1, expected) and torch.equal(top1_b, expected)
+    assert torch.equal(lp, lp2) or torch.allclose(lp, lp2, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_top1_matches_argmax_long_rows(backend):
+    """Across blocks (V = 5000 > 2048): the maximum repeated in a later block, a target on
+    either copy, random rows; against torch.argmax of the (capped) logits."""
+    V = 5000
+    logits = _logits((8, V), scale=3.0)
+    targets = _targets((8,), V)
+    logits[0, [100, 4000]] = 50.0
+    targets[0] = 100
+    logits[1, [100, 4000]] = 50.0
+    targets[1] = 4000
+    targets[2] = logits[2].argmax()
+    logits[3, 2047:2049] = 60.0  # a tie across the block boundary
+    targets[3] = 2048
+    for softcap in (None, 4.0):
+        capped = logits if softcap is None else softcap * torch.tanh(logits / softcap)
+        expected = capped.argmax(-1) == targets
+        assert expected[0] and not expected[1] and expected[2] and not expected[3]
+        with rlkern.use_backend(backend):
+            lp, top1 = token_logprobs(logits, targets, return_top1=True, softcap=softcap, temperature=0.5)
+        assert torch.equal(top1, expected), softcap
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_top1_saturated_cap_ties(backend):
+    """Distinct logits deep in the cap's saturation round to the same float32 cap: a tie,
+    so the first of them is the argmax (as torch.argmax of the float32 capped logits)."""
+    logits = torch.zeros(2, 300)
+    logits[:, 10] = 400.0
+    logits[:, 200] = 900.0
+    targets = torch.tensor([10, 200])
+    with rlkern.use_backend(backend):
+        _, top1 = token_logprobs(logits, targets, return_top1=True, softcap=30.0)
+        _, top1_plain = token_logprobs(logits, targets, return_top1=True)
+    assert top1.tolist() == [True, False] and top1_plain.tolist() == [False, True]
+    assert torch.equal(ref.token_logprobs(logits, targets, softcap=30.0, return_top1=True)[1], top1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_linear_top1_across_chunks(backend, softcap):
+    """Integer hidden states and weights (exact products): the row maximum tied between
+    vocabulary chunks and within one; ignored rows False."""
+    gen = torch.Generator().manual_seed(3)
+    N, H, V = 12, 8, 900
+    hidden = torch.randint(-2, 3, (N, H), generator=gen).float()
+    weight = torch.randint(-2, 3, (V, H), generator=gen).float()
+    hidden[0] = torch.tensor([1., 2., 0., 0., 0., 0., 0., 0.])
+    hidden[1] = torch.tensor([0., 0., 2., 1., 0., 0., 0., 0.])
+    weight[[50, 640, 660]] = hidden[0] * 10  # the max of row 0 (50 against at most 6), in chunks 0, 2, 2
+    weight[[301, 302]] = hidden[1] * 10  # the max of row 1, twice in chunk 1
+    logits = hidden @ weight.t()
+    capped = logits if softcap is None else softcap * torch.tanh(logits / softcap)
+    targets = torch.randint(0, V, (N,), generator=gen)
+    targets[:6] = torch.tensor([50, 302, 0, 640, -100, 0])
+    targets[2] = capped[2].argmax()
+    expected = (capped.argmax(-1) == targets) & (targets != -100)
+    assert expected[0] and not expected[1] and expected[2]
+    with rlkern.use_backend(backend):
+        lp, ent, top1 = linear_token_logprobs(hidden, weight, targets, return_entropy=True, return_top1=True,
+                                              softcap=softcap, chunk_tokens=5, chunk_vocab=300)
+        lp_only, top1_only = linear_token_logprobs(hidden, weight, targets, return_top1=True, softcap=softcap)
+    assert torch.equal(top1, expected) and torch.equal(top1_only, expected)
+    assert top1.dtype == torch.bool and not top1.requires_grad
+    lp_r, ent_r = ref.linear_token_logprobs(hidden.double(), weight.double(), targets, return_entropy=True,
+                                            softcap=softcap)
+    assert_close(lp, lp_r, VALUE_TOL, "logp")
+    assert_close(lp_only, lp_r, VALUE_TOL, "logp")
+
+
+def test_top1_does_not_change_logp_or_grads():
+    hidden, weight, b, targets = _linear_case(10, 8, 500, torch.float32, True)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
+    lp, top1 = linear_token_logprobs(leaves[0], leaves[1], targets, bias=b, return_top1=True, chunk_vocab=128)
+    lp.sum().backward()
+    leaves2 = [t.clone().requires_grad_() for t in (hidden, weight)]
+    lp2 = linear_token_logprobs(leaves2[0], leaves2[1], targets, bias=b, chunk_vocab=128)
+    lp2.sum().backward()
+    assert torch.equal(lp, lp2)
+    assert torch.equal(leaves[0].grad, leaves2[0].grad) and torch.equal(leaves[1].grad, leaves2[1].grad)
+
+
+def test_softcap_baseline_x86_build_matches(tmp_path):
+    """The soft cap's vector tanh and the top-1 tracking in the baseline x86-64 build too."""
+    run_with_baseline_isa(tmp_path, "test_logprobs", """
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    t._check('cpu', t._logits((5, 3001), dtype, scale=40.0), t._targets((5,), 3001), temperature=0.8, softcap=10.0)
+t.test_top1_ties_first_index('cpu', torch.float32)
+t.test_top1_matches_argmax_long_rows('cpu')
+t.test_softcap_large_and_infinite_logits('cpu')
+""")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softcap_and_top1_triton_on_cuda(dtype):
+    V = 151936
+    logits = _logits((3, 2, V), dtype, scale=40.0)
+    targets = _targets((3, 2), V)
+    targets[0] = logits[0].float().argmax(-1)
+    targets[1, 1] = -100
+    lp, ent, grad = _run("auto", logits.cuda(), targets.cuda(), temperature=0.9, softcap=30.0)
+    lp_r, ent_r, grad_r = _run("reference", logits.double(), targets, temperature=0.9, softcap=30.0)
+    assert_close(lp, lp_r, VALUE_TOL, "logp")
+    assert_close(ent, ent_r, VALUE_TOL, "entropy")
+    _assert_grad_close(grad.cpu(), grad_r, GRAD_TOL_BY_DTYPE[dtype])
+    _, top1 = token_logprobs(logits.cuda(), targets.cuda(), return_top1=True, softcap=30.0)
+    _, top1_r = ref.token_logprobs(logits.float(), targets, return_top1=True, softcap=30.0)
+    assert torch.equal(top1.cpu(), top1_r) and top1[0].all()

@@ -266,3 +266,39 @@ def test_temperature_limit_is_the_argmax_distribution():
             lp, ent = token_logprobs(x, torch.tensor([1, 0]), temperature=2.0**-126, return_entropy=True)
         assert torch.allclose(lp, torch.tensor([-math.log(2), 0.0])), backend
         assert torch.allclose(ent, torch.tensor([math.log(2), 0.0])), backend
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@settings(max_examples=25)
+@given(case=logits_cases(), softcap=st.sampled_from([0.5, 5.0, 30.0, 1e4]), return_entropy=st.booleans())
+def test_softcap_and_top1_match_reference(backend, case, softcap, return_entropy):
+    """Soft-capped log-probs, entropy and gradients against the float64 reference, and
+    is_top1 against the reference's argmax wherever the row's top two capped logits are
+    apart by more than rounding (saturated caps tie in float32, not in float64)."""
+    x, targets, options, seed = case
+    # (The cap's float32 rounding, divided by a tiny temperature, is not small: moderate ones.)
+    options = dict(options, top_k=None, top_p=None, softcap=softcap,
+                   temperature=min(max(options["temperature"], 0.25), 2.5))
+    out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        finite = torch.isfinite(_as_output_dtype(ref.token_logprobs(x.double(), targets, **options), out_dtype))
+    lp, ent, grad = _token_run(backend, x, targets, options, seed, return_entropy, finite)
+    lp_r, ent_r, grad_r = _token_run("reference", x.double(), targets, options, seed, return_entropy, finite)
+    _close(lp.reshape(-1, 1), _as_output_dtype(lp_r, out_dtype).reshape(-1, 1), 1e-5, 1.0, "logp")
+    if return_entropy:
+        _close(ent.reshape(-1, 1), _as_output_dtype(ent_r, out_dtype).reshape(-1, 1), 1e-5, 1.0, "entropy")
+    if x.numel():
+        _close(grad, _as_output_dtype(grad_r, x.dtype), GRAD_TOL[x.dtype], 1e-3, "grad")
+    with rlkern.use_backend(backend):
+        _, top1 = token_logprobs(x, targets, return_top1=True, **{k: v for k, v in options.items()
+                                                                  if k != "top_k" and k != "top_p"})
+    _, top1_r = ref.token_logprobs(x.double(), targets, return_top1=True, **options)
+    assert top1.dtype == torch.bool and top1.shape == targets.shape
+    if x.numel() and x.shape[-1] > 1:
+        y = softcap * torch.tanh(x.double() / softcap)
+        top2 = y.topk(2, dim=-1).values
+        clear = (top2[..., 0] - top2[..., 1]) > 1e-5 * top2[..., 0].abs().clamp_min(1.0)
+        clear |= torch.isnan(lp_r)  # NaN rows are False on both sides
+        assert torch.equal(top1[clear], top1_r[clear])
+    # ignored rows are never top-1
+    assert not (top1 & (targets == options["ignore_index"])).any()

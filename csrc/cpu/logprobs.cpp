@@ -77,22 +77,31 @@ bool use_avx2() {
 }
 
 // float64 logits compute in float64: plain scalar loops (the tests' precision path).
+// cap > 0 soft-caps the logits first: y = cap * tanh(x / cap).
+inline double capped(double x, double cap) { return cap > 0.0 ? cap * std::tanh(x / cap) : x; }
+
 void forward_rows_f64(const Rows<double>& rows, int64_t begin, int64_t end, const int64_t* targets,
-                      const double* thresholds, double inv_t, int64_t ignore_index, double* logp, double* row_max,
-                      double* log_sum, double* entropy) {
+                      const double* thresholds, double inv_t, int64_t ignore_index, double cap, double* logp,
+                      double* row_max, double* log_sum, double* entropy, uint8_t* top1) {
   for (int64_t r = begin; r < end; ++r) {
     const int64_t t = targets[r];
     if (t == ignore_index) {
       logp[r] = row_max[r] = log_sum[r] = 0.0;
       if (entropy) entropy[r] = 0.0;
+      if (top1) top1[r] = 0;
       continue;
     }
     const double* x = rows.row(r);
     const double thr = thresholds ? thresholds[r] : -INFINITY;
     SoftmaxStats<double> st = softmax_stats_empty<double>();
+    int64_t first_max = -1;
     for (int64_t j = 0; j < rows.V; ++j) {
-      const double v = x[j] < thr ? -INFINITY : x[j];
-      if (v > st.m) st = softmax_stats_rebase(st, v, inv_t);
+      const double y = capped(x[j], cap);
+      const double v = y < thr ? -INFINITY : y;
+      if (v > st.m) {
+        first_max = j;
+        st = softmax_stats_rebase(st, v, inv_t);
+      }
       const double ref = st.m == -INFINITY ? 0.0 : st.m;
       const double d = (v - ref) * inv_t;
       const double e = std::exp(d);
@@ -104,17 +113,18 @@ void forward_rows_f64(const Rows<double>& rows, int64_t begin, int64_t end, cons
     log_sum[r] = log_s;
     if (entropy) entropy[r] = log_s - st.a / st.s;
     double lp = -INFINITY;
-    if (t >= 0 && t < rows.V && !(x[t] < thr)) {
-      volatile double dt = (x[t] - st.m) * inv_t;  // rounded as in the pass above (no fused multiply-subtract)
+    if (t >= 0 && t < rows.V && !(capped(x[t], cap) < thr)) {
+      volatile double dt = (capped(x[t], cap) - st.m) * inv_t;  // rounded as in the pass above (no fused multiply-subtract)
       lp = dt - log_s;
     }
     logp[r] = lp;
+    if (top1) top1[r] = first_max == t && !std::isnan(lp);
   }
 }
 
 void backward_rows_f64(const Rows<double>& rows, int64_t begin, int64_t end, const int64_t* targets,
-                       const double* thresholds, double inv_t, int64_t ignore_index, const double* row_max,
-                       const double* log_sum, const double* entropy, const double* grad_logp,
+                       const double* thresholds, double inv_t, int64_t ignore_index, double cap,
+                       const double* row_max, const double* log_sum, const double* entropy, const double* grad_logp,
                        const double* grad_entropy, double* grad) {
   const int64_t V = rows.V;
   for (int64_t r = begin; r < end; ++r) {
@@ -128,19 +138,26 @@ void backward_rows_f64(const Rows<double>& rows, int64_t begin, int64_t end, con
     const double thr = thresholds ? thresholds[r] : -INFINITY;
     const bool has_target = t >= 0 && t < V;
     double glp = grad_logp ? grad_logp[r] : 0.0;
-    if (has_target && x[t] < thr) glp = 0.0;
+    if (has_target && capped(x[t], cap) < thr) glp = 0.0;
     const double gent = grad_entropy ? grad_entropy[r] : 0.0;
     const double H = (grad_entropy && entropy) ? entropy[r] : 0.0;
-    const bool target_kept = has_target && !(x[t] < thr);
+    const bool target_kept = has_target && !(capped(x[t], cap) < thr);
     // 1/T multiplies last, after [j = t] - p_j has cancelled (a large 1/T must not overflow it).
     for (int64_t j = 0; j < V; ++j) {
-      const double v = x[j] < thr ? -INFINITY : x[j];
+      double dy = 1.0;
+      double y = x[j];
+      if (cap > 0.0) {
+        const double th = std::tanh(x[j] / cap);
+        y = cap * th;
+        dy = 1.0 - th * th;
+      }
+      const double v = y < thr ? -INFINITY : y;
       const double d = (v - row_max[r]) * inv_t - log_sum[r];
       const double p = std::exp(d);
       double g = -glp * p;
       if (gent != 0.0 && p != 0.0) g -= gent * p * (d + H);
       if (target_kept && j == t) g += glp;
-      out[j] = g * inv_t;
+      out[j] = g * inv_t * dy;
     }
   }
 }
@@ -159,65 +176,71 @@ Rows<T> rows_of(const RowArgs& a) {
 }
 
 template <class T>
-void forward_f32(const RowArgs& a, const int64_t* tg, ptr_t thresholds, float inv_t, int64_t ignore_index, ptr_t logp,
-                 ptr_t row_max, ptr_t log_sum, ptr_t entropy) {
+void forward_f32(const RowArgs& a, const int64_t* tg, ptr_t thresholds, float inv_t, int64_t ignore_index, float cap,
+                 ptr_t logp, ptr_t row_max, ptr_t log_sum, ptr_t entropy, ptr_t top1) {
   const Rows<T> rows = rows_of<T>(a);
   const bool avx2 = use_avx2();
+  // One instantiation per (ISA, cap or not): the uncapped rows run the loop they ran before the option.
   parallel_for(a.n_rows, grain_for(a.V), [&](int64_t b, int64_t e) {
+    auto run = [&](auto fn) {
+      fn(rows, b, e, tg, as_ptr<const float>(thresholds), inv_t, ignore_index, cap, as_ptr<float>(logp),
+         as_ptr<float>(row_max), as_ptr<float>(log_sum), as_ptr<float>(entropy), as_ptr<uint8_t>(top1));
+    };
 #ifdef RLK_HAVE_AVX2_CLONE
     if (avx2) {
-      avx2::forward_rows<T>(rows, b, e, tg, as_ptr<const float>(thresholds), inv_t, ignore_index, as_ptr<float>(logp),
-                            as_ptr<float>(row_max), as_ptr<float>(log_sum), as_ptr<float>(entropy));
+      cap > 0.0f ? run(avx2::forward_rows<T, true>) : run(avx2::forward_rows<T, false>);
       return;
     }
 #endif
-    generic::forward_rows<T>(rows, b, e, tg, as_ptr<const float>(thresholds), inv_t, ignore_index, as_ptr<float>(logp),
-                             as_ptr<float>(row_max), as_ptr<float>(log_sum), as_ptr<float>(entropy));
+    cap > 0.0f ? run(generic::forward_rows<T, true>) : run(generic::forward_rows<T, false>);
   });
 }
 
 template <class T>
-void backward_f32(const RowArgs& a, const int64_t* tg, ptr_t thresholds, float inv_t, int64_t ignore_index,
+void backward_f32(const RowArgs& a, const int64_t* tg, ptr_t thresholds, float inv_t, int64_t ignore_index, float cap,
                   ptr_t row_max, ptr_t log_sum, ptr_t entropy, ptr_t grad_logp, ptr_t grad_entropy, ptr_t grad) {
   const Rows<T> rows = rows_of<T>(a);
   const bool avx2 = use_avx2();
   parallel_for(a.n_rows, grain_for(a.V), [&](int64_t b, int64_t e) {
+    auto run = [&](auto fn) {
+      fn(rows, b, e, tg, as_ptr<const float>(thresholds), inv_t, ignore_index, cap, as_ptr<const float>(row_max),
+         as_ptr<const float>(log_sum), as_ptr<const float>(entropy), as_ptr<const float>(grad_logp),
+         as_ptr<const float>(grad_entropy), as_ptr<T>(grad));
+    };
 #ifdef RLK_HAVE_AVX2_CLONE
     if (avx2) {
-      avx2::backward_rows<T>(rows, b, e, tg, as_ptr<const float>(thresholds), inv_t, ignore_index,
-                             as_ptr<const float>(row_max), as_ptr<const float>(log_sum),
-                             as_ptr<const float>(entropy), as_ptr<const float>(grad_logp),
-                             as_ptr<const float>(grad_entropy), as_ptr<T>(grad));
+      cap > 0.0f ? run(avx2::backward_rows<T, true>) : run(avx2::backward_rows<T, false>);
       return;
     }
 #endif
-    generic::backward_rows<T>(rows, b, e, tg, as_ptr<const float>(thresholds), inv_t, ignore_index,
-                              as_ptr<const float>(row_max), as_ptr<const float>(log_sum),
-                              as_ptr<const float>(entropy), as_ptr<const float>(grad_logp),
-                              as_ptr<const float>(grad_entropy), as_ptr<T>(grad));
+    cap > 0.0f ? run(generic::backward_rows<T, true>) : run(generic::backward_rows<T, false>);
   });
 }
 
-void forward(const RowArgs& a, ptr_t targets, ptr_t thresholds, double inv_t, int64_t ignore_index, ptr_t logp,
-             ptr_t row_max, ptr_t log_sum, ptr_t entropy) {
+void forward(const RowArgs& a, ptr_t targets, ptr_t thresholds, double inv_t, int64_t ignore_index, double cap,
+             ptr_t logp, ptr_t row_max, ptr_t log_sum, ptr_t entropy, ptr_t top1) {
   const int64_t* tg = as_ptr<const int64_t>(targets);
   switch (to_dtype(a.dtype)) {
     case DType::F64: {
       const Rows<double> rows = rows_of<double>(a);
       parallel_for(a.n_rows, grain_for(a.V), [&](int64_t b, int64_t e) {
-        forward_rows_f64(rows, b, e, tg, as_ptr<const double>(thresholds), inv_t, ignore_index, as_ptr<double>(logp),
-                         as_ptr<double>(row_max), as_ptr<double>(log_sum), as_ptr<double>(entropy));
+        forward_rows_f64(rows, b, e, tg, as_ptr<const double>(thresholds), inv_t, ignore_index, cap,
+                         as_ptr<double>(logp), as_ptr<double>(row_max), as_ptr<double>(log_sum),
+                         as_ptr<double>(entropy), as_ptr<uint8_t>(top1));
       });
       break;
     }
     case DType::F32:
-      forward_f32<float>(a, tg, thresholds, float(inv_t), ignore_index, logp, row_max, log_sum, entropy);
+      forward_f32<float>(a, tg, thresholds, float(inv_t), ignore_index, float(cap), logp, row_max, log_sum, entropy,
+                         top1);
       break;
     case DType::BF16:
-      forward_f32<bf16>(a, tg, thresholds, float(inv_t), ignore_index, logp, row_max, log_sum, entropy);
+      forward_f32<bf16>(a, tg, thresholds, float(inv_t), ignore_index, float(cap), logp, row_max, log_sum, entropy,
+                        top1);
       break;
     case DType::F16:
-      forward_f32<f16>(a, tg, thresholds, float(inv_t), ignore_index, logp, row_max, log_sum, entropy);
+      forward_f32<f16>(a, tg, thresholds, float(inv_t), ignore_index, float(cap), logp, row_max, log_sum, entropy,
+                       top1);
       break;
   }
 }
@@ -230,7 +253,7 @@ int64_t dtype_size(int dtype) {
   }
 }
 
-void backward(const RowArgs& a, ptr_t targets, ptr_t thresholds, double inv_t, int64_t ignore_index,
+void backward(const RowArgs& a, ptr_t targets, ptr_t thresholds, double inv_t, int64_t ignore_index, double cap,
               ptr_t row_max, ptr_t log_sum, ptr_t entropy, ptr_t grad_logp, ptr_t grad_entropy, ptr_t grad) {
   // A fresh logits-sized buffer: huge pages cut its first-touch faults 512-fold.
   advise_huge_pages(as_ptr<void>(grad), size_t(a.n_rows * a.V * dtype_size(a.dtype)));
@@ -239,7 +262,7 @@ void backward(const RowArgs& a, ptr_t targets, ptr_t thresholds, double inv_t, i
     case DType::F64: {
       const Rows<double> rows = rows_of<double>(a);
       parallel_for(a.n_rows, grain_for(a.V), [&](int64_t b, int64_t e) {
-        backward_rows_f64(rows, b, e, tg, as_ptr<const double>(thresholds), inv_t, ignore_index,
+        backward_rows_f64(rows, b, e, tg, as_ptr<const double>(thresholds), inv_t, ignore_index, cap,
                           as_ptr<const double>(row_max), as_ptr<const double>(log_sum),
                           as_ptr<const double>(entropy), as_ptr<const double>(grad_logp),
                           as_ptr<const double>(grad_entropy), as_ptr<double>(grad));
@@ -247,16 +270,16 @@ void backward(const RowArgs& a, ptr_t targets, ptr_t thresholds, double inv_t, i
       break;
     }
     case DType::F32:
-      backward_f32<float>(a, tg, thresholds, float(inv_t), ignore_index, row_max, log_sum, entropy, grad_logp,
-                          grad_entropy, grad);
+      backward_f32<float>(a, tg, thresholds, float(inv_t), ignore_index, float(cap), row_max, log_sum, entropy,
+                          grad_logp, grad_entropy, grad);
       break;
     case DType::BF16:
-      backward_f32<bf16>(a, tg, thresholds, float(inv_t), ignore_index, row_max, log_sum, entropy, grad_logp,
-                         grad_entropy, grad);
+      backward_f32<bf16>(a, tg, thresholds, float(inv_t), ignore_index, float(cap), row_max, log_sum, entropy,
+                         grad_logp, grad_entropy, grad);
       break;
     case DType::F16:
-      backward_f32<f16>(a, tg, thresholds, float(inv_t), ignore_index, row_max, log_sum, entropy, grad_logp,
-                        grad_entropy, grad);
+      backward_f32<f16>(a, tg, thresholds, float(inv_t), ignore_index, float(cap), row_max, log_sum, entropy,
+                        grad_logp, grad_entropy, grad);
       break;
   }
 }
@@ -325,21 +348,22 @@ void bind(py::module_& m) {
   m.def(
       "forward",
       [](ptr_t logits, int dtype, int64_t stride0, int64_t stride1, int64_t inner, int64_t n_rows, int64_t V,
-         ptr_t targets, ptr_t thresholds, double inv_t, int64_t ignore_index, ptr_t logp, ptr_t row_max,
-         ptr_t log_sum, ptr_t entropy) {
-        forward({logits, dtype, stride0, stride1, inner, n_rows, V}, targets, thresholds, inv_t, ignore_index, logp,
-                row_max, log_sum, entropy);
+         ptr_t targets, ptr_t thresholds, double inv_t, int64_t ignore_index, double softcap, ptr_t logp,
+         ptr_t row_max, ptr_t log_sum, ptr_t entropy, ptr_t top1) {
+        forward({logits, dtype, stride0, stride1, inner, n_rows, V}, targets, thresholds, inv_t, ignore_index, softcap,
+                logp, row_max, log_sum, entropy, top1);
       },
       py::call_guard<py::gil_scoped_release>(),
-      "Per-row log-prob of the target, max and log-sum-exp-relative-to-max of z = logits * inv_t, and "
-      "(entropy != 0) the entropy of softmax(z)");
+      "Per-row log-prob of the target, max and log-sum-exp-relative-to-max of z = y * inv_t with y the logits "
+      "(soft-capped, softcap * tanh(logits / softcap), when softcap > 0), (entropy != 0) the entropy of softmax(z) "
+      "and (top1 != 0, uint8) whether the target is the row's first largest y");
   m.def(
       "backward",
       [](ptr_t logits, int dtype, int64_t stride0, int64_t stride1, int64_t inner, int64_t n_rows, int64_t V,
-         ptr_t targets, ptr_t thresholds, double inv_t, int64_t ignore_index, ptr_t row_max, ptr_t log_sum,
-         ptr_t entropy, ptr_t grad_logp, ptr_t grad_entropy, ptr_t grad) {
+         ptr_t targets, ptr_t thresholds, double inv_t, int64_t ignore_index, double softcap, ptr_t row_max,
+         ptr_t log_sum, ptr_t entropy, ptr_t grad_logp, ptr_t grad_entropy, ptr_t grad) {
         backward({logits, dtype, stride0, stride1, inner, n_rows, V}, targets, thresholds, inv_t, ignore_index,
-                 row_max, log_sum, entropy, grad_logp, grad_entropy, grad);
+                 softcap, row_max, log_sum, entropy, grad_logp, grad_entropy, grad);
       },
       py::call_guard<py::gil_scoped_release>(),
       "Gradient of the logits (contiguous [n_rows, V], logits' dtype) from the log-prob and entropy gradients");

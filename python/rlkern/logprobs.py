@@ -111,46 +111,53 @@ def _row_blocks(layout: _Layout, max_rows: int):
 
 
 def _stats_forward(backend: str, layout: _Layout, targets: torch.Tensor, threshold: Optional[torch.Tensor],
-                   inv_t: float, ignore_index: int, want_entropy: bool):
-    """Per row: logp, m = max x (raw logits), log s = log sum exp((x - m) * inv_t)
-    (logsumexp of z = x * inv_t is m * inv_t + log s, kept in two terms for accuracy far
-    from 0 and so that z itself never has to exist) and the entropy (or None)."""
+                   inv_t: float, ignore_index: int, want_entropy: bool, softcap: Optional[float] = None,
+                   want_top1: bool = False):
+    """Per row: logp, m = max x (raw logits, soft-capped when ``softcap``), log s = log sum
+    exp((x - m) * inv_t) (logsumexp of z = x * inv_t is m * inv_t + log s, kept in two terms
+    for accuracy far from 0 and so that z itself never has to exist), the entropy (or None)
+    and whether the target is the row's first argmax (bool, or None)."""
     x = layout.tensor
     dt = _compute_dtype(x)
     logp = torch.empty(layout.n_rows, dtype=dt, device=x.device)
     row_max = torch.empty_like(logp)
     log_sum = torch.empty_like(logp)
     entropy = torch.empty_like(logp) if want_entropy else None
+    top1 = torch.empty(layout.n_rows, dtype=torch.uint8, device=x.device) if want_top1 else None
     if backend == "cpu":
         core().logprobs.forward(ptr(x), dtype_code(x), layout.stride0, layout.stride1, layout.inner, layout.n_rows,
                                 layout.V, ptr(targets), ptr(threshold) if threshold is not None else 0, inv_t,
-                                ignore_index, ptr(logp), ptr(row_max), ptr(log_sum),
-                                ptr(entropy) if entropy is not None else 0)
+                                ignore_index, 0.0 if softcap is None else softcap, ptr(logp), ptr(row_max),
+                                ptr(log_sum), ptr(entropy) if entropy is not None else 0,
+                                ptr(top1) if top1 is not None else 0)
     else:
         from .triton import logprobs as tk
 
-        tk.forward(tuple(layout), targets, threshold, inv_t, ignore_index, logp, row_max, log_sum, entropy)
-    return logp, row_max, log_sum, entropy
+        tk.forward(tuple(layout), targets, threshold, inv_t, ignore_index, logp, row_max, log_sum, entropy,
+                   softcap=softcap, top1=top1)
+    return logp, row_max, log_sum, entropy, None if top1 is None else top1.view(torch.bool)
 
 
 def _grad_logits(backend: str, layout: _Layout, targets: torch.Tensor, threshold: Optional[torch.Tensor],
                  inv_t: float, ignore_index: int, row_max: torch.Tensor, log_sum: torch.Tensor,
                  entropy: Optional[torch.Tensor],
-                 grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor]) -> torch.Tensor:
+                 grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
+                 softcap: Optional[float] = None) -> torch.Tensor:
     """Gradient of the logits, contiguous ``[n_rows, V]`` in the logits' dtype."""
     x = layout.tensor
     grad = empty_rows(x, (layout.n_rows, layout.V), x.dtype)
     if backend == "cpu":
         core().logprobs.backward(ptr(x), dtype_code(x), layout.stride0, layout.stride1, layout.inner, layout.n_rows,
                                  layout.V, ptr(targets), ptr(threshold) if threshold is not None else 0, inv_t,
-                                 ignore_index, ptr(row_max), ptr(log_sum), ptr(entropy) if entropy is not None else 0,
+                                 ignore_index, 0.0 if softcap is None else softcap, ptr(row_max), ptr(log_sum),
+                                 ptr(entropy) if entropy is not None else 0,
                                  ptr(grad_logp) if grad_logp is not None else 0,
                                  ptr(grad_entropy) if grad_entropy is not None else 0, ptr(grad))
     else:
         from .triton import logprobs as tk
 
         tk.backward(tuple(layout), targets, threshold, inv_t, ignore_index, row_max, log_sum, entropy, grad_logp,
-                    grad_entropy, grad)
+                    grad_entropy, grad, softcap=softcap)
     return grad
 
 
@@ -179,48 +186,62 @@ def _grad_arg(g: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.T
     return None if g is None else g.reshape(-1).to(dtype).contiguous()
 
 
-def _token_forward(logits, targets, temperature, want_entropy, ignore_index, top_k, top_p, backend):
-    """(layout, int64 targets, threshold or None, logp, row max, log-sum, entropy or None), flat."""
+def _token_forward(logits, targets, temperature, want_entropy, ignore_index, top_k, top_p, backend, softcap=None,
+                   want_top1=False):
+    """(layout, int64 targets, threshold or None, logp, row max, log-sum, entropy or None,
+    top1 or None), flat."""
     layout = _row_layout(logits)
     flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
     truncating = (top_k is not None and top_k < layout.V) or (top_p is not None and top_p < 1.0)
     threshold = _threshold(backend, layout, temperature, top_k, top_p) if truncating else None
-    logp, row_max, log_sum, entropy = _stats_forward(backend, layout, flat_targets, threshold, 1.0 / temperature,
-                                                     ignore_index, want_entropy)
-    return layout, flat_targets, threshold, logp, row_max, log_sum, entropy
+    logp, row_max, log_sum, entropy, top1 = _stats_forward(backend, layout, flat_targets, threshold,
+                                                           1.0 / temperature, ignore_index, want_entropy, softcap,
+                                                           want_top1)
+    return layout, flat_targets, threshold, logp, row_max, log_sum, entropy, top1
+
+
+def _outputs(logp, entropy, top1):
+    """``logp``, or the tuple of the outputs asked for (entropy and top1 are None when not)."""
+    if entropy is None and top1 is None:
+        return logp
+    return tuple(o for o in (logp, entropy, top1) if o is not None)
 
 
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, temperature, want_entropy, ignore_index, top_k, top_p, backend):
-        layout, flat_targets, threshold, logp, row_max, log_sum, entropy = _token_forward(
-            logits, targets, temperature, want_entropy, ignore_index, top_k, top_p, backend)
+    def forward(ctx, logits, targets, temperature, want_entropy, ignore_index, top_k, top_p, backend, softcap,
+                want_top1):
+        layout, flat_targets, threshold, logp, row_max, log_sum, entropy, top1 = _token_forward(
+            logits, targets, temperature, want_entropy, ignore_index, top_k, top_p, backend, softcap, want_top1)
         ctx.save_for_backward(layout.tensor, flat_targets, threshold, row_max, log_sum, entropy)
         ctx.layout = layout._replace(tensor=None)
-        ctx.meta = (temperature, ignore_index, backend, tuple(logits.shape))
+        ctx.meta = (temperature, ignore_index, backend, tuple(logits.shape), softcap)
         shape = targets.shape
-        if want_entropy:
-            return logp.view(shape), entropy.view(shape)
-        return logp.view(shape)
+        if top1 is not None:
+            top1 = top1.view(shape)
+            ctx.mark_non_differentiable(top1)
+        return _outputs(logp.view(shape), entropy.view(shape) if want_entropy else None, top1)
 
     @staticmethod
     @_first_order_only("token_logprobs")
-    def backward(ctx, grad_logp, grad_entropy=None):
+    def backward(ctx, grad_logp, *grads):
         if not ctx.needs_input_grad[0]:
-            return (None,) * 8
+            return (None,) * 10
         x, targets, threshold, row_max, log_sum, entropy = ctx.saved_tensors
-        temperature, ignore_index, backend, shape = ctx.meta
+        temperature, ignore_index, backend, shape, softcap = ctx.meta
+        grad_entropy = grads[0] if entropy is not None else None
         layout = ctx.layout._replace(tensor=x)
         dt = row_max.dtype
         grad = _grad_logits(backend, layout, targets, threshold, 1.0 / temperature, ignore_index, row_max, log_sum,
-                            entropy, _grad_arg(grad_logp, dt), _grad_arg(grad_entropy, dt))
-        return (grad.view(shape),) + (None,) * 7
+                            entropy, _grad_arg(grad_logp, dt), _grad_arg(grad_entropy, dt), softcap)
+        return (grad.view(shape),) + (None,) * 9
 
 
 # ----------------------------------------------------------------------------- validation
 
 
 _check_temperature = _ref.check_temperature
+_check_softcap = _ref.check_softcap
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
@@ -278,7 +299,8 @@ def _check_logits(name: str, logits) -> None:
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
                    return_entropy: bool = False, ignore_index: int = -100, top_k: Optional[int] = None,
-                   top_p: Optional[float] = None) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+                   top_p: Optional[float] = None, softcap: Optional[float] = None, return_top1: bool = False
+                   ) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
     r"""Log-probability of each target token, and optionally the entropy, in one pass.
 
     With z = logits / temperature over the last dimension (size V):
@@ -312,6 +334,16 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
             with ties at the boundary resolved by keeping the whole tie group, where a
             sort-based sampler would cut inside it in an arbitrary order. top_p = 1
             keeps everything.
+        softcap: soft-cap the logits first, y = softcap * tanh(logits / softcap), as
+            Gemma-2's ``final_logit_softcapping`` (transformers caps the logits, TRL then
+            divides them by the temperature: z = y / temperature). A finite number > 0,
+            or None; not combined with top_k/top_p (ValueError). Forward and backward
+            (dy/dx = 1 - tanh^2, entropy included); +-inf logits become +-softcap, as
+            ``torch.tanh`` makes them.
+        return_top1: also return ``is_top1`` (bool, no gradient): whether the target is
+            the first index of the row's largest (capped) logit, as ``torch.argmax``
+            picks it; computed in the same pass. False for ignored rows and wherever
+            logp is NaN.
 
     With top-k/top-p, logp and entropy are those of the renormalised distribution over
     the kept set; the kept set is a constant for differentiation (it is piecewise
@@ -319,8 +351,9 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
     gradient from its log-prob (the entropy's gradient is unaffected).
 
     Returns:
-        ``logp`` of shape ``targets.shape``, or ``(logp, entropy)`` with
-        ``return_entropy=True``; float32 (float64 for float64 logits).
+        ``logp`` of shape ``targets.shape``, or the tuple ``(logp, entropy, is_top1)`` of
+        those asked for (``(logp, entropy)``, ``(logp, is_top1)``); float32 (float64 for
+        float64 logits), ``is_top1`` bool.
 
     Under torch.compile / torch.export, and for FakeTensor or meta inputs, the call goes
     through the custom op ``torch.ops.rlkern.token_logprobs``; the target range check
@@ -344,32 +377,41 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
     :mod:`rlkern.reference.logprobs`.
     """
     _reject_func_transforms("token_logprobs")
+    softcap = _check_softcap(softcap)
     if _is_dtensor(logits) or _is_dtensor(targets):
         return _dtensor_token_logprobs(logits, targets, temperature=temperature, return_entropy=return_entropy,
-                                       ignore_index=ignore_index, top_k=top_k, top_p=top_p)
+                                       ignore_index=ignore_index, top_k=top_k, top_p=top_p, softcap=softcap,
+                                       return_top1=return_top1)
     _check_logits("logits", logits)
     _check_target_dtype("targets", targets)
     _validate.same_device(logits=logits, targets=targets)
     ignore_index = _check_int("ignore_index", ignore_index)
     temperature = _check_temperature(temperature)
     top_k, top_p = _check_top(top_k, top_p)
+    if softcap is not None and _truncating(top_k, top_p):
+        raise ValueError("softcap cannot be combined with top_k/top_p (the kept set of the capped logits); "
+                         "pass softcap=None or top_k=top_p=None")
+    want_entropy, want_top1 = bool(return_entropy), bool(return_top1)
     if _traced(logits, targets):
         _validate.same_shape("targets", targets, logits.shape[:-1], "logits without its last dim")
         if _kernel_backend(logits.device, logits) == "reference":  # plain torch ops (meta tensors too)
-            return _ref.token_logprobs(logits, targets, temperature=temperature, return_entropy=return_entropy,
-                                       ignore_index=ignore_index, top_k=top_k, top_p=top_p)
-        logp, entropy, _, _, _ = torch.ops.rlkern.token_logprobs(logits, targets, temperature, bool(return_entropy),
-                                                                 ignore_index, top_k, top_p)
-        if return_entropy:
-            return logp.view(targets.shape), entropy.view(targets.shape)
-        return logp.view(targets.shape)
+            return _ref.token_logprobs(logits, targets, temperature=temperature, return_entropy=want_entropy,
+                                       ignore_index=ignore_index, top_k=top_k, top_p=top_p, softcap=softcap,
+                                       return_top1=want_top1)
+        logp, entropy, _, _, _, top1 = torch.ops.rlkern.token_logprobs(logits, targets, temperature, want_entropy,
+                                                                       ignore_index, top_k, top_p, softcap,
+                                                                       want_top1)
+        shape = targets.shape
+        return _outputs(logp.view(shape), entropy.view(shape) if want_entropy else None,
+                        top1.view(shape) if want_top1 else None)
     _check_targets(targets, logits.shape[:-1], logits.shape[-1], ignore_index)
     backend = _kernel_backend(logits.device, logits)
     if backend == "reference":
-        return _ref.token_logprobs(logits, targets, temperature=temperature, return_entropy=return_entropy,
-                                   ignore_index=ignore_index, top_k=top_k, top_p=top_p)
-    return _TokenLogprobs.apply(logits, targets, temperature, bool(return_entropy), ignore_index, top_k, top_p,
-                                backend)
+        return _ref.token_logprobs(logits, targets, temperature=temperature, return_entropy=want_entropy,
+                                   ignore_index=ignore_index, top_k=top_k, top_p=top_p, softcap=softcap,
+                                   return_top1=want_top1)
+    return _TokenLogprobs.apply(logits, targets, temperature, want_entropy, ignore_index, top_k, top_p,
+                                backend, softcap, want_top1)
 
 
 # ----------------------------------------------------------------------------- linear head
@@ -421,8 +463,9 @@ def _chunk_weights(m_c, logsum_c, ent_c, M, inv_t: float):
 
 
 def _linear_forward(hidden, weight, bias, targets, temperature, want_entropy, ignore_index, chunk_tokens,
-                    chunk_vocab):
-    """(logp, row max, log-sum, entropy or None) of [N] rows; see linear_token_logprobs."""
+                    chunk_vocab, softcap=None, want_top1=False):
+    """(logp, row max, log-sum, entropy or None, top1 or None) of [N] rows; see
+    linear_token_logprobs."""
     N, V = hidden.shape[0], weight.shape[0]
     inv_t = 1.0 / temperature
     dt = _compute_dtype(hidden)
@@ -434,6 +477,9 @@ def _linear_forward(hidden, weight, bias, targets, temperature, want_entropy, ig
     # (Target logit minus its chunk's max) * inv_t, and that max (combined after the loop).
     target_rel = torch.zeros(N, dtype=dt, device=hidden.device)
     target_max = torch.zeros(N, dtype=dt, device=hidden.device)
+    # Whether the target is the first argmax of its own chunk (then of the row when no earlier
+    # chunk reaches the row's maximum, see below).
+    target_top1 = torch.zeros(N, dtype=torch.bool, device=hidden.device) if want_top1 else None
     for c, v0 in enumerate(range(0, V, chunk_vocab)):
         v1 = min(V, v0 + chunk_vocab)
         local_all = _local_targets(targets, ignore_index, v0, v1 - v0)
@@ -445,7 +491,8 @@ def _linear_forward(hidden, weight, bias, targets, temperature, want_entropy, ig
             if backend == "reference":
                 backend = "cpu" if logits.device.type == "cpu" else "triton"
             local = local_all[n0:n1]
-            logp, m, log_s, ent = _stats_forward(backend, layout, local, None, inv_t, _IGNORED, need_entropy)
+            logp, m, log_s, ent, top1 = _stats_forward(backend, layout, local, None, inv_t, _IGNORED, need_entropy,
+                                                       softcap, want_top1)
             max_chunks[c, n0:n1] = m
             logsum_chunks[c, n0:n1] = log_s
             if need_entropy:
@@ -453,15 +500,23 @@ def _linear_forward(hidden, weight, bias, targets, temperature, want_entropy, ig
             owned = local >= 0
             target_rel[n0:n1] = torch.where(owned, logp + log_s, target_rel[n0:n1])
             target_max[n0:n1] = torch.where(owned, m, target_max[n0:n1])
+            if want_top1:
+                target_top1[n0:n1] = torch.where(owned, top1, target_top1[n0:n1])
+    if want_top1 and N:
+        # The row's first argmax lies in the first chunk whose maximum is the row's.
+        first_chunk = (max_chunks == max_chunks.max(0).values).to(torch.uint8).argmax(0)
+        target_top1 &= first_chunk == torch.div(targets, chunk_vocab, rounding_mode="floor")
     row_max, log_sum, entropy = _combine_chunks(max_chunks, logsum_chunks, ent_chunks, inv_t)
     ignored = targets == ignore_index
     logp = torch.where(ignored, torch.zeros_like(log_sum),
                        (target_rel + (target_max - row_max) * inv_t) - log_sum)
-    return logp, row_max, log_sum, entropy
+    if want_top1:
+        target_top1 &= ~torch.isnan(logp)
+    return logp, row_max, log_sum, entropy, target_top1
 
 
 def _linear_backward(hidden, weight, bias, targets, row_max, log_sum, entropy, grad_logp, grad_entropy,
-                     temperature, ignore_index, chunk_tokens, chunk_vocab, want_h, want_w, want_b):
+                     temperature, ignore_index, chunk_tokens, chunk_vocab, want_h, want_w, want_b, softcap=None):
     """Gradients of hidden, weight and bias (None where not wanted)."""
     N, H = hidden.shape
     V = weight.shape[0]
@@ -488,7 +543,8 @@ def _linear_backward(hidden, weight, bias, targets, row_max, log_sum, entropy, g
                 backend = "cpu" if logits.device.type == "cpu" else "triton"
             grad = _grad_logits(backend, _row_layout(logits), local_all[n0:n1], None, inv_t, _IGNORED,
                                 row_max[n0:n1], log_sum[n0:n1], entropy[n0:n1] if entropy is not None else None,
-                                None if g_lp is None else g_lp[n0:n1], None if g_ent is None else g_ent[n0:n1])
+                                None if g_lp is None else g_lp[n0:n1], None if g_ent is None else g_ent[n0:n1],
+                                softcap)
             del logits
             if want_h:
                 grad_hidden[n0:n1] += grad @ weight[v0:v1]
@@ -511,23 +567,28 @@ def _linear_backward(hidden, weight, bias, targets, row_max, log_sum, entropy, g
 class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, want_entropy, ignore_index, chunk_tokens,
-                chunk_vocab):
-        logp, row_max, log_sum, entropy = _linear_forward(hidden, weight, bias, targets, temperature, want_entropy,
-                                                          ignore_index, chunk_tokens, chunk_vocab)
+                chunk_vocab, softcap, want_top1):
+        logp, row_max, log_sum, entropy, top1 = _linear_forward(hidden, weight, bias, targets, temperature,
+                                                                want_entropy, ignore_index, chunk_tokens,
+                                                                chunk_vocab, softcap, want_top1)
         ctx.save_for_backward(hidden, weight, bias, targets, row_max, log_sum, entropy)
-        ctx.meta = (temperature, ignore_index, chunk_tokens, chunk_vocab)
+        ctx.meta = (temperature, ignore_index, chunk_tokens, chunk_vocab, softcap)
+        if top1 is not None:
+            ctx.mark_non_differentiable(top1)
         if want_entropy:
-            return logp, torch.where(targets == ignore_index, torch.zeros_like(entropy), entropy)
-        return logp
+            entropy = torch.where(targets == ignore_index, torch.zeros_like(entropy), entropy)
+        return _outputs(logp, entropy, top1)
 
     @staticmethod
     @_first_order_only("linear_token_logprobs")
-    def backward(ctx, grad_logp, grad_entropy=None):
+    def backward(ctx, grad_logp, *grads):
         hidden, weight, bias, targets, row_max, log_sum, entropy = ctx.saved_tensors
-        temperature, ignore_index, chunk_tokens, chunk_vocab = ctx.meta
+        temperature, ignore_index, chunk_tokens, chunk_vocab, softcap = ctx.meta
+        grad_entropy = grads[0] if entropy is not None else None
         grads = _linear_backward(hidden, weight, bias, targets, row_max, log_sum, entropy, grad_logp, grad_entropy,
-                                 temperature, ignore_index, chunk_tokens, chunk_vocab, *ctx.needs_input_grad[:3])
-        return grads + (None,) * 6
+                                 temperature, ignore_index, chunk_tokens, chunk_vocab, *ctx.needs_input_grad[:3],
+                                 softcap=softcap)
+        return grads + (None,) * 8
 
 
 def _default_chunks(N: int, V: int) -> Tuple[int, int]:
@@ -546,8 +607,9 @@ def _resolve_chunks(N: int, V: int, chunk_tokens: Optional[int], chunk_vocab: Op
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                           bias: Optional[torch.Tensor] = None, temperature: float = 1.0,
                           return_entropy: bool = False, ignore_index: int = -100,
-                          chunk_tokens: Optional[int] = None, chunk_vocab: Optional[int] = None
-                          ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+                          chunk_tokens: Optional[int] = None, chunk_vocab: Optional[int] = None,
+                          softcap: Optional[float] = None, return_top1: bool = False
+                          ) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
     r""":func:`token_logprobs` of ``logits = hidden @ weight.T + bias`` without the logits.
 
     logp[i] = z[i, targets[i]] - logsumexp_j z[i, j] and entropy[i] = -sum_j p log p
@@ -568,8 +630,16 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         temperature, return_entropy, ignore_index: as in :func:`token_logprobs`.
         chunk_tokens, chunk_vocab: chunk sizes (default: up to 2048 tokens by
             ~2^22 / tokens vocabulary entries).
+        softcap: soft-cap the logits after the bias and before the temperature,
+            z = softcap * tanh((hidden @ weight.T + bias) / softcap) / temperature, as
+            Gemma-2 with TRL (see :func:`token_logprobs`); the gradients of hidden,
+            weight and bias include dy/dx = 1 - tanh^2.
+        return_top1: also return ``is_top1`` (bool, no gradient): the target is the
+            first argmax of the row's (capped) logits, ties to the lowest index as
+            ``torch.argmax``; from the same pass (each chunk's first argmax and maximum).
 
-    Returns ``logp`` (and ``entropy``), float32 (float64 for float64 inputs). The
+    Returns ``logp``, or the tuple ``(logp, entropy, is_top1)`` of those asked for,
+    float32 (float64 for float64 inputs). The
     chunk products round to the inputs' dtype as ``hidden @ weight.T`` does. No top-k /
     top-p here (a sampler's kept set needs the whole row). NaN/inf follow
     :func:`token_logprobs`: a row whose logits hold NaN or +inf gives NaN.
@@ -596,32 +666,36 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     _validate.same_device(hidden=hidden, weight=weight, bias=bias, targets=targets)
     ignore_index = _check_int("ignore_index", ignore_index)
     temperature = _check_temperature(temperature)
+    softcap = _check_softcap(softcap)
     for name, value in (("chunk_tokens", chunk_tokens), ("chunk_vocab", chunk_vocab)):
         if value is not None and _check_int(name, value) < 1:
             raise ValueError(f"{name} must be >= 1 (or None for the default), got {value}")
+    want_entropy, want_top1 = bool(return_entropy), bool(return_top1)
     if _traced(hidden, weight, bias, targets):
         _validate.same_shape("targets", targets, hidden.shape[:-1], "hidden without its last dim")
         if _kernel_backend(hidden.device, hidden) == "reference":  # plain torch ops (meta tensors too)
             return _ref.linear_token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
-                                              return_entropy=return_entropy, ignore_index=ignore_index)
-        logp, entropy, _, _ = torch.ops.rlkern.linear_token_logprobs(
+                                              return_entropy=want_entropy, ignore_index=ignore_index,
+                                              softcap=softcap, return_top1=want_top1)
+        logp, entropy, _, _, top1 = torch.ops.rlkern.linear_token_logprobs(
             hidden.reshape(-1, H), weight, bias, targets.reshape(-1).to(torch.int64), temperature,
-            bool(return_entropy), ignore_index, chunk_tokens, chunk_vocab)
-        if return_entropy:
-            return logp.view(targets.shape), entropy.view(targets.shape)
-        return logp.view(targets.shape)
+            want_entropy, ignore_index, chunk_tokens, chunk_vocab, softcap, want_top1)
+        shape = targets.shape
+        return _outputs(logp.view(shape), entropy.view(shape) if want_entropy else None,
+                        top1.view(shape) if want_top1 else None)
     _check_targets(targets, hidden.shape[:-1], V, ignore_index)
     if _kernel_backend(hidden.device, hidden) == "reference":
         return _ref.linear_token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
-                                          return_entropy=return_entropy, ignore_index=ignore_index)
+                                          return_entropy=want_entropy, ignore_index=ignore_index, softcap=softcap,
+                                          return_top1=want_top1)
     lead = targets.shape
     h2 = hidden.reshape(-1, H)
     t2 = targets.reshape(-1).to(torch.int64)
     chunk_tokens, chunk_vocab = _resolve_chunks(h2.shape[0], V, chunk_tokens, chunk_vocab)
-    out = _LinearTokenLogprobs.apply(h2, weight, bias, t2, temperature, bool(return_entropy), ignore_index,
-                                     chunk_tokens, chunk_vocab)
-    if return_entropy:
-        return out[0].view(lead), out[1].view(lead)
+    out = _LinearTokenLogprobs.apply(h2, weight, bias, t2, temperature, want_entropy, ignore_index,
+                                     chunk_tokens, chunk_vocab, softcap, want_top1)
+    if isinstance(out, tuple):
+        return tuple(o.view(lead) for o in out)
     return out.view(lead)
 
 
@@ -629,7 +703,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
 
 
 def _vocab_parallel_forward(shard, targets, vocab_start, group, temperature, want_entropy, ignore_index, backend,
-                            strict):
+                            strict, softcap=None):
     """(layout, local targets, logp, global max, global log-sum, entropy or None), flat. A
     target owned by no rank (or by several) is a ValueError when ``strict`` (eager: it costs
     a host sync), else NaN log-prob."""
@@ -639,8 +713,8 @@ def _vocab_parallel_forward(shard, targets, vocab_start, group, temperature, wan
     flat = targets.reshape(-1).to(torch.int64)
     local = _local_targets(flat, ignore_index, vocab_start, layout.V)
     need_entropy = want_entropy
-    logp_l, m_l, logsum_l, ent_l = _stats_forward(backend, layout, local, None, 1.0 / temperature, _IGNORED,
-                                                  need_entropy)
+    logp_l, m_l, logsum_l, ent_l, _ = _stats_forward(backend, layout, local, None, 1.0 / temperature, _IGNORED,
+                                                     need_entropy, softcap)
     ignored = flat == ignore_index
     owned = local >= 0
     # Megatron's scheme: all-reduce MAX of the local maxima, then one SUM of
@@ -669,14 +743,14 @@ def _vocab_parallel_forward(shard, targets, vocab_start, group, temperature, wan
 
 class _VocabParallelTokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, shard, targets, vocab_start, group, temperature, want_entropy, ignore_index, backend):
+    def forward(ctx, shard, targets, vocab_start, group, temperature, want_entropy, ignore_index, backend, softcap):
         layout, local, logp, M, log_s, entropy = _vocab_parallel_forward(
-            shard, targets, vocab_start, group, temperature, want_entropy, ignore_index, backend, True)
+            shard, targets, vocab_start, group, temperature, want_entropy, ignore_index, backend, True, softcap)
         ignored = local == _IGNORED
         zero = torch.zeros_like(logp)
         ctx.save_for_backward(layout.tensor, local, M, log_s, entropy)
         ctx.layout = layout._replace(tensor=None)
-        ctx.meta = (temperature, backend, tuple(shard.shape))
+        ctx.meta = (temperature, backend, tuple(shard.shape), softcap)
         if want_entropy:
             return logp.view(targets.shape), torch.where(ignored, zero, entropy).view(targets.shape)
         return logp.view(targets.shape)
@@ -685,16 +759,16 @@ class _VocabParallelTokenLogprobs(torch.autograd.Function):
     @_first_order_only("vocab_parallel_token_logprobs")
     def backward(ctx, grad_logp, grad_entropy=None):
         x, local, row_max, log_sum, entropy = ctx.saved_tensors
-        temperature, backend, shape = ctx.meta
+        temperature, backend, shape, softcap = ctx.meta
         dt = log_sum.dtype
         grad = _grad_logits(backend, ctx.layout._replace(tensor=x), local, None, 1.0 / temperature, _IGNORED,
-                            row_max, log_sum, entropy, _grad_arg(grad_logp, dt), _grad_arg(grad_entropy, dt))
-        return (grad.view(shape),) + (None,) * 7
+                            row_max, log_sum, entropy, _grad_arg(grad_logp, dt), _grad_arg(grad_entropy, dt), softcap)
+        return (grad.view(shape),) + (None,) * 8
 
 
 def vocab_parallel_token_logprobs(logits_shard: torch.Tensor, targets: torch.Tensor, vocab_start: int,
                                   group=None, *, temperature: float = 1.0, return_entropy: bool = False,
-                                  ignore_index: int = -100
+                                  ignore_index: int = -100, softcap: Optional[float] = None
                                   ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     r""":func:`token_logprobs` with the vocabulary split over a torch.distributed group.
 
@@ -722,6 +796,8 @@ def vocab_parallel_token_logprobs(logits_shard: torch.Tensor, targets: torch.Ten
         group: the process group (None: the default group).
         temperature, return_entropy, ignore_index: as in :func:`token_logprobs`
             (-inf logits are fine, NaN or +inf anywhere in a row make it NaN).
+        softcap: as in :func:`token_logprobs`: each rank caps its slice (the cap is
+            elementwise), the statistics merge as without it. (No ``return_top1`` here.)
     """
     _reject_func_transforms("vocab_parallel_token_logprobs")
     _check_logits("logits_shard", logits_shard)
@@ -731,10 +807,11 @@ def vocab_parallel_token_logprobs(logits_shard: torch.Tensor, targets: torch.Ten
     ignore_index = _check_int("ignore_index", ignore_index)
     _validate.same_shape("targets", targets, logits_shard.shape[:-1], "logits_shard without its last dim")
     temperature = _check_temperature(temperature)
+    softcap = _check_softcap(softcap)
     if _traced(logits_shard, targets):
         logp, entropy, _, _, _ = torch.ops.rlkern.vocab_parallel_token_logprobs(
             logits_shard, targets, vocab_start, "" if group is None else group.group_name, temperature,
-            bool(return_entropy), ignore_index)
+            bool(return_entropy), ignore_index, softcap)
         if return_entropy:
             return logp.view(targets.shape), entropy.view(targets.shape)
         return logp.view(targets.shape)
@@ -746,7 +823,7 @@ def vocab_parallel_token_logprobs(logits_shard: torch.Tensor, targets: torch.Ten
     if backend == "reference":
         backend = "cpu" if logits_shard.device.type == "cpu" else "triton"
     return _VocabParallelTokenLogprobs.apply(logits_shard, targets, vocab_start, group, temperature,
-                                             bool(return_entropy), ignore_index, backend)
+                                             bool(return_entropy), ignore_index, backend, softcap)
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -825,38 +902,42 @@ def _op_backend(t: Tensor) -> str:
 
 @torch.library.custom_op("rlkern::token_logprobs", mutates_args=())
 def _token_logprobs_op(logits: Tensor, targets: Tensor, temperature: float, want_entropy: bool, ignore_index: int,
-                       top_k: Optional[int], top_p: Optional[float]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Flat ``[N]`` logp, entropy (``[0]`` unless wanted), row max, log-sum, and the top-k/top-p
-    threshold (``[0]`` without them)."""
+                       top_k: Optional[int], top_p: Optional[float], softcap: Optional[float] = None,
+                       want_top1: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Flat ``[N]`` logp, entropy (``[0]`` unless wanted), row max, log-sum, the top-k/top-p
+    threshold (``[0]`` without them) and is_top1 (bool, ``[0]`` unless wanted)."""
     V = logits.shape[-1]
     flat = targets.reshape(-1).to(torch.int64)
     bad = _out_of_range(flat, V, ignore_index)
     n = flat.numel()
     dt = _compute_dtype(logits)
-    layout, flat, threshold, logp, row_max, log_sum, entropy = _token_forward(
-        logits, flat, temperature, want_entropy, ignore_index, top_k, top_p, _op_backend(logits))
+    layout, flat, threshold, logp, row_max, log_sum, entropy, top1 = _token_forward(
+        logits, flat, temperature, want_entropy, ignore_index, top_k, top_p, _op_backend(logits), softcap, want_top1)
     if threshold is None:
         threshold = torch.full((n if _truncating(top_k, top_p) else 0,), float("-inf"), dtype=dt,
                                device=logits.device)
     logp = torch.where(bad, float("nan"), logp)
     if not want_entropy:
         entropy = _empty(logits, 0, dt)
-    return logp, entropy, row_max, log_sum, threshold
+    top1 = top1 & ~bad if want_top1 else _empty(logits, 0, torch.bool)
+    return logp, entropy, row_max, log_sum, threshold, top1
 
 
 @_token_logprobs_op.register_fake
-def _(logits, targets, temperature, want_entropy, ignore_index, top_k, top_p):
+def _(logits, targets, temperature, want_entropy, ignore_index, top_k, top_p, softcap=None, want_top1=False):
     n = targets.numel()
     dt = _compute_dtype(logits)
     return (_empty(logits, n, dt), _empty(logits, n if want_entropy else 0, dt), _empty(logits, n, dt),
-            _empty(logits, n, dt), _empty(logits, n if _truncating(top_k, top_p) else 0, dt))
+            _empty(logits, n, dt), _empty(logits, n if _truncating(top_k, top_p) else 0, dt),
+            _empty(logits, n if want_top1 else 0, torch.bool))
 
 
 @torch.library.custom_op("rlkern::token_logprobs_backward", mutates_args=())
 def _token_logprobs_backward_op(logits: Tensor, targets: Tensor, threshold: Tensor, row_max: Tensor,
                                 log_sum: Tensor, entropy: Tensor, grad_logp: Optional[Tensor],
                                 grad_entropy: Optional[Tensor], temperature: float, ignore_index: int,
-                                top_k: Optional[int], top_p: Optional[float]) -> Tensor:
+                                top_k: Optional[int], top_p: Optional[float], softcap: Optional[float] = None
+                                ) -> Tensor:
     V = logits.shape[-1]
     flat = targets.reshape(-1).to(torch.int64).contiguous()
     bad = _out_of_range(flat, V, ignore_index)
@@ -866,33 +947,33 @@ def _token_logprobs_backward_op(logits: Tensor, targets: Tensor, threshold: Tens
     layout = _row_layout(logits)
     grad = _grad_logits(_op_backend(logits), layout, flat, threshold if threshold.numel() else None, 1.0 / temperature,
                         ignore_index, row_max, log_sum, entropy if g_ent is not None else None, g_lp,
-                        _grad_arg(g_ent, dt))
+                        _grad_arg(g_ent, dt), softcap)
     return grad.view(logits.shape)
 
 
 @_token_logprobs_backward_op.register_fake
 def _(logits, targets, threshold, row_max, log_sum, entropy, grad_logp, grad_entropy, temperature, ignore_index,
-      top_k, top_p):
+      top_k, top_p, softcap=None):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 def _token_setup_context(ctx, inputs, output):
-    logits, targets, temperature, want_entropy, ignore_index, top_k, top_p = inputs
-    logp, entropy, row_max, log_sum, threshold = output
+    logits, targets, temperature, want_entropy, ignore_index, top_k, top_p, softcap, want_top1 = inputs
+    logp, entropy, row_max, log_sum, threshold, top1 = output
     ctx.save_for_backward(logits, targets, threshold, row_max, log_sum, entropy)
-    ctx.options = (temperature, ignore_index, top_k, top_p, want_entropy)
-    ctx.mark_non_differentiable(row_max, log_sum, threshold)
+    ctx.options = (temperature, ignore_index, top_k, top_p, want_entropy, softcap)
+    ctx.mark_non_differentiable(row_max, log_sum, threshold, top1)
 
 
 def _token_backward(ctx, grad_logp, grad_entropy, *_):
     logits, targets, threshold, row_max, log_sum, entropy = ctx.saved_tensors
-    temperature, ignore_index, top_k, top_p, want_entropy = ctx.options
+    temperature, ignore_index, top_k, top_p, want_entropy, softcap = ctx.options
     if not ctx.needs_input_grad[0]:
-        return (None,) * 7
+        return (None,) * 9
     grad = torch.ops.rlkern.token_logprobs_backward(logits, targets, threshold, row_max, log_sum, entropy, grad_logp,
                                                     grad_entropy if want_entropy else None, temperature,
-                                                    ignore_index, top_k, top_p)
-    return (grad,) + (None,) * 6
+                                                    ignore_index, top_k, top_p, softcap)
+    return (grad,) + (None,) * 8
 
 
 torch.library.register_autograd("rlkern::token_logprobs", _token_backward, setup_context=_token_setup_context)
@@ -905,27 +986,31 @@ torch.library.register_autograd("rlkern::token_logprobs_backward", _no_double_ba
 @torch.library.custom_op("rlkern::linear_token_logprobs", mutates_args=())
 def _linear_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, temperature: float,
                want_entropy: bool, ignore_index: int, chunk_tokens: Optional[int],
-               chunk_vocab: Optional[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``hidden [N, H]``, int64 ``targets [N]``: logp, entropy (``[0]`` unless wanted), row max
-    and log-sum."""
+               chunk_vocab: Optional[int], softcap: Optional[float] = None,
+               want_top1: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``hidden [N, H]``, int64 ``targets [N]``: logp, entropy (``[0]`` unless wanted), row max,
+    log-sum and is_top1 (bool, ``[0]`` unless wanted)."""
     N, V = hidden.shape[0], weight.shape[0]
     bad = _out_of_range(targets, V, ignore_index)
     safe = torch.where(bad, ignore_index, targets)
     dt = _compute_dtype(hidden)
     chunk_tokens, chunk_vocab = _resolve_chunks(N, V, chunk_tokens, chunk_vocab)
-    logp, row_max, log_sum, entropy = _linear_forward(hidden, weight, bias, safe, temperature, want_entropy,
-                                                      ignore_index, chunk_tokens, chunk_vocab)
+    logp, row_max, log_sum, entropy, top1 = _linear_forward(hidden, weight, bias, safe, temperature, want_entropy,
+                                                            ignore_index, chunk_tokens, chunk_vocab, softcap,
+                                                            want_top1)
     logp = torch.where(bad, float("nan"), logp)
     entropy = torch.where(safe == ignore_index, 0.0, entropy) if want_entropy else _empty(hidden, 0, dt)
-    return logp, entropy, row_max, log_sum
+    top1 = top1 & ~bad if want_top1 else _empty(hidden, 0, torch.bool)
+    return logp, entropy, row_max, log_sum, top1
 
 
 @_linear_op.register_fake
-def _(hidden, weight, bias, targets, temperature, want_entropy, ignore_index, chunk_tokens, chunk_vocab):
+def _(hidden, weight, bias, targets, temperature, want_entropy, ignore_index, chunk_tokens, chunk_vocab,
+      softcap=None, want_top1=False):
     n = hidden.shape[0]
     dt = _compute_dtype(hidden)
     return (_empty(hidden, n, dt), _empty(hidden, n if want_entropy else 0, dt), _empty(hidden, n, dt),
-            _empty(hidden, n, dt))
+            _empty(hidden, n, dt), _empty(hidden, n if want_top1 else 0, torch.bool))
 
 
 @torch.library.custom_op("rlkern::linear_token_logprobs_backward", mutates_args=())
@@ -933,7 +1018,8 @@ def _linear_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], 
                         log_sum: Tensor, entropy: Tensor, grad_logp: Optional[Tensor],
                         grad_entropy: Optional[Tensor], temperature: float, ignore_index: int,
                         chunk_tokens: Optional[int], chunk_vocab: Optional[int], want_hidden: bool,
-                        want_weight: bool, want_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                        want_weight: bool, want_bias: bool, softcap: Optional[float] = None
+                        ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of hidden, weight and bias (``[0]`` where not wanted)."""
     N, V = hidden.shape[0], weight.shape[0]
     bad = _out_of_range(targets, V, ignore_index)
@@ -945,13 +1031,13 @@ def _linear_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], 
     chunk_tokens, chunk_vocab = _resolve_chunks(N, V, chunk_tokens, chunk_vocab)
     grads = _linear_backward(hidden, weight, bias, safe, row_max, log_sum, entropy if g_ent is not None else None,
                              g_lp, g_ent, temperature, ignore_index, chunk_tokens, chunk_vocab, want_hidden,
-                             want_weight, want_bias)
+                             want_weight, want_bias, softcap)
     return tuple(g if g is not None else hidden.new_empty((0,)) for g in grads)
 
 
 @_linear_backward_op.register_fake
 def _(hidden, weight, bias, targets, row_max, log_sum, entropy, grad_logp, grad_entropy, temperature, ignore_index,
-      chunk_tokens, chunk_vocab, want_hidden, want_weight, want_bias):
+      chunk_tokens, chunk_vocab, want_hidden, want_weight, want_bias, softcap=None):
     def like(t, wanted):
         return torch.empty(t.shape, dtype=t.dtype, device=t.device) if wanted and t is not None \
             else hidden.new_empty((0,))
@@ -959,24 +1045,25 @@ def _(hidden, weight, bias, targets, row_max, log_sum, entropy, grad_logp, grad_
 
 
 def _linear_setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, temperature, want_entropy, ignore_index, chunk_tokens, chunk_vocab = inputs
-    logp, entropy, row_max, log_sum = output
+    (hidden, weight, bias, targets, temperature, want_entropy, ignore_index, chunk_tokens, chunk_vocab, softcap,
+     want_top1) = inputs
+    logp, entropy, row_max, log_sum, top1 = output
     ctx.save_for_backward(hidden, weight, bias, targets, row_max, log_sum, entropy)
-    ctx.options = (temperature, ignore_index, chunk_tokens, chunk_vocab, want_entropy)
-    ctx.mark_non_differentiable(row_max, log_sum)
+    ctx.options = (temperature, ignore_index, chunk_tokens, chunk_vocab, want_entropy, softcap)
+    ctx.mark_non_differentiable(row_max, log_sum, top1)
 
 
 def _linear_backward_autograd(ctx, grad_logp, grad_entropy, *_):
     hidden, weight, bias, targets, row_max, log_sum, entropy = ctx.saved_tensors
-    temperature, ignore_index, chunk_tokens, chunk_vocab, want_entropy = ctx.options
+    temperature, ignore_index, chunk_tokens, chunk_vocab, want_entropy, softcap = ctx.options
     want_h, want_w, want_b = ctx.needs_input_grad[:3]
     if not (want_h or want_w or want_b):
-        return (None,) * 9
+        return (None,) * 11
     gh, gw, gb = torch.ops.rlkern.linear_token_logprobs_backward(
         hidden, weight, bias, targets, row_max, log_sum, entropy, grad_logp, grad_entropy if want_entropy else None,
-        temperature, ignore_index, chunk_tokens, chunk_vocab, want_h, want_w, want_b and bias is not None)
+        temperature, ignore_index, chunk_tokens, chunk_vocab, want_h, want_w, want_b and bias is not None, softcap)
     return (gh if want_h else None, gw if want_w else None, gb if (want_b and bias is not None) else None) \
-        + (None,) * 6
+        + (None,) * 8
 
 
 torch.library.register_autograd("rlkern::linear_token_logprobs", _linear_backward_autograd,
@@ -1000,19 +1087,20 @@ def _group_by_name(name: str):
 
 @torch.library.custom_op("rlkern::vocab_parallel_token_logprobs", mutates_args=())
 def _vocab_parallel_op(logits_shard: Tensor, targets: Tensor, vocab_start: int, group_name: str, temperature: float,
-                       want_entropy: bool, ignore_index: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                       want_entropy: bool, ignore_index: int, softcap: Optional[float] = None
+                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Flat logp, entropy (``[0]`` unless wanted), local targets, global max and log-sum.
     ``group_name`` "" is the default group."""
     layout, local, logp, M, log_s, entropy = _vocab_parallel_forward(
         logits_shard, targets, vocab_start, _group_by_name(group_name), temperature, want_entropy, ignore_index,
-        _op_backend(logits_shard), False)
+        _op_backend(logits_shard), False, softcap)
     dt = _compute_dtype(logits_shard)
     entropy = torch.where(local == _IGNORED, 0.0, entropy) if want_entropy else _empty(logits_shard, 0, dt)
     return logp, entropy, local, M, log_s
 
 
 @_vocab_parallel_op.register_fake
-def _(logits_shard, targets, vocab_start, group_name, temperature, want_entropy, ignore_index):
+def _(logits_shard, targets, vocab_start, group_name, temperature, want_entropy, ignore_index, softcap=None):
     n = targets.numel()
     dt = _compute_dtype(logits_shard)
     return (_empty(logits_shard, n, dt), _empty(logits_shard, n if want_entropy else 0, dt),
@@ -1022,38 +1110,38 @@ def _(logits_shard, targets, vocab_start, group_name, temperature, want_entropy,
 @torch.library.custom_op("rlkern::vocab_parallel_token_logprobs_backward", mutates_args=())
 def _vocab_parallel_backward_op(logits_shard: Tensor, local: Tensor, row_max: Tensor, log_sum: Tensor,
                                 entropy: Tensor, grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor],
-                                temperature: float) -> Tensor:
+                                temperature: float, softcap: Optional[float] = None) -> Tensor:
     backend = _op_backend(logits_shard)
     dt = log_sum.dtype
     g_ent = grad_entropy if grad_entropy is not None and entropy.numel() == local.numel() else None
     grad = _grad_logits(backend, _row_layout(logits_shard), local, None, 1.0 / temperature, _IGNORED, row_max,
                         log_sum, entropy if g_ent is not None else None, _grad_arg(grad_logp, dt),
-                        _grad_arg(g_ent, dt))
+                        _grad_arg(g_ent, dt), softcap)
     return grad.view(logits_shard.shape)
 
 
 @_vocab_parallel_backward_op.register_fake
-def _(logits_shard, local, row_max, log_sum, entropy, grad_logp, grad_entropy, temperature):
+def _(logits_shard, local, row_max, log_sum, entropy, grad_logp, grad_entropy, temperature, softcap=None):
     return torch.empty(logits_shard.shape, dtype=logits_shard.dtype, device=logits_shard.device)
 
 
 def _vocab_parallel_setup_context(ctx, inputs, output):
-    logits_shard, targets, vocab_start, group_name, temperature, want_entropy, ignore_index = inputs
+    logits_shard, targets, vocab_start, group_name, temperature, want_entropy, ignore_index, softcap = inputs
     logp, entropy, local, row_max, log_sum = output
     ctx.save_for_backward(logits_shard, local, row_max, log_sum, entropy)
-    ctx.options = (temperature, want_entropy)
+    ctx.options = (temperature, want_entropy, softcap)
     ctx.mark_non_differentiable(local, row_max, log_sum)
 
 
 def _vocab_parallel_backward(ctx, grad_logp, grad_entropy, *_):
     logits_shard, local, row_max, log_sum, entropy = ctx.saved_tensors
-    temperature, want_entropy = ctx.options
+    temperature, want_entropy, softcap = ctx.options
     if not ctx.needs_input_grad[0]:
-        return (None,) * 7
+        return (None,) * 8
     grad = torch.ops.rlkern.vocab_parallel_token_logprobs_backward(
         logits_shard, local, row_max, log_sum, entropy, grad_logp, grad_entropy if want_entropy else None,
-        temperature)
-    return (grad,) + (None,) * 6
+        temperature, softcap)
+    return (grad,) + (None,) * 7
 
 
 torch.library.register_autograd("rlkern::vocab_parallel_token_logprobs", _vocab_parallel_backward,
@@ -1075,7 +1163,8 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
-def _dtensor_token_logprobs(logits, targets, *, temperature, return_entropy, ignore_index, top_k, top_p):
+def _dtensor_token_logprobs(logits, targets, *, temperature, return_entropy, ignore_index, top_k, top_p,
+                            softcap=None, return_top1=False):
     """token_logprobs of a DTensor ``logits`` (see its docstring): local computation per
     shard, or the vocab-parallel path for a vocabulary-sharded mesh dimension."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -1112,17 +1201,22 @@ def _dtensor_token_logprobs(logits, targets, *, temperature, return_entropy, ign
         if top_k is not None or (top_p is not None and top_p < 1.0):
             raise ValueError("top_k/top_p need whole vocabulary rows: not supported with logits sharded over the "
                              "vocabulary (Shard(-1))")
+        if return_top1:
+            raise ValueError("return_top1 is not supported with logits sharded over the vocabulary (Shard(-1), "
+                             "vocab_parallel_token_logprobs); pass return_top1=False")
         _, offset = compute_local_shape_and_global_offset(tuple(logits.shape), mesh, placements)
         out = vocab_parallel_token_logprobs(local_logits, local_targets, int(offset[-1]),
                                             mesh.get_group(vocab_dims[0]), temperature=temperature,
-                                            return_entropy=return_entropy, ignore_index=ignore_index)
+                                            return_entropy=return_entropy, ignore_index=ignore_index,
+                                            softcap=softcap)
     else:
         out = token_logprobs(local_logits, local_targets, temperature=temperature, return_entropy=return_entropy,
-                             ignore_index=ignore_index, top_k=top_k, top_p=top_p)
+                             ignore_index=ignore_index, top_k=top_k, top_p=top_p, softcap=softcap,
+                             return_top1=return_top1)
     stride = torch.empty(lead_shape, device="meta").stride()
 
     def wrap(t):
         return DTensor.from_local(t, mesh, out_placements, run_check=False, shape=torch.Size(lead_shape),
                                   stride=stride)
 
-    return (wrap(out[0]), wrap(out[1])) if return_entropy else wrap(out)
+    return tuple(wrap(o) for o in out) if isinstance(out, tuple) else wrap(out)

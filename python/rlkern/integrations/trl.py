@@ -24,8 +24,9 @@ Configurations rlkern does not cover run on TRL's own code, unchanged, and each 
 constructor says so once (logger ``rlkern.integrations.trl``: INFO when everything runs on
 rlkern, WARNING naming each part left to TRL and why). For GRPO: VESPO with a sequence-level vLLM
 mode (set on a built trainer: TRL's constructor refuses it), a lower importance-sampling bound
-``vllm_importance_sampling_clip_min`` > 0, CISPO with ``epsilon_high <= 0``, and models with
-final-logit softcapping or MoE router losses (the LM head). Checked against trl 1.16.0 and transformers 5.24.
+``vllm_importance_sampling_clip_min`` > 0 and CISPO with ``epsilon_high <= 0``. Models with
+final-logit softcapping run on rlkern's head (the cap is a kernel option) and MoE models get
+TRL's router auxiliary loss through it. Checked against trl 1.16.0 and transformers 5.24.
 """
 
 from __future__ import annotations
@@ -72,36 +73,34 @@ def _logit_scale(text_config) -> float:
 _HEAD_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
 
 
-def _first_argmax(hidden, weight, bias, chunk_tokens: int = 1024, chunk_vocab: int = 8192):
-    """The first index of each row's largest logit, the [N, V] logits built one tile at a time."""
-    best = torch.empty(hidden.shape[0], dtype=torch.long, device=hidden.device)
-    for n0 in range(0, hidden.shape[0], chunk_tokens):
-        h = hidden[n0:n0 + chunk_tokens]
-        top = torch.full((h.shape[0],), float("-inf"), dtype=h.dtype, device=h.device)
-        arg = torch.zeros(h.shape[0], dtype=torch.long, device=h.device)
-        for v0 in range(0, weight.shape[0], chunk_vocab):
-            tile = h @ weight[v0:v0 + chunk_vocab].t()
-            if bias is not None:
-                tile = tile + bias[v0:v0 + chunk_vocab]
-            value, index = tile.max(-1)
-            # strictly larger: a tie with an earlier chunk keeps the earlier index
-            better = value > top
-            top = torch.where(better, value, top)
-            arg = torch.where(better, index + v0, arg)
-        best[n0:n0 + chunk_tokens] = arg
-    return best
-
-
 def _lm_head_unsupported(model) -> Optional[str]:
     """Why rlkern's fused LM head cannot replace TRL's on ``model``, or None."""
     text_config = model.config.get_text_config()
-    if getattr(text_config, "final_logit_softcapping", None) is not None:
-        return "the model soft-caps its final logits (final_logit_softcapping), which linear_token_logprobs does not"
-    if getattr(text_config, "output_router_logits", False):
-        return "the model returns MoE router logits for an auxiliary loss, which rlkern's head does not pass through"
-    if _logit_scale(text_config) == 0.0:
+    scale = _logit_scale(text_config)
+    if scale == 0.0:
         return "the model's logit scale is 0"
+    if getattr(text_config, "final_logit_softcapping", None) is not None and not scale > 0:
+        return f"the model soft-caps logits scaled by a negative factor (logit scale {scale})"
     return None
+
+
+def _router_aux_loss(model, text_config, backbone_outputs, attention_mask):
+    """The MoE load-balancing loss exactly as TRL's fused head computes it: transformers'
+    Mixtral ``load_balancing_loss_func`` (the one every MoE family shares) over the backbone's
+    router logits, with the expert counts read where TRL reads them."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    if Version(transformers.__version__) < Version("5.0.0"):
+        num_experts, num_experts_per_tok = model.num_experts, model.num_experts_per_tok
+    else:
+        if text_config.model_type == "gpt_oss" and Version("5.0.0") <= Version(transformers.__version__) \
+                < Version("5.6.0"):
+            num_experts = model.num_experts  # GptOssConfig lacks num_experts there (TRL #5754)
+        else:
+            num_experts = text_config.num_experts
+        num_experts_per_tok = text_config.num_experts_per_tok
+    return load_balancing_loss_func(backbone_outputs.router_logits, num_experts, num_experts_per_tok,
+                                    attention_mask)
 
 
 def add_rlkern_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
@@ -109,22 +108,31 @@ def add_rlkern_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bo
     """Route ``model(..., labels=..., fused_lm_head=True)`` through rlkern's fused log-prob kernel.
 
     Call after TRL's ``add_fused_lm_head`` (the GRPOTrainer constructor does): calls without
-    ``fused_lm_head`` and models rlkern does not handle (final-logit softcapping, MoE router
-    losses) keep TRL's head. Returns whether the rlkern head was installed.
+    ``fused_lm_head`` keep TRL's head. Returns whether the rlkern head was installed.
 
-    ``outputs`` as TRL's: "log_probs" and "entropy" come from the kernel; "mean_logits" (the mean
-    over the vocabulary of the scaled, tempered logits: the hidden state times the mean row of the
-    head) and "is_top1" (the label is the first argmax) are detached metrics, the latter from one
-    more projection in vocabulary chunks without gradient. "log_sum_sq_probs" is not available:
-    with it the head is not installed.
+    As TRL's head: logits = (hidden @ W.T + b) * logit_scale, soft-capped (Gemma-2's
+    ``final_logit_softcapping`` c: c * tanh(logits / c), passed to the kernel as the cap c / scale
+    and the temperature T / scale, the same function), divided by the temperature. MoE models
+    (``output_router_logits`` in the config or the call) get TRL's router load-balancing loss:
+    ``aux_loss`` on the output, and ``router_aux_loss_coef`` times it added to ``loss``.
+
+    ``outputs`` as TRL's: "log_probs" and "entropy" come from the kernel, and so does "is_top1"
+    (the label is the first argmax of the capped logits, from the same pass, no gradient);
+    "mean_logits" (the mean over the vocabulary of the scaled, capped, tempered logits) is a
+    detached metric: the hidden state times the mean row of the head, or under a cap one more
+    projection in vocabulary chunks without gradient. "log_sum_sq_probs" is not available: with
+    it the head is not installed.
     """
     if _lm_head_unsupported(model) is not None or not set(outputs) <= set(_HEAD_OUTPUTS):
         return False
     text_config = model.config.get_text_config()
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    want_mean, want_top1 = "mean_logits" in outputs, "is_top1" in outputs
     previous_forward = model.forward
     logit_scale = _logit_scale(text_config)
+    # c * tanh(s x / c) / T == (c / s) * tanh(x / (c / s)) / (T / s) for s > 0
+    kernel_softcap = None if softcap is None else float(softcap) / logit_scale
     want_entropy = "entropy" in outputs
-    want_mean, want_top1 = "mean_logits" in outputs, "is_top1" in outputs
     backbone_attr = "base_model"
     if text_config is not model.config and Version(transformers.__version__) < Version("5.0.0"):
         backbone_attr = "model"
@@ -140,6 +148,9 @@ def add_rlkern_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bo
             return previous_forward(*args, fused_lm_head=False, labels=labels, shift_labels=shift_labels,
                                     num_items_in_batch=num_items_in_batch, **kwargs)
         kwargs["use_cache"] = False
+        # MoE models: like the model's own forward (and TRL's head), router logits when the config asks
+        if getattr(text_config, "output_router_logits", False):
+            kwargs.setdefault("output_router_logits", True)
         backbone_outputs = getattr(self, backbone_attr)(*args, **kwargs)
         if shift_labels is None:
             hidden = backbone_outputs.last_hidden_state[:, :-1]
@@ -171,26 +182,43 @@ def add_rlkern_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bo
         # logits * scale / T == logits / (T / scale)
         with torch.autocast(device_type, enabled=False):
             result = linear_token_logprobs(selected, weight, labels[mask], bias=bias,
-                                           temperature=temperature / logit_scale, return_entropy=want_entropy)
-        logp, entropy = result if want_entropy else (result, None)
+                                           temperature=temperature / logit_scale, return_entropy=want_entropy,
+                                           softcap=kernel_softcap, return_top1=want_top1)
+        if not isinstance(result, tuple):
+            result = (result,)
+        logp = result[0]
+        entropy = result[1] if want_entropy else None
+        top1 = result[-1] if want_top1 else None
         # masked_scatter keeps an all-masked micro-batch connected to the graph (a zero loss, not an error)
         log_probs = logp.new_zeros(mask.shape).masked_scatter(mask, logp)
         entropy = None if entropy is None else entropy.new_zeros(mask.shape).masked_scatter(mask, entropy)
-        mean_logits = is_top1 = None
-        if want_mean or want_top1:
+        is_top1 = None if top1 is None else torch.zeros(mask.shape, dtype=torch.bool,
+                                                        device=top1.device).masked_scatter(mask, top1)
+        mean_logits = None
+        if want_mean:
             with torch.no_grad(), torch.autocast(device_type, enabled=False):
-                if want_mean:
+                if softcap is None:
                     mean = selected.float() @ weight.float().mean(0)
                     if bias is not None:
                         mean = mean + bias.float().mean()
-                    mean_logits = torch.zeros(mask.shape, device=mean.device).masked_scatter(
-                        mask, mean * (logit_scale / temperature))
-                if want_top1:
-                    top1 = _first_argmax(selected, weight, bias) == labels[mask]
-                    is_top1 = torch.zeros(mask.shape, dtype=torch.bool, device=top1.device).masked_scatter(mask, top1)
+                    mean = mean * (logit_scale / temperature)
+                else:  # the mean of capped logits is no projection of the mean row: tile by tile
+                    mean = torch.zeros(selected.shape[0], device=selected.device)
+                    for v0 in range(0, weight.shape[0], 8192):
+                        tile = (selected @ weight[v0:v0 + 8192].t()).float()
+                        if bias is not None:
+                            tile = tile + bias[v0:v0 + 8192].float()
+                        mean += (softcap * torch.tanh(tile * logit_scale / softcap)).sum(-1)
+                    mean = mean / (weight.shape[0] * temperature)
+                mean_logits = torch.zeros(mask.shape, device=mean.device).masked_scatter(mask, mean)
         denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-        return FusedCausalLMOutput(loss=-log_probs.sum() / denom, log_probs=log_probs, entropy=entropy,
-                                   mean_logits=mean_logits, is_top1=is_top1, label_mask=mask)
+        loss = -log_probs.sum() / denom
+        aux_loss = None
+        if kwargs.get("output_router_logits"):
+            aux_loss = _router_aux_loss(self, text_config, backbone_outputs, kwargs.get("attention_mask"))
+            loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss
+        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, mean_logits=mean_logits,
+                                   is_top1=is_top1, label_mask=mask, aux_loss=aux_loss)
 
     model.forward = types.MethodType(_rlkern_forward, model)
     return True

@@ -5,6 +5,15 @@ full ``[..., V]`` log-softmax, which the kernels never do.
 
 Conventions shared with :mod:`rlkern.logprobs`:
 
+- Soft-capping (``softcap`` c, optional, as Gemma-2's ``final_logit_softcapping``): the
+  logits become y = c * tanh(logits / c) first (after the bias, before the temperature:
+  transformers caps in the model's forward and TRL divides the capped logits by the
+  temperature); everything below applies to y. tanh maps +-inf to +-c, so with a cap an
+  infinite logit is just the largest (or smallest) finite one. ``softcap`` is a finite
+  number > 0 (ValueError naming it otherwise) and cannot be combined with top-k/top-p.
+- ``is_top1`` (``return_top1``): whether the target is the first index of the row's
+  largest (capped) logit, as ``torch.argmax`` picks it (the temperature does not move the
+  argmax); False for ignored rows and wherever logp is NaN. No gradient.
 - z = logits / temperature; logp = z[target] - logsumexp(z); entropy = -sum p log p.
   The row's largest logit is subtracted before dividing by the temperature (softmax does
   not change under a shift), so z never overflows to +inf: large logits and tiny
@@ -63,6 +72,16 @@ def check_temperature(temperature) -> float:
     return t
 
 
+def check_softcap(softcap) -> Optional[float]:
+    """``softcap`` as a float (None stays None), or a ValueError/TypeError naming it."""
+    if softcap is None:
+        return None
+    c = as_float("softcap", softcap, "a positive number or None")
+    if not (math.isfinite(c) and c > 0):
+        raise ValueError(f"softcap must be a finite number > 0 (or None to disable), got {softcap!r}")
+    return c
+
+
 def _shifted(x: torch.Tensor) -> torch.Tensor:
     """x minus its row's largest value (a constant for differentiation): at most 0, so
     dividing by a tiny temperature cannot overflow to +inf. A row whose largest value is
@@ -108,9 +127,14 @@ def _check_targets(targets: torch.Tensor) -> None:
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
                    return_entropy: bool = False, ignore_index: int = -100, top_k: Optional[int] = None,
-                   top_p: Optional[float] = None) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-    """log_softmax(logits / temperature) gathered at ``targets`` (and the entropy)."""
+                   top_p: Optional[float] = None, softcap: Optional[float] = None, return_top1: bool = False):
+    """log_softmax(y / temperature) gathered at ``targets``, y = the (soft-capped) logits;
+    then the entropy and ``is_top1`` as asked: ``logp``, ``(logp, entropy)``,
+    ``(logp, is_top1)`` or ``(logp, entropy, is_top1)``."""
     temperature = check_temperature(temperature)
+    softcap = check_softcap(softcap)
+    if softcap is not None and (top_k is not None or (top_p is not None and top_p < 1.0)):
+        raise ValueError("softcap cannot be combined with top_k/top_p")
     _check_targets(targets)
     v = logits.shape[-1]
     x = logits.reshape(-1, v)
@@ -121,6 +145,8 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
     safe_t = torch.where(ignored, 0, t)
     # Ignored rows may hold anything (NaN included); they must not reach the outputs or gradients.
     x = torch.where(ignored[:, None], 0.0, x)
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
     threshold = truncation_threshold(x.detach(), temperature, top_k, top_p)
     kept = ~(x < threshold[:, None])  # NaN is kept: it must reach the outputs
     z = torch.where(kept, _shifted(x) / temperature, float("-inf"))
@@ -128,25 +154,30 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
     target_kept = kept.gather(1, safe_t[:, None])[:, 0]
     logp = logp_all.gather(1, safe_t[:, None])[:, 0]
     logp = torch.where(target_kept, logp, float("-inf"))
-    logp = torch.where(ignored, 0.0, logp).reshape(targets.shape)
-    if not return_entropy:
-        return logp
-    # p log p is 0 where p is 0 (a token outside the kept set, of logit -inf, or whose
-    # probability underflows to 0); masking before the product keeps the gradient finite
-    # (log p may be near -3e38 in float32, where d(p log p)/d log p = p (1 + log p) would
-    # overflow to 0 * inf). NaN (a row of -inf, +inf or NaN) stays NaN.
-    safe_logp_all = torch.where(logp_all.detach().exp() == 0, 0.0, logp_all)
-    entropy = -(safe_logp_all.exp() * safe_logp_all).sum(-1)
-    entropy = torch.where(ignored, 0.0, entropy).reshape(targets.shape)
-    return logp, entropy
+    logp = torch.where(ignored, 0.0, logp)
+    out = [logp.reshape(targets.shape)]
+    if return_entropy:
+        # p log p is 0 where p is 0 (a token outside the kept set, of logit -inf, or whose
+        # probability underflows to 0); masking before the product keeps the gradient finite
+        # (log p may be near -3e38 in float32, where d(p log p)/d log p = p (1 + log p) would
+        # overflow to 0 * inf). NaN (a row of -inf, +inf or NaN) stays NaN.
+        safe_logp_all = torch.where(logp_all.detach().exp() == 0, 0.0, logp_all)
+        entropy = -(safe_logp_all.exp() * safe_logp_all).sum(-1)
+        out.append(torch.where(ignored, 0.0, entropy).reshape(targets.shape))
+    if return_top1:
+        top1 = (x.detach().argmax(-1) == safe_t) & ~ignored & ~torch.isnan(logp.detach())
+        out.append(top1.reshape(targets.shape))
+    return out[0] if len(out) == 1 else tuple(out)
 
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                           bias: Optional[torch.Tensor] = None, temperature: float = 1.0,
-                          return_entropy: bool = False, ignore_index: int = -100):
-    """The same from hidden states ``[N, H]`` and an LM head ``[V, H]``: the full logits."""
+                          return_entropy: bool = False, ignore_index: int = -100, softcap: Optional[float] = None,
+                          return_top1: bool = False):
+    """The same from hidden states ``[N, H]`` and an LM head ``[V, H]``: the full logits
+    ``hidden @ weight.T + bias``, soft-capped after the bias."""
     logits = hidden @ weight.t()
     if bias is not None:
         logits = logits + bias
     return token_logprobs(logits, targets, temperature=temperature, return_entropy=return_entropy,
-                          ignore_index=ignore_index)
+                          ignore_index=ignore_index, softcap=softcap, return_top1=return_top1)
