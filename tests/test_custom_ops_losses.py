@@ -117,7 +117,8 @@ POLICY_SETS = [
     {"objective": "cispo", "level": "sequence", "log_ratio_clamp": (None, 10.0), "agg": "seq-mean-token-mean"},
     {"dual_clip": 3.0, "entropy": "ent", "entropy_coef": 0.01, "agg": "token-sum", "normalizer": 7.0,
      "weights": "wts"},
-    {"rollout_logp": "roll", "tis_cap": 2.0, "off_policy_threshold": 0.5, "agg": "seq-mean-token-sum-norm",
+    {"rollout_logp": "roll", "tis_cap": 2.0, "tis_min": 0.99, "off_policy_threshold": 0.5,
+     "agg": "seq-mean-token-sum-norm",
      "weights": "wts"},
     {"objective": "reinforce", "entropy": "ent", "entropy_top_fraction": 0.5, "agg": "seq-mean-token-sum"},
 ]

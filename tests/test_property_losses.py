@@ -136,6 +136,8 @@ def policy_cases(draw):
             opts["tis_cap"] = draw(st.sampled_from([1.0, 2.0]))
             opts["tis_level"] = draw(st.sampled_from(ref.LEVELS))
             opts["tis_mode"] = draw(st.sampled_from(ref.TIS_MODES))
+            if draw(st.booleans()):
+                opts["tis_min"] = draw(st.sampled_from([0.5, 1.0]))
     if draw(st.booleans()):
         opts["off_policy_threshold"] = draw(st.sampled_from([0.0, 0.05]))
     if draw(st.booleans()):

@@ -71,6 +71,7 @@ struct PolicyParams {
   bool kl_correction = false;
   bool has_tis = false, tis_seq = false, tis_mask_mode = false;
   double tis_cap = 0.0;
+  double tis_min = 0.0;  // lower bound of the importance weight (0: none, the weights are >= 0)
   bool has_off = false;
   double off_threshold = 0.0;
   double entropy_coef = 0.0;
@@ -116,6 +117,7 @@ struct RowConst {
   int objective, kl_kind;
   bool has_dual, use_kl, use_ent, kl_corr, tis_token, tis_mask_mode, has_select, drop_negative;
   bool has_weights;  // per-token weights given (read on the EXTRA path)
+  A tis_min;
 };
 
 template <class A>
@@ -197,7 +199,8 @@ RLK_LOSS_INLINE ExtraTerms<A> token_terms_obj(const RowConst<A>& c, A lp, A o, A
     weight = (c.has_select & !(h >= c.ent_threshold)) ? zero : weight;
     if (c.tis_token) {
       A wt = exp_(o - rolv);
-      wt = c.tis_mask_mode ? (wt > c.tis_cap ? zero : wt) : (wt > c.tis_cap ? c.tis_cap : wt);
+      wt = c.tis_mask_mode ? ((wt > c.tis_cap) | (wt < c.tis_min) ? zero : wt)
+                           : (wt > c.tis_cap ? c.tis_cap : (wt < c.tis_min ? c.tis_min : wt));
       weight *= wt;
     }
     weight *= wv;  // the caller's per-token weight (1 when not given)
@@ -278,7 +281,8 @@ RLK_LOSS_INLINE TokenTerms<A> token_terms(const RowConst<A>& c, A lp, A o, A a, 
   if (EXTRA) {
     weight = (c.has_select & !(h >= c.ent_threshold)) ? zero : weight;
     A wt = exp_(o - rolv);
-    wt = c.tis_mask_mode ? (wt > c.tis_cap ? zero : wt) : (wt > c.tis_cap ? c.tis_cap : wt);
+    wt = c.tis_mask_mode ? ((wt > c.tis_cap) | (wt < c.tis_min) ? zero : wt)
+                         : (wt > c.tis_cap ? c.tis_cap : (wt < c.tis_min ? c.tis_min : wt));
     weight = c.tis_token ? weight * wt : weight;
     weight *= wv;  // the caller's per-token weight (1 when not given)
   }
@@ -443,6 +447,7 @@ struct RowConstV {
   bool has_lr_clamp, clip_objective, cispo_objective, has_cap, has_dual_clip, drop_negative_row, has_seq_tis, k1,
       has_kl_clamp, use_kl_term, use_ent_term, kl_correction;
   bool has_weights;
+  vf tis_min;
   explicit RowConstV(const RowConst<float>& c)
       : clip_lo(splat(c.clip_lo)), clip_hi(splat(c.clip_hi)), cap(splat(c.cap)), dual(splat(c.dual)),
         lr_lo(splat(c.lr_lo)), lr_hi(splat(c.lr_hi)), kl_lo(splat(c.kl_lo)), kl_hi(splat(c.kl_hi)),
@@ -467,6 +472,7 @@ struct RowConstV {
     use_ent_term = c.use_ent;
     kl_correction = c.kl_corr;
     has_weights = c.has_weights;
+    tis_min = splat(c.tis_min);
   }
 };
 
@@ -633,7 +639,8 @@ RLK_LOSS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& c,
   if (EXTRA) {
     vf weight = (c.has_select & ~(h >= c.ent_threshold)) ? zero : one;
     vf wt = vexp(o - rolv);
-    wt = c.tis_mask_mode ? (wt > c.tis_cap ? zero : wt) : (wt > c.tis_cap ? c.tis_cap : wt);
+    wt = c.tis_mask_mode ? (((wt > c.tis_cap) | (wt < c.tis_min)) ? zero : wt)
+                         : (wt > c.tis_cap ? c.tis_cap : (wt < c.tis_min ? c.tis_min : wt));
     weight = c.tis_token ? weight * wt : weight;
     if (c.has_weights) weight *= m ? vload(in.weights, i) : zero;
     pg *= weight;
@@ -729,6 +736,7 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
   c.has_select = p.has_entropy_select;
   c.ent_threshold = A(p.entropy_threshold);
   c.tis_cap = A(p.tis_cap);
+  c.tis_min = A(p.tis_min);
   c.tis_token = p.has_tis && !p.tis_seq;
   c.tis_mask_mode = p.tis_mask_mode;
   c.has_weights = p.weights != 0;
@@ -795,7 +803,8 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
           dves += double(x < A(-20) ? A(-20) : (x > A(20) ? A(20) : x));
           if (vespo_tis) {
             A w = std::exp(o - ro);
-            w = p.tis_mask_mode ? (w > c.tis_cap ? A(0) : w) : (w > c.tis_cap ? c.tis_cap : w);
+            w = p.tis_mask_mode ? ((w > c.tis_cap || w < c.tis_min) ? A(0) : w)
+                                : (w > c.tis_cap ? c.tis_cap : (w < c.tis_min ? c.tis_min : w));
             const double lw = double(std::log(w));
             dves_tis += lw < vlo ? vlo : (lw > vhi ? vhi : lw);
           }
@@ -890,7 +899,8 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
     c.seq_tis = A(1);
     if (tis_seq) {
       const A w = exp_(s_tis);
-      c.seq_tis = p.tis_mask_mode ? (w > c.tis_cap ? A(0) : w) : (w > c.tis_cap ? c.tis_cap : w);
+      c.seq_tis = p.tis_mask_mode ? ((w > c.tis_cap || w < c.tis_min) ? A(0) : w)
+                                  : (w > c.tis_cap ? c.tis_cap : (w < c.tis_min ? c.tis_min : w));
     }
 
     double acc[kNumStats] = {};
@@ -1296,6 +1306,7 @@ void bind(py::module_& m) {
       .def_readwrite("tis_seq", &PolicyParams::tis_seq)
       .def_readwrite("tis_mask_mode", &PolicyParams::tis_mask_mode)
       .def_readwrite("tis_cap", &PolicyParams::tis_cap)
+      .def_readwrite("tis_min", &PolicyParams::tis_min)
       .def_readwrite("has_off", &PolicyParams::has_off)
       .def_readwrite("off_threshold", &PolicyParams::off_threshold)
       .def_readwrite("entropy_coef", &PolicyParams::entropy_coef)

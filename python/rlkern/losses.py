@@ -251,6 +251,7 @@ def _policy_params(cfg: PolicyLossConfig, B: int, T: int):
     p.kl_correction = bool(cfg.kl_is_correction)
     p.has_tis = cfg.tis_cap is not None
     p.tis_cap = float(cfg.tis_cap or 0.0)
+    p.tis_min = float(cfg.tis_min or 0.0)  # 0 bounds nothing: the weights are >= 0
     p.tis_seq = cfg.tis_level == "sequence"
     p.tis_mask_mode = cfg.tis_mode == "mask"
     p.has_off = cfg.off_policy_threshold is not None
@@ -557,6 +558,7 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
                 kl_is_correction: bool = _D.kl_is_correction,
                 rollout_logp: Optional[Tensor] = None,
                 tis_cap: Optional[float] = _D.tis_cap,
+                tis_min: Optional[float] = _D.tis_min,
                 tis_level: str = _D.tis_level,
                 tis_mode: str = _D.tis_mode,
                 off_policy_threshold: Optional[float] = _D.off_policy_threshold,
@@ -612,7 +614,8 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     aggregation: ``level="sequence", agg="seq-mean-token-sum", normalizer=B``.
 
     w_t (detached, default 1) is the product of the truncated importance weight against
-    ``rollout_logp`` (``tis_cap``), the off-policy sequence mask (``off_policy_threshold``),
+    ``rollout_logp`` (``tis_cap``, with ``tis_min`` a lower bound), the off-policy sequence
+    mask (``off_policy_threshold``),
     the high-entropy token selection (``entropy_top_fraction``) and the caller's per-token
     ``weights`` ([B, T], a constant like the advantages: verl's ``rollout_is_weights``, or
     the 0/1 token selection of its clip_cov/kl_cov losses). ``weights`` multiplies the policy

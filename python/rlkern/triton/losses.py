@@ -83,9 +83,16 @@ def _dppo_valid(lp, o, a, low, high, BINARY_KL: tl.constexpr):
 
 
 @triton.jit
+def _bound_weight(w, lo, hi, mask_mode):
+    # Truncated: clamp to [lo, hi]; masked: 0 outside it. NaN stays NaN in both.
+    outside = (w > hi) | (w < lo)
+    return tl.where(outside, tl.where(mask_mode != 0, 0.0, tl.where(w > hi, hi, lo)), w)
+
+
+@triton.jit
 def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, WTS, ENT_THR, GRAD_SCALE, GRAD, GRAD_ENT, STATS, T,
                         clip_lo, clip_hi, cap, dual, lr_lo, lr_hi, kl_lo, kl_hi, kl_coef, ent_coef, tis_cap,
-                        off_thr, row_scale, clip_low, clip_high, tau_pos, tau_neg, vk_pos, vl_pos, vk_neg, vl_neg,
+                        tis_min, off_thr, row_scale, clip_low, clip_high, tau_pos, tau_neg, vk_pos, vl_pos, vk_neg, vl_neg,
                         has_dual, tis_token, tis_seq, tis_mask_mode, has_off, has_select, row_mean,
                         OBJECTIVE: tl.constexpr, SEQ: tl.constexpr, KL: tl.constexpr, USE_KL: tl.constexpr,
                         KL_CORR: tl.constexpr, HAS_ROLL: tl.constexpr, HAS_ENT: tl.constexpr,
@@ -130,7 +137,7 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, WTS, ENT_THR, GRAD
             s_obj += tl.sum(_clamp(lp - o, -20.0, 20.0), 0)
             if HAS_ROLL:
                 w0 = tl.exp(o - ro)
-                w0 = tl.where(w0 > tis_cap, tl.where(tis_mask_mode != 0, 0.0, tis_cap), w0)
+                w0 = _bound_weight(w0, tis_min, tis_cap, tis_mask_mode)
                 lw0 = _clamp(tl.log(w0), -18.420680743952367, 20.0)
                 s_obj2 += tl.sum(tl.where(m & (tis_token != 0), lw0, 0.0), 0)
     n1 = tl.maximum(n, 1.0)
@@ -151,7 +158,7 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, WTS, ENT_THR, GRAD
     seq_dx = tl.where((seq_x < lr_lo) | (seq_x > lr_hi), 0.0, 1.0)
     seq_r = tl.exp(seq_xc)
     w_seq = tl.exp(s_tis)
-    w_seq = tl.where(w_seq > tis_cap, tl.where(tis_mask_mode != 0, 0.0, tis_cap), w_seq)
+    w_seq = _bound_weight(w_seq, tis_min, tis_cap, tis_mask_mode)
     seq_tis = tl.where(tis_seq != 0, w_seq, 1.0)
     if HAS_ENT:
         ent_thr = tl.load(ENT_THR).to(COMPUTE)
@@ -252,7 +259,7 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, WTS, ENT_THR, GRAD
         if HAS_ROLL and OBJECTIVE != 5:  # VESPO folds these weights into its sequence weight
             ro = tl.load(ROLL + base + idx, mask=m, other=0.0).to(COMPUTE)
             wt = tl.exp(o - ro)
-            wt = tl.where(wt > tis_cap, tl.where(tis_mask_mode != 0, 0.0, tis_cap), wt)
+            wt = _bound_weight(wt, tis_min, tis_cap, tis_mask_mode)
             weight = tl.where(tis_token != 0, weight * wt, weight)
         if HAS_W:
             weight = weight * tl.load(WTS + base + idx, mask=m, other=0.0).to(COMPUTE)
@@ -532,7 +539,7 @@ def policy_loss(logp, old_logp, advantages, mask, cfg, tensors: Dict[str, Option
         ent if ent is not None else lp, wts if wts is not None else lp, thr, grad_scale, grad, grad_ent, stats, T,
         clip_lo, clip_hi, _bound(cfg.ratio_cap, INF), float(cfg.dual_clip or 0.0), _bound(lr_lo, -INF),
         _bound(lr_hi, INF), _bound(kl_lo, -INF), _bound(kl_hi, INF), float(cfg.kl_coef), float(cfg.entropy_coef),
-        float(cfg.tis_cap or 0.0), float(cfg.off_policy_threshold or 0.0), _row_scale(cfg.agg, T),
+        float(cfg.tis_cap or 0.0), float(cfg.tis_min or 0.0), float(cfg.off_policy_threshold or 0.0), _row_scale(cfg.agg, T),
         float(cfg.clip_low), float(cfg.clip_low if cfg.clip_high is None else cfg.clip_high),
         float(cfg.sapo_temperature_pos), float(cfg.sapo_temperature_neg), float(cfg.vespo_k_pos),
         float(cfg.vespo_lambda_pos), float(cfg.vespo_k_neg), float(cfg.vespo_lambda_neg),
@@ -602,7 +609,7 @@ def _policy_spec(name: str, dt: str, **constexprs) -> AotSpec:
     signature = {"LOGP": ptr, "OLD": ptr, "ADV": "*fp32", "MASK": "*u8", "REF": ptr, "ROLL": ptr, "ENT": ptr, "WTS": ptr,
                  "ENT_THR": "*fp32", "GRAD_SCALE": "*fp32", "GRAD": ptr, "GRAD_ENT": ptr, "STATS": "*fp32", "T": "i32"}
     for arg in ("clip_lo", "clip_hi", "cap", "dual", "lr_lo", "lr_hi", "kl_lo", "kl_hi", "kl_coef", "ent_coef",
-                "tis_cap", "off_thr", "row_scale", "clip_low", "clip_high", "tau_pos", "tau_neg", "vk_pos", "vl_pos",
+                "tis_cap", "tis_min", "off_thr", "row_scale", "clip_low", "clip_high", "tau_pos", "tau_neg", "vk_pos", "vl_pos",
                 "vk_neg", "vl_neg"):
         signature[arg] = "fp32"
     for arg in ("has_dual", "tis_token", "tis_seq", "tis_mask_mode", "has_off", "has_select", "row_mean"):
