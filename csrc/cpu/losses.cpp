@@ -54,6 +54,7 @@ struct PolicyParams {
   ptr_t logp = 0, old_logp = 0, advantages = 0, mask = 0;
   ptr_t ref_logp = 0, rollout_logp = 0, entropy = 0;  // 0 when not given
   ptr_t weights = 0;  // per-token policy-term weights, 0 when not given
+  ptr_t off_policy_logp = 0;  // behaviour log-probs of the off-policy mask, 0: rollout_logp (or old_logp)
   bool adv_per_token = false;
   int objective = kClip;
   bool seq_level = false;
@@ -330,6 +331,7 @@ template <class T>
 struct PolicyInputs {
   const T *logp, *old, *ref, *rollout, *ent;
   const T* weights;  // aliases `old` when not given (loaded, then replaced by 1)
+  const T* behaviour;  // the off-policy mask's log-probs: off_policy_logp, else `rollout`
   const acc_t<T>* adv;
   const uint8_t* mask;
   T* grad;  // storage type of logp: the gradient is written finished (scale folded in)
@@ -712,6 +714,7 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
   in.rollout = p.rollout_logp ? as_ptr<const T>(p.rollout_logp) : in.old;
   in.ent = p.entropy ? as_ptr<const T>(p.entropy) : in.old;
   in.weights = p.weights ? as_ptr<const T>(p.weights) : in.old;
+  in.behaviour = p.off_policy_logp ? as_ptr<const T>(p.off_policy_logp) : in.rollout;
   in.adv = as_ptr<const A>(p.advantages);
   in.mask = as_ptr<const uint8_t>(p.mask);
   in.grad = as_ptr<T>(p.grad_logp);
@@ -791,7 +794,7 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
         const A a = in.adv[adv_base + t * adv_step];
         dn += 1;
         dlr += double(lp - o);
-        ddiv += double(ro - lp);
+        ddiv += double(A(load(in.behaviour, base + t)) - lp);
         dtis += double(o - ro);
         dlp += double(lp);
         if (p.objective == kGeoMean) {
@@ -848,9 +851,10 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
             const vf lp = mm ? vload(in.logp, base + t) : zero;
             const vf o = mm ? vload(in.old, base + t) : zero;
             const vf ro = EXTRA ? (mm ? vload(in.rollout, base + t) : zero) : o;
+            const vf bh = EXTRA ? (mm ? vload(in.behaviour, base + t) : zero) : o;
             vn += mm ? one : zero;
             vlr += lp - o;
-            vdiv += ro - lp;
+            vdiv += bh - lp;
             vtis += o - ro;
             vlp += lp;
           }
@@ -868,9 +872,10 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
           lp = mm ? lp : A(0);
           o = mm ? o : A(0);
           ro = mm ? ro : A(0);
+          const A bh = mm ? A(load(in.behaviour, base + t)) : A(0);
           ln[j] += mm ? A(1) : A(0);
           llr[j] += lp - o;
-          ldiv[j] += ro - lp;
+          ldiv[j] += bh - lp;
           ltis[j] += o - ro;
           dlp += lp;
         }
@@ -1031,7 +1036,7 @@ void run_policy_rows(const PolicyParams& p, double* rows) {
 
 template <class T, int KL>
 void run_policy_kl(const PolicyParams& p, double* rows) {
-  const bool extra = p.entropy != 0 || p.rollout_logp != 0 || p.weights != 0;
+  const bool extra = p.entropy != 0 || p.rollout_logp != 0 || p.weights != 0 || p.off_policy_logp != 0;
   if (p.seq_level) {
     extra ? run_policy_rows<T, KL, true, true>(p, rows) : run_policy_rows<T, KL, true, false>(p, rows);
   } else {
@@ -1281,6 +1286,7 @@ void bind(py::module_& m) {
       .def_readwrite("ref_logp", &PolicyParams::ref_logp)
       .def_readwrite("rollout_logp", &PolicyParams::rollout_logp)
       .def_readwrite("weights", &PolicyParams::weights)
+      .def_readwrite("off_policy_logp", &PolicyParams::off_policy_logp)
       .def_readwrite("entropy", &PolicyParams::entropy)
       .def_readwrite("adv_per_token", &PolicyParams::adv_per_token)
       .def_readwrite("objective", &PolicyParams::objective)

@@ -46,7 +46,7 @@ TIS_MODES = ("truncate", "mask")
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
 # Options of policy_loss that are tensors (the rest are in PolicyLossConfig).
-TENSOR_OPTIONS = ("ref_logp", "rollout_logp", "entropy", "weights")
+TENSOR_OPTIONS = ("ref_logp", "rollout_logp", "entropy", "weights", "off_policy_logp")
 
 
 class LossOutput(NamedTuple):
@@ -84,7 +84,11 @@ class PolicyLossConfig:
         ``rollout_is_threshold`` lower/upper pair, OpenRLHF 0.11.2's token-level
         ``is_correction_threshold`` (low, high) with mode clip/mask). A NaN weight stays NaN.
     off_policy_threshold: tokens with negative advantage in sequences whose masked mean of
-        (rollout_logp, or old_logp without it) - logp exceeds this get no policy term.
+        (behaviour - logp) exceeds this get no policy term; the behaviour log-probs are the
+        tensor ``off_policy_logp`` when given, else ``rollout_logp``, else ``old_logp``.
+        (TRL 1.16 reads its sampling log-probs for both this mask and the vLLM importance
+        weight, but replaces a NaN one by the current log-prob here and by the old one there:
+        pass the two versions as off_policy_logp and rollout_logp.)
     entropy_coef: subtracts entropy_coef * agg(entropy).
     entropy_top_fraction: keep the policy term only on the top fraction of active tokens by
         entropy (threshold = the (1 - fraction) quantile of the active entropies in float32,
@@ -315,8 +319,12 @@ def bound_importance_weight(w: torch.Tensor, cfg: PolicyLossConfig) -> torch.Ten
     return torch.where(outside, torch.zeros_like(w), w)
 
 
-def check_weights(cfg: PolicyLossConfig, weights: Optional[torch.Tensor]) -> None:
-    """Per-token ``weights`` are refused where the loss is one term per sequence."""
+def check_tensor_options(cfg: PolicyLossConfig, tensors: Dict[str, Optional[torch.Tensor]]) -> None:
+    """Per-token ``weights`` are refused where the loss is one term per sequence;
+    ``off_policy_logp`` is read only by the off-policy mask."""
+    if tensors["off_policy_logp"] is not None and cfg.off_policy_threshold is None:
+        raise ValueError("off_policy_logp is only read by the off-policy sequence mask: it needs off_policy_threshold")
+    weights = tensors["weights"]
     if weights is not None and cfg.objective in _SEQUENCE_OBJECTIVES:
         raise ValueError(f"objective={cfg.objective!r} does not take weights (per-token weights): its loss is one "
                          "term per sequence (fold a per-sequence weight into the advantages instead)")
@@ -332,12 +340,12 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     """Reference of :func:`rlkern.losses.policy_loss` (same options)."""
     cfg, tensors = parse_policy_options(options)
     ref_logp, rollout_logp, entropy = tensors["ref_logp"], tensors["rollout_logp"], tensors["entropy"]
-    weights = tensors["weights"]
-    check_weights(cfg, weights)
+    weights, off_policy_logp = tensors["weights"], tensors["off_policy_logp"]
+    check_tensor_options(cfg, tensors)
     m = mask != 0
     # Arithmetic in the widest floating type among the inputs (float64 when any is).
     dtype = logp.dtype
-    for t in (old_logp, advantages, ref_logp, rollout_logp, entropy, weights):
+    for t in (old_logp, advantages, ref_logp, rollout_logp, entropy, weights, off_policy_logp):
         if t is not None and t.is_floating_point():
             dtype = torch.promote_types(dtype, t.dtype)
 
@@ -430,6 +438,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
 
     if cfg.off_policy_threshold is not None:
         behaviour = old if rollout_logp is None else active(rollout_logp)
+        if off_policy_logp is not None:
+            behaviour = active(off_policy_logp)
         divergence = (behaviour - lp.detach()).sum(-1, keepdim=True) / count
         pg = pg * ((adv >= 0) | (divergence <= cfg.off_policy_threshold)).to(dtype)
     if cfg.entropy_top_fraction is not None:
