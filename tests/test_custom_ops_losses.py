@@ -117,7 +117,8 @@ POLICY_SETS = [
     {"objective": "cispo", "level": "sequence", "log_ratio_clamp": (None, 10.0), "agg": "seq-mean-token-mean"},
     {"dual_clip": 3.0, "entropy": "ent", "entropy_coef": 0.01, "agg": "token-sum", "normalizer": 7.0,
      "weights": "wts"},
-    {"rollout_logp": "roll", "tis_cap": 2.0, "off_policy_threshold": 0.5, "agg": "seq-mean-token-sum-norm",
+    {"rollout_logp": "roll", "tis_cap": 2.0, "tis_min": 0.99, "off_policy_threshold": 0.5,
+     "off_policy_logp": "ref", "agg": "seq-mean-token-sum-norm",
      "weights": "wts"},
     {"objective": "reinforce", "entropy": "ent", "entropy_top_fraction": 0.5, "agg": "seq-mean-token-sum"},
 ]
@@ -231,17 +232,17 @@ def _op_samples(backend):
     # Under the Triton interpreter each sample costs seconds: there, two policy option sets.
     for opts in POLICY_SETS if backend == "cpu" else POLICY_SETS[1::2][:2]:
         o = _options(opts, batch)
-        tensors = {k: o.pop(k, None) for k in ("ref_logp", "rollout_logp", "entropy", "weights")}
+        tensors = {k: o.pop(k, None) for k in ("ref_logp", "rollout_logp", "entropy", "weights", "off_policy_logp")}
         spec, values = losses._encode_options(o)
         e = tensors["entropy"]
         samples.append((torch.ops.rlkern.policy_loss.default,
                         (logp.clone().requires_grad_(), old, adv, mask, tensors["ref_logp"], tensors["rollout_logp"],
-                         None if e is None else e.clone().requires_grad_(), tensors["weights"], None, spec, values,
-                         e is not None)))
+                         None if e is None else e.clone().requires_grad_(), tensors["weights"],
+                         tensors["off_policy_logp"], None, spec, values, e is not None)))
     spec, values = losses._encode_options({"agg": "token-sum"})
     samples.append((torch.ops.rlkern.policy_loss.default,
                     (logp.to(torch.bfloat16).requires_grad_(), old.to(torch.bfloat16), adv, mask, None, None, None,
-                     None, torch.tensor(5.0), spec, values, False)))
+                     None, None, torch.tensor(5.0), spec, values, False)))
     v = logp.clone().requires_grad_()
     samples.append((torch.ops.rlkern.value_loss.default, (v, old, ref, mask, None, 0.2, "token-mean", None)))
     samples.append((torch.ops.rlkern.value_loss.default,

@@ -40,13 +40,16 @@ def make_batch(B=4, T=9, *, seed=0, dtype=torch.float64, spread=0.3, adv_per_tok
     # rollout IS weights); drawn last so that the other tensors keep their values.
     weights = torch.rand(B, T, generator=g, dtype=torch.float64) * 2
     weights[torch.rand(B, T, generator=g) < 0.2] = 0.0
+    # Behaviour log-probs for the off-policy mask apart from the rollout's (off_policy_logp).
+    behaviour = logp + spread * torch.randn(B, T, generator=g, dtype=torch.float64)
     if nan_masked:
-        for t in (logp, old, refp, rollout, entropy, weights):
+        for t in (logp, old, refp, rollout, entropy, weights, behaviour):
             t[~mask] = float("nan")
         if adv_per_token:
             adv[~mask] = float("nan")
     return dict(logp=logp.to(dtype), old=old.to(dtype), ref=refp.to(dtype), rollout=rollout.to(dtype),
-                entropy=entropy.to(dtype), adv=adv.to(dtype), mask=mask, weights=weights.to(dtype))
+                entropy=entropy.to(dtype), adv=adv.to(dtype), mask=mask, weights=weights.to(dtype),
+                behaviour=behaviour.to(dtype))
 
 
 # Option sets: each names the tensors it needs ("ref", "rollout", "entropy") and the options.
@@ -73,8 +76,18 @@ OPTION_CASES = {
     "tis_token": (("rollout",), dict(tis_cap=1.1)),
     "tis_sequence": (("rollout",), dict(tis_cap=1.5, tis_level="sequence")),
     "tis_mask": (("rollout",), dict(tis_cap=1.1, tis_mode="mask")),
+    "tis_min_truncate": (("rollout",), dict(tis_cap=1.1, tis_min=0.95)),
+    "tis_min_mask": (("rollout", "weights"), dict(tis_cap=1.1, tis_min=0.95, tis_mode="mask")),
+    "tis_min_sequence_mask": (("rollout",), dict(tis_cap=1.5, tis_min=0.8, tis_level="sequence", tis_mode="mask",
+                                                 agg="seq-mean-token-mean")),
+    "tis_min_sequence_truncate": (("rollout",), dict(tis_cap=1.5, tis_min=0.8, tis_level="sequence")),
+    "tis_min_unbounded_above": (("rollout",), dict(tis_cap=float("inf"), tis_min=0.95, tis_mode="mask")),
     "off_policy_old": ((), dict(off_policy_threshold=0.0)),
     "off_policy_rollout": (("rollout",), dict(off_policy_threshold=0.02)),
+    "off_policy_logp": (("behaviour",), dict(off_policy_threshold=0.01)),
+    "off_policy_logp_tis": (("rollout", "behaviour"), dict(tis_cap=1.2, off_policy_threshold=0.01,
+                                                          agg="seq-mean-token-mean")),
+    "off_policy_logp_sequence": (("behaviour", "weights"), dict(level="sequence", off_policy_threshold=0.0)),
     "entropy_bonus": (("entropy",), dict(entropy_coef=0.01)),
     "entropy_top": (("entropy",), dict(entropy_top_fraction=0.3)),
     "entropy_metric_only": (("entropy",), dict()),
@@ -90,10 +103,10 @@ OPTION_CASES = {
     "weights_cispo_kl": (("ref", "weights"), dict(objective="cispo", kl_coef=0.1, kl_is_correction=True)),
     "everything_token": (("ref", "rollout", "entropy", "weights"),
                          dict(clip_high=0.28, dual_clip=2.5, ratio_cap=3.0, log_ratio_clamp=5.0, kl_coef=0.05,
-                              kl_kind="k3", kl_clamp=10.0, kl_is_correction=True, tis_cap=1.3,
+                              kl_kind="k3", kl_clamp=10.0, kl_is_correction=True, tis_cap=1.3, tis_min=0.9,
                               off_policy_threshold=0.01, entropy_coef=0.02, entropy_top_fraction=0.6,
                               agg="seq-mean-token-mean")),
-    "everything_sequence": (("ref", "rollout", "entropy", "weights"),
+    "everything_sequence": (("ref", "rollout", "entropy", "weights", "behaviour"),
                             dict(level="sequence", clip_low=0.1, clip_high=0.15, dual_clip=3.0, kl_coef=0.05,
                                  kl_kind="k2", tis_cap=2.0, tis_level="sequence", off_policy_threshold=0.01,
                                  entropy_coef=0.02, agg="seq-mean-token-sum-norm", normalizer=5.0)),
@@ -113,6 +126,8 @@ def build(batch, needs, options, dtype=None, grad=True):
         opts["entropy"] = conv(batch["entropy"]).requires_grad_(grad)
     if "weights" in needs:
         opts["weights"] = conv(batch["weights"])
+    if "behaviour" in needs:
+        opts["off_policy_logp"] = conv(batch["behaviour"])
     return (logp, conv(batch["old"]), conv(batch["adv"]), batch["mask"]), opts
 
 
@@ -408,6 +423,16 @@ def _good():
     (dict(kl_kind="k4"), ValueError, "kl_kind"),
     (dict(kl_coef=0.1), ValueError, "ref_logp"),
     (dict(tis_cap=2.0), ValueError, "rollout_logp"),
+    (dict(off_policy_logp=torch.zeros(3, 4)), ValueError, "off_policy_logp"),
+    (dict(off_policy_logp=torch.zeros(3, 5), off_policy_threshold=0.1), ValueError, "off_policy_logp"),
+    (dict(off_policy_logp=torch.zeros(3, 4, dtype=torch.int32), off_policy_threshold=0.1), TypeError,
+     "off_policy_logp"),
+    (dict(tis_min=0.5), ValueError, "tis_min"),
+    (dict(tis_min=0.0, tis_cap=2.0), ValueError, "tis_min"),
+    (dict(tis_min=-1.0, tis_cap=2.0), ValueError, "tis_min"),
+    (dict(tis_min=3.0, tis_cap=2.0), ValueError, "tis_min"),
+    (dict(tis_min=float("nan"), tis_cap=2.0), ValueError, "tis_min"),
+    (dict(tis_min="0.5", tis_cap=2.0), TypeError, "tis_min"),
     (dict(entropy_top_fraction=0.5), ValueError, "entropy"),
     (dict(normalizer=0.0), ValueError, "normalizer"),
     (dict(log_ratio_clamp=(1.0, -1.0)), ValueError, "log_ratio_clamp"),
@@ -551,6 +576,50 @@ def test_bad_weights_raise_naming_the_argument():
     for backend in ["reference", "cpu"]:
         with rlkern.use_backend(backend), pytest.raises(ValueError, match="weights"):
             losses.policy_loss(logp, old, adv, mask, objective="geo_mean", weights=torch.ones(3, 4))
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+def test_off_policy_logp_reproduces_trls_mask_beside_its_importance_weight(backend):
+    """TRL 1.16 reads its sampling log-probs for the vLLM importance weight and for the
+    off-policy sequence mask, but a token the engine could not score (NaN) counts as no
+    correction in the first (the old log-prob) and as no drift in the second (the current
+    one): rollout_logp and off_policy_logp take the two versions. The mask is TRL's own
+    (GRPOTrainer.get_off_policy_mask), applied here as weights."""
+    trl = pytest.importorskip("trl", reason="needs trl 1.16")
+    batch = make_batch(6, 11, seed=54, dtype=torch.float32, nan_masked=False)
+    mask = torch.arange(11)[None, :] < torch.tensor([11, 9, 5, 11, 7, 3])[:, None]
+    lp, old, adv = batch["logp"], batch["old"], batch["adv"]
+    sampling = batch["behaviour"].clone()
+    sampling[0, 0] = sampling[3, 2] = float("nan")  # tokens the engine could not score
+    assert mask[0, 0] and mask[3, 2]
+    threshold = 0.01
+    keep = trl.GRPOTrainer.get_off_policy_mask(adv[:, None], lp, sampling, mask.float(), threshold)
+    assert 0 < int(keep.sum()) < keep.numel()
+    is_logp = torch.where(torch.isnan(sampling), old, sampling)
+    results = []
+    for opts in (dict(weights=keep.expand_as(lp)),
+                 dict(off_policy_logp=torch.where(torch.isnan(sampling), lp, sampling), off_policy_threshold=threshold)):
+        x = lp.clone().requires_grad_()
+        with rlkern.use_backend(backend):
+            out = losses.policy_loss(x, old, adv, mask, rollout_logp=is_logp, tis_cap=1.2, **opts)
+        results.append((out.loss, torch.autograd.grad(out.loss, x)[0]))
+    assert_close(results[1][0], results[0][0], 1e-6, "loss")
+    assert_close(results[1][1], results[0][1], 1e-6, "grad")
+    # one rollout tensor for both (the NaN read as the old log-prob) drops another set of sequences
+    with rlkern.use_backend(backend):
+        one = losses.policy_loss(lp, old, adv, mask, rollout_logp=is_logp, tis_cap=1.2, off_policy_threshold=threshold)
+    assert not torch.allclose(one.loss, results[0][0])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_off_policy_logp_equal_to_rollout_changes_nothing(backend):
+    batch = make_batch(5, 13, seed=55, dtype=torch.float32)
+    args, opts = build(batch, ("rollout",), dict(tis_cap=1.2, off_policy_threshold=0.01))
+    base, g_base = run(backend, args, opts)
+    args, opts = build(batch, ("rollout",), dict(tis_cap=1.2, off_policy_threshold=0.01))
+    out, g = run(backend, args, {**opts, "off_policy_logp": opts["rollout_logp"]})
+    assert_close(out.loss, base.loss, 1e-6)
+    assert_close(g[0], g_base[0], 1e-6)
 
 
 # ---------------------------------------------------------------------------------------
@@ -756,7 +825,7 @@ def test_policy_loss_mixed_dtypes_match_reference(backend, dtypes, name):
     logp = batch["logp"].to(lp_dt).requires_grad_()
     opts = dict(options)
     for key, arg in (("ref", "ref_logp"), ("rollout", "rollout_logp"), ("entropy", "entropy"),
-                     ("weights", "weights")):
+                     ("weights", "weights"), ("behaviour", "off_policy_logp")):
         if key in needs:
             opts[arg] = batch[key].to(opt_dt)
     if "entropy" in opts:

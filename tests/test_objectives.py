@@ -36,13 +36,15 @@ OBJ_CASES = {
     "geo_mean_token_mean": ((), dict(objective="geo_mean", clip_low=0.4, log_ratio_clamp=0.3)),
     "geo_mean_everything": (("ref", "rollout", "entropy"),
                             dict(objective="geo_mean", clip_low=0.1, clip_high=0.2, kl_coef=0.05, kl_kind="k1",
-                                 tis_cap=1.5, tis_level="sequence", entropy_coef=0.01,
+                                 tis_cap=1.5, tis_min=0.7, tis_mode="mask", tis_level="sequence", entropy_coef=0.01,
                                  agg="seq-mean-token-mean", normalizer=6.0)),
     "vespo": ((), dict(objective="vespo", agg="token-sum")),
     "vespo_params": ((), dict(objective="vespo", vespo_k_pos=1.0, vespo_lambda_pos=0.5, vespo_k_neg=4.0,
                               vespo_lambda_neg=0.0)),
     "vespo_tis_truncate": (("rollout",), dict(objective="vespo", tis_cap=1.05)),
     "vespo_tis_mask": (("rollout", "ref"), dict(objective="vespo", tis_cap=1.05, tis_mode="mask", kl_coef=0.1)),
+    "vespo_tis_min_mask": (("rollout",), dict(objective="vespo", tis_cap=1.05, tis_min=0.97, tis_mode="mask")),
+    "vespo_tis_min_truncate": (("rollout",), dict(objective="vespo", tis_cap=1.05, tis_min=0.97)),
     "vespo_weights": (("rollout", "weights", "entropy"), dict(objective="vespo", tis_cap=1.05, entropy_coef=0.01,
                                                               agg="seq-mean-token-mean")),
     "dppo_tv": ((), dict(objective="dppo_tv", clip_low=0.05, clip_high=0.08, ratio_cap=1.3)),
@@ -428,6 +430,60 @@ def test_matches_trls_compute_loss(trl_trainer, monkeypatch, case, backend):
         assert float(out.metrics["phi_seq_mean"]) == pytest.approx(trl_metrics["vespo/phi_seq_mean"], rel=1e-5)
     if "kl" in trl_metrics and not options.get("kl_is_correction"):  # TRL logs the corrected KL
         assert float(out.metrics["kl"]) == pytest.approx(trl_metrics["kl"], rel=1e-5)
+
+
+# --- the importance-weight band [tis_min, tis_cap] against the peers' own code
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_tis_band_matches_verls_icepop_weights(backend, level):
+    """verl 0.9.1's IcePop (rollout_is_threshold "lower_upper"): its own weights, fed to
+    policy_loss as ``weights``, give what tis_min/tis_cap with tis_mode="mask" give."""
+    helper = pytest.importorskip("verl.trainer.ppo.rollout_corr_helper",
+                                 reason="needs verl 0.9.1 (pip install --no-deps verl)")
+    old, lp, rollout, adv, mask = _peer_inputs(seed=3)
+    lo, hi = (0.97, 1.04) if level == "token" else (0.8, 1.25)
+    w, _ = helper.compute_rollout_correction_weights(old - rollout, mask.float(), rollout_is=level,
+                                                     rollout_is_threshold=f"{lo}_{hi}")
+    assert 0 < int((w[mask] == 0).sum()) < int(mask.sum())  # the band drops some tokens, not all
+    results = []
+    for opts in (dict(weights=w), dict(rollout_logp=rollout, tis_cap=hi, tis_min=lo, tis_mode="mask",
+                                       tis_level=level)):
+        x = lp.detach().clone().requires_grad_()
+        with rlkern.use_backend(backend):
+            out = losses.policy_loss(x, old, adv, mask, clip_high=0.28, **opts)
+        results.append((out.loss, torch.autograd.grad(out.loss, x)[0]))
+    assert_close(results[1][0], results[0][0], 1e-5, "loss")
+    assert_close(results[1][1], results[0][1], 1e-5, "grad")
+
+
+@pytest.mark.parametrize("mode", ["clip", "mask"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_tis_band_matches_openrlhf_policy_loss(backend, mode):
+    """OpenRLHF 0.11.2's token-level IS correction with its (low, high) band: "clip" is
+    tis_mode="truncate" with tis_min, "mask" is tis_mode="mask"."""
+    from rlkern.integrations._peers import import_openrlhf_losses
+
+    mods = import_openrlhf_losses()
+    if mods is None:
+        pytest.skip("needs OpenRLHF 0.11.2 (see tests/test_integrations_openrlhf.py)")
+    L, _ = mods
+    old, lp, rollout, adv, mask = _peer_inputs(seed=4)
+    adv_tok = adv[:, None].expand_as(lp).contiguous()
+    lo, hi = 0.97, 1.04
+    theirs_fn = L.PolicyLoss(clip_eps_low=0.2, clip_eps_high=0.28, is_correction_level="token",
+                             is_correction_mode=mode, is_correction_threshold=(lo, hi))
+    x = lp.detach().clone().requires_grad_()
+    theirs = theirs_fn(x, old, adv_tok, mask.float(), rollout_log_probs=rollout)[0]
+    (g_theirs,) = torch.autograd.grad(theirs, x)
+    y = lp.detach().clone().requires_grad_()
+    with rlkern.use_backend(backend):
+        out = losses.policy_loss(y, old, adv, mask, clip_high=0.28, log_ratio_clamp=20.0, rollout_logp=rollout,
+                                 tis_cap=hi, tis_min=lo, tis_mode="truncate" if mode == "clip" else "mask")
+    (g_ours,) = torch.autograd.grad(out.loss, y)
+    assert_close(out.loss, theirs.detach(), 1e-5, "loss")
+    assert_close(g_ours, g_theirs, 1e-5, "grad")
 
 
 # --- on a GPU (tools/gpu_check.sh runs every test marked gpu): the Triton kernels at a

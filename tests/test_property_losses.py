@@ -136,8 +136,12 @@ def policy_cases(draw):
             opts["tis_cap"] = draw(st.sampled_from([1.0, 2.0]))
             opts["tis_level"] = draw(st.sampled_from(ref.LEVELS))
             opts["tis_mode"] = draw(st.sampled_from(ref.TIS_MODES))
+            if draw(st.booleans()):
+                opts["tis_min"] = draw(st.sampled_from([0.5, 1.0]))
     if draw(st.booleans()):
         opts["off_policy_threshold"] = draw(st.sampled_from([0.0, 0.05]))
+        if draw(st.booleans()):
+            tensors["off_policy_logp"] = logp64 + spread * torch.randn(B, T, generator=g, dtype=torch.float64)
     if draw(st.booleans()):
         ent = torch.rand(B, T, generator=g, dtype=torch.float64) * 3
         if draw(st.booleans()):
@@ -159,6 +163,7 @@ def policy_cases(draw):
         opts["level"] = "token"
         for name in ("kl_is_correction", "entropy_top_fraction", "off_policy_threshold"):
             opts.pop(name, None)
+        tensors.pop("off_policy_logp", None)
         if "tis_cap" in opts:
             opts["tis_level"] = "sequence"
     if objective == "vespo" and "tis_cap" in opts:

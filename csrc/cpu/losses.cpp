@@ -54,6 +54,7 @@ struct PolicyParams {
   ptr_t logp = 0, old_logp = 0, advantages = 0, mask = 0;
   ptr_t ref_logp = 0, rollout_logp = 0, entropy = 0;  // 0 when not given
   ptr_t weights = 0;  // per-token policy-term weights, 0 when not given
+  ptr_t off_policy_logp = 0;  // behaviour log-probs of the off-policy mask, 0: rollout_logp (or old_logp)
   bool adv_per_token = false;
   int objective = kClip;
   bool seq_level = false;
@@ -71,6 +72,7 @@ struct PolicyParams {
   bool kl_correction = false;
   bool has_tis = false, tis_seq = false, tis_mask_mode = false;
   double tis_cap = 0.0;
+  double tis_min = 0.0;  // lower bound of the importance weight (0: none, the weights are >= 0)
   bool has_off = false;
   double off_threshold = 0.0;
   double entropy_coef = 0.0;
@@ -116,6 +118,7 @@ struct RowConst {
   int objective, kl_kind;
   bool has_dual, use_kl, use_ent, kl_corr, tis_token, tis_mask_mode, has_select, drop_negative;
   bool has_weights;  // per-token weights given (read on the EXTRA path)
+  A tis_min;
 };
 
 template <class A>
@@ -197,7 +200,8 @@ RLK_LOSS_INLINE ExtraTerms<A> token_terms_obj(const RowConst<A>& c, A lp, A o, A
     weight = (c.has_select & !(h >= c.ent_threshold)) ? zero : weight;
     if (c.tis_token) {
       A wt = exp_(o - rolv);
-      wt = c.tis_mask_mode ? (wt > c.tis_cap ? zero : wt) : (wt > c.tis_cap ? c.tis_cap : wt);
+      wt = c.tis_mask_mode ? ((wt > c.tis_cap) | (wt < c.tis_min) ? zero : wt)
+                           : (wt > c.tis_cap ? c.tis_cap : (wt < c.tis_min ? c.tis_min : wt));
       weight *= wt;
     }
     weight *= wv;  // the caller's per-token weight (1 when not given)
@@ -278,7 +282,8 @@ RLK_LOSS_INLINE TokenTerms<A> token_terms(const RowConst<A>& c, A lp, A o, A a, 
   if (EXTRA) {
     weight = (c.has_select & !(h >= c.ent_threshold)) ? zero : weight;
     A wt = exp_(o - rolv);
-    wt = c.tis_mask_mode ? (wt > c.tis_cap ? zero : wt) : (wt > c.tis_cap ? c.tis_cap : wt);
+    wt = c.tis_mask_mode ? ((wt > c.tis_cap) | (wt < c.tis_min) ? zero : wt)
+                         : (wt > c.tis_cap ? c.tis_cap : (wt < c.tis_min ? c.tis_min : wt));
     weight = c.tis_token ? weight * wt : weight;
     weight *= wv;  // the caller's per-token weight (1 when not given)
   }
@@ -326,6 +331,7 @@ template <class T>
 struct PolicyInputs {
   const T *logp, *old, *ref, *rollout, *ent;
   const T* weights;  // aliases `old` when not given (loaded, then replaced by 1)
+  const T* behaviour;  // the off-policy mask's log-probs: off_policy_logp, else `rollout`
   const acc_t<T>* adv;
   const uint8_t* mask;
   T* grad;  // storage type of logp: the gradient is written finished (scale folded in)
@@ -443,6 +449,7 @@ struct RowConstV {
   bool has_lr_clamp, clip_objective, cispo_objective, has_cap, has_dual_clip, drop_negative_row, has_seq_tis, k1,
       has_kl_clamp, use_kl_term, use_ent_term, kl_correction;
   bool has_weights;
+  vf tis_min;
   explicit RowConstV(const RowConst<float>& c)
       : clip_lo(splat(c.clip_lo)), clip_hi(splat(c.clip_hi)), cap(splat(c.cap)), dual(splat(c.dual)),
         lr_lo(splat(c.lr_lo)), lr_hi(splat(c.lr_hi)), kl_lo(splat(c.kl_lo)), kl_hi(splat(c.kl_hi)),
@@ -467,6 +474,7 @@ struct RowConstV {
     use_ent_term = c.use_ent;
     kl_correction = c.kl_corr;
     has_weights = c.has_weights;
+    tis_min = splat(c.tis_min);
   }
 };
 
@@ -633,7 +641,8 @@ RLK_LOSS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& c,
   if (EXTRA) {
     vf weight = (c.has_select & ~(h >= c.ent_threshold)) ? zero : one;
     vf wt = vexp(o - rolv);
-    wt = c.tis_mask_mode ? (wt > c.tis_cap ? zero : wt) : (wt > c.tis_cap ? c.tis_cap : wt);
+    wt = c.tis_mask_mode ? (((wt > c.tis_cap) | (wt < c.tis_min)) ? zero : wt)
+                         : (wt > c.tis_cap ? c.tis_cap : (wt < c.tis_min ? c.tis_min : wt));
     weight = c.tis_token ? weight * wt : weight;
     if (c.has_weights) weight *= m ? vload(in.weights, i) : zero;
     pg *= weight;
@@ -915,6 +924,7 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
   in.rollout = p.rollout_logp ? as_ptr<const T>(p.rollout_logp) : in.old;
   in.ent = p.entropy ? as_ptr<const T>(p.entropy) : in.old;
   in.weights = p.weights ? as_ptr<const T>(p.weights) : in.old;
+  in.behaviour = p.off_policy_logp ? as_ptr<const T>(p.off_policy_logp) : in.rollout;
   in.adv = as_ptr<const A>(p.advantages);
   in.mask = as_ptr<const uint8_t>(p.mask);
   in.grad = as_ptr<T>(p.grad_logp);
@@ -939,6 +949,7 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
   c.has_select = p.has_entropy_select;
   c.ent_threshold = A(p.entropy_threshold);
   c.tis_cap = A(p.tis_cap);
+  c.tis_min = A(p.tis_min);
   c.tis_token = p.has_tis && !p.tis_seq;
   c.tis_mask_mode = p.tis_mask_mode;
   c.has_weights = p.weights != 0;
@@ -1042,7 +1053,7 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
         const A a = in.adv[adv_base + t * adv_step];
         dn += 1;
         dlr += double(lp - o);
-        ddiv += double(ro - lp);
+        ddiv += double(A(load(in.behaviour, base + t)) - lp);
         dtis += double(o - ro);
         dlp += double(lp);
         if (p.objective == kGeoMean) {
@@ -1054,7 +1065,8 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
           dves += double(x < A(-20) ? A(-20) : (x > A(20) ? A(20) : x));
           if (vespo_tis) {
             A w = std::exp(o - ro);
-            w = p.tis_mask_mode ? (w > c.tis_cap ? A(0) : w) : (w > c.tis_cap ? c.tis_cap : w);
+            w = p.tis_mask_mode ? ((w > c.tis_cap || w < c.tis_min) ? A(0) : w)
+                                : (w > c.tis_cap ? c.tis_cap : (w < c.tis_min ? c.tis_min : w));
             const double lw = double(std::log(w));
             dves_tis += lw < vlo ? vlo : (lw > vhi ? vhi : lw);
           }
@@ -1098,9 +1110,10 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
             const vf lp = mm ? vload(in.logp, base + t) : zero;
             const vf o = mm ? vload(in.old, base + t) : zero;
             const vf ro = EXTRA ? (mm ? vload(in.rollout, base + t) : zero) : o;
+            const vf bh = EXTRA ? (mm ? vload(in.behaviour, base + t) : zero) : o;
             vn += mm ? one : zero;
             vlr += lp - o;
-            vdiv += ro - lp;
+            vdiv += bh - lp;
             vtis += o - ro;
             vlp += lp;
           }
@@ -1118,9 +1131,10 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
           lp = mm ? lp : A(0);
           o = mm ? o : A(0);
           ro = mm ? ro : A(0);
+          const A bh = mm ? A(load(in.behaviour, base + t)) : A(0);
           ln[j] += mm ? A(1) : A(0);
           llr[j] += lp - o;
-          ldiv[j] += ro - lp;
+          ldiv[j] += bh - lp;
           ltis[j] += o - ro;
           dlp += lp;
         }
@@ -1149,7 +1163,8 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
     c.seq_tis = A(1);
     if (tis_seq) {
       const A w = exp_(s_tis);
-      c.seq_tis = p.tis_mask_mode ? (w > c.tis_cap ? A(0) : w) : (w > c.tis_cap ? c.tis_cap : w);
+      c.seq_tis = p.tis_mask_mode ? ((w > c.tis_cap || w < c.tis_min) ? A(0) : w)
+                                  : (w > c.tis_cap ? c.tis_cap : (w < c.tis_min ? c.tis_min : w));
     }
 
     double acc[kNumStats] = {};
@@ -1298,7 +1313,7 @@ void run_policy_rows(const PolicyParams& p, double* rows) {
 
 template <class T, int KL>
 void run_policy_kl(const PolicyParams& p, double* rows) {
-  const bool extra = p.entropy != 0 || p.rollout_logp != 0 || p.weights != 0;
+  const bool extra = p.entropy != 0 || p.rollout_logp != 0 || p.weights != 0 || p.off_policy_logp != 0;
   if (p.seq_level) {
     extra ? run_policy_rows<T, KL, true, true>(p, rows) : run_policy_rows<T, KL, true, false>(p, rows);
   } else {
@@ -1548,6 +1563,7 @@ void bind(py::module_& m) {
       .def_readwrite("ref_logp", &PolicyParams::ref_logp)
       .def_readwrite("rollout_logp", &PolicyParams::rollout_logp)
       .def_readwrite("weights", &PolicyParams::weights)
+      .def_readwrite("off_policy_logp", &PolicyParams::off_policy_logp)
       .def_readwrite("entropy", &PolicyParams::entropy)
       .def_readwrite("adv_per_token", &PolicyParams::adv_per_token)
       .def_readwrite("objective", &PolicyParams::objective)
@@ -1573,6 +1589,7 @@ void bind(py::module_& m) {
       .def_readwrite("tis_seq", &PolicyParams::tis_seq)
       .def_readwrite("tis_mask_mode", &PolicyParams::tis_mask_mode)
       .def_readwrite("tis_cap", &PolicyParams::tis_cap)
+      .def_readwrite("tis_min", &PolicyParams::tis_min)
       .def_readwrite("has_off", &PolicyParams::has_off)
       .def_readwrite("off_threshold", &PolicyParams::off_threshold)
       .def_readwrite("entropy_coef", &PolicyParams::entropy_coef)

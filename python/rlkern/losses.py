@@ -227,7 +227,7 @@ def _check_policy_inputs(logp, old_logp, advantages, mask, cfg: PolicyLossConfig
         raise ValueError("entropy_coef needs entropy (per-token entropies)")
     if cfg.kl_coef != 0 and tensors["ref_logp"] is None:
         raise ValueError("kl_coef needs ref_logp (the reference policy's log-probs)")
-    _ref.check_weights(cfg, tensors["weights"])
+    _ref.check_tensor_options(cfg, tensors)
 
 
 def _policy_params(cfg: PolicyLossConfig, B: int, T: int):
@@ -251,6 +251,7 @@ def _policy_params(cfg: PolicyLossConfig, B: int, T: int):
     p.kl_correction = bool(cfg.kl_is_correction)
     p.has_tis = cfg.tis_cap is not None
     p.tis_cap = float(cfg.tis_cap or 0.0)
+    p.tis_min = float(cfg.tis_min or 0.0)  # 0 bounds nothing: the weights are >= 0
     p.tis_seq = cfg.tis_level == "sequence"
     p.tis_mask_mode = cfg.tis_mode == "mask"
     p.has_off = cfg.off_policy_threshold is not None
@@ -309,6 +310,7 @@ def _policy_cpu(logp, old_logp, advantages, mask, cfg: PolicyLossConfig, tensors
         roll = _as(rollout_logp, storage)
         ent = _as(entropy, storage)
         wts = _as(tensors["weights"], storage)
+        behaviour = _as(tensors["off_policy_logp"], storage)
         adv = _as(advantages, acc)
         m = _mask_bytes(mask)
         p = _policy_params(cfg, B, T)
@@ -318,6 +320,7 @@ def _policy_cpu(logp, old_logp, advantages, mask, cfg: PolicyLossConfig, tensors
         p.rollout_logp = ptr(roll) if roll is not None else 0
         p.entropy = ptr(ent) if ent is not None else 0
         p.weights = ptr(wts) if wts is not None else 0
+        p.off_policy_logp = ptr(behaviour) if behaviour is not None else 0
         p.adv_per_token = adv.dim() == 2
         if cfg.entropy_top_fraction is not None:
             p.has_entropy_select = True
@@ -442,12 +445,13 @@ def _metric_names(cfg: PolicyLossConfig, has_ref: bool, has_entropy: bool) -> Tu
 @torch.library.custom_op("rlkern::policy_loss", mutates_args=())
 def _policy_op(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, ref_logp: Optional[Tensor],
                rollout_logp: Optional[Tensor], entropy: Optional[Tensor], weights: Optional[Tensor],
-               normalizer: Optional[Tensor], spec: str, values: List[float],
+               off_policy_logp: Optional[Tensor], normalizer: Optional[Tensor], spec: str, values: List[float],
                want_entropy_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss, metrics [M] in ``_metric_names`` order, d loss / d logp, d loss / d entropy
     ([0] unless ``want_entropy_grad``)); the gradients in the inputs' storage dtype."""
     cfg = _op_config(spec, tuple(values))
-    tensors = {"ref_logp": ref_logp, "rollout_logp": rollout_logp, "entropy": entropy, "weights": weights}
+    tensors = {"ref_logp": ref_logp, "rollout_logp": rollout_logp, "entropy": entropy, "weights": weights,
+               "off_policy_logp": off_policy_logp}
     _, acc = _policy_dtypes(logp, old_logp, advantages, tensors)
     want = want_entropy_grad and entropy is not None
     norm = None if normalizer is None else normalizer.to(acc)
@@ -458,9 +462,10 @@ def _policy_op(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
 
 
 @_policy_op.register_fake
-def _policy_fake(logp, old_logp, advantages, mask, ref_logp, rollout_logp, entropy, weights, normalizer, spec, values,
-                 want_entropy_grad):
-    tensors = {"ref_logp": ref_logp, "rollout_logp": rollout_logp, "entropy": entropy, "weights": weights}
+def _policy_fake(logp, old_logp, advantages, mask, ref_logp, rollout_logp, entropy, weights, off_policy_logp,
+                 normalizer, spec, values, want_entropy_grad):
+    tensors = {"ref_logp": ref_logp, "rollout_logp": rollout_logp, "entropy": entropy, "weights": weights,
+               "off_policy_logp": off_policy_logp}
     storage, acc = _policy_dtypes(logp, old_logp, advantages, tensors)
     names = _metric_names(_decode_options(spec, values), ref_logp is not None, entropy is not None)
     grad_entropy_shape = logp.shape if want_entropy_grad and entropy is not None else (0,)
@@ -483,7 +488,7 @@ def _policy_backward(ctx, grad_loss, *_):
         g_logp = _first_order((grad_logp * grad_loss).to(ctx.dtypes[0]), logp, "rlkern::policy_loss")
     if ctx.needs_input_grad[6] and grad_entropy.numel() == grad_logp.numel():
         g_entropy = _first_order((grad_entropy * grad_loss).to(ctx.dtypes[1]), logp, "rlkern::policy_loss")
-    return (g_logp, None, None, None, None, None, g_entropy) + (None,) * 5
+    return (g_logp, None, None, None, None, None, g_entropy) + (None,) * 6
 
 
 torch.library.register_autograd("rlkern::policy_loss", _policy_backward, setup_context=_policy_setup_context)
@@ -500,13 +505,13 @@ def _stack_problems(info, in_dims, call, tensors):
 
 
 @_policy_op.register_vmap
-def _policy_vmap(info, in_dims, logp, old_logp, advantages, mask, ref_logp, rollout_logp, entropy, weights, normalizer,
-                 spec, values, want_entropy_grad):
+def _policy_vmap(info, in_dims, logp, old_logp, advantages, mask, ref_logp, rollout_logp, entropy, weights,
+                 off_policy_logp, normalizer, spec, values, want_entropy_grad):
     def call(*t):
         return _policy_op(*t, spec, values, want_entropy_grad)
 
-    out = _stack_problems(info, in_dims[:9], call,
-                          (logp, old_logp, advantages, mask, ref_logp, rollout_logp, entropy, weights, normalizer))
+    out = _stack_problems(info, in_dims[:10], call, (logp, old_logp, advantages, mask, ref_logp, rollout_logp, entropy,
+                                                     weights, off_policy_logp, normalizer))
     return out, (0, 0, 0, 0)
 
 
@@ -557,9 +562,11 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
                 kl_is_correction: bool = _D.kl_is_correction,
                 rollout_logp: Optional[Tensor] = None,
                 tis_cap: Optional[float] = _D.tis_cap,
+                tis_min: Optional[float] = _D.tis_min,
                 tis_level: str = _D.tis_level,
                 tis_mode: str = _D.tis_mode,
                 off_policy_threshold: Optional[float] = _D.off_policy_threshold,
+                off_policy_logp: Optional[Tensor] = None,
                 entropy: Optional[Tensor] = None,
                 entropy_coef: float = _D.entropy_coef,
                 entropy_top_fraction: Optional[float] = _D.entropy_top_fraction,
@@ -612,7 +619,9 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     aggregation: ``level="sequence", agg="seq-mean-token-sum", normalizer=B``.
 
     w_t (detached, default 1) is the product of the truncated importance weight against
-    ``rollout_logp`` (``tis_cap``), the off-policy sequence mask (``off_policy_threshold``),
+    ``rollout_logp`` (``tis_cap``, with ``tis_min`` a lower bound), the off-policy sequence
+    mask (``off_policy_threshold``, measured against ``off_policy_logp`` when given, else
+    ``rollout_logp``, else ``old_logp``),
     the high-entropy token selection (``entropy_top_fraction``) and the caller's per-token
     ``weights`` ([B, T], a constant like the advantages: verl's ``rollout_is_weights``, or
     the 0/1 token selection of its clip_cov/kl_cov losses). ``weights`` multiplies the policy
@@ -684,7 +693,7 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     # (No closure or comprehension in this function may capture a local: see _scalar_options.)
     options = locals()
     del options["logp"], options["old_logp"], options["advantages"], options["mask"]
-    traced = _traced(logp, old_logp, advantages, mask, ref_logp, rollout_logp, entropy, weights)
+    traced = _traced(logp, old_logp, advantages, mask, ref_logp, rollout_logp, entropy, weights, off_policy_logp)
     norm = normalizer
     if isinstance(norm, torch.Tensor):
         _check_normalizer(norm, logp, traced)
@@ -694,7 +703,8 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
         cfg, _ = parse_policy_options(scalar_options)
     else:
         cfg = _eager_config(scalar_options)
-    tensors = {"ref_logp": ref_logp, "rollout_logp": rollout_logp, "entropy": entropy, "weights": weights}
+    tensors = {"ref_logp": ref_logp, "rollout_logp": rollout_logp, "entropy": entropy, "weights": weights,
+               "off_policy_logp": off_policy_logp}
     _check_policy_inputs(logp, old_logp, advantages, mask, cfg, tensors, traced)
     backend = _backend.select(logp.device) if logp.device.type != "meta" else "meta"
     if backend == "reference":
@@ -706,8 +716,9 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
         loss, vec, _, _ = _call_op("policy_loss", _policy_op, logp, old_logp.detach(), advantages.detach(), mask,
                                    None if ref_logp is None else ref_logp.detach(),
                                    None if rollout_logp is None else rollout_logp.detach(), entropy,
-                                   None if weights is None else weights.detach(), norm_t, spec, values,
-                                   want_entropy_grad)
+                                   None if weights is None else weights.detach(),
+                                   None if off_policy_logp is None else off_policy_logp.detach(), norm_t, spec,
+                                   values, want_entropy_grad)
         names = _metric_names(cfg, ref_logp is not None, entropy is not None)
         return LossOutput(loss, dict(zip(names, vec.unbind())))
     norm_t = None

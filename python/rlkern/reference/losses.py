@@ -46,7 +46,7 @@ TIS_MODES = ("truncate", "mask")
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
 # Options of policy_loss that are tensors (the rest are in PolicyLossConfig).
-TENSOR_OPTIONS = ("ref_logp", "rollout_logp", "entropy", "weights")
+TENSOR_OPTIONS = ("ref_logp", "rollout_logp", "entropy", "weights", "off_policy_logp")
 
 
 class LossOutput(NamedTuple):
@@ -76,9 +76,19 @@ class PolicyLossConfig:
     tis_cap, tis_level, tis_mode: truncated importance sampling against ``rollout_logp``:
         the policy term is multiplied by the detached weight w = exp(old - rollout) per token
         ("token") or exp(sum over the sequence of old - rollout) ("sequence"); "truncate" uses
-        min(w, tis_cap), "mask" uses w where w <= tis_cap and 0 elsewhere. Off when tis_cap is None.
+        min(w, tis_cap), "mask" uses w where w <= tis_cap and 0 elsewhere. Off when tis_cap is None
+        (tis_cap=inf keeps the weights unbounded above).
+    tis_min: a lower bound (needs tis_cap, 0 < tis_min <= tis_cap): "truncate" uses
+        clamp(w, tis_min, tis_cap), "mask" keeps w where tis_min <= w <= tis_cap (TRL 1.16's
+        ``vllm_importance_sampling_clip_min``/``_clip_max``, verl 0.9.1's IcePop
+        ``rollout_is_threshold`` lower/upper pair, OpenRLHF 0.11.2's token-level
+        ``is_correction_threshold`` (low, high) with mode clip/mask). A NaN weight stays NaN.
     off_policy_threshold: tokens with negative advantage in sequences whose masked mean of
-        (rollout_logp, or old_logp without it) - logp exceeds this get no policy term.
+        (behaviour - logp) exceeds this get no policy term; the behaviour log-probs are the
+        tensor ``off_policy_logp`` when given, else ``rollout_logp``, else ``old_logp``.
+        (TRL 1.16 reads its sampling log-probs for both this mask and the vLLM importance
+        weight, but replaces a NaN one by the current log-prob here and by the old one there:
+        pass the two versions as off_policy_logp and rollout_logp.)
     entropy_coef: subtracts entropy_coef * agg(entropy).
     entropy_top_fraction: keep the policy term only on the top fraction of active tokens by
         entropy (threshold = the (1 - fraction) quantile of the active entropies in float32,
@@ -110,6 +120,7 @@ class PolicyLossConfig:
     kl_clamp: Clamp = None
     kl_is_correction: bool = False
     tis_cap: Optional[float] = None
+    tis_min: Optional[float] = None
     tis_level: str = "token"
     tis_mode: str = "truncate"
     off_policy_threshold: Optional[float] = None
@@ -160,6 +171,12 @@ class PolicyLossConfig:
         number("ratio_cap", low=0.0, low_open=True)
         number("kl_coef", optional=False)
         number("tis_cap", low=0.0, low_open=True)
+        number("tis_min", low=0.0, low_open=True)
+        if self.tis_min is not None:
+            if self.tis_cap is None:
+                raise ValueError("tis_min needs tis_cap (the upper bound; tis_cap=inf for none)")
+            if self.tis_min > self.tis_cap:
+                raise ValueError(f"tis_min must be <= tis_cap, got tis_min={self.tis_min} > tis_cap={self.tis_cap}")
         number("off_policy_threshold")
         number("entropy_coef", optional=False)
         number("entropy_top_fraction", low=0.0, low_open=True)
@@ -290,8 +307,24 @@ def entropy_threshold(entropy: torch.Tensor, mask: torch.Tensor, top_fraction: f
     return torch.lerp(values[lo], values[hi], torch.tensor(pos - lo, dtype=values.dtype, device=values.device))
 
 
-def check_weights(cfg: PolicyLossConfig, weights: Optional[torch.Tensor]) -> None:
-    """Per-token ``weights`` are refused where the loss is one term per sequence."""
+def bound_importance_weight(w: torch.Tensor, cfg: PolicyLossConfig) -> torch.Tensor:
+    """The truncated ("truncate": clamp to [tis_min, tis_cap]) or masked ("mask": 0 outside
+    [tis_min, tis_cap]) importance weight; NaN stays NaN (torch.clamp, and no comparison
+    with NaN is true)."""
+    if cfg.tis_mode == "truncate":
+        return torch.clamp(w, min=cfg.tis_min, max=cfg.tis_cap)
+    outside = w > cfg.tis_cap
+    if cfg.tis_min is not None:
+        outside = outside | (w < cfg.tis_min)
+    return torch.where(outside, torch.zeros_like(w), w)
+
+
+def check_tensor_options(cfg: PolicyLossConfig, tensors: Dict[str, Optional[torch.Tensor]]) -> None:
+    """Per-token ``weights`` are refused where the loss is one term per sequence;
+    ``off_policy_logp`` is read only by the off-policy mask."""
+    if tensors["off_policy_logp"] is not None and cfg.off_policy_threshold is None:
+        raise ValueError("off_policy_logp is only read by the off-policy sequence mask: it needs off_policy_threshold")
+    weights = tensors["weights"]
     if weights is not None and cfg.objective in _SEQUENCE_OBJECTIVES:
         raise ValueError(f"objective={cfg.objective!r} does not take weights (per-token weights): its loss is one "
                          "term per sequence (fold a per-sequence weight into the advantages instead)")
@@ -307,12 +340,12 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     """Reference of :func:`rlkern.losses.policy_loss` (same options)."""
     cfg, tensors = parse_policy_options(options)
     ref_logp, rollout_logp, entropy = tensors["ref_logp"], tensors["rollout_logp"], tensors["entropy"]
-    weights = tensors["weights"]
-    check_weights(cfg, weights)
+    weights, off_policy_logp = tensors["weights"], tensors["off_policy_logp"]
+    check_tensor_options(cfg, tensors)
     m = mask != 0
     # Arithmetic in the widest floating type among the inputs (float64 when any is).
     dtype = logp.dtype
-    for t in (old_logp, advantages, ref_logp, rollout_logp, entropy, weights):
+    for t in (old_logp, advantages, ref_logp, rollout_logp, entropy, weights, off_policy_logp):
         if t is not None and t.is_floating_point():
             dtype = torch.promote_types(dtype, t.dtype)
 
@@ -367,11 +400,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
         # the importance weights against the rollout, in log space), detached.
         log_w = torch.clamp(lp - old, -VESPO_TOKEN_CLAMP, VESPO_TOKEN_CLAMP).sum(-1, keepdim=True)
         if cfg.tis_cap is not None:
-            w_tis = torch.exp(old - active(rollout_logp))
-            if cfg.tis_mode == "truncate":
-                w_tis = torch.clamp(w_tis, max=cfg.tis_cap)
-            else:
-                w_tis = torch.where(w_tis > cfg.tis_cap, torch.zeros_like(w_tis), w_tis)
+            w_tis = bound_importance_weight(torch.exp(old - active(rollout_logp)), cfg)
             log_tis = torch.clamp(torch.log(w_tis), VESPO_LOG_LOW, VESPO_LOG_HIGH)
             log_w = log_w + torch.where(m, log_tis, torch.zeros_like(log_tis)).sum(-1, keepdim=True)
         log_w = torch.clamp(log_w, VESPO_LOG_LOW, VESPO_LOG_HIGH)
@@ -409,6 +438,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
 
     if cfg.off_policy_threshold is not None:
         behaviour = old if rollout_logp is None else active(rollout_logp)
+        if off_policy_logp is not None:
+            behaviour = active(off_policy_logp)
         divergence = (behaviour - lp.detach()).sum(-1, keepdim=True) / count
         pg = pg * ((adv >= 0) | (divergence <= cfg.off_policy_threshold)).to(dtype)
     if cfg.entropy_top_fraction is not None:
@@ -418,11 +449,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
         log_w = old - active(rollout_logp)
         if cfg.tis_level == "sequence":
             log_w = log_w.sum(-1, keepdim=True)
-        w = torch.exp(log_w)
-        if cfg.tis_mode == "truncate":
-            w = torch.clamp(w, max=cfg.tis_cap)
-        else:
-            w = torch.where(w > cfg.tis_cap, torch.zeros_like(w), w)
+        w = bound_importance_weight(torch.exp(log_w), cfg)
         pg = pg * w.detach()
     if weights is not None:
         # Multiplied like the TIS weight: a zero weight zeroes a finite term, but 0 * inf is NaN.

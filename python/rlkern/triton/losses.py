@@ -83,14 +83,21 @@ def _dppo_valid(lp, o, a, low, high, BINARY_KL: tl.constexpr):
 
 
 @triton.jit
-def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, WTS, ENT_THR, GRAD_SCALE, GRAD, GRAD_ENT, STATS, T,
+def _bound_weight(w, lo, hi, mask_mode):
+    # Truncated: clamp to [lo, hi]; masked: 0 outside it. NaN stays NaN in both.
+    outside = (w > hi) | (w < lo)
+    return tl.where(outside, tl.where(mask_mode != 0, 0.0, tl.where(w > hi, hi, lo)), w)
+
+
+@triton.jit
+def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, WTS, OFFLP, ENT_THR, GRAD_SCALE, GRAD, GRAD_ENT, STATS, T,
                         clip_lo, clip_hi, cap, dual, lr_lo, lr_hi, kl_lo, kl_hi, kl_coef, ent_coef, tis_cap,
-                        off_thr, row_scale, clip_low, clip_high, tau_pos, tau_neg, vk_pos, vl_pos, vk_neg, vl_neg,
+                        tis_min, off_thr, row_scale, clip_low, clip_high, tau_pos, tau_neg, vk_pos, vl_pos, vk_neg, vl_neg,
                         has_dual, tis_token, tis_seq, tis_mask_mode, has_off, has_select, row_mean,
                         OBJECTIVE: tl.constexpr, SEQ: tl.constexpr, KL: tl.constexpr, USE_KL: tl.constexpr,
                         KL_CORR: tl.constexpr, HAS_ROLL: tl.constexpr, HAS_ENT: tl.constexpr,
                         ADV_PER_TOKEN: tl.constexpr, USE_ENT: tl.constexpr, WRITE_ENT_GRAD: tl.constexpr, COMPUTE: tl.constexpr,
-                        BLOCK: tl.constexpr, HAS_W: tl.constexpr = False):
+                        BLOCK: tl.constexpr, HAS_W: tl.constexpr = False, HAS_OFFLP: tl.constexpr = False):
     row = tl.program_id(0)
     base = row.to(tl.int64) * T
     offs = tl.arange(0, BLOCK)
@@ -114,8 +121,12 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, WTS, ENT_THR, GRAD
         s_lr += tl.sum(lp - o, 0)
         if HAS_ROLL:
             ro = tl.load(ROLL + base + idx, mask=m, other=0.0).to(COMPUTE)
-            s_div += tl.sum(ro - lp, 0)
             s_tis += tl.sum(o - ro, 0)
+        # The off-policy mask's behaviour log-probs: off_policy_logp, else the rollout's, else old.
+        if HAS_OFFLP:
+            s_div += tl.sum(tl.load(OFFLP + base + idx, mask=m, other=0.0).to(COMPUTE) - lp, 0)
+        elif HAS_ROLL:
+            s_div += tl.sum(ro - lp, 0)
         else:
             s_div += tl.sum(o - lp, 0)
         if OBJECTIVE == 4:
@@ -130,7 +141,7 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, WTS, ENT_THR, GRAD
             s_obj += tl.sum(_clamp(lp - o, -20.0, 20.0), 0)
             if HAS_ROLL:
                 w0 = tl.exp(o - ro)
-                w0 = tl.where(w0 > tis_cap, tl.where(tis_mask_mode != 0, 0.0, tis_cap), w0)
+                w0 = _bound_weight(w0, tis_min, tis_cap, tis_mask_mode)
                 lw0 = _clamp(tl.log(w0), -18.420680743952367, 20.0)
                 s_obj2 += tl.sum(tl.where(m & (tis_token != 0), lw0, 0.0), 0)
     n1 = tl.maximum(n, 1.0)
@@ -151,7 +162,7 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, WTS, ENT_THR, GRAD
     seq_dx = tl.where((seq_x < lr_lo) | (seq_x > lr_hi), 0.0, 1.0)
     seq_r = tl.exp(seq_xc)
     w_seq = tl.exp(s_tis)
-    w_seq = tl.where(w_seq > tis_cap, tl.where(tis_mask_mode != 0, 0.0, tis_cap), w_seq)
+    w_seq = _bound_weight(w_seq, tis_min, tis_cap, tis_mask_mode)
     seq_tis = tl.where(tis_seq != 0, w_seq, 1.0)
     if HAS_ENT:
         ent_thr = tl.load(ENT_THR).to(COMPUTE)
@@ -252,7 +263,7 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, WTS, ENT_THR, GRAD
         if HAS_ROLL and OBJECTIVE != 5:  # VESPO folds these weights into its sequence weight
             ro = tl.load(ROLL + base + idx, mask=m, other=0.0).to(COMPUTE)
             wt = tl.exp(o - ro)
-            wt = tl.where(wt > tis_cap, tl.where(tis_mask_mode != 0, 0.0, tis_cap), wt)
+            wt = _bound_weight(wt, tis_min, tis_cap, tis_mask_mode)
             weight = tl.where(tis_token != 0, weight * wt, weight)
         if HAS_W:
             weight = weight * tl.load(WTS + base + idx, mask=m, other=0.0).to(COMPUTE)
@@ -502,6 +513,7 @@ def policy_loss(logp, old_logp, advantages, mask, cfg, tensors: Dict[str, Option
     lp, old = _as(logp, storage), _as(old_logp, storage)
     ref, roll, ent = _as(ref_logp, storage), _as(rollout_logp, storage), _as(entropy, storage)
     wts = _as(tensors.get("weights"), storage)
+    offlp = _as(tensors.get("off_policy_logp"), storage)
     adv = _as(advantages, acc)
     m = _mask_bytes(mask)
     grad = torch.empty((B, T), dtype=storage, device=lp.device)
@@ -529,10 +541,11 @@ def policy_loss(logp, old_logp, advantages, mask, cfg, tensors: Dict[str, Option
     kl = 0 if ref is None else {"k1": 1, "k2": 2, "k3": 3}[cfg.kl_kind]
     _policy_loss_kernel[(B,)](
         lp, old, adv, m, ref if ref is not None else lp, roll if roll is not None else lp,
-        ent if ent is not None else lp, wts if wts is not None else lp, thr, grad_scale, grad, grad_ent, stats, T,
+        ent if ent is not None else lp, wts if wts is not None else lp, offlp if offlp is not None else lp, thr,
+        grad_scale, grad, grad_ent, stats, T,
         clip_lo, clip_hi, _bound(cfg.ratio_cap, INF), float(cfg.dual_clip or 0.0), _bound(lr_lo, -INF),
         _bound(lr_hi, INF), _bound(kl_lo, -INF), _bound(kl_hi, INF), float(cfg.kl_coef), float(cfg.entropy_coef),
-        float(cfg.tis_cap or 0.0), float(cfg.off_policy_threshold or 0.0), _row_scale(cfg.agg, T),
+        float(cfg.tis_cap or 0.0), float(cfg.tis_min or 0.0), float(cfg.off_policy_threshold or 0.0), _row_scale(cfg.agg, T),
         float(cfg.clip_low), float(cfg.clip_low if cfg.clip_high is None else cfg.clip_high),
         float(cfg.sapo_temperature_pos), float(cfg.sapo_temperature_neg), float(cfg.vespo_k_pos),
         float(cfg.vespo_lambda_pos), float(cfg.vespo_k_neg), float(cfg.vespo_lambda_neg),
@@ -544,7 +557,8 @@ def policy_loss(logp, old_logp, advantages, mask, cfg, tensors: Dict[str, Option
         USE_KL=cfg.kl_coef != 0, KL_CORR=bool(cfg.kl_is_correction), HAS_ROLL=roll is not None,
         HAS_ENT=ent is not None, ADV_PER_TOKEN=adv.dim() == 2,
         USE_ENT=cfg.entropy_coef != 0, WRITE_ENT_GRAD=want_entropy_grad,
-        COMPUTE=_compute(grad), BLOCK=min(_BLOCK, triton.next_power_of_2(T)), HAS_W=wts is not None)
+        COMPUTE=_compute(grad), BLOCK=min(_BLOCK, triton.next_power_of_2(T)), HAS_W=wts is not None,
+        HAS_OFFLP=offlp is not None)
     totals = stats.sum(0)
     loss = totals[1] / denom
     nonempty_rows = (stats[:, 0] > 0).sum()
@@ -599,17 +613,17 @@ def bradley_terry_loss(c, r, margin, margin_scalar, grad) -> torch.Tensor:
 
 def _policy_spec(name: str, dt: str, **constexprs) -> AotSpec:
     ptr = f"*{dt}"
-    signature = {"LOGP": ptr, "OLD": ptr, "ADV": "*fp32", "MASK": "*u8", "REF": ptr, "ROLL": ptr, "ENT": ptr, "WTS": ptr,
+    signature = {"LOGP": ptr, "OLD": ptr, "ADV": "*fp32", "MASK": "*u8", "REF": ptr, "ROLL": ptr, "ENT": ptr, "WTS": ptr, "OFFLP": ptr,
                  "ENT_THR": "*fp32", "GRAD_SCALE": "*fp32", "GRAD": ptr, "GRAD_ENT": ptr, "STATS": "*fp32", "T": "i32"}
     for arg in ("clip_lo", "clip_hi", "cap", "dual", "lr_lo", "lr_hi", "kl_lo", "kl_hi", "kl_coef", "ent_coef",
-                "tis_cap", "off_thr", "row_scale", "clip_low", "clip_high", "tau_pos", "tau_neg", "vk_pos", "vl_pos",
+                "tis_cap", "tis_min", "off_thr", "row_scale", "clip_low", "clip_high", "tau_pos", "tau_neg", "vk_pos", "vl_pos",
                 "vk_neg", "vl_neg"):
         signature[arg] = "fp32"
     for arg in ("has_dual", "tis_token", "tis_seq", "tis_mask_mode", "has_off", "has_select", "row_mean"):
         signature[arg] = "i32"
     full = dict(OBJECTIVE=0, SEQ=False, KL=0, USE_KL=False, KL_CORR=False, HAS_ROLL=False, HAS_ENT=False,
                 ADV_PER_TOKEN=False, USE_ENT=False, WRITE_ENT_GRAD=False, COMPUTE=tl.float32, BLOCK=_BLOCK,
-                HAS_W=False)
+                HAS_W=False, HAS_OFFLP=False)
     full.update(constexprs)
     for k in full:
         signature[k] = "constexpr"
@@ -632,6 +646,7 @@ def _specs():
             _policy_spec("policy_cispo_tis_entropy", dt, OBJECTIVE=1, HAS_ROLL=True, HAS_ENT=True,
                          USE_ENT=True, WRITE_ENT_GRAD=True, KL=1, USE_KL=True, KL_CORR=True),
             _policy_spec("policy_clip_tis_weights", dt, HAS_ROLL=True, HAS_W=True, KL=3, USE_KL=True),
+            _policy_spec("policy_clip_tis_off_policy_logp", dt, HAS_ROLL=True, HAS_OFFLP=True),
             AotSpec(f"kl_k3_{dt}", _kl_kernel,
                     {"LOGP": ptr, "REF": ptr, "OUT": "*fp32", "GRAD": "*fp32", "N": "i32", "kl_lo": "fp32",
                      "kl_hi": "fp32", "KL": "constexpr", "WRITE_GRAD": "constexpr", "COMPUTE": "constexpr",
