@@ -47,6 +47,11 @@ OBJ_CASES = {
     "vespo_tis_min_truncate": (("rollout",), dict(objective="vespo", tis_cap=1.05, tis_min=0.97)),
     "vespo_weights": (("rollout", "weights", "entropy"), dict(objective="vespo", tis_cap=1.05, entropy_coef=0.01,
                                                               agg="seq-mean-token-mean")),
+    # the importance-weight band and a separate off-policy tensor on the vector objective body
+    "sapo_band": (("rollout", "behaviour", "weights"),
+                  dict(objective="sapo", tis_cap=1.1, tis_min=0.9, tis_mode="mask", off_policy_threshold=0.01)),
+    "dppo_tv_band": (("rollout", "behaviour"), dict(objective="dppo_tv", clip_low=0.05, tis_cap=1.1, tis_min=0.95,
+                                                    off_policy_threshold=-0.01)),
     "dppo_tv": ((), dict(objective="dppo_tv", clip_low=0.05, clip_high=0.08, ratio_cap=1.3)),
     "dppo_tv_sequence": ((), dict(objective="dppo_tv", level="sequence", clip_low=0.05)),
     "dppo_kl": ((), dict(objective="dppo_kl", clip_low=0.01, clip_high=0.02, ratio_cap=1.2,
@@ -89,7 +94,8 @@ def test_low_precision_matches_reference(backend, name, dtype):
 
 
 LONG_ROW_CASES = ["sapo_everything", "sapo_sequence_kl", "geo_mean_everything", "geo_mean_token_mean", "vespo",
-                  "vespo_tis_mask", "dppo_tv", "dppo_kl_everything"]
+                  "vespo_tis_mask", "vespo_tis_min_mask", "dppo_tv", "dppo_kl_everything", "sapo_band",
+                  "dppo_tv_band"]
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -851,7 +851,8 @@ RLK_LOSS_INLINE void token_step_obj_v(const PolicyInputs<T>& in, const RowConstV
     vf weight = (c.has_select & ~(h >= c.ent_threshold)) ? zero : one;
     if (c.tis_token[0]) {
       vf wt = vexp(o - rolv);
-      wt = c.tis_mask_mode ? (wt > c.tis_cap ? zero : wt) : (wt > c.tis_cap ? c.tis_cap : wt);
+      wt = c.tis_mask_mode ? (((wt > c.tis_cap) | (wt < c.tis_min)) ? zero : wt)
+                           : (wt > c.tis_cap ? c.tis_cap : (wt < c.tis_min ? c.tis_min : wt));
       weight *= wt;
     }
     if (c.has_weights) weight *= m ? vload(in.weights, i) : zero;  // the caller's per-token weights
@@ -1017,9 +1018,10 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
               const vf lp = mm ? vload(in.logp, base + t) : zero;
               const vf o = mm ? vload(in.old, base + t) : zero;
               const vf ro = EXTRA ? (mm ? vload(in.rollout, base + t) : zero) : o;
+              const vf bh = EXTRA ? (mm ? vload(in.behaviour, base + t) : zero) : o;
               vn += mm ? one : zero;
               vlr += lp - o;
-              vdiv += ro - lp;
+              vdiv += bh - lp;
               vtis += o - ro;
               vlp += lp;
               const vf x = lp - o;
