@@ -355,23 +355,13 @@ Forest::Forest(int64_t batch_size, int64_t num_actions, int64_t max_nodes, int64
   if (E_ < A_ || E_ > (int64_t(1) << 31) - 1)
     throw std::invalid_argument("max_edges must be in [num_actions, 2^31), got " + std::to_string(E_));
   const size_t nodes = size_t(B_ * N_), edges = size_t(B_ * E_);
-  parent_.assign(nodes, -1);
-  action_.assign(nodes, -1);
-  first_edge_.assign(nodes, 0);
-  num_edges_.assign(nodes, 0);
-  stats_.assign(nodes, NodeStats{0, 0.f, 0.f, 1.f});
-  slot_.assign(nodes, -1);
-  num_kids_.assign(nodes, 0);
-  best_unexp_.assign(nodes, -1);
-  unexp_prior_.assign(nodes, 0.f);
-  raw_value_.assign(nodes, 0.f);
-  terminal_.assign(nodes, 0);
+  Node blank{};
+  blank.discount = 1.f;
+  blank.parent = blank.action = blank.slot = blank.best_unexp = blank.in_edge = -1;
+  nodes_.assign(nodes, blank);
   edge_action_.assign(edges, -1);
-  edge_child_.assign(edges, -1);
-  edge_prior_.assign(edges, 0.f);
+  edges_.assign(edges, Edge{0, 0.f, 0.f, -1});
   kids_.assign(edges, -1);
-  edge_stat_.assign(edges, EdgeStat{0, 0.f});
-  in_edge_.assign(nodes, -1);
   used_nodes_.assign(size_t(B_), 0);
   used_edges_.assign(size_t(B_), 0);
   has_root_.assign(size_t(B_), 0);
@@ -419,31 +409,31 @@ void Forest::plan(int num_simulations) {
 
 void Forest::recompute_best_unexpanded(int64_t b, int32_t x) {
   const size_t xi = size_t(b * N_ + x);
-  const int64_t eb = b * E_ + first_edge_[xi];
-  const int32_t ne = num_edges_[xi];
+  const int64_t eb = b * E_ + nodes_[xi].first_edge;
+  const int32_t ne = nodes_[xi].num_edges;
   int32_t best = -1;
   float top = kNegInf, mass = 0.f;
   for (int32_t k = 0; k < ne; ++k) {
-    if (edge_child_[size_t(eb + k)] >= 0) continue;
-    const float p = edge_prior_[size_t(eb + k)];
+    if (edges_[size_t(eb + k)].child >= 0) continue;
+    const float p = edges_[size_t(eb + k)].prior;
     mass += p;
     if (p > top) {
       top = p;
       best = k;
     }
   }
-  best_unexp_[xi] = best;
-  unexp_prior_[xi] = mass;
+  nodes_[xi].best_unexp = best;
+  nodes_[xi].unexp_prior = mass;
 }
 
 void Forest::recompute_root_best(int64_t b) {
-  const int64_t eb = b * E_ + first_edge_[size_t(b * N_)];
-  const int32_t ne = num_edges_[size_t(b * N_)];
+  const int64_t eb = b * E_ + nodes_[size_t(b * N_)].first_edge;
+  const int32_t ne = nodes_[size_t(b * N_)].num_edges;
   const float* score = &root_score_[size_t(b * A_)];
   int32_t best = -1;
   float top = kNegInf;
   for (int32_t k = 0; k < ne; ++k) {
-    if (edge_child_[size_t(eb + k)] >= 0) continue;
+    if (edges_[size_t(eb + k)].child >= 0) continue;
     if (best < 0 || score[k] > top) {
       top = score[k];
       best = k;
@@ -452,10 +442,23 @@ void Forest::recompute_root_best(int64_t b) {
   root_best_[size_t(b)] = best;
 }
 
+int32_t Forest::fill_edges(int64_t b, int32_t fe, const float* logits, const uint8_t* legal, int32_t* best,
+                           float* total) {
+  // The softmax runs on a contiguous scratch row (its vector code reads and writes
+  // packed floats) and is then spread over the edge records.
+  thread_local std::vector<float> prior;
+  if (prior.size() < size_t(A_)) prior.resize(size_t(A_));
+  const int64_t eb = b * E_ + fe;
+  const int32_t k = legal_softmax(logits, legal, A_, &edge_action_[size_t(eb)], prior.data(), best, total);
+  Edge* edge = &edges_[size_t(eb)];
+  for (int32_t i = 0; i < k; ++i) edge[i] = Edge{0, 0.f, prior[size_t(i)], -1};
+  return k;
+}
+
 void Forest::prepare_root_noise(int64_t b, CounterRng& rng) {
   const int64_t nb = b * N_, eb = b * E_;
-  const int32_t fe = first_edge_[nb], ne = num_edges_[nb];
-  float* prior = &edge_prior_[size_t(eb + fe)];
+  const int32_t fe = nodes_[nb].first_edge, ne = nodes_[nb].num_edges;
+  Edge* edge = &edges_[size_t(eb + fe)];
   if (cfg_.algorithm == Algorithm::kPuct && cfg_.dirichlet_fraction > 0.f) {
     // Noise over the legal actions only: mctx draws it over all actions and then masks,
     // which wastes part of the noise mass on illegal moves.
@@ -465,14 +468,14 @@ void Forest::prepare_root_noise(int64_t b, CounterRng& rng) {
     const float f = cfg_.dirichlet_fraction;
     for (int32_t k = 0; k < ne; ++k) {
       const double noise = total > 0.0 ? g[size_t(k)] / total : 1.0 / ne;
-      prior[k] = float((1.0 - f) * prior[k] + f * noise);
+      edge[k].prior = float((1.0 - f) * edge[k].prior + f * noise);
     }
   }
   float* score = &root_score_[size_t(b * A_)];
   for (int32_t k = 0; k < ne; ++k) {
     float g = 0.f;
     if (cfg_.algorithm == Algorithm::kGumbel && cfg_.gumbel_scale != 0.f) g = cfg_.gumbel_scale * float(rng.gumbel());
-    score[k] = g + std::log(std::max(prior[k], FLT_MIN));
+    score[k] = g + std::log(std::max(edge[k].prior, FLT_MIN));
   }
   std::fill(root_visits_.begin() + b * A_, root_visits_.begin() + (b + 1) * A_, 0);
   root_sims_[size_t(b)] = 0;
@@ -481,25 +484,22 @@ void Forest::prepare_root_noise(int64_t b, CounterRng& rng) {
 }
 
 void Forest::init_root(int64_t b, const float* logits, float value, const uint8_t* legal, CounterRng& rng) {
-  const int64_t nb = b * N_, eb = b * E_;
+  const int64_t nb = b * N_;
   int32_t best;
   float total;
-  const int32_t k =
-      legal_softmax(logits, legal, A_, &edge_action_[size_t(eb)], &edge_prior_[size_t(eb)], &best, &total);
-  std::fill(edge_child_.begin() + eb, edge_child_.begin() + eb + k, -1);
-  if (k <= kOrderedChildren) std::fill(edge_stat_.begin() + eb, edge_stat_.begin() + eb + k, EdgeStat{0, 0.f});
-  parent_[nb] = -1;
-  in_edge_[nb] = -1;
-  action_[nb] = -1;
-  slot_[nb] = -1;
-  num_kids_[nb] = 0;
-  first_edge_[nb] = 0;
-  num_edges_[nb] = k;
-  stats_[nb].visits = 1;
-  stats_[nb].value = raw_value_[nb] = value;
-  stats_[nb].reward = 0.f;
-  stats_[nb].discount = 1.f;
-  terminal_[nb] = 0;
+  const int32_t k = fill_edges(b, 0, logits, legal, &best, &total);
+  nodes_[nb].parent = -1;
+  nodes_[nb].in_edge = -1;
+  nodes_[nb].action = -1;
+  nodes_[nb].slot = -1;
+  nodes_[nb].num_kids = 0;
+  nodes_[nb].first_edge = 0;
+  nodes_[nb].num_edges = k;
+  nodes_[nb].visits = 1;
+  nodes_[nb].value = nodes_[nb].raw_value = value;
+  nodes_[nb].reward = 0.f;
+  nodes_[nb].discount = 1.f;
+  nodes_[nb].terminal = 0;
   used_nodes_[b] = 1;
   used_edges_[b] = k;
   has_root_[b] = 1;
@@ -533,7 +533,7 @@ void Forest::set_roots(const float* logits, const float* value, const uint8_t* l
 // unexpanded edges, with expanded == false, so that the scan has no branch to mispredict:
 // it must leave its sums unchanged for those.
 template <typename Fn>
-inline void for_each_child(const Forest::EdgeStat* rec, int32_t ne, const int32_t* kids, int32_t count, Fn&& fn) {
+inline void for_each_child(const Forest::Edge* rec, int32_t ne, const int32_t* kids, int32_t count, Fn&& fn) {
   if (ne <= kOrderedChildren) {
     for (int32_t k = 0; k < ne; ++k) fn(k, rec[k].visits > 0);
   } else {
@@ -544,17 +544,16 @@ inline void for_each_child(const Forest::EdgeStat* rec, int32_t ne, const int32_
 void Forest::link_child(int64_t b, int32_t x, int32_t slot) {
   const size_t xi = size_t(b * N_ + x);
   // Small nodes find their children by scanning their edges (see for_each_child).
-  if (num_edges_[xi] > kOrderedChildren) kids_[size_t(b * E_ + first_edge_[xi] + num_kids_[xi])] = slot;
-  ++num_kids_[xi];
+  if (nodes_[xi].num_edges > kOrderedChildren) kids_[size_t(b * E_ + nodes_[xi].first_edge + nodes_[xi].num_kids)] = slot;
+  ++nodes_[xi].num_kids;
 }
 
 void Forest::completed(int64_t b, int32_t x, std::vector<Child>& buf, Completed& out) const {
   const int64_t nb = b * N_;
   const size_t xi = size_t(nb + x);
-  const int32_t ne = num_edges_[xi];
-  const int64_t eb = b * E_ + first_edge_[xi];
-  const float* prior = edge_prior_.data() + eb;
-  const EdgeStat* rec = edge_stat_.data() + eb;
+  const int32_t ne = nodes_[xi].num_edges;
+  const int64_t eb = b * E_ + nodes_[xi].first_edge;
+  const Edge* rec = edges_.data() + eb;
   int32_t sum_n = 0, max_n = 0;
   float sum_p = 0.f, sum_pq = 0.f;
   float q_lo = std::numeric_limits<float>::infinity(), q_hi = -q_lo;
@@ -562,10 +561,10 @@ void Forest::completed(int64_t b, int32_t x, std::vector<Child>& buf, Completed&
   int32_t count = 0;
   // Adding +0 for an unexpanded edge leaves a sum as it was, bit for bit (a sum that
   // starts at +0 is never -0), so the scan of a small node gives the list's results.
-  for_each_child(rec, ne, kids_.data() + eb, num_kids_[xi], [&](int32_t k, bool on) {
+  for_each_child(rec, ne, kids_.data() + eb, nodes_[xi].num_kids, [&](int32_t k, bool on) {
     const int32_t n = rec[k].visits;
     const float q = rec[k].q;
-    const float p = prior[k];
+    const float p = rec[k].prior;
     out_child[count] = {k, n, q, p};
     count += on;
     sum_n += n;
@@ -577,10 +576,10 @@ void Forest::completed(int64_t b, int32_t x, std::vector<Child>& buf, Completed&
     q_hi = on ? std::max(q_hi, q) : q_hi;
   });
   out.count = count;
-  out.best_unvisited_edge = best_unexp_[xi];
-  out.best_unvisited_prior = out.best_unvisited_edge >= 0 ? prior[out.best_unvisited_edge] : kNegInf;
-  out.unvisited_prior_sum = unexp_prior_[xi];
-  const float raw = raw_value_[xi];
+  out.best_unvisited_edge = nodes_[xi].best_unexp;
+  out.best_unvisited_prior = out.best_unvisited_edge >= 0 ? rec[out.best_unvisited_edge].prior : kNegInf;
+  out.unvisited_prior_sum = nodes_[xi].unexp_prior;
+  const float raw = nodes_[xi].raw_value;
   float v = raw;
   if (cfg_.use_mixed_value && count > 0) {
     v = (raw + float(sum_n) * (sum_pq / sum_p)) / float(sum_n + 1);
@@ -622,23 +621,22 @@ void Forest::completed(int64_t b, int32_t x, std::vector<Child>& buf, Completed&
 int32_t Forest::puct_edge(int64_t b, int32_t x, std::vector<Child>& buf) const {
   const int64_t nb = b * N_;
   const size_t xi = size_t(nb + x);
-  const int32_t fe = first_edge_[xi];
+  const int32_t fe = nodes_[xi].first_edge;
   const int64_t eb = b * E_ + fe;
-  const float* prior = edge_prior_.data() + eb;
-  const NodeStats* st = stats_.data() + nb;
-  const float n_node = float(st[x].visits);
+  const Edge* rec = edges_.data() + eb;
+  const Node& node = nodes_[xi];
+  const float n_node = float(node.visits);
   float pb_c = cfg_.c1 + std::log((n_node + cfg_.c2 + 1.f) / cfg_.c2);
   if (!std::isfinite(pb_c)) pb_c = float(double(cfg_.c1) + std::log((double(n_node) + cfg_.c2 + 1.0) / cfg_.c2));
   const float coef = std::sqrt(n_node) * pb_c;
-  float lo = st[x].value, hi = lo;
+  float lo = node.value, hi = lo;
   Child* out_child = buf.data();
   int32_t count = 0;
-  const EdgeStat* rec = edge_stat_.data() + eb;
-  for_each_child(rec, num_edges_[xi], kids_.data() + eb, num_kids_[xi], [&](int32_t k, bool on) {
+  for_each_child(rec, node.num_edges, kids_.data() + eb, node.num_kids, [&](int32_t k, bool on) {
     const float q = rec[k].q;
     lo = on ? std::min(lo, q) : lo;
     hi = on ? std::max(hi, q) : hi;
-    out_child[count] = {k, rec[k].visits, q, prior[k]};
+    out_child[count] = {k, rec[k].visits, q, rec[k].prior};
     count += on;
   });
   // Unvisited children are completed by the minimum, i.e. 0 after normalisation, so only
@@ -647,8 +645,8 @@ int32_t Forest::puct_edge(int64_t b, int32_t x, std::vector<Child>& buf) const {
   // leaves every score as it was, bit for bit).
   const float half = hi - lo <= FLT_MAX ? 1.f : 0.5f;
   const float inv_denom = 1.0f / std::max(hi * half - lo * half, kEps);
-  int32_t best = best_unexp_[xi];
-  float best_score = best >= 0 ? coef * prior[best] : kNegInf;
+  int32_t best = node.best_unexp;
+  float best_score = best >= 0 ? coef * rec[best].prior : kNegInf;
   for (int32_t i = 0; i < count; ++i) {
     const Child& ch = out_child[i];
     const float s = (ch.q * half - lo * half) * inv_denom + coef * ch.prior / float(ch.visits + 1);
@@ -661,7 +659,7 @@ int32_t Forest::puct_edge(int64_t b, int32_t x, std::vector<Child>& buf) const {
 }
 
 int32_t Forest::gumbel_interior_edge(int64_t b, int32_t x, std::vector<Child>& buf) const {
-  const int32_t fe = first_edge_[size_t(b * N_ + x)];
+  const int32_t fe = nodes_[size_t(b * N_ + x)].first_edge;
   Completed cq;
   completed(b, x, buf, cq);
   // argmax softmax(logits + sigma(completedQ)) - n / (1 + sum n), evaluated without
@@ -693,7 +691,7 @@ int32_t Forest::gumbel_interior_edge(int64_t b, int32_t x, std::vector<Child>& b
 }
 
 int32_t Forest::gumbel_root_edge(int64_t b, std::vector<Child>& buf) const {
-  const int32_t fe = first_edge_[size_t(b * N_)], ne = num_edges_[size_t(b * N_)];
+  const int32_t fe = nodes_[size_t(b * N_)].first_edge, ne = nodes_[size_t(b * N_)].num_edges;
   const int32_t sim = root_sims_[size_t(b)];
   // Past the planned number of simulations the root falls back to the interior rule.
   if (sim >= table_sims_) return gumbel_interior_edge(b, 0, buf);
@@ -725,11 +723,11 @@ int32_t Forest::gumbel_root_edge(int64_t b, std::vector<Child>& buf) const {
 
 int32_t Forest::select_edge(int64_t b, int32_t x, int depth, std::vector<Child>& buf) const {
   const size_t xi = size_t(b * N_ + x);
-  const int32_t e = score_edge(b, x, depth, buf), fe = first_edge_[xi];
+  const int32_t e = score_edge(b, x, depth, buf), fe = nodes_[xi].first_edge;
   // Selection is total: when no score compares (all NaN, which finite inputs should not
   // produce but absurd options can), the node's first edge, its lowest legal action, is
   // taken rather than an edge outside its slice.
-  return e >= fe && e < fe + num_edges_[xi] ? e : fe;
+  return e >= fe && e < fe + nodes_[xi].num_edges ? e : fe;
 }
 
 int32_t Forest::score_edge(int64_t b, int32_t x, int depth, std::vector<Child>& buf) const {
@@ -738,7 +736,7 @@ int32_t Forest::score_edge(int64_t b, int32_t x, int depth, std::vector<Child>& 
   // actions share one completed value: no need to look at its edges.
   if (depth > 0 || cfg_.algorithm == Algorithm::kPuct) {
     const size_t xi = size_t(b * N_ + x);
-    if (num_kids_[xi] == 0 && best_unexp_[xi] >= 0) return first_edge_[xi] + best_unexp_[xi];
+    if (nodes_[xi].num_kids == 0 && nodes_[xi].best_unexp >= 0) return nodes_[xi].first_edge + nodes_[xi].best_unexp;
   }
   if (cfg_.algorithm == Algorithm::kPuct) return puct_edge(b, x, buf);
   return depth == 0 ? gumbel_root_edge(b, buf) : gumbel_interior_edge(b, x, buf);
@@ -746,23 +744,25 @@ int32_t Forest::score_edge(int64_t b, int32_t x, int depth, std::vector<Child>& 
 
 void Forest::sync_edge(int64_t b, int32_t x) {
   const size_t xi = size_t(b * N_ + x);
-  const int32_t e = in_edge_[xi];
+  const int32_t e = nodes_[xi].in_edge;
   if (e < 0) return;  // a root
-  const NodeStats& s = stats_[xi];
-  edge_stat_[size_t(b * E_ + e)] = EdgeStat{s.visits, s.reward + s.discount * s.value};
+  const Node& s = nodes_[xi];
+  Edge& edge = edges_[size_t(b * E_ + e)];
+  edge.visits = s.visits;
+  edge.q = s.reward + s.discount * s.value;
 }
 
 void Forest::backup(int64_t b, int32_t x, float leaf_value) {
   const int64_t nb = b * N_;
   float v = leaf_value;
-  for (int32_t p = parent_[size_t(nb + x)]; p >= 0; x = p, p = parent_[size_t(nb + x)]) {
-    v = stats_[size_t(nb + x)].reward + stats_[size_t(nb + x)].discount * v;
+  for (int32_t p = nodes_[size_t(nb + x)].parent; p >= 0; x = p, p = nodes_[size_t(nb + x)].parent) {
+    v = nodes_[size_t(nb + x)].reward + nodes_[size_t(nb + x)].discount * v;
     const size_t pi = size_t(nb + p);
-    stats_[pi].value = running_mean(stats_[pi].value, float(stats_[pi].visits), v);
-    stats_[pi].visits += 1;
+    nodes_[pi].value = running_mean(nodes_[pi].value, float(nodes_[pi].visits), v);
+    nodes_[pi].visits += 1;
     sync_edge(b, p);
     if (p == 0) {
-      root_visits_[size_t(b * A_ + slot_[size_t(nb + x)])] += 1;
+      root_visits_[size_t(b * A_ + nodes_[size_t(nb + x)].slot)] += 1;
       root_sims_[size_t(b)] += 1;
     }
   }
@@ -770,9 +770,9 @@ void Forest::backup(int64_t b, int32_t x, float leaf_value) {
 
 void Forest::revisit(int64_t b, int32_t x) {
   const size_t xi = size_t(b * N_ + x);
-  const float v = terminal_[xi] ? 0.f : raw_value_[xi];
-  stats_[xi].value = running_mean(stats_[xi].value, float(stats_[xi].visits), v);
-  stats_[xi].visits += 1;
+  const float v = nodes_[xi].terminal ? 0.f : nodes_[xi].raw_value;
+  nodes_[xi].value = running_mean(nodes_[xi].value, float(nodes_[xi].visits), v);
+  nodes_[xi].visits += 1;
   sync_edge(b, x);
   backup(b, x, v);
 }
@@ -785,7 +785,7 @@ void Forest::select_tree(int64_t b, std::vector<Child>& buf) {
   int depth = 0;
   for (;;) {
     const int32_t e = select_edge(b, x, depth, buf);
-    const int32_t c = edge_child_[size_t(eb + e)];
+    const int32_t c = edges_[size_t(eb + e)].child;
     ++depth;
     if (c < 0) {
       if (used_nodes_[b] >= N_ || used_edges_[b] + A_ > E_) {
@@ -796,12 +796,37 @@ void Forest::select_tree(int64_t b, std::vector<Child>& buf) {
       }
       return;
     }
-    if (terminal_[size_t(nb + c)] || (cfg_.max_depth > 0 && depth >= cfg_.max_depth)) {
+    if (nodes_[size_t(nb + c)].terminal || (cfg_.max_depth > 0 && depth >= cfg_.max_depth)) {
       revisit(b, c);
       return;
     }
     x = c;
   }
+}
+
+void Forest::prefetch_tree(int64_t b) const {
+#if defined(__GNUC__)
+  // A step visits every tree once, and a large forest does not fit in the core's cache:
+  // while tree b - 1 is searched, the lines tree b starts with are loaded (its root and
+  // root edges, the Gumbel root schedule, and the node and edge a pending leaf expands).
+  const int64_t nb = b * N_, eb = b * E_;
+  __builtin_prefetch(&nodes_[size_t(nb)]);
+  const int64_t root_edges = std::min<int64_t>(A_, kOrderedChildren);
+  const char* e0 = reinterpret_cast<const char*>(&edges_[size_t(eb)]);
+  for (int64_t off = 0; off < root_edges * int64_t(sizeof(Edge)); off += 64) __builtin_prefetch(e0 + off);
+  if (cfg_.algorithm == Algorithm::kGumbel) {
+    __builtin_prefetch(&root_visits_[size_t(b * A_)]);
+    __builtin_prefetch(&root_score_[size_t(b * A_)]);
+  }
+  const int32_t x = pend_parent_[size_t(b)];
+  if (x >= 0) {
+    __builtin_prefetch(&nodes_[size_t(nb + x)]);
+    __builtin_prefetch(&edges_[size_t(eb + pend_edge_[size_t(b)])]);
+    __builtin_prefetch(&nodes_[size_t(nb + used_nodes_[size_t(b)])], 1);
+  }
+#else
+  (void)b;
+#endif
 }
 
 void Forest::check_can_select() const {
@@ -831,7 +856,10 @@ int64_t Forest::select(int64_t* tree, int64_t* parent, int64_t* action, int64_t*
   check_can_select();
   rlk::parallel_for(B_, step_grain(B_, std::max<int64_t>(4, 512 / A_)), [&](int64_t begin, int64_t end) {
     std::vector<Child> buf(static_cast<size_t>(A_));
-    for (int64_t b = begin; b < end; ++b) select_tree(b, buf);
+    for (int64_t b = begin; b < end; ++b) {
+      if (b + 1 < end) prefetch_tree(b + 1);
+      select_tree(b, buf);
+    }
   });
   return collect_leaves(tree, parent, action, node);
 }
@@ -845,8 +873,8 @@ bool Forest::path_overflows(int64_t i, const float* value, const float* reward, 
   float v = reward[i] + discount[i] * leaf;
   if (!std::isfinite(v)) return true;
   const int64_t nb = b * N_;
-  for (int32_t x = pend_parent_[size_t(b)], p = parent_[size_t(nb + x)]; p >= 0; x = p, p = parent_[size_t(nb + x)]) {
-    v = stats_[size_t(nb + x)].reward + stats_[size_t(nb + x)].discount * v;
+  for (int32_t x = pend_parent_[size_t(b)], p = nodes_[size_t(nb + x)].parent; p >= 0; x = p, p = nodes_[size_t(nb + x)].parent) {
+    v = nodes_[size_t(nb + x)].reward + nodes_[size_t(nb + x)].discount * v;
     if (!std::isfinite(v)) return true;
   }
   return false;
@@ -908,45 +936,41 @@ void Forest::expand_row(int64_t i, int64_t b, const float* logits, const float* 
   const int32_t x = pend_parent_[b], e = pend_edge_[b];
   const int32_t id = used_nodes_[b]++;
   const size_t ni = size_t(nb + id);
-  edge_child_[size_t(eb + e)] = id;
+  edges_[size_t(eb + e)].child = id;
   const size_t xi = size_t(nb + x);
-  const int32_t slot = e - first_edge_[xi];
-  slot_[ni] = slot;
-  in_edge_[ni] = e;
+  const int32_t slot = e - nodes_[xi].first_edge;
+  nodes_[ni].slot = slot;
+  nodes_[ni].in_edge = e;
   link_child(b, x, slot);
-  num_kids_[ni] = 0;
-  unexp_prior_[xi] -= edge_prior_[size_t(eb + e)];
-  if (best_unexp_[xi] == slot) recompute_best_unexpanded(b, x);
+  nodes_[ni].num_kids = 0;
+  nodes_[xi].unexp_prior -= edges_[size_t(eb + e)].prior;
+  if (nodes_[xi].best_unexp == slot) recompute_best_unexpanded(b, x);
   if (x == 0 && root_best_[size_t(b)] == slot) recompute_root_best(b);
-  parent_[ni] = x;
-  action_[ni] = edge_action_[size_t(eb + e)];
-  stats_[ni].reward = reward[i];
-  stats_[ni].discount = discount[i];
+  nodes_[ni].parent = x;
+  nodes_[ni].action = edge_action_[size_t(eb + e)];
+  nodes_[ni].reward = reward[i];
+  nodes_[ni].discount = discount[i];
   if (!tame(reward[i], discount[i], value[i])) tame_[b] = 0;
-  stats_[ni].visits = 1;
+  nodes_[ni].visits = 1;
   const bool term = terminal && terminal[i];
-  terminal_[ni] = term ? 1 : 0;
-  first_edge_[ni] = used_edges_[b];
+  nodes_[ni].terminal = term ? 1 : 0;
+  nodes_[ni].first_edge = used_edges_[b];
   if (term) {
-    num_edges_[ni] = 0;
-    best_unexp_[ni] = -1;
-    unexp_prior_[ni] = 0.f;
-    stats_[ni].value = raw_value_[ni] = 0.f;
+    nodes_[ni].num_edges = 0;
+    nodes_[ni].best_unexp = -1;
+    nodes_[ni].unexp_prior = 0.f;
+    nodes_[ni].value = nodes_[ni].raw_value = 0.f;
   } else {
     const int32_t fe = used_edges_[b];
-    const int32_t k = legal_softmax(logits + i * A_, legal ? legal + i * A_ : nullptr, A_,
-                                    &edge_action_[size_t(eb + fe)], &edge_prior_[size_t(eb + fe)],
-                                    &best_unexp_[ni], &unexp_prior_[ni]);
-    std::fill(edge_child_.begin() + eb + fe, edge_child_.begin() + eb + fe + k, -1);
-    // Only a small node scans its unexpanded edges' records (see for_each_child).
-    if (k <= kOrderedChildren) std::fill(edge_stat_.begin() + eb + fe, edge_stat_.begin() + eb + fe + k, EdgeStat{0, 0.f});
-    num_edges_[ni] = k;
+    const int32_t k = fill_edges(b, fe, logits + i * A_, legal ? legal + i * A_ : nullptr, &nodes_[ni].best_unexp,
+                                 &nodes_[ni].unexp_prior);
+    nodes_[ni].num_edges = k;
     used_edges_[b] = fe + k;
-    stats_[ni].value = raw_value_[ni] = value[i];
+    nodes_[ni].value = nodes_[ni].raw_value = value[i];
   }
   pend_parent_[b] = -1;
   sync_edge(b, id);
-  backup(b, id, stats_[ni].value);
+  backup(b, id, nodes_[ni].value);
 }
 
 void Forest::expand_backup(int64_t L, const float* logits, const float* value, const float* reward,
@@ -970,6 +994,7 @@ int64_t Forest::expand_select(int64_t L, const float* logits, const float* value
   rlk::parallel_for(B_, step_grain(B_, std::max<int64_t>(4, 512 / A_)), [&](int64_t begin, int64_t end) {
     std::vector<Child> buf(static_cast<size_t>(A_));
     for (int64_t b = begin; b < end; ++b) {
+      if (b + 1 < end) prefetch_tree(b + 1);
       if (pend_parent_[b] >= 0)
         expand_row(pend_row_[size_t(b)], b, logits, value, reward, discount, legal, terminal);
       select_tree(b, buf);
@@ -1000,24 +1025,23 @@ void Forest::result(float temperature, int64_t* action, float* weights, int32_t*
       root_value[b] = 0.f;
       if (!has_root_[b]) continue;
       const int64_t nb = b * N_, eb = b * E_;
-      const int32_t fe = first_edge_[nb], ne = num_edges_[nb];
-      const int32_t* child = &edge_child_[size_t(eb + fe)];
+      const int32_t fe = nodes_[nb].first_edge, ne = nodes_[nb].num_edges;
+      const Edge* edge = &edges_[size_t(eb + fe)];
       const int32_t* acts = &edge_action_[size_t(eb + fe)];
-      const float* prior = &edge_prior_[size_t(eb + fe)];
-      root_value[b] = stats_[size_t(nb)].value;
+      root_value[b] = nodes_[size_t(nb)].value;
       int64_t total = 0;
       for (int32_t k = 0; k < ne; ++k) {
-        const int32_t c = child[k];
+        const int32_t c = edge[k].child;
         if (c < 0) continue;
         const size_t ci = size_t(nb + c);
-        n_out[acts[k]] = stats_[ci].visits;
-        q_out[acts[k]] = stats_[ci].reward + stats_[ci].discount * stats_[ci].value;
-        total += stats_[ci].visits;
+        n_out[acts[k]] = nodes_[ci].visits;
+        q_out[acts[k]] = nodes_[ci].reward + nodes_[ci].discount * nodes_[ci].value;
+        total += nodes_[ci].visits;
       }
       CounterRng rng(cfg_.seed, uint64_t(b), epoch);
       if (cfg_.algorithm == Algorithm::kPuct) {
         for (int32_t k = 0; k < ne; ++k)
-          w[acts[k]] = total > 0 ? float(double(n_out[acts[k]]) / double(total)) : prior[k];
+          w[acts[k]] = total > 0 ? float(double(n_out[acts[k]]) / double(total)) : edge[k].prior;
         if (temperature <= 0.f) {
           int32_t best = 0;
           for (int32_t k = 1; k < ne; ++k)
@@ -1060,7 +1084,7 @@ void Forest::result(float temperature, int64_t* action, float* weights, int32_t*
         float best_score = kNegInf;
         for (int32_t k = 0; k < ne; ++k) {
           const float s = sig[size_t(k)];
-          improved[size_t(k)] = std::log(std::max(prior[k], FLT_MIN)) + s;
+          improved[size_t(k)] = std::log(std::max(edge[k].prior, FLT_MIN)) + s;
           mx = std::max(mx, improved[size_t(k)]);
           if (search_visits[k] == considered) {
             const float sc = std::max(kLowLogit, score[k] + s);
@@ -1091,7 +1115,7 @@ void Forest::advance(const int64_t* actions, int64_t* old_to_new) {
     if (!has_root_[b])
       throw std::invalid_argument("actions: row " + std::to_string(b) + " names a tree without a root");
     const int64_t nb = b * N_, eb = b * E_;
-    const int32_t fe = first_edge_[nb], ne = num_edges_[nb];
+    const int32_t fe = nodes_[nb].first_edge, ne = nodes_[nb].num_edges;
     for (int32_t k = 0; k < ne; ++k)
       if (edge_action_[size_t(eb + fe + k)] == a) chosen[size_t(b)] = k;
     if (chosen[size_t(b)] < 0)
@@ -1109,8 +1133,8 @@ void Forest::advance(const int64_t* actions, int64_t* old_to_new) {
         continue;
       }
       std::fill(o2n, o2n + N_, -1);
-      const int32_t c = edge_child_[size_t(eb + first_edge_[nb] + chosen[size_t(b)])];
-      if (c < 0 || terminal_[size_t(nb + c)]) {
+      const int32_t c = edges_[size_t(eb + nodes_[nb].first_edge + chosen[size_t(b)])].child;
+      if (c < 0 || nodes_[size_t(nb + c)].terminal) {
         // Nothing to keep: the tree waits for set_roots() on this row.
         has_root_[b] = 0;
         used_nodes_[b] = used_edges_[b] = 0;
@@ -1122,41 +1146,40 @@ void Forest::advance(const int64_t* actions, int64_t* old_to_new) {
       int32_t kept = 0;
       o2n[c] = kept++;
       for (int32_t i = c + 1; i < used; ++i)
-        if (o2n[parent_[size_t(nb + i)]] >= 0) o2n[i] = kept++;
+        if (o2n[nodes_[size_t(nb + i)].parent] >= 0) o2n[i] = kept++;
       int32_t next_edge = 0;
       for (int32_t i = c; i < used; ++i) {
         if (o2n[i] < 0) continue;
         const size_t src = size_t(nb + i), dst = size_t(nb + o2n[i]);
-        const int32_t fe = first_edge_[src], ne = num_edges_[src];
-        parent_[dst] = i == c ? -1 : int32_t(o2n[parent_[src]]);
-        action_[dst] = i == c ? -1 : action_[src];
-        stats_[dst].visits = stats_[src].visits;
-        stats_[dst].value = stats_[src].value;
-        raw_value_[dst] = raw_value_[src];
-        stats_[dst].reward = i == c ? 0.f : stats_[src].reward;
-        stats_[dst].discount = i == c ? 1.f : stats_[src].discount;
-        terminal_[dst] = terminal_[src];
-        num_edges_[dst] = ne;
-        first_edge_[dst] = next_edge;
-        slot_[dst] = i == c ? -1 : slot_[src];
+        const int32_t fe = nodes_[src].first_edge, ne = nodes_[src].num_edges;
+        nodes_[dst].parent = i == c ? -1 : int32_t(o2n[nodes_[src].parent]);
+        nodes_[dst].action = i == c ? -1 : nodes_[src].action;
+        nodes_[dst].visits = nodes_[src].visits;
+        nodes_[dst].value = nodes_[src].value;
+        nodes_[dst].raw_value = nodes_[src].raw_value;
+        nodes_[dst].reward = i == c ? 0.f : nodes_[src].reward;
+        nodes_[dst].discount = i == c ? 1.f : nodes_[src].discount;
+        nodes_[dst].terminal = nodes_[src].terminal;
+        nodes_[dst].num_edges = ne;
+        nodes_[dst].first_edge = next_edge;
+        nodes_[dst].slot = i == c ? -1 : nodes_[src].slot;
         // A kept node's parent was kept before it (smaller id), so its new edges are known.
-        in_edge_[dst] = i == c ? -1 : first_edge_[size_t(nb + parent_[dst])] + slot_[dst];
-        best_unexp_[dst] = best_unexp_[src];
-        unexp_prior_[dst] = unexp_prior_[src];
-        num_kids_[dst] = 0;
+        nodes_[dst].in_edge = i == c ? -1 : nodes_[size_t(nb + nodes_[dst].parent)].first_edge + nodes_[dst].slot;
+        nodes_[dst].best_unexp = nodes_[src].best_unexp;
+        nodes_[dst].unexp_prior = nodes_[src].unexp_prior;
+        nodes_[dst].num_kids = 0;
         for (int32_t k = 0; k < ne; ++k) {
           const size_t es = size_t(eb + fe + k), ed = size_t(eb + next_edge + k);
           edge_action_[ed] = edge_action_[es];
-          edge_prior_[ed] = edge_prior_[es];
-          edge_stat_[ed] = edge_stat_[es];
-          const int32_t ch = edge_child_[es];
-          edge_child_[ed] = ch >= 0 ? int32_t(o2n[ch]) : -1;
+          Edge moved = edges_[es];
+          moved.child = moved.child >= 0 ? int32_t(o2n[moved.child]) : -1;
+          edges_[ed] = moved;
         }
         next_edge += ne;
       }
       used_nodes_[b] = kept;
       used_edges_[b] = next_edge;
-      for (int32_t j = 1; j < kept; ++j) link_child(b, parent_[size_t(nb + j)], slot_[size_t(nb + j)]);  // as expansion built them
+      for (int32_t j = 1; j < kept; ++j) link_child(b, nodes_[size_t(nb + j)].parent, nodes_[size_t(nb + j)].slot);  // as expansion built them
       CounterRng rng(cfg_.seed, uint64_t(b), epoch);
       prepare_root_noise(b, rng);
     }
@@ -1187,26 +1210,26 @@ void Forest::export_tree(int32_t* node_visits, float* node_values, float* raw_va
           terminal[o] = 0;
           continue;
         }
-        node_visits[o] = stats_[size_t(o)].visits;
-        node_values[o] = stats_[size_t(o)].value;
-        raw_values[o] = raw_value_[size_t(o)];
-        parents[o] = parent_[size_t(o)];
-        action_from_parent[o] = action_[size_t(o)];
-        terminal[o] = terminal_[size_t(o)];
-        const int32_t fe = first_edge_[size_t(o)], ne = num_edges_[size_t(o)];
+        node_visits[o] = nodes_[size_t(o)].visits;
+        node_values[o] = nodes_[size_t(o)].value;
+        raw_values[o] = nodes_[size_t(o)].raw_value;
+        parents[o] = nodes_[size_t(o)].parent;
+        action_from_parent[o] = nodes_[size_t(o)].action;
+        terminal[o] = nodes_[size_t(o)].terminal;
+        const int32_t fe = nodes_[size_t(o)].first_edge, ne = nodes_[size_t(o)].num_edges;
         if (ne > 0) std::fill(children_prior_logits + oa, children_prior_logits + oa + A_, lowest);
         for (int32_t k = 0; k < ne; ++k) {
           const size_t e = size_t(eb + fe + k);
           const int64_t a = edge_action_[e];
-          children_prior_logits[oa + a] = std::log(std::max(edge_prior_[e], FLT_MIN));
-          const int32_t c = edge_child_[e];
+          children_prior_logits[oa + a] = std::log(std::max(edges_[e].prior, FLT_MIN));
+          const int32_t c = edges_[e].child;
           if (c < 0) continue;
           const size_t ci = size_t(nb + c);
           children_index[oa + a] = c;
-          children_visits[oa + a] = stats_[ci].visits;
-          children_values[oa + a] = stats_[ci].value;
-          children_rewards[oa + a] = stats_[ci].reward;
-          children_discounts[oa + a] = stats_[ci].discount;
+          children_visits[oa + a] = nodes_[ci].visits;
+          children_values[oa + a] = nodes_[ci].value;
+          children_rewards[oa + a] = nodes_[ci].reward;
+          children_discounts[oa + a] = nodes_[ci].discount;
         }
       }
     }

@@ -106,11 +106,14 @@ class Forest {
   void has_root(uint8_t* out) const;
 
  public:
-  // The statistics of the child on an edge, kept on the parent's edge slice (updated with
-  // the child's NodeStats) so a node reads its children's from one contiguous run.
-  struct EdgeStat {
+  // One edge: the statistics of its child (updated with the child's own), its prior and
+  // its child's id, in one 16-byte record, so a node reads everything selection needs
+  // about its children from one contiguous run.
+  struct Edge {
     int32_t visits;  // 0: not expanded
     float q;         // reward + discount * value of the child
+    float prior;
+    int32_t child;   // -1: not expanded
   };
   struct Child {
     int32_t edge;
@@ -123,6 +126,7 @@ class Forest {
   struct Completed;  // completed-Q summary of one node (Gumbel)
 
   void select_tree(int64_t b, std::vector<Child>& buf);
+  void prefetch_tree(int64_t b) const;
   void check_can_select() const;
   int64_t collect_leaves(int64_t* tree, int64_t* parent, int64_t* action, int64_t* node);
   // Throws, naming the first bad row, when a row of an expansion breaks the NaN policy.
@@ -132,6 +136,9 @@ class Forest {
                   const float* discount, const uint8_t* legal, const uint8_t* terminal);
   void init_root(int64_t b, const float* logits, float value, const uint8_t* legal, CounterRng& rng);
   void prepare_root_noise(int64_t b, CounterRng& rng);
+  // Writes the legal actions and their softmax priors as fresh (unexpanded) edges of tree b
+  // from offset fe; returns their number (best and total: see legal_softmax).
+  int32_t fill_edges(int64_t b, int32_t fe, const float* logits, const uint8_t* legal, int32_t* best, float* total);
   int32_t select_edge(int64_t b, int32_t x, int depth, std::vector<Child>& buf) const;
   int32_t score_edge(int64_t b, int32_t x, int depth, std::vector<Child>& buf) const;
   // Whether backing up pending row i would make a value non-finite anywhere on its path.
@@ -157,32 +164,31 @@ class Forest {
   int64_t B_, A_, N_, E_;
   Config cfg_;
 
-  // Node pools [B*N]. slot_ is the node's edge offset in its parent's slice. Selection
-  // reads the children of a node from edge_stat_: all its edges in edge order for a node
-  // with up to 48 edges, else those listed in kids_, newest first.
-  // best_unexp_ caches the offset of the highest-prior unexpanded edge (-1: none) and
-  // unexp_prior_ the prior mass of the unexpanded edges.
-  // The statistics a selection reads for every child sit in one 16-byte record, so a
-  // child costs one cache line instead of four.
-  struct NodeStats {
+  // Node pool [B*N]. Everything a simulation reads or writes at a node sits in one
+  // 64-byte record (one cache line): with one array per field, a step over a large
+  // forest paid a cache miss per field per node.
+  // slot is the node's edge offset in its parent's slice, in_edge the offset of its
+  // incoming edge in the tree's edge pool. Selection reads the children of a node from
+  // its edges: all of them in edge order for a node with up to 48 edges, else those
+  // listed in kids_, newest first. best_unexp caches the offset of the highest-prior
+  // unexpanded edge (-1: none) and unexp_prior the prior mass of the unexpanded edges.
+  struct alignas(64) Node {
     int32_t visits;
     float value;     // mean of the backed-up returns, from this node's mover's view
     float reward;    // of the edge into this node
     float discount;  // of the edge into this node
+    float raw_value;
+    float unexp_prior;
+    int32_t parent, action, first_edge, num_edges, slot, num_kids, best_unexp, in_edge;
+    uint8_t terminal;
   };
-  std::vector<NodeStats> stats_;
-  std::vector<int32_t> parent_, action_, first_edge_, num_edges_;
-  std::vector<int32_t> slot_, num_kids_, best_unexp_;
-  std::vector<float> raw_value_, unexp_prior_;
-  std::vector<uint8_t> terminal_;
+  std::vector<Node> nodes_;
   // Edge pools [B*E].
-  std::vector<int32_t> edge_action_, edge_child_;
-  // kids_[first_edge_[x] + j], j < num_kids_[x]: the edge offsets of the expanded children
-  // of a node with more than 48 edges, in expansion order (smaller nodes scan edge_stat_).
+  std::vector<Edge> edges_;
+  std::vector<int32_t> edge_action_;
+  // kids_[first_edge + j], j < num_kids: the edge offsets of the expanded children of a
+  // node with more than 48 edges, in expansion order (smaller nodes scan their edges).
   std::vector<int32_t> kids_;
-  std::vector<EdgeStat> edge_stat_;
-  std::vector<int32_t> in_edge_;  // [B*N], offset in the tree's edge pool of a node's incoming edge
-  std::vector<float> edge_prior_;
   // Per tree.
   std::vector<int32_t> used_nodes_, used_edges_;
   std::vector<uint8_t> has_root_;
