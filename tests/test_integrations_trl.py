@@ -215,8 +215,11 @@ PLANS = [
       "with bias correction)"]),
     ({"loss_type": "cispo", "epsilon_high": 0.0}, {}, logging.WARNING,
      ["on TRL's code: policy loss (loss_type='cispo'), because CISPO with epsilon_high=0.0 (a cap <= 0"]),
-    ({"vllm_importance_sampling_clip_min": 0.5}, {"use_vllm": True}, logging.WARNING,
-     ["on TRL's code: policy loss (loss_type='dapo'), because vllm_importance_sampling_clip_min"]),
+    ({"vllm_importance_sampling_clip_min": 0.5}, {"use_vllm": True}, logging.INFO,
+     ["vLLM importance sampling sequence_mask"]),
+    # GRPOConfig refuses such a band; set on a built trainer, it stays on TRL's code
+    ({}, {"use_vllm": True, "vllm_importance_sampling_clip_min": 4.0}, logging.WARNING,
+     ["on TRL's code: policy loss (loss_type='dapo'), because vllm_importance_sampling_clip_min=4.0 exceeds"]),
     ({"vllm_importance_sampling_mode": "sequence_truncate"}, {"use_vllm": True}, logging.INFO,
      ["vLLM importance sampling sequence_truncate"]),
 ]
@@ -240,26 +243,6 @@ def test_start_log_names_what_runs_where(tiny_model_dir, tmp_path, caplog, optio
     message = records[0].getMessage()
     for line in lines:
         assert line in message, message
-
-
-@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-def test_unscorable_tokens_with_off_policy_mask_fall_back_once(tiny_model_dir, tmp_path, caplog):
-    trainer = rlk_trl.GRPOTrainer(model=tiny_model_dir, reward_funcs=_reward,
-                                  args=_grpo_args(tmp_path, off_policy_mask_threshold=0.5),
-                                  train_dataset=Dataset.from_dict({"prompt": ["w1 w2"] * 4}))
-    trainer.use_vllm = True
-    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
-    sampling = torch.tensor([[-1.0, -2.0, float("nan")], [-1.0, -1.5, -0.5]])
-    clean = {"completion_mask": mask, "sampling_per_token_logps": sampling}
-    assert trainer._rlkern_handles(clean)  # a NaN at a padded position is never read
-    unscorable = {"completion_mask": mask, "sampling_per_token_logps": sampling.where(mask == 0, float("nan"))}
-    with caplog.at_level(logging.INFO, logger="rlkern.integrations.trl"):
-        assert not trainer._rlkern_handles(unscorable)
-        assert not trainer._rlkern_handles(unscorable)
-    records = [r for r in caplog.records if r.name == "rlkern.integrations.trl"]
-    assert len(records) == 1 and "NaN log-probs" in records[0].getMessage()
-    trainer.off_policy_mask_threshold = None
-    assert trainer._rlkern_handles(unscorable)
 
 
 # --- vLLM importance-sampling correction -------------------------------------------------------
@@ -462,6 +445,13 @@ def grid(tiny_model_dir, tmp_path_factory):
             theirs.vllm_importance_sampling_mode = mode
             torch.manual_seed(2)
             inputs[mode] = _micro_batch(theirs, theirs._generate_and_score_completions(batch), 8)
+        # the same samples' weights with a lower bound as well (TRL computes them while sampling)
+        theirs.vllm_importance_sampling_clip_min = BAND_MIN
+        for mode in VLLM_MODES:
+            theirs.vllm_importance_sampling_mode = mode
+            torch.manual_seed(2)
+            inputs[mode, "band"] = _micro_batch(theirs, theirs._generate_and_score_completions(batch), 8)
+        theirs.vllm_importance_sampling_clip_min = None
         theirs.use_vllm = False
         gen = torch.Generator().manual_seed(3)
         with torch.no_grad():  # the policy moves after sampling; the reference stays
@@ -489,8 +479,9 @@ def _drive(trainer, inputs, **fields):
     return loss.detach(), grad, {k: list(v) for k, v in trainer._metrics["train"].items()}
 
 
-def _compare_case(grid, monkeypatch, vllm_mode, on_rlkern, **fields):
-    ours, theirs, inputs = grid
+def _compare_case(grid, monkeypatch, vllm_mode, on_rlkern, band=False, **fields):
+    ours, theirs, all_inputs = grid
+    inputs = {vllm_mode: all_inputs[(vllm_mode, "band") if band else vllm_mode]}
     calls = []
     policy = rlk_trl.policy_loss
     monkeypatch.setattr(rlk_trl, "policy_loss", lambda *a, **k: calls.append(k) or policy(*a, **k))
@@ -559,6 +550,34 @@ def test_vllm_grid_matches_trl(grid, monkeypatch, mode, loss_type, level):
         assert (kw["tis_level"], kw["tis_mode"]) == tuple(mode.split("_")) and kw["tis_cap"] == 1.2
     ratio = grid[2][mode]["importance_sampling_ratio"]
     assert ((ratio == 0) if mode.endswith("mask") else (ratio == 1.2)).any()  # the cap binds on some
+
+
+BAND_MIN = 0.9
+BAND_CASES = [(mode, lt, opm) for mode in VLLM_MODES for lt in ("dapo", "sapo", "vespo") for opm in (None, 0.002)
+              if not (lt == "vespo" and mode.startswith("sequence"))]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+@pytest.mark.parametrize("mode,loss_type,threshold", BAND_CASES,
+                         ids=[f"{m}-{lt}-opm{t}" for m, lt, t in BAND_CASES])
+def test_vllm_band_and_off_policy_mask_match_trl(grid, monkeypatch, mode, loss_type, threshold):
+    # vllm_importance_sampling_clip_min > 0 (rlkern's tis_min), with and without the off-policy
+    # mask, on samples where the engine could not score a token (NaN): TRL's weight counts it as
+    # no correction and its mask as no drift, which rlkern reads from two tensors
+    grid[0].args.use_bias_correction_kl = grid[1].args.use_bias_correction_kl = True
+    sampling = grid[2][mode, "band"]["sampling_per_token_logps"]
+    assert torch.isnan(sampling)[grid[2][mode, "band"]["completion_mask"].bool()].any()
+    calls, _ = _compare_case(grid, monkeypatch, mode, True, band=True, loss_type=loss_type,
+                             importance_sampling_level="token", beta=0.04, top_entropy_quantile=1.0,
+                             epsilon_high=0.28, vllm_importance_sampling_clip_min=BAND_MIN,
+                             off_policy_mask_threshold=threshold)
+    kw = calls[0]
+    assert kw["tis_min"] == BAND_MIN and kw["tis_cap"] == 1.2
+    assert ("off_policy_logp" in kw) == (threshold is not None)
+    ratio = grid[2][mode, "band"]["importance_sampling_ratio"]
+    assert ((ratio == 0) if mode.endswith("mask") else (ratio == BAND_MIN)).any()  # the lower bound binds
+    for trainer in grid[:2]:
+        trainer.vllm_importance_sampling_clip_min, trainer.off_policy_mask_threshold = None, None
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")

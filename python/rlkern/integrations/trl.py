@@ -23,8 +23,8 @@ The constructors are TRL's. What changes:
 Configurations rlkern does not cover run on TRL's own code, unchanged, and each trainer's
 constructor says so once (logger ``rlkern.integrations.trl``: INFO when everything runs on
 rlkern, WARNING naming each part left to TRL and why). For GRPO: VESPO with a sequence-level vLLM
-mode (set on a built trainer: TRL's constructor refuses it), a lower importance-sampling bound
-``vllm_importance_sampling_clip_min`` > 0 and CISPO with ``epsilon_high <= 0``. Models with
+mode (set on a built trainer: TRL's constructor refuses it), an importance-sampling band whose
+``vllm_importance_sampling_clip_min`` exceeds its ``clip_max`` and CISPO with ``epsilon_high <= 0``. Models with
 final-logit softcapping run on rlkern's head (the cap is a kernel option) and MoE models get
 TRL's router auxiliary loss through it. Checked against trl 1.16.0 and transformers 5.24.
 """
@@ -443,10 +443,10 @@ class GRPOTrainer(_TRLGRPOTrainer):
         if self.use_vllm and self.vllm_importance_sampling_correction:
             if self.vllm_importance_sampling_mode not in _VLLM_IS_MODES:
                 return f"vllm_importance_sampling_mode={self.vllm_importance_sampling_mode!r} is unknown"
-            clip_min = self.vllm_importance_sampling_clip_min
-            if clip_min is not None and clip_min > 0.0:
-                return ("vllm_importance_sampling_clip_min: rlkern's importance weight has an upper bound "
-                        "(tis_cap) only, no lower one")
+            clip_min, clip_max = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+            if clip_min is not None and clip_max is not None and clip_min > clip_max:
+                return (f"vllm_importance_sampling_clip_min={clip_min} exceeds clip_max={clip_max}, an empty band "
+                        "that rlkern's tis_min/tis_cap refuse")
         return None
 
     def _rlkern_plan(self):
@@ -489,16 +489,7 @@ class GRPOTrainer(_TRLGRPOTrainer):
     # -- the loss -----------------------------------------------------------------------------
 
     def _rlkern_handles(self, inputs) -> bool:
-        if self._rlkern_loss_fallback() is not None:
-            return False
-        if (self.use_vllm and self.vllm_importance_sampling_correction and self.off_policy_mask_threshold is not None
-                and torch.isnan(inputs["sampling_per_token_logps"])[self._rlkern_mask(inputs).bool()].any()):
-            self._rlkern_runtime_fallback(
-                "the sampling engine could not score some tokens (NaN log-probs) and both the vLLM importance "
-                "weight and the off-policy mask are on: TRL counts such a token as no correction in the first "
-                "and as no drift in the second, while rlkern reads one rollout_logp for both")
-            return False
-        return True
+        return self._rlkern_loss_fallback() is None
 
     @staticmethod
     def _rlkern_mask(inputs):
@@ -542,17 +533,18 @@ class GRPOTrainer(_TRLGRPOTrainer):
             # engine could not score (NaN) giving no correction (a zero log-difference)
             sampling = inputs["sampling_per_token_logps"]
             level, kind = _VLLM_IS_MODES[self.vllm_importance_sampling_mode]
-            cap = self.vllm_importance_sampling_clip_max
+            cap, clip_min = self.vllm_importance_sampling_clip_max, self.vllm_importance_sampling_clip_min
             options.update(rollout_logp=torch.where(torch.isnan(sampling), old_per_token_logps, sampling),
                            tis_cap=math.inf if cap is None else float(cap), tis_level=level, tis_mode=kind)
+            if clip_min is not None and clip_min > 0.0:
+                options["tis_min"] = float(clip_min)  # TRL's clamp(min=...) / its mask below the band
         if self.off_policy_mask_threshold is not None:
-            # TRL measures the drift from the sampling engine's log-probs (or the old ones); tokens it
-            # could not score (NaN) count as no drift (with vLLM correction, _rlkern_handles has
-            # checked there are none)
+            # TRL measures the drift from the sampling engine's log-probs (or the old ones); a token
+            # it could not score (NaN) counts as no drift here, while the importance weight above
+            # counts it as no correction: two tensors, so the kernel reads each its own
             options["off_policy_threshold"] = float(self.off_policy_mask_threshold)
-            if not vllm_is:
-                sampling = inputs.get("sampling_per_token_logps", old_per_token_logps)
-                options["rollout_logp"] = torch.where(torch.isnan(sampling), per_token_logps.detach(), sampling)
+            sampling = inputs.get("sampling_per_token_logps", old_per_token_logps)
+            options["off_policy_logp"] = torch.where(torch.isnan(sampling), per_token_logps.detach(), sampling)
         entropy_mask, loss_advantages = None, advantages
         if self.top_entropy_quantile < 1.0:
             entropy_mask = self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
