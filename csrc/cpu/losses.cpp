@@ -200,7 +200,7 @@ RLK_LOSS_INLINE ExtraTerms<A> token_terms_obj(const RowConst<A>& c, A lp, A o, A
     weight = (c.has_select & !(h >= c.ent_threshold)) ? zero : weight;
     if (c.tis_token) {
       A wt = exp_(o - rolv);
-      wt = c.tis_mask_mode ? ((wt > c.tis_cap) | (wt < c.tis_min) ? zero : wt)
+      wt = c.tis_mask_mode ? (((wt > c.tis_cap) | (wt < c.tis_min)) ? zero : wt)
                            : (wt > c.tis_cap ? c.tis_cap : (wt < c.tis_min ? c.tis_min : wt));
       weight *= wt;
     }
@@ -282,7 +282,7 @@ RLK_LOSS_INLINE TokenTerms<A> token_terms(const RowConst<A>& c, A lp, A o, A a, 
   if (EXTRA) {
     weight = (c.has_select & !(h >= c.ent_threshold)) ? zero : weight;
     A wt = exp_(o - rolv);
-    wt = c.tis_mask_mode ? ((wt > c.tis_cap) | (wt < c.tis_min) ? zero : wt)
+    wt = c.tis_mask_mode ? (((wt > c.tis_cap) | (wt < c.tis_min)) ? zero : wt)
                          : (wt > c.tis_cap ? c.tis_cap : (wt < c.tis_min ? c.tis_min : wt));
     weight = c.tis_token ? weight * wt : weight;
     weight *= wv;  // the caller's per-token weight (1 when not given)
