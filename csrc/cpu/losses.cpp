@@ -569,24 +569,109 @@ RLK_LOSS_INLINE int64_t fill_masked_v(bf16* out, const uint8_t* m, int64_t T_, f
   return t;
 }
 
+// One vector step's inputs, masked positions zeroed (masked NaNs never reach the arithmetic).
+struct TokenV {
+  vi m;
+  vf lp, o, a, refv, rolv, h;
+};
+
+template <class T, int KL, bool EXTRA>
+RLK_LOSS_INLINE TokenV load_token_v(const PolicyInputs<T>& in, int64_t i, int64_t ai, bool adv_per_token) {
+  const vf zero = splat(0.0f);
+  TokenV t;
+  t.m = load_mask(in.mask + i);
+  t.lp = t.m ? vload(in.logp, i) : zero;
+  t.o = t.m ? vload(in.old, i) : zero;
+  t.a = t.m ? (adv_per_token ? vload(in.adv, ai) : splat(in.adv[ai])) : zero;
+  t.refv = t.rolv = t.h = zero;
+  if (KL != 0) t.refv = t.m ? vload(in.ref, i) : zero;
+  if (EXTRA) {
+    t.rolv = t.m ? vload(in.rollout, i) : zero;
+    t.h = t.m ? vload(in.ent, i) : zero;
+  }
+  return t;
+}
+
+// What every vector body does after its policy term (pg, its ratio derivative dr and its
+// direct logp derivative): drop the row's negative advantages, multiply by the token weights
+// (entropy selection, truncated IS, the caller's weights) and the sequence IS weight, then add
+// the KL term (kl_t) and the entropy bonus into the loss l. The scalar form is the tail of
+// token_terms / token_terms_obj. Returns whether the KL term reads the ratio
+// (kl_is_correction), so that the caller adds dr's chain through it.
+template <class T, int KL, bool EXTRA>
+RLK_LOSS_INLINE bool finish_terms_v(const PolicyInputs<T>& in, const RowConstV& c, int64_t i, const TokenV& t,
+                                    vf r, vf& pg, vf& dr, vf& direct, vf& l, vf& kl) {
+  const vf zero = splat(0.0f), one = splat(1.0f), half = splat(0.5f);
+  if (c.drop_negative_row) {
+    const vf keep = (t.a >= zero) ? one : zero;
+    pg *= keep;
+    dr *= keep;
+    direct *= keep;
+  }
+  if (EXTRA) {
+    vf weight = (c.has_select & ~(t.h >= c.ent_threshold)) ? zero : one;
+    if (c.tis_token[0]) {
+      vf wt = vexp(t.o - t.rolv);
+      wt = c.tis_mask_mode ? (((wt > c.tis_cap) | (wt < c.tis_min)) ? zero : wt)
+                           : (wt > c.tis_cap ? c.tis_cap : (wt < c.tis_min ? c.tis_min : wt));
+      weight *= wt;
+    }
+    if (c.has_weights) weight *= t.m ? vload(in.weights, i) : zero;  // the caller's per-token weights
+    pg *= weight;
+    dr *= weight;
+    direct *= weight;
+  }
+  if (c.has_seq_tis) {
+    pg *= c.seq_tis;
+    dr *= c.seq_tis;
+    direct *= c.seq_tis;
+  }
+  l = pg;
+  kl = zero;
+  bool kl_uses_ratio = false;
+  if (KL != 0) {
+    const vf d = t.refv - t.lp;
+    vf dkl;
+    if (KL == 2) {
+      const vf e = vexp(d);
+      kl = e - one - d;
+      dkl = one - e;
+    } else if (c.k1) {
+      kl = -d;
+      dkl = one;
+    } else {
+      kl = half * d * d;
+      dkl = -d;
+    }
+    if (c.has_kl_clamp) {
+      dkl = ((kl < c.kl_lo) | (kl > c.kl_hi)) ? zero : dkl;
+      kl = kl < c.kl_lo ? c.kl_lo : (kl > c.kl_hi ? c.kl_hi : kl);
+    }
+    if (c.use_kl_term) {
+      if (c.kl_correction) {
+        l += c.kl_coef * (kl * r);
+        direct += c.kl_coef * (dkl * r);
+        dr += c.kl_coef * kl;
+        kl_uses_ratio = true;
+      } else {
+        l += c.kl_coef * kl;
+        direct += c.kl_coef * dkl;
+      }
+    }
+  }
+  if (EXTRA && c.use_ent_term) l -= c.ent_coef * t.h;
+  return kl_uses_ratio;
+}
+
 template <class T, int KL, bool SEQ, bool EXTRA>
 RLK_LOSS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& c, int64_t i, int64_t ai,
                                     bool adv_per_token, LanesV& L) {
   // Options are constant over the row: plain branches on them are perfectly predicted and
   // skip the vector work of options that are off.
   const vf zero = splat(0.0f), one = splat(1.0f), half = splat(0.5f);
-  const vi m = load_mask(in.mask + i);
-  vf lp = vload(in.logp, i), o = vload(in.old, i);
-  vf a = adv_per_token ? vload(in.adv, ai) : splat(in.adv[ai]);
-  lp = m ? lp : zero;
-  o = m ? o : zero;
-  a = m ? a : zero;
-  vf refv = zero, rolv = zero, h = zero;
-  if (KL != 0) refv = m ? vload(in.ref, i) : zero;
-  if (EXTRA) {
-    rolv = m ? vload(in.rollout, i) : zero;
-    h = m ? vload(in.ent, i) : zero;
-  }
+  const TokenV t = load_token_v<T, KL, EXTRA>(in, i, ai, adv_per_token);
+  const vi m = t.m;
+  const vf lp = t.lp, o = t.o, a = t.a;
   vf r, dx;
   if (SEQ) {
     r = c.seq_ratio;
@@ -632,62 +717,10 @@ RLK_LOSS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& c,
     pg = direct * lp;
     dr = zero;
   }
-  if (c.drop_negative_row) {
-    const vf keep = (a >= zero) ? one : zero;
-    pg *= keep;
-    dr *= keep;
-    direct *= keep;
-  }
-  if (EXTRA) {
-    vf weight = (c.has_select & ~(h >= c.ent_threshold)) ? zero : one;
-    vf wt = vexp(o - rolv);
-    wt = c.tis_mask_mode ? (((wt > c.tis_cap) | (wt < c.tis_min)) ? zero : wt)
-                         : (wt > c.tis_cap ? c.tis_cap : (wt < c.tis_min ? c.tis_min : wt));
-    weight = c.tis_token ? weight * wt : weight;
-    if (c.has_weights) weight *= m ? vload(in.weights, i) : zero;
-    pg *= weight;
-    dr *= weight;
-    direct *= weight;
-  }
-  if (c.has_seq_tis) {
-    pg *= c.seq_tis;
-    dr *= c.seq_tis;
-    direct *= c.seq_tis;
-  }
-  vf l = pg;
-  vf kl = zero;
-  if (KL != 0) {
-    const vf d = refv - lp;
-    vf dkl;
-    if (KL == 2) {
-      const vf e = vexp(d);
-      kl = e - one - d;
-      dkl = one - e;
-    } else if (c.k1) {
-      kl = -d;
-      dkl = one;
-    } else {
-      kl = half * d * d;
-      dkl = -d;
-    }
-    if (c.has_kl_clamp) {
-      dkl = ((kl < c.kl_lo) | (kl > c.kl_hi)) ? zero : dkl;
-      kl = kl < c.kl_lo ? c.kl_lo : (kl > c.kl_hi ? c.kl_hi : kl);
-    }
-    if (c.use_kl_term) {
-      if (c.kl_correction) {
-        l += c.kl_coef * kl * r;
-        direct += c.kl_coef * dkl * r;
-        dr += c.kl_coef * kl;
-      } else {
-        l += c.kl_coef * kl;
-        direct += c.kl_coef * dkl;
-      }
-    }
-  }
-  if (EXTRA && c.use_ent_term) l -= c.ent_coef * h;
+  vf l, kl;
+  const bool kl_uses_ratio = finish_terms_v<T, KL, EXTRA>(in, c, i, t, r, pg, dr, direct, l, kl);
   // As in token_terms: the ratio's derivative only where the ratio enters the loss.
-  const vf g = SEQ ? direct : ((c.clip_objective || (c.use_kl_term && c.kl_correction)) ? direct + dr * r * dx : direct);
+  const vf g = SEQ ? direct : ((c.clip_objective || kl_uses_ratio) ? direct + dr * r * dx : direct);
   vstore(in.grad, i, m ? c.grad_w * g : zero);
   L.n += m ? one : zero;
   L.loss += m ? c.row_w * l : zero;
@@ -695,7 +728,7 @@ RLK_LOSS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& c,
   L.ratio += m ? r : zero;
   L.approx += o - lp;
   if (KL != 0) L.kl += m ? kl : zero;
-  if (EXTRA) L.ent += h;
+  if (EXTRA) L.ent += t.h;
   L.low += (m & (r < c.clip_lo) & (a < zero)) ? one : zero;
   L.high += (m & (r > c.clip_hi) & (a > zero)) ? one : zero;
   if (c.has_dual_clip) L.dual += m ? dual_hit : zero;
@@ -759,19 +792,10 @@ RLK_LOSS_INLINE void gmpo_log_ratio_v(vf x, vf a, vf lo, vf hi, vf& y, vf& dy) {
 template <class T, int KL, bool SEQ, bool EXTRA>
 RLK_LOSS_INLINE void token_step_obj_v(const PolicyInputs<T>& in, const RowConstV& c, const ObjConstV& q, int64_t i,
                                         int64_t ai, bool adv_per_token, LanesV& L) {
-  const vf zero = splat(0.0f), one = splat(1.0f), half = splat(0.5f);
-  const vi m = load_mask(in.mask + i);
-  vf lp = vload(in.logp, i), o = vload(in.old, i);
-  vf a = adv_per_token ? vload(in.adv, ai) : splat(in.adv[ai]);
-  lp = m ? lp : zero;
-  o = m ? o : zero;
-  a = m ? a : zero;
-  vf refv = zero, rolv = zero, h = zero;
-  if (KL != 0) refv = m ? vload(in.ref, i) : zero;
-  if (EXTRA) {
-    rolv = m ? vload(in.rollout, i) : zero;
-    h = m ? vload(in.ent, i) : zero;
-  }
+  const vf zero = splat(0.0f), one = splat(1.0f);
+  const TokenV t = load_token_v<T, KL, EXTRA>(in, i, ai, adv_per_token);
+  const vi m = t.m;
+  const vf lp = t.lp, o = t.o, a = t.a;
   vf r, dx, x = zero;
   if (SEQ) {
     r = c.seq_ratio;
@@ -841,63 +865,8 @@ RLK_LOSS_INLINE void token_step_obj_v(const PolicyInputs<T>& in, const RowConstV
       break;
     }
   }
-  if (c.drop_negative_row) {
-    const vf keep = (a >= zero) ? one : zero;
-    pg *= keep;
-    dr *= keep;
-    direct *= keep;
-  }
-  if (EXTRA) {
-    vf weight = (c.has_select & ~(h >= c.ent_threshold)) ? zero : one;
-    if (c.tis_token[0]) {
-      vf wt = vexp(o - rolv);
-      wt = c.tis_mask_mode ? (((wt > c.tis_cap) | (wt < c.tis_min)) ? zero : wt)
-                           : (wt > c.tis_cap ? c.tis_cap : (wt < c.tis_min ? c.tis_min : wt));
-      weight *= wt;
-    }
-    if (c.has_weights) weight *= m ? vload(in.weights, i) : zero;  // the caller's per-token weights
-    pg *= weight;
-    dr *= weight;
-    direct *= weight;
-  }
-  if (c.has_seq_tis) {
-    pg *= c.seq_tis;
-    dr *= c.seq_tis;
-    direct *= c.seq_tis;
-  }
-  vf l = pg;
-  vf kl = zero;
-  if (KL != 0) {
-    const vf d = refv - lp;
-    vf dkl;
-    if (KL == 2) {
-      const vf e = vexp(d);
-      kl = e - one - d;
-      dkl = one - e;
-    } else if (c.k1) {
-      kl = -d;
-      dkl = one;
-    } else {
-      kl = half * d * d;
-      dkl = -d;
-    }
-    if (c.has_kl_clamp) {
-      dkl = ((kl < c.kl_lo) | (kl > c.kl_hi)) ? zero : dkl;
-      kl = kl < c.kl_lo ? c.kl_lo : (kl > c.kl_hi ? c.kl_hi : kl);
-    }
-    if (c.use_kl_term) {
-      if (c.kl_correction) {
-        l += c.kl_coef * (kl * r);
-        direct += c.kl_coef * (dkl * r);
-        dr += c.kl_coef * kl;
-        uses_ratio = true;
-      } else {
-        l += c.kl_coef * kl;
-        direct += c.kl_coef * dkl;
-      }
-    }
-  }
-  if (EXTRA && c.use_ent_term) l -= c.ent_coef * h;
+  vf l, kl;
+  uses_ratio |= finish_terms_v<T, KL, EXTRA>(in, c, i, t, r, pg, dr, direct, l, kl);
   const vf g = SEQ ? direct : (uses_ratio ? direct + dr * r * dx : direct);
   vstore(in.grad, i, m ? c.grad_w * g : zero);
   L.n += m ? one : zero;
@@ -906,7 +875,7 @@ RLK_LOSS_INLINE void token_step_obj_v(const PolicyInputs<T>& in, const RowConstV
   L.ratio += m ? r : zero;
   L.approx += o - lp;
   if (KL != 0) L.kl += m ? kl : zero;
-  if (EXTRA) L.ent += h;
+  if (EXTRA) L.ent += t.h;
   L.low += m ? low : zero;
   L.high += m ? high : zero;
   L.obj += m ? stat : zero;
