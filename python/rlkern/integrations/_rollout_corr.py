@@ -28,6 +28,15 @@ _EMPTY = "response_mask must contain at least one valid token (1)."
 Metrics = Dict[str, torch.Tensor]
 
 
+def _band(text: str) -> Tuple[Optional[float], float]:
+    """A threshold text as (lower, upper): "l_u" gives both, a single number only the upper
+    bound (lower None). Raises ValueError on text that is not numbers."""
+    if "_" in text:
+        low_text, high_text = text.split("_", 1)
+        return float(low_text), float(high_text)
+    return None, float(text)
+
+
 def parse_is_threshold(spec: Any) -> Tuple[float, Optional[float]]:
     """``rollout_is_threshold`` as (upper, lower): a number or "u" is TIS (lower None), "l_u" IcePop."""
     if isinstance(spec, bool) or not isinstance(spec, (int, float, str)):
@@ -38,11 +47,7 @@ def parse_is_threshold(spec: Any) -> Tuple[float, Optional[float]]:
         if not text:
             raise ValueError("rollout_is_threshold must not be an empty string.")
         try:
-            if "_" in text:
-                low_text, high_text = text.split("_", 1)
-                lower, upper = float(low_text), float(high_text)
-            else:
-                upper = float(text)
+            lower, upper = _band(text)
         except ValueError as exc:
             raise ValueError(f"Invalid rollout_is_threshold '{spec}'.") from exc
     else:
@@ -91,12 +96,8 @@ def parse_rs(rollout_rs: Any, spec: Any) -> List[Tuple[str, Optional[float], flo
     for name, text in zip(options, specs):
         if name.endswith("k1"):
             try:
-                if "_" in text:
-                    low_text, high_text = text.split("_", 1)
-                    lower, upper = float(low_text), float(high_text)
-                else:
-                    upper = float(text)
-                    lower = 1.0 / upper
+                lower, upper = _band(text)
+                lower = 1.0 / upper if lower is None else lower
             except (ValueError, ZeroDivisionError) as exc:
                 raise ValueError(f"Invalid numeric threshold '{text}' for option '{name}'.") from exc
             if not (lower > 0 and upper > 0):
