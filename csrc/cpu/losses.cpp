@@ -101,8 +101,9 @@ enum Stat : int {
   kKlSum,        // sum of the KL estimate (before coefficient and correction)
   kEntropySum,
   kDualClip,     // active tokens with A < 0 where the dual clip bound is active
-  kObjective,    // objective-specific token sum: VESPO's phi, DPPO's truncated tokens
+  kObjective,    // objective-specific token sum: VESPO's phi, DPPO's truncated tokens, CISPO's clipped ones
   kObjectiveRow, // sum over sequences of their token mean of kObjective
+  kApproxKlClamped,  // token level: sum of -(the clamped log-ratio) (verl's ppo_kl); 0 at sequence level
   kNumStats
 };
 
@@ -118,6 +119,7 @@ struct RowConst {
   int objective, kl_kind;
   bool has_dual, use_kl, use_ent, kl_corr, tis_token, tis_mask_mode, has_select, drop_negative;
   bool has_weights;  // per-token weights given (read on the EXTRA path)
+  bool is_cispo;
   A tis_min;
 };
 
@@ -345,10 +347,11 @@ constexpr int kBlock = 256;
 template <class A>
 struct Lanes {
   A n[kLanes], loss[kLanes], ratio[kLanes], approx[kLanes], kl[kLanes], ent[kLanes], low[kLanes], high[kLanes],
-      dual[kLanes], dseq[kLanes], obj[kLanes];
+      dual[kLanes], dseq[kLanes], obj[kLanes], approxc[kLanes];
   void clear() {
     for (int j = 0; j < kLanes; ++j)
-      n[j] = loss[j] = ratio[j] = approx[j] = kl[j] = ent[j] = low[j] = high[j] = dual[j] = dseq[j] = obj[j] = A(0);
+      n[j] = loss[j] = ratio[j] = approx[j] = kl[j] = ent[j] = low[j] = high[j] = dual[j] = dseq[j] = obj[j] =
+          approxc[j] = A(0);
   }
 };
 
@@ -375,6 +378,12 @@ RLK_LOSS_INLINE void token_step(const PolicyInputs<T>& in, const RowConst<acc_t<
     h = m ? h : zero;
     const A w = load(in.weights, i);
     wv = c.has_weights ? (m ? w : zero) : wv;
+  }
+  if (!SEQ) {
+    // The clamped log-ratio again (token_terms computes the same): the compiler shares it.
+    const A x = lp - o;
+    const A xc = x < c.lr_lo ? c.lr_lo : (x > c.lr_hi ? c.lr_hi : x);
+    L.approxc[j] += m ? -xc : zero;
   }
   if (OBJ) {
     const ExtraTerms<A> e = token_terms_obj<A, KL, SEQ, EXTRA>(c, lp, o, a, refv, rolv, h, wv);
@@ -403,6 +412,8 @@ RLK_LOSS_INLINE void token_step(const PolicyInputs<T>& in, const RowConst<acc_t<
   L.low[j] += (m & (tt.ratio < c.clip_lo) & (a < zero)) ? A(1) : zero;
   L.high[j] += (m & (tt.ratio > c.clip_hi) & (a > zero)) ? A(1) : zero;
   L.dual[j] += m ? tt.dual_hit : zero;
+  // CISPO's clipped tokens, whatever the advantage's sign (a NaN ratio counts, as verl's r != clip(r)).
+  L.obj[j] += (m & c.is_cispo & !((tt.ratio >= c.clip_lo) & (tt.ratio <= c.clip_hi))) ? A(1) : zero;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -479,8 +490,8 @@ struct RowConstV {
 };
 
 struct LanesV {
-  vf n, loss, ratio, approx, kl, ent, low, high, dual, dseq, obj;
-  void clear() { n = loss = ratio = approx = kl = ent = low = high = dual = dseq = obj = splat(0.0f); }
+  vf n, loss, ratio, approx, kl, ent, low, high, dual, dseq, obj, approxc;
+  void clear() { n = loss = ratio = approx = kl = ent = low = high = dual = dseq = obj = approxc = splat(0.0f); }
   float sum(vf v) const { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
 };
 
@@ -672,14 +683,15 @@ RLK_LOSS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& c,
   const TokenV t = load_token_v<T, KL, EXTRA>(in, i, ai, adv_per_token);
   const vi m = t.m;
   const vf lp = t.lp, o = t.o, a = t.a;
-  vf r, dx;
+  vf r, dx, xc = zero;
   if (SEQ) {
     r = c.seq_ratio;
     dx = c.seq_dx;
   } else {
     const vf x = lp - o;
+    xc = x;
     if (c.has_lr_clamp) {
-      const vf xc = x < c.lr_lo ? c.lr_lo : (x > c.lr_hi ? c.lr_hi : x);
+      xc = x < c.lr_lo ? c.lr_lo : (x > c.lr_hi ? c.lr_hi : x);
       dx = ((x < c.lr_lo) | (x > c.lr_hi)) ? zero : one;
       r = vexp(xc);
     } else {
@@ -732,6 +744,9 @@ RLK_LOSS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& c,
   L.low += (m & (r < c.clip_lo) & (a < zero)) ? one : zero;
   L.high += (m & (r > c.clip_hi) & (a > zero)) ? one : zero;
   if (c.has_dual_clip) L.dual += m ? dual_hit : zero;
+  // A masked token's zero log-ratio may clamp to a non-zero bound: masked, not just summed.
+  if (!SEQ) L.approxc += m ? -xc : zero;
+  if (c.cispo_objective) L.obj += (m & ~((r >= c.clip_lo) & (r <= c.clip_hi))) ? one : zero;
 }
 
 RLK_LOSS_INLINE vf vabs(vf x) { return (vf)((vi)x & 0x7fffffff); }
@@ -879,6 +894,7 @@ RLK_LOSS_INLINE void token_step_obj_v(const PolicyInputs<T>& in, const RowConstV
   L.low += m ? low : zero;
   L.high += m ? high : zero;
   L.obj += m ? stat : zero;
+  if (!SEQ) L.approxc += m ? -x : zero;  // x is the clamped log-ratio here
 }
 #endif
 
@@ -924,6 +940,7 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
   c.tis_mask_mode = p.tis_mask_mode;
   c.has_weights = p.weights != 0;
   c.objective = p.objective;
+  c.is_cispo = p.objective == kCispo;
   c.tau_pos = A(p.sapo_tau_pos);
   c.tau_neg = A(p.sapo_tau_neg);
   c.geo_lo = A(-p.clip_low);
@@ -1156,6 +1173,8 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
       acc[kRatioSum] = n * double(tt.ratio);
       acc[kApproxKlSum] = -sum_lr;
       acc[kDualClip] = n * double(tt.dual_hit);
+      acc[kObjective] = (c.is_cispo && !(tt.ratio >= c.clip_lo && tt.ratio <= c.clip_hi)) ? n : 0.0;
+      acc[kObjectiveRow] = n > 0 ? acc[kObjective] / n : 0.0;
       const A gval = c.grad_w * (p.objective == kClip ? tt.grad + tt.dseq * c.seq_ratio * c.seq_dx : tt.grad);
       T* g = in.grad + base;
       int64_t t = 0;
@@ -1186,6 +1205,8 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
         acc[kKlSum] += V.sum(V.kl);
         acc[kEntropySum] += V.sum(V.ent);
         acc[kDualClip] += V.sum(V.dual);
+        acc[kObjective] += V.sum(V.obj);
+        acc[kApproxKlClamped] += V.sum(V.approxc);
         dseq += V.sum(V.dseq);
       }
       if constexpr (kSimd<T> && OBJ) {
@@ -1204,6 +1225,7 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
         acc[kKlSum] += V.sum(V.kl);
         acc[kEntropySum] += V.sum(V.ent);
         acc[kObjective] += V.sum(V.obj);
+        acc[kApproxKlClamped] += V.sum(V.approxc);
         dseq += V.sum(V.dseq);
       }
 #endif
@@ -1223,6 +1245,7 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
         acc[kEntropySum] += L.ent[j];
         acc[kDualClip] += L.dual[j];
         acc[kObjective] += L.obj[j];
+        acc[kApproxKlClamped] += L.approxc[j];
         dseq += L.dseq[j];
       }
     }
@@ -1583,7 +1606,8 @@ void bind(py::module_& m) {
   m.attr("NUM_POLICY_STATS") = int(kNumStats);
   m.def("policy_loss", &policy_loss_fused, py::arg("params"), py::call_guard<py::gil_scoped_release>(),
         "Fused policy loss: writes d(row-weighted loss sum)/d logp (and entropy) and returns the totals "
-        "[active, loss_sum, clip_low, clip_high, ratio_sum, approx_kl_sum, kl_sum, entropy_sum, dual_clip]");
+        "[active, loss_sum, clip_low, clip_high, ratio_sum, approx_kl_sum, kl_sum, entropy_sum, dual_clip, "
+        "objective_sum, objective_row_sum, approx_kl_clamped_sum, non-empty rows]");
   m.def("kl_penalty", &kl_penalty_fused, py::call_guard<py::gil_scoped_release>());
   m.def("value_loss", &value_loss_fused, py::call_guard<py::gil_scoped_release>());
   m.def("dpo_loss", &dpo_loss_fused, py::call_guard<py::gil_scoped_release>());

@@ -35,7 +35,7 @@ _DPO_CODES = {name: i for i, name in enumerate(DPO_LOSS_TYPES)}
 
 # Order of the totals the kernels return (csrc/cpu/losses.cpp, enum Stat).
 _STATS = ("active", "loss_sum", "clip_low", "clip_high", "ratio_sum", "approx_kl_sum", "kl_sum", "entropy_sum",
-          "dual_clip", "objective_sum", "objective_row_sum")
+          "dual_clip", "objective_sum", "objective_row_sum", "approx_kl_clamped_sum")
 
 
 # ---------------------------------------------------------------------------------------
@@ -267,6 +267,14 @@ def _policy_params(cfg: PolicyLossConfig, B: int, T: int):
     return p
 
 
+def _bounded(clamp: Clamp) -> bool:
+    """Whether a validated clamp option bounds anything (a (None, None) pair does not); no
+    float conversion, so a symbolic bound under torch.compile stays symbolic."""
+    if clamp is None:
+        return False
+    return not isinstance(clamp, (tuple, list)) or any(c is not None for c in clamp)
+
+
 def _metrics_from_totals(totals, cfg: PolicyLossConfig, has_ref: bool, has_entropy: bool,
                          nonempty=1.0) -> Dict[str, torch.Tensor]:
     """Metric tensors from the kernel's totals (a 1-D tensor, or a list of floats);
@@ -280,6 +288,8 @@ def _metrics_from_totals(totals, cfg: PolicyLossConfig, has_ref: bool, has_entro
         "ratio_mean": t["ratio_sum"] / denom,
         "approx_kl": t["approx_kl_sum"] / denom,
     }
+    if cfg.level == "token" and _bounded(cfg.log_ratio_clamp):
+        metrics["approx_kl_clamped"] = t["approx_kl_clamped_sum"] / denom
     if has_ref:
         metrics["kl"] = t["kl_sum"] / denom
     if has_entropy:
@@ -291,6 +301,8 @@ def _metrics_from_totals(totals, cfg: PolicyLossConfig, has_ref: bool, has_entro
         metrics["phi_seq_mean"] = t["objective_row_sum"] / nonempty
     elif cfg.objective in ("dppo_tv", "dppo_kl"):
         metrics["trunc_frac"] = t["objective_sum"] / denom
+    elif cfg.objective == "cispo":
+        metrics["clip_frac"] = t["objective_sum"] / denom
     return metrics
 
 
@@ -675,8 +687,12 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     Returns ``LossOutput(loss, metrics)``; ``metrics`` (detached, masked means over the
     active tokens, computed in the same pass): ``clip_frac_low`` (A < 0 and r < 1 -
     clip_low), ``clip_frac_high`` (A > 0 and r > 1 + clip_high), ``ratio_mean``,
-    ``approx_kl`` (mean of old_logp - logp), ``kl`` (when ``ref_logp`` is given),
-    ``entropy`` (when ``entropy`` is given) and ``dual_clip_frac`` (with ``dual_clip``).
+    ``approx_kl`` (mean of old_logp - logp), ``approx_kl_clamped`` (with
+    ``log_ratio_clamp`` at level "token": the mean of -(the clamped log-ratio), verl's
+    ppo_kl), ``kl`` (when ``ref_logp`` is given), ``entropy`` (when ``entropy`` is given)
+    and ``dual_clip_frac`` (with ``dual_clip``). "cispo" adds ``clip_frac``: the tokens whose
+    ratio lies outside [1 - clip_low, 1 + clip_high] whatever the advantage's sign (a NaN
+    ratio counts; verl's cispo pg_clipfrac).
     For "geo_mean" ``clip_frac_low``/``clip_frac_high`` count the tokens whose log-ratio lies
     outside [-clip_low, clip_high] with A < 0 / A > 0 and ``ratio_mean`` is the mean of the
     sequence ratios over the tokens; for the DPPO objectives they count the tokens outside

@@ -363,6 +363,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     low, high = clamp_bounds("log_ratio_clamp", cfg.log_ratio_clamp)
     if low is not None or high is not None:
         log_ratio = torch.clamp(log_ratio, min=low, max=high)
+    clamped_log_ratio = log_ratio.detach()
     ratio = torch.exp(log_ratio)
 
     clip_lo, clip_hi = cfg.clip_range
@@ -389,6 +390,10 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
             pg = torch.where(adv < 0, torch.minimum(pg, -adv * cfg.dual_clip), pg)
     elif cfg.objective == "cispo":
         pg = -torch.clamp(ratio, clip_lo, clip_hi).detach() * adv * lp
+        # The tokens whose weight the clip changes, whatever the advantage's sign (verl's
+        # pg_clipfrac: ratio != clip(ratio), so a NaN ratio counts as clipped).
+        r = ratio.detach()
+        extra_metrics["clip_frac"] = _masked_mean((~((r >= clip_lo) & (r <= clip_hi))).to(dtype), m)
     elif cfg.objective == "sapo":
         # The soft gate f(r) = sigmoid(tau (r - 1)) 4 / tau replaces the hard clip: its slope
         # 4 sigmoid (1 - sigmoid) is 1 at r = 1 and decays smoothly away from it.
@@ -475,6 +480,9 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     metrics["clip_frac_high"] = _masked_mean(((r > clip_hi) & (adv > 0)).to(dtype), m)
     metrics["ratio_mean"] = _masked_mean(r, m)
     metrics["approx_kl"] = _masked_mean(old - lp.detach(), m)
+    if cfg.level == "token" and (low is not None or high is not None):
+        # What verl reports as ppo_kl: the mean of the negated log-ratio after the clamp.
+        metrics["approx_kl_clamped"] = _masked_mean(-clamped_log_ratio, m)
     metrics.update(extra_metrics)
     if cfg.objective == "clip" and cfg.dual_clip is not None:
         unclipped = r if cfg.ratio_cap is None else torch.clamp(r, max=cfg.ratio_cap)

@@ -16,7 +16,7 @@ import triton.language as tl
 from .aot import AotSpec
 
 # Totals per row, in this order (as the C++ kernel's Stat enum).
-NUM_STATS = 11
+NUM_STATS = 12
 # Objective codes (the order of reference.losses.OBJECTIVES, as the C++ enum).
 OBJECTIVE_CODES = {"clip": 0, "cispo": 1, "reinforce": 2, "sapo": 3, "geo_mean": 4, "vespo": 5, "dppo_tv": 6,
                    "dppo_kl": 7}
@@ -177,6 +177,7 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, WTS, OFFLP, ENT_TH
     acc_dual = tl.sum(zero, 0)
     acc_dseq = tl.sum(zero, 0)
     acc_obj = tl.sum(zero, 0)
+    acc_approxc = tl.sum(zero, 0)
     for start in range(0, T, BLOCK):
         idx = start + offs
         inb = idx < T
@@ -221,6 +222,8 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, WTS, OFFLP, ENT_TH
             pg = -rc * a * lp
             dr = zero
             direct = -rc * a
+            # the clipped tokens whatever the advantage's sign (a NaN ratio counts, as verl's)
+            obj_stat = tl.where((r >= clip_lo) & (r <= clip_hi), 0.0, 1.0)
         elif OBJECTIVE == 2:
             pg = -a * lp
             dr = zero
@@ -317,6 +320,8 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, WTS, OFFLP, ENT_TH
         acc_loss += tl.sum(tl.where(m, row_w * l_tok, 0.0), 0)
         acc_ratio += tl.sum(tl.where(m, r, 0.0), 0)
         acc_approx += tl.sum(o - lp, 0)
+        if not SEQ:
+            acc_approxc += tl.sum(tl.where(m, -xc, 0.0), 0)
         acc_kl += tl.sum(tl.where(m, kl, 0.0), 0)
         if OBJECTIVE == 4 or OBJECTIVE >= 6:  # their own clip counts (see the objectives above)
             acc_low += tl.sum((m & low_hit).to(COMPUTE), 0)
@@ -325,7 +330,7 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, WTS, OFFLP, ENT_TH
             acc_low += tl.sum((m & (r < clip_lo) & (a < 0.0)).to(COMPUTE), 0)
             acc_high += tl.sum((m & (r > clip_hi) & (a > 0.0)).to(COMPUTE), 0)
         acc_dual += tl.sum((m & dual_hit).to(COMPUTE), 0)
-        if OBJECTIVE >= 5:
+        if OBJECTIVE >= 5 or OBJECTIVE == 1:
             acc_obj += tl.sum(tl.where(m, obj_stat, 0.0), 0)
     if SEQ and (OBJECTIVE == 0 or OBJECTIVE == 3 or (USE_KL and KL_CORR and KL != 0)):
         # r = exp(mean_t (lp_t - old_t)): dr/dlp_t = r / n for every active token.
@@ -336,7 +341,7 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, WTS, OFFLP, ENT_TH
             m = tl.load(MASK + base + idx, mask=idx < T, other=0) != 0
             g = tl.load(GRAD + base + idx, mask=m, other=0.0).to(COMPUTE)
             tl.store(GRAD + base + idx, (g + add).to(GRAD.dtype.element_ty), mask=m)
-    out = STATS + row * 11
+    out = STATS + row * 12  # NUM_STATS
     tl.store(out + 0, n)
     tl.store(out + 1, acc_loss)
     tl.store(out + 2, acc_low)
@@ -348,6 +353,7 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, WTS, OFFLP, ENT_TH
     tl.store(out + 8, acc_dual)
     tl.store(out + 9, acc_obj)
     tl.store(out + 10, acc_obj / n1)
+    tl.store(out + 11, acc_approxc)
 
 
 @triton.jit
