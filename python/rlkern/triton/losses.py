@@ -197,6 +197,8 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, WTS, OFFLP, ENT_TH
             xc = _clamp(x, lr_lo, lr_hi)
             dx = tl.where((x < lr_lo) | (x > lr_hi), 0.0, 1.0)
             r = tl.exp(xc)
+            # Summed here, where xc is at hand, so that it need not stay live in registers.
+            acc_approxc += tl.sum(tl.where(m, -xc, 0.0), 0)
         obj_stat = zero
         # PPO clip with ratio cap and dual clip; ties split the gradient as torch does.
         r1 = tl.where(r > cap, cap, r)
@@ -223,7 +225,7 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, WTS, OFFLP, ENT_TH
             dr = zero
             direct = -rc * a
             # the clipped tokens whatever the advantage's sign (a NaN ratio counts, as verl's)
-            obj_stat = tl.where((r >= clip_lo) & (r <= clip_hi), 0.0, 1.0)
+            acc_obj += tl.sum((m & ~((r >= clip_lo) & (r <= clip_hi))).to(COMPUTE), 0)
         elif OBJECTIVE == 2:
             pg = -a * lp
             dr = zero
@@ -320,8 +322,6 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, WTS, OFFLP, ENT_TH
         acc_loss += tl.sum(tl.where(m, row_w * l_tok, 0.0), 0)
         acc_ratio += tl.sum(tl.where(m, r, 0.0), 0)
         acc_approx += tl.sum(o - lp, 0)
-        if not SEQ:
-            acc_approxc += tl.sum(tl.where(m, -xc, 0.0), 0)
         acc_kl += tl.sum(tl.where(m, kl, 0.0), 0)
         if OBJECTIVE == 4 or OBJECTIVE >= 6:  # their own clip counts (see the objectives above)
             acc_low += tl.sum((m & low_hit).to(COMPUTE), 0)
@@ -330,7 +330,7 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, WTS, OFFLP, ENT_TH
             acc_low += tl.sum((m & (r < clip_lo) & (a < 0.0)).to(COMPUTE), 0)
             acc_high += tl.sum((m & (r > clip_hi) & (a > 0.0)).to(COMPUTE), 0)
         acc_dual += tl.sum((m & dual_hit).to(COMPUTE), 0)
-        if OBJECTIVE >= 5 or OBJECTIVE == 1:
+        if OBJECTIVE >= 5:
             acc_obj += tl.sum(tl.where(m, obj_stat, 0.0), 0)
     if SEQ and (OBJECTIVE == 0 or OBJECTIVE == 3 or (USE_KL and KL_CORR and KL != 0)):
         # r = exp(mean_t (lp_t - old_t)): dr/dlp_t = r / n for every active token.
