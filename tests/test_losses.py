@@ -399,6 +399,38 @@ def test_thread_count_does_not_change_results(name):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("mode", ["mask", "truncate"])
+@pytest.mark.parametrize("objective", ["clip", "sapo"])
+def test_tis_clip_frac_and_rollout_kl_are_openrlhfs_metrics(backend, mode, objective):
+    """tis_clip_frac is OpenRLHF's token-level is_filter_ratio: mask mode counts the tokens whose
+    weight exp(old - rollout) is not inside [low, high] (a NaN weight too), clip mode those below
+    or above it; rollout_kl is its vllm_kl, the mean of rollout - old. Rows long enough for the
+    vector body and its tail."""
+    batch = make_batch(4, 45, seed=22, nan_masked=False)
+    m = batch["mask"]
+    old, roll = batch["old"].float(), batch["rollout"].float().clone()
+    roll[0, :6] = old[0, :6] + 2.0  # weights far below the band
+    roll[3, 1:4] = old[3, 1:4] - 2.0  # far above
+    roll[0, 7] = float("nan")  # a NaN weight at an active token
+    assert m[0, 7]
+    with rlkern.use_backend(backend):
+        out = losses.policy_loss(batch["logp"].float(), old, batch["adv"].float(), m, objective=objective,
+                                 rollout_logp=roll, tis_cap=1.05, tis_min=0.95, tis_mode=mode)
+    w = torch.exp(old.double() - roll.double())
+    filtered = ~((w >= 0.95) & (w <= 1.05)) if mode == "mask" else (w < 0.95) | (w > 1.05)
+    n = m.sum()
+    assert_close(out.metrics["tis_clip_frac"], ((filtered & m).sum() / n).double(), VALUE_TOL, "tis_clip_frac")
+    assert out.metrics["rollout_kl"].isnan()  # the NaN rollout log-prob is active
+    roll[0, 7] = old[0, 7]
+    with rlkern.use_backend(backend):
+        out = losses.policy_loss(batch["logp"].float(), old, batch["adv"].float(), m, objective=objective,
+                                 rollout_logp=roll)
+    diff = torch.where(m, roll.double() - old.double(), torch.zeros((), dtype=torch.float64))
+    assert_close(out.metrics["rollout_kl"], diff.sum() / n, VALUE_TOL, "rollout_kl")
+    assert "tis_clip_frac" not in out.metrics
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("objective", ["clip", "cispo", "sapo", "dppo_kl"])
 def test_clamped_approx_kl_and_cispo_clip_frac_are_verls_metrics(backend, dtype, objective):

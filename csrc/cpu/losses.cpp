@@ -104,6 +104,8 @@ enum Stat : int {
   kObjective,    // objective-specific token sum: VESPO's phi, DPPO's truncated tokens, CISPO's clipped ones
   kObjectiveRow, // sum over sequences of their token mean of kObjective
   kApproxKlClamped,  // token level: sum of -(the clamped log-ratio) (verl's ppo_kl); 0 at sequence level
+  kTisOutside,   // token-level TIS: active tokens whose weight the band changes (mask: not inside, NaN too)
+  kRolloutKl,    // sum of rollout_logp - old_logp (0 without rollout log-probs)
   kNumStats
 };
 
@@ -125,8 +127,17 @@ struct RowConst {
 
 template <class A>
 struct TokenTerms {
-  A loss, grad, dseq, ratio, kl, dual_hit;
+  A loss, grad, dseq, ratio, kl, dual_hit, tis_out;
 };
+
+// 1 where the band [lo, hi] changes the token's importance weight w: in mask mode where w is
+// not inside it (a NaN weight too), when truncating where it lies below or above it.
+template <class A>
+RLK_LOSS_INLINE A tis_outside(A w, A lo, A hi, bool mask_mode) {
+  const bool inside = (w >= lo) & (w <= hi);
+  const bool beyond = (w < lo) | (w > hi);
+  return (mask_mode ? !inside : beyond) ? A(1) : A(0);
+}
 
 // The objectives beyond clip/CISPO/REINFORCE at one token (the scalar form: float64,
 // float16 and row tails; token_step_obj_v is the vector one). Returns the terms as token_terms, plus the token's clip-fraction flags
@@ -198,10 +209,12 @@ RLK_LOSS_INLINE ExtraTerms<A> token_terms_obj(const RowConst<A>& c, A lp, A o, A
     }
   }
   A weight = (c.drop_negative & !(a >= zero)) ? zero : one;
+  out.t.tis_out = zero;
   if (EXTRA) {
     weight = (c.has_select & !(h >= c.ent_threshold)) ? zero : weight;
     if (c.tis_token) {
       A wt = exp_(o - rolv);
+      out.t.tis_out = tis_outside(wt, c.tis_min, c.tis_cap, c.tis_mask_mode);
       wt = c.tis_mask_mode ? (((wt > c.tis_cap) | (wt < c.tis_min)) ? zero : wt)
                            : (wt > c.tis_cap ? c.tis_cap : (wt < c.tis_min ? c.tis_min : wt));
       weight *= wt;
@@ -281,9 +294,11 @@ RLK_LOSS_INLINE TokenTerms<A> token_terms(const RowConst<A>& c, A lp, A o, A a, 
   A direct = is_clip ? zero : w_direct;
   // Detached weights: off-policy sequence mask, entropy selection, truncated IS.
   A weight = (c.drop_negative & !(a >= zero)) ? zero : one;
+  A tis_out = zero;
   if (EXTRA) {
     weight = (c.has_select & !(h >= c.ent_threshold)) ? zero : weight;
     A wt = exp_(o - rolv);
+    tis_out = c.tis_token ? tis_outside(wt, c.tis_min, c.tis_cap, c.tis_mask_mode) : zero;
     wt = c.tis_mask_mode ? (((wt > c.tis_cap) | (wt < c.tis_min)) ? zero : wt)
                          : (wt > c.tis_cap ? c.tis_cap : (wt < c.tis_min ? c.tis_min : wt));
     weight = c.tis_token ? weight * wt : weight;
@@ -326,6 +341,7 @@ RLK_LOSS_INLINE TokenTerms<A> token_terms(const RowConst<A>& c, A lp, A o, A a, 
   out.ratio = r;
   out.kl = kl;
   out.dual_hit = dual_hit;
+  out.tis_out = tis_out;
   return out;
 }
 
@@ -347,11 +363,11 @@ constexpr int kBlock = 256;
 template <class A>
 struct Lanes {
   A n[kLanes], loss[kLanes], ratio[kLanes], approx[kLanes], kl[kLanes], ent[kLanes], low[kLanes], high[kLanes],
-      dual[kLanes], dseq[kLanes], obj[kLanes], approxc[kLanes];
+      dual[kLanes], dseq[kLanes], obj[kLanes], approxc[kLanes], tiso[kLanes], rkl[kLanes];
   void clear() {
     for (int j = 0; j < kLanes; ++j)
       n[j] = loss[j] = ratio[j] = approx[j] = kl[j] = ent[j] = low[j] = high[j] = dual[j] = dseq[j] = obj[j] =
-          approxc[j] = A(0);
+          approxc[j] = tiso[j] = rkl[j] = A(0);
   }
 };
 
@@ -398,6 +414,10 @@ RLK_LOSS_INLINE void token_step(const PolicyInputs<T>& in, const RowConst<acc_t<
     L.low[j] += m ? e.low : zero;
     L.high[j] += m ? e.high : zero;
     L.obj[j] += m ? e.stat : zero;
+    if (EXTRA) {
+      L.tiso[j] += m ? e.t.tis_out : zero;
+      L.rkl[j] += rolv - o;  // both 0 when masked; rolv is old_logp's value without rollout log-probs
+    }
     return;
   }
   const TokenTerms<A> tt = token_terms<A, KL, SEQ, EXTRA>(c, lp, o, a, refv, rolv, h, wv);
@@ -414,6 +434,10 @@ RLK_LOSS_INLINE void token_step(const PolicyInputs<T>& in, const RowConst<acc_t<
   L.dual[j] += m ? tt.dual_hit : zero;
   // CISPO's clipped tokens, whatever the advantage's sign (a NaN ratio counts, as verl's r != clip(r)).
   L.obj[j] += (m & c.is_cispo & !((tt.ratio >= c.clip_lo) & (tt.ratio <= c.clip_hi))) ? A(1) : zero;
+  if (EXTRA) {
+    L.tiso[j] += m ? tt.tis_out : zero;
+    L.rkl[j] += rolv - o;
+  }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -490,8 +514,10 @@ struct RowConstV {
 };
 
 struct LanesV {
-  vf n, loss, ratio, approx, kl, ent, low, high, dual, dseq, obj, approxc;
-  void clear() { n = loss = ratio = approx = kl = ent = low = high = dual = dseq = obj = approxc = splat(0.0f); }
+  vf n, loss, ratio, approx, kl, ent, low, high, dual, dseq, obj, approxc, tiso, rkl;
+  void clear() {
+    n = loss = ratio = approx = kl = ent = low = high = dual = dseq = obj = approxc = tiso = rkl = splat(0.0f);
+  }
   float sum(vf v) const { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
 };
 
@@ -611,7 +637,7 @@ RLK_LOSS_INLINE TokenV load_token_v(const PolicyInputs<T>& in, int64_t i, int64_
 // (kl_is_correction), so that the caller adds dr's chain through it.
 template <class T, int KL, bool EXTRA>
 RLK_LOSS_INLINE bool finish_terms_v(const PolicyInputs<T>& in, const RowConstV& c, int64_t i, const TokenV& t,
-                                    vf r, vf& pg, vf& dr, vf& direct, vf& l, vf& kl) {
+                                    vf r, vf& pg, vf& dr, vf& direct, vf& l, vf& kl, LanesV& L) {
   const vf zero = splat(0.0f), one = splat(1.0f), half = splat(0.5f);
   if (c.drop_negative_row) {
     const vf keep = (t.a >= zero) ? one : zero;
@@ -623,6 +649,9 @@ RLK_LOSS_INLINE bool finish_terms_v(const PolicyInputs<T>& in, const RowConstV& 
     vf weight = (c.has_select & ~(t.h >= c.ent_threshold)) ? zero : one;
     if (c.tis_token[0]) {
       vf wt = vexp(t.o - t.rolv);
+      // counted here (tis_outside's rule) so that the raw weight need not outlive this block
+      const vi beyond = c.tis_mask_mode ? ~((wt >= c.tis_min) & (wt <= c.tis_cap)) : ((wt < c.tis_min) | (wt > c.tis_cap));
+      L.tiso += (t.m & beyond) ? one : zero;
       wt = c.tis_mask_mode ? (((wt > c.tis_cap) | (wt < c.tis_min)) ? zero : wt)
                            : (wt > c.tis_cap ? c.tis_cap : (wt < c.tis_min ? c.tis_min : wt));
       weight *= wt;
@@ -631,6 +660,7 @@ RLK_LOSS_INLINE bool finish_terms_v(const PolicyInputs<T>& in, const RowConstV& 
     pg *= weight;
     dr *= weight;
     direct *= weight;
+    L.rkl += t.rolv - t.o;  // both 0 when masked
   }
   if (c.has_seq_tis) {
     pg *= c.seq_tis;
@@ -730,7 +760,7 @@ RLK_LOSS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& c,
     dr = zero;
   }
   vf l, kl;
-  const bool kl_uses_ratio = finish_terms_v<T, KL, EXTRA>(in, c, i, t, r, pg, dr, direct, l, kl);
+  const bool kl_uses_ratio = finish_terms_v<T, KL, EXTRA>(in, c, i, t, r, pg, dr, direct, l, kl, L);
   // As in token_terms: the ratio's derivative only where the ratio enters the loss.
   const vf g = SEQ ? direct : ((c.clip_objective || kl_uses_ratio) ? direct + dr * r * dx : direct);
   vstore(in.grad, i, m ? c.grad_w * g : zero);
@@ -881,7 +911,7 @@ RLK_LOSS_INLINE void token_step_obj_v(const PolicyInputs<T>& in, const RowConstV
     }
   }
   vf l, kl;
-  uses_ratio |= finish_terms_v<T, KL, EXTRA>(in, c, i, t, r, pg, dr, direct, l, kl);
+  uses_ratio |= finish_terms_v<T, KL, EXTRA>(in, c, i, t, r, pg, dr, direct, l, kl, L);
   const vf g = SEQ ? direct : (uses_ratio ? direct + dr * r * dx : direct);
   vstore(in.grad, i, m ? c.grad_w * g : zero);
   L.n += m ? one : zero;
@@ -1207,6 +1237,8 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
         acc[kDualClip] += V.sum(V.dual);
         acc[kObjective] += V.sum(V.obj);
         acc[kApproxKlClamped] += V.sum(V.approxc);
+        acc[kTisOutside] += V.sum(V.tiso);
+        acc[kRolloutKl] += V.sum(V.rkl);
         dseq += V.sum(V.dseq);
       }
       if constexpr (kSimd<T> && OBJ) {
@@ -1226,6 +1258,8 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
         acc[kEntropySum] += V.sum(V.ent);
         acc[kObjective] += V.sum(V.obj);
         acc[kApproxKlClamped] += V.sum(V.approxc);
+        acc[kTisOutside] += V.sum(V.tiso);
+        acc[kRolloutKl] += V.sum(V.rkl);
         dseq += V.sum(V.dseq);
       }
 #endif
@@ -1246,6 +1280,8 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
         acc[kDualClip] += L.dual[j];
         acc[kObjective] += L.obj[j];
         acc[kApproxKlClamped] += L.approxc[j];
+        acc[kTisOutside] += L.tiso[j];
+        acc[kRolloutKl] += L.rkl[j];
         dseq += L.dseq[j];
       }
     }
@@ -1607,7 +1643,7 @@ void bind(py::module_& m) {
   m.def("policy_loss", &policy_loss_fused, py::arg("params"), py::call_guard<py::gil_scoped_release>(),
         "Fused policy loss: writes d(row-weighted loss sum)/d logp (and entropy) and returns the totals "
         "[active, loss_sum, clip_low, clip_high, ratio_sum, approx_kl_sum, kl_sum, entropy_sum, dual_clip, "
-        "objective_sum, objective_row_sum, approx_kl_clamped_sum, non-empty rows]");
+        "objective_sum, objective_row_sum, approx_kl_clamped_sum, tis_outside, rollout_kl_sum, non-empty rows]");
   m.def("kl_penalty", &kl_penalty_fused, py::call_guard<py::gil_scoped_release>());
   m.def("value_loss", &value_loss_fused, py::call_guard<py::gil_scoped_release>());
   m.def("dpo_loss", &dpo_loss_fused, py::call_guard<py::gil_scoped_release>());

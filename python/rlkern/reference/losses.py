@@ -454,6 +454,16 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
         log_w = old - active(rollout_logp)
         if cfg.tis_level == "sequence":
             log_w = log_w.sum(-1, keepdim=True)
+        else:
+            # The tokens whose weight the band changes: in "mask" mode those not inside it (a NaN
+            # weight counts), in "truncate" mode those below or above it (OpenRLHF's is_filter_ratio).
+            w_raw = torch.exp(log_w).detach()
+            lo = 0.0 if cfg.tis_min is None else cfg.tis_min
+            if cfg.tis_mode == "mask":
+                outside = ~((w_raw >= lo) & (w_raw <= cfg.tis_cap))
+            else:
+                outside = (w_raw < lo) | (w_raw > cfg.tis_cap)
+            extra_metrics["tis_clip_frac"] = _masked_mean(outside.to(dtype), m)
         w = bound_importance_weight(torch.exp(log_w), cfg)
         pg = pg * w.detach()
     if weights is not None:
@@ -467,6 +477,9 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
         metrics["kl"] = _masked_mean(kl, m)
         if cfg.kl_coef != 0:
             per_token = per_token + cfg.kl_coef * (kl * ratio if cfg.kl_is_correction else kl)
+    if rollout_logp is not None:
+        # k1 of KL(rollout || old) on the rollout's tokens (OpenRLHF's vllm_kl)
+        metrics["rollout_kl"] = _masked_mean(active(rollout_logp) - old, m)
     if entropy is not None:
         ent = active(entropy)
         metrics["entropy"] = _masked_mean(ent, m)
