@@ -1312,7 +1312,10 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
   }
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// GCC and clang (the zig-built wheel) both take the target attribute on this one function:
+// every helper of the row body is always_inline and inlines into it, so the whole body is
+// compiled for AVX2+FMA; only libm calls of the scalar tails stay generic.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define RLK_POLICY_AVX2 1
 template <class T, int KL, bool SEQ, bool EXTRA, bool OBJ>
 __attribute__((target("avx2,fma"))) void policy_rows_avx2(const PolicyParams& p, int64_t b0, int64_t b1,
