@@ -97,6 +97,10 @@ POLICY_CONFIGS = [
     dict(is_correction_level="token"), dict(is_correction_level="seq"),
     dict(is_correction_level="token", is_correction_mode="clip"),
     dict(is_correction_level="token", is_correction_threshold=(0.9, 1.1)),
+    # bands the fused kernel takes with no lower bound, and one it does not (low > high: weights path)
+    dict(is_correction_level="token", is_correction_threshold=(0.0, 1.05)),
+    dict(is_correction_level="token", is_correction_mode="clip", is_correction_threshold=(0.0, 1.05)),
+    dict(is_correction_level="token", is_correction_threshold=(1.2, 0.8)),
     dict(is_correction_level="token", is_correction_gating="tv", is_correction_threshold=(0, 0.05)),
     dict(is_correction_level="token", is_correction_gating="binary_kl", is_correction_threshold=(0, 0.01)),
     dict(is_correction_level="seq", is_correction_gating="binary_kl", is_correction_threshold=(0, 0.01)),

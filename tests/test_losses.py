@@ -61,6 +61,9 @@ OPTION_CASES = {
     "log_ratio_clamp": ((), dict(log_ratio_clamp=0.25)),
     "log_ratio_clamp_high": ((), dict(log_ratio_clamp=(None, 0.1))),
     "cispo": ((), dict(objective="cispo", clip_low=1.0, clip_high=0.3)),
+    # A band without 0: a masked token's zero log-ratio would clamp to a bound (approx_kl_clamped).
+    "log_ratio_clamp_excludes_zero": ((), dict(log_ratio_clamp=(0.02, 0.3))),
+    "cispo_capped": ((), dict(objective="cispo", clip_low=0.1, clip_high=0.05, log_ratio_clamp=(None, -0.05))),
     "reinforce": ((), dict(objective="reinforce")),
     "sequence": ((), dict(level="sequence", clip_low=0.05, clip_high=0.1)),
     "sequence_clamp": ((), dict(level="sequence", log_ratio_clamp=(None, 0.05))),
@@ -377,9 +380,10 @@ def test_normalizer_reproduces_one_big_batch():
     assert_close(torch.cat(part_grads), full_grads[0], 1e-12)
 
 
-def test_thread_count_does_not_change_results():
+@pytest.mark.parametrize("name", ["everything_sequence", "everything_token", "cispo_capped"])
+def test_thread_count_does_not_change_results(name):
     batch = make_batch(37, 300, seed=15)
-    needs, options = OPTION_CASES["everything_sequence"]
+    needs, options = OPTION_CASES[name]
     args, opts = build(batch, needs, options, dtype=torch.float32)
     before = rlkern.get_num_threads()
     try:
@@ -391,6 +395,76 @@ def test_thread_count_does_not_change_results():
         rlkern.set_num_threads(before)
     assert o1.loss.item() == o2.loss.item()
     assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+    assert all(torch.equal(o1.metrics[k], o2.metrics[k]) for k in o1.metrics)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("mode", ["mask", "truncate"])
+@pytest.mark.parametrize("objective", ["clip", "sapo"])
+def test_tis_clip_frac_and_rollout_kl_are_openrlhfs_metrics(backend, mode, objective):
+    """tis_clip_frac is OpenRLHF's token-level is_filter_ratio: mask mode counts the tokens whose
+    weight exp(old - rollout) is not inside [low, high] (a NaN weight too), clip mode those below
+    or above it; rollout_kl is its vllm_kl, the mean of rollout - old. Rows long enough for the
+    vector body and its tail."""
+    batch = make_batch(4, 45, seed=22, nan_masked=False)
+    m = batch["mask"]
+    old, roll = batch["old"].float(), batch["rollout"].float().clone()
+    roll[0, :6] = old[0, :6] + 2.0  # weights far below the band
+    roll[3, 1:4] = old[3, 1:4] - 2.0  # far above
+    roll[0, 7] = float("nan")  # a NaN weight at an active token
+    assert m[0, 7]
+    with rlkern.use_backend(backend):
+        out = losses.policy_loss(batch["logp"].float(), old, batch["adv"].float(), m, objective=objective,
+                                 rollout_logp=roll, tis_cap=1.05, tis_min=0.95, tis_mode=mode)
+    w = torch.exp(old.double() - roll.double())
+    filtered = ~((w >= 0.95) & (w <= 1.05)) if mode == "mask" else (w < 0.95) | (w > 1.05)
+    n = m.sum()
+    assert_close(out.metrics["tis_clip_frac"], ((filtered & m).sum() / n).double(), VALUE_TOL, "tis_clip_frac")
+    assert out.metrics["rollout_kl"].isnan()  # the NaN rollout log-prob is active
+    roll[0, 7] = old[0, 7]
+    with rlkern.use_backend(backend):
+        out = losses.policy_loss(batch["logp"].float(), old, batch["adv"].float(), m, objective=objective,
+                                 rollout_logp=roll)
+    diff = torch.where(m, roll.double() - old.double(), torch.zeros((), dtype=torch.float64))
+    assert_close(out.metrics["rollout_kl"], diff.sum() / n, VALUE_TOL, "rollout_kl")
+    assert "tis_clip_frac" not in out.metrics
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("objective", ["clip", "cispo", "sapo", "dppo_kl"])
+def test_clamped_approx_kl_and_cispo_clip_frac_are_verls_metrics(backend, dtype, objective):
+    """approx_kl_clamped is verl's ppo_kl, masked_mean(-clamp(lp - old, -20, 20)), beside the
+    unclamped approx_kl (OpenRLHF's); cispo's clip_frac is verl's sign-blind
+    masked_mean(r != clip(r)). Log-ratios beyond the clamp on both sides, rows long enough for
+    the vector body and its tail, NaN at masked positions."""
+    batch = make_batch(4, 45, seed=21)
+    m = batch["mask"]
+    old, lp = batch["old"].clone(), batch["logp"].clone()
+    lp[0, :5] = old[0, :5] + 30.0
+    lp[3, :7] = old[3, :7] - 45.0
+    lp = torch.where(m, lp, torch.full_like(lp, float("nan")))
+    adv = batch["adv"]
+    with rlkern.use_backend(backend):
+        out = losses.policy_loss(lp.to(dtype), old.to(dtype), adv, m, objective=objective, clip_low=0.2,
+                                 clip_high=0.28, log_ratio_clamp=20.0, ratio_cap=3.0 if objective == "dppo_kl" else None)
+    lp_r, old_r = lp.to(dtype).double(), old.to(dtype).double()
+    x = torch.where(m, lp_r - old_r, torch.zeros_like(lp_r))
+    n = m.sum()
+    ppo_kl = (-x.clamp(-20.0, 20.0) * m).sum() / n
+    assert_close(out.metrics["approx_kl_clamped"], ppo_kl, VALUE_TOL, "approx_kl_clamped")
+    assert_close(out.metrics["approx_kl"], (-x * m).sum() / n, VALUE_TOL, "approx_kl")
+    assert abs(float(out.metrics["approx_kl"]) - float(ppo_kl)) > 1.0  # the clamp matters here
+    if objective == "cispo":
+        r = x.clamp(-20.0, 20.0).exp()
+        assert_close(out.metrics["clip_frac"], (((r != r.clamp(0.8, 1.28)) & m).sum() / n).double(), VALUE_TOL,
+                     "clip_frac")
+    else:
+        assert "clip_frac" not in out.metrics
+    with rlkern.use_backend(backend):
+        seq = losses.policy_loss(lp.to(dtype), old.to(dtype), adv, m, level="sequence", log_ratio_clamp=20.0)
+        plain = losses.policy_loss(lp.to(dtype), old.to(dtype), adv, m, objective=objective)
+    assert "approx_kl_clamped" not in seq.metrics and "approx_kl_clamped" not in plain.metrics
 
 
 def test_backward_twice_with_retained_graph_and_grad_output_scaling():

@@ -101,8 +101,11 @@ enum Stat : int {
   kKlSum,        // sum of the KL estimate (before coefficient and correction)
   kEntropySum,
   kDualClip,     // active tokens with A < 0 where the dual clip bound is active
-  kObjective,    // objective-specific token sum: VESPO's phi, DPPO's truncated tokens
+  kObjective,    // objective-specific token sum: VESPO's phi, DPPO's truncated tokens, CISPO's clipped ones
   kObjectiveRow, // sum over sequences of their token mean of kObjective
+  kApproxKlClamped,  // token level: sum of -(the clamped log-ratio) (verl's ppo_kl); 0 at sequence level
+  kTisOutside,   // token-level TIS: active tokens whose weight the band changes (mask: not inside, NaN too)
+  kRolloutKl,    // sum of rollout_logp - old_logp (0 without rollout log-probs)
   kNumStats
 };
 
@@ -118,13 +121,23 @@ struct RowConst {
   int objective, kl_kind;
   bool has_dual, use_kl, use_ent, kl_corr, tis_token, tis_mask_mode, has_select, drop_negative;
   bool has_weights;  // per-token weights given (read on the EXTRA path)
+  bool is_cispo;
   A tis_min;
 };
 
 template <class A>
 struct TokenTerms {
-  A loss, grad, dseq, ratio, kl, dual_hit;
+  A loss, grad, dseq, ratio, kl, dual_hit, tis_out;
 };
+
+// 1 where the band [lo, hi] changes the token's importance weight w: in mask mode where w is
+// not inside it (a NaN weight too), when truncating where it lies below or above it.
+template <class A>
+RLK_LOSS_INLINE A tis_outside(A w, A lo, A hi, bool mask_mode) {
+  const bool inside = (w >= lo) & (w <= hi);
+  const bool beyond = (w < lo) | (w > hi);
+  return (mask_mode ? !inside : beyond) ? A(1) : A(0);
+}
 
 // The objectives beyond clip/CISPO/REINFORCE at one token (the scalar form: float64,
 // float16 and row tails; token_step_obj_v is the vector one). Returns the terms as token_terms, plus the token's clip-fraction flags
@@ -196,10 +209,12 @@ RLK_LOSS_INLINE ExtraTerms<A> token_terms_obj(const RowConst<A>& c, A lp, A o, A
     }
   }
   A weight = (c.drop_negative & !(a >= zero)) ? zero : one;
+  out.t.tis_out = zero;
   if (EXTRA) {
     weight = (c.has_select & !(h >= c.ent_threshold)) ? zero : weight;
     if (c.tis_token) {
       A wt = exp_(o - rolv);
+      out.t.tis_out = tis_outside(wt, c.tis_min, c.tis_cap, c.tis_mask_mode);
       wt = c.tis_mask_mode ? (((wt > c.tis_cap) | (wt < c.tis_min)) ? zero : wt)
                            : (wt > c.tis_cap ? c.tis_cap : (wt < c.tis_min ? c.tis_min : wt));
       weight *= wt;
@@ -279,9 +294,11 @@ RLK_LOSS_INLINE TokenTerms<A> token_terms(const RowConst<A>& c, A lp, A o, A a, 
   A direct = is_clip ? zero : w_direct;
   // Detached weights: off-policy sequence mask, entropy selection, truncated IS.
   A weight = (c.drop_negative & !(a >= zero)) ? zero : one;
+  A tis_out = zero;
   if (EXTRA) {
     weight = (c.has_select & !(h >= c.ent_threshold)) ? zero : weight;
     A wt = exp_(o - rolv);
+    tis_out = c.tis_token ? tis_outside(wt, c.tis_min, c.tis_cap, c.tis_mask_mode) : zero;
     wt = c.tis_mask_mode ? (((wt > c.tis_cap) | (wt < c.tis_min)) ? zero : wt)
                          : (wt > c.tis_cap ? c.tis_cap : (wt < c.tis_min ? c.tis_min : wt));
     weight = c.tis_token ? weight * wt : weight;
@@ -324,6 +341,7 @@ RLK_LOSS_INLINE TokenTerms<A> token_terms(const RowConst<A>& c, A lp, A o, A a, 
   out.ratio = r;
   out.kl = kl;
   out.dual_hit = dual_hit;
+  out.tis_out = tis_out;
   return out;
 }
 
@@ -345,10 +363,11 @@ constexpr int kBlock = 256;
 template <class A>
 struct Lanes {
   A n[kLanes], loss[kLanes], ratio[kLanes], approx[kLanes], kl[kLanes], ent[kLanes], low[kLanes], high[kLanes],
-      dual[kLanes], dseq[kLanes], obj[kLanes];
+      dual[kLanes], dseq[kLanes], obj[kLanes], approxc[kLanes], tiso[kLanes], rkl[kLanes];
   void clear() {
     for (int j = 0; j < kLanes; ++j)
-      n[j] = loss[j] = ratio[j] = approx[j] = kl[j] = ent[j] = low[j] = high[j] = dual[j] = dseq[j] = obj[j] = A(0);
+      n[j] = loss[j] = ratio[j] = approx[j] = kl[j] = ent[j] = low[j] = high[j] = dual[j] = dseq[j] = obj[j] =
+          approxc[j] = tiso[j] = rkl[j] = A(0);
   }
 };
 
@@ -376,6 +395,12 @@ RLK_LOSS_INLINE void token_step(const PolicyInputs<T>& in, const RowConst<acc_t<
     const A w = load(in.weights, i);
     wv = c.has_weights ? (m ? w : zero) : wv;
   }
+  if (!SEQ) {
+    // The clamped log-ratio again (token_terms computes the same): the compiler shares it.
+    const A x = lp - o;
+    const A xc = x < c.lr_lo ? c.lr_lo : (x > c.lr_hi ? c.lr_hi : x);
+    L.approxc[j] += m ? -xc : zero;
+  }
   if (OBJ) {
     const ExtraTerms<A> e = token_terms_obj<A, KL, SEQ, EXTRA>(c, lp, o, a, refv, rolv, h, wv);
     store(in.grad, i, m ? c.grad_w * e.t.grad : zero);
@@ -389,6 +414,10 @@ RLK_LOSS_INLINE void token_step(const PolicyInputs<T>& in, const RowConst<acc_t<
     L.low[j] += m ? e.low : zero;
     L.high[j] += m ? e.high : zero;
     L.obj[j] += m ? e.stat : zero;
+    if (EXTRA) {
+      L.tiso[j] += m ? e.t.tis_out : zero;
+      L.rkl[j] += rolv - o;  // both 0 when masked; rolv is old_logp's value without rollout log-probs
+    }
     return;
   }
   const TokenTerms<A> tt = token_terms<A, KL, SEQ, EXTRA>(c, lp, o, a, refv, rolv, h, wv);
@@ -403,6 +432,12 @@ RLK_LOSS_INLINE void token_step(const PolicyInputs<T>& in, const RowConst<acc_t<
   L.low[j] += (m & (tt.ratio < c.clip_lo) & (a < zero)) ? A(1) : zero;
   L.high[j] += (m & (tt.ratio > c.clip_hi) & (a > zero)) ? A(1) : zero;
   L.dual[j] += m ? tt.dual_hit : zero;
+  // CISPO's clipped tokens, whatever the advantage's sign (a NaN ratio counts, as verl's r != clip(r)).
+  L.obj[j] += (m & c.is_cispo & !((tt.ratio >= c.clip_lo) & (tt.ratio <= c.clip_hi))) ? A(1) : zero;
+  if (EXTRA) {
+    L.tiso[j] += m ? tt.tis_out : zero;
+    L.rkl[j] += rolv - o;
+  }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -479,8 +514,10 @@ struct RowConstV {
 };
 
 struct LanesV {
-  vf n, loss, ratio, approx, kl, ent, low, high, dual, dseq, obj;
-  void clear() { n = loss = ratio = approx = kl = ent = low = high = dual = dseq = obj = splat(0.0f); }
+  vf n, loss, ratio, approx, kl, ent, low, high, dual, dseq, obj, approxc, tiso, rkl;
+  void clear() {
+    n = loss = ratio = approx = kl = ent = low = high = dual = dseq = obj = approxc = tiso = rkl = splat(0.0f);
+  }
   float sum(vf v) const { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
 };
 
@@ -600,7 +637,7 @@ RLK_LOSS_INLINE TokenV load_token_v(const PolicyInputs<T>& in, int64_t i, int64_
 // (kl_is_correction), so that the caller adds dr's chain through it.
 template <class T, int KL, bool EXTRA>
 RLK_LOSS_INLINE bool finish_terms_v(const PolicyInputs<T>& in, const RowConstV& c, int64_t i, const TokenV& t,
-                                    vf r, vf& pg, vf& dr, vf& direct, vf& l, vf& kl) {
+                                    vf r, vf& pg, vf& dr, vf& direct, vf& l, vf& kl, LanesV& L) {
   const vf zero = splat(0.0f), one = splat(1.0f), half = splat(0.5f);
   if (c.drop_negative_row) {
     const vf keep = (t.a >= zero) ? one : zero;
@@ -612,6 +649,9 @@ RLK_LOSS_INLINE bool finish_terms_v(const PolicyInputs<T>& in, const RowConstV& 
     vf weight = (c.has_select & ~(t.h >= c.ent_threshold)) ? zero : one;
     if (c.tis_token[0]) {
       vf wt = vexp(t.o - t.rolv);
+      // counted here (tis_outside's rule) so that the raw weight need not outlive this block
+      const vi beyond = c.tis_mask_mode ? ~((wt >= c.tis_min) & (wt <= c.tis_cap)) : ((wt < c.tis_min) | (wt > c.tis_cap));
+      L.tiso += (t.m & beyond) ? one : zero;
       wt = c.tis_mask_mode ? (((wt > c.tis_cap) | (wt < c.tis_min)) ? zero : wt)
                            : (wt > c.tis_cap ? c.tis_cap : (wt < c.tis_min ? c.tis_min : wt));
       weight *= wt;
@@ -620,6 +660,7 @@ RLK_LOSS_INLINE bool finish_terms_v(const PolicyInputs<T>& in, const RowConstV& 
     pg *= weight;
     dr *= weight;
     direct *= weight;
+    L.rkl += t.rolv - t.o;  // both 0 when masked
   }
   if (c.has_seq_tis) {
     pg *= c.seq_tis;
@@ -672,14 +713,15 @@ RLK_LOSS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& c,
   const TokenV t = load_token_v<T, KL, EXTRA>(in, i, ai, adv_per_token);
   const vi m = t.m;
   const vf lp = t.lp, o = t.o, a = t.a;
-  vf r, dx;
+  vf r, dx, xc = zero;
   if (SEQ) {
     r = c.seq_ratio;
     dx = c.seq_dx;
   } else {
     const vf x = lp - o;
+    xc = x;
     if (c.has_lr_clamp) {
-      const vf xc = x < c.lr_lo ? c.lr_lo : (x > c.lr_hi ? c.lr_hi : x);
+      xc = x < c.lr_lo ? c.lr_lo : (x > c.lr_hi ? c.lr_hi : x);
       dx = ((x < c.lr_lo) | (x > c.lr_hi)) ? zero : one;
       r = vexp(xc);
     } else {
@@ -718,7 +760,7 @@ RLK_LOSS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& c,
     dr = zero;
   }
   vf l, kl;
-  const bool kl_uses_ratio = finish_terms_v<T, KL, EXTRA>(in, c, i, t, r, pg, dr, direct, l, kl);
+  const bool kl_uses_ratio = finish_terms_v<T, KL, EXTRA>(in, c, i, t, r, pg, dr, direct, l, kl, L);
   // As in token_terms: the ratio's derivative only where the ratio enters the loss.
   const vf g = SEQ ? direct : ((c.clip_objective || kl_uses_ratio) ? direct + dr * r * dx : direct);
   vstore(in.grad, i, m ? c.grad_w * g : zero);
@@ -732,6 +774,9 @@ RLK_LOSS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& c,
   L.low += (m & (r < c.clip_lo) & (a < zero)) ? one : zero;
   L.high += (m & (r > c.clip_hi) & (a > zero)) ? one : zero;
   if (c.has_dual_clip) L.dual += m ? dual_hit : zero;
+  // A masked token's zero log-ratio may clamp to a non-zero bound: masked, not just summed.
+  if (!SEQ) L.approxc += m ? -xc : zero;
+  if (c.cispo_objective) L.obj += (m & ~((r >= c.clip_lo) & (r <= c.clip_hi))) ? one : zero;
 }
 
 RLK_LOSS_INLINE vf vabs(vf x) { return (vf)((vi)x & 0x7fffffff); }
@@ -866,7 +911,7 @@ RLK_LOSS_INLINE void token_step_obj_v(const PolicyInputs<T>& in, const RowConstV
     }
   }
   vf l, kl;
-  uses_ratio |= finish_terms_v<T, KL, EXTRA>(in, c, i, t, r, pg, dr, direct, l, kl);
+  uses_ratio |= finish_terms_v<T, KL, EXTRA>(in, c, i, t, r, pg, dr, direct, l, kl, L);
   const vf g = SEQ ? direct : (uses_ratio ? direct + dr * r * dx : direct);
   vstore(in.grad, i, m ? c.grad_w * g : zero);
   L.n += m ? one : zero;
@@ -879,6 +924,7 @@ RLK_LOSS_INLINE void token_step_obj_v(const PolicyInputs<T>& in, const RowConstV
   L.low += m ? low : zero;
   L.high += m ? high : zero;
   L.obj += m ? stat : zero;
+  if (!SEQ) L.approxc += m ? -x : zero;  // x is the clamped log-ratio here
 }
 #endif
 
@@ -924,6 +970,7 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
   c.tis_mask_mode = p.tis_mask_mode;
   c.has_weights = p.weights != 0;
   c.objective = p.objective;
+  c.is_cispo = p.objective == kCispo;
   c.tau_pos = A(p.sapo_tau_pos);
   c.tau_neg = A(p.sapo_tau_neg);
   c.geo_lo = A(-p.clip_low);
@@ -1156,6 +1203,8 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
       acc[kRatioSum] = n * double(tt.ratio);
       acc[kApproxKlSum] = -sum_lr;
       acc[kDualClip] = n * double(tt.dual_hit);
+      acc[kObjective] = (c.is_cispo && !(tt.ratio >= c.clip_lo && tt.ratio <= c.clip_hi)) ? n : 0.0;
+      acc[kObjectiveRow] = n > 0 ? acc[kObjective] / n : 0.0;
       const A gval = c.grad_w * (p.objective == kClip ? tt.grad + tt.dseq * c.seq_ratio * c.seq_dx : tt.grad);
       T* g = in.grad + base;
       int64_t t = 0;
@@ -1186,6 +1235,10 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
         acc[kKlSum] += V.sum(V.kl);
         acc[kEntropySum] += V.sum(V.ent);
         acc[kDualClip] += V.sum(V.dual);
+        acc[kObjective] += V.sum(V.obj);
+        acc[kApproxKlClamped] += V.sum(V.approxc);
+        acc[kTisOutside] += V.sum(V.tiso);
+        acc[kRolloutKl] += V.sum(V.rkl);
         dseq += V.sum(V.dseq);
       }
       if constexpr (kSimd<T> && OBJ) {
@@ -1204,6 +1257,9 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
         acc[kKlSum] += V.sum(V.kl);
         acc[kEntropySum] += V.sum(V.ent);
         acc[kObjective] += V.sum(V.obj);
+        acc[kApproxKlClamped] += V.sum(V.approxc);
+        acc[kTisOutside] += V.sum(V.tiso);
+        acc[kRolloutKl] += V.sum(V.rkl);
         dseq += V.sum(V.dseq);
       }
 #endif
@@ -1223,6 +1279,9 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
         acc[kEntropySum] += L.ent[j];
         acc[kDualClip] += L.dual[j];
         acc[kObjective] += L.obj[j];
+        acc[kApproxKlClamped] += L.approxc[j];
+        acc[kTisOutside] += L.tiso[j];
+        acc[kRolloutKl] += L.rkl[j];
         dseq += L.dseq[j];
       }
     }
@@ -1253,7 +1312,10 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
   }
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// GCC and clang (the zig-built wheel) both take the target attribute on this one function:
+// every helper of the row body is always_inline and inlines into it, so the whole body is
+// compiled for AVX2+FMA; only libm calls of the scalar tails stay generic.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define RLK_POLICY_AVX2 1
 template <class T, int KL, bool SEQ, bool EXTRA, bool OBJ>
 __attribute__((target("avx2,fma"))) void policy_rows_avx2(const PolicyParams& p, int64_t b0, int64_t b1,
@@ -1583,7 +1645,8 @@ void bind(py::module_& m) {
   m.attr("NUM_POLICY_STATS") = int(kNumStats);
   m.def("policy_loss", &policy_loss_fused, py::arg("params"), py::call_guard<py::gil_scoped_release>(),
         "Fused policy loss: writes d(row-weighted loss sum)/d logp (and entropy) and returns the totals "
-        "[active, loss_sum, clip_low, clip_high, ratio_sum, approx_kl_sum, kl_sum, entropy_sum, dual_clip]");
+        "[active, loss_sum, clip_low, clip_high, ratio_sum, approx_kl_sum, kl_sum, entropy_sum, dual_clip, "
+        "objective_sum, objective_row_sum, approx_kl_clamped_sum, tis_outside, rollout_kl_sum, non-empty rows]");
   m.def("kl_penalty", &kl_penalty_fused, py::call_guard<py::gil_scoped_release>());
   m.def("value_loss", &value_loss_fused, py::call_guard<py::gil_scoped_release>());
   m.def("dpo_loss", &dpo_loss_fused, py::call_guard<py::gil_scoped_release>());

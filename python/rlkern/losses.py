@@ -35,7 +35,7 @@ _DPO_CODES = {name: i for i, name in enumerate(DPO_LOSS_TYPES)}
 
 # Order of the totals the kernels return (csrc/cpu/losses.cpp, enum Stat).
 _STATS = ("active", "loss_sum", "clip_low", "clip_high", "ratio_sum", "approx_kl_sum", "kl_sum", "entropy_sum",
-          "dual_clip", "objective_sum", "objective_row_sum")
+          "dual_clip", "objective_sum", "objective_row_sum", "approx_kl_clamped_sum", "tis_outside", "rollout_kl_sum")
 
 
 # ---------------------------------------------------------------------------------------
@@ -267,8 +267,16 @@ def _policy_params(cfg: PolicyLossConfig, B: int, T: int):
     return p
 
 
+def _bounded(clamp: Clamp) -> bool:
+    """Whether a validated clamp option bounds anything (a (None, None) pair does not); no
+    float conversion, so a symbolic bound under torch.compile stays symbolic."""
+    if clamp is None:
+        return False
+    return not isinstance(clamp, (tuple, list)) or any(c is not None for c in clamp)
+
+
 def _metrics_from_totals(totals, cfg: PolicyLossConfig, has_ref: bool, has_entropy: bool,
-                         nonempty=1.0) -> Dict[str, torch.Tensor]:
+                         nonempty=1.0, has_rollout: bool = False) -> Dict[str, torch.Tensor]:
     """Metric tensors from the kernel's totals (a 1-D tensor, or a list of floats);
     ``nonempty`` is the number of sequences with an active token."""
     t = dict(zip(_STATS, totals))
@@ -280,8 +288,12 @@ def _metrics_from_totals(totals, cfg: PolicyLossConfig, has_ref: bool, has_entro
         "ratio_mean": t["ratio_sum"] / denom,
         "approx_kl": t["approx_kl_sum"] / denom,
     }
+    if cfg.level == "token" and _bounded(cfg.log_ratio_clamp):
+        metrics["approx_kl_clamped"] = t["approx_kl_clamped_sum"] / denom
     if has_ref:
         metrics["kl"] = t["kl_sum"] / denom
+    if has_rollout:
+        metrics["rollout_kl"] = t["rollout_kl_sum"] / denom
     if has_entropy:
         metrics["entropy"] = t["entropy_sum"] / denom
     if cfg.objective == "clip" and cfg.dual_clip is not None:
@@ -291,6 +303,10 @@ def _metrics_from_totals(totals, cfg: PolicyLossConfig, has_ref: bool, has_entro
         metrics["phi_seq_mean"] = t["objective_row_sum"] / nonempty
     elif cfg.objective in ("dppo_tv", "dppo_kl"):
         metrics["trunc_frac"] = t["objective_sum"] / denom
+    elif cfg.objective == "cispo":
+        metrics["clip_frac"] = t["objective_sum"] / denom
+    if cfg.tis_cap is not None and cfg.tis_level == "token" and cfg.objective != "vespo":
+        metrics["tis_clip_frac"] = t["tis_outside"] / denom
     return metrics
 
 
@@ -337,7 +353,8 @@ def _policy_cpu(logp, old_logp, advantages, mask, cfg: PolicyLossConfig, tensors
         p.grad_logp = ptr(grad_logp)
         p.grad_entropy = ptr(grad_entropy) if grad_entropy is not None else 0
         totals = core().losses.policy_loss(p)
-        named = _metrics_from_totals(totals, cfg, ref is not None, ent is not None, totals[len(_STATS)])
+        named = _metrics_from_totals(totals, cfg, ref is not None, ent is not None, totals[len(_STATS)],
+                                     roll is not None)
         # The metrics are views of one small tensor (one allocation, not six); the loss is a
         # tensor of its own, since trainers update it in place (verl: policy_loss += kl_loss * coef)
         # and autograd refuses in-place updates of a view made inside a Function.
@@ -436,10 +453,10 @@ def _op_config(spec: str, values: Tuple[float, ...]) -> PolicyLossConfig:
     return _decode_options(spec, values).validate()
 
 
-def _metric_names(cfg: PolicyLossConfig, has_ref: bool, has_entropy: bool) -> Tuple[str, ...]:
+def _metric_names(cfg: PolicyLossConfig, has_ref: bool, has_entropy: bool, has_rollout: bool) -> Tuple[str, ...]:
     """The metrics the kernels report for ``cfg``, in the order of the op's metrics output
     (asked of ``_metrics_from_totals`` itself, so the two cannot disagree)."""
-    return tuple(_metrics_from_totals([0.0] * (len(_STATS) + 1), cfg, has_ref, has_entropy))
+    return tuple(_metrics_from_totals([0.0] * (len(_STATS) + 1), cfg, has_ref, has_entropy, 1.0, has_rollout))
 
 
 @torch.library.custom_op("rlkern::policy_loss", mutates_args=())
@@ -467,7 +484,8 @@ def _policy_fake(logp, old_logp, advantages, mask, ref_logp, rollout_logp, entro
     tensors = {"ref_logp": ref_logp, "rollout_logp": rollout_logp, "entropy": entropy, "weights": weights,
                "off_policy_logp": off_policy_logp}
     storage, acc = _policy_dtypes(logp, old_logp, advantages, tensors)
-    names = _metric_names(_decode_options(spec, values), ref_logp is not None, entropy is not None)
+    names = _metric_names(_decode_options(spec, values), ref_logp is not None, entropy is not None,
+                          rollout_logp is not None)
     grad_entropy_shape = logp.shape if want_entropy_grad and entropy is not None else (0,)
     return (logp.new_empty((), dtype=acc), logp.new_empty((len(names),), dtype=acc),
             logp.new_empty(logp.shape, dtype=storage), logp.new_empty(grad_entropy_shape, dtype=storage))
@@ -675,8 +693,16 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     Returns ``LossOutput(loss, metrics)``; ``metrics`` (detached, masked means over the
     active tokens, computed in the same pass): ``clip_frac_low`` (A < 0 and r < 1 -
     clip_low), ``clip_frac_high`` (A > 0 and r > 1 + clip_high), ``ratio_mean``,
-    ``approx_kl`` (mean of old_logp - logp), ``kl`` (when ``ref_logp`` is given),
-    ``entropy`` (when ``entropy`` is given) and ``dual_clip_frac`` (with ``dual_clip``).
+    ``approx_kl`` (mean of old_logp - logp), ``approx_kl_clamped`` (with
+    ``log_ratio_clamp`` at level "token": the mean of -(the clamped log-ratio), verl's
+    ppo_kl), ``kl`` (when ``ref_logp`` is given), ``entropy`` (when ``entropy`` is given)
+    and ``dual_clip_frac`` (with ``dual_clip``). "cispo" adds ``clip_frac``: the tokens whose
+    ratio lies outside [1 - clip_low, 1 + clip_high] whatever the advantage's sign (a NaN
+    ratio counts; verl's cispo pg_clipfrac). With ``rollout_logp``: ``rollout_kl`` (mean of
+    rollout_logp - old_logp, OpenRLHF's vllm_kl); with token-level ``tis_cap`` (not "vespo"):
+    ``tis_clip_frac``, the tokens whose importance weight the band changes (mode "mask":
+    those not inside [tis_min, tis_cap], a NaN weight included; "truncate": those below or
+    above it; OpenRLHF's is_filter_ratio).
     For "geo_mean" ``clip_frac_low``/``clip_frac_high`` count the tokens whose log-ratio lies
     outside [-clip_low, clip_high] with A < 0 / A > 0 and ``ratio_mean`` is the mean of the
     sequence ratios over the tokens; for the DPPO objectives they count the tokens outside
@@ -719,7 +745,7 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
                                    None if weights is None else weights.detach(),
                                    None if off_policy_logp is None else off_policy_logp.detach(), norm_t, spec,
                                    values, want_entropy_grad)
-        names = _metric_names(cfg, ref_logp is not None, entropy is not None)
+        names = _metric_names(cfg, ref_logp is not None, entropy is not None, rollout_logp is not None)
         return LossOutput(loss, dict(zip(names, vec.unbind())))
     norm_t = None
     if isinstance(norm, torch.Tensor):

@@ -14,8 +14,11 @@ arguments and its ``forward`` takes ``rollout_log_probs`` and the global-batch a
 [-20, 20] and every KL estimate to [-10, 10] (zero gradient where clamped), as OpenRLHF does.
 OpenRLHF itself is needed only for :func:`install`.
 
-Deliberate difference: where OpenRLHF divides by a zero token count (an all-masked batch) the
-loss here is 0 instead of NaN (metrics keep OpenRLHF's NaN).
+Deliberate differences, at degenerate inputs: where OpenRLHF divides by a zero token count (an
+all-masked batch) the loss and the token metrics here are 0 instead of NaN; with token-level
+ratio gating (the fused kernel's importance-sampling band) a NaN importance ratio at an active
+token (a NaN rollout log-prob, or -inf in both old and rollout) makes the loss NaN, where
+OpenRLHF's mask mode drops the token.
 """
 
 from __future__ import annotations
@@ -106,7 +109,7 @@ class PolicyLoss(nn.Module):
 
     @torch.no_grad()
     def _is_coefficient(self, old_log_probs, rollout_log_probs, m):
-        """The detached per-token coefficient of the IS correction, and the filtered units."""
+        """The detached per-token coefficient of the IS correction, and the filtered fraction."""
         low, high = self.is_correction_threshold
         seq_level = self.is_correction_level == "seq"
         mf = m.to(torch.float32)
@@ -137,8 +140,21 @@ class PolicyLoss(nn.Module):
             filter_ratio = filtered.float().mean()
         else:
             filter_ratio = (filtered.float() * mf).sum() / mf.sum()
-        vllm_kl = ((rollout_log_probs.float() - old_log_probs.float()) * mf).sum() / mf.sum()
-        return coef.expand(m.shape), filter_ratio, vllm_kl
+        return coef.expand(m.shape), filter_ratio
+
+    def _kernel_band(self) -> Optional[dict]:
+        """The IS correction as the fused kernel's token-level band (tis_*), when it is one:
+        token level, gated by the ratio itself, a band the kernel takes (0 < high, low <= high).
+        OpenRLHF's mask keeps exp(old - rollout) inside [low, high] (the kernel's "mask" mode),
+        its clip clamps it into the band ("truncate"); its is_filter_ratio is the kernel's
+        tis_clip_frac in either mode. None: the coefficient is formed here and passed as weights."""
+        if self.is_correction_level != "token" or self.is_correction_gating != "ratio":
+            return None
+        low, high = (float(x) for x in self.is_correction_threshold)
+        if not (high > 0 and low <= high):  # NaN fails too
+            return None
+        return dict(tis_cap=high, tis_min=low if low > 0 else None,
+                    tis_mode="mask" if self.is_correction_mode == "mask" else "truncate")
 
     def forward(self, log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
                 action_mask: Optional[torch.Tensor] = None, rollout_log_probs: Optional[torch.Tensor] = None,
@@ -168,12 +184,20 @@ class PolicyLoss(nn.Module):
             out = policy_loss(log_probs, old_log_probs, advantages, m, log_ratio_clamp=_LOG_RATIO_CLAMP, **common)
             clip_ratio = out.metrics["clip_frac_low"] + out.metrics["clip_frac_high"]
             return _peers.owned(out.loss), clip_ratio, out.metrics["approx_kl"], vllm_kl, is_filter_ratio
-        coef, is_filter_ratio, vllm_kl = self._is_coefficient(old_log_probs, rollout_log_probs, m)
-        # the coefficient is the kernel's per-token weight: its clip counts stay the unweighted tokens'
-        out = policy_loss(log_probs, old_log_probs, advantages, m, log_ratio_clamp=_LOG_RATIO_CLAMP, weights=coef,
-                          **common)
+        # OpenRLHF's ppo_kl is of the unclamped log-ratio: the kernel's approx_kl (not approx_kl_clamped);
+        # its vllm_kl is the kernel's rollout_kl
+        band = self._kernel_band()
+        if band is not None:
+            out = policy_loss(log_probs, old_log_probs, advantages, m, log_ratio_clamp=_LOG_RATIO_CLAMP,
+                              rollout_logp=rollout_log_probs, **band, **common)
+            is_filter_ratio = out.metrics["tis_clip_frac"]
+        else:
+            coef, is_filter_ratio = self._is_coefficient(old_log_probs, rollout_log_probs, m)
+            # the coefficient is the kernel's per-token weight: its clip counts stay the unweighted tokens'
+            out = policy_loss(log_probs, old_log_probs, advantages, m, log_ratio_clamp=_LOG_RATIO_CLAMP,
+                              rollout_logp=rollout_log_probs, weights=coef, **common)
         clip_ratio = out.metrics["clip_frac_low"] + out.metrics["clip_frac_high"]
-        return _peers.owned(out.loss), clip_ratio, out.metrics["approx_kl"], vllm_kl, is_filter_ratio
+        return _peers.owned(out.loss), clip_ratio, out.metrics["approx_kl"], out.metrics["rollout_kl"], is_filter_ratio
 
 
 class ValueLoss(nn.Module):

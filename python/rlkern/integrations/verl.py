@@ -138,14 +138,6 @@ def _clip_range(config: Any) -> Tuple[float, float]:
     return float(low), float(high)
 
 
-@torch.no_grad()
-def _clamped_kl(old_log_prob: torch.Tensor, log_prob: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """verl's ppo_kl with the log-ratio clamped to [-20, 20] (differs from the kernel's unclamped approx_kl
-    only where |log-ratio| > 20)."""
-    d = (old_log_prob.detach().float() - log_prob.detach().float()).clamp_(-_SAFETY, _SAFETY)
-    return _masked_mean(d, mask)
-
-
 def _detached(weights: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """verl's rollout_is_weights as the kernel's per-token ``weights`` (a constant, like verl's
     ``pg_losses * rollout_is_weights``); the clip metrics stay those of the unweighted tokens."""
@@ -172,8 +164,8 @@ def compute_policy_loss_vanilla(old_log_prob: torch.Tensor, log_prob: torch.Tens
                        agg=agg, normalizer=norm)
     clipfrac = out.metrics["clip_frac_low"] + out.metrics["clip_frac_high"]
     lower = out.metrics["dual_clip_frac"]
-    ppo_kl = _clamped_kl(old_log_prob, log_prob, response_mask)
-    values = _peers.scalars([clipfrac, ppo_kl, lower])
+    # verl's ppo_kl is measured after its +-20 clamp: the kernel's approx_kl_clamped
+    values = _peers.scalars([clipfrac, out.metrics["approx_kl_clamped"], lower])
     return _peers.owned(out.loss), dict(zip(_PG_METRICS, values))
 
 
@@ -192,8 +184,7 @@ def compute_policy_loss(old_log_prob, log_prob, advantages, response_mask, clipr
                        clip_high=float(high), dual_clip=float(clip_ratio_c), log_ratio_clamp=_SAFETY, agg=agg,
                        normalizer=norm)
     clipfrac = out.metrics["clip_frac_low"] + out.metrics["clip_frac_high"]
-    ppo_kl = _clamped_kl(old_log_prob, log_prob, response_mask)
-    return _peers.owned(out.loss), clipfrac, ppo_kl, out.metrics["dual_clip_frac"]
+    return _peers.owned(out.loss), clipfrac, out.metrics["approx_kl_clamped"], out.metrics["dual_clip_frac"]
 
 
 @torch.no_grad()
@@ -257,19 +248,14 @@ def compute_policy_loss_cispo(old_log_prob: torch.Tensor, log_prob: torch.Tensor
     """verl's ``"cispo"`` policy loss: -sg(clip(r, 1 - low, 1 + high)) A lp, r = exp(clamp(lp - old, +-20)).
 
     ``actor/pg_clipfrac`` is verl's fraction of active tokens with r outside the clip range
-    (whatever the sign of A, unlike the kernel's clip fractions, so it is computed here).
+    whatever the sign of A: the kernel's cispo ``clip_frac``.
     """
     low, high = _clip_range(config)
     agg, norm = _agg(loss_agg_mode, response_mask, _batch_info(config))
     out = _policy_loss(log_prob, old_log_prob, advantages, response_mask, objective="cispo", clip_low=low,
                        clip_high=high, log_ratio_clamp=_SAFETY, weights=_detached(rollout_is_weights), agg=agg,
                        normalizer=norm)
-    with torch.no_grad():
-        lr = (log_prob.detach().float() - old_log_prob.detach().float()).clamp_(-_SAFETY, _SAFETY)
-        r = lr.exp()
-        clipfrac = _masked_mean(((r < 1 - low) | (r > 1 + high)).float(), response_mask)
-        ppo_kl = _masked_mean(-lr, response_mask)
-    values = _peers.scalars([clipfrac, ppo_kl, 0.0])
+    values = _peers.scalars([out.metrics["clip_frac"], out.metrics["approx_kl_clamped"], 0.0])
     return _peers.owned(out.loss), dict(zip(_PG_METRICS, values))
 
 
@@ -376,8 +362,7 @@ def compute_policy_loss_sapo(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
                        sapo_temperature_pos=float(_cfg(config, "tau_pos", 1.0)),
                        sapo_temperature_neg=float(_cfg(config, "tau_neg", 1.05)), log_ratio_clamp=_SAFETY,
                        agg=agg, normalizer=norm)
-    ppo_kl = _clamped_kl(old_log_prob, log_prob, response_mask)
-    values = _peers.scalars([0.0, ppo_kl, 0.0])
+    values = _peers.scalars([0.0, out.metrics["approx_kl_clamped"], 0.0])
     return _peers.owned(out.loss), dict(zip(_PG_METRICS, values))
 
 
@@ -414,8 +399,7 @@ def _dppo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, conf
                        agg=agg, normalizer=norm)
     clipfrac = out.metrics["clip_frac_low"] + out.metrics["clip_frac_high"]
     lower = out.metrics["trunc_frac"]
-    ppo_kl = _clamped_kl(old_log_prob, log_prob, response_mask)
-    values = _peers.scalars([clipfrac, ppo_kl, lower])
+    values = _peers.scalars([clipfrac, out.metrics["approx_kl_clamped"], lower])
     return _peers.owned(out.loss), dict(zip(_PG_METRICS, values))
 
 

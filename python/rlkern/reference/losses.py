@@ -363,6 +363,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     low, high = clamp_bounds("log_ratio_clamp", cfg.log_ratio_clamp)
     if low is not None or high is not None:
         log_ratio = torch.clamp(log_ratio, min=low, max=high)
+    clamped_log_ratio = log_ratio.detach()
     ratio = torch.exp(log_ratio)
 
     clip_lo, clip_hi = cfg.clip_range
@@ -389,6 +390,10 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
             pg = torch.where(adv < 0, torch.minimum(pg, -adv * cfg.dual_clip), pg)
     elif cfg.objective == "cispo":
         pg = -torch.clamp(ratio, clip_lo, clip_hi).detach() * adv * lp
+        # The tokens whose weight the clip changes, whatever the advantage's sign (verl's
+        # pg_clipfrac: ratio != clip(ratio), so a NaN ratio counts as clipped).
+        r = ratio.detach()
+        extra_metrics["clip_frac"] = _masked_mean((~((r >= clip_lo) & (r <= clip_hi))).to(dtype), m)
     elif cfg.objective == "sapo":
         # The soft gate f(r) = sigmoid(tau (r - 1)) 4 / tau replaces the hard clip: its slope
         # 4 sigmoid (1 - sigmoid) is 1 at r = 1 and decays smoothly away from it.
@@ -449,6 +454,16 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
         log_w = old - active(rollout_logp)
         if cfg.tis_level == "sequence":
             log_w = log_w.sum(-1, keepdim=True)
+        else:
+            # The tokens whose weight the band changes: in "mask" mode those not inside it (a NaN
+            # weight counts), in "truncate" mode those below or above it (OpenRLHF's is_filter_ratio).
+            w_raw = torch.exp(log_w).detach()
+            lo = 0.0 if cfg.tis_min is None else cfg.tis_min
+            if cfg.tis_mode == "mask":
+                outside = ~((w_raw >= lo) & (w_raw <= cfg.tis_cap))
+            else:
+                outside = (w_raw < lo) | (w_raw > cfg.tis_cap)
+            extra_metrics["tis_clip_frac"] = _masked_mean(outside.to(dtype), m)
         w = bound_importance_weight(torch.exp(log_w), cfg)
         pg = pg * w.detach()
     if weights is not None:
@@ -462,6 +477,9 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
         metrics["kl"] = _masked_mean(kl, m)
         if cfg.kl_coef != 0:
             per_token = per_token + cfg.kl_coef * (kl * ratio if cfg.kl_is_correction else kl)
+    if rollout_logp is not None:
+        # k1 of KL(rollout || old) on the rollout's tokens (OpenRLHF's vllm_kl)
+        metrics["rollout_kl"] = _masked_mean(active(rollout_logp) - old, m)
     if entropy is not None:
         ent = active(entropy)
         metrics["entropy"] = _masked_mean(ent, m)
@@ -475,6 +493,9 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     metrics["clip_frac_high"] = _masked_mean(((r > clip_hi) & (adv > 0)).to(dtype), m)
     metrics["ratio_mean"] = _masked_mean(r, m)
     metrics["approx_kl"] = _masked_mean(old - lp.detach(), m)
+    if cfg.level == "token" and (low is not None or high is not None):
+        # What verl reports as ppo_kl: the mean of the negated log-ratio after the clamp.
+        metrics["approx_kl_clamped"] = _masked_mean(-clamped_log_ratio, m)
     metrics.update(extra_metrics)
     if cfg.objective == "clip" and cfg.dual_clip is not None:
         unclipped = r if cfg.ratio_cap is None else torch.clamp(r, max=cfg.ratio_cap)

@@ -16,7 +16,7 @@ import triton.language as tl
 from .aot import AotSpec
 
 # Totals per row, in this order (as the C++ kernel's Stat enum).
-NUM_STATS = 11
+NUM_STATS = 14
 # Objective codes (the order of reference.losses.OBJECTIVES, as the C++ enum).
 OBJECTIVE_CODES = {"clip": 0, "cispo": 1, "reinforce": 2, "sapo": 3, "geo_mean": 4, "vespo": 5, "dppo_tv": 6,
                    "dppo_kl": 7}
@@ -177,6 +177,9 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, WTS, OFFLP, ENT_TH
     acc_dual = tl.sum(zero, 0)
     acc_dseq = tl.sum(zero, 0)
     acc_obj = tl.sum(zero, 0)
+    acc_approxc = tl.sum(zero, 0)
+    acc_tiso = tl.sum(zero, 0)
+    acc_rkl = tl.sum(zero, 0)
     for start in range(0, T, BLOCK):
         idx = start + offs
         inb = idx < T
@@ -196,6 +199,8 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, WTS, OFFLP, ENT_TH
             xc = _clamp(x, lr_lo, lr_hi)
             dx = tl.where((x < lr_lo) | (x > lr_hi), 0.0, 1.0)
             r = tl.exp(xc)
+            # Summed here, where xc is at hand, so that it need not stay live in registers.
+            acc_approxc += tl.sum(tl.where(m, -xc, 0.0), 0)
         obj_stat = zero
         # PPO clip with ratio cap and dual clip; ties split the gradient as torch does.
         r1 = tl.where(r > cap, cap, r)
@@ -221,6 +226,8 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, WTS, OFFLP, ENT_TH
             pg = -rc * a * lp
             dr = zero
             direct = -rc * a
+            # the clipped tokens whatever the advantage's sign (a NaN ratio counts, as verl's)
+            acc_obj += tl.sum((m & ~((r >= clip_lo) & (r <= clip_hi))).to(COMPUTE), 0)
         elif OBJECTIVE == 2:
             pg = -a * lp
             dr = zero
@@ -260,9 +267,15 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, WTS, OFFLP, ENT_TH
         if HAS_ENT:
             h = tl.load(ENT + base + idx, mask=m, other=0.0).to(COMPUTE)
             weight = tl.where((has_select != 0) & (~(h >= ent_thr)), 0.0, weight)
-        if HAS_ROLL and OBJECTIVE != 5:  # VESPO folds these weights into its sequence weight
+        if HAS_ROLL:
             ro = tl.load(ROLL + base + idx, mask=m, other=0.0).to(COMPUTE)
+            acc_rkl += tl.sum(ro - o, 0)
+        if HAS_ROLL and OBJECTIVE != 5:  # VESPO folds these weights into its sequence weight
             wt = tl.exp(o - ro)
+            # the tokens the band changes: "mask" counts those not inside it (NaN too)
+            outside = tl.where(tis_mask_mode != 0, ~((wt >= tis_min) & (wt <= tis_cap)),
+                               (wt < tis_min) | (wt > tis_cap))
+            acc_tiso += tl.sum((m & outside & (tis_token != 0)).to(COMPUTE), 0)
             wt = _bound_weight(wt, tis_min, tis_cap, tis_mask_mode)
             weight = tl.where(tis_token != 0, weight * wt, weight)
         if HAS_W:
@@ -336,7 +349,7 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, WTS, OFFLP, ENT_TH
             m = tl.load(MASK + base + idx, mask=idx < T, other=0) != 0
             g = tl.load(GRAD + base + idx, mask=m, other=0.0).to(COMPUTE)
             tl.store(GRAD + base + idx, (g + add).to(GRAD.dtype.element_ty), mask=m)
-    out = STATS + row * 11
+    out = STATS + row * 14  # NUM_STATS
     tl.store(out + 0, n)
     tl.store(out + 1, acc_loss)
     tl.store(out + 2, acc_low)
@@ -348,6 +361,18 @@ def _policy_loss_kernel(LOGP, OLD, ADV, MASK, REF, ROLL, ENT, WTS, OFFLP, ENT_TH
     tl.store(out + 8, acc_dual)
     tl.store(out + 9, acc_obj)
     tl.store(out + 10, acc_obj / n1)
+    if SEQ:
+        tl.store(out + 11, n * 0.0)
+    else:
+        tl.store(out + 11, acc_approxc)
+    # Stored only where they are summed, so that other configurations carry no dead
+    # accumulators through the token loop (register pressure).
+    if HAS_ROLL:
+        tl.store(out + 12, acc_tiso)
+        tl.store(out + 13, acc_rkl)
+    else:
+        tl.store(out + 12, n * 0.0)
+        tl.store(out + 13, n * 0.0)
 
 
 @triton.jit
@@ -563,7 +588,8 @@ def policy_loss(logp, old_logp, advantages, mask, cfg, tensors: Dict[str, Option
     loss = totals[1] / denom
     nonempty_rows = (stats[:, 0] > 0).sum()
     metrics = {k: v.detach() for k, v in
-               _metrics_from_totals(totals, cfg, ref is not None, ent is not None, nonempty_rows).items()}
+               _metrics_from_totals(totals, cfg, ref is not None, ent is not None, nonempty_rows,
+                                    roll is not None).items()}
     return loss, metrics, grad, (grad_ent if want_entropy_grad else None)
 
 
