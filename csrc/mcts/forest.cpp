@@ -68,7 +68,7 @@ inline v4f select(v4i mask, v4f a, v4f b) { return (v4f)((mask & (v4i)a) | (~mas
 
 inline v4f fast_exp4(v4f x) {
   const v4f lo = splat(-87.3f), hi = splat(88.0f);
-  const v4i keep = x >= lo;
+  const v4i keep = ~(x < lo);  // as the scalar version: a NaN stays NaN
   x = select(x < lo, lo, x);
   x = select(x > hi, hi, x);
   const v4f fx = x * splat(1.44269504088896341f) + splat(0.5f);
@@ -698,12 +698,42 @@ int32_t Forest::gumbel_interior_edge(int64_t b, int32_t x, std::vector<Child>& b
     ch.q = cq.sigma(ch.q);  // q is reused for sigma, then for the unnormalised weight
     m = std::max(m, ch.q);
   }
-  const float w_missing = cq.best_unvisited_edge >= 0 ? fast_exp(cq.sigma_missing - m) : 0.f;
-  float z = cq.unvisited_prior_sum * w_missing;
+  float w_missing, z;
+#if defined(__GNUC__)
+  {
+    // The exponentials four at a time (fast_exp4 gives fast_exp's values), the missing
+    // value's in the first lane of the first group; z still adds up in child order.
+    Child* ch = buf.data();
+    const int32_t n = cq.count;
+    v4f v = splat(m);  // unused lanes: exp(0)
+    v[0] = cq.sigma_missing;
+    int32_t i = 0;
+    for (int l = 1; l < 4 && i + l - 1 < n; ++l) v[l] = ch[i + l - 1].q;
+    v4f w = fast_exp4(v - splat(m));
+    w_missing = cq.best_unvisited_edge >= 0 ? w[0] : 0.f;
+    z = cq.unvisited_prior_sum * w_missing;
+    for (int l = 1; l < 4 && i < n; ++l, ++i) {
+      ch[i].q = ch[i].prior * w[l];
+      z += ch[i].q;
+    }
+    for (; i < n; i += 4) {
+      v = splat(m);
+      for (int l = 0; l < 4 && i + l < n; ++l) v[l] = ch[i + l].q;
+      w = fast_exp4(v - splat(m));
+      for (int l = 0; l < 4 && i + l < n; ++l) {
+        ch[i + l].q = ch[i + l].prior * w[l];
+        z += ch[i + l].q;
+      }
+    }
+  }
+#else
+  w_missing = cq.best_unvisited_edge >= 0 ? fast_exp(cq.sigma_missing - m) : 0.f;
+  z = cq.unvisited_prior_sum * w_missing;
   for (Child& ch : Span{buf.data(), cq.count}) {
     ch.q = ch.prior * fast_exp(ch.q - m);
     z += ch.q;
   }
+#endif
   if (!(z > 0.f)) z = 1.f;  // every prior underflowed to 0
   const float inv_z = 1.0f / z, inv_n = 1.0f / float(1 + cq.sum_visits);
   int32_t best = cq.best_unvisited_edge;
