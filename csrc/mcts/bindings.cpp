@@ -188,11 +188,11 @@ void bind(py::module_& m) {
       .def("result",
            [](Forest& f, float temperature) {
              const int64_t B = f.batch_size(), A = f.num_actions();
-             Arr<int64_t> action({B});
+             Arr<int64_t> action(py::ssize_t{B});  // one dimension: the count constructor
              Arr<float> weights({B, A});
              Arr<int32_t> visits({B, A});
              Arr<float> q({B, A});
-             Arr<float> root_value({B});
+             Arr<float> root_value(py::ssize_t{B});
              int64_t* ap = action.mutable_data();
              float* wp = weights.mutable_data();
              int32_t* vp = visits.mutable_data();
@@ -253,12 +253,12 @@ void bind(py::module_& m) {
            })
       .def("num_nodes",
            [](const Forest& f) {
-             Arr<int32_t> out({f.batch_size()});
+             Arr<int32_t> out(py::ssize_t{f.batch_size()});
              f.num_nodes(out.mutable_data());
              return out;
            })
       .def("has_root", [](const Forest& f) {
-        Arr<uint8_t> out({f.batch_size()});
+        Arr<uint8_t> out(py::ssize_t{f.batch_size()});
         f.has_root(out.mutable_data());
         return out;
       });

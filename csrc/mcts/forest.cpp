@@ -68,7 +68,7 @@ inline v4f select(v4i mask, v4f a, v4f b) { return (v4f)((mask & (v4i)a) | (~mas
 
 inline v4f fast_exp4(v4f x) {
   const v4f lo = splat(-87.3f), hi = splat(88.0f);
-  const v4i keep = x >= lo;
+  const v4i keep = ~(x < lo);  // as the scalar version: a NaN stays NaN
   x = select(x < lo, lo, x);
   x = select(x > hi, hi, x);
   const v4f fx = x * splat(1.44269504088896341f) + splat(0.5f);
@@ -111,50 +111,74 @@ inline float exp_shifted_sum(const float* in, float* out, int32_t k, float shift
   return sum;
 }
 
-// Softmax of the legal logits into `out` (one entry per legal action, in action order);
-// `best` gets the offset of the first largest prior and `total` the sum of the priors.
-// Legal logits that are all -inf give a uniform distribution (mctx's finfo.min masking
-// has the same effect).
-int32_t legal_softmax(const float* logits, const uint8_t* legal, int64_t A, int32_t* actions, float* out,
-                      int32_t* best, float* total) {
+// The largest of x[0..n). Max is exact, so four lanes give the scalar loop's value;
+// only a tie between +0 and -0 may come out with the other sign, which no use of it
+// tells apart (x - mx and its exp agree for both).
+inline float max_of(const float* x, int64_t n) {
+  int64_t i = 0;
+  float mx = kNegInf;
+#if defined(__GNUC__)
+  if (n >= 8) {
+    v4f acc = splat(kNegInf);
+    for (; i + 4 <= n; i += 4) {
+      v4f v;
+      std::memcpy(&v, x + i, sizeof(v));
+      acc = select(v > acc, v, acc);
+    }
+    mx = std::max(std::max(acc[0], acc[1]), std::max(acc[2], acc[3]));
+  }
+#endif
+  for (; i < n; ++i) mx = std::max(mx, x[i]);
+  return mx;
+}
+
+// Writes the softmax of the legal logits as fresh (unexpanded) edge records, one per
+// legal action in action order, and their actions; `best` gets the offset of the first
+// largest prior and `total` the sum of the priors (added in edge order). `tmp` holds A
+// floats. Legal logits that are all -inf give a uniform distribution (mctx's finfo.min
+// masking has the same effect).
+int32_t legal_softmax(const float* logits, const uint8_t* legal, int64_t A, int32_t* actions, float* tmp,
+                      Forest::Edge* edge, int32_t* best, float* total) {
   int32_t k = 0;
   float mx = kNegInf;
   if (legal) {
     for (int64_t a = 0; a < A; ++a) {
       if (!legal[a]) continue;
       actions[k] = int32_t(a);
-      out[k++] = logits[a];
+      tmp[k++] = logits[a];
       mx = std::max(mx, logits[a]);
     }
   } else {
-    for (int64_t a = 0; a < A; ++a) {
-      actions[a] = int32_t(a);
-      mx = std::max(mx, logits[a]);
-    }
+    for (int64_t a = 0; a < A; ++a) actions[a] = int32_t(a);
+    mx = max_of(logits, A);
     k = int32_t(A);
   }
   // Without a mask, exponentiate straight from the input: reading back the scalar
   // copies with vector loads would stall on store forwarding.
-  const float* src = legal ? out : logits;
+  const float* src = legal ? tmp : logits;
   *best = -1;
   *total = 0.f;
   if (k == 0) return 0;
   if (mx == kNegInf) {
-    for (int32_t i = 0; i < k; ++i) out[i] = 1.0f / float(k);
+    for (int32_t i = 0; i < k; ++i) edge[i] = Forest::Edge{0, 0.f, 1.0f / float(k), -1};
     *best = 0;
     *total = float(k) * (1.0f / float(k));
     return k;
   }
-  const float inv = 1.0f / exp_shifted_sum(src, out, k, mx);
-  float top = kNegInf, t = 0.f;
+  const float inv = 1.0f / exp_shifted_sum(src, tmp, k, mx);
+  // Scaling by inv > 0 keeps the order (rounding is monotone), so the largest prior is
+  // the largest exp scaled.
+  const float top = max_of(tmp, k) * inv;
+  float t = 0.f;
+  int32_t first = -1;
   for (int32_t i = 0; i < k; ++i) {
-    out[i] *= inv;
-    t += out[i];
-    top = std::max(top, out[i]);
+    const float p = tmp[i] * inv;
+    t += p;
+    edge[i] = Forest::Edge{0, 0.f, p, -1};
   }
-  int32_t i = 0;
-  while (i < k && out[i] != top) ++i;
-  *best = i;  // the first largest prior
+  for (int32_t i = 0; i < k && first < 0; ++i)
+    if (tmp[i] * inv == top) first = i;
+  *best = first;  // the first largest prior
   *total = t;
   return k;
 }
@@ -444,15 +468,13 @@ void Forest::recompute_root_best(int64_t b) {
 
 int32_t Forest::fill_edges(int64_t b, int32_t fe, const float* logits, const uint8_t* legal, int32_t* best,
                            float* total) {
-  // The softmax runs on a contiguous scratch row (its vector code reads and writes
-  // packed floats) and is then spread over the edge records.
-  thread_local std::vector<float> prior;
-  if (prior.size() < size_t(A_)) prior.resize(size_t(A_));
+  // The exponentials go to a contiguous scratch row (its vector code reads and writes
+  // packed floats) and are then spread over the edge records.
+  thread_local std::vector<float> scratch;
+  if (scratch.size() < size_t(A_)) scratch.resize(size_t(A_));
   const int64_t eb = b * E_ + fe;
-  const int32_t k = legal_softmax(logits, legal, A_, &edge_action_[size_t(eb)], prior.data(), best, total);
-  Edge* edge = &edges_[size_t(eb)];
-  for (int32_t i = 0; i < k; ++i) edge[i] = Edge{0, 0.f, prior[size_t(i)], -1};
-  return k;
+  return legal_softmax(logits, legal, A_, &edge_action_[size_t(eb)], scratch.data(), &edges_[size_t(eb)], best,
+                       total);
 }
 
 void Forest::prepare_root_noise(int64_t b, CounterRng& rng) {
@@ -527,15 +549,16 @@ void Forest::set_roots(const float* logits, const float* value, const uint8_t* l
 }
 
 
-// Calls fn(k) for the edge offset k of every expanded child of node x, in edge order
-// for small nodes (a scan of the edge records, whose visits are 0 where unexpanded), newest
-// first for large ones (from the kids list). For a small node, fn is also called for the
-// unexpanded edges, with expanded == false, so that the scan has no branch to mispredict:
-// it must leave its sums unchanged for those.
+// Calls fn(k, true) for the edge offset k of every expanded child of node x, from the
+// kids list: in edge order for small nodes (up to kOrderedChildren edges), newest first
+// for large ones. Small nodes used to scan all their edges instead, adding +0 for the
+// unexpanded ones; visiting only the expanded ones in the same order gives the same sums
+// bit for bit, in num_kids steps instead of num_edges.
 template <typename Fn>
 inline void for_each_child(const Forest::Edge* rec, int32_t ne, const int32_t* kids, int32_t count, Fn&& fn) {
+  (void)rec;
   if (ne <= kOrderedChildren) {
-    for (int32_t k = 0; k < ne; ++k) fn(k, rec[k].visits > 0);
+    for (int32_t j = 0; j < count; ++j) fn(kids[j], true);
   } else {
     for (int32_t j = count - 1; j >= 0; --j) fn(kids[j], true);
   }
@@ -543,8 +566,13 @@ inline void for_each_child(const Forest::Edge* rec, int32_t ne, const int32_t* k
 
 void Forest::link_child(int64_t b, int32_t x, int32_t slot) {
   const size_t xi = size_t(b * N_ + x);
-  // Small nodes find their children by scanning their edges (see for_each_child).
-  if (nodes_[xi].num_edges > kOrderedChildren) kids_[size_t(b * E_ + nodes_[xi].first_edge + nodes_[xi].num_kids)] = slot;
+  int32_t* kids = &kids_[size_t(b * E_ + nodes_[xi].first_edge)];
+  int32_t j = nodes_[xi].num_kids;
+  // Small nodes keep the list sorted by edge offset (see for_each_child): an insertion
+  // into at most kOrderedChildren entries.
+  if (nodes_[xi].num_edges <= kOrderedChildren)
+    for (; j > 0 && kids[j - 1] > slot; --j) kids[j] = kids[j - 1];
+  kids[j] = slot;
   ++nodes_[xi].num_kids;
 }
 
@@ -670,12 +698,42 @@ int32_t Forest::gumbel_interior_edge(int64_t b, int32_t x, std::vector<Child>& b
     ch.q = cq.sigma(ch.q);  // q is reused for sigma, then for the unnormalised weight
     m = std::max(m, ch.q);
   }
-  const float w_missing = cq.best_unvisited_edge >= 0 ? fast_exp(cq.sigma_missing - m) : 0.f;
-  float z = cq.unvisited_prior_sum * w_missing;
+  float w_missing, z;
+#if defined(__GNUC__)
+  {
+    // The exponentials four at a time (fast_exp4 gives fast_exp's values), the missing
+    // value's in the first lane of the first group; z still adds up in child order.
+    Child* ch = buf.data();
+    const int32_t n = cq.count;
+    v4f v = splat(m);  // unused lanes: exp(0)
+    v[0] = cq.sigma_missing;
+    int32_t i = 0;
+    for (int l = 1; l < 4 && i + l - 1 < n; ++l) v[l] = ch[i + l - 1].q;
+    v4f w = fast_exp4(v - splat(m));
+    w_missing = cq.best_unvisited_edge >= 0 ? w[0] : 0.f;
+    z = cq.unvisited_prior_sum * w_missing;
+    for (int l = 1; l < 4 && i < n; ++l, ++i) {
+      ch[i].q = ch[i].prior * w[l];
+      z += ch[i].q;
+    }
+    for (; i < n; i += 4) {
+      v = splat(m);
+      for (int l = 0; l < 4 && i + l < n; ++l) v[l] = ch[i + l].q;
+      w = fast_exp4(v - splat(m));
+      for (int l = 0; l < 4 && i + l < n; ++l) {
+        ch[i + l].q = ch[i + l].prior * w[l];
+        z += ch[i + l].q;
+      }
+    }
+  }
+#else
+  w_missing = cq.best_unvisited_edge >= 0 ? fast_exp(cq.sigma_missing - m) : 0.f;
+  z = cq.unvisited_prior_sum * w_missing;
   for (Child& ch : Span{buf.data(), cq.count}) {
     ch.q = ch.prior * fast_exp(ch.q - m);
     z += ch.q;
   }
+#endif
   if (!(z > 0.f)) z = 1.f;  // every prior underflowed to 0
   const float inv_z = 1.0f / z, inv_n = 1.0f / float(1 + cq.sum_visits);
   int32_t best = cq.best_unvisited_edge;

@@ -168,9 +168,9 @@ class Forest {
   // 64-byte record (one cache line): with one array per field, a step over a large
   // forest paid a cache miss per field per node.
   // slot is the node's edge offset in its parent's slice, in_edge the offset of its
-  // incoming edge in the tree's edge pool. Selection reads the children of a node from
-  // its edges: all of them in edge order for a node with up to 48 edges, else those
-  // listed in kids_, newest first. best_unexp caches the offset of the highest-prior
+  // incoming edge in the tree's edge pool. Selection reads the expanded children of a
+  // node through kids_: in edge order for a node with up to 48 edges, newest first for
+  // larger ones. best_unexp caches the offset of the highest-prior
   // unexpanded edge (-1: none) and unexp_prior the prior mass of the unexpanded edges.
   struct alignas(64) Node {
     int32_t visits;
@@ -187,7 +187,7 @@ class Forest {
   std::vector<Edge> edges_;
   std::vector<int32_t> edge_action_;
   // kids_[first_edge + j], j < num_kids: the edge offsets of the expanded children of a
-  // node with more than 48 edges, in expansion order (smaller nodes scan their edges).
+  // node, sorted for a node with up to 48 edges, in expansion order for larger ones.
   std::vector<int32_t> kids_;
   // Per tree.
   std::vector<int32_t> used_nodes_, used_edges_;

@@ -23,7 +23,7 @@ from .core import Case
 
 SHAPES = [(256, 9, 50), (1024, 9, 50), (256, 362, 50), (64, 362, 200)]
 QUICK_SHAPES = [(16, 9, 8), (4, 362, 8)]
-TABLE = 64  # rows of the trivial network's lookup table
+TABLE = 64  # rows of the trivial network's lookup table (a power of two: row = id & (TABLE - 1))
 
 
 def _table(A: int, seed: int = 0):
@@ -154,8 +154,10 @@ def _rlkern_fn(algorithm: str, B: int, A: int, S: int):
     root_value = np.zeros(B, np.float32)
 
     def recurrent_fn(leaves):
-        row = leaves.node % TABLE
-        # ndarray.take: the same rows as logits_table[row], without fancy indexing's overhead
+        # id & (TABLE - 1) is id % TABLE for the non-negative ids, without a division (mctx's
+        # network below takes its rows the same way); ndarray.take gives the rows of
+        # logits_table[row] without fancy indexing's overhead.
+        row = leaves.node & (TABLE - 1)
         return logits_table.take(row, axis=0), value_table.take(row), 0.0, -1.0
 
     def run():
@@ -197,7 +199,7 @@ def _mctx_on_device(jax, jnp, mctx, cpu, algorithm: str, B: int, A: int, S: int)
     def recurrent_fn(params, rng_key, action, embedding):
         # the embedding is a counter standing in for the node id
         child = embedding + action + 1
-        row = child % TABLE
+        row = child & (TABLE - 1)
         out = mctx.RecurrentFnOutput(reward=jnp.zeros(B), discount=jnp.full(B, -1.0),
                                      prior_logits=logits_table[row], value=value_table[row])
         return out, child
