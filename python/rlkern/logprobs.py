@@ -84,18 +84,34 @@ def _kernel_backend(device: torch.device, logits: torch.Tensor) -> str:
 
 
 def _threshold(backend: str, layout: _Layout, temperature: float, top_k: Optional[int],
-               top_p: Optional[float]) -> torch.Tensor:
+               top_p: Optional[float], softcap: Optional[float] = None) -> torch.Tensor:
+    """Per-row threshold on the raw logits: the kernels keep ``~(logits < threshold)``.
+
+    With ``softcap`` the kept set is that of the capped logits y (the reference's), given
+    back as the smallest raw logit whose y is kept: the cap is monotone, so comparing raw
+    logits with it selects exactly that set, and the kernels' own float32 tanh (which may
+    round y differently from the one used here) cannot move a token across the boundary."""
     x = layout.tensor
     out = torch.empty(layout.n_rows, dtype=_compute_dtype(x), device=x.device)
     if backend == "cpu":
         top_k = 0 if top_k is None or top_k >= layout.V else top_k
         core().logprobs.threshold(ptr(x), dtype_code(x), layout.stride0, layout.stride1, layout.inner, layout.n_rows,
-                                  layout.V, 1.0 / temperature, top_k, 1.0 if top_p is None else top_p, ptr(out))
+                                  layout.V, 1.0 / temperature, top_k, 1.0 if top_p is None else top_p,
+                                  0.0 if softcap is None else softcap, ptr(out))
         return out
-    # GPU: torch's sort per row, over blocks of about 2^24 logits so the sort's buffers
-    # stay a few hundred MB.
-    for start, rows in _row_blocks(layout, max(1, (1 << 24) // layout.V)):
-        out[start:start + rows.shape[0]] = _ref.truncation_threshold(rows.to(out.dtype), temperature, top_k, top_p)
+    # GPU: torch's sort per row, over blocks of about 2^24 logits (2^23 in float64 with a
+    # cap) so the sort's buffers stay a few hundred MB.
+    if softcap is None:
+        for start, rows in _row_blocks(layout, max(1, (1 << 24) // layout.V)):
+            out[start:start + rows.shape[0]] = _ref.truncation_threshold(rows.to(out.dtype), temperature, top_k,
+                                                                         top_p)
+        return out
+    for start, rows in _row_blocks(layout, max(1, (1 << 23) // layout.V)):
+        raw = rows.double()
+        y = softcap * torch.tanh(raw / softcap)
+        thr_y = _ref.truncation_threshold(y, temperature, top_k, top_p)
+        thr = torch.where(y >= thr_y[:, None], raw, float("inf")).amin(-1)
+        out[start:start + rows.shape[0]] = torch.where(thr_y == float("-inf"), float("-inf"), thr)
     return out
 
 
@@ -193,7 +209,7 @@ def _token_forward(logits, targets, temperature, want_entropy, ignore_index, top
     layout = _row_layout(logits)
     flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
     truncating = (top_k is not None and top_k < layout.V) or (top_p is not None and top_p < 1.0)
-    threshold = _threshold(backend, layout, temperature, top_k, top_p) if truncating else None
+    threshold = _threshold(backend, layout, temperature, top_k, top_p, softcap) if truncating else None
     logp, row_max, log_sum, entropy, top1 = _stats_forward(backend, layout, flat_targets, threshold,
                                                            1.0 / temperature, ignore_index, want_entropy, softcap,
                                                            want_top1)
@@ -337,9 +353,11 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
         softcap: soft-cap the logits first, y = softcap * tanh(logits / softcap), as
             Gemma-2's ``final_logit_softcapping`` (transformers caps the logits, TRL then
             divides them by the temperature: z = y / temperature). A finite number > 0,
-            or None; not combined with top_k/top_p (ValueError). Forward and backward
-            (dy/dx = 1 - tanh^2, entropy included); +-inf logits become +-softcap, as
-            ``torch.tanh`` makes them.
+            or None. With top_k/top_p the kept set is that of the capped logits y (top-p's
+            mass under softmax(y / temperature)), as a sampler (vLLM: temperature, then
+            top-k/top-p) sees the model's capped output; logits that saturate to the same
+            y are tied there. Forward and backward (dy/dx = 1 - tanh^2, entropy
+            included); +-inf logits become +-softcap, as ``torch.tanh`` makes them.
         return_top1: also return ``is_top1`` (bool, no gradient): whether the target is
             the first index of the row's largest (capped) logit, as ``torch.argmax``
             picks it; computed in the same pass. False for ignored rows and wherever
@@ -388,9 +406,6 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
     ignore_index = _check_int("ignore_index", ignore_index)
     temperature = _check_temperature(temperature)
     top_k, top_p = _check_top(top_k, top_p)
-    if softcap is not None and _truncating(top_k, top_p):
-        raise ValueError("softcap cannot be combined with top_k/top_p (the kept set of the capped logits); "
-                         "pass softcap=None or top_k=top_p=None")
     want_entropy, want_top1 = bool(return_entropy), bool(return_top1)
     if _traced(logits, targets):
         _validate.same_shape("targets", targets, logits.shape[:-1], "logits without its last dim")
@@ -703,33 +718,43 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
 
 
 def _vocab_parallel_forward(shard, targets, vocab_start, group, temperature, want_entropy, ignore_index, backend,
-                            strict, softcap=None):
-    """(layout, local targets, logp, global max, global log-sum, entropy or None), flat. A
-    target owned by no rank (or by several) is a ValueError when ``strict`` (eager: it costs
-    a host sync), else NaN log-prob."""
+                            strict, softcap=None, want_top1=False):
+    """(layout, local targets, logp, global max, global log-sum, entropy or None, is_top1 or
+    None), flat. A target owned by no rank (or by several) is a ValueError when ``strict``
+    (eager: it costs a host sync), else NaN log-prob (and is_top1 False)."""
     import torch.distributed as dist
 
     layout = _row_layout(shard)
     flat = targets.reshape(-1).to(torch.int64)
     local = _local_targets(flat, ignore_index, vocab_start, layout.V)
     need_entropy = want_entropy
-    logp_l, m_l, logsum_l, ent_l, _ = _stats_forward(backend, layout, local, None, 1.0 / temperature, _IGNORED,
-                                                     need_entropy, softcap)
+    logp_l, m_l, logsum_l, ent_l, top1_l = _stats_forward(backend, layout, local, None, 1.0 / temperature, _IGNORED,
+                                                          need_entropy, softcap, want_top1)
     ignored = flat == ignore_index
     owned = local >= 0
     # Megatron's scheme: all-reduce MAX of the local maxima, then one SUM of
     # [sum exp, entropy term, target logit, owner count] relative to that maximum.
-    M = m_l.clone()
-    dist.all_reduce(M, op=dist.ReduceOp.MAX, group=group)
-    M = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
+    M_all = m_l.clone()
+    dist.all_reduce(M_all, op=dist.ReduceOp.MAX, group=group)
+    M = torch.where(torch.isfinite(M_all), M_all, torch.zeros_like(M_all))
     inv_t = 1.0 / temperature
     w, rel = _chunk_weights(m_l, logsum_l, ent_l if need_entropy else None, M, inv_t)
     zero = torch.zeros_like(w)
     rel = zero if rel is None else rel
     target_rel = torch.where(owned, logp_l + ((m_l - M) * inv_t + logsum_l), zero)
-    sums = torch.stack([w, rel, target_rel, owned.to(w.dtype)])
+    rows = [w, rel, target_rel, owned.to(w.dtype)]
+    if want_top1:
+        # The row's first argmax (ties to the lowest global index, as torch.argmax on the
+        # whole row) lies on the rank of lowest vocab_start among those holding the global
+        # maximum: one all-reduce MIN of vocab_start where m_l reaches it. The target is
+        # that argmax when its owner is that rank and it is the owner's local first argmax.
+        # (The shards are disjoint slices, so the lower start holds the lower ids.)
+        first_rank = torch.where(m_l == M_all, vocab_start, _INT64_MAX)
+        dist.all_reduce(first_rank, op=dist.ReduceOp.MIN, group=group)
+        rows.append((owned & top1_l & (first_rank == vocab_start)).to(w.dtype))
+    sums = torch.stack(rows)
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-    S, rel_sum, target_sum, owners = sums
+    S, rel_sum, target_sum, owners = sums[:4]
     bad = (~ignored) & (owners != 1)
     if strict and bool(bad.any()):
         raise ValueError("targets: every non-ignored target must lie in exactly one rank's vocabulary slice "
@@ -738,38 +763,48 @@ def _vocab_parallel_forward(shard, targets, vocab_start, group, temperature, wan
     log_s = torch.log(S)
     logp = torch.where(ignored, zero, torch.where(bad, float("nan"), target_sum - log_s))
     entropy = (log_s - rel_sum / S) if need_entropy else None
-    return layout, local, logp, M, log_s, entropy
+    top1 = None
+    if want_top1:
+        top1 = (sums[4] > 0) & ~ignored & ~bad & ~torch.isnan(logp)
+    return layout, local, logp, M, log_s, entropy, top1
 
 
 class _VocabParallelTokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, shard, targets, vocab_start, group, temperature, want_entropy, ignore_index, backend, softcap):
-        layout, local, logp, M, log_s, entropy = _vocab_parallel_forward(
-            shard, targets, vocab_start, group, temperature, want_entropy, ignore_index, backend, True, softcap)
+    def forward(ctx, shard, targets, vocab_start, group, temperature, want_entropy, ignore_index, backend, softcap,
+                want_top1):
+        layout, local, logp, M, log_s, entropy, top1 = _vocab_parallel_forward(
+            shard, targets, vocab_start, group, temperature, want_entropy, ignore_index, backend, True, softcap,
+            want_top1)
         ignored = local == _IGNORED
         zero = torch.zeros_like(logp)
         ctx.save_for_backward(layout.tensor, local, M, log_s, entropy)
         ctx.layout = layout._replace(tensor=None)
         ctx.meta = (temperature, backend, tuple(shard.shape), softcap)
-        if want_entropy:
-            return logp.view(targets.shape), torch.where(ignored, zero, entropy).view(targets.shape)
-        return logp.view(targets.shape)
+        shape = targets.shape
+        if top1 is not None:
+            top1 = top1.view(shape)
+            ctx.mark_non_differentiable(top1)
+        return _outputs(logp.view(shape), torch.where(ignored, zero, entropy).view(shape) if want_entropy else None,
+                        top1)
 
     @staticmethod
     @_first_order_only("vocab_parallel_token_logprobs")
-    def backward(ctx, grad_logp, grad_entropy=None):
+    def backward(ctx, grad_logp, *grads):
         x, local, row_max, log_sum, entropy = ctx.saved_tensors
         temperature, backend, shape, softcap = ctx.meta
+        grad_entropy = grads[0] if entropy is not None else None
         dt = log_sum.dtype
         grad = _grad_logits(backend, ctx.layout._replace(tensor=x), local, None, 1.0 / temperature, _IGNORED,
                             row_max, log_sum, entropy, _grad_arg(grad_logp, dt), _grad_arg(grad_entropy, dt), softcap)
-        return (grad.view(shape),) + (None,) * 8
+        return (grad.view(shape),) + (None,) * 9
 
 
 def vocab_parallel_token_logprobs(logits_shard: torch.Tensor, targets: torch.Tensor, vocab_start: int,
                                   group=None, *, temperature: float = 1.0, return_entropy: bool = False,
-                                  ignore_index: int = -100, softcap: Optional[float] = None
-                                  ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+                                  ignore_index: int = -100, softcap: Optional[float] = None,
+                                  return_top1: bool = False
+                                  ) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
     r""":func:`token_logprobs` with the vocabulary split over a torch.distributed group.
 
     Each rank holds ``logits_shard = logits[..., vocab_start : vocab_start + V_r]`` and
@@ -797,7 +832,14 @@ def vocab_parallel_token_logprobs(logits_shard: torch.Tensor, targets: torch.Ten
         temperature, return_entropy, ignore_index: as in :func:`token_logprobs`
             (-inf logits are fine, NaN or +inf anywhere in a row make it NaN).
         softcap: as in :func:`token_logprobs`: each rank caps its slice (the cap is
-            elementwise), the statistics merge as without it. (No ``return_top1`` here.)
+            elementwise), the statistics merge as without it.
+        return_top1: also return ``is_top1`` (bool, the same on every rank, no
+            gradient): whether the target is the first argmax of the whole (capped) row,
+            ties to the lowest global vocabulary id as ``torch.argmax`` of the unsharded
+            row; one more all-reduce (MIN of an int64 per row).
+
+    Returns ``logp``, or the tuple ``(logp, entropy, is_top1)`` of those asked for. No
+    top-k/top-p here (the kept set needs the whole row).
     """
     _reject_func_transforms("vocab_parallel_token_logprobs")
     _check_logits("logits_shard", logits_shard)
@@ -808,13 +850,14 @@ def vocab_parallel_token_logprobs(logits_shard: torch.Tensor, targets: torch.Ten
     _validate.same_shape("targets", targets, logits_shard.shape[:-1], "logits_shard without its last dim")
     temperature = _check_temperature(temperature)
     softcap = _check_softcap(softcap)
+    want_entropy, want_top1 = bool(return_entropy), bool(return_top1)
     if _traced(logits_shard, targets):
-        logp, entropy, _, _, _ = torch.ops.rlkern.vocab_parallel_token_logprobs(
+        logp, entropy, _, _, _, top1 = torch.ops.rlkern.vocab_parallel_token_logprobs(
             logits_shard, targets, vocab_start, "" if group is None else group.group_name, temperature,
-            bool(return_entropy), ignore_index, softcap)
-        if return_entropy:
-            return logp.view(targets.shape), entropy.view(targets.shape)
-        return logp.view(targets.shape)
+            want_entropy, ignore_index, softcap, want_top1)
+        shape = targets.shape
+        return _outputs(logp.view(shape), entropy.view(shape) if want_entropy else None,
+                        top1.view(shape) if want_top1 else None)
     if targets.numel():
         t = targets.to(torch.int64)
         if bool(((t < 0) & (t != ignore_index)).any()):
@@ -823,7 +866,7 @@ def vocab_parallel_token_logprobs(logits_shard: torch.Tensor, targets: torch.Ten
     if backend == "reference":
         backend = "cpu" if logits_shard.device.type == "cpu" else "triton"
     return _VocabParallelTokenLogprobs.apply(logits_shard, targets, vocab_start, group, temperature,
-                                             bool(return_entropy), ignore_index, backend, softcap)
+                                             want_entropy, ignore_index, backend, softcap, want_top1)
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -1087,24 +1130,28 @@ def _group_by_name(name: str):
 
 @torch.library.custom_op("rlkern::vocab_parallel_token_logprobs", mutates_args=())
 def _vocab_parallel_op(logits_shard: Tensor, targets: Tensor, vocab_start: int, group_name: str, temperature: float,
-                       want_entropy: bool, ignore_index: int, softcap: Optional[float] = None
-                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Flat logp, entropy (``[0]`` unless wanted), local targets, global max and log-sum.
-    ``group_name`` "" is the default group."""
-    layout, local, logp, M, log_s, entropy = _vocab_parallel_forward(
+                       want_entropy: bool, ignore_index: int, softcap: Optional[float] = None,
+                       want_top1: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Flat logp, entropy (``[0]`` unless wanted), local targets, global max, log-sum and
+    is_top1 (bool, ``[0]`` unless wanted). ``group_name`` "" is the default group."""
+    layout, local, logp, M, log_s, entropy, top1 = _vocab_parallel_forward(
         logits_shard, targets, vocab_start, _group_by_name(group_name), temperature, want_entropy, ignore_index,
-        _op_backend(logits_shard), False, softcap)
+        _op_backend(logits_shard), False, softcap, want_top1)
     dt = _compute_dtype(logits_shard)
     entropy = torch.where(local == _IGNORED, 0.0, entropy) if want_entropy else _empty(logits_shard, 0, dt)
-    return logp, entropy, local, M, log_s
+    if not want_top1:
+        top1 = _empty(logits_shard, 0, torch.bool)
+    return logp, entropy, local, M, log_s, top1
 
 
 @_vocab_parallel_op.register_fake
-def _(logits_shard, targets, vocab_start, group_name, temperature, want_entropy, ignore_index, softcap=None):
+def _(logits_shard, targets, vocab_start, group_name, temperature, want_entropy, ignore_index, softcap=None,
+      want_top1=False):
     n = targets.numel()
     dt = _compute_dtype(logits_shard)
     return (_empty(logits_shard, n, dt), _empty(logits_shard, n if want_entropy else 0, dt),
-            _empty(logits_shard, n, torch.int64), _empty(logits_shard, n, dt), _empty(logits_shard, n, dt))
+            _empty(logits_shard, n, torch.int64), _empty(logits_shard, n, dt), _empty(logits_shard, n, dt),
+            _empty(logits_shard, n if want_top1 else 0, torch.bool))
 
 
 @torch.library.custom_op("rlkern::vocab_parallel_token_logprobs_backward", mutates_args=())
@@ -1126,22 +1173,23 @@ def _(logits_shard, local, row_max, log_sum, entropy, grad_logp, grad_entropy, t
 
 
 def _vocab_parallel_setup_context(ctx, inputs, output):
-    logits_shard, targets, vocab_start, group_name, temperature, want_entropy, ignore_index, softcap = inputs
-    logp, entropy, local, row_max, log_sum = output
+    (logits_shard, targets, vocab_start, group_name, temperature, want_entropy, ignore_index, softcap,
+     want_top1) = inputs
+    logp, entropy, local, row_max, log_sum, top1 = output
     ctx.save_for_backward(logits_shard, local, row_max, log_sum, entropy)
     ctx.options = (temperature, want_entropy, softcap)
-    ctx.mark_non_differentiable(local, row_max, log_sum)
+    ctx.mark_non_differentiable(local, row_max, log_sum, top1)
 
 
 def _vocab_parallel_backward(ctx, grad_logp, grad_entropy, *_):
     logits_shard, local, row_max, log_sum, entropy = ctx.saved_tensors
     temperature, want_entropy, softcap = ctx.options
     if not ctx.needs_input_grad[0]:
-        return (None,) * 8
+        return (None,) * 9
     grad = torch.ops.rlkern.vocab_parallel_token_logprobs_backward(
         logits_shard, local, row_max, log_sum, entropy, grad_logp, grad_entropy if want_entropy else None,
         temperature, softcap)
-    return (grad,) + (None,) * 7
+    return (grad,) + (None,) * 8
 
 
 torch.library.register_autograd("rlkern::vocab_parallel_token_logprobs", _vocab_parallel_backward,
@@ -1201,14 +1249,11 @@ def _dtensor_token_logprobs(logits, targets, *, temperature, return_entropy, ign
         if top_k is not None or (top_p is not None and top_p < 1.0):
             raise ValueError("top_k/top_p need whole vocabulary rows: not supported with logits sharded over the "
                              "vocabulary (Shard(-1))")
-        if return_top1:
-            raise ValueError("return_top1 is not supported with logits sharded over the vocabulary (Shard(-1), "
-                             "vocab_parallel_token_logprobs); pass return_top1=False")
         _, offset = compute_local_shape_and_global_offset(tuple(logits.shape), mesh, placements)
         out = vocab_parallel_token_logprobs(local_logits, local_targets, int(offset[-1]),
                                             mesh.get_group(vocab_dims[0]), temperature=temperature,
                                             return_entropy=return_entropy, ignore_index=ignore_index,
-                                            softcap=softcap)
+                                            softcap=softcap, return_top1=return_top1)
     else:
         out = token_logprobs(local_logits, local_targets, temperature=temperature, return_entropy=return_entropy,
                              ignore_index=ignore_index, top_k=top_k, top_p=top_p, softcap=softcap,
