@@ -874,3 +874,58 @@ def test_softcap_and_top1_triton_on_cuda(dtype):
     _, top1 = token_logprobs(logits.cuda(), targets.cuda(), return_top1=True, softcap=30.0)
     _, top1_r = ref.token_logprobs(logits.float(), targets, return_top1=True, softcap=30.0)
     assert torch.equal(top1.cpu(), top1_r) and top1[0].all()
+
+
+# ----------------------------------------------------------------------------- linear head on the CPU: kept chunks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_kept_chunks_match_recompute(monkeypatch, dtype, bias):
+    """The forward keeps chunk logits for the backward up to LINEAR_SAVED_LOGITS_BYTES;
+    all kept, some kept (the budget ends inside the chunk loop) and none give the same
+    bits, softcap and entropy included, and match the reference."""
+    import rlkern.logprobs as lp_mod
+
+    hidden, weight, b, targets = _linear_case(37, 16, 1000, dtype, bias)
+    kw = dict(temperature=0.9, softcap=3.0, chunk_tokens=16, chunk_vocab=300)
+    chunk_bytes = 16 * 300 * hidden.element_size()
+    results = []
+    for budget in (1 << 30, 5 * chunk_bytes + 7, 0):
+        monkeypatch.setattr(lp_mod, "LINEAR_SAVED_LOGITS_BYTES", budget)
+        results.append(_linear_grads(linear_token_logprobs, hidden, weight, b, targets, **kw))
+    for lp, ent, grads in results[1:]:
+        assert torch.equal(lp, results[0][0]) and torch.equal(ent, results[0][1])
+        for g, g0 in zip(grads, results[0][2]):
+            assert (g is None and g0 is None) or torch.equal(g, g0)
+    lp_r, ent_r, grads_r = _linear_grads(ref.linear_token_logprobs, hidden.double(), weight.double(),
+                                         b.double() if b is not None else None, targets, temperature=0.9,
+                                         softcap=3.0)
+    tol, gtol = (VALUE_TOL, GRAD_TOL) if dtype != torch.bfloat16 else (2e-2, 2e-2)
+    assert_close(results[0][0], lp_r, tol, "logp")
+    for g, gr in zip(results[0][2], grads_r):
+        if gr is not None:
+            assert_close(g, gr, gtol, "grad")
+
+
+def test_linear_kept_chunks_survive_a_second_backward():
+    """With retain_graph the kept chunks are read again, not overwritten by the first
+    backward: the second backward's gradients equal the first's."""
+    hidden, weight, b, targets = _linear_case(20, 8, 500, torch.float32, True)
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    lp, ent = linear_token_logprobs(h, w, targets, bias=b, return_entropy=True, chunk_tokens=8, chunk_vocab=128)
+    loss = lp.sum() + 0.5 * ent.sum()
+    g1 = torch.autograd.grad(loss, (h, w), retain_graph=True)
+    g2 = torch.autograd.grad(loss, (h, w))
+    assert torch.equal(g1[0], g2[0]) and torch.equal(g1[1], g2[1])
+
+
+def test_linear_bf16_products_round_like_the_matmul():
+    """bf16 on the CPU multiplies in float32 and rounds each product once: the log-probs
+    equal token_logprobs of the logits computed in float32 and rounded to bf16."""
+    hidden, weight, b, targets = _linear_case(33, 64, 700, torch.bfloat16, True)
+    logits = torch.addmm(b.float(), hidden.float(), weight.float().t()).bfloat16()
+    lp_direct = token_logprobs(logits, targets, temperature=0.8)
+    lp = linear_token_logprobs(hidden, weight, targets, bias=b, temperature=0.8, chunk_tokens=10, chunk_vocab=256)
+    assert_close(lp, lp_direct, 1e-6, "logp")

@@ -158,10 +158,13 @@ def _grad_logits(backend: str, layout: _Layout, targets: torch.Tensor, threshold
                  inv_t: float, ignore_index: int, row_max: torch.Tensor, log_sum: torch.Tensor,
                  entropy: Optional[torch.Tensor],
                  grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
-                 softcap: Optional[float] = None) -> torch.Tensor:
-    """Gradient of the logits, contiguous ``[n_rows, V]`` in the logits' dtype."""
+                 softcap: Optional[float] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Gradient of the logits, contiguous ``[n_rows, V]`` in the logits' dtype; into ``out``
+    when given, which may be the logits themselves when they are contiguous and there is
+    no threshold (both kernels read a row's block before writing the same block, and only
+    a threshold makes them read the target's logit from elsewhere in the row)."""
     x = layout.tensor
-    grad = empty_rows(x, (layout.n_rows, layout.V), x.dtype)
+    grad = empty_rows(x, (layout.n_rows, layout.V), x.dtype) if out is None else out
     if backend == "cpu":
         core().logprobs.backward(ptr(x), dtype_code(x), layout.stride0, layout.stride1, layout.inner, layout.n_rows,
                                  layout.V, ptr(targets), ptr(threshold) if threshold is not None else 0, inv_t,
@@ -434,6 +437,14 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
 # Elements of one [tokens, vocabulary] chunk of logits (16 MB in float32).
 _CHUNK_ELEMENTS = 1 << 22
 
+# Bytes of chunk logits that linear_token_logprobs' forward keeps for its backward on the
+# CPU (the backward then skips those chunks' recomputing GEMM). The recompute is the one
+# GEMM eager torch does not do (four against three, and the GEMMs are nearly all of the
+# time on a CPU); with this much kept, logits of up to 512 MiB (e.g. 4096 tokens x 32000
+# in float32) cost three GEMMs like eager, which holds about three such copies at its
+# peak, and larger ones keep this fixed amount, never N x V. 0 disables.
+LINEAR_SAVED_LOGITS_BYTES = 512 << 20
+
 
 def _local_targets(targets: torch.Tensor, ignore_index: int, start: int, size: int) -> torch.Tensor:
     """Targets relative to a vocabulary slice [start, start + size): -1 when the target
@@ -443,11 +454,133 @@ def _local_targets(targets: torch.Tensor, ignore_index: int, start: int, size: i
     return torch.where(targets == ignore_index, _IGNORED, torch.where(owned, local, -1)).contiguous()
 
 
-def _chunk_logits(hidden, weight, bias, n0, n1, v0, v1):
-    logits = hidden[n0:n1] @ weight[v0:v1].t()
-    if bias is not None:
-        logits += bias[v0:v1]
-    return logits
+class _ChunkProducts:
+    """The chunk products ``hidden[n0:n1] @ weight[v0:v1].T + bias[v0:v1]`` into two
+    buffers reused by every chunk (no allocation, no page faults per chunk).
+
+    bf16/fp16 on the CPU multiply in float32 (torch's half-precision GEMMs there run a few
+    times slower than its float32 one where the CPU has no bf16 instructions) and round
+    the product to the inputs' dtype once, as ``hidden @ weight.T + bias`` rounds its
+    float32 accumulation; ``hidden`` is converted once, each weight chunk once per pass.
+    The backward's products with the logits' gradient (``compute`` dtype) also run in
+    float32 then."""
+
+    def __init__(self, hidden, weight, bias, chunk_tokens, chunk_vocab):
+        self.dtype = hidden.dtype
+        self.upcast = hidden.device.type == "cpu" and hidden.dtype in (torch.bfloat16, torch.float16)
+        self.compute = torch.float32 if self.upcast else hidden.dtype
+        self.hidden = hidden.to(self.compute)
+        self.weight, self.bias = weight, bias
+        n = min(chunk_tokens, hidden.shape[0]) * min(chunk_vocab, weight.shape[0])
+        # Plain allocations, not empty_rows' huge pages: these buffers are faulted in once
+        # per call and then reused, and on a busy machine a huge-page fault can wait on
+        # memory compaction (measured: the chunk GEMMs writing into a fresh huge-page
+        # store ran 4x slower than into plain pages).
+        self.buf = torch.empty((n,), dtype=self.compute, device=hidden.device)
+        self.low = torch.empty((n,), dtype=self.dtype, device=hidden.device) if self.upcast else None
+
+    def weight_chunk(self, v0, v1):
+        """(weight rows, bias) of a vocabulary chunk in the compute dtype."""
+        b = None if self.bias is None else self.bias[v0:v1].to(self.compute)
+        return self.weight[v0:v1].to(self.compute), b
+
+    def logits(self, n0, n1, w_c, b_c, keep=None):
+        """The chunk's logits in the inputs' dtype: a contiguous view of the buffers, valid
+        until the next call, or ``keep`` (a contiguous tensor of the chunk's shape and the
+        inputs' dtype) when given."""
+        shape = (n1 - n0, w_c.shape[0])
+        out = self.buf[:shape[0] * shape[1]].view(shape) if (keep is None or self.upcast) else keep
+        if b_c is None:
+            torch.mm(self.hidden[n0:n1], w_c.t(), out=out)
+        else:
+            torch.addmm(b_c, self.hidden[n0:n1], w_c.t(), out=out)
+        if not self.upcast:
+            return out
+        low = self.low[:out.numel()].view(shape) if keep is None else keep
+        low.copy_(out)
+        return low
+
+    def grad_buffer(self, shape):
+        """A buffer for the gradient of a kept chunk's logits (the inputs' dtype)."""
+        flat = self.low if self.upcast else self.buf
+        return flat[:shape[0] * shape[1]].view(shape)
+
+    def compute_view(self, grad):
+        """The gradient of a chunk's logits (a view of ``low``) in the compute dtype."""
+        if not self.upcast:
+            return grad
+        out = self.buf[:grad.numel()].view(grad.shape)
+        out.copy_(grad)
+        return out
+
+
+def _linear_forward(hidden, weight, bias, targets, temperature, want_entropy, ignore_index, chunk_tokens,
+                    chunk_vocab, softcap=None, want_top1=False, keep_bytes=0, kept=None):
+    """(logp, row max, log-sum, entropy or None, top1 or None) of [N] rows; see
+    linear_token_logprobs. With ``kept`` (a dict), the logits of the first chunks, up to
+    ``keep_bytes`` in all, are computed into one storage and left in it under
+    ``(v0, n0)`` for the backward."""
+    N, V = hidden.shape[0], weight.shape[0]
+    inv_t = 1.0 / temperature
+    dt = _compute_dtype(hidden)
+    need_entropy = want_entropy  # backward uses the entropy only for its own gradient
+    n_vchunks = -(-V // chunk_vocab)
+    max_chunks = torch.empty((n_vchunks, N), dtype=dt, device=hidden.device)
+    logsum_chunks = torch.empty_like(max_chunks)
+    ent_chunks = torch.empty_like(max_chunks) if need_entropy else None
+    # (Target logit minus its chunk's max) * inv_t, and that max (combined after the loop).
+    target_rel = torch.zeros(N, dtype=dt, device=hidden.device)
+    target_max = torch.zeros(N, dtype=dt, device=hidden.device)
+    # Whether the target is the first argmax of its own chunk (then of the row when no earlier
+    # chunk reaches the row's maximum, see below).
+    target_top1 = torch.zeros(N, dtype=torch.bool, device=hidden.device) if want_top1 else None
+    store, stored = None, 0
+    if N:
+        products = _ChunkProducts(hidden, weight, bias, chunk_tokens, chunk_vocab)
+        backend = _op_backend(hidden)
+        if kept is not None:
+            store_elements = min(keep_bytes // hidden.element_size(), N * V)
+            if store_elements >= min(N, chunk_tokens) * min(V, chunk_vocab):
+                # (Plain pages, as the chunk buffers.)
+                store = torch.empty((store_elements,), dtype=hidden.dtype, device=hidden.device)
+    for c, v0 in enumerate(range(0, V, chunk_vocab)):
+        if not N:
+            break
+        v1 = min(V, v0 + chunk_vocab)
+        local_all = _local_targets(targets, ignore_index, v0, v1 - v0)
+        w_c, b_c = products.weight_chunk(v0, v1)
+        for n0 in range(0, N, chunk_tokens):
+            n1 = min(N, n0 + chunk_tokens)
+            size = (n1 - n0) * (v1 - v0)
+            keep = None
+            if store is not None and stored + size <= store.numel():
+                keep = store[stored:stored + size].view(n1 - n0, v1 - v0)
+                kept[(v0, n0)] = keep
+                stored += size
+            logits = products.logits(n0, n1, w_c, b_c, keep)
+            local = local_all[n0:n1]
+            logp, m, log_s, ent, top1 = _stats_forward(backend, _row_layout(logits), local, None, inv_t, _IGNORED,
+                                                       need_entropy, softcap, want_top1)
+            max_chunks[c, n0:n1] = m
+            logsum_chunks[c, n0:n1] = log_s
+            if need_entropy:
+                ent_chunks[c, n0:n1] = ent
+            owned = local >= 0
+            target_rel[n0:n1] = torch.where(owned, logp + log_s, target_rel[n0:n1])
+            target_max[n0:n1] = torch.where(owned, m, target_max[n0:n1])
+            if want_top1:
+                target_top1[n0:n1] = torch.where(owned, top1, target_top1[n0:n1])
+    if want_top1 and N:
+        # The row's first argmax lies in the first chunk whose maximum is the row's.
+        first_chunk = (max_chunks == max_chunks.max(0).values).to(torch.uint8).argmax(0)
+        target_top1 &= first_chunk == torch.div(targets, chunk_vocab, rounding_mode="floor")
+    row_max, log_sum, entropy = _combine_chunks(max_chunks, logsum_chunks, ent_chunks, inv_t)
+    ignored = targets == ignore_index
+    logp = torch.where(ignored, torch.zeros_like(log_sum),
+                       (target_rel + (target_max - row_max) * inv_t) - log_sum)
+    if want_top1:
+        target_top1 &= ~torch.isnan(logp)
+    return logp, row_max, log_sum, entropy, target_top1
 
 
 def _combine_chunks(max_chunks: torch.Tensor, logsum_chunks: torch.Tensor, ent_chunks: Optional[torch.Tensor],
@@ -477,62 +610,12 @@ def _chunk_weights(m_c, logsum_c, ent_c, M, inv_t: float):
     return w, torch.where(w > 0, w * (lse_rel - ent_c), torch.zeros_like(w))
 
 
-def _linear_forward(hidden, weight, bias, targets, temperature, want_entropy, ignore_index, chunk_tokens,
-                    chunk_vocab, softcap=None, want_top1=False):
-    """(logp, row max, log-sum, entropy or None, top1 or None) of [N] rows; see
-    linear_token_logprobs."""
-    N, V = hidden.shape[0], weight.shape[0]
-    inv_t = 1.0 / temperature
-    dt = _compute_dtype(hidden)
-    need_entropy = want_entropy  # backward uses the entropy only for its own gradient
-    n_vchunks = -(-V // chunk_vocab)
-    max_chunks = torch.empty((n_vchunks, N), dtype=dt, device=hidden.device)
-    logsum_chunks = torch.empty_like(max_chunks)
-    ent_chunks = torch.empty_like(max_chunks) if need_entropy else None
-    # (Target logit minus its chunk's max) * inv_t, and that max (combined after the loop).
-    target_rel = torch.zeros(N, dtype=dt, device=hidden.device)
-    target_max = torch.zeros(N, dtype=dt, device=hidden.device)
-    # Whether the target is the first argmax of its own chunk (then of the row when no earlier
-    # chunk reaches the row's maximum, see below).
-    target_top1 = torch.zeros(N, dtype=torch.bool, device=hidden.device) if want_top1 else None
-    for c, v0 in enumerate(range(0, V, chunk_vocab)):
-        v1 = min(V, v0 + chunk_vocab)
-        local_all = _local_targets(targets, ignore_index, v0, v1 - v0)
-        for n0 in range(0, N, chunk_tokens):
-            n1 = min(N, n0 + chunk_tokens)
-            logits = _chunk_logits(hidden, weight, bias, n0, n1, v0, v1)
-            layout = _row_layout(logits)
-            backend = _kernel_backend(logits.device, logits)
-            if backend == "reference":
-                backend = "cpu" if logits.device.type == "cpu" else "triton"
-            local = local_all[n0:n1]
-            logp, m, log_s, ent, top1 = _stats_forward(backend, layout, local, None, inv_t, _IGNORED, need_entropy,
-                                                       softcap, want_top1)
-            max_chunks[c, n0:n1] = m
-            logsum_chunks[c, n0:n1] = log_s
-            if need_entropy:
-                ent_chunks[c, n0:n1] = ent
-            owned = local >= 0
-            target_rel[n0:n1] = torch.where(owned, logp + log_s, target_rel[n0:n1])
-            target_max[n0:n1] = torch.where(owned, m, target_max[n0:n1])
-            if want_top1:
-                target_top1[n0:n1] = torch.where(owned, top1, target_top1[n0:n1])
-    if want_top1 and N:
-        # The row's first argmax lies in the first chunk whose maximum is the row's.
-        first_chunk = (max_chunks == max_chunks.max(0).values).to(torch.uint8).argmax(0)
-        target_top1 &= first_chunk == torch.div(targets, chunk_vocab, rounding_mode="floor")
-    row_max, log_sum, entropy = _combine_chunks(max_chunks, logsum_chunks, ent_chunks, inv_t)
-    ignored = targets == ignore_index
-    logp = torch.where(ignored, torch.zeros_like(log_sum),
-                       (target_rel + (target_max - row_max) * inv_t) - log_sum)
-    if want_top1:
-        target_top1 &= ~torch.isnan(logp)
-    return logp, row_max, log_sum, entropy, target_top1
-
-
 def _linear_backward(hidden, weight, bias, targets, row_max, log_sum, entropy, grad_logp, grad_entropy,
-                     temperature, ignore_index, chunk_tokens, chunk_vocab, want_h, want_w, want_b, softcap=None):
-    """Gradients of hidden, weight and bias (None where not wanted)."""
+                     temperature, ignore_index, chunk_tokens, chunk_vocab, want_h, want_w, want_b, softcap=None,
+                     kept=None):
+    """Gradients of hidden, weight and bias (None where not wanted). ``kept``: chunk logits
+    the forward left (see _linear_forward), read instead of recomputed and not modified
+    (a second backward through a retained graph reads them again)."""
     N, H = hidden.shape
     V = weight.shape[0]
     inv_t = 1.0 / temperature
@@ -543,33 +626,52 @@ def _linear_backward(hidden, weight, bias, targets, row_max, log_sum, entropy, g
     # (Written chunk by chunk from the token loop, which an empty batch never enters.)
     grad_weight = (torch.zeros_like(weight) if N == 0 else torch.empty_like(weight)) if want_w else None
     grad_bias = torch.empty_like(bias) if (want_b and bias is not None) else None
+    if N == 0:
+        if grad_bias is not None:
+            grad_bias.zero_()
+        return (None if grad_hidden is None else grad_hidden.to(hidden.dtype)), grad_weight, grad_bias
+    products = _ChunkProducts(hidden, weight, bias, chunk_tokens, chunk_vocab)
+    backend = _op_backend(hidden)
+    # grad_hidden accumulates in place when the products' dtype is its own (float32 and
+    # float64 inputs, and half precision on the CPU, which multiplies in float32).
+    fused_h = products.compute == acc
     single_token_chunk = N <= chunk_tokens
+    direct_w = single_token_chunk and products.compute == weight.dtype
     for v0 in range(0, V, chunk_vocab):
         v1 = min(V, v0 + chunk_vocab)
         local_all = _local_targets(targets, ignore_index, v0, v1 - v0)
-        gw = None if (single_token_chunk or not want_w) else torch.zeros((v1 - v0, H), dtype=acc,
-                                                                            device=weight.device)
+        w_c, b_c = products.weight_chunk(v0, v1)
+        gw = None if (direct_w or not want_w) else torch.zeros((v1 - v0, H), dtype=acc, device=weight.device)
         gb = None if grad_bias is None else torch.zeros(v1 - v0, dtype=acc, device=weight.device)
         for n0 in range(0, N, chunk_tokens):
             n1 = min(N, n0 + chunk_tokens)
-            logits = _chunk_logits(hidden, weight, bias, n0, n1, v0, v1)
-            backend = _kernel_backend(logits.device, logits)
-            if backend == "reference":
-                backend = "cpu" if logits.device.type == "cpu" else "triton"
+            logits = None if kept is None else kept.get((v0, n0))
+            if logits is None:
+                # Recomputed into the buffer, which the gradient then overwrites.
+                logits = products.logits(n0, n1, w_c, b_c)
+                out = logits
+            else:
+                out = products.grad_buffer(logits.shape)
             grad = _grad_logits(backend, _row_layout(logits), local_all[n0:n1], None, inv_t, _IGNORED,
                                 row_max[n0:n1], log_sum[n0:n1], entropy[n0:n1] if entropy is not None else None,
                                 None if g_lp is None else g_lp[n0:n1], None if g_ent is None else g_ent[n0:n1],
-                                softcap)
-            del logits
+                                softcap, out=out)
+            g = products.compute_view(grad)
+            h_c = products.hidden[n0:n1]
             if want_h:
-                grad_hidden[n0:n1] += grad @ weight[v0:v1]
+                if fused_h:
+                    grad_hidden[n0:n1].addmm_(g, w_c)
+                else:
+                    grad_hidden[n0:n1] += g @ w_c
             if want_w:
                 if gw is None:
-                    torch.matmul(grad.t(), hidden[n0:n1], out=grad_weight[v0:v1])
+                    torch.mm(g.t(), h_c, out=grad_weight[v0:v1])
+                elif g.dtype == acc:
+                    gw.addmm_(g.t(), h_c)
                 else:
-                    gw += grad.t() @ hidden[n0:n1]
+                    gw += g.t() @ h_c
             if gb is not None:
-                gb += grad.sum(0, dtype=acc)
+                gb += g.sum(0, dtype=acc)
         if gw is not None:
             grad_weight[v0:v1] = gw
         if gb is not None:
@@ -583,10 +685,16 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, want_entropy, ignore_index, chunk_tokens,
                 chunk_vocab, softcap, want_top1):
+        # Chunk logits kept for backward: on the CPU only (device memory is scarcer there and
+        # the recompute cheaper), and only when a gradient is wanted.
+        kept = {} if hidden.device.type == "cpu" and any(ctx.needs_input_grad[:3]) else None
         logp, row_max, log_sum, entropy, top1 = _linear_forward(hidden, weight, bias, targets, temperature,
                                                                 want_entropy, ignore_index, chunk_tokens,
-                                                                chunk_vocab, softcap, want_top1)
+                                                                chunk_vocab, softcap, want_top1,
+                                                                LINEAR_SAVED_LOGITS_BYTES, kept)
         ctx.save_for_backward(hidden, weight, bias, targets, row_max, log_sum, entropy)
+        # (Not saved tensors: they are intermediates no one else sees, never modified.)
+        ctx.kept = kept
         ctx.meta = (temperature, ignore_index, chunk_tokens, chunk_vocab, softcap)
         if top1 is not None:
             ctx.mark_non_differentiable(top1)
@@ -602,7 +710,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         grad_entropy = grads[0] if entropy is not None else None
         grads = _linear_backward(hidden, weight, bias, targets, row_max, log_sum, entropy, grad_logp, grad_entropy,
                                  temperature, ignore_index, chunk_tokens, chunk_vocab, *ctx.needs_input_grad[:3],
-                                 softcap=softcap)
+                                 softcap=softcap, kept=ctx.kept)
         return grads + (None,) * 8
 
 
@@ -635,7 +743,12 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     each chunk's logits, turns them into their gradient in place of a saved softmax, and
     accumulates ``grad_hidden`` (float32) and ``grad_weight``/``grad_bias`` per
     vocabulary chunk. Peak extra memory is a few chunks plus ``[N, H]`` float32, never
-    ``N x V``; the cost is one extra chunk matmul (the recomputation).
+    ``N x V``; the cost is one extra chunk matmul (the recomputation). On the CPU the
+    forward keeps the first chunks' logits for the backward, up to
+    ``rlkern.logprobs.LINEAR_SAVED_LOGITS_BYTES`` (512 MiB, 0 disables), which then
+    recomputes only the others: logits within that budget cost three GEMMs, as eager
+    does; bf16/fp16 there multiply in float32 (torch's half-precision CPU GEMM is several
+    times slower without bf16 instructions) and round each product to the inputs' dtype.
 
     Args:
         hidden: ``[..., H]`` float32/bf16/fp16/float64.
