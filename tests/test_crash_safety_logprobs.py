@@ -162,7 +162,6 @@ for bad in (0.0, -2.0, float("nan"), float("inf"), -float("inf"), 10**400):
     expect(ValueError, "softcap", lambda: linear_token_logprobs(hidden, weight, t, softcap=bad))
 expect(TypeError, "softcap", lambda: token_logprobs(x, t, softcap=True))
 expect(TypeError, "softcap", lambda: linear_token_logprobs(hidden, weight, t, softcap=[1.0]))
-expect(ValueError, "softcap", lambda: token_logprobs(x, t, softcap=3.0, top_k=2))
 for backend in ("cpu", "triton"):
     with rlkern.use_backend(backend):
         y = torch.tensor([[float("nan"), 1.0, 2.0], [float("inf"), -float("inf"), 0.0],
@@ -173,6 +172,20 @@ for backend in ("cpu", "triton"):
         assert torch.isnan(lp[0]) and not top1[0]
         assert torch.allclose(lp[1:].double(), lp_r[1:], atol=1e-5), (lp, lp_r)
         assert torch.equal(top1, top1_r), (top1, top1_r)
+        # with a kept set on the capped logits (+inf caps to a finite value, NaN keeps all)
+        for top in ({"top_k": 1}, {"top_p": 0.5}, {"top_k": 2, "top_p": 0.9}):
+            yg = y.clone().requires_grad_()
+            lp, ent = token_logprobs(yg, tg, softcap=2.0, return_entropy=True, **top)
+            lp_r, ent_r = ref.token_logprobs(y.double(), tg, softcap=2.0, return_entropy=True, **top)
+            assert torch.equal(torch.isnan(lp), torch.isnan(lp_r)) and torch.isnan(lp[0]), (lp, lp_r)
+            ok = ~torch.isnan(lp_r)
+            assert torch.equal(lp[ok].isinf(), lp_r[ok].isinf()), (top, lp, lp_r)
+            fin = torch.isfinite(lp_r)
+            assert torch.allclose(lp[fin].double(), lp_r[fin], atol=1e-5), (top, lp, lp_r)
+            assert torch.allclose(ent[1:].double(), ent_r[1:], atol=1e-5), (top, ent, ent_r)
+            torch.where(torch.isfinite(lp), lp, 0.0).sum().backward()
+            assert torch.isfinite(yg.grad[1:]).all()
+        print("ok top", backend)
         for shape in ((0, 5), (4, 1)):
             z = torch.randn(shape).requires_grad_()
             tz = torch.zeros(shape[:-1], dtype=torch.long)
@@ -183,4 +196,4 @@ for backend in ("cpu", "triton"):
         assert lp.shape == (0,) and top1.shape == (0,)
         print("ok", backend)
 """)
-    assert out.count("ok ") == 17
+    assert out.count("ok ") == 18

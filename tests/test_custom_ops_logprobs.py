@@ -373,3 +373,80 @@ def test_vocab_parallel_softcap_two_ranks(tmp_path):
     import torch.multiprocessing as mp
 
     mp.spawn(_softcap_two_rank_worker, args=(str(tmp_path / "init"),), nprocs=2, join=True)
+
+
+# ----------------------------------------------------------------------------- softcap with top-k/top-p, vocab-parallel top1
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_opcheck_softcap_with_top_k_top_p(backend):
+    """softcap with a kept set through the custom op (it used to be a ValueError before the
+    op): opcheck, and the op's outputs and gradient equal the eager call's."""
+    x, t = _case()
+    x = (x * 5).requires_grad_()
+    with rlkern.use_backend(backend):
+        torch.library.opcheck(torch.ops.rlkern.token_logprobs.default, (x, t, 0.8, True, -100, 5, 0.9, 4.0, True))
+        lp, ent, _, _, thr, top1 = torch.ops.rlkern.token_logprobs(x, t, 0.8, True, -100, 5, 0.9, 4.0, True)
+        lp_e, ent_e, top1_e = token_logprobs(x, t, temperature=0.8, return_entropy=True, top_k=5, top_p=0.9,
+                                             softcap=4.0, return_top1=True)
+    assert thr.shape == (t.numel(),)
+    assert torch.equal(lp, lp_e.reshape(-1)) and torch.equal(ent, ent_e.reshape(-1))
+    assert torch.equal(top1, top1_e.reshape(-1))
+
+
+def _softcap_top_fn(x, t):
+    lp, ent = token_logprobs(x, t, temperature=0.7, return_entropy=True, top_k=6, top_p=0.8, softcap=3.0)
+    return torch.where(torch.isfinite(lp), lp, 0.0).sum() + ent.sum()
+
+
+def test_compile_fullgraph_softcap_with_top_k_top_p():
+    torch._dynamo.reset()
+    x, t = _case()
+    x = x * 4
+    explanation = torch._dynamo.explain(_softcap_top_fn)(x, t)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    out_c, grads_c = _grads(torch.compile(_softcap_top_fn, fullgraph=True, backend="aot_eager"), x, t)
+    out_e, grads_e = _grads(_softcap_top_fn, x, t)
+    assert_close(out_c, out_e, 1e-6, "value")
+    assert_close(grads_c[0], grads_e[0], 1e-6, "grad")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        xf = torch.empty(3, 5, 100, dtype=torch.bfloat16, requires_grad=True)
+        tf = torch.empty(3, 5, dtype=torch.long)
+        lp, ent = token_logprobs(xf, tf, return_entropy=True, top_k=4, top_p=0.5, softcap=30.0)
+        (lp.sum() + ent.sum()).backward()
+        assert lp.shape == (3, 5) and xf.grad.shape == xf.shape
+    xm = torch.empty(4, 3, 100, device="meta")
+    lp = token_logprobs(xm, torch.empty(4, 3, device="meta", dtype=torch.long), top_k=4, softcap=2.0)
+    assert lp.device.type == "meta" and lp.shape == (4, 3)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_vocab_parallel_top1_single_rank(single_rank_group, backend):
+    """return_top1 on the vocab-parallel path (it used to be refused): on one rank it equals
+    token_logprobs' is_top1, eager, as the op, and under torch.compile."""
+    x, t = _case(V=40)
+    x = x.round()  # integer logits: ties of the maximum
+    t[1, 0] = int(x[1, 0].argmax())
+    t[0, 0] = int(x[0, 0].argmax())
+    with rlkern.use_backend(backend):
+        lp_e, top1_e = token_logprobs(x, t, return_top1=True, softcap=2.0)
+        lp, top1 = vocab_parallel_token_logprobs(x, t, 0, return_top1=True, softcap=2.0)
+        out = torch.ops.rlkern.vocab_parallel_token_logprobs(x, t, 0, "", 1.0, False, -100, 2.0, True)
+    assert top1_e.any() and torch.equal(top1, top1_e) and torch.equal(out[5], top1_e.reshape(-1))
+    assert_close(lp, lp_e, 1e-6, "logp")
+    if backend == "cpu":
+        xr = x.detach().clone().requires_grad_()
+        torch.library.opcheck(torch.ops.rlkern.vocab_parallel_token_logprobs.default,
+                              (xr, t, 0, "", 0.8, True, -100, None, True))
+
+        def fn(a):
+            lp, ent, top1 = vocab_parallel_token_logprobs(a, t, 0, return_entropy=True, return_top1=True)
+            return lp.sum() + ent.sum() + top1.sum()
+
+        torch._dynamo.reset()
+        out_c, grads_c = _grads(torch.compile(fn, fullgraph=True, backend="aot_eager"), x)
+        out_e, grads_e = _grads(fn, x)
+        assert_close(out_c, out_e, 1e-6, "value")
+        assert_close(grads_c[0], grads_e[0], 1e-6, "grad")

@@ -657,11 +657,83 @@ def test_softcap_validation():
     for bad in (True, [3.0], None.__class__):
         with pytest.raises(TypeError, match="softcap"):
             token_logprobs(logits, targets, softcap=bad)
-    for top in ({"top_k": 3}, {"top_p": 0.5}):
-        with pytest.raises(ValueError, match="softcap"):
-            token_logprobs(logits, targets, softcap=3.0, **top)
-    # an int is a number; top_p = 1 keeps everything and so combines
+    # an int is a number
     token_logprobs(logits, targets, softcap=3, top_p=1.0)
+
+
+def _capped_direct(x, targets, cap, temperature, top_k, top_p):
+    """Plain torch: cap in float64, the sampler's kept set of y / T (_hf_kept), log_softmax."""
+    z = cap * torch.tanh(x.double() / cap) / temperature
+    kept = _hf_kept(z, top_k, top_p)
+    lp = torch.log_softmax(torch.where(kept, z, float("-inf")), -1).gather(1, targets[:, None])[:, 0]
+    return kept, lp
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("top_k,top_p", [(1, None), (5, None), (40, 0.8), (None, 0.3), (None, 0.95)])
+def test_softcap_with_top_k_top_p(backend, dtype, top_k, top_p):
+    """softcap with a kept set (it used to be a ValueError): the set is that of the capped
+    logits, top-p's mass under softmax(y / T), as vLLM's sampler sees Gemma-2's output."""
+    V, rows, temperature, cap = 200, 8, 0.8, 4.0
+    gen = torch.Generator().manual_seed(2)
+    # Distinct logits in [-6, 6.5) (exact in bf16), well inside tanh's range for a cap of 4.
+    x = torch.stack([torch.randperm(V, generator=gen) for _ in range(rows)]).double().div(16).sub(6).to(dtype)
+    kept, lp_direct = _capped_direct(x, torch.zeros(rows, dtype=torch.long), cap, temperature, top_k, top_p)
+    # the cap changes the kept set for top-p (so the test depends on taking it after the cap)
+    if top_p is not None:
+        assert not torch.equal(kept, _hf_kept(x.double() / temperature, top_k, top_p))
+    gen = torch.Generator().manual_seed(3)
+    targets = torch.empty(rows, dtype=torch.long)
+    for i in range(rows):
+        pool = kept[i] if i % 2 == 0 or kept[i].all() else ~kept[i]
+        idx = pool.nonzero()[:, 0]
+        targets[i] = idx[torch.randint(len(idx), (1,), generator=gen)]
+    lp, ent, grad = _check(backend, x, targets, temperature=temperature, top_k=top_k, top_p=top_p, softcap=cap)
+    _, lp_direct = _capped_direct(x, targets, cap, temperature, top_k, top_p)
+    inside = kept.gather(1, targets[:, None])[:, 0]
+    assert torch.isfinite(lp[inside]).all() and (lp[~inside] == float("-inf")).all()
+    assert_close(torch.where(inside, lp.double(), 0.0), torch.where(inside, lp_direct, 0.0), VALUE_TOL)
+    assert (grad.double()[~kept] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softcap_top_k_saturated_ties(backend):
+    """Logits that saturate to the same capped value are tied in the kept set: top_k=1
+    keeps all of them (the raw logits would keep one), and +inf caps to the finite cap."""
+    x = torch.tensor([[100.0, 200.0, 300.0, 0.0, 1.0, -50.0],
+                      [float("inf"), 60.0, 1.0, 0.5, float("-inf"), 0.0],
+                      [3.0, 2.0, 1.0, 0.0, -1.0, -2.0]])
+    cap = 2.0
+    for row, kw, kept in [(0, dict(top_k=1), [0, 1, 2]), (1, dict(top_k=2), [0, 1]),
+                          (2, dict(top_k=2, top_p=0.5), [0]), (0, dict(top_p=0.7), [0, 1, 2])]:
+        for t in range(6):
+            lp, ent, grad = _check(backend, x[row:row + 1], torch.tensor([t]), softcap=cap, **kw)
+            y = cap * torch.tanh(x[row].double() / cap)
+            if t in kept:
+                assert_close(lp[0], (y[t] - torch.logsumexp(y[kept], 0)).float(), 1e-6)
+            else:
+                assert lp[0] == float("-inf")
+                assert grad[0, t] == 0
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_softcap_top_k_top_p_random_rows(backend):
+    """Random logits (scale 8 against a cap of 5, the largest near saturation), against the
+    reference and the plain torch formulation; a NaN row keeps everything."""
+    V, rows, cap, temperature = 300, 6, 5.0, 0.7
+    x = _logits((rows, V), scale=8.0, seed=5)
+    x[3, 7] = float("inf")
+    x[4, 11] = float("nan")
+    targets = _targets((rows,), V, seed=6)
+    for top in ({"top_k": 20}, {"top_p": 0.6}, {"top_k": 50, "top_p": 0.9}):
+        lp, ent, grad = _check(backend, x, targets, temperature=temperature, softcap=cap, **top)
+        kept, lp_direct = _capped_direct(x[[0, 1, 2, 3, 5]], targets[[0, 1, 2, 3, 5]], cap, temperature,
+                                         top.get("top_k"), top.get("top_p"))
+        finite = torch.isfinite(lp_direct)
+        assert torch.equal(torch.isfinite(lp[[0, 1, 2, 3, 5]]), finite)
+        assert_close(lp[[0, 1, 2, 3, 5]][finite], lp_direct[finite].float(), VALUE_TOL)
+        assert torch.isnan(lp[4]) and torch.isnan(ent[4])
 
 
 def _top1_case():
@@ -802,3 +874,58 @@ def test_softcap_and_top1_triton_on_cuda(dtype):
     _, top1 = token_logprobs(logits.cuda(), targets.cuda(), return_top1=True, softcap=30.0)
     _, top1_r = ref.token_logprobs(logits.float(), targets, return_top1=True, softcap=30.0)
     assert torch.equal(top1.cpu(), top1_r) and top1[0].all()
+
+
+# ----------------------------------------------------------------------------- linear head on the CPU: kept chunks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_kept_chunks_match_recompute(monkeypatch, dtype, bias):
+    """The forward keeps chunk logits for the backward up to LINEAR_SAVED_LOGITS_BYTES;
+    all kept, some kept (the budget ends inside the chunk loop) and none give the same
+    bits, softcap and entropy included, and match the reference."""
+    import rlkern.logprobs as lp_mod
+
+    hidden, weight, b, targets = _linear_case(37, 16, 1000, dtype, bias)
+    kw = dict(temperature=0.9, softcap=3.0, chunk_tokens=16, chunk_vocab=300)
+    chunk_bytes = 16 * 300 * hidden.element_size()
+    results = []
+    for budget in (1 << 30, 5 * chunk_bytes + 7, 0):
+        monkeypatch.setattr(lp_mod, "LINEAR_SAVED_LOGITS_BYTES", budget)
+        results.append(_linear_grads(linear_token_logprobs, hidden, weight, b, targets, **kw))
+    for lp, ent, grads in results[1:]:
+        assert torch.equal(lp, results[0][0]) and torch.equal(ent, results[0][1])
+        for g, g0 in zip(grads, results[0][2]):
+            assert (g is None and g0 is None) or torch.equal(g, g0)
+    lp_r, ent_r, grads_r = _linear_grads(ref.linear_token_logprobs, hidden.double(), weight.double(),
+                                         b.double() if b is not None else None, targets, temperature=0.9,
+                                         softcap=3.0)
+    tol, gtol = (VALUE_TOL, GRAD_TOL) if dtype != torch.bfloat16 else (2e-2, 2e-2)
+    assert_close(results[0][0], lp_r, tol, "logp")
+    for g, gr in zip(results[0][2], grads_r):
+        if gr is not None:
+            assert_close(g, gr, gtol, "grad")
+
+
+def test_linear_kept_chunks_survive_a_second_backward():
+    """With retain_graph the kept chunks are read again, not overwritten by the first
+    backward: the second backward's gradients equal the first's."""
+    hidden, weight, b, targets = _linear_case(20, 8, 500, torch.float32, True)
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    lp, ent = linear_token_logprobs(h, w, targets, bias=b, return_entropy=True, chunk_tokens=8, chunk_vocab=128)
+    loss = lp.sum() + 0.5 * ent.sum()
+    g1 = torch.autograd.grad(loss, (h, w), retain_graph=True)
+    g2 = torch.autograd.grad(loss, (h, w))
+    assert torch.equal(g1[0], g2[0]) and torch.equal(g1[1], g2[1])
+
+
+def test_linear_bf16_products_round_like_the_matmul():
+    """bf16 on the CPU multiplies in float32 and rounds each product once: the log-probs
+    equal token_logprobs of the logits computed in float32 and rounded to bf16."""
+    hidden, weight, b, targets = _linear_case(33, 64, 700, torch.bfloat16, True)
+    logits = torch.addmm(b.float(), hidden.float(), weight.float().t()).bfloat16()
+    lp_direct = token_logprobs(logits, targets, temperature=0.8)
+    lp = linear_token_logprobs(hidden, weight, targets, bias=b, temperature=0.8, chunk_tokens=10, chunk_vocab=256)
+    assert_close(lp, lp_direct, 1e-6, "logp")

@@ -149,6 +149,71 @@ def _check_dtensor_token_logprobs(rank):
         raise AssertionError("top_k with a vocabulary-sharded logits must raise ValueError")
 
 
+def _check_top1(rank):
+    """return_top1 on the vocab-parallel path (it used to be refused): the first argmax of
+    the whole row, ties to the lowest global id across shards, as the unsharded
+    token_logprobs and torch.argmax; with and without a cap, and through a DTensor."""
+    import rlkern
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+
+    from rlkern.logprobs import token_logprobs, vocab_parallel_token_logprobs
+    from rlkern.reference import logprobs as ref
+    from helpers import CPU_BACKENDS, assert_close
+
+    V, split = 12, 7
+    x = torch.tensor([[1., 5., 2., 0., 1., 0., 3., 5., 0., 1., 2., 0.],  # max 5 at 1 (rank 0) and 7 (rank 1)
+                      [1., 5., 2., 0., 1., 0., 3., 5., 0., 1., 2., 0.],
+                      [0., 1., 2., 3., 0., 1., 2., 9., 9., 0., 1., 0.],  # max tied inside rank 1
+                      [0., 1., 2., 3., 0., 1., 2., 9., 9., 0., 1., 0.],
+                      [4., 4., 0., 0., 0., 0., 0., 0., 0., 0., 0., 4.],  # tied inside rank 0 and across
+                      [0., 0., 0., 0., 0., 0., 0., float("nan"), 0., 0., 9., 0.],  # NaN row: never top-1
+                      [0., 0., 0., 0., 0., 0., 0., 0., 0., 0., 0., 0.],  # ignored row
+                      [60., 0., 0., 0., 0., 0., 0., 80., 0., 0., 0., 0.]])  # capped: a tie only with softcap
+    targets = torch.tensor([1, 7, 7, 8, 0, 10, -100, 7])
+    gen = torch.Generator().manual_seed(4)
+    rand = torch.randn(6, 4, V, generator=gen) * 2
+    rand[0, 0] = rand[0, 0].round()  # ties of integer logits across the split
+    rand_t = rand.argmax(-1)
+    rand_t[::2, 1] = torch.randint(0, V, (3,), generator=gen)
+    start, stop = (0, split) if rank == 0 else (split, V)
+    for softcap in (None, 2.0):
+        for backend in CPU_BACKENDS:
+            for logits, tg in ((x, targets), (rand, rand_t)):
+                with rlkern.use_backend(backend):
+                    lp, ent, top1 = vocab_parallel_token_logprobs(logits[..., start:stop], tg, start, softcap=softcap,
+                                                                  return_entropy=True, return_top1=True)
+                    lp1, top1_only = vocab_parallel_token_logprobs(logits[..., start:stop], tg, start,
+                                                                   softcap=softcap, return_top1=True)
+                    lp_e, top1_e = token_logprobs(logits, tg, softcap=softcap, return_top1=True)
+                _, top1_r = ref.token_logprobs(logits.double(), tg, softcap=softcap, return_top1=True)
+                assert top1.dtype == torch.bool and top1.shape == tg.shape
+                assert torch.equal(top1, top1_r), (rank, softcap, backend, top1, top1_r)
+                assert torch.equal(top1_only, top1_r) and torch.equal(top1_e, top1_r)
+                assert_close(lp, lp_e, 1e-6, "logp")
+                assert_close(lp1, lp_e, 1e-6, "logp without entropy")
+        expected = torch.tensor([True, False, True, False, True, False, False, softcap is None])
+        _, top1_r = ref.token_logprobs(x.double(), targets, softcap=softcap, return_top1=True)
+        assert torch.equal(top1_r, expected)
+    # A gradient still flows through logp when top1 is asked for.
+    shard = x[:5, start:stop].clone().requires_grad_()
+    lp, top1 = vocab_parallel_token_logprobs(shard, targets[:5], start, return_top1=True)
+    assert not top1.requires_grad
+    lp.sum().backward()
+    full = x[:5].double().requires_grad_()
+    ref.token_logprobs(full, targets[:5]).sum().backward()
+    assert_close(shard.grad, full.grad[:, start:stop], 1e-5, "grad")
+    # Through a DTensor sharded over the vocabulary (this used to be a ValueError).
+    mesh = init_device_mesh("cpu", (WORLD,))
+    from torch.distributed.tensor import Shard
+
+    d = distribute_tensor(rand, mesh, [Shard(-1)])
+    lp, top1 = token_logprobs(d, rand_t, return_top1=True, softcap=3.0)
+    assert isinstance(top1, DTensor) and top1.placements == (Replicate(),)
+    _, top1_r = ref.token_logprobs(rand.double(), rand_t, return_top1=True, softcap=3.0)
+    assert torch.equal(top1.full_tensor(), top1_r)
+
+
 def _check_rank(rank, dtype_name, backend):
     import rlkern
     from rlkern.logprobs import vocab_parallel_token_logprobs
@@ -191,7 +256,7 @@ def test_vocab_parallel_matches_unsharded(tmp_path):
 
     # One spawn for every configuration: starting processes dominates the cost.
     configs = [("fp32", "cpu"), ("bf16", "cpu")] + ([("fp32", "triton")] if "triton" in CPU_BACKENDS else [])
-    checks = ("_check_tiny_temperature", "_check_dtensor_rejected", "_check_dtensor_token_logprobs")
+    checks = ("_check_tiny_temperature", "_check_dtensor_rejected", "_check_dtensor_token_logprobs", "_check_top1")
     mp.spawn(_worker, args=(str(tmp_path / "init"), configs, checks), nprocs=WORLD, join=True)
 
 

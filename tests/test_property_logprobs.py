@@ -235,15 +235,16 @@ def _bits(t):
 @settings(max_examples=10)
 @given(V=st.integers(100, 3000), rows=st.integers(2, 40), dtype=st.sampled_from([torch.float32, torch.bfloat16,
                                                                                  torch.float64]),
-       top_k=st.one_of(st.none(), st.integers(1, 50)), seed=st.integers(0, 2**31 - 1))
-def test_bit_identical_across_thread_counts(V, rows, dtype, top_k, seed):
+       top_k=st.one_of(st.none(), st.integers(1, 50)), softcap=st.sampled_from([None, 3.0]),
+       seed=st.integers(0, 2**31 - 1))
+def test_bit_identical_across_thread_counts(V, rows, dtype, top_k, softcap, seed):
     """Rows split over the thread pool (the grain is ~32768 / V rows) give the same bits."""
     gen = torch.Generator().manual_seed(seed)
     x = (torch.randn(rows, V, generator=gen, dtype=torch.float64) * 4).to(dtype)
     x[0, 3] = NAN
     targets = torch.randint(0, V, (rows,), generator=gen)
     targets[1] = -100
-    options = dict(temperature=0.8, top_k=top_k, top_p=0.9 if top_k else None)
+    options = dict(temperature=0.8, top_k=top_k, top_p=0.9 if top_k else None, softcap=softcap)
     results = []
     threads = rlkern.get_num_threads()
     try:
@@ -272,13 +273,13 @@ def test_temperature_limit_is_the_argmax_distribution():
 @settings(max_examples=25)
 @given(case=logits_cases(), softcap=st.sampled_from([0.5, 5.0, 30.0, 1e4]), return_entropy=st.booleans())
 def test_softcap_and_top1_match_reference(backend, case, softcap, return_entropy):
-    """Soft-capped log-probs, entropy and gradients against the float64 reference, and
-    is_top1 against the reference's argmax wherever the row's top two capped logits are
-    apart by more than rounding (saturated caps tie in float32, not in float64)."""
+    """Soft-capped log-probs, entropy and gradients against the float64 reference (with the
+    case's top-k/top-p: the kept set of the capped logits), and is_top1 against the
+    reference's argmax wherever the row's top two capped logits are apart by more than
+    rounding (saturated caps tie in float32, not in float64)."""
     x, targets, options, seed = case
     # (The cap's float32 rounding, divided by a tiny temperature, is not small: moderate ones.)
-    options = dict(options, top_k=None, top_p=None, softcap=softcap,
-                   temperature=min(max(options["temperature"], 0.25), 2.5))
+    options = dict(options, softcap=softcap, temperature=min(max(options["temperature"], 0.25), 2.5))
     out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     with torch.no_grad():
         finite = torch.isfinite(_as_output_dtype(ref.token_logprobs(x.double(), targets, **options), out_dtype))

@@ -96,8 +96,8 @@ void forward_rows_f64(const Rows<double>& rows, int64_t begin, int64_t end, cons
     SoftmaxStats<double> st = softmax_stats_empty<double>();
     int64_t first_max = -1;
     for (int64_t j = 0; j < rows.V; ++j) {
-      const double y = capped(x[j], cap);
-      const double v = y < thr ? -INFINITY : y;
+      // The kept set is a threshold on the raw logits (see threshold_rows).
+      const double v = x[j] < thr ? -INFINITY : capped(x[j], cap);
       if (v > st.m) {
         first_max = j;
         st = softmax_stats_rebase(st, v, inv_t);
@@ -113,7 +113,7 @@ void forward_rows_f64(const Rows<double>& rows, int64_t begin, int64_t end, cons
     log_sum[r] = log_s;
     if (entropy) entropy[r] = log_s - st.a / st.s;
     double lp = -INFINITY;
-    if (t >= 0 && t < rows.V && !(capped(x[t], cap) < thr)) {
+    if (t >= 0 && t < rows.V && !(x[t] < thr)) {
       volatile double dt = (capped(x[t], cap) - st.m) * inv_t;  // rounded as in the pass above (no fused multiply-subtract)
       lp = dt - log_s;
     }
@@ -138,10 +138,10 @@ void backward_rows_f64(const Rows<double>& rows, int64_t begin, int64_t end, con
     const double thr = thresholds ? thresholds[r] : -INFINITY;
     const bool has_target = t >= 0 && t < V;
     double glp = grad_logp ? grad_logp[r] : 0.0;
-    if (has_target && capped(x[t], cap) < thr) glp = 0.0;
+    if (has_target && x[t] < thr) glp = 0.0;
     const double gent = grad_entropy ? grad_entropy[r] : 0.0;
     const double H = (grad_entropy && entropy) ? entropy[r] : 0.0;
-    const bool target_kept = has_target && !(capped(x[t], cap) < thr);
+    const bool target_kept = has_target && !(x[t] < thr);
     // 1/T multiplies last, after [j = t] - p_j has cancelled (a large 1/T must not overflow it).
     for (int64_t j = 0; j < V; ++j) {
       double dy = 1.0;
@@ -151,7 +151,7 @@ void backward_rows_f64(const Rows<double>& rows, int64_t begin, int64_t end, con
         y = cap * th;
         dy = 1.0 - th * th;
       }
-      const double v = y < thr ? -INFINITY : y;
+      const double v = x[j] < thr ? -INFINITY : y;
       const double d = (v - row_max[r]) * inv_t - log_sum[r];
       const double p = std::exp(d);
       double g = -glp * p;
@@ -288,16 +288,21 @@ void backward(const RowArgs& a, ptr_t targets, ptr_t thresholds, double inv_t, i
 // logit >= threshold; -inf keeps everything). Top-k keeps ties with the k-th largest;
 // top-p (after top-k) keeps a tie group when the mass of strictly larger logits is
 // below top_p. A row holding NaN or +inf gets -inf (keep all) so its NaN reaches every output.
+// With cap > 0 the set is that of the capped logits y = cap tanh(x / cap) (ties where tanh
+// saturates included), returned as the smallest raw logit whose y is kept: the cap is
+// monotone, so this raw threshold selects exactly that set, and the row kernels compare raw
+// logits with it; their float32 tanh may round y differently from this double one without
+// moving a token across the boundary.
 template <class T, class A>
 void threshold_rows(const Rows<T>& rows, int64_t begin, int64_t end, double inv_t, int64_t top_k, double top_p,
-                    A* out) {
+                    double cap, A* out) {
   const int64_t V = rows.V;
   std::vector<double> buf(V);
   for (int64_t r = begin; r < end; ++r) {
     const T* x = rows.row(r);
     bool undefined = false;
     for (int64_t j = 0; j < V; ++j) {
-      buf[j] = double(load(x, j));
+      buf[j] = capped(double(load(x, j)), cap);
       undefined |= std::isnan(buf[j]) || buf[j] == INFINITY;
     }
     double thr = -INFINITY;
@@ -329,16 +334,24 @@ void threshold_rows(const Rows<T>& rows, int64_t begin, int64_t end, double inv_
         thr = std::max(thr, thr_p);
       }
     }
+    if (cap > 0.0 && thr > -INFINITY) {
+      double raw = INFINITY;
+      for (int64_t j = 0; j < V; ++j) {
+        const double v = double(load(x, j));
+        if (v < raw && capped(v, cap) >= thr) raw = v;
+      }
+      thr = raw;
+    }
     out[r] = A(thr);
   }
 }
 
-void threshold(const RowArgs& a, double inv_t, int64_t top_k, double top_p, ptr_t out) {
+void threshold(const RowArgs& a, double inv_t, int64_t top_k, double top_p, double cap, ptr_t out) {
   RLK_DISPATCH_FLOATING(a.dtype, T, {
     using A = acc_t<T>;
     const Rows<T> rows = rows_of<T>(a);
     parallel_for(a.n_rows, std::max<int64_t>(1, grain_for(a.V) / 4), [&](int64_t b, int64_t e) {
-      threshold_rows<T, A>(rows, b, e, inv_t, top_k, top_p, as_ptr<A>(out));
+      threshold_rows<T, A>(rows, b, e, inv_t, top_k, top_p, cap, as_ptr<A>(out));
     });
   });
 }
@@ -370,10 +383,11 @@ void bind(py::module_& m) {
   m.def(
       "threshold",
       [](ptr_t logits, int dtype, int64_t stride0, int64_t stride1, int64_t inner, int64_t n_rows, int64_t V,
-         double inv_t, int64_t top_k, double top_p, ptr_t out) {
-        threshold({logits, dtype, stride0, stride1, inner, n_rows, V}, inv_t, top_k, top_p, out);
+         double inv_t, int64_t top_k, double top_p, double softcap, ptr_t out) {
+        threshold({logits, dtype, stride0, stride1, inner, n_rows, V}, inv_t, top_k, top_p, softcap, out);
       },
-      py::call_guard<py::gil_scoped_release>(), "Per-row top-k/top-p threshold on the raw logits");
+      py::call_guard<py::gil_scoped_release>(),
+      "Per-row top-k/top-p threshold on the raw logits (the kept set of the soft-capped logits when softcap > 0)");
 }
 
 }  // namespace

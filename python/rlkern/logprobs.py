@@ -84,18 +84,34 @@ def _kernel_backend(device: torch.device, logits: torch.Tensor) -> str:
 
 
 def _threshold(backend: str, layout: _Layout, temperature: float, top_k: Optional[int],
-               top_p: Optional[float]) -> torch.Tensor:
+               top_p: Optional[float], softcap: Optional[float] = None) -> torch.Tensor:
+    """Per-row threshold on the raw logits: the kernels keep ``~(logits < threshold)``.
+
+    With ``softcap`` the kept set is that of the capped logits y (the reference's), given
+    back as the smallest raw logit whose y is kept: the cap is monotone, so comparing raw
+    logits with it selects exactly that set, and the kernels' own float32 tanh (which may
+    round y differently from the one used here) cannot move a token across the boundary."""
     x = layout.tensor
     out = torch.empty(layout.n_rows, dtype=_compute_dtype(x), device=x.device)
     if backend == "cpu":
         top_k = 0 if top_k is None or top_k >= layout.V else top_k
         core().logprobs.threshold(ptr(x), dtype_code(x), layout.stride0, layout.stride1, layout.inner, layout.n_rows,
-                                  layout.V, 1.0 / temperature, top_k, 1.0 if top_p is None else top_p, ptr(out))
+                                  layout.V, 1.0 / temperature, top_k, 1.0 if top_p is None else top_p,
+                                  0.0 if softcap is None else softcap, ptr(out))
         return out
-    # GPU: torch's sort per row, over blocks of about 2^24 logits so the sort's buffers
-    # stay a few hundred MB.
-    for start, rows in _row_blocks(layout, max(1, (1 << 24) // layout.V)):
-        out[start:start + rows.shape[0]] = _ref.truncation_threshold(rows.to(out.dtype), temperature, top_k, top_p)
+    # GPU: torch's sort per row, over blocks of about 2^24 logits (2^23 in float64 with a
+    # cap) so the sort's buffers stay a few hundred MB.
+    if softcap is None:
+        for start, rows in _row_blocks(layout, max(1, (1 << 24) // layout.V)):
+            out[start:start + rows.shape[0]] = _ref.truncation_threshold(rows.to(out.dtype), temperature, top_k,
+                                                                         top_p)
+        return out
+    for start, rows in _row_blocks(layout, max(1, (1 << 23) // layout.V)):
+        raw = rows.double()
+        y = softcap * torch.tanh(raw / softcap)
+        thr_y = _ref.truncation_threshold(y, temperature, top_k, top_p)
+        thr = torch.where(y >= thr_y[:, None], raw, float("inf")).amin(-1)
+        out[start:start + rows.shape[0]] = torch.where(thr_y == float("-inf"), float("-inf"), thr)
     return out
 
 
@@ -142,10 +158,13 @@ def _grad_logits(backend: str, layout: _Layout, targets: torch.Tensor, threshold
                  inv_t: float, ignore_index: int, row_max: torch.Tensor, log_sum: torch.Tensor,
                  entropy: Optional[torch.Tensor],
                  grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
-                 softcap: Optional[float] = None) -> torch.Tensor:
-    """Gradient of the logits, contiguous ``[n_rows, V]`` in the logits' dtype."""
+                 softcap: Optional[float] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Gradient of the logits, contiguous ``[n_rows, V]`` in the logits' dtype; into ``out``
+    when given, which may be the logits themselves when they are contiguous and there is
+    no threshold (both kernels read a row's block before writing the same block, and only
+    a threshold makes them read the target's logit from elsewhere in the row)."""
     x = layout.tensor
-    grad = empty_rows(x, (layout.n_rows, layout.V), x.dtype)
+    grad = empty_rows(x, (layout.n_rows, layout.V), x.dtype) if out is None else out
     if backend == "cpu":
         core().logprobs.backward(ptr(x), dtype_code(x), layout.stride0, layout.stride1, layout.inner, layout.n_rows,
                                  layout.V, ptr(targets), ptr(threshold) if threshold is not None else 0, inv_t,
@@ -193,7 +212,7 @@ def _token_forward(logits, targets, temperature, want_entropy, ignore_index, top
     layout = _row_layout(logits)
     flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
     truncating = (top_k is not None and top_k < layout.V) or (top_p is not None and top_p < 1.0)
-    threshold = _threshold(backend, layout, temperature, top_k, top_p) if truncating else None
+    threshold = _threshold(backend, layout, temperature, top_k, top_p, softcap) if truncating else None
     logp, row_max, log_sum, entropy, top1 = _stats_forward(backend, layout, flat_targets, threshold,
                                                            1.0 / temperature, ignore_index, want_entropy, softcap,
                                                            want_top1)
@@ -337,9 +356,11 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
         softcap: soft-cap the logits first, y = softcap * tanh(logits / softcap), as
             Gemma-2's ``final_logit_softcapping`` (transformers caps the logits, TRL then
             divides them by the temperature: z = y / temperature). A finite number > 0,
-            or None; not combined with top_k/top_p (ValueError). Forward and backward
-            (dy/dx = 1 - tanh^2, entropy included); +-inf logits become +-softcap, as
-            ``torch.tanh`` makes them.
+            or None. With top_k/top_p the kept set is that of the capped logits y (top-p's
+            mass under softmax(y / temperature)), as a sampler (vLLM: temperature, then
+            top-k/top-p) sees the model's capped output; logits that saturate to the same
+            y are tied there. Forward and backward (dy/dx = 1 - tanh^2, entropy
+            included); +-inf logits become +-softcap, as ``torch.tanh`` makes them.
         return_top1: also return ``is_top1`` (bool, no gradient): whether the target is
             the first index of the row's largest (capped) logit, as ``torch.argmax``
             picks it; computed in the same pass. False for ignored rows and wherever
@@ -388,9 +409,6 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
     ignore_index = _check_int("ignore_index", ignore_index)
     temperature = _check_temperature(temperature)
     top_k, top_p = _check_top(top_k, top_p)
-    if softcap is not None and _truncating(top_k, top_p):
-        raise ValueError("softcap cannot be combined with top_k/top_p (the kept set of the capped logits); "
-                         "pass softcap=None or top_k=top_p=None")
     want_entropy, want_top1 = bool(return_entropy), bool(return_top1)
     if _traced(logits, targets):
         _validate.same_shape("targets", targets, logits.shape[:-1], "logits without its last dim")
@@ -419,6 +437,14 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
 # Elements of one [tokens, vocabulary] chunk of logits (16 MB in float32).
 _CHUNK_ELEMENTS = 1 << 22
 
+# Bytes of chunk logits that linear_token_logprobs' forward keeps for its backward on the
+# CPU (the backward then skips those chunks' recomputing GEMM). The recompute is the one
+# GEMM eager torch does not do (four against three, and the GEMMs are nearly all of the
+# time on a CPU); with this much kept, logits of up to 512 MiB (e.g. 4096 tokens x 32000
+# in float32) cost three GEMMs like eager, which holds about three such copies at its
+# peak, and larger ones keep this fixed amount, never N x V. 0 disables.
+LINEAR_SAVED_LOGITS_BYTES = 512 << 20
+
 
 def _local_targets(targets: torch.Tensor, ignore_index: int, start: int, size: int) -> torch.Tensor:
     """Targets relative to a vocabulary slice [start, start + size): -1 when the target
@@ -428,11 +454,133 @@ def _local_targets(targets: torch.Tensor, ignore_index: int, start: int, size: i
     return torch.where(targets == ignore_index, _IGNORED, torch.where(owned, local, -1)).contiguous()
 
 
-def _chunk_logits(hidden, weight, bias, n0, n1, v0, v1):
-    logits = hidden[n0:n1] @ weight[v0:v1].t()
-    if bias is not None:
-        logits += bias[v0:v1]
-    return logits
+class _ChunkProducts:
+    """The chunk products ``hidden[n0:n1] @ weight[v0:v1].T + bias[v0:v1]`` into two
+    buffers reused by every chunk (no allocation, no page faults per chunk).
+
+    bf16/fp16 on the CPU multiply in float32 (torch's half-precision GEMMs there run a few
+    times slower than its float32 one where the CPU has no bf16 instructions) and round
+    the product to the inputs' dtype once, as ``hidden @ weight.T + bias`` rounds its
+    float32 accumulation; ``hidden`` is converted once, each weight chunk once per pass.
+    The backward's products with the logits' gradient (``compute`` dtype) also run in
+    float32 then."""
+
+    def __init__(self, hidden, weight, bias, chunk_tokens, chunk_vocab):
+        self.dtype = hidden.dtype
+        self.upcast = hidden.device.type == "cpu" and hidden.dtype in (torch.bfloat16, torch.float16)
+        self.compute = torch.float32 if self.upcast else hidden.dtype
+        self.hidden = hidden.to(self.compute)
+        self.weight, self.bias = weight, bias
+        n = min(chunk_tokens, hidden.shape[0]) * min(chunk_vocab, weight.shape[0])
+        # Plain allocations, not empty_rows' huge pages: these buffers are faulted in once
+        # per call and then reused, and on a busy machine a huge-page fault can wait on
+        # memory compaction (measured: the chunk GEMMs writing into a fresh huge-page
+        # store ran 4x slower than into plain pages).
+        self.buf = torch.empty((n,), dtype=self.compute, device=hidden.device)
+        self.low = torch.empty((n,), dtype=self.dtype, device=hidden.device) if self.upcast else None
+
+    def weight_chunk(self, v0, v1):
+        """(weight rows, bias) of a vocabulary chunk in the compute dtype."""
+        b = None if self.bias is None else self.bias[v0:v1].to(self.compute)
+        return self.weight[v0:v1].to(self.compute), b
+
+    def logits(self, n0, n1, w_c, b_c, keep=None):
+        """The chunk's logits in the inputs' dtype: a contiguous view of the buffers, valid
+        until the next call, or ``keep`` (a contiguous tensor of the chunk's shape and the
+        inputs' dtype) when given."""
+        shape = (n1 - n0, w_c.shape[0])
+        out = self.buf[:shape[0] * shape[1]].view(shape) if (keep is None or self.upcast) else keep
+        if b_c is None:
+            torch.mm(self.hidden[n0:n1], w_c.t(), out=out)
+        else:
+            torch.addmm(b_c, self.hidden[n0:n1], w_c.t(), out=out)
+        if not self.upcast:
+            return out
+        low = self.low[:out.numel()].view(shape) if keep is None else keep
+        low.copy_(out)
+        return low
+
+    def grad_buffer(self, shape):
+        """A buffer for the gradient of a kept chunk's logits (the inputs' dtype)."""
+        flat = self.low if self.upcast else self.buf
+        return flat[:shape[0] * shape[1]].view(shape)
+
+    def compute_view(self, grad):
+        """The gradient of a chunk's logits (a view of ``low``) in the compute dtype."""
+        if not self.upcast:
+            return grad
+        out = self.buf[:grad.numel()].view(grad.shape)
+        out.copy_(grad)
+        return out
+
+
+def _linear_forward(hidden, weight, bias, targets, temperature, want_entropy, ignore_index, chunk_tokens,
+                    chunk_vocab, softcap=None, want_top1=False, keep_bytes=0, kept=None):
+    """(logp, row max, log-sum, entropy or None, top1 or None) of [N] rows; see
+    linear_token_logprobs. With ``kept`` (a dict), the logits of the first chunks, up to
+    ``keep_bytes`` in all, are computed into one storage and left in it under
+    ``(v0, n0)`` for the backward."""
+    N, V = hidden.shape[0], weight.shape[0]
+    inv_t = 1.0 / temperature
+    dt = _compute_dtype(hidden)
+    need_entropy = want_entropy  # backward uses the entropy only for its own gradient
+    n_vchunks = -(-V // chunk_vocab)
+    max_chunks = torch.empty((n_vchunks, N), dtype=dt, device=hidden.device)
+    logsum_chunks = torch.empty_like(max_chunks)
+    ent_chunks = torch.empty_like(max_chunks) if need_entropy else None
+    # (Target logit minus its chunk's max) * inv_t, and that max (combined after the loop).
+    target_rel = torch.zeros(N, dtype=dt, device=hidden.device)
+    target_max = torch.zeros(N, dtype=dt, device=hidden.device)
+    # Whether the target is the first argmax of its own chunk (then of the row when no earlier
+    # chunk reaches the row's maximum, see below).
+    target_top1 = torch.zeros(N, dtype=torch.bool, device=hidden.device) if want_top1 else None
+    store, stored = None, 0
+    if N:
+        products = _ChunkProducts(hidden, weight, bias, chunk_tokens, chunk_vocab)
+        backend = _op_backend(hidden)
+        if kept is not None:
+            store_elements = min(keep_bytes // hidden.element_size(), N * V)
+            if store_elements >= min(N, chunk_tokens) * min(V, chunk_vocab):
+                # (Plain pages, as the chunk buffers.)
+                store = torch.empty((store_elements,), dtype=hidden.dtype, device=hidden.device)
+    for c, v0 in enumerate(range(0, V, chunk_vocab)):
+        if not N:
+            break
+        v1 = min(V, v0 + chunk_vocab)
+        local_all = _local_targets(targets, ignore_index, v0, v1 - v0)
+        w_c, b_c = products.weight_chunk(v0, v1)
+        for n0 in range(0, N, chunk_tokens):
+            n1 = min(N, n0 + chunk_tokens)
+            size = (n1 - n0) * (v1 - v0)
+            keep = None
+            if store is not None and stored + size <= store.numel():
+                keep = store[stored:stored + size].view(n1 - n0, v1 - v0)
+                kept[(v0, n0)] = keep
+                stored += size
+            logits = products.logits(n0, n1, w_c, b_c, keep)
+            local = local_all[n0:n1]
+            logp, m, log_s, ent, top1 = _stats_forward(backend, _row_layout(logits), local, None, inv_t, _IGNORED,
+                                                       need_entropy, softcap, want_top1)
+            max_chunks[c, n0:n1] = m
+            logsum_chunks[c, n0:n1] = log_s
+            if need_entropy:
+                ent_chunks[c, n0:n1] = ent
+            owned = local >= 0
+            target_rel[n0:n1] = torch.where(owned, logp + log_s, target_rel[n0:n1])
+            target_max[n0:n1] = torch.where(owned, m, target_max[n0:n1])
+            if want_top1:
+                target_top1[n0:n1] = torch.where(owned, top1, target_top1[n0:n1])
+    if want_top1 and N:
+        # The row's first argmax lies in the first chunk whose maximum is the row's.
+        first_chunk = (max_chunks == max_chunks.max(0).values).to(torch.uint8).argmax(0)
+        target_top1 &= first_chunk == torch.div(targets, chunk_vocab, rounding_mode="floor")
+    row_max, log_sum, entropy = _combine_chunks(max_chunks, logsum_chunks, ent_chunks, inv_t)
+    ignored = targets == ignore_index
+    logp = torch.where(ignored, torch.zeros_like(log_sum),
+                       (target_rel + (target_max - row_max) * inv_t) - log_sum)
+    if want_top1:
+        target_top1 &= ~torch.isnan(logp)
+    return logp, row_max, log_sum, entropy, target_top1
 
 
 def _combine_chunks(max_chunks: torch.Tensor, logsum_chunks: torch.Tensor, ent_chunks: Optional[torch.Tensor],
@@ -462,62 +610,12 @@ def _chunk_weights(m_c, logsum_c, ent_c, M, inv_t: float):
     return w, torch.where(w > 0, w * (lse_rel - ent_c), torch.zeros_like(w))
 
 
-def _linear_forward(hidden, weight, bias, targets, temperature, want_entropy, ignore_index, chunk_tokens,
-                    chunk_vocab, softcap=None, want_top1=False):
-    """(logp, row max, log-sum, entropy or None, top1 or None) of [N] rows; see
-    linear_token_logprobs."""
-    N, V = hidden.shape[0], weight.shape[0]
-    inv_t = 1.0 / temperature
-    dt = _compute_dtype(hidden)
-    need_entropy = want_entropy  # backward uses the entropy only for its own gradient
-    n_vchunks = -(-V // chunk_vocab)
-    max_chunks = torch.empty((n_vchunks, N), dtype=dt, device=hidden.device)
-    logsum_chunks = torch.empty_like(max_chunks)
-    ent_chunks = torch.empty_like(max_chunks) if need_entropy else None
-    # (Target logit minus its chunk's max) * inv_t, and that max (combined after the loop).
-    target_rel = torch.zeros(N, dtype=dt, device=hidden.device)
-    target_max = torch.zeros(N, dtype=dt, device=hidden.device)
-    # Whether the target is the first argmax of its own chunk (then of the row when no earlier
-    # chunk reaches the row's maximum, see below).
-    target_top1 = torch.zeros(N, dtype=torch.bool, device=hidden.device) if want_top1 else None
-    for c, v0 in enumerate(range(0, V, chunk_vocab)):
-        v1 = min(V, v0 + chunk_vocab)
-        local_all = _local_targets(targets, ignore_index, v0, v1 - v0)
-        for n0 in range(0, N, chunk_tokens):
-            n1 = min(N, n0 + chunk_tokens)
-            logits = _chunk_logits(hidden, weight, bias, n0, n1, v0, v1)
-            layout = _row_layout(logits)
-            backend = _kernel_backend(logits.device, logits)
-            if backend == "reference":
-                backend = "cpu" if logits.device.type == "cpu" else "triton"
-            local = local_all[n0:n1]
-            logp, m, log_s, ent, top1 = _stats_forward(backend, layout, local, None, inv_t, _IGNORED, need_entropy,
-                                                       softcap, want_top1)
-            max_chunks[c, n0:n1] = m
-            logsum_chunks[c, n0:n1] = log_s
-            if need_entropy:
-                ent_chunks[c, n0:n1] = ent
-            owned = local >= 0
-            target_rel[n0:n1] = torch.where(owned, logp + log_s, target_rel[n0:n1])
-            target_max[n0:n1] = torch.where(owned, m, target_max[n0:n1])
-            if want_top1:
-                target_top1[n0:n1] = torch.where(owned, top1, target_top1[n0:n1])
-    if want_top1 and N:
-        # The row's first argmax lies in the first chunk whose maximum is the row's.
-        first_chunk = (max_chunks == max_chunks.max(0).values).to(torch.uint8).argmax(0)
-        target_top1 &= first_chunk == torch.div(targets, chunk_vocab, rounding_mode="floor")
-    row_max, log_sum, entropy = _combine_chunks(max_chunks, logsum_chunks, ent_chunks, inv_t)
-    ignored = targets == ignore_index
-    logp = torch.where(ignored, torch.zeros_like(log_sum),
-                       (target_rel + (target_max - row_max) * inv_t) - log_sum)
-    if want_top1:
-        target_top1 &= ~torch.isnan(logp)
-    return logp, row_max, log_sum, entropy, target_top1
-
-
 def _linear_backward(hidden, weight, bias, targets, row_max, log_sum, entropy, grad_logp, grad_entropy,
-                     temperature, ignore_index, chunk_tokens, chunk_vocab, want_h, want_w, want_b, softcap=None):
-    """Gradients of hidden, weight and bias (None where not wanted)."""
+                     temperature, ignore_index, chunk_tokens, chunk_vocab, want_h, want_w, want_b, softcap=None,
+                     kept=None):
+    """Gradients of hidden, weight and bias (None where not wanted). ``kept``: chunk logits
+    the forward left (see _linear_forward), read instead of recomputed and not modified
+    (a second backward through a retained graph reads them again)."""
     N, H = hidden.shape
     V = weight.shape[0]
     inv_t = 1.0 / temperature
@@ -528,33 +626,52 @@ def _linear_backward(hidden, weight, bias, targets, row_max, log_sum, entropy, g
     # (Written chunk by chunk from the token loop, which an empty batch never enters.)
     grad_weight = (torch.zeros_like(weight) if N == 0 else torch.empty_like(weight)) if want_w else None
     grad_bias = torch.empty_like(bias) if (want_b and bias is not None) else None
+    if N == 0:
+        if grad_bias is not None:
+            grad_bias.zero_()
+        return (None if grad_hidden is None else grad_hidden.to(hidden.dtype)), grad_weight, grad_bias
+    products = _ChunkProducts(hidden, weight, bias, chunk_tokens, chunk_vocab)
+    backend = _op_backend(hidden)
+    # grad_hidden accumulates in place when the products' dtype is its own (float32 and
+    # float64 inputs, and half precision on the CPU, which multiplies in float32).
+    fused_h = products.compute == acc
     single_token_chunk = N <= chunk_tokens
+    direct_w = single_token_chunk and products.compute == weight.dtype
     for v0 in range(0, V, chunk_vocab):
         v1 = min(V, v0 + chunk_vocab)
         local_all = _local_targets(targets, ignore_index, v0, v1 - v0)
-        gw = None if (single_token_chunk or not want_w) else torch.zeros((v1 - v0, H), dtype=acc,
-                                                                            device=weight.device)
+        w_c, b_c = products.weight_chunk(v0, v1)
+        gw = None if (direct_w or not want_w) else torch.zeros((v1 - v0, H), dtype=acc, device=weight.device)
         gb = None if grad_bias is None else torch.zeros(v1 - v0, dtype=acc, device=weight.device)
         for n0 in range(0, N, chunk_tokens):
             n1 = min(N, n0 + chunk_tokens)
-            logits = _chunk_logits(hidden, weight, bias, n0, n1, v0, v1)
-            backend = _kernel_backend(logits.device, logits)
-            if backend == "reference":
-                backend = "cpu" if logits.device.type == "cpu" else "triton"
+            logits = None if kept is None else kept.get((v0, n0))
+            if logits is None:
+                # Recomputed into the buffer, which the gradient then overwrites.
+                logits = products.logits(n0, n1, w_c, b_c)
+                out = logits
+            else:
+                out = products.grad_buffer(logits.shape)
             grad = _grad_logits(backend, _row_layout(logits), local_all[n0:n1], None, inv_t, _IGNORED,
                                 row_max[n0:n1], log_sum[n0:n1], entropy[n0:n1] if entropy is not None else None,
                                 None if g_lp is None else g_lp[n0:n1], None if g_ent is None else g_ent[n0:n1],
-                                softcap)
-            del logits
+                                softcap, out=out)
+            g = products.compute_view(grad)
+            h_c = products.hidden[n0:n1]
             if want_h:
-                grad_hidden[n0:n1] += grad @ weight[v0:v1]
+                if fused_h:
+                    grad_hidden[n0:n1].addmm_(g, w_c)
+                else:
+                    grad_hidden[n0:n1] += g @ w_c
             if want_w:
                 if gw is None:
-                    torch.matmul(grad.t(), hidden[n0:n1], out=grad_weight[v0:v1])
+                    torch.mm(g.t(), h_c, out=grad_weight[v0:v1])
+                elif g.dtype == acc:
+                    gw.addmm_(g.t(), h_c)
                 else:
-                    gw += grad.t() @ hidden[n0:n1]
+                    gw += g.t() @ h_c
             if gb is not None:
-                gb += grad.sum(0, dtype=acc)
+                gb += g.sum(0, dtype=acc)
         if gw is not None:
             grad_weight[v0:v1] = gw
         if gb is not None:
@@ -568,10 +685,16 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, want_entropy, ignore_index, chunk_tokens,
                 chunk_vocab, softcap, want_top1):
+        # Chunk logits kept for backward: on the CPU only (device memory is scarcer there and
+        # the recompute cheaper), and only when a gradient is wanted.
+        kept = {} if hidden.device.type == "cpu" and any(ctx.needs_input_grad[:3]) else None
         logp, row_max, log_sum, entropy, top1 = _linear_forward(hidden, weight, bias, targets, temperature,
                                                                 want_entropy, ignore_index, chunk_tokens,
-                                                                chunk_vocab, softcap, want_top1)
+                                                                chunk_vocab, softcap, want_top1,
+                                                                LINEAR_SAVED_LOGITS_BYTES, kept)
         ctx.save_for_backward(hidden, weight, bias, targets, row_max, log_sum, entropy)
+        # (Not saved tensors: they are intermediates no one else sees, never modified.)
+        ctx.kept = kept
         ctx.meta = (temperature, ignore_index, chunk_tokens, chunk_vocab, softcap)
         if top1 is not None:
             ctx.mark_non_differentiable(top1)
@@ -587,7 +710,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         grad_entropy = grads[0] if entropy is not None else None
         grads = _linear_backward(hidden, weight, bias, targets, row_max, log_sum, entropy, grad_logp, grad_entropy,
                                  temperature, ignore_index, chunk_tokens, chunk_vocab, *ctx.needs_input_grad[:3],
-                                 softcap=softcap)
+                                 softcap=softcap, kept=ctx.kept)
         return grads + (None,) * 8
 
 
@@ -620,7 +743,12 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     each chunk's logits, turns them into their gradient in place of a saved softmax, and
     accumulates ``grad_hidden`` (float32) and ``grad_weight``/``grad_bias`` per
     vocabulary chunk. Peak extra memory is a few chunks plus ``[N, H]`` float32, never
-    ``N x V``; the cost is one extra chunk matmul (the recomputation).
+    ``N x V``; the cost is one extra chunk matmul (the recomputation). On the CPU the
+    forward keeps the first chunks' logits for the backward, up to
+    ``rlkern.logprobs.LINEAR_SAVED_LOGITS_BYTES`` (512 MiB, 0 disables), which then
+    recomputes only the others: logits within that budget cost three GEMMs, as eager
+    does; bf16/fp16 there multiply in float32 (torch's half-precision CPU GEMM is several
+    times slower without bf16 instructions) and round each product to the inputs' dtype.
 
     Args:
         hidden: ``[..., H]`` float32/bf16/fp16/float64.
@@ -703,33 +831,43 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
 
 
 def _vocab_parallel_forward(shard, targets, vocab_start, group, temperature, want_entropy, ignore_index, backend,
-                            strict, softcap=None):
-    """(layout, local targets, logp, global max, global log-sum, entropy or None), flat. A
-    target owned by no rank (or by several) is a ValueError when ``strict`` (eager: it costs
-    a host sync), else NaN log-prob."""
+                            strict, softcap=None, want_top1=False):
+    """(layout, local targets, logp, global max, global log-sum, entropy or None, is_top1 or
+    None), flat. A target owned by no rank (or by several) is a ValueError when ``strict``
+    (eager: it costs a host sync), else NaN log-prob (and is_top1 False)."""
     import torch.distributed as dist
 
     layout = _row_layout(shard)
     flat = targets.reshape(-1).to(torch.int64)
     local = _local_targets(flat, ignore_index, vocab_start, layout.V)
     need_entropy = want_entropy
-    logp_l, m_l, logsum_l, ent_l, _ = _stats_forward(backend, layout, local, None, 1.0 / temperature, _IGNORED,
-                                                     need_entropy, softcap)
+    logp_l, m_l, logsum_l, ent_l, top1_l = _stats_forward(backend, layout, local, None, 1.0 / temperature, _IGNORED,
+                                                          need_entropy, softcap, want_top1)
     ignored = flat == ignore_index
     owned = local >= 0
     # Megatron's scheme: all-reduce MAX of the local maxima, then one SUM of
     # [sum exp, entropy term, target logit, owner count] relative to that maximum.
-    M = m_l.clone()
-    dist.all_reduce(M, op=dist.ReduceOp.MAX, group=group)
-    M = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
+    M_all = m_l.clone()
+    dist.all_reduce(M_all, op=dist.ReduceOp.MAX, group=group)
+    M = torch.where(torch.isfinite(M_all), M_all, torch.zeros_like(M_all))
     inv_t = 1.0 / temperature
     w, rel = _chunk_weights(m_l, logsum_l, ent_l if need_entropy else None, M, inv_t)
     zero = torch.zeros_like(w)
     rel = zero if rel is None else rel
     target_rel = torch.where(owned, logp_l + ((m_l - M) * inv_t + logsum_l), zero)
-    sums = torch.stack([w, rel, target_rel, owned.to(w.dtype)])
+    rows = [w, rel, target_rel, owned.to(w.dtype)]
+    if want_top1:
+        # The row's first argmax (ties to the lowest global index, as torch.argmax on the
+        # whole row) lies on the rank of lowest vocab_start among those holding the global
+        # maximum: one all-reduce MIN of vocab_start where m_l reaches it. The target is
+        # that argmax when its owner is that rank and it is the owner's local first argmax.
+        # (The shards are disjoint slices, so the lower start holds the lower ids.)
+        first_rank = torch.where(m_l == M_all, vocab_start, _INT64_MAX)
+        dist.all_reduce(first_rank, op=dist.ReduceOp.MIN, group=group)
+        rows.append((owned & top1_l & (first_rank == vocab_start)).to(w.dtype))
+    sums = torch.stack(rows)
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-    S, rel_sum, target_sum, owners = sums
+    S, rel_sum, target_sum, owners = sums[:4]
     bad = (~ignored) & (owners != 1)
     if strict and bool(bad.any()):
         raise ValueError("targets: every non-ignored target must lie in exactly one rank's vocabulary slice "
@@ -738,38 +876,48 @@ def _vocab_parallel_forward(shard, targets, vocab_start, group, temperature, wan
     log_s = torch.log(S)
     logp = torch.where(ignored, zero, torch.where(bad, float("nan"), target_sum - log_s))
     entropy = (log_s - rel_sum / S) if need_entropy else None
-    return layout, local, logp, M, log_s, entropy
+    top1 = None
+    if want_top1:
+        top1 = (sums[4] > 0) & ~ignored & ~bad & ~torch.isnan(logp)
+    return layout, local, logp, M, log_s, entropy, top1
 
 
 class _VocabParallelTokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, shard, targets, vocab_start, group, temperature, want_entropy, ignore_index, backend, softcap):
-        layout, local, logp, M, log_s, entropy = _vocab_parallel_forward(
-            shard, targets, vocab_start, group, temperature, want_entropy, ignore_index, backend, True, softcap)
+    def forward(ctx, shard, targets, vocab_start, group, temperature, want_entropy, ignore_index, backend, softcap,
+                want_top1):
+        layout, local, logp, M, log_s, entropy, top1 = _vocab_parallel_forward(
+            shard, targets, vocab_start, group, temperature, want_entropy, ignore_index, backend, True, softcap,
+            want_top1)
         ignored = local == _IGNORED
         zero = torch.zeros_like(logp)
         ctx.save_for_backward(layout.tensor, local, M, log_s, entropy)
         ctx.layout = layout._replace(tensor=None)
         ctx.meta = (temperature, backend, tuple(shard.shape), softcap)
-        if want_entropy:
-            return logp.view(targets.shape), torch.where(ignored, zero, entropy).view(targets.shape)
-        return logp.view(targets.shape)
+        shape = targets.shape
+        if top1 is not None:
+            top1 = top1.view(shape)
+            ctx.mark_non_differentiable(top1)
+        return _outputs(logp.view(shape), torch.where(ignored, zero, entropy).view(shape) if want_entropy else None,
+                        top1)
 
     @staticmethod
     @_first_order_only("vocab_parallel_token_logprobs")
-    def backward(ctx, grad_logp, grad_entropy=None):
+    def backward(ctx, grad_logp, *grads):
         x, local, row_max, log_sum, entropy = ctx.saved_tensors
         temperature, backend, shape, softcap = ctx.meta
+        grad_entropy = grads[0] if entropy is not None else None
         dt = log_sum.dtype
         grad = _grad_logits(backend, ctx.layout._replace(tensor=x), local, None, 1.0 / temperature, _IGNORED,
                             row_max, log_sum, entropy, _grad_arg(grad_logp, dt), _grad_arg(grad_entropy, dt), softcap)
-        return (grad.view(shape),) + (None,) * 8
+        return (grad.view(shape),) + (None,) * 9
 
 
 def vocab_parallel_token_logprobs(logits_shard: torch.Tensor, targets: torch.Tensor, vocab_start: int,
                                   group=None, *, temperature: float = 1.0, return_entropy: bool = False,
-                                  ignore_index: int = -100, softcap: Optional[float] = None
-                                  ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+                                  ignore_index: int = -100, softcap: Optional[float] = None,
+                                  return_top1: bool = False
+                                  ) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
     r""":func:`token_logprobs` with the vocabulary split over a torch.distributed group.
 
     Each rank holds ``logits_shard = logits[..., vocab_start : vocab_start + V_r]`` and
@@ -797,7 +945,14 @@ def vocab_parallel_token_logprobs(logits_shard: torch.Tensor, targets: torch.Ten
         temperature, return_entropy, ignore_index: as in :func:`token_logprobs`
             (-inf logits are fine, NaN or +inf anywhere in a row make it NaN).
         softcap: as in :func:`token_logprobs`: each rank caps its slice (the cap is
-            elementwise), the statistics merge as without it. (No ``return_top1`` here.)
+            elementwise), the statistics merge as without it.
+        return_top1: also return ``is_top1`` (bool, the same on every rank, no
+            gradient): whether the target is the first argmax of the whole (capped) row,
+            ties to the lowest global vocabulary id as ``torch.argmax`` of the unsharded
+            row; one more all-reduce (MIN of an int64 per row).
+
+    Returns ``logp``, or the tuple ``(logp, entropy, is_top1)`` of those asked for. No
+    top-k/top-p here (the kept set needs the whole row).
     """
     _reject_func_transforms("vocab_parallel_token_logprobs")
     _check_logits("logits_shard", logits_shard)
@@ -808,13 +963,14 @@ def vocab_parallel_token_logprobs(logits_shard: torch.Tensor, targets: torch.Ten
     _validate.same_shape("targets", targets, logits_shard.shape[:-1], "logits_shard without its last dim")
     temperature = _check_temperature(temperature)
     softcap = _check_softcap(softcap)
+    want_entropy, want_top1 = bool(return_entropy), bool(return_top1)
     if _traced(logits_shard, targets):
-        logp, entropy, _, _, _ = torch.ops.rlkern.vocab_parallel_token_logprobs(
+        logp, entropy, _, _, _, top1 = torch.ops.rlkern.vocab_parallel_token_logprobs(
             logits_shard, targets, vocab_start, "" if group is None else group.group_name, temperature,
-            bool(return_entropy), ignore_index, softcap)
-        if return_entropy:
-            return logp.view(targets.shape), entropy.view(targets.shape)
-        return logp.view(targets.shape)
+            want_entropy, ignore_index, softcap, want_top1)
+        shape = targets.shape
+        return _outputs(logp.view(shape), entropy.view(shape) if want_entropy else None,
+                        top1.view(shape) if want_top1 else None)
     if targets.numel():
         t = targets.to(torch.int64)
         if bool(((t < 0) & (t != ignore_index)).any()):
@@ -823,7 +979,7 @@ def vocab_parallel_token_logprobs(logits_shard: torch.Tensor, targets: torch.Ten
     if backend == "reference":
         backend = "cpu" if logits_shard.device.type == "cpu" else "triton"
     return _VocabParallelTokenLogprobs.apply(logits_shard, targets, vocab_start, group, temperature,
-                                             bool(return_entropy), ignore_index, backend, softcap)
+                                             want_entropy, ignore_index, backend, softcap, want_top1)
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -1087,24 +1243,28 @@ def _group_by_name(name: str):
 
 @torch.library.custom_op("rlkern::vocab_parallel_token_logprobs", mutates_args=())
 def _vocab_parallel_op(logits_shard: Tensor, targets: Tensor, vocab_start: int, group_name: str, temperature: float,
-                       want_entropy: bool, ignore_index: int, softcap: Optional[float] = None
-                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Flat logp, entropy (``[0]`` unless wanted), local targets, global max and log-sum.
-    ``group_name`` "" is the default group."""
-    layout, local, logp, M, log_s, entropy = _vocab_parallel_forward(
+                       want_entropy: bool, ignore_index: int, softcap: Optional[float] = None,
+                       want_top1: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Flat logp, entropy (``[0]`` unless wanted), local targets, global max, log-sum and
+    is_top1 (bool, ``[0]`` unless wanted). ``group_name`` "" is the default group."""
+    layout, local, logp, M, log_s, entropy, top1 = _vocab_parallel_forward(
         logits_shard, targets, vocab_start, _group_by_name(group_name), temperature, want_entropy, ignore_index,
-        _op_backend(logits_shard), False, softcap)
+        _op_backend(logits_shard), False, softcap, want_top1)
     dt = _compute_dtype(logits_shard)
     entropy = torch.where(local == _IGNORED, 0.0, entropy) if want_entropy else _empty(logits_shard, 0, dt)
-    return logp, entropy, local, M, log_s
+    if not want_top1:
+        top1 = _empty(logits_shard, 0, torch.bool)
+    return logp, entropy, local, M, log_s, top1
 
 
 @_vocab_parallel_op.register_fake
-def _(logits_shard, targets, vocab_start, group_name, temperature, want_entropy, ignore_index, softcap=None):
+def _(logits_shard, targets, vocab_start, group_name, temperature, want_entropy, ignore_index, softcap=None,
+      want_top1=False):
     n = targets.numel()
     dt = _compute_dtype(logits_shard)
     return (_empty(logits_shard, n, dt), _empty(logits_shard, n if want_entropy else 0, dt),
-            _empty(logits_shard, n, torch.int64), _empty(logits_shard, n, dt), _empty(logits_shard, n, dt))
+            _empty(logits_shard, n, torch.int64), _empty(logits_shard, n, dt), _empty(logits_shard, n, dt),
+            _empty(logits_shard, n if want_top1 else 0, torch.bool))
 
 
 @torch.library.custom_op("rlkern::vocab_parallel_token_logprobs_backward", mutates_args=())
@@ -1126,22 +1286,23 @@ def _(logits_shard, local, row_max, log_sum, entropy, grad_logp, grad_entropy, t
 
 
 def _vocab_parallel_setup_context(ctx, inputs, output):
-    logits_shard, targets, vocab_start, group_name, temperature, want_entropy, ignore_index, softcap = inputs
-    logp, entropy, local, row_max, log_sum = output
+    (logits_shard, targets, vocab_start, group_name, temperature, want_entropy, ignore_index, softcap,
+     want_top1) = inputs
+    logp, entropy, local, row_max, log_sum, top1 = output
     ctx.save_for_backward(logits_shard, local, row_max, log_sum, entropy)
     ctx.options = (temperature, want_entropy, softcap)
-    ctx.mark_non_differentiable(local, row_max, log_sum)
+    ctx.mark_non_differentiable(local, row_max, log_sum, top1)
 
 
 def _vocab_parallel_backward(ctx, grad_logp, grad_entropy, *_):
     logits_shard, local, row_max, log_sum, entropy = ctx.saved_tensors
     temperature, want_entropy, softcap = ctx.options
     if not ctx.needs_input_grad[0]:
-        return (None,) * 8
+        return (None,) * 9
     grad = torch.ops.rlkern.vocab_parallel_token_logprobs_backward(
         logits_shard, local, row_max, log_sum, entropy, grad_logp, grad_entropy if want_entropy else None,
         temperature, softcap)
-    return (grad,) + (None,) * 7
+    return (grad,) + (None,) * 8
 
 
 torch.library.register_autograd("rlkern::vocab_parallel_token_logprobs", _vocab_parallel_backward,
@@ -1201,14 +1362,11 @@ def _dtensor_token_logprobs(logits, targets, *, temperature, return_entropy, ign
         if top_k is not None or (top_p is not None and top_p < 1.0):
             raise ValueError("top_k/top_p need whole vocabulary rows: not supported with logits sharded over the "
                              "vocabulary (Shard(-1))")
-        if return_top1:
-            raise ValueError("return_top1 is not supported with logits sharded over the vocabulary (Shard(-1), "
-                             "vocab_parallel_token_logprobs); pass return_top1=False")
         _, offset = compute_local_shape_and_global_offset(tuple(logits.shape), mesh, placements)
         out = vocab_parallel_token_logprobs(local_logits, local_targets, int(offset[-1]),
                                             mesh.get_group(vocab_dims[0]), temperature=temperature,
                                             return_entropy=return_entropy, ignore_index=ignore_index,
-                                            softcap=softcap)
+                                            softcap=softcap, return_top1=return_top1)
     else:
         out = token_logprobs(local_logits, local_targets, temperature=temperature, return_entropy=return_entropy,
                              ignore_index=ignore_index, top_k=top_k, top_p=top_p, softcap=softcap,

@@ -144,12 +144,64 @@ def _linear_case(N: int, H: int, V: int, dtype: torch.dtype, heavy: bool) -> Cas
                 peak_mb_estimate=_peak_estimate(_LINEAR_PEAK_COPIES, N, V))
 
 
+def _linear_logp_case(N: int, H: int, V: int, dtype: torch.dtype, heavy: bool) -> Case:
+    """The trainers' head: log-probs only (no entropy), against ``hidden @ weight.T`` then
+    ``log_softmax(logits.float()).gather`` (TRL's and verl's plain path), forward and
+    backward into hidden and the LM head."""
+    name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+
+    def make(device: torch.device) -> Dict[str, Callable[[], None]]:
+        gc.collect()
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        hidden = torch.randn(N, H, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+        weight = (torch.randn(V, H, generator=gen) / H**0.5).to(device=device, dtype=dtype).requires_grad_()
+        targets = torch.randint(0, V, (N,), generator=gen).to(device)
+
+        def run(fn):
+            def call() -> None:
+                fn().sum().backward()
+                hidden.grad = None
+                weight.grad = None
+
+            return call
+
+        def ours():
+            return lp_mod.linear_token_logprobs(hidden, weight, targets)
+
+        def matmul_log_softmax():
+            logits = hidden @ weight.t()
+            return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+
+        return {"rlkern": run(ours), "matmul+log_softmax": run(matmul_log_softmax)}
+
+    note = (f"logits would be {N}x{V} {name} = {N * V * dtype.itemsize / 2**20:.0f} MB; rlkern keeps up to "
+            f"{lp_mod.LINEAR_SAVED_LOGITS_BYTES / 2**20:.0f} MB of chunk logits for backward")
+    return Case(SUITE, "linear_token_logprobs fwd+bwd", f"{N}x{H}->{V} {name}", make, items=N,
+                unit="tok/s", note=note, warmup=1 if heavy else 2, min_repeats=2 if heavy else 5,
+                peak_mb_estimate=_linear_logp_peak(N, H, V, dtype.itemsize))
+
+
+def _linear_logp_peak(N: int, H: int, V: int, itemsize: int) -> Dict[str, float]:
+    """rlkern: the kept chunk logits (at most LINEAR_SAVED_LOGITS_BYTES), two 16 MB chunk
+    buffers and the weight's gradient with its float32 accumulator; eager: logits,
+    log_softmax, their gradients and the weight's gradient (measured at 1024x512->151936
+    float32 on the CPU: 828 MB and 1781 MB; this gives 1221 and 3264)."""
+    logits, head = N * V * itemsize / 2**20, V * H * 4 / 2**20
+    kept = min(lp_mod.LINEAR_SAVED_LOGITS_BYTES / 2**20, logits)
+    return {"rlkern": kept * 1.1 + 64 + 2 * head, "matmul+log_softmax": 4.5 * logits + 2 * head}
+
+
 def cases(device: torch.device, quick: bool) -> List[Case]:
     if quick:
         # Smoke shapes; torch.compile (tens of seconds to compile on a small CPU) is left out.
         return [_token_case(64, 4096, torch.bfloat16, False, compile_eager=False),
                 _token_case(64, 4096, torch.float32, False, compile_eager=False),
-                _linear_case(128, 64, 4096, torch.bfloat16, False)]
+                _linear_case(128, 64, 4096, torch.bfloat16, False),
+                _linear_logp_case(128, 64, 4096, torch.float32, False)]
+    # The trainers bench's shapes (16 sequences of 64..192 tokens, hidden 512). bf16 eager on
+    # a CPU without bf16 instructions takes minutes per step at these sizes (torch's bf16
+    # GEMM there): only float32 is in the suite.
     return [_token_case(4096, 151936, torch.bfloat16, True), _token_case(4096, 151936, torch.float32, True),
             _linear_case(2048, 1024, 65536, torch.bfloat16, True),
-            _linear_case(2048, 1024, 65536, torch.float32, True)]
+            _linear_case(2048, 1024, 65536, torch.float32, True),
+            *(_linear_logp_case(n, 512, v, torch.float32, True) for v in (32000, 151936) for n in (1024, 3072))]

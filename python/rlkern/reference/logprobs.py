@@ -10,7 +10,9 @@ Conventions shared with :mod:`rlkern.logprobs`:
   transformers caps in the model's forward and TRL divides the capped logits by the
   temperature); everything below applies to y. tanh maps +-inf to +-c, so with a cap an
   infinite logit is just the largest (or smallest) finite one. ``softcap`` is a finite
-  number > 0 (ValueError naming it otherwise) and cannot be combined with top-k/top-p.
+  number > 0 (ValueError naming it otherwise). With top-k/top-p the kept set is taken on
+  y (and top-p's mass on softmax(y / temperature)), as a sampler sees the model's capped
+  logits: saturated logits that cap to the same y are tied there.
 - ``is_top1`` (``return_top1``): whether the target is the first index of the row's
   largest (capped) logit, as ``torch.argmax`` picks it (the temperature does not move the
   argmax); False for ignored rows and wherever logp is NaN. No gradient.
@@ -34,7 +36,8 @@ Conventions shared with :mod:`rlkern.logprobs`:
   kept); top-p, applied after top-k, keeps a token when the probability mass of the
   tokens with a strictly larger logit is < top_p (so tied tokens are kept or dropped
   together, and the largest logit is always kept). A row holding NaN or +inf keeps
-  every token (so it is NaN as above, whatever its target). The kept set is a constant for differentiation. A target
+  every token (so it is NaN as above, whatever its target); with a cap, +inf is the
+  finite y = c and only NaN does. The kept set is a constant for differentiation. A target
   outside the kept set gets logp = -inf and no gradient from its log-prob.
 """
 
@@ -133,8 +136,6 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
     ``(logp, is_top1)`` or ``(logp, entropy, is_top1)``."""
     temperature = check_temperature(temperature)
     softcap = check_softcap(softcap)
-    if softcap is not None and (top_k is not None or (top_p is not None and top_p < 1.0)):
-        raise ValueError("softcap cannot be combined with top_k/top_p")
     _check_targets(targets)
     v = logits.shape[-1]
     x = logits.reshape(-1, v)

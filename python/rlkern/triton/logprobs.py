@@ -75,12 +75,18 @@ def _logprobs_fwd_kernel(logits_ptr, targets_ptr, thr_ptr, logp_ptr, max_ptr, lo
     for start in range(0, stop, BLOCK):
         cols = start + offs
         x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        # The threshold is on the raw logits (with a cap, the smallest raw logit whose capped
+        # value is kept: see rlkern.logprobs._threshold).
+        if HAS_THRESHOLD:
+            out = (x < thr) | (cols >= V)
+        else:
+            out = cols >= V
         if SOFTCAP:
             # y = softcap * tanh(x / softcap); the columns past V stay -inf (tanh would make them -softcap).
             th, _ = _tanh(x / softcap)
-            x = tl.where(cols < V, softcap * th, float("-inf"))
-        if HAS_THRESHOLD:
-            x = tl.where(x < thr, float("-inf"), x)
+            x = softcap * th
+        if SOFTCAP or HAS_THRESHOLD:
+            x = tl.where(out, float("-inf"), x)
         if WANT_TOP1:
             first_vec = tl.where(x > m_vec, cols, first_vec)
         # The maximum stays in raw units and 1/T scales differences from it only: x / T
@@ -109,10 +115,10 @@ def _logprobs_fwd_kernel(logits_ptr, targets_ptr, thr_ptr, logp_ptr, max_ptr, lo
     log_s = tl.log(s)
     has_target = (target >= 0) & (target < V)
     x_t = tl.load(base + tl.where(has_target, target, 0)).to(tl.float32)
+    kept = has_target & (~(x_t < thr))
     if SOFTCAP:
         th_t, _ = _tanh(x_t / softcap)
         x_t = softcap * th_t
-    kept = has_target & (~(x_t < thr))
     logp = tl.where(kept, (x_t - m) * inv_t - log_s, float("-inf"))
     tl.store(logp_ptr + row, tl.where(ignored, 0.0, logp))
     if WANT_TOP1:
@@ -145,6 +151,13 @@ def _logprobs_bwd_kernel(logits_ptr, targets_ptr, thr_ptr, max_ptr, logsum_ptr, 
         glp = tl.load(glp_ptr + row)
     else:
         glp = 0.0
+    if HAS_THRESHOLD:
+        # On the raw logits, before the cap (see the forward kernel).
+        thr = tl.load(thr_ptr + row)
+        dropped = x < thr
+        x_t = tl.load(base + tl.where(has_target, target, 0)).to(tl.float32)
+        # A target outside the kept set has log-prob -inf and, by definition, no gradient.
+        glp = tl.where(has_target & (x_t < thr), 0.0, glp)
     if SOFTCAP:
         # dy/dx = 1 - tanh^2 multiplies the gradient of the capped logits y at the end.
         u = x / softcap
@@ -152,14 +165,7 @@ def _logprobs_bwd_kernel(logits_ptr, targets_ptr, thr_ptr, max_ptr, logsum_ptr, 
         dy = _tanh_deriv(u, th, e)
         x = softcap * th
     if HAS_THRESHOLD:
-        thr = tl.load(thr_ptr + row)
-        x = tl.where(x < thr, float("-inf"), x)
-        x_t = tl.load(base + tl.where(has_target, target, 0)).to(tl.float32)
-        if SOFTCAP:
-            th_t, _ = _tanh(x_t / softcap)
-            x_t = softcap * th_t
-        # A target outside the kept set has log-prob -inf and, by definition, no gradient.
-        glp = tl.where(has_target & (x_t < thr), 0.0, glp)
+        x = tl.where(dropped, float("-inf"), x)
     d = (x - tl.load(max_ptr + row)) * inv_t - tl.load(logsum_ptr + row)
     p = tl.exp(d)
     g = -glp * p
@@ -234,11 +240,10 @@ def _bwd_spec(dtype: str, has_threshold: bool, has_grad_entropy: bool, softcap: 
 
 # The vocabulary size is a runtime argument and every load is masked by `cols < V`, so
 # one compile serves vocabularies that are not a multiple of the block (151936, 32001).
-# Soft-capping never combines with a threshold (top-k/top-p), see rlkern.logprobs.
 AOT_SPECS = [
     *(_fwd_spec(dt, thr, ent) for dt in ("fp32", "bf16") for thr in (False, True) for ent in (False, True)),
-    *(_fwd_spec(dt, False, ent, cap, top1) for dt in ("fp32", "bf16") for ent in (False, True)
-      for cap, top1 in ((True, False), (False, True), (True, True))),
+    *(_fwd_spec(dt, thr, ent, cap, top1) for dt in ("fp32", "bf16") for thr in (False, True)
+      for ent in (False, True) for cap, top1 in ((True, False), (False, True), (True, True))),
     *(_bwd_spec(dt, thr, gent) for dt in ("fp32", "bf16") for thr in (False, True) for gent in (False, True)),
-    *(_bwd_spec(dt, False, gent, True) for dt in ("fp32", "bf16") for gent in (False, True)),
+    *(_bwd_spec(dt, thr, gent, True) for dt in ("fp32", "bf16") for thr in (False, True) for gent in (False, True)),
 ]
