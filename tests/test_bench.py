@@ -38,6 +38,19 @@ def _result(impl, median, q1=None, q3=None, speedup=None, suite="returns", op="g
                   q3_ms=q3 if q3 is not None else median, speedup=speedup, **kw)
 
 
+def test_a_suite_with_nothing_to_run_says_so(monkeypatch, capsys):
+    """A suite whose peers are not installed yields no case; the run names it instead of
+    dropping it unseen."""
+    import sys
+    import types
+
+    empty = types.ModuleType("rlkern.bench.trainers")
+    empty.cases = lambda device, quick: []
+    monkeypatch.setitem(sys.modules, "rlkern.bench.trainers", empty)
+    assert runner.collect(["trainers"], torch.device("cpu"), True) == []
+    assert "the trainers suite has nothing to run here" in capsys.readouterr().err
+
+
 def test_plain_progress_line_per_case_with_time_left(tmp_path, capsys):
     # capsys' stdout is not a terminal: the run must print one line per case as it goes.
     out = tmp_path / "bench.json"

@@ -70,6 +70,12 @@ def test_extras_for_examples_trl_and_gpu():
     assert "triton" in extras["gpu"]
 
 
+def test_bench_extra_installs_the_trainers_suites_peer():
+    """`pip install ".[bench]" && rlkern bench` (the README's main job) runs every suite
+    it lists; the trainers suite compares against TRL and has no case without it."""
+    assert "trl" in " ".join(PROJECT["optional-dependencies"]["bench"])
+
+
 def test_typed_marker_ships_with_the_package():
     assert (pathlib.Path(rlkern.__file__).parent / "py.typed").is_file()
 

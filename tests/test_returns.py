@@ -522,6 +522,50 @@ t.test_nan_after_an_episode_end_stays_there('cpu', 200, 127, 'truncated')
 """)
 
 
+def _isa_outputs():
+    """Every float scan on inputs that reach each path of the 8-step row kernels: scalar
+    tails and tiles, uniform and cut tiles, padded and holed masks, discounts whose powers
+    underflow, and NaN/inf; float32, bfloat16 and float16 inputs."""
+    g = torch.Generator().manual_seed(3)
+    outs = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for B, T in [(5, 203), (32, 64)]:
+            r, v, nv = (torch.randn(B, T, generator=g).to(dtype) for _ in range(3))
+            r[0, T // 3], v[1, T // 2], nv[2, T - 9] = float("inf"), float("nan"), -float("inf")
+            term, trunc = _flags((B, T), 0.03, g), _flags((B, T), 0.03, g)
+            padded = torch.arange(T).expand(B, T) < torch.randint(1, T, (B, 1), generator=g)
+            holed = torch.rand(B, T, generator=g) < 0.7
+            for gamma, lam in [(0.99, 0.95), (1.0, 1.0), (1e-6, 1e-6), (0.9, 0.0)]:
+                outs += [rlkern.discounted_returns(r, term, gamma * lam),
+                         *rlkern.gae(r, v, term, gamma, lam),
+                         *rlkern.gae(r, v, term, gamma, lam, next_values=nv, truncated=trunc),
+                         rlkern.lambda_returns(r, nv, term, gamma, lam, truncated=trunc),
+                         *rlkern.masked_gae(r, v, padded, gamma, lam), *rlkern.masked_gae(r, v, holed, gamma, lam)]
+    return outs
+
+
+def test_avx2_and_baseline_builds_give_the_same_bits(tmp_path):
+    """The scans' AVX2 build runs the same IEEE operations as the baseline one (no FMA
+    contraction), so a result never depends on the CPU it was computed on."""
+    if rlkern._ext.load().returns.isa() != "avx2":
+        pytest.skip("the AVX2 build of the scans does not run here (CPU without AVX2 and FMA)")
+    saved = tmp_path / "baseline.pt"
+    run_with_baseline_isa(tmp_path, "test_returns", f"""
+assert rlkern._ext.load().returns.isa() == 'baseline'
+torch.save(t._isa_outputs(), {str(saved)!r})
+""")
+    baseline = torch.load(saved)
+    for i, (a, b) in enumerate(zip(_isa_outputs(), baseline)):
+        assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8)), f"output {i} differs"
+
+
+def test_scans_run_the_avx2_build_wherever_the_other_kernels_do():
+    """Every compiler (GCC for the source build, clang for the manylinux wheel) builds the
+    scans' AVX2 variant, and it is taken where the CPU has AVX2 and FMA."""
+    core = rlkern._ext.load()
+    assert core.returns.isa() == core.cpu_isa()
+
+
 # --- non-finite values and tiny discounts (issue 11, items 9 and 10) ----------------------
 
 def _all_scans(r, v, nv, term, trunc, mask, gamma, lam):

@@ -9,4 +9,4 @@ PIP="${PIP:-python -m pip}"
 $PIP install -q --no-deps verl==0.9.1 openrlhf==0.11.2
 DS_BUILD_OPS=0 $PIP install -q --no-deps --no-build-isolation deepspeed==0.19.6
 $PIP install -q omegaconf codetiming ray tensordict peft accelerate transformers datasets pandas pyarrow \
-  hjson einops pylatexenc sympy psutil py-cpuinfo pydantic msgpack ninja
+  hjson einops pylatexenc sympy psutil py-cpuinfo pydantic msgpack ninja orjson

@@ -165,59 +165,6 @@ using simd::v8f;
 using simd::v8i;
 #define RLK_SCAN_INLINE inline __attribute__((always_inline))
 
-RLK_SCAN_INLINE v8f splat8(float x) { return v8f{} + x; }
-
-template <class T>
-RLK_SCAN_INLINE v8f load8(const T* p) {
-  float tmp[8];
-  for (int k = 0; k < 8; ++k) tmp[k] = float(load(p, k));
-  v8f v;
-  __builtin_memcpy(&v, tmp, sizeof v);
-  return v;
-}
-template <>
-RLK_SCAN_INLINE v8f load8<float>(const float* p) {
-  v8f v;
-  __builtin_memcpy(&v, p, sizeof v);
-  return v;
-}
-RLK_SCAN_INLINE void store8(float* p, v8f v) { __builtin_memcpy(p, &v, sizeof v); }
-
-RLK_SCAN_INLINE v8i flags8(const uint8_t* f) { return simd::mask_bytes(f); }
-
-// Lane k <- lane k + S of x, lanes past the end <- fill.
-template <int S>
-RLK_SCAN_INLINE v8f shift_down(v8f x, v8f fill) {
-  return __builtin_shuffle(x, fill, v8i{S, S + 1, S + 2, S + 3, S + 4, S + 5, S + 6, S + 7});
-}
-
-// Coefficient products a * sa of one composition round. Coefficients are finite, so a
-// cut (0) stays 0; with `tiny` set (the scan's coefficient is small enough for 8 of them
-// to underflow) a product of nonzero ones is kept at FLT_MIN at least, as compose() in
-// returns.h does. Otherwise nothing can underflow and the plain product is exact.
-RLK_SCAN_INLINE v8f compose_coef(v8f a, v8f sa, bool tiny) {
-  const v8f p = a * sa;
-  if (!tiny) return p;
-  const v8f zero = splat8(0.0f), least = splat8(min_normal<float>());
-  return (a == zero) | (sa == zero) ? zero : (p < least ? least : p);
-}
-
-// In place: (a_k, b_k) <- f_k o f_{k+1} o ... o f_7.
-RLK_SCAN_INLINE void suffix_compose(v8f& a, v8f& b, bool tiny) {
-  const v8f one = splat8(1.0f), zero = splat8(0.0f);
-  v8f sa = shift_down<1>(a, one), sb = shift_down<1>(b, zero);
-  b = a == zero ? b : b + a * sb;
-  a = compose_coef(a, sa, tiny);
-  sa = shift_down<2>(a, one);
-  sb = shift_down<2>(b, zero);
-  b = a == zero ? b : b + a * sb;
-  a = compose_coef(a, sa, tiny);
-  sa = shift_down<4>(a, one);
-  sb = shift_down<4>(b, zero);
-  b = a == zero ? b : b + a * sb;
-  a = compose_coef(a, sa, tiny);
-}
-
 // Tiles without a cut (no episode end, every token unmasked) share one nonzero
 // coefficient c: lane k of the composed map is then (c^(8-k), sum_j c^(j-k) b_j), so the
 // products need no work and the sums no selects. Uniform(c) holds the powers, each kept
@@ -243,14 +190,6 @@ struct Uniform {
     return min_normal<float>();
   }
 };
-
-RLK_SCAN_INLINE v8f scan_uniform(const Uniform& u, v8f b, float carry) {
-  const v8f zero = splat8(0.0f);
-  b += u.c1 * shift_down<1>(b, zero);
-  b += u.c2 * shift_down<2>(b, zero);
-  b += u.c4 * shift_down<4>(b, zero);
-  return b + u.tail * carry;
-}
 
 // The 8 flag bytes at f are all 0 (flags are 0/1 bytes).
 RLK_SCAN_INLINE bool none_set(const uint8_t* f) {
@@ -312,212 +251,51 @@ RLK_SCAN_INLINE void prefetch_tile(int64_t i0, int64_t t0, Ptrs... ptrs) {
   ((ptrs ? __builtin_prefetch(ptrs + i0 - kAhead, 0, 0) : void()), ...);
 }
 
-template <class T>
-RLK_SCAN_INLINE void discounted_rows8(const Scan<T>& args, int64_t b0, int64_t b1) {
-  const Scan<T> s = args;  // a local copy: the output stores cannot alias it, so its fields stay in registers
-  const v8f gamma = splat8(s.gamma), zero = splat8(0.0f);
-  const Uniform uniform(s.gamma);
-  for (int64_t b = b1 - 1; b >= b0; --b) {  // rows right to left too: one descending stream
-    const int64_t base = b * s.T_;
-    float carry = s.bootstrap_of(b);
-    scan_row8(
-        s.T_,
-        [&](int64_t t) {
-          const int64_t i = base + t;
-          s.out0[i] = carry = apply(discounted_coef(s.reward(i), s.is_terminated(i), s.gamma), carry);
-        },
-        [&](int64_t t0) {
-          const int64_t i = base + t0;
-          prefetch_tile(i, t0, s.rewards, s.terminated, s.out0);
-          v8f y;
-          if (uniform.usable && none_set(s.terminated + i)) {
-            y = scan_uniform(uniform, load8(s.rewards + i), carry);
-          } else {
-            v8f a = flags8(s.terminated + i) ? zero : gamma, bv = load8(s.rewards + i);
-            suffix_compose(a, bv, uniform.tiny);
-            y = a == zero ? bv : bv + a * carry;
-          }
-          store8(s.out0 + i, y);
-          carry = y[0];
-        });
-  }
-}
-
-template <class T, bool kNextValues, bool kTruncated>
-RLK_SCAN_INLINE void gae_rows8(const Scan<T>& args, int64_t b0, int64_t b1) {
-  const Scan<T> s = args;  // a local copy: the output stores cannot alias it, so its fields stay in registers
-  const v8f gamma = splat8(s.gamma), gl = splat8(s.gamma_lam), zero = splat8(0.0f);
-  const Uniform uniform(s.gamma_lam);
-  for (int64_t b = b1 - 1; b >= b0; --b) {  // rows right to left too: one descending stream
-    const int64_t base = b * s.T_;
-    float carry = 0.0f;
-    scan_row8(
-        s.T_,
-        [&](int64_t t) {
-          const int64_t i = base + t;
-          const float value = s.value(i);
-          const float next_value = kNextValues ? s.next_value(i) : (t + 1 < s.T_ ? s.value(i + 1) : s.bootstrap_of(b));
-          carry = apply(gae_coef(s.reward(i), value, next_value, s.is_terminated(i), kTruncated && s.is_truncated(i),
-                                 s.gamma, s.gamma_lam),
-                        carry);
-          s.out0[i] = carry;
-          s.out1[i] = carry + value;
-        },
-        [&](int64_t t0) {
-          const int64_t i = base + t0;
-          prefetch_tile(i, t0, s.rewards, s.values, s.next_values, s.terminated, s.truncated, s.out0, s.out1);
-          const v8f r = load8(s.rewards + i), v = load8(s.values + i);
-          const v8f nv = kNextValues ? load8(s.next_values + i) : load8(s.values + i + 1);
-          v8f y;
-          if (uniform.usable && none_set(s.terminated + i) && !(kTruncated && !none_set(s.truncated + i))) {
-            y = scan_uniform(uniform, r + gamma * nv - v, carry);
-          } else {
-            const v8i term = flags8(s.terminated + i);
-            const v8i done = kTruncated ? (term | flags8(s.truncated + i)) : term;
-            v8f bv = term ? r - v : r + gamma * nv - v;
-            v8f a = done ? zero : gl;
-            suffix_compose(a, bv, uniform.tiny);
-            y = a == zero ? bv : bv + a * carry;
-          }
-          store8(s.out0 + i, y);
-          store8(s.out1 + i, y + v);
-          carry = y[0];
-        });
-  }
-}
-
-template <class T>
-RLK_SCAN_INLINE void lambda_rows8(const Scan<T>& args, int64_t b0, int64_t b1) {
-  const Scan<T> s = args;  // a local copy: the output stores cannot alias it, so its fields stay in registers
-  const v8f gamma = splat8(s.gamma), zero = splat8(0.0f);
-  const v8f glam = splat8(s.gamma_lam), g1lam = splat8(s.gamma * (1.0f - s.lam));
-  const Uniform uniform(s.gamma_lam);
-  for (int64_t b = b1 - 1; b >= b0; --b) {  // rows right to left too: one descending stream
-    const int64_t base = b * s.T_;
-    float carry = 0.0f;
-    scan_row8(
-        s.T_,
-        [&](int64_t t) {
-          const int64_t i = base + t;
-          const bool cut = t == s.T_ - 1 || s.is_truncated(i);
-          s.out0[i] = carry =
-              apply(lambda_coef(s.reward(i), s.next_value(i), s.is_terminated(i), cut, s.gamma, s.lam, s.gamma_lam),
-                    carry);
-        },
-        [&](int64_t t0) {
-          const int64_t i = base + t0;
-          prefetch_tile(i, t0, s.rewards, s.next_values, s.terminated, s.truncated, s.out0);
-          const v8f r = load8(s.rewards + i), nv = load8(s.next_values + i);
-          v8f y;
-          if (uniform.usable && none_set(s.terminated + i) && !(s.truncated && !none_set(s.truncated + i))) {
-            y = scan_uniform(uniform, r + g1lam * nv, carry);
-          } else {
-            const v8i term = flags8(s.terminated + i);
-            const v8i cut = s.truncated ? flags8(s.truncated + i) : v8i{};
-            v8f bv = term ? r : (cut ? r + gamma * nv : r + g1lam * nv);
-            v8f a = (term | cut) ? zero : glam;
-            suffix_compose(a, bv, uniform.tiny);
-            y = a == zero ? bv : bv + a * carry;
-          }
-          store8(s.out0 + i, y);
-          carry = y[0];
-        });
-  }
-}
-
-template <class T>
-RLK_SCAN_INLINE void masked_gae_rows8(const Scan<T>& args, int64_t b0, int64_t b1) {
-  const Scan<T> s = args;  // a local copy: the output stores cannot alias it, so its fields stay in registers
-  const v8f gamma = splat8(s.gamma), zero = splat8(0.0f);
-  const Uniform uniform(s.gamma_lam);
-  // Right-padded masks give long runs of all-unmasked tiles, which can skip the
-  // compaction's shuffles; masks with scattered holes make "is this tile full?" a coin
-  // flip, and its mispredictions cost more than the shuffles. So the shortcut is taken
-  // only while the tiles rarely switch between full and not full (a running score).
-  // Both ways give bit-identical outputs: a full tile's shuffles are identities.
-  int switches = 0;
-  bool was_full = false;
-  for (int64_t b = b1 - 1; b >= b0; --b) {  // rows right to left too: one descending stream
-    const int64_t base = b * s.T_;
-    float advantage = 0.0f, next_value = 0.0f;
-    scan_row8(
-        s.T_,
-        [&](int64_t t) {
-          const int64_t i = base + t;
-          const bool unmasked = s.is_unmasked(i);
-          const float value = s.value(i);
-          advantage = apply(masked_gae_coef(s.reward(i), value, next_value, unmasked, s.gamma, s.gamma_lam), advantage);
-          next_value = unmasked ? value : next_value;
-          s.out0[i] = unmasked ? advantage : 0.0f;
-          s.out1[i] = unmasked ? advantage + value : 0.0f;
-        },
-        [&](int64_t t0) {
-          const int64_t i = base + t0;
-          prefetch_tile(i, t0, s.rewards, s.values, s.terminated, s.out0, s.out1);
-          if (none_set(s.terminated + i)) {  // all masked: zeros, carries pass through
-            store8(s.out0 + i, zero);
-            store8(s.out1 + i, zero);
-            return;
-          }
-          const v8f r = load8(s.rewards + i), v = load8(s.values + i);
-          const uint32_t bits = flag_bits(s.terminated + i);
-          // A moving average of 16 x (switched between full and not full), in [0, 128].
-          const bool full = bits == 0xff;
-          switches += (full != was_full ? 16 : 0) - (switches >> 3);
-          was_full = full;
-          if (switches < 32) {  // tested first: while the score stays high, this branch never misses
-            uint32_t late_bits = bits;
-            asm volatile("" : "+r"(late_bits));  // or the compiler merges both tests and tests `full` first
-            if (late_bits == 0xff && uniform.usable) {
-              const v8f y = scan_uniform(uniform, r + gamma * shift_down<1>(v, splat8(next_value)) - v, advantage);
-              store8(s.out0 + i, y);
-              store8(s.out1 + i, y + v);
-              advantage = y[0];
-              next_value = v[0];
-              return;
-            }
-          }
-          // Compacted, the tile is all unmasked: each step bootstraps from the next lane
-          // (the carried value after the last) and the uniform scan applies. Masked
-          // inputs fill only lanes below 8-n, which feed no lane above them.
-          v8i w;
-          __builtin_memcpy(&w, kCompact.lane[bits], sizeof w);
-          const v8f rc = __builtin_shuffle(r, w), vc = __builtin_shuffle(v, w);
-          v8f yc = rc + gamma * shift_down<1>(vc, splat8(next_value)) - vc;
-          if (uniform.usable) yc = scan_uniform(uniform, yc, advantage);  // gamma * lam == 0: each step is its delta
-          const v8f y = __builtin_shuffle(yc, w >> 3);
-          const v8i kept = (v8i)w >> 31;
-          store8(s.out0 + i, (v8f)((v8i)y & kept));
-          store8(s.out1 + i, (v8f)((v8i)(y + v) & kept));
-          next_value = s.value(i + __builtin_ctz(bits));  // bits != 0: the all-masked tile returned above
-          advantage = y[0];
-        });
-  }
-}
-
-// Each kernel's rows, compiled for the baseline ISA and for AVX2+FMA (chosen at run time).
-#if defined(__x86_64__) && !defined(__clang__)
+// The row kernels, compiled twice: for baseline x86-64 and for AVX2, one chosen at run
+// time (rlk::simd::use_avx2). GCC and clang spell "compile this region for AVX2"
+// differently; the wheel is built with clang (zig), the source build usually with GCC,
+// and both get the clone. The region holds every function of the rows, lambdas
+// included: a target attribute on an entry point alone leaves clang's lambdas out of
+// line, compiled once for the baseline and shared by both clones.
+//
+// The clone targets AVX2 without FMA so that it gives the same bits as the baseline:
+// with FMA available, GCC (-ffp-contract=fast, its default) and clang (contraction
+// within an expression, its default) fuse a * b + c into one rounding wherever the
+// scans write it, here and in returns.h. Without FMA both clones run the same IEEE
+// operations in the same order (tests/test_returns.py compares their bits).
+#define RLK_SCAN_REGION_AVX2 0
+namespace generic {
+#include "returns_rows8.inc"
+}  // namespace generic
+#undef RLK_SCAN_REGION_AVX2
+#define RLK_SCAN_REGION_AVX2 1
+#if defined(__x86_64__) && defined(__clang__)
 #define RLK_SCAN_AVX2 1
+#pragma clang attribute push(__attribute__((target("avx2"))), apply_to = function)
+namespace avx2 {
+#include "returns_rows8.inc"
+}  // namespace avx2
+#pragma clang attribute pop
+#elif defined(__x86_64__)
+#define RLK_SCAN_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2")
+namespace avx2 {
+#include "returns_rows8.inc"
+}  // namespace avx2
+#pragma GCC pop_options
 #endif
+#undef RLK_SCAN_REGION_AVX2
 
+// Which build of the row kernels runs here: "avx2" or "baseline" (no AVX2 clone built,
+// a CPU without AVX2 and FMA, or RLKERN_DISABLE_AVX2 set).
+bool scans_use_avx2() {
 #ifdef RLK_SCAN_AVX2
-#define RLK_SCAN_VARIANTS(name, body_tmpl, ...)                                                      \
-  template <__VA_ARGS__>                                                                             \
-  void name##_generic(const Scan<T>& s, int64_t b0, int64_t b1) { body_tmpl(s, b0, b1); }           \
-  template <__VA_ARGS__>                                                                             \
-  __attribute__((target("avx2,fma"))) void name##_avx2(const Scan<T>& s, int64_t b0, int64_t b1) { \
-    body_tmpl(s, b0, b1);                                                                            \
-  }
+  return rlk::simd::use_avx2();
 #else
-#define RLK_SCAN_VARIANTS(name, body_tmpl, ...) \
-  template <__VA_ARGS__>                        \
-  void name##_generic(const Scan<T>& s, int64_t b0, int64_t b1) { body_tmpl(s, b0, b1); }
+  return false;
 #endif
-
-RLK_SCAN_VARIANTS(discounted8, discounted_rows8<T>, class T)
-RLK_SCAN_VARIANTS(gae8, (gae_rows8<T, kNextValues, kTruncated>), class T, bool kNextValues, bool kTruncated)
-RLK_SCAN_VARIANTS(lambda8, lambda_rows8<T>, class T)
-RLK_SCAN_VARIANTS(masked_gae8, masked_gae_rows8<T>, class T)
+}
 
 // Runs a scan's row kernel over all rows, a few thousand steps per task, after the
 // huge-page advice on its outputs (out1 is null for the one-output scans).
@@ -527,19 +305,15 @@ void scan_rows8(const ScanArgs& a, void (*generic)(const Scan<T>&, int64_t, int6
   const Scan<T> s(a);
   advise_huge_pages(s.out0, size_t(s.B * s.T_) * sizeof(float));
   advise_huge_pages(s.out1, size_t(s.B * s.T_) * sizeof(float));
-  auto fn = generic;
-#ifdef RLK_SCAN_AVX2
-  if (rlk::simd::use_avx2()) fn = avx2;
-#endif
+  const auto fn = scans_use_avx2() ? avx2 : generic;
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(s.T_, 1));
   parallel_for(s.B, grain, [&](int64_t b0, int64_t b1) { fn(s, b0, b1); });
 }
 #ifdef RLK_SCAN_AVX2
-#define RLK_SCAN_PAIR(name, ...) &name##_generic<__VA_ARGS__>, &name##_avx2<__VA_ARGS__>
+#define RLK_SCAN_PAIR(name, ...) &generic::name<__VA_ARGS__>, &avx2::name<__VA_ARGS__>
 #else
-#define RLK_SCAN_PAIR(name, ...) &name##_generic<__VA_ARGS__>, &name##_generic<__VA_ARGS__>
+#define RLK_SCAN_PAIR(name, ...) &generic::name<__VA_ARGS__>, &generic::name<__VA_ARGS__>
 #endif
-
 template <class T>
 constexpr bool kScan8 = std::is_same<acc_t<T>, float>::value;
 #endif  // RLK_SIMD
@@ -643,7 +417,7 @@ void discounted_returns_cpu(const ScanArgs& a) {
   RLK_DISPATCH_FLOATING(a.dtype, T, {
     if (use_chunks(a.B, a.T)) discounted_chunked<T>(a);
 #ifdef RLK_SCAN_SIMD
-    else if constexpr (kScan8<T>) scan_rows8<T>(a, RLK_SCAN_PAIR(discounted8, T));
+    else if constexpr (kScan8<T>) scan_rows8<T>(a, RLK_SCAN_PAIR(discounted_rows8, T));
 #endif
     else discounted_impl<T>(a);
   });
@@ -653,7 +427,7 @@ template <class T, bool kNextValues, bool kTruncated>
 void gae_rows(const ScanArgs& a) {
 #ifdef RLK_SCAN_SIMD
   if constexpr (kScan8<T>) {
-    scan_rows8<T>(a, RLK_SCAN_PAIR(gae8, T, kNextValues, kTruncated));
+    scan_rows8<T>(a, RLK_SCAN_PAIR(gae_rows8, T, kNextValues, kTruncated));
     return;
   }
 #endif
@@ -673,7 +447,7 @@ void lambda_returns_cpu(const ScanArgs& a) {
   RLK_DISPATCH_FLOATING(a.dtype, T, {
     if (use_chunks(a.B, a.T)) lambda_chunked<T>(a);
 #ifdef RLK_SCAN_SIMD
-    else if constexpr (kScan8<T>) scan_rows8<T>(a, RLK_SCAN_PAIR(lambda8, T));
+    else if constexpr (kScan8<T>) scan_rows8<T>(a, RLK_SCAN_PAIR(lambda_rows8, T));
 #endif
     else lambda_impl<T>(a);
   });
@@ -682,7 +456,7 @@ void masked_gae_cpu(const ScanArgs& a) {
   RLK_DISPATCH_FLOATING(a.dtype, T, {
 #ifdef RLK_SCAN_SIMD
     if constexpr (kScan8<T>)
-      scan_rows8<T>(a, RLK_SCAN_PAIR(masked_gae8, T));
+      scan_rows8<T>(a, RLK_SCAN_PAIR(masked_gae_rows8, T));
     else
 #endif
       masked_gae_impl<T>(a);
@@ -762,6 +536,16 @@ void bind(py::module_& m) {
   RLK_SCAN_BINDING("gae", gae_cpu(a));
   RLK_SCAN_BINDING("lambda_returns", lambda_returns_cpu(a));
   RLK_SCAN_BINDING("masked_gae", masked_gae_cpu(a));
+  m.def(
+      "isa",
+      [] {
+#ifdef RLK_SCAN_SIMD
+        return scans_use_avx2() ? "avx2" : "baseline";
+#else
+        return "baseline";
+#endif
+      },
+      "Which build of the float scans' row kernels runs here: avx2 or baseline");
 #ifdef RLKERN_WITH_CUDA
   RLK_SCAN_BINDING("discounted_returns_cuda", discounted_returns_cuda(a, stream));
   RLK_SCAN_BINDING("gae_cuda", gae_cuda(a, stream));

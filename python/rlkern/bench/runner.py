@@ -48,7 +48,13 @@ def collect(suites, device: torch.device, quick: bool) -> List[Case]:
             if e.name == f"rlkern.bench.{name}":
                 continue
             raise
-        cases.extend(module.cases(device, quick))
+        found = module.cases(device, quick)
+        if not found:
+            # A suite whose competitors are peers (TRL for `trainers`, verl or OpenRLHF for
+            # `adapters`) has no case without them: say so rather than leave it out unseen.
+            print(f"rlkern bench: the {name} suite has nothing to run here (the packages it compares against "
+                  "are not installed: see the README's Benchmarks section)", file=sys.stderr)
+        cases.extend(found)
     return cases
 
 
