@@ -880,3 +880,16 @@ def test_cov_compiled_selection_matches_torch_path_and_thread_counts(name, dtype
         assert_close(results[0][2].float(), slow[2].float(), tol, "grad")
         if name == "clip_cov":
             assert torch.equal(results[0][2] == 0, slow[2] == 0), "the same tokens are cut"
+
+
+def test_kl_cov_penalty_gradient_survives_retain_graph():
+    """The penalty's gradient is added in place into the fused kernel's gradient buffer: a
+    second backward through a retained graph must give the same gradient, not add it twice."""
+    old, lp, adv, m = make_inputs("holed", seed=5, token_adv=True)
+    lp = (old + (lp - old).clamp(-1.0, 1.0)).requires_grad_()
+    loss, _ = V.compute_policy_loss_kl_cov(old, lp, adv, m, "token-mean", cov_config(0.1))
+    (first,) = torch.autograd.grad(loss, lp, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, lp)
+    assert torch.equal(first, second)
+    theirs = run(ca.compute_policy_loss_kl_cov, old, lp.detach(), adv, m, "token-mean", cov_config(0.1))
+    assert_close(first, theirs[2], 1e-4, "grad")

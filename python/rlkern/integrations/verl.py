@@ -560,6 +560,33 @@ def compute_policy_loss_clip_cov(old_log_prob: torch.Tensor, log_prob: torch.Ten
     return _peers.owned(out.loss), {"actor/pg_clipfrac": values[0], "actor/ppo_kl": values[1]}
 
 
+class _GatheredAbsPenalty(torch.autograd.Function):
+    """(log_prob, sum_i scale_i |log_prob[idx_i] - old_i|): log_prob passes through unchanged
+    to the fused kernel, and the backward adds the penalty's gradient into the kernel's
+    gradient at the k gathered tokens. A plain gather would make autograd build a dense zero
+    gradient and add it to the kernel's: two [B, T] passes for k (~2e-4 N) tokens."""
+
+    @staticmethod
+    def forward(ctx, log_prob, idx, scale, old_k):
+        diff = log_prob.detach().reshape(-1)[idx].to(scale.dtype) - old_k
+        ctx.save_for_backward(idx, scale * torch.sign(diff))
+        ctx.like = (log_prob.shape, log_prob.dtype, log_prob.device)
+        return log_prob.view_as(log_prob), (diff.abs() * scale).sum()
+
+    @staticmethod
+    def backward(ctx, grad_lp, grad_penalty):
+        idx, slope = ctx.saved_tensors
+        if grad_lp is None:
+            shape, dtype, device = ctx.like
+            grad_lp = torch.zeros(shape, dtype=dtype, device=device)
+        # The alias's only consumer is the fused kernel, whose backward hands over a buffer of
+        # its own (a fresh copy under retain_graph): adding in place touches nothing shared.
+        grad = grad_lp if grad_lp.is_contiguous() else grad_lp.contiguous()
+        add = slope * grad_penalty.to(slope.dtype)
+        grad.view(-1).index_add_(0, idx, add.to(grad.dtype))
+        return grad, None, None, None
+
+
 def compute_policy_loss_kl_cov(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
                                response_mask: torch.Tensor, loss_agg_mode: str = "token-mean",
                                config: Optional[Any] = None, rollout_is_weights: Optional[torch.Tensor] = None):
@@ -583,9 +610,6 @@ def compute_policy_loss_kl_cov(old_log_prob: torch.Tensor, log_prob: torch.Tenso
     valid = response_mask.bool()
     adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
     weights = None if rollout_is_weights is None else rollout_is_weights.detach()
-    out = _policy_loss(log_prob, old_log_prob, advantages, response_mask, objective="clip", clip_low=1.0,
-                       clip_high=float("inf"), weights=weights, agg=agg, normalizer=norm)
-    loss = _peers.owned(out.loss)
     native = _cov_native(adv, log_prob, old_log_prob, valid)
     with torch.no_grad():
         if native is not None:
@@ -601,6 +625,7 @@ def compute_policy_loss_kl_cov(old_log_prob: torch.Tensor, log_prob: torch.Tenso
             d = (log_prob.detach().to(cov.dtype) - old_log_prob.detach().to(cov.dtype)).abs()
             ppo_kl = torch.where(valid, d, torch.zeros((), dtype=d.dtype, device=d.device)).sum() / n.clamp(min=1)
             n_host = int(n)
+    penalty = None
     if n_host > 0:
         k = max(1, int(n_host * ratio))
         with torch.no_grad():
@@ -611,8 +636,13 @@ def compute_policy_loss_kl_cov(old_log_prob: torch.Tensor, log_prob: torch.Tenso
             scale = _row_scale(agg, norm, response_mask, cov.dtype)[idx // T] * coef
             if rollout_is_weights is not None:
                 scale = scale * rollout_is_weights.detach().to(cov.dtype).reshape(-1)[idx]
-        gathered = log_prob.reshape(-1)[idx].to(cov.dtype) - old_log_prob.detach().reshape(-1)[idx].to(cov.dtype)
-        loss = loss + (gathered.abs() * scale).sum().to(loss.dtype)
+            old_k = old_log_prob.detach().reshape(-1)[idx].to(cov.dtype)
+        log_prob, penalty = _GatheredAbsPenalty.apply(log_prob, idx, scale, old_k)
+    out = _policy_loss(log_prob, old_log_prob, advantages, response_mask, objective="clip", clip_low=1.0,
+                       clip_high=float("inf"), weights=weights, agg=agg, normalizer=norm)
+    loss = _peers.owned(out.loss)
+    if penalty is not None:
+        loss = loss + penalty.to(loss.dtype)
     return loss, {"actor/ppo_kl": _peers.scalars([ppo_kl])[0]}
 
 
