@@ -39,18 +39,37 @@ int64_t row_grain(int64_t T) { return std::max<int64_t>(1, (int64_t(1) << 14) / 
 template <class TA, class T>
 using calc_t = decltype(acc_t<TA>() + acc_t<T>());
 
+// Four interleaved accumulators in a fixed order (so the row's sums stay independent of the
+// thread count) break the float64 add chains; inactive tokens are selected out, not
+// multiplied by 0, so NaN there never reaches a sum.
 template <class TA, class T>
 Sums row_sums(const TA* a, int64_t a_step, const T* lp, const T* old, const uint8_t* m, int64_t n, bool with_kl) {
   using C = calc_t<TA, T>;
-  Sums s;
-  for (int64_t t = 0; t < n; ++t) {
-    if (!m[t]) continue;
-    s.count += 1.0;
-    s.adv += double(load(a, t * a_step));
-    const C l = C(load(lp, t));
-    s.logp += double(l);
-    if (with_kl) s.abs_lr += double(std::abs(C(l - C(load(old, t)))));
+  double cnt[4] = {0, 0, 0, 0}, sa[4] = {0, 0, 0, 0}, sl[4] = {0, 0, 0, 0}, sd[4] = {0, 0, 0, 0};
+  int64_t t = 0;
+  for (; t + 4 <= n; t += 4) {
+    for (int j = 0; j < 4; ++j) {
+      const bool on = m[t + j] != 0;
+      const C l = C(load(lp, t + j));
+      cnt[j] += on ? 1.0 : 0.0;
+      sa[j] += on ? double(load(a, (t + j) * a_step)) : 0.0;
+      sl[j] += on ? double(l) : 0.0;
+      if (with_kl) sd[j] += on ? double(std::abs(C(l - C(load(old, t + j))))) : 0.0;
+    }
   }
+  for (; t < n; ++t) {
+    const bool on = m[t] != 0;
+    const C l = C(load(lp, t));
+    cnt[0] += on ? 1.0 : 0.0;
+    sa[0] += on ? double(load(a, t * a_step)) : 0.0;
+    sl[0] += on ? double(l) : 0.0;
+    if (with_kl) sd[0] += on ? double(std::abs(C(l - C(load(old, t))))) : 0.0;
+  }
+  Sums s;
+  s.count = (cnt[0] + cnt[1]) + (cnt[2] + cnt[3]);
+  s.adv = (sa[0] + sa[1]) + (sa[2] + sa[3]);
+  s.logp = (sl[0] + sl[1]) + (sl[2] + sl[3]);
+  s.abs_lr = (sd[0] + sd[1]) + (sd[2] + sd[3]);
   return s;
 }
 
