@@ -16,7 +16,7 @@ import torch
 from .core import Case, Impl
 
 # the objectives beyond PPO (sapo, geo_mean, dppo_*) run the fused kernels' objective bodies
-VERL_LOSSES = ("vanilla", "gspo", "cispo", "gpg", "dro", "sapo", "geo_mean", "dppo_tv", "dppo_kl")
+VERL_LOSSES = ("vanilla", "gspo", "cispo", "gpg", "dro", "sapo", "geo_mean", "dppo_tv", "dppo_kl", "clip_cov", "kl_cov")
 OPENRLHF_LOSSES = {"ppo": dict(), "ppo-dual-clip": dict(dual_clip=3.0), "gspo": dict(policy_loss_type="gspo"),
                    "ppo-is-token": dict(is_correction_level="token")}
 

@@ -44,6 +44,8 @@ from ..kl import kl_penalty as _kl_penalty
 from ..losses import policy_loss as _policy_loss
 from ..losses import value_loss as _value_loss
 from ..returns import discounted_returns, group_advantages, masked_gae
+from .. import _validate
+from .._kernel import core, dtype_code, ptr
 from . import _peers
 from . import _rollout_corr as _rc
 from ._peers import cfg as _cfg
@@ -459,6 +461,36 @@ def _centred_product(advantages: torch.Tensor, log_prob: torch.Tensor, valid: to
     return (a - mean_a) * (lp - mean_lp)
 
 
+_COV_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _cov_native(adv: torch.Tensor, log_prob: torch.Tensor, old_log_prob: torch.Tensor, valid: torch.Tensor):
+    """Arguments of the compiled covariance selection (csrc/cpu/cov.cpp) for CPU tensors, or
+    None where the torch formulation runs (other devices, shapes the kernel does not take,
+    meta/fake tensors). Log-probs of two dtypes are cast to the float32-or-wider type the
+    torch path forms the covariance in, so both read the same values."""
+    for name, t in (("advantages", adv), ("log_prob", log_prob), ("old_log_prob", old_log_prob),
+                    ("response_mask", valid)):
+        _validate.plain(name, t, allow_fake=True)
+        if t.device.type != "cpu" or _validate.is_fake(t):
+            return None
+    if log_prob.dim() != 2 or valid.shape != log_prob.shape or old_log_prob.shape != log_prob.shape:
+        return None
+    if adv.dim() != 2 or any(s not in (1, d) for s, d in zip(adv.shape, log_prob.shape)):
+        return None
+    if not {adv.dtype, log_prob.dtype, old_log_prob.dtype} <= set(_COV_DTYPES):
+        return None
+    lp, old = log_prob.detach(), old_log_prob.detach()
+    a = adv.detach()
+    if lp.dtype != old.dtype:  # the kernel reads both log-probs as one type
+        dtype = torch.promote_types(torch.promote_types(a.dtype, lp.dtype), torch.float32)
+        lp, old = lp.to(dtype), old.to(dtype)
+    a = a.expand(valid.shape)
+    lp, old, mask = lp.contiguous(), old.contiguous(), valid.contiguous()
+    B, T = lp.shape
+    return B, T, a, lp, old, mask
+
+
 def _cov_config(config: Any, name: str, default: float) -> float:
     if config is None or _cfg(config, "policy_loss") is None:
         raise ValueError("config (the actor config with policy_loss) is required")
@@ -490,28 +522,69 @@ def compute_policy_loss_clip_cov(old_log_prob: torch.Tensor, log_prob: torch.Ten
     agg, norm = _agg(loss_agg_mode, response_mask, _batch_info(config))
     valid = response_mask.bool()
     adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+    native = _cov_native(adv, log_prob, old_log_prob, valid)
     with torch.no_grad():
-        n = valid.sum()
-        cov = _centred_product(adv, log_prob, valid, n)
-        lr = log_prob.detach().to(cov.dtype) - old_log_prob.detach().to(cov.dtype)
-        r = lr.exp()
-        a = adv.to(cov.dtype)
-        clipped = -a * r.clamp(1 - low, 1 + high) > -a * r
-        candidate = (cov < ub) & (cov > lb) & valid & ~clipped
-        n_host, n_cand = (int(x) for x in torch.stack([n, candidate.sum()]).tolist())
-        keep = torch.ones(valid.shape, dtype=cov.dtype, device=valid.device)
+        if native is not None:
+            B, T, a, lp, old, mask = native
+            cdtype = torch.promote_types(torch.promote_types(a.dtype, lp.dtype), torch.float32)
+            out = torch.empty(B * T, dtype=torch.int64)
+            n_host, n_cand, _ = core().losses.clip_cov_candidates(
+                B, T, dtype_code(lp), dtype_code(a), ptr(a), a.stride(0), a.stride(1), ptr(lp), ptr(old),
+                ptr(mask), lb, ub, low, high, ptr(out))
+            candidate_index = out[:n_cand]
+        else:
+            n = valid.sum()
+            cov = _centred_product(adv, log_prob, valid, n)
+            cdtype = cov.dtype
+            lr = log_prob.detach().to(cov.dtype) - old_log_prob.detach().to(cov.dtype)
+            r = lr.exp()
+            a = adv.to(cov.dtype)
+            clipped = -a * r.clamp(1 - low, 1 + high) > -a * r
+            candidate = (cov < ub) & (cov > lb) & valid & ~clipped
+            n_host, n_cand = (int(x) for x in torch.stack([n, candidate.sum()]).tolist())
+        keep = torch.ones(valid.shape, dtype=cdtype, device=valid.device)
         n_cut = 0
         if n_cand > 0:
-            where = torch.nonzero_static(candidate.reshape(-1), size=n_cand).reshape(-1)
+            if native is not None:
+                where = candidate_index
+            else:
+                where = torch.nonzero_static(candidate.reshape(-1), size=n_cand).reshape(-1)
             perm = torch.randperm(n_cand)  # verl's draw: default CPU generator
             n_cut = min(max(int(ratio * n_host), 1), n_cand)
             keep.view(-1)[where[perm[:n_cut].to(where.device)]] = 0.0
-        factor = keep if rollout_is_weights is None else keep * rollout_is_weights.detach().to(cov.dtype)
+        factor = keep if rollout_is_weights is None else keep * rollout_is_weights.detach().to(cdtype)
     out = _policy_loss(log_prob, old_log_prob, advantages, response_mask, objective="clip", clip_low=low,
                        clip_high=high, weights=factor, agg=agg, normalizer=norm)
     clipfrac = n_cut / n_host if n_host > 0 else 0.0
     values = _peers.scalars([clipfrac, out.metrics["approx_kl"]])
     return _peers.owned(out.loss), {"actor/pg_clipfrac": values[0], "actor/ppo_kl": values[1]}
+
+
+class _GatheredAbsPenalty(torch.autograd.Function):
+    """(log_prob, sum_i scale_i |log_prob[idx_i] - old_i|): log_prob passes through unchanged
+    to the fused kernel, and the backward adds the penalty's gradient into the kernel's
+    gradient at the k gathered tokens. A plain gather would make autograd build a dense zero
+    gradient and add it to the kernel's: two [B, T] passes for k (~2e-4 N) tokens."""
+
+    @staticmethod
+    def forward(ctx, log_prob, idx, scale, old_k):
+        diff = log_prob.detach().reshape(-1)[idx].to(scale.dtype) - old_k
+        ctx.save_for_backward(idx, scale * torch.sign(diff))
+        ctx.like = (log_prob.shape, log_prob.dtype, log_prob.device)
+        return log_prob.view_as(log_prob), (diff.abs() * scale).sum()
+
+    @staticmethod
+    def backward(ctx, grad_lp, grad_penalty):
+        idx, slope = ctx.saved_tensors
+        if grad_lp is None:
+            shape, dtype, device = ctx.like
+            grad_lp = torch.zeros(shape, dtype=dtype, device=device)
+        # The alias's only consumer is the fused kernel, whose backward hands over a buffer of
+        # its own (a fresh copy under retain_graph): adding in place touches nothing shared.
+        grad = grad_lp if grad_lp.is_contiguous() else grad_lp.contiguous()
+        add = slope * grad_penalty.to(slope.dtype)
+        grad.view(-1).index_add_(0, idx, add.to(grad.dtype))
+        return grad, None, None, None
 
 
 def compute_policy_loss_kl_cov(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
@@ -537,26 +610,39 @@ def compute_policy_loss_kl_cov(old_log_prob: torch.Tensor, log_prob: torch.Tenso
     valid = response_mask.bool()
     adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
     weights = None if rollout_is_weights is None else rollout_is_weights.detach()
-    out = _policy_loss(log_prob, old_log_prob, advantages, response_mask, objective="clip", clip_low=1.0,
-                       clip_high=float("inf"), weights=weights, agg=agg, normalizer=norm)
-    loss = _peers.owned(out.loss)
+    native = _cov_native(adv, log_prob, old_log_prob, valid)
     with torch.no_grad():
-        n = valid.sum()
-        cov = _centred_product(adv, log_prob, valid, n)
-        d = (log_prob.detach().to(cov.dtype) - old_log_prob.detach().to(cov.dtype)).abs()
-        ppo_kl = torch.where(valid, d, torch.zeros((), dtype=d.dtype, device=d.device)).sum() / n.clamp(min=1)
-        n_host = int(n)
+        if native is not None:
+            B, T, a, lp, old, mask = native
+            cov = torch.empty((B, T), dtype=torch.promote_types(torch.promote_types(a.dtype, lp.dtype),
+                                                                torch.float32))
+            n_host, _, ppo_kl = core().losses.kl_cov_covariance(
+                B, T, dtype_code(lp), dtype_code(a), ptr(a), a.stride(0), a.stride(1), ptr(lp), ptr(old),
+                ptr(mask), ptr(cov))
+        else:
+            n = valid.sum()
+            cov = _centred_product(adv, log_prob, valid, n)
+            d = (log_prob.detach().to(cov.dtype) - old_log_prob.detach().to(cov.dtype)).abs()
+            ppo_kl = torch.where(valid, d, torch.zeros((), dtype=d.dtype, device=d.device)).sum() / n.clamp(min=1)
+            n_host = int(n)
+    penalty = None
     if n_host > 0:
         k = max(1, int(n_host * ratio))
         with torch.no_grad():
-            cov = torch.where(valid, cov, torch.full((), float("-inf"), dtype=cov.dtype, device=cov.device))
+            if native is None:
+                cov = torch.where(valid, cov, torch.full((), float("-inf"), dtype=cov.dtype, device=cov.device))
             idx = torch.topk(cov.reshape(-1), k, largest=True).indices
             T = valid.shape[-1]
             scale = _row_scale(agg, norm, response_mask, cov.dtype)[idx // T] * coef
             if rollout_is_weights is not None:
                 scale = scale * rollout_is_weights.detach().to(cov.dtype).reshape(-1)[idx]
-        gathered = log_prob.reshape(-1)[idx].to(cov.dtype) - old_log_prob.detach().reshape(-1)[idx].to(cov.dtype)
-        loss = loss + (gathered.abs() * scale).sum().to(loss.dtype)
+            old_k = old_log_prob.detach().reshape(-1)[idx].to(cov.dtype)
+        log_prob, penalty = _GatheredAbsPenalty.apply(log_prob, idx, scale, old_k)
+    out = _policy_loss(log_prob, old_log_prob, advantages, response_mask, objective="clip", clip_low=1.0,
+                       clip_high=float("inf"), weights=weights, agg=agg, normalizer=norm)
+    loss = _peers.owned(out.loss)
+    if penalty is not None:
+        loss = loss + penalty.to(loss.dtype)
     return loss, {"actor/ppo_kl": _peers.scalars([ppo_kl])[0]}
 
 

@@ -1,0 +1,216 @@
+// The covariance selection of verl's Clip-Cov and KL-Cov policy losses on CPU tensors:
+// (A - mean A)(lp - mean lp) per token, the means over the active tokens, in the
+// arithmetic type of the storage (float for float32/bfloat16/float16, double for float64).
+//
+// Pass 1 takes per-row masked sums in float64, added in row order afterwards, so the means
+// never depend on the thread count. Pass 2 either lists Clip-Cov's candidates (active,
+// PPO-unclipped, covariance strictly inside (lb, ub)) in row-major order, or writes KL-Cov's
+// covariance with -inf at inactive tokens for the caller's top-k. Masked positions are
+// skipped, so NaN or inf there reach neither a sum nor a candidate test.
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "rlkern/common.h"
+#include "rlkern/dtype.h"
+#include "rlkern/parallel.h"
+#include "rlkern/registry.h"
+
+namespace py = pybind11;
+
+namespace rlk::cov {
+namespace {
+
+struct Sums {
+  double count = 0.0, adv = 0.0, logp = 0.0, abs_lr = 0.0;
+};
+
+// Rows per task: a row of 4096 tokens is ~50 us of work, well above the pool's overhead.
+int64_t row_grain(int64_t T) { return std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(T, 1)); }
+
+// The arithmetic type for advantages stored as TA and log-probs as T: double when either is
+// float64, float otherwise (torch's promotion with float32, the type the torch path uses).
+template <class TA, class T>
+using calc_t = decltype(acc_t<TA>() + acc_t<T>());
+
+// Four interleaved accumulators in a fixed order (so the row's sums stay independent of the
+// thread count) break the float64 add chains; inactive tokens are selected out, not
+// multiplied by 0, so NaN there never reaches a sum.
+template <class TA, class T>
+Sums row_sums(const TA* a, int64_t a_step, const T* lp, const T* old, const uint8_t* m, int64_t n, bool with_kl) {
+  using C = calc_t<TA, T>;
+  double cnt[4] = {0, 0, 0, 0}, sa[4] = {0, 0, 0, 0}, sl[4] = {0, 0, 0, 0}, sd[4] = {0, 0, 0, 0};
+  int64_t t = 0;
+  for (; t + 4 <= n; t += 4) {
+    for (int j = 0; j < 4; ++j) {
+      const bool on = m[t + j] != 0;
+      const C l = C(load(lp, t + j));
+      cnt[j] += on ? 1.0 : 0.0;
+      sa[j] += on ? double(load(a, (t + j) * a_step)) : 0.0;
+      sl[j] += on ? double(l) : 0.0;
+      if (with_kl) sd[j] += on ? double(std::abs(C(l - C(load(old, t + j))))) : 0.0;
+    }
+  }
+  for (; t < n; ++t) {
+    const bool on = m[t] != 0;
+    const C l = C(load(lp, t));
+    cnt[0] += on ? 1.0 : 0.0;
+    sa[0] += on ? double(load(a, t * a_step)) : 0.0;
+    sl[0] += on ? double(l) : 0.0;
+    if (with_kl) sd[0] += on ? double(std::abs(C(l - C(load(old, t))))) : 0.0;
+  }
+  Sums s;
+  s.count = (cnt[0] + cnt[1]) + (cnt[2] + cnt[3]);
+  s.adv = (sa[0] + sa[1]) + (sa[2] + sa[3]);
+  s.logp = (sl[0] + sl[1]) + (sl[2] + sl[3]);
+  s.abs_lr = (sd[0] + sd[1]) + (sd[2] + sd[3]);
+  return s;
+}
+
+// Returns (active count, sum of A, sum of lp, sum of |lp - old|) over the active tokens.
+template <class TA, class T>
+Sums total_sums(int64_t B, int64_t T_, const TA* a, int64_t a_row, int64_t a_step, const T* lp, const T* old,
+                const uint8_t* m, bool with_kl) {
+  std::vector<Sums> part(static_cast<size_t>(B));
+  parallel_for(B, row_grain(T_), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      part[size_t(b)] = row_sums(a + b * a_row, a_step, lp + b * T_, old + b * T_, m + b * T_, T_, with_kl);
+  });
+  Sums s;
+  for (const Sums& p : part) {
+    s.count += p.count;
+    s.adv += p.adv;
+    s.logp += p.logp;
+    s.abs_lr += p.abs_lr;
+  }
+  return s;
+}
+
+template <class TA, class T>
+std::tuple<int64_t, int64_t, double> clip_candidates(int64_t B, int64_t T_, ptr_t adv, int64_t a_row, int64_t a_step,
+                                                     ptr_t logp, ptr_t old_logp, ptr_t mask, double lb, double ub,
+                                                     double low, double high, ptr_t out) {
+  using C = calc_t<TA, T>;
+  const TA* a = as_ptr<const TA>(adv);
+  const T* lp = as_ptr<const T>(logp);
+  const T* old = as_ptr<const T>(old_logp);
+  const uint8_t* m = as_ptr<const uint8_t>(mask);
+  int64_t* idx = as_ptr<int64_t>(out);
+  const Sums s = total_sums(B, T_, a, a_row, a_step, lp, old, m, false);
+  const double n = std::max(s.count, 1.0);
+  const C mean_a = C(s.adv / n), mean_lp = C(s.logp / n);
+  // verl compares its tensors with Python scalars, which torch casts to the tensor's type.
+  const C cl = C(lb), cu = C(ub), lo = C(1.0 - low), hi = C(1.0 + high);
+  std::vector<int64_t> count(size_t(B), 0);
+  // Each row first lists its candidates in its own T slots of `out`; the rows are then
+  // packed in row order (a destination never lies past its own source, so no row is
+  // overwritten before it moves).
+  parallel_for(B, row_grain(T_), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const TA* ar = a + b * a_row;
+      const T* lr = lp + b * T_;
+      const T* orow = old + b * T_;
+      const uint8_t* mr = m + b * T_;
+      int64_t* dst = idx + b * T_;
+      int64_t c = 0;
+      for (int64_t t = 0; t < T_; ++t) {
+        if (!mr[t]) continue;
+        const C av = C(load(ar, t * a_step));
+        const C l = C(load(lr, t));
+        const C cov = C(av - mean_a) * C(l - mean_lp);
+        if (!(cov < cu && cov > cl)) continue;
+        const C r = std::exp(C(l - C(load(orow, t))));
+        const C na = -av;
+        const C clamped = std::min(std::max(r, lo), hi);
+        // PPO-clipped tokens are no candidates (NaN ratios compare false: kept as verl does).
+        if (C(na * clamped) > C(na * r)) continue;
+        dst[c++] = b * T_ + t;
+      }
+      count[size_t(b)] = c;
+    }
+  });
+  int64_t total = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t c = count[size_t(b)];
+    if (c && total != b * T_) std::memmove(idx + total, idx + b * T_, size_t(c) * sizeof(int64_t));
+    total += c;
+  }
+  return {int64_t(s.count), total, 0.0};
+}
+
+template <class TA, class T>
+std::tuple<int64_t, int64_t, double> kl_covariance(int64_t B, int64_t T_, ptr_t adv, int64_t a_row, int64_t a_step,
+                                                   ptr_t logp, ptr_t old_logp, ptr_t mask, ptr_t out) {
+  using C = calc_t<TA, T>;
+  const TA* a = as_ptr<const TA>(adv);
+  const T* lp = as_ptr<const T>(logp);
+  const T* old = as_ptr<const T>(old_logp);
+  const uint8_t* m = as_ptr<const uint8_t>(mask);
+  C* cov = as_ptr<C>(out);
+  const Sums s = total_sums(B, T_, a, a_row, a_step, lp, old, m, true);
+  const double n = std::max(s.count, 1.0);
+  const C mean_a = C(s.adv / n), mean_lp = C(s.logp / n);
+  const C ninf = -std::numeric_limits<C>::infinity();
+  parallel_for(B, row_grain(T_), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const TA* ar = a + b * a_row;
+      const T* lr = lp + b * T_;
+      const uint8_t* mr = m + b * T_;
+      C* dst = cov + b * T_;
+      for (int64_t t = 0; t < T_; ++t)
+        dst[t] = mr[t] ? C(C(C(load(ar, t * a_step)) - mean_a) * C(C(load(lr, t)) - mean_lp)) : ninf;
+    }
+  });
+  return {int64_t(s.count), 0, s.abs_lr / n};
+}
+
+// dtype: the log-probs' storage code, adv_dtype: the advantages'. Clip-Cov: writes the
+// candidates' flat indices to out[0 : n_cand] (out holds B*T int64); returns
+// (active count, n_cand, 0).
+std::tuple<int64_t, int64_t, double> clip_cov_candidates(int64_t B, int64_t T_, int dtype, int adv_dtype, ptr_t adv,
+                                                         int64_t a_row, int64_t a_step, ptr_t logp, ptr_t old_logp,
+                                                         ptr_t mask, double lb, double ub, double low, double high,
+                                                         ptr_t out) {
+  std::tuple<int64_t, int64_t, double> r;
+  RLK_DISPATCH_FLOATING(adv_dtype, TA, {
+    RLK_DISPATCH_FLOATING(dtype, T, {
+      r = clip_candidates<TA, T>(B, T_, adv, a_row, a_step, logp, old_logp, mask, lb, ub, low, high, out);
+    });
+  });
+  return r;
+}
+
+// KL-Cov: writes the covariance (float, or double where an input is float64; -inf at
+// inactive tokens) to out; returns (active count, 0, mean |lp - old| over the active tokens).
+std::tuple<int64_t, int64_t, double> kl_cov_covariance(int64_t B, int64_t T_, int dtype, int adv_dtype, ptr_t adv,
+                                                       int64_t a_row, int64_t a_step, ptr_t logp, ptr_t old_logp,
+                                                       ptr_t mask, ptr_t out) {
+  std::tuple<int64_t, int64_t, double> r;
+  RLK_DISPATCH_FLOATING(adv_dtype, TA, {
+    RLK_DISPATCH_FLOATING(dtype, T, {
+      r = kl_covariance<TA, T>(B, T_, adv, a_row, a_step, logp, old_logp, mask, out);
+    });
+  });
+  return r;
+}
+
+void bind(py::module_& m) {
+  m.def("clip_cov_candidates", &clip_cov_candidates, py::arg("B"), py::arg("T"), py::arg("dtype"),
+        py::arg("adv_dtype"), py::arg("adv"), py::arg("adv_row_stride"), py::arg("adv_col_stride"), py::arg("logp"),
+        py::arg("old_logp"), py::arg("mask"), py::arg("lb"), py::arg("ub"), py::arg("clip_low"),
+        py::arg("clip_high"), py::arg("out"), py::call_guard<py::gil_scoped_release>());
+  m.def("kl_cov_covariance", &kl_cov_covariance, py::arg("B"), py::arg("T"), py::arg("dtype"), py::arg("adv_dtype"),
+        py::arg("adv"), py::arg("adv_row_stride"), py::arg("adv_col_stride"), py::arg("logp"), py::arg("old_logp"),
+        py::arg("mask"), py::arg("out"), py::call_guard<py::gil_scoped_release>());
+}
+
+}  // namespace
+}  // namespace rlk::cov
+
+RLK_REGISTER_BINDINGS(losses, rlk::cov::bind);
