@@ -111,15 +111,21 @@ def _token_case(N: int, V: int, dtype: torch.dtype, heavy: bool, compile_eager: 
                 peak_mb_estimate=_peak_estimate(_TOKEN_PEAK_COPIES, N, V))
 
 
+def _linear_inputs(N: int, H: int, V: int, dtype: torch.dtype, device: torch.device):
+    """Hidden states and an LM head (both requiring grad) and targets, the same for every linear case."""
+    gc.collect()
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    hidden = torch.randn(N, H, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    weight = (torch.randn(V, H, generator=gen) / H**0.5).to(device=device, dtype=dtype).requires_grad_()
+    targets = torch.randint(0, V, (N,), generator=gen).to(device)
+    return hidden, weight, targets
+
+
 def _linear_case(N: int, H: int, V: int, dtype: torch.dtype, heavy: bool) -> Case:
     name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
 
     def make(device: torch.device) -> Dict[str, Callable[[], None]]:
-        gc.collect()
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        hidden = torch.randn(N, H, generator=gen).to(device=device, dtype=dtype).requires_grad_()
-        weight = (torch.randn(V, H, generator=gen) / H**0.5).to(device=device, dtype=dtype).requires_grad_()
-        targets = torch.randint(0, V, (N,), generator=gen).to(device)
+        hidden, weight, targets = _linear_inputs(N, H, V, dtype, device)
 
         def run(fn):
             def call() -> None:
@@ -151,11 +157,7 @@ def _linear_logp_case(N: int, H: int, V: int, dtype: torch.dtype, heavy: bool) -
     name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
 
     def make(device: torch.device) -> Dict[str, Callable[[], None]]:
-        gc.collect()
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        hidden = torch.randn(N, H, generator=gen).to(device=device, dtype=dtype).requires_grad_()
-        weight = (torch.randn(V, H, generator=gen) / H**0.5).to(device=device, dtype=dtype).requires_grad_()
-        targets = torch.randint(0, V, (N,), generator=gen).to(device)
+        hidden, weight, targets = _linear_inputs(N, H, V, dtype, device)
 
         def run(fn):
             def call() -> None:
