@@ -17,8 +17,13 @@ from .core import Case, Impl
 
 # the objectives beyond PPO (sapo, geo_mean, dppo_*) run the fused kernels' objective bodies
 VERL_LOSSES = ("vanilla", "gspo", "cispo", "gpg", "dro", "sapo", "geo_mean", "dppo_tv", "dppo_kl", "clip_cov", "kl_cov")
+# the IS correction at OpenRLHF's default band (0.5, 5.0): token-level mask (the default mode),
+# token-level clip, and the per-sequence mask
 OPENRLHF_LOSSES = {"ppo": dict(), "ppo-dual-clip": dict(dual_clip=3.0), "gspo": dict(policy_loss_type="gspo"),
-                   "ppo-is-token": dict(is_correction_level="token")}
+                   "ppo-is-token": dict(is_correction_level="token"),
+                   "ppo-is-token-clip": dict(is_correction_level="token", is_correction_mode="clip"),
+                   "ppo-is-seq": dict(is_correction_level="seq")}
+OPENRLHF_KL = ("k1", "k2", "k3")
 
 
 def _has(module: str) -> bool:
@@ -162,5 +167,6 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
                 for label, config in OPENRLHF_LOSSES.items():
                     add(f"openrlhf PolicyLoss {label}", _openrlhf_policy(config, B, T, dtype), B, T, dtype)
                 add("openrlhf ValueLoss", _openrlhf_value(B, T, dtype), B, T, dtype)
-                add("openrlhf compute_approx_kl k3", _openrlhf_kl("k3", B, T, dtype), B, T, dtype)
+                for estimator in OPENRLHF_KL:
+                    add(f"openrlhf compute_approx_kl {estimator}", _openrlhf_kl(estimator, B, T, dtype), B, T, dtype)
     return out
