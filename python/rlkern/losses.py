@@ -794,7 +794,8 @@ def _no_double(op: str, grad: Tensor, grad_out: Tensor, dtype: torch.dtype, anch
 
 def _value_launch(backend: str, values, old_values, returns, mask, clip: Optional[float], agg: str, normalizer):
     """(loss, clip_frac, value_mean, grad) from the kernel on [B, T] inputs; ``normalizer``
-    is None, a number or a tensor in the arithmetic dtype (applied on its device)."""
+    is None, a number or a tensor in the arithmetic dtype (applied on its device). The CPU
+    kernel writes ``grad`` finished, in the storage dtype; Triton's is in the arithmetic dtype."""
     B, T = values.shape
     acc = compute_dtype(values, old_values, returns)
     storage = _storage(values, old_values, returns)
@@ -802,15 +803,27 @@ def _value_launch(backend: str, values, old_values, returns, mask, clip: Optiona
     R = _as(returns, storage)
     vo = _as(old_values, storage) if old_values is not None else v
     m = _mask_bytes(mask)
-    grad = torch.empty((B, T), dtype=acc, device=v.device)
     if backend == "cpu":
-        totals = core().losses.value_loss(B, T, dtype_code(v), ptr(v), ptr(vo), ptr(R), ptr(m), clip is not None,
-                                          float(clip or 0.0), _AGG_CODES[agg], ptr(grad))
-        totals = torch.tensor(totals, dtype=acc, device=v.device)
-    else:
-        from .triton import losses as triton_losses
+        grad = torch.empty((B, T), dtype=storage, device=v.device)
+        tensor_norm = isinstance(normalizer, torch.Tensor)
+        # the final scale is known up front except the kernel's own counts (scale 0: counted there)
+        scale = 1.0 if tensor_norm else (0.0 if normalizer is None else 1.0 / float(normalizer))
+        totals = core().losses.value_loss_scaled(B, T, dtype_code(v), ptr(v), ptr(vo), ptr(R), ptr(m),
+                                                 clip is not None, float(clip or 0.0), _AGG_CODES[agg], ptr(grad),
+                                                 scale)
+        active = max(totals[0], 1.0)
+        denom = _agg_denominator(agg, normalizer, totals[0], totals[4])
+        if tensor_norm:
+            grad.div_(denom.to(storage) if storage != acc else denom)
+            loss = torch.tensor(totals[1], dtype=acc, device=v.device) / denom
+        else:
+            loss = torch.tensor(totals[1] / denom, dtype=acc, device=v.device)
+        stats = torch.tensor([totals[2] / active, totals[3] / active], dtype=acc, device=v.device)
+        return loss, stats[0], stats[1], grad
+    grad = torch.empty((B, T), dtype=acc, device=v.device)
+    from .triton import losses as triton_losses
 
-        totals = triton_losses.value_loss(v, vo, R, m, clip, _AGG_CODES[agg], _row_scale(agg, T), grad)
+    totals = triton_losses.value_loss(v, vo, R, m, clip, _AGG_CODES[agg], _row_scale(agg, T), grad)
     active = totals[0].clamp(min=1)
     denom = _agg_denominator(agg, normalizer, totals[0], totals[4])
     if isinstance(denom, torch.Tensor):
@@ -818,6 +831,35 @@ def _value_launch(backend: str, values, old_values, returns, mask, clip: Optiona
     else:
         grad.mul_(1.0 / denom)
     return totals[1] / denom, totals[2] / active, totals[3] / active, grad
+
+
+class _ValueLossFunction(torch.autograd.Function):
+    """``run()`` returns (loss, finished d loss / d values); backward hands that buffer to
+    autograd scaled by the incoming gradient, in place unless the graph is retained (as
+    _PolicyLossFunction), so no second gradient-sized buffer is allocated."""
+
+    @staticmethod
+    def forward(ctx, values, run):
+        loss, grad = run()
+        ctx.grad = grad
+        ctx.anchor = values  # a plain reference: anchors the double-backward error only
+        ctx.dtype = values.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.grad is None:
+            raise RuntimeError("value_loss: backward through this graph has already run; "
+                               "pass retain_graph=True to the first backward to run it again")
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        unit = grad_out.device.type == "cpu" and grad_out.item() == 1.0
+        if _keep_graph():
+            g = ctx.grad.clone() if unit else ctx.grad * grad_out
+        else:
+            g = ctx.grad if unit else ctx.grad.mul_(grad_out)
+            ctx.grad = None
+        return _first_order(g.to(ctx.dtype), ctx.anchor, "rlkern::value_loss"), None
 
 
 @torch.library.custom_op("rlkern::value_loss", mutates_args=())
@@ -829,7 +871,7 @@ def _value_op(values: Tensor, old_values: Optional[Tensor], returns: Tensor, mas
     norm = normalizer.to(acc) if normalizer is not None else normalizer_value
     loss, clip_frac, value_mean, grad = _value_launch(_op_backend(values.device), values, old_values, returns, mask,
                                                       clip, agg, norm)
-    return loss.to(acc), torch.stack([clip_frac, value_mean]), grad
+    return loss.to(acc), torch.stack([clip_frac, value_mean]), grad.to(acc)
 
 
 @_value_op.register_fake
@@ -921,9 +963,9 @@ def value_loss(values: Tensor, old_values: Optional[Tensor], returns: Tensor, ma
     def run():
         loss, metrics["clip_frac"], metrics["value_mean"], grad = _value_launch(
             backend, values.detach(), old_values, returns, mask, clip, agg, normalizer)
-        return loss, (grad,)
+        return loss, grad
 
-    loss = _SavedGradFunction.apply(run, "value_loss", values)
+    loss = _ValueLossFunction.apply(values, run)
     return LossOutput(loss, metrics)
 
 
