@@ -322,3 +322,205 @@ def test_install_swaps_openrlhf_classes_and_uninstall_restores():
         O.uninstall()
     assert (L.PolicyLoss, L.ValueLoss, U.compute_approx_kl) == orig
     assert models_pkg.PolicyLoss is pkg_orig
+
+
+# ------------------------------------------------------------------------------------------
+# the compiled paths (CPU): the ratio-gated IS coefficient, the k3 log-ratio bound, the value
+# loss, against OpenRLHF at extreme inputs
+
+_OVERFLOW = 88.7228317  # float32's exp overflow threshold
+_INF = float("inf")
+
+
+def _openrlhf_gate(config, old, roll, m):
+    """OpenRLHF 0.11.2's gate (PolicyLoss.forward, ratio gating) as written there, in float32."""
+    low, high = config.get("is_correction_threshold", (0.5, 5.0))
+    seq_level = config["is_correction_level"] == "seq"
+    is_log_ratio = old.float() - roll.float()
+    token_is = is_log_ratio.exp()
+    stat = U.masked_mean(is_log_ratio, m, dim=-1).unsqueeze(-1) if seq_level else is_log_ratio
+    stat = stat.exp()
+    if config.get("is_correction_mode", "mask") == "clip":
+        coef = stat.clamp(min=low, max=high)
+        filtered = (stat < low) | (stat > high)
+    else:
+        keep = (stat >= low) & (stat <= high)
+        coef = torch.where(keep, token_is, 0.0)
+        filtered = ~keep
+    ratio = filtered.float().mean() if seq_level else U.masked_mean(filtered.float(), m, dim=None)
+    return coef.expand(m.shape) * m, ratio
+
+
+def _extreme_gate_inputs(dtype, nan_masked: bool, finite_kept: bool = False):
+    """IS log-ratios x = old - rollout at and around exp's overflow threshold, +-inf, holes and
+    an empty row; with ``nan_masked`` NaN and inf at masked positions. Row 1's mean log-ratio
+    is about 0, so a sequence gate keeps its token of weight exp(1000) = inf, unless
+    ``finite_kept``."""
+    old, lp, roll, adv, m = make_inputs("holed")
+    roll = roll.clone()
+    roll[0, 0] = old[0, 0] - _OVERFLOW          # exp(x) at the threshold: finite
+    roll[0, 1] = old[0, 1] - 88.75              # just above: inf
+    roll[1, 0] = old[1, 0] - 1000.0
+    roll[1, 1] = old[1, 1] + (500.0 if finite_kept else 1000.0)  # exp(x) = 0
+    roll[2, 0] = -_INF                          # x = +inf
+    roll[3, 0] = old[3, 0] - 0.9                # 2.46: inside the band
+    roll[3, 2] = old[3, 2] + 0.8                # 0.45: below 0.5
+    roll[4, 0] = old[4, 0] - 1.7                # 5.47: above 5 (the row's only token)
+    if nan_masked:
+        old, roll = old.clone(), roll.clone()
+        old[~m] = float("nan")
+        roll[0, 2] = _INF                       # a masked hole
+        roll[5, :] = -_INF                      # the empty row
+    return old.to(dtype), lp.to(dtype), roll.to(dtype), adv, m
+
+
+GATE_CONFIGS = [dict(is_correction_level="seq"), dict(is_correction_level="token"),
+                dict(is_correction_level="token", is_correction_mode="clip"),
+                dict(is_correction_level="seq", is_correction_threshold=(0.0, 1.05)),
+                dict(is_correction_level="token", is_correction_threshold=(1.2, 0.8)),
+                dict(is_correction_level="token", is_correction_mode="clip", is_correction_threshold=(1.2, 0.8))]
+
+
+@pytest.mark.parametrize("config", GATE_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nan_masked", [False, True], ids=["finite", "nan-masked"])
+def test_compiled_is_gate_matches_openrlhf(config, dtype, nan_masked):
+    """The CPU kernel's coefficient and filtered fraction are OpenRLHF's (on finite masked
+    inputs: OpenRLHF's masked mean lets a masked NaN through), for log-ratios at exp's
+    overflow threshold, beyond it, +-inf, holes and an empty row."""
+    old, _, roll, _, m = _extreme_gate_inputs(dtype, nan_masked)
+    coef, ratio = O.PolicyLoss(**config)._compiled_gate(old, roll, m)
+    assert coef.dtype == torch.float32
+    fin_old, _, fin_roll, _, _ = _extreme_gate_inputs(dtype, False)
+    want, want_ratio = _openrlhf_gate(config, fin_old, fin_roll, m)
+    assert torch.equal(coef[~m], torch.zeros_like(coef[~m]))
+    assert_close(coef * m, want, 1e-6, "coef")
+    assert abs(float(ratio) - float(want_ratio)) <= 1e-6, (float(ratio), float(want_ratio))
+    if config["is_correction_level"] == "token" and config.get("is_correction_mode") != "clip":
+        assert torch.isinf(fin_old[0, 1].float() - fin_roll[0, 1].float()) or coef[0, 1] == 0
+
+
+@pytest.mark.parametrize("config", GATE_CONFIGS[:1] + GATE_CONFIGS[3:5],
+                         ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_is_gate_matches_the_torch_path(config, dtype):
+    """The same PolicyLoss through the compiled gate and through the torch gate (the reference
+    backend's path): loss, metrics and gradient agree, at extreme log-ratios."""
+    import rlkern
+
+    old, lp, roll, adv, m = _extreme_gate_inputs(dtype, False, finite_kept=True)
+    res = []
+    for backend in ("cpu", "reference"):
+        x = lp.clone().requires_grad_()
+        with rlkern.use_backend(backend):
+            out = O.PolicyLoss(**config)(x, old, adv, m, roll)
+            (g,) = torch.autograd.grad(out[0], x)
+        res.append((out, g))
+    (a, ga), (b, gb) = res
+    assert_close(a[0].float(), b[0].float(), 1e-5, "loss")
+    for name, u, v in zip(("clip_ratio", "ppo_kl", "vllm_kl", "is_filter_ratio"), a[1:], b[1:]):
+        assert_close(torch.as_tensor(_float(u)), torch.as_tensor(_float(v)), 1e-5, name)  # vllm_kl: -inf
+    assert_close(ga.float(), gb.float(), 1e-4 if dtype == torch.float32 else 1e-2, "grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("token_level_loss", [True, False])
+def test_seq_is_correction_matches_openrlhf_with_nan_at_masked_positions(dtype, token_level_loss):
+    """Sequence-level IS correction, default band, holed mask: equal to OpenRLHF on finite
+    masked values, and unchanged when the masked positions hold NaN (OpenRLHF's would be NaN)."""
+    old, lp, roll, adv, m = make_inputs("holed")
+    roll = roll.clone()
+    roll[1, :3] = old[1, :3] + 1.2  # the row's mean ratio falls below 0.5
+    roll[3, 0] = old[3, 0] - _OVERFLOW
+    m = m.clone()
+    m[5, 0] = True  # OpenRLHF's gate divides by the row's token count: NaN for an empty row
+    config = dict(is_correction_level="seq", token_level_loss=token_level_loss)
+    x = lp.to(dtype).float().requires_grad_()
+    theirs = L.PolicyLoss(**config)(x, old.to(dtype).float(), adv, m, roll.to(dtype).float())
+    (g_theirs,) = torch.autograd.grad(theirs[0], x)
+    nan_old, nan_roll, nan_lp = old.clone(), roll.clone(), lp.clone()
+    nan_old[~m], nan_roll[~m], nan_lp[~m] = float("nan"), _INF, float("nan")
+    for o, r, p in ((old, roll, lp), (nan_old, nan_roll, nan_lp)):
+        y = p.to(dtype).requires_grad_()
+        ours = O.PolicyLoss(**config)(y, o.to(dtype), adv, m, r.to(dtype))
+        (g_ours,) = torch.autograd.grad(ours[0], y)
+        assert_close(ours[0].float(), theirs[0], 1e-5, "loss")
+        for name, i in (("clip_ratio", 1), ("vllm_kl", 3), ("is_filter_ratio", 4)):
+            assert abs(_float(ours[i]) - _float(theirs[i])) <= 1e-5 * max(1.0, abs(_float(theirs[i]))), name
+        assert_close(g_ours.float(), (g_theirs * m).to(dtype).float(), 1e-4 if dtype == torch.float32 else 1e-2, "grad")
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compute_approx_kl_extremes_match_openrlhf(estimator, dtype):
+    """log_ratio = lp - base at +-10, beyond the clamp, past exp's overflow threshold (k3's exp(-log_ratio)),
+    +-inf and NaN: OpenRLHF's values and gradients (its k3 bounds the log-ratio below by -10 first, so
+    lp = -inf gives 10 with zero gradient; k2's inf * 0 derivative stays NaN, as in torch)."""
+    g = torch.Generator().manual_seed(11)
+    base = -torch.rand(4, 16, generator=g) * 3
+    lr = 0.5 * torch.randn(4, 16, generator=g)
+    lr[0, :10] = torch.tensor([10.0, -10.0, 10.5, -10.5, -_OVERFLOW, -88.75, -200.0, 200.0, 4.4, -4.4])
+    lp = base + lr
+    lp[1, 0], lp[1, 1], lp[1, 2] = -_INF, _INF, float("nan")
+    base[1, 3] = -_INF
+    lp, base = lp.to(dtype), base.to(dtype)
+    res = []
+    for fn in (O.compute_approx_kl, U.compute_approx_kl):
+        x = lp.clone().requires_grad_()
+        kl = fn(x, base, None, estimator)
+        res.append((kl, torch.autograd.grad(kl.sum(), x)[0]))
+    (a, ga), (b, gb) = res
+    assert a.dtype == torch.float32 and ga.dtype == dtype
+    assert_close(a, b, 1e-6, "value")
+    assert_close(ga.float(), gb.float(), 1e-5, "grad")
+
+
+def test_compute_approx_kl_backward_scales_and_retains():
+    """The gradient buffer handed over in backward: scaled by a non-uniform incoming gradient,
+    kept for a second backward with retain_graph, refused for a second one without it."""
+    old, lp, roll, _, _ = make_inputs("padded")
+    w = torch.rand(lp.shape, generator=torch.Generator().manual_seed(2))
+    for estimator in ("k1", "k3"):
+        x, y = lp.clone().requires_grad_(), lp.clone().requires_grad_()
+        ours = O.compute_approx_kl(x, roll, None, estimator)
+        theirs = U.compute_approx_kl(y, roll, None, estimator)
+        (g1,) = torch.autograd.grad((ours * w).sum(), x, retain_graph=True)
+        (g2,) = torch.autograd.grad(ours.sum() * 3.0, x, retain_graph=True)
+        (g3,) = torch.autograd.grad(ours.sum(), x)
+        (h1,) = torch.autograd.grad((theirs * w).sum(), y, retain_graph=True)
+        (h3,) = torch.autograd.grad(theirs.sum(), y)
+        assert_close(g1, h1, 1e-5, "weighted")
+        assert_close(g2, 3.0 * h3, 1e-5, "scaled")
+        assert_close(g3, h3, 1e-5, "unit")
+        with pytest.raises(RuntimeError, match="already run"):
+            torch.autograd.grad(ours.sum(), x)
+
+
+@pytest.mark.parametrize("clip_eps", [None, 0.2])
+@pytest.mark.parametrize("token_level_loss", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [{}, dict(dp_size=2, batch_num_tokens=90, global_batch_size=12)],
+                         ids=["local", "global"])
+def test_value_loss_matches_openrlhf_holed_bf16_nan_masked(clip_eps, token_level_loss, dtype, batch):
+    """ValueLoss over 37 tokens a row (vector steps and a scalar tail), holes, an empty row and
+    NaN at masked positions: OpenRLHF's loss and gradient (OpenRLHF on the finite values)."""
+    g = torch.Generator().manual_seed(8)
+    Tn = 37
+    m = torch.rand(B, Tn, generator=g) > 0.3
+    m[2, :] = False
+    m[4, :] = True
+    v = torch.randn(B, Tn, generator=g).to(dtype)
+    old_v = (v.float() + 0.3 * torch.randn(B, Tn, generator=g)).to(dtype)
+    ret = torch.randn(B, Tn, generator=g).to(dtype)
+    x = v.float().requires_grad_()
+    theirs = L.ValueLoss(clip_eps, token_level_loss)(x, old_v.float(), ret.float(), m, **batch)
+    (g_theirs,) = torch.autograd.grad(theirs, x)
+    nv, nold, nret = v.clone(), old_v.clone(), ret.clone()
+    nv[~m], nold[~m], nret[~m] = float("nan"), _INF, float("nan")
+    for vals, o, r in ((v, old_v, ret), (nv, nold, nret)):
+        y = vals.clone().requires_grad_()
+        ours = O.ValueLoss(clip_eps, token_level_loss)(y, o, r, m, **batch)
+        (g_ours,) = torch.autograd.grad(ours, y)
+        assert g_ours.dtype == dtype
+        assert_close(ours.float(), theirs, 1e-5, "loss")
+        assert_close(g_ours.float(), g_theirs.to(dtype).float(), 1e-5 if dtype == torch.float32 else 1e-2, "grad")

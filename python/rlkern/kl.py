@@ -6,6 +6,7 @@ Used as a penalty in the reward (``kl_penalty`` on its own) or as a loss term
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple, Union
 
 import torch
@@ -45,12 +46,31 @@ def _first_order(g: torch.Tensor, anchor: torch.Tensor, op: str) -> torch.Tensor
     return g
 
 
+def _keep_graph() -> bool:
+    """Whether the running backward retains the graph (retain_graph=True)."""
+    try:
+        return bool(torch._C._autograd._get_current_graph_task_keep_graph())
+    except (AttributeError, RuntimeError):
+        return True  # unknown: keep the buffer, as retaining would need
+
+
+def _uniform_value(t: torch.Tensor) -> Optional[float]:
+    """The one value of a CPU tensor broadcast from a scalar (every stride 0, as the gradient
+    of a ``.sum()``), read without a pass over it; None for any other tensor."""
+    if t.device.type != "cpu" or t.numel() == 0 or any(st != 0 for st in t.stride()):
+        return None
+    return t[(0,) * t.dim()].item()
+
+
 class _KlPenaltyFunction(torch.autograd.Function):
-    """Forward computes the estimate and d kl / d logp in one pass and saves only that
-    derivative; backward scales it by the incoming gradient."""
+    """Forward computes the estimate and d kl / d logp in one pass and keeps only that
+    derivative; backward scales it by the incoming gradient, in place unless the graph is
+    retained, and not at all when that gradient is a broadcast 1 (a ``.sum()``), so
+    backward allocates no second buffer in float32. ``d_max`` bounds ref - logp before the
+    estimate (zero gradient where it binds; CPU only)."""
 
     @staticmethod
-    def forward(ctx, logp, ref_logp, kind, low, high, backend):
+    def forward(ctx, logp, ref_logp, kind, low, high, backend, d_max=None):
         storage = logp.dtype if logp.dtype == ref_logp.dtype else compute_dtype(logp, ref_logp)
         lp = logp.to(storage).contiguous()
         ref = ref_logp.to(storage).contiguous()
@@ -60,20 +80,39 @@ class _KlPenaltyFunction(torch.autograd.Function):
         if backend == "cpu":
             core().losses.kl_penalty(out.numel(), dtype_code(lp), ptr(lp), ptr(ref), _KIND_CODES[kind],
                                      low is not None, 0.0 if low is None else low, high is not None,
-                                     0.0 if high is None else high, ptr(out), ptr(grad) if want_grad else 0)
+                                     0.0 if high is None else high, ptr(out), ptr(grad) if want_grad else 0,
+                                     math.inf if d_max is None else float(d_max))
         else:
+            if d_max is not None:
+                raise ValueError("d_max is implemented by the CPU kernel only")
             from .triton import losses as triton_losses
 
             triton_losses.kl_penalty(lp, ref, _KIND_CODES[kind], low, high, out, grad)
-        ctx.save_for_backward(grad, logp)
+        # Plain references, not save_for_backward: the buffer is handed to autograd in
+        # backward, and logp only anchors the double-backward error (an in-place update of
+        # logp after this call must not fail a version check).
+        ctx.grad = grad
+        ctx.anchor = logp
         ctx.logp_dtype = logp.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad, logp = ctx.saved_tensors
-        g = None if grad is None else _first_order((grad_out * grad).to(ctx.logp_dtype), logp, "rlkern::kl_penalty")
-        return g, None, None, None, None, None
+        grad = ctx.grad
+        if grad is None:
+            if not ctx.needs_input_grad[0]:
+                return None, None, None, None, None, None, None
+            raise RuntimeError("kl_penalty: backward through this graph has already run; "
+                               "pass retain_graph=True to the first backward to run it again")
+        keep = _keep_graph()
+        scale = _uniform_value(grad_out)
+        if keep:
+            g = grad.clone() if scale == 1.0 else grad * grad_out
+        else:
+            g = grad if scale == 1.0 else (grad.mul_(scale) if scale is not None else grad.mul_(grad_out))
+            ctx.grad = None
+        g = _first_order(g.to(ctx.logp_dtype), ctx.anchor, "rlkern::kl_penalty")
+        return g, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------
@@ -189,3 +228,25 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3",
     if backend == "reference":
         return _ref.kl_penalty(logp, ref_logp.detach(), kind, clamp)
     return _KlPenaltyFunction.apply(logp, ref_logp.detach(), kind, low, high, backend)
+
+
+def _kl_penalty_capped(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str, clamp, d_max: float) -> torch.Tensor:
+    """:func:`kl_penalty` of d = min(ref_logp - logp, d_max): the estimate at the bound and a
+    zero gradient where it binds (torch.clamp's convention: it passes at the bound itself).
+    OpenRLHF bounds its k3 log-ratio this way (lp - ref >= -10) so that exp cannot overflow:
+    d = +inf gives the clamped estimate, not inf - inf. Fused into the CPU kernel; elsewhere
+    logp is replaced by ref_logp - d_max where the bound binds, before :func:`kl_penalty`."""
+    traced = _traced(logp, ref_logp)
+    plain = type(logp) is torch.Tensor and type(ref_logp) is torch.Tensor  # not a DTensor or another subclass
+    if plain and not traced and logp.device.type == "cpu" and _backend.select(logp.device) == "cpu":
+        _validate.tensor("logp", logp, floating=True)
+        _validate.tensor("ref_logp", ref_logp, floating=True)
+        _validate.same_shape("ref_logp", ref_logp, logp.shape, "logp")
+        _validate.same_device(logp=logp, ref_logp=ref_logp)
+        _validate.choice("kind", kind, KL_KINDS)
+        low, high = clamp_bounds("clamp", clamp)
+        return _KlPenaltyFunction.apply(logp, ref_logp.detach(), kind, low, high, "cpu", float(d_max))
+    ref = ref_logp.detach()
+    cut = (ref - logp.detach()) > d_max
+    bounded = torch.where(cut, (ref - d_max).to(logp.dtype), logp)
+    return kl_penalty(bounded, ref, kind=kind, clamp=clamp)

@@ -28,7 +28,9 @@ from typing import List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ..kl import kl_penalty
+from .. import _backend
+from .._kernel import core, dtype_code, ptr
+from ..kl import _kl_penalty_capped, kl_penalty
 from ..losses import policy_loss, value_loss
 from ..returns import discounted_returns, gae, group_advantages
 from . import _peers
@@ -75,6 +77,13 @@ class PolicyLoss(nn.Module):
     Aggregated as the token mean (``token_level_loss``) or the mean over non-empty sequences of
     their token means (always for gspo), over the global batch when its sizes are given.
     ``forward`` returns ``(loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)``.
+
+    On CPU tensors the ratio gates that the fused kernel's token band does not cover (the
+    sequence level; token-level bands with low > high or high <= 0) run as one compiled pass
+    (``is_correction_gate``) whose coefficient is the kernel's ``weights``; the divergence gates
+    and device tensors take torch ops. Masked positions never reach a gate's statistic (NaN held
+    there does not leak, unlike OpenRLHF's masked mean); an empty row's statistic is NaN, so
+    its sequence counts as filtered, as in OpenRLHF.
     """
 
     def __init__(self, clip_eps_low: float = 0.2, clip_eps_high: float = 0.2, dual_clip: float = None,
@@ -107,18 +116,52 @@ class PolicyLoss(nn.Module):
         self.is_correction_gating = is_correction_gating
         self.is_correction_threshold = is_correction_threshold
 
+    def _compiled_gate(self, old_log_probs, rollout_log_probs, m):
+        """The ratio gate in one pass of the CPU kernel (``is_correction_gate``): the coefficient
+        (float32, float64 for float64 inputs) and the filtered fraction; None where it does not
+        apply (another gating, device tensors, the reference backend, tracing)."""
+        if self.is_correction_gating != "ratio" or m.dim() != 2 or m.numel() == 0:
+            return None
+        tensors = (old_log_probs, rollout_log_probs, m)
+        if any(type(t) is not torch.Tensor or t.device.type != "cpu" for t in tensors) \
+                or torch.compiler.is_compiling() or _backend.select(m.device) != "cpu":
+            return None
+        if old_log_probs.shape != m.shape or rollout_log_probs.shape != m.shape:
+            return None
+        storage = old_log_probs.dtype if old_log_probs.dtype == rollout_log_probs.dtype else \
+            torch.promote_types(torch.promote_types(old_log_probs.dtype, rollout_log_probs.dtype), torch.float32)
+        if not storage.is_floating_point:
+            return None
+        old = old_log_probs.detach().to(storage).contiguous()
+        roll = rollout_log_probs.detach().to(storage).contiguous()
+        mb = m.contiguous().view(torch.uint8)
+        B, T = m.shape
+        coef = torch.empty((B, T), dtype=torch.float64 if storage == torch.float64 else torch.float32)
+        low, high = (float(x) for x in self.is_correction_threshold)
+        seq_level = self.is_correction_level == "seq"
+        filtered = core().losses.is_correction_gate(B, T, dtype_code(old), ptr(old), ptr(roll), ptr(mb), seq_level,
+                                                     self.is_correction_mode == "clip", low, high, ptr(coef))
+        units = B if seq_level else int(mb.sum())
+        return coef, torch.tensor(filtered / max(units, 1))
+
     @torch.no_grad()
     def _is_coefficient(self, old_log_probs, rollout_log_probs, m):
         """The detached per-token coefficient of the IS correction, and the filtered fraction."""
+        compiled = self._compiled_gate(old_log_probs, rollout_log_probs, m)
+        if compiled is not None:
+            return compiled
         low, high = self.is_correction_threshold
         seq_level = self.is_correction_level == "seq"
         mf = m.to(torch.float32)
+        zero = torch.zeros((), dtype=torch.float32, device=m.device)
+
+        def row_mean(x):  # masked positions selected out: a NaN held there does not leak
+            return (torch.where(m, x, zero).sum(-1) / mf.sum(-1)).unsqueeze(-1)
+
         is_log_ratio = old_log_probs.float() - rollout_log_probs.float()
         token_is = is_log_ratio.exp()
         if self.is_correction_gating == "ratio":
-            stat = is_log_ratio
-            if seq_level:
-                stat = ((is_log_ratio * mf).sum(-1) / mf.sum(-1)).unsqueeze(-1)
+            stat = row_mean(is_log_ratio) if seq_level else is_log_ratio
             stat = stat.exp()
         else:
             p = rollout_log_probs.float().exp().clamp(1e-6, 1 - 1e-6)
@@ -128,18 +171,18 @@ class PolicyLoss(nn.Module):
             else:
                 stat = (p - q).abs()
             if seq_level:
-                stat = ((stat * mf).sum(-1) / mf.sum(-1)).unsqueeze(-1)
+                stat = row_mean(stat)
         if self.is_correction_mode == "clip":
             coef = stat.clamp(min=low, max=high)
             filtered = (stat < low) | (stat > high)
         else:
             keep = (stat >= low) & (stat <= high)
-            coef = torch.where(keep, token_is, torch.zeros((), dtype=token_is.dtype, device=token_is.device))
+            coef = torch.where(keep, token_is, zero)
             filtered = ~keep
         if seq_level:
             filter_ratio = filtered.float().mean()
         else:
-            filter_ratio = (filtered.float() * mf).sum() / mf.sum()
+            filter_ratio = (filtered & m).float().sum() / mf.sum().clamp(min=1)
         return coef.expand(m.shape), filter_ratio
 
     def _kernel_band(self) -> Optional[dict]:
@@ -238,12 +281,17 @@ def compute_approx_kl(log_probs: torch.Tensor, log_probs_base: torch.Tensor,
                       log_probs_old: Optional[torch.Tensor] = None, kl_estimator: str = "k1",
                       unbiased_gradient: bool = False) -> torch.Tensor:
     """OpenRLHF's ``compute_approx_kl`` in float32 (Schulman's estimators, log_ratio = lp - base):
-    k1 = log_ratio; k2 = log_ratio^2 / 2; k3 = exp(-log_ratio) - 1 + log_ratio; each clamped to
-    [-10, 10] (zero gradient where clamped). With ``unbiased_gradient`` the value is kept and the
+    k1 = log_ratio; k2 = log_ratio^2 / 2; k3 = exp(-log_ratio) - 1 + log_ratio with log_ratio
+    first bounded below by -10 (so lp = -inf gives 10, not NaN); each clamped to [-10, 10] (zero
+    gradient where clamped). With ``unbiased_gradient`` the value is kept and the
     gradient is w (lp - base), w = min(exp(lp - old), 10) detached (1 without ``log_probs_old``)."""
     if kl_estimator not in ("k1", "k2", "k3"):
         raise ValueError(f"Unknown kl_estimator: {kl_estimator}")
-    value = kl_penalty(log_probs, log_probs_base, kind=kl_estimator, clamp=_KL_CLAMP)
+    if kl_estimator == "k3":
+        # OpenRLHF bounds the k3 log-ratio below by -10 before exp: d = base - lp <= 10
+        value = _kl_penalty_capped(log_probs, log_probs_base, "k3", _KL_CLAMP, _KL_CLAMP)
+    else:
+        value = kl_penalty(log_probs, log_probs_base, kind=kl_estimator, clamp=_KL_CLAMP)
     if not unbiased_gradient:
         return value
     value = value.detach()
