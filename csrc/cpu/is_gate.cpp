@@ -15,10 +15,12 @@
 // it. Masked positions are selected out (coefficient 0) before any arithmetic, so NaN or inf
 // there reach nothing; the row sums are float64, in a fixed order per row.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <stdexcept>
+#include <tuple>
 #include <vector>
 
 #include "rlkern/common.h"
@@ -63,30 +65,39 @@ inline A coefficient(A e, A stat, A lo, A hi, bool clip_mode, bool& filtered) {
   return keep ? e : A(0);
 }
 
-// Sum and count of x over a row's active tokens (float64, four interleaved accumulators).
-template <class S>
-inline void row_log_ratio(const Args& a, int64_t b, double& sum, int64_t& n) {
+// Sum and count of x over a row's active tokens: float lanes (8 per step, float32 and
+// bfloat16) flushed to float64 every 512 tokens, then the scalar tail; a fixed order per row.
+template <class S, bool LANES>
+inline __attribute__((always_inline)) void row_log_ratio(const Args& a, int64_t b, double& sum, int64_t& n) {
   using A = acc_t<S>;
   const S* o = as_ptr<const S>(a.old_logp) + b * a.T;
   const S* r = as_ptr<const S>(a.rollout_logp) + b * a.T;
   const uint8_t* m = as_ptr<const uint8_t>(a.mask) + b * a.T;
-  double s[4] = {0, 0, 0, 0};
-  int64_t c[4] = {0, 0, 0, 0};
+  sum = 0.0;
+  double count = 0.0;
   int64_t t = 0;
-  for (; t + 4 <= a.T; t += 4) {
-    for (int j = 0; j < 4; ++j) {
-      const bool on = m[t + j] != 0;
-      s[j] += on ? double(A(load(o, t + j)) - A(load(r, t + j))) : 0.0;
-      c[j] += on;
+#ifdef RLK_SIMD
+  if constexpr (LANES) {
+    const simd::v8f zero = simd::splat8(0.0f), one = simd::splat8(1.0f);
+    while (t + 8 <= a.T) {
+      const int64_t stop = std::min<int64_t>(a.T, t + 512);
+      simd::v8f s = zero, c = zero;
+      for (; t + 8 <= stop; t += 8) {
+        const simd::v8i mm = simd::mask_bytes(m + t);
+        s += mm ? simd::load8(o, t) - simd::load8(r, t) : zero;
+        c += mm ? one : zero;
+      }
+      sum += double(simd::lanes_sum(s));
+      count += double(simd::lanes_sum(c));
     }
   }
+#endif
   for (; t < a.T; ++t) {
     const bool on = m[t] != 0;
-    s[0] += on ? double(A(load(o, t)) - A(load(r, t))) : 0.0;
-    c[0] += on;
+    sum += on ? double(A(load(o, t)) - A(load(r, t))) : 0.0;
+    count += on ? 1.0 : 0.0;
   }
-  sum = (s[0] + s[1]) + (s[2] + s[3]);
-  n = (c[0] + c[1]) + (c[2] + c[3]);
+  n = int64_t(count);
 }
 
 // Tokens t0.. of row b (scalar body); returns the filtered active tokens.
@@ -164,7 +175,7 @@ inline __attribute__((always_inline)) void rows_impl(const Args& a, int64_t b0, 
     if (a.seq_level) {
       double sum;
       int64_t n;
-      row_log_ratio<S>(a, b, sum, n);
+      row_log_ratio<S, LANES>(a, b, sum, n);
       // 0 / 0 for an empty row: NaN, which no band keeps
       stat_row = exp_a(A(sum / double(n)));
     }
@@ -226,7 +237,74 @@ int64_t is_correction_gate(int64_t B, int64_t T, int dtype, ptr_t old_logp, ptr_
   return total;
 }
 
+// The sequence gate alone, for the fused kernel's own importance weights: keep[b] = 1 where
+// row b's statistic exp(mean x) lies in [lo, hi]. Returns (filtered rows, sum over the
+// active tokens of rollout - old, active tokens): OpenRLHF's is_filter_ratio and vllm_kl.
+template <class S, bool LANES>
+inline __attribute__((always_inline)) void seq_rows_impl(const Args& a, int64_t b0, int64_t b1, uint8_t* keep,
+                                                        double* sums, int64_t* counts) {
+  using A = acc_t<S>;
+  for (int64_t b = b0; b < b1; ++b) {
+    double sum;
+    int64_t n;
+    row_log_ratio<S, LANES>(a, b, sum, n);
+    const A stat = exp_a(A(sum / double(n)));
+    keep[b] = stat >= A(a.lo) && stat <= A(a.hi);
+    sums[b] = sum;
+    counts[b] = n;
+  }
+}
+
+#ifdef RLK_ISGATE_AVX2
+template <class S>
+__attribute__((target("avx2,fma"))) void seq_rows_avx2(const Args& a, int64_t b0, int64_t b1, uint8_t* keep,
+                                                       double* sums, int64_t* counts) {
+  seq_rows_impl<S, true>(a, b0, b1, keep, sums, counts);
+}
+#endif
+
+template <class S>
+void seq_rows_generic(const Args& a, int64_t b0, int64_t b1, uint8_t* keep, double* sums, int64_t* counts) {
+#ifdef RLK_SIMD
+  seq_rows_impl<S, simd::kLanes<S>>(a, b0, b1, keep, sums, counts);
+#else
+  seq_rows_impl<S, false>(a, b0, b1, keep, sums, counts);
+#endif
+}
+
+std::tuple<int64_t, double, int64_t> is_seq_gate(int64_t B, int64_t T, int dtype, ptr_t old_logp, ptr_t rollout_logp,
+                                                 ptr_t mask, double lo, double hi, ptr_t keep) {
+  if (B <= 0 || T <= 0) throw std::invalid_argument("is_seq_gate: empty batch");
+  const Args a{B, T, old_logp, rollout_logp, mask, 0, true, false, lo, hi};
+  uint8_t* k = as_ptr<uint8_t>(keep);
+  std::vector<double> sums(size_t(B), 0.0);
+  std::vector<int64_t> counts(size_t(B), 0);
+  RLK_DISPATCH_FLOATING(dtype, S, {
+    auto fn = &seq_rows_generic<S>;
+#ifdef RLK_ISGATE_AVX2
+    if constexpr (simd::kLanes<S>) {
+      if (simd::use_avx2()) fn = &seq_rows_avx2<S>;
+    }
+#endif
+    parallel_for(B, std::max<int64_t>(1, 16384 / T),
+                 [&](int64_t b0, int64_t b1) { fn(a, b0, b1, k, sums.data(), counts.data()); });
+  });
+  int64_t filtered = 0, active = 0;
+  double sum = 0.0;
+  for (int64_t b = 0; b < B; ++b) {
+    filtered += k[b] ? 0 : 1;
+    sum += sums[size_t(b)];
+    active += counts[size_t(b)];
+  }
+  return {filtered, -sum, active};
+}
+
 void bind(py::module_& m) {
+  m.def("is_seq_gate", &is_seq_gate, py::arg("B"), py::arg("T"), py::arg("dtype"), py::arg("old_logp"),
+        py::arg("rollout_logp"), py::arg("mask"), py::arg("lo"), py::arg("hi"), py::arg("keep"),
+        py::call_guard<py::gil_scoped_release>(),
+        "OpenRLHF's sequence-level ratio gate: writes keep [B] (uint8), returns (filtered rows, "
+        "sum of rollout - old over the active tokens, active tokens)");
   m.def("is_correction_gate", &is_correction_gate, py::arg("B"), py::arg("T"), py::arg("dtype"), py::arg("old_logp"),
         py::arg("rollout_logp"), py::arg("mask"), py::arg("seq_level"), py::arg("clip_mode"), py::arg("lo"),
         py::arg("hi"), py::arg("coef"), py::call_guard<py::gil_scoped_release>(),

@@ -23,6 +23,7 @@ OpenRLHF's mask mode drops the token.
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -78,10 +79,11 @@ class PolicyLoss(nn.Module):
     their token means (always for gspo), over the global batch when its sizes are given.
     ``forward`` returns ``(loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)``.
 
-    On CPU tensors the ratio gates that the fused kernel's token band does not cover (the
-    sequence level; token-level bands with low > high or high <= 0) run as one compiled pass
-    (``is_correction_gate``) whose coefficient is the kernel's ``weights``; the divergence gates
-    and device tensors take torch ops. Masked positions never reach a gate's statistic (NaN held
+    On CPU tensors the sequence-level ratio gate is one compiled pass over the rows
+    (``is_seq_gate``), after which the fused kernel forms the kept rows' weights itself; the
+    token-level bands the kernel's band does not take (low > high, high <= 0) are one compiled
+    pass (``is_correction_gate``) whose coefficient is the kernel's ``weights``; the divergence
+    gates and device tensors take torch ops. Masked positions never reach a gate's statistic (NaN held
     there does not leak, unlike OpenRLHF's masked mean); an empty row's statistic is NaN, so
     its sequence counts as filtered, as in OpenRLHF.
     """
@@ -116,10 +118,10 @@ class PolicyLoss(nn.Module):
         self.is_correction_gating = is_correction_gating
         self.is_correction_threshold = is_correction_threshold
 
-    def _compiled_gate(self, old_log_probs, rollout_log_probs, m):
-        """The ratio gate in one pass of the CPU kernel (``is_correction_gate``): the coefficient
-        (float32, float64 for float64 inputs) and the filtered fraction; None where it does not
-        apply (another gating, device tensors, the reference backend, tracing)."""
+    def _gate_inputs(self, old_log_probs, rollout_log_probs, m):
+        """(old, rollout, mask bytes) for the compiled ratio gates, contiguous in one floating
+        storage dtype; None where they do not apply (another gating, device tensors or tensor
+        subclasses, the reference backend, tracing, shapes OpenRLHF would broadcast)."""
         if self.is_correction_gating != "ratio" or m.dim() != 2 or m.numel() == 0:
             return None
         tensors = (old_log_probs, rollout_log_probs, m)
@@ -132,11 +134,43 @@ class PolicyLoss(nn.Module):
             torch.promote_types(torch.promote_types(old_log_probs.dtype, rollout_log_probs.dtype), torch.float32)
         if not storage.is_floating_point:
             return None
-        old = old_log_probs.detach().to(storage).contiguous()
-        roll = rollout_log_probs.detach().to(storage).contiguous()
-        mb = m.contiguous().view(torch.uint8)
+        return (old_log_probs.detach().to(storage).contiguous(), rollout_log_probs.detach().to(storage).contiguous(),
+                m.contiguous().view(torch.uint8))
+
+    def _compiled_seq_gate(self, old_log_probs, rollout_log_probs, m):
+        """The sequence-level ratio gate (mask mode) for the fused kernel's own importance weights:
+        kept rows keep their rollout log-probs, so the kernel's weight there is exp(old - rollout),
+        OpenRLHF's token_is; a dropped row's rollout log-probs become +inf (weight exp(-inf) = 0).
+        The kernel then reads the bfloat16 inputs as they are (a float32 ``weights`` tensor would
+        make it upcast every input). Returns (rollout for the kernel, vllm_kl, is_filter_ratio),
+        or None where the compiled gate does not apply."""
+        if self.is_correction_level != "seq" or self.is_correction_mode != "mask":
+            return None
+        inputs = self._gate_inputs(old_log_probs, rollout_log_probs, m)
+        if inputs is None:
+            return None
+        old, roll, mb = inputs
         B, T = m.shape
-        coef = torch.empty((B, T), dtype=torch.float64 if storage == torch.float64 else torch.float32)
+        keep = torch.empty(B, dtype=torch.bool)
+        low, high = (float(x) for x in self.is_correction_threshold)
+        filtered, kl_sum, active = core().losses.is_seq_gate(B, T, dtype_code(old), ptr(old), ptr(roll), ptr(mb),
+                                                             low, high, ptr(keep))
+        rollout = rollout_log_probs.detach()
+        if filtered:
+            rollout = torch.where(keep.unsqueeze(-1), rollout, torch.tensor(math.inf, dtype=rollout.dtype))
+        acc = torch.float64 if old.dtype == torch.float64 else torch.float32
+        return (rollout, torch.tensor(kl_sum / max(active, 1), dtype=acc), torch.tensor(filtered / B, dtype=acc))
+
+    def _compiled_gate(self, old_log_probs, rollout_log_probs, m):
+        """The ratio gate in one pass of the CPU kernel (``is_correction_gate``): the coefficient
+        (float32, float64 for float64 inputs) and the filtered fraction; None where it does not
+        apply (see _gate_inputs)."""
+        inputs = self._gate_inputs(old_log_probs, rollout_log_probs, m)
+        if inputs is None:
+            return None
+        old, roll, mb = inputs
+        B, T = m.shape
+        coef = torch.empty((B, T), dtype=torch.float64 if old.dtype == torch.float64 else torch.float32)
         low, high = (float(x) for x in self.is_correction_threshold)
         seq_level = self.is_correction_level == "seq"
         filtered = core().losses.is_correction_gate(B, T, dtype_code(old), ptr(old), ptr(roll), ptr(mb), seq_level,
@@ -229,6 +263,13 @@ class PolicyLoss(nn.Module):
             return _peers.owned(out.loss), clip_ratio, out.metrics["approx_kl"], vllm_kl, is_filter_ratio
         # OpenRLHF's ppo_kl is of the unclamped log-ratio: the kernel's approx_kl (not approx_kl_clamped);
         # its vllm_kl is the kernel's rollout_kl
+        seq_gate = self._compiled_seq_gate(old_log_probs, rollout_log_probs, m)
+        if seq_gate is not None:
+            rollout, vllm_kl, is_filter_ratio = seq_gate
+            out = policy_loss(log_probs, old_log_probs, advantages, m, log_ratio_clamp=_LOG_RATIO_CLAMP,
+                              rollout_logp=rollout, tis_cap=math.inf, tis_mode="mask", **common)
+            clip_ratio = out.metrics["clip_frac_low"] + out.metrics["clip_frac_high"]
+            return _peers.owned(out.loss), clip_ratio, out.metrics["approx_kl"], vllm_kl, is_filter_ratio
         band = self._kernel_band()
         if band is not None:
             out = policy_loss(log_probs, old_log_probs, advantages, m, log_ratio_clamp=_LOG_RATIO_CLAMP,
