@@ -234,8 +234,8 @@ def _kl_penalty_capped(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str, cl
     """:func:`kl_penalty` of d = min(ref_logp - logp, d_max): the estimate at the bound and a
     zero gradient where it binds (torch.clamp's convention: it passes at the bound itself).
     OpenRLHF bounds its k3 log-ratio this way (lp - ref >= -10) so that exp cannot overflow:
-    d = +inf gives the clamped estimate, not inf - inf. Fused into the CPU kernel; elsewhere
-    logp is replaced by ref_logp - d_max where the bound binds, before :func:`kl_penalty`."""
+    d = +inf gives the clamped estimate, not inf - inf. Fused into the CPU kernel (k3 only);
+    torch ops elsewhere."""
     traced = _traced(logp, ref_logp)
     plain = type(logp) is torch.Tensor and type(ref_logp) is torch.Tensor  # not a DTensor or another subclass
     if plain and not traced and logp.device.type == "cpu" and _backend.select(logp.device) == "cpu":
@@ -245,8 +245,14 @@ def _kl_penalty_capped(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str, cl
         _validate.same_device(logp=logp, ref_logp=ref_logp)
         _validate.choice("kind", kind, KL_KINDS)
         low, high = clamp_bounds("clamp", clamp)
-        return _KlPenaltyFunction.apply(logp, ref_logp.detach(), kind, low, high, "cpu", float(d_max))
-    ref = ref_logp.detach()
-    cut = (ref - logp.detach()) > d_max
-    bounded = torch.where(cut, (ref - d_max).to(logp.dtype), logp)
-    return kl_penalty(bounded, ref, kind=kind, clamp=clamp)
+        d_max = None if d_max == math.inf else float(d_max)
+        return _KlPenaltyFunction.apply(logp, ref_logp.detach(), kind, low, high, "cpu", d_max)
+    # torch ops elsewhere (device tensors, the reference backend, tracing), in float32 at least,
+    # as OpenRLHF writes it: torch.clamp keeps NaN and passes no gradient where it binds
+    _validate.choice("kind", kind, KL_KINDS)
+    low, high = clamp_bounds("clamp", clamp)
+    dtype = compute_dtype(logp, ref_logp)
+    d = ref_logp.detach().to(dtype) - logp.to(dtype)
+    d = d if d_max == math.inf else d.clamp(max=d_max)
+    kl = -d if kind == "k1" else (0.5 * d * d if kind == "k2" else torch.exp(d) - 1 - d)
+    return kl if low is None and high is None else kl.clamp(min=low, max=high)

@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from .. import _backend
 from .._kernel import core, dtype_code, ptr
-from ..kl import _kl_penalty_capped, kl_penalty
+from ..kl import _kl_penalty_capped
 from ..losses import policy_loss, value_loss
 from ..returns import discounted_returns, gae, group_advantages
 from . import _peers
@@ -328,11 +328,9 @@ def compute_approx_kl(log_probs: torch.Tensor, log_probs_base: torch.Tensor,
     gradient is w (lp - base), w = min(exp(lp - old), 10) detached (1 without ``log_probs_old``)."""
     if kl_estimator not in ("k1", "k2", "k3"):
         raise ValueError(f"Unknown kl_estimator: {kl_estimator}")
-    if kl_estimator == "k3":
-        # OpenRLHF bounds the k3 log-ratio below by -10 before exp: d = base - lp <= 10
-        value = _kl_penalty_capped(log_probs, log_probs_base, "k3", _KL_CLAMP, _KL_CLAMP)
-    else:
-        value = kl_penalty(log_probs, log_probs_base, kind=kl_estimator, clamp=_KL_CLAMP)
+    # OpenRLHF bounds the k3 log-ratio below by -10 before exp: d = base - lp <= 10
+    value = _kl_penalty_capped(log_probs, log_probs_base, kl_estimator, _KL_CLAMP,
+                               _KL_CLAMP if kl_estimator == "k3" else math.inf)
     if not unbiased_gradient:
         return value
     value = value.detach()
