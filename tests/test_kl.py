@@ -145,3 +145,56 @@ def test_nan_clamp_bound_is_rejected(clamp):
         kl.kl_penalty(logp, refp, "k3", clamp)
     with pytest.raises(ValueError, match="clamp"):
         ref.kl_penalty(logp, refp, "k3", clamp)
+
+
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_non_finite_values_and_gradients_match_reference(kind, dtype):
+    """+-inf and NaN inputs, in the 8-lane steps and the scalar tail: the values and the
+    gradients of the reference's autograd (torch.clamp passes no gradient at NaN, and an
+    infinite derivative under the clamp stays NaN there: inf * 0)."""
+    logp, refp = _inputs((3, 11), seed=4)
+    for i in (0, 9):  # a vector lane and a tail position
+        logp[0, i], logp[1, i], logp[2, i] = -float("inf"), float("inf"), float("nan")
+    refp[0, 5] = -float("inf")
+    refp[1, 5] = logp[1, 5] - 200.0  # exp(d) overflows in float32
+    lb, rb = logp.to(dtype), refp.to(dtype)
+    # the reference in the kernel's arithmetic type: exp(200) overflows in float32, not in float64
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for clamp in (None, 10.0, (None, 2.0)):
+        out, g = _run("cpu", lb, rb, kind, clamp)
+        expected, expected_g = _run("reference", lb.to(acc), rb.to(acc), kind, clamp)
+        assert_close(out, expected, VALUE_TOL, f"value {clamp}")
+        assert_close(g.to(acc), expected_g.to(dtype).to(acc), GRAD_TOL if dtype != torch.bfloat16 else 1e-2,
+                     f"grad {clamp}")
+
+
+def test_kl_penalty_backward_retained_scaled_once_and_baseline_isa(tmp_path):
+    """The derivative buffer is handed to autograd: scaled by a weighted incoming gradient, kept
+    for a retained graph, refused a second time without it; the baseline-ISA build agrees."""
+    from helpers import run_with_baseline_isa
+
+    logp, refp = _inputs((4, 37), seed=5, dtype=torch.float32)
+    x = logp.clone().requires_grad_()
+    out = kl.kl_penalty(x, refp, "k3", 0.3)
+    w = torch.rand(out.shape, generator=torch.Generator().manual_seed(1))
+    (g1,) = torch.autograd.grad((out * w).sum(), x, retain_graph=True)
+    (g2,) = torch.autograd.grad(out.sum() * 2.0, x, retain_graph=True)
+    (g3,) = torch.autograd.grad(out.sum(), x)
+    expected, _ = _run("reference", logp.double(), refp.double(), "k3", 0.3)
+    y = logp.double().requires_grad_()
+    e = ref.kl_penalty(y, refp.double(), "k3", 0.3)
+    (h1,) = torch.autograd.grad((e * w.double()).sum(), y)
+    assert_close(g1, h1, GRAD_TOL)
+    assert_close(g2, 2.0 * g3, 1e-6)
+    with pytest.raises(RuntimeError, match="already run"):
+        torch.autograd.grad(out.sum(), x)
+    torch.save((logp, refp, out.detach(), g3), tmp_path / "kl.pt")
+    run_with_baseline_isa(tmp_path, "test_kl", f"""
+        logp, refp, out, g3 = torch.load({str(tmp_path / "kl.pt")!r})
+        x = logp.clone().requires_grad_()
+        o = t.kl.kl_penalty(x, refp, "k3", 0.3)
+        (g,) = torch.autograd.grad(o.sum(), x)
+        t.assert_close(o, out, 1e-6)
+        t.assert_close(g, g3, 1e-6)
+    """)

@@ -730,6 +730,55 @@ def test_value_loss_matches_reference(backend, clip, agg):
         assert_close(out.metrics[k], expected.metrics[k], VALUE_TOL, k)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("clip", [None, 0.2])
+@pytest.mark.parametrize("agg", ref.AGG_MODES)
+@pytest.mark.parametrize("normalizer", [None, 9.0, "tensor"])
+def test_value_loss_vector_rows_match_reference(dtype, clip, agg, normalizer):
+    """Rows of 37 tokens (the CPU kernel's 8-lane steps and a scalar tail), NaN at masked
+    positions, an empty row: the reference on the same rounded inputs in float64; the gradient
+    comes back in the values' dtype, finished by the kernel."""
+    v, vo, R, mask = _values(B=5, T=37, seed=23)
+    mask[2, :] = True
+    norm = torch.tensor(9.0) if normalizer == "tensor" else normalizer
+    x = v.to(dtype).requires_grad_()
+    with rlkern.use_backend("cpu"):
+        out = losses.value_loss(x, vo.to(dtype), R.to(dtype), mask, clip=clip, agg=agg, normalizer=norm)
+    (g,) = torch.autograd.grad(out.loss, x)
+    assert g.dtype == dtype
+    v64 = x.detach().double().requires_grad_()
+    expected = ref.value_loss(v64, vo.to(dtype).double(), R.to(dtype).double(), mask, clip, agg,
+                              None if norm is None else float(norm))
+    (ge,) = torch.autograd.grad(expected.loss, v64)
+    assert_close(out.loss, expected.loss)
+    assert_close(g.double(), ge.to(dtype).double() if dtype != torch.float32 else ge,
+                 GRAD_TOL if dtype == torch.float32 else 1e-2)
+    for k in expected.metrics:
+        assert_close(out.metrics[k], expected.metrics[k], VALUE_TOL, k)
+
+
+def test_value_loss_backward_retained_scaled_and_once(tmp_path):
+    """The finished gradient is handed to autograd: a retained graph gives it twice, an outer
+    factor scales it, a second backward without retain_graph is refused; the baseline-ISA
+    build (no AVX2) gives the same gradient."""
+    v, vo, R, mask = _values(B=3, T=29, seed=24, dtype=torch.float32)
+    x = v.clone().requires_grad_()
+    out = losses.value_loss(x, vo, R, mask, clip=0.2)
+    (g1,) = torch.autograd.grad(out.loss, x, retain_graph=True)
+    (g3,) = torch.autograd.grad(3.0 * out.loss, x)
+    assert_close(g3, 3.0 * g1, 1e-6)
+    with pytest.raises(RuntimeError, match="already run"):
+        torch.autograd.grad(out.loss, x)
+    torch.save((x.detach(), vo, R, mask, g1), tmp_path / "value.pt")
+    run_with_baseline_isa(tmp_path, "test_losses", f"""
+        x, vo, R, mask, g1 = torch.load({str(tmp_path / "value.pt")!r})
+        x.requires_grad_()
+        out = t.losses.value_loss(x, vo, R, mask, clip=0.2)
+        (g,) = torch.autograd.grad(out.loss, x)
+        t.assert_close(g, g1, 1e-6)
+    """)
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_value_loss_gradcheck(backend):
     v, vo, R, mask = _values()
