@@ -328,20 +328,22 @@ def compute_policy_loss_bypass_mode(old_log_prob: torch.Tensor, log_prob: torch.
         raise ValueError("rollout_correction config not found in policy_loss. "
                          "When using loss_mode='bypass_mode', ensure rollout_correction config is passed.")
     loss_type = rc.get("loss_type", "ppo_clip")
+    if loss_type not in ("reinforce", "ppo_clip"):
+        raise ValueError(f"Invalid loss_type: {loss_type}. Must be 'reinforce' or 'ppo_clip'.")
     with torch.no_grad():
+        # ppo_clip reports the IS metrics but applies no weights: they are not formed
         weights, mask, metrics = _rc.correction_and_rejection(
             log_prob, old_log_prob, response_mask, rollout_is=rc.get("rollout_is", None),
             rollout_is_threshold=rc.get("rollout_is_threshold", 2.0),
             rollout_is_batch_normalize=rc.get("rollout_is_batch_normalize", False),
-            rollout_rs=rc.get("rollout_rs", None), rollout_rs_threshold=rc.get("rollout_rs_threshold", None))
+            rollout_rs=rc.get("rollout_rs", None), rollout_rs_threshold=rc.get("rollout_rs_threshold", None),
+            want_weights=loss_type == "reinforce", copy_mask=False)
     if loss_type == "reinforce":
         loss, pg_metrics = compute_policy_loss_reinforce(old_log_prob, log_prob, advantages, mask, loss_agg_mode,
                                                          config, weights)
-    elif loss_type == "ppo_clip":
+    else:
         loss, pg_metrics = compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, mask, loss_agg_mode,
                                                        config, None)
-    else:
-        raise ValueError(f"Invalid loss_type: {loss_type}. Must be 'reinforce' or 'ppo_clip'.")
     pg_metrics.update(metrics)
     return loss, pg_metrics
 
