@@ -1008,3 +1008,36 @@ def test_bypass_mode_compiled_correction_matches_verl(loss_type, case, dtype):
     check_metrics(ours[1], theirs[1], tol=1e-4)
     assert ours[2].dtype == dtype
     assert_close(ours[2].float(), theirs[2].to(dtype).float(), 1e-4 if dtype == torch.float32 else 1e-2, "grad")
+
+
+def test_kl_cov_compiled_topk_and_tie_fallback(monkeypatch):
+    """kl_cov selects its k largest covariances in the compiled pass (csrc/cpu/cov.cpp
+    kl_cov_topk) when the k-th value is strictly above the (k+1)-th: verl's own torch.topk
+    picks the same tokens. With a tie at that boundary it falls back to torch.topk on the
+    covariance (the kl_cov_covariance pass), as the torch path does."""
+    from rlkern._kernel import core
+
+    losses = core().losses
+    calls = []
+    real = losses.kl_cov_covariance
+    monkeypatch.setattr(losses, "kl_cov_covariance", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for dtype in (torch.float32, torch.bfloat16):
+        old, roll, m = native_inputs(12, 300, seed=3)
+        lp = (old + 0.2 * torch.randn(old.shape, generator=torch.Generator().manual_seed(1))).to(dtype)
+        adv = torch.randn(12, generator=torch.Generator().manual_seed(4))[:, None] * m
+        for mode in ("token-mean", "seq-mean-token-mean"):
+            compare_cov("kl_cov", mode, old.to(dtype), lp, adv, m, cov_config(0.01),
+                        grad_tol=1e-4 if dtype == torch.float32 else 1e-2)
+        assert not calls, f"distinct covariances ({dtype}): the compiled top-k decides"
+    # every token of a row has the same log-prob: the boundary falls inside a row of equal covariances
+    old, _, m = native_inputs(12, 300, seed=3)
+    lp = old[:, :1].expand_as(old).clone() + 0.1
+    adv = torch.randn(12, generator=torch.Generator().manual_seed(4))[:, None] * m
+    fast = run(V.compute_policy_loss_kl_cov, old, lp, adv, m, "token-mean", cov_config(0.01))
+    assert calls, "a tie at the k-th value: torch.topk decides"
+    with monkeypatch.context() as mp:
+        mp.setattr(V, "_cov_native", lambda *a: None)
+        slow = run(V.compute_policy_loss_kl_cov, old, lp, adv, m, "token-mean", cov_config(0.01))
+    assert_loss(fast[0], slow[0], 1e-6, "kl_cov loss")
+    assert fast[1] == slow[1]
+    assert torch.equal(fast[2], slow[2])

@@ -613,14 +613,22 @@ def compute_policy_loss_kl_cov(old_log_prob: torch.Tensor, log_prob: torch.Tenso
     adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
     weights = None if rollout_is_weights is None else rollout_is_weights.detach()
     native = _cov_native(adv, log_prob, old_log_prob, valid)
+    idx = None
     with torch.no_grad():
         if native is not None:
             B, T, a, lp, old, mask = native
-            cov = torch.empty((B, T), dtype=torch.promote_types(torch.promote_types(a.dtype, lp.dtype),
-                                                                torch.float32))
-            n_host, _, ppo_kl = core().losses.kl_cov_covariance(
-                B, T, dtype_code(lp), dtype_code(a), ptr(a), a.stride(0), a.stride(1), ptr(lp), ptr(old),
-                ptr(mask), ptr(cov))
+            cdtype = torch.promote_types(torch.promote_types(a.dtype, lp.dtype), torch.float32)
+            args = (B, T, dtype_code(lp), dtype_code(a), ptr(a), a.stride(0), a.stride(1), ptr(lp), ptr(old),
+                    ptr(mask))
+            # the k largest covariances without a [B, T] array, where they are unambiguous
+            found = torch.empty(max(1, int(B * T * ratio) + 1), dtype=torch.int64)
+            n_host, n_found, ppo_kl = core().losses.kl_cov_topk(*args, ratio, ptr(found))
+            if n_found > 0:
+                idx = found[:n_found]
+                cov = None
+            else:  # a tie at the k-th value (or NaN): torch.topk on the covariance decides
+                cov = torch.empty((B, T), dtype=cdtype)
+                n_host, _, ppo_kl = core().losses.kl_cov_covariance(*args, ptr(cov))
         else:
             n = valid.sum()
             cov = _centred_product(adv, log_prob, valid, n)
@@ -633,12 +641,14 @@ def compute_policy_loss_kl_cov(old_log_prob: torch.Tensor, log_prob: torch.Tenso
         with torch.no_grad():
             if native is None:
                 cov = torch.where(valid, cov, torch.full((), float("-inf"), dtype=cov.dtype, device=cov.device))
-            idx = torch.topk(cov.reshape(-1), k, largest=True).indices
+            if idx is None:
+                idx = torch.topk(cov.reshape(-1), k, largest=True).indices
+            cdtype = cov.dtype if cov is not None else cdtype
             T = valid.shape[-1]
-            scale = _row_scale(agg, norm, response_mask, cov.dtype)[idx // T] * coef
+            scale = _row_scale(agg, norm, response_mask, cdtype)[idx // T] * coef
             if rollout_is_weights is not None:
-                scale = scale * rollout_is_weights.detach().to(cov.dtype).reshape(-1)[idx]
-            old_k = old_log_prob.detach().reshape(-1)[idx].to(cov.dtype)
+                scale = scale * rollout_is_weights.detach().to(cdtype).reshape(-1)[idx]
+            old_k = old_log_prob.detach().reshape(-1)[idx].to(cdtype)
         log_prob, penalty = _GatheredAbsPenalty.apply(log_prob, idx, scale, old_k)
     out = _policy_loss(log_prob, old_log_prob, advantages, response_mask, objective="clip", clip_low=1.0,
                        clip_high=float("inf"), weights=weights, agg=agg, normalizer=norm)
