@@ -544,7 +544,11 @@ def compute_policy_loss_clip_cov(old_log_prob: torch.Tensor, log_prob: torch.Ten
             clipped = -a * r.clamp(1 - low, 1 + high) > -a * r
             candidate = (cov < ub) & (cov > lb) & valid & ~clipped
             n_host, n_cand = (int(x) for x in torch.stack([n, candidate.sum()]).tolist())
-        keep = torch.ones(valid.shape, dtype=cdtype, device=valid.device)
+        # 0/1 are exact in every float type: without rollout weights the factor is stored like the
+        # log-probs, so the kernel reads bfloat16 inputs as they are (no float32 copies of both)
+        same = log_prob.dtype == old_log_prob.dtype and log_prob.dtype in _COV_DTYPES
+        kdtype = log_prob.dtype if rollout_is_weights is None and same else cdtype
+        keep = torch.ones(valid.shape, dtype=kdtype, device=valid.device)
         n_cut = 0
         if n_cand > 0:
             if native is not None:
