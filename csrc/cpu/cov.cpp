@@ -305,7 +305,9 @@ std::tuple<int64_t, int64_t, double> kl_cov_topk(int64_t B, int64_t T_, int dtyp
                                                  double ratio, ptr_t out) {
   std::tuple<int64_t, int64_t, double> r;
   RLK_DISPATCH_FLOATING(adv_dtype, TA, {
-    RLK_DISPATCH_FLOATING(dtype, T, { r = kl_topk<TA, T>(B, T_, adv, a_row, a_step, logp, old_logp, mask, ratio, out); });
+    RLK_DISPATCH_FLOATING(dtype, T, {
+      r = kl_topk<TA, T>(B, T_, adv, a_row, a_step, logp, old_logp, mask, ratio, out);
+    });
   });
   return r;
 }

@@ -109,13 +109,14 @@ def agg_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str
                                   global_batch_size, loss_scale_factor)
     m = loss_mask.bool()
     lm = torch.where(m, loss_mat, torch.zeros((), dtype=loss_mat.dtype, device=loss_mat.device))
+    # count_nonzero: a bool sum would first copy the mask to int64
     if agg in ("token-mean", "token-sum"):
         total = lm.sum()
         if norm is not None:
             return total / norm
-        return total / m.sum().clamp(min=1) if agg == "token-mean" else total
+        return total / torch.count_nonzero(m).clamp(min=1) if agg == "token-mean" else total
     seq = lm.sum(-1)
-    count = m.sum(-1)
+    count = torch.count_nonzero(m, dim=-1)
     if agg == "seq-mean-token-mean":
         seq = seq / count.clamp(min=1)
     if norm is None:
