@@ -893,3 +893,151 @@ def test_kl_cov_penalty_gradient_survives_retain_graph():
     assert torch.equal(first, second)
     theirs = run(ca.compute_policy_loss_kl_cov, old, lp.detach(), adv, m, "token-mean", cov_config(0.1))
     assert_close(first, theirs[2], 1e-4, "grad")
+
+
+# ----------------------------------------------------------------------------- compiled rollout correction
+
+from rlkern.integrations import _rollout_corr as RC  # noqa: E402
+
+NATIVE_CASES = [
+    dict(rollout_is="token", rollout_is_threshold=2.0),
+    dict(rollout_is="token", rollout_is_threshold="0.5_3.0", rollout_is_batch_normalize=True),
+    dict(rollout_is="sequence", rollout_is_threshold=2.0, rollout_rs="token_k1", rollout_rs_threshold="0.8_1.25"),
+    dict(rollout_is="sequence", rollout_is_threshold="0.5_3.0", rollout_is_batch_normalize=True,
+         rollout_rs="token_k2,seq_max_k3,seq_sum_k1", rollout_rs_threshold="0.01,0.05,0.5_2.0"),
+    dict(rollout_rs="seq_mean_k3", rollout_rs_threshold=0.01),
+    dict(rollout_rs="token_k3,seq_mean_k1,seq_max_k2", rollout_rs_threshold="0.02,0.9_1.1,0.05"),
+    dict(rollout_is="token", rollout_is_threshold="1.5", rollout_rs="seq_sum_k2,seq_sum_k3,seq_mean_k2,token_k1",
+         rollout_rs_threshold="0.05,0.05,0.01,1.3"),
+    dict(),
+]
+
+
+def native_inputs(b: int, t: int, dtype=torch.float32, seed: int = 11):
+    """Rows longer than one vector step (and than the kernel's 512-token flush), holes, an empty
+    row, a single-token row and log-ratios of +-25."""
+    g = torch.Generator().manual_seed(seed)
+    roll = -torch.rand(b, t, generator=g) * 3 - 0.05
+    old = roll + 0.15 * torch.randn(b, t, generator=g)
+    m = torch.arange(t)[None, :] < torch.randint(1, t + 1, (b,), generator=g)[:, None]
+    m &= torch.rand(b, t, generator=g) < 0.9
+    m[1] = False
+    m[2] = False
+    m[2, t // 2] = True
+    old[0, 0] = roll[0, 0] + 25.0
+    old[3, 0] = roll[3, 0] - 25.0
+    m[0, 0] = m[3, 0] = True
+    return old.to(dtype), roll.to(dtype), m
+
+
+def torch_path(monkeypatch):
+    ctx = monkeypatch.context()
+    mp = ctx.__enter__()
+    mp.setattr(RC, "_native_inputs", lambda *a: None)
+    return ctx
+
+
+@pytest.mark.parametrize("case", range(len(NATIVE_CASES)))
+@pytest.mark.parametrize("shape", [(6, 11), (9, 37), (5, 1100)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rollout_compiled_pass_matches_torch_path_and_verl(case, shape, dtype, monkeypatch):
+    """CPU float32/bfloat16 log-probs take the compiled pass (csrc/cpu/rollout_corr.cpp): the same
+    weights, rejection mask and metrics as the torch formulation (other devices) and as verl
+    (on the float32 values of the inputs)."""
+    options = NATIVE_CASES[case]
+    old, roll, m = native_inputs(*shape, dtype=dtype)
+    calls = []
+    real = RC._native_pass
+    monkeypatch.setattr(RC, "_native_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ours = compare_rollout(old, roll, m, **options)
+    assert calls, "the compiled pass must run for CPU tensors"
+    ctx = torch_path(monkeypatch)
+    try:
+        slow = V.compute_rollout_correction_and_rejection_mask(old, roll, m, **options)
+    finally:
+        ctx.__exit__(None, None, None)
+    if ours[0] is not None:
+        assert_close(ours[0].batch["rollout_is_weights"], slow[0].batch["rollout_is_weights"], 1e-6, "weights")
+    assert torch.equal(ours[1], slow[1])
+    check_rollout_metrics(ours[2], slow[2])
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.int64, torch.float32])
+def test_rollout_compiled_pass_mixed_dtypes_and_mask_types(mask_dtype):
+    """float32 and bfloat16 log-probs together (both read as float32) and non-bool masks (the
+    rejection mask keeps the input's dtype)."""
+    old, roll, m = native_inputs(7, 40)
+    compare_rollout(old, roll.to(torch.bfloat16), m.to(mask_dtype), **NATIVE_CASES[3])
+    compare_rollout(old.to(torch.bfloat16), roll, m.to(mask_dtype), **NATIVE_CASES[1])
+
+
+def test_rollout_compiled_pass_is_thread_count_independent():
+    import rlkern
+
+    old, roll, m = native_inputs(40, 2048)
+    results = []
+    for threads in (1, 4):
+        rlkern.set_num_threads(threads)
+        try:
+            results.append(V.compute_rollout_correction_and_rejection_mask(old, roll, m, **NATIVE_CASES[3]))
+        finally:
+            rlkern.set_num_threads(0)
+    assert torch.equal(results[0][0].batch["rollout_is_weights"], results[1][0].batch["rollout_is_weights"])
+    assert torch.equal(results[0][1], results[1][1])
+    assert results[0][2] == results[1][2]
+
+
+@pytest.mark.parametrize("loss_type", ["reinforce", "ppo_clip"])
+@pytest.mark.parametrize("case", [0, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bypass_mode_compiled_correction_matches_verl(loss_type, case, dtype):
+    """bypass_mode on the compiled pass, bfloat16 included (verl on the float32 values), holed
+    masks with empty rows and rejected tokens."""
+    from verl.trainer.config.algorithm import RolloutCorrectionConfig
+
+    old, roll, m = native_inputs(9, 37, seed=5)
+    lp = (roll + (old - roll).clamp(-0.5, 0.5)).to(dtype)
+    roll = roll.to(dtype)
+    adv = torch.randn(9, generator=torch.Generator().manual_seed(2))[:, None] * m
+    rc = RolloutCorrectionConfig(loss_type=loss_type, **NATIVE_CASES[case])
+    cfg = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=2, clip_ratio=0.2,
+                      policy_loss=PolicyLossConfig(loss_mode="bypass_mode", rollout_correction=rc))
+    ours = run(V.compute_policy_loss_bypass_mode, roll, lp, adv, m, "token-mean", cfg)
+    theirs = run(ca.compute_policy_loss_bypass_mode, roll.float(), lp.float(), adv, m, "token-mean", cfg)
+    assert_close(ours[0], theirs[0], 1e-5, "loss")
+    check_metrics(ours[1], theirs[1], tol=1e-4)
+    assert ours[2].dtype == dtype
+    assert_close(ours[2].float(), theirs[2].to(dtype).float(), 1e-4 if dtype == torch.float32 else 1e-2, "grad")
+
+
+def test_kl_cov_compiled_topk_and_tie_fallback(monkeypatch):
+    """kl_cov selects its k largest covariances in the compiled pass (csrc/cpu/cov.cpp
+    kl_cov_topk) when the k-th value is strictly above the (k+1)-th: verl's own torch.topk
+    picks the same tokens. With a tie at that boundary it falls back to torch.topk on the
+    covariance (the kl_cov_covariance pass), as the torch path does."""
+    from rlkern._kernel import core
+
+    losses = core().losses
+    calls = []
+    real = losses.kl_cov_covariance
+    monkeypatch.setattr(losses, "kl_cov_covariance", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for dtype in (torch.float32, torch.bfloat16):
+        old, roll, m = native_inputs(12, 300, seed=3)
+        lp = (old + 0.2 * torch.randn(old.shape, generator=torch.Generator().manual_seed(1))).to(dtype)
+        adv = torch.randn(12, generator=torch.Generator().manual_seed(4))[:, None] * m
+        for mode in ("token-mean", "seq-mean-token-mean"):
+            compare_cov("kl_cov", mode, old.to(dtype), lp, adv, m, cov_config(0.01),
+                        grad_tol=1e-4 if dtype == torch.float32 else 1e-2)
+        assert not calls, f"distinct covariances ({dtype}): the compiled top-k decides"
+    # every token of a row has the same log-prob: the boundary falls inside a row of equal covariances
+    old, _, m = native_inputs(12, 300, seed=3)
+    lp = old[:, :1].expand_as(old).clone() + 0.1
+    adv = torch.randn(12, generator=torch.Generator().manual_seed(4))[:, None] * m
+    fast = run(V.compute_policy_loss_kl_cov, old, lp, adv, m, "token-mean", cov_config(0.01))
+    assert calls, "a tie at the k-th value: torch.topk decides"
+    with monkeypatch.context() as mp:
+        mp.setattr(V, "_cov_native", lambda *a: None)
+        slow = run(V.compute_policy_loss_kl_cov, old, lp, adv, m, "token-mean", cov_config(0.01))
+    assert_loss(fast[0], slow[0], 1e-6, "kl_cov loss")
+    assert fast[1] == slow[1]
+    assert torch.equal(fast[2], slow[2])

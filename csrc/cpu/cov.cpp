@@ -170,6 +170,102 @@ std::tuple<int64_t, int64_t, double> kl_covariance(int64_t B, int64_t T_, ptr_t 
   return {int64_t(s.count), 0, s.abs_lr / n};
 }
 
+// KL-Cov's top-k without the [B, T] covariance array and without a sort of every token: each
+// task keeps its k + 1 largest (covariance, index) pairs, these are merged,
+// and the k largest are the selection when the k-th value is strictly above the (k + 1)-th
+// (or k is the active count): then the set is the same for every top-k algorithm, verl's
+// torch.topk included, and every thread count. A tie at that boundary, or a NaN covariance,
+// returns ok = false and the caller runs torch.topk on the covariance instead.
+struct Cand {
+  double v;
+  int64_t i;
+};
+
+template <class TA, class T>
+std::tuple<int64_t, int64_t, double> kl_topk(int64_t B, int64_t T_, ptr_t adv, int64_t a_row, int64_t a_step,
+                                             ptr_t logp, ptr_t old_logp, ptr_t mask, double ratio, ptr_t out) {
+  using C = calc_t<TA, T>;
+  const TA* a = as_ptr<const TA>(adv);
+  const T* lp = as_ptr<const T>(logp);
+  const T* old = as_ptr<const T>(old_logp);
+  const uint8_t* m = as_ptr<const uint8_t>(mask);
+  int64_t* idx = as_ptr<int64_t>(out);
+  const Sums s = total_sums(B, T_, a, a_row, a_step, lp, old, m, true);
+  const int64_t n_active = int64_t(s.count);
+  if (n_active == 0) return {0, 0, 0.0};
+  const int64_t k = std::max<int64_t>(1, int64_t(double(n_active) * ratio));  // Python's int(n * ratio)
+  if (k > n_active) return {n_active, 0, s.abs_lr / s.count};  // torch.topk raises, as in verl
+  const size_t cap = size_t(std::min(k + 1, n_active));
+  const double n = s.count;
+  const C mean_a = C(s.adv / n), mean_lp = C(s.logp / n);
+  // Few tasks: each ends with up to cap kept pairs to merge. The selection is the same for
+  // any split (see above), so the split may follow the thread count.
+  const int64_t tasks = std::min<int64_t>(B, 4 * int64_t(std::max(1, num_threads())));
+  const int64_t grain = (B + tasks - 1) / tasks;
+  // descending value, ascending index among equal values
+  auto before = [](const Cand& x, const Cand& y) { return x.v > y.v || (x.v == y.v && x.i < y.i); };
+  std::vector<std::vector<Cand>> kept(static_cast<size_t>(tasks));
+  std::vector<uint8_t> saw_nan(static_cast<size_t>(tasks), 0);
+  parallel_for(tasks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      // Tokens above the running threshold are appended; a full buffer keeps its cap largest
+      // (nth_element, amortised O(1) per append) and raises the threshold to the smallest
+      // kept. A token equal to the threshold changes no value of the top cap, so the kept
+      // values are always the task's cap largest (of those above -inf).
+      std::vector<Cand>& buf = kept[size_t(c)];
+      buf.reserve(4 * cap);
+      double thr = -std::numeric_limits<double>::infinity();
+      auto compact = [&]() {
+        std::nth_element(buf.begin(), buf.begin() + std::ptrdiff_t(cap) - 1, buf.end(), before);
+        buf.resize(cap);
+        thr = buf[cap - 1].v;
+      };
+      // 256 covariances at a time into a small array (a loop the compiler vectorises, -inf at
+      // inactive tokens), then a scan that mostly only compares.
+      constexpr int64_t kChunk = 256;
+      C vals[kChunk];
+      const C ninf = -std::numeric_limits<C>::infinity();
+      const int64_t b_end = std::min(B, (c + 1) * grain);
+      for (int64_t b = c * grain; b < b_end; ++b) {
+        const TA* ar = a + b * a_row;
+        const T* lr = lp + b * T_;
+        const uint8_t* mr = m + b * T_;
+        for (int64_t t0 = 0; t0 < T_; t0 += kChunk) {
+          const int64_t len = std::min(kChunk, T_ - t0);
+          for (int64_t j = 0; j < len; ++j) {
+            const C cov = C(C(C(load(ar, (t0 + j) * a_step)) - mean_a) * C(C(load(lr, t0 + j)) - mean_lp));
+            vals[j] = mr[t0 + j] ? cov : ninf;
+          }
+          for (int64_t j = 0; j < len; ++j) {
+            const C v = vals[j];
+            if (v <= thr) continue;  // below the kept values, or inactive
+            if (v != v) {
+              saw_nan[size_t(c)] = 1;
+              continue;
+            }
+            buf.push_back({double(v), b * T_ + t0 + j});
+            if (buf.size() == 4 * cap) compact();
+          }
+        }
+      }
+      if (buf.size() > cap) compact();
+    }
+  });
+  std::vector<Cand> all;
+  for (size_t c = 0; c < kept.size(); ++c) {
+    if (saw_nan[c]) return {n_active, 0, s.abs_lr / n};
+    all.insert(all.end(), kept[c].begin(), kept[c].end());
+  }
+  // Fewer than cap kept (active covariances of -inf, never appended): no clear boundary.
+  if (all.size() < cap) return {n_active, 0, s.abs_lr / n};
+  const size_t keep = cap;
+  std::nth_element(all.begin(), all.begin() + std::ptrdiff_t(keep) - 1, all.end(), before);
+  std::sort(all.begin(), all.begin() + std::ptrdiff_t(keep), before);
+  if (int64_t(keep) > k && !(all[size_t(k) - 1].v > all[size_t(k)].v)) return {n_active, 0, s.abs_lr / n};
+  for (int64_t j = 0; j < k; ++j) idx[j] = all[size_t(j)].i;
+  return {n_active, k, s.abs_lr / n};
+}
+
 // dtype: the log-probs' storage code, adv_dtype: the advantages'. Clip-Cov: writes the
 // candidates' flat indices to out[0 : n_cand] (out holds B*T int64); returns
 // (active count, n_cand, 0).
@@ -200,7 +296,26 @@ std::tuple<int64_t, int64_t, double> kl_cov_covariance(int64_t B, int64_t T_, in
   return r;
 }
 
+// KL-Cov's selection (see kl_topk): writes the flat indices of the k = max(1, int(n * ratio))
+// largest covariances to out[0 : k] (out holds at least k int64), largest first; returns
+// (active count n, k, mean |lp - old| over the active tokens), or (n, 0, mean) where the
+// caller must select with torch.topk (a tie at the k-th value, or NaN), or (0, 0, 0).
+std::tuple<int64_t, int64_t, double> kl_cov_topk(int64_t B, int64_t T_, int dtype, int adv_dtype, ptr_t adv,
+                                                 int64_t a_row, int64_t a_step, ptr_t logp, ptr_t old_logp, ptr_t mask,
+                                                 double ratio, ptr_t out) {
+  std::tuple<int64_t, int64_t, double> r;
+  RLK_DISPATCH_FLOATING(adv_dtype, TA, {
+    RLK_DISPATCH_FLOATING(dtype, T, {
+      r = kl_topk<TA, T>(B, T_, adv, a_row, a_step, logp, old_logp, mask, ratio, out);
+    });
+  });
+  return r;
+}
+
 void bind(py::module_& m) {
+  m.def("kl_cov_topk", &kl_cov_topk, py::arg("B"), py::arg("T"), py::arg("dtype"), py::arg("adv_dtype"),
+        py::arg("adv"), py::arg("adv_row_stride"), py::arg("adv_col_stride"), py::arg("logp"), py::arg("old_logp"),
+        py::arg("mask"), py::arg("ratio"), py::arg("out"), py::call_guard<py::gil_scoped_release>());
   m.def("clip_cov_candidates", &clip_cov_candidates, py::arg("B"), py::arg("T"), py::arg("dtype"),
         py::arg("adv_dtype"), py::arg("adv"), py::arg("adv_row_stride"), py::arg("adv_col_stride"), py::arg("logp"),
         py::arg("old_logp"), py::arg("mask"), py::arg("lb"), py::arg("ub"), py::arg("clip_low"),

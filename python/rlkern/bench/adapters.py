@@ -17,6 +17,18 @@ from .core import Case, Impl
 
 # the objectives beyond PPO (sapo, geo_mean, dppo_*) run the fused kernels' objective bodies
 VERL_LOSSES = ("vanilla", "gspo", "cispo", "gpg", "dro", "sapo", "geo_mean", "dppo_tv", "dppo_kl", "clip_cov", "kl_cov")
+# the remaining per-token losses, each with its own options: bypass_mode (verl's rollout
+# correction inside the loss: token-level IS weights, plus a sequence-level rejection for
+# ppo_clip), verl's REINFORCE (not in its registry) and vanilla, both with rollout IS weights
+VERL_EXTRA_LOSSES = {
+    "bypass_mode ppo_clip": dict(name="bypass_mode", rollout_correction=dict(
+        loss_type="ppo_clip", rollout_is="token", rollout_is_threshold=2.0, rollout_rs="seq_mean_k3",
+        rollout_rs_threshold=0.01)),
+    "bypass_mode reinforce": dict(name="bypass_mode", rollout_correction=dict(
+        loss_type="reinforce", rollout_is="token", rollout_is_threshold=2.0)),
+    "reinforce +is_weights": dict(name="reinforce", weights=True),
+    "vanilla +is_weights": dict(name="vanilla", weights=True),
+}
 # the IS correction at OpenRLHF's default band (0.5, 5.0): token-level mask (the default mode),
 # token-level clip, and the per-sequence mask
 OPENRLHF_LOSSES = {"ppo": dict(), "ppo-dual-clip": dict(dual_clip=3.0), "gspo": dict(policy_loss_type="gspo"),
@@ -57,25 +69,36 @@ def _backward(fn: Callable, x: torch.Tensor) -> Impl:
     return run
 
 
-def _verl_config():
+def _verl_config(rollout_correction=None):
     from verl.workers.config import ActorConfig
     from verl.workers.config.actor import PolicyLossConfig
 
+    policy = PolicyLossConfig(dro_beta=0.1)
+    if rollout_correction is not None:
+        from verl.trainer.config.algorithm import RolloutCorrectionConfig
+
+        policy = PolicyLossConfig(loss_mode="bypass_mode",
+                                  rollout_correction=RolloutCorrectionConfig(**rollout_correction))
     return ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=2, clip_ratio=0.2,
-                       clip_ratio_low=0.2, clip_ratio_high=0.28, policy_loss=PolicyLossConfig(dro_beta=0.1))
+                       clip_ratio_low=0.2, clip_ratio_high=0.28, policy_loss=policy)
 
 
-def _verl_policy(name: str, B: int, T: int, dtype: torch.dtype):
+def _verl_policy(name: str, B: int, T: int, dtype: torch.dtype, rollout_correction=None, weights: bool = False):
     def make(device: torch.device) -> Dict[str, Impl]:
         from verl.trainer.ppo import core_algos as ca
 
         from ..integrations import verl as rv
 
-        cfg = _verl_config()
-        logp, old, _, adv, mask = _inputs(B, T, dtype, device)
-        ours, theirs = rv.get_policy_loss_fn(name), ca.get_policy_loss_fn(name)
-        return {"rlkern": _backward(lambda: ours(old, logp, adv, mask, "token-mean", cfg), logp),
-                "verl": _backward(lambda: theirs(old, logp, adv, mask, "token-mean", cfg), logp)}
+        cfg = _verl_config(rollout_correction)
+        logp, old, rollout, adv, mask = _inputs(B, T, dtype, device)
+        # truncated token-level IS weights of the rollout policy, as verl's trainer passes them
+        w = (old.float() - rollout.float()).exp().clamp(max=2.0) * mask if weights else None
+        if name == "reinforce":  # not in verl's registry
+            ours, theirs = rv.compute_policy_loss_reinforce, ca.compute_policy_loss_reinforce
+        else:
+            ours, theirs = rv.get_policy_loss_fn(name), ca.get_policy_loss_fn(name)
+        return {"rlkern": _backward(lambda: ours(old, logp, adv, mask, "token-mean", cfg, w), logp),
+                "verl": _backward(lambda: theirs(old, logp, adv, mask, "token-mean", cfg, w), logp)}
     return make
 
 
@@ -161,6 +184,9 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
             if _has("verl"):
                 for name in VERL_LOSSES:
                     add(f"verl {name}", _verl_policy(name, B, T, dtype), B, T, dtype)
+                for label, extra in VERL_EXTRA_LOSSES.items():
+                    add(f"verl {label}", _verl_policy(extra["name"], B, T, dtype, extra.get("rollout_correction"),
+                                                      extra.get("weights", False)), B, T, dtype)
                 add("verl kl_penalty low_var_kl", _verl_kl("low_var_kl", B, T, dtype), B, T, dtype)
                 add("verl compute_value_loss", _verl_value(B, T, dtype), B, T, dtype)
             if _has("openrlhf"):

@@ -109,13 +109,14 @@ def agg_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str
                                   global_batch_size, loss_scale_factor)
     m = loss_mask.bool()
     lm = torch.where(m, loss_mat, torch.zeros((), dtype=loss_mat.dtype, device=loss_mat.device))
+    # count_nonzero: a bool sum would first copy the mask to int64
     if agg in ("token-mean", "token-sum"):
         total = lm.sum()
         if norm is not None:
             return total / norm
-        return total / m.sum().clamp(min=1) if agg == "token-mean" else total
+        return total / torch.count_nonzero(m).clamp(min=1) if agg == "token-mean" else total
     seq = lm.sum(-1)
-    count = m.sum(-1)
+    count = torch.count_nonzero(m, dim=-1)
     if agg == "seq-mean-token-mean":
         seq = seq / count.clamp(min=1)
     if norm is None:
@@ -328,20 +329,22 @@ def compute_policy_loss_bypass_mode(old_log_prob: torch.Tensor, log_prob: torch.
         raise ValueError("rollout_correction config not found in policy_loss. "
                          "When using loss_mode='bypass_mode', ensure rollout_correction config is passed.")
     loss_type = rc.get("loss_type", "ppo_clip")
+    if loss_type not in ("reinforce", "ppo_clip"):
+        raise ValueError(f"Invalid loss_type: {loss_type}. Must be 'reinforce' or 'ppo_clip'.")
     with torch.no_grad():
+        # ppo_clip reports the IS metrics but applies no weights: they are not formed
         weights, mask, metrics = _rc.correction_and_rejection(
             log_prob, old_log_prob, response_mask, rollout_is=rc.get("rollout_is", None),
             rollout_is_threshold=rc.get("rollout_is_threshold", 2.0),
             rollout_is_batch_normalize=rc.get("rollout_is_batch_normalize", False),
-            rollout_rs=rc.get("rollout_rs", None), rollout_rs_threshold=rc.get("rollout_rs_threshold", None))
+            rollout_rs=rc.get("rollout_rs", None), rollout_rs_threshold=rc.get("rollout_rs_threshold", None),
+            want_weights=loss_type == "reinforce", copy_mask=False)
     if loss_type == "reinforce":
         loss, pg_metrics = compute_policy_loss_reinforce(old_log_prob, log_prob, advantages, mask, loss_agg_mode,
                                                          config, weights)
-    elif loss_type == "ppo_clip":
+    else:
         loss, pg_metrics = compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, mask, loss_agg_mode,
                                                        config, None)
-    else:
-        raise ValueError(f"Invalid loss_type: {loss_type}. Must be 'reinforce' or 'ppo_clip'.")
     pg_metrics.update(metrics)
     return loss, pg_metrics
 
@@ -542,7 +545,11 @@ def compute_policy_loss_clip_cov(old_log_prob: torch.Tensor, log_prob: torch.Ten
             clipped = -a * r.clamp(1 - low, 1 + high) > -a * r
             candidate = (cov < ub) & (cov > lb) & valid & ~clipped
             n_host, n_cand = (int(x) for x in torch.stack([n, candidate.sum()]).tolist())
-        keep = torch.ones(valid.shape, dtype=cdtype, device=valid.device)
+        # 0/1 are exact in every float type: without rollout weights the factor is stored like the
+        # log-probs, so the kernel reads bfloat16 inputs as they are (no float32 copies of both)
+        same = log_prob.dtype == old_log_prob.dtype and log_prob.dtype in _COV_DTYPES
+        kdtype = log_prob.dtype if rollout_is_weights is None and same else cdtype
+        keep = torch.ones(valid.shape, dtype=kdtype, device=valid.device)
         n_cut = 0
         if n_cand > 0:
             if native is not None:
@@ -611,14 +618,22 @@ def compute_policy_loss_kl_cov(old_log_prob: torch.Tensor, log_prob: torch.Tenso
     adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
     weights = None if rollout_is_weights is None else rollout_is_weights.detach()
     native = _cov_native(adv, log_prob, old_log_prob, valid)
+    idx = None
     with torch.no_grad():
         if native is not None:
             B, T, a, lp, old, mask = native
-            cov = torch.empty((B, T), dtype=torch.promote_types(torch.promote_types(a.dtype, lp.dtype),
-                                                                torch.float32))
-            n_host, _, ppo_kl = core().losses.kl_cov_covariance(
-                B, T, dtype_code(lp), dtype_code(a), ptr(a), a.stride(0), a.stride(1), ptr(lp), ptr(old),
-                ptr(mask), ptr(cov))
+            cdtype = torch.promote_types(torch.promote_types(a.dtype, lp.dtype), torch.float32)
+            args = (B, T, dtype_code(lp), dtype_code(a), ptr(a), a.stride(0), a.stride(1), ptr(lp), ptr(old),
+                    ptr(mask))
+            # the k largest covariances without a [B, T] array, where they are unambiguous
+            found = torch.empty(max(1, int(B * T * ratio) + 1), dtype=torch.int64)
+            n_host, n_found, ppo_kl = core().losses.kl_cov_topk(*args, ratio, ptr(found))
+            if n_found > 0:
+                idx = found[:n_found]
+                cov = None
+            else:  # a tie at the k-th value (or NaN): torch.topk on the covariance decides
+                cov = torch.empty((B, T), dtype=cdtype)
+                n_host, _, ppo_kl = core().losses.kl_cov_covariance(*args, ptr(cov))
         else:
             n = valid.sum()
             cov = _centred_product(adv, log_prob, valid, n)
@@ -631,12 +646,14 @@ def compute_policy_loss_kl_cov(old_log_prob: torch.Tensor, log_prob: torch.Tenso
         with torch.no_grad():
             if native is None:
                 cov = torch.where(valid, cov, torch.full((), float("-inf"), dtype=cov.dtype, device=cov.device))
-            idx = torch.topk(cov.reshape(-1), k, largest=True).indices
+            if idx is None:
+                idx = torch.topk(cov.reshape(-1), k, largest=True).indices
+            cdtype = cov.dtype if cov is not None else cdtype
             T = valid.shape[-1]
-            scale = _row_scale(agg, norm, response_mask, cov.dtype)[idx // T] * coef
+            scale = _row_scale(agg, norm, response_mask, cdtype)[idx // T] * coef
             if rollout_is_weights is not None:
-                scale = scale * rollout_is_weights.detach().to(cov.dtype).reshape(-1)[idx]
-            old_k = old_log_prob.detach().reshape(-1)[idx].to(cov.dtype)
+                scale = scale * rollout_is_weights.detach().to(cdtype).reshape(-1)[idx]
+            old_k = old_log_prob.detach().reshape(-1)[idx].to(cdtype)
         log_prob, penalty = _GatheredAbsPenalty.apply(log_prob, idx, scale, old_k)
     out = _policy_loss(log_prob, old_log_prob, advantages, response_mask, objective="clip", clip_low=1.0,
                        clip_high=float("inf"), weights=weights, agg=agg, normalizer=norm)
