@@ -63,7 +63,12 @@ inline float fast_exp(float x) {
 typedef float v4f __attribute__((vector_size(16)));
 typedef int32_t v4i __attribute__((vector_size(16)));
 
+// An unaligned 16-byte vector that may alias any type: one store of a whole record
+// (memcpy of a vector into a struct goes through general registers).
+typedef float v4f_any __attribute__((vector_size(16), aligned(4), may_alias));
+
 inline v4f splat(float x) { return v4f{x, x, x, x}; }
+inline void store4(void* dst, v4f v) { *static_cast<v4f_any*>(dst) = v; }
 inline v4f select(v4i mask, v4f a, v4f b) { return (v4f)((mask & (v4i)a) | (~mask & (v4i)b)); }
 
 inline v4f fast_exp4(v4f x) {
@@ -149,7 +154,12 @@ int32_t legal_softmax(const float* logits, const uint8_t* legal, int64_t A, int3
       mx = std::max(mx, logits[a]);
     }
   } else {
-    for (int64_t a = 0; a < A; ++a) actions[a] = int32_t(a);
+    int64_t a = 0;
+#if defined(__GNUC__)
+    v4i ids = v4i{0, 1, 2, 3};
+    for (; a + 4 <= A; a += 4, ids += 4) std::memcpy(actions + a, &ids, sizeof(ids));
+#endif
+    for (; a < A; ++a) actions[a] = int32_t(a);
     mx = max_of(logits, A);
     k = int32_t(A);
   }
@@ -167,17 +177,55 @@ int32_t legal_softmax(const float* logits, const uint8_t* legal, int64_t A, int3
   }
   const float inv = 1.0f / exp_shifted_sum(src, tmp, k, mx);
   // Scaling by inv > 0 keeps the order (rounding is monotone), so the largest prior is
-  // the largest exp scaled.
-  const float top = max_of(tmp, k) * inv;
+  // the largest exp scaled, and the first largest prior is the first scaled exp equal to it.
   float t = 0.f;
-  int32_t first = -1;
-  for (int32_t i = 0; i < k; ++i) {
-    const float p = tmp[i] * inv;
-    t += p;
-    edge[i] = Forest::Edge{0, 0.f, p, -1};
+  int32_t i = 0;
+#if defined(__GNUC__)
+  // Four edges at a time: the priors scaled in one multiply, each record written as one
+  // 16-byte store, the largest prior and the first edge holding it kept per lane (a
+  // strict > keeps a lane's first). t still adds up in edge order.
+  v4f vtop = splat(kNegInf);
+  v4i vfirst = v4i{-1, -1, -1, -1}, vidx = v4i{0, 1, 2, 3};
+  const v4f vinv = splat(inv);
+  const v4f blank = (v4f)(v4i{0, 0, 0, -1});  // visits 0, q 0, prior (lane 2), child -1
+  const v4i lane2 = v4i{0, 0, -1, 0};
+  for (; i + 4 <= k; i += 4) {
+    v4f p;
+    std::memcpy(&p, tmp + i, sizeof(p));
+    p = p * vinv;
+    const v4i up = p > vtop;
+    vtop = select(up, p, vtop);
+    vfirst = (up & vidx) | (~up & vfirst);
+    vidx += 4;
+    const float p0 = p[0], p1 = p[1], p2 = p[2], p3 = p[3];
+    t += p0;
+    t += p1;
+    t += p2;
+    t += p3;
+    const v4f r0 = select(lane2, splat(p0), blank), r1 = select(lane2, splat(p1), blank);
+    const v4f r2 = select(lane2, splat(p2), blank), r3 = select(lane2, splat(p3), blank);
+    store4(edge + i, r0);
+    store4(edge + i + 1, r1);
+    store4(edge + i + 2, r2);
+    store4(edge + i + 3, r3);
   }
-  for (int32_t i = 0; i < k && first < 0; ++i)
-    if (tmp[i] * inv == top) first = i;
+  float top = std::max(std::max(vtop[0], vtop[1]), std::max(vtop[2], vtop[3]));
+  int32_t first = -1;
+  for (int l = 0; l < 4; ++l)
+    if (vfirst[l] >= 0 && vtop[l] == top && (first < 0 || vfirst[l] < first)) first = vfirst[l];
+#else
+  float top = kNegInf;
+  int32_t first = -1;
+#endif
+  for (int32_t j = i; j < k; ++j) {
+    const float p = tmp[j] * inv;
+    if (p > top) {  // a later edge only takes over when strictly larger
+      top = p;
+      first = j;
+    }
+    t += p;
+    edge[j] = Forest::Edge{0, 0.f, p, -1};
+  }
   *best = first;  // the first largest prior
   *total = t;
   return k;
