@@ -195,6 +195,9 @@ def _per_sequence(advantages: torch.Tensor, mask: torch.Tensor) -> Optional[torc
     """advantages [B] when they are constant over each sequence's active tokens, else None."""
     if advantages.dim() == 1:
         return advantages
+    native = _row_constant_native(advantages, mask)
+    if native is not NotImplemented:
+        return native
     m = mask.bool()
     inf = torch.tensor(float("inf"), dtype=advantages.dtype, device=advantages.device)
     hi = torch.where(m, advantages, -inf).amax(-1)
@@ -203,6 +206,24 @@ def _per_sequence(advantages: torch.Tensor, mask: torch.Tensor) -> Optional[torc
     if not bool(((hi == lo) | empty).all()):
         return None
     return torch.where(empty, torch.zeros_like(hi), hi)
+
+
+def _row_constant_native(advantages: torch.Tensor, mask: torch.Tensor):
+    """:func:`_per_sequence` in one compiled pass that stops at a row's first differing token
+    (cov.cpp row_constant), for CPU tensors; NotImplemented where the torch formulation runs."""
+    for t in (advantages, mask):
+        if type(t) not in _validate.PLAIN_TYPES or t.is_meta or t.device.type != "cpu" or _validate.is_fake(t):
+            return NotImplemented
+    if advantages.dim() != 2 or advantages.shape != mask.shape or advantages.dtype not in _COV_DTYPES \
+            or advantages.numel() == 0 or not hasattr(core().losses, "row_constant"):
+        return NotImplemented
+    m = (mask if mask.dtype == torch.bool else mask != 0).contiguous().view(torch.uint8)
+    a = advantages.detach()
+    B, T = a.shape
+    values = torch.empty(B, dtype=torch.float64)
+    if not core().losses.row_constant(B, T, dtype_code(a), ptr(a), a.stride(0), a.stride(1), ptr(m), ptr(values)):
+        return None
+    return values.to(advantages.dtype)
 
 
 def compute_policy_loss_gspo(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
@@ -433,7 +454,7 @@ def _row_scale(agg: str, norm, mask: torch.Tensor, dtype: torch.dtype) -> torch.
     :func:`_agg` (the same denominators as the fused kernel), so that a term on a few gathered
     tokens can be added to the kernel's loss without a [B, T] pass."""
     m = mask.bool()
-    count = m.sum(-1).to(dtype)
+    count = torch.count_nonzero(m, dim=-1).to(dtype)  # a bool sum would copy the mask to int64 first
     nonempty = (count > 0).sum().to(dtype).clamp(min=1)
     ones = torch.ones_like(count)
     if agg == "token-mean":
