@@ -93,6 +93,12 @@ def _agg(loss_agg_mode: str, mask: torch.Tensor, info: Dict[str, Any]):
                              info.get("loss_scale_factor"))
 
 
+def _row_counts(m: torch.Tensor) -> torch.Tensor:
+    """Active tokens per row of a bool mask (int32): its bytes summed in int32, several times
+    faster than a bool sum or count_nonzero over a dim (both convert the mask first)."""
+    return m.view(torch.uint8).sum(-1, dtype=torch.int32)
+
+
 def agg_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str, dp_size: int = 1,
              batch_num_tokens: Optional[int] = None, global_batch_size: Optional[int] = None,
              loss_scale_factor: Optional[int] = None) -> torch.Tensor:
@@ -116,7 +122,7 @@ def agg_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str
             return total / norm
         return total / torch.count_nonzero(m).clamp(min=1) if agg == "token-mean" else total
     seq = lm.sum(-1)
-    count = torch.count_nonzero(m, dim=-1)
+    count = _row_counts(m)
     if agg == "seq-mean-token-mean":
         seq = seq / count.clamp(min=1)
     if norm is None:
@@ -454,7 +460,7 @@ def _row_scale(agg: str, norm, mask: torch.Tensor, dtype: torch.dtype) -> torch.
     :func:`_agg` (the same denominators as the fused kernel), so that a term on a few gathered
     tokens can be added to the kernel's loss without a [B, T] pass."""
     m = mask.bool()
-    count = torch.count_nonzero(m, dim=-1).to(dtype)  # a bool sum would copy the mask to int64 first
+    count = _row_counts(m).to(dtype)
     nonempty = (count > 0).sum().to(dtype).clamp(min=1)
     ones = torch.ones_like(count)
     if agg == "token-mean":
