@@ -637,8 +637,12 @@ def _promote(old: torch.Tensor, rollout: Optional[torch.Tensor]):
 def _read(metrics: Metrics, n: torch.Tensor, prefix: str = "") -> Dict[str, float]:
     """Every metric as a Python float with one device sync; an empty mask raises as verl does."""
     keys = list(metrics)
-    values = torch.stack([n.to(torch.float64)] + [metrics[k].detach().to(torch.float64).reshape(())
-                                                   for k in keys]).tolist()
+    parts = [metrics[k].detach().reshape(()) for k in keys]
+    dtypes = {p.dtype for p in parts}
+    if len(dtypes) == 1:  # one stack, one cast (n only decides the empty-mask error)
+        values = torch.stack([n.to(parts[0].dtype)] + parts).to(torch.float64).tolist()
+    else:
+        values = torch.stack([n.to(torch.float64)] + [p.to(torch.float64) for p in parts]).tolist()
     if values[0] == 0:
         raise ValueError(_EMPTY)
     return {prefix + k: v for k, v in zip(keys, values[1:])}
