@@ -4,7 +4,10 @@ batch with one host sync per call (not public API: the names are re-exported by
 
 verl reads every one of its ~40 metrics back with its own ``.item()`` and branches on tensor
 values in Python (a device sync each); here every metric is a 0-d tensor until one
-``tolist()`` at the end, and the data-dependent branches are ``torch.where``. Weights, masks
+``tolist()`` at the end, and the data-dependent branches are ``torch.where``. CPU
+float32/bfloat16 log-probs take one compiled pass over [B, T] (csrc/cpu/rollout_corr.cpp)
+that writes per-row sums, the weights and the rejection mask; the metrics are then
+finished on [B] vectors with the same formulas. Weights, masks
 and metric values are verl's (same formulas, same metric names and key sets).
 
 Deliberate differences: bfloat16/float16 log-probs are computed in float32 (verl works in the

@@ -634,7 +634,10 @@ def compute_policy_loss_kl_cov(old_log_prob: torch.Tensor, log_prob: torch.Tenso
     never binds); the penalty is gathered on the k selected tokens only and scaled by each
     row's aggregation factor. ``actor/ppo_kl`` is verl's mean of |lp - old| over the active
     tokens. One host sync (the token count, for k), as verl; the top-k runs on the device
-    (verl copies the batch to the CPU for it).
+    (verl copies the batch to the CPU for it). For CPU tensors one compiled pass selects the
+    k tokens without forming the [B, T] covariance wherever the k-th largest covariance is
+    strictly above the (k+1)-th (the set is then verl's whatever its top-k algorithm); a tie
+    there falls back to torch.topk on the covariance.
     """
     ratio = _cov_config(config, "kl_cov_ratio", 0.0002)
     coef = _cov_config(config, "ppo_kl_coef", 1.0)
