@@ -1041,3 +1041,35 @@ def test_kl_cov_compiled_topk_and_tie_fallback(monkeypatch):
     assert_loss(fast[0], slow[0], 1e-6, "kl_cov loss")
     assert fast[1] == slow[1]
     assert torch.equal(fast[2], slow[2])
+
+
+def test_gspo_per_sequence_test_compiled_matches_torch(monkeypatch):
+    """GSPO's check that the advantages are one value per sequence runs as one compiled pass for
+    CPU tensors (cov.cpp row_constant): the same answer and values as the torch formulation for
+    constant rows, empty and holed rows, NaN, -0.0 next to 0.0, bfloat16 and expanded tensors."""
+    m = make_mask("holed")
+    base = torch.randn(B, generator=torch.Generator().manual_seed(9))
+    cases = [base[:, None].expand(B, T), (base[:, None] * m).contiguous()]
+    varying = cases[1].clone()
+    varying[3, 4] += 1.0  # an active token off its row's value
+    cases.append(varying)
+    nan = cases[1].clone()
+    nan[0, 0] = float("nan")
+    cases.append(nan)
+    masked_nan = cases[1].clone()
+    masked_nan[0, 3] = float("nan")  # inactive: ignored
+    cases.append(masked_nan)
+    zeros = torch.zeros(B, T)
+    zeros[2, 1] = -0.0
+    cases.append(zeros)
+    cases += [c.to(torch.bfloat16) for c in cases[:3]]
+    for adv in cases:
+        fast = V._per_sequence(adv, m)
+        with monkeypatch.context() as mp:
+            mp.setattr(V, "_row_constant_native", lambda *a: NotImplemented)
+            slow = V._per_sequence(adv, m)
+        assert (fast is None) == (slow is None)
+        if fast is not None:
+            assert fast.dtype == slow.dtype and torch.equal(fast, slow)
+    assert V._per_sequence(varying, m) is None and V._per_sequence(nan, m) is None
+    assert V._per_sequence(masked_nan, m) is not None

@@ -266,6 +266,46 @@ std::tuple<int64_t, int64_t, double> kl_topk(int64_t B, int64_t T_, ptr_t adv, i
   return {n_active, k, s.abs_lr / n};
 }
 
+// GSPO's test of the advantages (verl's GRPO advantages are one value broadcast over each
+// sequence): one pass that stops at a row's first differing active token (NaN differs from
+// everything), writing each row's value (0 for a row without active tokens).
+template <class TA>
+bool row_constant_impl(int64_t B, int64_t T_, ptr_t adv, int64_t a_row, int64_t a_step, ptr_t mask, ptr_t out) {
+  const TA* a = as_ptr<const TA>(adv);
+  const uint8_t* m = as_ptr<const uint8_t>(mask);
+  double* values = as_ptr<double>(out);
+  std::vector<uint8_t> ok(static_cast<size_t>(B), 1);
+  parallel_for(B, row_grain(T_), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const TA* ar = a + b * a_row;
+      const uint8_t* mr = m + b * T_;
+      bool seen = false, same = true;
+      acc_t<TA> first = 0;
+      for (int64_t t = 0; t < T_ && same; ++t) {
+        if (!mr[t]) continue;
+        const acc_t<TA> x = load(ar, t * a_step);
+        if (!seen) {
+          first = x;
+          seen = true;
+          same = x == x;
+        } else {
+          same = x == first;
+        }
+      }
+      ok[size_t(b)] = same ? 1 : 0;
+      values[b] = seen ? double(first) : 0.0;
+    }
+  });
+  return std::all_of(ok.begin(), ok.end(), [](uint8_t x) { return x != 0; });
+}
+
+bool row_constant(int64_t B, int64_t T_, int adv_dtype, ptr_t adv, int64_t a_row, int64_t a_step, ptr_t mask,
+                  ptr_t out) {
+  bool r = false;
+  RLK_DISPATCH_FLOATING(adv_dtype, TA, { r = row_constant_impl<TA>(B, T_, adv, a_row, a_step, mask, out); });
+  return r;
+}
+
 // dtype: the log-probs' storage code, adv_dtype: the advantages'. Clip-Cov: writes the
 // candidates' flat indices to out[0 : n_cand] (out holds B*T int64); returns
 // (active count, n_cand, 0).
@@ -313,6 +353,9 @@ std::tuple<int64_t, int64_t, double> kl_cov_topk(int64_t B, int64_t T_, int dtyp
 }
 
 void bind(py::module_& m) {
+  m.def("row_constant", &row_constant, py::arg("B"), py::arg("T"), py::arg("adv_dtype"), py::arg("adv"),
+        py::arg("adv_row_stride"), py::arg("adv_col_stride"), py::arg("mask"), py::arg("out"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("kl_cov_topk", &kl_cov_topk, py::arg("B"), py::arg("T"), py::arg("dtype"), py::arg("adv_dtype"),
         py::arg("adv"), py::arg("adv_row_stride"), py::arg("adv_col_stride"), py::arg("logp"), py::arg("old_logp"),
         py::arg("mask"), py::arg("ratio"), py::arg("out"), py::call_guard<py::gil_scoped_release>());

@@ -1576,6 +1576,94 @@ void kl_penalty_fused(int64_t n, int dtype, ptr_t logp, ptr_t ref, int kind, boo
 }
 
 // ---------------------------------------------------------------------------------------
+// value_loss's row body for float32/bfloat16 storage, eight tokens per step: the scalar
+// body below line by line (max_branch's NaN and tie rules included), with the loss and the
+// sum of v kept in float lanes and flushed to float64 every 512 tokens. Returns the tokens
+// covered; the caller finishes the row's tail with the scalar body.
+#ifdef RLK_POLICY_SIMD
+struct ValueRowSums {
+  double loss = 0, vsum = 0;
+  int64_t active = 0, clipped = 0;
+};
+
+template <class S>
+RLK_LOSS_INLINE int64_t value_row_simd(const S* v, const S* vo, const S* R, const uint8_t* m, float* g, int64_t T,
+                                       bool has_clip, float clip, float row_w, ValueRowSums& out) {
+  const vf zero = splat(0.0f), one = splat(1.0f), two = splat(2.0f), half = splat(0.5f), c = splat(clip);
+  const vf w = splat(0.5f * row_w);
+  int64_t t = 0;
+  while (t + kVec <= T) {
+    const int64_t stop = std::min<int64_t>(T, t + 512);
+    vf loss = zero, vsum = zero, active = zero, clipped = zero;
+    for (; t + kVec <= stop; t += kVec) {
+      const vi mv = load_mask(m + t);
+      const vf x = vload(v, t), r = vload(R, t);
+      const vf d = x - r;
+      vf value = d * d, grad = two * d;
+      if (has_clip) {
+        const vf vold = vload(vo, t);
+        const vf lo = vold - c, hi = vold + c;
+        const vi nan_bound = (lo != lo) | (hi != hi);
+        const vi below = x < lo, above = x > hi;
+        const vf vcv = nan_bound ? lo + hi : (below ? lo : (above ? hi : x));
+        const vf d2 = vcv - r;
+        const vf e2 = d2 * d2;
+        const vf de2 = nan_bound ? e2 : ((below | above) ? zero : two * d2);
+        clipped += (mv & (e2 > value)) ? one : zero;
+        // max_branch(value, grad, e2, de2)
+        const vi gt = value > e2, lt = value < e2, b_nan = e2 != e2, a_nan = value != value;
+        const vf tie = half * (grad + de2);
+        const vf new_grad = gt ? grad : ((lt | b_nan) ? de2 : (a_nan ? grad : tie));
+        value = gt ? value : ((lt | b_nan) ? e2 : value);
+        grad = new_grad;
+      }
+      // 0.5 * row_w * e, in the scalar body's order: (0.5 * row_w) is one float there too
+      loss += mv ? w * value : zero;
+      vstore(g, t, mv ? w * grad : zero);
+      vsum += mv ? x : zero;
+      active += mv ? one : zero;
+    }
+    out.loss += double(lane_sum(loss));
+    out.vsum += double(lane_sum(vsum));
+    out.active += int64_t(lane_sum(active));
+    out.clipped += int64_t(lane_sum(clipped));
+  }
+  return t;
+}
+
+template <class S>
+void value_rows_generic(const S* v, const S* vo, const S* R, const uint8_t* m, float* g, int64_t T, bool has_clip,
+                        float clip, float row_w, ValueRowSums& out, int64_t* done) {
+  *done = value_row_simd(v, vo, R, m, g, T, has_clip, clip, row_w, out);
+}
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+template <class S>
+__attribute__((target("avx2,fma"))) void value_rows_avx2(const S* v, const S* vo, const S* R, const uint8_t* m,
+                                                         float* g, int64_t T, bool has_clip, float clip, float row_w,
+                                                         ValueRowSums& out, int64_t* done) {
+  *done = value_row_simd(v, vo, R, m, g, T, has_clip, clip, row_w, out);
+}
+#endif
+
+// The vector body where the storage has one (float32, bfloat16), else nothing (returns 0).
+template <class S, class A>
+int64_t value_row_fast(const S* v, const S* vo, const S* R, const uint8_t* m, A* g, int64_t T, bool has_clip, A clip,
+                       A row_w, ValueRowSums& out) {
+  if constexpr (kSimd<S>) {
+    auto fn = &value_rows_generic<S>;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    if (rlk::simd::use_avx2()) fn = &value_rows_avx2<S>;
+#endif
+    int64_t done = 0;
+    fn(v, vo, R, m, g, T, has_clip, float(clip), float(row_w), out, &done);
+    return done;
+  } else {
+    return 0;
+  }
+}
+#endif
+
+// ---------------------------------------------------------------------------------------
 // value_loss: per token 0.5 * max((v - R)^2, (clip(v, v_old - c, v_old + c) - R)^2).
 // Returns {active tokens, row-weighted loss sum, clipped tokens, sum of v, non-empty rows}.
 
@@ -1602,7 +1690,18 @@ std::vector<double> value_loss_fused(int64_t B, int64_t T, int dtype, ptr_t valu
                                                  : (agg == kSeqMeanTokenSumNorm ? A(1) / A(T) : A(1));
         double loss = 0, vsum = 0;
         int64_t active = 0, clipped = 0;
-        for (int64_t t = 0; t < T; ++t) {
+        int64_t t_start = 0;
+#ifdef RLK_POLICY_SIMD
+        {
+          ValueRowSums sums;
+          t_start = value_row_fast<S>(v + base, vo + base, R + base, m + base, g + base, T, has_clip, c, row_w, sums);
+          loss = sums.loss;
+          vsum = sums.vsum;
+          active = sums.active;
+          clipped = sums.clipped;
+        }
+#endif
+        for (int64_t t = t_start; t < T; ++t) {
           const int64_t i = base + t;
           if (!m[i]) {
             g[i] = A(0);

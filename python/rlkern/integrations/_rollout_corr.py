@@ -4,7 +4,10 @@ batch with one host sync per call (not public API: the names are re-exported by
 
 verl reads every one of its ~40 metrics back with its own ``.item()`` and branches on tensor
 values in Python (a device sync each); here every metric is a 0-d tensor until one
-``tolist()`` at the end, and the data-dependent branches are ``torch.where``. Weights, masks
+``tolist()`` at the end, and the data-dependent branches are ``torch.where``. CPU
+float32/bfloat16 log-probs take one compiled pass over [B, T] (csrc/cpu/rollout_corr.cpp)
+that writes per-row sums, the weights and the rejection mask; the metrics are then
+finished on [B] vectors with the same formulas. Weights, masks
 and metric values are verl's (same formulas, same metric names and key sets).
 
 Deliberate differences: bfloat16/float16 log-probs are computed in float32 (verl works in the
@@ -637,8 +640,12 @@ def _promote(old: torch.Tensor, rollout: Optional[torch.Tensor]):
 def _read(metrics: Metrics, n: torch.Tensor, prefix: str = "") -> Dict[str, float]:
     """Every metric as a Python float with one device sync; an empty mask raises as verl does."""
     keys = list(metrics)
-    values = torch.stack([n.to(torch.float64)] + [metrics[k].detach().to(torch.float64).reshape(())
-                                                   for k in keys]).tolist()
+    parts = [metrics[k].detach().reshape(()) for k in keys]
+    dtypes = {p.dtype for p in parts}
+    if len(dtypes) == 1:  # one stack, one cast (n only decides the empty-mask error)
+        values = torch.stack([n.to(parts[0].dtype)] + parts).to(torch.float64).tolist()
+    else:
+        values = torch.stack([n.to(torch.float64)] + [p.to(torch.float64) for p in parts]).tolist()
     if values[0] == 0:
         raise ValueError(_EMPTY)
     return {prefix + k: v for k, v in zip(keys, values[1:])}
