@@ -42,25 +42,7 @@ RLK_SIMD_INLINE void store8(bf16* p, int64_t i, v8f v) {
 // ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7)): a fixed order.
 RLK_SIMD_INLINE float lanes_sum(v8f v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
 
-// exp lane for lane as losses.h's fast_exp (Cody-Waite reduction, Cephes' degree-6
-// polynomial, about 1 ulp): below -87 it flushes to 0, above float's range inf, NaN stays.
-RLK_SIMD_INLINE v8f exp8(v8f x) {
-  const v8f upper = splat8(88.7228317f), lower = splat8(-87.0f), zero = splat8(0.0f);
-  v8f xc = x > upper ? upper : (x < lower ? lower : x);
-  xc = x == x ? xc : zero;
-  const v8f shifted = xc * 1.44269504088896341f + 12582912.0f;
-  const v8f fk = shifted - 12582912.0f;
-  const v8i k = (v8i)shifted - 0x4B400000;
-  const v8f r = (xc - fk * 0.693359375f) - fk * -2.12194440e-4f;
-  const v8f z = r * r;
-  v8f y = (((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r +
-            1.6666665459e-1f) * r + 5.0000001201e-1f) * z + r + 1.0f;
-  const v8i k1 = k >> 1, k2 = k - k1;
-  y = y * (v8f)((k1 + 127) << 23) * (v8f)((k2 + 127) << 23);
-  y = x > upper ? splat8(__builtin_inff()) : y;
-  y = x < lower ? zero : y;
-  return x == x ? y : x;
-}
+// exp8 (simd.h) is the matching 8-lane exp.
 
 // Storage types the 8-lane bodies take (their arithmetic type is float).
 template <class T>
