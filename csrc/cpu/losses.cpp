@@ -1458,19 +1458,19 @@ RLK_LOSS_INLINE ValueGrad<A> kl_token(A lp, A rf, A lo, A hi, A d_hi) {
 }
 
 template <class T, int KIND, bool CLAMP, bool DHI, bool GRAD>
-RLK_LOSS_INLINE void kl_range_scalar(const T* logp, const T* ref, acc_t<T>* out, acc_t<T>* grad, const KlBounds& b,
+RLK_LOSS_INLINE void kl_range_scalar(const T* logp, const T* ref, acc_t<T>* out, T* grad, const KlBounds& b,
                                      int64_t i0, int64_t i1) {
   using A = acc_t<T>;
   for (int64_t i = i0; i < i1; ++i) {
     const ValueGrad<A> kl = kl_token<A, KIND, CLAMP, DHI>(load(logp, i), load(ref, i), A(b.lo), A(b.hi), A(b.d_hi));
     out[i] = kl.value;
-    if (GRAD) grad[i] = kl.grad;
+    if (GRAD) store(grad, i, kl.grad);
   }
 }
 
 #ifdef RLK_POLICY_SIMD
 template <class T, int KIND, bool CLAMP, bool DHI, bool GRAD>
-RLK_LOSS_INLINE void kl_range_impl(const T* logp, const T* ref, float* out, float* grad, const KlBounds& b,
+RLK_LOSS_INLINE void kl_range_impl(const T* logp, const T* ref, float* out, T* grad, const KlBounds& b,
                                    int64_t i0, int64_t i1) {
   const vf zero = splat(0.0f), one = splat(1.0f), half = splat(0.5f);
   const vf lo = splat(float(b.lo)), hi = splat(float(b.hi)), d_hi = splat(float(b.d_hi));
@@ -1507,14 +1507,14 @@ RLK_LOSS_INLINE void kl_range_impl(const T* logp, const T* ref, float* out, floa
 
 #ifdef RLK_POLICY_AVX2
 template <class T, int KIND, bool CLAMP, bool DHI, bool GRAD>
-__attribute__((target("avx2,fma"))) void kl_range_avx2(const T* logp, const T* ref, float* out, float* grad,
+__attribute__((target("avx2,fma"))) void kl_range_avx2(const T* logp, const T* ref, float* out, T* grad,
                                                        const KlBounds& b, int64_t i0, int64_t i1) {
   kl_range_impl<T, KIND, CLAMP, DHI, GRAD>(logp, ref, out, grad, b, i0, i1);
 }
 #endif
 
 template <class T, int KIND, bool CLAMP, bool DHI, bool GRAD>
-void kl_range_generic(const T* logp, const T* ref, float* out, float* grad, const KlBounds& b, int64_t i0,
+void kl_range_generic(const T* logp, const T* ref, float* out, T* grad, const KlBounds& b, int64_t i0,
                       int64_t i1) {
   kl_range_impl<T, KIND, CLAMP, DHI, GRAD>(logp, ref, out, grad, b, i0, i1);
 }
@@ -1526,7 +1526,7 @@ void run_kl(int64_t n, ptr_t logp, ptr_t ref, ptr_t out, ptr_t grad, const KlBou
   const T* lp = as_ptr<const T>(logp);
   const T* rf = as_ptr<const T>(ref);
   A* o = as_ptr<A>(out);
-  A* g = GRAD ? as_ptr<A>(grad) : nullptr;
+  T* g = GRAD ? as_ptr<T>(grad) : nullptr;
 #ifdef RLK_POLICY_SIMD
   if constexpr (kSimd<T>) {
     auto fn = &kl_range_generic<T, KIND, CLAMP, DHI, GRAD>;
@@ -1552,8 +1552,10 @@ void run_kl_flags(int64_t n, ptr_t logp, ptr_t ref, ptr_t out, ptr_t grad, const
          : run_kl<T, KIND, false, DHI, false>(n, logp, ref, out, grad, b);
 }
 
-// ``d_hi``: an upper bound on ref - logp applied before the estimate (inf: none). Only k3
-// takes one (exp(d) is what overflows); k1 and k2 reject it.
+// ``out`` is in the arithmetic type, ``grad`` in the storage type (as the policy kernel's
+// gradients: backward hands it to autograd without a cast). ``d_hi``: an upper bound on
+// ref - logp applied before the estimate (inf: none). Only k3 takes one (exp(d) is what
+// overflows); k1 and k2 reject it.
 void kl_penalty_fused(int64_t n, int dtype, ptr_t logp, ptr_t ref, int kind, bool has_lo, double lo, bool has_hi,
                       double hi, ptr_t out, ptr_t grad, double d_hi) {
   if (kind < kK1 || kind > kK3) throw std::invalid_argument("kl_penalty: unknown estimator code");

@@ -63,10 +63,10 @@ def _uniform_value(t: torch.Tensor) -> Optional[float]:
 
 
 class _KlPenaltyFunction(torch.autograd.Function):
-    """Forward computes the estimate and d kl / d logp in one pass and keeps only that
-    derivative; backward scales it by the incoming gradient, in place unless the graph is
-    retained, and not at all when that gradient is a broadcast 1 (a ``.sum()``), so
-    backward allocates no second buffer in float32. ``d_max`` bounds ref - logp before the
+    """Forward computes the estimate and d kl / d logp (in logp's storage dtype on CPU) in one
+    pass and keeps only that derivative; backward scales it by the incoming gradient, in place
+    unless the graph is retained, and not at all when that gradient is a broadcast 1 (a
+    ``.sum()``), so backward allocates no second buffer. ``d_max`` bounds ref - logp before the
     estimate (zero gradient where it binds; CPU only)."""
 
     @staticmethod
@@ -76,7 +76,9 @@ class _KlPenaltyFunction(torch.autograd.Function):
         ref = ref_logp.to(storage).contiguous()
         want_grad = ctx.needs_input_grad[0]
         out = torch.empty(lp.shape, dtype=compute_dtype(lp), device=lp.device)
-        grad = torch.empty_like(out) if want_grad else None
+        # the CPU kernel writes the derivative in the storage dtype (Triton's in the arithmetic one)
+        grad = torch.empty(lp.shape, dtype=storage if backend == "cpu" else out.dtype, device=lp.device) \
+            if want_grad else None
         if backend == "cpu":
             core().losses.kl_penalty(out.numel(), dtype_code(lp), ptr(lp), ptr(ref), _KIND_CODES[kind],
                                      low is not None, 0.0 if low is None else low, high is not None,
@@ -129,8 +131,12 @@ def _kl_launch(logp: torch.Tensor, ref_logp: torch.Tensor, kind: int, has_lo: bo
     out = torch.empty(lp.shape, dtype=compute_dtype(lp), device=lp.device)
     grad = torch.empty_like(out) if want_grad else out.new_empty((0,))
     if _backend.select(lp.device) == "cpu":
+        # the kernel's derivative is in the storage dtype; this op's is in the arithmetic one
+        g = grad if storage == out.dtype or not want_grad else torch.empty(lp.shape, dtype=storage)
         core().losses.kl_penalty(out.numel(), dtype_code(lp), ptr(lp), ptr(ref), kind, has_lo, lo, has_hi, hi,
-                                 ptr(out), ptr(grad) if want_grad else 0)
+                                 ptr(out), ptr(g) if want_grad else 0)
+        if g is not grad:
+            grad.copy_(g)
     else:
         from .triton import losses as triton_losses
 
