@@ -801,16 +801,32 @@ int32_t Forest::gumbel_root_edge(int64_t b, std::vector<Child>& buf) const {
   const int32_t sim = root_sims_[size_t(b)];
   // Past the planned number of simulations the root falls back to the interior rule.
   if (sim >= table_sims_) return gumbel_interior_edge(b, 0, buf);
-  Completed cq;
-  completed(b, 0, buf, cq);
   const int32_t considered = std::min<int32_t>(cfg_.max_considered_actions, ne);
   const int32_t target = table_[size_t(considered) * size_t(table_sims_) + size_t(sim)];
   const float* score = &root_score_[size_t(b * A_)];
   const int32_t* search_visits = &root_visits_[size_t(b * A_)];
+  const int32_t unexp = root_best_[size_t(b)];
+  {
+    // The candidates are the children with `target` visits in this search, and for
+    // target 0 the best unexpanded edge. A lone candidate wins whatever its score (the
+    // loop below takes the first candidate outright), so the completed Q-values, the
+    // costly part, are only needed when there are several: as in the first round of
+    // sequential halving (only unexpanded edges) and at the end of every round.
+    const size_t xi = size_t(b * N_);
+    const int32_t* kids = kids_.data() + b * E_ + nodes_[xi].first_edge;
+    int32_t candidates = target == 0 && unexp >= 0, lone = unexp;
+    for (int32_t j = 0, nk = nodes_[xi].num_kids; j < nk && candidates < 2; ++j) {
+      const bool on = search_visits[kids[j]] == target;
+      candidates += on;
+      lone = on ? kids[j] : lone;
+    }
+    if (candidates == 1) return fe + lone;
+  }
+  Completed cq;
+  completed(b, 0, buf, cq);
   // Unexpanded edges have no visits in this search and share sigma(completed value).
   int32_t best = -1;
   float best_score = kNegInf;
-  const int32_t unexp = root_best_[size_t(b)];
   if (target == 0 && unexp >= 0) {
     best = unexp;
     best_score = std::max(kLowLogit, score[unexp] + cq.sigma_missing);
