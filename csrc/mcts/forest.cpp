@@ -10,6 +10,9 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 #include "rlkern/parallel.h"
 
@@ -71,14 +74,31 @@ inline v4f splat(float x) { return v4f{x, x, x, x}; }
 inline void store4(void* dst, v4f v) { *static_cast<v4f_any*>(dst) = v; }
 inline v4f select(v4i mask, v4f a, v4f b) { return (v4f)((mask & (v4i)a) | (~mask & (v4i)b)); }
 
+// a > b ? a : b and a < b ? a : b lane by lane (b when unordered), which SSE's maxps and
+// minps compute in one instruction.
+inline v4f max_first(v4f a, v4f b) {
+#if defined(__SSE2__)
+  return _mm_max_ps(a, b);
+#else
+  return select(a > b, a, b);
+#endif
+}
+inline v4f min_first(v4f a, v4f b) {
+#if defined(__SSE2__)
+  return _mm_min_ps(a, b);
+#else
+  return select(a < b, a, b);
+#endif
+}
+
 inline v4f fast_exp4(v4f x) {
   const v4f lo = splat(-87.3f), hi = splat(88.0f);
   const v4i keep = ~(x < lo);  // as the scalar version: a NaN stays NaN
-  x = select(x < lo, lo, x);
-  x = select(x > hi, hi, x);
+  x = max_first(lo, x);        // select(x < lo, lo, x)
+  x = min_first(hi, x);        // select(x > hi, hi, x)
   const v4f fx = x * splat(1.44269504088896341f) + splat(0.5f);
   v4f nf = __builtin_convertvector(__builtin_convertvector(fx, v4i), v4f);
-  nf = select(fx < nf, nf - splat(1.f), nf);
+  nf = nf - (v4f)((fx < nf) & (v4i)splat(1.f));  // floor: minus 1 or minus +0, which leaves nf as it is
   const v4i n = __builtin_convertvector(nf, v4i);
   v4f r = x - nf * splat(0.693359375f);
   r = r + nf * splat(2.12194440e-4f);
@@ -128,7 +148,7 @@ inline float max_of(const float* x, int64_t n) {
     for (; i + 4 <= n; i += 4) {
       v4f v;
       std::memcpy(&v, x + i, sizeof(v));
-      acc = select(v > acc, v, acc);
+      acc = max_first(v, acc);
     }
     mx = std::max(std::max(acc[0], acc[1]), std::max(acc[2], acc[3]));
   }
