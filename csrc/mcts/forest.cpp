@@ -527,6 +527,7 @@ Forest::Forest(int64_t batch_size, int64_t num_actions, int64_t max_nodes, int64
   has_root_.assign(size_t(B_), 0);
   tame_.assign(size_t(B_), 1);
   root_score_.assign(size_t(B_ * A_), 0.f);
+  root_open_score_.assign(size_t(B_ * A_), kNegInf);
   root_visits_.assign(size_t(B_ * A_), 0);
   root_sims_.assign(size_t(B_), 0);
   root_best_.assign(size_t(B_), -1);
@@ -592,6 +593,40 @@ void Forest::recompute_root_best(int64_t b) {
   const float* score = &root_score_[size_t(b * A_)];
   int32_t best = -1;
   float top = kNegInf;
+#if defined(__GNUC__)
+  // The first largest score among the unexpanded edges, from root_open_score_ (-inf on
+  // expanded edges) four lanes at a time: each lane keeps its first largest (strict >),
+  // then the smallest edge among the lanes holding the overall largest wins. That is the
+  // loop below whenever some unexpanded score is above -inf; otherwise (every edge
+  // expanded, or -inf scores from an overflowing gumbel_scale) the loop decides.
+  {
+    const float* open = &root_open_score_[size_t(b * A_)];
+    v4f vtop = splat(kNegInf);
+    v4i vfirst = v4i{-1, -1, -1, -1}, vidx = v4i{0, 1, 2, 3};
+    int32_t k = 0;
+    for (; k + 4 <= ne; k += 4, vidx += 4) {
+      v4f v;
+      std::memcpy(&v, open + k, sizeof(v));
+      const v4i up = v > vtop;
+      vtop = max_first(v, vtop);
+      vfirst = (up & vidx) | (~up & vfirst);
+    }
+    top = std::max(std::max(vtop[0], vtop[1]), std::max(vtop[2], vtop[3]));
+    for (int l = 0; l < 4; ++l)
+      if (vfirst[l] >= 0 && vtop[l] == top && (best < 0 || vfirst[l] < best)) best = vfirst[l];
+    for (; k < ne; ++k)
+      if (open[k] > top) {
+        top = open[k];
+        best = k;
+      }
+    if (top > kNegInf) {
+      root_best_[size_t(b)] = best;
+      return;
+    }
+    best = -1;
+    top = kNegInf;
+  }
+#endif
   for (int32_t k = 0; k < ne; ++k) {
     if (edges_[size_t(eb + k)].child >= 0) continue;
     if (best < 0 || score[k] > top) {
@@ -634,6 +669,7 @@ void Forest::prepare_root_noise(int64_t b, CounterRng& rng) {
     float g = 0.f;
     if (cfg_.algorithm == Algorithm::kGumbel && cfg_.gumbel_scale != 0.f) g = cfg_.gumbel_scale * float(rng.gumbel());
     score[k] = g + std::log(std::max(edge[k].prior, FLT_MIN));
+    root_open_score_[size_t(b * A_ + k)] = edge[k].child < 0 ? score[k] : kNegInf;
   }
   std::fill(root_visits_.begin() + b * A_, root_visits_.begin() + (b + 1) * A_, 0);
   root_sims_[size_t(b)] = 0;
@@ -1155,7 +1191,10 @@ void Forest::expand_row(int64_t i, int64_t b, const float* logits, const float* 
   nodes_[ni].num_kids = 0;
   nodes_[xi].unexp_prior -= edges_[size_t(eb + e)].prior;
   if (nodes_[xi].best_unexp == slot) recompute_best_unexpanded(b, x);
-  if (x == 0 && root_best_[size_t(b)] == slot) recompute_root_best(b);
+  if (x == 0) {
+    root_open_score_[size_t(b * A_ + slot)] = kNegInf;
+    if (root_best_[size_t(b)] == slot) recompute_root_best(b);
+  }
   nodes_[ni].parent = x;
   nodes_[ni].action = edge_action_[size_t(eb + e)];
   nodes_[ni].reward = reward[i];
