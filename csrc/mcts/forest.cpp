@@ -169,6 +169,22 @@ void exp_shifted_avx2(const float* in, float* out, int32_t k8, float shift, v4f*
   }
   *acc_out = acc;
 }
+
+// Whether x[0..n8) (n8 a multiple of 8) holds a NaN or +inf: the bit test of
+// has_nan_or_pos_inf, eight at a time (after clearing the sign, the bits compare as
+// non-negative int32s).
+bool nan_or_pos_inf_avx2(const float* x, int64_t n8) {
+  const v8i abs_mask = v8i{0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff};
+  const v8i inf = v8i{0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000};
+  v8i bad = v8i{0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t i = 0; i < n8; i += 8) {
+    v8i u;
+    std::memcpy(&u, x + i, sizeof(u));
+    bad |= ((u & abs_mask) > inf) | (u == inf);
+  }
+  const v4i b4 = v4i{bad[0], bad[1], bad[2], bad[3]} | v4i{bad[4], bad[5], bad[6], bad[7]};
+  return (b4[0] | b4[1] | b4[2] | b4[3]) != 0;
+}
 #if defined(__clang__)
 #pragma clang attribute pop
 #else
@@ -332,7 +348,14 @@ bool all_finite(const float* x, int64_t n) {
 
 bool has_nan_or_pos_inf(const float* x, int64_t n) {
   uint32_t bad = 0;
-  for (int64_t i = 0; i < n; ++i) {
+  int64_t i = 0;
+#if defined(RLK_MCTS_AVX2)
+  if (n >= 32 && rlk::simd::use_avx2()) {
+    i = n & ~int64_t(7);
+    if (nan_or_pos_inf_avx2(x, i)) return true;
+  }
+#endif
+  for (; i < n; ++i) {
     uint32_t u;
     std::memcpy(&u, x + i, sizeof(u));
     bad |= ((u & 0x7fffffffu) > 0x7f800000u) | (u == 0x7f800000u);
@@ -378,11 +401,7 @@ const char* check_logits_row(const float* logits, const uint8_t* legal, int64_t 
       bad |= on & (((u & 0x7fffffffu) > 0x7f800000u) | (u == 0x7f800000u));
     }
   } else {
-    for (int64_t a = 0; a < A; ++a) {
-      uint32_t u;
-      std::memcpy(&u, logits + a, sizeof(u));
-      bad |= ((u & 0x7fffffffu) > 0x7f800000u) | (u == 0x7f800000u);
-    }
+    bad = has_nan_or_pos_inf(logits, A);
   }
   if (bad) {
     for (int64_t a = 0; a < A; ++a) {
