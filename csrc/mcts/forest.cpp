@@ -170,6 +170,46 @@ void exp_shifted_avx2(const float* in, float* out, int32_t k8, float shift, v4f*
   *acc_out = acc;
 }
 
+typedef float v8f_any __attribute__((vector_size(32), aligned(4), may_alias));
+
+// legal_softmax's scaling pass over tmp[0..k8) (k8 a multiple of 8): edge i gets the
+// record {0, 0, tmp[i] * inv, -1} (two records per 32-byte store), *t adds the priors in
+// edge order, and *top / *first get the largest prior and the first edge holding it.
+void scale_edges_avx2(const float* tmp, int32_t k8, float inv, Forest::Edge* edge, float* t_io, float* top_out,
+                      int32_t* first_out) {
+  const v8f vinv = splat8(inv);
+  const v8f blank = (v8f)(v8i{0, 0, 0, -1, 0, 0, 0, -1});
+  const v8i lanes26 = v8i{0, 0, -1, 0, 0, 0, -1, 0};
+  v8f vtop = splat8(kNegInf);
+  v8i vfirst = v8i{-1, -1, -1, -1, -1, -1, -1, -1}, vidx = v8i{0, 1, 2, 3, 4, 5, 6, 7};
+  float t = *t_io;
+  for (int32_t i = 0; i < k8; i += 8, vidx += 8) {
+    v8f p;
+    std::memcpy(&p, tmp + i, sizeof(p));
+    p = p * vinv;
+    const v8i up = p > vtop;
+    vtop = up ? p : vtop;
+    vfirst = up ? vidx : vfirst;
+    for (int l = 0; l < 8; ++l) t += p[l];
+    const v8f r01 = __builtin_shuffle(p, v8i{0, 0, 0, 0, 1, 1, 1, 1});
+    const v8f r23 = __builtin_shuffle(p, v8i{2, 2, 2, 2, 3, 3, 3, 3});
+    const v8f r45 = __builtin_shuffle(p, v8i{4, 4, 4, 4, 5, 5, 5, 5});
+    const v8f r67 = __builtin_shuffle(p, v8i{6, 6, 6, 6, 7, 7, 7, 7});
+    *reinterpret_cast<v8f_any*>(edge + i) = lanes26 ? r01 : blank;
+    *reinterpret_cast<v8f_any*>(edge + i + 2) = lanes26 ? r23 : blank;
+    *reinterpret_cast<v8f_any*>(edge + i + 4) = lanes26 ? r45 : blank;
+    *reinterpret_cast<v8f_any*>(edge + i + 6) = lanes26 ? r67 : blank;
+  }
+  float top = kNegInf;
+  for (int l = 0; l < 8; ++l) top = std::max(top, vtop[l]);
+  int32_t first = -1;
+  for (int l = 0; l < 8; ++l)
+    if (vfirst[l] >= 0 && vtop[l] == top && (first < 0 || vfirst[l] < first)) first = vfirst[l];
+  *t_io = t;
+  *top_out = top;
+  *first_out = first;
+}
+
 // Whether x[0..n8) (n8 a multiple of 8) holds a NaN or +inf: the bit test of
 // has_nan_or_pos_inf, eight at a time (after clearing the sign, the bits compare as
 // non-negative int32s).
@@ -285,11 +325,21 @@ int32_t legal_softmax(const float* logits, const uint8_t* legal, int64_t A, int3
   float t = 0.f;
   int32_t i = 0;
 #if defined(__GNUC__)
+  // Eight edges at a time under AVX2, the rest as below; edges [0, i) then hold
+  // (top8, first8), which merge with the four-lane results after (all later edges).
+  float top8 = kNegInf;
+  int32_t first8 = -1;
+#if defined(RLK_MCTS_AVX2)
+  if (k >= 16 && rlk::simd::use_avx2()) {
+    i = k & ~7;
+    scale_edges_avx2(tmp, i, inv, edge, &t, &top8, &first8);
+  }
+#endif
   // Four edges at a time: the priors scaled in one multiply, each record written as one
   // 16-byte store, the largest prior and the first edge holding it kept per lane (a
   // strict > keeps a lane's first). t still adds up in edge order.
   v4f vtop = splat(kNegInf);
-  v4i vfirst = v4i{-1, -1, -1, -1}, vidx = v4i{0, 1, 2, 3};
+  v4i vfirst = v4i{-1, -1, -1, -1}, vidx = v4i{i, i + 1, i + 2, i + 3};
   const v4f vinv = splat(inv);
   const v4f blank = (v4f)(v4i{0, 0, 0, -1});  // visits 0, q 0, prior (lane 2), child -1
   const v4i lane2 = v4i{0, 0, -1, 0};
@@ -317,6 +367,10 @@ int32_t legal_softmax(const float* logits, const uint8_t* legal, int64_t A, int3
   int32_t first = -1;
   for (int l = 0; l < 4; ++l)
     if (vfirst[l] >= 0 && vtop[l] == top && (first < 0 || vfirst[l] < first)) first = vfirst[l];
+  if (first8 >= 0 && !(top8 < top)) {  // the eight-lane part holds the largest first
+    top = top8;
+    first = first8;
+  }
 #else
   float top = kNegInf;
   int32_t first = -1;
