@@ -10,8 +10,12 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 #include "rlkern/parallel.h"
+#include "rlkern/simd.h"
 
 namespace rlk {
 namespace mcts {
@@ -71,14 +75,31 @@ inline v4f splat(float x) { return v4f{x, x, x, x}; }
 inline void store4(void* dst, v4f v) { *static_cast<v4f_any*>(dst) = v; }
 inline v4f select(v4i mask, v4f a, v4f b) { return (v4f)((mask & (v4i)a) | (~mask & (v4i)b)); }
 
+// a > b ? a : b and a < b ? a : b lane by lane (b when unordered), which SSE's maxps and
+// minps compute in one instruction.
+inline v4f max_first(v4f a, v4f b) {
+#if defined(__SSE2__)
+  return _mm_max_ps(a, b);
+#else
+  return select(a > b, a, b);
+#endif
+}
+inline v4f min_first(v4f a, v4f b) {
+#if defined(__SSE2__)
+  return _mm_min_ps(a, b);
+#else
+  return select(a < b, a, b);
+#endif
+}
+
 inline v4f fast_exp4(v4f x) {
   const v4f lo = splat(-87.3f), hi = splat(88.0f);
   const v4i keep = ~(x < lo);  // as the scalar version: a NaN stays NaN
-  x = select(x < lo, lo, x);
-  x = select(x > hi, hi, x);
+  x = max_first(lo, x);        // select(x < lo, lo, x)
+  x = min_first(hi, x);        // select(x > hi, hi, x)
   const v4f fx = x * splat(1.44269504088896341f) + splat(0.5f);
   v4f nf = __builtin_convertvector(__builtin_convertvector(fx, v4i), v4f);
-  nf = select(fx < nf, nf - splat(1.f), nf);
+  nf = nf - (v4f)((fx < nf) & (v4i)splat(1.f));  // floor: minus 1 or minus +0, which leaves nf as it is
   const v4i n = __builtin_convertvector(nf, v4i);
   v4f r = x - nf * splat(0.693359375f);
   r = r + nf * splat(2.12194440e-4f);
@@ -94,12 +115,135 @@ inline v4f fast_exp4(v4f x) {
 }
 #endif
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__CUDACC__)
+#define RLK_MCTS_AVX2 1
+// exp_shifted_sum below, eight exponentials per step under AVX2 (no FMA, so every lane
+// rounds as fast_exp4's does), summed into the same four-lane accumulator in the same
+// order (the low half, then the high half, is elements i..i+3, then i+4..i+7): the same
+// bits as the SSE loop. Large rows (the Go-sized action spaces) spend most of an
+// expansion here.
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2")
+#endif
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+inline v8f splat8(float x) { return v8f{x, x, x, x, x, x, x, x}; }
+
+inline v8f fast_exp8(v8f x) {
+  const v8f lo = splat8(-87.3f), hi = splat8(88.0f);
+  const v8i keep = ~(x < lo);
+  x = lo > x ? lo : x;
+  x = hi < x ? hi : x;
+  const v8f fx = x * splat8(1.44269504088896341f) + splat8(0.5f);
+  v8f nf = __builtin_convertvector(__builtin_convertvector(fx, v8i), v8f);
+  nf = nf - (v8f)((fx < nf) & (v8i)splat8(1.f));
+  const v8i n = __builtin_convertvector(nf, v8i);
+  v8f r = x - nf * splat8(0.693359375f);
+  r = r + nf * splat8(2.12194440e-4f);
+  v8f y = splat8(1.9875691500e-4f);
+  y = y * r + splat8(1.3981999507e-3f);
+  y = y * r + splat8(8.3334519073e-3f);
+  y = y * r + splat8(4.1665795894e-2f);
+  y = y * r + splat8(1.6666665459e-1f);
+  y = y * r + splat8(5.0000001201e-1f);
+  y = y * r * r + r + splat8(1.0f);
+  const v8f scale = (v8f)((n + 127) << 23);
+  return (v8f)((v8i)(y * scale) & keep);
+}
+
+// Steps of eight over in[0..k8) (k8 a multiple of 8), accumulating into acc as the
+// four-lane loop would.
+void exp_shifted_avx2(const float* in, float* out, int32_t k8, float shift, v4f* acc_out) {
+  v4f acc = *acc_out;
+  for (int32_t i = 0; i < k8; i += 8) {
+    v8f v;
+    std::memcpy(&v, in + i, sizeof(v));
+    v = fast_exp8(v - splat8(shift));
+    std::memcpy(out + i, &v, sizeof(v));
+    acc += v4f{v[0], v[1], v[2], v[3]};
+    acc += v4f{v[4], v[5], v[6], v[7]};
+  }
+  *acc_out = acc;
+}
+
+typedef float v8f_any __attribute__((vector_size(32), aligned(4), may_alias));
+
+// legal_softmax's scaling pass over tmp[0..k8) (k8 a multiple of 8): edge i gets the
+// record {0, 0, tmp[i] * inv, -1} (two records per 32-byte store), *t adds the priors in
+// edge order, and *top / *first get the largest prior and the first edge holding it.
+void scale_edges_avx2(const float* tmp, int32_t k8, float inv, Forest::Edge* edge, float* t_io, float* top_out,
+                      int32_t* first_out) {
+  const v8f vinv = splat8(inv);
+  const v8f blank = (v8f)(v8i{0, 0, 0, -1, 0, 0, 0, -1});
+  const v8i lanes26 = v8i{0, 0, -1, 0, 0, 0, -1, 0};
+  v8f vtop = splat8(kNegInf);
+  v8i vfirst = v8i{-1, -1, -1, -1, -1, -1, -1, -1}, vidx = v8i{0, 1, 2, 3, 4, 5, 6, 7};
+  float t = *t_io;
+  for (int32_t i = 0; i < k8; i += 8, vidx += 8) {
+    v8f p;
+    std::memcpy(&p, tmp + i, sizeof(p));
+    p = p * vinv;
+    const v8i up = p > vtop;
+    vtop = up ? p : vtop;
+    vfirst = up ? vidx : vfirst;
+    for (int l = 0; l < 8; ++l) t += p[l];
+    const v8f r01 = __builtin_shuffle(p, v8i{0, 0, 0, 0, 1, 1, 1, 1});
+    const v8f r23 = __builtin_shuffle(p, v8i{2, 2, 2, 2, 3, 3, 3, 3});
+    const v8f r45 = __builtin_shuffle(p, v8i{4, 4, 4, 4, 5, 5, 5, 5});
+    const v8f r67 = __builtin_shuffle(p, v8i{6, 6, 6, 6, 7, 7, 7, 7});
+    *reinterpret_cast<v8f_any*>(edge + i) = lanes26 ? r01 : blank;
+    *reinterpret_cast<v8f_any*>(edge + i + 2) = lanes26 ? r23 : blank;
+    *reinterpret_cast<v8f_any*>(edge + i + 4) = lanes26 ? r45 : blank;
+    *reinterpret_cast<v8f_any*>(edge + i + 6) = lanes26 ? r67 : blank;
+  }
+  float top = kNegInf;
+  for (int l = 0; l < 8; ++l) top = std::max(top, vtop[l]);
+  int32_t first = -1;
+  for (int l = 0; l < 8; ++l)
+    if (vfirst[l] >= 0 && vtop[l] == top && (first < 0 || vfirst[l] < first)) first = vfirst[l];
+  *t_io = t;
+  *top_out = top;
+  *first_out = first;
+}
+
+// Whether x[0..n8) (n8 a multiple of 8) holds a NaN or +inf: the bit test of
+// has_nan_or_pos_inf, eight at a time (after clearing the sign, the bits compare as
+// non-negative int32s).
+bool nan_or_pos_inf_avx2(const float* x, int64_t n8) {
+  const v8i abs_mask = v8i{0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff};
+  const v8i inf = v8i{0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000};
+  v8i bad = v8i{0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t i = 0; i < n8; i += 8) {
+    v8i u;
+    std::memcpy(&u, x + i, sizeof(u));
+    bad |= ((u & abs_mask) > inf) | (u == inf);
+  }
+  const v4i b4 = v4i{bad[0], bad[1], bad[2], bad[3]} | v4i{bad[4], bad[5], bad[6], bad[7]};
+  return (b4[0] | b4[1] | b4[2] | b4[3]) != 0;
+}
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif
+
 // out[i] = exp(in[i] - shift) for i < k (in may be out); returns the sum.
 inline float exp_shifted_sum(const float* in, float* out, int32_t k, float shift) {
   int32_t i = 0;
   float sum = 0.f;
 #if defined(__GNUC__)
   v4f acc = splat(0.f);
+#if defined(RLK_MCTS_AVX2)
+  if (k >= 16 && rlk::simd::use_avx2()) {
+    i = k & ~7;
+    exp_shifted_avx2(in, out, i, shift, &acc);
+  }
+#endif
   for (; i + 4 <= k; i += 4) {
     v4f v;
     std::memcpy(&v, in + i, sizeof(v));
@@ -128,7 +272,7 @@ inline float max_of(const float* x, int64_t n) {
     for (; i + 4 <= n; i += 4) {
       v4f v;
       std::memcpy(&v, x + i, sizeof(v));
-      acc = select(v > acc, v, acc);
+      acc = max_first(v, acc);
     }
     mx = std::max(std::max(acc[0], acc[1]), std::max(acc[2], acc[3]));
   }
@@ -181,11 +325,21 @@ int32_t legal_softmax(const float* logits, const uint8_t* legal, int64_t A, int3
   float t = 0.f;
   int32_t i = 0;
 #if defined(__GNUC__)
+  // Eight edges at a time under AVX2, the rest as below; edges [0, i) then hold
+  // (top8, first8), which merge with the four-lane results after (all later edges).
+  float top8 = kNegInf;
+  int32_t first8 = -1;
+#if defined(RLK_MCTS_AVX2)
+  if (k >= 16 && rlk::simd::use_avx2()) {
+    i = k & ~7;
+    scale_edges_avx2(tmp, i, inv, edge, &t, &top8, &first8);
+  }
+#endif
   // Four edges at a time: the priors scaled in one multiply, each record written as one
   // 16-byte store, the largest prior and the first edge holding it kept per lane (a
   // strict > keeps a lane's first). t still adds up in edge order.
   v4f vtop = splat(kNegInf);
-  v4i vfirst = v4i{-1, -1, -1, -1}, vidx = v4i{0, 1, 2, 3};
+  v4i vfirst = v4i{-1, -1, -1, -1}, vidx = v4i{i, i + 1, i + 2, i + 3};
   const v4f vinv = splat(inv);
   const v4f blank = (v4f)(v4i{0, 0, 0, -1});  // visits 0, q 0, prior (lane 2), child -1
   const v4i lane2 = v4i{0, 0, -1, 0};
@@ -213,6 +367,10 @@ int32_t legal_softmax(const float* logits, const uint8_t* legal, int64_t A, int3
   int32_t first = -1;
   for (int l = 0; l < 4; ++l)
     if (vfirst[l] >= 0 && vtop[l] == top && (first < 0 || vfirst[l] < first)) first = vfirst[l];
+  if (first8 >= 0 && !(top8 < top)) {  // the eight-lane part holds the largest first
+    top = top8;
+    first = first8;
+  }
 #else
   float top = kNegInf;
   int32_t first = -1;
@@ -244,7 +402,14 @@ bool all_finite(const float* x, int64_t n) {
 
 bool has_nan_or_pos_inf(const float* x, int64_t n) {
   uint32_t bad = 0;
-  for (int64_t i = 0; i < n; ++i) {
+  int64_t i = 0;
+#if defined(RLK_MCTS_AVX2)
+  if (n >= 32 && rlk::simd::use_avx2()) {
+    i = n & ~int64_t(7);
+    if (nan_or_pos_inf_avx2(x, i)) return true;
+  }
+#endif
+  for (; i < n; ++i) {
     uint32_t u;
     std::memcpy(&u, x + i, sizeof(u));
     bad |= ((u & 0x7fffffffu) > 0x7f800000u) | (u == 0x7f800000u);
@@ -290,11 +455,7 @@ const char* check_logits_row(const float* logits, const uint8_t* legal, int64_t 
       bad |= on & (((u & 0x7fffffffu) > 0x7f800000u) | (u == 0x7f800000u));
     }
   } else {
-    for (int64_t a = 0; a < A; ++a) {
-      uint32_t u;
-      std::memcpy(&u, logits + a, sizeof(u));
-      bad |= ((u & 0x7fffffffu) > 0x7f800000u) | (u == 0x7f800000u);
-    }
+    bad = has_nan_or_pos_inf(logits, A);
   }
   if (bad) {
     for (int64_t a = 0; a < A; ++a) {
@@ -439,6 +600,7 @@ Forest::Forest(int64_t batch_size, int64_t num_actions, int64_t max_nodes, int64
   has_root_.assign(size_t(B_), 0);
   tame_.assign(size_t(B_), 1);
   root_score_.assign(size_t(B_ * A_), 0.f);
+  root_open_score_.assign(size_t(B_ * A_), kNegInf);
   root_visits_.assign(size_t(B_ * A_), 0);
   root_sims_.assign(size_t(B_), 0);
   root_best_.assign(size_t(B_), -1);
@@ -504,6 +666,40 @@ void Forest::recompute_root_best(int64_t b) {
   const float* score = &root_score_[size_t(b * A_)];
   int32_t best = -1;
   float top = kNegInf;
+#if defined(__GNUC__)
+  // The first largest score among the unexpanded edges, from root_open_score_ (-inf on
+  // expanded edges) four lanes at a time: each lane keeps its first largest (strict >),
+  // then the smallest edge among the lanes holding the overall largest wins. That is the
+  // loop below whenever some unexpanded score is above -inf; otherwise (every edge
+  // expanded, or -inf scores from an overflowing gumbel_scale) the loop decides.
+  {
+    const float* open = &root_open_score_[size_t(b * A_)];
+    v4f vtop = splat(kNegInf);
+    v4i vfirst = v4i{-1, -1, -1, -1}, vidx = v4i{0, 1, 2, 3};
+    int32_t k = 0;
+    for (; k + 4 <= ne; k += 4, vidx += 4) {
+      v4f v;
+      std::memcpy(&v, open + k, sizeof(v));
+      const v4i up = v > vtop;
+      vtop = max_first(v, vtop);
+      vfirst = (up & vidx) | (~up & vfirst);
+    }
+    top = std::max(std::max(vtop[0], vtop[1]), std::max(vtop[2], vtop[3]));
+    for (int l = 0; l < 4; ++l)
+      if (vfirst[l] >= 0 && vtop[l] == top && (best < 0 || vfirst[l] < best)) best = vfirst[l];
+    for (; k < ne; ++k)
+      if (open[k] > top) {
+        top = open[k];
+        best = k;
+      }
+    if (top > kNegInf) {
+      root_best_[size_t(b)] = best;
+      return;
+    }
+    best = -1;
+    top = kNegInf;
+  }
+#endif
   for (int32_t k = 0; k < ne; ++k) {
     if (edges_[size_t(eb + k)].child >= 0) continue;
     if (best < 0 || score[k] > top) {
@@ -546,6 +742,7 @@ void Forest::prepare_root_noise(int64_t b, CounterRng& rng) {
     float g = 0.f;
     if (cfg_.algorithm == Algorithm::kGumbel && cfg_.gumbel_scale != 0.f) g = cfg_.gumbel_scale * float(rng.gumbel());
     score[k] = g + std::log(std::max(edge[k].prior, FLT_MIN));
+    root_open_score_[size_t(b * A_ + k)] = edge[k].child < 0 ? score[k] : kNegInf;
   }
   std::fill(root_visits_.begin() + b * A_, root_visits_.begin() + (b + 1) * A_, 0);
   root_sims_[size_t(b)] = 0;
@@ -624,7 +821,12 @@ void Forest::link_child(int64_t b, int32_t x, int32_t slot) {
   ++nodes_[xi].num_kids;
 }
 
-void Forest::completed(int64_t b, int32_t x, std::vector<Child>& buf, Completed& out) const {
+// Inlined into its callers: the summary then stays in registers instead of going through
+// memory, and the call's fixed cost was a sizeable part of scoring a small node.
+#if defined(__GNUC__)
+__attribute__((always_inline))
+#endif
+inline void Forest::completed(int64_t b, int32_t x, std::vector<Child>& buf, Completed& out) const {
   const int64_t nb = b * N_;
   const size_t xi = size_t(nb + x);
   const int32_t ne = nodes_[xi].num_edges;
@@ -801,16 +1003,32 @@ int32_t Forest::gumbel_root_edge(int64_t b, std::vector<Child>& buf) const {
   const int32_t sim = root_sims_[size_t(b)];
   // Past the planned number of simulations the root falls back to the interior rule.
   if (sim >= table_sims_) return gumbel_interior_edge(b, 0, buf);
-  Completed cq;
-  completed(b, 0, buf, cq);
   const int32_t considered = std::min<int32_t>(cfg_.max_considered_actions, ne);
   const int32_t target = table_[size_t(considered) * size_t(table_sims_) + size_t(sim)];
   const float* score = &root_score_[size_t(b * A_)];
   const int32_t* search_visits = &root_visits_[size_t(b * A_)];
+  const int32_t unexp = root_best_[size_t(b)];
+  {
+    // The candidates are the children with `target` visits in this search, and for
+    // target 0 the best unexpanded edge. A lone candidate wins whatever its score (the
+    // loop below takes the first candidate outright), so the completed Q-values, the
+    // costly part, are only needed when there are several: as in the first round of
+    // sequential halving (only unexpanded edges) and at the end of every round.
+    const size_t xi = size_t(b * N_);
+    const int32_t* kids = kids_.data() + b * E_ + nodes_[xi].first_edge;
+    int32_t candidates = target == 0 && unexp >= 0, lone = unexp;
+    for (int32_t j = 0, nk = nodes_[xi].num_kids; j < nk && candidates < 2; ++j) {
+      const bool on = search_visits[kids[j]] == target;
+      candidates += on;
+      lone = on ? kids[j] : lone;
+    }
+    if (candidates == 1) return fe + lone;
+  }
+  Completed cq;
+  completed(b, 0, buf, cq);
   // Unexpanded edges have no visits in this search and share sigma(completed value).
   int32_t best = -1;
   float best_score = kNegInf;
-  const int32_t unexp = root_best_[size_t(b)];
   if (target == 0 && unexp >= 0) {
     best = unexp;
     best_score = std::max(kLowLogit, score[unexp] + cq.sigma_missing);
@@ -1051,7 +1269,10 @@ void Forest::expand_row(int64_t i, int64_t b, const float* logits, const float* 
   nodes_[ni].num_kids = 0;
   nodes_[xi].unexp_prior -= edges_[size_t(eb + e)].prior;
   if (nodes_[xi].best_unexp == slot) recompute_best_unexpanded(b, x);
-  if (x == 0 && root_best_[size_t(b)] == slot) recompute_root_best(b);
+  if (x == 0) {
+    root_open_score_[size_t(b * A_ + slot)] = kNegInf;
+    if (root_best_[size_t(b)] == slot) recompute_root_best(b);
+  }
   nodes_[ni].parent = x;
   nodes_[ni].action = edge_action_[size_t(eb + e)];
   nodes_[ni].reward = reward[i];
