@@ -307,6 +307,38 @@ def _batch_mean(local: Tuple[torch.Tensor, torch.Tensor], level: str) -> torch.T
 # rejection sampling
 
 
+def _seq_option_metrics(mt: Metrics, p: str, seq_values, keep_b, rows, count, n, nf, n_rows, lo: float, hi: float,
+                        k1: bool) -> None:
+    """verl's ``{p}_*`` metrics of a sequence-level rejection option (seq_sum/seq_mean/seq_max):
+    token-weighted means over the sequences' values, the torch and the compiled path alike."""
+    dtype = seq_values.dtype
+    z = _zero(seq_values)
+    weighted = torch.where(rows, seq_values, torch.zeros_like(seq_values))
+    mt[f"{p}_mean"] = (count * weighted).sum() / nf
+    mt[f"{p}_max"], mt[f"{p}_min"] = _mmax(seq_values, rows), _mmin(seq_values, rows)
+    mt[f"{p}_fraction_high"] = _mmean_rows(seq_values > hi, rows, n_rows)
+    mt[f"{p}_fraction_low"] = _mmean_rows(seq_values < lo, rows, n_rows) if k1 else z
+    c = torch.where(rows, seq_values.clamp(min=lo, max=hi), torch.zeros_like(seq_values))
+    c_mean = (count * c).sum() / nf
+    var = ((count * c.square()).sum() / nf - c_mean.square()).clamp(min=0.0)
+    mt[f"{p}_std"] = torch.where(n > 1, var.sqrt(), z)
+    mt[f"{p}_masked_fraction"] = (count * (~keep_b).to(dtype)).sum() / nf
+
+
+def _seq_value_metrics(mt: Metrics, p: str, seq_values, seq_keep, rows, n_rows, lo: float, hi: float,
+                       k1: bool) -> None:
+    """verl's ``{p}_seq_*`` metrics of every rejection option: per-sequence statistics of the
+    sequences' values over the non-empty rows."""
+    s_ = _row_stats(seq_values, rows, n_rows)
+    mt[f"{p}_seq_mean"], mt[f"{p}_seq_std"] = s_["mean"], s_["std"]
+    mt[f"{p}_seq_max"], mt[f"{p}_seq_min"] = s_["max"], s_["min"]
+    mt[f"{p}_seq_max_deviation"] = _mmax(seq_values.abs(), rows)
+    mt[f"{p}_seq_fraction_high"] = _mmean_rows(seq_values > hi, rows, n_rows)
+    if k1:
+        mt[f"{p}_seq_fraction_low"] = _mmean_rows(seq_values < lo, rows, n_rows)
+    mt[f"{p}_seq_masked_fraction"] = _mmean_rows(~seq_keep, rows, n_rows)
+
+
 def rejection_mask(log_ratio: torch.Tensor, m: torch.Tensor, n: torch.Tensor,
                    options: List[Tuple[str, Optional[float], float]]) -> Tuple[torch.Tensor, Metrics]:
     """verl's product of the options' keep masks (token or sequence level) and its
@@ -365,24 +397,8 @@ def rejection_mask(log_ratio: torch.Tensor, m: torch.Tensor, n: torch.Tensor,
             keep_b = band(seq_values)
             row_keep = row_keep & keep_b
             seq_keep = keep_b | ~rows
-            weighted = torch.where(rows, seq_values, torch.zeros_like(seq_values))
-            mt[f"{p}_mean"] = (count * weighted).sum() / nf
-            mt[f"{p}_max"], mt[f"{p}_min"] = _mmax(seq_values, rows), _mmin(seq_values, rows)
-            mt[f"{p}_fraction_high"] = _mmean_rows(seq_values > hi, rows, n_rows)
-            mt[f"{p}_fraction_low"] = _mmean_rows(seq_values < lo, rows, n_rows) if k1 else z
-            c = torch.where(rows, seq_values.clamp(min=lo, max=hi), torch.zeros_like(seq_values))
-            c_mean = (count * c).sum() / nf
-            var = ((count * c.square()).sum() / nf - c_mean.square()).clamp(min=0.0)
-            mt[f"{p}_std"] = torch.where(n > 1, var.sqrt(), z)
-            mt[f"{p}_masked_fraction"] = (count * (~keep_b).to(dtype)).sum() / nf
-        s_ = _row_stats(seq_values, rows, n_rows)
-        mt[f"{p}_seq_mean"], mt[f"{p}_seq_std"] = s_["mean"], s_["std"]
-        mt[f"{p}_seq_max"], mt[f"{p}_seq_min"] = s_["max"], s_["min"]
-        mt[f"{p}_seq_max_deviation"] = _mmax(seq_values.abs(), rows)
-        mt[f"{p}_seq_fraction_high"] = _mmean_rows(seq_values > hi, rows, n_rows)
-        if k1:
-            mt[f"{p}_seq_fraction_low"] = _mmean_rows(seq_values < lo, rows, n_rows)
-        mt[f"{p}_seq_masked_fraction"] = _mmean_rows(~seq_keep, rows, n_rows)
+            _seq_option_metrics(mt, p, seq_values, keep_b, rows, count, n, nf, n_rows, lo, hi, k1)
+        _seq_value_metrics(mt, p, seq_values, seq_keep, rows, n_rows, lo, hi, k1)
     keep_all = row_keep.unsqueeze(-1) if token_keep is None else token_keep & row_keep.unsqueeze(-1)
     keep_all = keep_all.expand_as(m)
     rejected = ~keep_all & m
@@ -538,24 +554,8 @@ def _native_rs_metrics(R: torch.Tensor, count: torch.Tensor, n: torch.Tensor, op
             seq_values = col(_O_VALUE)
             keep_b = o[:, _O_KEEP] > 0.5
             seq_keep = keep_b | ~rows
-            weighted = torch.where(rows, seq_values, torch.zeros_like(seq_values))
-            mt[f"{p}_mean"] = (count * weighted).sum() / nf
-            mt[f"{p}_max"], mt[f"{p}_min"] = _mmax(seq_values, rows), _mmin(seq_values, rows)
-            mt[f"{p}_fraction_high"] = _mmean_rows(seq_values > hi, rows, n_rows)
-            mt[f"{p}_fraction_low"] = _mmean_rows(seq_values < lo, rows, n_rows) if k1 else z
-            c = torch.where(rows, seq_values.clamp(min=lo, max=hi), torch.zeros_like(seq_values))
-            c_mean = (count * c).sum() / nf
-            var = ((count * c.square()).sum() / nf - c_mean.square()).clamp(min=0.0)
-            mt[f"{p}_std"] = torch.where(n > 1, var.sqrt(), z)
-            mt[f"{p}_masked_fraction"] = (count * (~keep_b).to(dtype)).sum() / nf
-        s_ = _row_stats(seq_values, rows, n_rows)
-        mt[f"{p}_seq_mean"], mt[f"{p}_seq_std"] = s_["mean"], s_["std"]
-        mt[f"{p}_seq_max"], mt[f"{p}_seq_min"] = s_["max"], s_["min"]
-        mt[f"{p}_seq_max_deviation"] = _mmax(seq_values.abs(), rows)
-        mt[f"{p}_seq_fraction_high"] = _mmean_rows(seq_values > hi, rows, n_rows)
-        if k1:
-            mt[f"{p}_seq_fraction_low"] = _mmean_rows(seq_values < lo, rows, n_rows)
-        mt[f"{p}_seq_masked_fraction"] = _mmean_rows(~seq_keep, rows, n_rows)
+            _seq_option_metrics(mt, p, seq_values, keep_b, rows, count, n, nf, n_rows, lo, hi, k1)
+        _seq_value_metrics(mt, p, seq_values, seq_keep, rows, n_rows, lo, hi, k1)
     rejected = R[:, _R_REJECTED]
     mt["rollout_rs_masked_fraction"] = rejected.sum().to(dtype) / nf
     mt["rollout_rs_seq_masked_fraction"] = (rejected > 0).float().mean()
