@@ -28,6 +28,7 @@
 #include "rlkern/losses.h"
 #include "rlkern/parallel.h"
 #include "rlkern/simd.h"
+#include "rlkern/simd_io.h"
 #include "rlkern/registry.h"
 
 namespace py = pybind11;
@@ -458,23 +459,8 @@ constexpr int kVec = 8;
 RLK_LOSS_INLINE vf splat(float x) { return vf{} + x; }
 RLK_LOSS_INLINE vi mask_of(bool b) { return vi{} + (b ? -1 : 0); }
 
-RLK_LOSS_INLINE vf vexp(vf x) {
-  const vf upper = splat(88.7228317f), lower = splat(-87.0f), zero = splat(0.0f);
-  vf xc = x > upper ? upper : (x < lower ? lower : x);
-  xc = x == x ? xc : zero;
-  const vf shifted = xc * 1.44269504088896341f + 12582912.0f;
-  const vf fk = shifted - 12582912.0f;
-  const vi k = (vi)shifted - 0x4B400000;
-  const vf r = (xc - fk * 0.693359375f) - fk * -2.12194440e-4f;
-  const vf z = r * r;
-  vf y = (((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r +
-           1.6666665459e-1f) * r + 5.0000001201e-1f) * z + r + 1.0f;
-  const vi k1 = k >> 1, k2 = k - k1;
-  y = y * (vf)((k1 + 127) << 23) * (vf)((k2 + 127) << 23);
-  y = x > upper ? splat(std::numeric_limits<float>::infinity()) : y;
-  y = x < lower ? zero : y;
-  return x == x ? y : x;
-}
+// simd.h's 8-lane exp (the arithmetic of losses.h's scalar fast_exp, lane for lane).
+RLK_LOSS_INLINE vf vexp(vf x) { return rlk::simd::exp8(x); }
 
 // Row constants broadcast once per row.
 struct RowConstV {
@@ -521,31 +507,14 @@ struct LanesV {
   float sum(vf v) const { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
 };
 
-RLK_LOSS_INLINE vf vload(const float* p, int64_t i) {
-  vf v;
-  __builtin_memcpy(&v, p + i, sizeof v);
-  return v;
-}
-typedef uint16_t vh8 __attribute__((vector_size(16)));
-RLK_LOSS_INLINE vf vload(const bf16* p, int64_t i) {
-  vh8 h;
-  __builtin_memcpy(&h, p + i, sizeof h);
-  return (vf)(__builtin_convertvector(h, vi) << 16);
-}
-RLK_LOSS_INLINE void vstore(float* p, int64_t i, vf v) { __builtin_memcpy(p + i, &v, sizeof v); }
-// float -> bfloat16, round to nearest even (as dtype.h's float_to_bf16); NaN stays quiet NaN.
-typedef uint32_t vu __attribute__((vector_size(32)));
-RLK_LOSS_INLINE void vstore(bf16* p, int64_t i, vf v) {
-  const vu u = (vu)v;
-  const vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const vu quiet = (u >> 16) | 0x40u;
-  const vu bits = (v == v) ? rounded : quiet;
-  const vh8 h = __builtin_convertvector(bits, vh8);
-  __builtin_memcpy(p + i, &h, sizeof h);
-}
+// Storage loads and stores: simd_io.h's (bfloat16 widened exactly, narrowed to nearest even).
+RLK_LOSS_INLINE vf vload(const float* p, int64_t i) { return rlk::simd::load8(p, i); }
+RLK_LOSS_INLINE vf vload(const bf16* p, int64_t i) { return rlk::simd::load8(p, i); }
+RLK_LOSS_INLINE void vstore(float* p, int64_t i, vf v) { rlk::simd::store8(p, i, v); }
+RLK_LOSS_INLINE void vstore(bf16* p, int64_t i, vf v) { rlk::simd::store8(p, i, v); }
 
 RLK_LOSS_INLINE vi load_mask(const uint8_t* mp) { return rlk::simd::mask_bytes(mp); }
-RLK_LOSS_INLINE float lane_sum(vf v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
+RLK_LOSS_INLINE float lane_sum(vf v) { return rlk::simd::lanes_sum(v); }
 // Storage types with a vector path (the arithmetic type must be float).
 template <class T>
 constexpr bool kSimd = std::is_same<T, float>::value || std::is_same<T, bf16>::value;
