@@ -171,6 +171,14 @@ void exp_shifted_avx2(const float* in, float* out, int32_t k8, float shift, v4f*
 }
 
 typedef float v8f_any __attribute__((vector_size(32), aligned(4), may_alias));
+// Lanes a and b of p, each repeated four times. clang's constant-index shuffle, since the
+// stand-in for GCC's __builtin_shuffle (cmake/clang_compat.h) is a plain function that
+// cannot take 32-byte vectors inside this AVX2 region (clang rejects the ABI change).
+#if defined(__clang__)
+#define RLK_PAIR_SPLAT(p, a, b) __builtin_shufflevector(p, p, a, a, a, a, b, b, b, b)
+#else
+#define RLK_PAIR_SPLAT(p, a, b) __builtin_shuffle(p, v8i{a, a, a, a, b, b, b, b})
+#endif
 
 // legal_softmax's scaling pass over tmp[0..k8) (k8 a multiple of 8): edge i gets the
 // record {0, 0, tmp[i] * inv, -1} (two records per 32-byte store), *t adds the priors in
@@ -191,10 +199,10 @@ void scale_edges_avx2(const float* tmp, int32_t k8, float inv, Forest::Edge* edg
     vtop = up ? p : vtop;
     vfirst = up ? vidx : vfirst;
     for (int l = 0; l < 8; ++l) t += p[l];
-    const v8f r01 = __builtin_shuffle(p, v8i{0, 0, 0, 0, 1, 1, 1, 1});
-    const v8f r23 = __builtin_shuffle(p, v8i{2, 2, 2, 2, 3, 3, 3, 3});
-    const v8f r45 = __builtin_shuffle(p, v8i{4, 4, 4, 4, 5, 5, 5, 5});
-    const v8f r67 = __builtin_shuffle(p, v8i{6, 6, 6, 6, 7, 7, 7, 7});
+    const v8f r01 = RLK_PAIR_SPLAT(p, 0, 1);
+    const v8f r23 = RLK_PAIR_SPLAT(p, 2, 3);
+    const v8f r45 = RLK_PAIR_SPLAT(p, 4, 5);
+    const v8f r67 = RLK_PAIR_SPLAT(p, 6, 7);
     *reinterpret_cast<v8f_any*>(edge + i) = lanes26 ? r01 : blank;
     *reinterpret_cast<v8f_any*>(edge + i + 2) = lanes26 ? r23 : blank;
     *reinterpret_cast<v8f_any*>(edge + i + 4) = lanes26 ? r45 : blank;
