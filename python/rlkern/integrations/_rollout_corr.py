@@ -415,6 +415,19 @@ def _mmean_rows(cond: torch.Tensor, rows: torch.Tensor, n_rows: torch.Tensor) ->
 # off-policy diagnostics
 
 
+def _ppl_gap_metrics(mt: Metrics, mean_roll: torch.Tensor, mean_train: torch.Tensor) -> None:
+    """verl's rollout perplexity and log-PPL gap metrics from the per-sequence mean log-probs
+    of the rollout and the training policy (the torch and the compiled path alike)."""
+    mt["rollout_ppl"] = (-mean_roll).exp().mean()
+    mt["rollout_log_ppl"] = (-mean_roll).mean()
+    gap = mean_roll - mean_train
+    mt["log_ppl_diff"] = gap.mean()
+    mt["log_ppl_abs_diff"] = gap.abs().mean()
+    mt["log_ppl_diff_max"] = gap.amax()
+    mt["log_ppl_diff_min"] = gap.amin()
+    mt["ppl_ratio"] = gap.exp().mean()
+
+
 def offpolicy_metrics(old: torch.Tensor, rollout: Optional[torch.Tensor], m: torch.Tensor) -> Metrics:
     """verl's ``compute_offpolicy_metrics``: perplexities, KL (k1, k3), log-PPL gap and chi^2."""
     mt: Metrics = {}
@@ -427,14 +440,7 @@ def offpolicy_metrics(old: torch.Tensor, rollout: Optional[torch.Tensor], m: tor
     mt["kl"] = _mmean(-lr, m)
     mt["k3_kl"] = _mmean(lr.exp() - lr - 1, m)
     mean_roll = _mmean(rollout, m, -1)
-    mt["rollout_ppl"] = (-mean_roll).exp().mean()
-    mt["rollout_log_ppl"] = (-mean_roll).mean()
-    gap = mean_roll - mean_train
-    mt["log_ppl_diff"] = gap.mean()
-    mt["log_ppl_abs_diff"] = gap.abs().mean()
-    mt["log_ppl_diff_max"] = gap.amax()
-    mt["log_ppl_diff_min"] = gap.amin()
-    mt["ppl_ratio"] = gap.exp().mean()
+    _ppl_gap_metrics(mt, mean_roll, mean_train)
     mt["chi2_token"] = _mmean(lr.clamp(-SAFETY_BOUND, SAFETY_BOUND).exp().square(), m) - 1.0
     seq = _msum(lr, m, -1).clamp(-SAFETY_BOUND, SAFETY_BOUND)
     mt["chi2_seq"] = (2.0 * seq).exp().mean() - 1.0
@@ -574,14 +580,7 @@ def _native_offpolicy(R: torch.Tensor, count: torch.Tensor, n: torch.Tensor) -> 
     mt["kl"] = -R[:, _R_LR].sum().to(dtype) / nf
     mt["k3_kl"] = R[:, _R_K3].sum().to(dtype) / nf
     mean_roll = col(_R_ROLLOUT) / (count + 1e-8)
-    mt["rollout_ppl"] = (-mean_roll).exp().mean()
-    mt["rollout_log_ppl"] = (-mean_roll).mean()
-    gap = mean_roll - mean_train
-    mt["log_ppl_diff"] = gap.mean()
-    mt["log_ppl_abs_diff"] = gap.abs().mean()
-    mt["log_ppl_diff_max"] = gap.amax()
-    mt["log_ppl_diff_min"] = gap.amin()
-    mt["ppl_ratio"] = gap.exp().mean()
+    _ppl_gap_metrics(mt, mean_roll, mean_train)
     mt["chi2_token"] = R[:, _R_RATIO2].sum().to(dtype) / nf - 1.0
     seq = col(_R_LR).clamp(-SAFETY_BOUND, SAFETY_BOUND)
     mt["chi2_seq"] = (2.0 * seq).exp().mean() - 1.0
