@@ -36,6 +36,13 @@ def is_fake(t: torch.Tensor) -> bool:
     return isinstance(t, FakeTensor)
 
 
+def cpu_data(t: torch.Tensor) -> bool:
+    """Whether a compiled CPU pass may read ``t`` through its data pointer: a plain tensor or
+    parameter on the CPU, neither fake nor meta. Callers with a torch fallback test this
+    instead of raising, as :func:`plain` does."""
+    return type(t) in PLAIN_TYPES and t.device.type == "cpu" and not is_fake(t)
+
+
 def plain(name: str, t: torch.Tensor, *, allow_fake: bool = False) -> torch.Tensor:
     """Rejects what must never reach a raw data pointer: tensor subclasses (FakeTensor,
     DTensor, functorch wrappers...) and tensors without strided storage (sparse, nested).

@@ -467,7 +467,7 @@ def _native_inputs(old: torch.Tensor, rollout: torch.Tensor, mask: torch.Tensor)
     path runs: other devices, traced/fake/meta tensors, float64/float16, an empty batch, or
     a build without the kernel."""
     for t in (old, rollout, mask):
-        if type(t) not in _validate.PLAIN_TYPES or t.is_meta or t.device.type != "cpu" or _validate.is_fake(t):
+        if not _validate.cpu_data(t):
             return None
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return None

@@ -218,7 +218,7 @@ def _row_constant_native(advantages: torch.Tensor, mask: torch.Tensor):
     """:func:`_per_sequence` in one compiled pass that stops at a row's first differing token
     (cov.cpp row_constant), for CPU tensors; NotImplemented where the torch formulation runs."""
     for t in (advantages, mask):
-        if type(t) not in _validate.PLAIN_TYPES or t.is_meta or t.device.type != "cpu" or _validate.is_fake(t):
+        if not _validate.cpu_data(t):
             return NotImplemented
     if advantages.dim() != 2 or advantages.shape != mask.shape or advantages.dtype not in _COV_DTYPES \
             or advantages.numel() == 0 or not hasattr(core().losses, "row_constant"):
