@@ -37,6 +37,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Optional, Tuple
 
+import math
+
 import numpy as np
 import torch
 
@@ -99,6 +101,56 @@ def _row_counts(m: torch.Tensor) -> torch.Tensor:
     return m.view(torch.uint8).sum(-1, dtype=torch.int32)
 
 
+_AGG_CODES = {"token-mean": 0, "token-sum": 1, "seq-mean-token-mean": 2, "seq-mean-token-sum": 3,
+              "seq-mean-token-sum-norm": 4}
+
+
+def _fused_agg_ok(loss_mat: torch.Tensor, loss_mask: torch.Tensor, norm) -> bool:
+    """Whether agg_loss may take the one-pass CPU kernel: plain CPU [B, T] floating tensors
+    outside torch.compile and torch.func (those keep the eager formula, which they trace)."""
+    return (loss_mat.dim() == 2 and loss_mat.numel() > 0 and loss_mask.shape == loss_mat.shape
+            and loss_mat.dtype in (torch.float32, torch.bfloat16, torch.float64, torch.float16)
+            and not loss_mask.dtype.is_floating_point  # verl weights the tokens by a float mask's values
+            and _validate.cpu_data(loss_mat) and _validate.cpu_data(loss_mask)
+            and (norm is None or isinstance(norm, (int, float)))
+            and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(loss_mat)
+            and not torch._C._functorch.is_functorch_wrapped_tensor(loss_mask))
+
+
+def _mask_bytes(mask: torch.Tensor) -> torch.Tensor:
+    m = mask if mask.dtype == torch.bool else mask != 0
+    return m.contiguous().view(torch.uint8)
+
+
+class _MaskedAgg(torch.autograd.Function):
+    """agg_loss in one pass over the tokens (csrc/cpu/masked_agg.cpp): row sums in float lanes
+    flushed to double, added in row order. Backward writes mask * g / denominator (and / the
+    row's token count for seq-mean-token-mean) in the loss's dtype, without a where/sum chain."""
+
+    @staticmethod
+    def forward(ctx, loss_mat, m, code, norm):
+        x = loss_mat.contiguous()
+        B, T = x.shape
+        counts = torch.empty(B, dtype=torch.float64) if code == _AGG_CODES["seq-mean-token-mean"] else None
+        value, denom = core().agg.forward(B, T, dtype_code(x), ptr(x), ptr(m), code, norm,
+                                          0 if counts is None else ptr(counts))
+        ctx.m, ctx.counts, ctx.code, ctx.denom, ctx.dtype = m, counts, code, denom, x.dtype
+        # verl's dtypes: the token modes keep the loss's; the sequence modes' final masked sum
+        # against a float32 sequence mask promotes bfloat16/float16 to float32
+        out = x.dtype if code < 2 else torch.promote_types(x.dtype, torch.float32)
+        return torch.tensor(value, dtype=out)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        B, T = ctx.m.shape
+        out = torch.empty((B, T), dtype=ctx.dtype)
+        core().agg.backward(B, T, dtype_code(out), ptr(ctx.m), ctx.code, ctx.denom,
+                            0 if ctx.counts is None else ptr(ctx.counts), float(g.item()), ptr(out))
+        return out, None, None, None
+
+
 def agg_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str, dp_size: int = 1,
              batch_num_tokens: Optional[int] = None, global_batch_size: Optional[int] = None,
              loss_scale_factor: Optional[int] = None) -> torch.Tensor:
@@ -113,6 +165,9 @@ def agg_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str
     """
     agg, norm = _peers.global_agg(_check_mode(loss_agg_mode), loss_mask, dp_size, batch_num_tokens,
                                   global_batch_size, loss_scale_factor)
+    if _fused_agg_ok(loss_mat, loss_mask, norm):
+        return _MaskedAgg.apply(loss_mat, _mask_bytes(loss_mask), _AGG_CODES[agg],
+                                math.nan if norm is None else float(norm))
     m = loss_mask.bool()
     lm = torch.where(m, loss_mat, torch.zeros((), dtype=loss_mat.dtype, device=loss_mat.device))
     # count_nonzero: a bool sum would first copy the mask to int64
