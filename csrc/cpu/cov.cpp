@@ -19,10 +19,18 @@
 
 #include "rlkern/common.h"
 #include "rlkern/dtype.h"
+#include "rlkern/losses.h"
 #include "rlkern/parallel.h"
 #include "rlkern/registry.h"
+#include "rlkern/simd.h"
+#include "rlkern/simd_io.h"
 
 namespace py = pybind11;
+
+// Floating-point exceptions are never inspected: lets GCC turn the selects into blends.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
 
 namespace rlk::cov {
 namespace {
@@ -73,6 +81,249 @@ Sums row_sums(const TA* a, int64_t a_step, const T* lp, const T* old, const uint
   return s;
 }
 
+// Clip-Cov's candidates among tokens [0, n) of a row, written as base + t; returns the count.
+// verl compares its tensors with Python scalars, which torch casts to the tensor's type.
+template <class TA, class T, class C = calc_t<TA, T>>
+int64_t clip_row_scalar(const TA* ar, int64_t a_step, const T* lr, const T* orow, const uint8_t* mr, int64_t n,
+                        int64_t base, C mean_a, C mean_lp, C cl, C cu, C lo, C hi, int64_t* dst) {
+  int64_t c = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    if (!mr[t]) continue;
+    const C av = C(load(ar, t * a_step));
+    const C l = C(load(lr, t));
+    const C cov = C(av - mean_a) * C(l - mean_lp);
+    if (!(cov < cu && cov > cl)) continue;
+    // exp_: the vector body's exp lane for lane (float), std::exp for float64
+    const C r = losses::exp_(C(l - C(load(orow, t))));
+    const C na = -av;
+    const C clamped = std::min(std::max(r, lo), hi);
+    // PPO-clipped tokens are no candidates (NaN ratios compare false: kept as verl does).
+    if (C(na * clamped) > C(na * r)) continue;
+    dst[c++] = base + t;
+  }
+  return c;
+}
+
+// ---------------------------------------------------------------------------------------
+// Vector bodies (float32 and bfloat16 storage, advantages per token or one per row): the
+// sums in float64 lanes, the covariance and the PPO-clip test in float lanes, compiled for
+// AVX2 and for baseline x86-64 (SSE pairs) and chosen at run time. Per token they are the
+// scalar bodies' arithmetic, so both builds and the scalar tails make the same decisions.
+#ifdef RLK_SIMD
+#define RLK_COV_INLINE inline __attribute__((always_inline))
+using simd::v8f;
+using simd::v8i;
+typedef double v4d __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+typedef int32_t v4i __attribute__((vector_size(16)));
+typedef uint16_t v4h __attribute__((vector_size(8)));
+typedef uint8_t v4b __attribute__((vector_size(4)));
+typedef int64_t v4q __attribute__((vector_size(32)));
+
+template <class T>
+constexpr bool kVec = simd::kLanes<T>;
+
+RLK_COV_INLINE v4f load4(const float* p) {
+  v4f v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+RLK_COV_INLINE v4f load4(const bf16* p) {
+  v4h h;
+  __builtin_memcpy(&h, p, sizeof h);
+  return (v4f)(__builtin_convertvector(h, v4i) << 16);
+}
+// Four flag bytes as float64-lane masks (-1 where nonzero).
+RLK_COV_INLINE v4q mask4(const uint8_t* m) {
+  v4b b;
+  __builtin_memcpy(&b, m, sizeof b);
+  return __builtin_convertvector(b, v4q) != 0;
+}
+RLK_COV_INLINE v4d widen(v4f x) { return __builtin_convertvector(x, v4d); }
+RLK_COV_INLINE bool any_lane(v8i x) {
+  const v4q q = (v4q)x;
+  return ((q[0] | q[1]) | (q[2] | q[3])) != 0;
+}
+// The advantage at tokens t..t+7: per token (a_step 1) or the row's one value (a_step 0).
+template <class TA>
+RLK_COV_INLINE v8f adv8(const TA* a, int64_t a_step, int64_t t) {
+  return a_step ? simd::load8(a, t) : v8f{} + float(load(a, 0));
+}
+template <class TA>
+RLK_COV_INLINE v4f adv4(const TA* a, int64_t a_step, int64_t t) {
+  return a_step ? load4(a + t) : v4f{} + float(load(a, 0));
+}
+
+// row_sums 8 tokens a step: two sets of four float64 lanes; the tail goes to the scalar body.
+template <class TA, class T>
+RLK_COV_INLINE Sums row_sums_impl(const TA* a, int64_t a_step, const T* lp, const T* old, const uint8_t* m,
+                                  int64_t n, bool with_kl) {
+  const v4d zero = v4d{}, one = v4d{} + 1.0;
+  v4d cnt[2] = {zero, zero}, sa[2] = {zero, zero}, sl[2] = {zero, zero}, sd[2] = {zero, zero};
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) {
+    for (int h = 0; h < 2; ++h) {
+      const int64_t i = t + 4 * h;
+      const v4q on = mask4(m + i);
+      const v4f l = load4(lp + i);
+      cnt[h] += on ? one : zero;
+      sa[h] += on ? widen(adv4(a, a_step, i)) : zero;
+      sl[h] += on ? widen(l) : zero;
+      if (with_kl) {
+        const v4f d = l - load4(old + i);
+        sd[h] += on ? widen((v4f)((v4i)d & 0x7fffffff)) : zero;
+      }
+    }
+  }
+  const Sums tail = row_sums(a + t * a_step, a_step, lp + t, old + t, m + t, n - t, with_kl);
+  auto total = [](const v4d* v) { const v4d x = v[0] + v[1]; return (x[0] + x[1]) + (x[2] + x[3]); };
+  Sums s;
+  s.count = total(cnt) + tail.count;
+  s.adv = total(sa) + tail.adv;
+  s.logp = total(sl) + tail.logp;
+  s.abs_lr = total(sd) + tail.abs_lr;
+  return s;
+}
+
+// Clip-Cov's candidates of one row (see clip_candidates), 8 tokens a step; returns the count.
+template <class TA, class T>
+RLK_COV_INLINE int64_t clip_row_impl(const TA* ar, int64_t a_step, const T* lr, const T* orow, const uint8_t* mr,
+                                     int64_t T_, int64_t base, float mean_a, float mean_lp, float cl, float cu,
+                                     float lo, float hi, int64_t* dst) {
+  const v8f ma = v8f{} + mean_a, ml = v8f{} + mean_lp, vcl = v8f{} + cl, vcu = v8f{} + cu;
+  const v8f vlo = v8f{} + lo, vhi = v8f{} + hi;
+  int64_t c = 0, t = 0;
+  for (; t + 8 <= T_; t += 8) {
+    const v8f av = adv8(ar, a_step, t), l = simd::load8(lr, t);
+    const v8f cov = (av - ma) * (l - ml);
+    v8i cand = simd::mask_bytes(mr + t) & (cov < vcu) & (cov > vcl);
+    if (!any_lane(cand)) continue;
+    const v8f r = simd::exp8(l - simd::load8(orow, t));
+    const v8f na = -av;
+    v8f clamped = r < vlo ? vlo : r;
+    clamped = clamped > vhi ? vhi : clamped;
+    cand &= ~((na * clamped) > (na * r));
+    // branch-free compaction: candidates are scattered (~15% of tokens on typical data)
+    for (int j = 0; j < 8; ++j) {
+      dst[c] = base + t + j;
+      c += cand[j] & 1;
+    }
+  }
+  return c + clip_row_scalar(ar + t * a_step, a_step, lr + t, orow + t, mr + t, T_ - t, base + t, mean_a, mean_lp,
+                             cl, cu, lo, hi, dst + c);
+}
+
+// KL-Cov: the covariances of `len` tokens (-inf where inactive) into vals, and per group of
+// 8 whether any lane is above thr or NaN (the only groups the caller's scan must visit).
+template <class TA, class T>
+RLK_COV_INLINE void cov_chunk_impl(const TA* ar, int64_t a_step, const T* lr, const uint8_t* mr, int64_t len,
+                                   float mean_a, float mean_lp, float thr, float* vals, uint8_t* hot) {
+  const v8f ma = v8f{} + mean_a, ml = v8f{} + mean_lp, ninf = v8f{} - __builtin_inff(), vthr = v8f{} + thr;
+  int64_t j = 0;
+  for (; j + 8 <= len; j += 8) {
+    const v8f cov = (adv8(ar, a_step, j) - ma) * (simd::load8(lr, j) - ml);
+    const v8f v = simd::mask_bytes(mr + j) ? cov : ninf;
+    simd::store8(vals, j, v);
+    hot[j / 8] = any_lane((v > vthr) | (v != v));
+  }
+  for (; j < len; ++j) vals[j] = mr[j] ? float((float(load(ar, j * a_step)) - mean_a) * (float(load(lr, j)) - mean_lp))
+                                       : -__builtin_inff();
+  if (len % 8) hot[len / 8] = 1;
+}
+
+#if defined(__x86_64__)
+#define RLK_COV_AVX2 1
+template <class TA, class T>
+__attribute__((target("avx2,fma"))) Sums row_sums_avx2(const TA* a, int64_t a_step, const T* lp, const T* old,
+                                                       const uint8_t* m, int64_t n, bool with_kl) {
+  return row_sums_impl(a, a_step, lp, old, m, n, with_kl);
+}
+template <class TA, class T>
+__attribute__((target("avx2,fma"))) int64_t clip_row_avx2(const TA* ar, int64_t a_step, const T* lr, const T* orow,
+                                                          const uint8_t* mr, int64_t T_, int64_t base, float mean_a,
+                                                          float mean_lp, float cl, float cu, float lo, float hi,
+                                                          int64_t* dst) {
+  return clip_row_impl(ar, a_step, lr, orow, mr, T_, base, mean_a, mean_lp, cl, cu, lo, hi, dst);
+}
+template <class TA, class T>
+__attribute__((target("avx2,fma"))) void cov_chunk_avx2(const TA* ar, int64_t a_step, const T* lr, const uint8_t* mr,
+                                                        int64_t len, float mean_a, float mean_lp, float thr,
+                                                        float* vals, uint8_t* hot) {
+  cov_chunk_impl(ar, a_step, lr, mr, len, mean_a, mean_lp, thr, vals, hot);
+}
+#endif
+template <class TA, class T>
+Sums row_sums_generic(const TA* a, int64_t a_step, const T* lp, const T* old, const uint8_t* m, int64_t n,
+                      bool with_kl) {
+  return row_sums_impl(a, a_step, lp, old, m, n, with_kl);
+}
+template <class TA, class T>
+int64_t clip_row_generic(const TA* ar, int64_t a_step, const T* lr, const T* orow, const uint8_t* mr, int64_t T_,
+                         int64_t base, float mean_a, float mean_lp, float cl, float cu, float lo, float hi,
+                         int64_t* dst) {
+  return clip_row_impl(ar, a_step, lr, orow, mr, T_, base, mean_a, mean_lp, cl, cu, lo, hi, dst);
+}
+template <class TA, class T>
+void cov_chunk_generic(const TA* ar, int64_t a_step, const T* lr, const uint8_t* mr, int64_t len, float mean_a,
+                       float mean_lp, float thr, float* vals, uint8_t* hot) {
+  cov_chunk_impl(ar, a_step, lr, mr, len, mean_a, mean_lp, thr, vals, hot);
+}
+#endif
+
+// Whether the vector bodies take these storage types and this advantage layout.
+template <class TA, class T>
+Sums row_sums_any(const TA* a, int64_t a_step, const T* lp, const T* old, const uint8_t* m, int64_t n, bool with_kl) {
+#ifdef RLK_SIMD
+  if constexpr (kVec<TA> && kVec<T>) {
+    if (a_step == 0 || a_step == 1) {
+#ifdef RLK_COV_AVX2
+      if (simd::use_avx2()) return row_sums_avx2(a, a_step, lp, old, m, n, with_kl);
+#endif
+      return row_sums_generic(a, a_step, lp, old, m, n, with_kl);
+    }
+  }
+#endif
+  return row_sums(a, a_step, lp, old, m, n, with_kl);
+}
+
+// The vector chunk of kl_topk where the types allow it; false: the caller computes it.
+template <class TA, class T, class C>
+bool cov_chunk(const TA* ar, int64_t a_step, const T* lr, const uint8_t* mr, int64_t len, C mean_a, C mean_lp, C thr,
+               C* vals, uint8_t* hot) {
+#ifdef RLK_SIMD
+  if constexpr (kVec<TA> && kVec<T>) {
+    if (a_step == 0 || a_step == 1) {
+#ifdef RLK_COV_AVX2
+      if (simd::use_avx2()) {
+        cov_chunk_avx2(ar, a_step, lr, mr, len, mean_a, mean_lp, thr, vals, hot);
+        return true;
+      }
+#endif
+      cov_chunk_generic(ar, a_step, lr, mr, len, mean_a, mean_lp, thr, vals, hot);
+      return true;
+    }
+  }
+#endif
+  return false;
+}
+
+template <class TA, class T, class C = calc_t<TA, T>>
+int64_t clip_row(const TA* ar, int64_t a_step, const T* lr, const T* orow, const uint8_t* mr, int64_t T_,
+                 int64_t base, C mean_a, C mean_lp, C cl, C cu, C lo, C hi, int64_t* dst) {
+#ifdef RLK_SIMD
+  if constexpr (kVec<TA> && kVec<T>) {
+    if (a_step == 0 || a_step == 1) {
+#ifdef RLK_COV_AVX2
+      if (simd::use_avx2())
+        return clip_row_avx2(ar, a_step, lr, orow, mr, T_, base, mean_a, mean_lp, cl, cu, lo, hi, dst);
+#endif
+      return clip_row_generic(ar, a_step, lr, orow, mr, T_, base, mean_a, mean_lp, cl, cu, lo, hi, dst);
+    }
+  }
+#endif
+  return clip_row_scalar(ar, a_step, lr, orow, mr, T_, base, mean_a, mean_lp, cl, cu, lo, hi, dst);
+}
+
 // Returns (active count, sum of A, sum of lp, sum of |lp - old|) over the active tokens.
 template <class TA, class T>
 Sums total_sums(int64_t B, int64_t T_, const TA* a, int64_t a_row, int64_t a_step, const T* lp, const T* old,
@@ -80,7 +331,7 @@ Sums total_sums(int64_t B, int64_t T_, const TA* a, int64_t a_row, int64_t a_ste
   std::vector<Sums> part(static_cast<size_t>(B));
   parallel_for(B, row_grain(T_), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
-      part[size_t(b)] = row_sums(a + b * a_row, a_step, lp + b * T_, old + b * T_, m + b * T_, T_, with_kl);
+      part[size_t(b)] = row_sums_any(a + b * a_row, a_step, lp + b * T_, old + b * T_, m + b * T_, T_, with_kl);
   });
   Sums s;
   for (const Sums& p : part) {
@@ -105,7 +356,6 @@ std::tuple<int64_t, int64_t, double> clip_candidates(int64_t B, int64_t T_, ptr_
   const Sums s = total_sums(B, T_, a, a_row, a_step, lp, old, m, false);
   const double n = std::max(s.count, 1.0);
   const C mean_a = C(s.adv / n), mean_lp = C(s.logp / n);
-  // verl compares its tensors with Python scalars, which torch casts to the tensor's type.
   const C cl = C(lb), cu = C(ub), lo = C(1.0 - low), hi = C(1.0 + high);
   std::vector<int64_t> count(size_t(B), 0);
   // Each row first lists its candidates in its own T slots of `out`; the rows are then
@@ -118,21 +368,7 @@ std::tuple<int64_t, int64_t, double> clip_candidates(int64_t B, int64_t T_, ptr_
       const T* orow = old + b * T_;
       const uint8_t* mr = m + b * T_;
       int64_t* dst = idx + b * T_;
-      int64_t c = 0;
-      for (int64_t t = 0; t < T_; ++t) {
-        if (!mr[t]) continue;
-        const C av = C(load(ar, t * a_step));
-        const C l = C(load(lr, t));
-        const C cov = C(av - mean_a) * C(l - mean_lp);
-        if (!(cov < cu && cov > cl)) continue;
-        const C r = std::exp(C(l - C(load(orow, t))));
-        const C na = -av;
-        const C clamped = std::min(std::max(r, lo), hi);
-        // PPO-clipped tokens are no candidates (NaN ratios compare false: kept as verl does).
-        if (C(na * clamped) > C(na * r)) continue;
-        dst[c++] = b * T_ + t;
-      }
-      count[size_t(b)] = c;
+      count[size_t(b)] = clip_row(ar, a_step, lr, orow, mr, T_, b * T_, mean_a, mean_lp, cl, cu, lo, hi, dst);
     }
   });
   int64_t total = 0;
@@ -220,10 +456,12 @@ std::tuple<int64_t, int64_t, double> kl_topk(int64_t B, int64_t T_, ptr_t adv, i
         buf.resize(cap);
         thr = buf[cap - 1].v;
       };
-      // 256 covariances at a time into a small array (a loop the compiler vectorises, -inf at
-      // inactive tokens), then a scan that mostly only compares.
+      // 256 covariances at a time into a small array (-inf at inactive tokens), with a flag
+      // per 8 tokens for those above the threshold at the chunk's start (it only rises), then
+      // a scan of the flagged groups that mostly only compares.
       constexpr int64_t kChunk = 256;
       C vals[kChunk];
+      uint8_t hot[kChunk / 8];
       const C ninf = -std::numeric_limits<C>::infinity();
       const int64_t b_end = std::min(B, (c + 1) * grain);
       for (int64_t b = c * grain; b < b_end; ++b) {
@@ -232,11 +470,18 @@ std::tuple<int64_t, int64_t, double> kl_topk(int64_t B, int64_t T_, ptr_t adv, i
         const uint8_t* mr = m + b * T_;
         for (int64_t t0 = 0; t0 < T_; t0 += kChunk) {
           const int64_t len = std::min(kChunk, T_ - t0);
-          for (int64_t j = 0; j < len; ++j) {
-            const C cov = C(C(C(load(ar, (t0 + j) * a_step)) - mean_a) * C(C(load(lr, t0 + j)) - mean_lp));
-            vals[j] = mr[t0 + j] ? cov : ninf;
+          if (!cov_chunk(ar + t0 * a_step, a_step, lr + t0, mr + t0, len, mean_a, mean_lp, C(thr), vals, hot)) {
+            for (int64_t j = 0; j < len; ++j) {
+              const C cov = C(C(C(load(ar, (t0 + j) * a_step)) - mean_a) * C(C(load(lr, t0 + j)) - mean_lp));
+              vals[j] = mr[t0 + j] ? cov : ninf;
+            }
+            std::memset(hot, 1, sizeof hot);
           }
           for (int64_t j = 0; j < len; ++j) {
+            if (!hot[j / 8]) {
+              j |= 7;  // the group's last token: the loop's ++j moves to the next group
+              continue;
+            }
             const C v = vals[j];
             if (v <= thr) continue;  // below the kept values, or inactive
             if (v != v) {
