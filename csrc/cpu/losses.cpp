@@ -89,6 +89,11 @@ struct PolicyParams {
   double clip_low = 0.2, clip_high = 0.2;
   double sapo_tau_pos = 1.0, sapo_tau_neg = 1.05;
   double vespo_k_pos = 2.0, vespo_lambda_pos = 3.0, vespo_k_neg = 3.0, vespo_lambda_neg = 2.0;
+  // Bit k set: the caller reads total k (Stat below). The active-token count and the loss sum
+  // are always computed; a total left out comes back 0. The vector bodies skip the
+  // accumulators (and the ratio's exp where neither the loss nor a wanted total needs it) of
+  // totals nobody reads: an adapter that returns two metrics does not pay for twelve.
+  uint32_t want = ~0u;
 };
 
 // Totals returned to Python, in this order.
@@ -124,6 +129,7 @@ struct RowConst {
   bool has_weights;  // per-token weights given (read on the EXTRA path)
   bool is_cispo;
   A tis_min;
+  uint32_t want = ~0u;  // PolicyParams::want
 };
 
 template <class A>
@@ -471,6 +477,9 @@ struct RowConstV {
       has_kl_clamp, use_kl_term, use_ent_term, kl_correction;
   bool has_weights;
   vf tis_min;
+  // Totals the caller reads (PolicyParams::want), and whether the token ratio must be
+  // evaluated at all: REINFORCE without ratio metrics never needs its exp.
+  bool w_ratio, w_low, w_high, w_approx, w_kl, w_ent, w_dual, w_obj, w_approxc, w_tiso, w_rkl, need_ratio;
   explicit RowConstV(const RowConst<float>& c)
       : clip_lo(splat(c.clip_lo)), clip_hi(splat(c.clip_hi)), cap(splat(c.cap)), dual(splat(c.dual)),
         lr_lo(splat(c.lr_lo)), lr_hi(splat(c.lr_hi)), kl_lo(splat(c.kl_lo)), kl_hi(splat(c.kl_hi)),
@@ -496,6 +505,19 @@ struct RowConstV {
     kl_correction = c.kl_corr;
     has_weights = c.has_weights;
     tis_min = splat(c.tis_min);
+    auto wants = [&](int k) { return (c.want >> k & 1u) != 0; };
+    w_ratio = wants(kRatioSum);
+    w_low = wants(kClipLow);
+    w_high = wants(kClipHigh);
+    w_approx = wants(kApproxKlSum);
+    w_kl = wants(kKlSum);
+    w_ent = wants(kEntropySum);
+    w_dual = wants(kDualClip) && c.has_dual;
+    w_obj = wants(kObjective) || wants(kObjectiveRow);
+    w_approxc = wants(kApproxKlClamped);
+    w_tiso = wants(kTisOutside);
+    w_rkl = wants(kRolloutKl);
+    need_ratio = c.objective != kReinforce || (c.use_kl && c.kl_corr) || w_ratio || w_low || w_high;
   }
 };
 
@@ -514,6 +536,12 @@ RLK_LOSS_INLINE void vstore(float* p, int64_t i, vf v) { rlk::simd::store8(p, i,
 RLK_LOSS_INLINE void vstore(bf16* p, int64_t i, vf v) { rlk::simd::store8(p, i, v); }
 
 RLK_LOSS_INLINE vi load_mask(const uint8_t* mp) { return rlk::simd::mask_bytes(mp); }
+// Whether none of the kVec mask bytes at mp is set.
+RLK_LOSS_INLINE bool none_active(const uint8_t* mp) {
+  uint64_t q;
+  __builtin_memcpy(&q, mp, sizeof q);
+  return q == 0;
+}
 RLK_LOSS_INLINE float lane_sum(vf v) { return rlk::simd::lanes_sum(v); }
 // Storage types with a vector path (the arithmetic type must be float).
 template <class T>
@@ -619,8 +647,11 @@ RLK_LOSS_INLINE bool finish_terms_v(const PolicyInputs<T>& in, const RowConstV& 
     if (c.tis_token[0]) {
       vf wt = vexp(t.o - t.rolv);
       // counted here (tis_outside's rule) so that the raw weight need not outlive this block
-      const vi beyond = c.tis_mask_mode ? ~((wt >= c.tis_min) & (wt <= c.tis_cap)) : ((wt < c.tis_min) | (wt > c.tis_cap));
-      L.tiso += (t.m & beyond) ? one : zero;
+      if (c.w_tiso) {
+        const vi beyond =
+            c.tis_mask_mode ? ~((wt >= c.tis_min) & (wt <= c.tis_cap)) : ((wt < c.tis_min) | (wt > c.tis_cap));
+        L.tiso += (t.m & beyond) ? one : zero;
+      }
       wt = c.tis_mask_mode ? (((wt > c.tis_cap) | (wt < c.tis_min)) ? zero : wt)
                            : (wt > c.tis_cap ? c.tis_cap : (wt < c.tis_min ? c.tis_min : wt));
       weight *= wt;
@@ -629,7 +660,7 @@ RLK_LOSS_INLINE bool finish_terms_v(const PolicyInputs<T>& in, const RowConstV& 
     pg *= weight;
     dr *= weight;
     direct *= weight;
-    L.rkl += t.rolv - t.o;  // both 0 when masked
+    if (c.w_rkl) L.rkl += t.rolv - t.o;  // both 0 when masked
   }
   if (c.has_seq_tis) {
     pg *= c.seq_tis;
@@ -689,19 +720,19 @@ RLK_LOSS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& c,
   } else {
     const vf x = lp - o;
     xc = x;
+    dx = one;
     if (c.has_lr_clamp) {
       xc = x < c.lr_lo ? c.lr_lo : (x > c.lr_hi ? c.lr_hi : x);
       dx = ((x < c.lr_lo) | (x > c.lr_hi)) ? zero : one;
-      r = vexp(xc);
-    } else {
-      dx = one;
-      r = vexp(x);
     }
+    // REINFORCE whose caller reads no ratio metric never looks at r (its loss and gradient
+    // are -A logp's): the exp, the body's dearest part, is skipped.
+    r = c.need_ratio ? vexp(xc) : zero;
   }
-  const vf rc = r < c.clip_lo ? c.clip_lo : (r > c.clip_hi ? c.clip_hi : r);
   vf pg, dr, direct;
   vf dual_hit = zero;
   if (c.clip_objective) {
+    const vf rc = r < c.clip_lo ? c.clip_lo : (r > c.clip_hi ? c.clip_hi : r);
     const vf drc = ((r < c.clip_lo) | (r > c.clip_hi)) ? zero : one;
     vf u = -a * r, du = -a;
     if (c.has_cap) {
@@ -724,7 +755,8 @@ RLK_LOSS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& c,
     dr = ds;
     direct = zero;
   } else {
-    direct = c.cispo_objective ? -rc * a : -a;
+    direct = -a;
+    if (c.cispo_objective) direct *= r < c.clip_lo ? c.clip_lo : (r > c.clip_hi ? c.clip_hi : r);
     pg = direct * lp;
     dr = zero;
   }
@@ -736,16 +768,17 @@ RLK_LOSS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& c,
   L.n += m ? one : zero;
   L.loss += m ? c.row_w * l : zero;
   if (SEQ) L.dseq += m ? c.grad_w * dr : zero;
-  L.ratio += m ? r : zero;
-  L.approx += o - lp;
-  if (KL != 0) L.kl += m ? kl : zero;
-  if (EXTRA) L.ent += t.h;
-  L.low += (m & (r < c.clip_lo) & (a < zero)) ? one : zero;
-  L.high += (m & (r > c.clip_hi) & (a > zero)) ? one : zero;
-  if (c.has_dual_clip) L.dual += m ? dual_hit : zero;
+  // The totals' accumulators, each only where the caller reads it (row-constant branches).
+  if (c.w_ratio) L.ratio += m ? r : zero;
+  if (c.w_approx) L.approx += o - lp;
+  if (KL != 0 && c.w_kl) L.kl += m ? kl : zero;
+  if (EXTRA && c.w_ent) L.ent += t.h;
+  if (c.w_low) L.low += (m & (r < c.clip_lo) & (a < zero)) ? one : zero;
+  if (c.w_high) L.high += (m & (r > c.clip_hi) & (a > zero)) ? one : zero;
+  if (c.w_dual) L.dual += m ? dual_hit : zero;
   // A masked token's zero log-ratio may clamp to a non-zero bound: masked, not just summed.
-  if (!SEQ) L.approxc += m ? -xc : zero;
-  if (c.cispo_objective) L.obj += (m & ~((r >= c.clip_lo) & (r <= c.clip_hi))) ? one : zero;
+  if (!SEQ && c.w_approxc) L.approxc += m ? -xc : zero;
+  if (c.cispo_objective && c.w_obj) L.obj += (m & ~((r >= c.clip_lo) & (r <= c.clip_hi))) ? one : zero;
 }
 
 RLK_LOSS_INLINE vf vabs(vf x) { return (vf)((vi)x & 0x7fffffff); }
@@ -886,14 +919,14 @@ RLK_LOSS_INLINE void token_step_obj_v(const PolicyInputs<T>& in, const RowConstV
   L.n += m ? one : zero;
   L.loss += m ? c.row_w * l : zero;
   if (SEQ) L.dseq += m ? c.grad_w * dr : zero;
-  L.ratio += m ? r : zero;
-  L.approx += o - lp;
-  if (KL != 0) L.kl += m ? kl : zero;
-  if (EXTRA) L.ent += t.h;
-  L.low += m ? low : zero;
-  L.high += m ? high : zero;
-  L.obj += m ? stat : zero;
-  if (!SEQ) L.approxc += m ? -x : zero;  // x is the clamped log-ratio here
+  if (c.w_ratio) L.ratio += m ? r : zero;
+  if (c.w_approx) L.approx += o - lp;
+  if (KL != 0 && c.w_kl) L.kl += m ? kl : zero;
+  if (EXTRA && c.w_ent) L.ent += t.h;
+  if (c.w_low) L.low += m ? low : zero;
+  if (c.w_high) L.high += m ? high : zero;
+  if (c.w_obj) L.obj += m ? stat : zero;
+  if (!SEQ && c.w_approxc) L.approxc += m ? -x : zero;  // x is the clamped log-ratio here
 }
 #endif
 
@@ -938,6 +971,7 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
   c.tis_token = p.has_tis && !p.tis_seq;
   c.tis_mask_mode = p.tis_mask_mode;
   c.has_weights = p.weights != 0;
+  c.want = p.want;
   c.objective = p.objective;
   c.is_cispo = p.objective == kCispo;
   c.tau_pos = A(p.sapo_tau_pos);
@@ -1193,8 +1227,15 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
         const RowConstV cv(c);
         LanesV V;
         V.clear();
-        for (; t + kVec <= t1; t += kVec)
+        for (; t + kVec <= t1; t += kVec) {
+          // Padding after a sequence's end is masked in runs: such a step adds nothing to
+          // any total (its inputs read as 0) and its gradient is 0.
+          if (none_active(m + t)) {
+            vstore(in.grad, base + t, splat(0.0f));
+            continue;
+          }
           token_step_v<T, KL, SEQ, EXTRA>(in, cv, base + t, adv_base + t * adv_step, p.adv_per_token, V);
+        }
         acc[kActive] += V.sum(V.n);
         acc[kLossSum] += V.sum(V.loss);
         acc[kClipLow] += V.sum(V.low);
@@ -1215,8 +1256,13 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
         const ObjConstV qv(c);
         LanesV V;
         V.clear();
-        for (; t + kVec <= t1; t += kVec)
+        for (; t + kVec <= t1; t += kVec) {
+          if (none_active(m + t)) {
+            vstore(in.grad, base + t, splat(0.0f));
+            continue;
+          }
           token_step_obj_v<T, KL, SEQ, EXTRA>(in, cv, qv, base + t, adv_base + t * adv_step, p.adv_per_token, V);
+        }
         acc[kActive] += V.sum(V.n);
         acc[kLossSum] += V.sum(V.loss);
         acc[kClipLow] += V.sum(V.low);
@@ -1291,6 +1337,15 @@ __attribute__((target("avx2,fma"))) void policy_rows_avx2(const PolicyParams& p,
                                                           double* stats) {
   policy_rows_impl<T, KL, SEQ, EXTRA, OBJ>(p, b0, b1, stats);
 }
+// The same 8-lane body once more with AVX-512 encodings: 32 vector registers hold the row
+// constants and the lane accumulators that the AVX2 build keeps on the stack, and compares
+// write mask registers. Same arithmetic, lane for lane, as the AVX2 build (FMA contraction
+// included), so the results do not depend on which of the two runs.
+template <class T, int KL, bool SEQ, bool EXTRA, bool OBJ>
+__attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512dq"))) void policy_rows_avx512(
+    const PolicyParams& p, int64_t b0, int64_t b1, double* stats) {
+  policy_rows_impl<T, KL, SEQ, EXTRA, OBJ>(p, b0, b1, stats);
+}
 #endif
 
 template <class T, int KL, bool SEQ, bool EXTRA, bool OBJ>
@@ -1308,6 +1363,11 @@ void run_policy_rows(const PolicyParams& p, double* rows) {
   if (std::is_same<T, float>::value || std::is_same<T, bf16>::value) {
     if (rlk::simd::use_avx2())
       fn = obj ? &policy_rows_avx2<T, KL, SEQ, EXTRA, true> : &policy_rows_avx2<T, KL, SEQ, EXTRA, false>;
+  }
+  // The AVX-512 build only for the storage types with a vector body.
+  if constexpr (kSimd<T>) {
+    if (rlk::simd::use_avx512())
+      fn = obj ? &policy_rows_avx512<T, KL, SEQ, EXTRA, true> : &policy_rows_avx512<T, KL, SEQ, EXTRA, false>;
   }
 #endif
   parallel_for(p.B, row_grain(p.T), [&](int64_t b0, int64_t b1) { fn(p, b0, b1, rows); });
@@ -1379,6 +1439,9 @@ std::vector<double> policy_loss_fused(const PolicyParams& params) {
     for (int k = 0; k < kNumStats; ++k) total[k] += rows[size_t(b) * kNumStats + k];
     total[kNumStats] += rows[size_t(b) * kNumStats + kActive] > 0 ? 1.0 : 0.0;
   }
+  // Totals not asked for are partial (the scalar tails still add to them): reported as 0.
+  for (int k = 0; k < kNumStats; ++k)
+    if (k != kActive && k != kLossSum && !(p.want >> k & 1u)) total[k] = 0.0;
   return total;
 }
 
@@ -1675,7 +1738,8 @@ void bind(py::module_& m) {
       .def_readwrite("vespo_k_pos", &PolicyParams::vespo_k_pos)
       .def_readwrite("vespo_lambda_pos", &PolicyParams::vespo_lambda_pos)
       .def_readwrite("vespo_k_neg", &PolicyParams::vespo_k_neg)
-      .def_readwrite("vespo_lambda_neg", &PolicyParams::vespo_lambda_neg);
+      .def_readwrite("vespo_lambda_neg", &PolicyParams::vespo_lambda_neg)
+      .def_readwrite("want", &PolicyParams::want);
   m.attr("NUM_POLICY_STATS") = int(kNumStats);
   m.def("policy_loss", &policy_loss_fused, py::arg("params"), py::call_guard<py::gil_scoped_release>(),
         "Fused policy loss: writes d(row-weighted loss sum)/d logp (and entropy) and returns the totals "

@@ -8,6 +8,7 @@ gradient in backward. ``rlkern.reference.losses`` holds the plain-PyTorch specif
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import operator
@@ -36,6 +37,15 @@ _DPO_CODES = {name: i for i, name in enumerate(DPO_LOSS_TYPES)}
 # Order of the totals the kernels return (csrc/cpu/losses.cpp, enum Stat).
 _STATS = ("active", "loss_sum", "clip_low", "clip_high", "ratio_sum", "approx_kl_sum", "kl_sum", "entropy_sum",
           "dual_clip", "objective_sum", "objective_row_sum", "approx_kl_clamped_sum", "tis_outside", "rollout_kl_sum")
+# The totals each metric of _metrics_from_totals is made from (the active-token count and the
+# loss sum are always computed).
+_METRIC_TOTALS = {
+    "clip_frac_low": ("clip_low",), "clip_frac_high": ("clip_high",), "ratio_mean": ("ratio_sum",),
+    "approx_kl": ("approx_kl_sum",), "approx_kl_clamped": ("approx_kl_clamped_sum",), "kl": ("kl_sum",),
+    "rollout_kl": ("rollout_kl_sum",), "entropy": ("entropy_sum",), "dual_clip_frac": ("dual_clip",),
+    "phi_mean": ("objective_sum",), "phi_seq_mean": ("objective_row_sum",), "trunc_frac": ("objective_sum",),
+    "clip_frac": ("objective_sum",), "tis_clip_frac": ("tis_outside",),
+}
 
 
 # ---------------------------------------------------------------------------------------
@@ -152,6 +162,36 @@ def _call_op(op: str, fn, *args):
 
 # ---------------------------------------------------------------------------------------
 # policy_loss
+
+
+# The metrics the running policy_loss call's caller reads (None: all), set by
+# _policy_loss_reading around the call.
+_READING: contextvars.ContextVar[Optional[frozenset]] = contextvars.ContextVar("rlkern_policy_reading", default=None)
+
+
+def _policy_loss_reading(metrics: Tuple[str, ...], *args, **kwargs) -> LossOutput:
+    """``policy_loss(*args, **kwargs)`` for a caller that reads only the metrics named in
+    ``metrics`` (the drop-in adapters, which return a fixed few): the CPU kernel then skips
+    the per-token work of every other total (for REINFORCE without ratio metrics, the
+    ratio's exp too) and ``LossOutput.metrics`` holds only those it computed. Other
+    backends and traced calls compute, and return, all of them."""
+    token = _READING.set(frozenset(metrics))
+    try:
+        return policy_loss(*args, **kwargs)
+    finally:
+        _READING.reset(token)
+
+
+@functools.lru_cache(maxsize=64)
+def _want_bits(metrics: Optional[frozenset]) -> int:
+    """PolicyParams.want for the metrics read (None: every total)."""
+    if metrics is None:
+        return (1 << len(_STATS)) - 1
+    bits = 0b11  # the active-token count and the loss sum
+    for name in metrics:
+        for total in _METRIC_TOTALS[name]:
+            bits |= 1 << _STATS.index(total)
+    return bits
 
 
 def _keep_graph() -> bool:
@@ -311,9 +351,10 @@ def _metrics_from_totals(totals, cfg: PolicyLossConfig, has_ref: bool, has_entro
 
 
 def _policy_cpu(logp, old_logp, advantages, mask, cfg: PolicyLossConfig, tensors, want_entropy_grad: bool,
-                norm: Optional[Tensor] = None):
+                norm: Optional[Tensor] = None, reading: Optional[frozenset] = None):
     """``run()`` for the C++ kernel. ``norm``: a tensor normalizer (in the arithmetic
-    dtype), applied after the pass by torch ops so that its value is never read."""
+    dtype), applied after the pass by torch ops so that its value is never read.
+    ``reading``: the metric names the caller reads (None: all), see _policy_loss_reading."""
     B, T = logp.shape
     ref_logp, rollout_logp, entropy = tensors["ref_logp"], tensors["rollout_logp"], tensors["entropy"]
     storage, acc = _policy_dtypes(logp, old_logp, advantages, tensors)
@@ -338,6 +379,7 @@ def _policy_cpu(logp, old_logp, advantages, mask, cfg: PolicyLossConfig, tensors
         p.weights = ptr(wts) if wts is not None else 0
         p.off_policy_logp = ptr(behaviour) if behaviour is not None else 0
         p.adv_per_token = adv.dim() == 2
+        p.want = _want_bits(reading)
         if cfg.entropy_top_fraction is not None:
             p.has_entropy_select = True
             p.entropy_threshold = float(entropy_threshold(ent, mask != 0, cfg.entropy_top_fraction))
@@ -355,6 +397,8 @@ def _policy_cpu(logp, old_logp, advantages, mask, cfg: PolicyLossConfig, tensors
         totals = core().losses.policy_loss(p)
         named = _metrics_from_totals(totals, cfg, ref is not None, ent is not None, totals[len(_STATS)],
                                      roll is not None)
+        if reading is not None:
+            named = {k: v for k, v in named.items() if k in reading}
         # The metrics are views of one small tensor (one allocation, not six); the loss is a
         # tensor of its own, since trainers update it in place (verl: policy_loss += kl_loss * coef)
         # and autograd refuses in-place updates of a view made inside a Function.
@@ -751,7 +795,7 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     if isinstance(norm, torch.Tensor):
         norm_t = norm.to(_policy_dtypes(logp, old_logp, advantages, tensors)[1])
     if backend == "cpu":
-        run = _policy_cpu(logp, old_logp, advantages, mask, cfg, tensors, want_entropy_grad, norm_t)
+        run = _policy_cpu(logp, old_logp, advantages, mask, cfg, tensors, want_entropy_grad, norm_t, _READING.get())
     else:
         run = _policy_triton(logp, old_logp, advantages, mask, cfg, tensors, want_entropy_grad, norm_t)
     metrics: Dict[str, torch.Tensor] = {}

@@ -32,7 +32,8 @@ import torch.nn as nn
 from .. import _backend
 from .._kernel import core, dtype_code, ptr
 from ..kl import _kl_penalty_capped
-from ..losses import policy_loss, value_loss
+from ..losses import _policy_loss_reading as _reading
+from ..losses import value_loss
 from ..returns import discounted_returns, gae, group_advantages
 from . import _peers
 
@@ -41,6 +42,9 @@ __all__ = ["PolicyLoss", "ValueLoss", "compute_approx_kl", "compute_reward", "ma
            "compute_advantages_and_returns", "install", "uninstall"]
 
 _LOG_RATIO_CLAMP = 20.0
+# The kernel's metrics PolicyLoss returns (clip_ratio, ppo_kl); the kernel computes only those
+# totals (rlkern.losses._policy_loss_reading).
+_CLIP_KL = ("clip_frac_low", "clip_frac_high", "approx_kl")
 _KL_CLAMP = 10.0
 KL_IS_WEIGHT_CLIP = 10.0
 
@@ -249,7 +253,8 @@ class PolicyLoss(nn.Module):
         if self.policy_loss_type == "gspo":
             # OpenRLHF's GSPO ratio is taken against the rollout policy when IS correction is on
             base = rollout_log_probs if correcting else old_log_probs
-            out = policy_loss(log_probs, base, advantages, m, level="sequence", **common)
+            read = ("clip_frac_low", "clip_frac_high") + (() if correcting else ("approx_kl",))
+            out = _reading(read, log_probs, base, advantages, m, level="sequence", **common)
             clip_ratio = out.metrics["clip_frac_low"] + out.metrics["clip_frac_high"]
             if correcting:
                 with torch.no_grad():
@@ -258,7 +263,8 @@ class PolicyLoss(nn.Module):
                 ppo_kl = out.metrics["approx_kl"]
             return _peers.owned(out.loss), clip_ratio, ppo_kl, vllm_kl, is_filter_ratio
         if not correcting:
-            out = policy_loss(log_probs, old_log_probs, advantages, m, log_ratio_clamp=_LOG_RATIO_CLAMP, **common)
+            out = _reading(_CLIP_KL, log_probs, old_log_probs, advantages, m, log_ratio_clamp=_LOG_RATIO_CLAMP,
+                           **common)
             clip_ratio = out.metrics["clip_frac_low"] + out.metrics["clip_frac_high"]
             return _peers.owned(out.loss), clip_ratio, out.metrics["approx_kl"], vllm_kl, is_filter_ratio
         # OpenRLHF's ppo_kl is of the unclamped log-ratio: the kernel's approx_kl (not approx_kl_clamped);
@@ -266,20 +272,20 @@ class PolicyLoss(nn.Module):
         seq_gate = self._compiled_seq_gate(old_log_probs, rollout_log_probs, m)
         if seq_gate is not None:
             rollout, vllm_kl, is_filter_ratio = seq_gate
-            out = policy_loss(log_probs, old_log_probs, advantages, m, log_ratio_clamp=_LOG_RATIO_CLAMP,
-                              rollout_logp=rollout, tis_cap=math.inf, tis_mode="mask", **common)
+            out = _reading(_CLIP_KL, log_probs, old_log_probs, advantages, m, log_ratio_clamp=_LOG_RATIO_CLAMP,
+                           rollout_logp=rollout, tis_cap=math.inf, tis_mode="mask", **common)
             clip_ratio = out.metrics["clip_frac_low"] + out.metrics["clip_frac_high"]
             return _peers.owned(out.loss), clip_ratio, out.metrics["approx_kl"], vllm_kl, is_filter_ratio
         band = self._kernel_band()
         if band is not None:
-            out = policy_loss(log_probs, old_log_probs, advantages, m, log_ratio_clamp=_LOG_RATIO_CLAMP,
-                              rollout_logp=rollout_log_probs, **band, **common)
+            out = _reading(_CLIP_KL + ("rollout_kl", "tis_clip_frac"), log_probs, old_log_probs, advantages, m,
+                           log_ratio_clamp=_LOG_RATIO_CLAMP, rollout_logp=rollout_log_probs, **band, **common)
             is_filter_ratio = out.metrics["tis_clip_frac"]
         else:
             coef, is_filter_ratio = self._is_coefficient(old_log_probs, rollout_log_probs, m)
             # the coefficient is the kernel's per-token weight: its clip counts stay the unweighted tokens'
-            out = policy_loss(log_probs, old_log_probs, advantages, m, log_ratio_clamp=_LOG_RATIO_CLAMP,
-                              rollout_logp=rollout_log_probs, weights=coef, **common)
+            out = _reading(_CLIP_KL + ("rollout_kl",), log_probs, old_log_probs, advantages, m,
+                           log_ratio_clamp=_LOG_RATIO_CLAMP, rollout_logp=rollout_log_probs, weights=coef, **common)
         clip_ratio = out.metrics["clip_frac_low"] + out.metrics["clip_frac_high"]
         return _peers.owned(out.loss), clip_ratio, out.metrics["approx_kl"], out.metrics["rollout_kl"], is_filter_ratio
 

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from ..kl import kl_penalty as _kl_penalty
-from ..losses import policy_loss as _policy_loss
+from ..losses import _policy_loss_reading as _reading
 from ..losses import value_loss as _value_loss
 from ..returns import discounted_returns, group_advantages, masked_gae
 from .. import _validate
@@ -208,6 +208,9 @@ def _detached(weights: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if weights is None else weights.detach()
 
 
+_VANILLA_METRICS = ("clip_frac_low", "clip_frac_high", "approx_kl_clamped", "dual_clip_frac")
+
+
 def compute_policy_loss_vanilla(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
                                 response_mask: torch.Tensor, loss_agg_mode: str = "token-mean",
                                 config: Optional[Any] = None, rollout_is_weights: Optional[torch.Tensor] = None):
@@ -223,9 +226,10 @@ def compute_policy_loss_vanilla(old_log_prob: torch.Tensor, log_prob: torch.Tens
     if not c > 1.0:
         raise ValueError(f"clip_ratio_c must be > 1.0 (dual-clip PPO), got {c}")
     agg, norm = _agg(loss_agg_mode, response_mask, _batch_info(config))
-    out = _policy_loss(log_prob, old_log_prob, advantages, response_mask, objective="clip", clip_low=low,
-                       clip_high=high, dual_clip=c, log_ratio_clamp=_SAFETY, weights=_detached(rollout_is_weights),
-                       agg=agg, normalizer=norm)
+    # the kernel computes only the totals of the metrics returned
+    out = _reading(_VANILLA_METRICS, log_prob, old_log_prob, advantages, response_mask, objective="clip",
+                   clip_low=low, clip_high=high, dual_clip=c, log_ratio_clamp=_SAFETY,
+                   weights=_detached(rollout_is_weights), agg=agg, normalizer=norm)
     clipfrac = out.metrics["clip_frac_low"] + out.metrics["clip_frac_high"]
     lower = out.metrics["dual_clip_frac"]
     # verl's ppo_kl is measured after its +-20 clamp: the kernel's approx_kl_clamped
@@ -244,9 +248,9 @@ def compute_policy_loss(old_log_prob, log_prob, advantages, response_mask, clipr
     if not clip_ratio_c > 1.0:
         raise ValueError(f"clip_ratio_c must be > 1.0 (dual-clip PPO), got {clip_ratio_c}")
     agg, norm = _agg(loss_agg_mode, response_mask, {})
-    out = _policy_loss(log_prob, old_log_prob, advantages, response_mask, objective="clip", clip_low=float(low),
-                       clip_high=float(high), dual_clip=float(clip_ratio_c), log_ratio_clamp=_SAFETY, agg=agg,
-                       normalizer=norm)
+    out = _reading(_VANILLA_METRICS, log_prob, old_log_prob, advantages, response_mask, objective="clip",
+                   clip_low=float(low), clip_high=float(high), dual_clip=float(clip_ratio_c), log_ratio_clamp=_SAFETY,
+                   agg=agg, normalizer=norm)
     clipfrac = out.metrics["clip_frac_low"] + out.metrics["clip_frac_high"]
     return _peers.owned(out.loss), clipfrac, out.metrics["approx_kl_clamped"], out.metrics["dual_clip_frac"]
 
@@ -304,8 +308,9 @@ def compute_policy_loss_gspo(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
     agg, norm = _agg(loss_agg_mode, response_mask, _batch_info(config))
     seq_adv = _per_sequence(advantages, response_mask) if rollout_is_weights is None else None
     if seq_adv is not None:
-        out = _policy_loss(log_prob, old_log_prob, seq_adv, response_mask, objective="clip", level="sequence",
-                           clip_low=low, clip_high=high, log_ratio_clamp=(None, 10.0), agg=agg, normalizer=norm)
+        out = _reading(("clip_frac_low", "clip_frac_high", "approx_kl"), log_prob, old_log_prob, seq_adv,
+                       response_mask, objective="clip", level="sequence", clip_low=low, clip_high=high,
+                       log_ratio_clamp=(None, 10.0), agg=agg, normalizer=norm)
         clipfrac = out.metrics["clip_frac_low"] + out.metrics["clip_frac_high"]
         ppo_kl = out.metrics["approx_kl"]
     else:
@@ -315,9 +320,9 @@ def compute_policy_loss_gspo(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
         seq_lr = lr.float().sum(-1) / m.sum(-1).clamp(min=1)
         log_s = log_prob - log_prob.detach() + seq_lr.unsqueeze(-1)
         adv = advantages if rollout_is_weights is None else _peers.weighted_advantages(advantages, rollout_is_weights)
-        out = _policy_loss(old_log_prob.detach().float() + log_s.float(), old_log_prob.float(), adv, response_mask,
-                           objective="clip", clip_low=low, clip_high=high, log_ratio_clamp=(None, 10.0), agg=agg,
-                           normalizer=norm)
+        out = _reading((), old_log_prob.detach().float() + log_s.float(), old_log_prob.float(), adv, response_mask,
+                       objective="clip", clip_low=low, clip_high=high, log_ratio_clamp=(None, 10.0), agg=agg,
+                       normalizer=norm)
         with torch.no_grad():
             s = seq_lr.clamp(max=10.0).exp().unsqueeze(-1)
             a = (advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages).float()
@@ -337,9 +342,9 @@ def compute_policy_loss_cispo(old_log_prob: torch.Tensor, log_prob: torch.Tensor
     """
     low, high = _clip_range(config)
     agg, norm = _agg(loss_agg_mode, response_mask, _batch_info(config))
-    out = _policy_loss(log_prob, old_log_prob, advantages, response_mask, objective="cispo", clip_low=low,
-                       clip_high=high, log_ratio_clamp=_SAFETY, weights=_detached(rollout_is_weights), agg=agg,
-                       normalizer=norm)
+    out = _reading(("clip_frac", "approx_kl_clamped"), log_prob, old_log_prob, advantages, response_mask,
+                   objective="cispo", clip_low=low, clip_high=high, log_ratio_clamp=_SAFETY,
+                   weights=_detached(rollout_is_weights), agg=agg, normalizer=norm)
     values = _peers.scalars([out.metrics["clip_frac"], out.metrics["approx_kl_clamped"], 0.0])
     return _peers.owned(out.loss), dict(zip(_PG_METRICS, values))
 
@@ -351,8 +356,9 @@ def compute_policy_loss_gpg(old_log_prob: torch.Tensor, log_prob: torch.Tensor, 
     if config is None:
         raise ValueError("config is required (the actor config)")
     agg, norm = _agg(loss_agg_mode, response_mask, _batch_info(config))
-    out = _policy_loss(log_prob, old_log_prob, advantages, response_mask, objective="reinforce",
-                       weights=_detached(rollout_is_weights), agg=agg, normalizer=norm)
+    # no metric: the kernel skips every total, and the ratio
+    out = _reading((), log_prob, old_log_prob, advantages, response_mask, objective="reinforce",
+                   weights=_detached(rollout_is_weights), agg=agg, normalizer=norm)
     return _peers.owned(out.loss), {}
 
 
@@ -372,8 +378,8 @@ def compute_policy_loss_dro(old_log_prob: torch.Tensor, log_prob: torch.Tensor, 
     info = _batch_info(config)
     if rollout_is_weights is None:
         agg, norm = _agg(loss_agg_mode, response_mask, info)
-        out = _policy_loss(log_prob, old_log_prob, advantages, response_mask, objective="reinforce",
-                           ref_logp=old_log_prob, kl_coef=float(beta), kl_kind="k2", agg=agg, normalizer=norm)
+        out = _reading(("approx_kl",), log_prob, old_log_prob, advantages, response_mask, objective="reinforce",
+                       ref_logp=old_log_prob, kl_coef=float(beta), kl_kind="k2", agg=agg, normalizer=norm)
         loss, ppo_kl = _peers.owned(out.loss), out.metrics["approx_kl"]
     else:
         adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
@@ -392,8 +398,8 @@ def compute_policy_loss_reinforce(rollout_log_prob: torch.Tensor, log_prob: torc
     if config is None:
         raise ValueError("ActorConfig must be provided for REINFORCE loss")
     agg, norm = _agg(loss_agg_mode, response_mask, _batch_info(config))
-    out = _policy_loss(log_prob, rollout_log_prob, advantages, response_mask, objective="reinforce",
-                       weights=_detached(rollout_is_weights), agg=agg, normalizer=norm)
+    out = _reading(("approx_kl",), log_prob, rollout_log_prob, advantages, response_mask, objective="reinforce",
+                   weights=_detached(rollout_is_weights), agg=agg, normalizer=norm)
     return _peers.owned(out.loss), {"actor/ppo_kl": _peers.scalars([out.metrics["approx_kl"]])[0]}
 
 
@@ -444,11 +450,11 @@ def compute_policy_loss_sapo(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
         raise ValueError("config is required (the actor config: tau_pos, tau_neg)")
     _check_mode(loss_agg_mode)
     agg, norm = _agg("seq-mean-token-mean", response_mask, _batch_info(config))
-    out = _policy_loss(log_prob, old_log_prob, advantages, response_mask, objective="sapo",
-                       weights=_detached(rollout_is_weights),
-                       sapo_temperature_pos=float(_cfg(config, "tau_pos", 1.0)),
-                       sapo_temperature_neg=float(_cfg(config, "tau_neg", 1.05)), log_ratio_clamp=_SAFETY,
-                       agg=agg, normalizer=norm)
+    out = _reading(("approx_kl_clamped",), log_prob, old_log_prob, advantages, response_mask, objective="sapo",
+                   weights=_detached(rollout_is_weights),
+                   sapo_temperature_pos=float(_cfg(config, "tau_pos", 1.0)),
+                   sapo_temperature_neg=float(_cfg(config, "tau_neg", 1.05)), log_ratio_clamp=_SAFETY,
+                   agg=agg, normalizer=norm)
     values = _peers.scalars([0.0, out.metrics["approx_kl_clamped"], 0.0])
     return _peers.owned(out.loss), dict(zip(_PG_METRICS, values))
 
@@ -471,8 +477,9 @@ def compute_policy_loss_geo_mean(old_log_prob: torch.Tensor, log_prob: torch.Ten
         seq_w = torch.exp((log_w * m).sum(-1) / (m.sum(-1) + 1e-8))
         a = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
         adv = a.float() * seq_w.unsqueeze(-1)
-    out = _policy_loss(log_prob, old_log_prob, adv, response_mask, objective="geo_mean", clip_low=low,
-                       clip_high=high, agg="seq-mean-token-mean", normalizer=float(log_prob.shape[0]))
+    out = _reading(("clip_frac_high", "approx_kl", "clip_frac_low"), log_prob, old_log_prob, adv, response_mask,
+                   objective="geo_mean", clip_low=low, clip_high=high, agg="seq-mean-token-mean",
+                   normalizer=float(log_prob.shape[0]))
     values = _peers.scalars([out.metrics["clip_frac_high"], out.metrics["approx_kl"], out.metrics["clip_frac_low"]])
     return _peers.owned(out.loss), dict(zip(_PG_METRICS, values))
 
@@ -481,9 +488,9 @@ def _dppo(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, conf
     low, high = _clip_range(config)
     cap = float(_cfg(config, "clip_ratio_c", 20.0))
     agg, norm = _agg(loss_agg_mode, response_mask, _batch_info(config))
-    out = _policy_loss(log_prob, old_log_prob, advantages, response_mask, objective=objective, clip_low=low,
-                       clip_high=high, ratio_cap=cap, log_ratio_clamp=_SAFETY, weights=_detached(rollout_is_weights),
-                       agg=agg, normalizer=norm)
+    out = _reading(("clip_frac_low", "clip_frac_high", "trunc_frac", "approx_kl_clamped"), log_prob, old_log_prob,
+                   advantages, response_mask, objective=objective, clip_low=low, clip_high=high, ratio_cap=cap,
+                   log_ratio_clamp=_SAFETY, weights=_detached(rollout_is_weights), agg=agg, normalizer=norm)
     clipfrac = out.metrics["clip_frac_low"] + out.metrics["clip_frac_high"]
     lower = out.metrics["trunc_frac"]
     values = _peers.scalars([clipfrac, out.metrics["approx_kl_clamped"], lower])
@@ -642,8 +649,8 @@ def compute_policy_loss_clip_cov(old_log_prob: torch.Tensor, log_prob: torch.Ten
             n_cut = min(max(int(ratio * n_host), 1), n_cand)
             keep.view(-1)[where[perm[:n_cut].to(where.device)]] = 0.0
         factor = keep if rollout_is_weights is None else keep * rollout_is_weights.detach().to(cdtype)
-    out = _policy_loss(log_prob, old_log_prob, advantages, response_mask, objective="clip", clip_low=low,
-                       clip_high=high, weights=factor, agg=agg, normalizer=norm)
+    out = _reading(("approx_kl",), log_prob, old_log_prob, advantages, response_mask, objective="clip",
+                   clip_low=low, clip_high=high, weights=factor, agg=agg, normalizer=norm)
     clipfrac = n_cut / n_host if n_host > 0 else 0.0
     values = _peers.scalars([clipfrac, out.metrics["approx_kl"]])
     return _peers.owned(out.loss), {"actor/pg_clipfrac": values[0], "actor/ppo_kl": values[1]}
@@ -740,8 +747,8 @@ def compute_policy_loss_kl_cov(old_log_prob: torch.Tensor, log_prob: torch.Tenso
                 scale = scale * rollout_is_weights.detach().to(cdtype).reshape(-1)[idx]
             old_k = old_log_prob.detach().reshape(-1)[idx].to(cdtype)
         log_prob, penalty = _GatheredAbsPenalty.apply(log_prob, idx, scale, old_k)
-    out = _policy_loss(log_prob, old_log_prob, advantages, response_mask, objective="clip", clip_low=1.0,
-                       clip_high=float("inf"), weights=weights, agg=agg, normalizer=norm)
+    out = _reading((), log_prob, old_log_prob, advantages, response_mask, objective="clip", clip_low=1.0,
+                   clip_high=float("inf"), weights=weights, agg=agg, normalizer=norm)
     loss = _peers.owned(out.loss)
     if penalty is not None:
         loss = loss + penalty.to(loss.dtype)
