@@ -1501,19 +1501,37 @@ RLK_LOSS_INLINE void kl_range_scalar(const T* logp, const T* ref, acc_t<T>* out,
 }
 
 #ifdef RLK_POLICY_SIMD
-template <class T, int KIND, bool CLAMP, bool DHI, bool GRAD>
+// The lane width of a kl_penalty body: 8 lanes (AVX2 and baseline builds) or 16 (AVX-512).
+struct KlLanes8 {
+  using F = vf;
+  using I = vi;
+  static constexpr int kWidth = 8;
+  template <class T>
+  static RLK_LOSS_INLINE F load(const T* p, int64_t i) { return rlk::simd::load8(p, i); }
+  template <class T>
+  static RLK_LOSS_INLINE void store(T* p, int64_t i, F v) { rlk::simd::store8(p, i, v); }
+};
+struct KlLanes16 {
+  using F = rlk::simd::v16f;
+  using I = rlk::simd::v16i;
+  static constexpr int kWidth = 16;
+  template <class T>
+  static RLK_LOSS_INLINE F load(const T* p, int64_t i) { return rlk::simd::load16(p, i); }
+  template <class T>
+  static RLK_LOSS_INLINE void store(T* p, int64_t i, F v) { rlk::simd::store16(p, i, v); }
+};
+
+template <class L, class T, int KIND, bool CLAMP, bool DHI, bool GRAD>
 RLK_LOSS_INLINE void kl_range_impl(const T* logp, const T* ref, float* out, T* grad, const KlBounds& b,
                                    int64_t i0, int64_t i1) {
-  const vf zero = splat(0.0f), one = splat(1.0f), half = splat(0.5f);
-  const vf lo = splat(float(b.lo)), hi = splat(float(b.hi)), d_hi = splat(float(b.d_hi));
+  using vf = typename L::F;
+  using vi = typename L::I;
+  const vf zero = vf{}, one = vf{} + 1.0f, half = vf{} + 0.5f;
+  const vf lo = vf{} + float(b.lo), hi = vf{} + float(b.hi), d_hi = vf{} + float(b.d_hi);
   int64_t i = i0;
-  for (; i + kVec <= i1; i += kVec) {
-    vf d = vload(ref, i) - vload(logp, i);
-    vi d_cut = vi{};
-    if (DHI) {
-      d_cut = ~(d <= d_hi);
-      d = d > d_hi ? d_hi : d;
-    }
+  for (; i + L::kWidth <= i1; i += L::kWidth) {
+    const vf d0 = L::load(ref, i) - L::load(logp, i);
+    const vf d = DHI ? (d0 > d_hi ? d_hi : d0) : d0;
     vf v, g;
     if (KIND == kK1) {
       v = -d;
@@ -1522,17 +1540,19 @@ RLK_LOSS_INLINE void kl_range_impl(const T* logp, const T* ref, float* out, T* g
       v = half * d * d;
       g = -d;
     } else {
-      const vf e = vexp(d);
+      const vf e = rlk::simd::exp_lanes<vf, vi>(d);
       v = e - one - d;
       g = one - e;
     }
+    // Each test selects on its own comparison: GCC scalarises an AND of two 16-lane
+    // comparisons kept as an int vector (AVX-512 compares yield mask registers).
     if (CLAMP) {
-      const vi pass = (v >= lo) & (v <= hi);
+      g = v >= lo ? g : g * zero;
+      g = v <= hi ? g : g * zero;
       v = v < lo ? lo : (v > hi ? hi : v);
-      g = pass ? g : g * zero;
     }
-    vstore(out, i, v);
-    if (GRAD) vstore(grad, i, DHI ? (d_cut ? zero : g) : g);
+    L::store(out, i, v);
+    if (GRAD) L::store(grad, i, DHI ? (d0 <= d_hi ? g : zero) : g);  // NaN d: zero, as the clamp
   }
   kl_range_scalar<T, KIND, CLAMP, DHI, GRAD>(logp, ref, out, grad, b, i, i1);
 }
@@ -1541,14 +1561,22 @@ RLK_LOSS_INLINE void kl_range_impl(const T* logp, const T* ref, float* out, T* g
 template <class T, int KIND, bool CLAMP, bool DHI, bool GRAD>
 __attribute__((target("avx2,fma"))) void kl_range_avx2(const T* logp, const T* ref, float* out, T* grad,
                                                        const KlBounds& b, int64_t i0, int64_t i1) {
-  kl_range_impl<T, KIND, CLAMP, DHI, GRAD>(logp, ref, out, grad, b, i0, i1);
+  kl_range_impl<KlLanes8, T, KIND, CLAMP, DHI, GRAD>(logp, ref, out, grad, b, i0, i1);
+}
+// 16 lanes a step: the estimate is elementwise, so the lane width changes no result (the
+// exp is exp_lanes' arithmetic at any width); twice the throughput where the body is bound
+// by k3's exp.
+template <class T, int KIND, bool CLAMP, bool DHI, bool GRAD>
+__attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512dq"))) void kl_range_avx512(
+    const T* logp, const T* ref, float* out, T* grad, const KlBounds& b, int64_t i0, int64_t i1) {
+  kl_range_impl<KlLanes16, T, KIND, CLAMP, DHI, GRAD>(logp, ref, out, grad, b, i0, i1);
 }
 #endif
 
 template <class T, int KIND, bool CLAMP, bool DHI, bool GRAD>
 void kl_range_generic(const T* logp, const T* ref, float* out, T* grad, const KlBounds& b, int64_t i0,
                       int64_t i1) {
-  kl_range_impl<T, KIND, CLAMP, DHI, GRAD>(logp, ref, out, grad, b, i0, i1);
+  kl_range_impl<KlLanes8, T, KIND, CLAMP, DHI, GRAD>(logp, ref, out, grad, b, i0, i1);
 }
 #endif
 
@@ -1564,6 +1592,11 @@ void run_kl(int64_t n, ptr_t logp, ptr_t ref, ptr_t out, ptr_t grad, const KlBou
     auto fn = &kl_range_generic<T, KIND, CLAMP, DHI, GRAD>;
 #ifdef RLK_POLICY_AVX2
     if (rlk::simd::use_avx2()) fn = &kl_range_avx2<T, KIND, CLAMP, DHI, GRAD>;
+    // k3 only: its exp makes it compute-bound; k1/k2 are bound by memory, and GCC 12
+    // scalarises their constant-derivative selects at 16 lanes.
+    if constexpr (KIND == kK3) {
+      if (rlk::simd::use_avx512()) fn = &kl_range_avx512<T, KIND, CLAMP, DHI, GRAD>;
+    }
 #endif
     parallel_for(n, 1 << 15, [&](int64_t i0, int64_t i1) { fn(lp, rf, o, g, b, i0, i1); });
     return;
