@@ -1337,15 +1337,6 @@ __attribute__((target("avx2,fma"))) void policy_rows_avx2(const PolicyParams& p,
                                                           double* stats) {
   policy_rows_impl<T, KL, SEQ, EXTRA, OBJ>(p, b0, b1, stats);
 }
-// The same 8-lane body once more with AVX-512 encodings: 32 vector registers hold the row
-// constants and the lane accumulators that the AVX2 build keeps on the stack, and compares
-// write mask registers. Same arithmetic, lane for lane, as the AVX2 build (FMA contraction
-// included), so the results do not depend on which of the two runs.
-template <class T, int KL, bool SEQ, bool EXTRA, bool OBJ>
-__attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512dq"))) void policy_rows_avx512(
-    const PolicyParams& p, int64_t b0, int64_t b1, double* stats) {
-  policy_rows_impl<T, KL, SEQ, EXTRA, OBJ>(p, b0, b1, stats);
-}
 #endif
 
 template <class T, int KL, bool SEQ, bool EXTRA, bool OBJ>
@@ -1363,11 +1354,6 @@ void run_policy_rows(const PolicyParams& p, double* rows) {
   if (std::is_same<T, float>::value || std::is_same<T, bf16>::value) {
     if (rlk::simd::use_avx2())
       fn = obj ? &policy_rows_avx2<T, KL, SEQ, EXTRA, true> : &policy_rows_avx2<T, KL, SEQ, EXTRA, false>;
-  }
-  // The AVX-512 build only for the storage types with a vector body.
-  if constexpr (kSimd<T>) {
-    if (rlk::simd::use_avx512())
-      fn = obj ? &policy_rows_avx512<T, KL, SEQ, EXTRA, true> : &policy_rows_avx512<T, KL, SEQ, EXTRA, false>;
   }
 #endif
   parallel_for(p.B, row_grain(p.T), [&](int64_t b0, int64_t b1) { fn(p, b0, b1, rows); });
