@@ -194,6 +194,7 @@ class Forest {
   std::vector<uint8_t> has_root_;
   std::vector<uint8_t> tame_;               // [B], see kTame in forest.cpp
   std::vector<float> root_score_;           // [B*A] gumbel + log prior, aligned with the root's edges
+  std::vector<float> root_log_prior_;       // [B*A] log max(prior, FLT_MIN) of the root's edges (for result())
   std::vector<float> root_open_score_;      // [B*A] root_score_ on unexpanded root edges, -inf on expanded ones
   std::vector<int32_t> root_visits_;        // [B*A], root child visits in the current search
   std::vector<int32_t> root_sims_;          // [B], simulations through a root child in this search
