@@ -10,8 +10,12 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <new>
 #if defined(__SSE2__)
 #include <immintrin.h>
+#endif
+#if defined(__linux__)
+#include <sys/mman.h>
 #endif
 
 #include "rlkern/parallel.h"
@@ -491,6 +495,28 @@ const char* check_logits_row(const float* logits, const uint8_t* legal, int64_t 
 }
 
 }  // namespace
+
+namespace {
+constexpr size_t kHugePage = size_t(1) << 21;
+}  // namespace
+
+void* pool_allocate(size_t bytes) {
+  if (bytes < kHugePage) return ::operator new(bytes, std::align_val_t(64));
+  const size_t rounded = (bytes + kHugePage - 1) & ~(kHugePage - 1);
+  void* p = ::operator new(rounded, std::align_val_t(kHugePage));
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  madvise(p, rounded, MADV_HUGEPAGE);  // advice only: without huge pages the pool works as before
+#endif
+  return p;
+}
+
+void pool_free(void* p, size_t bytes) {
+  if (bytes < kHugePage) {
+    ::operator delete(p, std::align_val_t(64));
+    return;
+  }
+  ::operator delete(p, std::align_val_t(kHugePage));
+}
 
 std::vector<int32_t> considered_visit_sequence(int max_considered, int num_simulations) {
   std::vector<int32_t> seq;
