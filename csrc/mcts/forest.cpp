@@ -10,8 +10,12 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <new>
 #if defined(__SSE2__)
 #include <immintrin.h>
+#endif
+#if defined(__linux__)
+#include <sys/mman.h>
 #endif
 
 #include "rlkern/parallel.h"
@@ -276,7 +280,16 @@ inline float max_of(const float* x, int64_t n) {
   float mx = kNegInf;
 #if defined(__GNUC__)
   if (n >= 8) {
-    v4f acc = splat(kNegInf);
+    v4f acc = splat(kNegInf), acc2 = acc;
+    // Two accumulators for long rows, so that one max does not wait for the other.
+    for (; i + 8 <= n; i += 8) {
+      v4f v, w;
+      std::memcpy(&v, x + i, sizeof(v));
+      std::memcpy(&w, x + i + 4, sizeof(w));
+      acc = max_first(v, acc);
+      acc2 = max_first(w, acc2);
+    }
+    acc = max_first(acc2, acc);
     for (; i + 4 <= n; i += 4) {
       v4f v;
       std::memcpy(&v, x + i, sizeof(v));
@@ -294,8 +307,8 @@ inline float max_of(const float* x, int64_t n) {
 // largest prior and `total` the sum of the priors (added in edge order). `tmp` holds A
 // floats. Legal logits that are all -inf give a uniform distribution (mctx's finfo.min
 // masking has the same effect).
-int32_t legal_softmax(const float* logits, const uint8_t* legal, int64_t A, int32_t* actions, float* tmp,
-                      Forest::Edge* edge, int32_t* best, float* total) {
+int32_t legal_softmax(const float* logits, const uint8_t* legal, int64_t A, const int32_t* iota, int32_t* actions,
+                      float* tmp, Forest::Edge* edge, int32_t* best, float* total) {
   int32_t k = 0;
   float mx = kNegInf;
   if (legal) {
@@ -305,6 +318,11 @@ int32_t legal_softmax(const float* logits, const uint8_t* legal, int64_t A, int3
       tmp[k++] = logits[a];
       mx = std::max(mx, logits[a]);
     }
+  } else if (A >= 32) {
+    // The actions of an unmasked row are 0..A-1: one copy of iota (which holds them).
+    std::memcpy(actions, iota, size_t(A) * sizeof(int32_t));
+    mx = max_of(logits, A);
+    k = int32_t(A);
   } else {
     int64_t a = 0;
 #if defined(__GNUC__)
@@ -478,6 +496,28 @@ const char* check_logits_row(const float* logits, const uint8_t* legal, int64_t 
 
 }  // namespace
 
+namespace {
+constexpr size_t kHugePage = size_t(1) << 21;
+}  // namespace
+
+void* pool_allocate(size_t bytes) {
+  if (bytes < kHugePage) return ::operator new(bytes, std::align_val_t(64));
+  const size_t rounded = (bytes + kHugePage - 1) & ~(kHugePage - 1);
+  void* p = ::operator new(rounded, std::align_val_t(kHugePage));
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  madvise(p, rounded, MADV_HUGEPAGE);  // advice only: without huge pages the pool works as before
+#endif
+  return p;
+}
+
+void pool_free(void* p, size_t bytes) {
+  if (bytes < kHugePage) {
+    ::operator delete(p, std::align_val_t(64));
+    return;
+  }
+  ::operator delete(p, std::align_val_t(kHugePage));
+}
+
 std::vector<int32_t> considered_visit_sequence(int max_considered, int num_simulations) {
   std::vector<int32_t> seq;
   if (num_simulations <= 0) return seq;
@@ -608,6 +648,7 @@ Forest::Forest(int64_t batch_size, int64_t num_actions, int64_t max_nodes, int64
   has_root_.assign(size_t(B_), 0);
   tame_.assign(size_t(B_), 1);
   root_score_.assign(size_t(B_ * A_), 0.f);
+  root_log_prior_.assign(size_t(B_ * A_), 0.f);
   root_open_score_.assign(size_t(B_ * A_), kNegInf);
   root_visits_.assign(size_t(B_ * A_), 0);
   root_sims_.assign(size_t(B_), 0);
@@ -721,12 +762,18 @@ void Forest::recompute_root_best(int64_t b) {
 int32_t Forest::fill_edges(int64_t b, int32_t fe, const float* logits, const uint8_t* legal, int32_t* best,
                            float* total) {
   // The exponentials go to a contiguous scratch row (its vector code reads and writes
-  // packed floats) and are then spread over the edge records.
+  // packed floats) and are then spread over the edge records. iota holds 0, 1, 2, ...,
+  // the actions of an unmasked row.
   thread_local std::vector<float> scratch;
+  thread_local std::vector<int32_t> iota;
   if (scratch.size() < size_t(A_)) scratch.resize(size_t(A_));
+  if (iota.size() < size_t(A_)) {
+    iota.resize(size_t(A_));
+    for (size_t a = 0; a < iota.size(); ++a) iota[a] = int32_t(a);
+  }
   const int64_t eb = b * E_ + fe;
-  return legal_softmax(logits, legal, A_, &edge_action_[size_t(eb)], scratch.data(), &edges_[size_t(eb)], best,
-                       total);
+  return legal_softmax(logits, legal, A_, iota.data(), &edge_action_[size_t(eb)], scratch.data(), &edges_[size_t(eb)],
+                       best, total);
 }
 
 void Forest::prepare_root_noise(int64_t b, CounterRng& rng) {
@@ -749,7 +796,9 @@ void Forest::prepare_root_noise(int64_t b, CounterRng& rng) {
   for (int32_t k = 0; k < ne; ++k) {
     float g = 0.f;
     if (cfg_.algorithm == Algorithm::kGumbel && cfg_.gumbel_scale != 0.f) g = cfg_.gumbel_scale * float(rng.gumbel());
-    score[k] = g + std::log(std::max(edge[k].prior, FLT_MIN));
+    const float log_prior = std::log(std::max(edge[k].prior, FLT_MIN));
+    root_log_prior_[size_t(b * A_ + k)] = log_prior;
+    score[k] = g + log_prior;
     root_open_score_[size_t(b * A_ + k)] = edge[k].child < 0 ? score[k] : kNegInf;
   }
   std::fill(root_visits_.begin() + b * A_, root_visits_.begin() + (b + 1) * A_, 0);
@@ -1414,12 +1463,13 @@ void Forest::result(float temperature, int64_t* action, float* weights, int32_t*
         for (const Child& ch : Span{buf.data(), cq.count}) sig[size_t(ch.edge)] = cq.sigma(ch.q);
         // improved policy softmax(logits + sigma(completedQ)) over the legal actions
         std::vector<float> improved(static_cast<size_t>(ne));
+        const float* log_prior = &root_log_prior_[size_t(b * A_)];
         float mx = kNegInf;
         int32_t best = -1;
         float best_score = kNegInf;
         for (int32_t k = 0; k < ne; ++k) {
           const float s = sig[size_t(k)];
-          improved[size_t(k)] = std::log(std::max(edge[k].prior, FLT_MIN)) + s;
+          improved[size_t(k)] = log_prior[k] + s;
           mx = std::max(mx, improved[size_t(k)]);
           if (search_visits[k] == considered) {
             const float sc = std::max(kLowLogit, score[k] + s);
@@ -1429,9 +1479,11 @@ void Forest::result(float temperature, int64_t* action, float* weights, int32_t*
             }
           }
         }
+        // Each exponential once (they were taken twice, for the sum and for the weight).
+        std::vector<double> ex(static_cast<size_t>(ne));
         double sum = 0.0;
-        for (int32_t k = 0; k < ne; ++k) sum += std::exp(double(improved[size_t(k)] - mx));
-        for (int32_t k = 0; k < ne; ++k) w[acts[k]] = float(std::exp(double(improved[size_t(k)] - mx)) / sum);
+        for (int32_t k = 0; k < ne; ++k) sum += (ex[size_t(k)] = std::exp(double(improved[size_t(k)] - mx)));
+        for (int32_t k = 0; k < ne; ++k) w[acts[k]] = float(ex[size_t(k)] / sum);
         action[b] = acts[best < 0 ? 0 : best];
       }
     }
