@@ -198,3 +198,46 @@ def test_kl_penalty_backward_retained_scaled_once_and_baseline_isa(tmp_path):
         t.assert_close(o, out, 1e-6)
         t.assert_close(g, g3, 1e-6)
     """)
+
+
+def _cpu_has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return all(f" {flag}" in flags for flag in ("avx512f", "avx512vl", "avx512bw", "avx512dq"))
+
+
+@pytest.mark.skipif(not _cpu_has_avx512(), reason="the AVX-512 k3 body runs only on a CPU with AVX-512 F/VL/BW/DQ")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kl_penalty_avx512_body_matches_avx2(tmp_path, dtype):
+    """k3 takes a 16-lane AVX-512 body where the CPU has it: the same values and derivatives as
+    the AVX2 body (RLKERN_DISABLE_AVX512), with the clamp, OpenRLHF's bound on the log-ratio,
+    NaN/inf inputs and row lengths that leave 16-lane tails."""
+    from helpers import run_isolated
+
+    logp, refp = _inputs((7, 1003), seed=11, dtype=dtype)
+    logp[0, :5] = torch.tensor([float("nan"), float("inf"), -float("inf"), 30.0, -30.0]).to(dtype)
+    refp[1, :3] = torch.tensor([float("nan"), 40.0, -40.0]).to(dtype)
+    torch.save((logp, refp), tmp_path / "in.pt")
+    code = f"""
+        import torch, math
+        from rlkern import kl
+        from rlkern.integrations import openrlhf
+        logp, refp = torch.load({str(tmp_path / "in.pt")!r})
+        outs = []
+        for f in (lambda x: kl.kl_penalty(x, refp, "k3", 10.0), lambda x: kl.kl_penalty(x, refp, "k3"),
+                  lambda x: openrlhf.compute_approx_kl(x, refp, kl_estimator="k3")):
+            x = logp.clone().requires_grad_()
+            o = f(x)
+            (g,) = torch.autograd.grad(o.sum(), x)
+            outs += [o.detach(), g]
+        torch.save(outs, {str(tmp_path)!r} + "/out_" + ("avx2" if "RLKERN_DISABLE_AVX512" in __import__("os").environ else "avx512") + ".pt")
+        print("done")
+    """
+    run_isolated(code)
+    run_isolated(code, env={"RLKERN_DISABLE_AVX512": "1"})
+    wide, narrow = torch.load(tmp_path / "out_avx512.pt"), torch.load(tmp_path / "out_avx2.pt")
+    for a, b in zip(wide, narrow):
+        assert_close(a, b, 1e-6, "AVX-512 vs AVX2")

@@ -19,6 +19,19 @@ inline bool use_avx2() {
   return false;
 #endif
 }
+// Whether bodies compiled a third time, for AVX-512 (F, VL, BW, DQ: 16-lane vectors), may
+// take that build: never where the AVX2 build is refused. RLKERN_DISABLE_AVX512 (any value)
+// keeps the AVX2 build, which the tests use to compare the two.
+inline bool use_avx512() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__CUDACC__)
+  static const bool ok = use_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+                         std::getenv("RLKERN_DISABLE_AVX512") == nullptr;
+  return ok;
+#else
+  return false;
+#endif
+}
 }  // namespace rlk::simd
 
 #if defined(__GNUC__) && !defined(__CUDACC__)
@@ -44,26 +57,30 @@ inline __attribute__((always_inline)) v8i mask_bytes(const uint8_t* p) {
   return ((w << v8i{24, 16, 8, 0, 24, 16, 8, 0}) & int32_t(0xff000000u)) != 0;
 }
 
-// exp of eight floats (Cephes' range reduction and degree-6 polynomial, ~1 ulp): +inf
-// above ~88.72, 0 below -87, NaN stays NaN. Always inline, so a caller compiled with
-// target("avx2,fma") gets it in AVX2.
-inline __attribute__((always_inline)) v8f exp8(v8f x) {
-  const v8f upper = v8f{} + 88.7228317f, lower = v8f{} + -87.0f, zero = v8f{};
-  v8f xc = x > upper ? upper : (x < lower ? lower : x);
+// exp of each lane of a float vector VF (VI: the int32 vector of its size) by Cephes' range
+// reduction and degree-6 polynomial (~1 ulp): +inf above ~88.72, 0 below -87, NaN stays
+// NaN. Always inline, so a caller compiled with target("avx2,fma") (or AVX-512) gets it in
+// that instruction set.
+template <class VF, class VI>
+inline __attribute__((always_inline)) VF exp_lanes(VF x) {
+  const VF upper = VF{} + 88.7228317f, lower = VF{} + -87.0f, zero = VF{};
+  VF xc = x > upper ? upper : (x < lower ? lower : x);
   xc = x == x ? xc : zero;
-  const v8f shifted = xc * 1.44269504088896341f + 12582912.0f;
-  const v8f fk = shifted - 12582912.0f;
-  const v8i k = (v8i)shifted - 0x4B400000;
-  const v8f r = (xc - fk * 0.693359375f) - fk * -2.12194440e-4f;
-  const v8f z = r * r;
-  v8f y = (((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r +
-            1.6666665459e-1f) * r + 5.0000001201e-1f) * z + r + 1.0f;
-  const v8i k1 = k >> 1, k2 = k - k1;
-  y = y * (v8f)((k1 + 127) << 23) * (v8f)((k2 + 127) << 23);
-  y = x > upper ? v8f{} + __builtin_inff() : y;
+  const VF shifted = xc * 1.44269504088896341f + 12582912.0f;
+  const VF fk = shifted - 12582912.0f;
+  const VI k = (VI)shifted - 0x4B400000;
+  const VF r = (xc - fk * 0.693359375f) - fk * -2.12194440e-4f;
+  const VF z = r * r;
+  VF y = (((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r +
+           1.6666665459e-1f) * r + 5.0000001201e-1f) * z + r + 1.0f;
+  const VI k1 = k >> 1, k2 = k - k1;
+  y = y * (VF)((k1 + 127) << 23) * (VF)((k2 + 127) << 23);
+  y = x > upper ? VF{} + __builtin_inff() : y;
   y = x < lower ? zero : y;
   return x == x ? y : x;
 }
+// Eight lanes: the exp of the 8-lane kernels.
+inline __attribute__((always_inline)) v8f exp8(v8f x) { return exp_lanes<v8f, v8i>(x); }
 
 }  // namespace rlk::simd
 
