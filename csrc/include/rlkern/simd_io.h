@@ -20,50 +20,45 @@ typedef uint32_t v8u __attribute__((vector_size(32)));
 
 RLK_SIMD_INLINE v8f splat8(float x) { return v8f{} + x; }
 
-RLK_SIMD_INLINE v8f load8(const float* p, int64_t i) {
-  v8f v;
-  __builtin_memcpy(&v, p + i, sizeof v);
+// Lane-count-generic bodies of the loads and stores: VF/VI/VU the float, int32 and uint32
+// vectors of N lanes, VH the uint16 vector of N lanes.
+template <class VF, class VI, class VH>
+RLK_SIMD_INLINE VF load_bf16(const bf16* p) {
+  VH h;
+  __builtin_memcpy(&h, p, sizeof h);
+  return (VF)(__builtin_convertvector(h, VI) << 16);
+}
+template <class VF, class VU, class VH>
+RLK_SIMD_INLINE void store_bf16(bf16* p, VF v) {
+  const VU u = (VU)v;
+  const VU rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const VU quiet = (u >> 16) | 0x40u;
+  const VU bits = (v == v) ? rounded : quiet;
+  const VH h = __builtin_convertvector(bits, VH);
+  __builtin_memcpy(p, &h, sizeof h);
+}
+template <class VF>
+RLK_SIMD_INLINE VF load_f32(const float* p) {
+  VF v;
+  __builtin_memcpy(&v, p, sizeof v);
   return v;
 }
-RLK_SIMD_INLINE v8f load8(const bf16* p, int64_t i) {
-  v8h h;
-  __builtin_memcpy(&h, p + i, sizeof h);
-  return (v8f)(__builtin_convertvector(h, v8i) << 16);
-}
+
+RLK_SIMD_INLINE v8f load8(const float* p, int64_t i) { return load_f32<v8f>(p + i); }
+RLK_SIMD_INLINE v8f load8(const bf16* p, int64_t i) { return load_bf16<v8f, v8i, v8h>(p + i); }
 RLK_SIMD_INLINE void store8(float* p, int64_t i, v8f v) { __builtin_memcpy(p + i, &v, sizeof v); }
-RLK_SIMD_INLINE void store8(bf16* p, int64_t i, v8f v) {
-  const v8u u = (v8u)v;
-  const v8u rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const v8u quiet = (u >> 16) | 0x40u;
-  const v8u bits = (v == v) ? rounded : quiet;
-  const v8h h = __builtin_convertvector(bits, v8h);
-  __builtin_memcpy(p + i, &h, sizeof h);
-}
+RLK_SIMD_INLINE void store8(bf16* p, int64_t i, v8f v) { store_bf16<v8f, v8u, v8h>(p + i, v); }
+
 // The same conversions on 16 lanes, for bodies compiled for AVX-512 (one zmm register).
 typedef float v16f __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
 typedef uint32_t v16u __attribute__((vector_size(64)));
 typedef uint16_t v16h __attribute__((vector_size(32)));
 
-RLK_SIMD_INLINE v16f load16(const float* p, int64_t i) {
-  v16f v;
-  __builtin_memcpy(&v, p + i, sizeof v);
-  return v;
-}
-RLK_SIMD_INLINE v16f load16(const bf16* p, int64_t i) {
-  v16h h;
-  __builtin_memcpy(&h, p + i, sizeof h);
-  return (v16f)(__builtin_convertvector(h, v16i) << 16);
-}
+RLK_SIMD_INLINE v16f load16(const float* p, int64_t i) { return load_f32<v16f>(p + i); }
+RLK_SIMD_INLINE v16f load16(const bf16* p, int64_t i) { return load_bf16<v16f, v16i, v16h>(p + i); }
 RLK_SIMD_INLINE void store16(float* p, int64_t i, v16f v) { __builtin_memcpy(p + i, &v, sizeof v); }
-RLK_SIMD_INLINE void store16(bf16* p, int64_t i, v16f v) {
-  const v16u u = (v16u)v;
-  const v16u rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const v16u quiet = (u >> 16) | 0x40u;
-  const v16u bits = (v == v) ? rounded : quiet;
-  const v16h h = __builtin_convertvector(bits, v16h);
-  __builtin_memcpy(p + i, &h, sizeof h);
-}
+RLK_SIMD_INLINE void store16(bf16* p, int64_t i, v16f v) { store_bf16<v16f, v16u, v16h>(p + i, v); }
 
 // ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7)): a fixed order.
 RLK_SIMD_INLINE float lanes_sum(v8f v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
