@@ -581,28 +581,6 @@ RLK_LOSS_INLINE RowSums row_sums_v(const T* logp, const T* old, const uint8_t* m
   return out;
 }
 
-// grad[t] = mask[t] ? g : 0 for a whole row.
-RLK_LOSS_INLINE int64_t fill_masked_v(float* out, const uint8_t* m, int64_t T_, float g) {
-  const vf gv = splat(g), zero = splat(0.0f);
-  int64_t t = 0;
-  for (; t + kVec <= T_; t += kVec) vstore(out, t, load_mask(m + t) ? gv : zero);
-  return t;
-}
-RLK_LOSS_INLINE int64_t fill_masked_v(bf16* out, const uint8_t* m, int64_t T_, float g) {
-  // One rounding of g, then 16 tokens per step as 16-bit lanes: 0 or the bits of g.
-  typedef int8_t vc16 __attribute__((vector_size(16)));
-  typedef int16_t vs16 __attribute__((vector_size(32)));
-  const int16_t bits = int16_t(float_to_bf16(g));
-  int64_t t = 0;
-  for (; t + 16 <= T_; t += 16) {
-    vc16 mb;
-    __builtin_memcpy(&mb, m + t, sizeof mb);
-    const vs16 w = __builtin_convertvector(mb != 0, vs16) & bits;
-    __builtin_memcpy(out + t, &w, sizeof w);
-  }
-  return t;
-}
-
 // One vector step's inputs, masked positions zeroed (masked NaNs never reach the arithmetic).
 struct TokenV {
   vi m;
@@ -1212,7 +1190,7 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
       T* g = in.grad + base;
       int64_t t = 0;
 #ifdef RLK_POLICY_SIMD
-      if constexpr (kSimd<T>) t = fill_masked_v(g, m, T_, float(gval));
+      if constexpr (kSimd<T>) t = rlk::simd::fill_masked(g, m, T_, float(gval));
 #endif
       for (; t < T_; ++t) store(g, t, m[t] ? gval : A(0));
       for (int k = 0; k < kNumStats; ++k) stats[b * kNumStats + k] = acc[k];

@@ -97,10 +97,7 @@ inline __attribute__((always_inline)) RowSum row_sum_impl(const T* x, const uint
 
 template <class T>
 inline __attribute__((always_inline)) void fill_row_impl(T* out, const uint8_t* m, int64_t T_, float g) {
-  const v8f gv = v8f{} + g, zero = v8f{};
-  int64_t t = 0;
-  for (; t + 8 <= T_; t += 8) simd::store8(out, t, simd::mask_bytes(m + t) ? gv : zero);
-  for (; t < T_; ++t) store(out, t, m[t] ? g : 0.0f);
+  for (int64_t t = simd::fill_masked(out, m, T_, g); t < T_; ++t) store(out, t, m[t] ? g : 0.0f);
 }
 
 #if defined(__x86_64__)

@@ -60,6 +60,29 @@ RLK_SIMD_INLINE v16f load16(const bf16* p, int64_t i) { return load_bf16<v16f, v
 RLK_SIMD_INLINE void store16(float* p, int64_t i, v16f v) { __builtin_memcpy(p + i, &v, sizeof v); }
 RLK_SIMD_INLINE void store16(bf16* p, int64_t i, v16f v) { store_bf16<v16f, v16u, v16h>(p + i, v); }
 
+// out[t] = m[t] ? g : 0 over the longest prefix of [0, n) the vector steps cover; returns its
+// length (the caller writes the tail). bfloat16: one rounding of g, then 16 tokens a step as
+// 16-bit lanes, 0 or the bits of g.
+RLK_SIMD_INLINE int64_t fill_masked(float* out, const uint8_t* m, int64_t n, float g) {
+  const v8f gv = v8f{} + g, zero = v8f{};
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) store8(out, t, mask_bytes(m + t) ? gv : zero);
+  return t;
+}
+RLK_SIMD_INLINE int64_t fill_masked(bf16* out, const uint8_t* m, int64_t n, float g) {
+  typedef int8_t vc16 __attribute__((vector_size(16)));
+  typedef int16_t vs16 __attribute__((vector_size(32)));
+  const int16_t bits = int16_t(float_to_bf16(g));
+  int64_t t = 0;
+  for (; t + 16 <= n; t += 16) {
+    vc16 mb;
+    __builtin_memcpy(&mb, m + t, sizeof mb);
+    const vs16 w = __builtin_convertvector(mb != 0, vs16) & bits;
+    __builtin_memcpy(out + t, &w, sizeof w);
+  }
+  return t;
+}
+
 // ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7)): a fixed order.
 RLK_SIMD_INLINE float lanes_sum(v8f v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
 

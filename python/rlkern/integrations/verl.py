@@ -42,7 +42,9 @@ import math
 import numpy as np
 import torch
 
+from ..kl import _traced
 from ..kl import kl_penalty as _kl_penalty
+from ..losses import _mask_bytes
 from ..losses import _policy_loss_reading as _reading
 from ..losses import value_loss as _value_loss
 from ..returns import discounted_returns, group_advantages, masked_gae
@@ -113,14 +115,7 @@ def _fused_agg_ok(loss_mat: torch.Tensor, loss_mask: torch.Tensor, norm) -> bool
             and not loss_mask.dtype.is_floating_point  # verl weights the tokens by a float mask's values
             and _validate.cpu_data(loss_mat) and _validate.cpu_data(loss_mask)
             and (norm is None or isinstance(norm, (int, float)))
-            and not torch.compiler.is_compiling()
-            and not torch._C._functorch.is_functorch_wrapped_tensor(loss_mat)
-            and not torch._C._functorch.is_functorch_wrapped_tensor(loss_mask))
-
-
-def _mask_bytes(mask: torch.Tensor) -> torch.Tensor:
-    m = mask if mask.dtype == torch.bool else mask != 0
-    return m.contiguous().view(torch.uint8)
+            and not _traced(loss_mat, loss_mask))
 
 
 class _MaskedAgg(torch.autograd.Function):
