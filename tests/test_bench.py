@@ -170,3 +170,28 @@ def test_plot_groups_by_suite_and_keeps_floor_and_out_as_marks(tmp_path):
     assert plot.write_plot(results, str(path), meta)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not plot.write_plot([_result("rlkern", 1.0)], str(tmp_path / "none.png"), meta)
+
+
+def test_cases_wait_for_threads_a_competitor_left_busy():
+    """A thread still burning CPU (as XLA's do for seconds after mctx's jit compile) holds
+    the next measurement back until it stops; an idle process is not held."""
+    import threading
+    import time
+
+    t0 = time.perf_counter()
+    assert core.wait_until_process_idle(max_wait_s=5.0) < 1.0
+
+    stop = time.perf_counter() + 0.6
+
+    def spin():
+        while time.perf_counter() < stop:
+            pass
+
+    worker = threading.Thread(target=spin)
+    worker.start()
+    try:
+        waited = core.wait_until_process_idle(max_wait_s=5.0)
+    finally:
+        worker.join()
+    assert 0.3 < waited < 4.0, waited
+    assert time.perf_counter() - t0 < 5.0
