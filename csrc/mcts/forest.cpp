@@ -32,6 +32,9 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Nodes with up to this many edges find their children by scanning all their edges, in
 // edge order; larger ones keep a list of them, read newest first.
 constexpr int32_t kOrderedChildren = 48;
+// Trees per lockstep group in select_group: enough other trees' work between requesting a
+// tree's next lines and reading them to cover a miss to L3 or DRAM.
+constexpr int kGroup = 8;
 
 inline uint64_t mix64(uint64_t z) {
   z += 0x9E3779B97F4A7C15ull;
@@ -657,6 +660,9 @@ Forest::Forest(int64_t batch_size, int64_t num_actions, int64_t max_nodes, int64
   pend_edge_.assign(size_t(B_), -1);
   pend_tree_.assign(size_t(B_), -1);
   pend_row_.assign(size_t(B_), -1);
+  pend_action_.assign(size_t(B_), -1);
+  path_.assign(size_t(B_) * kPathCap * 2, 0);
+  path_len_.assign(size_t(B_), 0);
 }
 
 void Forest::for_trees(int64_t grain, const std::function<void(int64_t, int64_t)>& fn) const {
@@ -1158,38 +1164,82 @@ void Forest::revisit(int64_t b, int32_t x) {
   backup(b, x, v);
 }
 
-void Forest::select_tree(int64_t b, std::vector<Child>& buf) {
-  pend_parent_[b] = -1;
-  if (!has_root_[b]) return;
+bool Forest::descend(int64_t b, int32_t& x, int32_t& depth, std::vector<Child>& buf) {
   const int64_t nb = b * N_, eb = b * E_;
-  int32_t x = 0;
-  int depth = 0;
-  for (;;) {
-    const int32_t e = select_edge(b, x, depth, buf);
-    const int32_t c = edges_[size_t(eb + e)].child;
-    ++depth;
-    if (c < 0) {
-      if (used_nodes_[b] >= N_ || used_edges_[b] + A_ > E_) {
-        revisit(b, x);  // pool full: the simulation ends at x
-      } else {
-        pend_parent_[b] = x;
-        pend_edge_[b] = e;
-      }
-      return;
+  const int32_t e = select_edge(b, x, depth, buf);
+  if (depth < kPathCap) {
+    int32_t* level = &path_[(size_t(b) * kPathCap + size_t(depth)) * 2];
+    level[0] = x;
+    level[1] = e;
+  }
+  const int32_t c = edges_[size_t(eb + e)].child;
+  ++depth;
+  if (c < 0) {
+    if (used_nodes_[b] >= N_ || used_edges_[b] + A_ > E_) {
+      revisit(b, x);  // pool full: the simulation ends at x
+    } else {
+      pend_parent_[b] = x;
+      pend_edge_[b] = e;
+      pend_action_[b] = edge_action_[size_t(eb + e)];
+      path_len_[b] = std::min<int32_t>(depth, kPathCap);
     }
-    if (nodes_[size_t(nb + c)].terminal || (cfg_.max_depth > 0 && depth >= cfg_.max_depth)) {
-      revisit(b, c);
-      return;
+    return false;
+  }
+  if (nodes_[size_t(nb + c)].terminal || (cfg_.max_depth > 0 && depth >= cfg_.max_depth)) {
+    revisit(b, c);
+    return false;
+  }
+  x = c;
+  return true;
+}
+
+// Trees are independent, so descending several in lockstep gives what descending them one
+// after the other gives, bit for bit. What it changes is the memory: a step touches every
+// tree once, so a forest larger than the core's cache (256 trees of 9 actions, 50
+// simulations: ~4 MB) pays a cache miss for each node, edge block and child list on the
+// path, one after the other. In lockstep, the node a tree moves to is requested while the
+// other trees of the group take their step, its edges and children list when the round
+// reaches it again, and they are in cache by the time the tree is scored.
+void Forest::select_group(int64_t begin, int64_t end, std::vector<Child>& buf) {
+  int64_t live[kGroup];
+  int32_t at[kGroup], depth[kGroup];
+  int n = 0;
+  for (int64_t b = begin; b < end; ++b) {
+    pend_parent_[b] = -1;
+    if (!has_root_[b]) continue;
+    prefetch_tree(b);
+    live[n] = b;
+    at[n] = 0;
+    depth[n] = 0;
+    ++n;
+  }
+  // The roots' lines were requested above; deeper nodes' edges are requested once the
+  // node's own line (requested at the end of the round before) tells where they are.
+  for (bool root = true; n > 0; root = false) {
+    if (!root && n > 1)
+      for (int t = 0; t < n; ++t) prefetch_node(live[t], at[t]);
+    int m = 0;
+    for (int t = 0; t < n; ++t) {
+      const int64_t b = live[t];
+      int32_t x = at[t], d = depth[t];
+      if (!descend(b, x, d, buf)) continue;
+#if defined(__GNUC__)
+      __builtin_prefetch(&nodes_[size_t(b * N_ + x)]);
+#endif
+      live[m] = b;
+      at[m] = x;
+      depth[m] = d;
+      ++m;
     }
-    x = c;
+    n = m;
   }
 }
 
 void Forest::prefetch_tree(int64_t b) const {
 #if defined(__GNUC__)
-  // A step visits every tree once, and a large forest does not fit in the core's cache:
-  // while tree b - 1 is searched, the lines tree b starts with are loaded (its root and
-  // root edges, the Gumbel root schedule, and the node and edge a pending leaf expands).
+  // The lines tree b's selection starts with: its root, the root's edges and children
+  // list, and the Gumbel root schedule (the root is always the pool's first node and owns
+  // the first edges).
   const int64_t nb = b * N_, eb = b * E_;
   __builtin_prefetch(&nodes_[size_t(nb)]);
   const int64_t root_edges = std::min<int64_t>(A_, kOrderedChildren);
@@ -1199,11 +1249,60 @@ void Forest::prefetch_tree(int64_t b) const {
     __builtin_prefetch(&root_visits_[size_t(b * A_)]);
     __builtin_prefetch(&root_score_[size_t(b * A_)]);
   }
+  __builtin_prefetch(&kids_[size_t(eb)]);
+#else
+  (void)b;
+#endif
+}
+
+void Forest::prefetch_node(int64_t b, int32_t x) const {
+#if defined(__GNUC__)
+  // What score_edge reads at node x (whose own line was requested a round earlier): its
+  // edge records (all of them for a node scored by scanning its children's edges, only
+  // the highest-prior unexpanded one for a node without expanded children) and its list
+  // of expanded children.
+  const Node& node = nodes_[size_t(b * N_ + x)];
+  const int64_t eb = b * E_ + node.first_edge;
+  if (node.num_kids == 0) {
+    if (node.best_unexp >= 0) __builtin_prefetch(&edges_[size_t(eb + node.best_unexp)]);
+    return;
+  }
+  __builtin_prefetch(&kids_[size_t(eb)]);
+  const int32_t ne = node.num_edges;
+  if (ne <= kOrderedChildren) {
+    const char* e0 = reinterpret_cast<const char*>(&edges_[size_t(eb)]);
+    const char* e1 = reinterpret_cast<const char*>(&edges_[size_t(eb + ne - 1)]);
+    for (uintptr_t line = uintptr_t(e0) & ~uintptr_t(63); line <= uintptr_t(e1); line += 64)
+      __builtin_prefetch(reinterpret_cast<const void*>(line));
+  } else if (node.best_unexp >= 0) {
+    __builtin_prefetch(&edges_[size_t(eb + node.best_unexp)]);
+  }
+#else
+  (void)b;
+  (void)x;
+#endif
+}
+
+void Forest::prefetch_expansion(int64_t b) const {
+#if defined(__GNUC__)
+  // What expand_row reads and writes for tree b's pending leaf: the parent and its edge,
+  // the new node, its block of edge records and actions (written), and every node and
+  // incoming edge of the path, which the backup updates.
   const int32_t x = pend_parent_[size_t(b)];
-  if (x >= 0) {
-    __builtin_prefetch(&nodes_[size_t(nb + x)]);
-    __builtin_prefetch(&edges_[size_t(eb + pend_edge_[size_t(b)])]);
-    __builtin_prefetch(&nodes_[size_t(nb + used_nodes_[size_t(b)])], 1);
+  if (x < 0) return;
+  const int64_t nb = b * N_, eb = b * E_;
+  __builtin_prefetch(&nodes_[size_t(nb + x)], 1);
+  __builtin_prefetch(&edges_[size_t(eb + pend_edge_[size_t(b)])], 1);
+  __builtin_prefetch(&nodes_[size_t(nb + used_nodes_[size_t(b)])], 1);
+  const int64_t fe = eb + used_edges_[size_t(b)];
+  const int64_t span = std::min<int64_t>(A_, kOrderedChildren);
+  const char* e0 = reinterpret_cast<const char*>(&edges_[size_t(fe)]);
+  for (int64_t off = 0; off < span * int64_t(sizeof(Edge)); off += 64) __builtin_prefetch(e0 + off, 1);
+  __builtin_prefetch(&edge_action_[size_t(fe)], 1);
+  const int32_t* level = &path_[size_t(b) * kPathCap * 2];
+  for (int32_t i = 0, n = path_len_[size_t(b)]; i < n; ++i) {
+    __builtin_prefetch(&nodes_[size_t(nb + level[2 * i])], 1);
+    __builtin_prefetch(&edges_[size_t(eb + level[2 * i + 1])], 1);
   }
 #else
   (void)b;
@@ -1223,7 +1322,7 @@ int64_t Forest::collect_leaves(int64_t* tree, int64_t* parent, int64_t* action, 
     pend_row_[b] = int32_t(L);
     tree[L] = b;
     parent[L] = pend_parent_[b];
-    action[L] = edge_action_[size_t(b * E_ + pend_edge_[b])];
+    action[L] = pend_action_[b];
     node[L] = used_nodes_[b];
     ++L;
   }
@@ -1237,10 +1336,7 @@ int64_t Forest::select(int64_t* tree, int64_t* parent, int64_t* action, int64_t*
   check_can_select();
   rlk::parallel_for(B_, step_grain(B_, std::max<int64_t>(4, 512 / A_)), [&](int64_t begin, int64_t end) {
     std::vector<Child> buf(static_cast<size_t>(A_));
-    for (int64_t b = begin; b < end; ++b) {
-      if (b + 1 < end) prefetch_tree(b + 1);
-      select_tree(b, buf);
-    }
+    for (int64_t g = begin; g < end; g += kGroup) select_group(g, std::min(end, g + kGroup), buf);
   });
   return collect_leaves(tree, parent, action, node);
 }
@@ -1377,11 +1473,12 @@ int64_t Forest::expand_select(int64_t L, const float* logits, const float* value
   // over the pool instead of two, with each tree still in cache from its backup.
   rlk::parallel_for(B_, step_grain(B_, std::max<int64_t>(4, 512 / A_)), [&](int64_t begin, int64_t end) {
     std::vector<Child> buf(static_cast<size_t>(A_));
-    for (int64_t b = begin; b < end; ++b) {
-      if (b + 1 < end) prefetch_tree(b + 1);
-      if (pend_parent_[b] >= 0)
-        expand_row(pend_row_[size_t(b)], b, logits, value, reward, discount, legal, terminal);
-      select_tree(b, buf);
+    for (int64_t g = begin; g < end; g += kGroup) {
+      const int64_t g_end = std::min(end, g + kGroup);
+      for (int64_t b = g; b < g_end; ++b) prefetch_expansion(b);
+      for (int64_t b = g; b < g_end; ++b)
+        if (pend_parent_[b] >= 0) expand_row(pend_row_[size_t(b)], b, logits, value, reward, discount, legal, terminal);
+      select_group(g, g_end, buf);
     }
   });
   num_pending_ = 0;

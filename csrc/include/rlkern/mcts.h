@@ -150,8 +150,16 @@ class Forest {
  private:
   struct Completed;  // completed-Q summary of one node (Gumbel)
 
-  void select_tree(int64_t b, std::vector<Child>& buf);
+  // Selection for trees [begin, end) (at most kGroup of them), descending in lockstep: one
+  // level of every tree per round, with the memory the next round reads requested a round
+  // ahead (see select_group in forest.cpp).
+  void select_group(int64_t begin, int64_t end, std::vector<Child>& buf);
+  // One level of tree b's selection at node x, `depth` edges below the root: true (x moved to
+  // the selected child, depth increased) while the descent goes on.
+  bool descend(int64_t b, int32_t& x, int32_t& depth, std::vector<Child>& buf);
   void prefetch_tree(int64_t b) const;
+  void prefetch_node(int64_t b, int32_t x) const;
+  void prefetch_expansion(int64_t b) const;
   void check_can_select() const;
   int64_t collect_leaves(int64_t* tree, int64_t* parent, int64_t* action, int64_t* node);
   // Throws, naming the first bad row, when a row of an expansion breaks the NaN policy.
@@ -227,6 +235,12 @@ class Forest {
   // Pending expansions from the last select().
   std::vector<int32_t> pend_parent_, pend_edge_, pend_tree_;
   std::vector<int32_t> pend_row_;  // [B], the leaf row of a tree with a pending leaf
+  std::vector<int32_t> pend_action_;  // [B], the action of the pending leaf's edge
+  // The nodes and chosen edge offsets of each tree's last selection, root first, up to
+  // kPathCap levels: the expansion requests them ahead of its backup.
+  static constexpr int kPathCap = 12;
+  std::vector<int32_t> path_;          // [B * kPathCap * 2]: (node, edge offset) per level
+  std::vector<int32_t> path_len_;      // [B]
   int64_t num_pending_ = 0;
   // Sequential halving table [(m+1) * table_sims_].
   std::vector<int32_t> table_;
