@@ -661,6 +661,8 @@ Forest::Forest(int64_t batch_size, int64_t num_actions, int64_t max_nodes, int64
   pend_tree_.assign(size_t(B_), -1);
   pend_row_.assign(size_t(B_), -1);
   pend_action_.assign(size_t(B_), -1);
+  iota_.resize(size_t(A_));
+  for (int64_t a = 0; a < A_; ++a) iota_[size_t(a)] = int32_t(a);
   path_.assign(size_t(B_) * kPathCap * 2, 0);
   path_len_.assign(size_t(B_), 0);
 }
@@ -765,21 +767,11 @@ void Forest::recompute_root_best(int64_t b) {
   root_best_[size_t(b)] = best;
 }
 
-int32_t Forest::fill_edges(int64_t b, int32_t fe, const float* logits, const uint8_t* legal, int32_t* best,
-                           float* total) {
-  // The exponentials go to a contiguous scratch row (its vector code reads and writes
-  // packed floats) and are then spread over the edge records. iota holds 0, 1, 2, ...,
-  // the actions of an unmasked row.
-  thread_local std::vector<float> scratch;
-  thread_local std::vector<int32_t> iota;
-  if (scratch.size() < size_t(A_)) scratch.resize(size_t(A_));
-  if (iota.size() < size_t(A_)) {
-    iota.resize(size_t(A_));
-    for (size_t a = 0; a < iota.size(); ++a) iota[a] = int32_t(a);
-  }
+int32_t Forest::fill_edges(int64_t b, int32_t fe, const float* logits, const uint8_t* legal, float* scratch,
+                           int32_t* best, float* total) {
   const int64_t eb = b * E_ + fe;
-  return legal_softmax(logits, legal, A_, iota.data(), &edge_action_[size_t(eb)], scratch.data(), &edges_[size_t(eb)],
-                       best, total);
+  return legal_softmax(logits, legal, A_, iota_.data(), &edge_action_[size_t(eb)], scratch, &edges_[size_t(eb)], best,
+                       total);
 }
 
 void Forest::prepare_root_noise(int64_t b, CounterRng& rng) {
@@ -813,11 +805,12 @@ void Forest::prepare_root_noise(int64_t b, CounterRng& rng) {
   recompute_root_best(b);
 }
 
-void Forest::init_root(int64_t b, const float* logits, float value, const uint8_t* legal, CounterRng& rng) {
+void Forest::init_root(int64_t b, const float* logits, float value, const uint8_t* legal, float* scratch,
+                       CounterRng& rng) {
   const int64_t nb = b * N_;
   int32_t best;
   float total;
-  const int32_t k = fill_edges(b, 0, logits, legal, &best, &total);
+  const int32_t k = fill_edges(b, 0, logits, legal, scratch, &best, &total);
   nodes_[nb].parent = -1;
   nodes_[nb].in_edge = -1;
   nodes_[nb].action = -1;
@@ -848,10 +841,11 @@ void Forest::set_roots(const float* logits, const float* value, const uint8_t* l
   const uint64_t epoch = ++epoch_;
   num_pending_ = 0;
   for_trees(16, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(static_cast<size_t>(A_));
     for (int64_t b = begin; b < end; ++b) {
       if (rows && !rows[b]) continue;
       CounterRng rng(cfg_.seed, uint64_t(b), epoch);
-      init_root(b, logits + b * A_, value[b], legal ? legal + b * A_ : nullptr, rng);
+      init_root(b, logits + b * A_, value[b], legal ? legal + b * A_ : nullptr, scratch.data(), rng);
     }
   });
 }
@@ -1408,7 +1402,7 @@ void Forest::check_rows(int64_t L, const float* logits, const float* value, cons
 }
 
 void Forest::expand_row(int64_t i, int64_t b, const float* logits, const float* value, const float* reward,
-                        const float* discount, const uint8_t* legal, const uint8_t* terminal) {
+                        const float* discount, const uint8_t* legal, const uint8_t* terminal, float* scratch) {
   const int64_t nb = b * N_, eb = b * E_;
   const int32_t x = pend_parent_[b], e = pend_edge_[b];
   const int32_t id = used_nodes_[b]++;
@@ -1442,7 +1436,7 @@ void Forest::expand_row(int64_t i, int64_t b, const float* logits, const float* 
     nodes_[ni].value = nodes_[ni].raw_value = 0.f;
   } else {
     const int32_t fe = used_edges_[b];
-    const int32_t k = fill_edges(b, fe, logits + i * A_, legal ? legal + i * A_ : nullptr, &nodes_[ni].best_unexp,
+    const int32_t k = fill_edges(b, fe, logits + i * A_, legal ? legal + i * A_ : nullptr, scratch, &nodes_[ni].best_unexp,
                                  &nodes_[ni].unexp_prior);
     nodes_[ni].num_edges = k;
     used_edges_[b] = fe + k;
@@ -1457,8 +1451,9 @@ void Forest::expand_backup(int64_t L, const float* logits, const float* value, c
                            const float* discount, const uint8_t* legal, const uint8_t* terminal) {
   check_rows(L, logits, value, reward, discount, legal, terminal);
   rlk::parallel_for(L, step_grain(L, std::max<int64_t>(4, 512 / A_)), [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(static_cast<size_t>(A_));
     for (int64_t i = begin; i < end; ++i)
-      expand_row(i, pend_tree_[size_t(i)], logits, value, reward, discount, legal, terminal);
+      expand_row(i, pend_tree_[size_t(i)], logits, value, reward, discount, legal, terminal, scratch.data());
   });
   num_pending_ = 0;
 }
@@ -1473,11 +1468,13 @@ int64_t Forest::expand_select(int64_t L, const float* logits, const float* value
   // over the pool instead of two, with each tree still in cache from its backup.
   rlk::parallel_for(B_, step_grain(B_, std::max<int64_t>(4, 512 / A_)), [&](int64_t begin, int64_t end) {
     std::vector<Child> buf(static_cast<size_t>(A_));
+    std::vector<float> scratch(static_cast<size_t>(A_));
     for (int64_t g = begin; g < end; g += kGroup) {
       const int64_t g_end = std::min(end, g + kGroup);
       for (int64_t b = g; b < g_end; ++b) prefetch_expansion(b);
       for (int64_t b = g; b < g_end; ++b)
-        if (pend_parent_[b] >= 0) expand_row(pend_row_[size_t(b)], b, logits, value, reward, discount, legal, terminal);
+        if (pend_parent_[b] >= 0)
+          expand_row(pend_row_[size_t(b)], b, logits, value, reward, discount, legal, terminal, scratch.data());
       select_group(g, g_end, buf);
     }
   });

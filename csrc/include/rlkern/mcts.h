@@ -165,13 +165,16 @@ class Forest {
   // Throws, naming the first bad row, when a row of an expansion breaks the NaN policy.
   void check_rows(int64_t L, const float* logits, const float* value, const float* reward, const float* discount,
                   const uint8_t* legal, const uint8_t* terminal) const;
+  // scratch: A floats of the calling thread's.
   void expand_row(int64_t i, int64_t b, const float* logits, const float* value, const float* reward,
-                  const float* discount, const uint8_t* legal, const uint8_t* terminal);
-  void init_root(int64_t b, const float* logits, float value, const uint8_t* legal, CounterRng& rng);
+                  const float* discount, const uint8_t* legal, const uint8_t* terminal, float* scratch);
+  void init_root(int64_t b, const float* logits, float value, const uint8_t* legal, float* scratch, CounterRng& rng);
   void prepare_root_noise(int64_t b, CounterRng& rng);
   // Writes the legal actions and their softmax priors as fresh (unexpanded) edges of tree b
-  // from offset fe; returns their number (best and total: see legal_softmax).
-  int32_t fill_edges(int64_t b, int32_t fe, const float* logits, const uint8_t* legal, int32_t* best, float* total);
+  // from offset fe; returns their number (best and total: see legal_softmax). scratch: A
+  // floats of the calling thread's.
+  int32_t fill_edges(int64_t b, int32_t fe, const float* logits, const uint8_t* legal, float* scratch, int32_t* best,
+                     float* total);
   int32_t select_edge(int64_t b, int32_t x, int depth, std::vector<Child>& buf) const;
   int32_t score_edge(int64_t b, int32_t x, int depth, std::vector<Child>& buf) const;
   // Whether backing up pending row i would make a value non-finite anywhere on its path.
@@ -236,6 +239,7 @@ class Forest {
   std::vector<int32_t> pend_parent_, pend_edge_, pend_tree_;
   std::vector<int32_t> pend_row_;  // [B], the leaf row of a tree with a pending leaf
   std::vector<int32_t> pend_action_;  // [B], the action of the pending leaf's edge
+  std::vector<int32_t> iota_;         // [A]: 0, 1, 2, ..., the actions of an unmasked row
   // The nodes and chosen edge offsets of each tree's last selection, root first, up to
   // kPathCap levels: the expansion requests them ahead of its backup.
   static constexpr int kPathCap = 12;
