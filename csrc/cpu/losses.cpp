@@ -1094,6 +1094,12 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
         c.phi_pos = vespo_phi(A(lw), A(p.vespo_k_pos), std::max(A(p.vespo_lambda_pos), A(1e-4)));
         c.phi_neg = vespo_phi(A(lw), A(p.vespo_k_neg), std::max(A(p.vespo_lambda_neg), A(1e-4)));
       }
+    } else if (need_prepass && !SEQ && !p.has_off && !tis_seq) {
+      // seq-mean-token-mean at token level needs only the row's token count (its row weight):
+      // a pass over the mask, not over the log-probs.
+      int64_t n = 0;
+      for (int64_t t = 0; t < T_; ++t) n += m[t] != 0;
+      finish_prepass(double(n), 0.0, 0.0, 0.0, 0.0);
     } else if (need_prepass) {
       A ln[kLanes] = {}, llr[kLanes] = {}, ldiv[kLanes] = {}, ltis[kLanes] = {};
       double dn = 0, dlr = 0, ddiv = 0, dtis = 0, dlp = 0;
