@@ -1254,6 +1254,12 @@ READING_CASES = {
     "tis_mask": (("rollout",), dict(tis_cap=1.1, tis_mode="mask", log_ratio_clamp=20.0),
                  ("clip_frac_low", "clip_frac_high", "approx_kl", "rollout_kl", "tis_clip_frac")),
     "weights_entropy": (("weights", "entropy"), dict(objective="reinforce"), ("approx_kl",)),
+    # the lean vector profile (REINFORCE/CISPO, the caller's weights, few totals), every agg
+    "reinforce_weights": (("weights",), dict(objective="reinforce"), ("approx_kl",)),
+    "dro_k1_weights": (("ref", "weights"), dict(objective="reinforce", kl_coef=0.1, kl_kind="k1"), ("approx_kl", "kl")),
+    "reinforce_weights_seq": (("weights",), dict(objective="reinforce", agg="seq-mean-token-mean"), ()),
+    "cispo_weights": (("weights",), dict(objective="cispo", clip_low=1.0, clip_high=0.3, log_ratio_clamp=20.0,
+                                         agg="seq-mean-token-sum"), ("clip_frac", "approx_kl_clamped")),
     "sequence": ((), dict(level="sequence", clip_low=0.05), ("clip_frac_low", "clip_frac_high", "approx_kl")),
     "sapo": ((), dict(objective="sapo", log_ratio_clamp=20.0, agg="seq-mean-token-mean"), ("approx_kl_clamped",)),
     "dppo_tv": ((), dict(objective="dppo_tv", ratio_cap=1.1, log_ratio_clamp=20.0),

@@ -479,7 +479,7 @@ struct RowConstV {
   vf tis_min;
   // Totals the caller reads (PolicyParams::want), and whether the token ratio must be
   // evaluated at all: REINFORCE without ratio metrics never needs its exp.
-  bool w_ratio, w_low, w_high, w_approx, w_kl, w_ent, w_dual, w_obj, w_approxc, w_tiso, w_rkl, need_ratio;
+  bool w_ratio, w_low, w_high, w_approx, w_kl, w_ent, w_dual, w_obj, w_approxc, w_tiso, w_rkl, need_ratio, need_old;
   explicit RowConstV(const RowConst<float>& c)
       : clip_lo(splat(c.clip_lo)), clip_hi(splat(c.clip_hi)), cap(splat(c.cap)), dual(splat(c.dual)),
         lr_lo(splat(c.lr_lo)), lr_hi(splat(c.lr_hi)), kl_lo(splat(c.kl_lo)), kl_hi(splat(c.kl_hi)),
@@ -518,6 +518,7 @@ struct RowConstV {
     w_tiso = wants(kTisOutside);
     w_rkl = wants(kRolloutKl);
     need_ratio = c.objective != kReinforce || (c.use_kl && c.kl_corr) || w_ratio || w_low || w_high;
+    need_old = need_ratio || w_approx || w_approxc || w_obj;
   }
 };
 
@@ -587,17 +588,19 @@ struct TokenV {
   vf lp, o, a, refv, rolv, h;
 };
 
-template <class T, int KL, bool EXTRA>
-RLK_LOSS_INLINE TokenV load_token_v(const PolicyInputs<T>& in, int64_t i, int64_t ai, bool adv_per_token) {
+template <class T, int KL, bool EXTRA, bool LEAN = false>
+RLK_LOSS_INLINE TokenV load_token_v(const PolicyInputs<T>& in, int64_t i, int64_t ai, bool adv_per_token,
+                                    bool need_old = true) {
   const vf zero = splat(0.0f);
   TokenV t;
   t.m = load_mask(in.mask + i);
   t.lp = t.m ? vload(in.logp, i) : zero;
-  t.o = t.m ? vload(in.old, i) : zero;
+  // REINFORCE without ratio or log-ratio metric never reads the old log-probs: a stream less.
+  t.o = need_old ? (t.m ? vload(in.old, i) : zero) : zero;
   t.a = t.m ? (adv_per_token ? vload(in.adv, ai) : splat(in.adv[ai])) : zero;
   t.refv = t.rolv = t.h = zero;
   if (KL != 0) t.refv = t.m ? vload(in.ref, i) : zero;
-  if (EXTRA) {
+  if (EXTRA && !LEAN) {  // the lean profile has neither (its EXTRA only brings the weights)
     t.rolv = t.m ? vload(in.rollout, i) : zero;
     t.h = t.m ? vload(in.ent, i) : zero;
   }
@@ -610,17 +613,23 @@ RLK_LOSS_INLINE TokenV load_token_v(const PolicyInputs<T>& in, int64_t i, int64_
 // the KL term (kl_t) and the entropy bonus into the loss l. The scalar form is the tail of
 // token_terms / token_terms_obj. Returns whether the KL term reads the ratio
 // (kl_is_correction), so that the caller adds dr's chain through it.
-template <class T, int KL, bool EXTRA>
+template <class T, int KL, bool EXTRA, bool LEAN = false>
 RLK_LOSS_INLINE bool finish_terms_v(const PolicyInputs<T>& in, const RowConstV& c, int64_t i, const TokenV& t,
                                     vf r, vf& pg, vf& dr, vf& direct, vf& l, vf& kl, LanesV& L) {
   const vf zero = splat(0.0f), one = splat(1.0f), half = splat(0.5f);
-  if (c.drop_negative_row) {
+  if (LEAN && c.has_weights) {
+    // The lean profile (see policy_lean): the caller's weights are the only token factor.
+    const vf w = t.m ? vload(in.weights, i) : zero;
+    pg *= w;
+    direct *= w;
+  }
+  if (!LEAN && c.drop_negative_row) {
     const vf keep = (t.a >= zero) ? one : zero;
     pg *= keep;
     dr *= keep;
     direct *= keep;
   }
-  if (EXTRA) {
+  if (EXTRA && !LEAN) {
     vf weight = (c.has_select & ~(t.h >= c.ent_threshold)) ? zero : one;
     if (c.tis_token[0]) {
       vf wt = vexp(t.o - t.rolv);
@@ -640,7 +649,7 @@ RLK_LOSS_INLINE bool finish_terms_v(const PolicyInputs<T>& in, const RowConstV& 
     direct *= weight;
     if (c.w_rkl) L.rkl += t.rolv - t.o;  // both 0 when masked
   }
-  if (c.has_seq_tis) {
+  if (!LEAN && c.has_seq_tis) {
     pg *= c.seq_tis;
     dr *= c.seq_tis;
     direct *= c.seq_tis;
@@ -667,7 +676,7 @@ RLK_LOSS_INLINE bool finish_terms_v(const PolicyInputs<T>& in, const RowConstV& 
       kl = kl < c.kl_lo ? c.kl_lo : (kl > c.kl_hi ? c.kl_hi : kl);
     }
     if (c.use_kl_term) {
-      if (c.kl_correction) {
+      if (!LEAN && c.kl_correction) {
         l += c.kl_coef * (kl * r);
         direct += c.kl_coef * (dkl * r);
         dr += c.kl_coef * kl;
@@ -678,17 +687,21 @@ RLK_LOSS_INLINE bool finish_terms_v(const PolicyInputs<T>& in, const RowConstV& 
       }
     }
   }
-  if (EXTRA && c.use_ent_term) l -= c.ent_coef * t.h;
+  if (EXTRA && !LEAN && c.use_ent_term) l -= c.ent_coef * t.h;
   return kl_uses_ratio;
 }
 
-template <class T, int KL, bool SEQ, bool EXTRA>
+// LEAN: the row is in policy_lean's profile (REINFORCE or CISPO at token level, no KL,
+// entropy, rollout or sequence terms, only the totals that profile can read): every branch on
+// an option it excludes is compiled out, which leaves the few live accumulators and row
+// constants in registers (the full body keeps them on the stack).
+template <class T, int KL, bool SEQ, bool EXTRA, bool LEAN = false>
 RLK_LOSS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& c, int64_t i, int64_t ai,
                                     bool adv_per_token, LanesV& L) {
   // Options are constant over the row: plain branches on them are perfectly predicted and
   // skip the vector work of options that are off.
   const vf zero = splat(0.0f), one = splat(1.0f), half = splat(0.5f);
-  const TokenV t = load_token_v<T, KL, EXTRA>(in, i, ai, adv_per_token);
+  const TokenV t = load_token_v<T, KL, EXTRA, LEAN>(in, i, ai, adv_per_token, !LEAN || c.need_old);
   const vi m = t.m;
   const vf lp = t.lp, o = t.o, a = t.a;
   vf r, dx, xc = zero;
@@ -709,7 +722,7 @@ RLK_LOSS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& c,
   }
   vf pg, dr, direct;
   vf dual_hit = zero;
-  if (c.clip_objective) {
+  if (!LEAN && c.clip_objective) {
     const vf rc = r < c.clip_lo ? c.clip_lo : (r > c.clip_hi ? c.clip_hi : r);
     const vf drc = ((r < c.clip_lo) | (r > c.clip_hi)) ? zero : one;
     vf u = -a * r, du = -a;
@@ -739,21 +752,21 @@ RLK_LOSS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& c,
     dr = zero;
   }
   vf l, kl;
-  const bool kl_uses_ratio = finish_terms_v<T, KL, EXTRA>(in, c, i, t, r, pg, dr, direct, l, kl, L);
+  const bool kl_uses_ratio = finish_terms_v<T, KL, EXTRA, LEAN>(in, c, i, t, r, pg, dr, direct, l, kl, L);
   // As in token_terms: the ratio's derivative only where the ratio enters the loss.
-  const vf g = SEQ ? direct : ((c.clip_objective || kl_uses_ratio) ? direct + dr * r * dx : direct);
+  const vf g = (SEQ || LEAN) ? direct : ((c.clip_objective || kl_uses_ratio) ? direct + dr * r * dx : direct);
   vstore(in.grad, i, m ? c.grad_w * g : zero);
   L.n += m ? one : zero;
   L.loss += m ? c.row_w * l : zero;
   if (SEQ) L.dseq += m ? c.grad_w * dr : zero;
   // The totals' accumulators, each only where the caller reads it (row-constant branches).
-  if (c.w_ratio) L.ratio += m ? r : zero;
+  if (!LEAN && c.w_ratio) L.ratio += m ? r : zero;
   if (c.w_approx) L.approx += o - lp;
   if (KL != 0 && c.w_kl) L.kl += m ? kl : zero;
-  if (EXTRA && c.w_ent) L.ent += t.h;
-  if (c.w_low) L.low += (m & (r < c.clip_lo) & (a < zero)) ? one : zero;
-  if (c.w_high) L.high += (m & (r > c.clip_hi) & (a > zero)) ? one : zero;
-  if (c.w_dual) L.dual += m ? dual_hit : zero;
+  if (EXTRA && !LEAN && c.w_ent) L.ent += t.h;
+  if (!LEAN && c.w_low) L.low += (m & (r < c.clip_lo) & (a < zero)) ? one : zero;
+  if (!LEAN && c.w_high) L.high += (m & (r > c.clip_hi) & (a > zero)) ? one : zero;
+  if (!LEAN && c.w_dual) L.dual += m ? dual_hit : zero;
   // A masked token's zero log-ratio may clamp to a non-zero bound: masked, not just summed.
   if (!SEQ && c.w_approxc) L.approxc += m ? -xc : zero;
   if (c.cispo_objective && c.w_obj) L.obj += (m & ~((r >= c.clip_lo) & (r <= c.clip_hi))) ? one : zero;
@@ -908,7 +921,7 @@ RLK_LOSS_INLINE void token_step_obj_v(const PolicyInputs<T>& in, const RowConstV
 }
 #endif
 
-template <class T, int KL, bool SEQ, bool EXTRA, bool OBJ>
+template <class T, int KL, bool SEQ, bool EXTRA, bool OBJ, bool LEAN = false>
 RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, int64_t row_end, double* stats) {
   using A = acc_t<T>;
   const A inf = std::numeric_limits<A>::infinity();
@@ -1081,6 +1094,12 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
         c.phi_pos = vespo_phi(A(lw), A(p.vespo_k_pos), std::max(A(p.vespo_lambda_pos), A(1e-4)));
         c.phi_neg = vespo_phi(A(lw), A(p.vespo_k_neg), std::max(A(p.vespo_lambda_neg), A(1e-4)));
       }
+    } else if (need_prepass && !SEQ && !p.has_off && !tis_seq) {
+      // seq-mean-token-mean at token level needs only the row's token count (its row weight):
+      // a pass over the mask, not over the log-probs.
+      int64_t n = 0;
+      for (int64_t t = 0; t < T_; ++t) n += m[t] != 0;
+      finish_prepass(double(n), 0.0, 0.0, 0.0, 0.0);
     } else if (need_prepass) {
       A ln[kLanes] = {}, llr[kLanes] = {}, ldiv[kLanes] = {}, ltis[kLanes] = {};
       double dn = 0, dlr = 0, ddiv = 0, dtis = 0, dlp = 0;
@@ -1212,7 +1231,7 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
             vstore(in.grad, base + t, splat(0.0f));
             continue;
           }
-          token_step_v<T, KL, SEQ, EXTRA>(in, cv, base + t, adv_base + t * adv_step, p.adv_per_token, V);
+          token_step_v<T, KL, SEQ, EXTRA, LEAN>(in, cv, base + t, adv_base + t * adv_step, p.adv_per_token, V);
         }
         acc[kActive] += V.sum(V.n);
         acc[kLossSum] += V.sum(V.loss);
@@ -1310,16 +1329,30 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
 // compiled for AVX2+FMA; only libm calls of the scalar tails stay generic.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define RLK_POLICY_AVX2 1
-template <class T, int KL, bool SEQ, bool EXTRA, bool OBJ>
+template <class T, int KL, bool SEQ, bool EXTRA, bool OBJ, bool LEAN = false>
 __attribute__((target("avx2,fma"))) void policy_rows_avx2(const PolicyParams& p, int64_t b0, int64_t b1,
                                                           double* stats) {
-  policy_rows_impl<T, KL, SEQ, EXTRA, OBJ>(p, b0, b1, stats);
+  policy_rows_impl<T, KL, SEQ, EXTRA, OBJ, LEAN>(p, b0, b1, stats);
 }
 #endif
 
-template <class T, int KL, bool SEQ, bool EXTRA, bool OBJ>
+template <class T, int KL, bool SEQ, bool EXTRA, bool OBJ, bool LEAN = false>
 void policy_rows_generic(const PolicyParams& p, int64_t b0, int64_t b1, double* stats) {
-  policy_rows_impl<T, KL, SEQ, EXTRA, OBJ>(p, b0, b1, stats);
+  policy_rows_impl<T, KL, SEQ, EXTRA, OBJ, LEAN>(p, b0, b1, stats);
+}
+
+// Whether the rows fit the lean profile of the vector body (token_step_v's LEAN): REINFORCE
+// or CISPO at token level without entropy, rollout, off-policy or importance-weight terms
+// (the caller's weights allowed; a k1/k2 KL term allowed without the ratio correction: DRO),
+// reading no total beyond the active count, the loss, approx_kl, approx_kl_clamped, the KL
+// and CISPO's clipped tokens.
+bool policy_lean(const PolicyParams& p) {
+  const uint32_t allowed = (1u << kActive) | (1u << kLossSum) | (1u << kApproxKlSum) | (1u << kApproxKlClamped) |
+                           (1u << kObjective) | (1u << kObjectiveRow) | (1u << kKlSum);
+  return (p.objective == kReinforce || p.objective == kCispo) && !p.seq_level &&
+         (p.ref_logp == 0 || (p.kl_kind != kK3 && !p.kl_correction)) &&
+         p.entropy == 0 && p.rollout_logp == 0 && p.off_policy_logp == 0 && !p.has_tis && !p.has_off &&
+         !p.has_entropy_select && (p.want & ~allowed) == 0;
 }
 
 template <class T, int KL, bool SEQ, bool EXTRA>
@@ -1345,6 +1378,27 @@ void run_policy_kl(const PolicyParams& p, double* rows) {
   } else {
     extra ? run_policy_rows<T, KL, false, true>(p, rows) : run_policy_rows<T, KL, false, false>(p, rows);
   }
+}
+
+// The lean rows where the storage type has the vector body (float32, bfloat16); the other
+// types run the full rows, whose scalar body is the same arithmetic.
+template <class T, int KL>
+void run_policy_lean(const PolicyParams& p, double* rows) {
+#ifdef RLK_POLICY_SIMD
+  if constexpr (kSimd<T>) {
+    // EXTRA (the weights) for the scalar row tails, which read the weights on that path only.
+    const bool w = p.weights != 0;
+    auto fn = w ? &policy_rows_generic<T, KL, false, true, false, true>
+                : &policy_rows_generic<T, KL, false, false, false, true>;
+#ifdef RLK_POLICY_AVX2
+    if (rlk::simd::use_avx2())
+      fn = w ? &policy_rows_avx2<T, KL, false, true, false, true> : &policy_rows_avx2<T, KL, false, false, false, true>;
+#endif
+    parallel_for(p.B, row_grain(p.T), [&](int64_t b0, int64_t b1) { fn(p, b0, b1, rows); });
+    return;
+  }
+#endif
+  run_policy_kl<T, KL>(p, rows);
 }
 
 // Active tokens of a 0/1 byte mask (a byte sum the compiler vectorises).
@@ -1389,8 +1443,13 @@ std::vector<double> policy_loss_fused(const PolicyParams& params) {
   std::vector<double> rows(size_t(p.B) * kNumStats, 0.0);
   // KL terms are computed only when they enter the loss or a metric (ref_logp given).
   const int kl = p.ref_logp == 0 ? 0 : (p.kl_kind == kK3 ? 2 : 1);
+  const bool lean = kl != 2 && policy_lean(p);
   RLK_DISPATCH_FLOATING(p.dtype, T, {
-    if (kl == 0)
+    if (lean && kl == 0)
+      run_policy_lean<T, 0>(p, rows.data());
+    else if (lean)
+      run_policy_lean<T, 1>(p, rows.data());
+    else if (kl == 0)
       run_policy_kl<T, 0>(p, rows.data());
     else if (kl == 1)
       run_policy_kl<T, 1>(p, rows.data());
