@@ -419,16 +419,6 @@ int32_t legal_softmax(const float* logits, const uint8_t* legal, int64_t A, cons
 }
 
 // Bit tests, which vectorise (float comparisons may trap, so compilers keep them scalar).
-bool all_finite(const float* x, int64_t n) {
-  uint32_t bad = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t u;
-    std::memcpy(&u, x + i, sizeof(u));
-    bad |= (u & 0x7fffffffu) >= 0x7f800000u;
-  }
-  return bad == 0;
-}
-
 bool has_nan_or_pos_inf(const float* x, int64_t n) {
   uint32_t bad = 0;
   int64_t i = 0;
@@ -465,7 +455,8 @@ inline bool tame(float reward, float discount, float value) {
 }
 
 // Whether |x[i]| <= bound for every i (bound > 0 and finite; NaN is not within), as tame()
-// tests it, on the bits: the magnitude of a float orders as the integer of its bits.
+// tests it, on the bits: the magnitude of a float orders as the integer of its bits. Bound
+// FLT_MAX tests finiteness.
 bool within(const float* x, int64_t n, float bound) {
   uint32_t limit;
   std::memcpy(&limit, &bound, sizeof(limit));
@@ -683,7 +674,7 @@ Forest::Forest(int64_t batch_size, int64_t num_actions, int64_t max_nodes, int64
   pend_action_.assign(size_t(B_), -1);
   iota_.resize(size_t(A_));
   for (int64_t a = 0; a < A_; ++a) iota_[size_t(a)] = int32_t(a);
-  path_.assign(size_t(B_) * kPathCap * 2, 0);
+  path_.assign(size_t(B_) * kPathCap, PathStep{0, 0});
   path_len_.assign(size_t(B_), 0);
 }
 
@@ -1181,11 +1172,7 @@ void Forest::revisit(int64_t b, int32_t x) {
 bool Forest::descend(int64_t b, int32_t& x, int32_t& depth, std::vector<Child>& buf) {
   const int64_t nb = b * N_, eb = b * E_;
   const int32_t e = select_edge(b, x, depth, buf);
-  if (depth < kPathCap) {
-    int32_t* level = &path_[(size_t(b) * kPathCap + size_t(depth)) * 2];
-    level[0] = x;
-    level[1] = e;
-  }
+  if (depth < kPathCap) path_[size_t(b) * kPathCap + size_t(depth)] = {x, e};
   const int32_t c = edges_[size_t(eb + e)].child;
   ++depth;
   if (c < 0) {
@@ -1249,6 +1236,15 @@ void Forest::select_group(int64_t begin, int64_t end, std::vector<Child>& buf) {
   }
 }
 
+#if defined(__GNUC__)
+// Requests every cache line of [p, p + bytes) (for writing when `write`).
+template <bool write = false>
+inline void prefetch_span(const void* p, size_t bytes) {
+  const uintptr_t first = uintptr_t(p) & ~uintptr_t(63), last = uintptr_t(p) + bytes;
+  for (uintptr_t line = first; line < last; line += 64) __builtin_prefetch(reinterpret_cast<const void*>(line), write);
+}
+#endif
+
 void Forest::prefetch_tree(int64_t b) const {
 #if defined(__GNUC__)
   // The lines tree b's selection starts with: its root, the root's edges and children
@@ -1256,9 +1252,7 @@ void Forest::prefetch_tree(int64_t b) const {
   // the first edges).
   const int64_t nb = b * N_, eb = b * E_;
   __builtin_prefetch(&nodes_[size_t(nb)]);
-  const int64_t root_edges = std::min<int64_t>(A_, kOrderedChildren);
-  const char* e0 = reinterpret_cast<const char*>(&edges_[size_t(eb)]);
-  for (int64_t off = 0; off < root_edges * int64_t(sizeof(Edge)); off += 64) __builtin_prefetch(e0 + off);
+  prefetch_span(&edges_[size_t(eb)], size_t(std::min<int64_t>(A_, kOrderedChildren)) * sizeof(Edge));
   if (cfg_.algorithm == Algorithm::kGumbel) {
     __builtin_prefetch(&root_visits_[size_t(b * A_)]);
     __builtin_prefetch(&root_score_[size_t(b * A_)]);
@@ -1284,10 +1278,7 @@ void Forest::prefetch_node(int64_t b, int32_t x) const {
   __builtin_prefetch(&kids_[size_t(eb)]);
   const int32_t ne = node.num_edges;
   if (ne <= kOrderedChildren) {
-    const char* e0 = reinterpret_cast<const char*>(&edges_[size_t(eb)]);
-    const char* e1 = reinterpret_cast<const char*>(&edges_[size_t(eb + ne - 1)]);
-    for (uintptr_t line = uintptr_t(e0) & ~uintptr_t(63); line <= uintptr_t(e1); line += 64)
-      __builtin_prefetch(reinterpret_cast<const void*>(line));
+    prefetch_span(&edges_[size_t(eb)], size_t(ne) * sizeof(Edge));
   } else if (node.best_unexp >= 0) {
     __builtin_prefetch(&edges_[size_t(eb + node.best_unexp)]);
   }
@@ -1309,14 +1300,12 @@ void Forest::prefetch_expansion(int64_t b) const {
   __builtin_prefetch(&edges_[size_t(eb + pend_edge_[size_t(b)])], 1);
   __builtin_prefetch(&nodes_[size_t(nb + used_nodes_[size_t(b)])], 1);
   const int64_t fe = eb + used_edges_[size_t(b)];
-  const int64_t span = std::min<int64_t>(A_, kOrderedChildren);
-  const char* e0 = reinterpret_cast<const char*>(&edges_[size_t(fe)]);
-  for (int64_t off = 0; off < span * int64_t(sizeof(Edge)); off += 64) __builtin_prefetch(e0 + off, 1);
+  prefetch_span<true>(&edges_[size_t(fe)], size_t(std::min<int64_t>(A_, kOrderedChildren)) * sizeof(Edge));
   __builtin_prefetch(&edge_action_[size_t(fe)], 1);
-  const int32_t* level = &path_[size_t(b) * kPathCap * 2];
+  const PathStep* path = &path_[size_t(b) * kPathCap];
   for (int32_t i = 0, n = path_len_[size_t(b)]; i < n; ++i) {
-    __builtin_prefetch(&nodes_[size_t(nb + level[2 * i])], 1);
-    __builtin_prefetch(&edges_[size_t(eb + level[2 * i + 1])], 1);
+    __builtin_prefetch(&nodes_[size_t(nb + path[i].node)], 1);
+    __builtin_prefetch(&edges_[size_t(eb + path[i].edge)], 1);
   }
 #else
   (void)b;
@@ -1388,12 +1377,14 @@ void Forest::check_rows(int64_t L, const float* logits, const float* value, cons
   if (!legal && !terminal && L * A_ <= (int64_t(1) << 16)) {
     // Every row needs every check: one branch-free pass over the whole block (the serial
     // part of a step, so it should be short); the loop below names the first bad row.
-    any_bad = !all_finite(value, L) || !all_finite(reward, L) || !all_finite(discount, L) ||
+    // Tame rows are finite; only when some row is not are the rows tested for finiteness
+    // (|x| <= FLT_MAX). path_overflows is false for a tame row of a tame tree, so when every
+    // row and every tree is tame the call per row is skipped.
+    const bool rows_tame = within(value, L, kTame) && within(reward, L, kTame) && within(discount, L, 1.f);
+    any_bad = (!rows_tame && !(within(value, L, FLT_MAX) && within(reward, L, FLT_MAX) &&
+                               within(discount, L, FLT_MAX))) ||
               has_nan_or_pos_inf(logits, L * A_);
-    // path_overflows is false for a tame row of a tame tree: when every row and every tree
-    // is, one vector pass over the rows replaces a call per row.
-    const bool all_tame = within(value, L, kTame) && within(reward, L, kTame) && within(discount, L, 1.f) &&
-                          all_set(tame_.data(), B_);
+    const bool all_tame = rows_tame && all_set(tame_.data(), B_);
     for (int64_t i = 0; i < L && !any_bad && !all_tame; ++i)
       any_bad = path_overflows(i, value, reward, discount, terminal);
   } else if (cfg_.num_threads == 1 || L * A_ <= (int64_t(1) << 14)) {

@@ -243,7 +243,10 @@ class Forest {
   // The nodes and chosen edge offsets of each tree's last selection, root first, up to
   // kPathCap levels: the expansion requests them ahead of its backup.
   static constexpr int kPathCap = 12;
-  std::vector<int32_t> path_;          // [B * kPathCap * 2]: (node, edge offset) per level
+  struct PathStep {
+    int32_t node, edge;  // the node and the offset of the edge selected there
+  };
+  std::vector<PathStep> path_;         // [B * kPathCap]
   std::vector<int32_t> path_len_;      // [B]
   int64_t num_pending_ = 0;
   // Sequential halving table [(m+1) * table_sims_].
