@@ -13,9 +13,9 @@
 
 #include "rlkern/mcts.h"
 #include "rlkern/registry.h"
+#include "rlkern/simd.h"
 
 namespace py = pybind11;
-using rlk::mcts::Forest;
 
 namespace {
 
@@ -110,11 +110,10 @@ rlk::mcts::Config make_config(int algorithm, float c1, float c2, float dirichlet
   return c;
 }
 
-void bind(py::module_& m) {
-  m.def("considered_visit_sequence", &rlk::mcts::considered_visit_sequence, py::arg("max_considered"),
-        py::arg("num_simulations"), "mctx's sequential-halving sequence of considered visits");
-
-  py::class_<Forest>(m, "Forest")
+// One class per compiled instruction set (see rlkern/mcts.h), with the same interface.
+template <typename Forest>
+void bind_forest(py::module_& m, const char* name) {
+  py::class_<Forest>(m, name)
       .def(py::init([](int64_t B, int64_t A, int64_t N, int64_t E, int algorithm, float c1, float c2, float alpha,
                        float frac, int m_considered, float gumbel_scale, float maxvisit_init, float value_scale,
                        bool rescale, bool mixed, float temperature, int max_depth, uint64_t seed, int threads) {
@@ -262,6 +261,17 @@ void bind(py::module_& m) {
         f.has_root(out.mutable_data());
         return out;
       });
+}
+
+void bind(py::module_& m) {
+  m.def("considered_visit_sequence", &rlk::mcts::considered_visit_sequence, py::arg("max_considered"),
+        py::arg("num_simulations"), "mctx's sequential-halving sequence of considered visits");
+  bind_forest<rlk::mcts::isa_default::Forest>(m, "Forest");
+#if RLK_MCTS_HAS_AVX2
+  bind_forest<rlk::mcts::isa_avx2::Forest>(m, "ForestAVX2");
+#endif
+  // Whether this CPU (and its OS) runs AVX2 code: the wrapper then takes ForestAVX2.
+  m.def("cpu_has_avx2", [] { return bool(RLK_MCTS_HAS_AVX2) && rlk::simd::use_avx2(); });
 }
 
 }  // namespace

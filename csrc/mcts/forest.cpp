@@ -1,5 +1,10 @@
 // Batched MCTS: see rlkern/mcts.h for the layout and python/rlkern/mcts/forest.py for
 // the documented semantics.
+//
+// This file is compiled once as it is (the Forest of namespace isa_default) and once more
+// through forest_avx2.cpp, which defines RLK_MCTS_ISA as isa_avx2 and RLK_MCTS_SECOND_ISA
+// and compiles every function below for AVX2. The definitions that do not depend on the
+// instruction set (pool memory, the halving sequence, the generator) are in the first only.
 #include "rlkern/mcts.h"
 
 #include <algorithm>
@@ -21,8 +26,13 @@
 #include "rlkern/parallel.h"
 #include "rlkern/simd.h"
 
+#ifndef RLK_MCTS_ISA
+#define RLK_MCTS_ISA isa_default
+#endif
+
 namespace rlk {
 namespace mcts {
+namespace RLK_MCTS_ISA {  // everything but the shared definitions below
 
 namespace {
 
@@ -35,13 +45,6 @@ constexpr int32_t kOrderedChildren = 48;
 // Trees per lockstep group in select_group: enough other trees' work between requesting a
 // tree's next lines and reading them to cover a miss to L3 or DRAM.
 constexpr int kGroup = 8;
-
-inline uint64_t mix64(uint64_t z) {
-  z += 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
 
 // exp for float32 within about 2 ulp (Cephes' expf polynomial after reduction by ln 2);
 // below -87.3 it returns 0.
@@ -510,8 +513,18 @@ const char* check_logits_row(const float* logits, const uint8_t* legal, int64_t 
 
 }  // namespace
 
+}  // namespace RLK_MCTS_ISA
+
+#if !defined(RLK_MCTS_SECOND_ISA)
 namespace {
 constexpr size_t kHugePage = size_t(1) << 21;
+
+inline uint64_t mix64(uint64_t z) {
+  z += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
 }  // namespace
 
 void* pool_allocate(size_t bytes) {
@@ -597,6 +610,10 @@ double CounterRng::gamma(double alpha) {
 double CounterRng::gumbel() { return -std::log(-std::log(uniform_open())); }
 
 // The first n entries of a buffer, for range-for.
+#endif  // !RLK_MCTS_SECOND_ISA
+
+namespace RLK_MCTS_ISA {
+
 struct Span {
   Forest::Child* p;
   int32_t n;
@@ -1736,5 +1753,6 @@ void Forest::export_tree(int32_t* node_visits, float* node_values, float* raw_va
 void Forest::num_nodes(int32_t* out) const { std::copy(used_nodes_.begin(), used_nodes_.end(), out); }
 void Forest::has_root(uint8_t* out) const { std::copy(has_root_.begin(), has_root_.end(), out); }
 
+}  // namespace RLK_MCTS_ISA
 }  // namespace mcts
 }  // namespace rlk

