@@ -29,6 +29,11 @@ def _search_dump(cls, monkeypatch, *, algorithm, B, A, S, legal, terminal, threa
     rewards = rng.uniform(-0.5, 0.5, T).astype(np.float32)
     masks = rng.uniform(size=(T, A)) < 0.7
     masks[:, 0] = True
+    # -inf logits (impossible actions left unmasked), a row of them (uniform priors) and
+    # a row of ties (the first largest prior decides the best unexpanded edge).
+    logits[rng.uniform(size=(T, A)) < 0.15] = -np.inf
+    logits[3] = -np.inf
+    logits[4] = 1.5
     terminals = rng.uniform(size=T) < 0.1
     cfg = mcts.Config(algorithm=algorithm, num_threads=threads, seed=seed, max_considered_actions=8)
     f = mcts.Forest(B, A, moves * S + 2, cfg)
@@ -60,7 +65,10 @@ def _search_dump(cls, monkeypatch, *, algorithm, B, A, S, legal, terminal, threa
 
 @needs_both
 @pytest.mark.parametrize("algorithm", ["puct", "gumbel"])
-@pytest.mark.parametrize("A,legal,terminal", [(3, False, False), (9, False, False), (9, True, True),
+# 8 to 16 actions without a mask take the AVX2 build's own softmax (forest.cpp,
+# softmax_8_to_16); the other sizes and masked rows take the code both builds share.
+@pytest.mark.parametrize("A,legal,terminal", [(3, False, False), (8, False, False), (9, False, False),
+                                              (9, True, True), (13, False, True), (16, False, False),
                                               (40, True, False), (362, False, True)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_avx2_forest_searches_as_the_baseline_forest_bit_for_bit(monkeypatch, algorithm, A, legal, terminal, threads):

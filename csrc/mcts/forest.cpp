@@ -250,6 +250,20 @@ bool nan_or_pos_inf_avx2(const float* x, int64_t n8) {
 #endif
 #endif
 
+#if defined(RLK_MCTS_AVX2)
+// The AVX2 kernels above pay for a call and a CPU check, worth it from 16 (exponentials,
+// edges) or 32 (bit tests) elements on in the baseline build. The AVX2 build (which runs
+// only where AVX2 is) inlines them and takes them from 8 elements on: a 9-action row is
+// then one eight-lane step and a one-element tail.
+#if defined(RLK_MCTS_SECOND_ISA)
+constexpr int32_t kAvx2MinRow = 8, kAvx2MinBits = 8;
+inline bool avx2_here() { return true; }
+#else
+constexpr int32_t kAvx2MinRow = 16, kAvx2MinBits = 32;
+inline bool avx2_here() { return rlk::simd::use_avx2(); }
+#endif
+#endif
+
 // out[i] = exp(in[i] - shift) for i < k (in may be out); returns the sum.
 inline float exp_shifted_sum(const float* in, float* out, int32_t k, float shift) {
   int32_t i = 0;
@@ -257,7 +271,7 @@ inline float exp_shifted_sum(const float* in, float* out, int32_t k, float shift
 #if defined(__GNUC__)
   v4f acc = splat(0.f);
 #if defined(RLK_MCTS_AVX2)
-  if (k >= 16 && rlk::simd::use_avx2()) {
+  if (k >= kAvx2MinRow && avx2_here()) {
     i = k & ~7;
     exp_shifted_avx2(in, out, i, shift, &acc);
   }
@@ -308,6 +322,71 @@ inline float max_of(const float* x, int64_t n) {
   return mx;
 }
 
+#if defined(RLK_MCTS_SECOND_ISA)
+// legal_softmax (below) for a row without mask of 8 to 16 actions, in the AVX2 build: two
+// eight-lane steps, the second partly filled, in place of the eight-, four- and one-lane
+// steps of the general code (whose fixed costs made up most of a 9-action expansion). Each
+// exponential and prior is the general code's (fast_exp8, fast_exp4 and fast_exp agree
+// lane by lane on the finite and -inf inputs that reach here), and the sums add in its
+// order: acc holds elements l, l + 4, l + 8, ... for the blocks of four it covers, then the
+// rest one by one. So the edges come out the same bits. Returns false, having written
+// nothing, for a row whose logits are all -inf (the general code's uniform case).
+bool softmax_8_to_16(const float* logits, int32_t k, int32_t* actions, Forest::Edge* edge, int32_t* best,
+                     float* total) {
+  const int32_t r = k - 8;  // lanes used in the second step, 0..8
+  const v8i lane = v8i{0, 1, 2, 3, 4, 5, 6, 7};
+  const v8i valid = lane < v8i{r, r, r, r, r, r, r, r};
+  v8f x1;
+  std::memcpy(&x1, logits, sizeof(x1));
+  // A masked load reads nothing past the row; the unused lanes become -inf (exp: 0).
+  v8f x2 = (v8f)_mm256_maskload_ps(logits + 8, (__m256i)valid);
+  x2 = valid ? x2 : splat8(kNegInf);
+  const v8f m8 = x1 > x2 ? x1 : x2;
+  float mx = kNegInf;
+  for (int l = 0; l < 8; ++l) mx = std::max(mx, m8[l]);
+  if (mx == kNegInf) return false;
+  std::memcpy(actions, &lane, sizeof(lane));
+  _mm256_maskstore_epi32(actions + 8, (__m256i)valid, (__m256i)(lane + 8));
+  const v8f e1 = fast_exp8(x1 - splat8(mx)), e2 = fast_exp8(x2 - splat8(mx));
+  v4f acc = v4f{e1[0], e1[1], e1[2], e1[3]} + v4f{e1[4], e1[5], e1[6], e1[7]};
+  int32_t j = 0;
+  if (r >= 4) {
+    acc += v4f{e2[0], e2[1], e2[2], e2[3]};
+    j = 4;
+    if (r == 8) {
+      acc += v4f{e2[4], e2[5], e2[6], e2[7]};
+      j = 8;
+    }
+  }
+  float sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  for (; j < r; ++j) sum += e2[j];
+  const v8f vinv = splat8(1.0f / sum);
+  const v8f p1 = e1 * vinv, p2 = e2 * vinv;  // p2 is +0 in the unused lanes
+  float t = 0.f;
+  for (int l = 0; l < 8; ++l) t += p1[l];
+  for (int l = 0; l < r; ++l) t += p2[l];
+  // The first largest prior: every prior is >= +0 and the largest > 0, so the unused
+  // lanes' +0 never wins.
+  const v8f pm = p1 > p2 ? p1 : p2;
+  float top = 0.f;
+  for (int l = 0; l < 8; ++l) top = std::max(top, pm[l]);
+  const int hit1 = _mm256_movemask_ps((__m256)(p1 == splat8(top)));
+  const int hit2 = _mm256_movemask_ps((__m256)(p2 == splat8(top))) & ((1 << r) - 1);
+  *best = hit1 ? __builtin_ctz(hit1) : 8 + __builtin_ctz(hit2);
+  *total = t;
+  const v8f blank = (v8f)(v8i{0, 0, 0, -1, 0, 0, 0, -1});
+  const v8i lanes26 = v8i{0, 0, -1, 0, 0, 0, -1, 0};
+  *reinterpret_cast<v8f_any*>(edge) = lanes26 ? RLK_PAIR_SPLAT(p1, 0, 1) : blank;
+  *reinterpret_cast<v8f_any*>(edge + 2) = lanes26 ? RLK_PAIR_SPLAT(p1, 2, 3) : blank;
+  *reinterpret_cast<v8f_any*>(edge + 4) = lanes26 ? RLK_PAIR_SPLAT(p1, 4, 5) : blank;
+  *reinterpret_cast<v8f_any*>(edge + 6) = lanes26 ? RLK_PAIR_SPLAT(p1, 6, 7) : blank;
+  const v4f blank4 = (v4f)(v4i{0, 0, 0, -1});
+  const v4i lane2 = v4i{0, 0, -1, 0};
+  for (int l = 0; l < r; ++l) store4(edge + 8 + l, select(lane2, splat(p2[l]), blank4));
+  return true;
+}
+#endif
+
 // Writes the softmax of the legal logits as fresh (unexpanded) edge records, one per
 // legal action in action order, and their actions; `best` gets the offset of the first
 // largest prior and `total` the sum of the priors (added in edge order). `tmp` holds A
@@ -315,6 +394,9 @@ inline float max_of(const float* x, int64_t n) {
 // masking has the same effect).
 int32_t legal_softmax(const float* logits, const uint8_t* legal, int64_t A, const int32_t* iota, int32_t* actions,
                       float* tmp, Forest::Edge* edge, int32_t* best, float* total) {
+#if defined(RLK_MCTS_SECOND_ISA)
+  if (!legal && A >= 8 && A <= 16 && softmax_8_to_16(logits, int32_t(A), actions, edge, best, total)) return int32_t(A);
+#endif
   int32_t k = 0;
   float mx = kNegInf;
   if (legal) {
@@ -362,7 +444,7 @@ int32_t legal_softmax(const float* logits, const uint8_t* legal, int64_t A, cons
   float top8 = kNegInf;
   int32_t first8 = -1;
 #if defined(RLK_MCTS_AVX2)
-  if (k >= 16 && rlk::simd::use_avx2()) {
+  if (k >= kAvx2MinRow && avx2_here()) {
     i = k & ~7;
     scale_edges_avx2(tmp, i, inv, edge, &t, &top8, &first8);
   }
@@ -426,7 +508,7 @@ bool has_nan_or_pos_inf(const float* x, int64_t n) {
   uint32_t bad = 0;
   int64_t i = 0;
 #if defined(RLK_MCTS_AVX2)
-  if (n >= 32 && rlk::simd::use_avx2()) {
+  if (n >= kAvx2MinBits && avx2_here()) {
     i = n & ~int64_t(7);
     if (nan_or_pos_inf_avx2(x, i)) return true;
   }
