@@ -361,7 +361,7 @@ bool softmax_8_to_16(const float* logits, int32_t k, int32_t* actions, Forest::E
   float sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
   for (; j < r; ++j) sum += e2[j];
   const v8f vinv = splat8(1.0f / sum);
-  const v8f p1 = e1 * vinv, p2 = e2 * vinv;  // p2 is +0 in the unused lanes
+  v8f p1 = e1 * vinv, p2 = e2 * vinv;  // +0 in p2's unused lanes; not const, for clang's shuffle
   float t = 0.f;
   for (int l = 0; l < 8; ++l) t += p1[l];
   for (int l = 0; l < r; ++l) t += p2[l];
@@ -1182,6 +1182,22 @@ int32_t Forest::gumbel_root_edge(int64_t b, std::vector<Child>& buf) const {
     // costly part, are only needed when there are several: as in the first round of
     // sequential halving (only unexpanded edges) and at the end of every round.
     const size_t xi = size_t(b * N_);
+#if defined(RLK_MCTS_SECOND_ISA)
+    // With target > 0 the candidates are exactly the edges with `target` visits in this
+    // search (an unexpanded edge has none), which for up to 16 edges two eight-lane
+    // compares of the visit counts find, in place of walking the children list.
+    if (target > 0 && ne <= 16) {
+      const v8i lane = v8i{0, 1, 2, 3, 4, 5, 6, 7}, vt = v8i{target, target, target, target, target, target, target, target};
+      const v8i lo = lane < v8i{ne, ne, ne, ne, ne, ne, ne, ne};
+      const v8i hi = lane + 8 < v8i{ne, ne, ne, ne, ne, ne, ne, ne};
+      const v8i n0 = (v8i)_mm256_maskload_epi32(search_visits, (__m256i)lo);
+      const v8i n1 = (v8i)_mm256_maskload_epi32(search_visits + 8, (__m256i)hi);
+      const uint32_t hits = uint32_t(_mm256_movemask_ps((__m256)((n0 == vt) & lo))) |
+                            uint32_t(_mm256_movemask_ps((__m256)((n1 == vt) & hi))) << 8;
+      if (hits != 0 && (hits & (hits - 1)) == 0) return fe + __builtin_ctz(hits);
+      goto several;  // several candidates are scored below; none falls back as there
+    }
+#endif
     const int32_t* kids = kids_.data() + b * E_ + nodes_[xi].first_edge;
     int32_t candidates = target == 0 && unexp >= 0, lone = unexp;
     for (int32_t j = 0, nk = nodes_[xi].num_kids; j < nk && candidates < 2; ++j) {
@@ -1191,6 +1207,9 @@ int32_t Forest::gumbel_root_edge(int64_t b, std::vector<Child>& buf) const {
     }
     if (candidates == 1) return fe + lone;
   }
+#if defined(RLK_MCTS_SECOND_ISA)
+several:
+#endif
   Completed cq;
   completed(b, 0, buf, cq);
   // Unexpanded edges have no visits in this search and share sigma(completed value).
