@@ -169,8 +169,8 @@ def _mask(name: str, x) -> Optional[np.ndarray]:
 
 def _core_class():
     """The C++ forest for this CPU: the AVX2 build where the CPU runs it (the same results
-    bit for bit, in about 10% fewer instructions), the baseline x86-64 build otherwise or
-    when ``RLKERN_DISABLE_AVX2`` is set."""
+    bit for bit, in about a fifth fewer instructions per Gumbel simulation at 9 actions),
+    the baseline x86-64 build otherwise or when ``RLKERN_DISABLE_AVX2`` is set."""
     m = core().mcts
     return m.ForestAVX2 if hasattr(m, "ForestAVX2") and m.cpu_has_avx2() else m.Forest
 
