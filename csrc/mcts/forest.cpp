@@ -132,12 +132,7 @@ inline v4f fast_exp4(v4f x) {
 // order (the low half, then the high half, is elements i..i+3, then i+4..i+7): the same
 // bits as the SSE loop. Large rows (the Go-sized action spaces) spend most of an
 // expansion here.
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2")
-#endif
+RLK_AVX2_REGION_BEGIN
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 
@@ -243,11 +238,7 @@ bool nan_or_pos_inf_avx2(const float* x, int64_t n8) {
   const v4i b4 = v4i{bad[0], bad[1], bad[2], bad[3]} | v4i{bad[4], bad[5], bad[6], bad[7]};
   return (b4[0] | b4[1] | b4[2] | b4[3]) != 0;
 }
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+RLK_AVX2_REGION_END
 #endif
 
 #if defined(RLK_MCTS_AVX2)

@@ -27,20 +27,9 @@
 #include "rlkern/parallel.h"
 #include "rlkern/simd.h"
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2")
-#endif
-
+RLK_AVX2_REGION_BEGIN
 #define RLK_MCTS_ISA isa_avx2
 #define RLK_MCTS_SECOND_ISA 1
 #include "forest.cpp"
-
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+RLK_AVX2_REGION_END
 #endif  // RLK_MCTS_HAS_AVX2

@@ -34,6 +34,19 @@ inline bool use_avx512() {
 }
 }  // namespace rlk::simd
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__CUDACC__)
+// Brackets code whose functions are compiled for AVX2 without FMA (so that every float
+// operation rounds as under SSE), with GCC and clang alike: a file that compiles a body
+// for two instruction sets puts the second copy between them.
+#if defined(__clang__)
+#define RLK_AVX2_REGION_BEGIN _Pragma("clang attribute push(__attribute__((target(\"avx2\"))), apply_to = function)")
+#define RLK_AVX2_REGION_END _Pragma("clang attribute pop")
+#else
+#define RLK_AVX2_REGION_BEGIN _Pragma("GCC push_options") _Pragma("GCC target(\"avx2\")")
+#define RLK_AVX2_REGION_END _Pragma("GCC pop_options")
+#endif
+#endif
+
 #if defined(__GNUC__) && !defined(__CUDACC__)
 #define RLK_SIMD 1
 // 32-byte vectors only cross always-inline helpers, never a real call boundary.
