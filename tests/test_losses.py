@@ -1288,3 +1288,72 @@ def test_reading_some_metrics_matches_the_full_call(name, dtype):
         assert torch.equal(part.metrics[k], full.metrics[k]), (k, part.metrics[k], full.metrics[k])
     for g, e in zip(grads, full_grads):
         assert torch.equal(torch.zeros_like(e) if g is None else g, e)
+
+
+# ---------------------------------------------------------------------------------------
+# float32 weights beside bfloat16/float16 log-probs (verl's rollout IS weights)
+
+MIXED_WEIGHT_CASES = {
+    # name: (tensors needed, options, metrics read: None for all)
+    "weights": (("weights",), dict(), None),
+    "weights_tis_mask": OPTION_CASES["weights_tis_mask"] + (None,),
+    "weights_sequence": OPTION_CASES["weights_sequence"] + (None,),
+    "weights_cispo_kl": OPTION_CASES["weights_cispo_kl"] + (None,),
+    "everything_token": OPTION_CASES["everything_token"] + (None,),
+    "everything_sequence": OPTION_CASES["everything_sequence"] + (None,),
+    "sapo": (("weights",), dict(objective="sapo", log_ratio_clamp=20.0, agg="seq-mean-token-mean"), None),
+    "dppo_kl": (("weights",), dict(objective="dppo_kl", ratio_cap=1.1, log_ratio_clamp=20.0), None),
+    # the lean vector profile of a reading caller (verl's REINFORCE and gpg with IS weights)
+    "reinforce_lean": READING_CASES["reinforce_weights"],
+    "dro_k1_lean": READING_CASES["dro_k1_weights"],
+    "cispo_lean": READING_CASES["cispo_weights"],
+}
+
+
+def _same_bits(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, (what, actual.dtype, expected.dtype)
+    ints = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
+            torch.float16: torch.int16}[actual.dtype]
+    assert torch.equal(actual.contiguous().view(ints), expected.contiguous().view(ints)), what
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("scale", [1.0, 0.37])
+@pytest.mark.parametrize("name", list(MIXED_WEIGHT_CASES))
+def test_float32_weights_beside_half_inputs_give_the_float32_result(backend, dtype, scale, name):
+    """float32 weights with bfloat16/float16 log-probs: the kernels read each input in its own
+    type instead of copying the log-probs to float32, and give, bit for bit, the loss, metrics
+    and gradients of the same call on float32 copies of the narrow inputs (what such a call
+    computed before), under a unit and a scaled incoming gradient."""
+    needs, options, reading = MIXED_WEIGHT_CASES[name]
+    # rows over several 8-token steps and blocks, with tails, padding and an all-masked row
+    batch = make_batch(5, 300, seed=21)
+
+    def call(narrow):
+        args, opts = build(batch, needs, options, narrow)
+        wide = {k: v for k, v in opts.items() if isinstance(v, torch.Tensor)}
+        opts["weights"] = batch["weights"].to(torch.float32)
+        if narrow == torch.float32:  # the former path: every narrow input copied to float32
+            args = tuple(a.to(dtype).float().requires_grad_(a.requires_grad) if a.is_floating_point() else a
+                         for a in args)
+            for k, v in wide.items():
+                opts[k] = v.to(dtype).float().requires_grad_(v.requires_grad)
+            opts["weights"] = batch["weights"].to(torch.float32)
+        with rlkern.use_backend(backend):
+            if reading is None:
+                out = losses.policy_loss(*args, **opts)
+            else:
+                out = losses._policy_loss_reading(reading, *args, **opts)
+        leaves = [args[0]] + ([opts["entropy"]] if "entropy" in opts else [])
+        grads = torch.autograd.grad(out.loss * scale if scale != 1.0 else out.loss, leaves)
+        return out, [g.to(dtype) for g in grads]
+
+    out, grads = call(dtype)
+    expected, expected_grads = call(torch.float32)
+    _same_bits(out.loss, expected.loss, "loss")
+    assert set(out.metrics) == set(expected.metrics)
+    for k in expected.metrics:
+        _same_bits(out.metrics[k], expected.metrics[k], f"metric {k}")
+    for i, (g, e) in enumerate(zip(grads, expected_grads)):
+        _same_bits(g, e, f"grad {i}")

@@ -56,6 +56,12 @@ struct PolicyParams {
   ptr_t ref_logp = 0, rollout_logp = 0, entropy = 0;  // 0 when not given
   ptr_t weights = 0;  // per-token policy-term weights, 0 when not given
   ptr_t off_policy_logp = 0;  // behaviour log-probs of the off-policy mask, 0: rollout_logp (or old_logp)
+  // float32 weights beside bfloat16/float16 storage: read as float32 where they lie, rather
+  // than every log-prob copied to float32 so that all inputs share one storage type.
+  bool weights_f32 = false;
+  // The gradient buffers are float32 whatever the storage type (with weights_f32: the
+  // gradient such a call wrote before, when its inputs were all copied to float32).
+  bool grad_f32 = false;
   bool adv_per_token = false;
   int objective = kClip;
   bool seq_level = false;
@@ -360,7 +366,26 @@ struct PolicyInputs {
   const acc_t<T>* adv;
   const uint8_t* mask;
   T* grad;  // storage type of logp: the gradient is written finished (scale folded in)
+  const float* weights32;  // PolicyParams::weights_f32: the weights as float32 (else null)
+  float* grad32;           // PolicyParams::grad_f32: the gradient as float32 (else null, `grad` used)
 };
+
+// The caller's weight at token i, read in its own type (float32 beside narrower storage).
+template <class T>
+RLK_LOSS_INLINE acc_t<T> load_weight(const PolicyInputs<T>& in, int64_t i) {
+  if (!std::is_same<T, float>::value && in.weights32) return acc_t<T>(in.weights32[i]);
+  return load(in.weights, i);
+}
+
+// Writes the finished gradient at token i into the gradient buffer's type. (float32 storage
+// never has a separate float32 buffer: the test is compiled out.)
+template <class T>
+RLK_LOSS_INLINE void store_grad(const PolicyInputs<T>& in, int64_t i, acc_t<T> v) {
+  if (!std::is_same<T, float>::value && in.grad32)
+    in.grad32[i] = float(v);
+  else
+    store(in.grad, i, v);
+}
 
 // Tokens per lane group and per float flush: lanes keep W independent partial sums (so the
 // loop vectorises without reassociating a reduction), flushed into double every block.
@@ -399,7 +424,7 @@ RLK_LOSS_INLINE void token_step(const PolicyInputs<T>& in, const RowConst<acc_t<
     h = load(in.ent, i);
     rolv = m ? rolv : zero;
     h = m ? h : zero;
-    const A w = load(in.weights, i);
+    const A w = load_weight(in, i);
     wv = c.has_weights ? (m ? w : zero) : wv;
   }
   if (!SEQ) {
@@ -410,7 +435,7 @@ RLK_LOSS_INLINE void token_step(const PolicyInputs<T>& in, const RowConst<acc_t<
   }
   if (OBJ) {
     const ExtraTerms<A> e = token_terms_obj<A, KL, SEQ, EXTRA>(c, lp, o, a, refv, rolv, h, wv);
-    store(in.grad, i, m ? c.grad_w * e.t.grad : zero);
+    store_grad(in, i, m ? c.grad_w * e.t.grad : zero);
     L.n[j] += m ? A(1) : zero;
     L.loss[j] += m ? c.row_w * e.t.loss : zero;
     L.dseq[j] += m ? c.grad_w * e.t.dseq : zero;
@@ -428,7 +453,7 @@ RLK_LOSS_INLINE void token_step(const PolicyInputs<T>& in, const RowConst<acc_t<
     return;
   }
   const TokenTerms<A> tt = token_terms<A, KL, SEQ, EXTRA>(c, lp, o, a, refv, rolv, h, wv);
-  store(in.grad, i, m ? c.grad_w * tt.grad : zero);
+  store_grad(in, i, m ? c.grad_w * tt.grad : zero);
   L.n[j] += m ? A(1) : zero;
   L.loss[j] += m ? c.row_w * tt.loss : zero;
   L.dseq[j] += m ? c.grad_w * tt.dseq : zero;
@@ -537,6 +562,20 @@ RLK_LOSS_INLINE void vstore(float* p, int64_t i, vf v) { rlk::simd::store8(p, i,
 RLK_LOSS_INLINE void vstore(bf16* p, int64_t i, vf v) { rlk::simd::store8(p, i, v); }
 
 RLK_LOSS_INLINE vi load_mask(const uint8_t* mp) { return rlk::simd::mask_bytes(mp); }
+
+// load_weight and store_grad of 8 tokens.
+template <class T>
+RLK_LOSS_INLINE vf vload_weight(const PolicyInputs<T>& in, int64_t i) {
+  if (!std::is_same<T, float>::value && in.weights32) return vload(in.weights32, i);
+  return vload(in.weights, i);
+}
+template <class T>
+RLK_LOSS_INLINE void vstore_grad(const PolicyInputs<T>& in, int64_t i, vf v) {
+  if (!std::is_same<T, float>::value && in.grad32)
+    vstore(in.grad32, i, v);
+  else
+    vstore(in.grad, i, v);
+}
 // Whether none of the kVec mask bytes at mp is set.
 RLK_LOSS_INLINE bool none_active(const uint8_t* mp) {
   uint64_t q;
@@ -619,7 +658,7 @@ RLK_LOSS_INLINE bool finish_terms_v(const PolicyInputs<T>& in, const RowConstV& 
   const vf zero = splat(0.0f), one = splat(1.0f), half = splat(0.5f);
   if (LEAN && c.has_weights) {
     // The lean profile (see policy_lean): the caller's weights are the only token factor.
-    const vf w = t.m ? vload(in.weights, i) : zero;
+    const vf w = t.m ? vload_weight(in, i) : zero;
     pg *= w;
     direct *= w;
   }
@@ -643,7 +682,7 @@ RLK_LOSS_INLINE bool finish_terms_v(const PolicyInputs<T>& in, const RowConstV& 
                            : (wt > c.tis_cap ? c.tis_cap : (wt < c.tis_min ? c.tis_min : wt));
       weight *= wt;
     }
-    if (c.has_weights) weight *= t.m ? vload(in.weights, i) : zero;  // the caller's per-token weights
+    if (c.has_weights) weight *= t.m ? vload_weight(in, i) : zero;  // the caller's per-token weights
     pg *= weight;
     dr *= weight;
     direct *= weight;
@@ -755,7 +794,7 @@ RLK_LOSS_INLINE void token_step_v(const PolicyInputs<T>& in, const RowConstV& c,
   const bool kl_uses_ratio = finish_terms_v<T, KL, EXTRA, LEAN>(in, c, i, t, r, pg, dr, direct, l, kl, L);
   // As in token_terms: the ratio's derivative only where the ratio enters the loss.
   const vf g = (SEQ || LEAN) ? direct : ((c.clip_objective || kl_uses_ratio) ? direct + dr * r * dx : direct);
-  vstore(in.grad, i, m ? c.grad_w * g : zero);
+  vstore_grad(in, i, m ? c.grad_w * g : zero);
   L.n += m ? one : zero;
   L.loss += m ? c.row_w * l : zero;
   if (SEQ) L.dseq += m ? c.grad_w * dr : zero;
@@ -906,7 +945,7 @@ RLK_LOSS_INLINE void token_step_obj_v(const PolicyInputs<T>& in, const RowConstV
   vf l, kl;
   uses_ratio |= finish_terms_v<T, KL, EXTRA>(in, c, i, t, r, pg, dr, direct, l, kl, L);
   const vf g = SEQ ? direct : (uses_ratio ? direct + dr * r * dx : direct);
-  vstore(in.grad, i, m ? c.grad_w * g : zero);
+  vstore_grad(in, i, m ? c.grad_w * g : zero);
   L.n += m ? one : zero;
   L.loss += m ? c.row_w * l : zero;
   if (SEQ) L.dseq += m ? c.grad_w * dr : zero;
@@ -920,6 +959,33 @@ RLK_LOSS_INLINE void token_step_obj_v(const PolicyInputs<T>& in, const RowConstV
   if (!SEQ && c.w_approxc) L.approxc += m ? -x : zero;  // x is the clamped log-ratio here
 }
 #endif
+
+// g[t] = m[t] ? v : 0 over one row, in the gradient buffer's type G.
+template <class G>
+RLK_LOSS_INLINE void fill_row(G* g, const uint8_t* m, int64_t n, acc_t<G> v) {
+  int64_t t = 0;
+#ifdef RLK_POLICY_SIMD
+  if constexpr (kSimd<G>) t = rlk::simd::fill_masked(g, m, n, float(v));
+#endif
+  for (; t < n; ++t) store(g, t, m[t] ? v : acc_t<G>(0));
+}
+
+// g[t] += add at the active tokens of one row (the sequence ratio's share of the gradient).
+template <class G>
+RLK_LOSS_INLINE void add_row(G* g, const uint8_t* m, int64_t n, acc_t<G> add) {
+  int64_t t = 0;
+#ifdef RLK_POLICY_SIMD
+  if constexpr (kSimd<G>) {
+    for (; t + kVec <= n; t += kVec) {
+      const vi mm = load_mask(m + t);
+      const vf cur = vload(g, t);
+      vstore(g, t, mm ? cur + add : cur);
+    }
+  }
+#endif
+  for (; t < n; ++t)
+    if (m[t]) store(g, t, acc_t<G>(load(g, t)) + add);
+}
 
 template <class T, int KL, bool SEQ, bool EXTRA, bool OBJ, bool LEAN = false>
 RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, int64_t row_end, double* stats) {
@@ -937,7 +1003,10 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
   in.adv = as_ptr<const A>(p.advantages);
   in.mask = as_ptr<const uint8_t>(p.mask);
   in.grad = as_ptr<T>(p.grad_logp);
-  T* grad_ent = as_ptr<T>(p.grad_entropy);
+  in.weights32 = p.weights_f32 && p.weights ? as_ptr<const float>(p.weights) : nullptr;
+  in.grad32 = p.grad_f32 ? as_ptr<float>(p.grad_logp) : nullptr;
+  T* grad_ent = p.grad_f32 ? nullptr : as_ptr<T>(p.grad_entropy);
+  float* grad_ent32 = p.grad_f32 ? as_ptr<float>(p.grad_entropy) : nullptr;
 
   RowConst<A> c;
   c.clip_lo = A(p.clip_lo);
@@ -1206,12 +1275,10 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
       acc[kObjective] = (c.is_cispo && !(tt.ratio >= c.clip_lo && tt.ratio <= c.clip_hi)) ? n : 0.0;
       acc[kObjectiveRow] = n > 0 ? acc[kObjective] / n : 0.0;
       const A gval = c.grad_w * (p.objective == kClip ? tt.grad + tt.dseq * c.seq_ratio * c.seq_dx : tt.grad);
-      T* g = in.grad + base;
-      int64_t t = 0;
-#ifdef RLK_POLICY_SIMD
-      if constexpr (kSimd<T>) t = rlk::simd::fill_masked(g, m, T_, float(gval));
-#endif
-      for (; t < T_; ++t) store(g, t, m[t] ? gval : A(0));
+      if (!std::is_same<T, float>::value && in.grad32)
+        fill_row(in.grad32 + base, m, T_, float(gval));
+      else
+        fill_row(in.grad + base, m, T_, gval);
       for (int k = 0; k < kNumStats; ++k) stats[b * kNumStats + k] = acc[k];
       continue;
     }
@@ -1228,7 +1295,7 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
           // Padding after a sequence's end is masked in runs: such a step adds nothing to
           // any total (its inputs read as 0) and its gradient is 0.
           if (none_active(m + t)) {
-            vstore(in.grad, base + t, splat(0.0f));
+            vstore_grad(in, base + t, splat(0.0f));
             continue;
           }
           token_step_v<T, KL, SEQ, EXTRA, LEAN>(in, cv, base + t, adv_base + t * adv_step, p.adv_per_token, V);
@@ -1255,7 +1322,7 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
         V.clear();
         for (; t + kVec <= t1; t += kVec) {
           if (none_active(m + t)) {
-            vstore(in.grad, base + t, splat(0.0f));
+            vstore_grad(in, base + t, splat(0.0f));
             continue;
           }
           token_step_obj_v<T, KL, SEQ, EXTRA>(in, cv, qv, base + t, adv_base + t * adv_step, p.adv_per_token, V);
@@ -1302,23 +1369,19 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
         (p.objective == kClip || p.objective == kSapo || (p.kl_coef != 0.0 && p.kl_correction && KL != 0))) {
       // r = exp(mean_t (lp_t - old_t)): dr/dlp_t = r / n for every active token.
       const A add = A(dseq) * c.seq_ratio * c.seq_dx / A(acc[kActive]);
-      T* g = in.grad + base;
-      int64_t t = 0;
-#ifdef RLK_POLICY_SIMD
-      if constexpr (kSimd<T>) {
-        for (; t + kVec <= T_; t += kVec) {
-          const vi mm = load_mask(m + t);
-          const vf cur = vload(g, t);
-          vstore(g, t, mm ? cur + add : cur);
-        }
-      }
-#endif
-      for (; t < T_; ++t)
-        if (m[t]) store(g, t, A(load(g, t)) + add);
+      if (!std::is_same<T, float>::value && in.grad32)
+        add_row(in.grad32 + base, m, T_, float(add));
+      else
+        add_row(in.grad + base, m, T_, add);
     }
-    if (grad_ent) {
+    if (grad_ent || grad_ent32) {
       const A ge = -A(p.entropy_coef) * c.grad_w;
-      for (int64_t t = 0; t < T_; ++t) store(grad_ent, base + t, m[t] ? ge : A(0));
+      for (int64_t t = 0; t < T_; ++t) {
+        if (grad_ent32)
+          grad_ent32[base + t] = float(m[t] ? ge : A(0));
+        else
+          store(grad_ent, base + t, m[t] ? ge : A(0));
+      }
     }
     for (int k = 0; k < kNumStats; ++k) stats[b * kNumStats + k] = acc[k];
   }
@@ -1750,6 +1813,8 @@ void bind(py::module_& m) {
       .def_readwrite("rollout_logp", &PolicyParams::rollout_logp)
       .def_readwrite("weights", &PolicyParams::weights)
       .def_readwrite("off_policy_logp", &PolicyParams::off_policy_logp)
+      .def_readwrite("weights_f32", &PolicyParams::weights_f32)
+      .def_readwrite("grad_f32", &PolicyParams::grad_f32)
       .def_readwrite("entropy", &PolicyParams::entropy)
       .def_readwrite("adv_per_token", &PolicyParams::adv_per_token)
       .def_readwrite("objective", &PolicyParams::objective)

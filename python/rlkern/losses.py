@@ -71,6 +71,24 @@ def _policy_dtypes(logp, old_logp, advantages, tensors) -> "tuple[torch.dtype, t
     return _storage(logp, old_logp, *tensors.values()), acc
 
 
+def _input_storage(storage: torch.dtype, acc: torch.dtype, logp, old_logp, tensors,
+                   narrow=(torch.bfloat16,)) -> "tuple[torch.dtype, bool]":
+    """(storage dtype the kernels read the [B, T] inputs in, whether the weights stay
+    float32 beside them). float32 weights next to narrower log-probs make the common storage
+    float32 (``_policy_dtypes``), which would copy every log-prob to float32: the kernels
+    instead read those inputs as they are and the weights as float32. The gradients keep
+    ``storage`` (float32 there), so the result is the same bit for bit. ``narrow``: the
+    storage types this holds for; the C++ kernel's is bfloat16 alone (float16 rows take its
+    scalar body, whose sums run in another order than float32's vector body)."""
+    weights = tensors["weights"]
+    if weights is None or weights.dtype != torch.float32 or storage != torch.float32 or acc != torch.float32:
+        return storage, False
+    rest = _storage(logp, old_logp, *(t for k, t in tensors.items() if k != "weights"))
+    if rest in narrow:
+        return rest, True
+    return storage, False
+
+
 def _as(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
     if t is None:
         return None
@@ -358,20 +376,23 @@ def _policy_cpu(logp, old_logp, advantages, mask, cfg: PolicyLossConfig, tensors
     B, T = logp.shape
     ref_logp, rollout_logp, entropy = tensors["ref_logp"], tensors["rollout_logp"], tensors["entropy"]
     storage, acc = _policy_dtypes(logp, old_logp, advantages, tensors)
+    inputs, weights_f32 = _input_storage(storage, acc, logp, old_logp, tensors)
     device = logp.device
 
     def run():
-        lp = _as(logp, storage)
-        old = _as(old_logp, storage)
-        ref = _as(ref_logp, storage)
-        roll = _as(rollout_logp, storage)
-        ent = _as(entropy, storage)
-        wts = _as(tensors["weights"], storage)
-        behaviour = _as(tensors["off_policy_logp"], storage)
+        lp = _as(logp, inputs)
+        old = _as(old_logp, inputs)
+        ref = _as(ref_logp, inputs)
+        roll = _as(rollout_logp, inputs)
+        ent = _as(entropy, inputs)
+        wts = _as(tensors["weights"], torch.float32 if weights_f32 else inputs)
+        behaviour = _as(tensors["off_policy_logp"], inputs)
         adv = _as(advantages, acc)
         m = _mask_bytes(mask)
         p = _policy_params(cfg, B, T)
         p.dtype = dtype_code(lp)
+        # the gradients in `storage` (float32) while the inputs are read narrower
+        p.weights_f32 = p.grad_f32 = weights_f32
         p.logp, p.old_logp, p.advantages, p.mask = ptr(lp), ptr(old), ptr(adv), ptr(m)
         p.ref_logp = ptr(ref) if ref is not None else 0
         p.rollout_logp = ptr(roll) if roll is not None else 0

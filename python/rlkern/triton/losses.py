@@ -528,17 +528,21 @@ def policy_loss(logp, old_logp, advantages, mask, cfg, tensors: Dict[str, Option
                 want_entropy_grad: bool):
     """Runs the fused kernel; returns (loss, metrics, grad_logp, grad_entropy), the gradients
     finished and in the inputs' storage dtype (as the C++ path)."""
-    from ..losses import _agg_denominator, _as, _mask_bytes, _metrics_from_totals, _policy_dtypes, _row_scale
+    from ..losses import (_agg_denominator, _as, _input_storage, _mask_bytes, _metrics_from_totals, _policy_dtypes,
+                          _row_scale)
     from ..reference.kl import clamp_bounds
     from ..reference.losses import entropy_threshold
 
     B, T = logp.shape
     ref_logp, rollout_logp, entropy = tensors["ref_logp"], tensors["rollout_logp"], tensors["entropy"]
     storage, acc = _policy_dtypes(logp, old_logp, advantages, tensors)
-    lp, old = _as(logp, storage), _as(old_logp, storage)
-    ref, roll, ent = _as(ref_logp, storage), _as(rollout_logp, storage), _as(entropy, storage)
-    wts = _as(tensors.get("weights"), storage)
-    offlp = _as(tensors.get("off_policy_logp"), storage)
+    # float32 weights beside bfloat16/float16 log-probs: each pointer is loaded in its own
+    # type, so the log-probs are not copied to float32 (the gradient stays in `storage`)
+    inputs, weights_f32 = _input_storage(storage, acc, logp, old_logp, tensors, (torch.bfloat16, torch.float16))
+    lp, old = _as(logp, inputs), _as(old_logp, inputs)
+    ref, roll, ent = _as(ref_logp, inputs), _as(rollout_logp, inputs), _as(entropy, inputs)
+    wts = _as(tensors.get("weights"), torch.float32 if weights_f32 else inputs)
+    offlp = _as(tensors.get("off_policy_logp"), inputs)
     adv = _as(advantages, acc)
     m = _mask_bytes(mask)
     grad = torch.empty((B, T), dtype=storage, device=lp.device)
