@@ -241,3 +241,42 @@ def test_kl_penalty_avx512_body_matches_avx2(tmp_path, dtype):
     wide, narrow = torch.load(tmp_path / "out_avx512.pt"), torch.load(tmp_path / "out_avx2.pt")
     for a, b in zip(wide, narrow):
         assert_close(a, b, 1e-6, "AVX-512 vs AVX2")
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    ints = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
+            torch.float16: torch.int16}[t.dtype]
+    # NaNs compared as NaN (their payloads are not part of the contract)
+    return torch.where(torch.isnan(t), torch.zeros((), dtype=ints), t.contiguous().view(ints))
+
+
+@pytest.mark.parametrize("retain", [False, True])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                    (torch.float16, torch.float16), (torch.float64, torch.float64),
+                                    (torch.bfloat16, torch.float32)], ids=str)
+@pytest.mark.parametrize("kind,clamp", [("k1", None), ("k2", None), ("k3", 10.0), ("k3", (None, 0.1))])
+def test_per_token_incoming_gradient_scales_the_saved_derivative_bit_for_bit(kind, clamp, dtypes, retain):
+    """A per-token incoming gradient (verl's agg_loss backward) scales the derivative the
+    forward wrote in one compiled pass: bit for bit torch's ``d.mul_(g)`` (``(d * g)`` under
+    retain_graph), the former eager formula, NaN and infinite entries included."""
+    lp_dtype, ref_dtype = dtypes
+    logp, refp = _inputs((7, 301), seed=3, spread=3.0)
+    logp[0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), -60.0], dtype=torch.float64)
+    logp, refp = logp.to(lp_dtype), refp.to(ref_dtype)
+    storage = lp_dtype if lp_dtype == ref_dtype else torch.float32
+    with rlkern.use_backend("cpu"):
+        # the derivative as stored (a unit incoming gradient hands the buffer over unscaled)
+        x = logp.to(storage).requires_grad_()
+        (d,) = torch.autograd.grad(kl.kl_penalty(x, refp, kind, clamp).sum(), x)
+        x = logp.clone().requires_grad_()
+        out = kl.kl_penalty(x, refp, kind, clamp)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(out.dtype)
+    g[1, :3] = torch.tensor([0.0, float("inf"), float("nan")], dtype=out.dtype)
+    (got,) = torch.autograd.grad(out, x, grad_outputs=g, retain_graph=retain)
+    expected = (d * g).to(lp_dtype)
+    assert got.dtype == lp_dtype
+    assert torch.equal(_bits(got), _bits(expected))
+    assert torch.equal(torch.isnan(got), torch.isnan(expected))
+    if retain:  # the buffer is kept: a second backward gives the same
+        (again,) = torch.autograd.grad(out, x, grad_outputs=g)
+        assert torch.equal(_bits(again), _bits(expected))
