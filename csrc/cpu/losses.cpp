@@ -1374,14 +1374,10 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
       else
         add_row(in.grad + base, m, T_, add);
     }
-    if (grad_ent || grad_ent32) {
-      const A ge = -A(p.entropy_coef) * c.grad_w;
-      for (int64_t t = 0; t < T_; ++t) {
-        if (grad_ent32)
-          grad_ent32[base + t] = float(m[t] ? ge : A(0));
-        else
-          store(grad_ent, base + t, m[t] ? ge : A(0));
-      }
+    if (grad_ent32) {
+      fill_row(grad_ent32 + base, m, T_, float(-A(p.entropy_coef) * c.grad_w));
+    } else if (grad_ent) {
+      fill_row(grad_ent + base, m, T_, -A(p.entropy_coef) * c.grad_w);
     }
     for (int k = 0; k < kNumStats; ++k) stats[b * kNumStats + k] = acc[k];
   }
