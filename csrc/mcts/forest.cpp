@@ -185,14 +185,22 @@ typedef float v8f_any __attribute__((vector_size(32), aligned(4), may_alias));
 #define RLK_PAIR_SPLAT(p, a, b) __builtin_shuffle(p, v8i{a, a, a, a, b, b, b, b})
 #endif
 
+// Edges [0, 8) get the fresh records {0, 0, p[i], -1}, two per 32-byte store.
+__attribute__((always_inline)) inline void write_edges8(Forest::Edge* edge, v8f p) {
+  const v8f blank = (v8f)(v8i{0, 0, 0, -1, 0, 0, 0, -1});
+  const v8i lanes26 = v8i{0, 0, -1, 0, 0, 0, -1, 0};
+  *reinterpret_cast<v8f_any*>(edge) = lanes26 ? RLK_PAIR_SPLAT(p, 0, 1) : blank;
+  *reinterpret_cast<v8f_any*>(edge + 2) = lanes26 ? RLK_PAIR_SPLAT(p, 2, 3) : blank;
+  *reinterpret_cast<v8f_any*>(edge + 4) = lanes26 ? RLK_PAIR_SPLAT(p, 4, 5) : blank;
+  *reinterpret_cast<v8f_any*>(edge + 6) = lanes26 ? RLK_PAIR_SPLAT(p, 6, 7) : blank;
+}
+
 // legal_softmax's scaling pass over tmp[0..k8) (k8 a multiple of 8): edge i gets the
 // record {0, 0, tmp[i] * inv, -1} (two records per 32-byte store), *t adds the priors in
 // edge order, and *top / *first get the largest prior and the first edge holding it.
 void scale_edges_avx2(const float* tmp, int32_t k8, float inv, Forest::Edge* edge, float* t_io, float* top_out,
                       int32_t* first_out) {
   const v8f vinv = splat8(inv);
-  const v8f blank = (v8f)(v8i{0, 0, 0, -1, 0, 0, 0, -1});
-  const v8i lanes26 = v8i{0, 0, -1, 0, 0, 0, -1, 0};
   v8f vtop = splat8(kNegInf);
   v8i vfirst = v8i{-1, -1, -1, -1, -1, -1, -1, -1}, vidx = v8i{0, 1, 2, 3, 4, 5, 6, 7};
   float t = *t_io;
@@ -204,14 +212,7 @@ void scale_edges_avx2(const float* tmp, int32_t k8, float inv, Forest::Edge* edg
     vtop = up ? p : vtop;
     vfirst = up ? vidx : vfirst;
     for (int l = 0; l < 8; ++l) t += p[l];
-    const v8f r01 = RLK_PAIR_SPLAT(p, 0, 1);
-    const v8f r23 = RLK_PAIR_SPLAT(p, 2, 3);
-    const v8f r45 = RLK_PAIR_SPLAT(p, 4, 5);
-    const v8f r67 = RLK_PAIR_SPLAT(p, 6, 7);
-    *reinterpret_cast<v8f_any*>(edge + i) = lanes26 ? r01 : blank;
-    *reinterpret_cast<v8f_any*>(edge + i + 2) = lanes26 ? r23 : blank;
-    *reinterpret_cast<v8f_any*>(edge + i + 4) = lanes26 ? r45 : blank;
-    *reinterpret_cast<v8f_any*>(edge + i + 6) = lanes26 ? r67 : blank;
+    write_edges8(edge + i, p);
   }
   float top = kNegInf;
   for (int l = 0; l < 8; ++l) top = std::max(top, vtop[l]);
@@ -352,7 +353,7 @@ bool softmax_8_to_16(const float* logits, int32_t k, int32_t* actions, Forest::E
   float sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
   for (; j < r; ++j) sum += e2[j];
   const v8f vinv = splat8(1.0f / sum);
-  v8f p1 = e1 * vinv, p2 = e2 * vinv;  // +0 in p2's unused lanes; not const, for clang's shuffle
+  const v8f p1 = e1 * vinv, p2 = e2 * vinv;  // +0 in p2's unused lanes
   float t = 0.f;
   for (int l = 0; l < 8; ++l) t += p1[l];
   for (int l = 0; l < r; ++l) t += p2[l];
@@ -365,12 +366,7 @@ bool softmax_8_to_16(const float* logits, int32_t k, int32_t* actions, Forest::E
   const int hit2 = _mm256_movemask_ps((__m256)(p2 == splat8(top))) & ((1 << r) - 1);
   *best = hit1 ? __builtin_ctz(hit1) : 8 + __builtin_ctz(hit2);
   *total = t;
-  const v8f blank = (v8f)(v8i{0, 0, 0, -1, 0, 0, 0, -1});
-  const v8i lanes26 = v8i{0, 0, -1, 0, 0, 0, -1, 0};
-  *reinterpret_cast<v8f_any*>(edge) = lanes26 ? RLK_PAIR_SPLAT(p1, 0, 1) : blank;
-  *reinterpret_cast<v8f_any*>(edge + 2) = lanes26 ? RLK_PAIR_SPLAT(p1, 2, 3) : blank;
-  *reinterpret_cast<v8f_any*>(edge + 4) = lanes26 ? RLK_PAIR_SPLAT(p1, 4, 5) : blank;
-  *reinterpret_cast<v8f_any*>(edge + 6) = lanes26 ? RLK_PAIR_SPLAT(p1, 6, 7) : blank;
+  write_edges8(edge, p1);
   const v4f blank4 = (v4f)(v4i{0, 0, 0, -1});
   const v4i lane2 = v4i{0, 0, -1, 0};
   for (int l = 0; l < r; ++l) store4(edge + 8 + l, select(lane2, splat(p2[l]), blank4));
