@@ -62,22 +62,20 @@ def _uniform_value(t: torch.Tensor) -> Optional[float]:
     return t[(0,) * t.dim()].item()
 
 
-def _scale_native(grad: torch.Tensor, grad_out: torch.Tensor, out: torch.Tensor) -> bool:
-    """out = grad * grad_out in grad's dtype, in one compiled pass (csrc/cpu/grad_scale.cpp)
-    where both are plain contiguous CPU tensors of one shape and grad_out is in grad's
-    arithmetic dtype (the estimate's dtype); False where the caller must use torch ops. The
-    result is torch's ``grad.mul_(grad_out)`` (and ``(grad * grad_out).to(grad.dtype)``)
-    to the bit: the product rounded once in the arithmetic dtype, then narrowed to nearest
-    even."""
+def _scale_native(grad: torch.Tensor, grad_out: torch.Tensor, fresh: bool) -> Optional[torch.Tensor]:
+    """grad * grad_out in grad's dtype, in one compiled pass (csrc/cpu/grad_scale.cpp), into a
+    new buffer when ``fresh`` (retain_graph keeps ``grad``) and in place otherwise; None where
+    the caller must use torch ops: both must be plain contiguous CPU tensors of one shape and
+    grad_out in grad's arithmetic dtype (the estimate's dtype). The result is torch's
+    ``grad.mul_(grad_out)`` (and ``(grad * grad_out).to(grad.dtype)``) to the bit: the product
+    rounded once in the arithmetic dtype, then narrowed to nearest even."""
     if not (_validate.cpu_data(grad) and _validate.cpu_data(grad_out) and grad.is_contiguous()
             and grad_out.is_contiguous() and grad_out.shape == grad.shape
-            and grad_out.dtype == compute_dtype(grad) and out.dtype == grad.dtype and out.is_contiguous()):
-        return False
-    grad_core = getattr(core(), "grad", None)
-    if grad_core is None:
-        return False
-    grad_core.scale(grad.numel(), dtype_code(grad), ptr(grad), ptr(grad_out), ptr(out))
-    return True
+            and grad_out.dtype == compute_dtype(grad)):
+        return None
+    out = torch.empty_like(grad) if fresh else grad
+    core().grad.scale(grad.numel(), dtype_code(grad), ptr(grad), ptr(grad_out), ptr(out))
+    return out
 
 
 class _KlPenaltyFunction(torch.autograd.Function):
@@ -126,21 +124,15 @@ class _KlPenaltyFunction(torch.autograd.Function):
                                "pass retain_graph=True to the first backward to run it again")
         keep = _keep_graph()
         scale = _uniform_value(grad_out)
-        if scale is None:
-            # a per-token incoming gradient (an aggregation's backward, as verl's agg_loss):
-            # scaled by one compiled pass where it can be, into a fresh buffer under retain_graph
-            out = torch.empty_like(grad) if keep else grad
-            native = _scale_native(grad, grad_out, out)
-        else:
-            native = False
-        if native:
-            g = out
-            if not keep:
-                ctx.grad = None
-        elif keep:
-            g = grad.clone() if scale == 1.0 else grad * grad_out
-        else:
-            g = grad if scale == 1.0 else (grad.mul_(scale) if scale is not None else grad.mul_(grad_out))
+        # a per-token incoming gradient (an aggregation's backward, as verl's agg_loss) is
+        # applied by one compiled pass where it can be, a uniform one by torch's scalar multiply
+        g = _scale_native(grad, grad_out, fresh=keep) if scale is None else None
+        if g is None:
+            if keep:
+                g = grad.clone() if scale == 1.0 else grad * grad_out
+            else:
+                g = grad if scale == 1.0 else (grad.mul_(scale) if scale is not None else grad.mul_(grad_out))
+        if not keep:
             ctx.grad = None
         g = _first_order(g.to(ctx.logp_dtype), ctx.anchor, "rlkern::kl_penalty")
         return g, None, None, None, None, None, None
