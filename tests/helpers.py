@@ -45,6 +45,14 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float = VALU
     assert diff <= tol * scale, f"{name}: max abs diff {diff:.3e} exceeds {tol:.0e} x reference max {scale:.3e}"
 
 
+def bit_pattern(t: torch.Tensor) -> torch.Tensor:
+    """The bits of a floating tensor as integers of its width, for bit-for-bit comparisons
+    (NaN, -0 and every rounding compare exactly)."""
+    ints = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
+            torch.float16: torch.int16}[t.dtype]
+    return t.contiguous().view(ints)
+
+
 def run_with_baseline_isa(tmp_path, module: str, body: str) -> None:
     """Runs ``body`` (with the test module imported as ``t``) in a fresh interpreter with
     RLKERN_DISABLE_AVX2 set, so the kernels compiled for baseline x86-64 run; fails

@@ -7,7 +7,7 @@ import rlkern
 from rlkern import kl
 from rlkern.reference import kl as ref
 
-from helpers import CPU_BACKENDS, GRAD_TOL, VALUE_TOL, assert_close
+from helpers import CPU_BACKENDS, GRAD_TOL, VALUE_TOL, assert_close, bit_pattern
 
 CLAMPS = [None, 0.05, (None, 0.1), (-0.02, None)]
 
@@ -244,10 +244,9 @@ def test_kl_penalty_avx512_body_matches_avx2(tmp_path, dtype):
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    ints = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
-            torch.float16: torch.int16}[t.dtype]
     # NaNs compared as NaN (their payloads are not part of the contract)
-    return torch.where(torch.isnan(t), torch.zeros((), dtype=ints), t.contiguous().view(ints))
+    bits = bit_pattern(t)
+    return torch.where(torch.isnan(t), torch.zeros((), dtype=bits.dtype), bits)
 
 
 @pytest.mark.parametrize("retain", [False, True])

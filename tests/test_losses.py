@@ -12,7 +12,7 @@ import rlkern
 from rlkern import losses
 from rlkern.reference import losses as ref
 
-from helpers import CPU_BACKENDS, GRAD_TOL, VALUE_TOL, assert_close, run_with_baseline_isa
+from helpers import CPU_BACKENDS, GRAD_TOL, VALUE_TOL, assert_close, bit_pattern, run_with_baseline_isa
 
 # ---------------------------------------------------------------------------------------
 # inputs
@@ -1312,9 +1312,7 @@ MIXED_WEIGHT_CASES = {
 
 def _same_bits(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     assert actual.dtype == expected.dtype and actual.shape == expected.shape, (what, actual.dtype, expected.dtype)
-    ints = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
-            torch.float16: torch.int16}[actual.dtype]
-    assert torch.equal(actual.contiguous().view(ints), expected.contiguous().view(ints)), what
+    assert torch.equal(bit_pattern(actual), bit_pattern(expected)), what
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
