@@ -279,3 +279,59 @@ def test_per_token_incoming_gradient_scales_the_saved_derivative_bit_for_bit(kin
     if retain:  # the buffer is kept: a second backward gives the same
         (again,) = torch.autograd.grad(out, x, grad_outputs=g)
         assert torch.equal(_bits(again), _bits(expected))
+
+
+def _narrow_cases():
+    """float32 derivatives that exercise every narrowing rule: random bit patterns (all
+    exponents, subnormals), exact ties below the kept bits, the largest finite values that
+    round to infinity, signed zeros, infinities and NaN."""
+    g = torch.Generator().manual_seed(8)
+    bits = torch.randint(-2**31, 2**31 - 1, (4099,), generator=g, dtype=torch.int64).to(torch.int32)
+    d = bits.view(torch.float32).clone()
+    ties = torch.tensor([0x3F808000, 0x3F818000, 0x477FF000, 0x477FE000, 0x7F7FFFFF, 0x33000000, 0x00008000],
+                        dtype=torch.int32).view(torch.float32)
+    specials = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40, -65520.0])
+    d[:7], d[7:14] = ties, specials
+    return d
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("scale", [1.0, 0.37, -3.0, 0.0])
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 4099])
+def test_narrow_native_is_torch_scale_then_narrow(dtype, scale, n):
+    """kl._narrow_native, the one-pass backward of a float32 gradient kept beside narrower
+    inputs: bit for bit torch's ``(d * s).to(dtype)`` (s a float32 incoming gradient), NaN
+    positions included, over the vector body and its scalar tail."""
+    d = _narrow_cases()[:n]
+    got = kl._narrow_native(d, scale, dtype)
+    expected = (d * torch.tensor(scale, dtype=torch.float32)).to(dtype)
+    assert got.dtype == dtype and got.shape == d.shape
+    nan = torch.isnan(expected)
+    assert torch.equal(torch.isnan(got), nan)
+    assert torch.equal(_bits(got)[~nan], _bits(expected)[~nan])
+
+
+def test_narrow_native_declines_what_torch_must_do():
+    """No compiled pass for a non-float32 source, a non-narrow target or a strided source."""
+    d = torch.randn(4, 6)
+    assert kl._narrow_native(d.double(), 1.0, torch.bfloat16) is None
+    assert kl._narrow_native(d, 1.0, torch.float64) is None
+    assert kl._narrow_native(d.t(), 1.0, torch.bfloat16) is None
+    assert kl._narrow_native(d.to("meta"), 1.0, torch.bfloat16) is None
+
+
+def test_narrow_native_baseline_isa(tmp_path):
+    """The baseline-x86-64 build of the narrowing pass gives the AVX2 build's bits."""
+    from helpers import run_with_baseline_isa
+
+    d = _narrow_cases()
+    torch.save(d, tmp_path / "narrow.pt")
+    run_with_baseline_isa(tmp_path, "test_kl", f"""
+        d = torch.load({str(tmp_path / "narrow.pt")!r})
+        for dtype in (torch.bfloat16, torch.float16):
+            got = t.kl._narrow_native(d, 0.37, dtype)
+            expected = (d * torch.tensor(0.37, dtype=torch.float32)).to(dtype)
+            nan = torch.isnan(expected)
+            assert torch.equal(torch.isnan(got), nan)
+            assert torch.equal(t._bits(got)[~nan], t._bits(expected)[~nan])
+    """)

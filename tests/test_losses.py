@@ -1315,6 +1315,35 @@ def _same_bits(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     assert torch.equal(bit_pattern(actual), bit_pattern(expected)), what
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("retain", [False, True])
+def test_mixed_dtype_gradient_narrowed_in_one_pass(monkeypatch, dtype, retain):
+    """Narrow log-probs beside float32 ones keep a float32 gradient; backward scales and
+    narrows it in one compiled pass, bit for bit torch's ``buf.mul_(g).to(dtype)`` (the
+    eager fallback), under a unit and a scaled incoming gradient and a retained graph."""
+    batch = make_batch(6, 75, seed=13, nan_masked=False)
+    entropy = batch["entropy"].to(dtype)
+
+    def grads():
+        logp = batch["logp"].to(dtype).requires_grad_()
+        ent = entropy.clone().requires_grad_()
+        out = losses.policy_loss(logp, batch["old"].float(), batch["adv"].float(), batch["mask"],
+                                 entropy=ent, entropy_coef=0.01)
+        first = torch.autograd.grad(out.loss * 0.37, (logp, ent), retain_graph=retain)
+        if not retain:
+            return first
+        return first + torch.autograd.grad(out.loss, (logp, ent))
+
+    with rlkern.use_backend("cpu"):
+        got = grads()
+        monkeypatch.setattr(losses, "_narrow_native", lambda *args: None)
+        expected = grads()
+    assert len(got) == (4 if retain else 2)
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert g.dtype == dtype
+        _same_bits(g, e, f"grad {i}")
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("scale", [1.0, 0.37])

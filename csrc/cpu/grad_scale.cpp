@@ -6,10 +6,17 @@
 // `(d * g).to(d.dtype)`) to the bit: the product is one rounding in the arithmetic type,
 // the narrowing one round to nearest even (a NaN stays a quiet NaN; its payload may differ),
 // but in one pass instead of an eager op with a dtype conversion per element.
+//
+// `narrow` is the other half of such a backward: a derivative the forward kept in float32
+// beside narrower inputs (mixed-dtype policy losses), scaled by the loss's float32 incoming
+// gradient and narrowed to the input's bfloat16/float16: out[i] = narrow(d[i] * s). That is
+// torch's `d.mul_(s).to(dtype)` to the bit (one float32 rounding, one round to nearest even),
+// in one pass over the threads instead of a single-threaded multiply and copy.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
 #include <stdexcept>
+#include <type_traits>
 
 #include "rlkern/common.h"
 #include "rlkern/dtype.h"
@@ -67,6 +74,51 @@ void scale_typed(int64_t n, const T* d, const acc_t<T>* g, T* out) {
   parallel_for(n, 1 << 15, [&](int64_t i0, int64_t i1) { scale_scalar(d, g, out, i0, i1); });
 }
 
+template <class T>
+inline void narrow_scalar(const float* d, float s, T* out, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) store(out, i, d[i] * s);
+}
+
+#ifdef RLK_SIMD
+inline __attribute__((always_inline)) void narrow_impl(const float* d, float s, bf16* out, int64_t i0, int64_t i1) {
+  const simd::v8f sv = simd::v8f{} + s;
+  int64_t i = i0;
+  for (; i + 8 <= i1; i += 8) simd::store8(out, i, simd::load8(d, i) * sv);
+  narrow_scalar(d, s, out, i, i1);
+}
+#if defined(__x86_64__)
+__attribute__((target("avx2,fma"))) void narrow_avx2(const float* d, float s, bf16* out, int64_t i0, int64_t i1) {
+  narrow_impl(d, s, out, i0, i1);
+}
+#endif
+void narrow_generic(const float* d, float s, bf16* out, int64_t i0, int64_t i1) { narrow_impl(d, s, out, i0, i1); }
+#endif
+
+template <class T>
+void narrow_typed(int64_t n, const float* d, float s, T* out) {
+#ifdef RLK_SIMD
+  if constexpr (std::is_same<T, bf16>::value) {
+    auto fn = &narrow_generic;
+#if defined(__x86_64__)
+    if (simd::use_avx2()) fn = &narrow_avx2;
+#endif
+    parallel_for(n, 1 << 16, [&](int64_t i0, int64_t i1) { fn(d, s, out, i0, i1); });
+    return;
+  }
+#endif
+  parallel_for(n, 1 << 15, [&](int64_t i0, int64_t i1) { narrow_scalar(d, s, out, i0, i1); });
+}
+
+void narrow(int64_t n, ptr_t d, float s, int dtype, ptr_t out) {
+  if (n < 0) throw std::invalid_argument("grad.narrow: negative size");
+  if (n == 0) return;
+  switch (static_cast<DType>(dtype)) {
+    case DType::BF16: return narrow_typed(n, as_ptr<const float>(d), s, as_ptr<bf16>(out));
+    case DType::F16: return narrow_typed(n, as_ptr<const float>(d), s, as_ptr<f16>(out));
+    default: throw std::invalid_argument("grad.narrow: the output must be bfloat16 or float16");
+  }
+}
+
 // `out` may be `d` itself (in place).
 void scale(int64_t n, int dtype, ptr_t d, ptr_t g, ptr_t out) {
   if (n < 0) throw std::invalid_argument("grad.scale: negative size");
@@ -79,6 +131,10 @@ void bind(py::module_& m) {
         py::call_guard<py::gil_scoped_release>(),
         "out[i] = d[i] * g[i]: d and out in the storage type `dtype`, g in its arithmetic type (in place when "
         "out is d)");
+  m.def("narrow", &narrow, py::arg("n"), py::arg("d"), py::arg("s"), py::arg("dtype"), py::arg("out"),
+        py::call_guard<py::gil_scoped_release>(),
+        "out[i] = d[i] * s: d float32, s a float32 factor, out in the narrower storage type `dtype` "
+        "(bfloat16 or float16), rounded once to nearest even");
 }
 
 }  // namespace

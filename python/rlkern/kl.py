@@ -78,6 +78,20 @@ def _scale_native(grad: torch.Tensor, grad_out: torch.Tensor, fresh: bool) -> Op
     return out
 
 
+def _narrow_native(grad: torch.Tensor, scale: float, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """``(grad * scale).to(dtype)`` for a float32 derivative kept beside narrower inputs
+    (``scale`` a float32 incoming gradient, ``dtype`` bfloat16 or float16), in one compiled
+    pass over the threads (csrc/cpu/grad_scale.cpp) into a new tensor; None where the caller
+    must use torch ops. Bit for bit torch's ``grad.mul_(scale).to(dtype)``: one float32
+    rounding, then one round to nearest even (a NaN stays a NaN; its payload may differ)."""
+    if not (grad.dtype == torch.float32 and dtype in (torch.bfloat16, torch.float16) and _validate.cpu_data(grad)
+            and grad.is_contiguous()):
+        return None
+    out = torch.empty(grad.shape, dtype=dtype)
+    core().grad.narrow(grad.numel(), ptr(grad), scale, dtype_code(out), ptr(out))
+    return out
+
+
 class _KlPenaltyFunction(torch.autograd.Function):
     """Forward computes the estimate and d kl / d logp (in logp's storage dtype on CPU) in one
     pass and keeps only that derivative; backward scales it by the incoming gradient, in place

@@ -18,7 +18,7 @@ import torch
 
 from . import _backend, _dtensor, _validate
 from ._kernel import compute_dtype, core, dtype_code, ptr
-from .kl import _first_order
+from .kl import _first_order, _narrow_native
 from .reference import losses as _ref
 from .reference.kl import Clamp, clamp_bounds
 from .reference.losses import (AGG_MODES, DPO_LOSS_TYPES, OBJECTIVES, POLICY_OPTIONS, LossOutput,
@@ -224,7 +224,8 @@ class _PolicyLossFunction(torch.autograd.Function):
     """Forward runs the fused kernel (``run``), which writes the finished gradients in the
     inputs' storage dtype; they are the only state kept for backward. Backward hands them
     to autograd scaled by the incoming gradient, in place unless the graph is retained, so
-    no second gradient-sized buffer is allocated."""
+    no second gradient-sized buffer is allocated. A float32 gradient of narrower inputs
+    (mixed dtypes) is scaled and narrowed in one compiled pass instead."""
 
     @staticmethod
     def forward(ctx, logp, entropy, run, metrics_out):
@@ -243,11 +244,20 @@ class _PolicyLossFunction(torch.autograd.Function):
             raise RuntimeError("policy_loss: backward through this graph has already run; "
                                "pass retain_graph=True to the first backward to run it again")
         keep = _keep_graph()
-        unit = grad_out.device.type == "cpu" and grad_out.item() == 1.0
+        value = grad_out.item() if grad_out.device.type == "cpu" else None
+        unit = value == 1.0
+        # A float32 gradient kept beside narrower inputs (mixed dtypes) is scaled by a float32
+        # incoming gradient and narrowed in one compiled pass.
+        narrow_by = value if grad_out.dtype == torch.float32 else None
         grads = []
         for i, buf in enumerate(ctx.buffers):
             if buf is None or not ctx.needs_input_grad[i]:
                 grads.append(None)
+                continue
+            g = None if narrow_by is None or buf.dtype == ctx.dtypes[i] else \
+                _narrow_native(buf, narrow_by, ctx.dtypes[i])
+            if g is not None:
+                grads.append(_first_order(g, ctx.anchor, "rlkern::policy_loss"))
                 continue
             if keep:
                 g = buf.clone() if unit else buf * grad_out
