@@ -512,24 +512,28 @@ def compute_policy_loss_dppo_kl(old_log_prob: torch.Tensor, log_prob: torch.Tens
                  "dppo_kl")
 
 
-def _row_scale(agg: str, norm, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Per-row factor s_b with agg(l) = sum_{b,t} m_bt l_bt s_b for the (agg, normalizer) pair of
-    :func:`_agg` (the same denominators as the fused kernel), so that a term on a few gathered
-    tokens can be added to the kernel's loss without a [B, T] pass."""
-    m = mask.bool()
-    count = _row_counts(m).to(dtype)
-    nonempty = (count > 0).sum().to(dtype).clamp(min=1)
-    ones = torch.ones_like(count)
+def _row_scale(agg: str, norm, mask: torch.Tensor, dtype: torch.dtype, rows: torch.Tensor,
+               n_active: int) -> torch.Tensor:
+    """The per-row factor s_b with agg(l) = sum_{b,t} m_bt l_bt s_b for the (agg, normalizer)
+    pair of :func:`_agg` (the fused kernel's denominators), at the given ``rows``, so that a
+    term on a few gathered tokens can be added to the kernel's loss without a [B, T] pass.
+    ``n_active``: the mask's active token count, which the caller has on the host already;
+    only the sequence modes read the mask (its non-empty rows, and the counts of ``rows``)."""
+    ones = torch.ones(rows.shape, dtype=dtype, device=rows.device)
     if agg == "token-mean":
-        denom = count.sum().clamp(min=1) if norm is None else norm
-    elif agg == "token-sum":
-        denom = 1.0 if norm is None else norm
-    elif agg == "seq-mean-token-sum-norm":  # only without a normalizer (see _peers.global_agg)
-        denom = nonempty * mask.shape[-1]
+        return ones / (max(n_active, 1) if norm is None else norm)
+    if agg == "token-sum":
+        return ones / (1.0 if norm is None else norm)
+    u = mask.bool().view(torch.uint8)
+    if norm is None or agg == "seq-mean-token-sum-norm":  # (the -norm mode comes without a normalizer)
+        nonempty = u.amax(-1).sum(dtype=torch.int64).to(dtype).clamp(min=1)
+        denom = nonempty * mask.shape[-1] if agg == "seq-mean-token-sum-norm" else nonempty
     else:
-        denom = nonempty if norm is None else norm
+        denom = norm
     if agg == "seq-mean-token-mean":
-        ones = 1.0 / count.clamp(min=1)
+        # the token counts of the rows hit only (at most every row once)
+        hit, where = torch.unique(rows, return_inverse=True)
+        ones = 1.0 / _row_counts(u[hit].view(torch.bool)).to(dtype).clamp(min=1)[where]
     return ones / denom
 
 
@@ -737,7 +741,7 @@ def compute_policy_loss_kl_cov(old_log_prob: torch.Tensor, log_prob: torch.Tenso
                 idx = torch.topk(cov.reshape(-1), k, largest=True).indices
             cdtype = cov.dtype if cov is not None else cdtype
             T = valid.shape[-1]
-            scale = _row_scale(agg, norm, response_mask, cdtype)[idx // T] * coef
+            scale = _row_scale(agg, norm, response_mask, cdtype, idx // T, n_host) * coef
             if rollout_is_weights is not None:
                 scale = scale * rollout_is_weights.detach().to(cdtype).reshape(-1)[idx]
             old_k = old_log_prob.detach().reshape(-1)[idx].to(cdtype)
