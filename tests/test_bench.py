@@ -195,3 +195,30 @@ def test_cases_wait_for_threads_a_competitor_left_busy():
         worker.join()
     assert 0.3 < waited < 4.0, waited
     assert time.perf_counter() - t0 < 5.0
+
+
+def test_run_case_times_in_interleaved_rounds_and_keeps_slow_competitors_to_their_minimum():
+    """Each implementation takes its turn in every round (a slow spell of a shared machine
+    then lands on all of them), the medians pool the rounds, and one slower than a round's
+    budget is called no more than its minimum of repeats (plus its warm-up)."""
+    import itertools
+    import time
+
+    log = []
+
+    def make(device):
+        def fast():
+            log.append("rlkern")
+
+        def slow():
+            log.append("slow")
+            time.sleep(0.03)
+
+        return {"rlkern": fast, "slow": slow}
+
+    case = Case("returns", "toy", "1", make, warmup=1, min_repeats=2)
+    results = core.run_case(case, torch.device("cpu"), budget_s=0.04, memory=False, rounds=4)
+    by = {r.impl: r for r in results}
+    assert [k for k, _ in itertools.groupby(log)] == ["rlkern", "slow", "rlkern", "slow", "rlkern"]
+    assert log.count("slow") == 3 and len(by["slow"].times_ms) == 2
+    assert by["slow"].speedup > 100 and by["rlkern"].error is None

@@ -120,7 +120,7 @@ def _peak_memory_mb(fn: Impl, device: torch.device) -> Optional[float]:
 
 
 def measure(fn: Impl, device: torch.device, *, warmup: int = 2, min_repeats: int = 5,
-            max_repeats: int = 500, budget_s: float = 1.5) -> List[float]:
+            max_repeats: int = 500, budget_s: float = 1.5, warm_s: Optional[float] = None) -> List[float]:
     """Times in milliseconds: untimed calls (``warmup`` of them and at least 0.5 s, or twice
     ``budget_s`` when that is less, so
     caches, the thread pool, the allocator and the OS's page recycling reach the steady
@@ -128,12 +128,14 @@ def measure(fn: Impl, device: torch.device, *, warmup: int = 2, min_repeats: int
     milliseconds of fresh 32 MB outputs land on memory the host has never backed and
     fault 4x slower), then repeats until the time
     budget is spent (at least ``min_repeats``, at most ``max_repeats``: sub-millisecond
-    ops get hundreds of samples, which keeps their median steady on a shared machine)."""
+    ops get hundreds of samples, which keeps their median steady on a shared machine).
+    ``warm_s`` replaces the untimed half second (0 for a function warmed up already)."""
     start = time.perf_counter()
     done = 0
     # A run with a tiny budget (a smoke test: --quick --budget 0.05) is not a measurement,
     # and half a second of warm-up per competitor would be most of its time.
-    warm_s = min(0.5, 2 * budget_s)
+    if warm_s is None:
+        warm_s = min(0.5, 2 * budget_s)
     while done < warmup or time.perf_counter() - start < warm_s:
         fn()
         done += 1
@@ -186,26 +188,70 @@ def wait_until_process_idle(max_wait_s: float = 10.0, window_s: float = 0.05, bu
             return waited
 
 
-def run_case(case: Case, device: torch.device, *, budget_s: float = 1.5, memory: bool = True) -> List[Result]:
+# Timed rounds per case: each implementation gets budget_s / ROUNDS of repeats in every round,
+# in turn, so that a slow spell of a shared machine (seconds long) lands on every competitor
+# alike instead of on whichever was being timed; their ratio is what the suite reports.
+ROUNDS = 4
+
+
+def _share(total: int, rounds: int, r: int) -> int:
+    """Round r's part of ``total`` repeats split over ``rounds`` (the parts add up to total)."""
+    return total // rounds + (1 if r < total % rounds else 0)
+
+
+def run_case(case: Case, device: torch.device, *, budget_s: float = 1.5, memory: bool = True,
+             rounds: int = ROUNDS) -> List[Result]:
+    """Times every implementation of ``case``: a warm-up each, then ``rounds`` rounds in which
+    each takes its turn for ``budget_s / rounds`` seconds (at least its share of
+    ``case.min_repeats``); the medians pool all rounds. Then the peak memory of each."""
     impls = case.make(device)
-    results: List[Result] = []
-    for name, fn in impls.items():
+    skipped: Dict[str, str] = {}
+    errors: Dict[str, str] = {}
+    times: Dict[str, List[float]] = {}
+    for name in impls:
         skip = skip_for_memory(case, name, device)
         if skip is not None:
-            results.append(Result(case.suite, case.op, case.shape, name, float("nan"), skipped=skip))
+            skipped[name] = skip
+        else:
+            times[name] = []
+    for r in range(rounds):
+        for name, fn in impls.items():
+            if name not in times or name in errors:
+                continue
+            share = _share(case.min_repeats, rounds, r)
+            # an implementation slower than a round's budget that has its minimum of repeats
+            # already is not called again (a 10-second competitor keeps its few calls)
+            if share == 0 and times[name] and statistics.median(times[name]) > 1e3 * budget_s / rounds:
+                continue
+            # Also before a GPU competitor: its launches run on the host's cores.
+            wait_until_process_idle()
+            try:
+                times[name] += measure(fn, device, warmup=case.warmup if r == 0 else 0,
+                                       min_repeats=share,
+                                       max_repeats=_share(500, rounds, r), budget_s=budget_s / rounds,
+                                       warm_s=None if r == 0 else 0.0)
+            except Exception as e:  # a competitor failing must not hide the others
+                errors[name] = f"{type(e).__name__}: {e}"
+    results: List[Result] = []
+    for name, fn in impls.items():
+        if name in skipped:
+            results.append(Result(case.suite, case.op, case.shape, name, float("nan"), skipped=skipped[name]))
             continue
-        # Also before a GPU competitor: its launches run on the host's cores.
-        wait_until_process_idle()
+        if name in errors:
+            results.append(Result(case.suite, case.op, case.shape, name, float("nan"), error=errors[name]))
+            continue
         try:
-            times = measure(fn, device, warmup=case.warmup, min_repeats=case.min_repeats, budget_s=budget_s)
             peak = _peak_memory_mb(fn, device) if memory else None
-            med = statistics.median(times)
-            q1, q3 = quartiles(times)
-            results.append(Result(case.suite, case.op, case.shape, name, med, times, peak,
-                                  throughput=(case.items / (med / 1e3)) if case.items else None, unit=case.unit,
-                                  q1_ms=q1, q3_ms=q3))
-        except Exception as e:  # a competitor failing must not hide the others
-            results.append(Result(case.suite, case.op, case.shape, name, float("nan"), error=f"{type(e).__name__}: {e}"))
+        except Exception as e:
+            results.append(Result(case.suite, case.op, case.shape, name, float("nan"),
+                                  error=f"{type(e).__name__}: {e}"))
+            continue
+        ts = times[name]
+        med = statistics.median(ts)
+        q1, q3 = quartiles(ts)
+        results.append(Result(case.suite, case.op, case.shape, name, med, ts, peak,
+                              throughput=(case.items / (med / 1e3)) if case.items else None, unit=case.unit,
+                              q1_ms=q1, q3_ms=q3))
     del impls
     gc.collect()
     ours = next((r for r in results if r.impl == "rlkern" and r.error is None and r.skipped is None), None)
