@@ -508,3 +508,21 @@ def test_objectives_on_cuda_tensors(name, dtype):
     assert out.loss.device.type == "cuda"
     expected, expected_grads = reference_of(args, opts)
     check_against_reference(out, grads, expected, expected_grads, 1e-5, 1e-4 if dtype == torch.float32 else 1e-2)
+
+
+def test_metric_scalars_read_on_the_cpu_match_the_stacked_read():
+    """The adapters' metrics (_peers.scalars): CPU values are read one by one, without the
+    stack the device path uses for its single sync, and give the same float32-rounded
+    numbers: tensors of any dtype and shape (1,), Python numbers, bools, NaN, infinities
+    and values beyond float32's range."""
+    from rlkern.integrations import _peers
+
+    values = [torch.tensor(0.123456789, dtype=torch.float64), 0.1, torch.tensor(3), True, float("nan"),
+              torch.tensor(-float("inf")), 1e300, torch.tensor([2.5], dtype=torch.bfloat16), torch.tensor(True),
+              -1e39, 3.4028235e38 * 1.00000001, 2**40 + 1]
+    got = _peers.scalars(values)
+    stacked = torch.stack([v.detach().float().reshape(()) if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+                           for v in values]).tolist()
+    assert len(got) == len(stacked)
+    for g, e in zip(got, stacked):
+        assert type(g) is float and (g == e or (g != g and e != e)), (g, e)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import struct
 from typing import Any, Optional, Tuple, Union
 
 import numpy as np
@@ -124,11 +126,23 @@ def group_sum(values: torch.Tensor, gid: torch.Tensor, groups: int) -> torch.Ten
     return out.index_add_(0, gid, values)
 
 
+def _float32(x) -> float:
+    """x rounded to the nearest float32 (to +-inf beyond its range), as a Python float."""
+    x = float(x)
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:  # (Pythons that refuse to round a finite value to infinity)
+        return math.copysign(math.inf, x)
+
+
 def scalars(values) -> list:
     """Detached scalars (0-d tensors or numbers) as Python floats with one device sync."""
     if not values:
         return []
     dev = next((v.device for v in values if isinstance(v, torch.Tensor)), torch.device("cpu"))
+    if dev.type == "cpu" and all(v.device.type == "cpu" for v in values if isinstance(v, torch.Tensor)):
+        # no sync to share: read each value, rounded to float32 like the stacked path below
+        return [_float32(v.reshape(()).item() if isinstance(v, torch.Tensor) else v) for v in values]
     return torch.stack([v.detach().float().reshape(()).to(dev) if isinstance(v, torch.Tensor)
                         else torch.tensor(float(v), device=dev) for v in values]).tolist()
 
