@@ -1041,6 +1041,8 @@ RLK_LOSS_INLINE void policy_rows_impl(const PolicyParams& p, int64_t row_begin, 
   c.div_lo = A(p.clip_low);
   c.div_hi = A(p.clip_high);
   c.phi_pos = c.phi_neg = c.geo_adv = A(0);
+  // set per row where they apply (the prepass); defined here for the rows that read none
+  c.seq_ratio = c.seq_dx = c.seq_tis = A(0);
   // VESPO folds the importance weights against the rollout into its sequence weight.
   const bool vespo_tis = p.objective == kVespo && p.has_tis;
   if (vespo_tis) c.tis_token = false;
