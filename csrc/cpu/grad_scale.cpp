@@ -16,7 +16,6 @@
 
 #include <cstdint>
 #include <stdexcept>
-#include <type_traits>
 
 #include "rlkern/common.h"
 #include "rlkern/dtype.h"
@@ -30,91 +29,64 @@ namespace py = pybind11;
 namespace rlk::grad {
 namespace {
 
-template <class T>
-inline void scale_scalar(const T* d, const acc_t<T>* g, T* out, int64_t i0, int64_t i1) {
-  for (int64_t i = i0; i < i1; ++i) store(out, i, acc_t<T>(load(d, i)) * g[i]);
+// The factor of element i: one per element (`scale`) or one for all (`narrow`).
+template <class F>
+inline F factor_at(const F* g, int64_t i) { return g[i]; }
+inline float factor_at(float s, int64_t) { return s; }
+
+// out[i] = d[i] * factor i, formed in d's arithmetic type and stored as O.
+template <class D, class O, class G>
+inline void mul_scalar(const D* d, G g, O* out, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) store(out, i, acc_t<D>(load(d, i)) * factor_at(g, i));
 }
 
 #ifdef RLK_SIMD
+inline __attribute__((always_inline)) simd::v8f factor8(const float* g, int64_t i) { return simd::load8(g, i); }
+inline __attribute__((always_inline)) simd::v8f factor8(float s, int64_t) { return simd::v8f{} + s; }
+
 // 8 lanes a step for float32 and bfloat16 storage (exact widening, one float product, the
 // narrowing of simd_io.h); the scalar body finishes the tail.
-template <class T>
-inline __attribute__((always_inline)) void scale_impl(const T* d, const float* g, T* out, int64_t i0, int64_t i1) {
+template <class D, class O, class G>
+inline __attribute__((always_inline)) void mul_impl(const D* d, G g, O* out, int64_t i0, int64_t i1) {
   int64_t i = i0;
-  for (; i + 8 <= i1; i += 8) {
-    const simd::v8f gv = simd::load8(g, i);
-    simd::store8(out, i, simd::load8(d, i) * gv);
-  }
-  scale_scalar(d, g, out, i, i1);
+  for (; i + 8 <= i1; i += 8) simd::store8(out, i, simd::load8(d, i) * factor8(g, i));
+  mul_scalar(d, g, out, i, i1);
 }
 #if defined(__x86_64__)
-template <class T>
-__attribute__((target("avx2,fma"))) void scale_avx2(const T* d, const float* g, T* out, int64_t i0, int64_t i1) {
-  scale_impl(d, g, out, i0, i1);
+template <class D, class O, class G>
+__attribute__((target("avx2,fma"))) void mul_avx2(const D* d, G g, O* out, int64_t i0, int64_t i1) {
+  mul_impl(d, g, out, i0, i1);
 }
 #endif
-template <class T>
-void scale_generic(const T* d, const float* g, T* out, int64_t i0, int64_t i1) {
-  scale_impl(d, g, out, i0, i1);
+template <class D, class O, class G>
+void mul_generic(const D* d, G g, O* out, int64_t i0, int64_t i1) {
+  mul_impl(d, g, out, i0, i1);
 }
 #endif
 
-template <class T>
-void scale_typed(int64_t n, const T* d, const acc_t<T>* g, T* out) {
+// The pass over the threads: the vector body where both storage types have one (AVX2 where
+// the CPU has it), the scalar body otherwise.
+template <class D, class O, class G>
+void mul_pass(int64_t n, const D* d, G g, O* out) {
 #ifdef RLK_SIMD
-  if constexpr (simd::kLanes<T>) {
-    auto fn = &scale_generic<T>;
+  if constexpr (simd::kLanes<D> && simd::kLanes<O>) {
+    auto fn = &mul_generic<D, O, G>;
 #if defined(__x86_64__)
-    if (simd::use_avx2()) fn = &scale_avx2<T>;
+    if (simd::use_avx2()) fn = &mul_avx2<D, O, G>;
 #endif
     parallel_for(n, 1 << 16, [&](int64_t i0, int64_t i1) { fn(d, g, out, i0, i1); });
     return;
   }
 #endif
-  parallel_for(n, 1 << 15, [&](int64_t i0, int64_t i1) { scale_scalar(d, g, out, i0, i1); });
-}
-
-template <class T>
-inline void narrow_scalar(const float* d, float s, T* out, int64_t i0, int64_t i1) {
-  for (int64_t i = i0; i < i1; ++i) store(out, i, d[i] * s);
-}
-
-#ifdef RLK_SIMD
-inline __attribute__((always_inline)) void narrow_impl(const float* d, float s, bf16* out, int64_t i0, int64_t i1) {
-  const simd::v8f sv = simd::v8f{} + s;
-  int64_t i = i0;
-  for (; i + 8 <= i1; i += 8) simd::store8(out, i, simd::load8(d, i) * sv);
-  narrow_scalar(d, s, out, i, i1);
-}
-#if defined(__x86_64__)
-__attribute__((target("avx2,fma"))) void narrow_avx2(const float* d, float s, bf16* out, int64_t i0, int64_t i1) {
-  narrow_impl(d, s, out, i0, i1);
-}
-#endif
-void narrow_generic(const float* d, float s, bf16* out, int64_t i0, int64_t i1) { narrow_impl(d, s, out, i0, i1); }
-#endif
-
-template <class T>
-void narrow_typed(int64_t n, const float* d, float s, T* out) {
-#ifdef RLK_SIMD
-  if constexpr (std::is_same<T, bf16>::value) {
-    auto fn = &narrow_generic;
-#if defined(__x86_64__)
-    if (simd::use_avx2()) fn = &narrow_avx2;
-#endif
-    parallel_for(n, 1 << 16, [&](int64_t i0, int64_t i1) { fn(d, s, out, i0, i1); });
-    return;
-  }
-#endif
-  parallel_for(n, 1 << 15, [&](int64_t i0, int64_t i1) { narrow_scalar(d, s, out, i0, i1); });
+  parallel_for(n, 1 << 15, [&](int64_t i0, int64_t i1) { mul_scalar(d, g, out, i0, i1); });
 }
 
 void narrow(int64_t n, ptr_t d, float s, int dtype, ptr_t out) {
   if (n < 0) throw std::invalid_argument("grad.narrow: negative size");
   if (n == 0) return;
   switch (static_cast<DType>(dtype)) {
-    case DType::BF16: return narrow_typed(n, as_ptr<const float>(d), s, as_ptr<bf16>(out));
-    case DType::F16: return narrow_typed(n, as_ptr<const float>(d), s, as_ptr<f16>(out));
+    case DType::BF16: return mul_pass(n, as_ptr<const float>(d), s, as_ptr<bf16>(out));
+    case DType::F16: return mul_pass(n, as_ptr<const float>(d), s, as_ptr<f16>(out));
     default: throw std::invalid_argument("grad.narrow: the output must be bfloat16 or float16");
   }
 }
@@ -123,7 +95,7 @@ void narrow(int64_t n, ptr_t d, float s, int dtype, ptr_t out) {
 void scale(int64_t n, int dtype, ptr_t d, ptr_t g, ptr_t out) {
   if (n < 0) throw std::invalid_argument("grad.scale: negative size");
   if (n == 0) return;
-  RLK_DISPATCH_FLOATING(dtype, T, { scale_typed<T>(n, as_ptr<const T>(d), as_ptr<const acc_t<T>>(g), as_ptr<T>(out)); });
+  RLK_DISPATCH_FLOATING(dtype, T, { mul_pass(n, as_ptr<const T>(d), as_ptr<const acc_t<T>>(g), as_ptr<T>(out)); });
 }
 
 void bind(py::module_& m) {
