@@ -139,10 +139,10 @@ def scalars(values) -> list:
     """Detached scalars (0-d tensors or numbers) as Python floats with one device sync."""
     if not values:
         return []
-    dev = next((v.device for v in values if isinstance(v, torch.Tensor)), torch.device("cpu"))
-    if dev.type == "cpu" and all(v.device.type == "cpu" for v in values if isinstance(v, torch.Tensor)):
+    if all(v.device.type == "cpu" for v in values if isinstance(v, torch.Tensor)):
         # no sync to share: read each value, rounded to float32 like the stacked path below
         return [_float32(v.reshape(()).item() if isinstance(v, torch.Tensor) else v) for v in values]
+    dev = next(v.device for v in values if isinstance(v, torch.Tensor))
     return torch.stack([v.detach().float().reshape(()).to(dev) if isinstance(v, torch.Tensor)
                         else torch.tensor(float(v), device=dev) for v in values]).tolist()
 
