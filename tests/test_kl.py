@@ -335,3 +335,32 @@ def test_narrow_native_baseline_isa(tmp_path):
             assert torch.equal(torch.isnan(got), nan)
             assert torch.equal(t._bits(got)[~nan], t._bits(expected)[~nan])
     """)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("retain", [False, True])
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
+def test_mixed_dtype_uniform_gradient_narrowed_in_one_pass(monkeypatch, dtype, retain, kind):
+    """Narrow log-probs beside float32 reference ones keep a float32 derivative; a uniform
+    incoming gradient (a .sum(), scaled or not) scales and narrows it in one compiled pass,
+    bit for bit torch's eager ``(d * g).to(dtype)`` (the fallback), NaN positions included."""
+    logp, refp = _inputs((5, 203), seed=9, spread=3.0)
+    logp[0, :3] = torch.tensor([float("nan"), float("inf"), -60.0], dtype=torch.float64)
+    logp, refp = logp.to(dtype), refp.float()
+
+    def grads():
+        x = logp.clone().requires_grad_()
+        with rlkern.use_backend("cpu"):
+            out = kl.kl_penalty(x, refp, kind)
+        first = torch.autograd.grad(out.sum() * 0.37, x, retain_graph=retain)
+        return first + (torch.autograd.grad(out.sum(), x) if retain else ())
+
+    got = grads()
+    monkeypatch.setattr(kl, "_narrow_native", lambda *args: None)
+    expected = grads()
+    assert len(got) == (2 if retain else 1)
+    for g, e in zip(got, expected):
+        assert g.dtype == dtype
+        nan = torch.isnan(e)
+        assert torch.equal(torch.isnan(g), nan)
+        assert torch.equal(_bits(g)[~nan], _bits(e)[~nan])

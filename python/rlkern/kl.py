@@ -140,7 +140,13 @@ class _KlPenaltyFunction(torch.autograd.Function):
         scale = _uniform_value(grad_out)
         # a per-token incoming gradient (an aggregation's backward, as verl's agg_loss) is
         # applied by one compiled pass where it can be, a uniform one by torch's scalar multiply
-        g = _scale_native(grad, grad_out, fresh=keep) if scale is None else None
+        # (or, for a float32 derivative of narrower log-probs, with the narrowing in one pass)
+        if scale is None:
+            g = _scale_native(grad, grad_out, fresh=keep)
+        elif grad.dtype != ctx.logp_dtype and grad_out.dtype == torch.float32:
+            g = _narrow_native(grad, scale, ctx.logp_dtype)
+        else:
+            g = None
         if g is None:
             if keep:
                 g = grad.clone() if scale == 1.0 else grad * grad_out
