@@ -1,7 +1,9 @@
 """The benchmark suites run (small shapes) and report every implementation."""
 
+import gc
 import importlib.util
 import json
+import weakref
 
 import pytest
 
@@ -16,10 +18,37 @@ def test_quick_bench_runs(suite, tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = main(["bench", "--only", suite, "--quick", "--budget", "0.05", "--json", str(out)])
     assert rc == 0, capsys.readouterr().err[-3000:]
+    assert gc.get_freeze_count() == 0, "the run left objects frozen out of the garbage collector"
     results = json.loads(out.read_text())["results"]
     ours = [r for r in results if r["impl"] == "rlkern"]
     assert ours and all(r["error"] is None and r["median_ms"] > 0 for r in ours)
     assert any(r["impl"] != "rlkern" for r in results), "a benchmark without a competitor"
+
+
+def test_settle_heap_freezes_survivors_and_later_garbage_is_still_collected():
+    """settle_heap takes what is alive now out of later collections (so that they walk only
+    new objects), but garbage created afterwards, a reference cycle holding a tensor as a
+    case's closures do, is still collected; unfreeze restores the collector's view."""
+    from rlkern.bench.core import settle_heap
+
+    class Holder:
+        pass
+
+    survivor = Holder()
+    survivor.self = survivor
+    try:
+        settle_heap()
+        assert gc.get_freeze_count() > 0
+        garbage = Holder()
+        garbage.self = garbage
+        garbage.tensor = torch.ones(1 << 16)
+        gone = weakref.ref(garbage)
+        del garbage
+        gc.collect()
+        assert gone() is None, "a cycle created after settle_heap was not collected"
+    finally:
+        gc.unfreeze()
+    assert gc.get_freeze_count() == 0
 
 
 # ---- what the runner prints and saves ------------------------------------------------------

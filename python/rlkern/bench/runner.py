@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import importlib
 import json
 import math
@@ -17,7 +18,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .core import SPREAD_LIMIT, Case, Result, load_average, run_case
+from .core import SPREAD_LIMIT, Case, Result, load_average, run_case, settle_heap
 
 SUITES = ("returns", "losses", "logprobs", "mcts", "selfplay", "e2e", "compiled", "adapters", "trainers")
 GPU_SUITES = ("gpu",)  # GPU-only competitors (Liger-Kernel, mctx on the GPU); part of the default on CUDA
@@ -269,6 +270,7 @@ def run_from_args(args) -> int:
     results: List[Result] = []
     skipped: List[str] = []
     began = time.perf_counter()
+    settle_heap()
     try:
         for case in cases:
             label = f"{case.suite}/{case.op} {case.shape}"
@@ -278,10 +280,12 @@ def run_from_args(args) -> int:
             progress.step(label)
             done = bandwidth.annotate(case, run_case(case, device, budget_s=args.budget, memory=not args.no_memory),
                                       copy_gbps)
+            settle_heap()  # the modules this case imported leave the next cases' collections
             results.extend(done)
             progress.advance(label, done)
     finally:
         progress.close()
+        gc.unfreeze()  # hand the objects settle_heap froze back to the collector
     load.append(load_average())
     print_table(results, device, load)
     bandwidth.print_table(results, copy_gbps)
