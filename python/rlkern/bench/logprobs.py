@@ -67,10 +67,13 @@ def _fwd_bwd(fn: Callable, leaf: torch.Tensor, targets: torch.Tensor) -> Callabl
 # measured with this module's own sampler at 512 x 32768 on the CPU (bf16, fp32) and
 # rounded up: eager keeps the float32 copy, log_softmax, softmax and their gradients
 # alive at once (about 8 copies: 19 GB at 4096 x 151936), the row-loop formulation
-# saves each row's log_softmax for backward. torch.compile's is assumed, not measured
-# (its fused graph keeps fewer copies than eager). Used to skip a method that would not
-# fit, never to report a number.
-_TOKEN_PEAK_COPIES = {"rlkern": 1.1, "eager": 8.5, "trl_restated": 7.0, "torch.compile": 5.0}
+# saves each row's log_softmax for backward. The row-loop's float32 peak moves with the
+# heap's state, because its 16 MB per-chunk buffers can come from malloc's heap rather than
+# fresh mappings: 6.8 to 7.3 copies in a fresh process here, 7.8 in CI after an hour of
+# other tests, hence 8.5. torch.compile's is assumed, not measured (its fused graph keeps
+# fewer copies than eager). Used to skip a method that would not fit, never to report a
+# number.
+_TOKEN_PEAK_COPIES = {"rlkern": 1.1, "eager": 8.5, "trl_restated": 8.5, "torch.compile": 5.0}
 _LINEAR_PEAK_COPIES = {"rlkern": 3.5, "matmul+eager": 9.0}
 
 
