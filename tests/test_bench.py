@@ -104,6 +104,40 @@ def test_json_carries_spread_load_and_versions(tmp_path):
             assert r["q1_ms"] <= r["median_ms"] <= r["q3_ms"]
 
 
+def test_competitors_get_as_many_torch_threads_as_rlkern(tmp_path, monkeypatch, capsys):
+    """A run where torch has fewer intra-op threads than rlkern (OMP_NUM_THREADS=1) would time
+    rlkern's threaded kernels against one-thread torch: the runner gives torch rlkern's count
+    for the run, says so, records it, and gives the caller's setting back afterwards."""
+    import torch
+
+    import rlkern
+    from rlkern.bench import core
+
+    if rlkern.get_num_threads() < 2:
+        pytest.skip("rlkern runs on one thread here: the counts cannot differ")
+    seen = []
+    real = core.measure
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(core, "measure", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path / "bench.json"
+        assert main(["bench", "--only", "returns", "--quick", "--budget", "0.02", "--no-memory", "--filter",
+                     "discounted", "--json", str(out)]) == 0
+        assert torch.get_num_threads() == 1, "the caller's thread count was not restored"
+    finally:
+        torch.set_num_threads(before)
+    err = capsys.readouterr().err
+    assert seen and set(seen) == {rlkern.get_num_threads()}, err
+    assert json.loads(out.read_text())["torch_threads"] == rlkern.get_num_threads()
+    assert "torch runs with" in err
+
+
 def test_quartiles_and_the_unsteady_flag():
     assert core.quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 4.0)
     assert core.quartiles([7.0]) == (7.0, 7.0)

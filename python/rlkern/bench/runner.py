@@ -245,13 +245,33 @@ def device_label(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {get_num_threads()} threads)"
 
 
-def run_metadata(device: torch.device, load: Sequence[Optional[float]]) -> dict:
+def run_metadata(device: torch.device, load: Sequence[Optional[float]], torch_threads: Optional[int] = None) -> dict:
     """What a saved result or a figure needs to be read later: where, with what, when."""
     from .. import __version__
 
     return {"device": device_label(device), "rlkern": __version__, "torch": torch.__version__,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "load_average": list(load), "cpu_count": os.cpu_count()}
+            "load_average": list(load), "cpu_count": os.cpu_count(),
+            "torch_threads": torch_threads if torch_threads is not None else torch.get_num_threads()}
+
+
+def match_torch_threads(device: torch.device, stream=None) -> Optional[int]:
+    """On the CPU, gives torch's intra-op pool as many threads as rlkern's kernels use, so that
+    the eager and compiled competitors run on the same cores as rlkern (OMP_NUM_THREADS=1
+    alone would time two-thread kernels against one-thread torch). Returns torch's count
+    before, for the caller to restore, or None when nothing changed."""
+    if device.type != "cpu":
+        return None
+    from .. import get_num_threads
+
+    ours, theirs = get_num_threads(), torch.get_num_threads()
+    if ours == theirs:
+        return None
+    print(f"rlkern bench: torch had {theirs} intra-op thread(s) and rlkern {ours}; torch runs with {ours} for "
+          "this run so that every competitor gets the same cores (RLKERN_NUM_THREADS sets both)",
+          file=stream if stream is not None else sys.stderr)
+    torch.set_num_threads(ours)
+    return theirs
 
 
 def run_from_args(args) -> int:
@@ -270,6 +290,8 @@ def run_from_args(args) -> int:
     results: List[Result] = []
     skipped: List[str] = []
     began = time.perf_counter()
+    torch_threads = match_torch_threads(device)
+    run_threads = torch.get_num_threads()
     settle_heap()
     try:
         for case in cases:
@@ -286,10 +308,12 @@ def run_from_args(args) -> int:
     finally:
         progress.close()
         gc.unfreeze()  # hand the objects settle_heap froze back to the collector
+        if torch_threads is not None:
+            torch.set_num_threads(torch_threads)
     load.append(load_average())
     print_table(results, device, load)
     bandwidth.print_table(results, copy_gbps)
-    meta = run_metadata(device, load)
+    meta = run_metadata(device, load, run_threads)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({**meta, "copy_gbps": copy_gbps, "results": [dataclasses.asdict(r) for r in results],
