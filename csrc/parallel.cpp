@@ -2,6 +2,10 @@
 
 #include <pybind11/pybind11.h>
 #include <unistd.h>
+#if defined(__linux__)
+#include <dlfcn.h>
+#include <link.h>
+#endif
 
 #include <algorithm>
 #include <cerrno>
@@ -12,6 +16,7 @@
 #include <exception>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -215,6 +220,109 @@ class Pool {
   std::atomic<bool> stop_{false};
 };
 
+// ---- torch's OpenMP runtime as the pool ------------------------------------------------
+//
+// torch's CPU ops run on an OpenMP team whose workers keep spinning for a while after each
+// op. A second pool of our own then competes with them for the same cores: on 2 cores, a
+// loss kernel right after a torch reduction ran 1.7x slower than with OMP_WAIT_POLICY=PASSIVE.
+// When the process has an OpenMP runtime loaded (torch's libgomp, found among the loaded
+// objects, never loaded by us) and rlkern uses as many threads as it, the kernels run on
+// that team instead: its spinning workers take our chunks at once. Anything else (no
+// OpenMP, different thread counts, a forked child, RLKERN_POOL=own) keeps our own pool.
+
+using GompParallel = void (*)(void (*)(void*), void*, unsigned, unsigned);
+using OmpGetMaxThreads = int (*)();
+
+struct OpenMp {
+  GompParallel parallel = nullptr;
+  OmpGetMaxThreads max_threads = nullptr;
+  std::string library;
+  void* handle = nullptr;
+};
+
+// The process that loaded this module: a child forked after import keeps our own pool
+// (an OpenMP team inherited through fork() is not usable there).
+const pid_t load_pid = getpid();
+
+#if defined(__linux__)
+int find_openmp(struct dl_phdr_info* info, size_t, void* data) {
+  const char* name = info->dlpi_name;
+  if (name == nullptr || *name == '\0') return 0;
+  const std::string path(name);
+  const std::string base = path.substr(path.find_last_of('/') + 1);
+  if (base.rfind("libgomp", 0) != 0 && base.rfind("libomp", 0) != 0 && base.rfind("libiomp5", 0) != 0) return 0;
+  // RTLD_NOLOAD: a handle to the copy already loaded, or nothing; never a new copy
+  void* handle = dlopen(name, RTLD_NOW | RTLD_NOLOAD);
+  if (handle == nullptr) return 0;
+  auto* found = static_cast<OpenMp*>(data);
+  OpenMp r;
+  r.parallel = reinterpret_cast<GompParallel>(dlsym(handle, "GOMP_parallel"));
+  r.max_threads = reinterpret_cast<OmpGetMaxThreads>(dlsym(handle, "omp_get_max_threads"));
+  // torch's own copy wins over another package's (several can be loaded at once)
+  const bool torchs = path.find("torch") != std::string::npos;
+  if (r.parallel == nullptr || r.max_threads == nullptr || (found->parallel != nullptr && !torchs)) {
+    dlclose(handle);
+    return 0;
+  }
+  if (found->parallel != nullptr) dlclose(found->handle);
+  r.library = path;
+  r.handle = handle;  // stays open: the runtime must outlive our calls
+  *found = r;
+  return torchs ? 1 : 0;
+}
+#endif
+
+bool own_pool_forced() {
+  const char* env = std::getenv("RLKERN_POOL");
+  return env != nullptr && std::string(env) == "own";
+}
+
+// Looked up once, at the first parallel call (rlkern imports torch before any kernel runs).
+const OpenMp& openmp() {
+  static const OpenMp found = [] {
+    OpenMp r;
+#if defined(__linux__)
+    if (!own_pool_forced()) dl_iterate_phdr(find_openmp, &r);
+#endif
+    return r;
+  }();
+  return found;
+}
+
+struct OmpTask {
+  const std::function<void(int64_t, int64_t)>* fn;
+  int64_t n, chunk, chunks;
+  std::atomic<int64_t> next{0};
+  std::mutex m;
+  std::exception_ptr error;
+};
+
+// Runs on every thread of the OpenMP team (the caller is one of them): claims chunks
+// until none is left, so a worker the OS has not scheduled simply finds nothing to do.
+void omp_body(void* data) {
+  auto* task = static_cast<OmpTask*>(data);
+  const bool outer = in_pool_task;
+  in_pool_task = true;
+  for (int64_t c; (c = task->next.fetch_add(1, std::memory_order_relaxed)) < task->chunks;) {
+    const int64_t begin = c * task->chunk;
+    try {
+      (*task->fn)(begin, std::min(task->n, begin + task->chunk));
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(task->m);
+      if (!task->error) task->error = std::current_exception();
+    }
+  }
+  in_pool_task = outer;
+}
+
+// Whether this call can go to the OpenMP team: one is loaded, we are in the process that
+// imported us, and the calling thread's OpenMP thread count is ours (so the team has the
+// threads already, or torch would start them as well).
+bool use_openmp(int threads) {
+  const OpenMp& omp = openmp();
+  return omp.parallel != nullptr && getpid() == load_pid && omp.max_threads() == threads;
+}
+
 std::mutex pool_mutex;
 std::shared_ptr<Pool> pool;
 pid_t pool_pid = 0;
@@ -256,6 +364,13 @@ void bind(pybind11::module_& m) {
       "env_threads", [](const std::string& value) { return parse_env_threads(value.c_str(), max_threads()); },
       pybind11::arg("value"));
   m.def("start", &start_threads, pybind11::arg("n"));
+  m.def(
+      "backend",
+      [] {
+        return use_openmp(num_threads()) ? "openmp (" + openmp().library + ")" : std::string("rlkern");
+      },
+      "The pool the next parallel kernel call from this thread runs on: the process's OpenMP team (torch's) "
+      "when one is loaded and its thread count is rlkern's, else rlkern's own.");
 }
 
 }  // namespace
@@ -280,7 +395,7 @@ int start_threads(int n) {
   return requested_threads;
 }
 
-void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn, Team team) {
   if (n <= 0) return;
   grain = std::max<int64_t>(grain, 1);
   const int threads = num_threads();
@@ -291,6 +406,16 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
   // A few chunks per thread balance rows of unequal cost without much queueing.
   const int64_t tasks = std::min<int64_t>((n + grain - 1) / grain, int64_t(threads) * 4);
   const int64_t chunk = (n + tasks - 1) / tasks;
+  if (team == Team::kShared && use_openmp(threads)) {
+    OmpTask task;
+    task.fn = &fn;
+    task.n = n;
+    task.chunk = chunk;
+    task.chunks = (n + chunk - 1) / chunk;
+    openmp().parallel(omp_body, &task, unsigned(threads), 0);
+    if (task.error) std::rethrow_exception(task.error);
+    return;
+  }
   auto p = get_pool();
   if (!p || !p->try_run(n, chunk, fn)) fn(0, n);
 }

@@ -181,6 +181,91 @@ print("ok")
     assert "ok" in proc.stdout
 
 
+_OPENMP_PROBE = """
+import os, sys, torch, rlkern
+from rlkern import _ext
+from rlkern.losses import policy_loss
+threads = _ext.load().threads
+if sys.platform != "linux" or "OpenMP" not in torch.__config__.parallel_info():
+    print("skip: torch without OpenMP here")
+    raise SystemExit(0)
+g = torch.Generator().manual_seed(0)
+r, v = torch.randn(3000, 64, generator=g, dtype=torch.float64), torch.randn(3000, 64, generator=g, dtype=torch.float64)
+term = torch.rand(3000, 64, generator=g) < 0.05
+lp = torch.randn(512, 1024, generator=g)
+old = lp + 0.1 * torch.randn(512, 1024, generator=g)
+adv = torch.randn(512, 1024, generator=g)
+mask = torch.rand(512, 1024, generator=g) < 0.9
+
+def run():
+    x = lp.clone().requires_grad_()
+    loss = policy_loss(x, old, adv, mask).loss
+    loss.backward()
+    return rlkern.gae(r, v, term, 0.99, 0.95)[0], loss.detach(), x.grad
+"""
+
+
+def test_kernels_run_on_torchs_openmp_team_when_the_thread_counts_match():
+    """With torch's OpenMP runtime loaded and as many torch threads as rlkern's, the kernels
+    run on torch's team (whose workers spin after each torch op and would otherwise compete
+    with a second pool); with other counts, or RLKERN_POOL=own, on rlkern's own pool. The
+    results are the same to the bit on either."""
+    from helpers import run_isolated
+
+    proc = run_isolated(_OPENMP_PROBE + """
+rlkern.set_num_threads(3)
+torch.set_num_threads(3)
+assert threads.backend().startswith("openmp ("), threads.backend()
+assert "omp" in threads.backend().rsplit("/", 1)[-1]
+assert rlkern.info()["cpu_pool"] == threads.backend()
+shared = run()
+torch.set_num_threads(1)
+assert threads.backend() == "rlkern", threads.backend()
+own = run()
+rlkern.set_num_threads(1)
+serial = run()
+for a, b, c in zip(shared, own, serial):
+    assert torch.equal(a, b) and torch.equal(a, c)
+print("ok")
+""")
+    assert "ok" in proc.stdout or "skip" in proc.stdout
+    if "skip" in proc.stdout:
+        pytest.skip(proc.stdout.strip())
+    proc = run_isolated(_OPENMP_PROBE + """
+torch.set_num_threads(rlkern.get_num_threads())
+assert threads.backend() == "rlkern", threads.backend()
+run()
+print("ok")
+""", env={"RLKERN_POOL": "own"})
+    assert "ok" in proc.stdout
+
+
+def test_a_child_forked_after_import_uses_rlkerns_own_pool():
+    """An OpenMP team inherited through fork() has no threads in the child: a child forked
+    after import runs the kernels on rlkern's own pool (restarted there) and finishes.
+    (torch's own parallel ops hang in such a child, torch 2.13 with libgomp: the child
+    runs an rlkern kernel and compares with numpy only.)"""
+    from helpers import run_isolated
+
+    proc = run_isolated(_OPENMP_PROBE + """
+rlkern.set_num_threads(2)
+torch.set_num_threads(2)
+before = run()
+pid = os.fork()
+if pid == 0:
+    try:
+        ok = (threads.backend() == "rlkern"
+              and rlkern.gae(r, v, term, 0.99, 0.95)[0].numpy().tobytes() == before[0].numpy().tobytes())
+    except BaseException:
+        ok = False
+    os._exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+print("ok")
+""", timeout=60)
+    assert "ok" in proc.stdout or "skip" in proc.stdout
+
+
 @pytest.mark.parametrize("value,expect", [("99999999999999", "capped"), ("512", "capped"),
                                           ("4x", "not a positive")])
 def test_bad_thread_environment_values_warn_and_fall_back(value, expect):

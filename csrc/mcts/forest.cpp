@@ -46,6 +46,14 @@ constexpr int32_t kOrderedChildren = 48;
 // tree's next lines and reading them to cover a miss to L3 or DRAM.
 constexpr int kGroup = 8;
 
+// The steps of a search are short calls in a tight loop with the caller's network between
+// them: they run on rlkern's own pool (rlk::Team::kOwn), whose caller waits for the work
+// only, not for every thread of a team.
+template <class Fn>
+inline void for_range(int64_t n, int64_t grain, Fn&& fn) {
+  rlk::parallel_for(n, grain, fn, rlk::Team::kOwn);
+}
+
 // exp for float32 within about 2 ulp (Cephes' expf polynomial after reduction by ln 2);
 // below -87.3 it returns 0.
 inline float fast_exp(float x) {
@@ -771,7 +779,7 @@ void Forest::for_trees(int64_t grain, const std::function<void(int64_t, int64_t)
     return;
   }
   if (threads > 1) grain = std::max<int64_t>(grain, (B_ + threads - 1) / threads);
-  rlk::parallel_for(B_, grain, fn);
+  for_range(B_, grain, fn);
 }
 
 int64_t Forest::step_grain(int64_t n, int64_t min_grain) const {
@@ -1442,7 +1450,7 @@ int64_t Forest::select(int64_t* tree, int64_t* parent, int64_t* action, int64_t*
   if (num_pending_ > 0)
     throw std::runtime_error("select() called twice without expand_backup() for the pending leaves");
   check_can_select();
-  rlk::parallel_for(B_, step_grain(B_, std::max<int64_t>(4, 512 / A_)), [&](int64_t begin, int64_t end) {
+  for_range(B_, step_grain(B_, std::max<int64_t>(4, 512 / A_)), [&](int64_t begin, int64_t end) {
     std::vector<Child> buf(static_cast<size_t>(A_));
     for (int64_t g = begin; g < end; g += kGroup) select_group(g, std::min(end, g + kGroup), buf);
   });
@@ -1497,7 +1505,7 @@ void Forest::check_rows(int64_t L, const float* logits, const float* value, cons
     for (int64_t i = 0; i < L && !any_bad; ++i) any_bad = row_problem(i) != nullptr;
   } else {
     std::atomic<bool> bad{false};
-    rlk::parallel_for(L, grain, [&](int64_t begin, int64_t end) {
+    for_range(L, grain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i)
         if (row_problem(i)) {
           bad.store(true, std::memory_order_relaxed);
@@ -1571,7 +1579,7 @@ void Forest::expand_row(int64_t i, int64_t b, const float* logits, const float* 
 void Forest::expand_backup(int64_t L, const float* logits, const float* value, const float* reward,
                            const float* discount, const uint8_t* legal, const uint8_t* terminal) {
   check_rows(L, logits, value, reward, discount, legal, terminal);
-  rlk::parallel_for(L, step_grain(L, std::max<int64_t>(4, 512 / A_)), [&](int64_t begin, int64_t end) {
+  for_range(L, step_grain(L, std::max<int64_t>(4, 512 / A_)), [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(static_cast<size_t>(A_));
     for (int64_t i = begin; i < end; ++i)
       expand_row(i, pend_tree_[size_t(i)], logits, value, reward, discount, legal, terminal, scratch.data());
@@ -1587,7 +1595,7 @@ int64_t Forest::expand_select(int64_t L, const float* logits, const float* value
   // Trees are independent, so expanding tree b's leaf and then running its next
   // simulation, tree by tree, gives what expand_backup() then select() give: one pass
   // over the pool instead of two, with each tree still in cache from its backup.
-  rlk::parallel_for(B_, step_grain(B_, std::max<int64_t>(4, 512 / A_)), [&](int64_t begin, int64_t end) {
+  for_range(B_, step_grain(B_, std::max<int64_t>(4, 512 / A_)), [&](int64_t begin, int64_t end) {
     std::vector<Child> buf(static_cast<size_t>(A_));
     std::vector<float> scratch(static_cast<size_t>(A_));
     for (int64_t g = begin; g < end; g += kGroup) {

@@ -23,7 +23,10 @@ def info() -> Dict[str, Any]:
     the build of the vectorised CPU kernels that runs here (``avx2``, or ``baseline`` on
     CPUs without AVX2+FMA or with ``RLKERN_DISABLE_AVX2`` set). ``cuda``: see
     :func:`cuda_support`. ``scans_on_cuda``: which kernels the return scans run on CUDA
-    tensors here (see :func:`scan_kernels`; decided without a GPU).
+    tensors here (see :func:`scan_kernels`; decided without a GPU). ``cpu_pool``: the
+    threads the CPU kernels called from this thread run on now: ``openmp (<library>)``,
+    torch's OpenMP team, when torch has as many intra-op threads as ``num_threads`` (and
+    ``RLKERN_POOL`` is not ``own``), else ``rlkern``, rlkern's own pool.
     """
     from . import __version__
 
@@ -50,6 +53,7 @@ def info() -> Dict[str, Any]:
         "runnable": runnable,
         "num_threads": core.num_threads() if core is not None else None,
         "cpu_isa": core.cpu_isa() if core is not None else None,
+        "cpu_pool": core.threads.backend() if core is not None else None,
         "torch": torch.__version__,
         "cuda_device": torch.cuda.get_device_name() if has_cuda_device else None,
         "cuda": cuda,
