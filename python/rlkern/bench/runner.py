@@ -245,17 +245,17 @@ def device_label(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {get_num_threads()} threads)"
 
 
-def run_metadata(device: torch.device, load: Sequence[Optional[float]], torch_threads: Optional[int] = None) -> dict:
+def run_metadata(device: torch.device, load: Sequence[Optional[float]], torch_threads: int) -> dict:
     """What a saved result or a figure needs to be read later: where, with what, when."""
     from .. import __version__
 
     return {"device": device_label(device), "rlkern": __version__, "torch": torch.__version__,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "load_average": list(load), "cpu_count": os.cpu_count(),
-            "torch_threads": torch_threads if torch_threads is not None else torch.get_num_threads()}
+            "torch_threads": torch_threads}
 
 
-def match_torch_threads(device: torch.device, stream=None) -> Optional[int]:
+def match_torch_threads(device: torch.device) -> Optional[int]:
     """On the CPU, gives torch's intra-op pool as many threads as rlkern's kernels use, so that
     the eager and compiled competitors run on the same cores as rlkern (OMP_NUM_THREADS=1
     alone would time two-thread kernels against one-thread torch). Returns torch's count
@@ -269,7 +269,7 @@ def match_torch_threads(device: torch.device, stream=None) -> Optional[int]:
         return None
     print(f"rlkern bench: torch had {theirs} intra-op thread(s) and rlkern {ours}; torch runs with {ours} for "
           "this run so that every competitor gets the same cores (RLKERN_NUM_THREADS sets both)",
-          file=stream if stream is not None else sys.stderr)
+          file=sys.stderr)
     torch.set_num_threads(ours)
     return theirs
 
