@@ -240,6 +240,24 @@ print("ok")
     assert "ok" in proc.stdout
 
 
+def test_an_unknown_pool_environment_value_warns_and_changes_nothing():
+    from helpers import run_isolated
+
+    proc = run_isolated("""
+import sys, warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import torch, rlkern
+from rlkern import _ext
+assert any("RLKERN_POOL='Own'" in str(w.message) for w in caught), [str(w.message) for w in caught]
+torch.set_num_threads(rlkern.get_num_threads())
+expect_openmp = sys.platform == "linux" and "OpenMP" in torch.__config__.parallel_info()
+assert _ext.load().threads.backend().startswith("openmp") == expect_openmp, _ext.load().threads.backend()
+print("ok")
+""", env={"RLKERN_POOL": "Own"})
+    assert "ok" in proc.stdout
+
+
 def test_a_child_forked_after_import_uses_rlkerns_own_pool():
     """An OpenMP team inherited through fork() has no threads in the child: a child forked
     after import runs the kernels on rlkern's own pool (restarted there) and finishes.

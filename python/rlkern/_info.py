@@ -170,7 +170,13 @@ def set_num_threads(n: int) -> int:
 
 def _check_env_threads() -> None:
     """Warns once, at import, about an RLKERN_NUM_THREADS the pool will not take as given
-    (the C++ side applies the same rule: capped, or ignored for the hardware count)."""
+    (the C++ side applies the same rule: capped, or ignored for the hardware count), and
+    about an RLKERN_POOL other than ``own`` (the only value the C++ side reads; anything
+    else leaves the choice of pool as it is)."""
+    pool = os.environ.get("RLKERN_POOL")
+    if pool is not None and pool != "own":
+        warnings.warn(f"RLKERN_POOL={pool!r} is not 'own': ignored, the kernels use torch's OpenMP team when "
+                      "its thread count is rlkern's", RuntimeWarning, stacklevel=2)
     value = os.environ.get("RLKERN_NUM_THREADS")
     if value is None or not _ext.available():
         return
