@@ -57,6 +57,41 @@ def test_same_bits_for_any_thread_count():
     assert torch.equal(one, four)
 
 
+def _sums(x, m, center=None):
+    from rlkern._kernel import core, dtype_code, ptr
+    x, m = x.contiguous().reshape(-1), m.contiguous().reshape(-1).view(torch.uint8)
+    return core().whiten.masked_sums(x.numel(), dtype_code(x), ptr(x), ptr(m), center is not None,
+                                     0.0 if center is None else center)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 16383, 16384, 16391, 3 * 16384 + 13])
+def test_vector_and_scalar_bodies_add_in_one_order(n):
+    """float32 and bfloat16 take the 8-lane vector body, float16 and float64 the scalar one:
+    on values all four hold exactly, the float64 sums agree to the bit (one association),
+    and with NaN at masked positions."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randint(-128, 128, (n,), generator=g).double() / 4  # exact in every dtype
+    m = torch.rand(n, generator=g) < 0.6
+    x = x.masked_fill(~m, float("nan"))
+    for center in (None, 0.3):
+        got = {dt: _sums(x.to(dt), m, center) for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
+        assert len(set(got.values())) == 1, got
+        assert got[torch.float64][0] == m.sum().item()
+
+
+def test_baseline_build_gives_the_same_bits(tmp_path):
+    x, m = _batch(shape=(37, 1001), seed=5)
+    torch.save({"x": x, "m": m, "f32": rlkern.masked_whiten(x, m), "bf16": rlkern.masked_whiten(x.bfloat16(), m),
+                "sums": _sums(x, m, 0.25)}, tmp_path / "avx2.pt")
+    from helpers import run_with_baseline_isa
+    run_with_baseline_isa(tmp_path, "test_whiten", f"""
+        d = torch.load({str(tmp_path / "avx2.pt")!r})
+        assert torch.equal(rlkern.masked_whiten(d["x"], d["m"]), d["f32"])
+        assert torch.equal(rlkern.masked_whiten(d["x"].bfloat16(), d["m"]), d["bf16"])
+        assert t._sums(d["x"], d["m"], 0.25) == d["sums"]
+    """)
+
+
 def test_against_verl_masked_whiten():
     tf = pytest.importorskip("verl.utils.torch_functional", reason="verl not installed (tools/install_peers.sh)")
     x, m = _batch(shape=(16, 300), seed=5)
