@@ -1393,3 +1393,28 @@ def test_float32_weights_beside_half_inputs_give_the_float32_result(backend, dty
         _same_bits(out.metrics[k], expected.metrics[k], f"metric {k}")
     for i, (g, e) in enumerate(zip(grads, expected_grads)):
         _same_bits(g, e, f"grad {i}")
+
+
+def test_kernel_options_come_from_a_per_config_template_copied_per_call():
+    """The CPU path copies a cached PolicyParams per configuration: a copy's edits never
+    reach the next call, and configurations the cache cannot hold (a list clamp, a tensor
+    normalizer) give the same results as their hashable spellings."""
+    cfg = ref.PolicyLossConfig(objective="cispo", clip_low=0.3, log_ratio_clamp=(None, 10.0))
+    first = losses._policy_params(cfg, 2, 3)
+    first.B, first.clip_low, first.has_lr_hi = 99, 7.0, False
+    second = losses._policy_params(cfg, 4, 5)
+    assert (second.B, second.T, second.clip_low, second.has_lr_hi, second.lr_hi) == (4, 5, 0.3, True, 10.0)
+    assert second.objective == losses._OBJECTIVE_CODES["cispo"]
+
+    g = torch.Generator().manual_seed(0)
+    logp, old = torch.randn(4, 9, generator=g), torch.randn(4, 9, generator=g)
+    adv, mask = torch.randn(4, generator=g), torch.rand(4, 9, generator=g) < 0.8
+    base = rlkern.policy_loss(logp, old, adv, mask, log_ratio_clamp=(None, 0.5), agg="token-sum", normalizer=7.0)
+    listed = rlkern.policy_loss(logp, old, adv, mask, log_ratio_clamp=[None, 0.5], agg="token-sum", normalizer=7.0)
+    assert torch.equal(listed.loss, base.loss)
+    # a tensor normalizer divides the float32 loss on its device, not the float64 sum
+    tensor_norm = rlkern.policy_loss(logp, old, adv, mask, log_ratio_clamp=(None, 0.5), agg="token-sum",
+                                     normalizer=torch.tensor(7.0))
+    torch.testing.assert_close(tensor_norm.loss, base.loss, rtol=1e-6, atol=0)
+    clamped_away = rlkern.policy_loss(logp, old, adv, mask, agg="token-sum", normalizer=7.0)
+    assert not torch.equal(clamped_away.loss, base.loss)  # the clamp took effect above

@@ -1800,6 +1800,9 @@ std::vector<double> bradley_terry_fused(int64_t B, int dtype, ptr_t chosen, ptr_
 void bind(py::module_& m) {
   py::class_<PolicyParams>(m, "PolicyParams")
       .def(py::init<>())
+      // One C++ copy instead of some forty attribute writes from Python: callers keep a
+      // template per configuration and fill only the per-call fields of a copy.
+      .def("copy", [](const PolicyParams& p) { return p; })
       .def_readwrite("B", &PolicyParams::B)
       .def_readwrite("T", &PolicyParams::T)
       .def_readwrite("dtype", &PolicyParams::dtype)

@@ -299,8 +299,26 @@ def _check_policy_inputs(logp, old_logp, advantages, mask, cfg: PolicyLossConfig
 
 
 def _policy_params(cfg: PolicyLossConfig, B: int, T: int):
-    p = core().losses.PolicyParams()
+    """A fresh PolicyParams with ``cfg``'s options and the shape filled in: a copy of a
+    template cached per configuration (a tensor normalizer or an unhashable option is
+    filled each time instead, so the cache holds no tensor)."""
+    if isinstance(cfg.normalizer, torch.Tensor):
+        p = _fill_policy_options(core().losses.PolicyParams(), cfg)
+    else:
+        try:
+            p = _policy_template(cfg).copy()
+        except TypeError:  # e.g. a clamp given as a list
+            p = _fill_policy_options(core().losses.PolicyParams(), cfg)
     p.B, p.T = B, T
+    return p
+
+
+@functools.lru_cache(maxsize=128)
+def _policy_template(cfg: PolicyLossConfig):
+    return _fill_policy_options(core().losses.PolicyParams(), cfg)
+
+
+def _fill_policy_options(p, cfg: PolicyLossConfig):
     p.objective = _OBJECTIVE_CODES[cfg.objective]
     p.seq_level = cfg.level == "sequence"
     p.clip_lo, p.clip_hi = cfg.clip_range
