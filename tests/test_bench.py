@@ -205,6 +205,25 @@ def test_logprobs_peak_estimates_bound_the_measured_peaks():
     assert big.peak_mb_estimate["eager"] > 18 * 1024 > big.peak_mb_estimate["rlkern"] * 6
 
 
+def test_bf16_linear_case_only_where_bf16_products_are_native(monkeypatch):
+    """The bf16 linear log-prob case times the matrix products on both sides: it runs on a
+    GPU, and on a CPU only with bf16 matrix instructions (torch's fallback GEMM took the
+    case past 15 minutes on a 2-core AVX2 machine)."""
+    from rlkern.bench import logprobs as lp_bench
+
+    def shapes(device):
+        return [c.shape for c in lp_bench.cases(device, quick=False) if c.op.startswith("linear_token_logprobs+")]
+
+    for native in (False, True):
+        monkeypatch.setattr(lp_bench, "_native_bf16_gemm", lambda device, native=native: native)
+        assert shapes(torch.device("cpu")) == ["2048x1024->65536 bf16"] * native + ["2048x1024->65536 fp32"]
+    monkeypatch.undo()
+    assert lp_bench._native_bf16_gemm(torch.device("cuda"))
+    with open("/proc/cpuinfo") as f:
+        flags = set(f.read().split())
+    assert lp_bench._native_bf16_gemm(torch.device("cpu")) == bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def test_plot_groups_by_suite_and_keeps_floor_and_out_as_marks(tmp_path):
     pytest.importorskip("matplotlib")
     from rlkern.bench import plot
