@@ -72,7 +72,6 @@ std::pair<double, double> chunk_sums_scalar(const T* x, const uint8_t* m, int64_
 #ifdef RLK_SIMD
 typedef double v4d __attribute__((vector_size(32)));
 typedef int64_t v4l __attribute__((vector_size(32)));
-typedef float v4f __attribute__((vector_size(16)));
 typedef int32_t v4i __attribute__((vector_size(16)));
 
 // float32 and bfloat16: 8 elements a step, widened exactly to two halves of 4 float64 lanes

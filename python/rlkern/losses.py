@@ -302,23 +302,20 @@ def _policy_params(cfg: PolicyLossConfig, B: int, T: int):
     """A fresh PolicyParams with ``cfg``'s options and the shape filled in: a copy of a
     template cached per configuration (a tensor normalizer or an unhashable option is
     filled each time instead, so the cache holds no tensor)."""
-    if isinstance(cfg.normalizer, torch.Tensor):
-        p = _fill_policy_options(core().losses.PolicyParams(), cfg)
-    else:
+    p = None
+    if not isinstance(cfg.normalizer, torch.Tensor):
         try:
             p = _policy_template(cfg).copy()
         except TypeError:  # e.g. a clamp given as a list
-            p = _fill_policy_options(core().losses.PolicyParams(), cfg)
+            pass
+    if p is None:
+        p = _new_policy_params(cfg)
     p.B, p.T = B, T
     return p
 
 
-@functools.lru_cache(maxsize=128)
-def _policy_template(cfg: PolicyLossConfig):
-    return _fill_policy_options(core().losses.PolicyParams(), cfg)
-
-
-def _fill_policy_options(p, cfg: PolicyLossConfig):
+def _new_policy_params(cfg: PolicyLossConfig):
+    p = core().losses.PolicyParams()
     p.objective = _OBJECTIVE_CODES[cfg.objective]
     p.seq_level = cfg.level == "sequence"
     p.clip_lo, p.clip_hi = cfg.clip_range
@@ -351,6 +348,9 @@ def _fill_policy_options(p, cfg: PolicyLossConfig):
     p.vespo_k_pos, p.vespo_lambda_pos = float(cfg.vespo_k_pos), float(cfg.vespo_lambda_pos)
     p.vespo_k_neg, p.vespo_lambda_neg = float(cfg.vespo_k_neg), float(cfg.vespo_lambda_neg)
     return p
+
+
+_policy_template = functools.lru_cache(maxsize=128)(_new_policy_params)
 
 
 def _bounded(clamp: Clamp) -> bool:
